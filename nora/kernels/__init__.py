@@ -1,0 +1,159 @@
+"""Backends that evaluate a group-wise rational function and its gradients.
+
+Every backend computes exactly the math of :mod:`nora.rational.functional` and has the signature
+
+    fn(x, numerator (G, m+1), denominator (G, n), form) -> y
+
+with gradients for ``x`` and both coefficient tensors. Backends are chosen per call:
+``backend=None``/``"auto"`` picks the fastest one available for ``x.device`` (see
+:func:`resolve_backend`); a name forces one. The environment variable ``NORA_BACKEND`` overrides
+``"auto"`` globally (handy for tests and benchmarks).
+
+Registered backends
+-------------------
+``reference``  plain autograd over torch ops: slow and memory-hungry, the oracle for tests.
+``torch``      a custom autograd Function with the hand-derived gradients: saves only ``x`` and
+               recomputes in backward; pure torch, runs anywhere.
+Further backends (fused CPU extension, Triton) register themselves from their own modules.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from nora.rational.functional import rational_backward, rational_forward, rational_reference
+
+BackendFn = Callable[[Tensor, Tensor, Tensor, str], Tensor]
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    fn: BackendFn
+    devices: tuple[str, ...]  # device types it runs on
+    available: Callable[[], bool]  # cheap check (may trigger a cached build)
+    priority: int  # higher wins in "auto" selection
+    doc: str = ""
+
+
+_REGISTRY: dict[str, Backend] = {}
+_warned: set[str] = set()
+
+
+def register_backend(backend: Backend) -> None:
+    _REGISTRY[backend.name] = backend
+
+
+def available_backends(device_type: str | None = None) -> list[str]:
+    """Names of the backends that can run on ``device_type`` (all devices if None), best first."""
+    _load_optional_backends()
+    out = [
+        b for b in _REGISTRY.values()
+        if (device_type is None or device_type in b.devices) and _is_available(b)
+    ]
+    return [b.name for b in sorted(out, key=lambda b: -b.priority)]
+
+
+def backend_names() -> list[str]:
+    _load_optional_backends()
+    return sorted(_REGISTRY)
+
+
+def _is_available(b: Backend) -> bool:
+    try:
+        return bool(b.available())
+    except Exception as exc:  # a broken optional backend must never crash a run
+        if b.name not in _warned:
+            _warned.add(b.name)
+            warnings.warn(f"nora: backend {b.name!r} is unavailable ({exc}); using the next best one")
+        return False
+
+
+def resolve_backend(name: str | None, device: torch.device | str) -> Backend:
+    """Return the backend to use for tensors on ``device``.
+
+    ``None``/``"auto"`` choose the highest-priority available backend for the device type (after
+    ``NORA_BACKEND`` if set). Naming an unknown backend raises, listing the valid names; naming a
+    known one that cannot run on this device raises too.
+    """
+    _load_optional_backends()
+    device_type = torch.device(device).type
+    if name in (None, "auto"):
+        name = os.environ.get("NORA_BACKEND") or "auto"
+    if name == "auto":
+        names = available_backends(device_type)
+        if not names:
+            raise RuntimeError(f"no rational backend can run on device type {device_type!r}")
+        return _REGISTRY[names[0]]
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown rational backend {name!r}; valid: auto, {', '.join(sorted(_REGISTRY))}")
+    b = _REGISTRY[name]
+    if device_type not in b.devices:
+        raise ValueError(f"backend {name!r} runs on {', '.join(b.devices)}, not on {device_type!r}")
+    if not _is_available(b):
+        raise RuntimeError(f"backend {name!r} is not available here (see the warning above)")
+    return b
+
+
+def rational(x: Tensor, numerator: Tensor, denominator: Tensor, form: str = "A",
+             backend: str | None = None) -> Tensor:
+    """Evaluate the group-wise rational ``P(x)/Q(x)`` with the chosen backend."""
+    return resolve_backend(backend, x.device).fn(x, numerator, denominator, form)
+
+
+# --------------------------------------------------------------------------- built-in backends
+class _AnalyticRational(torch.autograd.Function):
+    """Saves only x and the coefficients; recomputes P and Q in backward (hand-derived gradients)."""
+
+    @staticmethod
+    def forward(ctx, x, numerator, denominator, form):
+        ctx.save_for_backward(x, numerator, denominator)
+        ctx.form = form
+        return rational_forward(x, numerator, denominator, form)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, numerator, denominator = ctx.saved_tensors
+        need_coeff = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        gx, ga, gb = rational_backward(x, numerator, denominator, grad_out, ctx.form, need_coeff)
+        return (gx if ctx.needs_input_grad[0] else None,
+                ga if ctx.needs_input_grad[1] else None,
+                gb if ctx.needs_input_grad[2] else None, None)
+
+
+def rational_torch(x: Tensor, numerator: Tensor, denominator: Tensor, form: str = "A") -> Tensor:
+    return _AnalyticRational.apply(x, numerator, denominator, form)
+
+
+register_backend(Backend(
+    "reference", rational_reference, ("cpu", "cuda", "mps", "xpu"), lambda: True, priority=0,
+    doc="plain autograd (slow; saves every intermediate)"))
+register_backend(Backend(
+    "torch", rational_torch, ("cpu", "cuda", "mps", "xpu"), lambda: True, priority=10,
+    doc="custom autograd.Function with analytic gradients; saves only x"))
+
+_OPTIONAL = ("nora.kernels.cpu", "nora.kernels.triton")
+_optional_loaded = False
+
+
+def _load_optional_backends() -> None:
+    """Import the optional backend modules once; each registers itself if it can exist here."""
+    global _optional_loaded
+    if _optional_loaded:
+        return
+    _optional_loaded = True
+    import importlib
+
+    for mod in _OPTIONAL:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:  # the module exists but a dependency is missing
+                warnings.warn(f"nora: optional backend module {mod} could not load ({exc})")
+        except Exception as exc:
+            warnings.warn(f"nora: optional backend module {mod} could not load ({exc})")

@@ -1,0 +1,224 @@
+"""Fit rational coefficients to an activation, in the denominator form they will be evaluated in.
+
+``fit_rational("gelu", form="A")`` returns a :class:`RationalFit` with the coefficients and the max
+and RMS errors over the fitted inputs. The fit is deterministic (float64, fixed iteration counts, no
+randomness) and cached on disk under ``$NORA_CACHE_DIR/fits`` (default ``~/.cache/nora/fits``), keyed
+by a hash of the target's values on the fit points, the weights, the form and the degrees; a cached
+fit is reused only if it matches all of them. No network is involved.
+
+Method: (1) linear least-squares starts (the classic Padé linearisation P - f Q = 0, once with the
+form's own |x|^j denominator basis and once with plain x^j), (2) L-BFGS on the weighted mean squared
+error of the exact safe form, (3) L-BFGS on a weighted L^p norm with growing p (4, 8, 16) to pull
+down the maximum error, keeping the best candidate by max error.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from nora.rational.functional import FORMS
+
+ActivationFn = Callable[[torch.Tensor], torch.Tensor]
+
+ACTIVATIONS: dict[str, ActivationFn] = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "relu": F.relu,
+    "identity": lambda x: x,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+}
+
+
+def get_activation(name: str) -> ActivationFn:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; valid: {', '.join(sorted(ACTIVATIONS))} "
+                         "(or pass a callable)")
+    return ACTIVATIONS[name]
+
+
+@dataclass
+class RationalFit:
+    numerator: list[float]  # a_0 .. a_m
+    denominator: list[float]  # b_1 .. b_n
+    form: str
+    degrees: tuple[int, int]
+    max_error: float  # max |F - f| over the fit points
+    rms_error: float  # weighted RMS of F - f over the fit points
+    x_min: float
+    x_max: float
+    target: str = "callable"
+    extra: dict = field(default_factory=dict)
+
+    def tensors(self, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.tensor(self.numerator, dtype=dtype), torch.tensor(self.denominator, dtype=dtype))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Evaluate this fit (one group) on ``x``."""
+        from nora.rational.functional import rational_reference
+        a, b = self.tensors(torch.float64)
+        return rational_reference(x.reshape(-1, 1).double(), a[None], b[None], self.form).reshape(x.shape)
+
+
+def _eval(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, form: str) -> torch.Tensor:
+    """One-group float64 evaluation written for autograd (used by the optimiser)."""
+    p = torch.zeros_like(x)
+    for c in reversed(a):
+        p = p * x + c
+    if form == "A":
+        ax = x.abs()
+        t = torch.zeros_like(x)
+        for c in reversed(b):
+            t = (t + c.abs()) * ax
+        q = 1.0 + t
+    else:
+        t = torch.zeros_like(x)
+        for c in reversed(b):
+            t = (t + c) * x
+        q = 1.0 + t.abs()
+    return p / q
+
+
+def _linear_start(x, y, w, m, n, abs_basis: bool):
+    """Solve min sum w (P(x) - y (1 + sum_j c_j s(x)^j))^2, linear in (a, c)."""
+    s = x.abs() if abs_basis else x
+    cols = [x**i for i in range(m + 1)] + [-y * s**j for j in range(1, n + 1)]
+    A = torch.stack(cols, dim=1) * w.sqrt()[:, None]
+    rhs = y * w.sqrt()
+    sol = torch.linalg.lstsq(A, rhs[:, None], driver="gelsd").solution.squeeze(1)
+    return sol[: m + 1].clone(), sol[m + 1:].clone()
+
+
+def _optimise(a, b, x, y, w, form, power: int, iters: int):
+    a = a.clone().requires_grad_(True)
+    b = b.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([a, b], lr=1.0, max_iter=iters, history_size=50,
+                            tolerance_grad=1e-14, tolerance_change=1e-16, line_search_fn="strong_wolfe")
+    scale = y.abs().max().clamp_min(1e-6)
+
+    def closure():
+        opt.zero_grad()
+        r = (_eval(a, b, x, form) - y) / scale
+        loss = (w * r.abs() ** power).sum()
+        loss.backward()
+        return loss
+
+    try:
+        opt.step(closure)
+    except RuntimeError:
+        pass
+    return a.detach(), b.detach()
+
+
+def _errors(a, b, x, y, w, form):
+    with torch.no_grad():
+        r = _eval(a, b, x, form) - y
+        if not torch.isfinite(r).all():
+            return math.inf, math.inf
+        return r.abs().max().item(), (w * r * r).sum().sqrt().item()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("NORA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nora")
+    return Path(root) / "fits"
+
+
+FIT_VERSION = 1  # bump when the algorithm changes so old cache entries are ignored
+
+
+def fit_rational(
+    target: str | ActivationFn,
+    form: str = "A",
+    degrees: Sequence[int] = (5, 4),
+    x_range: Sequence[float] = (-3.0, 3.0),
+    num_points: int = 2001,
+    x: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    cache: bool = True,
+) -> RationalFit:
+    """Fit P/Q of ``degrees`` to ``target`` in denominator ``form``.
+
+    ``target`` is a name from :data:`ACTIVATIONS` or any callable on float64 tensors. Fit points are
+    ``num_points`` evenly spaced over ``x_range`` (uniform weights), or the given sample ``x`` with
+    optional non-negative ``weights`` (normalised to sum 1): pass a sample of real activation
+    inputs to fit where the activation actually operates (see :mod:`nora.rational.calibration`).
+    """
+    if form not in FORMS:
+        raise ValueError(f"unknown denominator form {form!r}; valid forms: {', '.join(FORMS)}")
+    m, n = (int(d) for d in degrees)
+    if m < 0 or n < 1:
+        raise ValueError(f"degrees must be (m >= 0, n >= 1), got {tuple(degrees)}")
+    name = target if isinstance(target, str) else getattr(target, "__name__", "callable")
+    fn = get_activation(target) if isinstance(target, str) else target
+    if x is None:
+        lo, hi = float(x_range[0]), float(x_range[1])
+        if not hi > lo:
+            raise ValueError(f"x_range must be increasing, got {tuple(x_range)}")
+        x = torch.linspace(lo, hi, num_points, dtype=torch.float64)
+    x = x.detach().reshape(-1).to(torch.float64).cpu()
+    if weights is None:
+        w = torch.full_like(x, 1.0 / x.numel())
+    else:
+        w = weights.detach().reshape(-1).to(torch.float64).cpu()
+        if w.shape != x.shape or (w < 0).any() or w.sum() <= 0:
+            raise ValueError("weights must be non-negative, match x in size, and not all be zero")
+        w = w / w.sum()
+    with torch.no_grad():
+        y = fn(x).to(torch.float64).reshape(-1)
+    if not torch.isfinite(y).all():
+        raise ValueError("the target activation returned non-finite values on the fit points")
+
+    key = None
+    if cache:
+        h = hashlib.sha256()
+        for t in (x, w, y):
+            h.update(t.numpy().tobytes())
+        h.update(f"{form}|{m}|{n}|v{FIT_VERSION}".encode())
+        key = h.hexdigest()[:32]
+        path = _cache_dir() / f"{key}.json"
+        if path.exists():
+            try:
+                d = json.loads(path.read_text())
+                d["degrees"] = tuple(d["degrees"])
+                d["target"] = name
+                return RationalFit(**d)
+            except Exception:
+                pass  # a corrupt cache entry is simply refitted
+
+    starts = [_linear_start(x, y, w, m, n, abs_basis=(form == "A")),
+              _linear_start(x, y, w, m, n, abs_basis=(form != "A"))]
+    # a polynomial start (denominator ~ 0) for targets the linearisation handles badly
+    starts.append((_linear_start(x, y, w, m, 0, True)[0], torch.full((n,), 1e-3, dtype=torch.float64)))
+    best = None
+    for a0, b0 in starts:
+        a, b = _optimise(a0, b0, x, y, w, form, power=2, iters=400)
+        cand = [(a, b)]
+        for p in (4, 8, 16):
+            a, b = _optimise(a, b, x, y, w, form, power=p, iters=300)
+            cand.append((a, b))
+        for a, b in cand:
+            mx, rms = _errors(a, b, x, y, w, form)
+            if best is None or mx < best[0]:
+                best = (mx, rms, a, b)
+    mx, rms, a, b = best
+    fit = RationalFit(
+        numerator=[float(v) for v in a], denominator=[float(v) for v in b], form=form,
+        degrees=(m, n), max_error=mx, rms_error=rms, x_min=float(x.min()), x_max=float(x.max()),
+        target=name,
+    )
+    if cache and key is not None:
+        path = _cache_dir() / f"{key}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(asdict(fit)))
+        os.replace(tmp, path)
+    return fit
