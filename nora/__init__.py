@@ -1,0 +1,24 @@
+"""nora: parameter-efficient fine-tuning of activation functions (NoRA, NoRA++).
+
+Quick start::
+
+    import timm, nora
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=100)
+    report = nora.apply_nora(model, nora.NoraConfig(trainable_modules=["head"]))
+    print(nora.parameter_report(model))   # 936 NoRA + 19,300 head parameters
+"""
+from nora.adapter import (GroupRational, InjectionReport, NoraActivation, NoraConfig, ParameterReport, apply_nora,
+                          find_activations, find_targets, get_nora_config, get_peft_model, load_nora, load_nora_pp,
+                          mark_trainable, merge_nora, nora_modules, parameter_report, read_nora_config, save_nora,
+                          save_nora_pp, set_trainable)
+from nora.kernels import available_backends, rational
+from nora.rational.fit import RationalFit, fit_rational
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GroupRational", "InjectionReport", "NoraActivation", "NoraConfig", "ParameterReport", "RationalFit",
+    "apply_nora", "available_backends", "find_activations", "find_targets", "fit_rational", "get_nora_config",
+    "get_peft_model", "load_nora", "load_nora_pp", "mark_trainable", "merge_nora", "nora_modules",
+    "parameter_report", "rational", "read_nora_config", "save_nora", "save_nora_pp", "set_trainable",
+]

@@ -1,0 +1,100 @@
+"""Configuration of a NoRA-style activation adapter (one dataclass, serialisable to JSON)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+VARIANTS = ("nora", "rational_ft", "zero_init_ft", "frozen")
+INITS = ("fit", "calibrated")
+NUMERATOR_MODES = ("group", "shared")
+
+# Default targets: the activation inside each transformer MLP, as named by timm ViTs
+# (`blocks.N.mlp.act`) and by Hugging Face decoder LMs (`model.layers.N.mlp.act_fn`).
+DEFAULT_TARGETS = (r"(.*\.)?mlp\.act", r"(.*\.)?mlp\.act_fn")
+
+
+@dataclass
+class NoraConfig:
+    """How activations are replaced and adapted.
+
+    variant
+        ``nora`` (default): frozen base rational + low-rank per-group coefficient deltas
+        ``(alpha/r) B A`` (A Kaiming-uniform, B zero), 2r(G+5) parameters per activation at (5,4).
+        ``rational_ft``: the per-group coefficients themselves are trained (paper ablation).
+        ``zero_init_ft``: a zero-initialised full per-group additive delta (paper ablation).
+        ``frozen``: swap in the fitted rational without trainable parameters.
+    numerator
+        ``group``: the numerator update is per group (B_N is G x r); ``shared``: one numerator update
+        for all groups (B_N is 1 x r; for ``rational_ft``/``zero_init_ft`` one shared row).
+        The denominator update is always per group.
+    init
+        ``fit``: fit once to the original activation over ``fit_range``; ``calibrated``: record each
+        target's real inputs on calibration batches and fit over them (``per_group_calibration``
+        fits each channel group separately).
+    target_modules
+        Regexes matched in full against module names (default: ``DEFAULT_TARGETS``).
+    trainable_modules
+        Regexes of extra modules left trainable (e.g. ``["head"]`` for a new classifier head). On a
+        peft-wrapped model use peft's ``modules_to_save`` instead.
+    """
+
+    variant: str = "nora"
+    r: int = 3
+    alpha: float = 6.0
+    groups: int = 8
+    degrees: tuple[int, int] = (5, 4)
+    form: str = "A"
+    numerator: str = "group"
+    init: str = "fit"
+    fit_range: tuple[float, float] = (-3.0, 3.0)
+    calibration_range_weight: float = 0.1
+    per_group_calibration: bool = False
+    target_modules: list[str] | None = None
+    trainable_modules: list[str] = field(default_factory=list)
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        from nora.rational.functional import FORMS
+
+        self.degrees = tuple(int(d) for d in self.degrees)  # type: ignore[assignment]
+        self.fit_range = tuple(float(v) for v in self.fit_range)  # type: ignore[assignment]
+        self.trainable_modules = list(self.trainable_modules or [])
+        if self.target_modules is not None:
+            self.target_modules = list(self.target_modules)
+        _check_choice("variant", self.variant, VARIANTS)
+        _check_choice("form", self.form, FORMS)
+        _check_choice("numerator", self.numerator, NUMERATOR_MODES)
+        _check_choice("init", self.init, INITS)
+        if self.variant == "nora" and self.r < 1:
+            raise ValueError(f"r must be >= 1, got {self.r}")
+        if self.groups < 1:
+            raise ValueError(f"groups must be >= 1, got {self.groups}")
+        if len(self.degrees) != 2 or self.degrees[0] < 0 or self.degrees[1] < 1:
+            raise ValueError(f"degrees must be (m >= 0, n >= 1), got {self.degrees}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.target_modules) if self.target_modules is not None else list(DEFAULT_TARGETS)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["degrees"] = list(self.degrees)
+        d["fit_range"] = list(self.fit_range)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "NoraConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown NoraConfig field(s) {unknown}; valid: {sorted(names)}")
+        return cls(**d)
+
+
+def _check_choice(name: str, value: Any, valid: tuple) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(map(str, valid))}")

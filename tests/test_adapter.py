@@ -1,0 +1,378 @@
+"""NoRA adapter on real model classes: function preservation, trainable sets, NoRA++, save/load/merge."""
+import math
+
+import peft
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import nora
+from nora.adapter.layer import NoraActivation
+
+
+def vit_tiny(num_classes=100):
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=num_classes).eval()
+
+
+def small_vit(num_classes=10, **kw):
+    from timm.models.vision_transformer import VisionTransformer
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=4, mlp_ratio=4,
+                             num_classes=num_classes, **kw).eval()
+
+
+def tiny_llama(cls=LlamaForCausalLM, cfg_cls=LlamaConfig, **kw):
+    cfg = cfg_cls(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, **kw)
+    return cls(cfg).eval()
+
+
+# --------------------------------------------------------------------------- function preservation
+def test_vit_tiny_function_preserved_at_init():
+    model = vit_tiny()
+    x = torch.randn(2, 3, 224, 224)
+    # record each GELU's real input so the swapped activation can be compared on the same values
+    inputs = {}
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: inputs.__setitem__(n, (a[0], o)))
+             for n, m in model.named_modules() if isinstance(m, nn.GELU)]
+    with torch.no_grad():
+        before = model(x)
+    for h in hooks:
+        h.remove()
+    report = nora.apply_nora(model, nora.NoraConfig(trainable_modules=["head"]))
+    assert len(report) == 12 and set(report.targets) == set(inputs)
+    fit_err = report.max_error()
+    assert fit_err <= 5e-3
+    with torch.no_grad():
+        after = model(x)
+        # layer by layer: on the inputs it really sees, each rational is within the fit error of GELU
+        for name, (inp, out) in inputs.items():
+            assert inp.abs().max() <= 3.0  # inside the fit range, where the bound holds
+            err = (model.get_submodule(name)(inp) - out).abs().max().item()
+            assert err <= fit_err * 1.01 + 1e-6, name
+    # end to end: 12 blocks each add an MLP output error <= |W_fc2|_inf * fit_err to the residual
+    # stream; the logits move by far less than that worst case, and by a small fraction of their scale
+    worst = sum(b.mlp.fc2.weight.abs().sum(1).max().item() for b in model.blocks) * fit_err
+    diff = (after - before).abs().max().item()
+    assert diff <= worst
+    assert diff <= 10 * fit_err * before.abs().max().item()
+
+
+def test_nora_with_zero_b_is_bit_identical_to_plain_rational():
+    torch.manual_seed(1)
+    base = vit_tiny()
+    x = torch.randn(2, 3, 224, 224)
+    plain, adapted = vit_tiny(), vit_tiny()
+    plain.load_state_dict(base.state_dict())
+    adapted.load_state_dict(base.state_dict())
+    nora.apply_nora(plain, nora.NoraConfig(variant="frozen"))
+    nora.apply_nora(adapted, nora.NoraConfig(variant="nora"))
+    assert all(m.nora_B_num.abs().sum() == 0 for m in nora.nora_modules(adapted).values())
+    with torch.no_grad():
+        assert torch.equal(plain(x), adapted(x))
+
+
+# ----------------------------------------------------------------------------- parameter accounting
+def test_parameter_accounting_matches_method_arithmetic():
+    model = vit_tiny(num_classes=100)
+    total_before = sum(p.numel() for p in model.parameters())
+    nora.apply_nora(model, nora.NoraConfig(r=3, groups=8, trainable_modules=["head"]))
+    rep = nora.parameter_report(model)
+    assert rep.components["nora"] == 12 * 2 * 3 * (8 + 5) == 936
+    assert rep.components["head"] == 192 * 100 + 100 == 19_300
+    assert rep.components["lora"] == 0 and rep.components["base"] == 0
+    assert rep.trainable == 20_236
+    assert rep.total == total_before + 936
+    assert rep.percent == pytest.approx(100 * 20_236 / (total_before + 936))
+    assert 0.35 < rep.percent < 0.4  # the abstract's "0.4% (0.02M)"
+
+
+@pytest.mark.parametrize("variant,numerator,per_act", [
+    ("nora", "group", 2 * 3 * (8 + 5)),
+    ("nora", "shared", 3 * (1 + 6) + 3 * (8 + 4)),
+    ("rational_ft", "group", 8 * 6 + 8 * 4),
+    ("rational_ft", "shared", 6 + 8 * 4),
+    ("zero_init_ft", "group", 8 * 10),
+    ("frozen", "group", 0),
+])
+def test_variant_parameter_counts(variant, numerator, per_act):
+    model = small_vit()
+    nora.apply_nora(model, nora.NoraConfig(variant=variant, numerator=numerator))
+    assert nora.parameter_report(model).components["nora"] == 3 * per_act
+    assert nora.parameter_report(model).trainable == 3 * per_act
+
+
+def test_rank_and_degrees_change_the_count():
+    model = small_vit()
+    nora.apply_nora(model, nora.NoraConfig(r=2, groups=4, degrees=(3, 2)))
+    # r(m+1) + G r + r n + G r
+    assert nora.parameter_report(model).components["nora"] == 3 * (2 * 4 + 4 * 2 + 2 * 2 + 4 * 2)
+
+
+def test_nora_init_and_first_gradients():
+    model = small_vit()
+    nora.apply_nora(model, nora.NoraConfig(r=3, alpha=6, trainable_modules=["head"]))
+    act = model.blocks[0].mlp.act
+    bound = 1 / math.sqrt(6)  # kaiming_uniform(a=sqrt(5)) over fan_in = m+1 = 6, as LoRA's A
+    assert act.nora_A_num.abs().max() <= bound and act.nora_A_num.abs().max() > bound / 4
+    assert act.nora_B_num.abs().sum() == 0 and act.nora_B_den.abs().sum() == 0
+    assert act.scale == 2.0
+    x = torch.randn(4, 3, 32, 32)
+    F.cross_entropy(model(x), torch.tensor([0, 1, 2, 3])).backward()
+    # with B = 0, only B receives gradient at step 0 (as in LoRA)
+    assert act.nora_B_num.grad.abs().sum() > 0 and act.nora_B_den.grad.abs().sum() > 0
+    assert act.nora_A_num.grad.abs().sum() == 0
+    assert all(p.grad is None for n, p in model.named_parameters() if "blocks.0.attn" in n)
+
+
+def test_coefficients_stay_float32_in_bf16_models():
+    model = small_vit()
+    nora.apply_nora(model)
+    fits = {n: m.base_numerator.clone() for n, m in nora.nora_modules(model).items()}
+    model.to(torch.bfloat16)
+    for n, m in nora.nora_modules(model).items():
+        assert m.base_numerator.dtype == torch.float32 and m.nora_A_num.dtype == torch.float32
+        assert torch.equal(m.base_numerator, fits[n])
+    y = model(torch.randn(2, 3, 32, 32, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+
+
+# ------------------------------------------------------------------------------ Hugging Face LMs
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_hf_decoder_injection_and_calibration(family):
+    model = tiny_llama() if family == "llama" else tiny_llama(Qwen2ForCausalLM, Qwen2Config)
+    ids = torch.randint(0, 96, (4, 24))
+    with torch.no_grad():
+        before = model(ids).logits.log_softmax(-1)
+    report = nora.apply_nora(model, nora.NoraConfig(init="calibrated"), calibration_batches=[{"input_ids": ids[:2]}])
+    assert set(report.targets) == {f"model.layers.{i}.mlp.act_fn" for i in range(2)}
+    assert all(t["original"] == "silu" for t in report.targets.values())
+    held_out = ids[2:]
+    with torch.no_grad():
+        after = model(held_out).logits.log_softmax(-1)
+    kl = F.kl_div(after, before[2:], log_target=True, reduction="none").sum(-1).mean().item()
+    assert kl < 1e-8
+    assert (after - before[2:]).abs().max().item() < 1e-4
+    assert nora.parameter_report(model).trainable == 2 * 78
+
+
+def test_calibration_follows_wide_activation_inputs():
+    """Gate inputs far beyond [-3, 3] (as in LLaMA): a range fit drifts, a calibrated fit does not."""
+    def make():
+        torch.manual_seed(3)
+        m = tiny_llama()
+        with torch.no_grad():
+            for layer in m.model.layers:
+                layer.mlp.gate_proj.weight.mul_(60.0)  # gate pre-activations reach about +-20
+        return m
+
+    ids = torch.randint(0, 96, (6, 24))
+    ref = make()
+    with torch.no_grad():
+        logp = ref(ids[3:]).logits.log_softmax(-1)
+    spans = []
+    h = ref.model.layers[0].mlp.act_fn.register_forward_pre_hook(lambda m, a: spans.append(a[0].abs().max().item()))
+    with torch.no_grad():
+        ref(ids[:3])
+    h.remove()
+    assert spans[0] > 10
+
+    def kl_of(model):
+        with torch.no_grad():
+            out = model(ids[3:]).logits.log_softmax(-1)
+        return F.kl_div(out, logp, log_target=True, reduction="none").sum(-1).mean().item()
+
+    ranged, calibrated = make(), make()
+    nora.apply_nora(ranged, nora.NoraConfig(init="fit", fit_range=(-3, 3)))
+    report = nora.apply_nora(calibrated, nora.NoraConfig(init="calibrated"),
+                             calibration_batches=[{"input_ids": ids[:3]}])
+    assert all(t["range"][1] - t["range"][0] > 10 for t in report.targets.values())
+    kl_range, kl_cal = kl_of(ranged), kl_of(calibrated)
+    assert kl_cal < 1e-3
+    assert kl_range > 10 * kl_cal
+
+
+def test_per_group_calibration_gives_per_group_coefficients():
+    model = tiny_llama()
+    ids = torch.randint(0, 96, (2, 16))
+    nora.apply_nora(model, nora.NoraConfig(init="calibrated", per_group_calibration=True, groups=4),
+                    calibration_batches=[{"input_ids": ids}])
+    act = model.model.layers[0].mlp.act_fn
+    assert act.base_numerator.shape == (4, 6) and act.base_denominator.shape == (4, 4)
+    assert not torch.equal(act.base_numerator[0], act.base_numerator[1])
+
+
+# ----------------------------------------------------------------------------------- NoRA++ / peft
+def _trainable(model):
+    from nora.adapter.inject import canonical_name
+    return {canonical_name(model, n) for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_nora_pp_trainable_set_either_order(use_dora):
+    lcfg = lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                   use_dora=use_dora)
+    torch.manual_seed(0)
+    lora_only = peft.get_peft_model(tiny_llama(), lcfg())
+    lora_set = _trainable(lora_only)
+    assert lora_set and all("lora_" in n for n in lora_set)
+
+    torch.manual_seed(0)
+    after = peft.get_peft_model(tiny_llama(), lcfg())  # LoRA first, then NoRA
+    nora.apply_nora(after)
+    torch.manual_seed(0)
+    first = tiny_llama()  # NoRA first, then LoRA
+    nora.apply_nora(first)
+    first = nora.get_peft_model(first, lcfg())
+
+    nora_set = {f"model.layers.{i}.mlp.act_fn.nora_{k}" for i in range(2)
+                for k in ("A_num", "B_num", "A_den", "B_den")}
+    assert _trainable(after) == lora_set | nora_set
+    assert _trainable(first) == lora_set | nora_set
+    rep = nora.parameter_report(after)
+    assert rep.components["nora"] == 2 * 78
+    assert rep.components["lora"] == nora.parameter_report(lora_only).trainable
+    assert rep.components["base"] == 0 and rep.components["head"] == 0
+
+
+def test_nora_pp_on_vit_with_head_in_modules_to_save():
+    model = peft.get_peft_model(small_vit(), peft.LoraConfig(r=2, target_modules=["qkv"], modules_to_save=["head"]))
+    nora.apply_nora(model)
+    rep = nora.parameter_report(model)
+    assert rep.components["nora"] == 3 * 78
+    assert rep.components["head"] == 64 * 10 + 10
+    assert rep.components["lora"] == 3 * 2 * (64 + 3 * 64)
+    assert rep.components["base"] == 0
+
+
+# ------------------------------------------------------------------------------ save / load / merge
+def _perturb(model):
+    with torch.no_grad():
+        for m in nora.nora_modules(model).values():
+            for p in m.parameters(recurse=False):
+                p.add_(torch.randn_like(p) * 0.05)
+
+
+@pytest.mark.parametrize("variant", ["nora", "rational_ft", "zero_init_ft"])
+def test_save_load_merge_round_trip_vit(tmp_path, variant):
+    base_state = small_vit().state_dict()
+    model = small_vit()
+    model.load_state_dict(base_state)
+    nora.apply_nora(model, nora.NoraConfig(variant=variant, trainable_modules=["head"]))
+    _perturb(model)
+    with torch.no_grad():
+        model.head.weight.add_(0.1)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+    nora.save_nora(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nora_adapter.safetensors", "nora_config.json"]
+
+    fresh = small_vit()
+    fresh.load_state_dict(base_state)  # the "pretrained" weights, without the adapter
+    nora.load_nora(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), want)
+    assert nora.parameter_report(fresh).trainable == 0
+    nora.merge_nora(fresh)
+    assert not nora.nora_modules(fresh)
+    assert type(fresh.blocks[0].mlp.act).__name__ == "GroupRational"
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), want, rtol=1e-6, atol=1e-6)
+
+
+def test_load_trainable_resumes_training_set(tmp_path):
+    model = small_vit()
+    nora.apply_nora(model, nora.NoraConfig(trainable_modules=["head"]))
+    nora.save_nora(model, tmp_path)
+    fresh = small_vit()
+    nora.load_nora(fresh, tmp_path, trainable=True)
+    assert nora.parameter_report(fresh).components == nora.parameter_report(model).components
+
+
+def test_nora_pp_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    base = tiny_llama()
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "up_proj"]))
+    nora.apply_nora(model)
+    _perturb(model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05)
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        want = model(ids).logits
+    nora.save_nora_pp(model, tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").exists() and (tmp_path / "nora_adapter.safetensors").exists()
+
+    fresh = tiny_llama()
+    fresh.load_state_dict(base_state)
+    loaded = nora.load_nora_pp(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, want)
+    # the NoRA file also loads onto an unwrapped model (keys are canonical module names)
+    meta = nora.read_nora_config(tmp_path)
+    assert set(meta["layers"]) == {"model.layers.0.mlp.act_fn", "model.layers.1.mlp.act_fn"}
+
+
+# --------------------------------------------------------------------------------------- errors
+def test_bad_group_count_is_reported_at_injection():
+    with pytest.raises(ValueError, match="groups=7 does not divide the width 256"):
+        nora.apply_nora(small_vit(), nora.NoraConfig(groups=7))
+
+
+def test_unknown_target_pattern_lists_candidates():
+    with pytest.raises(ValueError, match=r"match no module.*blocks\.0\.mlp\.act"):
+        nora.apply_nora(small_vit(), nora.NoraConfig(target_modules=[r"blocks\.\d+\.mlp\.gelu"]))
+
+
+def test_model_without_activations():
+    mlp = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="no activation of Sequential matches"):
+        nora.apply_nora(mlp)
+
+
+def test_non_activation_target_is_rejected():
+    with pytest.raises(ValueError, match="is not an activation"):
+        nora.apply_nora(small_vit(), nora.NoraConfig(target_modules=[r"blocks\.0\.mlp"]))
+
+
+@pytest.mark.parametrize("field,value", [("variant", "lora"), ("form", "C"), ("numerator", "both"),
+                                         ("init", "magic")])
+def test_config_rejects_unknown_values(field, value):
+    with pytest.raises(ValueError, match=f"unknown {field}"):
+        nora.NoraConfig(**{field: value})
+
+
+def test_calibrated_init_needs_batches():
+    with pytest.raises(ValueError, match="needs calibration_batches"):
+        nora.apply_nora(tiny_llama(), nora.NoraConfig(init="calibrated"))
+
+
+def test_custom_activation_module_is_fitted_from_its_own_forward():
+    class Softish(nn.Module):
+        def forward(self, x):
+            return x * torch.sigmoid(1.5 * x)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(8, 16), Softish(), nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x)))
+
+    model = Block()
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        before = model(x)
+    report = nora.apply_nora(model, nora.NoraConfig(target_modules=["act"], groups=4))
+    assert report.targets["act"]["original"] == "Softish"
+    assert report.max_error() < 1e-3
+    with torch.no_grad():
+        assert (model(x) - before).abs().max() < 1e-2
+    assert isinstance(model.act, NoraActivation)
