@@ -1,0 +1,77 @@
+"""A real byte-level BPE tokenizer built offline, for tests and tiny models (no hub access).
+
+``build_offline_tokenizer()`` trains a small byte-level BPE (the scheme LLaMA-3 and GPT-2 use) on a
+built-in English corpus with the Hugging Face ``tokenizers`` library and wraps it in a
+``PreTrainedTokenizerFast`` with ``<|begin_of_text|>``/``<|end_of_text|>`` and a pad token, so data
+pipelines and evaluation run through exactly the same calls as with a hub tokenizer. Training is
+deterministic; the result is cached under ``$NORA_CACHE_DIR/tokenizers``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
+
+_CORPUS = """\
+Below is an instruction that describes a task. Write a response that appropriately completes the request.
+Below is an instruction that describes a task, paired with an input that provides further context.
+### Instruction:
+### Input:
+### Response:
+### System:
+### User:
+### Assistant:
+The following are multiple choice questions (with answers) about abstract algebra.
+The following are multiple choice questions (with answers) about high school biology.
+Answer: A
+Answer: B
+Answer: C
+Answer: D
+A. B. C. D.
+What is the capital of France? Paris is the capital of France.
+Give three tips for staying healthy. Eat a balanced diet, exercise regularly and sleep well.
+Translate the sentence into French. Summarize the following paragraph in one sentence.
+You are a helpful assistant, who always provides explanation. Think like you are answering to a five year old.
+Find the degree of the field extension. The answer is 4 because the minimal polynomial has degree four.
+Which of the following is true? All of the above. None of the above. Both statements are false.
+The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9 10 100 1000
+Cells, genes, proteins, energy, force, mass, velocity, acceleration, history, law, economics, philosophy.
+"""
+
+
+def build_offline_tokenizer(vocab_size: int = 512, corpus: str | None = None, cache: bool = True):
+    """Train (or load from cache) a byte-level BPE tokenizer; returns ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = corpus if corpus is not None else _CORPUS
+    key = hashlib.sha256(f"{vocab_size}|{text}".encode()).hexdigest()[:16]
+    root = Path(os.environ.get("NORA_CACHE_DIR") or Path.home() / ".cache" / "nora") / "tokenizers" / key
+    if cache and (root / "tokenizer.json").exists():
+        return PreTrainedTokenizerFast.from_pretrained(str(root))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS, PAD],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    lines = text.splitlines()
+    tok.train_from_iterator(lines * 4, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tok.token_to_id(BOS))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    if cache:
+        import shutil
+
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+        fast.save_pretrained(str(tmp))
+        if not (root / "tokenizer.json").exists():
+            try:
+                os.replace(tmp, root)
+            except OSError:
+                pass  # another process finished first; its identical copy is used
+        shutil.rmtree(tmp, ignore_errors=True)
+        return PreTrainedTokenizerFast.from_pretrained(str(root))
+    return fast
