@@ -1,0 +1,266 @@
+"""Fused CPU backend: a native C++ extension (``csrc/rational_cpu.cpp``) built on first use.
+
+The extension is compiled with ``torch.utils.cpp_extension.load`` (JIT, ninja) into
+``$NORA_CACHE_DIR/ext/<name>`` (default ``~/.cache/nora/ext``), where ``<name>`` carries a hash of
+the source, the compiler flags, the torch version, the compiler and the host CPU's feature flags, so a
+stale or foreign build is never reused. A process-level file lock (``fcntl.flock``, released by the
+kernel if a process dies) serialises concurrent builds from pytest workers or torchrun ranks; once
+built, other processes import the cached shared object directly.
+
+Flags: ``-O3 -fopenmp -march=native`` (no ``-ffast-math``: NaN/inf semantics are kept); if that
+build fails the extension is built again without ``-march=native``. If no build is possible (no
+compiler, build error) or ``NORA_NO_BUILD=1`` is set, :func:`available` returns ``False`` after a
+single warning, and ``auto`` selection falls back to the ``torch`` backend.
+
+Forward is one pass over ``x``; backward recomputes P, Q, P', Q' per element, writes ``grad_x`` and
+reduces the coefficient gradients per fixed-size work item (independent of the thread count) in a
+fixed order: bit-identical coefficient gradients run after run and for any ``torch.set_num_threads``.
+Only ``x`` and the coefficient tensors are saved for backward.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import os
+import platform
+import subprocess
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from nora.kernels import Backend, register_backend, rational_torch
+from nora.rational.functional import check_inputs
+
+MAX_COEFFS = 16  # MAXC in the C++ source: m + 1 <= 16 and n <= 16 (larger degrees use `torch`)
+SOURCE = Path(__file__).resolve().parent / "csrc" / "rational_cpu.cpp"
+BASE_FLAGS = ["-O3", "-fopenmp"]
+NATIVE_FLAGS = ["-march=native"]
+_EXT_VERSION = 1  # bump to force a rebuild when the Python-side build logic changes
+
+_lock = threading.Lock()
+_module = None
+_error: str | None = None
+_warned = False
+
+
+def cache_root() -> Path:
+    root = os.environ.get("NORA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nora")
+    return Path(root) / "ext"
+
+
+def _cpu_fingerprint() -> str:
+    """Host CPU feature flags (so a -march=native build is never loaded on a different CPU)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compiler_id() -> str:
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30)
+        return out.stdout.splitlines()[0] if out.stdout else cxx
+    except Exception:  # no compiler: the build below fails with a clear message
+        return cxx
+
+
+def _ext_name(flags: list[str]) -> str:
+    h = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), torch.__version__.encode(),
+                 _compiler_id().encode(), _cpu_fingerprint().encode(), sys.version.encode(),
+                 str(_EXT_VERSION).encode()):
+        h.update(part)
+        h.update(b"\0")
+    return f"nora_rational_cpu_{h.hexdigest()[:16]}"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            import fcntl
+        except ImportError:  # non-POSIX: no inter-process lock (torch's own baton still applies)
+            yield
+            return
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _import_built(name: str, build_dir: Path):
+    for so in sorted(build_dir.glob(f"{name}*.so")) + sorted(build_dir.glob(f"{name}*.pyd")):
+        spec = importlib.util.spec_from_file_location(name, so)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    return None
+
+
+def _import_cpp_extension():
+    """Import torch.utils.cpp_extension without its 'No CUDA runtime is found' log line on CPU hosts."""
+    import logging
+
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(level)
+    return cpp_extension
+
+
+def _build_with(flags: list[str], verbose: bool):
+
+    name = _ext_name(flags)
+    build_dir = cache_root() / name
+    marker = build_dir / "BUILD_OK"
+    if marker.exists():  # fast path: built earlier by this or another process
+        mod = _import_built(name, build_dir)
+        if mod is not None:
+            return mod
+    with _file_lock(cache_root() / f"{name}.lock"):
+        if marker.exists():  # another process finished the build while we waited
+            mod = _import_built(name, build_dir)
+            if mod is not None:
+                return mod
+        build_dir.mkdir(parents=True, exist_ok=True)
+        stale = build_dir / "lock"  # torch's own baton, left behind if a build was killed
+        if stale.exists():
+            stale.unlink()
+        mod = _import_cpp_extension().load(
+            name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir), verbose=verbose)
+        marker.write_text(" ".join(flags) + "\n")
+        return mod
+
+
+def _first_error(exc: Exception) -> str:
+    """The first compiler 'error:' line of a failed build (the full log is long), else the message."""
+    text = str(exc).strip()
+    for line in text.splitlines():
+        if "error:" in line or "Error:" in line:
+            return line.strip()[:300]
+    return (text.splitlines()[-1][:300] if text else type(exc).__name__)
+
+
+def load_extension(verbose: bool = False):
+    """Build (once, cached) and return the extension module; raise RuntimeError if impossible."""
+    global _module, _error
+    with _lock:
+        if _module is not None:
+            return _module
+        if _error is not None:
+            raise RuntimeError(_error)
+        if os.environ.get("NORA_NO_BUILD", "") not in ("", "0"):
+            _error = "disabled by NORA_NO_BUILD=1"
+            raise RuntimeError(_error)
+        errors = []
+        for flags in (BASE_FLAGS + NATIVE_FLAGS, BASE_FLAGS):
+            try:
+                _module = _build_with(flags, verbose)
+                return _module
+            except Exception as exc:  # compiler missing, flag rejected, ...
+                errors.append(f"{' '.join(flags)}: {_first_error(exc)}")
+        _error = "native build failed (" + "; ".join(errors) + ")"
+        raise RuntimeError(_error)
+
+
+def available() -> bool:
+    """True if the extension is built (building it on the first call); one warning otherwise."""
+    global _warned
+    try:
+        load_extension()
+        return True
+    except Exception as exc:
+        if not _warned:
+            _warned = True
+            warnings.warn(f"nora: fused CPU backend unavailable ({exc}); falling back to the "
+                          "'torch' backend", RuntimeWarning, stacklevel=2)
+        return False
+
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _coefs(numerator: Tensor, denominator: Tensor) -> tuple[Tensor, Tensor]:
+    return (numerator.detach().to(torch.float32).contiguous(),
+            denominator.detach().to(torch.float32).contiguous())
+
+
+def fused_forward(x: Tensor, numerator: Tensor, denominator: Tensor, form: str) -> Tensor:
+    """No-autograd forward through the extension (x: CPU float32/bfloat16/float16)."""
+    ext = load_extension()
+    x = x.detach().contiguous()
+    a, b = _coefs(numerator, denominator)
+    y = torch.empty_like(x)
+    d = x.shape[-1] if x.dim() else 1
+    ext.forward(x.data_ptr(), y.data_ptr(), a.data_ptr(), b.data_ptr(), x.numel(), d, a.shape[0],
+                a.shape[1], b.shape[1], _DTYPE_CODES[x.dtype], form == "B")
+    return y
+
+
+def fused_backward(x: Tensor, numerator: Tensor, denominator: Tensor, grad_out: Tensor, form: str,
+                   need_coef: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """grad_x (x's dtype) and, if ``need_coef``, float32 coefficient gradients (G, m+1), (G, n)."""
+    ext = load_extension()
+    x = x.detach().contiguous()
+    go = grad_out.detach().to(x.dtype).contiguous()
+    a, b = _coefs(numerator, denominator)
+    gx = torch.empty_like(x)
+    ga = torch.empty_like(a) if need_coef else None
+    gb = torch.empty_like(b) if need_coef else None
+    d = x.shape[-1] if x.dim() else 1
+    ext.backward(x.data_ptr(), go.data_ptr(), gx.data_ptr(), a.data_ptr(), b.data_ptr(),
+                 ga.data_ptr() if need_coef else 0, gb.data_ptr() if need_coef else 0, x.numel(), d,
+                 a.shape[0], a.shape[1], b.shape[1], _DTYPE_CODES[x.dtype], form == "B", need_coef)
+    return gx, ga, gb
+
+
+class _CpuRational(torch.autograd.Function):
+    """Saves x and the coefficient tensors only; the backward kernel recomputes everything."""
+
+    @staticmethod
+    def forward(ctx, x, numerator, denominator, form):
+        ctx.save_for_backward(x, numerator, denominator)
+        ctx.form = form
+        return fused_forward(x, numerator, denominator, form)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, numerator, denominator = ctx.saved_tensors
+        need_coef = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        gx, ga, gb = fused_backward(x, numerator, denominator, grad_out, ctx.form, need_coef)
+        return (gx if ctx.needs_input_grad[0] else None,
+                ga.to(numerator.dtype) if ctx.needs_input_grad[1] else None,
+                gb.to(denominator.dtype) if ctx.needs_input_grad[2] else None, None)
+
+
+def rational_cpu(x: Tensor, numerator: Tensor, denominator: Tensor, form: str = "A") -> Tensor:
+    """Fused CPU rational; float64 inputs are routed to the pure-torch backend (test oracle dtype)."""
+    check_inputs(x, numerator, denominator, form)
+    if x.device.type != "cpu":
+        raise ValueError(f"the 'cpu' backend needs CPU tensors, got {x.device}")
+    if x.dtype == torch.float64 or numerator.shape[1] > MAX_COEFFS or not 1 <= denominator.shape[1] <= MAX_COEFFS:
+        return rational_torch(x, numerator, denominator, form)
+    if x.dtype not in _DTYPE_CODES:
+        raise TypeError(f"the 'cpu' backend supports float32/bfloat16/float16 inputs, got {x.dtype}")
+    return _CpuRational.apply(x, numerator, denominator, form)
+
+
+register_backend(Backend(
+    "cpu", rational_cpu, ("cpu",), available, priority=20,
+    doc="fused C++ extension (JIT-built once, cached); saves only x; deterministic"))
