@@ -55,6 +55,8 @@ def parameter_report(model: nn.Module) -> ParameterReport:
     comps = {c: 0 for c in COMPONENTS}
     total = trainable = 0
     for name, p in model.named_parameters():
+        if ".original_module." in name:
+            continue  # peft keeps the frozen original of a modules_to_save copy; it is not used
         n = p.numel()
         total += n
         if not p.requires_grad:

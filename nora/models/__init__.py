@@ -1,0 +1,16 @@
+"""Model builders by family: ``vision`` (timm) and ``causal_lm`` (Hugging Face)."""
+from nora.errors import UserError
+
+FAMILIES = ("vision", "causal_lm")
+
+
+def build_model(model_cfg, num_classes: int | None = None):
+    """Build the model a ``configs/model/*.yaml`` describes (vision models get a ``num_classes`` head)."""
+    family = model_cfg.family
+    if family == "vision":
+        from nora.models.vision import build_vision_model
+        return build_vision_model(model_cfg, num_classes)
+    if family == "causal_lm":
+        from nora.models.causal_lm import build_causal_lm
+        return build_causal_lm(model_cfg)
+    raise UserError(f"unknown model family {family!r}; valid: {', '.join(FAMILIES)}")

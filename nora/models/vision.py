@@ -1,0 +1,83 @@
+"""timm vision transformers: pretrained (hub cache or a local file) or random-initialised."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nora.errors import UserError
+
+
+def timm_model_id(model_cfg) -> str:
+    tag = model_cfg.get("pretrained_tag")
+    return f"{model_cfg.timm_name}.{tag}" if tag else model_cfg.timm_name
+
+
+def _load_state(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    return state
+
+
+def build_vision_model(model_cfg, num_classes: int) -> nn.Module:
+    """A timm model with a new ``num_classes`` head.
+
+    * ``checkpoint``: a local weights file; every tensor whose shape matches is loaded (a classifier
+      head of another size is skipped, as timm does for pretrained weights); missing or unexpected
+      backbone keys are an error.
+    * ``pretrained: true``: timm's pretrained weights for ``timm_name.pretrained_tag`` from the
+      Hugging Face hub (or its local cache). Offline without a cached copy this ends in one message
+      saying where to put the file.
+    """
+    import timm
+
+    kwargs = dict(model_cfg.get("kwargs") or {})
+    ckpt = model_cfg.get("checkpoint")
+    model_id = timm_model_id(model_cfg)
+    if ckpt:
+        path = Path(ckpt)
+        if not path.exists():
+            raise UserError(f"model.checkpoint={ckpt} does not exist; point it at a .safetensors/.pth weights file")
+        model = timm.create_model(model_cfg.timm_name, pretrained=False, num_classes=num_classes, **kwargs)
+        state = _load_state(path)
+        own = model.state_dict()
+        head = model_cfg.get("head") or "head"
+        skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+        bad = [k for k in skipped if not k.startswith(head + ".")]
+        if bad:
+            raise UserError(f"{ckpt}: tensor shapes do not match {model_cfg.name} for {bad[:4]}")
+        state = {k: v for k, v in state.items() if k not in skipped}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(head + ".")]
+        if missing or unexpected:
+            raise UserError(f"{ckpt} does not fit {model_cfg.name}: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        return model
+    if model_cfg.get("pretrained"):
+        try:
+            return timm.create_model(model_id, pretrained=True, num_classes=num_classes, **kwargs)
+        except Exception as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UserError(
+                f"pretrained weights for {model_id} are not available offline ({type(exc).__name__}: {reason[:160]}); "
+                f"download them where there is network (`huggingface-cli download timm/{model_id}`) and copy "
+                f"~/.cache/huggingface/hub here, or set model.checkpoint=<path to model.safetensors>") from None
+    return timm.create_model(model_cfg.timm_name, pretrained=False, num_classes=num_classes, **kwargs)
+
+
+def input_size(model: nn.Module) -> int:
+    """Square input resolution the model expects."""
+    pe = getattr(model, "patch_embed", None)
+    size = getattr(pe, "img_size", None)
+    if size is not None:
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+    return int(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[-1])
+
+
+def pretrained_cfg(model: nn.Module) -> dict:
+    return dict(getattr(model, "pretrained_cfg", None) or {})

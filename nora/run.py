@@ -1,0 +1,231 @@
+"""One training run from a composed config: what ``train.py`` calls.
+
+compose -> build model -> apply method -> build data -> train -> evaluate -> write the run outputs:
+
+=====================  =========================================================================
+config.yaml            the resolved config
+metrics.jsonl          step/epoch loss, lr, throughput, data-wait share; eval metrics
+summary.json           method, model, dataset, seed, parameters (trainable/total, per component),
+                       best and final eval metrics, wall time, throughput, peak memory, hardware
+adapter/               what the method trained: peft files (LoRA/DoRA), NoRA files, or
+                       ``trainable.safetensors`` (full fine-tuning, linear probe)
+activations.png        learned activation curves per layer vs the original (rational methods)
+checkpoints/last.pt    the latest checkpoint (atomic), used by ``resume``
+=====================  =========================================================================
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from nora import hardware
+from nora.config import config_hash, per_family, validate
+from nora.errors import UserError
+from nora.methods import MethodResult, apply_method
+from nora.train import distributed as dist
+from nora.train.logger import RunLogger
+from nora.train.loop import Trainer, resolve_device
+
+log = logging.getLogger("nora")
+
+SUMMARY = "summary.json"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def read_summary(run_dir: str | os.PathLike) -> dict | None:
+    path = Path(run_dir) / SUMMARY
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def is_complete(run_dir: str | os.PathLike) -> bool:
+    s = read_summary(run_dir)
+    return bool(s and s.get("status") == "complete")
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def default_run_dir(cfg: DictConfig) -> Path:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except Exception:
+        return Path(cfg.output_root) / cfg.run_name
+
+
+def resume_path(resume, run_dir: Path) -> Path | None:
+    if resume in (None, False, "none", "null", "false"):
+        return None
+    if resume == "auto":
+        p = run_dir / "checkpoints" / "last.pt"
+        return p if p.exists() else None
+    p = Path(str(resume))
+    if p.is_dir():
+        p = p / "checkpoints" / "last.pt"
+    if not p.exists():
+        raise UserError(f"resume={resume}: no checkpoint at {p}")
+    return p
+
+
+# ------------------------------------------------------------------------------------ vision
+def _vision_setup(cfg: DictConfig, device, ws: int, rk: int):
+    from nora.data.sampling import ShuffledBatchSampler
+    from nora.data.vision import build_vision_data
+    from nora.models import build_model
+    from nora.models.vision import input_size, pretrained_cfg
+    from nora.train.tasks import ClassificationTask
+
+    model = build_model(cfg.model, int(cfg.dataset.num_classes))
+    data = build_vision_data(cfg.dataset, pretrained_cfg(model), input_size(model), int(cfg.seed))
+    bs = int(cfg.trainer.batch_size)
+    train_sampler = ShuffledBatchSampler(len(data.train), bs, seed=int(cfg.seed), num_replicas=ws, rank=rk)
+    eval_sampler = ShuffledBatchSampler(len(data.eval), int(cfg.trainer.eval_batch_size), shuffle=False,
+                                        drop_last=False, num_replicas=ws, rank=rk)
+    calibration = None
+    if cfg.method.get("nora") and cfg.method.nora.init == "calibrated":
+        n = int(cfg.method.nora.get("calibration_batches", 4))
+        sampler = ShuffledBatchSampler(len(data.calibration), bs, seed=int(cfg.seed) + 1, drop_last=False)
+        loader = torch.utils.data.DataLoader(data.calibration, batch_sampler=sampler)
+        calibration = [x.to(device) for _, (x, _y) in zip(range(n), loader)]
+    return dict(model=model, task=ClassificationTask(), train_set=data.train, eval_set=data.eval,
+                train_sampler=train_sampler, eval_sampler=eval_sampler, collate_fn=None, calibration=calibration,
+                forward=None, head=cfg.model.get("head") or "head", extra={})
+
+
+# ----------------------------------------------------------------------------------- outputs
+def save_adapter(model, method_cfg, directory: Path) -> None:
+    """Write what the method trained (see the module docstring)."""
+    import nora
+    from nora.adapter.inject import is_peft_model
+
+    directory.mkdir(parents=True, exist_ok=True)
+    if is_peft_model(model):
+        model.save_pretrained(str(directory))
+    if nora.nora_modules(model):
+        nora.save_nora(model, directory)
+    if not method_cfg.lora and not method_cfg.nora:
+        from safetensors.torch import save_file
+
+        state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        tmp = directory / ".trainable.safetensors.tmp"
+        save_file(state, str(tmp))
+        os.replace(tmp, directory / "trainable.safetensors")
+
+
+def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
+    """Train one configuration and write its run directory; returns the summary.
+
+    A run directory that already holds a complete ``summary.json`` is skipped (unless ``force``);
+    one that holds a checkpoint is resumed (``resume=auto``).
+    """
+    validate(cfg)
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+    if is_complete(run_dir) and not cfg.get("force", False):
+        log.info("%s is complete (summary.json); skipping (force=true reruns it)", run_dir)
+        print(f"skip: {run_dir} already holds a complete summary.json (force=true reruns it)")
+        return read_summary(run_dir)
+    resume_from = resume_path(cfg.get("resume", "auto"), run_dir)
+    if cfg.get("force", False) and cfg.get("resume", "auto") == "auto":
+        resume_from = None
+
+    device = resolve_device(cfg.trainer.device)
+    if dist.setup(device.type) and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank())
+    ws, rk = dist.world_size(), dist.rank()
+    seed_everything(int(cfg.seed))
+    family = cfg.model.family
+    if family == "vision":
+        parts = _vision_setup(cfg, device, ws, rk)
+    else:
+        from nora.llm import causal_lm_setup
+
+        parts = causal_lm_setup(cfg, device, ws, rk)
+    model = parts["model"].to(device)
+    result: MethodResult = apply_method(model, cfg.method, cfg.model, parts["calibration"], parts["forward"])
+    model = result.model
+    print(f"{cfg.method.name} on {cfg.model.name}/{cfg.dataset.name}: {result.parameters}")
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if rk == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    logger = RunLogger(run_dir, cfg.logger, config=resolved, run_name=cfg.run_name, enabled=rk == 0)
+    tcfg = cfg.trainer
+    lr = tcfg.lr if tcfg.lr is not None else per_family(cfg.method.lr, family, "method.lr")
+    head_lr = tcfg.head_lr if tcfg.head_lr is not None else per_family(cfg.method.head_lr, family, "method.head_lr")
+    nora_lr = tcfg.nora_lr if tcfg.nora_lr is not None else per_family(cfg.method.nora_lr, family, "method.nora_lr")
+    wd = tcfg.weight_decay if tcfg.weight_decay is not None else cfg.method.weight_decay
+    wrap = parts.get("wrap") or ((lambda m: dist.wrap_ddp(m, device)) if ws > 1 else None)
+    trainer = Trainer(tcfg, model, parts["task"], parts["train_set"], parts["eval_set"], parts["train_sampler"],
+                      parts["eval_sampler"], run_dir, logger, lr=float(lr),
+                      head_lr=float(head_lr) if head_lr is not None else None,
+                      nora_lr=float(nora_lr) if nora_lr is not None else None, weight_decay=float(wd),
+                      head=parts["head"] if family == "vision" else None, collate_fn=parts["collate_fn"],
+                      seed=int(cfg.seed), device=device, wrap=wrap)
+    if resume_from is not None:
+        trainer.load_checkpoint(resume_from)
+        print(f"resumed from {resume_from} at step {trainer.state.step} (epoch {trainer.state.epoch})")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    exit_code = 1
+    try:
+        state = trainer.fit()
+        exit_code = 0
+    finally:
+        logger.finish(exit_code)
+    if not state.finished:
+        print(f"stopped at step {state.step}/{trainer.total_steps}; run the same command to resume")
+        return {"status": "incomplete", "step": state.step}
+
+    summary = {
+        "status": "complete",
+        "run_name": cfg.run_name, "method": cfg.method.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
+        "family": family, "seed": int(cfg.seed), "config_hash": config_hash(cfg),
+        "parameters": result.parameters.to_dict(),
+        "metric": parts["task"].metric, "final": state.last_eval, "best": {"value": state.best, "step": state.best_step},
+        "steps": state.step, "epochs": state.epoch, f"{parts['task'].unit}_seen": state.units,
+        f"{parts['task'].unit}_per_s": state.units / state.train_time if state.train_time else None,
+        "data_wait_share": state.data_time / state.train_time if state.train_time else None,
+        "wall_time_s": state.wall_time, "train_time_s": state.train_time,
+        "peak_memory_mb": hardware.peak_memory_mb(device), "device": str(device), "world_size": ws,
+        "hardware": hardware.describe(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if family == "vision":
+        summary["final_accuracy"] = state.last_eval.get("accuracy")
+        summary["best_accuracy"] = state.best
+    if result.injection is not None:
+        summary["nora_fit_max_error"] = result.injection.max_error()
+    summary.update(parts.get("extra") or {})
+    if rk == 0:
+        save_adapter(model, cfg.method, run_dir / "adapter")
+        if result.injection is not None:
+            from nora.plots import plot_activation_curves
+
+            plot_activation_curves(model, run_dir / "activations.png",
+                                   title=f"{cfg.method.name} on {cfg.dataset.name} (seed {cfg.seed})")
+        write_json_atomic(run_dir / SUMMARY, summary)
+    dist.barrier()
+    return summary

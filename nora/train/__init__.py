@@ -1,0 +1,1 @@
+"""Training: the loop, checkpoints, logging, distributed helpers and the tasks."""

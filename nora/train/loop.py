@@ -1,0 +1,347 @@
+"""The training loop: one for every method and model family.
+
+Read it top to bottom like nanoGPT's: build the optimizer and schedule, then for each epoch iterate
+micro-batches, accumulate gradients, step, log, checkpoint, evaluate. Everything that makes a run
+continue exactly after an interruption lives in :class:`LoopState` and the checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from nora.errors import NonFiniteLossError, UserError
+from nora.train import distributed as dist
+from nora.train.checkpoint import (atomic_save, load_training_state_dict, rng_state, set_rng_state,
+                                   training_state_dict)
+from nora.train.logger import RunLogger
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULERS = ("cosine", "linear", "constant")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class LoopState:
+    epoch: int = 0            # current epoch (0-based)
+    batch_in_epoch: int = 0   # micro-batches of this epoch already consumed
+    step: int = 0             # optimizer steps taken
+    units: int = 0            # images / tokens trained on
+    train_time: float = 0.0   # seconds inside training steps (all sessions)
+    data_time: float = 0.0    # seconds waiting for batches (all sessions)
+    wall_time: float = 0.0    # seconds of the whole run (all sessions)
+    best: float | None = None
+    best_step: int | None = None
+    last_eval: dict = field(default_factory=dict)
+    finished: bool = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"trainer.device={name} but no CUDA device is available; use trainer.device=cpu")
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None: plain fp32)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown trainer.precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def param_groups(model: nn.Module, lr: float, head_lr: float | None, nora_lr: float | None, weight_decay: float,
+                 head: str | None) -> list[dict]:
+    """Optimizer groups: head, NoRA factors, and everything else; no weight decay on biases, norms,
+    NoRA factors or any 1-D tensor."""
+    from nora.adapter.inject import canonical_name, nora_modules
+
+    nora_ids = {id(p) for m in nora_modules(model).values() for p in m.parameters()}
+    groups: dict[str, dict] = {}
+
+    def add(key, p, lr_, wd):
+        g = groups.setdefault(key, {"params": [], "lr": lr_, "weight_decay": wd, "name": key})
+        g["params"].append(p)
+
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        cname = canonical_name(model, name)
+        is_head = head is not None and (cname.startswith(head + ".") or f"{head}.modules_to_save" in cname)
+        decay = weight_decay if p.dim() >= 2 else 0.0
+        if id(p) in nora_ids:
+            add("nora", p, nora_lr or lr, 0.0)
+        elif is_head:
+            add("head" if decay else "head_no_decay", p, head_lr or lr, decay)
+        else:
+            add("weights" if decay else "weights_no_decay", p, lr, decay)
+    return list(groups.values())
+
+
+def lr_lambda(kind: str, total: int, warmup: int, min_ratio: float):
+    if kind not in SCHEDULERS:
+        raise UserError(f"unknown trainer.scheduler {kind!r}; valid: {', '.join(SCHEDULERS)}")
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        shape = 0.5 * (1 + math.cos(math.pi * t)) if kind == "cosine" else 1 - t
+        return min_ratio + (1 - min_ratio) * shape
+    return f
+
+
+class Trainer:
+    """Trains ``model`` on ``train_set`` with ``task``; see :meth:`fit`."""
+
+    def __init__(self, cfg, model: nn.Module, task, train_set, eval_set, train_sampler, eval_sampler,
+                 run_dir: str | Path, logger: RunLogger, *, lr: float, head_lr: float | None = None,
+                 nora_lr: float | None = None, weight_decay: float = 0.0, head: str | None = None,
+                 collate_fn=None, seed: int = 0, device: torch.device | None = None, wrap=None):
+        self.cfg, self.task, self.logger = cfg, task, logger
+        self.run_dir = Path(run_dir)
+        self.ckpt_path = self.run_dir / "checkpoints" / "last.pt"
+        self.device = device or resolve_device(cfg.get("device", "auto"))
+        self.amp_dtype = resolve_precision(cfg.get("precision", "auto"), self.device)
+        self.model = model.to(self.device)
+        self.train_set, self.eval_set = train_set, eval_set
+        self.train_sampler, self.eval_sampler = train_sampler, eval_sampler
+        self.collate_fn, self.seed = collate_fn, seed
+        self.accum = int(cfg.get("grad_accum", 1))
+        if self.accum < 1:
+            raise UserError("trainer.grad_accum must be >= 1")
+        self.steps_per_epoch = len(train_sampler) // self.accum
+        if self.steps_per_epoch < 1:
+            raise UserError(f"an epoch has {len(train_sampler)} batches, fewer than trainer.grad_accum={self.accum}")
+        self.total_steps = int(cfg.max_steps) if cfg.get("max_steps") else int(cfg.epochs) * self.steps_per_epoch
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        # the module that runs forward (DDP/FSDP wrapper or compiled); self.model stays the plain one
+        self.runner = wrap(self.model) if wrap is not None else self.model
+        if cfg.get("compile"):
+            self.runner = torch.compile(self.runner)
+        groups = param_groups(self.model, lr, head_lr, nora_lr, weight_decay, head)
+        if not groups:
+            raise UserError("nothing to train: the method left no parameter with requires_grad")
+        self.optimizer = self._optimizer(groups)
+        warmup = cfg.get("warmup_steps")
+        warmup = int(warmup) if warmup is not None else int(round(float(cfg.get("warmup_ratio", 0.0)) * self.total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg.get("scheduler", "cosine"), self.total_steps, warmup,
+                                      float(cfg.get("min_lr_ratio", 0.0))))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.state = LoopState()
+        self._nonfinite: torch.Tensor | None = None  # device flag, set once any loss was NaN/Inf
+
+    # ------------------------------------------------------------------------------------ set-up
+    def _optimizer(self, groups):
+        kind = self.cfg.get("optimizer", "adamw")
+        fused = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
+        if kind == "adamw":
+            return torch.optim.AdamW(groups, betas=tuple(self.cfg.get("betas", (0.9, 0.999))), **fused)
+        if kind == "sgd":
+            return torch.optim.SGD(groups, momentum=float(self.cfg.get("momentum", 0.9)), **fused)
+        raise UserError(f"unknown trainer.optimizer {kind!r}; valid: {', '.join(OPTIMIZERS)}")
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _loader(self, dataset, sampler, epoch: int) -> DataLoader:
+        workers = int(self.cfg.get("num_workers", 0))
+        g = torch.Generator().manual_seed(self.seed * 7919 + epoch)  # never touches the global RNG
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=self.collate_fn,
+                          pin_memory=self.device.type == "cuda", generator=g,
+                          persistent_workers=False, prefetch_factor=4 if workers else None)
+
+    # ---------------------------------------------------------------------------- checkpointing
+    def save_checkpoint(self) -> None:
+        """Write ``checkpoints/last.pt`` atomically (rank 0; other ranks write their RNG state)."""
+        self._check_finite()
+        if dist.rank() != 0:
+            atomic_save(rng_state(), self.ckpt_path.with_name(f"rng_rank{dist.rank()}.pt"))
+            return
+        atomic_save({
+            "model": training_state_dict(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "state": asdict(self.state),
+        }, self.ckpt_path)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
+        load_training_state_dict(self.model, {k: v.to(self.device) for k, v in ckpt["model"].items()})
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        rng = ckpt["rng"]
+        own = Path(path).with_name(f"rng_rank{dist.rank()}.pt")
+        if dist.rank() != 0 and own.exists():
+            rng = torch.load(str(own), weights_only=False)
+        set_rng_state(rng)
+        self.state = LoopState(**ckpt["state"])
+        self.logger.truncate_after(self.state.step)
+
+    # ---------------------------------------------------------------------------------- checks
+    def _check_finite(self) -> None:
+        if self._nonfinite is not None and bool(self._nonfinite):
+            raise NonFiniteLossError(
+                f"non-finite loss at step {self.state.step}; stopped without overwriting the last good "
+                f"checkpoint ({self.ckpt_path if self.ckpt_path.exists() else 'none written yet'}); lower the "
+                "learning rate or use trainer.precision=fp32/bf16")
+
+    # -------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.runner.eval()
+        sums: dict[str, torch.Tensor] = {}
+        loader = self._loader(self.eval_set, self.eval_sampler, 0)
+        for batch in loader:
+            batch = self.task.to_device(batch, self.device, non_blocking=True)
+            with self._autocast():
+                out = self.task.eval_sums(self.runner, batch)
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0) + v.detach().double()
+        totals = {k: float(dist.all_reduce_sum(v)) for k, v in sums.items()}
+        self.runner.train()
+        return self.task.eval_metrics(totals)
+
+    def _record_eval(self) -> dict:
+        metrics = self.evaluate()
+        key = self.task.metric
+        value = metrics[key]
+        better = self.state.best is None or (value > self.state.best if key == "accuracy" else value < self.state.best)
+        if better:
+            self.state.best, self.state.best_step = value, self.state.step
+        self.state.last_eval = metrics
+        self.logger.log({"step": self.state.step, "epoch": self.state.epoch,
+                         **{f"eval/{k}": v for k, v in metrics.items()}})
+        return metrics
+
+    # ---------------------------------------------------------------------------------- training
+    def fit(self) -> LoopState:
+        """Train until ``total_steps`` (or ``stop_after_steps`` in this process), evaluating every
+        ``eval_every`` epochs and at the end. Returns the final :class:`LoopState`."""
+        cfg = self.cfg
+        log_every = max(1, int(cfg.get("log_every", 20)))
+        ckpt_every = int(cfg.get("checkpoint_every", 0) or 0)
+        eval_every = int(cfg.get("eval_every", 1) or 0)
+        stop_after = cfg.get("stop_after_steps")
+        clip = float(cfg.get("grad_clip") or 0.0)
+        show = bool(cfg.get("progress", True)) and dist.rank() == 0
+        session_start, steps_this_session = time.perf_counter(), 0
+        self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        interval = {"t0": time.perf_counter(), "data": 0.0, "units": 0, "steps": 0}
+        self.runner.train()
+        from tqdm.auto import tqdm
+
+        epoch_bar = tqdm(total=self.epochs, initial=self.state.epoch, desc="epochs", disable=not show,
+                         position=0, leave=True, dynamic_ncols=True)
+        while self.state.step < self.total_steps and not self._stop(stop_after, steps_this_session):
+            epoch = self.state.epoch
+            for s in (self.train_sampler, self.train_set):
+                if hasattr(s, "set_epoch"):
+                    s.set_epoch(epoch)
+            self.train_sampler.set_start(self.state.batch_in_epoch)
+            micro_total = self.steps_per_epoch * self.accum
+            loader = iter(self._loader(self.train_set, self.train_sampler, epoch))
+            step_bar = tqdm(total=self.steps_per_epoch, initial=self.state.batch_in_epoch // self.accum,
+                            desc=f"epoch {epoch}", disable=not show, position=1, leave=False, dynamic_ncols=True)
+            while self.state.batch_in_epoch < micro_total and self.state.step < self.total_steps:
+                t_data = time.perf_counter()
+                batch = next(loader)
+                batch = self.task.to_device(batch, self.device, non_blocking=True)
+                t_step = time.perf_counter()
+                interval["data"] += t_step - t_data
+                micro = self.state.batch_in_epoch % self.accum
+                sync = micro == self.accum - 1
+                with (nullcontext() if sync else dist.no_sync(self.runner)):
+                    with self._autocast():
+                        loss = self.task.loss(self.runner, batch) / self.accum
+                    self.scaler.scale(loss).backward()
+                loss_sum += loss.detach().float()
+                self._nonfinite |= ~torch.isfinite(loss.detach())
+                units = self.task.units(batch)
+                interval["units"] += units
+                self.state.units += units
+                self.state.batch_in_epoch += 1
+                if not sync:
+                    continue
+                if clip:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.state.step += 1
+                steps_this_session += 1
+                interval["steps"] += 1
+                step_bar.update(1)
+                if self.device.type == "cpu":
+                    self._check_finite()  # free on the CPU; on GPUs checked at log/checkpoint time
+                if self.state.step % log_every == 0 or self.state.step == self.total_steps:
+                    self._log_interval(interval, loss_sum, step_bar)
+                    loss_sum.zero_()
+                if ckpt_every and self.state.step % ckpt_every == 0:
+                    self.save_checkpoint()
+                if self._stop(stop_after, steps_this_session):
+                    break
+            step_bar.close()
+            if self.state.batch_in_epoch >= micro_total:  # epoch complete
+                self.state.epoch += 1
+                self.state.batch_in_epoch = 0
+                epoch_bar.update(1)
+                if eval_every and self.state.epoch % eval_every == 0 and self.state.step < self.total_steps:
+                    self._record_eval()
+            self._account_time(session_start)
+            session_start = time.perf_counter()
+            self.save_checkpoint()
+        epoch_bar.close()
+        self._check_finite()
+        if self.state.step >= self.total_steps and not self.state.finished:
+            self._record_eval()
+            self.state.finished = True
+            self._account_time(session_start)
+            self.save_checkpoint()
+        return self.state
+
+    def _stop(self, stop_after, steps_this_session) -> bool:
+        return stop_after is not None and steps_this_session >= int(stop_after)
+
+    def _account_time(self, since: float) -> None:
+        now = time.perf_counter()
+        self.state.wall_time += now - since
+
+    def _log_interval(self, interval: dict, loss_sum: torch.Tensor, bar) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._check_finite()
+        now = time.perf_counter()
+        elapsed = max(now - interval["t0"], 1e-9)
+        steps = max(interval["steps"], 1)
+        loss = float(dist.all_reduce_mean(loss_sum.detach())) / steps
+        units_per_s = interval["units"] * dist.world_size() / elapsed
+        self.state.train_time += elapsed
+        self.state.data_time += interval["data"]
+        record = {"step": self.state.step, "epoch": self.state.epoch, "loss": loss,
+                  "lr": self.scheduler.get_last_lr()[0], f"{self.task.unit}_per_s": units_per_s,
+                  "data_wait_share": interval["data"] / elapsed}
+        self.logger.log(record)
+        bar.set_postfix(loss=f"{loss:.4f}", **{f"{self.task.unit[:3]}/s": f"{units_per_s:.0f}"})
+        interval.update(t0=now, data=0.0, units=0, steps=0)
