@@ -13,9 +13,10 @@ scalars for the whole program (loaded once). Sizes that are not multiples of the
 
 Only ``x`` and the coefficient tensors are saved for backward.
 
-The kernels are ``triton.jit``-decorated lazily, for the interpreter mode current at call time, so
-:func:`rational_triton` also runs on CPU tensors with ``TRITON_INTERPRET=1`` (set in the
-environment before the first call; tests use small shapes, the interpreter is slow).
+With ``TRITON_INTERPRET=1`` in the environment :func:`rational_triton` also runs on CPU tensors
+(Triton's interpreter; slow, tests use small shapes). The variable must be set before triton is
+first imported (triton decorates its own library functions such as ``tl.sum`` at import time);
+tests therefore run the interpreter checks in a subprocess.
 """
 from __future__ import annotations
 
@@ -168,6 +169,9 @@ def _kernels():
     if not HAVE_TRITON:
         raise RuntimeError("triton is not installed")
     mode = interpret_mode()
+    if mode and type(tl.sum).__name__ != "InterpretedFunction":
+        raise RuntimeError("TRITON_INTERPRET=1 was set after triton was imported; set it in the "
+                           "environment before the process imports triton")
     if mode not in _KERNELS:
         _KERNELS[mode] = (triton.jit(_rational_fwd), triton.jit(_rational_bwd))
     return _KERNELS[mode]
