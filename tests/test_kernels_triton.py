@@ -121,3 +121,17 @@ def test_triton_backend_registration_without_cuda():
         assert "triton" not in available_backends("cuda")
         with pytest.raises(ValueError):
             tk.rational_triton(torch.randn(2, 8), *make_coefficients(2, 5, 4, seed=0))
+
+
+@pytest.mark.skipif(INTERPRET, reason="runs the script, which starts its own interpreter process")
+def test_gpu_check_script_cpu_path(tmp_path):
+    """scripts/gpu_check.sh without a GPU (or with NORA_GPU_CHECK_CPU_ONLY=1): interpreter checks, exit 0."""
+    env = dict(os.environ, NORA_GPU_CHECK_OUT=str(tmp_path), NORA_GPU_CHECK_CPU_ONLY="1", PYTHON=sys.executable)
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=900)
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
+    assert "checks passed" in out.stdout and "FAIL" not in out.stdout
+    assert "CPU-interpreter part only" in out.stdout
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert "triton interpreter checks (CPU, small shapes) passed" in log

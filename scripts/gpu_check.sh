@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# One prepared check of the GPU kernels, a few minutes long; safe to run on any machine.
+#
+#   scripts/gpu_check.sh            (or: bash scripts/gpu_check.sh)
+#
+# 1. Triton kernels under the CPU interpreter (TRITON_INTERPRET=1), small shapes, vs float64.
+# 2. Without CUDA: stop here and exit with the status of step 1 (0 = passed), saying no GPU was found.
+# 3. With CUDA: the compiled Triton kernels vs the float64 reference on the GPU (small and large
+#    shapes incl. LLaMA-3-8B's 4 x 2048 x 14336 in bf16, both forms, fp32/bf16/fp16, determinism)
+#    -> $OUT/gpu_check_correctness.json
+# 4. With CUDA: python -m nora.bench kernels at the ViT-Tiny shape (64 x 197 x 768, fp32) and the
+#    LLaMA-3-8B shape (4 x 2048 x 14336, bf16): times vs GELU/SiLU, saved bytes, measured copy
+#    bandwidth, achieved GB/s and fraction of it -> $OUT/bench_kernels_cuda.json
+# Everything printed is also appended to $OUT/gpu_check.log. Each step has a time limit; a failing
+# step is reported and the next one still runs; the exit status is 0 only if every step passed.
+#
+# Environment: NORA_GPU_CHECK_OUT (default: results/ in the repository), PYTHON (default:
+# .venv/bin/python if it exists, else python3), GPU_CHECK_REPEATS (benchmark rounds, default 10),
+# NORA_GPU_CHECK_CPU_ONLY=1 (run step 1 only, even where CUDA exists: what CI runs).
+set -u
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT" || exit 1
+if [ -n "${PYTHON:-}" ]; then
+    PY="$PYTHON"
+elif [ -x "$ROOT/.venv/bin/python" ]; then
+    PY="$ROOT/.venv/bin/python"
+else
+    PY=python3
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+OUT="${NORA_GPU_CHECK_OUT:-$ROOT/results}"
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+REPEATS="${GPU_CHECK_REPEATS:-10}"
+STATUS=0
+START=$(date +%s)
+
+log() { echo "$@" | tee -a "$LOG"; }
+step() {  # step NAME TIMEOUT_S CMD...: run, print and log everything, keep going on failure
+    local name="$1" limit="$2"
+    shift 2
+    log ""
+    log "== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*"
+    local rc
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    if [ "$rc" -ne 0 ]; then
+        log "!! $name failed (exit $rc)"
+        STATUS=1
+    else
+        log "-- $name passed"
+    fi
+    return 0
+}
+
+log "== nora gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname) in $ROOT (python: $PY)"
+"$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
+import platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda available", torch.cuda.is_available())
+try:
+    import triton
+    print("triton", triton.__version__)
+except Exception as exc:
+    print("triton not importable:", exc)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("gpu", p.name, f"{p.total_memory / 2**30:.0f} GiB", f"sm_{p.major}{p.minor}", "| cuda", torch.version.cuda)
+EOF
+if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1 | tee -a "$LOG"
+fi
+
+step "triton interpreter checks (CPU, small shapes)" 600 \
+    env TRITON_INTERPRET=1 "$PY" scripts/gpu_check.py interpret
+
+if [ "${NORA_GPU_CHECK_CPU_ONLY:-0}" = "1" ]; then
+    log ""
+    log "NORA_GPU_CHECK_CPU_ONLY=1: ran the CPU-interpreter part only"
+    log "== gpu_check done in $(( $(date +%s) - START ))s, status $STATUS"
+    exit $STATUS
+fi
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
+    log ""
+    log "no GPU found (torch.cuda.is_available() is False): ran the CPU-interpreter part only; no GPU numbers measured"
+    log "== gpu_check done in $(( $(date +%s) - START ))s, status $STATUS"
+    exit $STATUS
+fi
+
+step "triton correctness on the GPU vs float64" 600 \
+    "$PY" scripts/gpu_check.py correctness --json "$OUT/gpu_check_correctness.json"
+
+step "kernel benchmark (ViT-Tiny fp32, LLaMA-3-8B bf16)" 900 \
+    "$PY" -m nora.bench kernels --device cuda --shapes "64x197x768:8,4x2048x14336:8:bfloat16" \
+    --repeats "$REPEATS" --warmup 3 --out "$OUT/bench_kernels_cuda.json"
+
+if [ -f "$OUT/bench_kernels_cuda.json" ]; then
+    "$PY" - "$OUT/bench_kernels_cuda.json" <<'EOF' 2>&1 | tee -a "$LOG"
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"copy bandwidth {r['copy_bandwidth_GBps']:.0f} GB/s on {r['hardware'].get('gpu')}")
+for s in r["shapes"]:
+    for row in s["rows"]:
+        if "fwd_bwd_ms" in row:
+            print(f"{'x'.join(map(str, s['shape']))} {s['dtype']:<8} {row['impl']:<15} fwd+bwd {row['fwd_bwd_ms']:8.3f} ms"
+                  f"  x{row['fwd_bwd_ratio_vs_gelu']:.2f} GELU  {row['fwd_bwd_GBps']:7.0f} GB/s"
+                  f"  {100 * row['fwd_bwd_bandwidth_fraction']:4.0f}% of copy")
+print("targets:", json.dumps(r.get("targets", {})))
+EOF
+fi
+
+log "== gpu_check done in $(( $(date +%s) - START ))s, status $STATUS"
+exit $STATUS
