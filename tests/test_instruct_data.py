@@ -470,3 +470,32 @@ def test_stats_json_serialisable(tmp_path, tok):
     _, _, st = build(tmp_path, tok, path=str(path), val_size=1)
     json.dumps(st)
     assert st["num_train"] == 5 and st["num_val"] == 1 and st["train"]["num_supervised_tokens"] > 0
+
+
+def test_null_fields_read_as_empty(tmp_path, tok):
+    recs = alpaca_records(4)
+    nulls = [dict(r, input=None) if not r["input"] else r for r in recs]
+    a, _, _ = build(tmp_path, tok, path=str(write_alpaca_jsonl(tmp_path / "a.jsonl", recs)))
+    b, _, _ = build(tmp_path, tok, path=str(write_alpaca_jsonl(tmp_path / "b.jsonl", nulls)))
+    assert [a[i] for i in range(4)] == [b[i] for i in range(4)]
+
+
+def test_build_dataloader_from_omegaconf(tmp_path, tok):
+    from omegaconf import OmegaConf
+
+    from nora.data.instruct import build_dataloader
+
+    path = write_alpaca_json(tmp_path / "a.json", alpaca_records(20))
+    cfg = InstructDataConfig.from_dict(OmegaConf.create({"name": "alpaca", "path": str(path), "val_size": 4,
+                                                         "cache_dir": str(tmp_path / "cache")}))
+    train, val, _ = build_instruct_datasets(cfg, tok)
+    loader = build_dataloader(train, cfg, tok, 4, seed=1)
+    loader.batch_sampler.set_epoch(1)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 4
+    assert all(b["input_ids"].shape[1] % 8 == 0 for b in batches)
+    assert sum(tokens_in_batch(b).tokens for b in batches) == train.num_tokens
+    loader.batch_sampler.set_start(2)
+    assert [b["input_ids"].tolist() for b in loader] == [b["input_ids"].tolist() for b in batches[2:]]
+    ev = list(build_dataloader(val, cfg, tok, 3, train=False))
+    assert sum(b["input_ids"].shape[0] for b in ev) == 4

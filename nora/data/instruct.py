@@ -365,7 +365,8 @@ def encode_examples(tokenizer, prompts: Sequence[str], responses: Sequence[str],
                     min_response_tokens: int = 64, prefix: Sequence[int] | None = None) -> dict[str, list]:
     """Tokenise a batch of (prompt, response) pairs into ``input_ids``/``labels`` and per-example flags
     (``length``, ``n_supervised``, ``truncated``, ``prompt_truncated``, ``boundary_fallback``)."""
-    if tokenizer.eos_token_id is None:
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
         raise DataError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token; responses "
                         "must end with one")
     prefix = special_prefix(tokenizer) if prefix is None else list(prefix)
@@ -384,7 +385,7 @@ def encode_examples(tokenizer, prompts: Sequence[str], responses: Sequence[str],
     out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "length", "n_supervised", "truncated",
                                             "prompt_truncated", "boundary_fallback")}
     for p, r, fb in zip(p_ids, r_ids, fallback):
-        ex = assemble(p, r, prefix=prefix, eos_id=tokenizer.eos_token_id, max_length=max_length,
+        ex = assemble(p, r, prefix=prefix, eos_id=eos_id, max_length=max_length,
                       min_response_tokens=min_response_tokens)
         out["input_ids"].append(ex["input_ids"])
         out["labels"].append(ex["labels"])
@@ -489,6 +490,8 @@ def _check_columns(ds, where: str, cfg: InstructDataConfig):
     if extra:
         logger.debug("%s: ignoring field(s) %s", where, extra)
     ds = ds.select_columns(list(cfg.spec.required))
+    if all(getattr(ds.features[c], "dtype", None) in ("string", "large_string") for c in cfg.spec.required):
+        return ds  # nothing to convert (casting would rewrite every row)
     try:
         return ds.cast(datasets.Features({c: datasets.Value("string") for c in cfg.spec.required}))
     except Exception as e:  # noqa: BLE001
