@@ -281,7 +281,8 @@ def test_collator_pads_and_masks(tok):
     b8 = InstructCollator(pad, pad_to_multiple_of=8)(feats)
     assert b8["input_ids"].shape == (2, 8) and b8["attention_mask"].sum() == 8 and (b8["labels"][:, 5:] == -100).all()
     left = InstructCollator(pad, padding_side="left")(feats)
-    assert left["input_ids"][1].tolist() == [pad, pad, 0, 9, 1] and left["attention_mask"][1].tolist() == [0, 0, 1, 1, 1]
+    assert left["input_ids"][1].tolist() == [pad, pad, 0, 9, 1]
+    assert left["attention_mask"][1].tolist() == [0, 0, 1, 1, 1]
     flat = InstructCollator(pad, padding_free=True)(feats)
     assert flat["input_ids"].tolist() == [[0, 5, 6, 7, 1, 0, 9, 1]] and "attention_mask" not in flat
     assert flat["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2]] and tokens_in_batch(flat) == (8, 5)
@@ -364,7 +365,8 @@ def test_packing_keeps_examples_apart(tmp_path, tok):
     path = write_alpaca_json(tmp_path / "a.json", alpaca_records(8))
     plain, _, _ = build(tmp_path, tok, path=str(path), max_length=256)
     packed, _, st = build(tmp_path, tok, path=str(path), max_length=256, packing=True)
-    assert isinstance(packed, PackedInstructDataset) and len(packed) < len(plain) and st["packing"]["rows"] == len(packed)
+    assert isinstance(packed, PackedInstructDataset) and len(packed) < len(plain)
+    assert st["packing"]["rows"] == len(packed)
     collate = InstructCollator.from_tokenizer(tok)
     batch = collate([packed[i] for i in range(min(2, len(packed)))])
     assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
@@ -414,7 +416,8 @@ def test_missing_fields_name_the_file(tmp_path, tok):
 def test_missing_path_and_config_errors(tmp_path, tok):
     with pytest.raises(FileNotFoundError) as e:
         build(tmp_path, tok, path=str(tmp_path / "nope.json"))
-    assert isinstance(e.value, DataError) and "data.path=" in str(e.value) and "instruction, input, output" in str(e.value)
+    assert isinstance(e.value, DataError) and "data.path=" in str(e.value)
+    assert "instruction, input, output" in str(e.value)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataNotFoundError, match="no .json/.jsonl/.parquet"):
         build(tmp_path, tok, path=str(tmp_path / "empty"))
