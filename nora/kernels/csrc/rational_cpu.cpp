@@ -41,6 +41,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 namespace py = pybind11;
 
 namespace {
@@ -108,17 +112,60 @@ struct Plan {
 };
 
 // ------------------------------------------------------------------ dtype conversion
+// Block conversions written so the compiler vectorises them (bit manipulation, no branches);
+// float -> bfloat16 / float16 round to nearest even exactly as torch's .to() does, NaN stays NaN.
 template <typename T>
-inline float to_f(T v) { return static_cast<float>(v); }
+inline void load_block(const T* __restrict src, float* __restrict dst, int64_t cnt);
+template <typename T>
+inline void store_block(const float* __restrict src, T* __restrict dst, int64_t cnt);
+
 template <>
-inline float to_f<c10::BFloat16>(c10::BFloat16 v) {
-  uint32_t u = static_cast<uint32_t>(v.x) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
+inline void load_block<c10::BFloat16>(const c10::BFloat16* __restrict src, float* __restrict dst,
+                                      int64_t cnt) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+#pragma omp simd
+  for (int64_t i = 0; i < cnt; ++i) {
+    const uint32_t u = static_cast<uint32_t>(s[i]) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    dst[i] = f;
+  }
 }
-template <typename T>
-inline T from_f(float v) { return static_cast<T>(v); }  // c10: round to nearest even, NaN kept
+
+template <>
+inline void store_block<c10::BFloat16>(const float* __restrict src, c10::BFloat16* __restrict dst,
+                                       int64_t cnt) {
+  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < cnt; ++i) {
+    const float f = src[i];
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof(u));
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    d[i] = static_cast<uint16_t>(f != f ? 0x7FC0u : rounded);
+  }
+}
+
+template <>
+inline void load_block<c10::Half>(const c10::Half* __restrict src, float* __restrict dst, int64_t cnt) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= cnt; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+#endif
+  for (; i < cnt; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <>
+inline void store_block<c10::Half>(const float* __restrict src, c10::Half* __restrict dst, int64_t cnt) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= cnt; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+  for (; i < cnt; ++i) dst[i] = static_cast<c10::Half>(src[i]);  // c10: round to nearest even
+}
 
 // ------------------------------------------------------------------ per-element math
 template <int M1T, int NT, bool FB>
@@ -270,10 +317,10 @@ void forward_impl(const T* __restrict x, T* __restrict y, const std::vector<Coef
           } else {
             for (int64_t i0 = 0; i0 < len; i0 += CONVERT_BLOCK) {
               const int64_t cnt = std::min(CONVERT_BLOCK, len - i0);
-              for (int64_t l = 0; l < cnt; ++l) xb[l] = to_f<T>(xr[i0 + l]);
+              load_block<T>(xr + i0, xb, cnt);
 #pragma omp simd
               for (int64_t l = 0; l < cnt; ++l) yb[l] = eval_f<M1T, NT, FB>(cf, m1, n, xb[l]);
-              for (int64_t l = 0; l < cnt; ++l) yr[i0 + l] = from_f<T>(yb[l]);
+              store_block<T>(yb, yr + i0, cnt);
             }
           }
         }
@@ -305,13 +352,10 @@ void backward_impl(const T* __restrict x, const T* __restrict go, T* __restrict 
               const int64_t cnt = std::min(CONVERT_BLOCK, len - i0);
               const T* xr = x + off + i0;
               const T* gr = go + off + i0;
-              for (int64_t l = 0; l < cnt; ++l) {
-                xb[l] = to_f<T>(xr[l]);
-                gb[l] = to_f<T>(gr[l]);
-              }
+              load_block<T>(xr, xb, cnt);
+              load_block<T>(gr, gb, cnt);
               bwd_span<M1T, NT, FB, NC>(cf, m1, n, xb, gb, gxb, cnt, out);
-              T* gxr = gx + off + i0;
-              for (int64_t l = 0; l < cnt; ++l) gxr[l] = from_f<T>(gxb[l]);
+              store_block<T>(gxb, gx + off + i0, cnt);
             }
           }
         }
