@@ -24,6 +24,7 @@ import hashlib
 import importlib.util
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -167,6 +168,10 @@ def load_extension(verbose: bool = False):
             raise RuntimeError(_error)
         if os.environ.get("NORA_NO_BUILD", "") not in ("", "0"):
             _error = "disabled by NORA_NO_BUILD=1"
+            raise RuntimeError(_error)
+        cxx = os.environ.get("CXX", "c++")
+        if shutil.which(cxx) is None:
+            _error = f"no C++ compiler found ({cxx!r} is not on PATH)"
             raise RuntimeError(_error)
         errors = []
         for flags in (BASE_FLAGS + NATIVE_FLAGS, BASE_FLAGS):
