@@ -260,13 +260,15 @@ def _supports_logits_to_keep(model) -> bool:
 
 
 @torch.no_grad()
-def score_rows(model, rows: list[list[int]], positions: int, batch_size: int = 8, pad_id: int = 0,
-               bf16: bool = True, keep_logits: bool | None = None) -> list[torch.Tensor]:
-    """Log-softmax (float32, or the logits' dtype if wider) at the last ``positions`` positions of each row.
+def score_rows(model, rows: list[list[int]], conts: list[list[list[int]]], batch_size: int = 8, pad_id: int = 0,
+               bf16: bool = True, keep_logits: bool | None = None) -> list[list[float]]:
+    """Summed log-probabilities of continuations at the end of token rows.
 
-    Rows are scored longest first in right-padded batches. Returns, per row (in the given order), a
-    ``(positions, vocab)`` tensor; for a row shorter than ``positions`` the leading entries are
-    meaningless (never read).
+    ``conts[i]`` lists the continuations scored on row ``i``: continuation ``c`` is predicted by the
+    last ``len(c)`` positions of the row (the row is ``context + c[:-1]``, lm_eval's input). Returns
+    ``out[i][j]`` = sum of the log-softmax (float32, or the logits' dtype if wider) of ``conts[i][j]``.
+    Rows are scored longest first in right-padded batches with an attention mask; only the needed
+    log-probabilities leave the device.
     """
     device = _model_device(model)
     if keep_logits is None:
@@ -274,9 +276,10 @@ def score_rows(model, rows: list[list[int]], positions: int, batch_size: int = 8
     call_kwargs: dict[str, Any] = {}
     if getattr(_unwrap(model), "config", None) is not None:
         call_kwargs["use_cache"] = False
+    positions = max((len(c) for cs in conts for c in cs), default=1)
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
     order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), rows[i]))
-    out: list[torch.Tensor | None] = [None] * len(rows)
+    out: list[list[float]] = [[] for _ in rows]
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         width = len(rows[chunk[0]])
@@ -286,10 +289,10 @@ def score_rows(model, rows: list[list[int]], positions: int, batch_size: int = 8
             ids[b, :len(rows[i])] = torch.tensor(rows[i], dtype=torch.long)
             mask[b, :len(rows[i])] = 1
         lengths = torch.tensor([len(rows[i]) for i in chunk])
-        pos = (lengths[:, None] - positions + torch.arange(positions)[None, :]).clamp(min=0)  # (B, P)
+        pos = (lengths[:, None] - positions + torch.arange(positions)[None, :]).clamp(min=0).to(device)  # (B, P)
         kwargs = dict(call_kwargs)
         if keep_logits:
-            kwargs["logits_to_keep"] = pos.to(device)
+            kwargs["logits_to_keep"] = pos
         with autocast:
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits
         if keep_logits:
@@ -299,10 +302,24 @@ def score_rows(model, rows: list[list[int]], positions: int, batch_size: int = 8
             picked = logits
         else:
             picked = torch.take_along_dim(logits, pos.to(logits.device)[..., None], dim=1)
-        logp = torch.log_softmax(picked.to(torch.promote_types(picked.dtype, torch.float32)), dim=-1).cpu()
+        del logits
+        logp = torch.log_softmax(picked.to(torch.promote_types(picked.dtype, torch.float32)), dim=-1)  # (B, P, V)
+        # gather every (batch row, position, token) needed, in one indexing op
+        bi, pi, ti, owner = [], [], [], []
         for b, i in enumerate(chunk):
-            out[i] = logp[b]
-    return out  # type: ignore[return-value]
+            for j, c in enumerate(conts[i]):
+                for t, tok in enumerate(c):
+                    bi.append(b)
+                    pi.append(positions - len(c) + t)
+                    ti.append(tok)
+                    owner.append((i, j))
+        vals = logp[torch.tensor(bi, device=logp.device), torch.tensor(pi, device=logp.device),
+                    torch.tensor(ti, device=logp.device)].double().cpu().tolist()
+        for b, i in enumerate(chunk):
+            out[i] = [0.0] * len(conts[i])
+        for (i, j), v in zip(owner, vals):
+            out[i][j] += v
+    return out
 
 
 # --------------------------------------------------------------------------------- results
@@ -473,17 +490,17 @@ def evaluate_mmlu(model, tokenizer, data: str | os.PathLike | Mapping[str, Subje
 def _evaluate_subject(model, tokenizer, subject, data: SubjectData, category, k, max_len, batch_size, pad_id,
                       bf16, add_special_tokens, keep_logits) -> SubjectResult:
     prep = _prepare_subject(tokenizer, subject, data, k, max_len, add_special_tokens)
-    positions = max(len(r.cont) for r in prep.requests)
-    logps = score_rows(model, prep.rows, positions, batch_size=batch_size, pad_id=pad_id, bf16=bf16,
-                       keep_logits=keep_logits)
+    conts: list[list[list[int]]] = [[] for _ in prep.rows]
+    slot = []
+    for r in prep.requests:
+        slot.append(len(conts[r.row]))
+        conts[r.row].append(r.cont)
+    sums = score_rows(model, prep.rows, conts, batch_size=batch_size, pad_id=pad_id, bf16=bf16,
+                      keep_logits=keep_logits)
     n = len(data.test)
     scores = [[0.0] * len(LETTERS) for _ in range(n)]
-    for r in prep.requests:
-        lp = logps[r.row]
-        cont_len = len(r.cont)
-        # the continuation's tokens are predicted at the last cont_len positions of the row
-        idx = torch.arange(positions - cont_len, positions)
-        scores[r.question][r.letter] = float(lp[idx, torch.tensor(r.cont)].sum())
+    for r, j in zip(prep.requests, slot):
+        scores[r.question][r.letter] = sums[r.row][j]
     preds = [max(range(len(LETTERS)), key=lambda j: (s[j], -j)) for s in scores]
     answers = [q.answer for q in data.test]
     return SubjectResult(subject, category, sum(p == a for p, a in zip(preds, answers)), n, k, prep.shots,
