@@ -109,7 +109,7 @@ def test_all_layouts_load_identically_and_score_identically(tmp_path, tok):
     model = tiny_llama(tok)
     results = {n: evaluate_mmlu(model, tok, p, subjects="available", progress=False).to_dict(include_predictions=True)
                for n, p in paths.items() if n in ("csv", "parquet", "saved_all")}
-    assert results["csv"]["data"] == {"path": str(paths["csv"]), "source": "csv"}
+    assert results["csv"]["data"] == {"path": str(paths["csv"]), "source": "csv", "n_subjects": 4}
     assert strip_volatile(results["csv"]) == strip_volatile(results["parquet"]) == strip_volatile(results["saved_all"])
     # a CSV copy unpacked as <root>/data/{dev,test} is found from <root> as well
     write_csv(tmp_path / "release" / "data", fx)
@@ -253,6 +253,8 @@ def test_clear_errors_for_missing_data_and_unknown_subjects(tmp_path, tok):
     with pytest.raises(FileNotFoundError, match=r"MMLU data directory not found: .*nowhere; expected the original "
                                                 r"CSV layout .*hendrycks/data\.tar.*cais/mmlu"):
         load_mmlu(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"MMLU data directory not found: .*nowhere"):
+        load_mmlu(tmp_path / "nowhere", source="hf")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no MMLU data found in .*empty"):
         load_mmlu(tmp_path / "empty")

@@ -56,7 +56,8 @@ Result dictionary (:meth:`MMLUResult.to_dict`, written as ``mmlu.json`` by :func
                      "continuation_tokens": {"A": [...], ...}, "single_token_continuations": true,
                      "max_length": 8192, "batch_size": 8, "bf16_autocast": true,
                      "add_special_tokens": true},
-      "data":       {"path": "...", "source": "csv" | "hf"},
+      "data":       {"path": "...", "source": "csv" | "hf", "n_subjects": 57},   # overall/categories
+                                                       # cover only the subjects evaluated
       "model":      {...} | null,        # passed in by the caller (e.g. name, revision, dtype)
       "adapter":    {...} | null,        # passed in by the caller (see load_model_with_adapters)
       "predictions": {"<subject>": [0-3, ...]}    # only with include_predictions=True
@@ -427,7 +428,9 @@ def evaluate_mmlu(model, tokenizer, data: str | os.PathLike | Mapping[str, Subje
 
     ``k``: shots per prompt (0 = zero-shot); ``max_length``: context length (default: from the model
     config, see :func:`model_max_length`); ``bf16``: bf16 autocast when the model is on CUDA;
-    ``grouping``: ``original`` or ``lm_eval`` categories; ``subjects``: restrict to these names.
+    ``grouping``: ``original`` or ``lm_eval`` categories; ``subjects``: ``None`` (all 57, each must be
+    present), a list or comma-separated string of names, or ``"available"`` (whatever the data holds);
+    ``keep_logits``: project only the needed positions onto the vocabulary (default: when supported).
     """
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
@@ -437,7 +440,7 @@ def evaluate_mmlu(model, tokenizer, data: str | os.PathLike | Mapping[str, Subje
     data_info: dict[str, Any] = {}
     if isinstance(data, Mapping):
         loaded = dict(data)
-        if subjects is not None:
+        if subjects is not None and subjects != "available":
             from nora.eval.mmlu_data import resolve_subjects
 
             wanted = resolve_subjects(subjects)
@@ -454,6 +457,7 @@ def evaluate_mmlu(model, tokenizer, data: str | os.PathLike | Mapping[str, Subje
         src = detect_source(data) if source == "auto" else source
         loaded = load_mmlu(data, source=src, subjects=subjects, k=k, split=split)
         data_info = {"path": str(data), "source": src}
+    data_info["n_subjects"] = len(loaded)
     max_len = int(max_length) if max_length else model_max_length(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     if keep_logits is None:

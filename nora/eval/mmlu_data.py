@@ -338,6 +338,8 @@ def load_mmlu(path: str | os.PathLike, source: str = "auto", subjects: str | Seq
         p = Path(path).expanduser()
         if p.exists() and not p.is_dir():
             raise FileNotFoundError(f"MMLU data path {p} is not a directory; {_expected_layouts(p)}")
+        if not p.exists() and (p.is_absolute() or str(path).startswith((".", "~")) or str(path).count("/") != 1):
+            raise FileNotFoundError(f"MMLU data directory not found: {p}; {_expected_layouts(p)}")
         reader = _HFReader(path)
         for s in chosen:
             test, tpath = reader.load(s, split)
