@@ -42,7 +42,8 @@ def make_fixture(subjects=FIXTURE_SUBJECTS, n_dev: int = 5, n_test: int | dict =
                 words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 8) + long_words))
                 q = f"{split} {i} of {s}: which {words}?"
                 if i == 1:
-                    q = f'  Consider "{words}", with a comma, and a second line.\nWhat follows? '  # quotes, newline, spaces
+                    # quotes, a comma, a newline, leading/trailing spaces
+                    q = f'  Consider "{words}", with a comma, and a second line.\nWhat follows? '
                     q = q.replace("Consider", f"Consider {split} {i} of {s}")
                 choices = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 3))) for _ in range(4)]
                 if i == 2:

@@ -184,7 +184,8 @@ def test_zero_shot_needs_no_dev_split(tmp_path, tok):
     (path / "dev" / "philosophy_dev.csv").unlink()
     r = evaluate_mmlu(RiggedLM(tok, fx), tok, path, subjects=["philosophy"], k=0, progress=False)
     assert r.accuracy == 1.0 and r.to_dict()["k"] == 0
-    with pytest.raises(FileNotFoundError, match=r"MMLU dev file for subject 'philosophy' not found: .*philosophy_dev\.csv"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"MMLU dev file for subject 'philosophy' not found: .*philosophy_dev\.csv"):
         evaluate_mmlu(RiggedLM(tok, fx), tok, path, subjects=["philosophy"], k=5, progress=False)
 
 

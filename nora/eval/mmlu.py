@@ -589,7 +589,8 @@ def load_model_with_adapters(base_model, path: str | os.PathLike):
         if present:
             missing = [f for f in files if not (adir / f).exists()]
             if missing:
-                raise FileNotFoundError(f"incomplete adapter in {adir}: {', '.join(missing)} missing next to {files[0]}")
+                raise FileNotFoundError(f"incomplete adapter in {adir}: {', '.join(missing)} missing next to "
+                                        f"{files[0]}")
     identity: dict[str, Any] = {"dir": str(adir.resolve()), "components": [], "peft": None, "nora": None,
                                 "files": {}}
     if has_peft:
