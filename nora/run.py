@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from nora import hardware
 from nora.config import config_hash, per_family, validate
 from nora.errors import UserError
+from nora.hub import go_offline_if_unreachable
 from nora.methods import MethodResult, apply_method
 from nora.train import distributed as dist
 from nora.train.logger import RunLogger
@@ -93,26 +94,65 @@ def resume_path(resume, run_dir: Path) -> Path | None:
 # ------------------------------------------------------------------------------------ vision
 def _vision_setup(cfg: DictConfig, device, ws: int, rk: int):
     from nora.data.sampling import ShuffledBatchSampler
-    from nora.data.vision import build_vision_data
+    from nora.data.vision import build_vision_data, load_vision_dataset
     from nora.models import build_model
     from nora.models.vision import input_size, pretrained_cfg
     from nora.train.tasks import ClassificationTask
 
+    raw = load_vision_dataset(cfg.dataset)  # missing data fails before any model download
     model = build_model(cfg.model, int(cfg.dataset.num_classes))
-    data = build_vision_data(cfg.dataset, pretrained_cfg(model), input_size(model), int(cfg.seed))
+    pcfg, size = pretrained_cfg(model), input_size(model)
     bs = int(cfg.trainer.batch_size)
-    train_sampler = ShuffledBatchSampler(len(data.train), bs, seed=int(cfg.seed), num_replicas=ws, rank=rk)
-    eval_sampler = ShuffledBatchSampler(len(data.eval), int(cfg.trainer.eval_batch_size), shuffle=False,
+    train_sampler = ShuffledBatchSampler(len(raw[0]), bs, seed=int(cfg.seed), num_replicas=ws, rank=rk)
+    eval_sampler = ShuffledBatchSampler(len(raw[1]), int(cfg.trainer.eval_batch_size), shuffle=False,
                                         drop_last=False, num_replicas=ws, rank=rk)
-    calibration = None
-    if cfg.method.get("nora") and cfg.method.nora.init == "calibrated":
-        n = int(cfg.method.nora.get("calibration_batches", 4))
-        sampler = ShuffledBatchSampler(len(data.calibration), bs, seed=int(cfg.seed) + 1, drop_last=False)
-        loader = torch.utils.data.DataLoader(data.calibration, batch_sampler=sampler)
-        calibration = [x.to(device) for _, (x, _y) in zip(range(n), loader)]
-    return dict(model=model, task=ClassificationTask(), train_set=data.train, eval_set=data.eval,
-                train_sampler=train_sampler, eval_sampler=eval_sampler, collate_fn=None, calibration=calibration,
-                forward=None, head=cfg.model.get("head") or "head", extra={})
+    calib_sampler = ShuffledBatchSampler(len(raw[0]), bs, seed=int(cfg.seed) + 1, drop_last=False)
+    n_calib = int(cfg.method.nora.get("calibration_batches", 4)) if cfg.method.get("nora") else 0
+    wants_calibration = bool(cfg.method.get("nora")) and cfg.method.nora.init == "calibrated"
+    parts = dict(model=model, task=ClassificationTask(), collate_fn=None, forward=None, calibration=None,
+                 head=cfg.model.get("head") or "head", extra={}, train_sampler=train_sampler,
+                 eval_sampler=eval_sampler)
+    path = data_path(cfg.trainer.get("data_path", "auto"), device)
+    parts["extra"]["data_path"] = path
+    if path == "batched":
+        from nora.data.batched import BatchedAugment, DeviceBatches, as_uint8_tensors
+
+        aug = cfg.dataset.get("augment") or {}
+        mean, std, interp = pcfg.get("mean", (0.5,) * 3), pcfg.get("std", (0.5,) * 3), pcfg.get("interpolation")
+        train_aug = BatchedAugment(size, mean, std, interp, True, bool(aug.get("hflip", True)),
+                                   int(aug.get("crop_padding", 0)))
+        eval_aug = BatchedAugment(size, mean, std, interp, train=False)
+        tensors = {"train": [t.to(device) for t in as_uint8_tensors(raw[0])],
+                   "eval": [t.to(device) for t in as_uint8_tensors(raw[1])]}
+
+        def loader(dataset, sampler, epoch, train):
+            key = dataset  # "train" or "eval"
+            return DeviceBatches(*tensors[key], sampler, train_aug if train else eval_aug, int(cfg.seed), epoch)
+
+        parts.update(train_set="train", eval_set="eval", loader_factory=loader)
+        if wants_calibration:
+            calibration = DeviceBatches(*tensors["train"], calib_sampler, eval_aug, int(cfg.seed), 0)
+            parts["calibration"] = [x for _, (x, _y) in zip(range(n_calib), calibration)]
+    else:
+        data = build_vision_data(cfg.dataset, pcfg, size, int(cfg.seed), raw=raw)
+        parts.update(train_set=data.train, eval_set=data.eval)
+        if wants_calibration:
+            loader = torch.utils.data.DataLoader(data.calibration, batch_sampler=calib_sampler)
+            parts["calibration"] = [x.to(device) for _, (x, _y) in zip(range(n_calib), loader)]
+    return parts
+
+
+DATA_PATHS = ("auto", "batched", "per_sample")
+
+
+def data_path(name: str, device: torch.device) -> str:
+    """``batched`` (device-resident uint8 images, batched augmentation) or ``per_sample`` (torchvision
+    transforms in DataLoader workers); ``auto`` takes ``batched`` on CUDA and ``per_sample`` elsewhere."""
+    if name not in DATA_PATHS:
+        raise UserError(f"unknown trainer.data_path {name!r}; valid: {', '.join(DATA_PATHS)}")
+    if name == "auto":
+        return "batched" if device.type == "cuda" else "per_sample"
+    return name
 
 
 # ----------------------------------------------------------------------------------- outputs
@@ -142,6 +182,7 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
     one that holds a checkpoint is resumed (``resume=auto``).
     """
     validate(cfg)
+    go_offline_if_unreachable()
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     if is_complete(run_dir) and not cfg.get("force", False):
         log.info("%s is complete (summary.json); skipping (force=true reruns it)", run_dir)
@@ -184,7 +225,7 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
                       head_lr=float(head_lr) if head_lr is not None else None,
                       nora_lr=float(nora_lr) if nora_lr is not None else None, weight_decay=float(wd),
                       head=parts["head"] if family == "vision" else None, collate_fn=parts["collate_fn"],
-                      seed=int(cfg.seed), device=device, wrap=wrap)
+                      seed=int(cfg.seed), device=device, wrap=wrap, loader_factory=parts.get("loader_factory"))
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
         print(f"resumed from {resume_from} at step {trainer.state.step} (epoch {trainer.state.epoch})")

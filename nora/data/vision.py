@@ -188,8 +188,8 @@ def load_digits(classes: list[int], test_fraction: float, transform: str = "none
     return TensorImages(images[~test_mask], labels[~test_mask]), TensorImages(images[test_mask], labels[test_mask])
 
 
-def build_vision_data(dataset_cfg, pretrained_cfg: dict, input_size: int, seed: int) -> VisionData:
-    """Train/eval datasets for a dataset config (``configs/dataset/*.yaml``)."""
+def load_vision_dataset(dataset_cfg) -> tuple[Dataset, Dataset, int]:
+    """Raw train/eval images and the class count (no transforms yet): fails early if data is missing."""
     source = dataset_cfg.source
     if source in ("torchvision_cifar10", "torchvision_cifar100"):
         name = source.split("_", 1)[1]
@@ -210,6 +210,13 @@ def build_vision_data(dataset_cfg, pretrained_cfg: dict, input_size: int, seed: 
         train = Subset(train, dataset_cfg.limit_train)
     if dataset_cfg.get("limit_eval"):
         test = Subset(test, dataset_cfg.limit_eval)
+    return train, test, num_classes
+
+
+def build_vision_data(dataset_cfg, pretrained_cfg: dict, input_size: int, seed: int,
+                      raw: tuple[Dataset, Dataset, int] | None = None) -> VisionData:
+    """Train/eval datasets with the model's transforms for a dataset config (``configs/dataset/*.yaml``)."""
+    train, test, num_classes = raw if raw is not None else load_vision_dataset(dataset_cfg)
     aug = dataset_cfg.get("augment") or {}
     train_tf = build_transforms(pretrained_cfg, input_size, True, bool(aug.get("hflip", True)),
                                 int(aug.get("crop_padding", 0)))

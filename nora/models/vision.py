@@ -28,9 +28,9 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
 def build_vision_model(model_cfg, num_classes: int) -> nn.Module:
     """A timm model with a new ``num_classes`` head.
 
-    * ``checkpoint``: a local weights file; every tensor whose shape matches is loaded (a classifier
-      head of another size is skipped, as timm does for pretrained weights); missing or unexpected
-      backbone keys are an error.
+    * ``checkpoint``: a local weights file holding the backbone (its classifier head, if any, is
+      dropped: the new task gets a freshly initialised head); missing, unexpected or mis-shaped
+      backbone tensors are an error.
     * ``pretrained: true``: timm's pretrained weights for ``timm_name.pretrained_tag`` from the
       Hugging Face hub (or its local cache). Offline without a cached copy this ends in one message
       saying where to put the file.
@@ -48,6 +48,8 @@ def build_vision_model(model_cfg, num_classes: int) -> nn.Module:
         state = _load_state(path)
         own = model.state_dict()
         head = model_cfg.get("head") or "head"
+        # the classifier of the checkpoint's own task is never reused: the new task gets a new head
+        state = {k: v for k, v in state.items() if not k.startswith(head + ".")}
         skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
         bad = [k for k in skipped if not k.startswith(head + ".")]
         if bad:
@@ -62,9 +64,8 @@ def build_vision_model(model_cfg, num_classes: int) -> nn.Module:
         try:
             return timm.create_model(model_id, pretrained=True, num_classes=num_classes, **kwargs)
         except Exception as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise UserError(
-                f"pretrained weights for {model_id} are not available offline ({type(exc).__name__}: {reason[:160]}); "
+                f"pretrained weights for {model_id} could not be loaded ({type(exc).__name__}; offline or not cached); "
                 f"download them where there is network (`huggingface-cli download timm/{model_id}`) and copy "
                 f"~/.cache/huggingface/hub here, or set model.checkpoint=<path to model.safetensors>") from None
     return timm.create_model(model_cfg.timm_name, pretrained=False, num_classes=num_classes, **kwargs)

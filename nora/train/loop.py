@@ -109,7 +109,8 @@ class Trainer:
     def __init__(self, cfg, model: nn.Module, task, train_set, eval_set, train_sampler, eval_sampler,
                  run_dir: str | Path, logger: RunLogger, *, lr: float, head_lr: float | None = None,
                  nora_lr: float | None = None, weight_decay: float = 0.0, head: str | None = None,
-                 collate_fn=None, seed: int = 0, device: torch.device | None = None, wrap=None):
+                 collate_fn=None, seed: int = 0, device: torch.device | None = None, wrap=None,
+                 loader_factory=None):
         self.cfg, self.task, self.logger = cfg, task, logger
         self.run_dir = Path(run_dir)
         self.ckpt_path = self.run_dir / "checkpoints" / "last.pt"
@@ -119,6 +120,8 @@ class Trainer:
         self.train_set, self.eval_set = train_set, eval_set
         self.train_sampler, self.eval_sampler = train_sampler, eval_sampler
         self.collate_fn, self.seed = collate_fn, seed
+        # loader_factory(dataset, batch_sampler, epoch, train) -> iterable of batches; default: DataLoader
+        self.loader_factory = loader_factory
         self.accum = int(cfg.get("grad_accum", 1))
         if self.accum < 1:
             raise UserError("trainer.grad_accum must be >= 1")
@@ -159,7 +162,9 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _loader(self, dataset, sampler, epoch: int) -> DataLoader:
+    def _loader(self, dataset, sampler, epoch: int, train: bool = True):
+        if self.loader_factory is not None:
+            return self.loader_factory(dataset, sampler, epoch, train)
         workers = int(self.cfg.get("num_workers", 0))
         g = torch.Generator().manual_seed(self.seed * 7919 + epoch)  # never touches the global RNG
         return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=self.collate_fn,
@@ -209,7 +214,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         self.runner.eval()
         sums: dict[str, torch.Tensor] = {}
-        loader = self._loader(self.eval_set, self.eval_sampler, 0)
+        loader = self._loader(self.eval_set, self.eval_sampler, 0, train=False)
         for batch in loader:
             batch = self.task.to_device(batch, self.device, non_blocking=True)
             with self._autocast():
@@ -259,7 +264,7 @@ class Trainer:
                     s.set_epoch(epoch)
             self.train_sampler.set_start(self.state.batch_in_epoch)
             micro_total = self.steps_per_epoch * self.accum
-            loader = iter(self._loader(self.train_set, self.train_sampler, epoch))
+            loader = iter(self._loader(self.train_set, self.train_sampler, epoch, train=True))
             step_bar = tqdm(total=self.steps_per_epoch, initial=self.state.batch_in_epoch // self.accum,
                             desc=f"epoch {epoch}", disable=not show, position=1, leave=False, dynamic_ncols=True)
             while self.state.batch_in_epoch < micro_total and self.state.step < self.total_steps:
