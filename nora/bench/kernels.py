@@ -7,7 +7,8 @@ For every shape, every implementation is timed for the forward (autograd-recordi
 require grad) and for forward+backward (``torch.autograd.grad`` of the output w.r.t. x and, for the
 rationals, both coefficient tensors). Rounds are interleaved (each round times every implementation
 once, in a rotated order), after ``--warmup`` untimed rounds; medians are reported with the ratio to
-GELU's median from the same run. Also recorded per implementation:
+GELU's median from the same run. Implementations slower than 0.5 s per forward+backward (the
+plain-autograd baselines) are timed in only the first ``--slow-repeats`` rounds. Also recorded per implementation:
 
 * saved-for-backward bytes per input element (``torch.autograd.graph.saved_tensors_hooks``; each
   distinct storage counted once, the input's own storage included, so GELU's is 1x the input);
@@ -216,7 +217,7 @@ def parse_shapes(spec: str, default_dtype: torch.dtype) -> list[tuple[tuple[int,
 
 # ----------------------------------------------------------------------------- one shape
 def bench_shape(impls: list[Impl], shape, groups, dtype, device, form, repeats, warmup, copy_bw,
-                log=print) -> dict:
+                slow_repeats=3, slow_s=0.5, log=print) -> dict:
     gen = torch.Generator(device="cpu").manual_seed(0)
     x0 = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
     go = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
@@ -252,6 +253,11 @@ def bench_shape(impls: list[Impl], shape, groups, dtype, device, form, repeats, 
             first = time.perf_counter() - t0
             if impl.name == "compile":
                 row["compile_and_first_call_s"] = round(first, 2)
+                t0 = time.perf_counter()
+                fwd_bwd(impl)()
+                _sync(device)
+                first = time.perf_counter() - t0
+            row["first_fwd_bwd_s"] = round(first, 4)
             with torch.no_grad():
                 y = impl.fn(x0, a0, b0, form).float()
             if impl.rational:
@@ -275,10 +281,17 @@ def bench_shape(impls: list[Impl], shape, groups, dtype, device, form, repeats, 
             t = _timed(fwd_bwd(impl), device, 1)
             inner[impl.name] = max(1, min(200, int(math.ceil(5e-3 / max(t, 1e-6)))))
 
+    # implementations slower than slow_s per fwd+bwd (the plain-autograd baselines) take part in
+    # only the first slow_repeats timed rounds (still interleaved with the others)
+    slow = {i.name for i in runnable if rows[i.name].get("first_fwd_bwd_s", 0) > slow_s}
     total = warmup + repeats
     for r in range(total):
         order = runnable[r % len(runnable):] + runnable[:r % len(runnable)] if runnable else []
         for impl in order:
+            if impl.name in slow and r >= warmup + slow_repeats:
+                continue
+            if impl.name in slow and r < warmup - 1:  # one warm-up round is enough for them
+                continue
             tf = _timed(fwd(impl), device, inner[impl.name])
             tb = _timed(fwd_bwd(impl), device, inner[impl.name])
             if r >= warmup:
@@ -306,6 +319,7 @@ def bench_shape(impls: list[Impl], shape, groups, dtype, device, form, repeats, 
         row["fwd_bandwidth_fraction"] = floor_fwd / row["fwd_ms"]
         row["fwd_bwd_bandwidth_fraction"] = floor_fb / row["fwd_bwd_ms"]
         row["inner_iterations"] = inner.get(row["impl"], 1)
+        row["timed_rounds"] = len(row["fwd_ms_all"])
     return {"shape": list(shape), "groups": groups, "dtype": str(dtype).replace("torch.", ""),
             "elements": n, "form": form, "min_bytes_moved_fwd": moved_fwd,
             "min_bytes_moved_fwd_bwd": moved_fb, "floor_fwd_ms": floor_fwd, "floor_fwd_bwd_ms": floor_fb,
@@ -364,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of shapes without one")
     ap.add_argument("--repeats", type=int, default=7, help="timed interleaved rounds (median reported)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    ap.add_argument("--slow-repeats", type=int, default=3,
+                    help="timed rounds for implementations slower than 0.5 s per fwd+bwd (plain autograd)")
     ap.add_argument("--form", default="A", choices=["A", "B"])
     ap.add_argument("--impls", default=None, help="comma-separated subset of implementations")
     ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile row")
@@ -398,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     for shape, groups, dtype in shapes:
         bw = statistics.median(r["copy_GBps"] for r in bw_runs)
-        res = bench_shape(impls, shape, groups, dtype, device, args.form, args.repeats, args.warmup, bw)
+        res = bench_shape(impls, shape, groups, dtype, device, args.form, args.repeats, args.warmup, bw,
+                          slow_repeats=max(1, min(args.slow_repeats, args.repeats)))
         results.append(res)
         print(format_table(res), flush=True)
         bw_runs.append(copy_bandwidth(device, max(largest, 256 * 2**20)))
@@ -419,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "nora.bench.kernels", "device": device.type,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m nora.bench kernels " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "hardware": hw, "repeats": args.repeats, "warmup": args.warmup,
+        "hardware": hw, "repeats": args.repeats, "warmup": args.warmup, "slow_repeats": args.slow_repeats,
         "copy_bandwidth_GBps": bw_final, "bandwidth_runs": bw_runs,
         "method": ("medians over interleaved rounds; ratios to GELU from the same run; floor = minimum "
                    "bytes moved (fwd: read x + write y; bwd: read x, grad_y + write grad_x) / copy_ "
