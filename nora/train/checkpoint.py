@@ -1,4 +1,9 @@
-"""Atomic checkpoints with everything needed to continue a run exactly where it stopped."""
+"""Atomic checkpoints with everything needed to continue a run exactly where it stopped.
+
+Under FSDP (sharded ``DTensor`` parameters) the trainable tensors and their optimizer state are gathered into
+full tensors for the file (every rank must take part: :func:`gather_training_state`) and scattered back into
+shards on load, so a checkpoint has the same layout whatever the strategy or the number of ranks.
+"""
 from __future__ import annotations
 
 import os
@@ -41,13 +46,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from nora.train.distributed import is_dtensor
+
+    return t.full_tensor().detach() if is_dtensor(t) else t.detach().clone()
+
+
 def training_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """What changes during training: every trainable parameter plus the NoRA activations' buffers
     (their fitted base coefficients), keyed by parameter name. Frozen pretrained weights are rebuilt
-    from the model config on resume and are not stored."""
+    from the model config on resume and are not stored. FSDP shards are gathered (a collective: every
+    rank must call it)."""
     from nora.adapter.layer import GroupRational
 
-    out = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    out = {n: _full(p) for n, p in model.named_parameters() if p.requires_grad}
     for mname, mod in model.named_modules():
         if isinstance(mod, GroupRational):
             for bname, b in mod.named_buffers(recurse=False):
@@ -65,6 +77,57 @@ def load_training_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -
     absent = sorted(trainable - set(state))
     if absent:
         raise RuntimeError(f"checkpoint lacks trainable tensors {absent[:5]}: was it written by another method?")
+    from nora.train.distributed import is_dtensor
+
     with torch.no_grad():
         for k, v in state.items():
-            own[k].copy_(v)
+            t = own[k]
+            if is_dtensor(t):  # FSDP: keep this rank's shard of the full tensor (no communication)
+                from torch.distributed.tensor import distribute_tensor
+
+                v = distribute_tensor(v.to(t.device, t.dtype), t.device_mesh, t.placements, src_data_rank=None)
+            t.copy_(v)
+
+
+def optimizer_state_dict(optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` with FSDP-sharded state gathered into full tensors (a collective when
+    sharded: every rank must call it); the usual state dict otherwise."""
+    from nora.train.distributed import is_dtensor
+
+    sd = optimizer.state_dict()
+    if not any(is_dtensor(v) for s in sd["state"].values() for v in s.values()):
+        return sd
+    sd["state"] = {i: {k: _full(v) if is_dtensor(v) else v for k, v in s.items()} for i, s in sd["state"].items()}
+    return sd
+
+
+def load_optimizer_state_dict(optimizer: torch.optim.Optimizer, sd: dict) -> None:
+    """Load a (full) optimizer state dict, cutting the state of FSDP-sharded parameters into this rank's shards."""
+    from nora.train.distributed import is_dtensor
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if any(is_dtensor(p) for p in params):
+        from torch.distributed.tensor import distribute_tensor
+
+        state = {}
+        for i, s in sd["state"].items():
+            p = params[int(i)]
+            if is_dtensor(p):
+                s = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                     if torch.is_tensor(v) and tuple(v.shape) == tuple(p.shape) else v for k, v in s.items()}
+            state[i] = s
+        sd = {**sd, "state": state}
+    optimizer.load_state_dict(sd)
+
+
+def gather_training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict] | None:
+    """``(training_state_dict, optimizer_state_dict)`` on rank 0, None elsewhere. Under FSDP every rank must
+    call it (the shards are gathered); otherwise only rank 0 does any work."""
+    from nora.train import distributed as dist
+
+    if dist.is_sharded(model):
+        state = training_state_dict(model), optimizer_state_dict(optimizer)
+        return state if dist.rank() == 0 else None
+    if dist.rank() != 0:
+        return None
+    return training_state_dict(model), optimizer.state_dict()

@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader
 
 from nora.errors import NonFiniteLossError, UserError
 from nora.train import distributed as dist
-from nora.train.checkpoint import (atomic_save, load_training_state_dict, rng_state, set_rng_state,
-                                   training_state_dict)
+from nora.train.checkpoint import (atomic_save, gather_training_state, load_optimizer_state_dict,
+                                   load_training_state_dict, rng_state, set_rng_state)
 from nora.train.logger import RunLogger
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -175,12 +175,14 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Write ``checkpoints/last.pt`` atomically (rank 0; other ranks write their RNG state)."""
         self._check_finite()
+        gathered = gather_training_state(self.model, self.optimizer)  # FSDP: all ranks gather; None off rank 0
         if dist.rank() != 0:
             atomic_save(rng_state(), self.ckpt_path.with_name(f"rng_rank{dist.rank()}.pt"))
             return
+        model_state, optimizer_state = gathered
         atomic_save({
-            "model": training_state_dict(self.model),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
@@ -190,7 +192,7 @@ class Trainer:
     def load_checkpoint(self, path: str | Path) -> None:
         ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
         load_training_state_dict(self.model, {k: v.to(self.device) for k, v in ckpt["model"].items()})
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state_dict(self.optimizer, ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         rng = ckpt["rng"]
