@@ -241,6 +241,7 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
         print(f"stopped at step {state.step}/{trainer.total_steps}; run the same command to resume")
         return {"status": "incomplete", "step": state.step}
 
+    dist.gather_trainable(model)  # FSDP: every rank gathers the trained shards before rank 0 saves them
     summary = {
         "status": "complete",
         "run_name": cfg.run_name, "method": cfg.method.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
