@@ -370,3 +370,39 @@ def test_concurrent_builds_share_one_cache(tmp_path):
     files = {o[0].split("OK", 1)[1].strip() for o in outs}
     assert len(files) == 1
     assert len(list(tmp_path.glob("ext/*/BUILD_OK"))) == 1
+
+
+def test_bench_kernels_smoke(tmp_path):
+    """python -m nora.bench kernels on a tiny shape: table, JSON with ratios, saved bytes, floors."""
+    import json
+
+    from nora.bench.kernels import main
+
+    out = tmp_path / "bench.json"
+    impls = "gelu,silu,reference,stacked_powers,torch" + (",cpu" if _cpu_built() else "")
+    assert main(["--device", "cpu", "--shapes", "4x10x48:8,3x40:2:bfloat16", "--repeats", "2", "--warmup", "1",
+                 "--impls", impls, "--bandwidth-mb", "16", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["complete"] and report["copy_bandwidth_GBps"] > 0 and report["hardware"]["cpu"]
+    for shape in report["shapes"]:
+        rows = {r["impl"]: r for r in shape["rows"]}
+        assert rows["gelu"]["fwd_bwd_ratio_vs_gelu"] == 1.0
+        assert set(impls.split(",")) <= set(rows)
+        for r in rows.values():
+            assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and 0 < r["fwd_bwd_bandwidth_fraction"]
+        assert rows["reference"]["saved_ratio_vs_gelu"] > 5  # plain autograd keeps every intermediate
+        coef_bytes = 4 * shape["groups"] * 10  # (G, 6) + (G, 4) float32
+        assert rows["torch"]["saved_bytes"] - rows["gelu"]["saved_bytes"] == coef_bytes
+        if "cpu" in rows:
+            assert rows["cpu"]["saved_bytes"] - rows["gelu"]["saved_bytes"] == coef_bytes
+
+
+def test_bench_dispatch():
+    from nora.bench.__main__ import main
+
+    assert main([]) == 0
+    assert main(["no-such-benchmark"]) == 2
+    try:
+        import nora.bench.train_step  # noqa: F401
+    except ModuleNotFoundError:
+        assert main(["train"]) == 2  # clear message, no traceback

@@ -95,7 +95,7 @@ def build_impls(device: torch.device, names: list[str] | None, use_compile: bool
              Impl("silu", lambda x, a, b, f: F.silu(x), False, "torch.nn.functional.silu"),
              Impl("reference", rational_reference, True, "plain autograd, Horner"),
              Impl("stacked_powers", stacked_powers, True, "plain autograd, stacked powers")]
-    if use_compile:
+    if use_compile and (not names or "compile" in names):
         impls.append(Impl("compile", torch.compile(rational_reference, dynamic=False), True,
                           "torch.compile of the reference math"))
     avail = available_backends(device.type)
@@ -383,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--form", default="A", choices=["A", "B"])
     ap.add_argument("--impls", default=None, help="comma-separated subset of implementations")
     ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile row")
+    ap.add_argument("--bandwidth-mb", type=float, default=None,
+                    help="size of the copy-bandwidth tensor (default: the largest input, at least 256 MB)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before timing")
     ap.add_argument("--out", default=None, help="JSON path (default results/bench_kernels_<device>.json)")
     args = ap.parse_args(argv)
@@ -407,44 +409,52 @@ def main(argv: list[str] | None = None) -> int:
           f"({hw['torch_threads']} threads), torch {hw['torch']}; implementations: "
           f"{', '.join(i.name for i in impls)}", flush=True)
     largest = max(math.prod(s) * 4 for s, _, _ in shapes)
-    bw_runs = [copy_bandwidth(device, max(largest, 256 * 2**20))]
+    bw_bytes = int(args.bandwidth_mb * 2**20) if args.bandwidth_mb else max(largest, 256 * 2**20)
+    bw_runs = [copy_bandwidth(device, bw_bytes)]
     print(f"copy bandwidth: {bw_runs[0]['copy_GBps']:.1f} GB/s (copy_), "
           f"{bw_runs[0]['clone_GBps']:.1f} GB/s (clone, with allocation)", flush=True)
-    results = []
+    results: list[dict] = []
     t_start = time.perf_counter()
+    command = "python -m nora.bench kernels " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def write(final: bool) -> dict:
+        """Write the JSON (after every shape too, so an interrupted run keeps what it measured)."""
+        bw = statistics.median(r["copy_GBps"] for r in bw_runs)
+        for res in results:  # floors from the median over every bandwidth measurement so far
+            res["floor_fwd_ms"] = res["min_bytes_moved_fwd"] / (bw * 1e9) * 1e3
+            res["floor_fwd_bwd_ms"] = res["min_bytes_moved_fwd_bwd"] / (bw * 1e9) * 1e3
+            for row in res["rows"]:
+                if "fwd_ms" in row:
+                    row["fwd_bandwidth_fraction"] = res["floor_fwd_ms"] / row["fwd_ms"]
+                    row["fwd_bwd_bandwidth_fraction"] = res["floor_fwd_bwd_ms"] / row["fwd_bwd_ms"]
+        targets = evaluate_targets(results, device)
+        try:
+            hw["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+        except OSError:
+            pass
+        report = {
+            "benchmark": "nora.bench.kernels", "device": device.type, "complete": final,
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": command, "hardware": hw, "repeats": args.repeats, "warmup": args.warmup,
+            "slow_repeats": args.slow_repeats, "copy_bandwidth_GBps": bw, "bandwidth_runs": bw_runs,
+            "method": ("medians over interleaved rounds; ratios to GELU from the same run; floor = minimum "
+                       "bytes moved (fwd: read x + write y; bwd: read x, grad_y + write grad_x) / copy_ "
+                       "bandwidth; saved bytes = distinct storages packed by saved_tensors_hooks"),
+            "targets": targets, "elapsed_s": round(time.perf_counter() - t_start, 1), "shapes": results,
+        }
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(report, indent=1) + "\n")
+        return report
+
     for shape, groups, dtype in shapes:
         bw = statistics.median(r["copy_GBps"] for r in bw_runs)
         res = bench_shape(impls, shape, groups, dtype, device, args.form, args.repeats, args.warmup, bw,
                           slow_repeats=max(1, min(args.slow_repeats, args.repeats)))
         results.append(res)
         print(format_table(res), flush=True)
-        bw_runs.append(copy_bandwidth(device, max(largest, 256 * 2**20)))
-    bw_final = statistics.median(r["copy_GBps"] for r in bw_runs)
-    for res in results:  # recompute floors with the median over every bandwidth measurement
-        res["floor_fwd_ms"] = res["min_bytes_moved_fwd"] / (bw_final * 1e9) * 1e3
-        res["floor_fwd_bwd_ms"] = res["min_bytes_moved_fwd_bwd"] / (bw_final * 1e9) * 1e3
-        for row in res["rows"]:
-            if "fwd_ms" in row:
-                row["fwd_bandwidth_fraction"] = res["floor_fwd_ms"] / row["fwd_ms"]
-                row["fwd_bwd_bandwidth_fraction"] = res["floor_fwd_bwd_ms"] / row["fwd_bwd_ms"]
-    targets = evaluate_targets(results, device)
-    try:
-        hw["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        pass
-    report = {
-        "benchmark": "nora.bench.kernels", "device": device.type,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m nora.bench kernels " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "hardware": hw, "repeats": args.repeats, "warmup": args.warmup, "slow_repeats": args.slow_repeats,
-        "copy_bandwidth_GBps": bw_final, "bandwidth_runs": bw_runs,
-        "method": ("medians over interleaved rounds; ratios to GELU from the same run; floor = minimum "
-                   "bytes moved (fwd: read x + write y; bwd: read x, grad_y + write grad_x) / copy_ "
-                   "bandwidth; saved bytes = distinct storages packed by saved_tensors_hooks"),
-        "targets": targets, "elapsed_s": round(time.perf_counter() - t_start, 1), "shapes": results,
-    }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(report, indent=1) + "\n")
+        bw_runs.append(copy_bandwidth(device, bw_bytes))
+        write(final=False)
+    targets = write(final=True)["targets"]
     print(f"targets: {json.dumps(targets, indent=1)}")
     print(f"wrote {out_path}")
     return 0

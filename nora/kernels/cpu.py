@@ -102,11 +102,17 @@ def _file_lock(path: Path):
 
 
 def _import_built(name: str, build_dir: Path):
+    """Import a finished build; None (and the marker removed, forcing a rebuild) if it won't load."""
     for so in sorted(build_dir.glob(f"{name}*.so")) + sorted(build_dir.glob(f"{name}*.pyd")):
-        spec = importlib.util.spec_from_file_location(name, so)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
+        try:
+            spec = importlib.util.spec_from_file_location(name, so)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            return mod
+        except ImportError:
+            (build_dir / "BUILD_OK").unlink(missing_ok=True)
+            so.unlink(missing_ok=True)
+            return None
     return None
 
 
