@@ -273,6 +273,7 @@ class _TritonRational(torch.autograd.Function):
                 gb.to(denominator.dtype) if ctx.needs_input_grad[2] else None, None)
 
 
+@torch.compiler.disable  # an opaque fused kernel: a clean graph break under torch.compile
 def rational_triton(x: Tensor, numerator: Tensor, denominator: Tensor, form: str = "A") -> Tensor:
     """Triton rational (CUDA tensors; CPU tensors under TRITON_INTERPRET=1). float64 inputs and
     degrees beyond the kernel's limits are routed to the pure-torch backend."""
