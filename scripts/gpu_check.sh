@@ -11,6 +11,7 @@
 # 4. With CUDA: python -m nora.bench kernels at the ViT-Tiny shape (64 x 197 x 768, fp32) and the
 #    LLaMA-3-8B shape (4 x 2048 x 14336, bf16): times vs GELU/SiLU, saved bytes, measured copy
 #    bandwidth, achieved GB/s and fraction of it -> $OUT/bench_kernels_cuda.json
+# 5. With CUDA: a short sweep of the Triton tile size / warps at the LLaMA shape -> $OUT/triton_sweep/.
 # Everything printed is also appended to $OUT/gpu_check.log. Each step has a time limit; a failing
 # step is reported and the next one still runs; the exit status is 0 only if every step passed.
 #
@@ -93,6 +94,16 @@ step "triton correctness on the GPU vs float64" 600 \
 step "kernel benchmark (ViT-Tiny fp32, LLaMA-3-8B bf16)" 900 \
     "$PY" -m nora.bench kernels --device cuda --shapes "64x197x768:8,4x2048x14336:8:bfloat16" \
     --repeats "$REPEATS" --warmup 3 --out "$OUT/bench_kernels_cuda.json"
+
+# Triton tile sweep at the LLaMA shape (the defaults were chosen without a GPU): GELU and Triton only
+mkdir -p "$OUT/triton_sweep"
+for cfg in 1024:4 2048:8 4096:8; do
+    blk="${cfg%%:*}"; wrp="${cfg##*:}"
+    step "triton tile sweep BLOCK=$blk WARPS=$wrp" 240 \
+        env NORA_TRITON_BLOCK="$blk" NORA_TRITON_WARPS="$wrp" "$PY" -m nora.bench kernels --device cuda \
+        --shapes "4x2048x14336:8:bfloat16" --impls gelu,silu,triton --no-compile --repeats 10 --warmup 3 \
+        --out "$OUT/triton_sweep/block${blk}_warps${wrp}.json"
+done
 
 if [ -f "$OUT/bench_kernels_cuda.json" ]; then
     "$PY" - "$OUT/bench_kernels_cuda.json" <<'EOF' 2>&1 | tee -a "$LOG"

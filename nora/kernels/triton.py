@@ -40,8 +40,12 @@ except Exception:  # ImportError, or a broken install
 
 MAX_NUM_COEFFS = 8  # m + 1 <= 8
 MAX_DEN_COEFFS = 8  # n <= 8
-BLOCK_ELEMS = 1024  # elements per program (tile)
-NUM_WARPS = 4
+# Elements per program (a power of two) and warps per program. Untuned defaults (no GPU was at hand
+# when written); NORA_TRITON_BLOCK / NORA_TRITON_WARPS override them (scripts/gpu_check.sh sweeps).
+BLOCK_ELEMS = int(os.environ.get("NORA_TRITON_BLOCK", "2048"))
+NUM_WARPS = int(os.environ.get("NORA_TRITON_WARPS", "8"))
+if BLOCK_ELEMS < 16 or BLOCK_ELEMS & (BLOCK_ELEMS - 1):
+    raise ValueError(f"NORA_TRITON_BLOCK must be a power of two >= 16, got {BLOCK_ELEMS}")
 
 
 def interpret_mode() -> bool:
