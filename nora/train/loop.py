@@ -254,6 +254,7 @@ class Trainer:
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         loss_sum = torch.zeros((), device=self.device)
         interval = {"t0": time.perf_counter(), "data": 0.0, "units": 0, "steps": 0}
+        pending_units = 0  # this rank's units since the last optimizer step
         self.runner.train()
         from tqdm.auto import tqdm
 
@@ -283,12 +284,15 @@ class Trainer:
                     self.scaler.scale(loss).backward()
                 loss_sum += loss.detach().float()
                 self._nonfinite |= ~torch.isfinite(loss.detach())
-                units = self.task.units(batch)
-                interval["units"] += units
-                self.state.units += units
+                pending_units += self.task.units(batch)
                 self.state.batch_in_epoch += 1
                 if not sync:
                     continue
+                units = pending_units if dist.world_size() == 1 else \
+                    int(dist.all_reduce_sum(torch.tensor(pending_units, device=self.device)))  # all ranks
+                pending_units = 0
+                interval["units"] += units
+                self.state.units += units
                 if clip:
                     self.scaler.unscale_(self.optimizer)
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
@@ -343,7 +347,7 @@ class Trainer:
         elapsed = max(now - interval["t0"], 1e-9)
         steps = max(interval["steps"], 1)
         loss = float(dist.all_reduce_mean(loss_sum.detach())) / steps
-        units_per_s = interval["units"] * dist.world_size() / elapsed
+        units_per_s = interval["units"] / elapsed  # already summed over ranks
         self.state.train_time += elapsed
         self.state.data_time += interval["data"]
         record = {"step": self.state.step, "epoch": self.state.epoch, "loss": loss,
