@@ -33,10 +33,25 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
+def slurm_env() -> bool:
+    """Under SLURM through submitit (``hydra/launcher=slurm``: one task per GPU, no torchrun), export the
+    variables torchrun would set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from the job's
+    SLURM variables. Returns True if it did; a no-op elsewhere, and when WORLD_SIZE is already set."""
+    if "WORLD_SIZE" in os.environ or os.environ.get("SUBMITIT_EXECUTOR") != "slurm" \
+            or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return False
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return True
+
+
 def setup(device_type: str) -> bool:
-    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1). Returns True if so."""
+    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1) or as several SLURM tasks
+    by submitit (:func:`slurm_env`). Returns True if so."""
     if is_initialized():
         return True
+    slurm_env()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     backend = "nccl" if device_type == "cuda" else "gloo"

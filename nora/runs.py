@@ -1,0 +1,148 @@
+"""Reload what a training run produced: the base model rebuilt from ``<run_dir>/config.yaml`` plus the run's adapter.
+
+::
+
+    from nora.runs import load_trained_model
+    trained = load_trained_model("runs/llama3_8b_alpaca_nora_pp_s0", device="cuda")
+    trained.model, trained.tokenizer, trained.config, trained.adapter
+
+``<run_dir>/adapter/`` holds what the method trained (see :mod:`nora.run`): peft files (``adapter_config.json``,
+``adapter_model.safetensors``: LoRA, DoRA, and a vision head through ``modules_to_save``), NoRA files
+(``nora_config.json``, ``nora_adapter.safetensors``: the rational activations, and a vision head when no peft
+adapter is present), both (NoRA++), or ``trainable.safetensors`` (full fine-tuning, linear probe: every trained
+tensor by parameter name). The base model is built exactly as for training (same model config; a random-
+initialised test model from its ``init_seed``), so the returned model computes what the trained one did.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from nora.errors import UserError
+
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+NORA_FILES = ("nora_config.json", "nora_adapter.safetensors")
+FULL_FILE = "trainable.safetensors"
+
+
+@dataclass
+class TrainedModel:
+    model: nn.Module                 # base model + adapter, frozen, in eval mode
+    tokenizer: Any | None            # causal LMs: the tokenizer the run used; vision: None
+    config: DictConfig               # the run's resolved config
+    adapter: dict = field(default_factory=dict)  # {"dir", "kind", "components", "files"}
+    summary: dict | None = None      # the run's summary.json, if any
+
+
+def read_run_config(run_dir: str | os.PathLike) -> DictConfig:
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise UserError(f"{run_dir}: no config.yaml; pass the directory of a training run (runs/<run_name>)")
+    return OmegaConf.load(path)
+
+
+def build_base_model(cfg: DictConfig, model_path: str | None = None):
+    """``(model, tokenizer)`` as the run built it before applying its method (tokenizer None for vision).
+    ``model_path`` points a causal LM at a local copy of its weights (overrides ``model.path``)."""
+    mcfg = cfg.model.copy()
+    if mcfg.family == "causal_lm":
+        from nora.models.causal_lm import build_causal_lm
+
+        if model_path is not None:
+            mcfg.path = str(model_path)
+        mcfg.gradient_checkpointing = False
+        return build_causal_lm(mcfg)
+    from nora.models import build_model
+
+    return build_model(mcfg, int(cfg.dataset.num_classes)), None
+
+
+def apply_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """Load the adapter files in ``adapter_dir`` onto a fresh base ``model``; returns ``(model, identity)``."""
+    import nora
+
+    adir = Path(adapter_dir)
+    has_peft, has_nora = (adir / PEFT_FILES[0]).exists(), (adir / NORA_FILES[0]).exists()
+    has_full = (adir / FULL_FILE).exists()
+    for present, files in ((has_peft, PEFT_FILES), (has_nora, NORA_FILES)):
+        missing = [f for f in files if present and not (adir / f).exists()]
+        if missing:
+            raise UserError(f"incomplete adapter in {adir}: {', '.join(missing)} missing next to {files[0]}")
+    components = []
+    if has_peft:
+        pcfg = json.loads((adir / PEFT_FILES[0]).read_text())
+        components.append("dora" if pcfg.get("use_dora") else str(pcfg.get("peft_type", "peft")).lower())
+    if has_nora:
+        components.append("nora")
+    if has_peft and has_nora:
+        model, kind = nora.load_nora_pp(model, adir), "nora++"
+    elif has_peft:
+        from peft import PeftModel
+
+        model, kind = PeftModel.from_pretrained(model, str(adir), is_trainable=False), components[0]
+    elif has_nora:
+        model, kind = nora.load_nora(model, adir), "nora"
+    elif has_full:
+        from safetensors.torch import load_file
+
+        state = load_file(str(adir / FULL_FILE))
+        own = dict(model.named_parameters())
+        unknown = [k for k in state if k not in own]
+        if unknown:
+            raise UserError(f"{adir / FULL_FILE} holds tensors this model does not have: {unknown[:4]}")
+        with torch.no_grad():
+            for k, v in state.items():
+                own[k].copy_(v)
+        model, kind = model, "trainable"
+        components.append("trainable")
+    else:
+        raise UserError(f"no adapter in {adir}: expected peft files ({', '.join(PEFT_FILES)}), NoRA files "
+                        f"({', '.join(NORA_FILES)}) or {FULL_FILE}, as a completed training run writes them")
+    files = [f for f in (*PEFT_FILES, *NORA_FILES, FULL_FILE) if (adir / f).exists()]
+    return model, {"dir": str(adir.resolve()), "kind": kind, "components": components, "files": files}
+
+
+def load_trained_model(run_dir: str | os.PathLike, *, device: str | torch.device | None = None,
+                       dtype: torch.dtype | str | None = None, model_path: str | None = None) -> TrainedModel:
+    """The model a run trained: base model from ``<run_dir>/config.yaml`` + ``<run_dir>/adapter/``.
+
+    ``device``: where to put it (default: stays on the CPU). ``dtype``: cast the base weights (e.g.
+    ``torch.bfloat16``; NoRA coefficients stay float32). ``model_path``: a local copy of a causal LM's weights
+    when the run's ``model.path``/hub id is not available here."""
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    adir = run_dir / "adapter"
+    if not adir.is_dir():
+        raise UserError(f"{run_dir}: no adapter/ directory (is the run complete? its summary.json says "
+                        f"{_status(run_dir)})")
+    model, tokenizer = build_base_model(cfg, model_path)
+    if dtype is not None:
+        from nora.models.causal_lm import resolve_dtype
+
+        model = model.to(resolve_dtype(dtype))
+    model, identity = apply_adapter(model, adir)
+    model.requires_grad_(False)
+    model.eval()
+    if device is not None:
+        model = model.to(device)
+    summary = None
+    if (run_dir / "summary.json").exists():
+        summary = json.loads((run_dir / "summary.json").read_text())
+    return TrainedModel(model, tokenizer, cfg, identity, summary)
+
+
+def _status(run_dir: Path) -> str:
+    p = run_dir / "summary.json"
+    if not p.exists():
+        return "nothing (no summary.json)"
+    try:
+        return str(json.loads(p.read_text()).get("status"))
+    except json.JSONDecodeError:
+        return "nothing readable"

@@ -1,0 +1,152 @@
+"""Data-parallel training on the CPU: 2 processes (torchrun, gloo) on the tiny LLaMA with NoRA++.
+
+One torchrun launch (tests/dist_worker.py) trains with DDP, then with FSDP2 (fully_shard) interrupted after one
+step and resumed from its checkpoint. Checked against a single process with the same global batch: identical
+weights on both ranks, the same per-step losses, the same trained adapter. Also: the SLURM launcher config and
+the SLURM environment derivation, and the global-token-mean loss.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from instruct_fixtures import alpaca_records, write_alpaca_json
+from nora.run import run_training
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = str(ROOT / "configs")
+
+
+def common(data, cache, batch_size):
+    # 16 training examples; global batch 4 x 2 accumulation micro-steps = 8 per step -> 2 steps per epoch;
+    # LoRA dropout off (random per rank); a high learning rate so the weights move visibly
+    return ["model=llama_tiny", "dataset=alpaca", "method=nora_pp", f"data.path={data}", "logger=disabled",
+            "trainer.device=cpu", f"trainer.batch_size={batch_size}", "trainer.grad_accum=2", "trainer.max_steps=4",
+            "trainer.eval_every=0", "trainer.log_every=1", "trainer.checkpoint_every=0", "trainer.num_workers=0",
+            "trainer.progress=false", "trainer.lr=5e-3", "trainer.nora_lr=5e-3", "dataset.val_size=4",
+            "dataset.max_length=256", f"dataset.cache_dir={cache}", "method.lora.dropout=0",
+            "method.nora.calibration_batches=2"]
+
+
+def losses(run_dir):
+    return [r["loss"] for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r]
+
+
+def test_two_processes_match_one(tmp_path, monkeypatch):
+    data = write_alpaca_json(tmp_path / "alpaca_data.json", alpaca_records(20))
+    cache = tmp_path / "cache"
+    out = tmp_path / "dist"
+    out.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "dist_worker.py"), str(out), *common(data, cache, batch_size=2)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    # meanwhile, the single-process reference: batch 4 = 2 ranks x 2
+    from nora.train.checkpoint import training_state_dict
+    from nora.train.loop import Trainer
+
+    box = {}
+    fit = Trainer.fit
+
+    def fit_and_keep(self):
+        state = fit(self)
+        box["state"] = training_state_dict(self.model)
+        return state
+
+    monkeypatch.setattr(Trainer, "fit", fit_and_keep)
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose("train", overrides=common(data, cache, batch_size=4) + [f"output_root={tmp_path}",
+                                                                               "run_name=single"])
+    single = run_training(cfg)
+    try:
+        log, _ = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, log[-4000:]
+    assert "[ddp] complete step=4" in log and "[fsdp_stopped] incomplete step=1" in log
+    assert "[fsdp] complete step=4" in log and "resumed from" in log
+
+    ref = {k: v for k, v in box["state"].items()}
+    for strategy in ("ddp", "fsdp"):
+        r0 = torch.load(out / f"{strategy}_rank0.pt")
+        r1 = torch.load(out / f"{strategy}_rank1.pt")
+        assert set(r0) == set(ref) and any("nora_B_num" in k for k in r0) and any("lora_B" in k for k in r0)
+        for k in r0:
+            assert torch.equal(r0[k], r1[k]), f"{strategy}: ranks differ on {k}"
+            # Adam divides by sqrt(v): rounding differences of near-zero gradients (1 batch of 4 vs 2 + 2
+            # all-reduced) can move an element by a few % of one step's lr (5e-3); the losses agree to 1e-6
+            torch.testing.assert_close(r0[k], ref[k], rtol=0, atol=2e-4, msg=f"{strategy} vs 1 process: {k}")
+        moved = max(float(v.abs().max()) for k, v in r0.items() if "lora_B" in k or "nora_B" in k)
+        assert moved > 5e-3  # the B factors (zero at init) moved: the comparison is not trivial
+        s = json.loads((out / strategy / "summary.json").read_text())
+        assert s["status"] == "complete" and s["world_size"] == 2 and s["strategy"] == strategy
+        assert s["global_batch_size"] == 8 and s["tokens_seen"] == single["tokens_seen"]
+        torch.testing.assert_close(losses(out / strategy), losses(tmp_path / "single"), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(s["final"]["loss"], single["final"]["loss"], rtol=1e-5, atol=1e-6)
+        assert (out / strategy / "adapter" / "nora_adapter.safetensors").exists()
+    # the saved FSDP adapter (gathered from the shards) is the single-process one
+    from safetensors.torch import load_file
+
+    for f in ("adapter_model.safetensors", "nora_adapter.safetensors"):
+        a, b = load_file(str(out / "fsdp" / "adapter" / f)), load_file(str(tmp_path / "single" / "adapter" / f))
+        assert set(a) == set(b)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=2e-4)
+    # DDP and FSDP (interrupted and resumed) take bit-identical steps
+    d, f = torch.load(out / "ddp_rank0.pt"), torch.load(out / "fsdp_rank0.pt")
+    assert all(torch.equal(d[k], f[k]) for k in d)
+
+
+def test_token_mean_loss_single_process_is_model_loss():
+    from nora.llm import TokenMeanCausalLMTask
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    ids = torch.randint(0, 50, (2, 7))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    assert torch.equal(TokenMeanCausalLMTask().loss(model, batch), model(**batch).loss)
+
+
+def test_slurm_env_from_submitit(monkeypatch):
+    pytest.importorskip("submitit")
+    from nora.train.distributed import slurm_env
+
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    assert slurm_env() is False  # not a submitit job
+    env = dict(SUBMITIT_EXECUTOR="slurm", SLURM_NTASKS="4", SLURM_PROCID="3", SLURM_LOCALID="1",
+               SLURM_JOB_NODELIST="gpu[07-08]", SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES="2", SLURM_NODEID="1")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert slurm_env() is True
+    got = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    assert got == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07"}
+    assert slurm_env() is False  # WORLD_SIZE now set: nothing to do
+
+
+def test_slurm_launcher_config():
+    """configs/hydra/launcher/slurm.yaml documents its fields and composes on top of the submitit plugin."""
+    text = (ROOT / "configs" / "hydra" / "launcher" / "slurm.yaml").read_text()
+    for field in ("nodes:", "gpus_per_node:", "tasks_per_node:", "cpus_per_task:", "timeout_min:", "partition:",
+                  "account:", "max_num_timeout:", "setup:"):
+        line = next(x for x in text.splitlines() if x.startswith(field))
+        assert "#" in line, f"{field} undocumented"
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "experiment=llama3_alpaca", "method=nora_pp",
+                                          "hydra.launcher.nodes=2"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.nodes == 2 and launcher.tasks_per_node == launcher.gpus_per_node == 8
