@@ -5,7 +5,8 @@ FAMILIES = ("vision", "causal_lm")
 
 
 def build_model(model_cfg, num_classes: int | None = None):
-    """Build the model a ``configs/model/*.yaml`` describes (vision models get a ``num_classes`` head)."""
+    """Build the model a ``configs/model/*.yaml`` describes: a vision model with a new ``num_classes`` head, or
+    for ``causal_lm`` the pair ``(model, tokenizer)`` (:func:`nora.models.causal_lm.build_causal_lm`)."""
     family = model_cfg.family
     if family == "vision":
         from nora.models.vision import build_vision_model
