@@ -162,9 +162,16 @@ def causal_lm_setup(cfg, device: torch.device, world_size: int, rank: int) -> di
     dcfg = data_config(cfg)
     tokenizer = build_tokenizer(mcfg)
     train, val, stats = build_instruct_datasets(dcfg, tokenizer)
-    if val is None:
-        raise UserError(f"dataset={dcfg.name}: val_size=0 leaves no validation set; the validation loss and the "
-                        "NoRA agreement check need one (set dataset.val_size to a count or a fraction)")
+    eval_split = "val"
+    if val is None:  # val_size=0, or a fraction of a file too small to hold anything out
+        from nora.data.instruct import InstructDataset
+
+        eval_split = "train"
+        val = train.base if not isinstance(train, InstructDataset) else train
+        if rank == 0:
+            print(f"data {dcfg.name}: no validation rows (dataset.val_size={dcfg.val_size} of "
+                  f"{stats['num_selected']}); the evaluation and the NoRA agreement check use the training set",
+                  flush=True)
     if rank == 0:
         t = stats["train"]
         print(f"data {dcfg.name}: {stats['num_train']} train / {stats['num_val']} val examples "
@@ -178,8 +185,9 @@ def causal_lm_setup(cfg, device: torch.device, world_size: int, rank: int) -> di
     seed = int(cfg.seed)
     group = bool(dcfg.group_by_length) and not packed
     try:
+        # the last, smaller global batch is kept (split evenly over the ranks): a small file still trains
         train_sampler = LengthGroupedBatchSampler(train.lengths, bs, seed=seed, shuffle=True, group_by_length=group,
-                                                  num_replicas=world_size, rank=rank, drop_last=True,
+                                                  num_replicas=world_size, rank=rank, drop_last=False,
                                                   mega_batch_mult=int(dcfg.mega_batch_mult))
     except ValueError as e:
         raise UserError(f"{e} (trainer.batch_size={bs} x {world_size} rank(s), {len(train)} training "
@@ -197,7 +205,7 @@ def causal_lm_setup(cfg, device: torch.device, world_size: int, rank: int) -> di
         n = int(nora_cfg.get("calibration_batches", 4))
         # the first n global training batches (epoch 0), identical on every rank, as padding-free rows
         glob = LengthGroupedBatchSampler(train.lengths, bs * world_size, seed=seed, shuffle=True,
-                                         group_by_length=group, num_replicas=1, rank=0, drop_last=True,
+                                         group_by_length=group, num_replicas=1, rank=0, drop_last=False,
                                          mega_batch_mult=int(dcfg.mega_batch_mult))
         flat = InstructCollator.from_tokenizer(tokenizer, padding_free=True)
         calibration = []
@@ -227,9 +235,10 @@ def causal_lm_setup(cfg, device: torch.device, world_size: int, rank: int) -> di
     def wrap(model: nn.Module) -> nn.Module:
         if report_batches:
             report = logprob_agreement(model, originals, [_to(b, device) for b in report_batches])
+            report["split"] = eval_split
             extra["nora_init_agreement"] = report
             if rank == 0:
-                print("NoRA init vs original model on {prompts} held-out prompts ({tokens} tokens): mean KL "
+                print("NoRA init vs original model on {prompts} {split} prompts ({tokens} tokens): mean KL "
                       "{mean_kl:.3g} nats, max KL {max_kl:.3g}, max |log-prob diff| {max_abs_logprob_diff:.3g} "
                       "(mean {mean_abs_logprob_diff:.3g}), top-1 agreement {top1_agreement:.4f}".format(**report),
                       flush=True)
