@@ -169,8 +169,11 @@ def gather_trainable(model: torch.nn.Module) -> torch.nn.Module:
     """Replace every FSDP-sharded trainable parameter by the full tensor, on every rank (a collective:
     all ranks must call it). For the end of training: the model can then be saved, plotted or evaluated
     by one rank, but not trained further under FSDP. A no-op when nothing is sharded."""
-    if not is_sharded(model):
+    if not is_sharded(model) and not any(hasattr(m, "reshard") for m in model.modules()):
         return model
+    for mod in model.modules():  # every group back to its shards (the root may still hold gathered weights)
+        if hasattr(mod, "reshard") and hasattr(mod, "set_requires_gradient_sync"):
+            mod.reshard()
     for mod in model.modules():
         for name, p in list(mod._parameters.items()):
             if p is not None and p.requires_grad and is_dtensor(p):
