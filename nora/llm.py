@@ -196,7 +196,7 @@ def causal_lm_setup(cfg, device: torch.device, world_size: int, rank: int) -> di
                                              rank=rank, drop_last=False)
     collate = InstructCollator.from_tokenizer(tokenizer, pad_to_multiple_of=dcfg.pad_to_multiple_of)
 
-    model, tokenizer = build_causal_lm(mcfg, tokenizer)
+    model, tokenizer = build_causal_lm(mcfg, tokenizer, device=device)
 
     method = cfg.method
     calibration = forward = None

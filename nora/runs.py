@@ -60,8 +60,12 @@ def build_base_model(cfg: DictConfig, model_path: str | None = None):
         mcfg.gradient_checkpointing = False
         return build_causal_lm(mcfg)
     from nora.models import build_model
+    from nora.run import seed_everything
 
-    return build_model(mcfg, int(cfg.dataset.num_classes)), None
+    # as run_training: seeded, so a randomly initialised backbone (test models) is the one that was trained
+    with torch.random.fork_rng(devices=[]):
+        seed_everything(int(cfg.seed))
+        return build_model(mcfg, int(cfg.dataset.num_classes)), None
 
 
 def apply_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> tuple[nn.Module, dict]:

@@ -338,3 +338,57 @@ def test_other_swiglu_configs():
         m = make_cfg([f"model={name}", "dataset=alpaca"]).model
         assert m.family == "causal_lm" and m.hf_name == hub and m.dtype == "bfloat16"
         assert m.nora_targets == ["model\\.layers\\.\\d+\\.mlp\\.act_fn"]
+
+
+def test_gradient_checkpointing_trains_lora():
+    from nora.methods import apply_method
+    from nora.models.causal_lm import build_causal_lm
+
+    cfg = make_cfg(["model=llama_tiny", "dataset=alpaca", "method=lora", "model.gradient_checkpointing=true"])
+    model, tok = build_causal_lm(cfg.model)
+    assert model.is_activation_checkpointing if hasattr(model, "is_activation_checkpointing") \
+        else model.is_gradient_checkpointing
+    model = apply_method(model, cfg.method, cfg.model).model
+    model.train()
+    ids = tok(["Give three tips for staying healthy."], return_tensors="pt")["input_ids"]
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
+
+
+# ------------------------------------------------------------------------------- vision runs reload too
+@pytest.mark.parametrize("method", ["linear_probe", "nora"])
+def test_load_trained_model_vision(tmp_path, monkeypatch, method):
+    from fixtures import write_cifar
+    from nora.runs import load_trained_model
+
+    root = write_cifar(tmp_path / "cifar10", "cifar10", n_train=64, n_test=32)
+    box = capture_trained_model(monkeypatch)
+    cfg = make_cfg([f"method={method}", "model=vit_test", "dataset=cifar10", f"dataset.root={root}",
+                    "dataset.download=false", "dataset.verify_md5=false", f"output_root={tmp_path}", "logger=disabled",
+                    "trainer.epochs=1", "trainer.batch_size=32", "trainer.num_workers=0", "trainer.progress=false",
+                    "trainer.checkpoint_every=0", "trainer.device=cpu"])
+    assert run_training(cfg)["status"] == "complete"
+    trained = load_trained_model(tmp_path / cfg.run_name)
+    assert trained.tokenizer is None
+    assert trained.adapter["kind"] == ("trainable" if method == "linear_probe" else "nora")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        want = box["model"].eval()(x)
+        torch.testing.assert_close(trained.model(x), want, rtol=0, atol=1e-6)
+
+
+def test_local_weights_through_model_path(tmp_path):
+    """model.path=<dir> loads weights and tokenizer from a local copy (as written by save_pretrained or
+    `huggingface-cli download --local-dir`), in the configured dtype, without the hub."""
+    from nora.models.causal_lm import build_causal_lm
+
+    tiny, tok = build_causal_lm(make_cfg(["model=llama_tiny", "dataset=alpaca"]).model)
+    tiny.save_pretrained(tmp_path / "weights")
+    tok.save_pretrained(tmp_path / "weights")
+    mcfg = make_cfg(["model=llama3_8b", "dataset=alpaca", f"model.path={tmp_path / 'weights'}",
+                     "model.dtype=float32"]).model
+    model, tok2 = build_causal_lm(mcfg)
+    assert model.config._attn_implementation == "sdpa" and model.dtype == torch.float32
+    assert model.training and not model.config.use_cache
+    torch.testing.assert_close(logits(model, tok2), logits(tiny, tok), rtol=0, atol=0)

@@ -139,11 +139,13 @@ def _random_model(model_cfg, tokenizer, dtype: torch.dtype, attn: str):
     return model.to(dtype)
 
 
-def build_causal_lm(model_cfg, tokenizer=None):
+def build_causal_lm(model_cfg, tokenizer=None, device: torch.device | str | None = None):
     """``(model, tokenizer)`` for a ``causal_lm`` model config (see the module docstring).
 
-    The model is on the CPU in ``model.dtype``, in train mode, with ``use_cache`` off (training), SDPA
-    attention unless configured otherwise, and gradient checkpointing if ``gradient_checkpointing``."""
+    The model is in ``model.dtype``, in train mode, with ``use_cache`` off (training), SDPA attention unless
+    configured otherwise, and gradient checkpointing if ``gradient_checkpointing``. Pretrained weights are
+    loaded straight onto ``device`` when it is a GPU (each rank's own; no full copy in host memory per rank),
+    else onto the CPU."""
     dtype = resolve_dtype(model_cfg.get("dtype", "float32"))
     attn = model_cfg.get("attn_implementation") or "sdpa"
     if tokenizer is None:
@@ -154,10 +156,14 @@ def build_causal_lm(model_cfg, tokenizer=None):
         from transformers import AutoModelForCausalLM
 
         source, local = _source(model_cfg)
+        place = {}
+        if device is not None and torch.device(device).type == "cuda":
+            dev = torch.device(device)
+            place = {"device_map": {"": f"cuda:{dev.index if dev.index is not None else torch.cuda.current_device()}"}}
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 source, dtype=dtype, attn_implementation=attn, revision=None if local else model_cfg.get("revision"),
-                token=None if local else _token(), low_cpu_mem_usage=True)
+                token=None if local else _token(), low_cpu_mem_usage=True, **place)
         except Exception as exc:  # noqa: BLE001
             raise _load_error(model_cfg, source, "weights", exc) from None
     model.config.use_cache = False
