@@ -231,6 +231,11 @@ def causal_lm_setup(cfg, device: torch.device, world_size: int, rank: int) -> di
         for i in range(0, m, AGREEMENT_BATCH):
             report_batches.append(collate([val[j] for j in range(i, min(i + AGREEMENT_BATCH, m))]))
     amp = resolve_precision(tcfg.get("precision", "auto"), device)
+    if rank == 0:
+        accum = int(tcfg.get("grad_accum", 1))
+        print(f"batch: {bs} sequences x {world_size} rank(s) x {accum} accumulation step(s) = "
+              f"{bs * world_size * accum} per optimizer step ({strategy}, weights {extra['model_dtype']}, "
+              f"autocast {str(amp).replace('torch.', '') if amp else 'off'})", flush=True)
 
     def wrap(model: nn.Module) -> nn.Module:
         if report_batches:
