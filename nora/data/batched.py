@@ -43,8 +43,9 @@ class BatchedAugment:
         self.size = int(input_size)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        self.mode = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest"}.get(interpolation or "bicubic",
-                                                                                             "bicubic")
+        from nora.data.vision import _interpolation
+
+        self.interpolation = _interpolation(interpolation)
         self.train, self.hflip, self.pad = train, hflip, int(crop_padding)
 
     def params(self, n: int, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
@@ -58,15 +59,14 @@ class BatchedAugment:
         return out
 
     def resize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 -> resized float32 on the 0..255 scale, rounded like torchvision's uint8 resize."""
-        x = images.float()
-        if x.shape[-2:] != (self.size, self.size):
-            down = x.shape[-1] > self.size or x.shape[-2] > self.size
-            x = F.interpolate(x, size=(self.size, self.size), mode=self.mode,
-                              align_corners=False if self.mode != "nearest" else None,
-                              antialias=down and self.mode != "nearest")
-            x = x.round_().clamp_(0, 255)
-        return x
+        """uint8 -> resized float32 on the 0..255 scale: torchvision's own (batched) uint8 resize, so the
+        result is exactly the per-sample path's on every device (native uint8 kernels on the CPU,
+        float + clamp + round on GPUs)."""
+        if images.shape[-2:] != (self.size, self.size):
+            from torchvision.transforms.v2 import functional as TF
+
+            images = TF.resize(images, [self.size, self.size], interpolation=self.interpolation, antialias=True)
+        return images.float()
 
     def apply(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         x = self.resize(images)

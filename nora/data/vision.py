@@ -148,13 +148,26 @@ def load_cifar(name: str, root: str | os.PathLike, download: bool, verify_md5: b
             f"or point dataset.root (or $NORA_DATA) at the folder holding it") from None
 
 
+def _stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Boolean mask selecting ``fraction`` of each class (fixed by ``seed``)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    for c in labels.unique().tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        mask[idx[: int(round(len(idx) * fraction))]] = True
+    return mask
+
+
 def load_digits(classes: list[int], test_fraction: float, transform: str = "none",
-                split_seed: int = 0) -> tuple[TensorImages, TensorImages]:
+                split_seed: int = 0, eval_split: str = "test", validation_fraction: float = 0.2,
+                ) -> tuple[TensorImages, TensorImages]:
     """scikit-learn's 8x8 handwritten digits (shipped with the package) as 3-channel uint8 images.
 
     ``classes`` selects and relabels digits (0..K-1 in the given order); ``transform`` applies a fixed
     domain shift to every image (``none``, ``rot90``, ``invert``, ``transpose``); the train/test split
-    is stratified and fixed by ``split_seed`` (independent of the run seed).
+    is stratified and fixed by ``split_seed`` (independent of the run seed). ``eval_split="validation"``
+    evaluates on ``validation_fraction`` of the training images instead (for tuning).
     """
     from sklearn.datasets import load_digits as sk_digits
 
@@ -177,15 +190,15 @@ def load_digits(classes: list[int], test_fraction: float, transform: str = "none
     elif transform != "none":
         raise UserError(f"unknown digits transform {transform!r}; valid: none, rot90, invert, transpose")
     images = images[:, None].expand(-1, 3, -1, -1).contiguous()
-    g = torch.Generator().manual_seed(split_seed)
-    test_idx = []
-    for c in range(len(classes)):
-        idx = torch.nonzero(labels == c).flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        test_idx.append(idx[: int(round(len(idx) * test_fraction))])
-    test_mask = torch.zeros(len(labels), dtype=torch.bool)
-    test_mask[torch.cat(test_idx)] = True
-    return TensorImages(images[~test_mask], labels[~test_mask]), TensorImages(images[test_mask], labels[test_mask])
+    test = _stratified_split(labels, test_fraction, split_seed)
+    if eval_split == "test":
+        return TensorImages(images[~test], labels[~test]), TensorImages(images[test], labels[test])
+    if eval_split != "validation":
+        raise UserError(f"unknown dataset.eval_split {eval_split!r}; valid: test, validation")
+    # hyper-parameter tuning: hold out part of the training images, never touching the test images
+    images, labels = images[~test], labels[~test]
+    val = _stratified_split(labels, validation_fraction, split_seed + 1)
+    return TensorImages(images[~val], labels[~val]), TensorImages(images[val], labels[val])
 
 
 def load_vision_dataset(dataset_cfg) -> tuple[Dataset, Dataset, int]:
@@ -199,7 +212,9 @@ def load_vision_dataset(dataset_cfg) -> tuple[Dataset, Dataset, int]:
     elif source == "sklearn_digits":
         classes = list(dataset_cfg.classes)
         train, test = load_digits(classes, float(dataset_cfg.test_fraction),
-                                  str(dataset_cfg.get("transform", "none")), int(dataset_cfg.get("split_seed", 0)))
+                                  str(dataset_cfg.get("transform", "none")), int(dataset_cfg.get("split_seed", 0)),
+                                  str(dataset_cfg.get("eval_split", "test")),
+                                  float(dataset_cfg.get("validation_fraction", 0.2)))
         num_classes = len(classes)
     else:
         raise UserError(f"unknown vision dataset source {source!r}; valid: torchvision_cifar10, "

@@ -1,0 +1,1 @@
+"""Tables and figures generated from run directories (never by re-training)."""
