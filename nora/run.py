@@ -231,6 +231,7 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
         print(f"resumed from {resume_from} at step {trainer.state.step} (epoch {trainer.state.epoch})")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    memory_before_mb = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else hardware.current_rss_mb()
     exit_code = 1
     try:
         state = trainer.fit()
@@ -252,7 +253,8 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
         f"{parts['task'].unit}_per_s": state.units / state.train_time if state.train_time else None,
         "data_wait_share": state.data_time / state.train_time if state.train_time else None,
         "wall_time_s": state.wall_time, "train_time_s": state.train_time,
-        "peak_memory_mb": hardware.peak_memory_mb(device), "device": str(device), "world_size": ws,
+        "peak_memory_mb": hardware.peak_memory_mb(device), "memory_before_training_mb": memory_before_mb,
+        "device": str(device), "world_size": ws,
         "hardware": hardware.describe(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if family == "vision":
