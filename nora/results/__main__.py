@@ -1,0 +1,116 @@
+"""Command line of :mod:`nora.results` (the Makefile's table targets call it).
+
+    python -m nora.results tables [--runs runs] [--out results]       render every table, figure and the index
+    python -m nora.results demo-table [--runs runs/demo] [--out results]
+    python -m nora.results plan <sweep> [overrides ...]               a sweep's jobs and their state (nothing runs)
+    python -m nora.results mmlu-jobs [--runs runs/table2] [--base llama3_8b] [--eval-root runs/eval]
+                                                                      eval.py arguments still to run, one per line
+    python -m nora.results budget                                     matched-budget parameter counts
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _tables(args) -> int:
+    from nora.results.render import render_all
+
+    made = render_all(args.runs, args.out)
+    for p in made["tables"]:
+        print(f"wrote {p}")
+    for p in made["figures"]:
+        print(f"wrote {p}")
+    print(f"wrote {made['index']}")
+    return 0
+
+
+def _demo_table(args) -> int:
+    from nora.results.collect import collect
+    from nora.results.render import render_demo, write_index
+
+    col = collect(args.runs)
+    if not col.runs:
+        print(f"no complete demo runs under {args.runs}; run `make demo` first", file=sys.stderr)
+        return 1
+    made = render_demo(col, Path(args.out), str(args.runs))
+    for p in made["tables"] + made["figures"]:
+        print(f"wrote {p}")
+    write_index(Path(args.out), made)
+    print((Path(args.out) / "demo.md").read_text())
+    return 0
+
+
+def _plan(args) -> int:
+    from nora.results.sweep import SWEEPS, format_plan, plan
+
+    names = SWEEPS.get(args.sweep, [args.sweep])
+    total = 0
+    for name in names:
+        jobs = plan(name, args.overrides)
+        total += len(jobs)
+        print(format_plan(name, jobs, verbose=not args.quiet))
+    if len(names) > 1:
+        print(f"{args.sweep}: {total} jobs in {len(names)} sweeps")
+    return 0
+
+
+def mmlu_jobs(runs: str | Path, base: str | None, eval_root: str | Path) -> list[str]:
+    """``eval.py`` arguments for every complete LLM run without ``mmlu.json`` and for the base model."""
+    from nora.results.collect import collect
+
+    col = collect(runs)
+    out = [f"run_dir={r.dir}" for r in col.runs if r.summary.get("family") == "causal_lm" and not r.mmlu]
+    if base and not (Path(eval_root) / base / "mmlu.json").exists():
+        out.append(f"model={base}")
+    return out
+
+
+def _mmlu_jobs(args) -> int:
+    for line in mmlu_jobs(args.runs, args.base, args.eval_root):
+        print(line)
+    return 0
+
+
+def _budget(args) -> int:
+    from nora.results.budget import budget_table
+
+    for model in args.models.split(","):
+        text, _ = budget_table(model)
+        print(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    ap = argparse.ArgumentParser(prog="python -m nora.results", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("tables", help="render every table, figure and results/README.md")
+    p.add_argument("--runs", default="runs")
+    p.add_argument("--out", default="results")
+    p.set_defaults(fn=_tables)
+    p = sub.add_parser("demo-table", help="the offline digits demo's table and figures")
+    p.add_argument("--runs", default="runs/demo")
+    p.add_argument("--out", default="results")
+    p.set_defaults(fn=_demo_table)
+    p = sub.add_parser("plan", help="a sweep's jobs (or a group: table1, table2, ablations, matched_budget)")
+    p.add_argument("sweep")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("-q", "--quiet", action="store_true", help="counts only")
+    p.set_defaults(fn=_plan)
+    p = sub.add_parser("mmlu-jobs", help="eval.py arguments still to run for Table 2")
+    p.add_argument("--runs", default="runs/table2")
+    p.add_argument("--base", default="llama3_8b", help="base model config name ('' for none)")
+    p.add_argument("--eval-root", default="runs/eval")
+    p.set_defaults(fn=_mmlu_jobs)
+    p = sub.add_parser("budget", help="matched-budget parameter counts (real shapes)")
+    p.add_argument("--models", default="vit_tiny,llama3_8b")
+    p.set_defaults(fn=_budget)
+    args = ap.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

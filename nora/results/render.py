@@ -1,0 +1,248 @@
+"""Render everything in results/ from whatever runs exist (``make tables``): tables, figures, analyses, index.
+
+Sources (relative to the runs root, ``runs/`` by default)::
+
+    demo/        the offline digits demo (make demo)            -> demo.md, demo_subspace.md, figures/demo_*.png
+    table1/      sweeps/table1.yaml (+ matched_vit arms)        -> table1.md, figures/table1_*.png
+    table2/      sweeps/table2.yaml (+ matched_llama arms)      -> table2.md, figures/table2_*.png
+    eval/        base-model MMLU evaluations (eval.py model=..) -> table2.md's base row
+    ablations/   sweeps/ablation_*.yaml                          -> ablations.md, ablations_subspace.md,
+                                                                    figures/ablations_*.png
+    table1/ + table2/                                           -> matched_budget.md
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from nora.results import figures, paper
+from nora.results.collect import Collection, Run, collect
+from nora.results.stats import summarize
+from nora.results.subspace import METRICS, MethodAnalysis, analyse_method, summary_rows
+from nora.results.tables import (ABLATION_DATASET, ABLATION_DEFAULTS, ABLATION_MODEL, METHOD_LABEL, Report, Section,
+                                 TABLE1_DATASETS, TABLE2_DATASETS, DATASET_LABEL, _at, ablation_report, by_seed,
+                                 demo_report, matched_report, ordered_methods, table1_report,
+                                 table2_report)
+
+RATIONAL_METHODS = ("nora", "nora_pp", "rational_ft", "zero_init_ft")
+SUBSPACE_METHODS = ("nora", "rational_ft", "zero_init_ft", "nora_pp")
+
+
+# ----------------------------------------------------------------------------- subspace report
+def _g(v, digits: int = 3) -> str:
+    return "—" if v is None else f"{v:.{digits}g}"
+
+
+def _ms(mean, std, digits: int = 3) -> str:
+    if mean is None:
+        return "missing"
+    return _g(mean, digits) if std is None else f"{_g(mean, digits)} ± {_g(std, 2)}"
+
+
+def subspace_report(name: str, title: str, where: str, analyses: Sequence[MethodAnalysis], runs: list[Run],
+                    source: str) -> Report:
+    rows, csv_rows = [], []
+    for a in analyses:
+        for row in summary_rows(a):
+            cells = [METHOD_LABEL.get(a.method, a.method), row["layer"], str(row["n"])]
+            cells += [_ms(row[f"{k}_mean"], row[f"{k}_std"]) for k, _l in METRICS]
+            cells += [_g(row["cross_seed_cos_coef"]), _g(row["cross_seed_cos_function"])]
+            rows.append(cells)
+            csv_rows.append({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()})
+    columns = ["method", "layer", "n", "‖Δ‖_F (coefficients)", "effective rank of Δ", "energy in top-3 σ",
+               "RMS F−F_base (fit range)", "relative to RMS F_base", "cos across seeds (coefficients)",
+               "cos across seeds (function)"]
+    intro = [where,
+             ("Per replaced activation, from the saved adapters alone: Δ = the G x 10 matrix of per-group "
+              "coefficient updates (numerator a0..a5, denominator b1..b4) relative to the frozen base rational. "
+              "‖Δ‖_F: its Frobenius norm; effective rank: exp(entropy) of its normalised singular values "
+              "(1 to G); energy in top-3 σ: share of Σσ² in the three largest (NoRA's rank r = 3 bounds the "
+              "numerator's and the denominator's update to rank 3 each); RMS F−F_base: the change of the "
+              "activation function itself, RMS over the groups and an even grid of the fit range; cosines: the "
+              "update's direction compared across seeds (mean over seed pairs), in coefficient and in function "
+              "space. Mean ± std over seeds; \"all layers\" averages the layers of each seed first. Method details "
+              "in `nora/results/subspace.py`."),
+             f"The claim under test ({paper.SOURCE}): {paper.SUBSPACE_NOTE}."]
+    sec = Section(None, columns, rows, csv_rows)
+    return Report(name, title, intro, [sec], runs, [source], make=None)
+
+
+def _first_seed(runs: Sequence[Run]) -> Run | None:
+    return min(runs, key=lambda r: (r.seed if r.seed is not None else 1 << 30, str(r.dir))) if runs else None
+
+
+def _points(runs: Sequence[Run], methods: Sequence[str], metric) -> list[figures.Point]:
+    pts = []
+    for m in methods:
+        mine = [r for r in runs if r.method == m]
+        vals = by_seed(mine, metric)
+        s = summarize(vals.values())
+        params = next((r.trainable for r in mine if r.trainable), None)
+        if s.n and params:
+            pts.append(figures.Point(METHOD_LABEL.get(m, m), int(params), s.mean, s.std, s.n))
+    return pts
+
+
+# ----------------------------------------------------------------------------- per source
+def render_demo(col: Collection, out: Path, source: str, methods: Sequence[str] | None = None) -> dict:
+    made = {"tables": [], "figures": []}
+    report = demo_report(col, methods, source=source)
+    made["tables"] += report.write(out)
+    runs = report.runs
+    if not runs:
+        return made
+    label = "digits demo (CPU), not CIFAR/LLaMA"
+    methods_present = ordered_methods(r.method for r in runs)
+    f = figures.accuracy_vs_params({"digits target task": _points(runs, methods_present, lambda r: r.accuracy)},
+                                   out / "figures" / "demo_accuracy_vs_params.png",
+                                   f"Accuracy vs trainable parameters: {label}")
+    made["figures"] += [f] if f else []
+    for m in RATIONAL_METHODS:
+        run = _first_seed([r for r in runs if r.method == m])
+        if run is None:
+            continue
+        f = figures.activation_figure(run.dir, out / "figures" / f"demo_activations_{m}.png",
+                                      f"{METHOD_LABEL[m]}: learned activations per layer and group, seed {run.seed} "
+                                      f"({label}); shaded: fit range")
+        made["figures"] += [f] if f else []
+    analyses = [analyse_method(m, [r.dir for r in runs if r.method == m]) for m in SUBSPACE_METHODS]
+    analyses = [a for a in analyses if a is not None]
+    have = {a.method for a in analyses}
+    if {"rational_ft", "zero_init_ft"} & have and "nora" in have:
+        used = [r for r in runs if r.method in have]
+        rep = subspace_report("demo_subspace", "Functional subspace of the coefficient updates: digits demo",
+                              "**Offline digits demo (CPU), not a CIFAR or LLaMA result** (`runs/demo`).",
+                              analyses, used, source)
+        made["tables"] += rep.write(out)
+        f = figures.subspace_figure(analyses, out / "figures" / "demo_subspace.png",
+                                    f"Coefficient updates of NoRA vs rational FT vs zero-init FT: {label}")
+        made["figures"] += [f] if f else []
+    return made
+
+
+def render_table1(col: Collection, out: Path, source: str) -> dict:
+    report = table1_report(col, source=source)
+    made = {"tables": report.write(out), "figures": []}
+    runs = report.runs
+    panels = {DATASET_LABEL[ds]: _points([r for r in runs if r.dataset == ds], ordered_methods(r.method for r in runs),
+                                         lambda r: r.accuracy) for ds in TABLE1_DATASETS}
+    f = figures.accuracy_vs_params(panels, out / "figures" / "table1_accuracy_vs_params.png",
+                                   "ViT-Tiny: accuracy vs trainable parameters (Table 1 runs)")
+    made["figures"] += [f] if f else []
+    for ds in TABLE1_DATASETS:
+        for m in ("nora", "nora_pp"):
+            run = _first_seed([r for r in runs if r.dataset == ds and r.method == m])
+            if run is not None:
+                f = figures.activation_figure(run.dir, out / "figures" / f"table1_activations_{m}_{ds}.png",
+                                              f"{METHOD_LABEL[m]} on ViT-Tiny / {DATASET_LABEL[ds]}, seed {run.seed}: "
+                                              "learned activations per layer and group; shaded: fit range")
+                made["figures"] += [f] if f else []
+    return made
+
+
+def render_table2(col: Collection, out: Path, source: str, eval_source: str = "runs/eval") -> dict:
+    report = table2_report(col, source=source, eval_source=eval_source)
+    made = {"tables": report.write(out), "figures": []}
+    runs = [r for r in report.runs if r.mmlu]
+    panels = {DATASET_LABEL[ds]: _points([r for r in runs if r.dataset == ds], ("lora", "dora", "nora_pp"),
+                                         lambda r: r.mmlu_accuracy(None)) for ds in TABLE2_DATASETS}
+    f = figures.accuracy_vs_params(panels, out / "figures" / "table2_mmlu_vs_params.png",
+                                   "LLaMA-3-8B: MMLU average vs trainable parameters (Table 2 runs)",
+                                   ylabel="MMLU average (%)")
+    made["figures"] += [f] if f else []
+    for ds in TABLE2_DATASETS:
+        run = _first_seed([r for r in report.runs if r.dataset == ds and r.method == "nora_pp"])
+        if run is not None:
+            f = figures.activation_figure(run.dir, out / "figures" / f"table2_activations_nora_pp_{ds}.png",
+                                          f"NoRA++ on LLaMA-3-8B / {DATASET_LABEL[ds]}, seed {run.seed}: learned SiLU "
+                                          "rationals (12 of 32 layers); shaded: fit range")
+            made["figures"] += [f] if f else []
+    return made
+
+
+def render_ablations(col: Collection, ref: Collection, out: Path, source: str,
+                     reference_source: str = "runs/table1") -> dict:
+    report = ablation_report(col, ref, source=source, reference_source=reference_source)
+    made = {"tables": report.write(out), "figures": []}
+    others = {k: v for k, v in ABLATION_DEFAULTS.items() if k != "method"}
+    variant_runs = [r for r in col.runs if r.model == ABLATION_MODEL and r.dataset == ABLATION_DATASET
+                    and r.method in ("nora", "rational_ft", "zero_init_ft")
+                    and all(_at(r, k, v) for k, v in others.items())]
+    analyses = [analyse_method(m, [r.dir for r in variant_runs if r.method == m])
+                for m in ("nora", "rational_ft", "zero_init_ft")]
+    analyses = [a for a in analyses if a is not None]
+    if len(analyses) >= 2:
+        rep = subspace_report("ablations_subspace", "Functional subspace of the coefficient updates: ViT-Tiny / "
+                              "CIFAR-100", "ViT-Tiny on CIFAR-100, the variant ablation's runs (`runs/ablations`).",
+                              analyses, [r for r in variant_runs if r.method in {a.method for a in analyses}], source)
+        made["tables"] += rep.write(out)
+        f = figures.subspace_figure(analyses, out / "figures" / "ablations_subspace.png",
+                                    "Coefficient updates of NoRA vs rational FT vs zero-init FT: ViT-Tiny / CIFAR-100")
+        made["figures"] += [f] if f else []
+    return made
+
+
+# ----------------------------------------------------------------------------- everything
+INDEX = (
+    ("demo", "Offline digits demo (CPU; not a CIFAR or LLaMA result)", "make demo"),
+    ("demo_subspace", "Functional-subspace analysis of the digits demo's NoRA / rational FT / zero-init FT runs",
+     "make demo (with rational_ft and zero_init_ft among its methods)"),
+    ("table1", "Table 1: ViT-Tiny on CIFAR-10/100, six methods", "make table1"),
+    ("table2", "Table 2: LLaMA-3-8B on Alpaca/OpenOrca, MMLU per category", "make table2"),
+    ("ablations", "Ablations: variant, rank, groups, denominator form, numerator, initialisation", "make ablations"),
+    ("ablations_subspace", "Functional-subspace analysis on ViT-Tiny/CIFAR-100", "make ablations"),
+    ("matched_budget", "Matched budget: NoRA++ vs LoRA/DoRA at bracketing ranks",
+     "python train.py -m --config-dir sweeps --config-name matched_vit (or matched_llama)"),
+)
+
+
+def write_index(out: Path, made: dict) -> Path:
+    lines = ["# results/", "",
+             "Generated by `make tables` (`python -m nora.results tables`) from the run directories under `runs/` "
+             "(their `summary.json`, `config.yaml`, `mmlu.json` and saved adapters; nothing is re-trained). Each "
+             "table's header names the runs behind it (config hash, date, hardware). Missing runs show as "
+             "\"missing\", never as zeros. Only the digits demo runs on a CPU without network; the other tables "
+             "stay empty until their sweeps have run (see `sweeps/README.md`).", "",
+             "## Tables", "", "| file | what | produced by |", "|---|---|---|"]
+    for stem, what, how in INDEX:
+        md = out / f"{stem}.md"
+        if md.exists():
+            lines.append(f"| [{stem}.md]({stem}.md) ([csv]({stem}.csv)) | {what} | `{how}` |")
+        else:
+            lines.append(f"| {stem}.md (not generated yet) | {what} | `{how}` |")
+    figs = sorted((out / "figures").glob("*.png")) if (out / "figures").exists() else []
+    lines += ["", "## Figures", ""]
+    if figs:
+        lines += [f"- [{p.name}](figures/{p.name})" for p in figs]
+        lines += ["", *[f"![{p.stem}](figures/{p.name})" for p in figs]]
+    else:
+        lines.append("none yet")
+    others = sorted(p.name for p in out.glob("*") if p.is_file() and p.name != "README.md"
+                    and p.stem not in {s for s, _w, _h in INDEX})
+    if others:
+        lines += ["", "## Other files", "", *[f"- [{n}]({n})" for n in others]]
+    path = out / "README.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def render_all(runs: str | Path = "runs", out: str | Path = "results",
+               demo_methods: Sequence[str] | None = None) -> dict:
+    runs, out = Path(runs), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    made = {"tables": [], "figures": []}
+
+    def add(d):
+        for k in made:
+            made[k] += d.get(k, [])
+
+    t1 = collect(runs / "table1")
+    t2 = collect(runs / "table2", runs / "eval")
+    add(render_demo(collect(runs / "demo"), out, str(runs / "demo"), demo_methods))
+    add(render_table1(t1, out, str(runs / "table1")))
+    add(render_table2(t2, out, str(runs / "table2"), str(runs / "eval")))
+    add(render_ablations(collect(runs / "ablations"), t1, out, str(runs / "ablations"), str(runs / "table1")))
+    rep = matched_report(t1, t2, sources=(str(runs / "table1"), str(runs / "table2")))
+    made["tables"] += rep.write(out)
+    made["index"] = write_index(out, made)
+    return made
