@@ -1,0 +1,245 @@
+"""Sweeps (``sweeps/*.yaml``): expand a sweep into its jobs, say which are done, print the plan.
+
+A sweep file is a primary Hydra config that includes ``train`` and lists its axes in
+``hydra.sweeper.params``; it is launched with ``train.py``'s multirun::
+
+    python train.py -m --config-dir sweeps --config-name table1 [overrides]
+
+Every job's directory is ``${output_root}/${run_name}`` (``hydra.sweep.dir``/``hydra.sweep.subdir`` in
+``configs/train.yaml``), derived from the job's config and not from the launch time, so re-running a sweep skips
+the jobs whose ``summary.json`` is complete and resumes interrupted ones from ``checkpoints/last.pt``
+(``nora.run.run_training``). :class:`SweepPlanCallback` (included by every sweep through
+``sweeps/common/sweep_plan.yaml``) prints the number of jobs and their state before anything runs, and stops
+there when ``hydra.callbacks.sweep_plan.dry_run=true`` (or ``NORA_SWEEP_DRY_RUN=1``).
+
+``python -m nora.results plan <sweep> [overrides]`` prints the same plan through Hydra's compose API.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = ROOT / "configs"
+SWEEP_DIR = ROOT / "sweeps"
+
+# Every sweep file, grouped by the result it produces (what `make table1|table2|ablations` run).
+SWEEPS = {
+    "table1": ["table1"],
+    "table2": ["table2"],
+    "ablations": ["ablation_variant", "ablation_rank", "ablation_groups", "ablation_form", "ablation_numerator",
+                  "ablation_init"],
+    "matched_budget": ["matched_vit", "matched_llama"],
+}
+
+
+def all_sweeps() -> list[str]:
+    return [s for group in SWEEPS.values() for s in group]
+
+
+@dataclass
+class Job:
+    overrides: list[str]   # the job's own overrides (one value per swept key)
+    run_dir: Path
+    status: str            # complete | resumable | started | new
+
+    def describe(self) -> str:
+        return f"{self.status:9s} {self.run_dir}  [{' '.join(self.overrides)}]"
+
+
+def job_overrides(params: dict, task_overrides: Sequence[str], config_loader=None) -> list[list[str]]:
+    """The override list of each job, exactly as Hydra's basic sweeper expands them (cartesian product of
+    ``hydra.sweeper.params`` and the command line, the command line winning for a key given in both)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    merged = [f"{k}={v}" for k, v in params.items()] + list(task_overrides)
+    parser = OverridesParser.create(config_loader=config_loader)
+    final: "OrderedDict[str, list[str]]" = OrderedDict()
+    for o in parser.parse_overrides(merged):
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            if not o.is_discrete_sweep():
+                raise ValueError(f"{key}: only discrete sweeps (a,b,c) are supported by the basic sweeper")
+            final[key] = [f"{key}={v}" for v in o.sweep_string_iterator()]
+        else:
+            final[key] = [f"{key}={o.get_value_element_as_str()}"]
+    return [list(x) for x in itertools.product(*final.values())]
+
+
+def run_status(run_dir: Path) -> str:
+    from nora.run import is_complete
+
+    if is_complete(run_dir):
+        return "complete"
+    if (run_dir / "checkpoints" / "last.pt").exists():
+        return "resumable"
+    if run_dir.exists():
+        return "started"
+    return "new"
+
+
+def job_run_dir(cfg) -> Path:
+    """``hydra.sweep.dir/hydra.sweep.subdir`` of a composed job config (with its hydra node), which
+    configs/train.yaml sets to ``${output_root}/${run_name}``."""
+    from omegaconf import OmegaConf
+
+    hydra = cfg.get("hydra")
+    if hydra is not None:
+        with contextlib.suppress(Exception):
+            sweep = OmegaConf.to_container(hydra.sweep, resolve=True)
+            return Path(str(sweep["dir"])) / str(sweep["subdir"])
+    return Path(str(cfg.output_root)) / str(cfg.run_name)
+
+
+def plan_jobs(compose_fn, config_name: str, params: dict, task_overrides: Sequence[str],
+              config_loader=None) -> list[Job]:
+    """Compose every job of a sweep (nothing runs) and report its run directory and state."""
+    jobs = []
+    for ov in job_overrides(params, task_overrides, config_loader):
+        cfg = compose_fn(config_name, ov)
+        run_dir = job_run_dir(cfg)
+        jobs.append(Job(ov, run_dir, run_status(run_dir)))
+    return jobs
+
+
+class CachedComposer:
+    """``compose_job`` for many jobs of one sweep: the defaults tree (the slow part) is composed once per
+    combination of config-group choices; value overrides are then applied to a copy exactly as Hydra applies
+    them (``ConfigLoaderImpl._apply_overrides_to_config``, after the defaults)."""
+
+    def __init__(self) -> None:
+        from hydra.core.global_hydra import GlobalHydra
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        self.loader = GlobalHydra.instance().config_loader()
+        self.parser = OverridesParser.create(config_loader=self.loader)
+        self.cache: dict = {}
+
+    def _is_group(self, o) -> bool:
+        if o.is_delete() or o.package is not None:
+            return True
+        return self.loader.repository.group_exists(o.key_or_group)
+
+    def __call__(self, config_name: str, overrides: Sequence[str]):
+        import copy
+
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl
+        from omegaconf import OmegaConf
+
+        parsed = self.parser.parse_overrides(list(overrides))
+        groups = tuple(o.input_line for o in parsed if self._is_group(o))
+        values = [o for o in parsed if not self._is_group(o)]
+        key = (config_name, groups)
+        if key not in self.cache:
+            self.cache[key] = compose_job(config_name, list(groups))
+        cfg = copy.deepcopy(self.cache[key])
+        OmegaConf.set_readonly(cfg, False)
+        ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
+        return cfg
+
+
+def format_plan(name: str, jobs: list[Job], verbose: bool = True) -> str:
+    counts = {s: sum(j.status == s for j in jobs) for s in ("complete", "resumable", "started", "new")}
+    dirs = [j.run_dir for j in jobs]
+    dup = len(dirs) - len(set(dirs))
+    head = (f"sweep {name}: {len(jobs)} jobs ({counts['complete']} complete: skipped, {counts['resumable']} "
+            f"resumable from a checkpoint, {counts['started'] + counts['new']} to run)")
+    if dup:
+        head += f"; WARNING: {dup} jobs share a run directory with another job"
+    lines = [head]
+    if verbose:
+        lines += ["  " + j.describe() for j in jobs]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ compose API
+@contextlib.contextmanager
+def sweep_hydra(config_dir: Path = CONFIG_DIR, sweep_dir: Path = SWEEP_DIR):
+    """Hydra initialised as ``train.py --config-dir sweeps`` does: ``configs/`` as the main config
+    directory, ``sweeps/`` prepended on the command line. Restores the previous global state on exit."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.utils import setup_globals
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+    from hydra import version
+
+    backup = get_gh_backup()
+    try:
+        version.setbase("1.3")
+        setup_globals()
+        csp = create_config_search_path(str(Path(config_dir).resolve()))
+        csp.prepend(provider="command-line", path=f"file://{Path(sweep_dir).resolve()}",
+                    anchor=SearchPathQuery(provider="schema"))
+        Hydra.create_main_hydra2(task_name="train", config_search_path=csp)
+        yield GlobalHydra.instance()
+    finally:
+        restore_gh_from_backup(backup)
+
+
+def compose_job(config_name: str, overrides: Sequence[str], multirun: bool = True):
+    """One job's config (with its ``hydra`` node), as the sweeper would compose it."""
+    from hydra import compose
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    gh = GlobalHydra.instance()
+    if multirun:  # compose() has no run-mode argument; go through the loader as the sweeper does
+        return gh.config_loader().load_configuration(config_name=config_name, overrides=list(overrides),
+                                                     run_mode=RunMode.MULTIRUN)
+    return compose(config_name, overrides=list(overrides), return_hydra_config=True)
+
+
+def sweep_params(config_name: str, overrides: Sequence[str] = ()) -> dict:
+    """``hydra.sweeper.params`` of a sweep file (inside :func:`sweep_hydra`)."""
+    from omegaconf import OmegaConf
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    cfg = compose_job(config_name, fixed)
+    return OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=False) or {}
+
+
+def plan(config_name: str, overrides: Sequence[str] = ()) -> list[Job]:
+    """Every job of ``sweeps/<config_name>.yaml`` with command-line ``overrides`` (compose only)."""
+    with sweep_hydra():
+        params = sweep_params(config_name, overrides)
+        return plan_jobs(CachedComposer(), config_name, params, overrides)
+
+
+# ------------------------------------------------------------------------------ callback
+try:
+    from hydra.experimental.callback import Callback as _Callback
+except Exception:  # pragma: no cover
+    _Callback = object
+
+
+class SweepPlanCallback(_Callback):
+    """Prints a sweep's jobs before Hydra launches them; with ``dry_run`` stops right after."""
+
+    def __init__(self, dry_run: bool = False, verbose: bool = True) -> None:
+        self.dry_run = bool(dry_run)
+        self.verbose = bool(verbose)
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        from omegaconf import OmegaConf
+
+        name = kwargs.get("config_name") or "sweep"
+        params = OmegaConf.to_container(config.hydra.sweeper.params, resolve=False) or {}
+        task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+        jobs = plan_jobs(CachedComposer(), name, params, task)
+        print(format_plan(name, jobs, self.verbose), flush=True)
+        if self.dry_run:
+            print("dry run: nothing launched", flush=True)
+            raise SystemExit(0)
+
+
+def count_jobs(config_name: str, overrides: Iterable[str] = ()) -> int:
+    return len(plan(config_name, list(overrides)))
