@@ -176,3 +176,23 @@ def test_train_py_dry_run_lists_the_jobs(tmp_path):
     assert "sweep ablation_form: 6 jobs (0 complete: skipped, 0 resumable from a checkpoint, 6 to run)" in out.stdout
     assert "dry run: nothing launched" in out.stdout
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_matched_budget_ranks_bracket_nora_pp():
+    """The counts quoted in sweeps/README.md, recomputed on the real shapes (timm ViT-Tiny; LLaMA-3-8B on the
+    meta device), and the arms of the matched sweeps bracket NoRA++ on both."""
+    from nora.results.budget import bracket, count
+
+    readme = (SWEEP_DIR / "README.md").read_text()
+    for model, expected in (("vit_tiny", {"nora_pp": 303_528, "lora_r8": 302_592, "lora_r9": 340_416,
+                                          "dora_r7": 285_696, "dora_r8": 323_520}),
+                            ("llama3_8b", {"nora_pp": 20_974_016, "lora_r8": 20_971_520, "lora_r9": 23_592_960,
+                                           "dora_r7": 19_726_336, "dora_r8": 22_347_776})):
+        counts = [count(model, "nora_pp")] + [count(model, m, r) for m, r in (("lora", 8), ("lora", 9),
+                                                                                ("dora", 7), ("dora", 8))]
+        assert {c.arm: c.adapter for c in counts} == expected
+        assert all(f"{v:,}" in readme for v in expected.values())
+        for m, (lo, hi) in (("lora", (8, 9)), ("dora", (7, 8))):
+            below, above = bracket(counts, counts[0].adapter, m)
+            assert (below.rank, above.rank) == (lo, hi)

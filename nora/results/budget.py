@@ -99,7 +99,7 @@ def budget_table(model_name: str, ranks=(6, 7, 8, 9, 10), num_classes: int = 100
         lines.append(f"| {c.arm} | {c.components.get('lora', 0):,} | {c.components.get('nora', 0):,} | "
                      f"{c.components.get('head', 0):,} | {c.adapter:,} | {diff:+,} |")
     text = "\n".join(lines) + "\n"
-    notes = [f"total parameters of the base model: {ref.total - ref.trainable + head:,}" if False else ""]
+    notes = [f"total parameters with NoRA++ applied: {ref.total:,} (head: {head:,})"]
     for m in ("lora", "dora"):
         lo, hi = bracket(counts, ref.adapter, m)
         notes.append(f"{m}: r={lo.rank if lo else '?'} ({lo.adapter if lo else 0:,}) <= NoRA++ ({ref.adapter:,}) < "
