@@ -33,3 +33,43 @@ test-slow: $(STAMP)
 
 clean:
 	rm -rf runs outputs multirun .pytest_cache
+
+# Paper results (sweeps/README.md). Each target runs its Hydra sweep(s) through train.py, then renders results/.
+# Re-running skips complete jobs and resumes interrupted ones. Options (make variables):
+#   SWEEP_ARGS="..."  extra Hydra overrides for every job, e.g. "hydra/launcher=slurm_1gpu hydra.launcher.partition=gpu"
+#   DRY_RUN=1         list each sweep's jobs (complete / resumable / to run) and launch nothing
+#   ALPACA_PATH=..., OPENORCA_PATH=...  local data for Table 2 (default: the Hugging Face hub)
+#   EVAL_ARGS="..."   extra arguments for eval.py (Table 2's MMLU evaluations)
+table1: $(STAMP)
+	NORA_SWEEP_DRY_RUN=$(if $(DRY_RUN),true,false) $(PY) train.py -m --config-dir sweeps --config-name table1 $(SWEEP_ARGS)
+	$(PY) -m nora.results tables
+
+# LLaMA-3-8B: train (one sweep invocation per dataset, so each gets its own data.path), then MMLU for every
+# finished run without runs/table2/<run>/mmlu.json and for the base model (runs/eval/llama3_8b/mmlu.json).
+table2: $(STAMP)
+	NORA_SWEEP_DRY_RUN=$(if $(DRY_RUN),true,false) $(PY) train.py -m --config-dir sweeps --config-name table2 \
+		experiment=llama3_alpaca data.path=$(or $(ALPACA_PATH),null) $(SWEEP_ARGS)
+	NORA_SWEEP_DRY_RUN=$(if $(DRY_RUN),true,false) $(PY) train.py -m --config-dir sweeps --config-name table2 \
+		experiment=llama3_openorca data.path=$(or $(OPENORCA_PATH),null) $(SWEEP_ARGS)
+	@if [ -z "$(DRY_RUN)" ]; then \
+		test -f eval.py || { echo "eval.py not found: the MMLU step of table2 needs it"; exit 1; }; \
+		$(PY) -m nora.results mmlu-jobs --runs runs/table2 --base llama3_8b --eval-root runs/eval | \
+		while read -r job; do echo "$(PY) eval.py $$job $(EVAL_ARGS)"; $(PY) eval.py $$job $(EVAL_ARGS) || exit 1; done; \
+	else $(PY) -m nora.results mmlu-jobs --runs runs/table2 --base llama3_8b --eval-root runs/eval | sed 's/^/would run: eval.py /'; fi
+	$(PY) -m nora.results tables
+
+ablations: $(STAMP)
+	for s in variant rank groups form numerator init; do \
+		NORA_SWEEP_DRY_RUN=$(if $(DRY_RUN),true,false) $(PY) train.py -m --config-dir sweeps --config-name ablation_$$s \
+			$(SWEEP_ARGS) || exit 1; \
+	done
+	$(PY) -m nora.results tables
+
+# Render every table, figure and results/README.md from whatever runs exist (never trains).
+tables: $(STAMP)
+	$(PY) -m nora.results tables
+
+# The offline digits table (and its figures); runs the demo first (CPU, no network) if no demo run exists.
+demo-table: $(STAMP)
+	@ls runs/demo/*/summary.json >/dev/null 2>&1 || $(MAKE) demo
+	$(PY) -m nora.results demo-table
