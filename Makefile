@@ -71,5 +71,5 @@ tables: $(STAMP)
 
 # The offline digits table (and its figures); runs the demo first (CPU, no network) if no demo run exists.
 demo-table: $(STAMP)
-	@ls runs/demo/*/summary.json >/dev/null 2>&1 || $(MAKE) demo
+	@$(PY) -m nora.results demo-table --check || $(MAKE) demo
 	$(PY) -m nora.results demo-table

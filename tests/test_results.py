@@ -464,3 +464,14 @@ def test_defaults_match_the_configs():
                                                      ABLATION_DEFAULTS["method.nora.form"],
                                                      ABLATION_DEFAULTS["method.nora.numerator"])
     assert OmegaConf.load(cfgdir / "model" / "vit_tiny.yaml").nora_init == ABLATION_DEFAULTS["method.nora.init"]
+
+
+def test_cli(tmp_path, capsys):
+    from nora.results.__main__ import main
+
+    assert main(["demo-table", "--check", "--runs", str(tmp_path / "none")]) == 1
+    root = demo_runs(tmp_path / "demo")
+    assert main(["demo-table", "--check", "--runs", str(root)]) == 0
+    assert main(["demo-table", "--runs", str(root), "--out", str(tmp_path / "out")]) == 0
+    assert "| NoRA | 3 | 92.67 ± 1.76 |" in capsys.readouterr().out
+    assert (tmp_path / "out" / "demo.csv").exists() and (tmp_path / "out" / "README.md").exists()

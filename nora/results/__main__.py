@@ -1,7 +1,7 @@
 """Command line of :mod:`nora.results` (the Makefile's table targets call it).
 
     python -m nora.results tables [--runs runs] [--out results]       render every table, figure and the index
-    python -m nora.results demo-table [--runs runs/demo] [--out results]
+    python -m nora.results demo-table [--runs runs/demo] [--out results] [--check]
     python -m nora.results plan <sweep> [overrides ...]               a sweep's jobs and their state (nothing runs)
     python -m nora.results mmlu-jobs [--runs runs/table2] [--base llama3_8b] [--eval-root runs/eval]
                                                                       eval.py arguments still to run, one per line
@@ -32,7 +32,10 @@ def _demo_table(args) -> int:
     from nora.results.render import render_demo, write_index
 
     col = collect(args.runs)
-    if not col.runs:
+    found = any(r.dataset == "digits_target" for r in col.runs)
+    if args.check:
+        return 0 if found else 1
+    if not found:
         print(f"no complete demo runs under {args.runs}; run `make demo` first", file=sys.stderr)
         return 1
     made = render_demo(col, Path(args.out), str(args.runs))
@@ -94,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo-table", help="the offline digits demo's table and figures")
     p.add_argument("--runs", default="runs/demo")
     p.add_argument("--out", default="results")
+    p.add_argument("--check", action="store_true", help="only exit 0 if complete demo runs exist, 1 otherwise")
     p.set_defaults(fn=_demo_table)
     p = sub.add_parser("plan", help="a sweep's jobs (or a group: table1, table2, ablations, matched_budget)")
     p.add_argument("sweep")
