@@ -85,7 +85,7 @@ def pretrain_source(out_root: Path, seed: int = 0) -> Path:
 def lr_overrides(method: str, lrs: dict | None = None) -> list[str]:
     lrs = DEMO_LR.get(method, {}) if lrs is None else lrs
     out = [f"trainer.{k}={v}" for k, v in lrs.items()]
-    if method != "full":  # full fine-tuning trains the head with the body's lr
+    if method not in ("full", "linear_probe"):  # those train the head with their own lr
         out.append(f"trainer.head_lr={HEAD_LR}")
     return out
 

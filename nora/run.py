@@ -196,6 +196,10 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
     if dist.setup(device.type) and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank())
     ws, rk = dist.world_size(), dist.rank()
+    say = print if rk == 0 else (lambda *a, **k: None)
+    if resume_from is None and rk == 0:  # a fresh start: nothing of an earlier attempt may leak into this run
+        for stale in ("metrics.jsonl", SUMMARY):
+            (run_dir / stale).unlink(missing_ok=True)
     seed_everything(int(cfg.seed))
     family = cfg.model.family
     if family == "vision":
@@ -207,7 +211,7 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
     model = parts["model"].to(device)
     result: MethodResult = apply_method(model, cfg.method, cfg.model, parts["calibration"], parts["forward"])
     model = result.model
-    print(f"{cfg.method.name} on {cfg.model.name}/{cfg.dataset.name}: {result.parameters}")
+    say(f"{cfg.method.name} on {cfg.model.name}/{cfg.dataset.name}: {result.parameters}")
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if rk == 0:
@@ -228,7 +232,7 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
                       seed=int(cfg.seed), device=device, wrap=wrap, loader_factory=parts.get("loader_factory"))
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
-        print(f"resumed from {resume_from} at step {trainer.state.step} (epoch {trainer.state.epoch})")
+        say(f"resumed from {resume_from} at step {trainer.state.step} (epoch {trainer.state.epoch})")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     memory_before_mb = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else hardware.current_rss_mb()
@@ -239,7 +243,7 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
     finally:
         logger.finish(exit_code)
     if not state.finished:
-        print(f"stopped at step {state.step}/{trainer.total_steps}; run the same command to resume")
+        say(f"stopped at step {state.step}/{trainer.total_steps}; run the same command to resume")
         return {"status": "incomplete", "step": state.step}
 
     dist.gather_trainable(model)  # FSDP: every rank gathers the trained shards before rank 0 saves them

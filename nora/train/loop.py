@@ -146,6 +146,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.state = LoopState()
         self._nonfinite: torch.Tensor | None = None  # device flag, set once any loss was NaN/Inf
+        self._pending_units = 0  # this rank's images/tokens not yet added to state.units (see _sync_units)
 
     # ------------------------------------------------------------------------------------ set-up
     def _optimizer(self, groups):
@@ -175,6 +176,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Write ``checkpoints/last.pt`` atomically (rank 0; other ranks write their RNG state)."""
         self._check_finite()
+        self._sync_units()
         gathered = gather_training_state(self.model, self.optimizer)  # FSDP: all ranks gather; None off rank 0
         if dist.rank() != 0:
             atomic_save(rng_state(), self.ckpt_path.with_name(f"rng_rank{dist.rank()}.pt"))
@@ -253,8 +255,7 @@ class Trainer:
         session_start, steps_this_session = time.perf_counter(), 0
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         loss_sum = torch.zeros((), device=self.device)
-        interval = {"t0": time.perf_counter(), "data": 0.0, "units": 0, "steps": 0}
-        pending_units = 0  # this rank's units since the last optimizer step
+        interval = {"t0": time.perf_counter(), "data": 0.0, "steps": 0}
         self.runner.train()
         from tqdm.auto import tqdm
 
@@ -273,6 +274,7 @@ class Trainer:
             while self.state.batch_in_epoch < micro_total and self.state.step < self.total_steps:
                 t_data = time.perf_counter()
                 batch = next(loader)
+                self._pending_units += self.task.units(batch)  # counted before the copy: no device sync
                 batch = self.task.to_device(batch, self.device, non_blocking=True)
                 t_step = time.perf_counter()
                 interval["data"] += t_step - t_data
@@ -284,15 +286,9 @@ class Trainer:
                     self.scaler.scale(loss).backward()
                 loss_sum += loss.detach().float()
                 self._nonfinite |= ~torch.isfinite(loss.detach())
-                pending_units += self.task.units(batch)
                 self.state.batch_in_epoch += 1
                 if not sync:
                     continue
-                units = pending_units if dist.world_size() == 1 else \
-                    int(dist.all_reduce_sum(torch.tensor(pending_units, device=self.device)))  # all ranks
-                pending_units = 0
-                interval["units"] += units
-                self.state.units += units
                 if clip:
                     self.scaler.unscale_(self.optimizer)
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
@@ -332,6 +328,16 @@ class Trainer:
             self.save_checkpoint()
         return self.state
 
+    def _sync_units(self) -> int:
+        """Add the units trained since the last call, summed over ranks, to ``state.units``. Called at
+        log intervals, checkpoints and the end only: no per-step collective or host sync."""
+        units = self._pending_units
+        if dist.world_size() > 1:
+            units = int(dist.all_reduce_sum(torch.tensor(units, device=self.device)))
+        self._pending_units = 0
+        self.state.units += units
+        return units
+
     def _stop(self, stop_after, steps_this_session) -> bool:
         return stop_after is not None and steps_this_session >= int(stop_after)
 
@@ -347,7 +353,7 @@ class Trainer:
         elapsed = max(now - interval["t0"], 1e-9)
         steps = max(interval["steps"], 1)
         loss = float(dist.all_reduce_mean(loss_sum.detach())) / steps
-        units_per_s = interval["units"] / elapsed  # already summed over ranks
+        units_per_s = self._sync_units() / elapsed  # summed over ranks
         self.state.train_time += elapsed
         self.state.data_time += interval["data"]
         record = {"step": self.state.step, "epoch": self.state.epoch, "loss": loss,
@@ -355,4 +361,4 @@ class Trainer:
                   "data_wait_share": interval["data"] / elapsed}
         self.logger.log(record)
         bar.set_postfix(loss=f"{loss:.4f}", **{f"{self.task.unit[:3]}/s": f"{units_per_s:.0f}"})
-        interval.update(t0=now, data=0.0, units=0, steps=0)
+        interval.update(t0=now, data=0.0, steps=0)
