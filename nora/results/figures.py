@@ -38,8 +38,13 @@ def _short(name: str) -> str:
 
 def activation_figure(run_dir: str | Path, path: str | Path, title: str | None = None, margin: float = 1.0,
                       max_layers: int = 12) -> Path | None:
-    """Two panels per layer (curves; change vs the base rational); None if the run has no NoRA activations."""
+    """Two panels per layer (curves; change vs the base rational); None if the run has no NoRA activations.
+
+    x spans the fit range plus ``margin`` on each side (shaded: the fit range); the y axes are scaled to the
+    values inside the fit range, so a rational that drifts far outside it leaves the plot there rather than
+    flattening everything else."""
     import numpy as np
+    import torch
 
     from nora.rational.fit import ACTIVATIONS
     from nora.results.subspace import load_layers
@@ -65,8 +70,6 @@ def activation_figure(run_dir: str | Path, path: str | Path, title: str | None =
         top, bottom = axes[2 * (i // cols)][i % cols], axes[2 * (i // cols) + 1][i % cols]
         orig = ACTIVATIONS.get(lay.original) if lay.original else None
         if orig is not None:
-            import torch
-
             top.plot(x, orig(torch.as_tensor(x)).numpy(), "k--", lw=1.2, label=lay.original)
         top.plot(x, y0[0], color="0.55", lw=1.0, ls=":", label="base rational")
         g = y.shape[0]
@@ -74,6 +77,14 @@ def activation_figure(run_dir: str | Path, path: str | Path, title: str | None =
             c = cmap(j / max(1, g - 1))
             top.plot(x, y[j], color=c, lw=0.9, alpha=0.85, label="groups" if j == 0 else None)
             bottom.plot(x, y[j] - y0[j], color=c, lw=0.9, alpha=0.85)
+        inside = (x >= lo) & (x <= hi)
+        for ax, vals in ((top, [y[:, inside], y0[:, inside]]), (bottom, [(y - y0)[:, inside]])):
+            if orig is not None and ax is top:
+                vals.append(orig(torch.as_tensor(x[inside])).numpy()[None])
+            v_lo = min(float(np.min(v)) for v in vals)
+            v_hi = max(float(np.max(v)) for v in vals)
+            pad = 0.15 * max(v_hi - v_lo, 1e-6)
+            ax.set_ylim(v_lo - pad, v_hi + pad)
         for ax in (top, bottom):
             ax.axvspan(lo, hi, color="0.92", zorder=0)
             ax.grid(alpha=0.3)
