@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class NonFiniteLossError(UserError):
     """The loss became NaN/Inf; the last good checkpoint was left intact."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or directory the command needs is not there (the message says where to put it)."""

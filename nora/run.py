@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import random
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 

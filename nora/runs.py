@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from nora.errors import UserError
+from nora.errors import MissingFileError, UserError
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 NORA_FILES = ("nora_config.json", "nora_adapter.safetensors")
@@ -68,32 +68,85 @@ def build_base_model(cfg: DictConfig, model_path: str | None = None):
         return build_model(mcfg, int(cfg.dataset.num_classes)), None
 
 
-def apply_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> tuple[nn.Module, dict]:
-    """Load the adapter files in ``adapter_dir`` onto a fresh base ``model``; returns ``(model, identity)``."""
+def find_adapter_dir(path: str | os.PathLike) -> Path:
+    """The directory holding a run's adapter files: ``path/adapter`` if it has them, else ``path``."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise MissingFileError(f"adapter or run directory not found: {p}")
+    for cand in (p / "adapter", p):
+        if cand.is_dir() and any((cand / f).exists() for f in (PEFT_FILES[0], NORA_FILES[0], FULL_FILE)):
+            return cand
+    raise MissingFileError(
+        f"no adapter found in {p} or {p / 'adapter'}: expected peft files ({', '.join(PEFT_FILES)}) and/or NoRA "
+        f"files ({', '.join(NORA_FILES)}) or {FULL_FILE}, as a training run saves them in <run_dir>/adapter/")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def adapter_identity(adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """What an adapter directory holds, JSON-able::
+
+        {"dir", "kind": "lora" | "dora" | "<peft type>" | "nora" | "nora++" | "trainable",
+         "components": [...], "peft": {peft_type, use_dora, r, lora_alpha, target_modules, config} | None,
+         "nora": {variant, config, layers} | None, "files": {name: sha256}}
+    """
     import nora
 
     adir = Path(adapter_dir)
     has_peft, has_nora = (adir / PEFT_FILES[0]).exists(), (adir / NORA_FILES[0]).exists()
-    has_full = (adir / FULL_FILE).exists()
     for present, files in ((has_peft, PEFT_FILES), (has_nora, NORA_FILES)):
         missing = [f for f in files if present and not (adir / f).exists()]
         if missing:
-            raise UserError(f"incomplete adapter in {adir}: {', '.join(missing)} missing next to {files[0]}")
-    components = []
+            raise MissingFileError(f"incomplete adapter in {adir}: {', '.join(missing)} missing next to {files[0]}")
+    ident: dict[str, Any] = {"dir": str(adir.resolve()), "components": [], "peft": None, "nora": None, "files": {}}
     if has_peft:
         pcfg = json.loads((adir / PEFT_FILES[0]).read_text())
-        components.append("dora" if pcfg.get("use_dora") else str(pcfg.get("peft_type", "peft")).lower())
+        ident["components"].append("dora" if pcfg.get("use_dora") else str(pcfg.get("peft_type", "peft")).lower())
+        ident["peft"] = {"peft_type": pcfg.get("peft_type"), "use_dora": bool(pcfg.get("use_dora", False)),
+                         "r": pcfg.get("r"), "lora_alpha": pcfg.get("lora_alpha"),
+                         "target_modules": pcfg.get("target_modules"), "config": pcfg}
     if has_nora:
-        components.append("nora")
-    if has_peft and has_nora:
-        model, kind = nora.load_nora_pp(model, adir), "nora++"
-    elif has_peft:
+        meta = nora.read_nora_config(adir)
+        ident["components"].append("nora")
+        ident["nora"] = {"variant": meta.get("config", {}).get("variant"), "config": meta.get("config"),
+                         "layers": len(meta.get("layers", {}))}
+    if not has_peft and not has_nora:
+        if not (adir / FULL_FILE).exists():
+            raise MissingFileError(f"no adapter in {adir}: expected peft files ({', '.join(PEFT_FILES)}), NoRA files "
+                                   f"({', '.join(NORA_FILES)}) or {FULL_FILE}, as a completed training run writes them")
+        ident["components"].append("trainable")
+    ident["kind"] = "nora++" if has_peft and has_nora else ident["components"][0]
+    for f in (*PEFT_FILES, *NORA_FILES, FULL_FILE):
+        if (adir / f).exists():
+            ident["files"][f] = _sha256(adir / f)
+    return ident
+
+
+def apply_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """Load the adapter files in ``adapter_dir`` onto a fresh base ``model``; returns ``(model, identity)``
+    with the model frozen and in eval mode (see :func:`adapter_identity`)."""
+    import nora
+
+    adir = Path(adapter_dir)
+    ident = adapter_identity(adir)
+    kind = ident["kind"]
+    if kind == "nora++":
+        model = nora.load_nora_pp(model, adir)
+    elif ident["peft"] is not None:
         from peft import PeftModel
 
-        model, kind = PeftModel.from_pretrained(model, str(adir), is_trainable=False), components[0]
-    elif has_nora:
-        model, kind = nora.load_nora(model, adir), "nora"
-    elif has_full:
+        model = PeftModel.from_pretrained(model, str(adir), is_trainable=False)
+    elif kind == "nora":
+        model = nora.load_nora(model, adir)
+    else:
         from safetensors.torch import load_file
 
         state = load_file(str(adir / FULL_FILE))
@@ -104,13 +157,9 @@ def apply_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> tuple[nn.
         with torch.no_grad():
             for k, v in state.items():
                 own[k].copy_(v)
-        model, kind = model, "trainable"
-        components.append("trainable")
-    else:
-        raise UserError(f"no adapter in {adir}: expected peft files ({', '.join(PEFT_FILES)}), NoRA files "
-                        f"({', '.join(NORA_FILES)}) or {FULL_FILE}, as a completed training run writes them")
-    files = [f for f in (*PEFT_FILES, *NORA_FILES, FULL_FILE) if (adir / f).exists()]
-    return model, {"dir": str(adir.resolve()), "kind": kind, "components": components, "files": files}
+    model.requires_grad_(False)
+    model.eval()
+    return model, ident
 
 
 def load_trained_model(run_dir: str | os.PathLike, *, device: str | torch.device | None = None,
@@ -132,8 +181,6 @@ def load_trained_model(run_dir: str | os.PathLike, *, device: str | torch.device
 
         model = model.to(resolve_dtype(dtype))
     model, identity = apply_adapter(model, adir)
-    model.requires_grad_(False)
-    model.eval()
     if device is not None:
         model = model.to(device)
     summary = None

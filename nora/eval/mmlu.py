@@ -66,7 +66,6 @@ Result dictionary (:meth:`MMLUResult.to_dict`, written as ``mmlu.json`` by :func
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import inspect
 import json
 import os
@@ -541,84 +540,14 @@ def run_mmlu(model, tokenizer, path: str | os.PathLike, out_dir: str | os.PathLi
 
 
 # -------------------------------------------------------------------------------- adapters
-PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
-NORA_FILES = ("nora_config.json", "nora_adapter.safetensors")
-
-
-def find_adapter_dir(path: str | os.PathLike) -> Path:
-    """The directory holding a run's adapter files: ``path/adapter`` if it has them, else ``path``."""
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise FileNotFoundError(f"adapter or run directory not found: {p}")
-    for cand in (p / "adapter", p):
-        if cand.is_dir() and any((cand / f).exists() for f in (PEFT_FILES[0], NORA_FILES[0])):
-            return cand
-    raise FileNotFoundError(
-        f"no adapter found in {p} or {p / 'adapter'}: expected peft files ({', '.join(PEFT_FILES)}) and/or NoRA "
-        f"files ({', '.join(NORA_FILES)}), as a training run saves them in <run_dir>/adapter/")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_model_with_adapters(base_model, path: str | os.PathLike):
     """Apply the adapters a training run saved onto ``base_model`` (a freshly built base model).
 
-    ``path`` is a run directory (adapter in ``<path>/adapter/``) or the adapter directory itself. peft
-    LoRA/DoRA files (``adapter_config.json``, ``adapter_model.safetensors``) are loaded with
-    ``peft.PeftModel.from_pretrained``, NoRA files (``nora_config.json``, ``nora_adapter.safetensors``)
-    with :func:`nora.load_nora`, both together (NoRA++) with :func:`nora.load_nora_pp`. Returns
-    ``(model, identity)``, the model in eval mode and frozen, and ``identity`` a JSON-able dict::
-
-        {"dir": ..., "kind": "lora" | "dora" | "<peft type>" | "nora" | "nora++",
-         "components": ["lora", "nora"], "peft": {peft_type, use_dora, r, lora_alpha, target_modules,
-         "config": adapter_config.json} | None, "nora": {"variant", "config", "layers"} | None,
-         "files": {name: sha256}}
+    ``path`` is a run directory (adapter in ``<path>/adapter/``) or the adapter directory itself; peft
+    LoRA/DoRA files, NoRA files, both (NoRA++) or ``trainable.safetensors`` are recognised. Returns
+    ``(model, identity)`` with the model frozen and in eval mode; see :func:`nora.runs.adapter_identity`
+    for the identity dict (kind, components, peft/NoRA configs, file hashes).
     """
-    import nora
+    from nora.runs import apply_adapter, find_adapter_dir
 
-    adir = find_adapter_dir(path)
-    has_peft = (adir / PEFT_FILES[0]).exists()
-    has_nora = (adir / NORA_FILES[0]).exists()
-    for present, files in ((has_peft, PEFT_FILES), (has_nora, NORA_FILES)):
-        if present:
-            missing = [f for f in files if not (adir / f).exists()]
-            if missing:
-                raise FileNotFoundError(f"incomplete adapter in {adir}: {', '.join(missing)} missing next to "
-                                        f"{files[0]}")
-    identity: dict[str, Any] = {"dir": str(adir.resolve()), "components": [], "peft": None, "nora": None,
-                                "files": {}}
-    if has_peft:
-        pcfg = json.loads((adir / PEFT_FILES[0]).read_text())
-        ptype = str(pcfg.get("peft_type", "peft")).lower()
-        name = "dora" if pcfg.get("use_dora") else ptype
-        identity["components"].append(name)
-        identity["peft"] = {"peft_type": pcfg.get("peft_type"), "use_dora": bool(pcfg.get("use_dora", False)),
-                            "r": pcfg.get("r"), "lora_alpha": pcfg.get("lora_alpha"),
-                            "target_modules": pcfg.get("target_modules"), "config": pcfg}
-    if has_nora:
-        meta = nora.read_nora_config(adir)
-        identity["components"].append("nora")
-        identity["nora"] = {"variant": meta.get("config", {}).get("variant"), "config": meta.get("config"),
-                            "layers": len(meta.get("layers", {}))}
-    if has_peft and has_nora:
-        model = nora.load_nora_pp(base_model, adir)
-        identity["kind"] = "nora++"
-    elif has_peft:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(base_model, str(adir), is_trainable=False)
-        identity["kind"] = identity["components"][0]
-    else:
-        model = nora.load_nora(base_model, adir)
-        identity["kind"] = "nora"
-    for f in (*(PEFT_FILES if has_peft else ()), *(NORA_FILES if has_nora else ())):
-        identity["files"][f] = _sha256(adir / f)
-    model.requires_grad_(False)
-    model.eval()
-    return model, identity
+    return apply_adapter(base_model, find_adapter_dir(path))
