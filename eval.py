@@ -1,0 +1,23 @@
+"""MMLU evaluation of a base model or a training run's model. All logic lives in the `nora` library.
+
+    python eval.py run_dir=runs/<training run>
+    python eval.py model=llama3_8b mmlu.path=data/mmlu
+"""
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from nora.cli import user_errors
+
+
+@hydra.main(config_path="configs", config_name="eval", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from nora.eval.cli import run_eval
+
+    with user_errors():
+        run_eval(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""``eval.py``: MMLU for a base model or a training run's model, writing ``mmlu.json``."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from nora.errors import MissingFileError, UserError
+
+N_SUBJECTS = 57
+
+
+def _subjects(value):
+    if value in (None, "all"):
+        return None
+    if isinstance(value, str):
+        return value
+    return list(value)
+
+
+def run_eval(cfg: DictConfig) -> dict:
+    """Evaluate and write ``mmlu.json``; returns its dictionary."""
+    from nora.eval.mmlu import run_mmlu
+    from nora.hub import go_offline_if_unreachable
+    from nora.train.loop import resolve_device
+
+    go_offline_if_unreachable()
+    device = resolve_device(cfg.device)
+    if cfg.run_dir:
+        from nora.runs import load_trained_model, read_run_config
+
+        run_cfg = read_run_config(cfg.run_dir)
+        if run_cfg.model.family != "causal_lm":
+            raise UserError(f"run_dir={cfg.run_dir} trained a {run_cfg.model.family} model ({run_cfg.model.name}); "
+                            "MMLU needs a causal LM run")
+        trained = load_trained_model(cfg.run_dir, device=device, dtype=cfg.dtype, model_path=cfg.model_path)
+        model, tokenizer, adapter = trained.model, trained.tokenizer, trained.adapter
+        model_cfg = run_cfg.model
+        out_dir = Path(cfg.output_dir or cfg.run_dir)
+        identity = {"run_dir": str(Path(cfg.run_dir).resolve()), "method": run_cfg.method.name,
+                    "dataset": run_cfg.dataset.name, "seed": int(run_cfg.seed)}
+    else:
+        from nora.models.causal_lm import build_causal_lm
+
+        if cfg.model.family != "causal_lm":
+            raise UserError(f"model={cfg.model.name} is a {cfg.model.family} model; MMLU needs a causal LM "
+                            "(e.g. model=llama3_8b, or run_dir=<a causal LM training run>)")
+        model_cfg = cfg.model.copy()
+        if cfg.model_path:
+            model_cfg.path = cfg.model_path
+        if cfg.dtype:
+            model_cfg.dtype = cfg.dtype
+        model_cfg.gradient_checkpointing = False
+        model, tokenizer = build_causal_lm(model_cfg)
+        model = model.to(device).eval()
+        model.requires_grad_(False)
+        adapter = None
+        out_dir = Path(cfg.output_dir or Path(cfg.output_root) / "eval" / cfg.model.name)
+        identity = {"method": "base"}
+    identity.update({"name": model_cfg.name, "hf_name": model_cfg.get("hf_name"), "path": model_cfg.get("path"),
+                     "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "device": str(device)})
+    m = cfg.mmlu
+    try:
+        result = run_mmlu(model, tokenizer, m.path, out_dir, source=m.source, subjects=_subjects(m.subjects), k=int(m.k),
+                          grouping=m.grouping, batch_size=int(m.batch_size), max_length=m.max_length,
+                          bf16=bool(m.bf16), split=m.split, model_identity=identity, adapter_identity=adapter,
+                          include_predictions=bool(m.save_predictions))
+    except FileNotFoundError as exc:
+        raise MissingFileError(str(exc)) from None
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    n = len(result.subjects)
+    if n < N_SUBJECTS:
+        warnings.warn(f"MMLU: evaluated {n} of {N_SUBJECTS} subjects (mmlu.subjects={m.subjects}); the averages cover "
+                      "only those", stacklevel=1)
+    d = result.to_dict()
+    print(f"MMLU {m.k}-shot on {n} subjects ({result.n} questions): {100 * result.accuracy:.2f}%")
+    for cat, v in d["categories"].items():
+        acc = "n/a" if v["accuracy"] is None else f"{100 * v['accuracy']:.2f}%"
+        print(f"  {cat:16s} {acc:>8s}  ({v['n']} questions)")
+    print(f"wrote {out_dir / 'mmlu.json'}")
+    return d
+
+
+__all__ = ["run_eval"]

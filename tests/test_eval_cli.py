@@ -1,0 +1,82 @@
+"""eval.py end to end: a base tiny LLaMA and a tiny NoRA++ training run scored on an MMLU fixture,
+offline, writing mmlu.json; clear errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from instruct_fixtures import alpaca_records, write_alpaca_json
+from mmlu_fixtures import make_fixture, write_csv
+from nora.errors import MissingFileError, UserError
+from nora.eval import evaluate_mmlu
+from nora.eval.cli import run_eval
+from nora.run import run_training
+from nora.runs import load_trained_model
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = str(ROOT / "configs")
+
+
+def compose_cfg(name, overrides):
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def mmlu_dir(tmp_path_factory):
+    return write_csv(tmp_path_factory.mktemp("mmlu"), make_fixture())
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llmrun")
+    data = write_alpaca_json(root / "alpaca_data.json", alpaca_records(12))
+    cfg = compose_cfg("train", [
+        "method=nora_pp", "model=llama_tiny", "dataset=alpaca", f"data.path={data}", f"output_root={root}",
+        "logger=disabled", "trainer.device=cpu", "trainer.batch_size=4", "trainer.num_workers=0", "trainer.max_steps=3",
+        "trainer.eval_every=0", "trainer.checkpoint_every=0", "trainer.progress=false", "dataset.val_size=4",
+        "dataset.max_length=128", f"dataset.cache_dir={root / 'cache'}", "method.nora.calibration_batches=1"])
+    run_training(cfg, run_dir=root / "run")
+    return root / "run"
+
+
+def test_eval_py_base_model_writes_mmlu_json(mmlu_dir, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "model=llama_tiny", f"mmlu.path={mmlu_dir}",
+                           f"output_root={tmp_path}", "device=cpu"], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads((tmp_path / "eval" / "llama_tiny" / "mmlu.json").read_text())
+    assert out["k"] == 5 and out["model"]["name"] == "llama_tiny" and out["model"]["method"] == "base"
+    assert out["adapter"] is None
+    n = sum(s["n"] for s in out["subjects"].values())
+    assert out["overall"]["n"] == n > 0 and 0 <= out["overall"]["accuracy"] <= 1
+    assert "MMLU 5-shot on" in proc.stdout and "evaluated 4 of 57 subjects" in proc.stderr
+    assert not list(tmp_path.glob("**/.hydra"))  # eval.py writes no Hydra folder anywhere
+
+
+def test_eval_of_a_training_run_uses_its_adapters(mmlu_dir, tiny_run):
+    cfg = compose_cfg("eval", [f"run_dir={tiny_run}", f"mmlu.path={mmlu_dir}", "device=cpu", "mmlu.save_predictions=true"])
+    d = run_eval(cfg)
+    on_disk = json.loads((tiny_run / "mmlu.json").read_text())
+    assert on_disk["overall"] == d["overall"]
+    assert on_disk["adapter"]["kind"] == "nora++" and set(on_disk["adapter"]["components"]) == {"lora", "nora"}
+    assert on_disk["model"]["method"] == "nora_pp" and on_disk["model"]["run_dir"] == str(tiny_run.resolve())
+    # the same numbers as scoring the reloaded trained model directly
+    trained = load_trained_model(tiny_run)
+    direct = evaluate_mmlu(trained.model, trained.tokenizer, mmlu_dir, subjects="available", progress=False)
+    assert direct.predictions() == on_disk["predictions"]
+    assert direct.accuracy == on_disk["overall"]["accuracy"]
+
+
+def test_eval_rejects_vision_models_and_missing_data(tmp_path, tiny_run):
+    with pytest.raises(UserError, match="is a vision model; MMLU needs a causal LM"):
+        run_eval(compose_cfg("eval", ["model=vit_test", f"mmlu.path={tmp_path}"]))
+    with pytest.raises(MissingFileError, match="MMLU data directory not found"):
+        run_eval(compose_cfg("eval", [f"run_dir={tiny_run}", f"mmlu.path={tmp_path}/nowhere", "device=cpu"]))
+    with pytest.raises(UserError, match="no config.yaml"):
+        run_eval(compose_cfg("eval", [f"run_dir={tmp_path}", f"mmlu.path={tmp_path}"]))
