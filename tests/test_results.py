@@ -393,10 +393,14 @@ def test_subspace_analysis_and_figures(tmp_path):
     from nora.results.render import subspace_report
     from nora.results.subspace import analyse_method, summary_rows
 
+    from nora.results.subspace import identical_methods
+
     analyses = []
-    for variant in ("nora", "zero_init_ft"):
+    for variant in ("nora", "zero_init_ft", "rational_ft"):
         dirs = [_nora_model(variant, seed, tmp_path)[0] for seed in (0, 1)]
         analyses.append(analyse_method(variant, dirs))
+    # the same perturbation of c (rational FT) and of δ (zero-init FT) is the same update
+    assert identical_methods(analyses) == [("zero_init_ft", "rational_ft")]
     assert analyse_method("nora", [tmp_path / "nothing"]) is None
     a = analyses[0]
     assert a.layers == ["blocks.0.mlp.act", "blocks.1.mlp.act"] and len(a.per_seed) == 2
@@ -406,6 +410,7 @@ def test_subspace_analysis_and_figures(tmp_path):
     rep = subspace_report("s", "Subspace", "Toy runs.", analyses, [], "x")
     md = rep.markdown()
     assert "| NoRA | all layers | 2 |" in md and "| zero-init FT | blocks.1.mlp.act | 2 |" in md
+    assert "**zero-init FT and rational FT learnt identical updates in every run here**" in md
     png = figures.subspace_figure(analyses, tmp_path / "f" / "sub.png", "toy")
     assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
     act = figures.activation_figure(a.runs[0], tmp_path / "f" / "act.png", "toy")

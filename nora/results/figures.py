@@ -141,9 +141,14 @@ def subspace_figure(analyses, path: str | Path, title: str) -> Path | None:
     layer, cross-seed cosine of the function change per layer (mean ± std over seeds where applicable)."""
     import numpy as np
 
+    from nora.results.subspace import identical_methods
+
     analyses = [a for a in analyses if a is not None and a.per_seed]
     if not analyses:
         return None
+    same = identical_methods(analyses)
+    if same:
+        title += " (" + "; ".join(f"{a} and {b} coincide" for a, b in same) + ")"
     plt = _plt()
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
     cmap = plt.get_cmap("tab10")

@@ -18,7 +18,7 @@ from typing import Sequence
 from nora.results import figures, paper
 from nora.results.collect import Collection, Run, collect
 from nora.results.stats import summarize
-from nora.results.subspace import METRICS, MethodAnalysis, analyse_method, summary_rows
+from nora.results.subspace import METRICS, MethodAnalysis, analyse_method, identical_methods, summary_rows
 from nora.results.tables import (ABLATION_DATASET, ABLATION_DEFAULTS, ABLATION_MODEL, METHOD_LABEL, Report, Section,
                                  TABLE1_DATASETS, TABLE2_DATASETS, DATASET_LABEL, _at, ablation_report, by_seed,
                                  demo_report, matched_report, ordered_methods, table1_report,
@@ -63,8 +63,21 @@ def subspace_report(name: str, title: str, where: str, analyses: Sequence[Method
               "space. Mean ± std over seeds; \"all layers\" averages the layers of each seed first. Method details "
               "in `nora/results/subspace.py`."),
              f"The claim under test ({paper.SOURCE}): {paper.SUBSPACE_NOTE}."]
-    sec = Section(None, columns, rows, csv_rows)
+    notes = [IDENTICAL_NOTE.format(a=METHOD_LABEL.get(x, x), b=METHOD_LABEL.get(y, y))
+             for x, y in identical_methods(analyses)]
+    sec = Section(None, columns, rows, csv_rows, notes)
     return Report(name, title, intro, [sec], runs, [source], make=None)
+
+
+IDENTICAL_NOTE = ("**{a} and {b} learnt identical updates in every run here** (per-seed coefficient updates equal "
+                  "to 1e-6), so their rows coincide: training the coefficients c from c_base and training δ from 0 "
+                  "with c = c_base + δ give the same gradients, and without weight decay on these parameters the "
+                  "optimizer takes the same steps. The two ablations differ only if something acts on the "
+                  "parameter's value, e.g. weight decay, which pulls c toward 0 but δ toward 0, i.e. c toward c_base.")
+
+
+def _by_seed_dirs(runs: Sequence[Run]) -> list[Path]:
+    return [r.dir for r in sorted(runs, key=lambda r: (r.seed if r.seed is not None else 1 << 30, str(r.dir)))]
 
 
 def _first_seed(runs: Sequence[Run]) -> Run | None:
@@ -105,7 +118,7 @@ def render_demo(col: Collection, out: Path, source: str, methods: Sequence[str] 
                                       f"{METHOD_LABEL[m]}: learned activations per layer and group, seed {run.seed} "
                                       f"({label}); shaded: fit range")
         made["figures"] += [f] if f else []
-    analyses = [analyse_method(m, [r.dir for r in runs if r.method == m]) for m in SUBSPACE_METHODS]
+    analyses = [analyse_method(m, _by_seed_dirs([r for r in runs if r.method == m])) for m in SUBSPACE_METHODS]
     analyses = [a for a in analyses if a is not None]
     have = {a.method for a in analyses}
     if {"rational_ft", "zero_init_ft"} & have and "nora" in have:
@@ -168,7 +181,7 @@ def render_ablations(col: Collection, ref: Collection, out: Path, source: str,
     variant_runs = [r for r in col.runs if r.model == ABLATION_MODEL and r.dataset == ABLATION_DATASET
                     and r.method in ("nora", "rational_ft", "zero_init_ft")
                     and all(_at(r, k, v) for k, v in others.items())]
-    analyses = [analyse_method(m, [r.dir for r in variant_runs if r.method == m])
+    analyses = [analyse_method(m, _by_seed_dirs([r for r in variant_runs if r.method == m]))
                 for m in ("nora", "rational_ft", "zero_init_ft")]
     analyses = [a for a in analyses if a is not None]
     if len(analyses) >= 2:

@@ -162,6 +162,7 @@ class MethodAnalysis:
     per_seed: list[dict[str, LayerStats]]          # one {layer: stats} per run
     cross_seed_coef: dict[str, float | None]       # layer -> mean cosine over seed pairs (coefficient update)
     cross_seed_func: dict[str, float | None]       # layer -> mean cosine over seed pairs (function change)
+    deltas: list[dict[str, np.ndarray]] = field(default_factory=list, repr=False)  # per run: layer -> Δ
 
     @property
     def layers(self) -> list[str]:
@@ -192,7 +193,25 @@ def analyse_method(method: str, run_dirs: Sequence[Path]) -> MethodAnalysis | No
             yb, yb0 = lb[name].curves(x)
             fs.append(cosine(ya - ya0, yb - yb0))
         coef[name], func[name] = _mean(cs), _mean(fs)
-    return MethodAnalysis(method, [d for d, _ in loaded], per_seed, coef, func)
+    return MethodAnalysis(method, [d for d, _ in loaded], per_seed, coef, func,
+                          [{name: l.delta for name, l in layers.items()} for _d, layers in loaded])
+
+
+def identical_methods(analyses: Sequence[MethodAnalysis], atol: float = 1e-6) -> list[tuple[str, str]]:
+    """Pairs of methods whose runs (taken in the same order, e.g. by seed) learnt the same updates.
+
+    Rational FT (train ``c`` from ``c_base``) and zero-init FT (train ``δ`` from 0 with ``c = c_base + δ``) follow
+    the same trajectory whenever nothing distinguishes ``c`` from ``δ``: equal gradients, and an optimizer step
+    that does not depend on the parameter's value (Adam/SGD without weight decay on these parameters)."""
+    out = []
+    for a, b in itertools.combinations(analyses, 2):
+        if not a.deltas or len(a.deltas) != len(b.deltas):
+            continue
+        same = all(set(da) == set(db) and all(np.allclose(da[k], db[k], rtol=0, atol=atol) for k in da)
+                   for da, db in zip(a.deltas, b.deltas))
+        if same:
+            out.append((a.method, b.method))
+    return out
 
 
 METRICS = (("update_norm", "‖Δ‖_F (coefficients)"), ("effective_rank", "effective rank of Δ"),
