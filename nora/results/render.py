@@ -234,7 +234,7 @@ def write_index(out: Path, made: dict) -> Path:
              "table's header names the runs behind it (config hash, date, hardware). Missing runs show as "
              "\"missing\", never as zeros. Only the digits demo runs on a CPU without network; the other tables "
              "stay empty until their sweeps have run (see `sweeps/README.md`).", "",
-             "## Tables", "", "| file | what | produced by |", "|---|---|---|"]
+             "## Tables", "", "| file | what | runs from |", "|---|---|---|"]
     for stem, what, how in INDEX:
         md = out / f"{stem}.md"
         if md.exists():

@@ -146,7 +146,8 @@ def format_plan(name: str, jobs: list[Job], verbose: bool = True) -> str:
     counts = {s: sum(j.status == s for j in jobs) for s in ("complete", "resumable", "started", "new")}
     dirs = [j.run_dir for j in jobs]
     dup = len(dirs) - len(set(dirs))
-    head = (f"sweep {name}: {len(jobs)} jobs ({counts['complete']} complete: skipped, {counts['resumable']} "
+    head = (f"sweep {name}: {len(jobs)} job{'' if len(jobs) == 1 else 's'} ({counts['complete']} complete: skipped, "
+            f"{counts['resumable']} "
             f"resumable from a checkpoint, {counts['started'] + counts['new']} to run)")
     if dup:
         head += f"; WARNING: {dup} jobs share a run directory with another job"
