@@ -289,17 +289,39 @@ TABLE2_MODEL = "llama3_8b"
 TABLE2_MODEL_NAMES = ("llama3_8b", "meta-llama/Meta-Llama-3-8B")
 
 
+MMLU_SUBJECTS, MMLU_SHOTS = 57, 5
+
+
 def _mmlu(cat: str | None) -> Callable[[Run], float | None]:
     return lambda r: r.mmlu_accuracy(cat)
+
+
+def mmlu_protocol_problem(m: dict | None) -> str | None:
+    """Why an ``mmlu.json`` does not belong in Table 2 (a subset of the subjects, another number of shots,
+    another split), or None. Fields the file does not record are not held against it."""
+    if not m:
+        return None
+    n = (m.get("data") or {}).get("n_subjects")
+    if n is not None and int(n) < MMLU_SUBJECTS:
+        return f"{n} of {MMLU_SUBJECTS} subjects"
+    if m.get("k") is not None and int(m["k"]) != MMLU_SHOTS:
+        return f"{m['k']}-shot"
+    if m.get("split") not in (None, "test"):
+        return f"split {m['split']}"
+    return None
 
 
 def table2_report(col: Collection, seeds: int = 3, source: str = "runs/table2",
                   eval_source: str = "runs/eval") -> Report:
     runs = [r for r in col.runs if r.model == TABLE2_MODEL and r.dataset in TABLE2_DATASETS
             and r.method in TABLE2_METHODS and default_arm(r)]
-    evaluated = [r for r in runs if r.mmlu]
+    off_protocol = [(r.name, mmlu_protocol_problem(r.mmlu)) for r in runs if mmlu_protocol_problem(r.mmlu)]
+    evaluated = [r for r in runs if r.mmlu and not mmlu_protocol_problem(r.mmlu)]
     unevaluated = [r for r in runs if not r.mmlu]
     base = col.base_eval(*TABLE2_MODEL_NAMES)
+    if base is not None and mmlu_protocol_problem(base.mmlu):
+        off_protocol.append((f"{base.dir.name} (base model)", mmlu_protocol_problem(base.mmlu)))
+        base = None
     base_avg = mmlu_accuracy(base.mmlu) if base else None
     cat_cols = ["STEM", "humanities", "social sciences", "other", "average"]
     columns = ["dataset", "method", "n", *cat_cols, "Δ average vs base (95% CI)", "Δ average vs LoRA (95% CI)",
@@ -343,6 +365,9 @@ def table2_report(col: Collection, seeds: int = 3, source: str = "runs/table2",
         notes.append("Trained but without `mmlu.json` yet (counted as missing; `make table2` or "
                      "`python eval.py run_dir=<run>` evaluates them): " + ", ".join(f"`{r.name}`" for r in unevaluated)
                      + ".")
+    if off_protocol:
+        notes.append("Not counted (evaluated off the table's protocol, full MMLU test set 5-shot): "
+                     + ", ".join(f"`{name}` ({why})" for name, why in off_protocol) + ".")
     if base is None:
         notes.append("Base model: no `runs/eval/llama3_8b/mmlu.json` yet (`python eval.py model=llama3_8b`).")
     notes += _ignored_note(col.runs, runs, "other models, datasets or ranks")
