@@ -63,8 +63,14 @@ def test_config_composes_and_method_applies(method, dataset):
         assert comps["lora"] > 0
     if method in ("nora", "nora_pp"):
         assert comps["nora"] == 2 * 2 * 3 * (8 + 5)  # 2 blocks, 2r(G+5)
-    if method in ("rational_ft", "zero_init_ft"):
+    if method == "rational_ft":  # shared numerator (1 x 6) + per-group denominators (G x 4)
+        assert comps["nora"] == 2 * (6 + 8 * 4)
+    if method == "zero_init_ft":
         assert comps["nora"] == 2 * 8 * 10
+    if method in ("lora", "dora", "nora_pp"):  # the blocks' qkv, proj, fc1, fc2 only (not patch_embed.proj)
+        lora_modules = {n.rsplit(".lora_", 1)[0] for n, p in result.model.named_parameters() if "lora_A" in n}
+        assert len(lora_modules) == 2 * 4
+        assert not any("patch_embed" in n for n in lora_modules)
 
 
 def test_unknown_group_option_lists_valid_ones():

@@ -196,7 +196,8 @@ def apply_nora(model: nn.Module, config: NoraConfig | None = None, calibration_b
         num, den = _fit_tensors(fit)
         new = NoraActivation(num, den, form=config.form, backend=config.backend, original=oname,
                              variant=config.variant, r=config.r, alpha=config.alpha,
-                             numerator_mode=config.numerator, groups=config.groups).to(device)
+                             numerator_mode=config.numerator, groups=config.groups,
+                             fit_range=(fit.x_min, fit.x_max)).to(device)
         if new.groups != config.groups:
             raise ValueError(f"{name}: fitted coefficients have {new.groups} groups, config says {config.groups}")
         _set_module(model, resolve_name(model, name), new)

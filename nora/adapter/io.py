@@ -63,7 +63,7 @@ def save_nora(model: nn.Module, directory: str | os.PathLike) -> Path:
             tensors[f"{name}.{k}"] = t.detach().cpu().contiguous()
         layers[name] = {"groups": mod.groups, "form": mod.form, "degrees": list(mod.degrees),
                         "variant": mod.variant, "original": mod.original, "r": mod.r, "alpha": mod.alpha,
-                        "numerator_mode": mod.numerator_mode,
+                        "numerator_mode": mod.numerator_mode, "fit_range": mod.fit_range,
                         "shared_base_numerator": mod.base_numerator.shape[0] == 1}
     extra = _trainable_module_names(model, config)
     for name in extra:
@@ -107,7 +107,8 @@ def load_nora(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
         den = tensors[f"{name}.base_denominator"]
         mod = NoraActivation(num, den, form=info["form"], backend=config.backend, original=info["original"],
                              variant=info["variant"], r=info["r"], alpha=info["alpha"],
-                             numerator_mode=info["numerator_mode"], groups=info["groups"])
+                             numerator_mode=info["numerator_mode"], groups=info["groups"],
+                             fit_range=info.get("fit_range"))
         state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
         mod.load_state_dict(state, strict=True)
         _set_module(model, full, mod.to(device))

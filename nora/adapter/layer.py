@@ -23,7 +23,7 @@ class GroupRational(nn.Module):
     """
 
     def __init__(self, numerator: Tensor, denominator: Tensor, form: str = "A", backend: str = "auto",
-                 original: str | None = None):
+                 original: str | None = None, fit_range: tuple[float, float] | None = None):
         super().__init__()
         numerator = torch.as_tensor(numerator, dtype=torch.float32)
         denominator = torch.as_tensor(denominator, dtype=torch.float32)
@@ -39,6 +39,8 @@ class GroupRational(nn.Module):
         self.form = form
         self.backend = backend
         self.original = original  # name of the activation this replaced (for plots and reports)
+        # the inputs the base coefficients were fitted over (the fit range, or the calibrated inputs' hull)
+        self.fit_range = tuple(float(v) for v in fit_range) if fit_range is not None else None
         self.register_buffer("base_numerator", numerator.clone())
         self.register_buffer("base_denominator", denominator.expand(groups, -1).clone())
 
@@ -89,7 +91,8 @@ class NoraActivation(GroupRational):
 
     def __init__(self, numerator: Tensor, denominator: Tensor, form: str = "A", backend: str = "auto",
                  original: str | None = None, variant: str = "nora", r: int = 3, alpha: float = 6.0,
-                 numerator_mode: str = "group", groups: int | None = None):
+                 numerator_mode: str = "group", groups: int | None = None,
+                 fit_range: tuple[float, float] | None = None):
         numerator = torch.as_tensor(numerator, dtype=torch.float32)
         denominator = torch.as_tensor(denominator, dtype=torch.float32)
         if groups is not None:  # broadcast a single fitted row to all groups of the denominator
@@ -97,7 +100,7 @@ class NoraActivation(GroupRational):
                 denominator = denominator[None]
             if denominator.shape[0] == 1:
                 denominator = denominator.expand(groups, -1)
-        super().__init__(numerator, denominator, form, backend, original)
+        super().__init__(numerator, denominator, form, backend, original, fit_range)
         self.variant = variant
         self.numerator_mode = numerator_mode
         self.r = r
@@ -151,7 +154,7 @@ class NoraActivation(GroupRational):
         with torch.no_grad():
             num, den = self.coefficients()
             return GroupRational(num.detach().clone(), den.detach().clone(), self.form, self.backend,
-                                 self.original).to(self.base_numerator.device)
+                                 self.original, self.fit_range).to(self.base_numerator.device)
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", variant={self.variant}"

@@ -49,8 +49,10 @@ def lora_config_from(method_cfg, head: str | None, family: str):
     import peft
 
     lc = method_cfg.lora
+    # a list matches module-name suffixes, a string is a regex matched against the full module name (peft)
+    targets = lc.targets if isinstance(lc.targets, str) else list(lc.targets)
     kwargs = dict(r=int(lc.r), lora_alpha=float(lc.alpha), lora_dropout=float(lc.get("dropout", 0.0)),
-                  target_modules=list(lc.targets), use_dora=bool(lc.get("use_dora", False)))
+                  target_modules=targets, use_dora=bool(lc.get("use_dora", False)))
     if head:
         kwargs["modules_to_save"] = [head]
     if family == "causal_lm":

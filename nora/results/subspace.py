@@ -10,8 +10,9 @@ training (:class:`nora.adapter.layer.NoraActivation`). Per layer we measure:
 * ``effective_rank``: ``exp(H(p))`` with ``p = σ / Σσ`` over the singular values σ of that matrix (Roy &
   Vetterli, 2007): how many directions the G groups' updates really use; ``top_energy``: share of ``Σσ²`` in the
   first ``r`` singular values (r = NoRA's rank, 3 by default);
-* ``function_l2``: the RMS over the G groups and an even grid of the fit range (``fit_range`` of the run's NoRA
-  config, [-3, 3] by default; for calibrated runs the calibrated range is wider and not stored) of
+* ``function_l2``: the RMS over the G groups and an even grid of the layer's fit range (the inputs its base
+  rational was fitted over, saved per layer in ``nora_config.json``; calibrated runs: the recorded inputs' hull
+  with the configured range; adapters without it: the run's ``fit_range``, [-3, 3] by default) of
   ``F_g(x) - F_base(x)``: how far the activation function itself moved; ``function_rel`` divides it by the RMS of
   the base activation over the same grid;
 * across seeds of the same method: the cosine similarity of the flattened updates (coefficient direction) and of
@@ -104,8 +105,9 @@ def load_layers(run_dir: str | Path) -> dict[str, Layer]:
             g = mod.groups
             base_num = mod.base_numerator.double().expand(g, -1).numpy().copy()
             base_den = mod.base_denominator.double().numpy().copy()
+        layer_range = tuple(float(v) for v in info["fit_range"]) if info.get("fit_range") else fit_range
         out[name] = Layer(name, num, den, base_num, base_den, info["form"], info.get("original"), info["variant"],
-                          int(info.get("r", 3)), fit_range)
+                          int(info.get("r", 3)), layer_range)
     return out
 
 
