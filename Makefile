@@ -5,10 +5,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow demo-table tables table1 table2 ablations bench bench-kernels bench-train gpu-check clean help
+.PHONY: setup demo test test-slow demo-table tables table1 table2 ablations matched-budget bench bench-kernels \
+	bench-train gpu-check clean help
 
 help:
-	@echo "make setup | demo | test | test-slow | demo-table | tables | table1 | table2 | ablations | bench | gpu-check | clean"
+	@echo "make setup | demo | test | test-slow | demo-table | tables | table1 | table2 | ablations | matched-budget"
+	@echo "     bench | bench-kernels | bench-train | gpu-check | clean      (README.md explains each)"
 
 # Virtual environment with the pinned requirements and the package (editable).
 $(STAMP): requirements.txt pyproject.toml
@@ -20,9 +22,11 @@ $(STAMP): requirements.txt pyproject.toml
 
 setup: $(STAMP)
 
-# The main job, offline: a ViT pretrained here on digits, fine-tuned with every method (results/demo.md).
+# The main job, offline: a ViT pretrained here on digits, fine-tuned with every method (results/demo.md),
+# then every table and figure that the existing runs allow (results/).
 demo: $(STAMP)
 	$(PY) -m nora.demo
+	$(PY) -m nora.results tables
 
 # The test suite (offline, CPU). `slow` tests are left out; `make test-slow` runs them.
 test: $(STAMP)
@@ -30,6 +34,19 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# Benchmarks (JSON under results/, quoted in README.md): rational kernels vs GELU, and a training step per method.
+bench: bench-kernels bench-train
+
+bench-kernels: $(STAMP)
+	$(PY) -m nora.bench kernels
+
+bench-train: $(STAMP)
+	$(PY) -m nora.bench train
+
+# On a CUDA machine: Triton correctness, kernel + training benchmarks, copy bandwidth (results/); CPU part only elsewhere.
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf runs outputs multirun .pytest_cache
@@ -51,18 +68,32 @@ table2: $(STAMP)
 		experiment=llama3_alpaca data.path=$(or $(ALPACA_PATH),null) $(SWEEP_ARGS)
 	NORA_SWEEP_DRY_RUN=$(if $(DRY_RUN),true,false) $(PY) train.py -m --config-dir sweeps --config-name table2 \
 		experiment=llama3_openorca data.path=$(or $(OPENORCA_PATH),null) $(SWEEP_ARGS)
-	@if [ -z "$(DRY_RUN)" ]; then \
-		test -f eval.py || { echo "eval.py not found: the MMLU step of table2 needs it"; exit 1; }; \
-		$(PY) -m nora.results mmlu-jobs --runs runs/table2 --base llama3_8b --eval-root runs/eval | \
-		while read -r job; do echo "$(PY) eval.py $$job $(EVAL_ARGS)"; $(PY) eval.py $$job $(EVAL_ARGS) || exit 1; done; \
-	else $(PY) -m nora.results mmlu-jobs --runs runs/table2 --base llama3_8b --eval-root runs/eval | sed 's/^/would run: eval.py /'; fi
+	$(MMLU_JOBS)
 	$(PY) -m nora.results tables
+
+# MMLU for every finished run under runs/table2 without an mmlu.json, and for the base model.
+define MMLU_JOBS
+@if [ -z "$(DRY_RUN)" ]; then \
+	$(PY) -m nora.results mmlu-jobs --runs runs/table2 --base llama3_8b --eval-root runs/eval | \
+	while read -r job; do echo "$(PY) eval.py $$job $(EVAL_ARGS)"; $(PY) eval.py $$job $(EVAL_ARGS) || exit 1; done; \
+else $(PY) -m nora.results mmlu-jobs --runs runs/table2 --base llama3_8b --eval-root runs/eval | sed 's/^/would run: eval.py /'; fi
+endef
 
 ablations: $(STAMP)
 	for s in variant rank groups form numerator init; do \
 		NORA_SWEEP_DRY_RUN=$(if $(DRY_RUN),true,false) $(PY) train.py -m --config-dir sweeps --config-name ablation_$$s \
 			$(SWEEP_ARGS) || exit 1; \
 	done
+	$(PY) -m nora.results tables
+
+# NoRA++ against LoRA/DoRA at the ranks whose trainable counts bracket it (sweeps/README.md), ViT-Tiny then LLaMA.
+matched-budget: $(STAMP)
+	NORA_SWEEP_DRY_RUN=$(if $(DRY_RUN),true,false) $(PY) train.py -m --config-dir sweeps --config-name matched_vit $(SWEEP_ARGS)
+	NORA_SWEEP_DRY_RUN=$(if $(DRY_RUN),true,false) $(PY) train.py -m --config-dir sweeps --config-name matched_llama \
+		experiment=llama3_alpaca data.path=$(or $(ALPACA_PATH),null) $(SWEEP_ARGS)
+	NORA_SWEEP_DRY_RUN=$(if $(DRY_RUN),true,false) $(PY) train.py -m --config-dir sweeps --config-name matched_llama \
+		experiment=llama3_openorca data.path=$(or $(OPENORCA_PATH),null) $(SWEEP_ARGS)
+	$(MMLU_JOBS)
 	$(PY) -m nora.results tables
 
 # Render every table, figure and results/README.md from whatever runs exist (never trains).

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_METHODS = ("full", "lora", "dora", "nora", "nora_pp")
+DEFAULT_METHODS = ("full", "linear_probe", "lora", "dora", "nora", "nora_pp")
 
 
 def _overrides(args, method: str, data_root: str, out: str) -> list[str]:

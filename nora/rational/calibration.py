@@ -15,7 +15,7 @@ layer's coefficients over them:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -112,7 +112,7 @@ def record_inputs(model: nn.Module, modules: dict[str, nn.Module], groups: dict[
         for batch in batches:
             if forward is not None:
                 forward(model, batch)
-            elif isinstance(batch, dict):
+            elif isinstance(batch, Mapping):  # dicts and tokenizer outputs (BatchEncoding)
                 model(**batch)
             else:
                 model(batch)

@@ -9,8 +9,10 @@ Every job's directory is ``${output_root}/${run_name}`` (``hydra.sweep.dir``/``h
 ``configs/train.yaml``), derived from the job's config and not from the launch time, so re-running a sweep skips
 the jobs whose ``summary.json`` is complete and resumes interrupted ones from ``checkpoints/last.pt``
 (``nora.run.run_training``). :class:`SweepPlanCallback` (included by every sweep through
-``sweeps/common/sweep_plan.yaml``) prints the number of jobs and their state before anything runs, and stops
-there when ``hydra.callbacks.sweep_plan.dry_run=true`` (or ``NORA_SWEEP_DRY_RUN=1``).
+``sweeps/common/sweep_plan.yaml``) prints the number of jobs, their state and an estimate of the device time
+they will take (from the training throughput measured by ``python -m nora.bench train`` on this kind of device,
+``results/bench_train_<device>.json``) before anything runs, and stops there when
+``hydra.callbacks.sweep_plan.dry_run=true`` (or ``NORA_SWEEP_DRY_RUN=1``).
 
 ``python -m nora.results plan <sweep> [overrides]`` prints the same plan through Hydra's compose API.
 """
@@ -46,9 +48,50 @@ class Job:
     overrides: list[str]   # the job's own overrides (one value per swept key)
     run_dir: Path
     status: str            # complete | resumable | started | new
+    estimate_s: float | None = None  # device seconds to train it, from a measured throughput (None: unknown)
 
     def describe(self) -> str:
-        return f"{self.status:9s} {self.run_dir}  [{' '.join(self.overrides)}]"
+        cost = f"~{_fmt_time(self.estimate_s)}" if self.estimate_s is not None else "~?"
+        return f"{self.status:9s} {cost:>8s} {self.run_dir}  [{' '.join(self.overrides)}]"
+
+
+# Training-set sizes of the datasets whose size is known before loading them
+TRAIN_IMAGES = {"cifar10": 50_000, "cifar100": 50_000}
+
+
+def _fmt_time(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}min"
+    return f"{seconds / 3600:.1f}h"
+
+
+def load_throughput(device_type: str, results: Path | None = None) -> dict | None:
+    """``results/bench_train_<device>.json`` (``python -m nora.bench train``), if it was measured."""
+    import json
+
+    path = (results or ROOT / "results") / f"bench_train_{device_type}.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return None
+
+
+def estimate_seconds(cfg, bench: dict | None) -> float | None:
+    """Device time of one training job: images it will see / images per second measured for its method on the
+    same model (the benchmark's batch size may differ; evaluation time is left out). None when not measured."""
+    if bench is None or cfg.model.family != "vision" or bench.get("model") != cfg.model.name:
+        return None
+    row = (bench.get("methods") or {}).get(cfg.method.name)
+    n = cfg.dataset.get("limit_train") or TRAIN_IMAGES.get(cfg.dataset.name)
+    if not row or not n or not row.get("images_per_s"):
+        return None
+    t = cfg.trainer
+    steps = int(t.max_steps) if t.get("max_steps") else int(t.epochs) * (int(n) // (int(t.batch_size) * int(t.grad_accum)))
+    return steps * int(t.batch_size) * int(t.grad_accum) / float(row["images_per_s"])
 
 
 def job_overrides(params: dict, task_overrides: Sequence[str], config_loader=None) -> list[list[str]]:
@@ -98,11 +141,17 @@ def job_run_dir(cfg) -> Path:
 def plan_jobs(compose_fn, config_name: str, params: dict, task_overrides: Sequence[str],
               config_loader=None) -> list[Job]:
     """Compose every job of a sweep (nothing runs) and report its run directory and state."""
+    import torch
+
+    bench = load_throughput("cuda" if torch.cuda.is_available() else "cpu")
     jobs = []
     for ov in job_overrides(params, task_overrides, config_loader):
         cfg = compose_fn(config_name, ov)
         run_dir = job_run_dir(cfg)
-        jobs.append(Job(ov, run_dir, run_status(run_dir)))
+        est = None
+        with contextlib.suppress(Exception):
+            est = estimate_seconds(cfg, bench)
+        jobs.append(Job(ov, run_dir, run_status(run_dir), est))
     return jobs
 
 
@@ -151,6 +200,17 @@ def format_plan(name: str, jobs: list[Job], verbose: bool = True) -> str:
             f"resumable from a checkpoint, {counts['started'] + counts['new']} to run)")
     if dup:
         head += f"; WARNING: {dup} jobs share a run directory with another job"
+    todo = [j for j in jobs if j.status != "complete"]
+    known = [j.estimate_s for j in todo if j.estimate_s is not None]
+    if todo:
+        cost = f"estimated device time for the {len(todo)} jobs to run: "
+        cost += f"~{_fmt_time(sum(known))}" if known else "unknown"
+        if len(known) < len(todo):
+            cost += (f" ({len(todo) - len(known)} without an estimate: no `python -m nora.bench train` throughput "
+                     "measured for their model, method and device)")
+        else:
+            cost += " (from the measured `python -m nora.bench train` throughput; evaluation not included)"
+        head += "\n" + cost
     lines = [head]
     if verbose:
         lines += ["  " + j.describe() for j in jobs]
