@@ -30,19 +30,21 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SOURCE = {"classes": [0, 1, 2, 3, 4], "transform": "none"}
 TARGET = {"classes": [5, 6, 7, 8, 9], "transform": "rot90"}
 PRETRAIN = {"epochs": 40, "lr": 2e-3, "batch_size": 32}
-METHODS = ("linear_probe", "full", "lora", "nora", "nora_pp")
+METHODS = ("linear_probe", "full", "lora", "nora", "nora_pp", "rational_ft", "zero_init_ft")
 
-# Learning rates of the demo's fine-tuning runs, chosen by `python -m nora.demo --tune` (seed 0, evaluated
-# on a validation split held out from the target *training* images; the test images are never used for
-# it). The sweep's table is results/demo_lr_sweep.md. `lr` trains the method's own parameters (all weights,
+# Learning rates of the demo's fine-tuning runs, chosen by `python -m nora.demo --tune` (seeds 0 and 1, best
+# mean accuracy on a validation split held out from the target *training* images; the test images are never
+# used for it). The sweep's table is results/demo_lr_sweep.md. `lr` trains the method's own parameters (all weights,
 # LoRA, or the NoRA factors); NoRA++ keeps LoRA's lr and tunes `nora_lr`; every method's new head uses the
 # linear probe's best lr.
-LR_GRID = {"linear_probe": {"lr": [1e-3, 3e-3, 1e-2]}, "full": {"lr": [3e-4, 1e-3, 3e-3]},
-           "lora": {"lr": [3e-4, 1e-3, 3e-3]}, "nora": {"lr": [1e-2, 3e-2, 1e-1]},
-           "nora_pp": {"nora_lr": [1e-2, 3e-2, 1e-1]}}
-DEMO_LR = {"linear_probe": {"lr": 1e-2}, "full": {"lr": 1e-3}, "lora": {"lr": 3e-3},
-           "nora": {"lr": 1e-1}, "nora_pp": {"lr": 3e-3, "nora_lr": 1e-1}}
-HEAD_LR = 1e-2
+LR_GRID = {"linear_probe": {"lr": [1e-2, 3e-2, 1e-1, 3e-1]}, "full": {"lr": [3e-4, 1e-3, 3e-3, 1e-2]},
+           "lora": {"lr": [3e-4, 1e-3, 3e-3, 1e-2]}, "nora": {"lr": [1e-2, 3e-2, 1e-1, 3e-1]},
+           "nora_pp": {"nora_lr": [1e-2, 3e-2, 1e-1, 3e-1]}, "rational_ft": {"lr": [1e-3, 3e-3, 1e-2, 3e-2]},
+           "zero_init_ft": {"lr": [1e-3, 3e-3, 1e-2, 3e-2]}}
+DEMO_LR = {"linear_probe": {"lr": 3e-1}, "full": {"lr": 1e-3}, "lora": {"lr": 3e-3},
+           "nora": {"lr": 3e-2}, "nora_pp": {"lr": 3e-3, "nora_lr": 3e-2},
+           "rational_ft": {"lr": 3e-2}, "zero_init_ft": {"lr": 3e-2}}
+HEAD_LR = 3e-1  # the linear probe's best lr
 
 
 def _compose(overrides: list[str]):
@@ -63,7 +65,14 @@ def pretrain_source(out_root: Path, seed: int = 0) -> Path:
     """Train the source backbone once (reproducible, cached by its settings) and return its weights."""
     from nora.run import run_training
 
-    key = hashlib.sha256(json.dumps([SOURCE, PRETRAIN, seed], sort_keys=True).encode()).hexdigest()[:10]
+    # keyed by the settings and by the code that shapes the backbone (data path, loop, model), so an edit to any
+    # of it pretrains afresh instead of reusing a backbone the current code would not produce
+    h = hashlib.sha256(json.dumps([SOURCE, PRETRAIN, seed], sort_keys=True).encode())
+    pkg = Path(__file__).resolve().parent
+    for rel in ("demo.py", "data/vision.py", "data/batched.py", "data/sampling.py", "train/loop.py",
+                "models/vision.py", "methods/__init__.py", "run.py"):
+        h.update((pkg / rel).read_bytes())
+    key = h.hexdigest()[:10]
     weights = cache_dir() / f"source_{key}.safetensors"
     if weights.exists():
         return weights
@@ -87,6 +96,9 @@ def lr_overrides(method: str, lrs: dict | None = None) -> list[str]:
     out = [f"trainer.{k}={v}" for k, v in lrs.items()]
     if method not in ("full", "linear_probe"):  # those train the head with their own lr
         out.append(f"trainer.head_lr={HEAD_LR}")
+    if method in ("lora", "dora", "nora_pp"):
+        # at this size, drawing LoRA's dropout masks costs as much as the rest of the training step on a CPU
+        out.append("method.lora.dropout=0.0")
     return out
 
 
@@ -99,23 +111,38 @@ def finetune(method: str, seed: int, weights: Path, out_root: Path, extra: list[
     return run_training(cfg, run_dir=out_root / (name or f"{method}_s{seed}"))
 
 
-def tune(weights: Path, out_root: Path, table: Path, methods: list[str]) -> str:
-    """The learning-rate sweep behind DEMO_LR, on a validation split of the target training images."""
-    lines = ["# Demo learning-rate sweep (validation split of the target training images, seed 0)", "",
-             "| method | setting | validation accuracy (%) |", "|---|---|---|"]
+def tune(weights: Path, out_root: Path, table: Path, methods: list[str], seeds: tuple[int, ...] = (0, 1)) -> str:
+    """The learning-rate sweep behind DEMO_LR, on a validation split of the target training images: each value
+    on ``seeds``, the best mean validation accuracy wins (a value that only sometimes trains is not chosen)."""
+    lines = [f"# Demo learning-rate sweep (validation split of the target training images, seeds "
+             f"{', '.join(map(str, seeds))})", "",
+             "| method | setting | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
+             "|---|---|" + "---|" * (len(seeds) + 1)]
+    global HEAD_LR
     best = {}
-    for method in methods:
+    order = sorted(methods, key=lambda m: m != "linear_probe")  # the probe first: its lr is every head's lr
+    for method in order:
         (key, grid), = LR_GRID[method].items()
+        if method == "nora_pp" and "lora" in best:
+            DEMO_LR["nora_pp"]["lr"] = best["lora"][0]  # NoRA++ keeps LoRA's tuned lr
         for value in grid:
             lrs = dict(DEMO_LR[method], **{key: value})
-            s = finetune(method, 0, weights, out_root / "tune", ["dataset.eval_split=validation", "force=true"],
-                         lrs=lrs, name=f"{method}_{key}{value:g}")
-            acc = s["final_accuracy"]
-            lines.append(f"| {method} | {key}={value:g} | {acc:.1f} |")
-            print(f"  tune {method} {key}={value:g}: {acc:.1f}%", flush=True)
-            if method not in best or acc > best[method][1]:
-                best[method] = (value, acc)
-    lines += ["", "Best: " + ", ".join(f"{m} {next(iter(LR_GRID[m]))}={v:g}" for m, (v, _a) in best.items())]
+            accs = [finetune(method, seed, weights, out_root / "tune", ["dataset.eval_split=validation", "force=true"],
+                             lrs=lrs, name=f"{method}_{key}{value:g}_s{seed}")["final_accuracy"] for seed in seeds]
+            mean = sum(accs) / len(accs)
+            lines.append(f"| {method} | {key}={value:g} | " + " | ".join(f"{a:.1f}" for a in accs) + f" | {mean:.1f} |")
+            print(f"  tune {method} {key}={value:g}: {' '.join(f'{a:.1f}' for a in accs)} -> {mean:.1f}%", flush=True)
+            if method not in best or mean > best[method][1]:
+                best[method] = (value, mean)
+        if method == "linear_probe":
+            HEAD_LR = best[method][0]
+    edge = [m for m, (v, _a) in best.items() if v in (LR_GRID[m][next(iter(LR_GRID[m]))][0],
+                                                       LR_GRID[m][next(iter(LR_GRID[m]))][-1])]
+    lines += ["", "Best: " + ", ".join(f"{m} {next(iter(LR_GRID[m]))}={v:g}" for m, (v, _a) in best.items()),
+              "", "At the edge of its grid (a wider grid might move it): " + (", ".join(edge) or "none") + ".",
+              "", f"Every method's new head trains at the linear probe's best lr ({HEAD_LR:g}); NoRA++ keeps "
+              "LoRA's best lr for its LoRA factors and tunes the NoRA factors' lr. Ties keep the smaller lr. "
+              "LoRA/DoRA adapters use dropout 0 in the demo (see `lr_overrides`)."]
     text = "\n".join(lines) + "\n"
     table.parent.mkdir(parents=True, exist_ok=True)
     table.write_text(text)

@@ -112,7 +112,7 @@ def _vision_setup(cfg: DictConfig, device, ws: int, rk: int):
                  head=cfg.model.get("head") or "head", extra={}, train_sampler=train_sampler,
                  eval_sampler=eval_sampler)
     path = data_path(cfg.trainer.get("data_path", "auto"), device)
-    parts["extra"]["data_path"] = path
+    parts["extra"].update(data_path=path, image_size=size)
     if path == "batched":
         from nora.data.batched import BatchedAugment, DeviceBatches, as_uint8_tensors
 

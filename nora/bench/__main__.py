@@ -7,6 +7,7 @@ import sys
 SUBCOMMANDS = {
     "kernels": ("nora.bench.kernels", "rational kernels vs GELU/SiLU: time, saved bytes, bandwidth floor"),
     "train": ("nora.bench.train_step", "training-step time and peak memory per fine-tuning method"),
+    "mlp": ("nora.bench.mlp_block", "SwiGLU MLP block step: SiLU vs NoRA vs LoRA vs NoRA++"),
 }
 
 

@@ -43,7 +43,8 @@ def _overrides(args, method: str, data_root: str, out: str) -> list[str]:
 
 
 def flops_per_image(model, size: int, device) -> float:
-    """Forward + backward FLOPs of one image (counted, not estimated)."""
+    """Forward + backward FLOPs of one image as the method trains it (counted, not estimated: frozen weights
+    get no weight gradient, so a PEFT method's backward costs less than full fine-tuning's)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.randn(2, 3, size, size, device=device)
@@ -53,9 +54,28 @@ def flops_per_image(model, size: int, device) -> float:
     return fc.get_total_flops() / 2
 
 
+def method_flops(model_name: str, methods: list[str], num_classes: int, device) -> dict[str, float]:
+    from hydra import compose, initialize_config_dir
+
+    from nora.methods import apply_method
+    from nora.models import build_model
+    from nora.models.vision import input_size
+
+    out = {}
+    configs = str(Path(__file__).resolve().parents[2] / "configs")
+    for m in methods:
+        with initialize_config_dir(config_dir=configs, version_base="1.3"):
+            cfg = compose("train", overrides=[f"model={model_name}", "model.pretrained=false", f"method={m}",
+                                              "dataset=cifar10"])
+        model = build_model(cfg.model, num_classes)
+        model = apply_method(model, cfg.method, cfg.model).model.to(device)
+        out[m] = flops_per_image(model, input_size(model), device)
+    return out
+
+
 def matmul_rate(device: torch.device) -> float:
     """Dense matmul FLOP/s measured now (the utilisation reference)."""
-    n = 4096 if device.type == "cuda" else 1024
+    n = 4096 if device.type == "cuda" else 2048
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
@@ -88,7 +108,8 @@ def run_one(args) -> dict:
     return {"method": args.one, "images_per_s": ips, "step_time_s": args.batch_size / ips,
             "data_wait_share": measured["data_wait_share"], "peak_memory_mb": summary["peak_memory_mb"],
             "training_memory_mb": summary["peak_memory_mb"] - summary["memory_before_training_mb"],
-            "parameters": summary["parameters"], "data_path": summary.get("data_path")}
+            "parameters": summary["parameters"], "data_path": summary.get("data_path"),
+            "image_size": int(summary["image_size"])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,17 +161,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {r} {m:8s} {res['images_per_s']:8.1f} img/s  step {res['step_time_s'] * 1e3:7.1f} ms  "
                       f"data wait {100 * res['data_wait_share']:4.1f}%  peak {res['peak_memory_mb']:7.0f} MB", flush=True)
 
-    # FLOPs per image and the matmul reference, measured in this process
-    from hydra import compose, initialize_config_dir
-
-    from nora.models import build_model
-    from nora.models.vision import input_size
-
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "configs"), version_base="1.3"):
-        mcfg = compose("train", overrides=[f"model={args.model}", "model.pretrained=false"]).model
-    model = build_model(mcfg, 10).to(device)
-    size = input_size(model)
-    fpi = flops_per_image(model, size, device)
+    # FLOPs per image of each method and the matmul reference, measured in this process
+    fpi = method_flops(args.model, methods, 10, device)
+    size = results[methods[0]][0]["image_size"]
     peak = matmul_rate(device)
 
     def med(xs):
@@ -165,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                    "peak_memory_mb": med([r["peak_memory_mb"] for r in rs]),
                    "training_memory_mb": med([r["training_memory_mb"] for r in rs]),
                    "trainable": rs[0]["parameters"]["trainable"], "data_path": rs[0]["data_path"],
-                   "mfu": fpi * ips / peak}
+                   "flops_per_image": fpi[m], "mfu": fpi[m] * ips / peak}
     for ref in ("lora", "full"):
         if ref in rows:
             for m in rows:
@@ -175,15 +188,15 @@ def main(argv: list[str] | None = None) -> int:
                                                         / max(rows[ref]["training_memory_mb"], 1e-9))
     report = {"benchmark": "train_step", "model": args.model, "image_size": size, "batch_size": args.batch_size,
               "measured_steps": args.steps, "warmup_steps": args.warmup, "rounds": args.rounds,
-              "device": str(device), "precision": args.precision, "flops_per_image": fpi,
+              "device": str(device), "precision": args.precision,
               "matmul_flops_per_s": peak, "methods": rows, "hardware": hardware.describe(),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": "python -m nora.bench train " + " ".join(argv if argv is not None else sys.argv[1:])}
     out = Path(args.out or f"results/bench_train_{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    print(f"\n{args.model} {size}px batch {args.batch_size} on {hardware.label()}; {fpi / 1e9:.2f} GFLOP/image "
-          f"(fwd+bwd); matmul reference {peak / 1e9:.0f} GFLOP/s")
+    print(f"\n{args.model} {size}px batch {args.batch_size} on {hardware.label()}; full fine-tuning "
+          f"{fpi.get('full', max(fpi.values())) / 1e9:.2f} GFLOP/image (fwd+bwd); matmul reference {peak / 1e9:.0f} GFLOP/s")
     print(f"{'method':10s} {'img/s':>8s} {'step ms':>8s} {'vs lora':>8s} {'vs full':>8s} {'peak MB':>8s} "
           f"{'train MB':>8s} {'vs lora':>8s} {'wait':>6s} {'MFU':>6s}")
     for m, r in rows.items():
