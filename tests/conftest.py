@@ -10,7 +10,26 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+_DIST_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_distributed_env():
+    """A test that leaves torchrun's variables behind makes every later in-process training run
+    try to join a process group (and wait for it): fail the leaking test instead."""
+    before = {k: os.environ.get(k) for k in _DIST_VARS}
+    yield
+    after = {k: os.environ.get(k) for k in _DIST_VARS}
+    leaked = {k: v for k, v in after.items() if v != before[k]}
+    for k in leaked:
+        if before[k] is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = before[k]
+    assert not leaked, f"test left distributed environment variables behind: {leaked}"

@@ -123,8 +123,12 @@ def test_slurm_env_from_submitit(monkeypatch):
     pytest.importorskip("submitit")
     from nora.train.distributed import slurm_env
 
+    # slurm_env() writes these into os.environ: setenv first so that monkeypatch removes them afterwards
+    # (a delenv of an absent key records nothing, and a leaked WORLD_SIZE=4 makes later in-process
+    # training runs wait for a rendezvous that never comes)
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
     assert slurm_env() is False  # not a submitit job
     env = dict(SUBMITIT_EXECUTOR="slurm", SLURM_NTASKS="4", SLURM_PROCID="3", SLURM_LOCALID="1",
                SLURM_JOB_NODELIST="gpu[07-08]", SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES="2", SLURM_NODEID="1")
