@@ -35,15 +35,45 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"method={meth.name} does not apply to {m.family} models; valid: {', '.join(valid)}")
     if int(cfg.trainer.batch_size) < 1:
         raise UserError("trainer.batch_size must be >= 1")
+    if cfg.get("on_config_change", "error") not in ON_CONFIG_CHANGE:
+        raise UserError(f"on_config_change={cfg.on_config_change!r}; valid: {', '.join(ON_CONFIG_CHANGE)}")
 
 
-def config_hash(cfg: DictConfig, exclude: tuple[str, ...] = ("resume", "force", "output_root", "logger",
-                                                             "run_name")) -> str:
-    """A short, stable hash of what determines a run's result (not where it is written or logged)."""
-    d = OmegaConf.to_container(cfg, resolve=True)
-    for k in exclude:
+# What decides where a run is written, how it is logged or shown, or whether it is skipped or resumed: not
+# its result. Changing these never makes a run directory "another configuration".
+NOT_RESULT_KEYS = ("resume", "force", "on_config_change", "output_root", "logger", "run_name", "hydra")
+NOT_RESULT_TRAINER_KEYS = ("progress", "num_workers", "log_every", "checkpoint_every", "stop_after_steps")
+ON_CONFIG_CHANGE = ("error", "rerun", "keep")
+
+
+def result_config(cfg) -> dict:
+    """The resolved part of a config (DictConfig or plain dict) that determines a run's result."""
+    d = OmegaConf.to_container(OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg, resolve=True)
+    for k in NOT_RESULT_KEYS:
         d.pop(k, None)
     if isinstance(d.get("trainer"), dict):
-        for k in ("progress", "num_workers", "log_every", "checkpoint_every", "stop_after_steps"):
+        for k in NOT_RESULT_TRAINER_KEYS:
             d["trainer"].pop(k, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return d
+
+
+def config_hash(cfg) -> str:
+    """A short, stable hash of what determines a run's result (not where it is written or logged)."""
+    return hashlib.sha256(json.dumps(result_config(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _flatten(d, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+def config_differences(before, after) -> list[str]:
+    """``key: before -> after`` for every result-determining value that differs between two configs."""
+    a, b = _flatten(result_config(before)), _flatten(result_config(after))
+    missing = "(not set)"
+    return [f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}".replace(f"'{missing}'", missing)
+            for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]

@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from nora import hardware
-from nora.config import config_hash, per_family, validate
+from nora.config import config_differences, config_hash, per_family, validate
 from nora.errors import UserError
 from nora.hub import go_offline_if_unreachable
 from nora.methods import MethodResult, apply_method
@@ -74,6 +74,40 @@ def default_run_dir(cfg: DictConfig) -> Path:
         return Path(HydraConfig.get().runtime.output_dir)
     except Exception:
         return Path(cfg.output_root) / cfg.run_name
+
+
+def stored_config(run_dir: str | os.PathLike) -> dict | None:
+    """The resolved config a run directory was last started with (its ``config.yaml``), or None."""
+    path = Path(run_dir) / "config.yaml"
+    return OmegaConf.to_container(OmegaConf.load(path)) if path.exists() else None
+
+
+def changed_config(cfg, run_dir: str | os.PathLike) -> list[str]:
+    """How ``cfg`` differs from the config the run in ``run_dir`` was started with, in what determines the
+    result (``key: then -> now``); empty if the same or if nothing was recorded."""
+    stored = stored_config(run_dir)
+    return config_differences(stored, cfg) if stored is not None else []
+
+
+def _start_afresh_for_changed_config(cfg: DictConfig, run_dir: Path, what: str) -> bool:
+    """Before skipping a complete run or resuming a checkpoint: the run directory must hold this same
+    configuration (a changed lr, epoch count or dataset must not silently keep or extend another run).
+    ``on_config_change``: error (default), rerun (start afresh), keep (use what is there). True: start afresh."""
+    diff = changed_config(cfg, run_dir)
+    if not diff:
+        return False
+    shown = "\n  ".join(diff[:20]) + (f"\n  ... and {len(diff) - 20} more" if len(diff) > 20 else "")
+    policy = cfg.get("on_config_change", "error")
+    if policy == "keep":
+        print(f"warning: {run_dir} holds {what} of another configuration; on_config_change=keep uses it as it is:"
+              f"\n  {shown}")
+        return False
+    if policy == "rerun":
+        print(f"{run_dir} holds {what} of another configuration; on_config_change=rerun starts it afresh:\n  {shown}")
+        return True
+    raise UserError(f"{run_dir} holds {what} of another configuration (then -> now):\n  {shown}\n"
+                    "on_config_change=rerun starts it afresh, on_config_change=keep uses it as it is; "
+                    "or choose another output_root")
 
 
 def resume_path(resume, run_dir: Path) -> Path | None:
@@ -183,12 +217,16 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
     validate(cfg)
     go_offline_if_unreachable()
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-    if is_complete(run_dir) and not cfg.get("force", False):
+    complete, auto = is_complete(run_dir), cfg.get("resume", "auto") == "auto"
+    afresh = bool(cfg.get("force", False))
+    if not afresh and (complete or (auto and (run_dir / "checkpoints" / "last.pt").exists())):
+        afresh = _start_afresh_for_changed_config(cfg, run_dir, "a complete run" if complete else "a checkpoint")
+    if complete and not afresh:
         log.info("%s is complete (summary.json); skipping (force=true reruns it)", run_dir)
         print(f"skip: {run_dir} already holds a complete summary.json (force=true reruns it)")
         return read_summary(run_dir)
     resume_from = resume_path(cfg.get("resume", "auto"), run_dir)
-    if cfg.get("force", False) and cfg.get("resume", "auto") == "auto":
+    if afresh and auto:
         resume_from = None
 
     device = resolve_device(cfg.trainer.device)
@@ -197,7 +235,7 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
     ws, rk = dist.world_size(), dist.rank()
     say = print if rk == 0 else (lambda *a, **k: None)
     if resume_from is None and rk == 0:  # a fresh start: nothing of an earlier attempt may leak into this run
-        for stale in ("metrics.jsonl", SUMMARY):
+        for stale in ("metrics.jsonl", SUMMARY, "checkpoints/last.pt"):
             (run_dir / stale).unlink(missing_ok=True)
     seed_everything(int(cfg.seed))
     family = cfg.model.family

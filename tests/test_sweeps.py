@@ -150,6 +150,18 @@ def test_plan_reports_complete_and_resumable(tmp_path):
     jobs = plan("table1", ["seed=0", "method=nora", f"output_root={tmp_path}"])
     assert [(j.run_dir.name, j.status) for j in jobs] == [("vit_tiny_cifar10_nora_s0", "complete"),
                                                           ("vit_tiny_cifar100_nora_s0", "resumable")]
+    # a run directory started with another configuration is reported as such, not as skippable/resumable
+    with sweep_hydra():
+        compose = CachedComposer()
+        for ov, d in ((["dataset=cifar10"], done), (["dataset=cifar100", "trainer.epochs=3"], half.parent)):
+            job = OmegaConf.to_container(compose("table1", ["seed=0", "method=nora", f"output_root={tmp_path}"] + ov),
+                                         resolve=False)
+            job.pop("hydra")
+            (d / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(job), resolve=True))
+    jobs = plan("table1", ["seed=0", "method=nora", f"output_root={tmp_path}"])
+    assert [j.status for j in jobs] == ["complete", "changed"]
+    from nora.results.sweep import format_plan
+    assert "1 run directory holds a run of another configuration" in format_plan("table1", jobs)
 
 
 def test_slurm_launcher_composes():

@@ -87,6 +87,7 @@ def test_unknown_group_option_lists_valid_ones():
     ("trainer.data_path=gpu", "valid: auto, batched, per_sample"),
     ("method.nora.form=C", "valid: A, B"),
     ("method.nora.variant=magic", "valid: nora, rational_ft, zero_init_ft, frozen"),
+    ("on_config_change=ignore", "valid: error, rerun, keep"),
 ])
 def test_bad_values_fail_with_the_valid_options(cifar10, tmp_path, override, match):
     cfg = make_cfg(tiny_overrides(cifar10, tmp_path, extra=[override]))
@@ -139,6 +140,39 @@ def test_finished_run_is_skipped_and_force_reruns(cifar10, tmp_path, capsys):
     cfg.force = True
     forced = run_training(cfg, run_dir=tmp_path / "run")
     assert forced["date"] >= first["date"] and forced["final_accuracy"] == first["final_accuracy"]
+
+
+def test_a_changed_config_is_never_skipped_or_resumed_silently(cifar10, tmp_path, capsys):
+    run = tmp_path / "run"
+    base = tiny_overrides(cifar10, tmp_path, "linear_probe", ["trainer.epochs=1"])
+    first = run_training(make_cfg(base), run_dir=run)
+    # where outputs go, logging and progress settings are not the configuration: still skipped
+    same = run_training(make_cfg(base + ["trainer.log_every=5", f"output_root={tmp_path / 'elsewhere'}"]), run_dir=run)
+    assert same == json.loads(json.dumps(first, default=str))
+    with pytest.raises(UserError, match=r"holds a complete run of another configuration(.|\n)*trainer.epochs: 1 -> 2"):
+        run_training(make_cfg(base + ["trainer.epochs=2"]), run_dir=run)
+    kept = run_training(make_cfg(base + ["trainer.epochs=2", "on_config_change=keep"]), run_dir=run)
+    assert kept["epochs"] == 1 and "on_config_change=keep uses it as it is" in capsys.readouterr().out
+    redone = run_training(make_cfg(base + ["trainer.epochs=2", "on_config_change=rerun"]), run_dir=run)
+    assert redone["epochs"] == 2 and redone["config_hash"] != first["config_hash"]
+    with pytest.raises(UserError, match="trainer.epochs: 2 -> 1"):
+        run_training(make_cfg(base), run_dir=run)
+
+    # a checkpoint of another configuration is not resumed: error, or (rerun) a clean start that ends exactly
+    # where a straight run with the new configuration ends
+    extra = ["trainer.epochs=2", "trainer.checkpoint_every=2"]
+    cut = tmp_path / "cut"
+    part = run_training(make_cfg(tiny_overrides(cifar10, tmp_path, "nora", extra + ["trainer.stop_after_steps=3"])),
+                        run_dir=cut)
+    assert part == {"status": "incomplete", "step": 3}
+    other = tiny_overrides(cifar10, tmp_path, "nora", extra + ["method.nora.r=2"])
+    with pytest.raises(UserError, match=r"holds a checkpoint of another configuration(.|\n)*method.nora.r: 3 -> 2"):
+        run_training(make_cfg(other), run_dir=cut)
+    interrupted = run_training(make_cfg(other + ["on_config_change=rerun", "trainer.stop_after_steps=1"]), run_dir=cut)
+    assert interrupted == {"status": "incomplete", "step": 1}  # started at 0, not at the other run's step 2
+    resumed = run_training(make_cfg(other), run_dir=cut)
+    straight = run_training(make_cfg(other), run_dir=tmp_path / "straight")
+    assert resumed["final"] == straight["final"] and resumed["parameters"] == straight["parameters"]
 
 
 def test_wandb_offline_run_files(cifar10, tmp_path):

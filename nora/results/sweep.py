@@ -47,7 +47,7 @@ def all_sweeps() -> list[str]:
 class Job:
     overrides: list[str]   # the job's own overrides (one value per swept key)
     run_dir: Path
-    status: str            # complete | resumable | started | new
+    status: str            # complete | resumable | changed | started | new
     estimate_s: float | None = None  # device seconds to train it, from a measured throughput (None: unknown)
 
     def describe(self) -> str:
@@ -113,16 +113,26 @@ def job_overrides(params: dict, task_overrides: Sequence[str], config_loader=Non
     return [list(x) for x in itertools.product(*final.values())]
 
 
-def run_status(run_dir: Path) -> str:
-    from nora.run import is_complete
+def run_status(run_dir: Path, cfg=None) -> str:
+    """complete | resumable | started | new; ``changed`` when a complete or resumable run directory was
+    started with another configuration than the job's ``cfg`` (``on_config_change`` decides what train.py does)."""
+    from nora.run import changed_config, is_complete
 
     if is_complete(run_dir):
-        return "complete"
-    if (run_dir / "checkpoints" / "last.pt").exists():
-        return "resumable"
-    if run_dir.exists():
-        return "started"
-    return "new"
+        status = "complete"
+    elif (run_dir / "checkpoints" / "last.pt").exists():
+        status = "resumable"
+    else:
+        return "started" if run_dir.exists() else "new"
+    if cfg is not None:
+        from omegaconf import OmegaConf
+
+        job = OmegaConf.to_container(cfg, resolve=False)
+        job.pop("hydra", None)  # composed with its hydra node, which resolves only inside a Hydra run
+        with contextlib.suppress(Exception):
+            if changed_config(OmegaConf.create(job), run_dir):
+                return "changed"
+    return status
 
 
 def job_run_dir(cfg) -> Path:
@@ -151,7 +161,7 @@ def plan_jobs(compose_fn, config_name: str, params: dict, task_overrides: Sequen
         est = None
         with contextlib.suppress(Exception):
             est = estimate_seconds(cfg, bench)
-        jobs.append(Job(ov, run_dir, run_status(run_dir), est))
+        jobs.append(Job(ov, run_dir, run_status(run_dir, cfg), est))
     return jobs
 
 
@@ -192,12 +202,16 @@ class CachedComposer:
 
 
 def format_plan(name: str, jobs: list[Job], verbose: bool = True) -> str:
-    counts = {s: sum(j.status == s for j in jobs) for s in ("complete", "resumable", "started", "new")}
+    counts = {s: sum(j.status == s for j in jobs) for s in ("complete", "resumable", "changed", "started", "new")}
     dirs = [j.run_dir for j in jobs]
     dup = len(dirs) - len(set(dirs))
     head = (f"sweep {name}: {len(jobs)} job{'' if len(jobs) == 1 else 's'} ({counts['complete']} complete: skipped, "
             f"{counts['resumable']} "
             f"resumable from a checkpoint, {counts['started'] + counts['new']} to run)")
+    if counts["changed"]:
+        head += (f"; {counts['changed']} run director{'y holds' if counts['changed'] == 1 else 'ies hold'} a run of "
+                 "another configuration: train.py stops there unless on_config_change=rerun (start afresh) or "
+                 "on_config_change=keep (use it as it is)")
     if dup:
         head += f"; WARNING: {dup} jobs share a run directory with another job"
     todo = [j for j in jobs if j.status != "complete"]
