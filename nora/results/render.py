@@ -84,6 +84,13 @@ def _first_seed(runs: Sequence[Run]) -> Run | None:
     return min(runs, key=lambda r: (r.seed if r.seed is not None else 1 << 30, str(r.dir))) if runs else None
 
 
+def _activation_figure(runs: Sequence[Run], path: Path, title) -> list[Path]:
+    """The learned activations of the first seed among ``runs`` (``title(run)`` on top); none without runs."""
+    run = _first_seed(runs)
+    f = figures.activation_figure(run.dir, path, title(run)) if run is not None else None
+    return [f] if f else []
+
+
 def _points(runs: Sequence[Run], methods: Sequence[str], metric) -> list[figures.Point]:
     pts = []
     for m in methods:
@@ -111,13 +118,10 @@ def render_demo(col: Collection, out: Path, source: str, methods: Sequence[str] 
                                    f"Accuracy vs trainable parameters: {label}")
     made["figures"] += [f] if f else []
     for m in RATIONAL_METHODS:
-        run = _first_seed([r for r in runs if r.method == m])
-        if run is None:
-            continue
-        f = figures.activation_figure(run.dir, out / "figures" / f"demo_activations_{m}.png",
-                                      f"{METHOD_LABEL[m]}: learned activations per layer and group, seed {run.seed} "
-                                      f"({label}); shaded: fit range")
-        made["figures"] += [f] if f else []
+        made["figures"] += _activation_figure(
+            [r for r in runs if r.method == m], out / "figures" / f"demo_activations_{m}.png",
+            lambda run: f"{METHOD_LABEL[m]}: learned activations per layer and group, seed {run.seed} "
+                        f"({label}); shaded: fit range")
     analyses = [analyse_method(m, _by_seed_dirs([r for r in runs if r.method == m])) for m in SUBSPACE_METHODS]
     analyses = [a for a in analyses if a is not None]
     have = {a.method for a in analyses}
@@ -144,12 +148,11 @@ def render_table1(col: Collection, out: Path, source: str) -> dict:
     made["figures"] += [f] if f else []
     for ds in TABLE1_DATASETS:
         for m in ("nora", "nora_pp"):
-            run = _first_seed([r for r in runs if r.dataset == ds and r.method == m])
-            if run is not None:
-                f = figures.activation_figure(run.dir, out / "figures" / f"table1_activations_{m}_{ds}.png",
-                                              f"{METHOD_LABEL[m]} on ViT-Tiny / {DATASET_LABEL[ds]}, seed {run.seed}: "
-                                              "learned activations per layer and group; shaded: fit range")
-                made["figures"] += [f] if f else []
+            made["figures"] += _activation_figure(
+                [r for r in runs if r.dataset == ds and r.method == m],
+                out / "figures" / f"table1_activations_{m}_{ds}.png",
+                lambda run: f"{METHOD_LABEL[m]} on ViT-Tiny / {DATASET_LABEL[ds]}, seed {run.seed}: "
+                            "learned activations per layer and group; shaded: fit range")
     return made
 
 
@@ -164,12 +167,11 @@ def render_table2(col: Collection, out: Path, source: str, eval_source: str = "r
                                    ylabel="MMLU average (%)")
     made["figures"] += [f] if f else []
     for ds in TABLE2_DATASETS:
-        run = _first_seed([r for r in report.runs if r.dataset == ds and r.method == "nora_pp"])
-        if run is not None:
-            f = figures.activation_figure(run.dir, out / "figures" / f"table2_activations_nora_pp_{ds}.png",
-                                          f"NoRA++ on LLaMA-3-8B / {DATASET_LABEL[ds]}, seed {run.seed}: learned SiLU "
-                                          "rationals (12 of 32 layers); shaded: fit range")
-            made["figures"] += [f] if f else []
+        made["figures"] += _activation_figure(
+            [r for r in report.runs if r.dataset == ds and r.method == "nora_pp"],
+            out / "figures" / f"table2_activations_nora_pp_{ds}.png",
+            lambda run: f"NoRA++ on LLaMA-3-8B / {DATASET_LABEL[ds]}, seed {run.seed}: learned SiLU rationals "
+                        "(12 of 32 layers); shaded: fit range")
     return made
 
 
