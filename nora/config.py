@@ -47,8 +47,12 @@ ON_CONFIG_CHANGE = ("error", "rerun", "keep")
 
 
 def result_config(cfg) -> dict:
-    """The resolved part of a config (DictConfig or plain dict) that determines a run's result."""
-    d = OmegaConf.to_container(OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg, resolve=True)
+    """The resolved part of a config (DictConfig or plain dict) that determines a run's result. A job
+    composed with its ``hydra`` node works too: that node (which resolves only inside a Hydra run) is
+    dropped before anything is resolved."""
+    d = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else dict(cfg)
+    d.pop("hydra", None)
+    d = OmegaConf.to_container(OmegaConf.create(d), resolve=True)
     for k in NOT_RESULT_KEYS:
         d.pop(k, None)
     if isinstance(d.get("trainer"), dict):

@@ -108,7 +108,8 @@ def finetune(method: str, seed: int, weights: Path, out_root: Path, extra: list[
 
     # a run left by an older demo (another backbone, other learning rates) is redone, not reused
     cfg = _compose(["experiment=demo", f"method={method}", f"seed={seed}", f"model.checkpoint={weights}",
-                    f"output_root={out_root}", "on_config_change=rerun"] + _digits_overrides(TARGET) + lr_overrides(method, lrs) + extra)
+                    f"output_root={out_root}", "on_config_change=rerun"]
+                   + _digits_overrides(TARGET) + lr_overrides(method, lrs) + extra)
     return run_training(cfg, run_dir=out_root / (name or f"{method}_s{seed}"))
 
 

@@ -32,6 +32,7 @@ from nora.errors import UserError
 from nora.hub import go_offline_if_unreachable
 from nora.methods import MethodResult, apply_method
 from nora.train import distributed as dist
+from nora.train.checkpoint import checkpoint_path
 from nora.train.logger import RunLogger
 from nora.train.loop import Trainer, resolve_device
 
@@ -114,11 +115,11 @@ def resume_path(resume, run_dir: Path) -> Path | None:
     if resume in (None, False, "none", "null", "false"):
         return None
     if resume == "auto":
-        p = run_dir / "checkpoints" / "last.pt"
+        p = checkpoint_path(run_dir)
         return p if p.exists() else None
     p = Path(str(resume))
     if p.is_dir():
-        p = p / "checkpoints" / "last.pt"
+        p = checkpoint_path(p)
     if not p.exists():
         raise UserError(f"resume={resume}: no checkpoint at {p}")
     return p
@@ -219,7 +220,7 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     complete, auto = is_complete(run_dir), cfg.get("resume", "auto") == "auto"
     afresh = bool(cfg.get("force", False))
-    if not afresh and (complete or (auto and (run_dir / "checkpoints" / "last.pt").exists())):
+    if not afresh and (complete or (auto and checkpoint_path(run_dir).exists())):
         afresh = _start_afresh_for_changed_config(cfg, run_dir, "a complete run" if complete else "a checkpoint")
     if complete and not afresh:
         log.info("%s is complete (summary.json); skipping (force=true reruns it)", run_dir)
@@ -235,8 +236,8 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
     ws, rk = dist.world_size(), dist.rank()
     say = print if rk == 0 else (lambda *a, **k: None)
     if resume_from is None and rk == 0:  # a fresh start: nothing of an earlier attempt may leak into this run
-        for stale in ("metrics.jsonl", SUMMARY, "checkpoints/last.pt"):
-            (run_dir / stale).unlink(missing_ok=True)
+        for stale in (run_dir / "metrics.jsonl", run_dir / SUMMARY, checkpoint_path(run_dir)):
+            stale.unlink(missing_ok=True)
     seed_everything(int(cfg.seed))
     family = cfg.model.family
     if family == "vision":

@@ -31,12 +31,6 @@ EXPECTED = {
 }
 
 
-def _hash(cfg) -> str:
-    c = OmegaConf.to_container(cfg, resolve=False)
-    c.pop("hydra", None)
-    return config_hash(OmegaConf.create(c))
-
-
 @pytest.fixture(scope="module")
 def composed():
     """Every job of every sweep, composed once: {sweep: [(overrides, cfg), ...]}."""
@@ -100,14 +94,14 @@ def test_matched_budget_arms_reuse_table_runs(composed):
     """Arms at the default rank are the same directory *and* the same config as Table 1/2's jobs, so a matched
     sweep after Table 1/2 skips them; the other ranks get their own directories."""
     for table, matched in (("table1", "matched_vit"), ("table2", "matched_llama")):
-        table_jobs = {job_run_dir(c): _hash(c) for _ov, c in composed[table]}
+        table_jobs = {job_run_dir(c): config_hash(c) for _ov, c in composed[table]}
         arms = {}
         for _ov, c in composed[matched]:
             d = job_run_dir(c)
             arm = (c.method.name, c.method.lora.r)
             arms.setdefault(arm, []).append(d)
             if arm in (("lora", 8), ("dora", 8), ("nora_pp", 8)):
-                assert table_jobs[d] == _hash(c)
+                assert table_jobs[d] == config_hash(c)
             else:
                 assert d not in table_jobs and f"_r{arm[1]}_" in d.name
         assert set(arms) == {("nora_pp", 8), ("lora", 8), ("lora", 9), ("dora", 7), ("dora", 8)}
@@ -126,7 +120,7 @@ def test_ablation_sweeps_match_the_table_and_share_the_default(composed):
             if all(str(OmegaConf.select(c, k) if k != "method" else c.method.name) == str(v)
                    for k, v in {"method": "nora", "method.nora.r": 3, "method.nora.groups": 8, "method.nora.form": "A",
                                 "method.nora.numerator": "group", "method.nora.init": "fit"}.items()):
-                default_dirs.setdefault(c.seed, set()).add((job_run_dir(c), _hash(c)))
+                default_dirs.setdefault(c.seed, set()).add((job_run_dir(c), config_hash(c)))
     # the default setting is one directory (and one config) per seed across the six ablation sweeps
     assert sorted(default_dirs) == [0, 1, 2] and all(len(v) == 1 for v in default_dirs.values())
     all_dirs = {job_run_dir(c) for s in ABLATIONS for _ov, c in composed[f"ablation_{s[0]}"]}

@@ -169,7 +169,7 @@ def test_a_changed_config_is_never_skipped_or_resumed_silently(cifar10, tmp_path
     with pytest.raises(UserError, match=r"holds a checkpoint of another configuration(.|\n)*method.nora.r: 3 -> 2"):
         run_training(make_cfg(other), run_dir=cut)
     interrupted = run_training(make_cfg(other + ["on_config_change=rerun", "trainer.stop_after_steps=1"]), run_dir=cut)
-    assert interrupted == {"status": "incomplete", "step": 1}  # started at 0, not at the other run's step 2
+    assert interrupted == {"status": "incomplete", "step": 1}  # started at 0, not at the other run's step 3
     resumed = run_training(make_cfg(other), run_dir=cut)
     straight = run_training(make_cfg(other), run_dir=tmp_path / "straight")
     assert resumed["final"] == straight["final"] and resumed["parameters"] == straight["parameters"]

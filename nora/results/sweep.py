@@ -117,20 +117,17 @@ def run_status(run_dir: Path, cfg=None) -> str:
     """complete | resumable | started | new; ``changed`` when a complete or resumable run directory was
     started with another configuration than the job's ``cfg`` (``on_config_change`` decides what train.py does)."""
     from nora.run import changed_config, is_complete
+    from nora.train.checkpoint import checkpoint_path
 
     if is_complete(run_dir):
         status = "complete"
-    elif (run_dir / "checkpoints" / "last.pt").exists():
+    elif checkpoint_path(run_dir).exists():
         status = "resumable"
     else:
         return "started" if run_dir.exists() else "new"
     if cfg is not None:
-        from omegaconf import OmegaConf
-
-        job = OmegaConf.to_container(cfg, resolve=False)
-        job.pop("hydra", None)  # composed with its hydra node, which resolves only inside a Hydra run
         with contextlib.suppress(Exception):
-            if changed_config(OmegaConf.create(job), run_dir):
+            if changed_config(cfg, run_dir):
                 return "changed"
     return status
 

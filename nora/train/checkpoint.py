@@ -15,6 +15,11 @@ import torch
 from torch import nn
 
 
+def checkpoint_path(run_dir: str | os.PathLike) -> Path:
+    """Where a run directory keeps the checkpoint it resumes from."""
+    return Path(run_dir) / "checkpoints" / "last.pt"
+
+
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """``torch.save`` to a temp file in the same directory, fsync, then ``os.replace`` onto ``path``.
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from nora.errors import NonFiniteLossError, UserError
 from nora.train import distributed as dist
-from nora.train.checkpoint import (atomic_save, gather_training_state, load_optimizer_state_dict,
+from nora.train.checkpoint import (atomic_save, checkpoint_path, gather_training_state, load_optimizer_state_dict,
                                    load_training_state_dict, rng_state, set_rng_state)
 from nora.train.logger import RunLogger
 
@@ -113,7 +113,7 @@ class Trainer:
                  loader_factory=None):
         self.cfg, self.task, self.logger = cfg, task, logger
         self.run_dir = Path(run_dir)
-        self.ckpt_path = self.run_dir / "checkpoints" / "last.pt"
+        self.ckpt_path = checkpoint_path(self.run_dir)
         self.device = device or resolve_device(cfg.get("device", "auto"))
         self.amp_dtype = resolve_precision(cfg.get("precision", "auto"), self.device)
         self.model = model.to(self.device)
