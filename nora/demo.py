@@ -58,7 +58,9 @@ def _digits_overrides(task: dict) -> list[str]:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("NORA_CACHE_DIR") or Path.home() / ".cache" / "nora") / "demo"
+    from nora.files import cache_dir as nora_cache_dir
+
+    return nora_cache_dir("demo")
 
 
 def pretrain_source(out_root: Path, seed: int = 0) -> Path:

@@ -15,7 +15,6 @@ checkpoints/last.pt    the latest checkpoint (atomic), used by ``resume``
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -32,40 +31,17 @@ from nora.errors import UserError
 from nora.hub import go_offline_if_unreachable
 from nora.methods import MethodResult, apply_method
 from nora.train import distributed as dist
-from nora.train.checkpoint import checkpoint_path
+from nora.run_dir import (RunDir, checkpoint_path, is_complete, read_stored_config, read_summary, write_config,
+                          write_summary)
 from nora.train.logger import RunLogger
 from nora.train.loop import Trainer, resolve_device
 
 log = logging.getLogger("nora")
 
-SUMMARY = "summary.json"
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def read_summary(run_dir: str | os.PathLike) -> dict | None:
-    path = Path(run_dir) / SUMMARY
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-
-
-def is_complete(run_dir: str | os.PathLike) -> bool:
-    s = read_summary(run_dir)
-    return bool(s and s.get("status") == "complete")
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def default_run_dir(cfg: DictConfig) -> Path:
@@ -77,16 +53,10 @@ def default_run_dir(cfg: DictConfig) -> Path:
         return Path(cfg.output_root) / cfg.run_name
 
 
-def stored_config(run_dir: str | os.PathLike) -> dict | None:
-    """The resolved config a run directory was last started with (its ``config.yaml``), or None."""
-    path = Path(run_dir) / "config.yaml"
-    return OmegaConf.to_container(OmegaConf.load(path)) if path.exists() else None
-
-
 def changed_config(cfg, run_dir: str | os.PathLike) -> list[str]:
     """How ``cfg`` differs from the config the run in ``run_dir`` was started with, in what determines the
     result (``key: then -> now``); empty if the same or if nothing was recorded."""
-    stored = stored_config(run_dir)
+    stored = read_stored_config(run_dir)
     return config_differences(stored, cfg) if stored is not None else []
 
 
@@ -204,9 +174,9 @@ def save_adapter(model, method_cfg, directory: Path) -> None:
         from safetensors.torch import save_file
 
         state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        tmp = directory / ".trainable.safetensors.tmp"
-        save_file(state, str(tmp))
-        os.replace(tmp, directory / "trainable.safetensors")
+        from nora.files import atomic_write
+
+        atomic_write(directory / "trainable.safetensors", lambda tmp: save_file(state, str(tmp)))
 
 
 def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
@@ -236,7 +206,8 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
     ws, rk = dist.world_size(), dist.rank()
     say = print if rk == 0 else (lambda *a, **k: None)
     if resume_from is None and rk == 0:  # a fresh start: nothing of an earlier attempt may leak into this run
-        for stale in (run_dir / "metrics.jsonl", run_dir / SUMMARY, checkpoint_path(run_dir)):
+        paths = RunDir(run_dir)
+        for stale in (paths.metrics, paths.summary, paths.checkpoint):
             stale.unlink(missing_ok=True)
     seed_everything(int(cfg.seed))
     family = cfg.model.family
@@ -254,7 +225,7 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if rk == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_config(run_dir, OmegaConf.to_yaml(cfg, resolve=True))
     logger = RunLogger(run_dir, cfg.logger, config=resolved, run_name=cfg.run_name, enabled=rk == 0)
     tcfg = cfg.trainer
     lr = tcfg.lr if tcfg.lr is not None else per_family(cfg.method.lr, family, "method.lr")
@@ -306,12 +277,12 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
         summary["nora_fit_max_error"] = result.injection.max_error()
     summary.update(parts.get("extra") or {})
     if rk == 0:
-        save_adapter(model, cfg.method, run_dir / "adapter")
+        save_adapter(model, cfg.method, RunDir(run_dir).adapter)
         if result.injection is not None:
             from nora.plots import plot_activation_curves
 
-            plot_activation_curves(model, run_dir / "activations.png",
+            plot_activation_curves(model, RunDir(run_dir).activations,
                                    title=f"{cfg.method.name} on {cfg.dataset.name} (seed {cfg.seed})")
-        write_json_atomic(run_dir / SUMMARY, summary)
+        write_summary(run_dir, summary)
     dist.barrier()
     return summary

@@ -270,8 +270,9 @@ class InstructDataConfig:
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("NORA_CACHE_DIR")
-    return (Path(root) if root else Path.home() / ".cache" / "nora") / "instruct"
+    from nora.files import cache_dir
+
+    return cache_dir("instruct")
 
 
 # -------------------------------------------------------------------------------------------- templates

@@ -50,8 +50,9 @@ _warned = False
 
 
 def cache_root() -> Path:
-    root = os.environ.get("NORA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nora")
-    return Path(root) / "ext"
+    from nora.files import cache_dir
+
+    return cache_dir("ext")
 
 
 def _cpu_fingerprint() -> str:

@@ -12,6 +12,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from nora.files import cache_dir
+
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 
 _CORPUS = """\
@@ -48,7 +50,7 @@ def build_offline_tokenizer(vocab_size: int = 512, corpus: str | None = None, ca
 
     text = corpus if corpus is not None else _CORPUS
     key = hashlib.sha256(f"{vocab_size}|{text}".encode()).hexdigest()[:16]
-    root = Path(os.environ.get("NORA_CACHE_DIR") or Path.home() / ".cache" / "nora") / "tokenizers" / key
+    root = cache_dir("tokenizers", key)
     if cache and (root / "tokenizer.json").exists():
         return PreTrainedTokenizerFast.from_pretrained(str(root))
     tok = Tokenizer(models.BPE())

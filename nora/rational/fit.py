@@ -128,8 +128,9 @@ def _errors(a, b, x, y, w, form):
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("NORA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nora")
-    return Path(root) / "fits"
+    from nora.files import cache_dir
+
+    return cache_dir("fits")
 
 
 FIT_VERSION = 1  # bump when the algorithm changes so old cache entries are ignored

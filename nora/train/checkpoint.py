@@ -14,10 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-
-def checkpoint_path(run_dir: str | os.PathLike) -> Path:
-    """Where a run directory keeps the checkpoint it resumes from."""
-    return Path(run_dir) / "checkpoints" / "last.pt"
+from nora.files import atomic_write
+from nora.run_dir import checkpoint_path  # noqa: F401 (re-exported for the loop)
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
@@ -26,14 +24,7 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
     A crash or kill during the write leaves the previous file untouched (and at worst a stray
     ``.tmp`` file, removed by the next successful save).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def rng_state() -> dict:

@@ -1,0 +1,73 @@
+"""File helpers every part of nora shares: atomic writes and the cache directory.
+
+An atomic write goes to a temp file in the target's directory (unique per process and call, so two writers
+never share one), is flushed and fsynced, then renamed onto the target: a crash, a kill or a full disk leaves
+the previous file as it was, never a half-written one.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+
+def cache_dir(*parts: str) -> Path:
+    """``$NORA_CACHE_DIR/<parts>`` (default ``~/.cache/nora/<parts>``); not created."""
+    root = os.environ.get("NORA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nora")
+    return Path(root, *parts)
+
+
+def temp_path_for(path: str | os.PathLike) -> Path:
+    """A fresh, unique temp path next to ``path`` (same file system, so ``os.replace`` is atomic)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temp path to write ``path``'s new content to; on success it replaces ``path`` atomically,
+    on any error the temp file is removed and ``path`` is untouched::
+
+        with atomic_path(out / "adapter.safetensors") as tmp:
+            save_file(tensors, str(tmp))
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(path)
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any], *, fsync: bool = True) -> None:
+    """``write(tmp)`` then rename ``tmp`` onto ``path`` (see :func:`atomic_path`)."""
+    with atomic_path(path, fsync=fsync) as tmp:
+        write(tmp)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=indent, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any | None:
+    """The JSON in ``path``, or None when the file is missing or not valid JSON (a half-written file)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
