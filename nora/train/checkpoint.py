@@ -24,7 +24,11 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
     A crash or kill during the write leaves the previous file untouched (and at worst a stray
     ``.tmp`` file, removed by the next successful save).
     """
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    atomic_write(path, write)
 
 
 def rng_state() -> dict:
