@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -14,6 +15,7 @@ import numpy as np
 from nora.data.instruct import tokenization
 from nora.data.instruct.config import DataError, InstructDataConfig, default_cache_dir
 from nora.data.instruct.dataset import InstructDataset, PackedInstructDataset
+from nora.files import write_json_atomic
 from nora.data.instruct.sources import files_fingerprint, load_hub, load_local, local_files
 
 logger = logging.getLogger(__name__)
@@ -107,16 +109,33 @@ def select_rows(cfg: InstructDataConfig, n: int) -> tuple[np.ndarray, np.ndarray
 
 
 def build_cache(cfg: InstructDataConfig, tokenizer, raw, final: Path, source: str, key: str) -> None:
-    import datasets
-
     n = len(raw)
     if n == 0:
         raise DataError(f"dataset={cfg.name} ({source}): no rows")
     rows, train_pos, val_pos = select_rows(cfg, n)
     subset = raw.select(rows) if len(rows) < n else raw
-    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    # built in a fresh directory next to the entry, renamed into place when complete (a directory cannot go
+    # through nora.files.atomic_path); a failed build is removed, a killed one leaves a hidden .tmp directory
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        _tokenize_into(cfg, tokenizer, subset, tmp, key, stats={
+            "dataset": cfg.name, "source": source, "split": cfg.split, "template": cfg.resolved_template,
+            "max_length": int(cfg.max_length), "num_rows": n, "num_selected": len(rows), "key": key},
+            train_pos=train_pos, val_pos=val_pos)
+        os.replace(tmp, final)
+    except OSError:
+        if not final.joinpath("stats.json").exists():
+            raise
+    finally:  # a complete copy was already there, or the build failed
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tokenize_into(cfg: InstructDataConfig, tokenizer, subset, tmp: Path, key: str, stats: dict[str, Any],
+                   train_pos: np.ndarray, val_pos: np.ndarray) -> None:
+    """Tokenise ``subset`` and write the train/val splits and ``stats.json`` into the directory ``tmp``."""
+    import datasets
+
     features = datasets.Features({
         "input_ids": datasets.List(datasets.Value("int32")), "labels": datasets.List(datasets.Value("int32")),
         "length": datasets.Value("int32"), "n_supervised": datasets.Value("int32"), "truncated": datasets.Value("bool"),
@@ -126,15 +145,13 @@ def build_cache(cfg: InstructDataConfig, tokenizer, raw, final: Path, source: st
         features=features,
         fn_kwargs=dict(tokenizer=tokenizer, name=cfg.name, template=cfg.resolved_template,
                        use_chat=bool(cfg.use_tokenizer_chat_template), max_length=int(cfg.max_length),
-                       min_response_tokens=int(cfg.min_response_tokens), prefix=tokenization.special_prefix(tokenizer)),
+                       min_response_tokens=int(cfg.min_response_tokens),
+                       prefix=tokenization.special_prefix(tokenizer)),
         cache_file_name=str(tmp / "tokenized.arrow"), load_from_cache_file=False, new_fingerprint=key,
         desc=f"tokenizing {cfg.name}")
     table = tok.data
     col = {c: table.column(c).to_numpy() for c in ("length", "n_supervised", "truncated", "prompt_truncated",
                                                     "boundary_fallback")}
-    stats: dict[str, Any] = {"dataset": cfg.name, "source": source, "split": cfg.split, "template":
-                             cfg.resolved_template, "max_length": int(cfg.max_length), "num_rows": n,
-                             "num_selected": len(rows), "key": key}
     for split, pos in (("train", train_pos), ("val", val_pos)):
         keep = pos[col["n_supervised"][pos] > 0]
         stats[split] = {
@@ -153,8 +170,4 @@ def build_cache(cfg: InstructDataConfig, tokenizer, raw, final: Path, source: st
         stats[k] = stats["train"][k] + stats["val"][k]
     del tok, table
     (tmp / "tokenized.arrow").unlink(missing_ok=True)
-    (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
-    try:
-        os.replace(tmp, final)
-    except OSError:  # a complete copy is already there
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_json_atomic(tmp / "stats.json", stats, indent=1)
