@@ -35,7 +35,7 @@ class VisionData:
     name: str = ""
 
 
-def _interpolation(name: str | None) -> T.InterpolationMode:
+def interpolation_mode(name: str | None) -> T.InterpolationMode:
     return {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
             "nearest": T.InterpolationMode.NEAREST}.get(name or "bicubic", T.InterpolationMode.BICUBIC)
 
@@ -45,7 +45,7 @@ def build_transforms(pretrained_cfg: dict, input_size: int, train: bool, hflip: 
     """ViT fine-tuning transforms for uint8/PIL images -> normalised float tensors."""
     mean = tuple(pretrained_cfg.get("mean", (0.5, 0.5, 0.5)))
     std = tuple(pretrained_cfg.get("std", (0.5, 0.5, 0.5)))
-    ops: list = [T.ToImage(), T.Resize((input_size, input_size), interpolation=_interpolation(
+    ops: list = [T.ToImage(), T.Resize((input_size, input_size), interpolation=interpolation_mode(
         pretrained_cfg.get("interpolation")), antialias=True)]
     if train:
         if crop_padding:
