@@ -346,6 +346,31 @@ def test_ci_fails_instead_of_skipping_when_the_extension_cannot_build():
         assert ("CI=true: a build failure fails the tests" in out.stdout) == (ci == "true")
 
 
+@pytest.mark.slow
+def test_safety_net_falls_back_to_a_real_torch_compile():
+    """The real middle of the fallback chain (about 30 s of inductor compile on the CPU): a kernel that fails
+    on its first call is replaced, with one warning, by torch.compile of the reference math, which passes the
+    same self-check and serves the calls with the reference's values and gradients."""
+    import warnings
+
+    from nora.kernels.safety import SafetyNet
+
+    def launch_fails(*args):
+        raise RuntimeError("triton.compiler.errors.CompilationError: at 12:8: unsupported")
+
+    net = SafetyNet("broken", launch_fails, launch_fails, launch_fails)
+    gen = torch.Generator().manual_seed(2)
+    x, go = torch.randn(5, 24, generator=gen), torch.randn(5, 24, generator=gen)
+    a, b = make_coefficients(4, 5, 4, seed=9)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn = net.choose(x, a, b, "A")
+        assert net.choose(x[:2], a, b, "A") is fn  # decided once per shape class
+    msgs = [str(w.message) for w in caught if "self-check" in str(w.message)]
+    assert len(msgs) == 1 and "CompilationError: at 12:8" in msgs[0] and "using torch.compile" in msgs[0]
+    check_against_reference(fn, x, a, b, go, "A", "torch.compile fallback")
+
+
 def _run_python(code: str, env_extra: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.update(env_extra)

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from nora.files import cache_dir, write_text_atomic
 from nora.kernels import Backend, rational_torch, register_backend
 from nora.kernels.autograd import rational_autograd
 from nora.rational.functional import check_inputs
@@ -51,8 +52,6 @@ _warned = False
 
 
 def cache_root() -> Path:
-    from nora.files import cache_dir
-
     return cache_dir("ext")
 
 
@@ -153,7 +152,7 @@ def _build_with(flags: list[str], verbose: bool):
         mod = _import_cpp_extension().load(
             name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir), verbose=verbose)
-        marker.write_text(" ".join(flags) + "\n")
+        write_text_atomic(marker, " ".join(flags) + "\n")
         return mod
 
 
