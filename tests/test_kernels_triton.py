@@ -69,10 +69,8 @@ def test_triton_interpreter_matches_reference(dtype, form, case):
                             f"triton {dtype} {form} {shape} G={groups} ({m},{n})", INTERP_ROUND[dtype])
 
 
-@interpreted
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("form", ["A", "B"])
-def test_triton_interpreter_edge_values(dtype, form):
+def _edge_inputs(dtype):
+    """(x, grad_out, numerator, denominator) with zeros, tiny and huge magnitudes, zero denominator coefficients."""
     gen = torch.Generator().manual_seed(7)
     mags = torch.tensor([0.0, 1e-3, 0.5, 3.0, 300.0, 1e3, 1e4])
     x = mags[torch.randint(0, len(mags), (3, 4 * 24), generator=gen)]
@@ -85,6 +83,14 @@ def test_triton_interpreter_edge_values(dtype, form):
     b[2, 0] = 0.0
     b[:, 3] = b[:, 3].sign() * b[:, 3].abs().clamp(min=0.5)
     a[:, 5] = a[:, 5].clamp(-0.5, 0.5)
+    return x, go, a, b
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("form", ["A", "B"])
+def test_triton_interpreter_edge_values(dtype, form):
+    x, go, a, b = _edge_inputs(dtype)
     check_against_reference(tk.rational_triton, x, a, b, go, form, f"triton edge {dtype} {form}",
                             INTERP_ROUND[dtype])
 
@@ -225,6 +231,28 @@ def test_triton_mismatch_falls_back_to_the_next_sound_backend(monkeypatch):
         check_against_reference(tk.rational_triton_checked, half, a, b, half, "A", "triton after a fallback")
     assert not _fallback_warnings(caught) and len(tk.SAFETY_NET.verdicts) == 2
     assert {c.name for c in tk.SAFETY_NET.verdicts.values()} == {"triton", "torch.compile"}
+
+
+@interpreted
+def test_self_check_accepts_the_real_kernels(monkeypatch):
+    """No false alarm: the correct kernels pass their self-check on every test case, dtype and form, edge
+    values included (float16 overflow is inf on both sides), so the Triton path stays in use."""
+    monkeypatch.setattr(tk.SAFETY_NET, "verdicts", {})
+    inputs = []
+    for case, (shape, groups, (m, n)) in enumerate(CASES):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(100 + case)) * 2.0
+        inputs.append((x, *make_coefficients(groups, m, n, seed=case)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for dtype in DTYPES:
+            for form in ("A", "B"):
+                x, _, a, b = _edge_inputs(dtype)
+                tk.SAFETY_NET.choose(x, a, b, form)
+                for x, a, b in inputs:
+                    tk.SAFETY_NET.choose(x.to(dtype), a, b, form)
+    assert not _fallback_warnings(caught), _fallback_warnings(caught)
+    assert {c.name for c in tk.SAFETY_NET.verdicts.values()} == {"triton"}
+    assert len(tk.SAFETY_NET.verdicts) == len(DTYPES) * 2 * (len(CASES) + 1)
 
 
 @interpreted

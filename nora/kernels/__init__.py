@@ -14,7 +14,10 @@ Registered backends
 ``reference``  plain autograd over torch ops: slow and memory-hungry, the oracle for tests.
 ``torch``      a custom autograd Function with the hand-derived gradients: saves only ``x`` and
                recomputes in backward; pure torch, runs anywhere.
-Further backends (fused CPU extension, Triton) register themselves from their own modules.
+Further backends register themselves from their own modules: ``cpu`` (fused C++ extension,
+:mod:`nora.kernels.cpu`) and ``triton`` (:mod:`nora.kernels.triton`; self-checked on the first call of
+each shape class, with a torch.compile / torch fallback, see :mod:`nora.kernels.safety`). All of them
+share one autograd pattern (:func:`nora.kernels.autograd.rational_autograd`).
 """
 from __future__ import annotations
 
