@@ -62,7 +62,8 @@ def test_train_augmentation_distributions_match(cifar):
     images, labels = as_uint8_tensors(train)
     per_sample = EpochSeeded(train, build_transforms(PCFG, 32, True, True, 4), seed=0)
     a = torch.stack([per_sample[i][0] for i in range(len(train))])
-    b = BatchedAugment(32, PCFG["mean"], PCFG["std"], "bicubic", True, True, 4)(images, torch.Generator().manual_seed(0))
+    augment = BatchedAugment(32, PCFG["mean"], PCFG["std"], "bicubic", True, True, 4)
+    b = augment(images, torch.Generator().manual_seed(0))
     assert a.shape == b.shape and a.dtype == b.dtype == torch.float32
     lo = (0 - torch.tensor(PCFG["mean"])) / torch.tensor(PCFG["std"])
     hi = (1 - torch.tensor(PCFG["mean"])) / torch.tensor(PCFG["std"])
@@ -125,3 +126,29 @@ def test_digits_splits_and_domain_shift():
     # the validation images come from the training images, never from the test images
     test_set = {bytes(x.numpy()) for x in test.images}
     assert not any(bytes(x.numpy()) in test_set for x in val.images) or len(test_set) < len(test)
+
+
+def test_truncated_cifar_archive_is_reported_as_truncated(tmp_path):
+    """A CIFAR tar.gz cut in half (an interrupted download) with no extracted folder: one line naming the
+    archive and saying it is truncated, not that CIFAR is missing."""
+    import shutil
+    import tarfile
+
+    from nora.errors import UserError
+
+    root = write_cifar(tmp_path / "src", "cifar10", n_train=60, n_test=20)
+    archive = tmp_path / "data" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    shutil.rmtree(tmp_path / "src")
+    whole = archive.read_bytes()
+    archive.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(UserError) as e:
+        load_cifar("cifar10", archive.parent, download=False, verify_md5=False)
+    msg = str(e.value)
+    assert "\n" not in msg and f"{archive} is truncated" in msg and "not found" not in msg
+    # the intact archive is not blamed: CIFAR is then reported as not extracted/missing, as before
+    archive.write_bytes(whole)
+    with pytest.raises(UserError, match="not found under"):
+        load_cifar("cifar10", archive.parent, download=False, verify_md5=False)

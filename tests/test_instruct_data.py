@@ -12,6 +12,7 @@ import torch
 from instruct_fixtures import (alpaca_records, openorca_records, write_alpaca_json, write_alpaca_jsonl,
                                write_alpaca_parquet, write_openorca_parquet)
 from nora.data import instruct
+from nora.data.instruct import tokenization
 from nora.data.instruct import (ALPACA_PROMPT_INPUT, CHAT_PROMPT, IGNORE_INDEX, DataError, DataNotFoundError,
                                 InstructCollator, InstructDataConfig, LengthGroupedBatchSampler,
                                 PackedInstructDataset, assemble, build_instruct_datasets, format_alpaca_prompt,
@@ -239,13 +240,13 @@ def test_truncation_counted_and_logged(tmp_path, tok, caplog):
 # ----------------------------------------------------------------------------------------------- cache
 def test_tokenised_once_then_cached(tmp_path, tok, monkeypatch):
     calls = []
-    real = instruct._tokenize_batch
+    real = tokenization.tokenize_batch
 
     def counting(batch, **kw):
         calls.append(len(batch["instruction"]))
         return real(batch, **kw)
 
-    monkeypatch.setattr(instruct, "_tokenize_batch", counting)
+    monkeypatch.setattr(tokenization, "tokenize_batch", counting)
     path = write_alpaca_json(tmp_path / "a.json", alpaca_records(10))
     train, val, st = build(tmp_path, tok, path=str(path), val_size=2)
     assert sum(calls) == 10 and st["cache_hit"] is False
@@ -481,6 +482,26 @@ def test_null_fields_read_as_empty(tmp_path, tok):
     a, _, _ = build(tmp_path, tok, path=str(write_alpaca_jsonl(tmp_path / "a.jsonl", recs)))
     b, _, _ = build(tmp_path, tok, path=str(write_alpaca_jsonl(tmp_path / "b.jsonl", nulls)))
     assert [a[i] for i in range(4)] == [b[i] for i in range(4)]
+
+
+def test_null_required_field_is_rejected_with_file_and_record(tmp_path, tok):
+    """A null output would train as an empty response: a real JSON file with "output": null at record 3 is
+    refused with the file and the record index, before anything is tokenised or cached."""
+    recs = alpaca_records(6)
+    recs[3] = dict(recs[3], output=None)
+    path = write_alpaca_json(tmp_path / "nulls.json", recs)
+    assert json.loads(path.read_text())[3]["output"] is None
+    with pytest.raises(DataError) as e:
+        build(tmp_path, tok, path=str(path))
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and "record 3 (counting from 0)" in msg and "output=null" in msg
+    assert not list((tmp_path / "cache").glob("alpaca-*"))
+    # the same in an OpenOrca parquet file: a null question at record 0
+    orca = openorca_records(4)
+    orca[0] = dict(orca[0], question=None)
+    opath = write_openorca_parquet(tmp_path / "o.parquet", orca)
+    with pytest.raises(DataError, match=r"o\.parquet: record 0 \(counting from 0\) has question=null"):
+        build(tmp_path, tok, name="openorca", path=str(opath))
 
 
 def test_build_dataloader_from_omegaconf(tmp_path, tok):

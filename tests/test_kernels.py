@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fixtures import require_cpu_extension
 from nora.kernels import available_backends, rational, resolve_backend
 from nora.rational.functional import rational_reference
 
@@ -47,8 +48,8 @@ CPU_BACKENDS = ["reference", "torch", "cpu"]
 
 
 def _skip_unbuilt(backend: str):
-    if backend == "cpu" and not _cpu_built():
-        pytest.skip("fused CPU extension could not be built here (see the warning)")
+    if backend == "cpu":
+        require_cpu_extension()  # skips locally, fails under CI=true
 
 
 # --------------------------------------------------------------------------- oracle and bounds
@@ -313,6 +314,61 @@ def test_empty_input():
     y = resolve_backend("cpu", "cpu").fn(x, a, b, "A")
     y.sum().backward()
     assert y.shape == (0, 16) and torch.equal(a.grad, torch.zeros_like(a))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["triton"])
+@pytest.mark.parametrize("bad", ["input", "numerator", "denominator"])
+def test_integer_tensors_are_rejected(backend, bad):
+    """Integer math would truncate P/Q (the torch and reference backends used to return truncated integers)."""
+    if backend == "triton":  # checks dtypes before it looks at the device, so it runs on the CPU too
+        fn = pytest.importorskip("nora.kernels.triton").rational_triton
+    else:
+        _skip_unbuilt(backend)
+        fn = resolve_backend(backend, "cpu").fn
+    a, b = make_coefficients(2, 5, 4, seed=0)
+    args = {"input": torch.linspace(-3, 3, 16).reshape(2, 8), "numerator": a, "denominator": b}
+    args[bad] = args[bad].round().long()
+    with pytest.raises(TypeError, match=f"floating-point tensors; the {bad} is torch.int64"):
+        fn(args["input"], args["numerator"], args["denominator"], "A")
+
+
+def test_ci_fails_instead_of_skipping_when_the_extension_cannot_build():
+    """Under CI=true a failed build of the fused CPU extension fails its tests (a real failed build:
+    NORA_NO_BUILD=1 in a fresh process); without CI they skip."""
+    test = "tests/test_kernels.py::test_cpu_float64_is_routed_to_torch"
+    for ci, want in (("true", "1 failed"), ("", "1 skipped")):
+        env = dict(os.environ, CI=ci, NORA_NO_BUILD="1")
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        out = subprocess.run([sys.executable, "-m", "pytest", test, "-q", "-p", "no:cacheprovider", "-rfs"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+        assert want in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
+        assert "disabled by NORA_NO_BUILD=1" in out.stdout
+        assert ("CI=true: a build failure fails the tests" in out.stdout) == (ci == "true")
+
+
+@pytest.mark.slow
+def test_safety_net_falls_back_to_a_real_torch_compile():
+    """The real middle of the fallback chain (about 30 s of inductor compile on the CPU): a kernel that fails
+    on its first call is replaced, with one warning, by torch.compile of the reference math, which passes the
+    same self-check and serves the calls with the reference's values and gradients."""
+    import warnings
+
+    from nora.kernels.safety import SafetyNet
+
+    def launch_fails(*args):
+        raise RuntimeError("triton.compiler.errors.CompilationError: at 12:8: unsupported")
+
+    net = SafetyNet("broken", launch_fails, launch_fails, launch_fails)
+    gen = torch.Generator().manual_seed(2)
+    x, go = torch.randn(5, 24, generator=gen), torch.randn(5, 24, generator=gen)
+    a, b = make_coefficients(4, 5, 4, seed=9)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn = net.choose(x, a, b, "A")
+        assert net.choose(x[:2], a, b, "A") is fn  # decided once per shape class
+    msgs = [str(w.message) for w in caught if "self-check" in str(w.message)]
+    assert len(msgs) == 1 and "CompilationError: at 12:8" in msgs[0] and "using torch.compile" in msgs[0]
+    check_against_reference(fn, x, a, b, go, "A", "torch.compile fallback")
 
 
 def _run_python(code: str, env_extra: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 
 from test_kernels import DTYPES, check_against_reference, make_coefficients  # noqa: E402
 
@@ -67,10 +69,8 @@ def test_triton_interpreter_matches_reference(dtype, form, case):
                             f"triton {dtype} {form} {shape} G={groups} ({m},{n})", INTERP_ROUND[dtype])
 
 
-@interpreted
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("form", ["A", "B"])
-def test_triton_interpreter_edge_values(dtype, form):
+def _edge_inputs(dtype):
+    """(x, grad_out, numerator, denominator) with zeros, tiny and huge magnitudes, zero denominator coefficients."""
     gen = torch.Generator().manual_seed(7)
     mags = torch.tensor([0.0, 1e-3, 0.5, 3.0, 300.0, 1e3, 1e4])
     x = mags[torch.randint(0, len(mags), (3, 4 * 24), generator=gen)]
@@ -83,6 +83,14 @@ def test_triton_interpreter_edge_values(dtype, form):
     b[2, 0] = 0.0
     b[:, 3] = b[:, 3].sign() * b[:, 3].abs().clamp(min=0.5)
     a[:, 5] = a[:, 5].clamp(-0.5, 0.5)
+    return x, go, a, b
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("form", ["A", "B"])
+def test_triton_interpreter_edge_values(dtype, form):
+    x, go, a, b = _edge_inputs(dtype)
     check_against_reference(tk.rational_triton, x, a, b, go, form, f"triton edge {dtype} {form}",
                             INTERP_ROUND[dtype])
 
@@ -105,13 +113,162 @@ def test_triton_interpreter_non_contiguous_and_deterministic():
 
 
 @interpreted
-def test_triton_saves_only_x():
+@pytest.mark.parametrize("checked", [False, True], ids=["kernel", "self-checked"])
+def test_triton_saves_only_x(checked, monkeypatch):
+    """Also on the first call of a shape class, whose self-check keeps no autograd graph."""
+    monkeypatch.setattr(tk.SAFETY_NET, "verdicts", {})
     x = torch.randn(2, 3, 8).requires_grad_()
     a, b = make_coefficients(2, 5, 4, seed=0)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        tk.rational_triton(x, a, b, "A")
+        (tk.rational_triton_checked if checked else tk.rational_triton)(x, a, b, "A")
+    assert not checked or [c.name for c in tk.SAFETY_NET.verdicts.values()] == ["triton"]
     assert sum(t.numel() * t.element_size() for t in saved) == x.numel() * 4 + (a.numel() + b.numel()) * 4
+
+
+# ------------------------------------------------------------------ safety net: self-check and fallback
+def _identity_fwd(X, Y, NUM, DEN, R, D, C, G, N_CB, M1: tl.constexpr, N: tl.constexpr, FORM_B: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A wrong forward kernel (y = x) with the real one's signature: compiles and runs, disagrees."""
+    pid = tl.program_id(0)
+    cb = pid % N_CB
+    g = (pid // N_CB) % G
+    rows = (pid // N_CB // G) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    offs = rows[:, None].to(tl.int64) * D + g * C + cols[None, :]
+    tl.store(Y + offs, tl.load(X + offs, mask=mask, other=0.0), mask=mask)
+
+
+def _broken_fwd(X, Y, NUM, DEN, R, D, C, G, N_CB, M1: tl.constexpr, N: tl.constexpr, FORM_B: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A forward kernel Triton cannot build: it calls a function tl does not have."""
+    tl.store(Y, tl.this_function_does_not_exist(tl.load(X)))
+
+
+def _grads(fn, x, a, b, go, form):
+    xx, aa, bb = (t.clone().requires_grad_() for t in (x, a, b))
+    y = fn(xx, aa, bb, form)
+    y.backward(go)
+    return y.detach(), xx.grad, aa.grad, bb.grad
+
+
+def _fallback_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if "failed its self-check" in str(w.message)]
+
+
+@interpreted
+def test_triton_build_failure_falls_back_to_compile_then_torch(monkeypatch):
+    """The Triton kernels fail to build and torch.compile fails too: one warning each naming the reason, then
+    the pure-torch backend, bit for bit; later calls of the same shape class neither re-check nor warn."""
+    from nora.kernels import rational_torch, safety
+
+    monkeypatch.setattr(tk.SAFETY_NET, "verdicts", {})
+    monkeypatch.setitem(tk._KERNELS, True, (triton.jit(_broken_fwd), tk._kernels()[1]))
+
+    def compile_fails(*args):
+        raise RuntimeError("InductorError: no working C++ compiler")
+
+    monkeypatch.setattr(safety, "compiled_reference", compile_fails)
+    gen = torch.Generator().manual_seed(5)
+    x, go = torch.randn(6, 5, 24, generator=gen), torch.randn(6, 5, 24, generator=gen)
+    a, b = make_coefficients(4, 5, 4, seed=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = _grads(tk.rational_triton_checked, x, a, b, go, "A")
+        again = _grads(tk.rational_triton_checked, x[:2], a, b, go[:2], "A")
+    msgs = _fallback_warnings(caught)
+    assert len(msgs) == 2, msgs
+    assert "the triton rational kernel failed its self-check on cpu, D=24, G=4, degrees (5,4), float32, " \
+           "form A (" in msgs[0] and "this_function_does_not_exist" in msgs[0]
+    assert "using torch.compile for this shape class" in msgs[0] and "\n" not in msgs[0]
+    assert "torch.compile rational kernel failed" in msgs[1] and "InductorError: no working C++ compiler" in msgs[1]
+    assert msgs[1].endswith("using torch for this shape class instead")
+    want = _grads(rational_torch, x, a, b, go, "A")
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert torch.equal(again[0], want[0][:2])
+    # another shape class (here: form B) is checked on its own first call
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tk.rational_triton_checked(x, a, b, "B")
+    assert len(_fallback_warnings(caught)) == 2
+
+
+@interpreted
+def test_triton_mismatch_falls_back_to_the_next_sound_backend(monkeypatch):
+    """A forward kernel that runs but computes the wrong thing is caught on the first call of its shape class;
+    the next candidate (torch.compile, here stood in for by the reference math it compiles) passes the check
+    and serves the calls; a sound kernel for another dtype keeps running Triton."""
+    from nora.kernels import safety
+    from nora.rational.functional import rational_reference
+
+    monkeypatch.setattr(tk.SAFETY_NET, "verdicts", {})
+    real = tk._kernels()
+    monkeypatch.setitem(tk._KERNELS, True, (triton.jit(_identity_fwd), real[1]))
+    used = []
+
+    def compiled_stand_in(*args):
+        used.append(args[0].shape)
+        return rational_reference(*args)
+
+    monkeypatch.setattr(safety, "compiled_reference", compiled_stand_in)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 40, generator=gen)
+    a, b = make_coefficients(2, 5, 4, seed=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = tk.rational_triton_checked(x, a, b, "A")
+    msgs = _fallback_warnings(caught)
+    assert len(msgs) == 1 and "output differs from the reference" in msgs[0], msgs
+    assert "using torch.compile for this shape class instead" in msgs[0]
+    assert used and used[-1] == x.shape  # the real call went to the fallback
+    torch.testing.assert_close(y, rational_reference(x, a, b, "A"), rtol=0, atol=0)
+    # the verdict is per shape class: with the real kernels back, a new class passes and runs Triton
+    monkeypatch.setitem(tk._KERNELS, True, real)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        half = x.to(torch.float16)
+        check_against_reference(tk.rational_triton_checked, half, a, b, half, "A", "triton after a fallback")
+    assert not _fallback_warnings(caught) and len(tk.SAFETY_NET.verdicts) == 2
+    assert {c.name for c in tk.SAFETY_NET.verdicts.values()} == {"triton", "torch.compile"}
+
+
+@interpreted
+def test_self_check_accepts_the_real_kernels(monkeypatch):
+    """No false alarm: the correct kernels pass their self-check on every test case, dtype and form, edge
+    values included (float16 overflow is inf on both sides), so the Triton path stays in use."""
+    monkeypatch.setattr(tk.SAFETY_NET, "verdicts", {})
+    inputs = []
+    for case, (shape, groups, (m, n)) in enumerate(CASES):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(100 + case)) * 2.0
+        inputs.append((x, *make_coefficients(groups, m, n, seed=case)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for dtype in DTYPES:
+            for form in ("A", "B"):
+                x, _, a, b = _edge_inputs(dtype)
+                tk.SAFETY_NET.choose(x, a, b, form)
+                for x, a, b in inputs:
+                    tk.SAFETY_NET.choose(x.to(dtype), a, b, form)
+    assert not _fallback_warnings(caught), _fallback_warnings(caught)
+    assert {c.name for c in tk.SAFETY_NET.verdicts.values()} == {"triton"}
+    assert len(tk.SAFETY_NET.verdicts) == len(DTYPES) * 2 * (len(CASES) + 1)
+
+
+@interpreted
+def test_self_check_reports_what_differs():
+    from nora.kernels.safety import kernel_probe, self_check
+
+    x = torch.randn(4, 16)
+    a, b = make_coefficients(2, 5, 4, seed=1)
+    assert self_check(kernel_probe(tk.triton_forward, tk.triton_backward), x, a, b, "B") is None
+
+    def wrong_grad(x, a, b, go, form, need):
+        gx, ga, gb = tk.triton_backward(x, a, b, go, form, need)
+        return gx, ga, gb * 2
+
+    problem = self_check(kernel_probe(tk.triton_forward, wrong_grad), x, a, b, "B")
+    assert problem.startswith("grad_denominator differs from the reference by up to")
 
 
 @pytest.mark.skipif(INTERPRET, reason="checks the non-interpreted registration")

@@ -44,6 +44,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from nora.files import write_json_atomic
 from nora.kernels import available_backends, resolve_backend
 from nora.rational.functional import rational_reference
 
@@ -216,92 +217,80 @@ def parse_shapes(spec: str, default_dtype: torch.dtype) -> list[tuple[tuple[int,
 
 
 # ----------------------------------------------------------------------------- one shape
-def bench_shape(impls: list[Impl], shape, groups, dtype, device, form, repeats, warmup, copy_bw,
-                slow_repeats=3, slow_s=0.5, log=print) -> dict:
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    x0 = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
-    go = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
-    a0 = torch.tensor(GELU_A, device=device).repeat(groups, 1)
-    b0 = torch.tensor(GELU_B, device=device).repeat(groups, 1)
-    x = x0.clone().requires_grad_()
-    a = a0.clone().requires_grad_()
-    b = b0.clone().requires_grad_()
-    n = x.numel()
-    es = x.element_size()
-    y_ref = rational_reference(x0, a0, b0, form).float()
+class ShapeCase:
+    """The tensors of one benchmarked shape and the timed closures over them."""
 
-    def fwd(impl):
-        return lambda: impl.fn(x, a, b, form)
+    def __init__(self, shape, groups, dtype, device, form):
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        self.x0 = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+        self.go = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+        self.a0 = torch.tensor(GELU_A, device=device).repeat(groups, 1)
+        self.b0 = torch.tensor(GELU_B, device=device).repeat(groups, 1)
+        self.x, self.a, self.b = (t.clone().requires_grad_() for t in (self.x0, self.a0, self.b0))
+        self.form, self.device = form, device
+        self.y_ref = rational_reference(self.x0, self.a0, self.b0, form).float()
 
-    def fwd_bwd(impl):
-        inputs = (x, a, b) if impl.rational else (x,)
+    def fwd(self, impl: Impl):
+        return lambda: impl.fn(self.x, self.a, self.b, self.form)
+
+    def fwd_bwd(self, impl: Impl):
+        inputs = (self.x, self.a, self.b) if impl.rational else (self.x,)
 
         def run():
-            y = impl.fn(x, a, b, form)
-            torch.autograd.grad(y, inputs, go)
+            y = impl.fn(self.x, self.a, self.b, self.form)
+            torch.autograd.grad(y, inputs, self.go)
         return run
 
-    rows: dict[str, dict] = {}
-    runnable = []
-    for impl in impls:
-        row = rows.setdefault(impl.name, {"impl": impl.name, "note": impl.note, "fwd_ms_all": [],
-                                          "fwd_bwd_ms_all": []})
-        try:  # first calls: compile (torch.compile), JIT build, correctness sanity check
-            t0 = time.perf_counter()
-            fwd_bwd(impl)()
-            _sync(device)
-            first = time.perf_counter() - t0
-            if impl.name == "compile":
-                row["compile_and_first_call_s"] = round(first, 2)
-                t0 = time.perf_counter()
-                fwd_bwd(impl)()
-                _sync(device)
-                first = time.perf_counter() - t0
-            row["first_fwd_bwd_s"] = round(first, 4)
-            with torch.no_grad():
-                y = impl.fn(x0, a0, b0, form).float()
-            if impl.rational:
-                row["max_abs_diff_vs_reference"] = float((y - y_ref).abs().max())
-                row["max_abs_reference"] = float(y_ref.abs().max())
-            del y
-            row["saved_bytes"] = saved_bytes(fwd(impl))
-            row["saved_bytes_per_element"] = row["saved_bytes"] / n
-            runnable.append(impl)
-        except Exception as exc:  # an implementation that fails is reported, not fatal
-            row["error"] = f"{type(exc).__name__}: {exc}"[:500]
-            log(f"  {impl.name}: skipped ({row['error']})")
-        gc.collect()
 
-    # calibrate inner iterations so one sample is >= ~5 ms on accelerators (1 on CPU)
-    inner = {}
-    for impl in runnable:
-        if device.type == "cpu":
-            inner[impl.name] = 1
-        else:
-            t = _timed(fwd_bwd(impl), device, 1)
-            inner[impl.name] = max(1, min(200, int(math.ceil(5e-3 / max(t, 1e-6)))))
+def _first_call(impl: Impl, case: ShapeCase, row: dict) -> None:
+    """First calls (torch.compile, JIT build), the correctness sanity check and the saved bytes, into ``row``."""
+    t0 = time.perf_counter()
+    case.fwd_bwd(impl)()
+    _sync(case.device)
+    first = time.perf_counter() - t0
+    if impl.name == "compile":
+        row["compile_and_first_call_s"] = round(first, 2)
+        t0 = time.perf_counter()
+        case.fwd_bwd(impl)()
+        _sync(case.device)
+        first = time.perf_counter() - t0
+    row["first_fwd_bwd_s"] = round(first, 4)
+    with torch.no_grad():
+        y = impl.fn(case.x0, case.a0, case.b0, case.form).float()
+    if impl.rational:
+        row["max_abs_diff_vs_reference"] = float((y - case.y_ref).abs().max())
+        row["max_abs_reference"] = float(case.y_ref.abs().max())
+    del y
+    row["saved_bytes"] = saved_bytes(case.fwd(impl))
+    row["saved_bytes_per_element"] = row["saved_bytes"] / case.x0.numel()
 
-    # implementations slower than slow_s per fwd+bwd (the plain-autograd baselines) take part in
-    # only the first slow_repeats timed rounds (still interleaved with the others)
-    slow = {i.name for i in runnable if rows[i.name].get("first_fwd_bwd_s", 0) > slow_s}
-    total = warmup + repeats
-    for r in range(total):
+
+def _inner_iterations(impl: Impl, case: ShapeCase) -> int:
+    """Inner iterations so one sample is >= ~5 ms on accelerators (1 on the CPU)."""
+    if case.device.type == "cpu":
+        return 1
+    t = _timed(case.fwd_bwd(impl), case.device, 1)
+    return max(1, min(200, int(math.ceil(5e-3 / max(t, 1e-6)))))
+
+
+def _timed_rounds(runnable: list[Impl], case: ShapeCase, rows: dict, inner: dict, repeats: int, warmup: int,
+                  slow: set[str], slow_repeats: int) -> None:
+    """Interleaved rounds (rotating start); the slow implementations take part in the first few only."""
+    for r in range(warmup + repeats):
         order = runnable[r % len(runnable):] + runnable[:r % len(runnable)] if runnable else []
         for impl in order:
-            if impl.name in slow and r >= warmup + slow_repeats:
-                continue
-            if impl.name in slow and r < warmup - 1:  # one warm-up round is enough for them
-                continue
-            tf = _timed(fwd(impl), device, inner[impl.name])
-            tb = _timed(fwd_bwd(impl), device, inner[impl.name])
+            if impl.name in slow and (r >= warmup + slow_repeats or r < warmup - 1):
+                continue  # one warm-up round is enough for them
+            tf = _timed(case.fwd(impl), case.device, inner[impl.name])
+            tb = _timed(case.fwd_bwd(impl), case.device, inner[impl.name])
             if r >= warmup:
                 rows[impl.name]["fwd_ms_all"].append(tf * 1e3)
                 rows[impl.name]["fwd_bwd_ms_all"].append(tb * 1e3)
         gc.collect()
 
-    moved_fwd, moved_fb = 2 * es * n, 5 * es * n
-    floor_fwd = moved_fwd / (copy_bw * 1e9) * 1e3
-    floor_fb = moved_fb / (copy_bw * 1e9) * 1e3
+
+def _summarise(rows: dict, inner: dict, moved_fwd: int, moved_fb: int, floor_fwd: float, floor_fb: float) -> None:
+    """Medians, ratios to GELU, achieved GB/s and fractions of the copy bandwidth, per row."""
     gelu = rows.get("gelu", {})
     g_f = statistics.median(gelu["fwd_ms_all"]) if gelu.get("fwd_ms_all") else None
     g_fb = statistics.median(gelu["fwd_bwd_ms_all"]) if gelu.get("fwd_bwd_ms_all") else None
@@ -320,6 +309,33 @@ def bench_shape(impls: list[Impl], shape, groups, dtype, device, form, repeats, 
         row["fwd_bwd_bandwidth_fraction"] = floor_fb / row["fwd_bwd_ms"]
         row["inner_iterations"] = inner.get(row["impl"], 1)
         row["timed_rounds"] = len(row["fwd_ms_all"])
+
+
+def bench_shape(impls: list[Impl], shape, groups, dtype, device, form, repeats, warmup, copy_bw,
+                slow_repeats=3, slow_s=0.5, log=print) -> dict:
+    case = ShapeCase(shape, groups, dtype, device, form)
+    rows: dict[str, dict] = {}
+    runnable = []
+    for impl in impls:
+        row = rows.setdefault(impl.name, {"impl": impl.name, "note": impl.note, "fwd_ms_all": [],
+                                          "fwd_bwd_ms_all": []})
+        try:
+            _first_call(impl, case, row)
+            runnable.append(impl)
+        except Exception as exc:  # an implementation that fails is reported, not fatal
+            row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+            log(f"  {impl.name}: skipped ({row['error']})")
+        gc.collect()
+    inner = {impl.name: _inner_iterations(impl, case) for impl in runnable}
+    # implementations slower than slow_s per fwd+bwd (the plain-autograd baselines) take part in
+    # only the first slow_repeats timed rounds (still interleaved with the others)
+    slow = {i.name for i in runnable if rows[i.name].get("first_fwd_bwd_s", 0) > slow_s}
+    _timed_rounds(runnable, case, rows, inner, repeats, warmup, slow, slow_repeats)
+    n, es = case.x0.numel(), case.x0.element_size()
+    moved_fwd, moved_fb = 2 * es * n, 5 * es * n
+    floor_fwd = moved_fwd / (copy_bw * 1e9) * 1e3
+    floor_fb = moved_fb / (copy_bw * 1e9) * 1e3
+    _summarise(rows, inner, moved_fwd, moved_fb, floor_fwd, floor_fb)
     return {"shape": list(shape), "groups": groups, "dtype": str(dtype).replace("torch.", ""),
             "elements": n, "form": form, "min_bytes_moved_fwd": moved_fwd,
             "min_bytes_moved_fwd_bwd": moved_fb, "floor_fwd_ms": floor_fwd, "floor_fwd_bwd_ms": floor_fb,
@@ -442,8 +458,7 @@ def main(argv: list[str] | None = None) -> int:
                        "bandwidth; saved bytes = distinct storages packed by saved_tensors_hooks"),
             "targets": targets, "elapsed_s": round(time.perf_counter() - t_start, 1), "shapes": results,
         }
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(report, indent=1) + "\n")
+        write_json_atomic(out_path, report, indent=1)  # rewritten after every shape: never half a file
         return report
 
     for shape, groups, dtype in shapes:

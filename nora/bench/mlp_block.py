@@ -9,13 +9,14 @@ SiLU block from the same run; peak memory on CUDA.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+from nora.files import write_json_atomic
 
 # name: (hidden, intermediate, batch, tokens)
 SHAPES = {"tiny": (64, 128, 8, 256), "mid": (512, 1792, 2, 512), "8b": (4096, 14336, 4, 2048)}
@@ -112,11 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: hidden {hidden}, intermediate {inter}, {b}x{t} tokens, {report['dtype']} on {hardware.label()}")
         for r in rows:
             mem = f"  step memory {r['peak_step_memory_mb']:.0f} MB" if r["peak_step_memory_mb"] is not None else ""
-            print(f"  {r['variant']:8s} {r['step_ms']:9.2f} ms  x{r['vs_silu']:.2f} SiLU  x{r['vs_lora']:.2f} LoRA{mem}")
+            print(f"  {r['variant']:8s} {r['step_ms']:9.2f} ms  x{r['vs_silu']:.2f} SiLU  "
+                  f"x{r['vs_lora']:.2f} LoRA{mem}")
         del models, fns, x
     out = Path(args.out or f"results/bench_mlp_{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    write_json_atomic(out, report)
     print(f"wrote {out}")
     return 0
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from nora.files import write_json_atomic
+
 DEFAULT_METHODS = ("full", "linear_probe", "lora", "dora", "nora", "nora_pp")
 
 
@@ -159,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                 res = json.loads(line[0][len("BENCH_RESULT "):])
                 results[m].append(res)
                 print(f"round {r} {m:8s} {res['images_per_s']:8.1f} img/s  step {res['step_time_s'] * 1e3:7.1f} ms  "
-                      f"data wait {100 * res['data_wait_share']:4.1f}%  peak {res['peak_memory_mb']:7.0f} MB", flush=True)
+                      f"data wait {100 * res['data_wait_share']:4.1f}%  peak {res['peak_memory_mb']:7.0f} MB",
+                      flush=True)
 
     # FLOPs per image of each method and the matmul reference, measured in this process
     fpi = method_flops(args.model, methods, 10, device)
@@ -193,10 +196,10 @@ def main(argv: list[str] | None = None) -> int:
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": "python -m nora.bench train " + " ".join(argv if argv is not None else sys.argv[1:])}
     out = Path(args.out or f"results/bench_train_{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    write_json_atomic(out, report)
     print(f"\n{args.model} {size}px batch {args.batch_size} on {hardware.label()}; full fine-tuning "
-          f"{fpi.get('full', max(fpi.values())) / 1e9:.2f} GFLOP/image (fwd+bwd); matmul reference {peak / 1e9:.0f} GFLOP/s")
+          f"{fpi.get('full', max(fpi.values())) / 1e9:.2f} GFLOP/image (fwd+bwd); "
+          f"matmul reference {peak / 1e9:.0f} GFLOP/s")
     print(f"{'method':10s} {'img/s':>8s} {'step ms':>8s} {'vs lora':>8s} {'vs full':>8s} {'peak MB':>8s} "
           f"{'train MB':>8s} {'vs lora':>8s} {'wait':>6s} {'MFU':>6s}")
     for m, r in rows.items():

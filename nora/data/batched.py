@@ -43,9 +43,9 @@ class BatchedAugment:
         self.size = int(input_size)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        from nora.data.vision import _interpolation
+        from nora.data.vision import interpolation_mode
 
-        self.interpolation = _interpolation(interpolation)
+        self.interpolation = interpolation_mode(interpolation)
         self.train, self.hflip, self.pad = train, hflip, int(crop_padding)
 
     def params(self, n: int, generator: torch.Generator | None) -> dict[str, torch.Tensor]:

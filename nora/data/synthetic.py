@@ -47,7 +47,7 @@ def write_cifar(root: str | Path, name: str = "cifar10", n_train: int = 200, n_t
             data, labels = make(n)
             with open(folder / split, "wb") as f:
                 pickle.dump({"filenames": [b"x.png"] * n, "batch_label": split.encode(), "fine_labels": labels,
-                             "coarse_labels": [l // 5 for l in labels], "data": data}, f)
+                             "coarse_labels": [label // 5 for label in labels], "data": data}, f)
         with open(folder / "meta", "wb") as f:
             pickle.dump({"fine_label_names": [f"c{i}".encode() for i in range(100)],
                          "coarse_label_names": [f"s{i}".encode() for i in range(20)]}, f)

@@ -35,7 +35,7 @@ class VisionData:
     name: str = ""
 
 
-def _interpolation(name: str | None) -> T.InterpolationMode:
+def interpolation_mode(name: str | None) -> T.InterpolationMode:
     return {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
             "nearest": T.InterpolationMode.NEAREST}.get(name or "bicubic", T.InterpolationMode.BICUBIC)
 
@@ -45,7 +45,7 @@ def build_transforms(pretrained_cfg: dict, input_size: int, train: bool, hflip: 
     """ViT fine-tuning transforms for uint8/PIL images -> normalised float tensors."""
     mean = tuple(pretrained_cfg.get("mean", (0.5, 0.5, 0.5)))
     std = tuple(pretrained_cfg.get("std", (0.5, 0.5, 0.5)))
-    ops: list = [T.ToImage(), T.Resize((input_size, input_size), interpolation=_interpolation(
+    ops: list = [T.ToImage(), T.Resize((input_size, input_size), interpolation=interpolation_mode(
         pretrained_cfg.get("interpolation")), antialias=True)]
     if train:
         if crop_padding:
@@ -120,6 +120,24 @@ def _without_md5(cls):
     return type(cls.__name__, (cls,), {"_check_integrity": check, "_load_meta": load_meta})
 
 
+def archive_damage(path: Path) -> str | None:
+    """Why the tar archive ``path`` cannot be read to its end (``"truncated (...)"`` when the data stops early, as
+    after an interrupted download; ``"corrupt (...)"`` otherwise), or None when every member reads back."""
+    import tarfile
+
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:  # walking the members decompresses the whole stream
+                if member.isfile():
+                    tar.extractfile(member).read()
+    except EOFError as exc:
+        return f"truncated ({path.stat().st_size} bytes; {exc})"
+    except (tarfile.TarError, OSError) as exc:
+        kind = "truncated" if "unexpected end" in str(exc) else "corrupt"
+        return f"{kind} ({path.stat().st_size} bytes; {type(exc).__name__}: {exc})"
+    return None
+
+
 def load_cifar(name: str, root: str | os.PathLike, download: bool, verify_md5: bool = True
                ) -> tuple[Dataset, Dataset]:
     """torchvision CIFAR train/test sets; a missing dataset ends in one actionable message.
@@ -139,6 +157,10 @@ def load_cifar(name: str, root: str | os.PathLike, download: bool, verify_md5: b
         return cls(str(root), train=True, download=download), cls(str(root), train=False, download=False)
     except Exception as exc:  # no files and no download possible (offline), or corrupt files
         reason = type(exc).__name__ + (f": {exc}" if str(exc) else "")
+        damage = archive_damage(root / archive) if (root / archive).is_file() else None
+        if damage:
+            raise UserError(f"{root / archive} is {damage}; delete it and download it again (or put the extracted "
+                            f"{folder}/ folder under {root}/)") from None
         if (root / folder).is_dir() and any((root / folder).iterdir()):
             raise UserError(f"{name} files under {root}/{folder} could not be read ({reason.splitlines()[0]}); "
                             f"replace them with the official {archive} contents") from None

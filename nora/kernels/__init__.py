@@ -14,7 +14,10 @@ Registered backends
 ``reference``  plain autograd over torch ops: slow and memory-hungry, the oracle for tests.
 ``torch``      a custom autograd Function with the hand-derived gradients: saves only ``x`` and
                recomputes in backward; pure torch, runs anywhere.
-Further backends (fused CPU extension, Triton) register themselves from their own modules.
+Further backends register themselves from their own modules: ``cpu`` (fused C++ extension,
+:mod:`nora.kernels.cpu`) and ``triton`` (:mod:`nora.kernels.triton`; self-checked on the first call of
+each shape class, with a torch.compile / torch fallback, see :mod:`nora.kernels.safety`). All of them
+share one autograd pattern (:func:`nora.kernels.autograd.rational_autograd`).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from nora.kernels.autograd import rational_autograd
 from nora.rational.functional import rational_backward, rational_forward, rational_reference
 
 BackendFn = Callable[[Tensor, Tensor, Tensor, str], Tensor]
@@ -70,7 +74,7 @@ def _is_available(b: Backend) -> bool:
     except Exception as exc:  # a broken optional backend must never crash a run
         if b.name not in _warned:
             _warned.add(b.name)
-            warnings.warn(f"nora: backend {b.name!r} is unavailable ({exc}); using the next best one")
+            warnings.warn(f"nora: backend {b.name!r} is unavailable ({exc}); using the next best one", stacklevel=2)
         return False
 
 
@@ -107,27 +111,12 @@ def rational(x: Tensor, numerator: Tensor, denominator: Tensor, form: str = "A",
 
 
 # --------------------------------------------------------------------------- built-in backends
-class _AnalyticRational(torch.autograd.Function):
-    """Saves only x and the coefficients; recomputes P and Q in backward (hand-derived gradients)."""
-
-    @staticmethod
-    def forward(ctx, x, numerator, denominator, form):
-        ctx.save_for_backward(x, numerator, denominator)
-        ctx.form = form
-        return rational_forward(x, numerator, denominator, form)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, numerator, denominator = ctx.saved_tensors
-        need_coeff = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        gx, ga, gb = rational_backward(x, numerator, denominator, grad_out, ctx.form, need_coeff)
-        return (gx if ctx.needs_input_grad[0] else None,
-                ga if ctx.needs_input_grad[1] else None,
-                gb if ctx.needs_input_grad[2] else None, None)
+# saves only x and the coefficients; recomputes P and Q in backward (hand-derived gradients)
+AnalyticRational = rational_autograd("AnalyticRational", rational_forward, rational_backward)
 
 
 def rational_torch(x: Tensor, numerator: Tensor, denominator: Tensor, form: str = "A") -> Tensor:
-    return _AnalyticRational.apply(x, numerator, denominator, form)
+    return AnalyticRational.apply(x, numerator, denominator, form)
 
 
 register_backend(Backend(
@@ -154,6 +143,6 @@ def _load_optional_backends() -> None:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:
             if exc.name != mod:  # the module exists but a dependency is missing
-                warnings.warn(f"nora: optional backend module {mod} could not load ({exc})")
+                warnings.warn(f"nora: optional backend module {mod} could not load ({exc})", stacklevel=2)
         except Exception as exc:
-            warnings.warn(f"nora: optional backend module {mod} could not load ({exc})")
+            warnings.warn(f"nora: optional backend module {mod} could not load ({exc})", stacklevel=2)

@@ -34,7 +34,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from nora.kernels import Backend, register_backend, rational_torch
+from nora.files import cache_dir, write_text_atomic
+from nora.kernels import Backend, rational_torch, register_backend
+from nora.kernels.autograd import rational_autograd
 from nora.rational.functional import check_inputs
 
 MAX_COEFFS = 16  # MAXC in the C++ source: m + 1 <= 16 and n <= 16 (larger degrees use `torch`)
@@ -50,8 +52,6 @@ _warned = False
 
 
 def cache_root() -> Path:
-    from nora.files import cache_dir
-
     return cache_dir("ext")
 
 
@@ -152,7 +152,7 @@ def _build_with(flags: list[str], verbose: bool):
         mod = _import_cpp_extension().load(
             name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir), verbose=verbose)
-        marker.write_text(" ".join(flags) + "\n")
+        write_text_atomic(marker, " ".join(flags) + "\n")
         return mod
 
 
@@ -189,6 +189,11 @@ def load_extension(verbose: bool = False):
                 errors.append(f"{' '.join(flags)}: {_first_error(exc)}")
         _error = "native build failed (" + "; ".join(errors) + ")"
         raise RuntimeError(_error)
+
+
+def build_error() -> str | None:
+    """Why the extension could not be built or loaded in this process (None: built, or not tried yet)."""
+    return _error
 
 
 def available() -> bool:
@@ -242,23 +247,8 @@ def fused_backward(x: Tensor, numerator: Tensor, denominator: Tensor, grad_out: 
     return gx, ga, gb
 
 
-class _CpuRational(torch.autograd.Function):
-    """Saves x and the coefficient tensors only; the backward kernel recomputes everything."""
-
-    @staticmethod
-    def forward(ctx, x, numerator, denominator, form):
-        ctx.save_for_backward(x, numerator, denominator)
-        ctx.form = form
-        return fused_forward(x, numerator, denominator, form)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, numerator, denominator = ctx.saved_tensors
-        need_coef = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        gx, ga, gb = fused_backward(x, numerator, denominator, grad_out, ctx.form, need_coef)
-        return (gx if ctx.needs_input_grad[0] else None,
-                ga.to(numerator.dtype) if ctx.needs_input_grad[1] else None,
-                gb.to(denominator.dtype) if ctx.needs_input_grad[2] else None, None)
+# saves x and the coefficient tensors only; the backward kernel recomputes everything
+FusedCpuRational = rational_autograd("FusedCpuRational", fused_forward, fused_backward)
 
 
 @torch.compiler.disable  # an opaque fused kernel: a clean graph break under torch.compile
@@ -271,7 +261,7 @@ def rational_cpu(x: Tensor, numerator: Tensor, denominator: Tensor, form: str = 
         return rational_torch(x, numerator, denominator, form)
     if x.dtype not in _DTYPE_CODES:
         raise TypeError(f"the 'cpu' backend supports float32/bfloat16/float16 inputs, got {x.dtype}")
-    return _CpuRational.apply(x, numerator, denominator, form)
+    return FusedCpuRational.apply(x, numerator, denominator, form)
 
 
 register_backend(Backend(

@@ -25,7 +25,9 @@ import os
 import torch
 from torch import Tensor
 
-from nora.kernels import Backend, register_backend, rational_torch
+from nora.kernels import Backend, rational_torch, register_backend
+from nora.kernels.autograd import rational_autograd
+from nora.kernels.safety import SafetyNet
 from nora.rational.functional import check_inputs
 
 try:  # triton is optional: without it the backend registers as unavailable, silently
@@ -115,9 +117,7 @@ def _rational_bwd(X, GO, GX, NUM, DEN, PART, R, D, C, G, N_CB,
     go = tl.load(GO + offs, mask=mask, other=0.0).to(tl.float32)
     # P and P'
     p = tl.zeros_like(x) + tl.load(NUM + g * M1 + (M1 - 1))
-    dp = tl.zeros_like(x)
-    if M1 > 1:
-        dp = dp + (M1 - 1) * tl.load(NUM + g * M1 + (M1 - 1))
+    dp = tl.zeros_like(x) + (M1 - 1) * tl.load(NUM + g * M1 + (M1 - 1))  # 0 when M1 == 1 (P' = 0)
     for k in tl.static_range(M1 - 2, -1, -1):
         ak = tl.load(NUM + g * M1 + k)
         p = p * x + ak
@@ -260,38 +260,46 @@ def triton_backward(x: Tensor, numerator: Tensor, denominator: Tensor, grad_out:
     return gx, ga, gb.to(torch.float32)
 
 
-class _TritonRational(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, numerator, denominator, form):
-        ctx.save_for_backward(x, numerator, denominator)
-        ctx.form = form
-        return triton_forward(x, numerator, denominator, form)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, numerator, denominator = ctx.saved_tensors
-        need_coef = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        gx, ga, gb = triton_backward(x, numerator, denominator, grad_out, ctx.form, need_coef)
-        return (gx if ctx.needs_input_grad[0] else None,
-                ga.to(numerator.dtype) if ctx.needs_input_grad[1] else None,
-                gb.to(denominator.dtype) if ctx.needs_input_grad[2] else None, None)
+TritonRational = rational_autograd("TritonRational", triton_forward, triton_backward)
 
 
-@torch.compiler.disable  # an opaque fused kernel: a clean graph break under torch.compile
-def rational_triton(x: Tensor, numerator: Tensor, denominator: Tensor, form: str = "A") -> Tensor:
-    """Triton rational (CUDA tensors; CPU tensors under TRITON_INTERPRET=1). float64 inputs and
-    degrees beyond the kernel's limits are routed to the pure-torch backend."""
+def _routed_to_torch(x: Tensor, numerator: Tensor, denominator: Tensor, form: str) -> bool:
+    """True for inputs the kernels do not cover (float64, degrees beyond their limits), which the pure-torch
+    backend serves; raises on inputs no backend accepts and on tensors the kernels cannot reach."""
     check_inputs(x, numerator, denominator, form)
     if (x.dtype == torch.float64 or numerator.shape[1] > MAX_NUM_COEFFS
             or not 1 <= denominator.shape[1] <= MAX_DEN_COEFFS):
-        return rational_torch(x, numerator, denominator, form)
+        return True
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"the 'triton' backend supports float32/bfloat16/float16 inputs, got {x.dtype}")
     if not x.is_cuda and not interpret_mode():
         raise ValueError("the 'triton' backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests)")
-    return _TritonRational.apply(x, numerator, denominator, form)
+    return False
+
+
+@torch.compiler.disable  # an opaque fused kernel: a clean graph break under torch.compile
+def rational_triton(x: Tensor, numerator: Tensor, denominator: Tensor, form: str = "A") -> Tensor:
+    """The Triton kernels themselves, unchecked (CUDA tensors; CPU tensors under TRITON_INTERPRET=1): what
+    the kernel tests and ``scripts/gpu_check.py`` measure. float64 inputs and degrees beyond the kernels'
+    limits are routed to the pure-torch backend."""
+    if _routed_to_torch(x, numerator, denominator, form):
+        return rational_torch(x, numerator, denominator, form)
+    return TritonRational.apply(x, numerator, denominator, form)
+
+
+SAFETY_NET = SafetyNet("triton", rational_triton, triton_forward, triton_backward)
+
+
+def rational_triton_checked(x: Tensor, numerator: Tensor, denominator: Tensor, form: str = "A") -> Tensor:
+    """The registered ``triton`` backend: :func:`rational_triton` behind :data:`SAFETY_NET`, which self-checks
+    the first call of each shape class and replaces a kernel that fails to build or disagrees with the
+    reference (one warning) by torch.compile, then pure torch (see :mod:`nora.kernels.safety`)."""
+    if _routed_to_torch(x, numerator, denominator, form):
+        return rational_torch(x, numerator, denominator, form)
+    return SAFETY_NET.choose(x, numerator, denominator, form)(x, numerator, denominator, form)
 
 
 register_backend(Backend(
-    "triton", rational_triton, ("cuda",), available, priority=30,
-    doc="Triton kernels (CUDA); per-program register reduction of coefficient grads, no atomics"))
+    "triton", rational_triton_checked, ("cuda",), available, priority=30,
+    doc="Triton kernels (CUDA); per-program register reduction of coefficient grads, no atomics; "
+        "self-checked per shape class, with a torch.compile / torch fallback"))

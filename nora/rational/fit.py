@@ -14,9 +14,7 @@ down the maximum error, keeping the best candidate by max error.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,7 +22,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from nora.rational.functional import FORMS
+from nora.files import cache_dir, read_json, write_json_atomic
+from nora.rational.functional import FORMS, rational_reference
 
 ActivationFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -64,28 +63,13 @@ class RationalFit:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Evaluate this fit (one group) on ``x``."""
-        from nora.rational.functional import rational_reference
         a, b = self.tensors(torch.float64)
         return rational_reference(x.reshape(-1, 1).double(), a[None], b[None], self.form).reshape(x.shape)
 
 
 def _eval(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, form: str) -> torch.Tensor:
-    """One-group float64 evaluation written for autograd (used by the optimiser)."""
-    p = torch.zeros_like(x)
-    for c in reversed(a):
-        p = p * x + c
-    if form == "A":
-        ax = x.abs()
-        t = torch.zeros_like(x)
-        for c in reversed(b):
-            t = (t + c.abs()) * ax
-        q = 1.0 + t
-    else:
-        t = torch.zeros_like(x)
-        for c in reversed(b):
-            t = (t + c) * x
-        q = 1.0 + t.abs()
-    return p / q
+    """One group's P/Q on the 1-D ``x``: the one formula (:func:`rational_reference`), differentiable in a, b."""
+    return rational_reference(x[:, None], a[None], b[None], form)[:, 0]
 
 
 def _linear_start(x, y, w, m, n, abs_basis: bool):
@@ -127,13 +111,62 @@ def _errors(a, b, x, y, w, form):
         return r.abs().max().item(), (w * r * r).sum().sqrt().item()
 
 
-def _cache_dir() -> Path:
-    from nora.files import cache_dir
-
-    return cache_dir("fits")
-
-
 FIT_VERSION = 1  # bump when the algorithm changes so old cache entries are ignored
+
+
+def _fit_points(x: torch.Tensor | None, x_range: Sequence[float], num_points: int,
+                weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, w): float64 fit points on the CPU and their weights normalised to sum 1."""
+    if x is None:
+        lo, hi = float(x_range[0]), float(x_range[1])
+        if not hi > lo:
+            raise ValueError(f"x_range must be increasing, got {tuple(x_range)}")
+        x = torch.linspace(lo, hi, num_points, dtype=torch.float64)
+    x = x.detach().reshape(-1).to(torch.float64).cpu()
+    if weights is None:
+        return x, torch.full_like(x, 1.0 / x.numel())
+    w = weights.detach().reshape(-1).to(torch.float64).cpu()
+    if w.shape != x.shape or (w < 0).any() or w.sum() <= 0:
+        raise ValueError("weights must be non-negative, match x in size, and not all be zero")
+    return x, w / w.sum()
+
+
+def _cache_path(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, form: str, m: int, n: int) -> Path:
+    """``$NORA_CACHE_DIR/fits/<hash of the fit points, weights, target values, form, degrees, version>.json``."""
+    h = hashlib.sha256()
+    for t in (x, w, y):
+        h.update(t.numpy().tobytes())
+    h.update(f"{form}|{m}|{n}|v{FIT_VERSION}".encode())
+    return cache_dir("fits") / f"{h.hexdigest()[:32]}.json"
+
+
+def _read_cached(path: Path, name: str) -> RationalFit | None:
+    """The cached fit at ``path``, or None (missing, half-written or from an incompatible version: refitted)."""
+    d = read_json(path)
+    try:
+        return RationalFit(**{**d, "degrees": tuple(d["degrees"]), "target": name})
+    except (TypeError, KeyError):
+        return None
+
+
+def _best_fit(x, y, w, form: str, m: int, n: int):
+    """(max error, RMS error, a, b) of the candidate with the smallest max error (see the module docstring)."""
+    starts = [_linear_start(x, y, w, m, n, abs_basis=(form == "A")),
+              _linear_start(x, y, w, m, n, abs_basis=(form != "A"))]
+    # a polynomial start (denominator ~ 0) for targets the linearisation handles badly
+    starts.append((_linear_start(x, y, w, m, 0, True)[0], torch.full((n,), 1e-3, dtype=torch.float64)))
+    best = None
+    for a0, b0 in starts:
+        a, b = _optimise(a0, b0, x, y, w, form, power=2, iters=400)
+        cand = [(a, b)]
+        for p in (4, 8, 16):
+            a, b = _optimise(a, b, x, y, w, form, power=p, iters=300)
+            cand.append((a, b))
+        for a, b in cand:
+            mx, rms = _errors(a, b, x, y, w, form)
+            if best is None or mx < best[0]:
+                best = (mx, rms, a, b)
+    return best
 
 
 def fit_rational(
@@ -160,66 +193,21 @@ def fit_rational(
         raise ValueError(f"degrees must be (m >= 0, n >= 1), got {tuple(degrees)}")
     name = target if isinstance(target, str) else getattr(target, "__name__", "callable")
     fn = get_activation(target) if isinstance(target, str) else target
-    if x is None:
-        lo, hi = float(x_range[0]), float(x_range[1])
-        if not hi > lo:
-            raise ValueError(f"x_range must be increasing, got {tuple(x_range)}")
-        x = torch.linspace(lo, hi, num_points, dtype=torch.float64)
-    x = x.detach().reshape(-1).to(torch.float64).cpu()
-    if weights is None:
-        w = torch.full_like(x, 1.0 / x.numel())
-    else:
-        w = weights.detach().reshape(-1).to(torch.float64).cpu()
-        if w.shape != x.shape or (w < 0).any() or w.sum() <= 0:
-            raise ValueError("weights must be non-negative, match x in size, and not all be zero")
-        w = w / w.sum()
+    x, w = _fit_points(x, x_range, num_points, weights)
     with torch.no_grad():
         y = fn(x).to(torch.float64).reshape(-1)
     if not torch.isfinite(y).all():
         raise ValueError("the target activation returned non-finite values on the fit points")
-
-    key = None
-    if cache:
-        h = hashlib.sha256()
-        for t in (x, w, y):
-            h.update(t.numpy().tobytes())
-        h.update(f"{form}|{m}|{n}|v{FIT_VERSION}".encode())
-        key = h.hexdigest()[:32]
-        path = _cache_dir() / f"{key}.json"
-        if path.exists():
-            try:
-                d = json.loads(path.read_text())
-                d["degrees"] = tuple(d["degrees"])
-                d["target"] = name
-                return RationalFit(**d)
-            except Exception:
-                pass  # a corrupt cache entry is simply refitted
-
-    starts = [_linear_start(x, y, w, m, n, abs_basis=(form == "A")),
-              _linear_start(x, y, w, m, n, abs_basis=(form != "A"))]
-    # a polynomial start (denominator ~ 0) for targets the linearisation handles badly
-    starts.append((_linear_start(x, y, w, m, 0, True)[0], torch.full((n,), 1e-3, dtype=torch.float64)))
-    best = None
-    for a0, b0 in starts:
-        a, b = _optimise(a0, b0, x, y, w, form, power=2, iters=400)
-        cand = [(a, b)]
-        for p in (4, 8, 16):
-            a, b = _optimise(a, b, x, y, w, form, power=p, iters=300)
-            cand.append((a, b))
-        for a, b in cand:
-            mx, rms = _errors(a, b, x, y, w, form)
-            if best is None or mx < best[0]:
-                best = (mx, rms, a, b)
-    mx, rms, a, b = best
+    path = _cache_path(x, w, y, form, m, n) if cache else None
+    cached = _read_cached(path, name) if path is not None else None
+    if cached is not None:
+        return cached
+    mx, rms, a, b = _best_fit(x, y, w, form, m, n)
     fit = RationalFit(
         numerator=[float(v) for v in a], denominator=[float(v) for v in b], form=form,
         degrees=(m, n), max_error=mx, rms_error=rms, x_min=float(x.min()), x_max=float(x.max()),
         target=name,
     )
-    if cache and key is not None:
-        path = _cache_dir() / f"{key}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(asdict(fit)))
-        os.replace(tmp, path)
+    if path is not None:
+        write_json_atomic(path, asdict(fit), indent=None)
     return fit

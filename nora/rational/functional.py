@@ -35,7 +35,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_inputs(x: Tensor, numerator: Tensor, denominator: Tensor, form: str) -> int:
-    """Validate shapes and return the number of groups G."""
+    """Validate dtypes and shapes and return the number of groups G."""
+    for name, t in (("input", x), ("numerator", numerator), ("denominator", denominator)):
+        if not t.is_floating_point():  # integer math would silently truncate P/Q
+            raise TypeError(f"rational activations need floating-point tensors; the {name} is {t.dtype} "
+                            "(convert it with .float() first)")
     if form not in FORMS:
         raise ValueError(f"unknown denominator form {form!r}; valid forms: {', '.join(FORMS)}")
     if numerator.dim() != 2 or denominator.dim() != 2:

@@ -31,6 +31,9 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
+
+from nora.rational.functional import rational_reference
 
 GRID_POINTS = 401
 
@@ -62,20 +65,11 @@ class Layer:
 
 
 def rational(x: np.ndarray, num: np.ndarray, den: np.ndarray, form: str) -> np.ndarray:
-    """Per-group rational P_g(x)/Q_g(x) in float64, shape (G, len(x)) (see nora.rational.functional)."""
-    x = np.asarray(x, dtype=np.float64)[None, :]
-    num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
-    p = np.zeros((num.shape[0], x.shape[1]))
-    for i in range(num.shape[1] - 1, -1, -1):  # Horner
-        p = p * x + num[:, i:i + 1]
-    powers = np.stack([x[0] ** (j + 1) for j in range(den.shape[1])])  # (n, X)
-    if form == "A":
-        q = 1.0 + np.abs(den) @ np.abs(powers)
-    elif form == "B":
-        q = 1.0 + np.abs(den @ powers)
-    else:
-        raise ValueError(f"unknown denominator form {form!r}")
-    return p / q
+    """Per-group rational P_g(x)/Q_g(x) in float64, shape (G, len(x)): the one formula
+    (:func:`nora.rational.functional.rational_reference`) on the grid repeated once per group."""
+    num, den = torch.as_tensor(np.asarray(num, np.float64)), torch.as_tensor(np.asarray(den, np.float64))
+    grid = torch.as_tensor(np.asarray(x, dtype=np.float64))
+    return rational_reference(grid[:, None].expand(-1, num.shape[0]), num, den, form).T.numpy()
 
 
 def load_layers(run_dir: str | Path) -> dict[str, Layer]:
@@ -181,7 +175,7 @@ def analyse_method(method: str, run_dirs: Sequence[Path]) -> MethodAnalysis | No
     loaded = [(d, layers) for d, layers in loaded if layers]
     if not loaded:
         return None
-    per_seed = [{name: layer_stats(l) for name, l in layers.items()} for _d, layers in loaded]
+    per_seed = [{name: layer_stats(layer) for name, layer in layers.items()} for _d, layers in loaded]
     names = list(loaded[0][1])
     coef, func = {}, {}
     for name in names:
@@ -196,7 +190,7 @@ def analyse_method(method: str, run_dirs: Sequence[Path]) -> MethodAnalysis | No
             fs.append(cosine(ya - ya0, yb - yb0))
         coef[name], func[name] = _mean(cs), _mean(fs)
     return MethodAnalysis(method, [d for d, _ in loaded], per_seed, coef, func,
-                          [{name: l.delta for name, l in layers.items()} for _d, layers in loaded])
+                          [{name: layer.delta for name, layer in layers.items()} for _d, layers in loaded])
 
 
 def identical_methods(analyses: Sequence[MethodAnalysis], atol: float = 1e-6) -> list[tuple[str, str]]:
