@@ -108,7 +108,7 @@ def adapter_identity(adapter_dir: str | os.PathLike) -> dict[str, Any]:
             raise MissingFileError(f"incomplete adapter in {adir}: {', '.join(missing)} missing next to {files[0]}")
     ident: dict[str, Any] = {"dir": str(adir.resolve()), "components": [], "peft": None, "nora": None, "files": {}}
     if has_peft:
-        pcfg = json.loads((adir / PEFT_FILES[0]).read_text())
+        pcfg = nora.read_peft_config(adir)  # a NoRA++ marker undone: the real peft_type
         ident["components"].append("dora" if pcfg.get("use_dora") else str(pcfg.get("peft_type", "peft")).lower())
         ident["peft"] = {"peft_type": pcfg.get("peft_type"), "use_dora": bool(pcfg.get("use_dora", False)),
                          "r": pcfg.get("r"), "lora_alpha": pcfg.get("lora_alpha"),
