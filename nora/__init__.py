@@ -12,6 +12,7 @@ from nora.adapter import (AdapterError, GroupRational, InjectionReport, NoraActi
                           get_nora_config, get_peft_model, load_nora, load_nora_pp, mark_trainable, merge_nora,
                           nora_modules, parameter_report, read_nora_config, read_peft_config, save_merged, save_nora,
                           save_nora_pp, set_trainable)
+from nora.hub import push_to_hub
 from nora.kernels import available_backends, rational
 from nora.rational.fit import RationalFit, fit_rational
 
@@ -22,6 +23,6 @@ __all__ = [
     "AdapterError", "GroupRational", "InjectionReport", "NoraActivation", "NoraConfig", "ParameterReport",
     "RationalFit", "apply_nora", "available_backends", "disable_adapter", "find_activations", "find_targets",
     "fit_rational", "from_pretrained", "get_nora_config", "get_peft_model", "load_nora", "load_nora_pp",
-    "mark_trainable", "merge_nora", "nora_modules", "parameter_report", "rational", "read_nora_config",
+    "mark_trainable", "merge_nora", "nora_modules", "parameter_report", "push_to_hub", "rational", "read_nora_config",
     "read_peft_config", "save_merged", "save_nora", "save_nora_pp", "set_trainable",
 ]

@@ -81,6 +81,16 @@ def find_adapter_dir(path: str | os.PathLike) -> Path:
         f"files ({', '.join(NORA_FILES)}) or {FULL_FILE}, as a training run saves them in <run_dir>/adapter/")
 
 
+def resolve_adapter(source: str | os.PathLike, revision: str | None = None) -> Path:
+    """The adapter directory of ``source``: a local run or adapter directory (see :func:`find_adapter_dir`), else
+    a Hub repository id (``owner/name``, as :func:`nora.push_to_hub` writes it), downloaded once."""
+    from nora.hub import HUB_ID, download_adapter
+
+    if Path(source).expanduser().exists() or not HUB_ID.match(str(source)):
+        return find_adapter_dir(source)
+    return find_adapter_dir(download_adapter(str(source), revision=revision))
+
+
 def _sha256(path: Path) -> str:
     import hashlib
 
