@@ -152,3 +152,13 @@ def test_local_paths_never_go_to_the_hub(tmp_path):
         nora.runs.resolve_adapter(tmp_path / "runs" / "nothing")
     with pytest.raises(MissingFileError, match="adapter or run directory not found"):
         nora.runs.resolve_adapter("./runs/nothing/here")
+
+
+def test_messages_name_the_cli_the_pinned_hub_client_installs():
+    import importlib.metadata as md
+
+    scripts = {ep.name for ep in md.distribution("huggingface_hub").entry_points if ep.group == "console_scripts"}
+    assert "hf" in scripts and "huggingface-cli" not in scripts
+    stale = [str(p.relative_to(ROOT)) for p in (ROOT / "nora").rglob("*.py") if "huggingface-cli" in p.read_text()]
+    assert stale == []
+    assert "`hf download" in (ROOT / "nora" / "models" / "causal_lm.py").read_text()
