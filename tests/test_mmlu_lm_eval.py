@@ -138,3 +138,27 @@ def test_lm_eval_cli_nora_model_needs_a_run_or_a_model(tmp_path):
                           timeout=300)
     assert proc.returncode == 2
     assert "error: lm_eval model nora: pass either run_dir=<training run> or pretrained=<model>" in proc.stderr
+
+
+def test_nora_lm_eval_model_from_a_base_model_and_an_adapter_dir(tmp_path):
+    """``pretrained=<model dir>,adapter=<adapter dir>``: the lm_eval model holds the NoRA activations (it is not
+    peft's half-load), so its log-likelihoods are the adapted model's."""
+    import torch
+
+    import nora
+    from nora.integrations.lm_eval import NoraLM
+
+    mod = _agreement_module()
+    model, _ = mod.build_tiny_model(tmp_path / "base")
+    nora.apply_nora(model)
+    with torch.no_grad():
+        for m in nora.nora_modules(model).values():
+            m.nora_B_num.add_(0.3)
+    nora.save_nora(model, tmp_path / "adapter")
+    lm = NoraLM(pretrained=str(tmp_path / "base"), adapter=str(tmp_path / "adapter"), device="cpu", batch_size=2)
+    assert len(nora.nora_modules(lm.model)) == 2
+    ids = torch.randint(3, 200, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(lm.model(ids).logits, model(ids).logits)
+        base = type(model).from_pretrained(str(tmp_path / "base"))
+        assert not torch.allclose(base(ids).logits, model(ids).logits, atol=1e-4)

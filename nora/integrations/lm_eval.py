@@ -11,7 +11,8 @@ lm_eval option works as usual::
 ``--model_args``: ``run_dir`` (a training run: base model rebuilt from its ``config.yaml``, adapters from its
 ``adapter/``), or ``pretrained`` (a Hugging Face model id or directory) with ``adapter`` (an adapter directory,
 a run directory, or a Hub id written by :func:`nora.push_to_hub`); optional ``dtype`` (float32, bfloat16, ...)
-and ``model_path`` (a local copy of the run's base weights). Other ``HFLM`` arguments pass through. In Python,
+and ``model_path`` (a local copy of the run's base weights). ``--device`` defaults to cuda when available.
+Other ``HFLM`` arguments pass through. In Python,
 ``import nora.integrations.lm_eval`` registers the model for ``lm_eval.simple_evaluate(model="nora", ...)``.
 """
 from __future__ import annotations
@@ -52,8 +53,11 @@ class NoraLM(HFLM):
     """lm_eval's ``hf`` model on a model that nora loaded (so NoRA activations and NoRA++ adapters are intact)."""
 
     def __init__(self, run_dir: str | None = None, pretrained: str | None = None, adapter: str | None = None,
-                 dtype: str | None = None, model_path: str | None = None, device: str | None = "cpu",
+                 dtype: str | None = None, model_path: str | None = None, device: str | None = None,
                  **kwargs: Any) -> None:
+        import torch
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, tokenizer = _load(run_dir, pretrained, adapter, dtype, model_path, device)
         super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
 
