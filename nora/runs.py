@@ -9,9 +9,11 @@
 ``<run_dir>/adapter/`` holds what the method trained (see :mod:`nora.run`): peft files (``adapter_config.json``,
 ``adapter_model.safetensors``: LoRA, DoRA, and a vision head through ``modules_to_save``), NoRA files
 (``nora_config.json``, ``nora_adapter.safetensors``: the rational activations, and a vision head when no peft
-adapter is present), both (NoRA++), or ``trainable.safetensors`` (full fine-tuning, linear probe: every trained
-tensor by parameter name). The base model is built exactly as for training (same model config; a random-
-initialised test model from its ``init_seed``), so the returned model computes what the trained one did.
+adapter is present), both (NoRA++: its ``adapter_config.json`` is marked so that peft's loader alone refuses it,
+see :mod:`nora.adapter.io`), or ``trainable.safetensors`` (full fine-tuning, linear probe: every trained tensor by
+parameter name). :func:`resolve_adapter` also takes a Hub id written by :func:`nora.push_to_hub`. The base model
+is built exactly as for training (same model config; a random-initialised test model from its ``init_seed``), so
+the returned model computes what the trained one did.
 """
 from __future__ import annotations
 
