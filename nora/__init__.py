@@ -7,18 +7,22 @@ Quick start::
     report = nora.apply_nora(model, nora.NoraConfig(trainable_modules=["head"]))
     print(nora.parameter_report(model))   # 936 NoRA + 19,300 head parameters
 """
-from nora.adapter import (GroupRational, InjectionReport, NoraActivation, NoraConfig, ParameterReport, apply_nora,
-                          find_activations, find_targets, get_nora_config, get_peft_model, load_nora, load_nora_pp,
-                          mark_trainable, merge_nora, nora_modules, parameter_report, read_nora_config, save_nora,
+from nora.adapter import (AdapterError, GroupRational, InjectionReport, NoraActivation, NoraConfig, ParameterReport,
+                          apply_nora, disable_adapter, find_activations, find_targets, from_pretrained,
+                          get_nora_config, get_peft_model, load_nora, load_nora_pp, mark_trainable, merge_nora,
+                          nora_modules, parameter_report, read_nora_config, read_peft_config, save_merged, save_nora,
                           save_nora_pp, set_trainable)
+from nora.hub import push_to_hub
 from nora.kernels import available_backends, rational
 from nora.rational.fit import RationalFit, fit_rational
 
 __version__ = "0.1.0"
 
+
 __all__ = [
-    "GroupRational", "InjectionReport", "NoraActivation", "NoraConfig", "ParameterReport", "RationalFit",
-    "apply_nora", "available_backends", "find_activations", "find_targets", "fit_rational", "get_nora_config",
-    "get_peft_model", "load_nora", "load_nora_pp", "mark_trainable", "merge_nora", "nora_modules",
-    "parameter_report", "rational", "read_nora_config", "save_nora", "save_nora_pp", "set_trainable",
+    "AdapterError", "GroupRational", "InjectionReport", "NoraActivation", "NoraConfig", "ParameterReport",
+    "RationalFit", "apply_nora", "available_backends", "disable_adapter", "find_activations", "find_targets",
+    "fit_rational", "from_pretrained", "get_nora_config", "get_peft_model", "load_nora", "load_nora_pp",
+    "mark_trainable", "merge_nora", "nora_modules", "parameter_report", "push_to_hub", "rational", "read_nora_config",
+    "read_peft_config", "save_merged", "save_nora", "save_nora_pp", "set_trainable",
 ]

@@ -9,9 +9,11 @@
 ``<run_dir>/adapter/`` holds what the method trained (see :mod:`nora.run`): peft files (``adapter_config.json``,
 ``adapter_model.safetensors``: LoRA, DoRA, and a vision head through ``modules_to_save``), NoRA files
 (``nora_config.json``, ``nora_adapter.safetensors``: the rational activations, and a vision head when no peft
-adapter is present), both (NoRA++), or ``trainable.safetensors`` (full fine-tuning, linear probe: every trained
-tensor by parameter name). The base model is built exactly as for training (same model config; a random-
-initialised test model from its ``init_seed``), so the returned model computes what the trained one did.
+adapter is present), both (NoRA++: its ``adapter_config.json`` is marked so that peft's loader alone refuses it,
+see :mod:`nora.adapter.io`), or ``trainable.safetensors`` (full fine-tuning, linear probe: every trained tensor by
+parameter name). :func:`resolve_adapter` also takes a Hub id written by :func:`nora.push_to_hub`. The base model
+is built exactly as for training (same model config; a random-initialised test model from its ``init_seed``), so
+the returned model computes what the trained one did.
 """
 from __future__ import annotations
 
@@ -81,6 +83,16 @@ def find_adapter_dir(path: str | os.PathLike) -> Path:
         f"files ({', '.join(NORA_FILES)}) or {FULL_FILE}, as a training run saves them in <run_dir>/adapter/")
 
 
+def resolve_adapter(source: str | os.PathLike, revision: str | None = None) -> Path:
+    """The adapter directory of ``source``: a local run or adapter directory (see :func:`find_adapter_dir`), else
+    a Hub repository id (``owner/name``, as :func:`nora.push_to_hub` writes it), downloaded once."""
+    from nora.hub import HUB_ID, download_adapter
+
+    if Path(source).expanduser().exists() or not HUB_ID.match(str(source)):
+        return find_adapter_dir(source)
+    return find_adapter_dir(download_adapter(str(source), revision=revision))
+
+
 def _sha256(path: Path) -> str:
     import hashlib
 
@@ -108,7 +120,7 @@ def adapter_identity(adapter_dir: str | os.PathLike) -> dict[str, Any]:
             raise MissingFileError(f"incomplete adapter in {adir}: {', '.join(missing)} missing next to {files[0]}")
     ident: dict[str, Any] = {"dir": str(adir.resolve()), "components": [], "peft": None, "nora": None, "files": {}}
     if has_peft:
-        pcfg = json.loads((adir / PEFT_FILES[0]).read_text())
+        pcfg = nora.read_peft_config(adir)  # a NoRA++ marker undone: the real peft_type
         ident["components"].append("dora" if pcfg.get("use_dora") else str(pcfg.get("peft_type", "peft")).lower())
         ident["peft"] = {"peft_type": pcfg.get("peft_type"), "use_dora": bool(pcfg.get("use_dora", False)),
                          "r": pcfg.get("r"), "lora_alpha": pcfg.get("lora_alpha"),

@@ -17,9 +17,9 @@ def vit_tiny(num_classes=100):
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=num_classes).eval()
 
 
-def small_vit(num_classes=10, **kw):
+def small_vit(num_classes=10, mlp_ratio=4, **kw):
     from timm.models.vision_transformer import VisionTransformer
-    return VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=4, mlp_ratio=4,
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=4, mlp_ratio=mlp_ratio,
                              num_classes=num_classes, **kw).eval()
 
 
@@ -212,8 +212,8 @@ def _trainable(model):
 
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_nora_pp_trainable_set_either_order(use_dora):
-    lcfg = lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                   use_dora=use_dora)
+    def lcfg():
+        return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=use_dora)
     torch.manual_seed(0)
     lora_only = peft.get_peft_model(tiny_llama(), lcfg())
     lora_set = _trainable(lora_only)
@@ -376,3 +376,186 @@ def test_custom_activation_module_is_fitted_from_its_own_forward():
     with torch.no_grad():
         assert (model(x) - before).abs().max() < 1e-2
     assert isinstance(model.act, NoraActivation)
+
+
+# ------------------------------------------------------------------ misuse is refused before any change
+def _activations(model):
+    return {n: type(m).__name__ for n, m in model.named_modules() if n.endswith("mlp.act")}
+
+
+def test_load_onto_more_blocks_is_refused_and_leaves_the_model_untouched(tmp_path):
+    two = small_vit()
+    two.blocks = two.blocks[:2]
+    nora.apply_nora(two)
+    nora.save_nora(two, tmp_path)
+    four = small_vit()  # 3 blocks: the adapter covers blocks 0-1 only
+    before = _activations(four)
+    with pytest.raises(nora.AdapterError, match=r"the model has 3 targets .* covers 2; no adapter for blocks\.2"):
+        nora.load_nora(four, tmp_path)
+    assert _activations(four) == before == {f"blocks.{i}.mlp.act": "GELU" for i in range(3)}
+
+
+def test_load_with_another_head_size_or_width_is_refused_before_any_swap(tmp_path):
+    model = small_vit(num_classes=10)
+    nora.apply_nora(model, nora.NoraConfig(trainable_modules=["head"]))
+    nora.save_nora(model, tmp_path)
+    other_head = small_vit(num_classes=7)
+    with pytest.raises(nora.AdapterError, match=r"head\.weight: saved \(10, 64\), model \(7, 64\)"):
+        nora.load_nora(other_head, tmp_path)
+    assert set(_activations(other_head).values()) == {"GELU"}
+    wider = small_vit(num_classes=10, mlp_ratio=2)  # fc1 width 128, the adapter was saved for 256
+    with pytest.raises(nora.AdapterError, match="width 128, the adapter was saved for width 256"):
+        nora.load_nora(wider, tmp_path)
+    assert set(_activations(wider).values()) == {"GELU"}
+    assert isinstance(nora.AdapterError("x"), ValueError)  # library callers catching ValueError still do
+
+
+def test_apply_or_load_twice_is_refused(tmp_path):
+    model = small_vit()
+    nora.apply_nora(model)
+    with pytest.raises(nora.AdapterError, match="already holds NoRA activations"):
+        nora.apply_nora(model)
+    nora.save_nora(model, tmp_path)
+    with pytest.raises(nora.AdapterError, match="already holds NoRA activations; load .* freshly built"):
+        nora.load_nora(model, tmp_path)
+
+
+def test_save_nora_refuses_a_directory_of_another_adapter(tmp_path):
+    lora = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    lora.save_pretrained(str(tmp_path))
+    model = tiny_llama()
+    nora.apply_nora(model)
+    with pytest.raises(nora.AdapterError, match="holds peft adapter files .* no peft adapter"):
+        nora.save_nora(model, tmp_path)
+    assert not (tmp_path / "nora_config.json").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "trainable.safetensors").write_bytes(b"")
+    with pytest.raises(nora.AdapterError, match="holds trainable.safetensors"):
+        nora.save_nora(model, tmp_path / "full")
+
+
+def test_private_helper_names_stay_importable():
+    from nora.adapter.inject import _set_module, set_module
+    assert _set_module is set_module is nora.adapter.set_module
+
+
+# ------------------------------------------------------------- peft-only loaders: all of it or a clear error
+def _nora_pp(seed=0):
+    torch.manual_seed(seed)
+    base = tiny_llama()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "up_proj"]))
+    nora.apply_nora(model)
+    _perturb(model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05)
+    return model, state
+
+
+@pytest.mark.parametrize("writer", ["save_nora_pp", "save_pretrained_then_save_nora"])
+def test_peft_alone_refuses_a_nora_pp_adapter(tmp_path, writer):
+    import json
+
+    model, state = _nora_pp()
+    if writer == "save_nora_pp":
+        nora.save_nora_pp(model, tmp_path)
+    else:  # what nora/run.py's save_adapter does
+        model.save_pretrained(str(tmp_path))
+        nora.save_nora(model, tmp_path)
+    raw = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert raw["nora_peft_type"] == "LORA" and "nora.load_nora_pp" in raw["peft_type"]
+    fresh = tiny_llama()
+    fresh.load_state_dict(state)
+    with pytest.raises(KeyError, match=r"peft alone would load only the LoRA half; load it with nora\.load_nora_pp"):
+        peft.PeftModel.from_pretrained(fresh, str(tmp_path))
+    with pytest.raises(KeyError, match=r"nora\.load_nora_pp"):
+        peft.PeftConfig.from_pretrained(str(tmp_path))
+    assert not nora.nora_modules(fresh) and not any("lora_" in n for n, _ in fresh.named_parameters())
+    with pytest.raises(KeyError, match=r"nora\.load_nora_pp"):  # transformers' own peft integration
+        fresh.load_adapter(str(tmp_path))
+    ids = torch.randint(0, 96, (2, 10))
+    loaded = nora.load_nora_pp(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert nora.read_peft_config(tmp_path)["peft_type"] == "LORA"
+
+
+def test_load_nora_pp_needs_both_halves(tmp_path):
+    model, _ = _nora_pp()
+    model.save_pretrained(str(tmp_path))  # the peft half only
+    fresh = tiny_llama()
+    with pytest.raises(FileNotFoundError, match="no NoRA adapter at"):
+        nora.load_nora_pp(fresh, tmp_path)
+    assert not hasattr(fresh, "peft_config") and not nora.nora_modules(fresh)
+
+
+# -------------------------------------------------------------------------------- disable_adapter
+def test_peft_disable_adapter_switches_nora_off_too():
+    import copy
+
+    model, state = _nora_pp()
+    base = tiny_llama()
+    base.load_state_dict(state)
+    nora.apply_nora(base, nora.NoraConfig(variant="frozen"))  # the step-0 model: base rationals, no LoRA
+    ids = torch.randint(0, 96, (2, 10))
+    with torch.no_grad():
+        adapted, step0 = model(ids).logits, base(ids).logits
+        assert not torch.allclose(adapted, step0, atol=1e-3)
+        with model.disable_adapter():
+            assert torch.equal(model(ids).logits, step0)
+        assert torch.equal(model(ids).logits, adapted)
+        with nora.disable_adapter(model):
+            assert torch.equal(model(ids).logits, step0)
+        reference = copy.deepcopy(model)  # as DPO trainers build their reference model
+        with reference.disable_adapter():
+            assert torch.equal(reference(ids).logits, step0)
+            assert torch.equal(model(ids).logits, adapted)  # the copy toggles only itself
+
+
+def test_disable_adapter_on_plain_and_nora_first_models():
+    torch.manual_seed(0)
+    model = small_vit()
+    step0 = small_vit()
+    step0.load_state_dict(model.state_dict())
+    nora.apply_nora(step0, nora.NoraConfig(variant="frozen"))
+    nora.apply_nora(model)
+    _perturb(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        adapted = model(x)
+        with nora.disable_adapter(model):
+            assert torch.equal(model(x), step0(x))
+        assert torch.equal(model(x), adapted)
+    first = tiny_llama()  # NoRA first, then LoRA through nora.get_peft_model
+    nora.apply_nora(first)
+    _perturb(first)
+    first = nora.get_peft_model(first, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with first.disable_adapter():
+        assert not any(m.adapter_enabled for m in nora.nora_modules(first).values())
+    assert all(m.adapter_enabled for m in nora.nora_modules(first).values())
+
+
+# ------------------------------------------------------------------------- merged save / load pair
+def test_merged_model_saved_and_reloaded_keeps_its_rationals(tmp_path):
+    from transformers import AutoModelForCausalLM
+    model, _ = _nora_pp()
+    ids = torch.randint(0, 96, (2, 10))
+    with torch.no_grad():
+        want = model(ids).logits
+    merged = nora.merge_nora(model.merge_and_unload())
+    nora.save_merged(merged, tmp_path)
+    loaded = nora.from_pretrained(tmp_path)
+    assert isinstance(loaded.model.layers[1].mlp.act_fn, nora.GroupRational)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-5, atol=1e-5)
+        # what the plain loader gives: SiLU again, other logits (the reason for the pair)
+        plain = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+        assert not torch.allclose(plain(ids).logits, want, atol=1e-3)
+    unmerged = tiny_llama()
+    nora.apply_nora(unmerged)
+    with pytest.raises(nora.AdapterError, match="call nora.merge_nora"):
+        nora.save_merged(unmerged, tmp_path / "x")
+    with pytest.raises(nora.AdapterError, match="no nora_merged.json"):
+        nora.from_pretrained(tmp_path / "nowhere")

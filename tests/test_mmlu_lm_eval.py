@@ -61,3 +61,104 @@ def test_predictions_and_accuracies_equal_lm_eval_5_shot(tmp_path):
         assert row["ours_acc"] == row["lm_eval_acc"] and row["same_per_question_correct"], row
     assert rep["max_abs_loglik_diff"] < 1e-4
     assert rep["ok"]
+
+
+# ------------------------------------------------------------------ lm_eval's own CLI on a nora training run
+@pytest.fixture(scope="module")
+def nora_pp_run(tmp_path_factory):
+    from hydra import compose, initialize_config_dir
+
+    from instruct_fixtures import alpaca_records, write_alpaca_json
+    from nora.run import run_training
+
+    root = tmp_path_factory.mktemp("lmeval_run")
+    data = write_alpaca_json(root / "alpaca_data.json", alpaca_records(12))
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", [
+            "method=nora_pp", "model=llama_tiny", "dataset=alpaca", f"data.path={data}", f"output_root={root}",
+            "logger=disabled", "trainer.device=cpu", "trainer.batch_size=4", "trainer.num_workers=0",
+            "trainer.max_steps=3", "trainer.eval_every=0", "trainer.checkpoint_every=0", "trainer.progress=false",
+            "dataset.val_size=4", "dataset.max_length=128", f"dataset.cache_dir={root / 'cache'}",
+            "method.nora.calibration_batches=1"])
+    run_training(cfg, run_dir=root / "run")
+    return root / "run"
+
+
+def test_lm_eval_cli_nora_model_scores_a_nora_pp_run_as_eval_py(tmp_path, nora_pp_run):
+    """The README command (lm_eval's own CLI, model ``nora``) on a NoRA++ training run, offline, gives eval.py's
+    MMLU accuracy on every subject of the fixture."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from hydra import compose, initialize_config_dir
+
+    from mmlu_fixtures import make_fixture, write_parquet
+    from nora.eval.cli import run_eval
+
+    mod = _agreement_module()
+    subjects = mod.SUBJECTS
+    data_dir = write_parquet(tmp_path / "data", make_fixture(subjects, n_dev=5, n_test=6, seed=1))
+    names = mod.write_lm_eval_tasks(tmp_path / "tasks", data_dir, subjects)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(
+        [sys.executable, "-m", "nora.integrations.lm_eval", "--model", "nora", "--model_args",
+         f"run_dir={nora_pp_run}", "--tasks", ",".join(names), "--include_path", str(tmp_path / "tasks"),
+         "--num_fewshot", "5", "--device", "cpu", "--batch_size", "4",
+         "--output_path", str(tmp_path / "out"), "--log_samples"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("eval", [f"run_dir={nora_pp_run}", f"mmlu.path={data_dir}", "device=cpu",
+                               f"output_dir={tmp_path / 'eval'}", "mmlu.save_predictions=true"])
+    run_eval(cfg)
+    ours = json.loads((tmp_path / "eval" / "mmlu.json").read_text())
+    assert ours["adapter"]["kind"] == "nora++"
+    assert sum(ours["subjects"][s]["n"] for s in subjects) == 24
+    for s in subjects:
+        assert results[f"nora_fixture_mmlu_{s}"]["acc,none"] == ours["subjects"][s]["accuracy"], s
+        rows = [json.loads(line) for f in (tmp_path / "out").rglob(f"samples_nora_fixture_mmlu_{s}_*.jsonl")
+                for line in f.read_text().splitlines()]
+        lls = [[float(x[0]) for x in r["filtered_resps"]] for r in sorted(rows, key=lambda r: r["doc_id"])]
+        assert [max(range(4), key=lambda j, v=v: (v[j], -j)) for v in lls] == ours["predictions"][s], s
+
+
+def test_lm_eval_cli_nora_model_needs_a_run_or_a_model(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "nora.integrations.lm_eval", "--model", "nora", "--tasks",
+                           "mmlu_anatomy", "--device", "cpu"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300)
+    assert proc.returncode == 2
+    assert "error: lm_eval model nora: pass either run_dir=<training run> or pretrained=<model>" in proc.stderr
+
+
+def test_nora_lm_eval_model_from_a_base_model_and_an_adapter_dir(tmp_path):
+    """``pretrained=<model dir>,adapter=<adapter dir>``: the lm_eval model holds the NoRA activations (it is not
+    peft's half-load), so its log-likelihoods are the adapted model's."""
+    import torch
+
+    import nora
+    from nora.integrations.lm_eval import NoraLM
+
+    mod = _agreement_module()
+    model, _ = mod.build_tiny_model(tmp_path / "base")
+    nora.apply_nora(model)
+    with torch.no_grad():
+        for m in nora.nora_modules(model).values():
+            m.nora_B_num.add_(0.3)
+    nora.save_nora(model, tmp_path / "adapter")
+    lm = NoraLM(pretrained=str(tmp_path / "base"), adapter=str(tmp_path / "adapter"), device="cpu", batch_size=2)
+    assert len(nora.nora_modules(lm.model)) == 2
+    ids = torch.randint(3, 200, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(lm.model(ids).logits, model(ids).logits)
+        base = type(model).from_pretrained(str(tmp_path / "base"))
+        assert not torch.allclose(base(ids).logits, model(ids).logits, atol=1e-4)

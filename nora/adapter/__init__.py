@@ -1,14 +1,18 @@
 """The NoRA adapter: configuration, layers, injection, save/load/merge, parameter accounting."""
 from nora.adapter.accounting import ParameterReport, parameter_report
-from nora.adapter.config import NoraConfig
-from nora.adapter.inject import (InjectionReport, apply_nora, find_activations, find_targets, get_nora_config,
-                                 get_peft_model, mark_trainable, nora_modules, set_trainable)
-from nora.adapter.io import load_nora, load_nora_pp, merge_nora, read_nora_config, save_nora, save_nora_pp
+from nora.adapter.config import AdapterError, NoraConfig
+from nora.adapter.inject import (InjectionReport, apply_nora, disable_adapter, find_activations, find_targets,
+                                 get_nora_config, get_peft_model, mark_trainable, nora_modules, set_module,
+                                 set_trainable)
+from nora.adapter.io import (load_nora, load_nora_pp, merge_nora, read_nora_config, read_peft_config, save_nora,
+                             save_nora_pp)
 from nora.adapter.layer import GroupRational, NoraActivation
+from nora.adapter.merged import from_pretrained, save_merged
 
 __all__ = [
-    "NoraConfig", "GroupRational", "NoraActivation", "InjectionReport", "ParameterReport", "apply_nora",
-    "find_activations", "find_targets", "get_nora_config", "get_peft_model", "mark_trainable", "nora_modules",
-    "set_trainable", "parameter_report", "save_nora", "load_nora", "merge_nora", "save_nora_pp", "load_nora_pp",
-    "read_nora_config",
+    "AdapterError", "NoraConfig", "GroupRational", "NoraActivation", "InjectionReport", "ParameterReport",
+    "apply_nora", "disable_adapter", "find_activations", "find_targets", "get_nora_config", "get_peft_model",
+    "mark_trainable", "nora_modules", "set_module", "set_trainable", "parameter_report", "save_nora", "load_nora",
+    "merge_nora", "save_nora_pp", "load_nora_pp", "read_nora_config", "read_peft_config", "save_merged",
+    "from_pretrained",
 ]

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from nora.errors import UserError
+
 VARIANTS = ("nora", "rational_ft", "zero_init_ft", "frozen")
 INITS = ("fit", "calibrated")
 NUMERATOR_MODES = ("group", "shared")
@@ -11,6 +13,11 @@ NUMERATOR_MODES = ("group", "shared")
 # Default targets: the activation inside each transformer MLP, as named by timm ViTs
 # (`blocks.N.mlp.act`) and by Hugging Face decoder LMs (`model.layers.N.mlp.act_fn`).
 DEFAULT_TARGETS = (r"(.*\.)?mlp\.act", r"(.*\.)?mlp\.act_fn")
+
+
+class AdapterError(UserError, ValueError):
+    """An adapter that does not fit the model or directory it is used with (a ValueError for library callers,
+    a one-line UserError for the command-line tools)."""
 
 
 @dataclass

@@ -5,14 +5,16 @@ LMs whose MLP calls ``act_fn`` (LLaMA, Qwen2, Mistral, ...), and models wrapped 
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
-from nora.adapter.config import NoraConfig
+from nora.adapter.config import AdapterError, NoraConfig
 from nora.adapter.layer import GroupRational, NoraActivation
 from nora.rational.calibration import fit_to_inputs, record_inputs
 from nora.rational.fit import RationalFit, fit_rational
@@ -131,10 +133,14 @@ def activation_width(model: nn.Module, name: str) -> int | None:
     return None
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at the full (dotted) ``name`` of ``model`` by ``new``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+_set_module = set_module  # old private name, still imported by nora/llm.py
 
 
 def _module_device(model: nn.Module) -> torch.device:
@@ -158,6 +164,10 @@ def apply_nora(model: nn.Module, config: NoraConfig | None = None, calibration_b
     Returns an :class:`InjectionReport`; the config is stored as ``model.nora_config``.
     """
     config = config or NoraConfig()
+    if nora_modules(model):
+        raise AdapterError(f"this {type(model).__name__} already holds NoRA activations "
+                           f"({', '.join(list(nora_modules(model))[:2])}, ...); apply_nora once per model "
+                           "(nora.merge_nora folds a trained one into plain rationals)")
     targets = find_targets(model, config)
     for name in targets:
         width = activation_width(model, name)
@@ -184,7 +194,7 @@ def apply_nora(model: nn.Module, config: NoraConfig | None = None, calibration_b
     report = InjectionReport()
     range_fits: dict[str, RationalFit] = {}
     device = _module_device(model)
-    for name, mod in targets.items():
+    for name in targets:
         oname, tgt = originals[name]
         fit = fits.get(name)
         if fit is None:
@@ -200,10 +210,10 @@ def apply_nora(model: nn.Module, config: NoraConfig | None = None, calibration_b
                              fit_range=(fit.x_min, fit.x_max)).to(device)
         if new.groups != config.groups:
             raise ValueError(f"{name}: fitted coefficients have {new.groups} groups, config says {config.groups}")
-        _set_module(model, resolve_name(model, name), new)
+        set_module(model, resolve_name(model, name), new)
         report.targets[name] = {"original": oname, "max_error": fit.max_error, "rms_error": fit.rms_error,
                                 "range": [fit.x_min, fit.x_max]}
-    _store_config(model, config)
+    store_config(model, config)
     set_trainable(model, config)
     return report
 
@@ -226,9 +236,59 @@ def _stack_fits(fits: list[RationalFit]) -> RationalFit:
                                             "denominator": [f.denominator for f in fits]}})
 
 
-def _store_config(model: nn.Module, config: NoraConfig) -> None:
+def store_config(model: nn.Module, config: NoraConfig) -> None:
+    """Remember ``config`` on the (unwrapped) model and let peft's ``disable_adapter()`` switch NoRA off too."""
     base = model.get_base_model() if is_peft_model(model) else model
     base.nora_config = config
+    if is_peft_model(model):
+        follow_peft_adapter_switch(model)
+
+
+def _enable_tuner_and_nora(tuner: nn.Module, enabled: bool = True) -> None:
+    type(tuner)._enable_adapter_layers(tuner, enabled=enabled)
+    for mod in tuner.modules():
+        if isinstance(mod, NoraActivation):
+            mod.adapter_enabled = enabled
+
+
+def follow_peft_adapter_switch(model: nn.Module) -> None:
+    """Make peft's ``disable_adapter()`` / ``disable_adapter_layers()`` switch the NoRA updates off as well.
+
+    peft only toggles its own tuner layers (``BaseTunerLayer``), all through the tuner's
+    ``_enable_adapter_layers``; this routes that one method through :func:`_enable_tuner_and_nora` for this
+    tuner instance. A ``functools.partial`` bound to the tuner (not a closure over ``model``) so that a
+    ``copy.deepcopy`` of the model, e.g. a DPO reference model, toggles its own copy.
+    """
+    tuner = model.base_model
+    if hasattr(type(tuner), "_enable_adapter_layers"):
+        tuner._enable_adapter_layers = functools.partial(_enable_tuner_and_nora, tuner)
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` without its NoRA updates (and, on a peft model, without its LoRA/DoRA adapters)::
+
+        with nora.disable_adapter(model):
+            reference_logits = model(ids).logits
+
+    Disabled NoRA activations compute their frozen *base rational* (the fit of the original activation), i.e.
+    the model exactly as it was at step 0 of training, not the original activation: the model NoRA training
+    started from, which is what a DPO/KL reference model needs. peft's own ``model.disable_adapter()`` does the
+    same on a NoRA++ model.
+    """
+    if is_peft_model(model):
+        with model.disable_adapter():
+            yield model
+        return
+    mods = list(nora_modules(model).values())
+    before = [m.adapter_enabled for m in mods]
+    try:
+        for m in mods:
+            m.adapter_enabled = False
+        yield model
+    finally:
+        for m, state in zip(mods, before):
+            m.adapter_enabled = state
 
 
 def get_nora_config(model: nn.Module) -> NoraConfig | None:
@@ -278,4 +338,5 @@ def get_peft_model(model: nn.Module, peft_config, **kwargs):
 
     wrapped = peft.get_peft_model(model, peft_config, **kwargs)
     mark_trainable(wrapped)
+    follow_peft_adapter_switch(wrapped)
     return wrapped

@@ -7,11 +7,16 @@ Files written by :func:`save_nora` into a directory:
   module's name in the unwrapped base model, so a file saved from a peft-wrapped model loads onto a
   plain one and vice versa;
 * ``nora_config.json``: the :class:`NoraConfig` and, per replaced activation, its groups, form,
-  degrees, variant and original activation.
+  degrees, width, variant and original activation.
 
-peft's own LoRA/DoRA files (``adapter_model.safetensors``, ``adapter_config.json``) may live in the
-same directory (NoRA++): save them with ``model.save_pretrained(dir)`` and load them with
-:func:`load_nora_pp`.
+NoRA++ (:func:`save_nora_pp`, or ``model.save_pretrained(dir)`` followed by :func:`save_nora` on the
+peft-wrapped model) puts peft's LoRA/DoRA files (``adapter_model.safetensors``, ``adapter_config.json``)
+in the same directory. Its ``adapter_config.json`` carries a ``peft_type`` no peft version knows (the real
+one is kept under ``nora_peft_type``), so peft-only loaders (``PeftModel.from_pretrained``, transformers'
+``load_adapter``, lm_eval's ``hf`` model with ``peft=``) stop with an error naming :func:`load_nora_pp`
+instead of loading the LoRA half and silently dropping NoRA.
+
+:func:`load_nora` checks the whole adapter against the model before it changes anything.
 """
 from __future__ import annotations
 
@@ -23,20 +28,21 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from nora.adapter.config import NoraConfig
-from nora.adapter.inject import (_set_module, canonical_name, get_nora_config, is_peft_model, mark_trainable,
-                                 nora_modules, resolve_name, set_trainable, _store_config)
+from nora.adapter.config import AdapterError, NoraConfig
+from nora.adapter.inject import (activation_width, canonical_name, find_targets, get_nora_config, is_peft_model,
+                                 mark_trainable, nora_modules, resolve_name, set_module, set_trainable, store_config)
 from nora.adapter.layer import GroupRational, NoraActivation
+from nora.files import atomic_write, read_json, write_json_atomic
 
 WEIGHTS_NAME = "nora_adapter.safetensors"
 CONFIG_NAME = "nora_config.json"
 FORMAT_VERSION = 1
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+PEFT_CONFIG_NAME = "adapter_config.json"
+FULL_FT_NAME = "trainable.safetensors"
+# what peft shows when it meets a NoRA++ adapter_config.json (its KeyError prints the unknown peft_type)
+NORA_PP_PEFT_TYPE = ("NORA++ adapter (peft LoRA/DoRA + NoRA activations): peft alone would load only the LoRA "
+                     "half; load it with nora.load_nora_pp(base_model, dir), or evaluate it with lm_eval's "
+                     "`nora` model (python -m nora.integrations.lm_eval --model nora ...)")
 
 
 def _trainable_module_names(model: nn.Module, config: NoraConfig) -> list[str]:
@@ -48,20 +54,36 @@ def _trainable_module_names(model: nn.Module, config: NoraConfig) -> list[str]:
     return [n for n, _ in model.named_modules() if any(r.fullmatch(n) for r in rx)]
 
 
+def _check_save_directory(model: nn.Module, directory: Path) -> None:
+    """Refuse to add NoRA files to a directory of another adapter (it would later load as something else)."""
+    if (directory / FULL_FT_NAME).exists():
+        raise AdapterError(f"{directory} holds {FULL_FT_NAME} (a full fine-tuning / linear probe adapter); "
+                           "save the NoRA adapter into an empty directory")
+    if (directory / PEFT_CONFIG_NAME).exists() and not is_peft_model(model):
+        raise AdapterError(f"{directory} holds peft adapter files ({PEFT_CONFIG_NAME}) but this model has no peft "
+                           "adapter: NoRA files next to them would load as a NoRA++ adapter of another model; save "
+                           "into an empty directory (NoRA++: nora.save_nora_pp on the peft-wrapped model)")
+
+
 def save_nora(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the NoRA adapter of ``model`` (and its ``trainable_modules``) to ``directory``."""
+    """Write the NoRA adapter of ``model`` (and its ``trainable_modules``) to ``directory``.
+
+    On a peft-wrapped model whose ``save_pretrained`` already wrote ``directory/adapter_config.json``, that
+    file is marked as NoRA++ (see the module docstring)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     config = get_nora_config(model)
     mods = nora_modules(model)
     if config is None or not mods:
-        raise ValueError("this model holds no NoRA activations; call nora.apply_nora first")
+        raise AdapterError("this model holds no NoRA activations; call nora.apply_nora first")
+    _check_save_directory(model, directory)
+    directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     layers = {}
     for name, mod in mods.items():
         for k, t in mod.state_dict().items():
             tensors[f"{name}.{k}"] = t.detach().cpu().contiguous()
         layers[name] = {"groups": mod.groups, "form": mod.form, "degrees": list(mod.degrees),
+                        "width": activation_width(model, name),
                         "variant": mod.variant, "original": mod.original, "r": mod.r, "alpha": mod.alpha,
                         "numerator_mode": mod.numerator_mode, "fit_range": mod.fit_range,
                         "shared_base_numerator": mod.base_numerator.shape[0] == 1}
@@ -71,52 +93,126 @@ def save_nora(model: nn.Module, directory: str | os.PathLike) -> Path:
             tensors[f"{name}.{k}"] = t.detach().cpu().contiguous()
     meta = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "layers": layers,
             "trainable_modules": extra}
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2)))
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    write_json_atomic(directory / CONFIG_NAME, meta)
+    if is_peft_model(model) and (directory / PEFT_CONFIG_NAME).exists():
+        _mark_nora_pp(directory)
     return directory
 
 
+def _mark_nora_pp(directory: Path) -> None:
+    cfg = json.loads((directory / PEFT_CONFIG_NAME).read_text())
+    if cfg.get("peft_type") != NORA_PP_PEFT_TYPE:
+        cfg["nora_peft_type"], cfg["peft_type"] = cfg["peft_type"], NORA_PP_PEFT_TYPE
+        write_json_atomic(directory / PEFT_CONFIG_NAME, cfg)
+
+
+def read_peft_config(directory: str | os.PathLike) -> dict:
+    """The peft ``adapter_config.json`` in ``directory`` as peft wrote it (a NoRA++ marker undone)."""
+    path = Path(directory) / PEFT_CONFIG_NAME
+    cfg = read_json(path)
+    if not isinstance(cfg, dict) or "peft_type" not in cfg:
+        raise AdapterError(f"{path}: missing or not a peft adapter config (no peft_type)")
+    if "nora_peft_type" in cfg:
+        cfg["peft_type"] = cfg.pop("nora_peft_type")
+    return cfg
+
+
 def read_nora_config(directory: str | os.PathLike) -> dict:
+    from nora.errors import MissingFileError
+
     path = Path(directory) / CONFIG_NAME
     if not path.exists():
-        raise FileNotFoundError(f"no NoRA adapter at {directory} (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+        raise MissingFileError(f"no NoRA adapter at {directory} (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
     return json.loads(path.read_text())
+
+
+def _shape_mismatches(module: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> list[str]:
+    own = module.state_dict()
+    saved = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+    bad = [f"{name}.{k}: saved {tuple(v.shape)}, model {tuple(own[k].shape)}"
+           for k, v in saved.items() if k in own and own[k].shape != v.shape]
+    bad += [f"{name}.{k}: missing from the file" for k in own if k not in saved]
+    bad += [f"{name}.{k}: not in the model" for k in saved if k not in own]
+    return bad
+
+
+def _check_targets(model: nn.Module, directory: Path, meta: dict, config: NoraConfig) -> list[str]:
+    """Every saved layer exists with its saved width, and every target the config names is in the adapter."""
+    problems = []
+    for name, info in meta["layers"].items():
+        try:
+            model.get_submodule(resolve_name(model, name))
+        except AttributeError:
+            problems.append(f"{name}: not a module of this {type(model).__name__}")
+            continue
+        width = activation_width(model, name)
+        saved = info.get("width")
+        if width is not None and saved is not None and width != saved:
+            problems.append(f"{name}: width {width}, the adapter was saved for width {saved}")
+        elif width is not None and width % info["groups"]:
+            problems.append(f"{name}: width {width} is not divisible by the adapter's {info['groups']} groups")
+    try:
+        targets = find_targets(model, config)
+    except ValueError as e:
+        return problems + [str(e)]
+    left_out = sorted(set(targets) - set(meta["layers"]))
+    if left_out:
+        problems.append(f"the model has {len(targets)} targets of {config.targets}, the adapter covers "
+                        f"{len(meta['layers'])}; no adapter for {', '.join(left_out[:4])}"
+                        + (" ..." if len(left_out) > 4 else ""))
+    return problems
+
+
+def _validate(model: nn.Module, directory: Path, meta: dict, tensors: dict[str, torch.Tensor],
+              config: NoraConfig) -> None:
+    if nora_modules(model):
+        raise AdapterError(f"this {type(model).__name__} already holds NoRA activations; load {directory} onto a "
+                           "freshly built base model")
+    problems = _check_targets(model, directory, meta, config)
+    for name in meta["trainable_modules"]:
+        try:
+            sub = model.get_submodule(resolve_name(model, name))
+        except AttributeError:
+            problems.append(f"{name}: not a module of this {type(model).__name__}")
+            continue
+        problems += _shape_mismatches(sub, name, tensors)
+    if problems:
+        raise AdapterError(f"the NoRA adapter in {directory} does not fit this {type(model).__name__} (nothing was "
+                           f"changed): {'; '.join(problems[:6])}")
 
 
 def load_nora(model: nn.Module, directory: str | os.PathLike, trainable: bool = False) -> nn.Module:
     """Load a saved NoRA adapter onto ``model`` (a fresh base model, peft-wrapped or not), in place.
 
-    The activations named in the file are replaced (no fitting: the saved coefficients are used) and
-    every tensor is loaded strictly. The model is left frozen unless ``trainable=True``.
+    The whole adapter is checked against the model first (every saved activation exists with its saved
+    width, every target of the saved config is covered, the ``trainable_modules`` tensors have the model's
+    shapes): a mismatch raises :class:`AdapterError` and leaves the model untouched. Then the activations
+    named in the file are replaced (no fitting: the saved coefficients are used) and every tensor is loaded
+    strictly. The model is left frozen unless ``trainable=True``.
     """
     directory = Path(directory)
     meta = read_nora_config(directory)
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{directory}: unsupported NoRA adapter format {meta.get('format_version')}")
+        raise AdapterError(f"{directory}: unsupported NoRA adapter format {meta.get('format_version')}")
     config = NoraConfig.from_dict(meta["config"])
     tensors = load_file(str(directory / WEIGHTS_NAME))
+    _validate(model, directory, meta, tensors, config)
     device = next(iter(model.parameters())).device
     for name, info in meta["layers"].items():
-        full = resolve_name(model, name)
-        try:
-            model.get_submodule(full)
-        except AttributeError:
-            raise ValueError(f"{directory}: the adapter targets {name!r}, which this "
-                             f"{type(model).__name__} does not have") from None
-        num = tensors[f"{name}.base_numerator"]
-        den = tensors[f"{name}.base_denominator"]
-        mod = NoraActivation(num, den, form=info["form"], backend=config.backend, original=info["original"],
+        mod = NoraActivation(tensors[f"{name}.base_numerator"], tensors[f"{name}.base_denominator"],
+                             form=info["form"], backend=config.backend, original=info["original"],
                              variant=info["variant"], r=info["r"], alpha=info["alpha"],
                              numerator_mode=info["numerator_mode"], groups=info["groups"],
                              fit_range=info.get("fit_range"))
         state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
         mod.load_state_dict(state, strict=True)
-        _set_module(model, full, mod.to(device))
+        set_module(model, resolve_name(model, name), mod.to(device))
     for name in meta["trainable_modules"]:
         sub = model.get_submodule(resolve_name(model, name))
         state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
         sub.load_state_dict(state, strict=True)
-    _store_config(model, config)
+    store_config(model, config)
     if trainable:
         set_trainable(model, config)
     else:
@@ -127,23 +223,27 @@ def load_nora(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
 def merge_nora(model: nn.Module) -> nn.Module:
     """Fold every NoRA update into plain per-group coefficients (frozen :class:`GroupRational`)."""
     for name, mod in nora_modules(model).items():
-        _set_module(model, resolve_name(model, name), mod.merged())
+        set_module(model, resolve_name(model, name), mod.merged())
     return model
 
 
 def save_nora_pp(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """NoRA++: peft's LoRA/DoRA files and the NoRA adapter side by side in ``directory``."""
+    """NoRA++: peft's LoRA/DoRA files and the NoRA adapter side by side in ``directory`` (peft's
+    ``adapter_config.json`` marked so that peft alone refuses it; see the module docstring)."""
     if not is_peft_model(model):
-        raise ValueError("save_nora_pp expects a peft-wrapped model (LoRA/DoRA + NoRA)")
+        raise AdapterError("save_nora_pp expects a peft-wrapped model (LoRA/DoRA + NoRA)")
     model.save_pretrained(str(directory))
     return save_nora(model, directory)
 
 
 def load_nora_pp(base_model: nn.Module, directory: str | os.PathLike, trainable: bool = False) -> nn.Module:
     """Rebuild a NoRA++ model: peft adapter from ``directory`` onto ``base_model``, then NoRA on top."""
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
-    model = PeftModel.from_pretrained(base_model, str(directory), is_trainable=trainable)
+    directory = Path(directory)
+    read_nora_config(directory)  # both halves or nothing: fail before peft wraps the model
+    peft_config = PeftConfig.from_peft_type(**read_peft_config(directory))
+    model = PeftModel.from_pretrained(base_model, str(directory), is_trainable=trainable, config=peft_config)
     load_nora(model, directory, trainable=trainable)
     if trainable:
         mark_trainable(model)
@@ -151,4 +251,4 @@ def load_nora_pp(base_model: nn.Module, directory: str | os.PathLike, trainable:
 
 
 __all__ = ["save_nora", "load_nora", "merge_nora", "save_nora_pp", "load_nora_pp", "read_nora_config",
-           "GroupRational", "canonical_name"]
+           "read_peft_config", "AdapterError", "GroupRational", "canonical_name"]

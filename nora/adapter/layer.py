@@ -102,6 +102,7 @@ class NoraActivation(GroupRational):
                 denominator = denominator.expand(groups, -1)
         super().__init__(numerator, denominator, form, backend, original, fit_range)
         self.variant = variant
+        self.adapter_enabled = True  # False: compute the base rational (nora.disable_adapter, peft's disable_adapter)
         self.numerator_mode = numerator_mode
         self.r = r
         self.alpha = alpha
@@ -132,6 +133,8 @@ class NoraActivation(GroupRational):
 
     def coefficients(self) -> tuple[Tensor, Tensor]:
         g = self.groups
+        if not self.adapter_enabled:
+            return self.base_numerator.expand(g, -1), self.base_denominator
         if self.variant == "nora":
             num = self.base_numerator + self.scale * (self.nora_B_num @ self.nora_A_num)
             den = self.base_denominator + self.scale * (self.nora_B_den @ self.nora_A_den)

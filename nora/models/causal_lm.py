@@ -5,7 +5,7 @@
 =========================  ==========================================================================
 ``hf_name``                hub id of the weights and tokenizer (e.g. ``meta-llama/Meta-Llama-3-8B``)
 ``path``                   a local directory with the weights and tokenizer (``save_pretrained`` or
-                           ``huggingface-cli download ... --local-dir``); overrides ``hf_name``
+                           ``hf download ... --local-dir``); overrides ``hf_name``
 ``revision``               hub revision (branch, tag or commit); null: the default branch
 ``gated``                  the hub repo needs an accepted licence and a token (only shapes the error)
 ``random_init``            build from ``arch`` + ``config`` with random weights (tests, smoke runs)
@@ -19,7 +19,7 @@
 =========================  ==========================================================================
 
 The token for gated repos comes from the environment (``HF_TOKEN``) or huggingface_hub's own login cache
-(``huggingface-cli login``), never from a file in this repository. A model that cannot be loaded (no token,
+(``hf auth login``), never from a file in this repository. A model that cannot be loaded (no token,
 no access, offline without a cached copy, wrong ``path``) ends in one :class:`~nora.errors.UserError` line
 saying to set ``HF_TOKEN`` or where to put the weights.
 """
@@ -60,7 +60,7 @@ def _source(model_cfg) -> tuple[str, bool]:
                             "weights (*.safetensors) and the tokenizer files")
         if not (p / "config.json").exists():
             raise UserError(f"model.path={path} holds no config.json; point it at a folder written by "
-                            f"save_pretrained or `huggingface-cli download {model_cfg.get('hf_name') or '<repo>'} "
+                            f"save_pretrained or `hf download {model_cfg.get('hf_name') or '<repo>'} "
                             "--local-dir <dir>`")
         return str(p), True
     name = model_cfg.get("hf_name")
@@ -91,7 +91,7 @@ def _load_error(model_cfg, source: str, what: str, exc: Exception) -> UserError:
         why = "it could not be loaded"
     fix = (f"set HF_TOKEN=<a token with access to {name}> in the environment"
            + (f" (accept the licence at https://huggingface.co/{name} first)" if gated else "")
-           + f", or download the weights where there is network (`huggingface-cli download {name} --local-dir "
+           + f", or download the weights where there is network (`hf download {name} --local-dir "
            "<dir>`) and pass model.path=<dir>")
     return UserError(f"model={model_cfg.name}: could not load the {what} of {source}: {why} [{kind}: {text}]; {fix}")
 

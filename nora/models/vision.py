@@ -66,7 +66,7 @@ def build_vision_model(model_cfg, num_classes: int) -> nn.Module:
         except Exception as exc:
             raise UserError(
                 f"pretrained weights for {model_id} could not be loaded ({type(exc).__name__}; offline or not cached); "
-                f"download them where there is network (`huggingface-cli download timm/{model_id}`) and copy "
+                f"download them where there is network (`hf download timm/{model_id}`) and copy "
                 f"~/.cache/huggingface/hub here, or set model.checkpoint=<path to model.safetensors>") from None
     return timm.create_model(model_cfg.timm_name, pretrained=False, num_classes=num_classes, **kwargs)
 

@@ -22,7 +22,7 @@ Sources (``InstructDataConfig.name`` / ``path``)
     either one written by ``datasets.Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (``split`` picks
     the split) or one holding ``.json``/``.jsonl``/``.parquet`` files (searched recursively, hidden folders
     skipped; when file paths name splits such as ``train``/``test``, only those naming ``split`` are read,
-    e.g. a ``huggingface-cli download --repo-type dataset`` snapshot). Each file is loaded with the
+    e.g. a ``hf download --repo-type dataset`` snapshot). Each file is loaded with the
     ``datasets`` json/parquet builders and checked on its own: a file lacking a field raises
     :class:`DataError` naming the file, the missing field(s) and the expected ones. Extra fields (Alpaca's
     ``text``, OpenOrca's ``id``) are ignored. ``null`` reads as an empty string in the fields that may be empty

@@ -21,7 +21,7 @@ SPLIT_WORDS = ("train", "test", "validation", "valid", "val", "dev", "eval")
 
 def format_help(cfg: InstructDataConfig) -> str:
     return (f"Put a local copy on disk and pass data.path=<file or dir>: {cfg.spec.fmt}. To fetch it on a machine "
-            f"with Hub access: huggingface-cli download --repo-type dataset {cfg.resolved_hub_name} --local-dir <dir>")
+            f"with Hub access: hf download --repo-type dataset {cfg.resolved_hub_name} --local-dir <dir>")
 
 
 def local_files(cfg: InstructDataConfig) -> tuple[str, Path, list[Path]]:

@@ -1,0 +1,1 @@
+"""Adapters of nora to other tools' plugin interfaces (lm-evaluation-harness)."""
