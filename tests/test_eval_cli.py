@@ -13,7 +13,7 @@ from instruct_fixtures import alpaca_records, write_alpaca_json
 from mmlu_fixtures import make_fixture, write_csv
 from nora.errors import MissingFileError, UserError
 from nora.eval import evaluate_mmlu
-from nora.eval.cli import run_eval
+from nora.eval.run import run_eval
 from nora.run import run_training
 from nora.runs import load_trained_model
 
