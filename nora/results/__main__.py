@@ -16,15 +16,29 @@ from pathlib import Path
 
 
 def _tables(args) -> int:
+    """Render everything, after checking what there is to render: the run files that could not be read are
+    listed (their runs are in no table; exit status 1), and with no usable run at all nothing is written, so
+    the committed ``results/`` stay as they are."""
+    from nora.results.collect import collect
     from nora.results.render import render_all
 
+    col = collect(args.runs)
+    for path, why in sorted(col.unreadable.items()):
+        print(f"unreadable: {path}: {why}", file=sys.stderr)
+    if col.unreadable:
+        print(f"{len(col.unreadable)} run file(s) under {args.runs} could not be read; their runs are left out of "
+              "every table (fix or remove them, or rerun those runs)", file=sys.stderr)
+    if not col.runs and not col.base_evals:
+        print(f"no complete runs or base-model evaluations under {args.runs}; nothing rendered, {args.out}/ left "
+              "as it is (make demo, make table1, ... produce runs)")
+        return 1 if col.unreadable else 0
     made = render_all(args.runs, args.out)
     for p in made["tables"]:
         print(f"wrote {p}")
     for p in made["figures"]:
         print(f"wrote {p}")
     print(f"wrote {made['index']}")
-    return 0
+    return 1 if col.unreadable else 0
 
 
 def _demo_table(args) -> int:
@@ -61,12 +75,13 @@ def _plan(args) -> int:
 
 
 def mmlu_jobs(runs: str | Path, base: str | None, eval_root: str | Path) -> list[str]:
-    """``eval.py`` arguments for every complete LLM run without ``mmlu.json`` and for the base model."""
+    """``eval.py`` arguments for every complete LLM run without a readable ``mmlu.json`` and for the base model
+    (unless ``eval_root`` holds a readable evaluation of it)."""
     from nora.results.collect import collect
 
     col = collect(runs)
     out = [f"run_dir={r.dir}" for r in col.runs if r.summary.get("family") == "causal_lm" and not r.mmlu]
-    if base and not (Path(eval_root) / base / "mmlu.json").exists():
+    if base and collect(eval_root).base_eval(base) is None:
         out.append(f"model={base}")
     return out
 
