@@ -75,7 +75,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from nora.eval.mmlu_data import CATEGORIES, LETTERS, MMLUQuestion, SubjectData, load_mmlu, subject_categories
+from nora.eval.mmlu_data import (CATEGORIES, LETTERS, MMLUQuestion, SubjectData, detect_source, load_mmlu,
+                                 resolve_subjects, subject_categories)
 from nora.files import write_json_atomic
 from nora.run_dir import RunDir
 
@@ -453,8 +454,6 @@ def evaluate_mmlu(model, tokenizer, data: str | os.PathLike | Mapping[str, Subje
     if isinstance(data, Mapping):
         loaded = dict(data)
         if subjects is not None and subjects != "available":
-            from nora.eval.mmlu_data import resolve_subjects
-
             wanted = resolve_subjects(subjects)
             missing = [s for s in wanted if s not in loaded]
             if missing:
@@ -464,8 +463,6 @@ def evaluate_mmlu(model, tokenizer, data: str | os.PathLike | Mapping[str, Subje
             if k > len(d.dev):
                 raise ValueError(f"MMLU subject {s!r}: k={k} shots requested but only {len(d.dev)} dev questions")
     else:
-        from nora.eval.mmlu_data import detect_source
-
         src = detect_source(data) if source == "auto" else source
         loaded = load_mmlu(data, source=src, subjects=subjects, k=k, split=split)
         data_info = {"path": str(data), "source": src}
