@@ -95,3 +95,15 @@ def test_tables_on_a_checkout_without_runs_leaves_results_byte_identical(tmp_pat
     proc = nora_results(["tables"], tmp_path)
     assert proc.returncode == 0 and proc.stdout.startswith("no complete runs") and proc.stderr == ""
     assert _tree_hashes(tmp_path / "results") == before
+
+
+def test_demo_table_lists_unreadable_runs_too(tmp_path, capsys):
+    from nora.results.__main__ import main
+
+    root = demo_runs(tmp_path / "demo")
+    bad = truncate(root / "full_s1" / "summary.json")
+    assert main(["demo-table", "--check", "--runs", str(root)]) == 0  # there are demo runs to render
+    assert main(["demo-table", "--runs", str(root), "--out", str(tmp_path / "out")]) == 1
+    out, err = capsys.readouterr()
+    assert err.splitlines()[0] == f"unreadable: {bad}: {TRUNCATED}"
+    assert "| full FT | 2 | 92.00 ± 2.83 |" in out  # seeds 0 and 2 (90.0, 94.0)

@@ -12,9 +12,6 @@ from omegaconf import DictConfig
 from nora.errors import MissingFileError, UserError
 from nora.run_dir import RunDir
 
-N_SUBJECTS = 57
-
-
 def _subjects(value):
     if value in (None, "all"):
         return None
@@ -73,6 +70,7 @@ def _base_model(cfg: DictConfig, device) -> _Target:
 def run_eval(cfg: DictConfig) -> dict:
     """Evaluate and write ``mmlu.json``; returns its dictionary."""
     from nora.eval.mmlu import run_mmlu
+    from nora.eval.mmlu_data import all_subjects
     from nora.hub import go_offline_if_unreachable
     from nora.train.loop import resolve_device
 
@@ -92,9 +90,9 @@ def run_eval(cfg: DictConfig) -> dict:
         raise MissingFileError(str(exc)) from None
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    n = len(result.subjects)
-    if n < N_SUBJECTS:
-        warnings.warn(f"MMLU: evaluated {n} of {N_SUBJECTS} subjects (mmlu.subjects={m.subjects}); the averages cover "
+    n, n_all = len(result.subjects), len(all_subjects())
+    if n < n_all:
+        warnings.warn(f"MMLU: evaluated {n} of {n_all} subjects (mmlu.subjects={m.subjects}); the averages cover "
                       "only those", stacklevel=1)
     d = result.to_dict()
     print(f"MMLU {m.k}-shot on {n} subjects ({result.n} questions): {100 * result.accuracy:.2f}%")

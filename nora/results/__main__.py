@@ -15,6 +15,16 @@ import sys
 from pathlib import Path
 
 
+def _list_unreadable(col, runs) -> int:
+    """Print the run files ``collect`` could not read to stderr; the exit status: 1 if there are any."""
+    for path, why in sorted(col.unreadable.items()):
+        print(f"unreadable: {path}: {why}", file=sys.stderr)
+    if col.unreadable:
+        print(f"{len(col.unreadable)} run file(s) under {runs} could not be read; their runs are left out of "
+              "every table (fix or remove them, or rerun those runs)", file=sys.stderr)
+    return 1 if col.unreadable else 0
+
+
 def _tables(args) -> int:
     """Render everything, after checking what there is to render: the run files that could not be read are
     listed (their runs are in no table; exit status 1), and with no usable run at all nothing is written, so
@@ -23,22 +33,18 @@ def _tables(args) -> int:
     from nora.results.render import render_all
 
     col = collect(args.runs)
-    for path, why in sorted(col.unreadable.items()):
-        print(f"unreadable: {path}: {why}", file=sys.stderr)
-    if col.unreadable:
-        print(f"{len(col.unreadable)} run file(s) under {args.runs} could not be read; their runs are left out of "
-              "every table (fix or remove them, or rerun those runs)", file=sys.stderr)
+    status = _list_unreadable(col, args.runs)
     if not col.runs and not col.base_evals:
         print(f"no complete runs or base-model evaluations under {args.runs}; nothing rendered, {args.out}/ left "
               "as it is (make demo, make table1, ... produce runs)")
-        return 1 if col.unreadable else 0
+        return status
     made = render_all(args.runs, args.out)
     for p in made["tables"]:
         print(f"wrote {p}")
     for p in made["figures"]:
         print(f"wrote {p}")
     print(f"wrote {made['index']}")
-    return 1 if col.unreadable else 0
+    return status
 
 
 def _demo_table(args) -> int:
@@ -49,6 +55,7 @@ def _demo_table(args) -> int:
     found = any(r.dataset == "digits_target" for r in col.runs)
     if args.check:
         return 0 if found else 1
+    status = _list_unreadable(col, args.runs)
     if not found:
         print(f"no complete demo runs under {args.runs}; run `make demo` first", file=sys.stderr)
         return 1
@@ -57,7 +64,7 @@ def _demo_table(args) -> int:
         print(f"wrote {p}")
     write_index(Path(args.out), made)
     print((Path(args.out) / "demo.md").read_text())
-    return 0
+    return status
 
 
 def _plan(args) -> int:
