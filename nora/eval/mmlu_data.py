@@ -173,7 +173,7 @@ def _csv_folder(split: str) -> str:
     return "val" if split == "validation" else split
 
 
-def _load_csv_path(root: Path, subject: str, split: str) -> Path:
+def _csv_path(root: Path, subject: str, split: str) -> Path:
     folder = _csv_folder(split)
     return root / folder / f"{subject}_{folder}.csv"
 
@@ -183,7 +183,7 @@ def _warn_unknown_csvs(root: Path, splits: Iterable[str]) -> None:
     unknown = []
     for split in splits:
         folder = root / _csv_folder(split)
-        known = {_load_csv_path(root, s, split).name for s in subject_table()}
+        known = {_csv_path(root, s, split).name for s in subject_table()}
         unknown += sorted(str(f.relative_to(root)) for f in folder.glob("*.csv") if f.name not in known)
     if unknown:
         warnings.warn(f"MMLU: {len(unknown)} CSV file(s) in {root} are not among the 57 subjects and are ignored: "
@@ -191,7 +191,7 @@ def _warn_unknown_csvs(root: Path, splits: Iterable[str]) -> None:
 
 
 def _load_csv(root: Path, subject: str, split: str) -> tuple[list[MMLUQuestion], str]:
-    path = _load_csv_path(root, subject, split)
+    path = _csv_path(root, subject, split)
     if not path.exists():
         raise FileNotFoundError(
             f"MMLU {split} file for subject {subject!r} not found: {path}; expected the original CSV layout "
@@ -307,7 +307,7 @@ def available_subjects(path: str | os.PathLike, source: str = "auto", split: str
         return all_subjects()  # hub
     if source == "csv":
         root = _csv_root(p) or p
-        return [s for s in all_subjects() if _load_csv_path(root, s, split).exists()]
+        return [s for s in all_subjects() if _csv_path(root, s, split).exists()]
     reader = _HFReader(p)
     found = []
     for s in all_subjects():
@@ -354,11 +354,11 @@ def _load_from_csv(path: str | os.PathLike, chosen: list[str], split: str, k: in
     if not p.is_dir():
         raise FileNotFoundError(f"MMLU data directory not found: {p}; {_expected_layouts(p)}")
     root = _csv_root(p) or p
-    missing = [s for s in chosen if not _load_csv_path(root, s, split).exists()]
+    missing = [s for s in chosen if not _csv_path(root, s, split).exists()]
     if len(missing) > 1:
         raise FileNotFoundError(
             f"MMLU {split} files for {len(missing)} of the {len(chosen)} requested subjects are missing in "
-            f"{root} (first: {_load_csv_path(root, missing[0], split)}; missing: {', '.join(missing[:8])}"
+            f"{root} (first: {_csv_path(root, missing[0], split)}; missing: {', '.join(missing[:8])}"
             f"{', ...' if len(missing) > 8 else ''}); expected the original CSV layout "
             f"{root}/{{dev,test}}/<subject>_{{dev,test}}.csv (from {DATA_URL}) or a {HUB_NAME} copy (source=hf); "
             f"or select subjects (subjects=[...] or subjects=available)")
