@@ -13,7 +13,7 @@ from nora.cli import user_errors
 
 @hydra.main(config_path="configs", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from nora.eval.cli import run_eval
+    from nora.eval.run import run_eval
 
     with user_errors():
         run_eval(cfg)

@@ -279,10 +279,10 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
     if rk == 0:
         save_adapter(model, cfg.method, RunDir(run_dir).adapter)
         if result.injection is not None:
-            from nora.plots import plot_activation_curves
+            from nora.results.figures import activation_figure
 
-            plot_activation_curves(model, RunDir(run_dir).activations,
-                                   title=f"{cfg.method.name} on {cfg.dataset.name} (seed {cfg.seed})")
+            activation_figure(run_dir, RunDir(run_dir).activations,  # drawn from the adapter files just saved
+                              title=f"{cfg.method.name} on {cfg.dataset.name} (seed {cfg.seed})")
         write_summary(run_dir, summary)
     dist.barrier()
     return summary

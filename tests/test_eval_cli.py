@@ -13,7 +13,7 @@ from instruct_fixtures import alpaca_records, write_alpaca_json
 from mmlu_fixtures import make_fixture, write_csv
 from nora.errors import MissingFileError, UserError
 from nora.eval import evaluate_mmlu
-from nora.eval.cli import run_eval
+from nora.eval.run import run_eval
 from nora.run import run_training
 from nora.runs import load_trained_model
 
@@ -59,8 +59,27 @@ def test_eval_py_base_model_writes_mmlu_json(mmlu_dir, tmp_path):
     assert not list(tmp_path.glob("**/.hydra"))  # eval.py writes no Hydra folder anywhere
 
 
+
+def test_eval_py_names_an_mmlu_csv_that_is_not_utf8(tmp_path):
+    data = write_csv(tmp_path / "mmlu", make_fixture())
+    bad = data / "test" / "anatomy_test.csv"
+    bad.write_bytes(bad.read_bytes() + '"Which bone is the fémur?",a,b,c,d,A\n'.encode("latin-1"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "model=llama_tiny", f"mmlu.path={data}",
+                           f"output_root={tmp_path}", "device=cpu"], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    offset = bad.read_bytes().index(b"\xe9")
+    # 6 fixture rows, one with a newline inside its quoted question: the appended row starts on line 8
+    assert lines[-1] == (f"error: {bad}, line 8: not UTF-8 text (byte 0xe9 at offset {offset}); the MMLU CSV files "
+                         "are UTF-8, re-encode this one (e.g. iconv -f latin1 -t utf-8)")
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "eval" / "llama_tiny" / "mmlu.json").exists()
+
 def test_eval_of_a_training_run_uses_its_adapters(mmlu_dir, tiny_run):
-    cfg = compose_cfg("eval", [f"run_dir={tiny_run}", f"mmlu.path={mmlu_dir}", "device=cpu", "mmlu.save_predictions=true"])
+    cfg = compose_cfg("eval", [f"run_dir={tiny_run}", f"mmlu.path={mmlu_dir}", "device=cpu",
+                               "mmlu.save_predictions=true"])
     d = run_eval(cfg)
     on_disk = json.loads((tiny_run / "mmlu.json").read_text())
     assert on_disk["overall"] == d["overall"]

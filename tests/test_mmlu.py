@@ -12,11 +12,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import nora
 from mmlu_fixtures import FIXTURE_SUBJECTS, make_fixture, write_csv, write_parquet, write_saved
-from nora.eval import (build_prompt, continuation_tokens, detect_source, evaluate_mmlu, load_model_with_adapters,
-                       load_mmlu, run_mmlu, subject_categories, subject_table, write_mmlu_json)
+from nora.eval import (build_prompt, continuation_tokens, detect_source, evaluate_mmlu, load_mmlu, run_mmlu,
+                       subject_categories, subject_table, write_mmlu_json)
 from nora.eval.mmlu import score_rows
 from nora.eval.mmlu_data import MMLUQuestion
 from nora.models.tokenizer import build_offline_tokenizer
+from nora.runs import apply_adapter, find_adapter_dir
 
 
 @pytest.fixture(scope="module")
@@ -279,6 +280,41 @@ def test_clear_errors_for_missing_data_and_unknown_subjects(tmp_path, tok):
     assert sorted(load_mmlu(pq_root, subjects="available")) == ["anatomy", "philosophy"]
 
 
+
+def test_csv_that_is_not_utf8_is_named_in_the_error(tmp_path):
+    fx = make_fixture(["anatomy", "philosophy"])
+    root = write_csv(tmp_path / "csv", fx)
+    bad = root / "test" / "philosophy_test.csv"
+    # a spreadsheet program's latin-1 re-save: 'é' is the single byte 0xe9, invalid in UTF-8
+    bad.write_bytes('"Is Descartes\' cogito a valid inférence?",yes,no,maybe,never,A\n'.encode("latin-1"))
+    assert sorted(load_mmlu(root, subjects="anatomy")) == ["anatomy"]  # the other subjects still load
+    with pytest.raises(ValueError, match=r"test/philosophy_test\.csv, line 1: not UTF-8 text \(byte 0xe9 at offset "
+                                         r"33\); the MMLU CSV files are UTF-8, re-encode this one"):
+        load_mmlu(root, subjects="available")
+    bad.write_bytes(b"What is 1+1?,2,3,4,5,A\nWhat is 2+2?,3,4,5,\xff\xfe,B\n")  # invalid UTF-8 bytes, line 2
+    (root / "dev" / "anatomy_dev.csv").write_bytes(bad.read_bytes())
+    bad.write_bytes((root / "test" / "anatomy_test.csv").read_bytes())
+    with pytest.raises(ValueError, match=r"dev/anatomy_dev\.csv, line 2: not UTF-8 text \(byte 0xff at offset 42\)"):
+        load_mmlu(root, subjects="anatomy")
+
+
+def test_csvs_that_are_no_subject_are_listed_in_a_warning(tmp_path):
+    fx = make_fixture(["anatomy", "philosophy"])
+    root = write_csv(tmp_path / "data", fx)
+    (root / "test" / "not_a_subject_test.csv").write_text("q,a,b,c,d,A\n")
+    (root / "test" / "anatomy_test_old.csv").write_text("q,a,b,c,d,A\n")
+    (root / "dev" / "notes.csv").write_text("x\n")
+    with pytest.warns(UserWarning) as caught:
+        data = load_mmlu(tmp_path / "data", subjects="available", k=2)
+    assert sorted(data) == ["anatomy", "philosophy"] and len(data["anatomy"].test) == 6
+    assert [str(w.message) for w in caught] == [
+        f"MMLU: 3 CSV file(s) in {root} are not among the 57 subjects and are ignored: "
+        "test/anatomy_test_old.csv, test/not_a_subject_test.csv, dev/notes.csv"]
+    with pytest.warns(UserWarning) as caught:  # zero-shot reads no dev split, so only test/ is looked at
+        load_mmlu(tmp_path / "data", subjects="anatomy", k=0)
+    assert "2 CSV file(s)" in str(caught[0].message) and "notes.csv" not in str(caught[0].message)
+
+
 # -------------------------------------------------------------------------------- output
 def test_run_mmlu_writes_mmlu_json_atomically(tmp_path, tok):
     fx = make_fixture()
@@ -329,7 +365,7 @@ def _train_like(tok, kind):
 
 
 @pytest.mark.parametrize("kind", ["nora++", "lora", "dora", "nora"])
-def test_load_model_with_adapters_reproduces_logits(tmp_path, tok, kind):
+def test_apply_adapter_reproduces_logits(tmp_path, tok, kind):
     model, base_state = _train_like(tok, kind)
     run_dir = tmp_path / "run"
     adir = run_dir / "adapter"
@@ -345,7 +381,7 @@ def test_load_model_with_adapters_reproduces_logits(tmp_path, tok, kind):
     for where in (run_dir, adir):  # the run directory or the adapter directory itself
         fresh = tiny_llama(tok, seed=123)
         fresh.load_state_dict(base_state)
-        loaded, ident = load_model_with_adapters(fresh, where)
+        loaded, ident = apply_adapter(fresh, find_adapter_dir(where))
         with torch.no_grad():
             assert torch.equal(loaded(ids).logits, want)
         assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
@@ -367,12 +403,12 @@ def test_load_model_with_adapters_reproduces_logits(tmp_path, tok, kind):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=2e-5, rtol=0)
 
 
-def test_load_model_with_adapters_reports_missing_adapter(tmp_path, tok):
+def test_apply_adapter_reports_missing_adapter(tmp_path, tok):
     (tmp_path / "run").mkdir()
     with pytest.raises(FileNotFoundError, match=r"no adapter found in .*run or .*run/adapter: expected peft files "
                                                 r"\(adapter_config\.json, adapter_model\.safetensors\)"):
-        load_model_with_adapters(tiny_llama(tok), tmp_path / "run")
+        apply_adapter(tiny_llama(tok), find_adapter_dir(tmp_path / "run"))
     (tmp_path / "run" / "adapter").mkdir()
     (tmp_path / "run" / "adapter" / "nora_config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="incomplete adapter .*nora_adapter.safetensors missing"):
-        load_model_with_adapters(tiny_llama(tok), tmp_path / "run")
+        apply_adapter(tiny_llama(tok), find_adapter_dir(tmp_path / "run"))

@@ -33,7 +33,7 @@ vocabulary (saves the B x T x V logits tensor).
 
 The model is any causal LM called as ``model(input_ids=..., attention_mask=...)`` returning an
 object with ``.logits`` (a Hugging Face model, peft-wrapped or not, with or without NoRA
-activations); :func:`load_model_with_adapters` applies a training run's saved adapters.
+activations); :func:`nora.runs.load_trained_model` rebuilds a training run's model with its adapter.
 
 Result dictionary (:meth:`MMLUResult.to_dict`, written as ``mmlu.json`` by :func:`write_mmlu_json`;
 ``format`` is bumped on any incompatible change)::
@@ -59,7 +59,7 @@ Result dictionary (:meth:`MMLUResult.to_dict`, written as ``mmlu.json`` by :func
       "data":       {"path": "...", "source": "csv" | "hf", "n_subjects": 57},   # overall/categories
                                                        # cover only the subjects evaluated
       "model":      {...} | null,        # passed in by the caller (e.g. name, revision, dtype)
-      "adapter":    {...} | null,        # passed in by the caller (see load_model_with_adapters)
+      "adapter":    {...} | null,        # passed in by the caller (nora.runs.adapter_identity)
       "predictions": {"<subject>": [0-3, ...]}    # only with include_predictions=True
     }
 """
@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import inspect
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -76,7 +75,10 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from nora.eval.mmlu_data import CATEGORIES, LETTERS, MMLUQuestion, SubjectData, load_mmlu, subject_categories
+from nora.eval.mmlu_data import (CATEGORIES, LETTERS, MMLUQuestion, SubjectData, detect_source, load_mmlu,
+                                 resolve_subjects, subject_categories)
+from nora.files import write_json_atomic
+from nora.run_dir import RunDir
 
 FORMAT = "nora.mmlu/1"
 CONTINUATIONS = tuple(" " + letter for letter in LETTERS)
@@ -259,6 +261,41 @@ def _supports_logits_to_keep(model) -> bool:
         return False
 
 
+def _padded_batch(rows: list[list[int]], chunk: list[int], pad_id: int, positions: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids`` and ``attention_mask`` of the rows in ``chunk`` (longest first), and the
+    (B, positions) indices of each row's last ``positions`` positions (clamped at 0 for short rows)."""
+    width = len(rows[chunk[0]])
+    ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    for b, i in enumerate(chunk):
+        ids[b, :len(rows[i])] = torch.tensor(rows[i], dtype=torch.long)
+        mask[b, :len(rows[i])] = 1
+    lengths = torch.tensor([len(rows[i]) for i in chunk])
+    pos = (lengths[:, None] - positions + torch.arange(positions)[None, :]).clamp(min=0)
+    return ids, mask, pos
+
+
+def _sum_continuations(logp: torch.Tensor, chunk: list[int], conts: list[list[list[int]]], positions: int
+                       ) -> dict[int, list[float]]:
+    """``{row: [summed log-probability of each of its continuations]}`` from the (B, P, V) log-softmax of a
+    batch; every needed (batch row, position, token) is gathered in one indexing op."""
+    bi, pi, ti, owner = [], [], [], []
+    for b, i in enumerate(chunk):
+        for j, c in enumerate(conts[i]):
+            for t, tok in enumerate(c):
+                bi.append(b)
+                pi.append(positions - len(c) + t)
+                ti.append(tok)
+                owner.append((i, j))
+    index = [torch.tensor(v, device=logp.device) for v in (bi, pi, ti)]
+    vals = logp[index[0], index[1], index[2]].double().cpu().tolist()
+    out = {i: [0.0] * len(conts[i]) for i in chunk}
+    for (i, j), v in zip(owner, vals):
+        out[i][j] += v
+    return out
+
+
 @torch.no_grad()
 def score_rows(model, rows: list[list[int]], conts: list[list[list[int]]], batch_size: int = 8, pad_id: int = 0,
                bf16: bool = True, keep_logits: bool | None = None) -> list[list[float]]:
@@ -282,43 +319,20 @@ def score_rows(model, rows: list[list[int]], conts: list[list[list[int]]], batch
     out: list[list[float]] = [[] for _ in rows]
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        width = len(rows[chunk[0]])
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for b, i in enumerate(chunk):
-            ids[b, :len(rows[i])] = torch.tensor(rows[i], dtype=torch.long)
-            mask[b, :len(rows[i])] = 1
-        lengths = torch.tensor([len(rows[i]) for i in chunk])
-        pos = (lengths[:, None] - positions + torch.arange(positions)[None, :]).clamp(min=0).to(device)  # (B, P)
-        kwargs = dict(call_kwargs)
-        if keep_logits:
-            kwargs["logits_to_keep"] = pos
+        ids, mask, pos = _padded_batch(rows, chunk, pad_id, positions)
+        pos = pos.to(device)
+        kwargs = dict(call_kwargs, logits_to_keep=pos) if keep_logits else call_kwargs
         with autocast:
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits
-        if keep_logits:
-            if logits.shape[:2] != pos.shape:
-                raise RuntimeError(f"{type(model).__name__} ignored logits_to_keep (logits {tuple(logits.shape)}); "
-                                   f"call with keep_logits=False")
-            picked = logits
-        else:
-            picked = torch.take_along_dim(logits, pos.to(logits.device)[..., None], dim=1)
+        if not keep_logits:
+            logits = torch.take_along_dim(logits, pos.to(logits.device)[..., None], dim=1)
+        elif logits.shape[:2] != pos.shape:
+            raise RuntimeError(f"{type(model).__name__} ignored logits_to_keep (logits {tuple(logits.shape)}); "
+                               f"call with keep_logits=False")
+        logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # (B, P, V)
         del logits
-        logp = torch.log_softmax(picked.to(torch.promote_types(picked.dtype, torch.float32)), dim=-1)  # (B, P, V)
-        # gather every (batch row, position, token) needed, in one indexing op
-        bi, pi, ti, owner = [], [], [], []
-        for b, i in enumerate(chunk):
-            for j, c in enumerate(conts[i]):
-                for t, tok in enumerate(c):
-                    bi.append(b)
-                    pi.append(positions - len(c) + t)
-                    ti.append(tok)
-                    owner.append((i, j))
-        vals = logp[torch.tensor(bi, device=logp.device), torch.tensor(pi, device=logp.device),
-                    torch.tensor(ti, device=logp.device)].double().cpu().tolist()
-        for b, i in enumerate(chunk):
-            out[i] = [0.0] * len(conts[i])
-        for (i, j), v in zip(owner, vals):
-            out[i][j] += v
+        for i, sums in _sum_continuations(logp, chunk, conts, positions).items():
+            out[i] = sums
     return out
 
 
@@ -440,8 +454,6 @@ def evaluate_mmlu(model, tokenizer, data: str | os.PathLike | Mapping[str, Subje
     if isinstance(data, Mapping):
         loaded = dict(data)
         if subjects is not None and subjects != "available":
-            from nora.eval.mmlu_data import resolve_subjects
-
             wanted = resolve_subjects(subjects)
             missing = [s for s in wanted if s not in loaded]
             if missing:
@@ -451,8 +463,6 @@ def evaluate_mmlu(model, tokenizer, data: str | os.PathLike | Mapping[str, Subje
             if k > len(d.dev):
                 raise ValueError(f"MMLU subject {s!r}: k={k} shots requested but only {len(d.dev)} dev questions")
     else:
-        from nora.eval.mmlu_data import detect_source
-
         src = detect_source(data) if source == "auto" else source
         loaded = load_mmlu(data, source=src, subjects=subjects, k=k, split=split)
         data_info = {"path": str(data), "source": src}
@@ -512,15 +522,11 @@ def _evaluate_subject(model, tokenizer, subject, data: SubjectData, category, k,
 
 # ---------------------------------------------------------------------------------- output
 def write_mmlu_json(result: MMLUResult, directory: str | os.PathLike, model: Mapping[str, Any] | None = None,
-                    adapter: Mapping[str, Any] | None = None, filename: str = "mmlu.json",
-                    include_predictions: bool = False) -> Path:
-    """Write ``result.to_dict(...)`` to ``directory/filename`` atomically (temp file + os.replace)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / filename
-    tmp = path.with_name(f".{filename}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(result.to_dict(model, adapter, include_predictions), indent=2) + "\n")
-    os.replace(tmp, path)
+                    adapter: Mapping[str, Any] | None = None, include_predictions: bool = False) -> Path:
+    """Write ``result.to_dict(...)`` atomically to ``mmlu.json`` in ``directory`` (a run directory, or
+    ``runs/eval/<model>`` for a base model); returns its path."""
+    path = RunDir(directory).mmlu
+    write_json_atomic(path, result.to_dict(model, adapter, include_predictions))
     return path
 
 
@@ -537,17 +543,3 @@ def run_mmlu(model, tokenizer, path: str | os.PathLike, out_dir: str | os.PathLi
         write_mmlu_json(result, out_dir, model=model_identity, adapter=adapter_identity,
                         include_predictions=include_predictions)
     return result
-
-
-# -------------------------------------------------------------------------------- adapters
-def load_model_with_adapters(base_model, path: str | os.PathLike):
-    """Apply the adapters a training run saved onto ``base_model`` (a freshly built base model).
-
-    ``path`` is a run directory (adapter in ``<path>/adapter/``) or the adapter directory itself; peft
-    LoRA/DoRA files, NoRA files, both (NoRA++) or ``trainable.safetensors`` are recognised. Returns
-    ``(model, identity)`` with the model frozen and in eval mode; see :func:`nora.runs.adapter_identity`
-    for the identity dict (kind, components, peft/NoRA configs, file hashes).
-    """
-    from nora.runs import apply_adapter, find_adapter_dir
-
-    return apply_adapter(base_model, find_adapter_dir(path))

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import csv
 import difflib
+import io
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -143,28 +145,53 @@ def detect_source(path: str | os.PathLike) -> str:
 
 
 def _read_csv(path: Path, subject: str) -> list[MMLUQuestion]:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # the original release is UTF-8; a file re-saved by a spreadsheet program is often latin-1 / cp1252
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ValueError(f"{path}, line {line}: not UTF-8 text (byte "
+                         f"0x{data[exc.start]:02x} at offset {exc.start}); the MMLU CSV files are UTF-8, re-encode "
+                         f"this one (e.g. iconv -f latin1 -t utf-8)") from None
+    rows = list(csv.reader(io.StringIO(text, newline="")))
     out = []
-    with open(path, newline="", encoding="utf-8") as fh:
-        for i, row in enumerate(csv.reader(fh)):
-            if not row:
-                continue
-            if len(row) != 6:
-                raise ValueError(f"{path}, row {i + 1}: expected 6 columns (question, A, B, C, D, answer), "
-                                 f"got {len(row)}")
-            letter = row[5].strip().upper()
-            if letter not in LETTERS:
-                raise ValueError(f"{path}, row {i + 1}: answer must be one of A/B/C/D, got {row[5]!r}")
-            out.append(MMLUQuestion(subject, row[0], tuple(row[1:5]), LETTERS.index(letter)))
+    for i, row in enumerate(rows):
+        if not row:
+            continue
+        if len(row) != 6:
+            raise ValueError(f"{path}, row {i + 1}: expected 6 columns (question, A, B, C, D, answer), "
+                             f"got {len(row)}")
+        letter = row[5].strip().upper()
+        if letter not in LETTERS:
+            raise ValueError(f"{path}, row {i + 1}: answer must be one of A/B/C/D, got {row[5]!r}")
+        out.append(MMLUQuestion(subject, row[0], tuple(row[1:5]), LETTERS.index(letter)))
     return out
 
 
-def _load_csv_path(root: Path, subject: str, split: str) -> Path:
-    folder = "val" if split == "validation" else split
+def _csv_folder(split: str) -> str:
+    return "val" if split == "validation" else split
+
+
+def _csv_path(root: Path, subject: str, split: str) -> Path:
+    folder = _csv_folder(split)
     return root / folder / f"{subject}_{folder}.csv"
 
 
+def _warn_unknown_csvs(root: Path, splits: Iterable[str]) -> None:
+    """Warn about CSV files in the split folders that are none of the 57 subjects (they are not read)."""
+    unknown = []
+    for split in splits:
+        folder = root / _csv_folder(split)
+        known = {_csv_path(root, s, split).name for s in subject_table()}
+        unknown += sorted(str(f.relative_to(root)) for f in folder.glob("*.csv") if f.name not in known)
+    if unknown:
+        warnings.warn(f"MMLU: {len(unknown)} CSV file(s) in {root} are not among the 57 subjects and are ignored: "
+                      f"{', '.join(unknown)}", stacklevel=3)
+
+
 def _load_csv(root: Path, subject: str, split: str) -> tuple[list[MMLUQuestion], str]:
-    path = _load_csv_path(root, subject, split)
+    path = _csv_path(root, subject, split)
     if not path.exists():
         raise FileNotFoundError(
             f"MMLU {split} file for subject {subject!r} not found: {path}; expected the original CSV layout "
@@ -280,8 +307,7 @@ def available_subjects(path: str | os.PathLike, source: str = "auto", split: str
         return all_subjects()  # hub
     if source == "csv":
         root = _csv_root(p) or p
-        folder = "val" if split == "validation" else split
-        return [s for s in all_subjects() if (root / folder / f"{s}_{folder}.csv").exists()]
+        return [s for s in all_subjects() if _csv_path(root, s, split).exists()]
     reader = _HFReader(p)
     found = []
     for s in all_subjects():
@@ -300,7 +326,9 @@ def load_mmlu(path: str | os.PathLike, source: str = "auto", subjects: str | Seq
     ``subjects``: ``None``/``"all"`` (all 57, each must be present), a list or comma-separated string
     of names, or ``"available"`` (whichever known subjects the data holds; at least one).
     Returns ``{subject: SubjectData}`` in sorted subject order. Raises ``FileNotFoundError`` naming the
-    missing path and the expected layouts, or ``ValueError`` for an unknown subject/source.
+    missing path and the expected layouts, or ``ValueError`` for an unknown subject/source, a file that is
+    not UTF-8 or a malformed row (naming the file). CSV files that are none of the 57 subjects are listed in
+    a warning.
     """
     if source not in SOURCES:
         raise ValueError(f"unknown MMLU source {source!r}; valid: {', '.join(SOURCES)}")
@@ -315,40 +343,53 @@ def load_mmlu(path: str | os.PathLike, source: str = "auto", subjects: str | Seq
             raise FileNotFoundError(f"no MMLU subject found in {path}; {_expected_layouts(path)}")
     else:
         chosen = resolve_subjects(subjects)
+    load = _load_from_csv if source == "csv" else _load_from_hf
+    out = load(path, chosen, split, k)
+    _check_sizes(out, split, k)
+    return out
+
+
+def _load_from_csv(path: str | os.PathLike, chosen: list[str], split: str, k: int) -> dict[str, SubjectData]:
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise FileNotFoundError(f"MMLU data directory not found: {p}; {_expected_layouts(p)}")
+    root = _csv_root(p) or p
+    missing = [s for s in chosen if not _csv_path(root, s, split).exists()]
+    if len(missing) > 1:
+        raise FileNotFoundError(
+            f"MMLU {split} files for {len(missing)} of the {len(chosen)} requested subjects are missing in "
+            f"{root} (first: {_csv_path(root, missing[0], split)}; missing: {', '.join(missing[:8])}"
+            f"{', ...' if len(missing) > 8 else ''}); expected the original CSV layout "
+            f"{root}/{{dev,test}}/<subject>_{{dev,test}}.csv (from {DATA_URL}) or a {HUB_NAME} copy (source=hf); "
+            f"or select subjects (subjects=[...] or subjects=available)")
+    _warn_unknown_csvs(root, dict.fromkeys([split] + (["dev"] if k > 0 else [])))
     out: dict[str, SubjectData] = {}
-    if source == "csv":
-        p = Path(path).expanduser()
-        if not p.is_dir():
-            raise FileNotFoundError(f"MMLU data directory not found: {p}; {_expected_layouts(p)}")
-        root = _csv_root(p) or p
-        missing = [s for s in chosen if not (root / ("val" if split == "validation" else split) /
-                                              f"{s}_{'val' if split == 'validation' else split}.csv").exists()]
-        if len(missing) > 1:
-            raise FileNotFoundError(
-                f"MMLU {split} files for {len(missing)} of the {len(chosen)} requested subjects are missing in "
-                f"{root} (first: {_load_csv_path(root, missing[0], split)}; missing: {', '.join(missing[:8])}"
-                f"{', ...' if len(missing) > 8 else ''}); expected the original CSV layout "
-                f"{root}/{{dev,test}}/<subject>_{{dev,test}}.csv (from {DATA_URL}) or a {HUB_NAME} copy (source=hf); "
-                f"or select subjects (subjects=[...] or subjects=available)")
-        for s in chosen:
-            test, tpath = _load_csv(root, s, split)
-            dev, dpath = _load_csv(root, s, "dev") if k > 0 else ([], "")
-            out[s] = SubjectData(s, test, dev, tpath, dpath)
-    else:
-        p = Path(path).expanduser()
-        if p.exists() and not p.is_dir():
-            raise FileNotFoundError(f"MMLU data path {p} is not a directory; {_expected_layouts(p)}")
-        if not p.exists() and (p.is_absolute() or str(path).startswith((".", "~")) or str(path).count("/") != 1):
-            raise FileNotFoundError(f"MMLU data directory not found: {p}; {_expected_layouts(p)}")
-        reader = _HFReader(path)
-        for s in chosen:
-            test, tpath = reader.load(s, split)
-            dev, dpath = reader.load(s, "dev") if k > 0 else ([], "")
-            out[s] = SubjectData(s, test, dev, tpath, dpath)
-    for s, d in out.items():
+    for s in chosen:
+        test, tpath = _load_csv(root, s, split)
+        dev, dpath = _load_csv(root, s, "dev") if k > 0 else ([], "")
+        out[s] = SubjectData(s, test, dev, tpath, dpath)
+    return out
+
+
+def _load_from_hf(path: str | os.PathLike, chosen: list[str], split: str, k: int) -> dict[str, SubjectData]:
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise FileNotFoundError(f"MMLU data path {p} is not a directory; {_expected_layouts(p)}")
+    if not p.exists() and (p.is_absolute() or str(path).startswith((".", "~")) or str(path).count("/") != 1):
+        raise FileNotFoundError(f"MMLU data directory not found: {p}; {_expected_layouts(p)}")
+    reader = _HFReader(path)
+    out: dict[str, SubjectData] = {}
+    for s in chosen:
+        test, tpath = reader.load(s, split)
+        dev, dpath = reader.load(s, "dev") if k > 0 else ([], "")
+        out[s] = SubjectData(s, test, dev, tpath, dpath)
+    return out
+
+
+def _check_sizes(data: dict[str, SubjectData], split: str, k: int) -> None:
+    for s, d in data.items():
         if not d.test:
             raise ValueError(f"MMLU subject {s!r} has no {split} questions in {d.test_path}")
         if k > len(d.dev):
             raise ValueError(f"MMLU subject {s!r}: k={k} shots requested but its dev split ({d.dev_path}) holds "
                              f"only {len(d.dev)} questions; use k <= {len(d.dev)}")
-    return out

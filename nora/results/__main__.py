@@ -15,16 +15,36 @@ import sys
 from pathlib import Path
 
 
+def _list_unreadable(col, runs) -> int:
+    """Print the run files ``collect`` could not read to stderr; the exit status: 1 if there are any."""
+    for path, why in sorted(col.unreadable.items()):
+        print(f"unreadable: {path}: {why}", file=sys.stderr)
+    if col.unreadable:
+        print(f"{len(col.unreadable)} run file(s) under {runs} could not be read; their runs are left out of "
+              "every table (fix or remove them, or rerun those runs)", file=sys.stderr)
+    return 1 if col.unreadable else 0
+
+
 def _tables(args) -> int:
+    """Render everything, after checking what there is to render: the run files that could not be read are
+    listed (their runs are in no table; exit status 1), and with no usable run at all nothing is written, so
+    the committed ``results/`` stay as they are."""
+    from nora.results.collect import collect
     from nora.results.render import render_all
 
+    col = collect(args.runs)
+    status = _list_unreadable(col, args.runs)
+    if not col.runs and not col.base_evals:
+        print(f"no complete runs or base-model evaluations under {args.runs}; nothing rendered, {args.out}/ left "
+              "as it is (make demo, make table1, ... produce runs)")
+        return status
     made = render_all(args.runs, args.out)
     for p in made["tables"]:
         print(f"wrote {p}")
     for p in made["figures"]:
         print(f"wrote {p}")
     print(f"wrote {made['index']}")
-    return 0
+    return status
 
 
 def _demo_table(args) -> int:
@@ -35,6 +55,7 @@ def _demo_table(args) -> int:
     found = any(r.dataset == "digits_target" for r in col.runs)
     if args.check:
         return 0 if found else 1
+    status = _list_unreadable(col, args.runs)
     if not found:
         print(f"no complete demo runs under {args.runs}; run `make demo` first", file=sys.stderr)
         return 1
@@ -43,7 +64,7 @@ def _demo_table(args) -> int:
         print(f"wrote {p}")
     write_index(Path(args.out), made)
     print((Path(args.out) / "demo.md").read_text())
-    return 0
+    return status
 
 
 def _plan(args) -> int:
@@ -61,12 +82,13 @@ def _plan(args) -> int:
 
 
 def mmlu_jobs(runs: str | Path, base: str | None, eval_root: str | Path) -> list[str]:
-    """``eval.py`` arguments for every complete LLM run without ``mmlu.json`` and for the base model."""
+    """``eval.py`` arguments for every complete LLM run without a readable ``mmlu.json`` and for the base model
+    (unless ``eval_root`` holds a readable evaluation of it)."""
     from nora.results.collect import collect
 
     col = collect(runs)
     out = [f"run_dir={r.dir}" for r in col.runs if r.summary.get("family") == "causal_lm" and not r.mmlu]
-    if base and not (Path(eval_root) / base / "mmlu.json").exists():
+    if base and collect(eval_root).base_eval(base) is None:
         out.append(f"model={base}")
     return out
 

@@ -1,26 +1,32 @@
 """Read run directories (never re-train): ``summary.json``, ``config.yaml``, ``mmlu.json`` and base-model evaluations.
 
-A run directory is any directory holding a ``summary.json`` (written by ``nora.run.run_training``); only runs
-whose summary says ``"status": "complete"`` enter a table, the others are counted as incomplete. A base-model
-MMLU evaluation is a directory holding ``mmlu.json`` but no ``summary.json`` (``python eval.py model=<name>``
-writes ``runs/eval/<model.name>/mmlu.json``).
+A run directory is any directory holding a ``summary.json`` (written by ``nora.run.run_training``; the layout is
+:mod:`nora.run_dir`); only runs whose summary says ``"status": "complete"`` enter a table, the others are counted
+as incomplete. A base-model MMLU evaluation is a directory holding ``mmlu.json`` but no ``summary.json``
+(``python eval.py model=<name>`` writes ``runs/eval/<model.name>/mmlu.json``). A file that is there but cannot be
+read (truncated JSON, not UTF-8, YAML that does not parse) leaves its run out of every table and is listed in
+:attr:`Collection.unreadable`, so a table never shows n=4 for five seeds without saying why (a run's unreadable
+``mmlu.json`` is listed too; that run counts as not evaluated).
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-SKIP_DIRS = {"checkpoints", "adapter", "wandb", ".hydra", ".submitit", "__pycache__"}
+from nora.files import read_json
+from nora.run_dir import ADAPTER, CHECKPOINTS, MMLU, SUMMARY, WANDB, RunDir, read_stored_config
+
+SKIP_DIRS = {CHECKPOINTS, ADAPTER, WANDB, ".hydra", ".submitit", "__pycache__"}
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+class Unreadable(Exception):
+    """A run file exists but does not parse."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"{path}: {why}")
+        self.path, self.why = path, why
 
 
 def hardware_label(hw: dict | None, world_size: int | None = None) -> str:
@@ -38,7 +44,7 @@ class Run:
     dir: Path
     summary: dict
     mmlu: dict | None = None
-    _config: Any = field(default=None, repr=False)
+    config: dict = field(default_factory=dict, repr=False)  # the resolved config.yaml ({} when the run has none)
 
     # --- summary fields
     @property
@@ -91,21 +97,6 @@ class Run:
         return (self.summary.get("parameters") or {}).get("percent")
 
     # --- config.yaml (resolved config of the run)
-    @property
-    def config(self) -> dict:
-        if self._config is None:
-            path = self.dir / "config.yaml"
-            cfg = {}
-            if path.exists():
-                import yaml
-
-                try:
-                    cfg = yaml.safe_load(path.read_text()) or {}
-                except yaml.YAMLError:
-                    cfg = {}
-            self._config = cfg
-        return self._config
-
     def setting(self, dotted: str, default: Any = None) -> Any:
         """A value of the run's config (``method.nora.r``), or ``default`` when absent."""
         node: Any = self.config
@@ -157,6 +148,7 @@ class Collection:
     runs: list[Run] = field(default_factory=list)
     incomplete: list[Path] = field(default_factory=list)
     base_evals: list[BaseEval] = field(default_factory=list)
+    unreadable: dict[Path, str] = field(default_factory=dict)  # {file: why it could not be read} (module doc)
 
     def select(self, **where) -> list[Run]:
         """Runs whose summary fields equal the given values (a tuple/list/set value means 'any of')."""
@@ -187,30 +179,58 @@ def _walk(root: Path) -> Iterable[tuple[Path, set[str]]]:
         yield Path(dirpath), set(filenames)
 
 
+def _read_dict(path: Path) -> dict:
+    """The JSON object in ``path`` (which exists); :class:`Unreadable` when it is not one."""
+    d = read_json(path)
+    if not isinstance(d, dict):
+        raise Unreadable(path, "not a JSON object (truncated or corrupted?)")
+    return d
+
+
+def _read_config(run: RunDir) -> dict:
+    try:
+        return read_stored_config(run) or {}
+    except Exception as exc:  # OmegaConf/YAML raise many types for a file that does not parse
+        mark = getattr(exc, "problem_mark", None)  # yaml's errors say what and where
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise Unreadable(run.config, f"does not parse as YAML ({getattr(exc, 'problem', None) or type(exc).__name__}"
+                                     f"{where})") from None
+
+
 def collect(*roots: str | os.PathLike) -> Collection:
     """Every run directory and base-model evaluation under ``roots`` (missing roots are empty)."""
     col = Collection()
     seen: set[Path] = set()
     for root in roots:
-        root = Path(root)
-        if not root.exists():
-            continue
-        for d, files in _walk(root):
+        for d, files in _walk(Path(root)):  # os.walk of a missing root yields nothing
             key = d.resolve()
-            if key in seen:
+            if key in seen or not {SUMMARY, MMLU} & files:
                 continue
-            if "summary.json" in files:
-                seen.add(key)
-                s = _read_json(d / "summary.json")
-                if not s or s.get("status") != "complete":
-                    col.incomplete.append(d)
-                    continue
-                mmlu = _read_json(d / "mmlu.json") if "mmlu.json" in files else None
-                col.runs.append(Run(d, s, mmlu))
-            elif "mmlu.json" in files:
-                seen.add(key)
-                m = _read_json(d / "mmlu.json")
-                if m:
-                    col.base_evals.append(BaseEval(d, m))
+            seen.add(key)
+            try:
+                _collect_dir(col, d, files)
+            except Unreadable as exc:
+                col.unreadable[exc.path] = exc.why
     col.runs.sort(key=lambda r: (str(r.dir)))
     return col
+
+
+def _collect_dir(col: Collection, d: Path, files: set[str]) -> None:
+    """Add what ``d`` holds to ``col``; :class:`Unreadable` when its summary, config or base-model evaluation
+    does not parse (the run is left out). A run's unreadable ``mmlu.json`` is listed, and the run counts as not
+    MMLU-evaluated yet (``mmlu-jobs`` lists it again)."""
+    run = RunDir(d)
+    if SUMMARY not in files:
+        col.base_evals.append(BaseEval(d, _read_dict(run.mmlu)))
+        return
+    summary = _read_dict(run.summary)
+    if summary.get("status") != "complete":
+        col.incomplete.append(d)
+        return
+    mmlu = None
+    if MMLU in files:
+        try:
+            mmlu = _read_dict(run.mmlu)
+        except Unreadable as exc:
+            col.unreadable[exc.path] = f"{exc.why}; the run counts as not evaluated on MMLU"
+    col.runs.append(Run(d, summary, mmlu, _read_config(run)))

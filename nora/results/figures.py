@@ -157,21 +157,21 @@ def subspace_figure(analyses, path: str | Path, title: str) -> Path | None:
         layers = a.layers
         xs = np.arange(len(layers))
         for ax, key in ((axes[0], "update_norm"), (axes[2], "function_l2")):
-            vals = np.array([[seed[l].__dict__[key] for l in layers] for seed in a.per_seed])
+            vals = np.array([[seed[name].__dict__[key] for name in layers] for seed in a.per_seed])
             ax.errorbar(xs, vals.mean(0), yerr=vals.std(0, ddof=1) if len(vals) > 1 else None, marker="o",
                         color=c, capsize=2, label=f"{a.method} (n={len(vals)})")
-        sv = [seed[l].singular / seed[l].singular.sum() for seed in a.per_seed for l in layers
-              if seed[l].singular.sum() > 0]
+        sv = [seed[name].singular / seed[name].singular.sum() for seed in a.per_seed for name in layers
+              if seed[name].singular.sum() > 0]
         if sv:
             k = min(len(s) for s in sv)
             m = np.mean([s[:k] for s in sv], axis=0)
             axes[1].plot(np.arange(1, k + 1), m, marker="o", color=c, label=a.method)
         if len(a.per_seed) > 1:
-            axes[3].plot(xs, [a.cross_seed_func.get(l) if a.cross_seed_func.get(l) is not None else np.nan
-                              for l in layers], marker="o", color=c, label=f"{a.method}: function")
-            axes[3].plot(xs, [a.cross_seed_coef.get(l) if a.cross_seed_coef.get(l) is not None else np.nan
-                              for l in layers], marker="x", ls="--", color=c, label=f"{a.method}: coefficients")
-    names = [_short(l) for l in analyses[0].layers]
+            for cos, marker, ls, what in ((a.cross_seed_func, "o", "-", "function"),
+                                          (a.cross_seed_coef, "x", "--", "coefficients")):
+                axes[3].plot(xs, [np.nan if cos.get(name) is None else cos[name] for name in layers], marker=marker,
+                             ls=ls, color=c, label=f"{a.method}: {what}")
+    names = [_short(name) for name in analyses[0].layers]
     for ax in (axes[0], axes[2], axes[3]):
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=45, fontsize=7)

@@ -78,8 +78,9 @@ def load_layers(run_dir: str | Path) -> dict[str, Layer]:
     from safetensors.torch import load_file
 
     from nora.adapter.layer import NoraActivation
+    from nora.run_dir import RunDir
 
-    adir = Path(run_dir) / "adapter"
+    adir = RunDir(run_dir).adapter
     cfg_path, w_path = adir / "nora_config.json", adir / "nora_adapter.safetensors"
     if not cfg_path.exists() or not w_path.exists():
         return {}

@@ -23,7 +23,7 @@ import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT / "configs"
@@ -116,8 +116,8 @@ def job_overrides(params: dict, task_overrides: Sequence[str], config_loader=Non
 def run_status(run_dir: Path, cfg=None) -> str:
     """complete | resumable | started | new; ``changed`` when a complete or resumable run directory was
     started with another configuration than the job's ``cfg`` (``on_config_change`` decides what train.py does)."""
-    from nora.run import changed_config, is_complete
-    from nora.train.checkpoint import checkpoint_path
+    from nora.run import changed_config
+    from nora.run_dir import checkpoint_path, is_complete
 
     if is_complete(run_dir):
         status = "complete"
@@ -311,7 +311,3 @@ class SweepPlanCallback(_Callback):
         if self.dry_run:
             print("dry run: nothing launched", flush=True)
             raise SystemExit(0)
-
-
-def count_jobs(config_name: str, overrides: Iterable[str] = ()) -> int:
-    return len(plan(config_name, list(overrides)))

@@ -69,9 +69,3 @@ class RunLogger:
             self.wandb.finish(exit_code=exit_code)
             self.wandb = None
 
-
-def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]

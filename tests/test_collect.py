@@ -1,0 +1,109 @@
+"""Collecting run directories honestly: files that do not parse are listed (never silently dropped), and
+``python -m nora.results tables`` (a real subprocess) says so, and leaves the committed results/ alone when there
+are no runs. Run trees are written with the helpers of test_results.py."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from nora.results.__main__ import mmlu_jobs
+from nora.results.collect import collect
+from test_results import demo_runs, table2_runs, write_run
+
+ROOT = Path(__file__).resolve().parents[1]
+TRUNCATED = "not a JSON object (truncated or corrupted?)"
+
+
+def truncate(path: Path) -> Path:
+    """Cut a file in half, as a full disk or a killed copy leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    return path
+
+
+def nora_results(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="disabled")  # this checkout's nora, from any cwd
+    return subprocess.run([sys.executable, "-m", "nora.results", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_collect_lists_every_file_it_cannot_read(tmp_path):
+    demo = demo_runs(tmp_path / "demo")
+    bad_summary = truncate(demo / "nora_s2" / "summary.json")
+    (demo / "nora_s1" / "summary.json").write_bytes(b"{\"status\": \"complete\", \"method\": \"nor\xe9\"}")  # latin-1
+    col = collect(demo)
+    assert sorted(r.dir.name for r in col.runs if r.method == "nora") == ["nora_s0"]
+    assert col.unreadable == {bad_summary: TRUNCATED, demo / "nora_s1" / "summary.json": TRUNCATED}
+    assert [p.name for p in col.incomplete] == ["lora_s1"]  # a running run is incomplete, not unreadable
+
+    root = table2_runs(tmp_path / "llm")
+    t2 = root / "table2"
+    bad_mmlu = truncate(t2 / "llama3_8b_alpaca_lora_s1" / "mmlu.json")
+    bad_base = truncate(root / "eval" / "llama3_8b" / "mmlu.json")
+    cfg_run = write_run(t2, "llama3_8b_openorca_dora_s1", method="dora", model="llama3_8b", dataset="openorca",
+                        seed=1, family="causal_lm", config={"method": {"name": "dora"}})
+    (cfg_run / "config.yaml").write_text("method: {name: dora\nseed: [1\n")  # YAML that does not parse
+    col = collect(t2, root / "eval")
+    assert col.unreadable == {
+        bad_mmlu: f"{TRUNCATED}; the run counts as not evaluated on MMLU",
+        bad_base: TRUNCATED,
+        cfg_run / "config.yaml": "does not parse as YAML (expected ',' or '}', but got ':' at line 2)"}
+    # the run with a truncated mmlu.json stays (trained, not evaluated); the one whose config is unreadable goes
+    lora_s1 = [r for r in col.runs if r.dir.name == "llama3_8b_alpaca_lora_s1"]
+    assert len(lora_s1) == 1 and lora_s1[0].mmlu is None
+    assert cfg_run not in [r.dir for r in col.runs] and col.base_evals == []
+    # so mmlu-jobs evaluates it again, and the base model (its evaluation is unreadable) too
+    assert mmlu_jobs(t2, "llama3_8b", root / "eval") == [
+        f"run_dir={t2 / 'llama3_8b_alpaca_dora_s0'}", f"run_dir={t2 / 'llama3_8b_alpaca_lora_s1'}", "model=llama3_8b"]
+
+
+def test_tables_lists_unreadable_runs_and_renders_the_rest(tmp_path):
+    runs = tmp_path / "runs"
+    bad = truncate(demo_runs(runs / "demo") / "nora_s2" / "summary.json")
+    proc = nora_results(["tables", "--runs", "runs", "--out", "out"], tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.splitlines() == [
+        f"unreadable: {bad.relative_to(tmp_path)}: {TRUNCATED}",
+        "1 run file(s) under runs could not be read; their runs are left out of every table (fix or remove them, "
+        "or rerun those runs)"]
+    demo_md = (tmp_path / "out" / "demo.md").read_text()
+    assert "| NoRA | 2 | 91.75 ± 1.06 |" in demo_md  # seeds 0 and 1 (91.0, 92.5); seed 2 is the unreadable one
+    assert "wrote out/demo.md" in proc.stdout and (tmp_path / "out" / "README.md").exists()
+
+
+def _tree_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_tables_on_a_checkout_without_runs_leaves_results_byte_identical(tmp_path):
+    shutil.copytree(ROOT / "results", tmp_path / "results")  # the committed tables, figures and index
+    before = _tree_hashes(tmp_path / "results")
+    assert "table1.md" in before and "README.md" in before
+    proc = nora_results(["tables"], tmp_path)  # defaults: --runs runs (absent here) --out results
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == ("no complete runs or base-model evaluations under runs; nothing rendered, results/ left "
+                           "as it is (make demo, make table1, ... produce runs)\n")
+    assert _tree_hashes(tmp_path / "results") == before
+    # the same with a runs/ that holds only an unfinished run: nothing to render either
+    write_run(tmp_path / "runs" / "demo", "nora_s0", method="nora", model="vit_demo", dataset="digits_target",
+              seed=0, acc=90.0, status="running")
+    proc = nora_results(["tables"], tmp_path)
+    assert proc.returncode == 0 and proc.stdout.startswith("no complete runs") and proc.stderr == ""
+    assert _tree_hashes(tmp_path / "results") == before
+
+
+def test_demo_table_lists_unreadable_runs_too(tmp_path, capsys):
+    from nora.results.__main__ import main
+
+    root = demo_runs(tmp_path / "demo")
+    bad = truncate(root / "full_s1" / "summary.json")
+    assert main(["demo-table", "--check", "--runs", str(root)]) == 0  # there are demo runs to render
+    assert main(["demo-table", "--runs", str(root), "--out", str(tmp_path / "out")]) == 1
+    out, err = capsys.readouterr()
+    assert err.splitlines()[0] == f"unreadable: {bad}: {TRUNCATED}"
+    assert "| full FT | 2 | 92.00 ± 2.83 |" in out  # seeds 0 and 2 (90.0, 94.0)
