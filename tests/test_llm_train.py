@@ -380,7 +380,7 @@ def test_load_trained_model_vision(tmp_path, monkeypatch, method):
 
 def test_local_weights_through_model_path(tmp_path):
     """model.path=<dir> loads weights and tokenizer from a local copy (as written by save_pretrained or
-    `huggingface-cli download --local-dir`), in the configured dtype, without the hub."""
+    `hf download --local-dir`), in the configured dtype, without the hub."""
     from nora.models.causal_lm import build_causal_lm
 
     tiny, tok = build_causal_lm(make_cfg(["model=llama_tiny", "dataset=alpaca"]).model)
