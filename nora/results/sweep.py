@@ -90,8 +90,9 @@ def estimate_seconds(cfg, bench: dict | None) -> float | None:
     if not row or not n or not row.get("images_per_s"):
         return None
     t = cfg.trainer
-    steps = int(t.max_steps) if t.get("max_steps") else int(t.epochs) * (int(n) // (int(t.batch_size) * int(t.grad_accum)))
-    return steps * int(t.batch_size) * int(t.grad_accum) / float(row["images_per_s"])
+    per_step = int(t.batch_size) * int(t.grad_accum)
+    steps = int(t.max_steps) if t.get("max_steps") else int(t.epochs) * (int(n) // per_step)
+    return steps * per_step / float(row["images_per_s"])
 
 
 def job_overrides(params: dict, task_overrides: Sequence[str], config_loader=None) -> list[list[str]]:
@@ -195,6 +196,8 @@ class CachedComposer:
         cfg = copy.deepcopy(self.cache[key])
         OmegaConf.set_readonly(cfg, False)
         ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
+        # what Hydra records for the job (its run name carries the value overrides: nora/run_name.py)
+        cfg.hydra.overrides.task = [o.input_line for o in parsed if not o.is_hydra_override()]
         return cfg
 
 
