@@ -34,7 +34,7 @@ RESOLVER = "run_overrides"
 # directory name would nest directories).
 INPUT_LOCATION_KEYS = ("data.path", "dataset.root", "dataset.cache_dir", "dataset.download", "dataset.verify_md5",
                        "model.path", "model.tokenizer")
-MAX_SUFFIX = 120
+MAX_SUFFIX = 160
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")
 
 
