@@ -269,8 +269,8 @@ def test_multirun_over_any_key_gives_one_directory_per_configuration(tmp_path):
     env = dict(os.environ, WANDB_MODE="offline", NORA_SWEEP_DRY_RUN="0")
     first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
-    fixed = "dataset.limit_eval=32,dataset.limit_train=64"
-    expected = {f"vit_test_digits_nora_s0_{fixed},method.nora.r={r},trainer.epochs=1,trainer.lr={lr}"
+    expected = {f"vit_test_digits_nora_s0_dataset.limit_eval=32,dataset.limit_train=64,method.nora.r={r},"
+                f"trainer.batch_size=32,trainer.epochs=1,trainer.eval_batch_size=32,trainer.lr={lr}"
                 for r in (2, 3) for lr in ("0.001", "0.0005")}
     runs = {p.name for p in out.iterdir() if p.is_dir()}
     assert runs == expected

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,9 +61,19 @@ def _items(items) -> dict:
     return {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in items}
 
 
-def read_offline_run(run_dir: str | Path) -> OfflineRun:
-    """An ``offline-run-*`` directory's ``.wandb`` file, decoded."""
+def read_offline_run(run_dir: str | Path, wait_s: float = 60.0) -> OfflineRun:
+    """An ``offline-run-*`` directory's ``.wandb`` file, decoded. W&B's service writes the file in the background
+    and may still be flushing it when ``finish()`` has returned: wait up to ``wait_s`` for the run's exit record."""
     (path,) = Path(run_dir).glob("*.wandb")
+    deadline = time.monotonic() + wait_s
+    while True:
+        run = _decode(path)
+        if run.exit_code is not None or time.monotonic() > deadline:
+            return run
+        time.sleep(0.5)
+
+
+def _decode(path: Path) -> OfflineRun:
     run = OfflineRun(path)
     for rec in records(path):
         kind = rec.WhichOneof("record_type")

@@ -120,8 +120,10 @@ class RunLogger:
             return
         import wandb
 
-        if images:
-            self.wandb.log({k: wandb.Image(str(p)) for k, p in images.items() if Path(p).exists()}, step=self.step)
+        # commit the last step's row first: W&B copies a committed row into the summary, which must not
+        # overwrite the run's own values of the same keys (images_per_s, data_wait_share)
+        self.wandb.log({k: wandb.Image(str(p)) for k, p in (images or {}).items() if Path(p).exists()}, step=self.step,
+                       commit=True)
         if summary:
             self.wandb.summary.update(flat_scalars(summary))
         self.wandb.finish(exit_code=exit_code)
