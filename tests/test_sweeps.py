@@ -13,7 +13,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from nora.config import config_hash
-from nora.results.sweep import SWEEPS, SWEEP_DIR, CachedComposer, all_sweeps, job_overrides, job_run_dir, plan, sweep_hydra
+from nora.results.sweep import (SWEEPS, SWEEP_DIR, CachedComposer, all_sweeps, job_overrides, job_run_dir, plan,
+                                sweep_hydra)
 from nora.results.tables import ABLATIONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,7 +217,8 @@ def test_run_name_carries_the_overrides_it_does_not_spell():
     base = ["model=vit_test", "dataset=digits", "method=nora"]
     assert _name(base) == "vit_test_digits_nora_s0"
     # value overrides that change the result, sorted by key, with the composed value (1e-3 and 0.001 are one run)
-    assert _name(base + ["trainer.lr=1e-3", "method.nora.r=2"]) == "vit_test_digits_nora_s0_method.nora.r=2,trainer.lr=0.001"
+    assert _name(base + ["trainer.lr=1e-3", "method.nora.r=2"]) == \
+        "vit_test_digits_nora_s0_method.nora.r=2,trainer.lr=0.001"
     assert _name(base + ["method.nora.r=2", "trainer.lr=0.001"]) == _name(base + ["trainer.lr=1e-3", "method.nora.r=2"])
     # left out: group choices, keys the name spells, outputs/logging/progress, where inputs are read from, hydra.*
     same = ["seed=0", "logger=wandb", "output_root=elsewhere", "trainer.progress=false", "trainer.log_every=7",
