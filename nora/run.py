@@ -246,11 +246,8 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     memory_before_mb = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else hardware.current_rss_mb()
-    try:
+    with logger.failing_on_error():  # W&B: a crash closes the run as failed; success finishes it below
         state = trainer.fit()
-    except BaseException:
-        logger.finish(1)
-        raise
     if not state.finished:
         logger.finish(0)
         say(f"stopped at step {state.step}/{trainer.total_steps}; run the same command to resume")

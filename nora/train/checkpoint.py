@@ -1,8 +1,11 @@
 """Atomic checkpoints with everything needed to continue a run exactly where it stopped.
 
 Under FSDP (sharded ``DTensor`` parameters) the trainable tensors and their optimizer state are gathered into
-full tensors for the file (every rank must take part: :func:`gather_training_state`) and scattered back into
-shards on load, so a checkpoint has the same layout whatever the strategy or the number of ranks.
+full tensors for the file by torch's distributed checkpoint state-dict API (``get_model_state_dict`` /
+``get_optimizer_state_dict`` with ``full_state_dict`` and ``cpu_offload``: one tensor at a time, onto rank 0's CPU,
+frozen weights left out), so no rank ever holds the whole model or optimizer state on its device (every rank must
+take part: :func:`gather_training_state`). On load each rank cuts its shard from the full tensors. A checkpoint
+has the same layout whatever the strategy or the number of ranks.
 """
 from __future__ import annotations
 
@@ -116,14 +119,47 @@ def load_optimizer_state_dict(optimizer: torch.optim.Optimizer, sd: dict) -> Non
     optimizer.load_state_dict(sd)
 
 
+def _training_keys(model: nn.Module) -> set[str]:
+    """The names :func:`training_state_dict` stores: trainable parameters and NoRA activations' buffers."""
+    from nora.adapter.layer import GroupRational
+
+    keys = {n for n, p in model.named_parameters() if p.requires_grad}
+    for mname, mod in model.named_modules():
+        if isinstance(mod, GroupRational):
+            keys.update(f"{mname}.{b}" for b, _ in mod.named_buffers(recurse=False))
+    return keys
+
+
+def _gather_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict] | None:
+    """FSDP: the full training state on rank 0's CPU through torch's state-dict API (a collective; None off rank
+    0), in the layout of an unsharded checkpoint (optimizer state keyed by parameter index, as
+    ``optimizer.state_dict()``)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    from nora.train import distributed as dist
+
+    to_rank0_cpu = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    model_state = get_model_state_dict(model, options=to_rank0_cpu)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=to_rank0_cpu)  # keyed by parameter name
+    if dist.rank() != 0:
+        return None
+    keep = _training_keys(model)
+    model_state = {k: v for k, v in model_state.items() if k in keep}
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    order = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    by_index = {i: optim_state["state"][n] for i, n in enumerate(order) if n in optim_state["state"]}
+    groups = [{k: v for k, v in g.items()} for g in optimizer.state_dict()["param_groups"]]  # hyper-parameters
+    return model_state, {"state": by_index, "param_groups": groups}
+
+
 def gather_training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict] | None:
     """``(training_state_dict, optimizer_state_dict)`` on rank 0, None elsewhere. Under FSDP every rank must
-    call it (the shards are gathered); otherwise only rank 0 does any work."""
+    call it (the shards are gathered to rank 0's CPU); otherwise only rank 0 does any work."""
     from nora.train import distributed as dist
 
     if dist.is_sharded(model):
-        state = training_state_dict(model), optimizer_state_dict(optimizer)
-        return state if dist.rank() == 0 else None
+        return _gather_sharded_state(model, optimizer)
     if dist.rank() != 0:
         return None
     return training_state_dict(model), optimizer.state_dict()

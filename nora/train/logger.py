@@ -5,6 +5,7 @@ import json
 import math
 import os
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 from nora.files import write_text_atomic
@@ -112,6 +113,15 @@ class RunLogger:
             self.step = max(self.step, int(record.get("step", 0)))
             self.wandb.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
                            step=int(record.get("step", 0)))
+
+    @contextmanager
+    def failing_on_error(self):
+        """Close the W&B run with exit code 1 if the body raises (it stays open otherwise)."""
+        try:
+            yield
+        except BaseException:
+            self.finish(1)
+            raise
 
     def finish(self, exit_code: int = 0, summary: dict | None = None, images: dict | None = None) -> None:
         """Close the W&B run; first send ``summary`` (nested dicts flattened to ``final/accuracy``, ...) to its
