@@ -201,7 +201,7 @@ def test_fsdp_full_fine_tuning_checkpoints_on_rank0_cpu_and_resumes_exactly(tmp_
     ref = box["state"]
     rank0 = json.loads((out / "gathered_rank0.json").read_text())
     rank1 = json.loads((out / "gathered_rank1.json").read_text())
-    assert len(rank0) == len(rank1) == 2  # the interrupted run's checkpoint and the resumed run's final one
+    assert len(rank0) == len(rank1) >= 2  # the interrupted run's checkpoint, then the resumed run's
     n_params = sum(1 for k in ref if not k.endswith(("_base_num", "_base_den")))
     for r0, r1 in zip(rank0, rank1):
         assert r1 == {"none": True, "sharded_params": n_params}

@@ -6,7 +6,8 @@ A sweep file is a primary Hydra config that includes ``train`` and lists its axe
     python train.py -m --config-dir sweeps --config-name table1 [overrides]
 
 Every job's directory is ``${output_root}/${run_name}`` (``hydra.sweep.dir``/``hydra.sweep.subdir`` in
-``configs/train.yaml``), derived from the job's config and not from the launch time, so re-running a sweep skips
+``configs/train.yaml``; the name carries the job's result-changing value overrides, :mod:`nora.run_name`), derived
+from the job's config and not from the launch time, so re-running a sweep skips
 the jobs whose ``summary.json`` is complete and resumes interrupted ones from ``checkpoints/last.pt``
 (``nora.run.run_training``). :class:`SweepPlanCallback` (included by every sweep through
 ``sweeps/common/sweep_plan.yaml``) prints the number of jobs, their state and an estimate of the device time

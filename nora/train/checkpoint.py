@@ -76,16 +76,17 @@ def load_training_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -
     absent = sorted(trainable - set(state))
     if absent:
         raise RuntimeError(f"checkpoint lacks trainable tensors {absent[:5]}: was it written by another method?")
-    from nora.train.distributed import is_dtensor
+    from nora.train.distributed import is_sharded
 
+    if is_sharded(model):  # FSDP: torch's state-dict API cuts each full tensor into this rank's shard
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, {k: v.to(own[k].dtype) for k, v in state.items()},
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+        return
     with torch.no_grad():
         for k, v in state.items():
-            t = own[k]
-            if is_dtensor(t):  # FSDP: keep this rank's shard of the full tensor (no communication)
-                from torch.distributed.tensor import distribute_tensor
-
-                v = distribute_tensor(v.to(t.device, t.dtype), t.device_mesh, t.placements, src_data_rank=None)
-            t.copy_(v)
+            own[k].copy_(v)
 
 
 def optimizer_state_dict(optimizer: torch.optim.Optimizer) -> dict:
