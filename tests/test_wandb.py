@@ -90,3 +90,16 @@ def test_eval_py_adds_mmlu_to_the_training_runs_wandb_run(tmp_path):
     for cat, v in on_disk["categories"].items():
         if v["accuracy"] is not None:
             assert evaluation.summary[f"mmlu/categories/{cat}/accuracy"] == v["accuracy"]
+
+
+def test_recorded_run_id(tmp_path):
+    import hashlib
+
+    from nora.train.logger import recorded_run_id
+
+    assert recorded_run_id(tmp_path) is None  # never logged to W&B
+    (tmp_path / "wandb").mkdir()
+    # a run directory from before ids were recorded: the id was derived from its path (a resume continues that run)
+    assert recorded_run_id(tmp_path) == hashlib.sha1(str(tmp_path.resolve()).encode()).hexdigest()[:16]
+    wandb_run_id_path(tmp_path).write_text("abc123\n")
+    assert recorded_run_id(tmp_path) == "abc123"

@@ -1,10 +1,12 @@
 """Metrics to ``metrics.jsonl`` in the run directory and, with the same keys, to Weights & Biases."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import uuid
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,6 +20,17 @@ WANDB_RUN_ID = "run_id"
 
 def wandb_run_id_path(run_dir: str | os.PathLike) -> Path:
     return RunDir(run_dir).wandb / WANDB_RUN_ID
+
+
+def recorded_run_id(run_dir: str | os.PathLike) -> str | None:
+    """The id of the W&B run a run directory logged to; None if it never logged to W&B. A run directory from
+    before ids were kept in ``wandb/run_id`` used an id derived from its path."""
+    id_path = wandb_run_id_path(run_dir)
+    if id_path.exists():
+        return id_path.read_text().strip()
+    if RunDir(run_dir).wandb.is_dir():
+        return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+    return None
 
 
 def sweep_group() -> str | None:
@@ -86,12 +99,10 @@ class RunLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not _wandb_enabled(logger_cfg):
             return
+        run_id = (recorded_run_id(run_dir) if resume else None) or uuid.uuid4().hex[:16]  # W&B ids: letters, digits
         id_path = wandb_run_id_path(run_dir)
-        run_id = id_path.read_text().strip() if resume and id_path.exists() else None
-        if run_id is None:
-            run_id = uuid.uuid4().hex[:16]  # a new W&B run (W&B ids: letters and digits)
-            id_path.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(id_path, run_id + "\n")
+        id_path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(id_path, run_id + "\n")
         self.wandb = _init_wandb(Path(run_dir), logger_cfg, run_id, name=run_name, config=config,
                                  group=logger_cfg.get("group") or sweep_group())
 
@@ -147,12 +158,16 @@ def log_mmlu_to_wandb(run_dir: str | os.PathLike, result: dict) -> bool:
     from nora.run_dir import read_stored_config
 
     logger_cfg = (read_stored_config(run_dir) or {}).get("logger")
-    id_path = wandb_run_id_path(run_dir)
-    if not _wandb_enabled(logger_cfg) or not id_path.exists():
+    run_id = recorded_run_id(run_dir)
+    if not _wandb_enabled(logger_cfg) or run_id is None:
         return False
-    run = _init_wandb(Path(run_dir), logger_cfg, id_path.read_text().strip())
-    run.summary.update(flat_scalars({k: v for k, v in result.items() if k != "subjects"}, "mmlu/"))
-    run.finish()
+    try:
+        run = _init_wandb(Path(run_dir), logger_cfg, run_id)
+        run.summary.update(flat_scalars({k: v for k, v in result.items() if k != "subjects"}, "mmlu/"))
+        run.finish()
+    except Exception as exc:  # noqa: BLE001  (mmlu.json is written: W&B being unreachable must not fail the eval)
+        warnings.warn(f"MMLU not added to W&B run {run_id} of {run_dir}: {exc}", stacklevel=2)
+        return False
     return True
 
 
