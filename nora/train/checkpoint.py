@@ -89,18 +89,6 @@ def load_training_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -
             own[k].copy_(v)
 
 
-def optimizer_state_dict(optimizer: torch.optim.Optimizer) -> dict:
-    """``optimizer.state_dict()`` with FSDP-sharded state gathered into full tensors (a collective when
-    sharded: every rank must call it); the usual state dict otherwise."""
-    from nora.train.distributed import is_dtensor
-
-    sd = optimizer.state_dict()
-    if not any(is_dtensor(v) for s in sd["state"].values() for v in s.values()):
-        return sd
-    sd["state"] = {i: {k: _full(v) if is_dtensor(v) else v for k, v in s.items()} for i, s in sd["state"].items()}
-    return sd
-
-
 def load_optimizer_state_dict(optimizer: torch.optim.Optimizer, sd: dict) -> None:
     """Load a (full) optimizer state dict, cutting the state of FSDP-sharded parameters into this rank's shards."""
     from nora.train.distributed import is_dtensor
