@@ -222,7 +222,7 @@ def test_run_name_carries_the_overrides_it_does_not_spell():
     assert _name(base + ["method.nora.r=2", "trainer.lr=0.001"]) == _name(base + ["trainer.lr=1e-3", "method.nora.r=2"])
     # left out: group choices, keys the name spells, outputs/logging/progress, where inputs are read from, hydra.*
     same = ["seed=0", "logger=wandb", "output_root=elsewhere", "trainer.progress=false", "trainer.log_every=7",
-            "trainer.checkpoint_every=3", "data.path=/some/where/alpaca.json",
+            "trainer.checkpoint_every=3", "trainer.strategy=fsdp", "data.path=/some/where/alpaca.json",
             "hydra.job.chdir=false", "force=true", "on_config_change=rerun"]
     assert _name(base + same) == "vit_test_digits_nora_s0"
     assert _name(base + ["seed=2", "trainer.epochs=3"]) == "vit_test_digits_nora_s2_trainer.epochs=3"
