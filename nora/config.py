@@ -42,7 +42,8 @@ def validate(cfg: DictConfig) -> None:
 # What decides where a run is written, how it is logged or shown, or whether it is skipped or resumed: not
 # its result. Changing these never makes a run directory "another configuration".
 NOT_RESULT_KEYS = ("resume", "force", "on_config_change", "output_root", "logger", "run_name", "hydra")
-NOT_RESULT_TRAINER_KEYS = ("progress", "num_workers", "log_every", "checkpoint_every", "stop_after_steps")
+# strategy: DDP and FSDP take the same steps (tests/test_distributed.py), and a checkpoint resumes under either
+NOT_RESULT_TRAINER_KEYS = ("progress", "num_workers", "log_every", "checkpoint_every", "stop_after_steps", "strategy")
 ON_CONFIG_CHANGE = ("error", "rerun", "keep")
 
 

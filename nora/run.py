@@ -226,7 +226,8 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
     if rk == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(run_dir, OmegaConf.to_yaml(cfg, resolve=True))
-    logger = RunLogger(run_dir, cfg.logger, config=resolved, run_name=cfg.run_name, enabled=rk == 0)
+    logger = RunLogger(run_dir, cfg.logger, config=resolved, run_name=cfg.run_name, enabled=rk == 0,
+                       resume=resume_from is not None)
     tcfg = cfg.trainer
     lr = tcfg.lr if tcfg.lr is not None else per_family(cfg.method.lr, family, "method.lr")
     head_lr = tcfg.head_lr if tcfg.head_lr is not None else per_family(cfg.method.head_lr, family, "method.head_lr")
@@ -245,13 +246,10 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     memory_before_mb = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else hardware.current_rss_mb()
-    exit_code = 1
-    try:
+    with logger.failing_on_error():  # W&B: a crash closes the run as failed; success finishes it below
         state = trainer.fit()
-        exit_code = 0
-    finally:
-        logger.finish(exit_code)
     if not state.finished:
+        logger.finish(0)
         say(f"stopped at step {state.step}/{trainer.total_steps}; run the same command to resume")
         return {"status": "incomplete", "step": state.step}
 
@@ -284,5 +282,6 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
             activation_figure(run_dir, RunDir(run_dir).activations,  # drawn from the adapter files just saved
                               title=f"{cfg.method.name} on {cfg.dataset.name} (seed {cfg.seed})")
         write_summary(run_dir, summary)
+    logger.finish(0, summary=summary, images={"activations": RunDir(run_dir).activations})  # W&B: summary first
     dist.barrier()
     return summary

@@ -154,3 +154,66 @@ def test_slurm_launcher_config():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.nodes == 2 and launcher.tasks_per_node == launcher.gpus_per_node == 8
+
+
+def test_fsdp_full_fine_tuning_checkpoints_on_rank0_cpu_and_resumes_exactly(tmp_path, monkeypatch):
+    """Full fine-tuning under FSDP checkpoints through torch's distributed state-dict API: rank 0 receives every
+    trainable tensor full-size on the CPU (with its optimizer state, keyed as an unsharded optimizer keys it), the
+    other rank nothing; interrupted after one step and resumed, the run ends where one process ends."""
+    data = write_alpaca_json(tmp_path / "alpaca_data.json", alpaca_records(20))
+    cache = tmp_path / "cache"
+    out = tmp_path / "dist"
+    out.mkdir()
+
+    def overrides(batch_size):
+        return [("method=full" if o.startswith("method=") else o) for o in common(data, cache, batch_size)
+                if not o.startswith(("method.lora.", "method.nora.", "trainer.nora_lr"))] + ["trainer.max_steps=2"]
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "dist_fsdp_full_worker.py"), str(out), *overrides(2)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    from nora.train.checkpoint import training_state_dict
+    from nora.train.loop import Trainer
+
+    box = {}
+    fit = Trainer.fit
+
+    def fit_and_keep(self):
+        state = fit(self)
+        box["state"] = training_state_dict(self.model)
+        return state
+
+    monkeypatch.setattr(Trainer, "fit", fit_and_keep)
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose("train", overrides=overrides(4) + [f"output_root={tmp_path}", "run_name=single"])
+    single = run_training(cfg)
+    try:
+        log, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, log[-4000:]
+    assert "[fsdp_full] incomplete step=1" in log and "[fsdp_full] complete step=2" in log and "resumed from" in log
+
+    ref = box["state"]
+    rank0 = json.loads((out / "gathered_rank0.json").read_text())
+    rank1 = json.loads((out / "gathered_rank1.json").read_text())
+    assert len(rank0) == len(rank1) >= 2  # the interrupted run's checkpoint, then the resumed run's
+    n_params = sum(1 for k in ref if not k.endswith(("_base_num", "_base_den")))
+    for r0, r1 in zip(rank0, rank1):
+        assert r1 == {"none": True, "sharded_params": n_params}
+        assert not r0["none"] and r0["devices"] == ["cpu"] and r0["optimizer_devices"] == ["cpu"]
+        assert r0["shapes"] == {k: list(v.shape) for k, v in ref.items()}  # full size, every trainable tensor
+        assert r0["optimizer_keys"] == list(range(n_params))
+        assert sorted(map(list, {tuple(s) for s in r0["exp_avg_shapes"].values()})) == \
+            sorted(map(list, {tuple(v.shape) for v in ref.values()}))
+    a, b = torch.load(out / "fsdp_full_rank0.pt"), torch.load(out / "fsdp_full_rank1.pt")
+    assert set(a) == set(ref)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"ranks differ on {k}"
+        torch.testing.assert_close(a[k], ref[k], rtol=0, atol=2e-4, msg=f"fsdp vs 1 process: {k}")
+    torch.testing.assert_close(losses(out / "fsdp_full"), losses(tmp_path / "single"), rtol=1e-5, atol=1e-6)
+    assert json.loads((out / "fsdp_full" / "summary.json").read_text())["tokens_seen"] == single["tokens_seen"]

@@ -1,7 +1,9 @@
 """Sweep configs (sweeps/*.yaml) compose for every job without launching training (Hydra compose API)."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from nora.config import config_hash
-from nora.results.sweep import SWEEPS, SWEEP_DIR, CachedComposer, all_sweeps, job_overrides, job_run_dir, plan, sweep_hydra
+from nora.results.sweep import (SWEEPS, SWEEP_DIR, CachedComposer, all_sweeps, job_overrides, job_run_dir, plan,
+                                sweep_hydra)
 from nora.results.tables import ABLATIONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,3 +205,99 @@ def test_matched_budget_ranks_bracket_nora_pp():
         for m, (lo, hi) in (("lora", (8, 9)), ("dora", (7, 8))):
             below, above = bracket(counts, counts[0].adapter, m)
             assert (below.rank, above.rank) == (lo, hi)
+
+
+# ------------------------------------------------------------------ sweeps over any key: the run name
+def _name(overrides, config="train"):
+    with sweep_hydra():
+        return job_run_dir(CachedComposer()(config, overrides)).name
+
+
+def test_run_name_carries_the_overrides_it_does_not_spell():
+    base = ["model=vit_test", "dataset=digits", "method=nora"]
+    assert _name(base) == "vit_test_digits_nora_s0"
+    # value overrides that change the result, sorted by key, with the composed value (1e-3 and 0.001 are one run)
+    assert _name(base + ["trainer.lr=1e-3", "method.nora.r=2"]) == \
+        "vit_test_digits_nora_s0_method.nora.r=2,trainer.lr=0.001"
+    assert _name(base + ["method.nora.r=2", "trainer.lr=0.001"]) == _name(base + ["trainer.lr=1e-3", "method.nora.r=2"])
+    # left out: group choices, keys the name spells, outputs/logging/progress, where inputs are read from, hydra.*
+    same = ["seed=0", "logger=wandb", "output_root=elsewhere", "trainer.progress=false", "trainer.log_every=7",
+            "trainer.checkpoint_every=3", "trainer.strategy=fsdp", "data.path=/some/where/alpaca.json",
+            "hydra.job.chdir=false", "force=true", "on_config_change=rerun"]
+    assert _name(base + same) == "vit_test_digits_nora_s0"
+    assert _name(base + ["seed=2", "trainer.epochs=3"]) == "vit_test_digits_nora_s2_trainer.epochs=3"
+    # list values stay one path component; a suffix too long for a file name becomes a hash of itself
+    assert _name(base + ["+method.nora.extra=[a/b,c]"]) == "vit_test_digits_nora_s0_method.nora.extra=[a_b,c]"
+    long = [f"trainer.lr={v}" for v in ("0.000123456789",)] + [f"+trainer.x{i}=value_number_{i}" for i in range(12)]
+    name = _name(base + long)
+    assert re.fullmatch(r"vit_test_digits_nora_s0_cfg-[0-9a-f]{12}", name) and name != _name(base + long[:-1])
+
+
+def test_sweep_run_names_keep_their_directories_and_gain_unspelled_overrides():
+    # the ablations' run_name spells method.nora.r: not repeated; trainer.epochs is not spelled: appended
+    assert _name(["method.nora.r=2", "seed=1"], "ablation_rank") == \
+        "vit_tiny_cifar100_nora_r2_G8_formA_numgroup_initfit_s1"
+    assert _name(["method.nora.r=2", "seed=1", "trainer.epochs=1"], "ablation_rank") == \
+        "vit_tiny_cifar100_nora_r2_G8_formA_numgroup_initfit_s1_trainer.epochs=1"
+    assert _name(["budget=lora_r9", "dataset=cifar10"], "matched_vit") == "vit_tiny_cifar10_lora_r9_s0"
+    assert _name(["experiment=llama3_alpaca", "method=lora", "data.path=/data/alpaca.json"], "table2") == \
+        "llama3_8b_alpaca_lora_s0"
+    jobs = plan("table1", ["seed=0", "method=nora", "trainer.epochs=1"])
+    assert [j.run_dir.name for j in jobs] == ["vit_tiny_cifar10_nora_s0_trainer.epochs=1",
+                                              "vit_tiny_cifar100_nora_s0_trainer.epochs=1"]
+
+
+def test_a_config_composed_without_its_hydra_node_gets_the_plain_name():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        plain = compose("train", overrides=["model=vit_test", "trainer.lr=1e-3"])
+        with_hydra = compose("train", overrides=["model=vit_test", "trainer.lr=1e-3"], return_hydra_config=True)
+    assert plain.run_name == "vit_test_cifar100_nora_s0"
+    assert job_run_dir(with_hydra).name == "vit_test_cifar100_nora_s0_trainer.lr=0.001"
+
+
+@pytest.mark.slow
+def test_multirun_over_any_key_gives_one_directory_per_configuration(tmp_path):
+    """`python train.py -m trainer.lr=1e-3,5e-4 method.nora.r=2,3 ...` (a real Hydra multirun): 4 complete runs in
+    4 directories, named as the sweep plan names them, each its own W&B run in one group; re-running skips all 4."""
+    from wandb_files import offline_runs
+
+    out = tmp_path / "runs"
+    cmd = [sys.executable, "train.py", "-m", "trainer.lr=1e-3,5e-4", "method.nora.r=2,3", "model=vit_test",
+           "dataset=digits", "method=nora", "dataset.limit_train=64", "dataset.limit_eval=32", "trainer.epochs=1",
+           "trainer.batch_size=32", "trainer.eval_batch_size=32", "trainer.num_workers=0", "trainer.progress=false",
+           "trainer.checkpoint_every=0", "logger=wandb", f"output_root={out}"]
+    env = dict(os.environ, WANDB_MODE="offline", NORA_SWEEP_DRY_RUN="0")
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    expected = {f"vit_test_digits_nora_s0_dataset.limit_eval=32,dataset.limit_train=64,method.nora.r={r},"
+                f"trainer.batch_size=32,trainer.epochs=1,trainer.eval_batch_size=32,trainer.lr={lr}"
+                for r in (2, 3) for lr in ("0.001", "0.0005")}
+    runs = {p.name for p in out.iterdir() if p.is_dir()}
+    assert runs == expected
+    summaries = {}
+    for name in runs:
+        s = json.loads((out / name / "summary.json").read_text())
+        cfg = yaml.safe_load((out / name / "config.yaml").read_text())
+        assert s["status"] == "complete" and s["run_name"] == cfg["run_name"] == name
+        assert f"method.nora.r={cfg['method']['nora']['r']}" in name and f"trainer.lr={cfg['trainer']['lr']}" in name
+        summaries[name] = s
+        (wb,) = offline_runs(out / name)
+        assert (wb.name, wb.group, wb.exit_code) == (name, "train", 0)
+        assert wb.summary["final/accuracy"] == s["final_accuracy"]
+    assert len({s["config_hash"] for s in summaries.values()}) == 4
+    # the compose path (the sweep plan's) names the same directories
+    overrides = [a for a in cmd[3:] if "," not in a]
+    with sweep_hydra():
+        compose = CachedComposer()
+        planned = {job_run_dir(compose("train", overrides + [f"trainer.lr={lr}", f"method.nora.r={r}"])).name
+                   for lr in ("1e-3", "5e-4") for r in (2, 3)}
+    assert planned == expected
+
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("skip:") == 4
+    for name in runs:
+        assert json.loads((out / name / "summary.json").read_text()) == summaries[name]
+        assert len(offline_runs(out / name)) == 1  # a skipped job opens no W&B run

@@ -6,7 +6,8 @@ A sweep file is a primary Hydra config that includes ``train`` and lists its axe
     python train.py -m --config-dir sweeps --config-name table1 [overrides]
 
 Every job's directory is ``${output_root}/${run_name}`` (``hydra.sweep.dir``/``hydra.sweep.subdir`` in
-``configs/train.yaml``), derived from the job's config and not from the launch time, so re-running a sweep skips
+``configs/train.yaml``; the name carries the job's result-changing value overrides, :mod:`nora.run_name`), derived
+from the job's config and not from the launch time, so re-running a sweep skips
 the jobs whose ``summary.json`` is complete and resumes interrupted ones from ``checkpoints/last.pt``
 (``nora.run.run_training``). :class:`SweepPlanCallback` (included by every sweep through
 ``sweeps/common/sweep_plan.yaml``) prints the number of jobs, their state and an estimate of the device time
@@ -90,8 +91,9 @@ def estimate_seconds(cfg, bench: dict | None) -> float | None:
     if not row or not n or not row.get("images_per_s"):
         return None
     t = cfg.trainer
-    steps = int(t.max_steps) if t.get("max_steps") else int(t.epochs) * (int(n) // (int(t.batch_size) * int(t.grad_accum)))
-    return steps * int(t.batch_size) * int(t.grad_accum) / float(row["images_per_s"])
+    per_step = int(t.batch_size) * int(t.grad_accum)
+    steps = int(t.max_steps) if t.get("max_steps") else int(t.epochs) * (int(n) // per_step)
+    return steps * per_step / float(row["images_per_s"])
 
 
 def job_overrides(params: dict, task_overrides: Sequence[str], config_loader=None) -> list[list[str]]:
@@ -195,6 +197,8 @@ class CachedComposer:
         cfg = copy.deepcopy(self.cache[key])
         OmegaConf.set_readonly(cfg, False)
         ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
+        # what Hydra records for the job (its run name carries the value overrides: nora/run_name.py)
+        cfg.hydra.overrides.task = [o.input_line for o in parsed if not o.is_hydra_override()]
         return cfg
 
 

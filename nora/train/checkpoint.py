@@ -1,8 +1,11 @@
 """Atomic checkpoints with everything needed to continue a run exactly where it stopped.
 
 Under FSDP (sharded ``DTensor`` parameters) the trainable tensors and their optimizer state are gathered into
-full tensors for the file (every rank must take part: :func:`gather_training_state`) and scattered back into
-shards on load, so a checkpoint has the same layout whatever the strategy or the number of ranks.
+full tensors for the file by torch's distributed checkpoint state-dict API (``get_model_state_dict`` /
+``get_optimizer_state_dict`` with ``full_state_dict`` and ``cpu_offload``: one tensor at a time, onto rank 0's CPU,
+frozen weights left out), so no rank ever holds the whole model or optimizer state on its device (every rank must
+take part: :func:`gather_training_state`). On load each rank cuts its shard from the full tensors. A checkpoint
+has the same layout whatever the strategy or the number of ranks.
 """
 from __future__ import annotations
 
@@ -77,28 +80,17 @@ def load_training_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -
     absent = sorted(trainable - set(state))
     if absent:
         raise RuntimeError(f"checkpoint lacks trainable tensors {absent[:5]}: was it written by another method?")
-    from nora.train.distributed import is_dtensor
+    from nora.train.distributed import is_sharded
 
+    if is_sharded(model):  # FSDP: torch's state-dict API cuts each full tensor into this rank's shard
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, {k: v.to(own[k].dtype) for k, v in state.items()},
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+        return
     with torch.no_grad():
         for k, v in state.items():
-            t = own[k]
-            if is_dtensor(t):  # FSDP: keep this rank's shard of the full tensor (no communication)
-                from torch.distributed.tensor import distribute_tensor
-
-                v = distribute_tensor(v.to(t.device, t.dtype), t.device_mesh, t.placements, src_data_rank=None)
-            t.copy_(v)
-
-
-def optimizer_state_dict(optimizer: torch.optim.Optimizer) -> dict:
-    """``optimizer.state_dict()`` with FSDP-sharded state gathered into full tensors (a collective when
-    sharded: every rank must call it); the usual state dict otherwise."""
-    from nora.train.distributed import is_dtensor
-
-    sd = optimizer.state_dict()
-    if not any(is_dtensor(v) for s in sd["state"].values() for v in s.values()):
-        return sd
-    sd["state"] = {i: {k: _full(v) if is_dtensor(v) else v for k, v in s.items()} for i, s in sd["state"].items()}
-    return sd
+            own[k].copy_(v)
 
 
 def load_optimizer_state_dict(optimizer: torch.optim.Optimizer, sd: dict) -> None:
@@ -120,14 +112,47 @@ def load_optimizer_state_dict(optimizer: torch.optim.Optimizer, sd: dict) -> Non
     optimizer.load_state_dict(sd)
 
 
+def _training_keys(model: nn.Module) -> set[str]:
+    """The names :func:`training_state_dict` stores: trainable parameters and NoRA activations' buffers."""
+    from nora.adapter.layer import GroupRational
+
+    keys = {n for n, p in model.named_parameters() if p.requires_grad}
+    for mname, mod in model.named_modules():
+        if isinstance(mod, GroupRational):
+            keys.update(f"{mname}.{b}" for b, _ in mod.named_buffers(recurse=False))
+    return keys
+
+
+def _gather_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict] | None:
+    """FSDP: the full training state on rank 0's CPU through torch's state-dict API (a collective; None off rank
+    0), in the layout of an unsharded checkpoint (optimizer state keyed by parameter index, as
+    ``optimizer.state_dict()``)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    from nora.train import distributed as dist
+
+    to_rank0_cpu = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    model_state = get_model_state_dict(model, options=to_rank0_cpu)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=to_rank0_cpu)  # keyed by parameter name
+    if dist.rank() != 0:
+        return None
+    keep = _training_keys(model)
+    model_state = {k: v for k, v in model_state.items() if k in keep}
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    order = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    by_index = {i: optim_state["state"][n] for i, n in enumerate(order) if n in optim_state["state"]}
+    groups = [{k: v for k, v in g.items()} for g in optimizer.state_dict()["param_groups"]]  # hyper-parameters
+    return model_state, {"state": by_index, "param_groups": groups}
+
+
 def gather_training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict] | None:
     """``(training_state_dict, optimizer_state_dict)`` on rank 0, None elsewhere. Under FSDP every rank must
-    call it (the shards are gathered); otherwise only rank 0 does any work."""
+    call it (the shards are gathered to rank 0's CPU); otherwise only rank 0 does any work."""
     from nora.train import distributed as dist
 
     if dist.is_sharded(model):
-        state = training_state_dict(model), optimizer_state_dict(optimizer)
-        return state if dist.rank() == 0 else None
+        return _gather_sharded_state(model, optimizer)
     if dist.rank() != 0:
         return None
     return training_state_dict(model), optimizer.state_dict()

@@ -5,40 +5,106 @@ import hashlib
 import json
 import math
 import os
+import uuid
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
+
+from nora.files import write_text_atomic
+from nora.run_dir import RunDir
+
+
+# The W&B run a run directory logs to: written on a fresh start, read back on a resume (and by eval.py)
+WANDB_RUN_ID = "run_id"
+
+
+def wandb_run_id_path(run_dir: str | os.PathLike) -> Path:
+    return RunDir(run_dir).wandb / WANDB_RUN_ID
+
+
+def recorded_run_id(run_dir: str | os.PathLike) -> str | None:
+    """The id of the W&B run a run directory logged to; None if it never logged to W&B. A run directory from
+    before ids were kept in ``wandb/run_id`` used an id derived from its path."""
+    id_path = wandb_run_id_path(run_dir)
+    if id_path.exists():
+        return id_path.read_text().strip()
+    if RunDir(run_dir).wandb.is_dir():
+        return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+    return None
+
+
+def sweep_group() -> str | None:
+    """The W&B group of a Hydra multirun job: the sweep's config name (``table1``, ``ablation_rank``; ``train``
+    for ``python train.py -m ...``), so every job of a sweep shares it; None outside a multirun."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            return str(HydraConfig.get().job.config_name)
+    except Exception:  # noqa: BLE001  (no Hydra job: no group)
+        pass
+    return None
+
+
+def _wandb_enabled(logger_cfg) -> bool:
+    if logger_cfg is None:
+        return False
+    backend = logger_cfg.get("backend", "none")
+    if backend not in ("wandb", "none"):
+        from nora.errors import UserError
+        raise UserError(f"unknown logger.backend {backend!r}; valid: wandb, none")
+    return backend == "wandb" and logger_cfg.get("mode", "offline") != "disabled"
+
+
+def _init_wandb(run_dir: Path, logger_cfg, run_id: str, **kwargs):
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return wandb.init(project=logger_cfg.get("project", "nora"), entity=logger_cfg.get("entity"),
+                      tags=list(logger_cfg.get("tags") or []), dir=str(run_dir), mode=logger_cfg.get("mode", "offline"),
+                      id=run_id, resume="allow", settings=wandb.Settings(console="off", x_disable_stats=True),
+                      **kwargs)
+
+
+def flat_scalars(d: dict, prefix: str = "") -> dict:
+    """``{"final": {"accuracy": 1}}`` -> ``{"final/accuracy": 1}``, keeping numbers, strings and booleans."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_scalars(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float, str, bool)) and not (isinstance(v, float) and not math.isfinite(v)):
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 class RunLogger:
     """Append-only JSON-lines metrics plus optional W&B (offline by default).
 
     On resume, :meth:`truncate_after` drops records written after the checkpoint's step by the
-    interrupted run, so the file reads as one uninterrupted run. W&B runs get a stable id derived
-    from the run directory, so a resumed run continues the same W&B run.
+    interrupted run, so the file reads as one uninterrupted run. A fresh start is a new W&B run (a new id,
+    kept in ``<run dir>/wandb/run_id``); only a resume (``resume=True``) continues the run of that id. W&B's
+    name is the run name (the directory's), its group ``logger.group`` or, in a multirun, the sweep's name
+    (:func:`sweep_group`). :meth:`finish` sends the summary and the images before closing the run.
     """
 
     def __init__(self, run_dir: str | os.PathLike, logger_cfg=None, config: dict | None = None,
-                 run_name: str | None = None, enabled: bool = True):
+                 run_name: str | None = None, enabled: bool = True, resume: bool = False):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
         self.wandb = None
+        self.step = 0
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        backend = (logger_cfg or {}).get("backend", "none") if logger_cfg is not None else "none"
-        mode = (logger_cfg or {}).get("mode", "offline") if logger_cfg is not None else "disabled"
-        if backend == "wandb" and mode != "disabled":
-            import wandb
-
-            run_id = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
-            os.environ.setdefault("WANDB_SILENT", "true")
-            self.wandb = wandb.init(
-                project=logger_cfg.get("project", "nora"), entity=logger_cfg.get("entity"),
-                group=logger_cfg.get("group"), tags=list(logger_cfg.get("tags") or []), name=run_name,
-                dir=str(run_dir), mode=mode, config=config, id=run_id, resume="allow",
-                settings=wandb.Settings(console="off", x_disable_stats=True))
-        elif backend not in ("wandb", "none"):
-            from nora.errors import UserError
-            raise UserError(f"unknown logger.backend {backend!r}; valid: wandb, none")
+        if not _wandb_enabled(logger_cfg):
+            return
+        run_id = (recorded_run_id(run_dir) if resume else None) or uuid.uuid4().hex[:16]  # W&B ids: letters, digits
+        id_path = wandb_run_id_path(run_dir)
+        id_path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(id_path, run_id + "\n")
+        self.wandb = _init_wandb(Path(run_dir), logger_cfg, run_id, name=run_name, config=config,
+                                 group=logger_cfg.get("group") or sweep_group())
 
     def truncate_after(self, step: int) -> None:
         if not self.enabled or not self.path.exists():
@@ -55,17 +121,52 @@ class RunLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(clean) + "\n")
         if self.wandb is not None:
+            self.step = max(self.step, int(record.get("step", 0)))
             self.wandb.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
                            step=int(record.get("step", 0)))
 
-    def summary(self, summary: dict) -> None:
-        if self.wandb is not None:
-            for k, v in summary.items():
-                if isinstance(v, (int, float, str)):
-                    self.wandb.summary[k] = v
+    @contextmanager
+    def failing_on_error(self):
+        """Close the W&B run with exit code 1 if the body raises (it stays open otherwise)."""
+        try:
+            yield
+        except BaseException:
+            self.finish(1)
+            raise
 
-    def finish(self, exit_code: int = 0) -> None:
-        if self.wandb is not None:
-            self.wandb.finish(exit_code=exit_code)
-            self.wandb = None
+    def finish(self, exit_code: int = 0, summary: dict | None = None, images: dict | None = None) -> None:
+        """Close the W&B run; first send ``summary`` (nested dicts flattened to ``final/accuracy``, ...) to its
+        summary and log ``images`` (``{key: png path}``) at the last step."""
+        if self.wandb is None:
+            return
+        import wandb
+
+        # commit the last step's row first: W&B copies a committed row into the summary, which must not
+        # overwrite the run's own values of the same keys (images_per_s, data_wait_share)
+        self.wandb.log({k: wandb.Image(str(p)) for k, p in (images or {}).items() if Path(p).exists()}, step=self.step,
+                       commit=True)
+        if summary:
+            self.wandb.summary.update(flat_scalars(summary))
+        self.wandb.finish(exit_code=exit_code)
+        self.wandb = None
+
+
+def log_mmlu_to_wandb(run_dir: str | os.PathLike, result: dict) -> bool:
+    """Add an MMLU result (``eval.py run_dir=...``) to the summary of the training run's W&B run (the id in
+    ``<run dir>/wandb/run_id``), as ``mmlu/accuracy``, ``mmlu/categories/<name>/accuracy``, ... Does nothing
+    (returns False) when the run did not log to W&B."""
+    from nora.run_dir import read_stored_config
+
+    logger_cfg = (read_stored_config(run_dir) or {}).get("logger")
+    run_id = recorded_run_id(run_dir)
+    if not _wandb_enabled(logger_cfg) or run_id is None:
+        return False
+    try:
+        run = _init_wandb(Path(run_dir), logger_cfg, run_id)
+        run.summary.update(flat_scalars({k: v for k, v in result.items() if k != "subjects"}, "mmlu/"))
+        run.finish()
+    except Exception as exc:  # noqa: BLE001  (mmlu.json is written: W&B being unreachable must not fail the eval)
+        warnings.warn(f"MMLU not added to W&B run {run_id} of {run_dir}: {exc}", stacklevel=2)
+        return False
+    return True
 

@@ -192,8 +192,10 @@ class Trainer:
         }, self.ckpt_path)
 
     def load_checkpoint(self, path: str | Path) -> None:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
-        load_training_state_dict(self.model, {k: v.to(self.device) for k, v in ckpt["model"].items()})
+        # mmap: the ranks of a node share one page-cached copy; each tensor reaches the device only as this rank's
+        # shard (FSDP) or as the parameter it replaces
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
+        load_training_state_dict(self.model, ckpt["model"])
         load_optimizer_state_dict(self.optimizer, ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
