@@ -130,14 +130,14 @@ def test_a_fresh_start_leaves_nothing_of_the_earlier_run(cifar10, tmp_path):
     run_training(make_cfg(base), run_dir=run)
     (run / "mmlu.json").write_text(json.dumps({"accuracy": 0.25}))  # as eval.py run_dir=... leaves it
     assert {"nora_adapter.safetensors", "nora_config.json"} <= {p.name for p in (run / "adapter").iterdir()}
-    assert load_trained_model(run).identity["kind"] == "nora++"
+    assert load_trained_model(run).adapter["kind"] == "nora++"
 
     lora = tiny_overrides(cifar10, tmp_path, "lora", ["trainer.epochs=1", "on_config_change=rerun"])
     summary = run_training(make_cfg(lora), run_dir=run)
     assert sorted(p.name for p in (run / "adapter").iterdir()) == ["README.md", "adapter_config.json",
                                                                    "adapter_model.safetensors"]
     assert not (run / "activations.png").exists() and not (run / "mmlu.json").exists()
-    assert load_trained_model(run).identity["kind"] == "lora"
+    assert load_trained_model(run).adapter["kind"] == "lora"
     assert json.loads((run / "summary.json").read_text())["method"] == summary["method"] == "lora"
     assert train_steps(run) == [2, 4, 6]  # the nora_pp run's metrics are gone, not followed by lora's
 
@@ -202,18 +202,6 @@ def test_a_bad_metrics_line_before_the_last_names_file_and_line(tmp_path):
         RunLogger(tmp_path).truncate_after(3)
 
 
-def test_a_checkpoint_never_holds_non_finite_weights(cifar10, tmp_path):
-    # a real diverging lr: the first step makes the weights infinite while its loss (computed before the
-    # update) is finite; with checkpoint_every=1 that checkpoint used to be written
-    cfg = make_cfg(tiny_overrides(cifar10, tmp_path, "nora", ["trainer.checkpoint_every=1", "trainer.lr=1e39",
-                                                               "trainer.nora_lr=1e39", "trainer.head_lr=1e39",
-                                                               "trainer.warmup_ratio=0", "trainer.grad_clip=0"]))
-    with pytest.raises(NonFiniteLossError, match=r"non-finite weights at step 1 .*without overwriting the last good "
-                                                 r"checkpoint \(none written yet\)"):
-        run_training(cfg, run_dir=tmp_path / "run")
-    assert not (tmp_path / "run/checkpoints/last.pt").exists()
-
-
 def test_weights_gone_non_finite_keep_the_last_good_checkpoint(cifar10, tmp_path, monkeypatch):
     run = tmp_path / "run"
     base = tiny_overrides(cifar10, tmp_path, "nora", ["trainer.checkpoint_every=1"])
@@ -221,10 +209,14 @@ def test_weights_gone_non_finite_keep_the_last_good_checkpoint(cifar10, tmp_path
     good = (run / "checkpoints/last.pt").read_bytes()
     real_step = torch.optim.AdamW.step
 
-    def diverging(self, *a, **k):  # the third step's update blows a weight up; its loss was still finite
+    # a diverging update: the third step makes a weight infinite while that step's loss (computed before the
+    # update) is finite, so the loss check alone let the checkpoint at step 3 replace the good one
+    def diverging(self, *a, **k):
         out = real_step(self, *a, **k)
-        with torch.no_grad():
-            self.param_groups[0]["params"][0].fill_(float("inf"))
+        first = self.param_groups[0]["params"][0]
+        if int(self.state[first]["step"]) == 3:
+            with torch.no_grad():
+                first.fill_(float("inf"))
         return out
 
     monkeypatch.setattr(torch.optim.AdamW, "step", diverging)
@@ -254,7 +246,8 @@ def mounted(target: Path, *options: str, source: str = "tmpfs"):
 def test_a_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(cifar10, tmp_path):
     with mounted(tmp_path / "disk", "size=16m") as disk:
         run = disk / "run"
-        base = tiny_overrides(cifar10, disk, "nora", ["trainer.checkpoint_every=2", "trainer.log_every=100"])
+        # full fine-tuning: a checkpoint of ~400 KB (all weights and two Adam moments)
+        base = tiny_overrides(cifar10, disk, "full", ["trainer.checkpoint_every=2", "trainer.log_every=100"])
         run_training(make_cfg(base + ["trainer.stop_after_steps=2"]), run_dir=run)
         good = (run / "checkpoints/last.pt").read_bytes()
         with open(disk / "filler", "wb") as f:  # fill the disk but for 64 KiB: less than a checkpoint
