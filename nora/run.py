@@ -195,6 +195,7 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
 
 
 def _train(cfg: DictConfig, run_dir: Path) -> dict:
+    """:func:`run_training` once it holds ``run_dir``."""
     complete, auto = is_complete(run_dir), cfg.get("resume", "auto") == "auto"
     afresh = bool(cfg.get("force", False))
     if not afresh and (complete or (auto and checkpoint_path(run_dir).exists())):
@@ -214,8 +215,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         device = torch.device("cuda", dist.local_rank())
     ws, rk = dist.world_size(), dist.rank()
     say = print if rk == 0 else (lambda *a, **k: None)
-    if resume_from is None and rk == 0:  # a fresh start: nothing of an earlier attempt may leak into this run
-        RunDir(run_dir).clear_outputs()
+    continues_here = resume_from is not None and resume_from.resolve() == checkpoint_path(run_dir).resolve()
+    if not continues_here and rk == 0:  # a fresh start (or one from another run's checkpoint): nothing of an
+        RunDir(run_dir).clear_outputs()  # earlier attempt in this directory may leak into this run
     seed_everything(int(cfg.seed))
     family = cfg.model.family
     if family == "vision":

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from nora.config import config_hash
@@ -146,6 +147,16 @@ def test_a_fresh_start_leaves_nothing_of_the_earlier_run(cifar10, tmp_path):
     run_training(make_cfg(lora + ["force=true", "trainer.stop_after_steps=2"]), run_dir=run)
     assert not (run / "mmlu.json").exists() and not (run / "summary.json").exists()
     assert not (run / "adapter").exists() and train_steps(run) == [2]
+
+    # resume=<another run> continues that run's checkpoint here: nothing of this directory's earlier run stays
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "mmlu.json").write_text("{}")
+    (other / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    part = run_training(make_cfg(lora + [f"resume={run}", "trainer.stop_after_steps=2"]), run_dir=other)
+    assert part == {"status": "incomplete", "step": 4}
+    assert not (other / "mmlu.json").exists() and train_steps(other) == [4]
+    assert (run / "checkpoints/last.pt").exists()  # the other run's checkpoint is left as it was
 
 
 # ---------------------------------------------------------------------------- on_config_change=keep
@@ -306,9 +317,14 @@ def test_sigterm_writes_a_checkpoint_at_the_current_step(cifar10, tmp_path, caps
 
 
 def test_slurm_launchers_requeue_on_timeout():
-    for path in ("configs/hydra/launcher/slurm.yaml", "sweeps/hydra/launcher/slurm_1gpu.yaml"):
-        cfg = OmegaConf.load(ROOT / path)
-        if "max_num_timeout" not in cfg:  # slurm_1gpu takes it from slurm.yaml through its defaults list
-            assert "slurm" in cfg.defaults
-            continue
-        assert cfg.max_num_timeout > 0 and cfg.signal_delay_s > 0
+    """Both SLURM launchers, as Hydra composes them for a job, requeue a timed-out job (which then resumes
+    from the checkpoint written on the launcher's signal) and signal it before the time limit."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from nora.results.sweep import CachedComposer, sweep_hydra
+
+    with sweep_hydra():
+        launcher = CachedComposer()("table1", ["hydra/launcher=slurm_1gpu"]).hydra.launcher
+        assert launcher.max_num_timeout > 0 and launcher.signal_delay_s > 0 and launcher.gpus_per_node == 1
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        launcher = compose("train", ["hydra/launcher=slurm"], return_hydra_config=True).hydra.launcher
+    assert launcher.max_num_timeout > 0 and launcher.signal_delay_s > 0
