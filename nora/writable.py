@@ -25,17 +25,18 @@ class WritableOutputs(Callback):
 
 
 def check_writable(directory: str) -> None:
-    """Exit with one line if ``directory`` cannot be created or written to, or its disk is (nearly) full."""
-    path = Path(directory)
+    """Exit with one line if ``directory`` (or, while it does not exist yet, the nearest folder above it that
+    does) cannot be written to, or its disk is (nearly) full. Creates nothing: Hydra creates the directory."""
+    path = Path(directory).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
+        with tempfile.TemporaryFile(dir=existing):
             pass
-        free = shutil.disk_usage(path).free
+        free = shutil.disk_usage(existing).free
     except OSError as exc:
         if exc.errno not in WRITE_ERRNOS:
             raise
-        _exit(str(OutputError.from_os_error(exc, exc.filename or path)))
+        _exit(str(OutputError.from_os_error(exc, path)))
     if free < MIN_FREE_BYTES:
         _exit(f"cannot write {path}: [Errno 28] No space left on device ({free} bytes free)")
 
