@@ -316,6 +316,39 @@ def test_sigterm_writes_a_checkpoint_at_the_current_step(cifar10, tmp_path, caps
     assert f"at step {step} (epoch" in capsys.readouterr().out and resumed["step"] == step + 1
 
 
+def test_the_slurm_timeout_signal_checkpoints_before_submitit_requeues(cifar10, tmp_path, monkeypatch):
+    """Under hydra/launcher=slurm, SLURM sends SIGUSR2 signal_delay_s before the time limit and submitit's
+    handler for it requeues the job and exits: it must run only once the checkpoint at the current step is on
+    disk. Here a stand-in for that handler records the checkpoint it finds, and the signal is real (os.kill)."""
+    from nora.train.tasks import ClassificationTask
+
+    run = tmp_path / "run"
+    seen = {}
+
+    def submitit_requeue(signum, frame):  # what submitit's checkpoint_and_try_requeue does last: sys.exit(-1)
+        seen["signal"], seen["checkpoint_step"] = signum, ckpt_step(run)
+        raise SystemExit(-1)
+
+    real, calls = ClassificationTask.loss, {"n": 0}
+
+    def loss_then_signal(self, model, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:  # SLURM's signal arrives during the third step
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return real(self, model, batch)
+
+    monkeypatch.setattr(ClassificationTask, "loss", loss_then_signal)
+    previous = signal.signal(signal.SIGUSR2, submitit_requeue)
+    try:
+        with pytest.raises(SystemExit):
+            run_training(make_cfg(tiny_overrides(cifar10, tmp_path, "nora", ["trainer.checkpoint_every=1000"])),
+                         run_dir=run)
+        assert signal.getsignal(signal.SIGUSR2) is submitit_requeue  # restored after the run
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert seen == {"signal": signal.SIGUSR2, "checkpoint_step": 3}
+
+
 def test_slurm_launchers_requeue_on_timeout():
     """Both SLURM launchers, as Hydra composes them for a job, requeue a timed-out job (which then resumes
     from the checkpoint written on the launcher's signal) and signal it before the time limit."""
