@@ -26,9 +26,8 @@ class OutputError(UserError):
     (e.g. the last good checkpoint) is unchanged."""
 
     @classmethod
-    def from_os_error(cls, exc: OSError, path=None) -> "OutputError":
-        where = path if path is not None else exc.filename
-        return cls(f"cannot write {where}: [Errno {exc.errno}] {exc.strerror or errno.errorcode.get(exc.errno, '')}")
+    def from_os_error(cls, exc: OSError, path) -> "OutputError":
+        return cls(f"cannot write {path}: [Errno {exc.errno}] {exc.strerror or errno.errorcode.get(exc.errno, '')}")
 
 
 class Interrupted(UserError):
@@ -59,8 +58,9 @@ def user_errors():
     except KeyboardInterrupt:  # outside the training loop (inside it, the loop raises Interrupted)
         print("interrupted; run the same command to continue", file=sys.stderr, flush=True)
         sys.exit(130)
-    except OSError as exc:
+    except OSError as exc:  # a refused write outside nora.files' atomic writes (those raise OutputError)
         if exc.errno not in WRITE_ERRNOS:
             raise
-        print(f"error: {OutputError.from_os_error(exc)}", file=sys.stderr, flush=True)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}[Errno {exc.errno}] {exc.strerror}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -281,6 +281,25 @@ def test_a_read_only_output_directory_is_one_line_from_train_py(cifar10, tmp_pat
     assert error_lines(proc.stderr) == [f"error: cannot write {ro / RUN_NAME}: [Errno 30] Read-only file system"]
 
 
+def test_user_errors_turns_refused_writes_and_ctrl_c_into_one_line(capsys):
+    import errno
+
+    from nora.errors import user_errors
+
+    cases = [(OSError(errno.ENOSPC, "No space left on device", "/runs/r/metrics.jsonl"), 2,
+              "error: /runs/r/metrics.jsonl: [Errno 28] No space left on device"),
+             (OSError(errno.EROFS, "Read-only file system"), 2, "error: [Errno 30] Read-only file system"),
+             (OutputError("cannot write /runs/r/summary.json: [Errno 28] No space left on device"), 2,
+              "error: cannot write /runs/r/summary.json: [Errno 28] No space left on device"),
+             (KeyboardInterrupt(), 130, "interrupted; run the same command to continue")]
+    for exc, code, line in cases:
+        with pytest.raises(SystemExit) as stop, user_errors():
+            raise exc
+        assert stop.value.code == code and capsys.readouterr().err == line + "\n"
+    with pytest.raises(FileNotFoundError), user_errors():  # not a refused write: a bug or a missing input
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/data/x")
+
+
 # ----------------------------------------------------------------------------------- Ctrl-C, SIGTERM
 def test_ctrl_c_is_one_line_saying_where_the_run_stopped(cifar10, tmp_path):
     overrides = tiny_overrides(cifar10, tmp_path, "nora", LONG + ["trainer.checkpoint_every=4"])
