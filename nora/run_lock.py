@@ -23,8 +23,8 @@ class RunDirInUse(UserError):
 
 
 class RunLock:
-    """``with RunLock(run_dir):`` holds ``run_dir`` exclusively (see the module docstring). Re-entrant in one
-    process is not needed: a process trains one run at a time."""
+    """``with RunLock(run_dir):`` holds ``run_dir`` exclusively (see the module docstring). Not re-entrant: a
+    process trains one run at a time. On a file system without locks it warns and goes on unprotected."""
 
     def __init__(self, run_dir: str | os.PathLike):
         self.path = RunDir(run_dir).lock
@@ -42,9 +42,11 @@ class RunLock:
             os.close(fd)
             raise RunDirInUse(f"{self.path.parent} is in use by {holder}; wait for it to finish, stop it, or "
                               "choose another run_name/output_root") from None
-        except BaseException:
+        except OSError as exc:  # ENOLCK, EOPNOTSUPP: a file system without locks (some NFS/Lustre mounts)
             os.close(fd)
-            raise
+            print(f"warning: cannot lock {self.path} ([Errno {exc.errno}] {exc.strerror}): this file system has no "
+                  "file locks, so nothing stops a second process from using this run directory at the same time")
+            return self
         previous = _read_holder(fd)
         if previous and not _is_us(previous):
             print(f"{self.path.parent}: taking over the lock left by {_describe(previous)}, which is no longer running")

@@ -122,6 +122,20 @@ def test_the_lock_is_released_by_a_run_that_fails(cifar10, tmp_path):
         assert json.loads((tmp_path / "run/.lock").read_text())["pid"] == os.getpid()
 
 
+def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from nora import run_lock
+
+    def no_locks(fd, op):  # what flock raises on NFS/Lustre mounts without lock support
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(run_lock.fcntl, "flock", no_locks)
+    with run_lock.RunLock(tmp_path / "run"):
+        pass
+    assert capsys.readouterr().out.startswith(f"warning: cannot lock {tmp_path / 'run/.lock'} ([Errno 37] No locks")
+
+
 # ------------------------------------------------------------------------------------ a fresh start
 def test_a_fresh_start_leaves_nothing_of_the_earlier_run(cifar10, tmp_path):
     from nora.runs import load_trained_model
