@@ -8,7 +8,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from nora.cli import user_errors
+from nora.errors import user_errors
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")

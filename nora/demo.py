@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for the fine-tuning runs")
     args = ap.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
-    from nora.cli import user_errors
+    from nora.errors import user_errors
 
     out_root = Path(args.out)
     t0 = time.time()

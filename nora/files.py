@@ -2,7 +2,8 @@
 
 An atomic write goes to a temp file in the target's directory (unique per process and call, so two writers
 never share one), is flushed and fsynced, then renamed onto the target: a crash, a kill or a full disk leaves
-the previous file as it was, never a half-written one.
+the previous file as it was, never a half-written one; a write the file system refuses (disk full, read-only,
+no permission) raises :class:`nora.errors.OutputError`, one line with the path and the errno.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from nora.errors import WRITE_ERRNOS, OutputError
 
 
 def cache_dir(*parts: str) -> Path:
@@ -37,18 +40,31 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
             save_file(tensors, str(tmp))
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_path_for(path)
+    except OSError as exc:
+        _raise_if_refused(exc, path)
+        raise
     try:
         yield tmp
         if fsync:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError):
+            _raise_if_refused(exc, path)
         raise
+
+
+def _raise_if_refused(exc: OSError, path: Path) -> None:
+    """A write the file system refused becomes a one-line :class:`OutputError` naming ``path``."""
+    if exc.errno in WRITE_ERRNOS:
+        raise OutputError(f"{OutputError.from_os_error(exc, path)}; the previous {path.name}, if any, is unchanged") \
+            from exc
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any], *, fsync: bool = True) -> None:

@@ -31,8 +31,10 @@ from nora.errors import UserError
 from nora.hub import go_offline_if_unreachable
 from nora.methods import MethodResult, apply_method
 from nora.train import distributed as dist
-from nora.run_dir import (RunDir, checkpoint_path, is_complete, read_stored_config, read_summary, write_config,
-                          write_summary)
+from nora.run_dir import (RunDir, checkpoint_path, is_complete, kept_config, read_stored_config, read_summary,
+                          write_config, write_summary)
+from nora.run_lock import RunLock
+from nora.train.signals import stop_on_signals
 from nora.train.logger import RunLogger
 from nora.train.loop import Trainer, resolve_device
 
@@ -188,6 +190,12 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
     validate(cfg)
     go_offline_if_unreachable()
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+    with RunLock(run_dir):  # one process per run directory, for the whole run (nora.run_lock)
+        return _train(cfg, run_dir)
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> dict:
+    """:func:`run_training` once it holds ``run_dir``."""
     complete, auto = is_complete(run_dir), cfg.get("resume", "auto") == "auto"
     afresh = bool(cfg.get("force", False))
     if not afresh and (complete or (auto and checkpoint_path(run_dir).exists())):
@@ -196,6 +204,8 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
         log.info("%s is complete (summary.json); skipping (force=true reruns it)", run_dir)
         print(f"skip: {run_dir} already holds a complete summary.json (force=true reruns it)")
         return read_summary(run_dir)
+    if auto and not afresh and cfg.get("on_config_change") == "keep" and checkpoint_path(run_dir).exists():
+        cfg = kept_config(cfg, run_dir)  # config.yaml and the hash record what the resumed run uses
     resume_from = resume_path(cfg.get("resume", "auto"), run_dir)
     if afresh and auto:
         resume_from = None
@@ -205,10 +215,9 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
         device = torch.device("cuda", dist.local_rank())
     ws, rk = dist.world_size(), dist.rank()
     say = print if rk == 0 else (lambda *a, **k: None)
-    if resume_from is None and rk == 0:  # a fresh start: nothing of an earlier attempt may leak into this run
-        paths = RunDir(run_dir)
-        for stale in (paths.metrics, paths.summary, paths.checkpoint):
-            stale.unlink(missing_ok=True)
+    continues_here = resume_from is not None and resume_from.resolve() == checkpoint_path(run_dir).resolve()
+    if not continues_here and rk == 0:  # a fresh start (or one from another run's checkpoint): nothing of an
+        RunDir(run_dir).clear_outputs()  # earlier attempt in this directory may leak into this run
     seed_everything(int(cfg.seed))
     family = cfg.model.family
     if family == "vision":
@@ -247,7 +256,8 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
         torch.cuda.reset_peak_memory_stats(device)
     memory_before_mb = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else hardware.current_rss_mb()
     with logger.failing_on_error():  # W&B: a crash closes the run as failed; success finishes it below
-        state = trainer.fit()
+        with stop_on_signals(trainer):  # SIGTERM: checkpoint and stop; Ctrl-C: one line (nora.train.signals)
+            state = trainer.fit()
     if not state.finished:
         logger.finish(0)
         say(f"stopped at step {state.step}/{trainer.total_steps}; run the same command to resume")

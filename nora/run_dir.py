@@ -9,6 +9,7 @@ activations.png        learned activation curves per layer vs the original (rati
 mmlu.json              MMLU of the trained model (``eval.py run_dir=...``)
 checkpoints/last.pt    the latest checkpoint (atomic), used by ``resume``
 wandb/                 the W&B run files (offline by default)
+.lock                  held by the process training into the directory (:mod:`nora.run_lock`)
 =====================  =========================================================================
 
 ``write_*`` functions write atomically (:mod:`nora.files`); ``read_*`` functions return None for a missing or
@@ -31,6 +32,7 @@ MMLU = "mmlu.json"
 CHECKPOINTS = "checkpoints"
 CHECKPOINT = "last.pt"
 WANDB = "wandb"
+LOCK = ".lock"
 
 
 @dataclass(frozen=True)
@@ -78,9 +80,25 @@ class RunDir:
     def wandb(self) -> Path:
         return self.root / WANDB
 
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK
+
     def outputs(self) -> list[Path]:
         """Everything a run produces (what a fresh start in this directory must remove first)."""
         return [self.config, self.metrics, self.summary, self.adapter, self.activations, self.mmlu, self.checkpoints]
+
+    def clear_outputs(self) -> None:
+        """Remove every output of an earlier run (a fresh start: nothing of it may be reported or reloaded as
+        this run's, e.g. a NoRA adapter file left in ``adapter/`` by an earlier ``nora_pp`` run of the directory).
+        The W&B files stay: W&B keeps its own history of the run id."""
+        import shutil
+
+        for path in self.outputs():
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
 
     def __fspath__(self) -> str:
         return str(self.root)
@@ -107,6 +125,28 @@ def read_stored_config(run_dir: str | os.PathLike) -> dict | None:
 
     path = RunDir(run_dir).config
     return OmegaConf.to_container(OmegaConf.load(path)) if path.exists() else None
+
+
+def kept_config(cfg, run_dir: str | os.PathLike):
+    """``on_config_change=keep`` resuming a checkpoint of another configuration: the run continues as the
+    configuration it was started with (the checkpoint's optimizer, schedule and step count are that run's), so
+    that is the config it records. Only what does not determine the result (where it is written, logging,
+    progress, ``stop_after_steps``...: ``nora.config.NOT_RESULT_KEYS``) is taken from ``cfg``."""
+    from omegaconf import OmegaConf
+
+    from nora.config import NOT_RESULT_KEYS, NOT_RESULT_TRAINER_KEYS
+
+    stored = read_stored_config(run_dir)
+    if stored is None:
+        return cfg
+    now = OmegaConf.to_container(cfg, resolve=True)
+    for key in NOT_RESULT_KEYS:
+        if key in now:
+            stored[key] = now[key]
+    for key in NOT_RESULT_TRAINER_KEYS:
+        if key in now.get("trainer", {}):
+            stored.setdefault("trainer", {})[key] = now["trainer"][key]
+    return OmegaConf.create(stored)
 
 
 def write_config(run_dir: str | os.PathLike, config_yaml: str) -> None:

@@ -100,6 +100,10 @@ def run_eval(cfg: DictConfig) -> dict:
         acc = "n/a" if v["accuracy"] is None else f"{100 * v['accuracy']:.2f}%"
         print(f"  {cat:16s} {acc:>8s}  ({v['n']} questions)")
     print(f"wrote {RunDir(t.out_dir).mmlu}")
+    if cfg.run_dir:  # into the training run's W&B run, when it logged to one
+        from nora.train.logger import log_mmlu_to_wandb
+
+        log_mmlu_to_wandb(cfg.run_dir, d)
     return d
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nora.errors import NonFiniteLossError, UserError
 from nora.files import atomic_write
 from nora.run_dir import checkpoint_path  # noqa: F401 (re-exported for the loop)
 
@@ -25,13 +26,56 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
     """``torch.save`` to a temp file in the same directory, fsync, then ``os.replace`` onto ``path``.
 
     A crash or kill during the write leaves the previous file untouched (and at worst a stray
-    ``.tmp`` file, removed by the next successful save).
+    ``.tmp`` file, removed by the next successful save). The file is written through a Python file object so
+    that a full disk raises an ``OSError`` with its errno (torch's own writer reports it as an opaque
+    ``RuntimeError``), which :func:`nora.files.atomic_path` turns into one line naming ``path``.
     """
     def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
 
     atomic_write(path, write)
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "state")
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The checkpoint in ``path``; a file torch cannot read (truncated, overwritten, another format) is a
+    one-line :class:`UserError` with the path and how to start afresh, not an unpickling traceback."""
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
+    except Exception as exc:  # truncated zip, random bytes, pickle of something else: all mean "unreadable"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {reason[:200]}); delete it or "
+                        "run with resume=null to start this run afresh") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise UserError(f"{path} is not a nora checkpoint (no {', '.join(missing)}); delete it or run with "
+                        "resume=null to start this run afresh")
+    return ckpt
+
+
+def nonfinite_tensors(tensors: dict) -> list[str]:
+    """Names of the floating-point tensors in ``tensors`` (nested dicts too) holding NaN or Inf."""
+    bad = []
+    for name, t in tensors.items():
+        if isinstance(t, dict):
+            bad += [f"{name}.{n}" for n in nonfinite_tensors(t)]
+        elif torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad.append(str(name))
+    return bad
+
+
+def check_finite(model_state: dict, optimizer_state: dict, step: int, path: Path) -> None:
+    """A checkpoint never holds non-finite weights or optimizer moments: a diverging run stops here, keeping
+    the last good checkpoint, instead of replacing it with one no resume can recover from."""
+    bad = nonfinite_tensors(model_state) + [f"optimizer state {n}" for n in nonfinite_tensors(optimizer_state["state"])]
+    if bad:
+        kept = path if path.exists() else "none written yet"
+        raise NonFiniteLossError(
+            f"non-finite weights at step {step} ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); stopped "
+            f"without overwriting the last good checkpoint ({kept}); lower the learning rate")
 
 
 def rng_state() -> dict:

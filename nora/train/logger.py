@@ -107,12 +107,15 @@ class RunLogger:
                                  group=logger_cfg.get("group") or sweep_group())
 
     def truncate_after(self, step: int) -> None:
+        """Keep the records up to ``step`` (rewritten atomically). A last line cut short by a crash or power
+        loss is dropped with a warning; a bad line before the last is an error naming the file and line."""
         if not self.enabled or not self.path.exists():
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, self.path)
+        records, torn = _read_records(self.path)
+        if torn is not None:
+            print(f"warning: {self.path}: dropped the half-written last line {torn[:80]!r}")
+        keep = [r for r in records if r.get("step", 0) <= step]
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -170,3 +173,24 @@ def log_mmlu_to_wandb(run_dir: str | os.PathLike, result: dict) -> bool:
         return False
     return True
 
+def _read_records(path: Path) -> tuple[list[dict], str | None]:
+    """The JSON records of a metrics file, and its last line if that one is cut short (else None)."""
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                return records, line
+            from nora.errors import UserError
+            raise UserError(f"{path} line {i + 1} is not a JSON record ({line[:80]!r}); remove that line, or "
+                            "start the run afresh with resume=null") from None
+    return records, None
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """The records of a run's ``metrics.jsonl`` (a half-written last line, from a crash or a run still writing,
+    is left out)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return _read_records(path)[0] if path.exists() else []

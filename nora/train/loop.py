@@ -18,8 +18,10 @@ from torch.utils.data import DataLoader
 
 from nora.errors import NonFiniteLossError, UserError
 from nora.train import distributed as dist
-from nora.train.checkpoint import (atomic_save, checkpoint_path, gather_training_state, load_optimizer_state_dict,
-                                   load_training_state_dict, rng_state, set_rng_state)
+from nora.train.checkpoint import (atomic_save, check_finite, checkpoint_path, gather_training_state,
+                                   load_optimizer_state_dict, load_training_state_dict, read_checkpoint, rng_state,
+                                   set_rng_state)
+from nora.train.signals import stop_requested
 from nora.train.logger import RunLogger
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -145,6 +147,7 @@ class Trainer:
                                       float(cfg.get("min_lr_ratio", 0.0))))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.state = LoopState()
+        self.checkpoint_step: int | None = None  # the step of the checkpoint on disk (None: none of this run yet)
         self._nonfinite: torch.Tensor | None = None  # device flag, set once any loss was NaN/Inf
         self._pending_units = 0  # this rank's images/tokens not yet added to state.units (see _sync_units)
 
@@ -182,6 +185,7 @@ class Trainer:
             atomic_save(rng_state(), self.ckpt_path.with_name(f"rng_rank{dist.rank()}.pt"))
             return
         model_state, optimizer_state = gathered
+        check_finite(model_state, optimizer_state, self.state.step, self.ckpt_path)
         atomic_save({
             "model": model_state,
             "optimizer": optimizer_state,
@@ -190,11 +194,12 @@ class Trainer:
             "rng": rng_state(),
             "state": asdict(self.state),
         }, self.ckpt_path)
+        self.checkpoint_step = self.state.step
 
     def load_checkpoint(self, path: str | Path) -> None:
         # mmap: the ranks of a node share one page-cached copy; each tensor reaches the device only as this rank's
         # shard (FSDP) or as the parameter it replaces
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
+        ckpt = read_checkpoint(path)
         load_training_state_dict(self.model, ckpt["model"])
         load_optimizer_state_dict(self.optimizer, ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -205,6 +210,7 @@ class Trainer:
             rng = torch.load(str(own), weights_only=False)
         set_rng_state(rng)
         self.state = LoopState(**ckpt["state"])
+        self.checkpoint_step = self.state.step
         self.logger.truncate_after(self.state.step)
 
     # ---------------------------------------------------------------------------------- checks
@@ -341,7 +347,8 @@ class Trainer:
         return units
 
     def _stop(self, stop_after, steps_this_session) -> bool:
-        return stop_after is not None and steps_this_session >= int(stop_after)
+        """``stop_after_steps`` reached, or SIGTERM received (nora.train.signals): stop with a checkpoint."""
+        return (stop_after is not None and steps_this_session >= int(stop_after)) or stop_requested(self.device)
 
     def _account_time(self, since: float) -> None:
         now = time.perf_counter()
