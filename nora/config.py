@@ -1,14 +1,26 @@
-"""Checks on a composed config that Hydra itself cannot make, with messages listing valid values."""
+"""A composed ``train`` config as a typed, checked :class:`RunConfig` (:func:`validate`), and what identifies a
+run's result (:func:`result_config`, :func:`config_hash`, :func:`config_differences`).
+
+Each section has its schema next to the code that reads it: ``trainer`` -> :class:`nora.train.config.TrainerConfig`,
+``method`` -> :class:`nora.methods.config.MethodConfig`, ``model`` -> :mod:`nora.models.config`, ``dataset`` ->
+:mod:`nora.data.schema`. The run directory's ``config.yaml`` and hash stay those of the composed config."""
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from nora.data.schema import check_dataset
 from nora.errors import UserError
 from nora.methods import METHODS
+from nora.methods.config import MethodConfig, nora_groups_message
 from nora.models import FAMILIES
+from nora.models.config import ModelConfig, as_model_config
+from nora.schema import load, one_of
+from nora.train.config import TrainerConfig
 
 
 def per_family(value, family: str, what: str):
@@ -20,8 +32,58 @@ def per_family(value, family: str, what: str):
     return value
 
 
-def validate(cfg: DictConfig) -> None:
-    """Fail at once on incompatible combinations (e.g. a vision method with an LLM)."""
+@dataclass
+class RunConfig:
+    """The typed, checked view of a composed ``train`` config: what ``run_training`` and the setups read.
+    (``logger`` stays the composed section: :class:`nora.train.logger.RunLogger` reads it.)"""
+
+    model: ModelConfig
+    dataset: Any              # a vision schema of nora.data.schema, or nora.data.instruct.InstructDataConfig
+    method: MethodConfig
+    trainer: TrainerConfig
+    seed: int
+    run_name: str
+    resume: Any               # auto | null/false | a run directory or checkpoint
+    force: bool
+    on_config_change: str
+    lr: float                 # the learning rates and weight decay in force: trainer.* or the method's default
+    head_lr: Optional[float]
+    nora_lr: Optional[float]
+    weight_decay: float
+
+    @property
+    def family(self) -> str:
+        return self.model.family
+
+
+def validate(cfg: DictConfig) -> RunConfig:
+    """Every check a composed config allows before any model or data is loaded: compatible groups (e.g. a
+    vision method with an LLM), then each section's types, ranges and choices (its schema). Returns the
+    typed config; a bad value raises a one-line :class:`UserError` naming the key."""
+    _check_groups(cfg)
+    d = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else dict(cfg)
+    d.pop("hydra", None)
+    c = OmegaConf.create(d)
+    method = load(MethodConfig, _resolved(c, "method"), "method")
+    model = as_model_config(_resolved(c, "model"))
+    trainer = load(TrainerConfig, _resolved(c, "trainer"), "trainer")
+    dataset = check_dataset(c.dataset, model.family)
+    _check_groups_divide_width(method, model)
+    family = model.family
+    lr = trainer.lr if trainer.lr is not None else per_family(method.lr, family, "method.lr")
+    if lr is None:
+        raise UserError(f"method={method.name} has no lr for {family} models; set trainer.lr")
+    head_lr = trainer.head_lr if trainer.head_lr is not None else per_family(method.head_lr, family, "method.head_lr")
+    nora_lr = trainer.nora_lr if trainer.nora_lr is not None else per_family(method.nora_lr, family, "method.nora_lr")
+    wd = trainer.weight_decay if trainer.weight_decay is not None else method.weight_decay
+    return RunConfig(model=model, dataset=dataset, method=method, trainer=trainer, seed=_int("seed", c.get("seed", 0)),
+                     run_name=str(c.get("run_name")), resume=c.get("resume", "auto"), force=bool(c.get("force", False)),
+                     on_config_change=str(c.get("on_config_change", "error")), lr=float(lr),
+                     head_lr=None if head_lr is None else float(head_lr),
+                     nora_lr=None if nora_lr is None else float(nora_lr), weight_decay=float(wd))
+
+
+def _check_groups(cfg) -> None:
     m, d, meth = cfg.model, cfg.dataset, cfg.method
     if m.family not in FAMILIES:
         raise UserError(f"model.family={m.family!r}; valid: {', '.join(FAMILIES)}")
@@ -33,10 +95,26 @@ def validate(cfg: DictConfig) -> None:
     if m.family not in meth.families:
         valid = [x for x in METHODS if x != "linear_probe" or m.family == "vision"]
         raise UserError(f"method={meth.name} does not apply to {m.family} models; valid: {', '.join(valid)}")
-    if int(cfg.trainer.batch_size) < 1:
-        raise UserError("trainer.batch_size must be >= 1")
-    if cfg.get("on_config_change", "error") not in ON_CONFIG_CHANGE:
-        raise UserError(f"on_config_change={cfg.on_config_change!r}; valid: {', '.join(ON_CONFIG_CHANGE)}")
+    one_of("on_config_change", cfg.get("on_config_change", "error"), ON_CONFIG_CHANGE)
+
+
+def _check_groups_divide_width(method: MethodConfig, model: ModelConfig) -> None:
+    """NoRA splits the activation's channels into ``groups``; where the model config tells the width, a groups
+    value that does not divide it fails here (otherwise at injection, with the same message)."""
+    width = model.mlp_width()
+    if method.nora is not None and width is not None and width % method.nora.groups:
+        raise UserError(nora_groups_message(method.nora.groups, width, f"model={model.name}"))
+
+
+def _resolved(c: DictConfig, key: str) -> dict:
+    return OmegaConf.to_container(c[key], resolve=True)
+
+
+def _int(key: str, value) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{key}={value!r}: must be an integer") from None
 
 
 # What decides where a run is written, how it is logged or shown, or whether it is skipped or resumed: not
