@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from contextlib import contextmanager
 from typing import Any, Iterable, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
@@ -29,6 +30,15 @@ class ConfigValueError(UserError):
 
     def under(self, section: str) -> "ConfigValueError":
         return ConfigValueError(f"{section}.{self.key}" if section else self.key, self.message)
+
+
+@contextmanager
+def nested(section: str):
+    """Checks of a schema nested in another (``method.nora``): their errors name ``section.<key>``."""
+    try:
+        yield
+    except ConfigValueError as e:
+        raise e.under(section) from None
 
 
 def require(ok: bool, key: str, value: Any, rule: str) -> None:

@@ -95,6 +95,72 @@ def test_bad_values_fail_with_the_valid_options(cifar10, tmp_path, override, mat
         run_training(cfg, run_dir=tmp_path / "run")
 
 
+# Each bad value fails in validate(), before any data, model or run directory: the data root below does not
+# exist and build_model is made to fail, so a value that slipped through would end in another error.
+BAD_VALUES = [
+    ("trainer.lr=-1", "trainer.lr=-1.0: must be > 0"),
+    ("trainer.lr=abc", "trainer.lr='abc': could not be converted to Float"),
+    ("trainer.epochs=0", "trainer.epochs=0: must be >= 1"),
+    ("trainer.eval_batch_size=0", "trainer.eval_batch_size=0: must be >= 1"),
+    ("trainer.batch_size=0", "trainer.batch_size=0: must be >= 1"),
+    ("trainer.grad_accum=0", "trainer.grad_accum=0: must be >= 1"),
+    ("trainer.scheduler=cosin", "trainer.scheduler='cosin'; valid: cosine, linear, constant"),
+    ("trainer.warmup_ratio=1.5", "trainer.warmup_ratio=1.5: must be in [0, 1)"),
+    ("trainer.num_workers=two", "trainer.num_workers='two': could not be converted to Integer"),
+    ("trainer.strategy=zero3", "trainer.strategy='zero3'; valid: auto, ddp, fsdp"),
+    ("+trainer.learning_rate=1", "trainer.learning_rate: no such key; valid: device, precision, epochs"),
+    ("method.nora.groups=7", "method.nora.groups=7 does not divide the MLP width 128 of model=vit_test; "
+                             "use a divisor, e.g. 2, 4, 8, 16, 32, 64"),
+    ("method.nora.r=0", "method.nora.r=0: must be >= 1"),
+    ("method.nora.init=random", "method.nora.init='random'; valid: fit, calibrated"),
+    ("method.nora.backend=cuda_magic", "method.nora.backend='cuda_magic'; valid: auto, "),
+    ("method.lr=-0.1", "method.lr=-0.1: must be > 0"),
+    ("model.pretrained=maybe", "model.pretrained='maybe': "),
+    ("dataset.num_classes=1", "dataset.num_classes=1: must be >= 2"),
+    ("dataset.augment.crop_padding=-2", "dataset.augment.crop_padding=-2: must be >= 0"),
+    ("seed=abc", "seed='abc': must be an integer"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_VALUES)
+def test_bad_value_fails_before_anything_loads(tmp_path, monkeypatch, override, message):
+    import nora.models
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(nora.models, "build_model", no_model)
+    cfg = make_cfg(tiny_overrides(tmp_path / "nowhere", tmp_path, extra=[override]))
+    with pytest.raises(UserError) as err:
+        run_training(cfg, run_dir=tmp_path / "run")
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_lora_settings_are_checked():
+    with pytest.raises(UserError, match=r"^method\.lora\.dropout=1\.5: must be in \[0, 1\)$"):
+        validate(make_cfg(["method=lora", "model=vit_test", "method.lora.dropout=1.5"]))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.lr=abc", "error: trainer.lr='abc': could not be converted to Float"),
+    ("method.nora.groups=7", "error: method.nora.groups=7 does not divide the MLP width 128 of model=vit_test"),
+    ("trainer.scheduler=cosin", "error: trainer.scheduler='cosin'; valid: cosine, linear, constant"),
+])
+def test_bad_value_is_one_line_from_train_py(tmp_path, override, message):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "model=vit_test", "dataset=cifar10",
+                           f"dataset.root={tmp_path}/nowhere", "logger=disabled", f"output_root={tmp_path}", override],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    # Hydra makes its own .hydra/ and train.log before the job starts; nothing of the run is written
+    written = {p.name for p in tmp_path.rglob("*") if p.is_file() and ".hydra" not in p.parts}
+    assert written <= {"train.log"}, written
+
+
 def test_family_mismatch_is_rejected():
     cfg = make_cfg(["model=vit_test", "dataset=cifar10"])
     cfg.model.family = "causal_lm"

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from nora.errors import UserError
-from nora.schema import at_least, load, one_of, require
+from nora.schema import at_least, load, nested, one_of, require
 
 DIGIT_TRANSFORMS = ("none", "rot90", "invert", "transpose")
 EVAL_SPLITS = ("test", "validation")
@@ -19,7 +19,8 @@ class AugmentConfig:
     crop_padding: int = 0    # pixels of padding for a random crop at the model's input size (0: off)
 
     def __post_init__(self):
-        at_least("augment.crop_padding", self.crop_padding, 0)
+        with nested("augment"):
+            at_least("crop_padding", self.crop_padding, 0)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from nora.models import FAMILIES
-from nora.schema import at_least, one_of, positive, require
+from nora.schema import at_least, nested, one_of, positive, require
 
 
 @dataclass
@@ -24,6 +24,10 @@ class LoraSettings:
     use_dora: bool = False
 
     def __post_init__(self):
+        with nested("lora"):
+            self._check()
+
+    def _check(self):
         at_least("r", self.r, 1)
         positive("alpha", self.alpha)
         require(0 <= self.dropout < 1, "dropout", self.dropout, "must be in [0, 1)")
@@ -51,6 +55,10 @@ class NoraSettings:
     agreement_prompts: int = 16           # causal LMs: validation prompts of the init-agreement check (0: off)
 
     def __post_init__(self):
+        with nested("nora"):
+            self._check()
+
+    def _check(self):
         from nora.adapter.config import INITS, NUMERATOR_MODES, VARIANTS
         from nora.rational.functional import FORMS
 
