@@ -305,9 +305,9 @@ def test_nan_loss_stops_without_touching_the_last_checkpoint(cifar10, tmp_path, 
     real = ClassificationTask.loss
     calls = {"n": 0}
 
-    def poisoned(self, model, batch):
+    def poisoned(self, model, batch, normalizer):
         calls["n"] += 1
-        loss = real(self, model, batch)
+        loss = real(self, model, batch, normalizer)
         return loss * float("nan") if calls["n"] == 6 else loss
 
     monkeypatch.setattr(ClassificationTask, "loss", poisoned)
