@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -19,7 +19,7 @@ from nora.methods import METHODS
 from nora.methods.config import MethodConfig, nora_groups_message
 from nora.models import FAMILIES
 from nora.models.config import ModelConfig, as_model_config
-from nora.schema import load, one_of
+from nora.schema import at_least, load, one_of
 from nora.train.config import TrainerConfig
 
 
@@ -30,6 +30,24 @@ def per_family(value, family: str, what: str):
             raise UserError(f"{what} has no value for {family} models (has: {', '.join(value)})")
         return value[family]
     return value
+
+
+ON_CONFIG_CHANGE = ("error", "rerun", "keep")
+
+
+@dataclass
+class RunSettings:
+    """The top-level keys of ``configs/train.yaml`` (``output_root``, ``run_name``, ``data`` and ``logger`` are read
+    where they are used: Hydra, the run directory, interpolations, :class:`nora.train.logger.RunLogger`)."""
+
+    seed: int = 0
+    resume: Any = "auto"        # auto | null/false | a run directory or checkpoint
+    force: bool = False
+    on_config_change: str = "error"
+
+    def __post_init__(self):
+        at_least("seed", self.seed, 0)
+        one_of("on_config_change", self.on_config_change, ON_CONFIG_CHANGE)
 
 
 @dataclass
@@ -68,6 +86,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     model = as_model_config(_resolved(c, "model"))
     trainer = load(TrainerConfig, _resolved(c, "trainer"), "trainer")
     dataset = check_dataset(c.dataset, model.family)
+    top = load(RunSettings, {f.name: c[f.name] for f in fields(RunSettings) if f.name in c}, "")
     _check_groups_divide_width(method, model)
     family = model.family
     lr = trainer.lr if trainer.lr is not None else per_family(method.lr, family, "method.lr")
@@ -76,9 +95,9 @@ def validate(cfg: DictConfig) -> RunConfig:
     head_lr = trainer.head_lr if trainer.head_lr is not None else per_family(method.head_lr, family, "method.head_lr")
     nora_lr = trainer.nora_lr if trainer.nora_lr is not None else per_family(method.nora_lr, family, "method.nora_lr")
     wd = trainer.weight_decay if trainer.weight_decay is not None else method.weight_decay
-    return RunConfig(model=model, dataset=dataset, method=method, trainer=trainer, seed=_int("seed", c.get("seed", 0)),
-                     run_name=str(c.get("run_name")), resume=c.get("resume", "auto"), force=bool(c.get("force", False)),
-                     on_config_change=str(c.get("on_config_change", "error")), lr=float(lr),
+    return RunConfig(model=model, dataset=dataset, method=method, trainer=trainer, seed=top.seed,
+                     run_name=str(c.run_name), resume=top.resume, force=top.force,
+                     on_config_change=top.on_config_change, lr=float(lr),
                      head_lr=None if head_lr is None else float(head_lr),
                      nora_lr=None if nora_lr is None else float(nora_lr), weight_decay=float(wd))
 
@@ -95,7 +114,6 @@ def _check_groups(cfg) -> None:
     if m.family not in meth.families:
         valid = [x for x in METHODS if x != "linear_probe" or m.family == "vision"]
         raise UserError(f"method={meth.name} does not apply to {m.family} models; valid: {', '.join(valid)}")
-    one_of("on_config_change", cfg.get("on_config_change", "error"), ON_CONFIG_CHANGE)
 
 
 def _check_groups_divide_width(method: MethodConfig, model: ModelConfig) -> None:
@@ -110,18 +128,10 @@ def _resolved(c: DictConfig, key: str) -> dict:
     return OmegaConf.to_container(c[key], resolve=True)
 
 
-def _int(key: str, value) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{key}={value!r}: must be an integer") from None
-
-
 # What decides where a run is written, how it is logged or shown, or whether it is skipped or resumed: not
 # its result. Changing these never makes a run directory "another configuration".
 NOT_RESULT_KEYS = ("resume", "force", "on_config_change", "output_root", "logger", "run_name", "hydra")
 NOT_RESULT_TRAINER_KEYS = ("progress", "num_workers", "log_every", "checkpoint_every", "stop_after_steps")
-ON_CONFIG_CHANGE = ("error", "rerun", "keep")
 
 
 def result_config(cfg) -> dict:

@@ -63,7 +63,7 @@ def changed_config(cfg, run_dir: str | os.PathLike) -> list[str]:
     return config_differences(stored, cfg) if stored is not None else []
 
 
-def _start_afresh_for_changed_config(cfg: DictConfig, run_dir: Path, what: str) -> bool:
+def _start_afresh_for_changed_config(cfg: DictConfig, run_dir: Path, what: str, policy: str) -> bool:
     """Before skipping a complete run or resuming a checkpoint: the run directory must hold this same
     configuration (a changed lr, epoch count or dataset must not silently keep or extend another run).
     ``on_config_change``: error (default), rerun (start afresh), keep (use what is there). True: start afresh."""
@@ -71,7 +71,6 @@ def _start_afresh_for_changed_config(cfg: DictConfig, run_dir: Path, what: str) 
     if not diff:
         return False
     shown = "\n  ".join(diff[:20]) + (f"\n  ... and {len(diff) - 20} more" if len(diff) > 20 else "")
-    policy = cfg.get("on_config_change", "error")  # checked by validate()
     if policy == "keep":
         print(f"warning: {run_dir} holds {what} of another configuration; on_config_change=keep uses it as it is:"
               f"\n  {shown}")
@@ -190,7 +189,8 @@ def _skip_or_resume(cfg: DictConfig, run: RunConfig, run_dir: Path) -> tuple[dic
     complete, auto = is_complete(run_dir), run.resume == "auto"
     afresh = run.force
     if not afresh and (complete or (auto and checkpoint_path(run_dir).exists())):
-        afresh = _start_afresh_for_changed_config(cfg, run_dir, "a complete run" if complete else "a checkpoint")
+        afresh = _start_afresh_for_changed_config(cfg, run_dir, "a complete run" if complete else "a checkpoint",
+                                                  run.on_config_change)
     if complete and not afresh:
         log.info("%s is complete (summary.json); skipping (force=true reruns it)", run_dir)
         print(f"skip: {run_dir} already holds a complete summary.json (force=true reruns it)")

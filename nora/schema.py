@@ -91,7 +91,7 @@ def load(schema: type[T], node, section: str) -> T:
 
 def _key(section: str, e: OmegaConfBaseException) -> str:
     key = str(e.full_key or e.key or "")
-    return f"{section}.{key}" if key else section
+    return ".".join(k for k in (section, key) if k)
 
 
 def _first_line(msg: str) -> str:

@@ -118,7 +118,8 @@ BAD_VALUES = [
     ("model.pretrained=maybe", "model.pretrained='maybe': "),
     ("dataset.num_classes=1", "dataset.num_classes=1: must be >= 2"),
     ("dataset.augment.crop_padding=-2", "dataset.augment.crop_padding=-2: must be >= 0"),
-    ("seed=abc", "seed='abc': must be an integer"),
+    ("seed=abc", "seed='abc': could not be converted to Integer"),
+    ("on_config_change=ask", "on_config_change='ask'; valid: error, rerun, keep"),
 ]
 
 
