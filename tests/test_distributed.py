@@ -24,13 +24,15 @@ CONFIGS = str(ROOT / "configs")
 
 def common(data, cache, batch_size):
     # 16 training examples; global batch 4 x 2 accumulation micro-steps = 8 per step -> 2 steps per epoch;
-    # LoRA dropout off (random per rank); a high learning rate so the weights move visibly
+    # LoRA dropout off (random per rank); a high learning rate so the weights move visibly; clipping runs but
+    # never scales (FSDP sums the gradient norm over shards: a clip factor that differs in the last bit would
+    # break the bit-identical DDP/FSDP comparison)
     return ["model=llama_tiny", "dataset=alpaca", "method=nora_pp", f"data.path={data}", "logger=disabled",
             "trainer.device=cpu", f"trainer.batch_size={batch_size}", "trainer.grad_accum=2", "trainer.max_steps=4",
             "trainer.eval_every=0", "trainer.log_every=1", "trainer.checkpoint_every=0", "trainer.num_workers=0",
             "trainer.progress=false", "trainer.lr=5e-3", "trainer.nora_lr=5e-3", "dataset.val_size=4",
             "dataset.max_length=256", f"dataset.cache_dir={cache}", "method.lora.dropout=0",
-            "method.nora.calibration_batches=2"]
+            "method.nora.calibration_batches=2", "trainer.grad_clip=100"]
 
 
 def losses(run_dir):

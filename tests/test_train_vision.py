@@ -73,6 +73,27 @@ def test_config_composes_and_method_applies(method, dataset):
         assert not any("patch_embed" in n for n in lora_modules)
 
 
+@pytest.mark.parametrize("schema,yaml_file", [
+    ("nora.train.config:TrainerConfig", "trainer/default.yaml"),
+    ("nora.methods.config:LoraSettings", "adapter/lora.yaml"),
+    ("nora.methods.config:NoraSettings", "adapter/nora.yaml"),
+])
+def test_schema_defaults_are_the_yaml_defaults(schema, yaml_file):
+    """A key a YAML file leaves out takes the schema's default: the two must never drift apart (values given by
+    interpolation from the model config are the model's to set)."""
+    import dataclasses
+    import importlib
+
+    module, name = schema.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    yaml = OmegaConf.to_container(OmegaConf.load(Path(CONFIGS) / yaml_file), resolve=False)
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in yaml.items() if not (isinstance(v, str) and v.startswith("${"))}
+    assert set(yaml) <= set(defaults)
+    assert given == {k: defaults[k] for k in given}
+
+
 def test_unknown_group_option_lists_valid_ones():
     with pytest.raises(MissingConfigException) as err:
         make_cfg(["method=lora_plus"])
