@@ -145,7 +145,7 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
     originals = nora_target_modules(model, run.method) if setup.agreement_batches else {}
     result: MethodResult = apply_method(model, run.method, run.model, setup.calibration, setup.forward)
     model = result.model
-    say(f"{run.method.name} on {run.model.name}/{cfg.dataset.name}: {result.parameters}")
+    say(f"{run.method.name} on {run.model.name}/{run.dataset.name}: {result.parameters}")
     if originals:  # an evaluation of NoRA's initialisation, before any wrapping or training
         setup.extra["nora_init_agreement"] = init_agreement(model, originals, setup.agreement_batches, device,
                                                             setup.agreement_split, say)
@@ -179,7 +179,7 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
     dist.gather_trainable(model)  # FSDP: every rank gathers the trained shards before rank 0 saves them
     summary = _summary(cfg, run, setup, result, trainer, device, memory_before_mb)
     if rk == 0:
-        _write_outputs(cfg, run, model, result, run_dir, summary)
+        _write_outputs(run, model, result, run_dir, summary)
     dist.barrier()
     return summary
 
@@ -204,7 +204,7 @@ def _summary(cfg: DictConfig, run: RunConfig, setup: TrainSetup, result: MethodR
     state, task = trainer.state, setup.task
     summary = {
         "status": "complete",
-        "run_name": run.run_name, "method": run.method.name, "model": run.model.name, "dataset": cfg.dataset.name,
+        "run_name": run.run_name, "method": run.method.name, "model": run.model.name, "dataset": run.dataset.name,
         "family": run.family, "seed": run.seed, "config_hash": config_hash(cfg),
         "parameters": result.parameters.to_dict(),
         "metric": task.metric, "final": state.last_eval, "best": {"value": state.best, "step": state.best_step},
@@ -225,11 +225,11 @@ def _summary(cfg: DictConfig, run: RunConfig, setup: TrainSetup, result: MethodR
     return summary
 
 
-def _write_outputs(cfg: DictConfig, run: RunConfig, model, result: MethodResult, run_dir: Path, summary: dict) -> None:
+def _write_outputs(run: RunConfig, model, result: MethodResult, run_dir: Path, summary: dict) -> None:
     save_adapter(model, run.method, RunDir(run_dir).adapter)
     if result.injection is not None:
         from nora.plots import plot_activation_curves
 
         plot_activation_curves(model, RunDir(run_dir).activations,
-                               title=f"{run.method.name} on {cfg.dataset.name} (seed {run.seed})")
+                               title=f"{run.method.name} on {run.dataset.name} (seed {run.seed})")
     write_summary(run_dir, summary)

@@ -290,7 +290,9 @@ def test_resume_mid_epoch_is_exact(cifar10, tmp_path, method, path):
     assert part == {"status": "incomplete", "step": 12}
     resumed = run_training(make_cfg(tiny_overrides(cifar10, tmp_path, method, extra)), run_dir=tmp_path / "cut")
     assert resumed["final"] == full["final"] and resumed["best"] == full["best"]
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("images_per_s", "data_wait_share")} for r in rs]
+    def strip(rs):
+        return [{k: v for k, v in r.items() if k not in ("images_per_s", "data_wait_share")} for r in rs]
+
     assert strip(_train_records(tmp_path / "cut")) == strip(_train_records(tmp_path / "full"))
     from safetensors.torch import load_file
     name = "nora_adapter.safetensors" if method == "nora" else "adapter_model.safetensors"
@@ -361,6 +363,6 @@ def test_missing_pretrained_weights_message(tmp_path, monkeypatch):
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     cfg = make_cfg(["model=vit_tiny"])
-    with pytest.raises(UserError, match=r"pretrained weights for vit_tiny_patch16_224\.augreg_in21k_ft_in1k could not be "
-                                        r"loaded.*model\.checkpoint="):
+    with pytest.raises(UserError, match=r"pretrained weights for vit_tiny_patch16_224\.augreg_in21k_ft_in1k could not "
+                                        r"be loaded.*model\.checkpoint="):
         build_model(cfg.model, 10)
