@@ -159,6 +159,14 @@ def test_bad_value_fails_before_anything_loads(tmp_path, monkeypatch, override, 
     assert not (tmp_path / "run").exists()
 
 
+def test_nora_groups_checked_at_injection_where_the_config_has_no_width():
+    cfg = make_cfg(["method=nora", "model=vit_test", "dataset=cifar10", "method.nora.groups=7"])
+    cfg.model.kwargs = {k: v for k, v in cfg.model.kwargs.items() if k != "embed_dim"}  # timm's default: 192
+    with pytest.raises(UserError, match=r"^method\.nora\.groups=7 does not divide the MLP width 768 of "
+                                        r"blocks\.0\.mlp\.act; use a divisor"):
+        apply_method(build_model(cfg.model, 10), cfg.method, cfg.model)
+
+
 def test_lora_settings_are_checked():
     with pytest.raises(UserError, match=r"^method\.lora\.dropout=1\.5: must be in \[0, 1\)$"):
         validate(make_cfg(["method=lora", "model=vit_test", "method.lora.dropout=1.5"]))
