@@ -88,18 +88,22 @@ def validate(cfg: DictConfig) -> RunConfig:
     dataset = check_dataset(c.dataset, model.family)
     top = load(RunSettings, {f.name: c[f.name] for f in fields(RunSettings) if f.name in c}, "")
     _check_groups_divide_width(method, model)
-    family = model.family
-    lr = trainer.lr if trainer.lr is not None else per_family(method.lr, family, "method.lr")
+    lr, head_lr, nora_lr = (_learning_rate(trainer, method, key, model.family) for key in ("lr", "head_lr", "nora_lr"))
     if lr is None:
-        raise UserError(f"method={method.name} has no lr for {family} models; set trainer.lr")
-    head_lr = trainer.head_lr if trainer.head_lr is not None else per_family(method.head_lr, family, "method.head_lr")
-    nora_lr = trainer.nora_lr if trainer.nora_lr is not None else per_family(method.nora_lr, family, "method.nora_lr")
+        raise UserError(f"method={method.name} has no lr for {model.family} models; set trainer.lr")
     wd = trainer.weight_decay if trainer.weight_decay is not None else method.weight_decay
     return RunConfig(model=model, dataset=dataset, method=method, trainer=trainer, seed=top.seed,
                      run_name=str(c.run_name), resume=top.resume, force=top.force,
-                     on_config_change=top.on_config_change, lr=float(lr),
-                     head_lr=None if head_lr is None else float(head_lr),
-                     nora_lr=None if nora_lr is None else float(nora_lr), weight_decay=float(wd))
+                     on_config_change=top.on_config_change, lr=lr, head_lr=head_lr, nora_lr=nora_lr,
+                     weight_decay=float(wd))
+
+
+def _learning_rate(trainer: TrainerConfig, method: MethodConfig, key: str, family: str) -> Optional[float]:
+    """``trainer.<key>`` if set, else the method's default for the model family (None: same as ``lr``)."""
+    value = getattr(trainer, key)
+    if value is None:
+        value = per_family(getattr(method, key), family, f"method.{key}")
+    return None if value is None else float(value)
 
 
 def _check_groups(cfg) -> None:
