@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 from nora.config import RunConfig
+from nora.train.tasks import Task
 
 
 @dataclass
 class TrainSetup:
     model: nn.Module                       # the base model, before the method is applied
-    task: Any                              # nora.train.tasks: the loss, the metric and the units counted
+    task: Task                             # the loss, the metric and the units counted
     train_set: Any
     eval_set: Any
     train_sampler: Any                     # batch samplers (set_epoch / set_start / len)

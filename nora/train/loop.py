@@ -23,6 +23,7 @@ from nora.train.checkpoint import (atomic_save, checkpoint_path, gather_training
 from nora.schema import load
 from nora.train.config import OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainerConfig
 from nora.train.logger import RunLogger
+from nora.train.tasks import Task
 
 
 @dataclass
@@ -105,8 +106,8 @@ class Trainer:
     """Trains ``model`` on ``train_set`` with ``task``; see :meth:`fit`. ``cfg``: a :class:`TrainerConfig` (or
     the ``trainer`` section it is loaded from)."""
 
-    def __init__(self, cfg: TrainerConfig, model: nn.Module, task, train_set, eval_set, train_sampler, eval_sampler,
-                 run_dir: str | Path, logger: RunLogger, *, lr: float, head_lr: float | None = None,
+    def __init__(self, cfg: TrainerConfig, model: nn.Module, task: Task, train_set, eval_set, train_sampler,
+                 eval_sampler, run_dir: str | Path, logger: RunLogger, *, lr: float, head_lr: float | None = None,
                  nora_lr: float | None = None, weight_decay: float = 0.0, head: str | None = None,
                  collate_fn=None, seed: int = 0, device: torch.device | None = None, wrap=None,
                  loader_factory=None):

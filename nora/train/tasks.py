@@ -9,12 +9,28 @@ divided by that count (:meth:`loss`, ``normalizer``). Supervised tokens are what
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 IGNORE_INDEX = -100  # labels of prompt and padding tokens (no loss)
+
+
+class Task(Protocol):
+    """What the training loop asks of a model family (see the module docstring)."""
+
+    unit: str               # what throughput counts: images, tokens
+    metric: str             # the evaluation metric that picks the best step
+    higher_is_better: bool
+
+    def to_device(self, batch, device, non_blocking: bool = False): ...
+    def items(self, batch) -> int: ...
+    def loss(self, model: nn.Module, batch, normalizer) -> torch.Tensor: ...
+    def units(self, batch) -> int: ...
+    def eval_sums(self, model: nn.Module, batch) -> dict[str, torch.Tensor]: ...
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]: ...
 
 
 class ClassificationTask:
