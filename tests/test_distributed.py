@@ -24,13 +24,15 @@ CONFIGS = str(ROOT / "configs")
 
 def common(data, cache, batch_size):
     # 16 training examples; global batch 4 x 2 accumulation micro-steps = 8 per step -> 2 steps per epoch;
-    # LoRA dropout off (random per rank); a high learning rate so the weights move visibly
+    # LoRA dropout off (random per rank); a high learning rate so the weights move visibly; clipping runs but
+    # never scales (FSDP sums the gradient norm over shards: a clip factor that differs in the last bit would
+    # break the bit-identical DDP/FSDP comparison)
     return ["model=llama_tiny", "dataset=alpaca", "method=nora_pp", f"data.path={data}", "logger=disabled",
             "trainer.device=cpu", f"trainer.batch_size={batch_size}", "trainer.grad_accum=2", "trainer.max_steps=4",
             "trainer.eval_every=0", "trainer.log_every=1", "trainer.checkpoint_every=0", "trainer.num_workers=0",
             "trainer.progress=false", "trainer.lr=5e-3", "trainer.nora_lr=5e-3", "dataset.val_size=4",
             "dataset.max_length=256", f"dataset.cache_dir={cache}", "method.lora.dropout=0",
-            "method.nora.calibration_batches=2"]
+            "method.nora.calibration_batches=2", "trainer.grad_clip=100"]
 
 
 def losses(run_dir):
@@ -107,8 +109,9 @@ def test_two_processes_match_one(tmp_path, monkeypatch):
 
 
 def test_token_mean_loss_single_process_is_model_loss():
-    from nora.llm import TokenMeanCausalLMTask
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nora.train.tasks import CausalLMTask
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1))
@@ -116,7 +119,56 @@ def test_token_mean_loss_single_process_is_model_loss():
     labels = ids.clone()
     labels[0, :4] = -100
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    assert torch.equal(TokenMeanCausalLMTask().loss(model, batch), model(**batch).loss)
+    task = CausalLMTask()
+    assert task.items(batch) == 9  # supervised next-token targets: 3 of row 0 (its prompt is masked), 6 of row 1
+    torch.testing.assert_close(task.loss(model, batch, float(task.items(batch))), model(**batch).loss,
+                               rtol=1e-6, atol=0)
+
+
+def test_accumulation_is_the_token_mean_of_the_step(tmp_path):
+    """The loss of an optimizer step is the sum of the supervised-token losses over all its micro-batches and
+    ranks divided by their total count: batch 8 x accum 1, batch 2 x accum 4 (one process) and 2 ranks x
+    batch 2 x accum 2 (torchrun, gloo) take the same SGD step, which is -lr times the gradient of the token mean
+    of the 8 records (of very different lengths); the logged loss is that token mean."""
+    import dist_worker as w
+
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    env.pop("WORLD_SIZE", None)
+    (tmp_path / "ranks").mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "tests" / "dist_worker.py"), "accumulation", str(tmp_path / "ranks")],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for name, bs, accum in (("b8", 8, 1), ("b2x4", 2, 4)):
+        (tmp_path / name).mkdir()
+        w.accumulation_step(tmp_path / name, batch_size=bs, accum=accum)
+
+    # the reference: the gradient of the token mean over all 8 records, and the per-micro-batch mean it replaces
+    model = w.accumulation_model()
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    rows = [w.pad_collate([r]) for r in w.accumulation_records()]
+    sums = [model(**r, num_items_in_batch=1.0).loss for r in rows]  # each record's token-loss sum
+    n = sum(int((r["labels"][:, 1:] != -100).sum()) for r in rows)
+    token_mean = sum(sums) / n
+    grads = torch.autograd.grad(token_mean, list(model.parameters()))
+    expected = {k: start[k] - g for (k, _), g in zip(model.named_parameters(), grads)}
+    pairs = [w.pad_collate(w.accumulation_records()[i:i + 2]) for i in range(0, 8, 2)]
+    mean_of_means = sum(model(**p).loss for p in pairs) / 4  # the old objective of batch 2 x accum 4
+    old = torch.autograd.grad(mean_of_means, list(model.parameters()))
+    assert max(float((a - b).abs().max()) for a, b in zip(grads, old)) > 1e-3  # the two objectives differ
+
+    try:
+        log, _ = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, log[-4000:]
+    for name in ("b8", "b2x4", "ranks"):
+        got = torch.load(tmp_path / name / "weights.pt")
+        for k, v in expected.items():
+            torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
+        logged = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert logged[0]["step"] == 1
+        torch.testing.assert_close(logged[0]["loss"], float(token_mean.detach()), rtol=1e-5, atol=0)
 
 
 def test_slurm_env_from_submitit(monkeypatch):

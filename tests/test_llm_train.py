@@ -165,13 +165,18 @@ def test_train_py_command(data, tmp_path):
 
 # --------------------------------------------------------------------------------- NoRA on the LLM
 def _setup(data, tmp_path, extra=(), method="nora"):
-    from nora.llm import causal_lm_setup
+    """The causal-LM setup with the method applied, and the NoRA init-agreement check run_training makes."""
+    from nora.config import validate
     from nora.methods import apply_method
+    from nora.setup.agreement import init_agreement, nora_target_modules
+    from nora.setup.causal_lm import causal_lm_setup
 
-    cfg = make_cfg(overrides(data, tmp_path, method, extra=list(extra)))
-    parts = causal_lm_setup(cfg, torch.device("cpu"), 1, 0)
-    result = apply_method(parts["model"], cfg.method, cfg.model, parts["calibration"], parts["forward"])
-    return cfg, parts, result
+    run = validate(make_cfg(overrides(data, tmp_path, method, extra=list(extra))))
+    setup = causal_lm_setup(run, torch.device("cpu"), 1, 0)
+    originals = nora_target_modules(setup.model, run.method)
+    result = apply_method(setup.model, run.method, run.model, setup.calibration, setup.forward)
+    return setup, result, lambda: init_agreement(result.model, originals, setup.agreement_batches, "cpu",
+                                                 setup.agreement_split)
 
 
 def test_every_mlp_silu_replaced_and_calibration_beats_range_fit(data, tmp_path):
@@ -181,17 +186,15 @@ def test_every_mlp_silu_replaced_and_calibration_beats_range_fit(data, tmp_path)
     from nora.adapter import nora_modules
 
     wide = ["model.config.initializer_range=0.3"]
-    cfg, parts, result = _setup(data, tmp_path, wide)
+    setup, result, agreement = _setup(data, tmp_path, wide)
     mods = nora_modules(result.model)
     assert sorted(mods) == [f"model.layers.{i}.mlp.act_fn" for i in range(2)]
     assert all(m.original == "silu" and m.groups == 8 for m in mods.values())
     assert result.parameters.components["nora"] == 2 * 2 * 3 * (8 + 5)
     assert all(r["range"][1] > 6.0 for r in result.injection.targets.values())  # fitted where inputs live
-    parts["wrap"](result.model)
-    calibrated = parts["extra"]["nora_init_agreement"]
-    cfg, parts, result = _setup(data, tmp_path, wide + ["model.nora_init=fit"])
-    parts["wrap"](result.model)
-    fitted = parts["extra"]["nora_init_agreement"]
+    calibrated = agreement()
+    setup, result, agreement = _setup(data, tmp_path, wide + ["model.nora_init=fit"])
+    fitted = agreement()
     print("calibrated", calibrated, "\nrange fit", fitted)
     assert calibrated["mean_kl"] < 5e-5 and calibrated["max_abs_logprob_diff"] < 0.05
     assert calibrated["mean_kl"] < fitted["mean_kl"]
@@ -204,7 +207,7 @@ def test_bf16_weights_fp32_rational(data, tmp_path):
     from nora.adapter import nora_modules
     from nora.kernels import rational
 
-    cfg, parts, result = _setup(data, tmp_path, ["model.dtype=bfloat16"], method="nora_pp")
+    setup, result, _ = _setup(data, tmp_path, ["model.dtype=bfloat16"], method="nora_pp")
     model = result.model
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
     assert model.get_base_model().model.layers[0].mlp.gate_proj.base_layer.weight.dtype == torch.bfloat16
@@ -226,12 +229,13 @@ def test_packed_batches_count_tokens(data, tmp_path):
     """Packing: padding-free rows without attention_mask train, and every packed token is counted."""
     cfg = make_cfg(overrides(data, tmp_path, "lora", extra=["dataset.packing=true", "trainer.batch_size=1",
                                                             "trainer.max_steps=2"]))
-    from nora.llm import causal_lm_setup
+    from nora.config import validate
+    from nora.setup.causal_lm import causal_lm_setup
 
-    parts = causal_lm_setup(cfg, torch.device("cpu"), 1, 0)
-    rows = [parts["collate_fn"]([parts["train_set"][i] for i in b]) for b in parts["train_sampler"]]
+    setup = causal_lm_setup(validate(cfg), torch.device("cpu"), 1, 0)
+    rows = [setup.collate_fn([setup.train_set[i] for i in b]) for b in setup.train_sampler]
     assert all("attention_mask" not in r and "position_ids" in r for r in rows)
-    assert sum(parts["task"].units(r) for r in rows) == parts["train_set"].num_tokens
+    assert sum(setup.task.units(r) for r in rows) == setup.train_set.num_tokens
     s = run_training(cfg)
     assert s["status"] == "complete" and s["packing"] is True and s["tokens_seen"] > 0
 
@@ -301,14 +305,15 @@ def test_data_file_missing_field_and_unknown_key(data, tmp_path):
 
 
 def test_long_sequences_truncated_and_counted(data, tmp_path, capsys):
-    from nora.llm import causal_lm_setup
+    from nora.config import validate
+    from nora.setup.causal_lm import causal_lm_setup
 
     cfg = make_cfg(overrides(data, tmp_path, "lora", extra=["dataset.max_length=48"]))
-    parts = causal_lm_setup(cfg, torch.device("cpu"), 1, 0)
+    setup = causal_lm_setup(validate(cfg), torch.device("cpu"), 1, 0)
     out = capsys.readouterr().out
-    n = parts["extra"]["num_truncated"]
+    n = setup.extra["num_truncated"]
     assert n == 16 and f"{n} truncated" in out  # every fixture example is longer than 48 tokens
-    assert int(parts["train_set"].lengths.max()) == 48 and len(parts["train_set"]) == 12  # none dropped
+    assert int(setup.train_set.lengths.max()) == 48 and len(setup.train_set) == 12  # none dropped
 
 
 # --------------------------------------------------------------------------------------- configs

@@ -53,8 +53,8 @@ def test_config_composes_and_method_applies(method, dataset):
     assert cfg.method.name == method and cfg.dataset.name == dataset
     result = apply_method(build_model(cfg.model, int(cfg.dataset.num_classes)), cfg.method, cfg.model)
     comps = result.parameters.components
-    head = 32 * cfg.dataset.num_classes + cfg.dataset.num_classes
-    assert comps["head"] == (head if method != "full" else head)
+    head = 32 * cfg.dataset.num_classes + cfg.dataset.num_classes  # the new head trains with every method
+    assert comps["head"] == head
     if method == "full":
         assert comps["base"] > 0 and result.parameters.percent == 100.0
     elif method == "linear_probe":
@@ -71,6 +71,27 @@ def test_config_composes_and_method_applies(method, dataset):
         lora_modules = {n.rsplit(".lora_", 1)[0] for n, p in result.model.named_parameters() if "lora_A" in n}
         assert len(lora_modules) == 2 * 4
         assert not any("patch_embed" in n for n in lora_modules)
+
+
+@pytest.mark.parametrize("schema,yaml_file", [
+    ("nora.train.config:TrainerConfig", "trainer/default.yaml"),
+    ("nora.methods.config:LoraSettings", "adapter/lora.yaml"),
+    ("nora.methods.config:NoraSettings", "adapter/nora.yaml"),
+])
+def test_schema_defaults_are_the_yaml_defaults(schema, yaml_file):
+    """A key a YAML file leaves out takes the schema's default: the two must never drift apart (values given by
+    interpolation from the model config are the model's to set)."""
+    import dataclasses
+    import importlib
+
+    module, name = schema.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    yaml = OmegaConf.to_container(OmegaConf.load(Path(CONFIGS) / yaml_file), resolve=False)
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in yaml.items() if not (isinstance(v, str) and v.startswith("${"))}
+    assert set(yaml) <= set(defaults)
+    assert given == {k: defaults[k] for k in given}
 
 
 def test_unknown_group_option_lists_valid_ones():
@@ -93,6 +114,81 @@ def test_bad_values_fail_with_the_valid_options(cifar10, tmp_path, override, mat
     cfg = make_cfg(tiny_overrides(cifar10, tmp_path, extra=[override]))
     with pytest.raises((UserError, ValueError), match=match):
         run_training(cfg, run_dir=tmp_path / "run")
+
+
+# Each bad value fails in validate(), before any data, model or run directory: the data root below does not
+# exist and build_model is made to fail, so a value that slipped through would end in another error.
+BAD_VALUES = [
+    ("trainer.lr=-1", "trainer.lr=-1.0: must be > 0"),
+    ("trainer.lr=abc", "trainer.lr='abc': could not be converted to Float"),
+    ("trainer.epochs=0", "trainer.epochs=0: must be >= 1"),
+    ("trainer.eval_batch_size=0", "trainer.eval_batch_size=0: must be >= 1"),
+    ("trainer.batch_size=0", "trainer.batch_size=0: must be >= 1"),
+    ("trainer.grad_accum=0", "trainer.grad_accum=0: must be >= 1"),
+    ("trainer.scheduler=cosin", "trainer.scheduler='cosin'; valid: cosine, linear, constant"),
+    ("trainer.warmup_ratio=1.5", "trainer.warmup_ratio=1.5: must be in [0, 1)"),
+    ("trainer.num_workers=two", "trainer.num_workers='two': could not be converted to Integer"),
+    ("trainer.strategy=zero3", "trainer.strategy='zero3'; valid: auto, ddp, fsdp"),
+    ("+trainer.learning_rate=1", "trainer.learning_rate: no such key; valid: device, precision, epochs"),
+    ("method.nora.groups=7", "method.nora.groups=7 does not divide the MLP width 128 of model=vit_test; "
+                             "use a divisor, e.g. 2, 4, 8, 16, 32, 64"),
+    ("method.nora.r=0", "method.nora.r=0: must be >= 1"),
+    ("method.nora.init=random", "method.nora.init='random'; valid: fit, calibrated"),
+    ("method.nora.backend=cuda_magic", "method.nora.backend='cuda_magic'; valid: auto, "),
+    ("method.lr=-0.1", "method.lr=-0.1: must be > 0"),
+    ("model.pretrained=maybe", "model.pretrained='maybe': "),
+    ("dataset.num_classes=1", "dataset.num_classes=1: must be >= 2"),
+    ("dataset.augment.crop_padding=-2", "dataset.augment.crop_padding=-2: must be >= 0"),
+    ("seed=abc", "seed='abc': could not be converted to Integer"),
+    ("on_config_change=ask", "on_config_change='ask'; valid: error, rerun, keep"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_VALUES)
+def test_bad_value_fails_before_anything_loads(tmp_path, monkeypatch, override, message):
+    import nora.models
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(nora.models, "build_model", no_model)
+    cfg = make_cfg(tiny_overrides(tmp_path / "nowhere", tmp_path, extra=[override]))
+    with pytest.raises(UserError) as err:
+        run_training(cfg, run_dir=tmp_path / "run")
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_nora_groups_checked_at_injection_where_the_config_has_no_width():
+    cfg = make_cfg(["method=nora", "model=vit_test", "dataset=cifar10", "method.nora.groups=7"])
+    cfg.model.kwargs = {k: v for k, v in cfg.model.kwargs.items() if k != "embed_dim"}  # timm's default: 192
+    with pytest.raises(UserError, match=r"^method\.nora\.groups=7 does not divide the MLP width 768 of "
+                                        r"blocks\.0\.mlp\.act; use a divisor"):
+        apply_method(build_model(cfg.model, 10), cfg.method, cfg.model)
+
+
+def test_lora_settings_are_checked():
+    with pytest.raises(UserError, match=r"^method\.lora\.dropout=1\.5: must be in \[0, 1\)$"):
+        validate(make_cfg(["method=lora", "model=vit_test", "method.lora.dropout=1.5"]))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.lr=abc", "error: trainer.lr='abc': could not be converted to Float"),
+    ("method.nora.groups=7", "error: method.nora.groups=7 does not divide the MLP width 128 of model=vit_test"),
+    ("trainer.scheduler=cosin", "error: trainer.scheduler='cosin'; valid: cosine, linear, constant"),
+])
+def test_bad_value_is_one_line_from_train_py(tmp_path, override, message):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "model=vit_test", "dataset=cifar10",
+                           f"dataset.root={tmp_path}/nowhere", "logger=disabled", f"output_root={tmp_path}", override],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    # Hydra makes its own .hydra/ and train.log before the job starts; nothing of the run is written
+    written = {p.name for p in tmp_path.rglob("*") if p.is_file() and ".hydra" not in p.parts}
+    assert written <= {"train.log"}, written
 
 
 def test_family_mismatch_is_rejected():
@@ -202,7 +298,9 @@ def test_resume_mid_epoch_is_exact(cifar10, tmp_path, method, path):
     assert part == {"status": "incomplete", "step": 12}
     resumed = run_training(make_cfg(tiny_overrides(cifar10, tmp_path, method, extra)), run_dir=tmp_path / "cut")
     assert resumed["final"] == full["final"] and resumed["best"] == full["best"]
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("images_per_s", "data_wait_share")} for r in rs]
+    def strip(rs):
+        return [{k: v for k, v in r.items() if k not in ("images_per_s", "data_wait_share")} for r in rs]
+
     assert strip(_train_records(tmp_path / "cut")) == strip(_train_records(tmp_path / "full"))
     from safetensors.torch import load_file
     name = "nora_adapter.safetensors" if method == "nora" else "adapter_model.safetensors"
@@ -239,9 +337,9 @@ def test_nan_loss_stops_without_touching_the_last_checkpoint(cifar10, tmp_path, 
     real = ClassificationTask.loss
     calls = {"n": 0}
 
-    def poisoned(self, model, batch):
+    def poisoned(self, model, batch, normalizer):
         calls["n"] += 1
-        loss = real(self, model, batch)
+        loss = real(self, model, batch, normalizer)
         return loss * float("nan") if calls["n"] == 6 else loss
 
     monkeypatch.setattr(ClassificationTask, "loss", poisoned)
@@ -273,6 +371,6 @@ def test_missing_pretrained_weights_message(tmp_path, monkeypatch):
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     cfg = make_cfg(["model=vit_tiny"])
-    with pytest.raises(UserError, match=r"pretrained weights for vit_tiny_patch16_224\.augreg_in21k_ft_in1k could not be "
-                                        r"loaded.*model\.checkpoint="):
+    with pytest.raises(UserError, match=r"pretrained weights for vit_tiny_patch16_224\.augreg_in21k_ft_in1k could not "
+                                        r"be loaded.*model\.checkpoint="):
         build_model(cfg.model, 10)

@@ -140,7 +140,6 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-_set_module = set_module  # old private name, still imported by nora/llm.py
 
 
 def _module_device(model: nn.Module) -> torch.device:

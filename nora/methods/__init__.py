@@ -1,8 +1,9 @@
 """Fine-tuning methods: which parameters train, and which adapters are added.
 
-Every method is described by its config (``configs/method/*.yaml``) with the fields ``full``
-(train every weight), ``lora`` (peft LoRA/DoRA settings or null), ``nora`` (NoRA settings or null)
-and ``train_head``; :func:`apply_method` turns that into the model to train:
+Every method is described by its config (``configs/method/*.yaml``, typed by
+:class:`nora.methods.config.MethodConfig`) with the fields ``full`` (train every weight), ``lora`` (peft
+LoRA/DoRA settings or null), ``nora`` (NoRA settings or null) and ``train_head``; :func:`apply_method` turns
+that into the model to train:
 
 =============  ====================================================================
 full           every weight (and the new head)
@@ -22,7 +23,11 @@ from typing import Callable, Iterable
 from torch import nn
 
 from nora.adapter import InjectionReport, NoraConfig, ParameterReport, apply_nora, parameter_report
+from nora.adapter.inject import activation_width, find_targets
 from nora.errors import UserError
+from nora.methods.config import MethodConfig, nora_groups_message
+from nora.models.config import ModelConfig, as_model_config
+from nora.schema import load
 
 METHODS = ("full", "linear_probe", "lora", "dora", "nora", "nora_pp", "rational_ft", "zero_init_ft")
 
@@ -34,25 +39,23 @@ class MethodResult:
     injection: InjectionReport | None = None
 
 
+def as_method_config(method_cfg) -> MethodConfig:
+    """The typed config of a ``method`` section (a DictConfig, a dict, or already typed)."""
+    return load(MethodConfig, method_cfg, "method")
+
+
 def nora_config_from(method_cfg, head: str | None) -> NoraConfig:
-    n = method_cfg.nora
-    return NoraConfig(
-        variant=n.variant, r=int(n.r), alpha=float(n.alpha), groups=int(n.groups), degrees=tuple(n.degrees),
-        form=n.form, numerator=n.numerator, init=n.init, fit_range=tuple(n.fit_range),
-        calibration_range_weight=float(n.get("calibration_range_weight", 0.1)),
-        per_group_calibration=bool(n.get("per_group_calibration", False)),
-        target_modules=list(n.targets) if n.get("targets") else None,
-        trainable_modules=[head] if head else [], backend=n.get("backend", "auto"))
+    """The adapter's :class:`NoraConfig` of a method's ``nora`` block (``head`` stays trainable)."""
+    return as_method_config(method_cfg).nora.nora_config(head)
 
 
 def lora_config_from(method_cfg, head: str | None, family: str):
     import peft
 
-    lc = method_cfg.lora
+    lc = as_method_config(method_cfg).lora
     # a list matches module-name suffixes, a string is a regex matched against the full module name (peft)
     targets = lc.targets if isinstance(lc.targets, str) else list(lc.targets)
-    kwargs = dict(r=int(lc.r), lora_alpha=float(lc.alpha), lora_dropout=float(lc.get("dropout", 0.0)),
-                  target_modules=targets, use_dora=bool(lc.get("use_dora", False)))
+    kwargs = dict(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=targets, use_dora=lc.use_dora)
     if head:
         kwargs["modules_to_save"] = [head]
     if family == "causal_lm":
@@ -60,31 +63,26 @@ def lora_config_from(method_cfg, head: str | None, family: str):
     return peft.LoraConfig(**kwargs)
 
 
-def apply_method(model: nn.Module, method_cfg, model_cfg, calibration_batches: Iterable | None = None,
-                 forward: Callable | None = None) -> MethodResult:
+def apply_method(model: nn.Module, method_cfg: MethodConfig, model_cfg: ModelConfig,
+                 calibration_batches: Iterable | None = None, forward: Callable | None = None) -> MethodResult:
     """Apply the method to a freshly built model (see the module docstring)."""
-    name = method_cfg.name
-    family = model_cfg.family
+    method_cfg, model_cfg = as_method_config(method_cfg), as_model_config(model_cfg)
+    name, family = method_cfg.name, model_cfg.family
     if family not in method_cfg.families:
         raise UserError(f"method={name} does not apply to {family} models; valid for {family}: "
                         + ", ".join(m for m in METHODS if m != "linear_probe" or family == "vision"))
-    head = (model_cfg.get("head") or "head") if family == "vision" and method_cfg.train_head else None
+    head = (model_cfg.head or "head") if family == "vision" and method_cfg.train_head else None
     injection = None
     if method_cfg.full:
         model.requires_grad_(True)
-        if method_cfg.lora or method_cfg.nora:
-            raise UserError(f"method {name}: full fine-tuning cannot be combined with lora/nora settings")
     else:
         model.requires_grad_(False)
         if method_cfg.lora:
             import peft
             model = peft.get_peft_model(model, lora_config_from(method_cfg, head, family))
         if method_cfg.nora:
-            if method_cfg.nora.init == "calibrated" and calibration_batches is None:
-                raise UserError(f"method {name} uses calibrated NoRA initialisation but no calibration batches "
-                                "were given")
-            cfg = nora_config_from(method_cfg, None if method_cfg.lora else head)
-            injection = apply_nora(model, cfg, calibration_batches=calibration_batches, forward=forward)
+            injection = _inject_nora(model, method_cfg, None if method_cfg.lora else head, calibration_batches,
+                                     forward)
         if not method_cfg.lora and not method_cfg.nora:
             if head is None:
                 raise UserError(f"method {name} trains nothing on a {family} model")
@@ -93,3 +91,17 @@ def apply_method(model: nn.Module, method_cfg, model_cfg, calibration_batches: I
     if report.trainable == 0:
         raise UserError(f"method {name} left no trainable parameter")
     return MethodResult(model, report, injection)
+
+
+def _inject_nora(model: nn.Module, method_cfg: MethodConfig, head: str | None, calibration_batches,
+                 forward) -> InjectionReport:
+    settings = method_cfg.nora
+    if settings.init == "calibrated" and calibration_batches is None:
+        raise UserError(f"method {method_cfg.name} uses calibrated NoRA initialisation but no calibration batches "
+                        "were given")
+    cfg = settings.nora_config(head)
+    for name in find_targets(model, cfg):
+        width = activation_width(model, name)
+        if width is not None and width % cfg.groups:
+            raise UserError(nora_groups_message(cfg.groups, width, name))
+    return apply_nora(model, cfg, calibration_batches=calibration_batches, forward=forward)

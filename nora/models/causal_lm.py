@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 
 from nora.errors import UserError
+from nora.models.config import CausalLMModelConfig, as_model_config
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float32": torch.float32, "fp32": torch.float32}
-ARCHS = ("llama", "qwen2", "mistral")
 
 
 def resolve_dtype(name) -> torch.dtype:
@@ -52,7 +52,7 @@ def _token() -> str | None:
 
 def _source(model_cfg) -> tuple[str, bool]:
     """``(what to pass to from_pretrained, is_local)``."""
-    path = model_cfg.get("path")
+    path = model_cfg.path
     if path:
         p = Path(str(path)).expanduser()
         if not p.is_dir():
@@ -60,10 +60,10 @@ def _source(model_cfg) -> tuple[str, bool]:
                             "weights (*.safetensors) and the tokenizer files")
         if not (p / "config.json").exists():
             raise UserError(f"model.path={path} holds no config.json; point it at a folder written by "
-                            f"save_pretrained or `hf download {model_cfg.get('hf_name') or '<repo>'} "
+                            f"save_pretrained or `hf download {model_cfg.hf_name or '<repo>'} "
                             "--local-dir <dir>`")
         return str(p), True
-    name = model_cfg.get("hf_name")
+    name = model_cfg.hf_name
     if not name:
         raise UserError(f"model={model_cfg.name}: set model.hf_name (hub id) or model.path (local weights)")
     return str(name), False
@@ -77,8 +77,8 @@ def _load_error(model_cfg, source: str, what: str, exc: Exception) -> UserError:
     kind = type(exc).__name__
     low = (kind + " " + str(exc)).lower()
     token = _token()
-    name = model_cfg.get("hf_name") or source
-    gated = bool(model_cfg.get("gated"))
+    name = model_cfg.hf_name or source
+    gated = model_cfg.gated
     if offline():
         why = "offline (the hub is unreachable or HF_HUB_OFFLINE=1) and it is not in the local Hugging Face cache"
     elif any(w in low for w in ("gated", "401", "403", "unauthorized", "authenticat", "restricted")):
@@ -98,11 +98,12 @@ def _load_error(model_cfg, source: str, what: str, exc: Exception) -> UserError:
 
 def build_tokenizer(model_cfg):
     """The tokenizer a model config names (see the module docstring)."""
-    spec = model_cfg.get("tokenizer")
+    model_cfg = as_model_config(model_cfg)
+    spec = model_cfg.tokenizer
     if spec == "offline":
         from nora.models.tokenizer import build_offline_tokenizer
 
-        return build_offline_tokenizer(**dict(model_cfg.get("tokenizer_kwargs") or {}))
+        return build_offline_tokenizer(**dict(model_cfg.tokenizer_kwargs or {}))
     from transformers import AutoTokenizer
 
     if spec:
@@ -110,7 +111,7 @@ def build_tokenizer(model_cfg):
     else:
         source, local = _source(model_cfg)
     try:
-        tok = AutoTokenizer.from_pretrained(source, revision=None if local else model_cfg.get("revision"),
+        tok = AutoTokenizer.from_pretrained(source, revision=None if local else model_cfg.revision,
                                             token=None if local else _token())
     except Exception as exc:  # noqa: BLE001  hub/IO errors of many kinds: one message
         raise _load_error(model_cfg, source, "tokenizer", exc) from None
@@ -120,13 +121,11 @@ def build_tokenizer(model_cfg):
 def _random_model(model_cfg, tokenizer, dtype: torch.dtype, attn: str):
     import transformers
 
-    arch = str(model_cfg.get("arch", "llama")).lower()
-    if arch not in ARCHS:
-        raise UserError(f"model.arch={arch!r}; valid: {', '.join(ARCHS)}")
+    arch = model_cfg.arch
     prefix = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[arch]
     cfg_cls = getattr(transformers, f"{prefix}Config")
     model_cls = getattr(transformers, f"{prefix}ForCausalLM")
-    kwargs = dict(model_cfg.get("config") or {})
+    kwargs = dict(model_cfg.config)
     kwargs.setdefault("vocab_size", len(tokenizer))
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
         kwargs.setdefault(k, getattr(tokenizer, k, None))
@@ -134,23 +133,24 @@ def _random_model(model_cfg, tokenizer, dtype: torch.dtype, attn: str):
     config._attn_implementation = attn
     # the same weights every time (a rebuilt base model must match the one that was trained)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(model_cfg.get("init_seed", 0)))
+        torch.manual_seed(model_cfg.init_seed)
         model = model_cls(config)
     return model.to(dtype)
 
 
-def build_causal_lm(model_cfg, tokenizer=None, device: torch.device | str | None = None):
+def build_causal_lm(model_cfg: CausalLMModelConfig, tokenizer=None, device: torch.device | str | None = None):
     """``(model, tokenizer)`` for a ``causal_lm`` model config (see the module docstring).
 
     The model is in ``model.dtype``, in train mode, with ``use_cache`` off (training), SDPA attention unless
     configured otherwise, and gradient checkpointing if ``gradient_checkpointing``. Pretrained weights are
     loaded straight onto ``device`` when it is a GPU (each rank's own; no full copy in host memory per rank),
     else onto the CPU."""
-    dtype = resolve_dtype(model_cfg.get("dtype", "float32"))
-    attn = model_cfg.get("attn_implementation") or "sdpa"
+    model_cfg = as_model_config(model_cfg)
+    dtype = resolve_dtype(model_cfg.dtype)
+    attn = model_cfg.attn_implementation or "sdpa"
     if tokenizer is None:
         tokenizer = build_tokenizer(model_cfg)
-    if model_cfg.get("random_init"):
+    if model_cfg.random_init:
         model = _random_model(model_cfg, tokenizer, dtype, attn)
     else:
         from transformers import AutoModelForCausalLM
@@ -162,12 +162,12 @@ def build_causal_lm(model_cfg, tokenizer=None, device: torch.device | str | None
             place = {"device_map": {"": f"cuda:{dev.index if dev.index is not None else torch.cuda.current_device()}"}}
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                source, dtype=dtype, attn_implementation=attn, revision=None if local else model_cfg.get("revision"),
+                source, dtype=dtype, attn_implementation=attn, revision=None if local else model_cfg.revision,
                 token=None if local else _token(), low_cpu_mem_usage=True, **place)
         except Exception as exc:  # noqa: BLE001
             raise _load_error(model_cfg, source, "weights", exc) from None
     model.config.use_cache = False
-    if model_cfg.get("gradient_checkpointing"):
+    if model_cfg.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)
         if enable is not None:
             enable(activation_checkpointing_kwargs={"use_reentrant": False})

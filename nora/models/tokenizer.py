@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 
 from nora.files import cache_dir
 

@@ -7,10 +7,12 @@ import torch
 from torch import nn
 
 from nora.errors import UserError
+from nora.models.config import VisionModelConfig, as_model_config
 
 
-def timm_model_id(model_cfg) -> str:
-    tag = model_cfg.get("pretrained_tag")
+def timm_model_id(model_cfg: VisionModelConfig) -> str:
+    model_cfg = as_model_config(model_cfg)
+    tag = model_cfg.pretrained_tag
     return f"{model_cfg.timm_name}.{tag}" if tag else model_cfg.timm_name
 
 
@@ -25,7 +27,7 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def build_vision_model(model_cfg, num_classes: int) -> nn.Module:
+def build_vision_model(model_cfg: VisionModelConfig, num_classes: int) -> nn.Module:
     """A timm model with a new ``num_classes`` head.
 
     * ``checkpoint``: a local weights file holding the backbone (its classifier head, if any, is
@@ -37,8 +39,9 @@ def build_vision_model(model_cfg, num_classes: int) -> nn.Module:
     """
     import timm
 
-    kwargs = dict(model_cfg.get("kwargs") or {})
-    ckpt = model_cfg.get("checkpoint")
+    model_cfg = as_model_config(model_cfg)
+    kwargs = dict(model_cfg.kwargs)
+    ckpt = model_cfg.checkpoint
     model_id = timm_model_id(model_cfg)
     if ckpt:
         path = Path(ckpt)
@@ -47,7 +50,7 @@ def build_vision_model(model_cfg, num_classes: int) -> nn.Module:
         model = timm.create_model(model_cfg.timm_name, pretrained=False, num_classes=num_classes, **kwargs)
         state = _load_state(path)
         own = model.state_dict()
-        head = model_cfg.get("head") or "head"
+        head = model_cfg.head or "head"
         # the classifier of the checkpoint's own task is never reused: the new task gets a new head
         state = {k: v for k, v in state.items() if not k.startswith(head + ".")}
         skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
@@ -60,7 +63,7 @@ def build_vision_model(model_cfg, num_classes: int) -> nn.Module:
         if missing or unexpected:
             raise UserError(f"{ckpt} does not fit {model_cfg.name}: missing {missing[:4]}, unexpected {unexpected[:4]}")
         return model
-    if model_cfg.get("pretrained"):
+    if model_cfg.pretrained:
         try:
             return timm.create_model(model_id, pretrained=True, num_classes=num_classes, **kwargs)
         except Exception as exc:

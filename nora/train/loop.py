@@ -18,15 +18,14 @@ from torch.utils.data import DataLoader
 
 from nora.errors import NonFiniteLossError, UserError
 from nora.train import distributed as dist
+from nora.schema import load
 from nora.train.checkpoint import (atomic_save, check_finite, checkpoint_path, gather_training_state,
                                    load_optimizer_state_dict, load_training_state_dict, read_checkpoint, rng_state,
                                    set_rng_state)
+from nora.train.config import OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainerConfig
 from nora.train.signals import stop_requested
 from nora.train.logger import RunLogger
-
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULERS = ("cosine", "linear", "constant")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from nora.train.tasks import Task
 
 
 @dataclass
@@ -106,45 +105,44 @@ def lr_lambda(kind: str, total: int, warmup: int, min_ratio: float):
 
 
 class Trainer:
-    """Trains ``model`` on ``train_set`` with ``task``; see :meth:`fit`."""
+    """Trains ``model`` on ``train_set`` with ``task``; see :meth:`fit`. ``cfg``: a :class:`TrainerConfig` (or
+    the ``trainer`` section it is loaded from)."""
 
-    def __init__(self, cfg, model: nn.Module, task, train_set, eval_set, train_sampler, eval_sampler,
-                 run_dir: str | Path, logger: RunLogger, *, lr: float, head_lr: float | None = None,
+    def __init__(self, cfg: TrainerConfig, model: nn.Module, task: Task, train_set, eval_set, train_sampler,
+                 eval_sampler, run_dir: str | Path, logger: RunLogger, *, lr: float, head_lr: float | None = None,
                  nora_lr: float | None = None, weight_decay: float = 0.0, head: str | None = None,
                  collate_fn=None, seed: int = 0, device: torch.device | None = None, wrap=None,
                  loader_factory=None):
-        self.cfg, self.task, self.logger = cfg, task, logger
+        self.cfg = cfg = load(TrainerConfig, cfg, "trainer")
+        self.task, self.logger = task, logger
         self.run_dir = Path(run_dir)
         self.ckpt_path = checkpoint_path(self.run_dir)
-        self.device = device or resolve_device(cfg.get("device", "auto"))
-        self.amp_dtype = resolve_precision(cfg.get("precision", "auto"), self.device)
+        self.device = device or resolve_device(cfg.device)
+        self.amp_dtype = resolve_precision(cfg.precision, self.device)
         self.model = model.to(self.device)
         self.train_set, self.eval_set = train_set, eval_set
         self.train_sampler, self.eval_sampler = train_sampler, eval_sampler
         self.collate_fn, self.seed = collate_fn, seed
         # loader_factory(dataset, batch_sampler, epoch, train) -> iterable of batches; default: DataLoader
         self.loader_factory = loader_factory
-        self.accum = int(cfg.get("grad_accum", 1))
-        if self.accum < 1:
-            raise UserError("trainer.grad_accum must be >= 1")
+        self.accum = cfg.grad_accum
         self.steps_per_epoch = len(train_sampler) // self.accum
         if self.steps_per_epoch < 1:
             raise UserError(f"an epoch has {len(train_sampler)} batches, fewer than trainer.grad_accum={self.accum}")
-        self.total_steps = int(cfg.max_steps) if cfg.get("max_steps") else int(cfg.epochs) * self.steps_per_epoch
+        self.micro_per_epoch = self.steps_per_epoch * self.accum
+        self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         # the module that runs forward (DDP/FSDP wrapper or compiled); self.model stays the plain one
         self.runner = wrap(self.model) if wrap is not None else self.model
-        if cfg.get("compile"):
+        if cfg.compile:
             self.runner = torch.compile(self.runner)
         groups = param_groups(self.model, lr, head_lr, nora_lr, weight_decay, head)
         if not groups:
             raise UserError("nothing to train: the method left no parameter with requires_grad")
         self.optimizer = self._optimizer(groups)
-        warmup = cfg.get("warmup_steps")
-        warmup = int(warmup) if warmup is not None else int(round(float(cfg.get("warmup_ratio", 0.0)) * self.total_steps))
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(cfg.get("scheduler", "cosine"), self.total_steps, warmup,
-                                      float(cfg.get("min_lr_ratio", 0.0))))
+            self.optimizer, lr_lambda(cfg.scheduler, self.total_steps, warmup, cfg.min_lr_ratio))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.state = LoopState()
         self.checkpoint_step: int | None = None  # the step of the checkpoint on disk (None: none of this run yet)
@@ -153,12 +151,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ set-up
     def _optimizer(self, groups):
-        kind = self.cfg.get("optimizer", "adamw")
+        kind = self.cfg.optimizer
         fused = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
         if kind == "adamw":
-            return torch.optim.AdamW(groups, betas=tuple(self.cfg.get("betas", (0.9, 0.999))), **fused)
+            return torch.optim.AdamW(groups, betas=tuple(self.cfg.betas), **fused)
         if kind == "sgd":
-            return torch.optim.SGD(groups, momentum=float(self.cfg.get("momentum", 0.9)), **fused)
+            return torch.optim.SGD(groups, momentum=self.cfg.momentum, **fused)
         raise UserError(f"unknown trainer.optimizer {kind!r}; valid: {', '.join(OPTIMIZERS)}")
 
     def _autocast(self):
@@ -169,7 +167,7 @@ class Trainer:
     def _loader(self, dataset, sampler, epoch: int, train: bool = True):
         if self.loader_factory is not None:
             return self.loader_factory(dataset, sampler, epoch, train)
-        workers = int(self.cfg.get("num_workers", 0))
+        workers = self.cfg.num_workers
         g = torch.Generator().manual_seed(self.seed * 7919 + epoch)  # never touches the global RNG
         return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=self.collate_fn,
                           pin_memory=self.device.type == "cuda", generator=g,
@@ -241,7 +239,8 @@ class Trainer:
         metrics = self.evaluate()
         key = self.task.metric
         value = metrics[key]
-        better = self.state.best is None or (value > self.state.best if key == "accuracy" else value < self.state.best)
+        better = self.state.best is None or (value > self.state.best if self.task.higher_is_better
+                                             else value < self.state.best)
         if better:
             self.state.best, self.state.best_step = value, self.state.step
         self.state.last_eval = metrics
@@ -253,77 +252,20 @@ class Trainer:
     def fit(self) -> LoopState:
         """Train until ``total_steps`` (or ``stop_after_steps`` in this process), evaluating every
         ``eval_every`` epochs and at the end. Returns the final :class:`LoopState`."""
-        cfg = self.cfg
-        log_every = max(1, int(cfg.get("log_every", 20)))
-        ckpt_every = int(cfg.get("checkpoint_every", 0) or 0)
-        eval_every = int(cfg.get("eval_every", 1) or 0)
-        stop_after = cfg.get("stop_after_steps")
-        clip = float(cfg.get("grad_clip") or 0.0)
-        show = bool(cfg.get("progress", True)) and dist.rank() == 0
-        session_start, steps_this_session = time.perf_counter(), 0
+        session_start, self._session_steps = time.perf_counter(), 0
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
-        loss_sum = torch.zeros((), device=self.device)
-        interval = {"t0": time.perf_counter(), "data": 0.0, "steps": 0}
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._interval = {"t0": time.perf_counter(), "data": 0.0, "steps": 0}
+        self._show = self.cfg.progress and dist.rank() == 0
         self.runner.train()
         from tqdm.auto import tqdm
 
-        epoch_bar = tqdm(total=self.epochs, initial=self.state.epoch, desc="epochs", disable=not show,
+        epoch_bar = tqdm(total=self.epochs, initial=self.state.epoch, desc="epochs", disable=not self._show,
                          position=0, leave=True, dynamic_ncols=True)
-        while self.state.step < self.total_steps and not self._stop(stop_after, steps_this_session):
-            epoch = self.state.epoch
-            for s in (self.train_sampler, self.train_set):
-                if hasattr(s, "set_epoch"):
-                    s.set_epoch(epoch)
-            self.train_sampler.set_start(self.state.batch_in_epoch)
-            micro_total = self.steps_per_epoch * self.accum
-            loader = iter(self._loader(self.train_set, self.train_sampler, epoch, train=True))
-            step_bar = tqdm(total=self.steps_per_epoch, initial=self.state.batch_in_epoch // self.accum,
-                            desc=f"epoch {epoch}", disable=not show, position=1, leave=False, dynamic_ncols=True)
-            while self.state.batch_in_epoch < micro_total and self.state.step < self.total_steps:
-                t_data = time.perf_counter()
-                batch = next(loader)
-                self._pending_units += self.task.units(batch)  # counted before the copy: no device sync
-                batch = self.task.to_device(batch, self.device, non_blocking=True)
-                t_step = time.perf_counter()
-                interval["data"] += t_step - t_data
-                micro = self.state.batch_in_epoch % self.accum
-                sync = micro == self.accum - 1
-                with (nullcontext() if sync else dist.no_sync(self.runner)):
-                    with self._autocast():
-                        loss = self.task.loss(self.runner, batch) / self.accum
-                    self.scaler.scale(loss).backward()
-                loss_sum += loss.detach().float()
-                self._nonfinite |= ~torch.isfinite(loss.detach())
-                self.state.batch_in_epoch += 1
-                if not sync:
-                    continue
-                if clip:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.state.step += 1
-                steps_this_session += 1
-                interval["steps"] += 1
-                step_bar.update(1)
-                if self.device.type == "cpu":
-                    self._check_finite()  # free on the CPU; on GPUs checked at log/checkpoint time
-                if self.state.step % log_every == 0 or self.state.step == self.total_steps:
-                    self._log_interval(interval, loss_sum, step_bar)
-                    loss_sum.zero_()
-                if ckpt_every and self.state.step % ckpt_every == 0:
-                    self.save_checkpoint()
-                if self._stop(stop_after, steps_this_session):
-                    break
-            step_bar.close()
-            if self.state.batch_in_epoch >= micro_total:  # epoch complete
-                self.state.epoch += 1
-                self.state.batch_in_epoch = 0
-                epoch_bar.update(1)
-                if eval_every and self.state.epoch % eval_every == 0 and self.state.step < self.total_steps:
-                    self._record_eval()
+        while self.state.step < self.total_steps and not self._stop():
+            self._train_epoch()
+            if self.state.batch_in_epoch >= self.micro_per_epoch:  # epoch complete
+                self._end_epoch(epoch_bar)
             self._account_time(session_start)
             session_start = time.perf_counter()
             self.save_checkpoint()
@@ -336,6 +278,79 @@ class Trainer:
             self.save_checkpoint()
         return self.state
 
+    def _train_epoch(self) -> None:
+        """Optimizer steps from ``state.batch_in_epoch`` to the end of the epoch (or of training, or a stop)."""
+        from tqdm.auto import tqdm
+
+        epoch = self.state.epoch
+        for s in (self.train_sampler, self.train_set):
+            if hasattr(s, "set_epoch"):
+                s.set_epoch(epoch)
+        self.train_sampler.set_start(self.state.batch_in_epoch)
+        loader = iter(self._loader(self.train_set, self.train_sampler, epoch, train=True))
+        step_bar = tqdm(total=self.steps_per_epoch, initial=self.state.batch_in_epoch // self.accum,
+                        desc=f"epoch {epoch}", disable=not self._show, position=1, leave=False, dynamic_ncols=True)
+        while self.state.batch_in_epoch < self.micro_per_epoch and self.state.step < self.total_steps:
+            self._train_step(loader)
+            step_bar.update(1)
+            self._after_step(step_bar)
+            if self._stop():
+                break
+        step_bar.close()
+
+    def _train_step(self, loader) -> None:
+        """One optimizer step over ``grad_accum`` micro-batches. Its loss is the sum of the item losses (images,
+        supervised tokens) of all micro-batches on all ranks divided by their total count: the step's items are
+        counted first, and each rank divides by count / world_size since DDP/FSDP average the ranks' gradients."""
+        t_data = time.perf_counter()
+        batches = [next(loader) for _ in range(self.accum)]
+        self._pending_units += sum(self.task.units(b) for b in batches)  # counted before the copy: no device sync
+        normalizer = self._global_count(sum(self.task.items(b) for b in batches)) / dist.world_size()
+        self._interval["data"] += time.perf_counter() - t_data
+        for i, batch in enumerate(batches):
+            batch = self.task.to_device(batch, self.device, non_blocking=True)
+            with (nullcontext() if i == self.accum - 1 else dist.no_sync(self.runner)):
+                with self._autocast():
+                    loss = self.task.loss(self.runner, batch, normalizer)
+                self.scaler.scale(loss).backward()
+            self._loss_sum += loss.detach().float()
+            self._nonfinite |= ~torch.isfinite(loss.detach())
+            self.state.batch_in_epoch += 1
+        if self.cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self._session_steps += 1
+        self._interval["steps"] += 1
+
+    def _global_count(self, count: int):
+        """``count`` summed over the ranks (at least 1: a step without any supervised token has loss 0)."""
+        if dist.world_size() == 1:
+            return float(max(count, 1))
+        return dist.all_reduce_sum(torch.tensor(float(count), device=self.device)).clamp_min(1.0)
+
+    def _after_step(self, step_bar) -> None:
+        step, cfg = self.state.step, self.cfg
+        if self.device.type == "cpu":
+            self._check_finite()  # free on the CPU; on GPUs checked at log/checkpoint time
+        if step % cfg.log_every == 0 or step == self.total_steps:
+            self._log_interval(self._interval, self._loss_sum, step_bar)
+            self._loss_sum.zero_()
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            self.save_checkpoint()
+
+    def _end_epoch(self, epoch_bar) -> None:
+        self.state.epoch += 1
+        self.state.batch_in_epoch = 0
+        epoch_bar.update(1)
+        every = self.cfg.eval_every
+        if every and self.state.epoch % every == 0 and self.state.step < self.total_steps:
+            self._record_eval()
+
     def _sync_units(self) -> int:
         """Add the units trained since the last call, summed over ranks, to ``state.units``. Called at
         log intervals, checkpoints and the end only: no per-step collective or host sync."""
@@ -346,9 +361,11 @@ class Trainer:
         self.state.units += units
         return units
 
-    def _stop(self, stop_after, steps_this_session) -> bool:
-        """``stop_after_steps`` reached, or SIGTERM received (nora.train.signals): stop with a checkpoint."""
-        return (stop_after is not None and steps_this_session >= int(stop_after)) or stop_requested(self.device)
+    def _stop(self) -> bool:
+        """``trainer.stop_after_steps`` steps were taken in this process (tests, time-boxing), or SIGTERM was
+        received (nora.train.signals): stop with a checkpoint."""
+        return ((self.cfg.stop_after_steps is not None and self._session_steps >= self.cfg.stop_after_steps)
+                or stop_requested(self.device))
 
     def _account_time(self, since: float) -> None:
         now = time.perf_counter()

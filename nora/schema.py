@@ -1,0 +1,98 @@
+"""How a config section becomes a typed, checked dataclass (lingua-style: one schema per concern, next to the
+code that reads it; e.g. :class:`nora.train.config.TrainerConfig`).
+
+:func:`load` merges a composed section into its dataclass with OmegaConf (unknown keys and wrong types are
+rejected, missing keys take the dataclass default) and builds the instance, whose ``__post_init__`` checks
+ranges and choices with :func:`require` / :func:`one_of`. Every failure is one line naming the full key:
+``trainer.lr=-1.0: must be > 0``, ``trainer.scheduler='cosin'; valid: cosine, linear, constant``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from contextlib import contextmanager
+from typing import Any, Iterable, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from nora.errors import UserError
+
+T = TypeVar("T")
+
+
+class ConfigValueError(UserError):
+    """A config value outside its type or range; ``key`` is relative to the section until :func:`load` adds it."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}{message}")
+        self.key, self.message = key, message
+
+    def under(self, section: str) -> "ConfigValueError":
+        return ConfigValueError(f"{section}.{self.key}" if section else self.key, self.message)
+
+
+@contextmanager
+def nested(section: str):
+    """Checks of a schema nested in another (``method.nora``): their errors name ``section.<key>``."""
+    try:
+        yield
+    except ConfigValueError as e:
+        raise e.under(section) from None
+
+
+def require(ok: bool, key: str, value: Any, rule: str) -> None:
+    """Fail with ``key=value: rule`` unless ``ok``."""
+    if not ok:
+        raise ConfigValueError(key, f"={value!r}: {rule}")
+
+
+def one_of(key: str, value: Any, valid: Iterable[Any]) -> None:
+    """Fail with ``key=value; valid: a, b, c`` unless ``value`` is one of ``valid``."""
+    valid = tuple(valid)
+    if value not in valid:
+        raise ConfigValueError(key, f"={value!r}; valid: {', '.join(map(str, valid))}")
+
+
+def positive(key: str, value, allow_none: bool = False) -> None:
+    require((allow_none and value is None) or (value is not None and value > 0), key, value, "must be > 0")
+
+
+def at_least(key: str, value, low, allow_none: bool = False) -> None:
+    require((allow_none and value is None) or (value is not None and value >= low), key, value, f"must be >= {low}")
+
+
+def _plain(node) -> Any:
+    if isinstance(node, DictConfig):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+def load(schema: type[T], node, section: str) -> T:
+    """``node`` (a DictConfig, a dict or already a ``schema``) as a checked ``schema`` instance; errors name
+    ``section.<key>``."""
+    if isinstance(node, schema):
+        return node
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), _plain(node) or {})
+        return OmegaConf.to_object(merged)
+    except ConfigValueError as e:
+        raise e.under(section) from None
+    except ConfigKeyError as e:
+        valid = ", ".join(f.name for f in dataclasses.fields(schema))
+        raise UserError(f"{_key(section, e)}: no such key; valid: {valid}") from None
+    except ValidationError as e:
+        # OmegaConf says "Value 'abc' of type 'str' could not be converted to Float": the key already shows the value
+        why = re.sub(r"^Value '.*' of type '\w+' ", "", _first_line(e.msg))
+        raise UserError(f"{_key(section, e)}={e.value!r}: {why}") from None
+    except OmegaConfBaseException as e:
+        raise UserError(f"{section}: {_first_line(e.msg)}") from None
+
+
+def _key(section: str, e: OmegaConfBaseException) -> str:
+    key = str(e.full_key or e.key or "")
+    return ".".join(k for k in (section, key) if k)
+
+
+def _first_line(msg: str) -> str:
+    return str(msg).strip().splitlines()[0] if msg else "invalid value"
