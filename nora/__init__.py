@@ -15,7 +15,7 @@ from nora.adapter import (AdapterError, GroupRational, InjectionReport, NoraActi
 from nora.hub import push_to_hub
 from nora.kernels import available_backends, rational
 from nora.rational.fit import RationalFit, fit_rational
-from nora import run_name as _run_name  # noqa: F401,E402  registers ${run_overrides:} (configs/train.yaml run_name)
+from nora.runs import naming as _run_naming  # noqa: F401,E402  registers ${run_overrides:} (configs/train.yaml run_name)
 
 __version__ = "0.1.0"
 

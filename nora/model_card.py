@@ -50,7 +50,7 @@ def model_card(run_dir: str | os.PathLike, repo_id: str) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     from nora.runs import adapter_identity, find_adapter_dir, read_run_config
-    from nora.run_dir import read_summary
+    from nora.runs.layout import read_summary
 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)

@@ -34,9 +34,9 @@ from nora.methods.config import MethodConfig
 from nora.setup import TrainSetup, build_setup
 from nora.setup.agreement import init_agreement, nora_target_modules
 from nora.train import distributed as dist
-from nora.run_dir import (RunDir, checkpoint_path, is_complete, kept_config, read_stored_config, read_summary,
+from nora.runs.layout import (RunDir, checkpoint_path, is_complete, kept_config, read_stored_config, read_summary,
                           write_config, write_summary)
-from nora.run_lock import RunLock
+from nora.runs.lock import RunLock
 from nora.train.logger import RunLogger
 from nora.train.loop import Trainer, resolve_device
 from nora.train.signals import stop_on_signals
@@ -129,7 +129,7 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
     run = validate(cfg)  # every value checked before anything is loaded
     go_offline_if_unreachable()
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-    with RunLock(run_dir):  # one process per run directory, for the whole run (nora.run_lock)
+    with RunLock(run_dir):  # one process per run directory, for the whole run (nora.runs.lock)
         return _train(cfg, run, run_dir)
 
 

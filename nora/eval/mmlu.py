@@ -78,7 +78,7 @@ import torch
 from nora.eval.mmlu_data import (CATEGORIES, LETTERS, MMLUQuestion, SubjectData, detect_source, load_mmlu,
                                  resolve_subjects, subject_categories)
 from nora.files import write_json_atomic
-from nora.run_dir import RunDir
+from nora.runs.layout import RunDir
 
 FORMAT = "nora.mmlu/1"
 CONTINUATIONS = tuple(" " + letter for letter in LETTERS)

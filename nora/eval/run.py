@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from nora.errors import MissingFileError, UserError
-from nora.run_dir import RunDir
+from nora.runs.layout import RunDir
 
 def _subjects(value):
     if value in (None, "all"):

@@ -78,7 +78,7 @@ def load_layers(run_dir: str | Path) -> dict[str, Layer]:
     from safetensors.torch import load_file
 
     from nora.adapter.layer import NoraActivation
-    from nora.run_dir import RunDir
+    from nora.runs.layout import RunDir
 
     adir = RunDir(run_dir).adapter
     cfg_path, w_path = adir / "nora_config.json", adir / "nora_adapter.safetensors"

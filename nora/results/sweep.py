@@ -6,7 +6,7 @@ A sweep file is a primary Hydra config that includes ``train`` and lists its axe
     python train.py -m --config-dir sweeps --config-name table1 [overrides]
 
 Every job's directory is ``${output_root}/${run_name}`` (``hydra.sweep.dir``/``hydra.sweep.subdir`` in
-``configs/train.yaml``; the name carries the job's result-changing value overrides, :mod:`nora.run_name`), derived
+``configs/train.yaml``; the name carries the job's result-changing value overrides, :mod:`nora.runs.naming`), derived
 from the job's config and not from the launch time, so re-running a sweep skips
 the jobs whose ``summary.json`` is complete and resumes interrupted ones from ``checkpoints/last.pt``
 (``nora.run.run_training``). :class:`SweepPlanCallback` (included by every sweep through
@@ -119,7 +119,7 @@ def run_status(run_dir: Path, cfg=None) -> str:
     """complete | resumable | started | new; ``changed`` when a complete or resumable run directory was
     started with another configuration than the job's ``cfg`` (``on_config_change`` decides what train.py does)."""
     from nora.run import changed_config
-    from nora.run_dir import checkpoint_path, is_complete
+    from nora.runs.layout import checkpoint_path, is_complete
 
     if is_complete(run_dir):
         status = "complete"
@@ -197,7 +197,7 @@ class CachedComposer:
         cfg = copy.deepcopy(self.cache[key])
         OmegaConf.set_readonly(cfg, False)
         ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
-        # what Hydra records for the job (its run name carries the value overrides: nora/run_name.py)
+        # what Hydra records for the job (its run name carries the value overrides: nora/runs/naming.py)
         cfg.hydra.overrides.task = [o.input_line for o in parsed if not o.is_hydra_override()]
         return cfg
 

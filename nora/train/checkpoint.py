@@ -19,7 +19,7 @@ from torch import nn
 
 from nora.errors import NonFiniteLossError, UserError
 from nora.files import atomic_write
-from nora.run_dir import checkpoint_path  # noqa: F401 (re-exported for the loop)
+from nora.runs.layout import checkpoint_path  # noqa: F401 (re-exported for the loop)
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:

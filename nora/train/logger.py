@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from nora.files import write_text_atomic
-from nora.run_dir import RunDir
+from nora.runs.layout import RunDir
 
 
 # The W&B run a run directory logs to: written on a fresh start, read back on a resume (and by eval.py)
@@ -158,7 +158,7 @@ def log_mmlu_to_wandb(run_dir: str | os.PathLike, result: dict) -> bool:
     """Add an MMLU result (``eval.py run_dir=...``) to the summary of the training run's W&B run (the id in
     ``<run dir>/wandb/run_id``), as ``mmlu/accuracy``, ``mmlu/categories/<name>/accuracy``, ... Does nothing
     (returns False) when the run did not log to W&B."""
-    from nora.run_dir import read_stored_config
+    from nora.runs.layout import read_stored_config
 
     logger_cfg = (read_stored_config(run_dir) or {}).get("logger")
     run_id = recorded_run_id(run_dir)

@@ -15,7 +15,7 @@ import socket
 from datetime import datetime, timezone
 
 from nora.errors import UserError
-from nora.run_dir import RunDir
+from nora.runs.layout import RunDir
 
 
 class RunDirInUse(UserError):

@@ -9,7 +9,7 @@ activations.png        learned activation curves per layer vs the original (rati
 mmlu.json              MMLU of the trained model (``eval.py run_dir=...``)
 checkpoints/last.pt    the latest checkpoint (atomic), used by ``resume``
 wandb/                 the W&B run files (offline by default)
-.lock                  held by the process training into the directory (:mod:`nora.run_lock`)
+.lock                  held by the process training into the directory (:mod:`nora.runs.lock`)
 =====================  =========================================================================
 
 ``write_*`` functions write atomically (:mod:`nora.files`); ``read_*`` functions return None for a missing or
