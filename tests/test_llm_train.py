@@ -150,7 +150,7 @@ def test_train_py_command(data, tmp_path):
            "method.nora.calibration_batches=1", f"dataset.cache_dir={data['cache']}"]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    # the run name carries the overrides that change the result (nora/run_name.py)
+    # the run name carries the overrides that change the result (nora/runs/naming.py)
     run = tmp_path / ("llama_tiny_alpaca_nora_pp_s0_"
                       "method.nora.calibration_batches=1,trainer.device=cpu,trainer.max_steps=2")
     for f in ("config.yaml", "metrics.jsonl", "summary.json", "activations.png", "adapter/nora_adapter.safetensors",

@@ -114,7 +114,7 @@ def test_a_second_process_is_refused_and_a_dead_holders_lock_is_taken_over(cifar
 
 
 def test_the_lock_is_released_by_a_run_that_fails(cifar10, tmp_path):
-    from nora.run_lock import RunLock
+    from nora.runs.lock import RunLock
 
     cfg = make_cfg(tiny_overrides(cifar10, tmp_path, "nora", ["trainer.optimizer=adam"]))
     with pytest.raises(UserError, match="unknown trainer.optimizer"):
