@@ -5,11 +5,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow demo-table tables table1 table2 ablations matched-budget bench bench-kernels \
+.PHONY: setup lint demo test test-slow demo-table tables table1 table2 ablations matched-budget bench bench-kernels \
 	bench-train gpu-check clean help
 
 help:
-	@echo "make setup | demo | test | test-slow | demo-table | tables | table1 | table2 | ablations | matched-budget"
+	@echo "make setup | demo | lint | test | test-slow | demo-table | tables | table1 | table2 | ablations | matched-budget"
 	@echo "     bench | bench-kernels | bench-train | gpu-check | clean      (README.md explains each)"
 
 # Virtual environment with the pinned requirements and the package (editable).
@@ -28,8 +28,12 @@ demo: $(STAMP)
 	$(PY) -m nora.demo
 	$(PY) -m nora.results tables
 
-# The test suite (offline, CPU). `slow` tests are left out; `make test-slow` runs them.
-test: $(STAMP)
+# The linter (pyproject.toml [tool.ruff]), then the test suite (offline, CPU). `slow` tests are left out;
+# `make test-slow` runs them.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)
