@@ -93,14 +93,16 @@ def push_to_hub(run_dir: str | os.PathLike, repo_id: str, *, private: bool | Non
 
     from nora.model_card import model_card
     from nora.runs import find_adapter_dir
+    from nora.runs.layout import RunDir
 
     run_dir = Path(run_dir)
     adir = find_adapter_dir(run_dir)
     files = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p))
              for p in sorted(adir.iterdir()) if p.is_file() and p.name != "README.md"]
     files.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=model_card(run_dir, repo_id).encode()))
-    if (run_dir / "config.yaml").exists():  # the run's full configuration, to rebuild the base model exactly
-        files.append(CommitOperationAdd(path_in_repo="run_config.yaml", path_or_fileobj=str(run_dir / "config.yaml")))
+    config = RunDir(run_dir).config
+    if config.exists():  # the run's full configuration, to rebuild the base model exactly
+        files.append(CommitOperationAdd(path_in_repo="run_config.yaml", path_or_fileobj=str(config)))
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     commit = api.create_commit(repo_id, operations=files, revision=revision,

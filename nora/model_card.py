@@ -30,9 +30,12 @@ def _metrics(run_dir: Path, summary: dict | None) -> list[str]:
             value = summary.get(key)
             if value:
                 lines.append(f"| {key} ({summary.get('metric', 'metric')}) | {json.dumps(value)} |")
-    mmlu = run_dir / "mmlu.json"
-    if mmlu.exists():
-        overall = json.loads(mmlu.read_text()).get("overall", {})
+    from nora.files import read_json
+    from nora.runs.layout import RunDir
+
+    mmlu = read_json(RunDir(run_dir).mmlu)
+    if isinstance(mmlu, dict):
+        overall = mmlu.get("overall", {})
         lines.append(f"| MMLU {overall.get('n', '?')} questions | accuracy {overall.get('accuracy')} |")
     return ["| metric | value |", "|---|---|", *lines] if lines else ["No metrics were recorded for this run."]
 

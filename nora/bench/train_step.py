@@ -98,13 +98,14 @@ def run_one(args) -> dict:
     from hydra import compose, initialize_config_dir
 
     from nora.run import run_training
+    from nora.train.logger import read_metrics
 
     configs = str(Path(__file__).resolve().parents[2] / "configs")
     with tempfile.TemporaryDirectory() as out:
         with initialize_config_dir(config_dir=configs, version_base="1.3"):
             cfg = compose("train", overrides=_overrides(args, args.one, args.data_root, out))
         summary = run_training(cfg, run_dir=Path(out) / "run")
-        records = [json.loads(x) for x in (Path(out) / "run" / "metrics.jsonl").read_text().splitlines()]
+        records = read_metrics(Path(out) / "run")
     measured = [r for r in records if "loss" in r and "eval/accuracy" not in r][-1]
     ips = measured["images_per_s"]
     return {"method": args.one, "images_per_s": ips, "step_time_s": args.batch_size / ips,

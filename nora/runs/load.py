@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from nora.errors import MissingFileError, UserError
+from nora.runs.layout import RunDir, read_summary
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 NORA_FILES = ("nora_config.json", "nora_adapter.safetensors")
@@ -44,7 +45,7 @@ class TrainedModel:
 
 
 def read_run_config(run_dir: str | os.PathLike) -> DictConfig:
-    path = Path(run_dir) / "config.yaml"
+    path = RunDir(run_dir).config
     if not path.exists():
         raise UserError(f"{run_dir}: no config.yaml; pass the directory of a training run (runs/<run_name>)")
     return OmegaConf.load(path)
@@ -75,7 +76,7 @@ def find_adapter_dir(path: str | os.PathLike) -> Path:
     p = Path(path).expanduser()
     if not p.is_dir():
         raise MissingFileError(f"adapter or run directory not found: {p}")
-    for cand in (p / "adapter", p):
+    for cand in (RunDir(p).adapter, p):
         if cand.is_dir() and any((cand / f).exists() for f in (PEFT_FILES[0], NORA_FILES[0], FULL_FILE)):
             return cand
     raise MissingFileError(
@@ -183,7 +184,7 @@ def load_trained_model(run_dir: str | os.PathLike, *, device: str | torch.device
     when the run's ``model.path``/hub id is not available here."""
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
-    adir = run_dir / "adapter"
+    adir = RunDir(run_dir).adapter
     if not adir.is_dir():
         raise UserError(f"{run_dir}: no adapter/ directory (is the run complete? its summary.json says "
                         f"{_status(run_dir)})")
@@ -195,17 +196,11 @@ def load_trained_model(run_dir: str | os.PathLike, *, device: str | torch.device
     model, identity = apply_adapter(model, adir)
     if device is not None:
         model = model.to(device)
-    summary = None
-    if (run_dir / "summary.json").exists():
-        summary = json.loads((run_dir / "summary.json").read_text())
-    return TrainedModel(model, tokenizer, cfg, identity, summary)
+    return TrainedModel(model, tokenizer, cfg, identity, read_summary(run_dir))
 
 
 def _status(run_dir: Path) -> str:
-    p = run_dir / "summary.json"
-    if not p.exists():
+    if not RunDir(run_dir).summary.exists():
         return "nothing (no summary.json)"
-    try:
-        return str(json.loads(p.read_text()).get("status"))
-    except json.JSONDecodeError:
-        return "nothing readable"
+    summary = read_summary(run_dir)
+    return str(summary.get("status")) if summary is not None else "nothing readable"

@@ -90,7 +90,7 @@ class RunLogger:
 
     def __init__(self, run_dir: str | os.PathLike, logger_cfg=None, config: dict | None = None,
                  run_name: str | None = None, enabled: bool = True, resume: bool = False):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = RunDir(run_dir).metrics
         self.enabled = enabled
         self.wandb = None
         self.step = 0
@@ -192,5 +192,5 @@ def _read_records(path: Path) -> tuple[list[dict], str | None]:
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     """The records of a run's ``metrics.jsonl`` (a half-written last line, from a crash or a run still writing,
     is left out)."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     return _read_records(path)[0] if path.exists() else []
