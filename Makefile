@@ -5,11 +5,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow demo-table tables table1 table2 ablations matched-budget bench bench-kernels \
+.PHONY: setup demo demo-full demo-tune test test-slow demo-table tables table1 table2 ablations matched-budget bench bench-kernels \
 	bench-train gpu-check clean help
 
 help:
-	@echo "make setup | demo | test | test-slow | demo-table | tables | table1 | table2 | ablations | matched-budget"
+	@echo "make setup | demo | demo-full | demo-tune | test | test-slow | demo-table | tables | table1 | table2 | ablations | matched-budget"
 	@echo "     bench | bench-kernels | bench-train | gpu-check | clean      (README.md explains each)"
 
 # Virtual environment with the pinned requirements and the package (editable).
@@ -27,6 +27,17 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m nora.demo
 	$(PY) -m nora.results tables
+
+# The demo with more seeds on every task (configs/demo/demo.yaml `full_seeds`); same runs directory, so the
+# default demo's runs are reused.
+demo-full: $(STAMP)
+	$(PY) -m nora.demo --full
+	$(PY) -m nora.results tables
+
+# The demo's learning-rate sweep (validation split): rewrites configs/demo/learning_rates.yaml and
+# results/demo_lr_sweep.md.
+demo-tune: $(STAMP)
+	$(PY) -m nora.demo --tune
 
 # The test suite (offline, CPU). `slow` tests are left out; `make test-slow` runs them.
 test: $(STAMP)

@@ -12,6 +12,7 @@ nora           NoRA activations (+ the head)
 nora_pp        peft LoRA + NoRA, trained jointly (+ the head)
 rational_ft    NoRA activations with variant ``rational_ft`` (ablation)
 zero_init_ft   NoRA activations with variant ``zero_init_ft`` (ablation)
+bitfit, ...    low-budget baselines under ``baseline:`` (bitfit, ln_tuning, ia3, vera): nora/methods/baselines.py
 =============  ====================================================================
 """
 from __future__ import annotations
@@ -24,7 +25,8 @@ from torch import nn
 from nora.adapter import InjectionReport, NoraConfig, ParameterReport, apply_nora, parameter_report
 from nora.errors import UserError
 
-METHODS = ("full", "linear_probe", "lora", "dora", "nora", "nora_pp", "rational_ft", "zero_init_ft")
+METHODS = ("full", "linear_probe", "lora", "dora", "nora", "nora_pp", "rational_ft", "zero_init_ft", "bitfit",
+           "ln_tuning", "ia3", "vera")
 
 
 @dataclass
@@ -85,7 +87,10 @@ def apply_method(model: nn.Module, method_cfg, model_cfg, calibration_batches: I
                                 "were given")
             cfg = nora_config_from(method_cfg, None if method_cfg.lora else head)
             injection = apply_nora(model, cfg, calibration_batches=calibration_batches, forward=forward)
-        if not method_cfg.lora and not method_cfg.nora:
+        if method_cfg.get("baseline"):
+            from nora.methods.baselines import apply_baseline
+            model = apply_baseline(model, method_cfg.baseline, head, family)
+        elif not method_cfg.lora and not method_cfg.nora:
             if head is None:
                 raise UserError(f"method {name} trains nothing on a {family} model")
             model.get_submodule(head).requires_grad_(True)
