@@ -70,6 +70,8 @@ clean:
 #   EVAL_ARGS="..."   extra arguments for eval.py (Table 2's MMLU evaluations)
 table1: $(STAMP)
 	NORA_SWEEP_DRY_RUN=$(if $(DRY_RUN),true,false) $(PY) train.py -m --config-dir sweeps --config-name table1 $(SWEEP_ARGS)
+	NORA_SWEEP_DRY_RUN=$(if $(DRY_RUN),true,false) $(PY) train.py -m --config-dir sweeps --config-name table1_low_budget \
+		$(SWEEP_ARGS)
 	$(PY) -m nora.results tables
 
 # LLaMA-3-8B: train (one sweep invocation per dataset, so each gets its own data.path), then MMLU for every

@@ -212,7 +212,8 @@ def sweep_table(rows, best: dict, grids: dict, seeds: list, task: str, head_lr: 
              "|---|---|" + "---|" * (len(seeds) + 1)]
     lines += [f"| {m} | {setting} | " + " | ".join(f"{a:.1f}" for a in accs) + f" | {mean:.1f} |"
               for m, setting, accs, mean in rows]
-    edge = [m for m, (v, _a) in best.items() if v in (next(iter(grids[m].values()))[0], next(iter(grids[m].values()))[-1])]
+    ends = {m: (values[0], values[-1]) for m, g in grids.items() for values in g.values()}
+    edge = [m for m, (v, _a) in best.items() if v in ends[m]]
     lines += ["", "Best: " + ", ".join(f"{m} {next(iter(grids[m]))}={v:g}" for m, (v, _a) in best.items()),
               "", "At the edge of its grid (a wider grid might move it): " + (", ".join(edge) or "none") + ".",
               "", f"Every method's new head trains at the linear probe's best lr ({head_lr:g}); NoRA++ keeps "
@@ -233,10 +234,11 @@ def write_learning_rates(chosen: dict, task: str, seeds: list) -> None:
 
 def demo_jobs(methods: list[str], tasks: list[str], seeds: dict, epochs: dict, weights: Path, out_root: Path,
               extra: list[str]) -> list[dict]:
-    """Every (task, method, seed) run of the demo, the main task first."""
+    """Every (task, method, seed) run of the demo: the main task first, seed by seed (an interrupted demo has
+    every method at the same number of seeds, and a rerun skips the finished runs)."""
     return [dict(method=m, task=t, seed=s, weights=weights, out_root=out_root,
                  extra=[f"trainer.epochs={epochs[t]}", *extra])
-            for t in tasks for m in methods for s in range(seeds[t])]
+            for t in tasks for s in range(seeds[t]) for m in methods]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -113,7 +113,8 @@ def coefficient_stats(model) -> dict[str, dict]:
         dev = (y - base).abs()
         edge = dev[(x.abs() - 4.0).abs() < 1e-9]
         key = name[name.index("blocks"):] if "blocks" in name else name
-        out[key] = {"num_rel": float((num - bnum).norm() / bnum.norm()), "den_rel": float((den - bden).norm() / bden.norm()),
+        out[key] = {"num_rel": float((num - bnum).norm() / bnum.norm()),
+                    "den_rel": float((den - bden).norm() / bden.norm()),
                     "max_dev_fit": float(dev[inside].max()), "mean_dev_at_4": float(edge.mean())}
     return out
 
@@ -123,7 +124,7 @@ def analyse_run(run_dir: Path) -> dict:
     from nora.runs import build_base_model, load_trained_model
 
     trained = load_trained_model(run_dir)
-    cfg = trained.cfg
+    cfg = trained.config
     base, _tok = build_base_model(cfg)
     x, y = eval_images(cfg, base)
     fit_range = tuple(cfg.method.nora.fit_range)

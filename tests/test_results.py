@@ -129,12 +129,12 @@ def test_demo_table_sections_pairs_and_summary(tmp_path):
     assert "| NoRA | 20 | 92.7 ± 1.8 (n=3) | 80.0 (n=1) |" in summary
     csv_text = out.with_suffix(".csv").read_text()
     assert "# run nora_s2: config_hash=c2nordig date=2026-01-02 hardware=CPU: Test CPU (2 cores)\n" in csv_text
-    lines = [l for l in csv_text.splitlines() if not l.startswith("#")]
+    lines = [line for line in csv_text.splitlines() if not line.startswith("#")]
     assert lines[0].startswith("task,method,n,accuracy_mean,accuracy_std,delta_vs_full,delta_vs_full_ci_lo")
     assert lines[1].startswith("rot90,linear_probe,3,91.6667,")
-    assert any(l.startswith("rot90,nora,3,92.6667,1.7559,0.6667,-0.0504,1.3838,3,20,2.0,10.0,") for l in lines)
+    assert any(line.startswith("rot90,nora,3,92.6667,1.7559,0.6667,-0.0504,1.3838,3,20,2.0,10.0,") for line in lines)
     header = lines[0].split(",")
-    pair = next(dict(zip(header, l.split(","))) for l in lines if l.startswith("rot90,nora,,"))  # NoRA - probe
+    pair = next(dict(zip(header, x.split(","))) for x in lines if x.startswith("rot90,nora,,"))  # NoRA - probe
     assert pair["delta_vs_linear_probe"] == "1.0" and pair["delta_vs_linear_probe_n"] == "3"
     assert "nora_val_s3" not in text and "nora_lr0.1_s0" not in text
 
@@ -142,7 +142,7 @@ def test_demo_table_sections_pairs_and_summary(tmp_path):
 def test_demo_table_default_methods_and_empty(tmp_path):
     text = demo_report(collect(demo_runs(tmp_path / "demo")), tasks=DEMO_TASKS).markdown()
     rot = text.split("\n## ")[1]
-    rows = [l.split(" | ")[0] for l in rot.splitlines() if l.startswith("| ")]
+    rows = [line.split(" | ")[0] for line in rot.splitlines() if line.startswith("| ")]
     assert rows == ["| method", "| full FT", "| linear probe", "| LoRA", "| NoRA"]
     empty = demo_report(collect(tmp_path / "nothing"), ["full", "nora"], source="runs/demo",
                         tasks=DEMO_TASKS).markdown()

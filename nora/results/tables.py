@@ -340,6 +340,46 @@ def table1_report(col: Collection, seeds: int = 3, source: str = "runs/table1") 
                   expected=len(TABLE1_METHODS) * len(TABLE1_DATASETS) * seeds, make="make table1")
 
 
+# Table 1's low-budget companion (sweeps/table1_low_budget.yaml): NoRA among the methods of its own size
+LOW_BUDGET_METHODS = ("linear_probe", "nora", "bitfit", "ln_tuning", "ia3", "vera")
+
+
+def low_budget_section(runs: Sequence[Run], datasets, heading: str | None) -> Section:
+    """One row per (dataset, method): accuracy, NoRA minus the method paired by seed, trainable count."""
+    rows, csv_rows = [], []
+    for ds in datasets:
+        ref = by_seed([r for r in runs if r.dataset == ds and r.method == "nora"], lambda r: r.accuracy)
+        for m in LOW_BUDGET_METHODS:
+            mine = [r for r in runs if r.dataset == ds and r.method == m]
+            acc = by_seed(mine, lambda r: r.accuracy)
+            s = summarize(acc.values())
+            d = None if m == "nora" else paired_difference(ref, acc)
+            trainable, pct = _params(mine)
+            rows.append([DATASET_LABEL.get(ds, ds), METHOD_LABEL[m], fmt_int(trainable), fmt_share(pct), str(s.n),
+                         s.fmt(), "reference" if m == "nora" else d.fmt()])
+            csv_rows.append({"dataset": ds, "method": m, "trainable": trainable, "share_percent": _num(pct, 6),
+                             "n": s.n, **stats_fields("accuracy", s), **diff_fields("nora_minus_method", d)})
+    cols = ["dataset", "method", "trainable params", "share of total", "n", "accuracy (%)",
+            "NoRA minus this method (95% CI)"]
+    return Section(heading, cols, rows, csv_rows)
+
+
+def table1_low_budget_report(col: Collection, seeds: int = 3, source: str = "runs/table1") -> Report:
+    runs = [r for r in col.runs if r.model == "vit_tiny" and r.dataset in TABLE1_DATASETS
+            and r.method in LOW_BUDGET_METHODS]
+    intro = [("Table 1's low-budget companion: NoRA on ViT-Tiny / CIFAR next to the methods that train as few "
+              "parameters as it does (`sweeps/table1_low_budget.yaml`, Table 1's seeds and recipe; the linear probe "
+              "and NoRA rows are Table 1's runs). BitFit trains the biases, LN tuning the norm layers, (IA)3 "
+              "scaling vectors on qkv and fc2, VeRA per-layer scaling vectors over shared random projections "
+              "(r=64); every method also trains the new head (`configs/method/*.yaml`)."),
+             ("Accuracy: final test accuracy (%), mean ± std over seeds. Last column: NoRA minus the method, paired "
+              "by seed, with a t-based 95% CI; positive favours NoRA.")]
+    sec = low_budget_section(runs, TABLE1_DATASETS, None)
+    return Report("table1_low_budget", "Table 1, low budget: NoRA vs methods of its size (ViT-Tiny, CIFAR)", intro,
+                  [sec], runs, [source], expected=len(LOW_BUDGET_METHODS) * len(TABLE1_DATASETS) * seeds,
+                  make="python train.py -m --config-dir sweeps --config-name table1_low_budget")
+
+
 # ----------------------------------------------------------------------------- table 2
 TABLE2_METHODS = ("lora", "dora", "nora_pp")
 TABLE2_DATASETS = ("alpaca", "openorca")
@@ -552,18 +592,24 @@ def matched_report(vit: Collection, llama: Collection, seeds: int = 3,
                 and r.method in ("lora", "dora", "nora_pp")]
     llama_runs = [r for r in llama.runs if r.model == TABLE2_MODEL and r.dataset in TABLE2_DATASETS
                   and r.method in ("lora", "dora", "nora_pp") and r.mmlu]
+    low = [r for r in vit.runs if r.model == "vit_tiny" and r.dataset in TABLE1_DATASETS
+           and r.method in LOW_BUDGET_METHODS]
     sections = [_matched_section(vit_runs, TABLE1_DATASETS, lambda r: r.accuracy,
                                  "ViT-Tiny: test accuracy (%)"),
                 _matched_section(llama_runs, TABLE2_DATASETS, _mmlu(None),
-                                 "LLaMA-3-8B: MMLU average (%)")]
+                                 "LLaMA-3-8B: MMLU average (%)"),
+                low_budget_section(low, TABLE1_DATASETS, "ViT-Tiny at NoRA's own budget: NoRA vs BitFit, LN tuning, "
+                                   "(IA)3, VeRA (test accuracy %)")]
     used = [r for r in vit_runs + llama_runs
-            if any(r.method == a[0] and lora_rank(r) == a[1] for a in ARMS)]
+            if any(r.method == a[0] and lora_rank(r) == a[1] for a in ARMS)] + low
     intro = [("NoRA++ against LoRA and DoRA at the two ranks whose trainable counts bracket NoRA++'s "
               "(`sweeps/matched_vit.yaml`, `sweeps/matched_llama.yaml`; the arithmetic is in `sweeps/README.md`, "
               "`python -m nora.results budget`). The rank-8 arms and NoRA++ are Table 1/2's runs. Same training "
               "recipe (steps, batch, schedule) for every arm."),
              ("Last column: NoRA++ minus the arm, paired by seed, with a t-based 95% CI over the paired "
               "differences; positive favours NoRA++."),
+             ("The last section compares NoRA (0.02M trainable on CIFAR-100, head included) with the methods of its "
+              "own size (`sweeps/table1_low_budget.yaml`); there the last column is NoRA minus the method."),
              f"Paper: {paper.SOURCE}: {paper.MATCHED_NOTE}."]
     return Report("matched_budget", "Matched budget: NoRA++ vs LoRA/DoRA at bracketing ranks", intro, sections,
                   used, list(sources), expected=len(ARMS) * 2 * seeds * 2,
