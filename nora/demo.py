@@ -234,11 +234,12 @@ def write_learning_rates(chosen: dict, task: str, seeds: list) -> None:
 
 def demo_jobs(methods: list[str], tasks: list[str], seeds: dict, epochs: dict, weights: Path, out_root: Path,
               extra: list[str]) -> list[dict]:
-    """Every (task, method, seed) run of the demo: the main task first, seed by seed (an interrupted demo has
-    every method at the same number of seeds, and a rerun skips the finished runs)."""
+    """Every (task, method, seed) run of the demo, seed by seed across the tasks (seed 0 of every task, then seed
+    1, ...): an interrupted demo has every method of a task at the same number of seeds and every task started,
+    and a rerun skips the finished runs."""
     return [dict(method=m, task=t, seed=s, weights=weights, out_root=out_root,
                  extra=[f"trainer.epochs={epochs[t]}", *extra])
-            for t in tasks for s in range(seeds[t]) for m in methods]
+            for s in range(max(seeds.values(), default=0)) for t in tasks if s < seeds[t] for m in methods]
 
 
 def main(argv: list[str] | None = None) -> int:

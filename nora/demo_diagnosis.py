@@ -10,8 +10,9 @@ Read from finished demo runs (nothing here is guessed or re-trained, except the 
   |x| = 4;
 * **which part of the update matters**: test accuracy of the trained run with its numerator update, or its
   denominator update, removed;
-* **learning curves**: validation accuracy per epoch of the tuning runs (``python -m nora.demo --tune`` evaluates
-  every epoch) at each method's chosen learning rate;
+* **learning curves**: test accuracy after every epoch of the demo's runs (the demo evaluates each epoch; nothing
+  is chosen by it);
+* **split sizes**: how many images the validation and test accuracies rest on;
 * ``--experiments``: NoRA at other head learning rates, and the linear probe at the same ones, on the validation
   split (does the shared head lr decide the NoRA - probe gap?).
 
@@ -77,15 +78,16 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor) -> float:
 
 @contextmanager
 def without_update(model, part: str):
-    """Temporarily zero NoRA's low-rank update of the numerator (``num``) or denominator (``den``)."""
+    """Temporarily zero NoRA's low-rank update of the numerator (``num``), the denominator (``den``) or both
+    (``all``: the trained head and, for NoRA++, LoRA, over the base rationals)."""
     from nora.adapter.inject import nora_modules
 
     saved = []
     for mod in nora_modules(model).values():
-        p = getattr(mod, f"nora_B_{part}")
-        saved.append((p, p.detach().clone()))
-        with torch.no_grad():
-            p.zero_()
+        for p in ([mod.nora_B_num, mod.nora_B_den] if part == "all" else [getattr(mod, f"nora_B_{part}")]):
+            saved.append((p, p.detach().clone()))
+            with torch.no_grad():
+                p.zero_()
     try:
         yield model
     finally:
@@ -135,9 +137,36 @@ def analyse_run(run_dir: Path) -> dict:
         no_num = accuracy(m, x, y)
     with without_update(trained.model, "den") as m:
         no_den = accuracy(m, x, y)
+    with without_update(trained.model, "all") as m:
+        no_nora = accuracy(m, x, y)
     return {"run": run_dir.name, "seed": int(cfg.seed), "fit_range": fit_range, "before": before, "after": after,
             "coefficients": coefficient_stats(trained.model), "accuracy": acc, "without_num_update": no_num,
-            "without_den_update": no_den}
+            "without_den_update": no_den, "without_nora_update": no_nora, "n_test": int(y.numel())}
+
+
+# ----------------------------------------------------------------------------- split sizes
+def split_sizes(task: str) -> dict[str, int]:
+    """Images in the task's training, validation (tuning) and test splits."""
+    from nora.data.vision import load_vision_dataset
+    from nora.demo import _compose, _digits_overrides, settings
+
+    t = settings()["tasks"][task]
+    sizes = {}
+    for split in ("test", "validation"):
+        cfg = _compose(["experiment=demo", f"dataset.eval_split={split}"] + _digits_overrides(t))
+        train, evaluation, _k = load_vision_dataset(cfg.dataset)
+        sizes[f"train ({'all training images' if split == 'test' else 'tuning'})"] = len(train)
+        sizes[split] = len(evaluation)
+    return sizes
+
+
+def split_section(sizes: dict[str, int], p: float = 0.7) -> list[str]:
+    lines = ["### How many images decide a number", "",
+             f"Binomial standard error of one run's accuracy at {p:.0%} (sqrt(p(1-p)/n), in points): the noise of a "
+             "single evaluation, before any seed-to-seed variation.", "",
+             "| split | images | standard error (points) |", "|---|---|---|"]
+    lines += [f"| {k} | {n} | {100 * (p * (1 - p) / n) ** 0.5:.1f} |" for k, n in sizes.items()]
+    return lines + [""]
 
 
 # ----------------------------------------------------------------------------- learning curves
@@ -146,13 +175,12 @@ def learning_curve(run_dir: Path) -> list[float]:
     return [r["eval/accuracy"] for r in recs if "eval/accuracy" in r]
 
 
-def tuned_curves(tune_root: Path, task: str, lrs: dict) -> dict[str, list[list[float]]]:
-    """Per method: the validation curves (one per tuning seed) of its runs at the chosen learning rate."""
+def demo_curves(task_root: Path, methods) -> dict[str, list[list[float]]]:
+    """Per method: the test-accuracy curve (after each epoch) of every demo run of it on the task."""
     out = {}
-    for method, values in lrs["methods"].items():
-        key = "nora_lr" if method == "nora_pp" else "lr"
-        runs = sorted((tune_root / task).glob(f"{method}_{key}{values[key]:g}_s*"))
-        curves = [learning_curve(r) for r in runs if (r / "metrics.jsonl").exists()]
+    for method in methods:
+        runs = sorted(d for d in task_root.glob(f"{method}_s*") if (d / "summary.json").exists())
+        curves = [learning_curve(r) for r in runs]
         if curves:
             out[method] = curves
     return out
@@ -208,24 +236,24 @@ def coefficient_section(analyses: list[dict], label: str) -> list[str]:
 
 
 def ablation_section(by_method: dict[str, list[dict]]) -> list[str]:
-    lines = ["### Which part of the update matters (test accuracy, mean over seeds, paired by seed)", "",
-             "| method | n | trained | numerator update removed (Δ) | denominator update removed (Δ) |",
-             "|---|---|---|---|---|"]
+    lines = ["### Which part of the update matters (test accuracy %, mean over seeds; Δ: paired by seed, 95% CI)", "",
+             "The trained run, and the same run with a part of its NoRA update set to zero (everything else, the head "
+             "and for NoRA++ LoRA, as trained).", "",
+             "| method | n | trained | numerator update removed (Δ) | denominator update removed (Δ) | "
+             "whole NoRA update removed (Δ) |", "|---|---|---|---|---|---|"]
     for label, analyses in by_method.items():
         full = {a["seed"]: a["accuracy"] for a in analyses}
-        no_num = {a["seed"]: a["without_num_update"] for a in analyses}
-        no_den = {a["seed"]: a["without_den_update"] for a in analyses}
-        lines.append(f"| {label} | {len(analyses)} | {summarize(full.values()).fmt()} | "
-                     f"{paired_difference(no_num, full).fmt()} | {paired_difference(no_den, full).fmt()} |")
+        cells = [paired_difference({a["seed"]: a[k] for a in analyses}, full).fmt()
+                 for k in ("without_num_update", "without_den_update", "without_nora_update")]
+        lines.append(f"| {label} | {len(analyses)} | {summarize(full.values()).fmt()} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
 def curves_section(curves: dict[str, list[list[float]]]) -> list[str]:
     if not curves:
-        return ["### Learning curves", "", "Not measured: no tuning runs with per-epoch evaluation were found "
-                "(`python -m nora.demo --tune`).", ""]
+        return ["### Learning curves", "", "Not measured: no demo runs with per-epoch evaluation were found.", ""]
     n = max(len(c) for cs in curves.values() for c in cs)
-    lines = ["### Learning curves (validation accuracy % after each epoch, chosen lr, mean over tuning seeds)", "",
+    lines = ["### Learning curves (test accuracy % after each epoch, mean over the demo's seeds)", "",
              "| method | " + " | ".join(str(e + 1) for e in range(n)) + " |", "|---|" + "---|" * n]
     for m, cs in curves.items():
         means = [summarize([c[e] for c in cs if len(c) > e]).mean for e in range(n)]
@@ -252,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experiments", action="store_true", help="also run the head-lr experiment")
     ap.add_argument("--jobs", type=int, default=2)
     args = ap.parse_args(argv)
-    from nora.demo import _one_thread_worker, learning_rates, pretrain_source, settings
+    from nora.demo import _one_thread_worker, pretrain_source, settings
 
     _one_thread_worker()
     conf = settings()
@@ -270,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         lines += range_section(by_method[label], label) + coefficient_section(by_method[label], label)
     if by_method:
         lines += ablation_section(by_method)
-    lines += curves_section(tuned_curves(Path(str(args.runs) + "_tune"), conf["tune"]["task"], learning_rates()))
+    lines += split_section(split_sizes(task))
+    lines += curves_section(demo_curves(root, conf["methods"]))
     if args.experiments:
         weights = pretrain_source(Path(args.runs))
         lines += head_lr_section(head_lr_experiment(weights, Path(str(args.runs) + "_diagnosis"), n_procs=args.jobs))

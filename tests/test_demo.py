@@ -32,13 +32,13 @@ def test_write_learning_rates_round_trips(tmp_path, monkeypatch):
     assert (tmp_path / "lr.yaml").read_text().startswith("# The demo's learning rates, written by")
 
 
-def test_jobs_run_seed_by_seed_main_task_first():
+def test_jobs_run_seed_by_seed_across_tasks():
     jobs = demo.demo_jobs(["nora", "lora"], ["rot90", "invert"], {"rot90": 2, "invert": 1}, {"rot90": 10, "invert": 5},
                           Path("w"), Path("runs/demo"), ["x=1"])
     assert [(j["task"], j["seed"], j["method"]) for j in jobs] == [
-        ("rot90", 0, "nora"), ("rot90", 0, "lora"), ("rot90", 1, "nora"), ("rot90", 1, "lora"),
-        ("invert", 0, "nora"), ("invert", 0, "lora")]
-    assert jobs[0]["extra"] == ["trainer.epochs=10", "x=1"] and jobs[-1]["extra"] == ["trainer.epochs=5", "x=1"]
+        ("rot90", 0, "nora"), ("rot90", 0, "lora"), ("invert", 0, "nora"), ("invert", 0, "lora"),
+        ("rot90", 1, "nora"), ("rot90", 1, "lora")]
+    assert jobs[0]["extra"] == ["trainer.epochs=10", "x=1"] and jobs[2]["extra"] == ["trainer.epochs=5", "x=1"]
 
 
 def test_unknown_task_is_a_user_error(capsys):

@@ -166,6 +166,36 @@ def test_demo_tasks_are_the_configured_ones():
         assert len(next(iter(grid.values()))) == len(next(iter(conf["tune"]["grids"]["nora"].values()))), m
 
 
+# ------------------------------------------------------------------------------------ low budget
+def test_low_budget_table_and_matched_section(tmp_path):
+    from nora.results.tables import table1_low_budget_report
+
+    root = tmp_path / "table1"
+    accs = {"nora": (80.0, 82.0, 84.0), "linear_probe": (70.0, 71.0, 75.0), "ia3": (79.0, 80.0, 81.0),
+            "bitfit": (81.0,), "lora": (90.0, 90.0, 90.0)}
+    trainable = {"nora": 20_236, "linear_probe": 19_300, "ia3": 35_428, "bitfit": 45_028, "lora": 500_000}
+    for m, vals in accs.items():
+        for seed, acc in enumerate(vals):
+            write_run(root, f"vit_tiny_cifar100_{m}_s{seed}", method=m, model="vit_tiny", dataset="cifar100",
+                      seed=seed, acc=acc, trainable=trainable[m], total=5_544_652)
+    write_run(root, "vit_demo_ia3", method="ia3", model="vit_demo", dataset="digits_target", seed=0, acc=1.0)
+    rep = table1_low_budget_report(collect(root))
+    md = rep.markdown()
+    assert "Runs: 10 of the 36 the sweeps define" in md  # LoRA and the digits run are not counted
+    # NoRA - probe: diffs 10, 11, 9 -> mean 10, sd 1, t(0.975, 2) = 4.302653
+    half = 4.302653 / 3 ** 0.5
+    assert (f"| CIFAR-100 | linear probe | 19,300 | 0.35% | 3 | 72.00 ± 2.65 | +10.00 [{10 - half:+.2f}, "
+            f"{10 + half:+.2f}] (n=3) |") in md
+    assert "| CIFAR-100 | NoRA | 20,236 | 0.36% | 3 | 82.00 ± 2.00 | reference |" in md
+    assert "| CIFAR-100 | BitFit | 45,028 | 0.81% | 1 | 81.00 | -1.00 (n=1, no CI) |" in md
+    assert "| CIFAR-100 | VeRA | missing | missing | 0 | missing | missing |" in md
+    assert "| CIFAR-10 | NoRA | missing | missing | 0 | missing | reference |" in md
+    assert "| CIFAR-10 | (IA)3 | missing | missing | 0 | missing | missing |" in md
+    matched = matched_report(collect(root), collect(tmp_path / "none")).markdown()
+    assert "## ViT-Tiny at NoRA's own budget: NoRA vs BitFit, LN tuning, (IA)3, VeRA (test accuracy %)" in matched
+    assert "| CIFAR-100 | (IA)3 | 35,428 | 0.64% | 3 | 80.00 ± 1.00 | +2.00 [" in matched
+
+
 # ------------------------------------------------------------------------------------ table 1
 TABLE1_ROWS = """\
 | dataset | method | n | accuracy (%) | Δ vs full FT (95% CI) | paper: Δ vs full FT (quoted from the abstract) | trainable params | share of total |
@@ -459,8 +489,9 @@ def test_render_all_from_fixture_tree(tmp_path):
     for variant in ("nora", "rational_ft", "zero_init_ft"):
         for seed in (0, 1):
             run, _ = _nora_model(variant, seed, tmp_path / "adapters")
-            d = write_run(demo, f"{variant}_s{seed}", method=variant, model="vit_demo", dataset="digits_target",
-                          seed=seed, acc=90.0 + seed, trainable=20)
+            d = write_run(demo / "rot90", f"{variant}_s{seed}", method=variant, model="vit_demo",
+                          dataset="digits_target", seed=seed, acc=90.0 + seed, trainable=20,
+                          config=demo_config("rot90"))
             import shutil
 
             shutil.rmtree(d / "adapter", ignore_errors=True)
@@ -471,8 +502,8 @@ def test_render_all_from_fixture_tree(tmp_path):
     out = tmp_path / "results"
     made = render_all(runs, out)
     names = sorted(p.name for p in made["tables"])
-    assert names == sorted(f"{s}.{e}" for s in ("demo", "demo_subspace", "table1", "table2", "ablations",
-                                                "matched_budget") for e in ("md", "csv"))
+    assert names == sorted(f"{s}.{e}" for s in ("demo", "demo_subspace", "table1", "table1_low_budget", "table2",
+                                                "ablations", "matched_budget") for e in ("md", "csv"))
     figs = sorted(p.name for p in made["figures"])
     assert figs == ["demo_accuracy_vs_params.png", "demo_activations_nora.png", "demo_activations_rational_ft.png",
                     "demo_activations_zero_init_ft.png", "demo_subspace.png", "table1_accuracy_vs_params.png",
