@@ -197,6 +197,10 @@ def tune(weights: Path, out_root: Path, table: Path, methods: list[str], n_procs
             chosen["head_lr"] = best[method][0]
     write_learning_rates(chosen, task, seeds)
     text = sweep_table(rows, best, grids, seeds, task, chosen["head_lr"])
+    untuned = [m for m in settings()["methods"] if m not in methods]
+    if untuned:
+        text += (f"\nNot in this sweep (`--methods`): {', '.join(untuned)}; they keep their values in "
+                 "`configs/demo/learning_rates.yaml`.\n")
     table.parent.mkdir(parents=True, exist_ok=True)
     table.write_text(text)
     return text

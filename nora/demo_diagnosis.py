@@ -96,8 +96,9 @@ def without_update(model, part: str):
                 p.copy_(v)
 
 
-def coefficient_stats(model) -> dict[str, dict]:
-    """Per NoRA layer: relative coefficient change and how far the groups' curves left the base curve."""
+def coefficient_stats(model, data_range: dict[str, tuple[float, float]] | None = None) -> dict[str, dict]:
+    """Per NoRA layer: relative coefficient change and how far the groups' curves left the base curve (over the
+    fit range, over ``data_range[layer]`` (where the layer's inputs lie), and at |x| = 4)."""
     from nora.adapter.inject import nora_modules
     from nora.rational.functional import rational_reference
 
@@ -115,7 +116,10 @@ def coefficient_stats(model) -> dict[str, dict]:
         dev = (y - base).abs()
         edge = dev[(x.abs() - 4.0).abs() < 1e-9]
         key = name[name.index("blocks"):] if "blocks" in name else name
-        out[key] = {"num_rel": float((num - bnum).norm() / bnum.norm()),
+        dlo, dhi = (data_range or {}).get(key, (lo, hi))
+        in_data = (x >= dlo) & (x <= dhi)
+        out[key] = {"max_dev_data": float(dev[in_data].max()) if bool(in_data.any()) else 0.0,
+                    "num_rel": float((num - bnum).norm() / bnum.norm()),
                     "den_rel": float((den - bden).norm() / bden.norm()),
                     "max_dev_fit": float(dev[inside].max()), "mean_dev_at_4": float(edge.mean())}
     return out
@@ -140,7 +144,8 @@ def analyse_run(run_dir: Path) -> dict:
     with without_update(trained.model, "all") as m:
         no_nora = accuracy(m, x, y)
     return {"run": run_dir.name, "seed": int(cfg.seed), "fit_range": fit_range, "before": before, "after": after,
-            "coefficients": coefficient_stats(trained.model), "accuracy": acc, "without_num_update": no_num,
+            "coefficients": coefficient_stats(trained.model, {k: (v["p001"], v["p999"]) for k, v in after.items()}),
+            "accuracy": acc, "without_num_update": no_num,
             "without_den_update": no_den, "without_nora_update": no_nora, "n_test": int(y.numel())}
 
 
@@ -187,7 +192,7 @@ def demo_curves(task_root: Path, methods) -> dict[str, list[list[float]]]:
 
 
 # ----------------------------------------------------------------------------- head-lr experiment
-HEAD_LRS = (0.03, 0.1, 0.3)
+HEAD_LRS = (0.03, 0.3)  # the shared head lr and a tenth of it
 
 
 def head_lr_experiment(weights: Path, out_root: Path, seeds=(0, 1, 2), n_procs: int = 2) -> dict:
@@ -207,6 +212,43 @@ def head_lr_experiment(weights: Path, out_root: Path, seeds=(0, 1, 2), n_procs: 
     return table
 
 
+NORA_LRS = (3e-3, 1e-2, 3e-2)  # the demo's tuned lr (3e-2) and smaller steps
+
+
+def nora_lr_experiment(weights: Path, out_root: Path, seeds=(0, 1, 2), n_procs: int = 2) -> dict:
+    """NoRA at smaller learning rates (validation split of the main task): accuracy and how far the update moves."""
+    from nora.demo import run_jobs, settings
+
+    task = next(iter(settings()["tasks"]))
+    jobs = [dict(method="nora", task=task, seed=s, weights=weights, out_root=out_root,
+                 extra=["dataset.eval_split=validation"], name=f"nora_lr{lr:g}_s{s}", lrs={"lr": lr})
+            for lr in NORA_LRS for s in seeds]
+    run_jobs(jobs, n_procs)
+    table = {}
+    for lr in NORA_LRS:
+        for s in seeds:
+            a = analyse_run(out_root / task / f"nora_lr{lr:g}_s{s}")
+            table.setdefault(lr, []).append(a)
+    return table
+
+
+def nora_lr_section(table: dict) -> list[str]:
+    if not table:
+        return []
+    lines = ["### NoRA's learning rate: accuracy and update size (validation split, main task)", "",
+             "Mean over seeds and layers: relative denominator change, and the largest deviation of a group's curve "
+             "from the base curve where the inputs lie.", "",
+             "| NoRA lr | n | validation accuracy (%) | rel. numerator change | rel. denominator change | "
+             "max abs(F - F_base) where inputs lie |", "|---|---|---|---|---|---|"]
+    for lr, analyses in table.items():
+        acc = summarize([a["accuracy"] for a in analyses])
+        per = {f: summarize([v[f] for a in analyses for v in a["coefficients"].values()]).mean
+               for f in ("num_rel", "den_rel", "max_dev_data")}
+        lines.append(f"| {lr:g} | {acc.n} | {acc.fmt()} | {per['num_rel']:.2f} | {per['den_rel']:.2f} | "
+                     f"{per['max_dev_data']:.2f} |")
+    return lines + [""]
+
+
 # ----------------------------------------------------------------------------- report
 def _fmt_range(s: dict) -> str:
     return f"{s['outside']:.1f}% [{s['p001']:+.1f}, {s['p999']:+.1f}]"
@@ -224,14 +266,16 @@ def range_section(analyses: list[dict], label: str) -> list[str]:
 def coefficient_section(analyses: list[dict], label: str) -> list[str]:
     keys = list(analyses[0]["coefficients"])
     lines = [f"### {label}: how far the coefficients and curves moved (mean over {len(analyses)} seeds)", "",
-             "|Δnum| / |num|, |Δden| / |den|: relative change of the coefficient matrices; max |F - F_base| over the "
-             "fit range, and mean over groups at |x| = 4.", "",
-             "| layer | rel. numerator change | rel. denominator change | max abs(F - F_base) in fit range | "
-             "abs(F - F_base) at x = ±4 |", "|---|---|---|---|---|"]
+             "Relative change of the numerator and denominator coefficient matrices (norm of the update over the norm "
+             "of the base coefficients); largest deviation of any group's curve from the base curve where the "
+             "layer's inputs lie (their 0.1-99.9 percentile range after training), over the whole fit range, and "
+             "mean over groups at |x| = 4 (where no input goes).", "",
+             "| layer | rel. numerator change | rel. denominator change | max abs(F - F_base) where inputs lie | "
+             "max abs(F - F_base) in fit range | abs(F - F_base) at x = ±4 |", "|---|---|---|---|---|---|"]
     for k in keys:
         vals = [summarize([a["coefficients"][k][f] for a in analyses]).mean for f in
-                ("num_rel", "den_rel", "max_dev_fit", "mean_dev_at_4")]
-        lines.append(f"| {k} | {vals[0]:.2f} | {vals[1]:.2f} | {vals[2]:.2f} | {vals[3]:.2f} |")
+                ("num_rel", "den_rel", "max_dev_data", "max_dev_fit", "mean_dev_at_4")]
+        lines.append(f"| {k} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
     return lines + [""]
 
 
@@ -302,7 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     lines += curves_section(demo_curves(root, conf["methods"]))
     if args.experiments:
         weights = pretrain_source(Path(args.runs))
-        lines += head_lr_section(head_lr_experiment(weights, Path(str(args.runs) + "_diagnosis"), n_procs=args.jobs))
+        out_root = Path(str(args.runs) + "_diagnosis")
+        lines += head_lr_section(head_lr_experiment(weights, out_root, n_procs=args.jobs))
+        lines += nora_lr_section(nora_lr_experiment(weights, out_root, n_procs=args.jobs))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines).rstrip("\n") + "\n")
     print("\n".join(lines))
