@@ -5,12 +5,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup lint demo test test-slow demo-table tables table1 table2 ablations matched-budget bench bench-kernels \
-	bench-train gpu-check clean help
+.PHONY: setup lint demo demo-full demo-tune test test-slow demo-table tables table1 table2 ablations matched-budget \
+	bench bench-kernels bench-train gpu-check clean help
 
 help:
-	@echo "make setup | demo | lint | test | test-slow | demo-table | tables | table1 | table2 | ablations | matched-budget"
-	@echo "     bench | bench-kernels | bench-train | gpu-check | clean      (README.md explains each)"
+	@echo "make setup | demo | demo-full | demo-tune | lint | test | test-slow | demo-table | tables | table1 | table2"
+	@echo "     ablations | matched-budget | bench | bench-kernels | bench-train | gpu-check | clean   (README.md explains each)"
 
 # Virtual environment with the pinned requirements and the package (editable).
 $(STAMP): requirements.txt pyproject.toml
@@ -27,6 +27,17 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m nora.demo
 	$(PY) -m nora.results tables
+
+# The demo with more seeds on every task (configs/demo/demo.yaml `full_seeds`); same runs directory, so the
+# default demo's runs are reused.
+demo-full: $(STAMP)
+	$(PY) -m nora.demo --full
+	$(PY) -m nora.results tables
+
+# The demo's learning-rate sweep (validation split): rewrites configs/demo/learning_rates.yaml and
+# results/demo_lr_sweep.md.
+demo-tune: $(STAMP)
+	$(PY) -m nora.demo --tune
 
 # The linter (pyproject.toml [tool.ruff]), then the test suite (offline, CPU). `slow` tests are left out;
 # `make test-slow` runs them.
@@ -63,6 +74,8 @@ clean:
 #   EVAL_ARGS="..."   extra arguments for eval.py (Table 2's MMLU evaluations)
 table1: $(STAMP)
 	NORA_SWEEP_DRY_RUN=$(if $(DRY_RUN),true,false) $(PY) train.py -m --config-dir sweeps --config-name table1 $(SWEEP_ARGS)
+	NORA_SWEEP_DRY_RUN=$(if $(DRY_RUN),true,false) $(PY) train.py -m --config-dir sweeps --config-name table1_low_budget \
+		$(SWEEP_ARGS)
 	$(PY) -m nora.results tables
 
 # LLaMA-3-8B: train (one sweep invocation per dataset, so each gets its own data.path), then MMLU for every

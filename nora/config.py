@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nora.data.schema import check_dataset
 from nora.errors import UserError
-from nora.methods import METHODS
+from nora.methods import METHODS, methods_for
 from nora.methods.config import MethodConfig, nora_groups_message
 from nora.models import FAMILIES
 from nora.models.config import ModelConfig, as_model_config
@@ -116,8 +116,8 @@ def _check_groups(cfg) -> None:
     if meth.name not in METHODS:
         raise UserError(f"unknown method {meth.name!r}; valid: {', '.join(METHODS)}")
     if m.family not in meth.families:
-        valid = [x for x in METHODS if x != "linear_probe" or m.family == "vision"]
-        raise UserError(f"method={meth.name} does not apply to {m.family} models; valid: {', '.join(valid)}")
+        raise UserError(f"method={meth.name} does not apply to {m.family} models; valid: "
+                        f"{', '.join(methods_for(m.family))}")
 
 
 def _check_groups_divide_width(method: MethodConfig, model: ModelConfig) -> None:

@@ -1,14 +1,20 @@
 """The offline demo: real transfer learning on real data that ships with scikit-learn.
 
 1. **Pretrain** (cached): a 4-block, 64-wide ViT is trained from scratch by this project on a
-   *source* task built from scikit-learn's handwritten digits.
-2. **Fine-tune**: each method adapts that backbone to a different *target* task, over several seeds,
-   through exactly the same ``run_training`` as ``train.py`` (composed with ``experiment=demo``).
-3. **Report**: ``results/demo.md`` (accuracy mean ± std, trainable parameters and share, time per
-   method), printed as well.
+   *source* task built from scikit-learn's handwritten digits (upright digits 0-4).
+2. **Fine-tune**: each method adapts that backbone to three *target* tasks with different kinds of shift
+   (configs/demo/demo.yaml), over several seeds, through exactly the same ``run_training`` as ``train.py``
+   (composed with ``experiment=demo``), at the learning rates in configs/demo/learning_rates.yaml.
+3. **Report**: ``results/demo.md``: one section per task, a summary across tasks, and the paired differences
+   NoRA - linear probe and NoRA++ - LoRA with 95% intervals.
 
     python -m nora.demo                      # the README's first command (make demo)
-    python -m nora.demo --seeds 3 --methods lora,nora
+    python -m nora.demo --full               # more seeds on every task (make demo-full)
+    python -m nora.demo --seeds 3 --methods lora,nora --tasks rot90
+    python -m nora.demo --tune               # the learning-rate sweep behind configs/demo/learning_rates.yaml
+
+Every run uses one CPU thread (``--jobs`` runs go side by side), so a run's numbers do not depend on the
+machine's core count: the demo reproduces to the digit.
 """
 from __future__ import annotations
 
@@ -19,32 +25,27 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+SETTINGS = CONFIG_DIR / "demo" / "demo.yaml"
+LEARNING_RATES = CONFIG_DIR / "demo" / "learning_rates.yaml"
+LORA_LIKE = ("lora", "dora", "nora_pp")
 
-# The source task: upright digits 0-4. The target task: digits 5-9 rotated by 90 degrees, so new
-# classes *and* a new geometry: a new head on frozen source features is not enough.
-SOURCE = {"classes": [0, 1, 2, 3, 4], "transform": "none"}
-TARGET = {"classes": [5, 6, 7, 8, 9], "transform": "rot90"}
-PRETRAIN = {"epochs": 40, "lr": 2e-3, "batch_size": 32}
-METHODS = ("linear_probe", "full", "lora", "nora", "nora_pp", "rational_ft", "zero_init_ft")
 
-# Learning rates of the demo's fine-tuning runs, chosen by `python -m nora.demo --tune` (seeds 0 and 1, best
-# mean accuracy on a validation split held out from the target *training* images; the test images are never
-# used for it). The sweep's table is results/demo_lr_sweep.md. `lr` trains the method's own parameters (all weights,
-# LoRA, or the NoRA factors); NoRA++ keeps LoRA's lr and tunes `nora_lr`; every method's new head uses the
-# linear probe's best lr.
-LR_GRID = {"linear_probe": {"lr": [1e-2, 3e-2, 1e-1, 3e-1]}, "full": {"lr": [3e-4, 1e-3, 3e-3, 1e-2]},
-           "lora": {"lr": [3e-4, 1e-3, 3e-3, 1e-2]}, "nora": {"lr": [1e-2, 3e-2, 1e-1, 3e-1]},
-           "nora_pp": {"nora_lr": [1e-2, 3e-2, 1e-1, 3e-1]}, "rational_ft": {"lr": [1e-3, 3e-3, 1e-2, 3e-2]},
-           "zero_init_ft": {"lr": [1e-3, 3e-3, 1e-2, 3e-2]}}
-DEMO_LR = {"linear_probe": {"lr": 3e-1}, "full": {"lr": 1e-3}, "lora": {"lr": 3e-3},
-           "nora": {"lr": 3e-2}, "nora_pp": {"lr": 3e-3, "nora_lr": 3e-2},
-           "rational_ft": {"lr": 3e-2}, "zero_init_ft": {"lr": 3e-2}}
-HEAD_LR = 3e-1  # the linear probe's best lr
+def settings() -> dict:
+    """configs/demo/demo.yaml as plain containers."""
+    return OmegaConf.to_container(OmegaConf.load(SETTINGS), resolve=True)
+
+
+def learning_rates() -> dict:
+    """configs/demo/learning_rates.yaml: ``head_lr`` and each method's trainer overrides (``lr``, ``nora_lr``)."""
+    return OmegaConf.to_container(OmegaConf.load(LEARNING_RATES), resolve=True)
 
 
 def _compose(overrides: list[str]):
@@ -63,125 +64,226 @@ def cache_dir() -> Path:
     return nora_cache_dir("demo")
 
 
-def pretrain_source(out_root: Path, seed: int = 0) -> Path:
+def pretrain_source(out_root: Path) -> Path:
     """Train the source backbone once (reproducible, cached by its settings) and return its weights."""
     from nora.run import run_training
 
+    conf = settings()
+    source, pre = conf["source"], dict(conf["pretrain"])
+    seed = pre.pop("seed")
     # keyed by the settings and by the code that shapes the backbone (data path, loop, model), so an edit to any
     # of it pretrains afresh instead of reusing a backbone the current code would not produce
-    h = hashlib.sha256(json.dumps([SOURCE, PRETRAIN, seed], sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps([source, pre, seed], sort_keys=True).encode())
     pkg = Path(__file__).resolve().parent
-    for rel in ("demo.py", "data/vision.py", "data/batched.py", "data/sampling.py", "train/loop.py",
+    for rel in ("data/vision.py", "data/batched.py", "data/sampling.py", "train/loop.py",
                 "models/vision.py", "methods/__init__.py", "run.py"):
         h.update((pkg / rel).read_bytes())
-    key = h.hexdigest()[:10]
-    weights = cache_dir() / f"source_{key}.safetensors"
+    weights = cache_dir() / f"source_{h.hexdigest()[:10]}.safetensors"
     if weights.exists():
         return weights
-    print(f"pretraining the source backbone on digits {SOURCE['classes']} (cached in {weights})", flush=True)
+    print(f"pretraining the source backbone on digits {source['classes']} (cached in {weights})", flush=True)
     cfg = _compose(["experiment=demo", "method=full", f"seed={seed}", "dataset.name=digits_source",
-                    f"trainer.epochs={PRETRAIN['epochs']}", f"trainer.lr={PRETRAIN['lr']}",
-                    f"trainer.batch_size={PRETRAIN['batch_size']}", "trainer.weight_decay=0.05",
-                    "model.checkpoint=null", "trainer.warmup_ratio=0.1", "force=true"] + _digits_overrides(SOURCE))
+                    f"trainer.epochs={pre['epochs']}", f"trainer.lr={pre['lr']}",
+                    f"trainer.batch_size={pre['batch_size']}", "trainer.weight_decay=0.05",
+                    "model.checkpoint=null", "trainer.warmup_ratio=0.1", "force=true"] + _digits_overrides(source))
     run_dir = out_root / "source"
     summary = run_training(cfg, run_dir=run_dir)
     print(f"  source accuracy {summary['final_accuracy']:.1f}% after {summary['wall_time_s']:.0f} s", flush=True)
+    from nora.files import atomic_path
+
     weights.parent.mkdir(parents=True, exist_ok=True)
-    tmp = weights.with_suffix(".tmp")
-    shutil.copy(run_dir / "adapter" / "trainable.safetensors", tmp)
-    os.replace(tmp, weights)
+    with atomic_path(weights) as tmp:
+        shutil.copy(run_dir / "adapter" / "trainable.safetensors", tmp)
     return weights
 
 
-def lr_overrides(method: str, lrs: dict | None = None) -> list[str]:
-    lrs = DEMO_LR.get(method, {}) if lrs is None else lrs
+def lr_overrides(method: str, lrs: dict | None = None, head_lr: float | None = None) -> list[str]:
+    """Trainer overrides for ``method``: its tuned learning rates (or ``lrs``) and the shared head lr."""
+    table = learning_rates()
+    lrs = table["methods"].get(method, {}) if lrs is None else lrs
     out = [f"trainer.{k}={v}" for k, v in lrs.items()]
     if method not in ("full", "linear_probe"):  # those train the head with their own lr
-        out.append(f"trainer.head_lr={HEAD_LR}")
-    if method in ("lora", "dora", "nora_pp"):
+        out.append(f"trainer.head_lr={table['head_lr'] if head_lr is None else head_lr}")
+    if method in LORA_LIKE:
         # at this size, drawing LoRA's dropout masks costs as much as the rest of the training step on a CPU
         out.append("method.lora.dropout=0.0")
     return out
 
 
-def finetune(method: str, seed: int, weights: Path, out_root: Path, extra: list[str],
-             lrs: dict | None = None, name: str | None = None) -> dict:
+def finetune(method: str, task: str, seed: int, weights: Path, out_root: Path, extra: list[str],
+             lrs: dict | None = None, name: str | None = None, head_lr: float | None = None) -> dict:
+    """One fine-tuning run of ``method`` on target ``task`` in ``out_root/<task>/<name>``; returns its summary."""
     from nora.run import run_training
 
+    tasks = settings()["tasks"]
     # a run left by an older demo (another backbone, other learning rates) is redone, not reused
     cfg = _compose(["experiment=demo", f"method={method}", f"seed={seed}", f"model.checkpoint={weights}",
-                    f"output_root={out_root}", "on_config_change=rerun"]
-                   + _digits_overrides(TARGET) + lr_overrides(method, lrs) + extra)
-    return run_training(cfg, run_dir=out_root / (name or f"{method}_s{seed}"))
+                    f"output_root={out_root}", "on_config_change=rerun", "trainer.eval_every=1"]
+                   + _digits_overrides(tasks[task]) + lr_overrides(method, lrs, head_lr) + list(extra))
+    return run_training(cfg, run_dir=out_root / task / (name or f"{method}_s{seed}"))
 
 
-def tune(weights: Path, out_root: Path, table: Path, methods: list[str], seeds: tuple[int, ...] = (0, 1)) -> str:
-    """The learning-rate sweep behind DEMO_LR, on a validation split of the target training images: each value
-    on ``seeds``, the best mean validation accuracy wins (a value that only sometimes trains is not chosen)."""
-    lines = [f"# Demo learning-rate sweep (validation split of the target training images, seeds "
-             f"{', '.join(map(str, seeds))})", "",
-             "| method | setting | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
-             "|---|---|" + "---|" * (len(seeds) + 1)]
-    global HEAD_LR
-    best = {}
-    order = sorted(methods, key=lambda m: m != "linear_probe")  # the probe first: its lr is every head's lr
+def _one_thread_worker() -> None:
+    import torch
+
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    torch.set_num_threads(1)
+
+
+def _run_job(job: dict) -> dict:
+    """Pool entry point: one ``finetune`` call, its summary (quietly: the parent prints one line per run)."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        s = finetune(**job)
+    return {"job": job, "accuracy": s["final_accuracy"], "trainable": s["parameters"]["trainable"],
+            "wall_time_s": s["wall_time_s"]}
+
+
+def run_jobs(jobs: list[dict], n_procs: int) -> list[dict]:
+    """Run ``finetune`` jobs on ``n_procs`` single-threaded processes, printing one line per finished run."""
+    _one_thread_worker()
+    done = []
+    if n_procs <= 1:
+        results = map(_run_job, jobs)
+        for r in results:
+            done.append(_report(r))
+        return done
+    with ProcessPoolExecutor(n_procs, mp_context=get_context("spawn"), initializer=_one_thread_worker) as pool:
+        for r in pool.map(_run_job, jobs):
+            done.append(_report(r))
+    return done
+
+
+def _report(r: dict) -> dict:
+    j = r["job"]
+    label = j.get("name") or f"{j['method']}_s{j['seed']}"
+    print(f"  {j['task']:10s} {label:28s} accuracy {r['accuracy']:5.1f}%  ({r['trainable']:,} trainable, "
+          f"{r['wall_time_s']:.1f} s)", flush=True)
+    return r
+
+
+def tune(weights: Path, out_root: Path, table: Path, methods: list[str], n_procs: int) -> str:
+    """The learning-rate sweep behind configs/demo/learning_rates.yaml (see ``tune:`` in configs/demo/demo.yaml).
+
+    Each grid value runs on the tuning seeds with the validation split of the tuning task's training images
+    (the test images are never used); the best mean validation accuracy wins, ties keep the smaller lr. The
+    linear probe goes first: its best lr becomes every method's head lr. NoRA++ keeps LoRA's best lr for its
+    LoRA factors and tunes its NoRA factors' lr. Writes the sweep table and the learning-rate file."""
+    conf = settings()["tune"]
+    grids, seeds, task = conf["grids"], list(conf["seeds"]), conf["task"]
+    order = sorted(methods, key=lambda m: (m != "linear_probe", m == "nora_pp"))  # probe first, NoRA++ after LoRA
+    chosen = learning_rates()
+    rows, best = [], {}
     for method in order:
-        (key, grid), = LR_GRID[method].items()
+        (key, grid), = grids[method].items()
+        base = dict(chosen["methods"].get(method, {}))
         if method == "nora_pp" and "lora" in best:
-            DEMO_LR["nora_pp"]["lr"] = best["lora"][0]  # NoRA++ keeps LoRA's tuned lr
-        for value in grid:
-            lrs = dict(DEMO_LR[method], **{key: value})
-            accs = [finetune(method, seed, weights, out_root / "tune", ["dataset.eval_split=validation", "force=true"],
-                             lrs=lrs, name=f"{method}_{key}{value:g}_s{seed}")["final_accuracy"] for seed in seeds]
-            mean = sum(accs) / len(accs)
-            lines.append(f"| {method} | {key}={value:g} | " + " | ".join(f"{a:.1f}" for a in accs) + f" | {mean:.1f} |")
-            print(f"  tune {method} {key}={value:g}: {' '.join(f'{a:.1f}' for a in accs)} -> {mean:.1f}%", flush=True)
+            base["lr"] = best["lora"][0]
+        jobs = [dict(method=method, task=task, seed=s, weights=weights, out_root=out_root,
+                     extra=["dataset.eval_split=validation"], lrs=dict(base, **{key: v}),
+                     name=f"{method}_{key}{v:g}_s{s}", head_lr=best.get("linear_probe", (None,))[0])
+                for v in grid for s in seeds]
+        accs = [r["accuracy"] for r in run_jobs(jobs, n_procs)]
+        for i, v in enumerate(grid):
+            per_seed = accs[i * len(seeds):(i + 1) * len(seeds)]
+            mean = sum(per_seed) / len(per_seed)
+            rows.append((method, f"{key}={v:g}", per_seed, mean))
             if method not in best or mean > best[method][1]:
-                best[method] = (value, mean)
+                best[method] = (v, mean)
+        chosen["methods"][method] = dict(base, **{key: best[method][0]})
         if method == "linear_probe":
-            HEAD_LR = best[method][0]
-    edge = [m for m, (v, _a) in best.items() if v in (LR_GRID[m][next(iter(LR_GRID[m]))][0],
-                                                       LR_GRID[m][next(iter(LR_GRID[m]))][-1])]
-    lines += ["", "Best: " + ", ".join(f"{m} {next(iter(LR_GRID[m]))}={v:g}" for m, (v, _a) in best.items()),
-              "", "At the edge of its grid (a wider grid might move it): " + (", ".join(edge) or "none") + ".",
-              "", f"Every method's new head trains at the linear probe's best lr ({HEAD_LR:g}); NoRA++ keeps "
-              "LoRA's best lr for its LoRA factors and tunes the NoRA factors' lr. Ties keep the smaller lr. "
-              "LoRA/DoRA adapters use dropout 0 in the demo (see `lr_overrides`)."]
-    text = "\n".join(lines) + "\n"
+            chosen["head_lr"] = best[method][0]
+    write_learning_rates(chosen, task, seeds)
+    text = sweep_table(rows, best, grids, seeds, task, chosen["head_lr"])
+    untuned = [m for m in settings()["methods"] if m not in methods]
+    if untuned:
+        text += (f"\nNot in this sweep (`--methods`): {', '.join(untuned)}; they keep their values in "
+                 "`configs/demo/learning_rates.yaml`.\n")
     table.parent.mkdir(parents=True, exist_ok=True)
     table.write_text(text)
     return text
 
 
+def sweep_table(rows, best: dict, grids: dict, seeds: list, task: str, head_lr: float) -> str:
+    lines = [f"# Demo learning-rate sweep (task `{task}`, validation split of its training images, seeds "
+             f"{', '.join(map(str, seeds))})", "",
+             "Written by `python -m nora.demo --tune`; the chosen values are in `configs/demo/learning_rates.yaml`, "
+             "which `make demo` and `make demo-full` read. Every method has the same budget: "
+             f"{len(next(iter(grids.values())))} grid values x {len(seeds)} seeds.", "",
+             "| method | setting | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
+             "|---|---|" + "---|" * (len(seeds) + 1)]
+    lines += [f"| {m} | {setting} | " + " | ".join(f"{a:.1f}" for a in accs) + f" | {mean:.1f} |"
+              for m, setting, accs, mean in rows]
+    ends = {m: (values[0], values[-1]) for m, g in grids.items() for values in g.values()}
+    edge = [m for m, (v, _a) in best.items() if v in ends[m]]
+    lines += ["", "Best: " + ", ".join(f"{m} {next(iter(grids[m]))}={v:g}" for m, (v, _a) in best.items()),
+              "", "At the edge of its grid (a wider grid might move it): " + (", ".join(edge) or "none") + ".",
+              "", f"Every method's new head trains at the linear probe's best lr ({head_lr:g}); NoRA++ keeps "
+              "LoRA's best lr for its LoRA factors and tunes the NoRA factors' lr. Ties keep the smaller lr. "
+              "LoRA/DoRA/NoRA++ adapters use dropout 0 in the demo (see `lr_overrides`)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_learning_rates(chosen: dict, task: str, seeds: list) -> None:
+    from nora.files import write_text_atomic
+
+    header = (f"# The demo's learning rates, written by `python -m nora.demo --tune` (task {task}, validation split, "
+              f"seeds {seeds};\n# table: results/demo_lr_sweep.md). `lr` trains the method's own parameters, "
+              "`nora_lr` NoRA++'s NoRA factors;\n# every method's new head trains at `head_lr` (the linear probe's "
+              "best lr). make demo, make demo-full and the sweep read it.\n")
+    write_text_atomic(LEARNING_RATES, header + OmegaConf.to_yaml(OmegaConf.create(chosen)))
+
+
+def demo_jobs(methods: list[str], tasks: list[str], seeds: dict, epochs: dict, weights: Path, out_root: Path,
+              extra: list[str]) -> list[dict]:
+    """Every (task, method, seed) run of the demo, seed by seed across the tasks (seed 0 of every task, then seed
+    1, ...): an interrupted demo has every method of a task at the same number of seeds and every task started,
+    and a rerun skips the finished runs."""
+    return [dict(method=m, task=t, seed=s, weights=weights, out_root=out_root,
+                 extra=[f"trainer.epochs={epochs[t]}", *extra])
+            for s in range(max(seeds.values(), default=0)) for t in tasks if s < seeds[t] for m in methods]
+
+
 def main(argv: list[str] | None = None) -> int:
+    conf = settings()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--methods", default=",".join(conf["methods"]))
+    ap.add_argument("--tasks", default=",".join(conf["tasks"]), help=f"valid: {', '.join(conf['tasks'])}")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per task (default: each task's `seeds`)")
+    ap.add_argument("--full", action="store_true", help="each task's `full_seeds` (make demo-full)")
+    ap.add_argument("--jobs", type=int, default=2, help="single-threaded runs side by side (default 2)")
     ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--table", default="results/demo.md")
-    ap.add_argument("--tune", action="store_true", help="run the learning-rate sweep behind DEMO_LR instead")
+    ap.add_argument("--results", default="results", help="where demo.md (and the sweep table) go")
+    ap.add_argument("--tune", action="store_true", help="run the learning-rate sweep instead")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for the fine-tuning runs")
     args = ap.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
-    from nora.errors import user_errors
+    from nora.errors import UserError, user_errors
 
-    out_root = Path(args.out)
-    t0 = time.time()
+    out_root, t0 = Path(args.out), time.time()
+    _one_thread_worker()  # the pretraining too: one thread, so the cached backbone is the same on every machine
+    methods, tasks = args.methods.split(","), args.tasks.split(",")
     with user_errors():
+        unknown = [t for t in tasks if t not in conf["tasks"]]
+        if unknown:
+            raise UserError(f"--tasks: unknown task {unknown[0]!r}; valid: {', '.join(conf['tasks'])}")
         weights = pretrain_source(out_root)
         if args.tune:
-            print(tune(weights, out_root, Path(args.table).with_name("demo_lr_sweep.md"), args.methods.split(",")))
+            print(tune(weights, Path(str(out_root) + "_tune"), Path(args.results) / "demo_lr_sweep.md",
+                       methods, args.jobs))
             return 0
-        for method in args.methods.split(","):
-            for seed in range(args.seeds):
-                s = finetune(method, seed, weights, out_root, args.overrides)
-                print(f"  {method:13s} seed {seed}: accuracy {s['final_accuracy']:5.1f}%  "
-                      f"({s['parameters']['trainable']:,} trainable, {s['wall_time_s']:.1f} s)", flush=True)
-        from nora.results.demo import render_demo_table
+        which = "full_" if args.full else ""
+        seeds = {t: args.seeds or conf["tasks"][t][which + "seeds"] for t in tasks}
+        epochs = {t: conf["tasks"][t][which + "epochs"] for t in tasks}
+        run_jobs(demo_jobs(methods, tasks, seeds, epochs, weights, out_root, args.overrides), args.jobs)
+        from nora.results.render import render_demo
+        from nora.results.collect import collect
 
-        table = render_demo_table(out_root, Path(args.table), methods=args.methods.split(","))
-    print(table)
-    print(f"demo finished in {time.time() - t0:.0f} s; table written to {args.table}")
+        render_demo(collect(out_root), Path(args.results), str(out_root), methods)
+    print((Path(args.results) / "demo.md").read_text())
+    print(f"demo finished in {time.time() - t0:.0f} s; tables written to {args.results}/demo.md")
     return 0
 
 

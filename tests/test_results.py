@@ -70,77 +70,130 @@ def test_stats_known_values():
 
 
 # ------------------------------------------------------------------------------------ demo table
-DEMO_EXPECTED = """\
-# Offline demo: fine-tuning on scikit-learn digits (CPU)
+DEMO_TASKS = {"rot90": {"description": "new classes, rotated", "classes": [5, 6, 7, 8, 9], "transform": "rot90"},
+              "transpose": {"description": "source classes, transposed", "classes": [0, 1, 2, 3, 4],
+                            "transform": "transpose"}}
 
-**Offline digits demo, not a CIFAR or LLaMA result.** A small ViT is pretrained here on one scikit-learn digits task (the source) and fine-tuned with each method on another (the target); see `nora/demo.py`. Produced by `make demo` (`python -m nora.demo`).
 
-Accuracy: final test accuracy (%), mean ± std over seeds. Δ: this row minus full FT, paired by seed (the mean of the per-seed differences, in points), with a t-based 95% confidence interval (n-1 degrees of freedom, n = pairs); a single pair has no interval. n: seeds with a complete run.
-
-For scale only: the paper's CIFAR numbers (the abstract's numbers only: NoRA +0.17 (CIFAR-10) and +0.27 (CIFAR-100) points over full fine-tuning with 0.4% (0.02M) trainable parameters; it gives no seeds or spread and no numbers for the other methods) are not comparable to this task.
-
-Runs: 7, read from `DEMO`, dated 2026-01-02, on CPU: Test CPU (2 cores) (7 runs). Each run's config hash, date and hardware: see Runs below.
-
-| method | n | accuracy (%) | Δ vs full FT (95% CI) | trainable params | share | time / run (s) |
-|---|---|---|---|---|---|---|
-| linear probe | 0 | missing | missing | missing | missing | missing |
-| full FT | 3 | 92.00 ± 2.00 | reference | 1,000 | 100.00% | 12.0 |
-| LoRA | 1 | 89.00 | -1.00 (n=1, no CI) | 150 | 15.00% | 10.0 |
-| NoRA | 3 | 92.67 ± 1.76 | +0.67 [-0.05, +1.38] (n=3) | 20 | 2.00% | 10.0 |
-
-## Runs
-
-| run | method | dataset | seed | config hash | date | hardware |
-|---|---|---|---|---|---|---|
-| full_s0 | full | digits_target | 0 | c0fuldig | 2026-01-02 | CPU: Test CPU (2 cores) |
-| full_s1 | full | digits_target | 1 | c1fuldig | 2026-01-02 | CPU: Test CPU (2 cores) |
-| full_s2 | full | digits_target | 2 | c2fuldig | 2026-01-02 | CPU: Test CPU (2 cores) |
-| lora_s0 | lora | digits_target | 0 | c0lordig | 2026-01-02 | CPU: Test CPU (2 cores) |
-| nora_s0 | nora | digits_target | 0 | c0nordig | 2026-01-02 | CPU: Test CPU (2 cores) |
-| nora_s1 | nora | digits_target | 1 | c1nordig | 2026-01-02 | CPU: Test CPU (2 cores) |
-| nora_s2 | nora | digits_target | 2 | c2nordig | 2026-01-02 | CPU: Test CPU (2 cores) |
-"""
+def demo_config(task: str, split: str = "test") -> dict:
+    t = DEMO_TASKS[task]
+    return {"dataset": {"name": "digits_target", "classes": t["classes"], "transform": t["transform"],
+                        "eval_split": split}}
 
 
 def demo_runs(root: Path) -> Path:
+    rot = root / "rot90"
     for seed, acc, wall in ((0, 90.0, 10.0), (1, 92.0, 12.0), (2, 94.0, 14.0)):
-        write_run(root, f"full_s{seed}", method="full", model="vit_demo", dataset="digits_target", seed=seed, acc=acc,
-                  trainable=1000, wall=wall)
+        write_run(rot, f"full_s{seed}", method="full", model="vit_demo", dataset="digits_target", seed=seed, acc=acc,
+                  trainable=1000, wall=wall, config=demo_config("rot90"))
     for seed, acc in ((0, 91.0), (1, 92.5), (2, 94.5)):
-        write_run(root, f"nora_s{seed}", method="nora", model="vit_demo", dataset="digits_target", seed=seed, acc=acc,
-                  trainable=20)
-    write_run(root, "lora_s0", method="lora", model="vit_demo", dataset="digits_target", seed=0, acc=89.0,
-              trainable=150)
-    # not counted: the source pretraining run, an incomplete run
+        write_run(rot, f"nora_s{seed}", method="nora", model="vit_demo", dataset="digits_target", seed=seed, acc=acc,
+                  trainable=20, config=demo_config("rot90"))
+    for seed, acc in ((0, 89.0), (1, 91.0), (2, 95.0)):
+        write_run(rot, f"linear_probe_s{seed}", method="linear_probe", model="vit_demo", dataset="digits_target",
+                  seed=seed, acc=acc, trainable=10, config=demo_config("rot90"))
+    write_run(rot, "lora_s0", method="lora", model="vit_demo", dataset="digits_target", seed=0, acc=89.0,
+              trainable=150, config=demo_config("rot90"))
+    write_run(root / "transpose", "nora_s0", method="nora", model="vit_demo", dataset="digits_target", seed=0,
+              acc=80.0, trainable=20, config=demo_config("transpose"))
+    # not counted: the source pretraining run, an incomplete run, a tuning run on the validation split
     write_run(root, "source", method="full", model="vit_demo", dataset="digits_source", seed=0, acc=99.0)
-    write_run(root, "lora_s1", method="lora", model="vit_demo", dataset="digits_target", seed=1, acc=50.0,
-              status="running")
+    write_run(rot, "lora_s1", method="lora", model="vit_demo", dataset="digits_target", seed=1, acc=50.0,
+              status="running", config=demo_config("rot90"))
+    write_run(root.parent / "demo_tune" / "rot90", "nora_lr0.1_s0", method="nora", model="vit_demo",
+              dataset="digits_target", seed=0, acc=10.0, config=demo_config("rot90", "validation"))
+    write_run(rot, "nora_val_s3", method="nora", model="vit_demo", dataset="digits_target", seed=3, acc=10.0,
+              config=demo_config("rot90", "validation"))
     return root
 
 
-def test_demo_table_exact(tmp_path):
+def test_demo_table_sections_pairs_and_summary(tmp_path):
     root = demo_runs(tmp_path / "demo")
     out = tmp_path / "results" / "demo.md"
-    text = render_demo_table(root, out, methods=["linear_probe", "full", "lora", "nora"])
-    assert text == DEMO_EXPECTED.replace("DEMO", str(root))
+    text = render_demo_table(root, out, methods=["linear_probe", "full", "lora", "nora"], tasks=DEMO_TASKS)
     assert out.read_text() == text
+    assert f"Runs: 11, read from `{root}`, dated 2026-01-02" in text  # 10 of rot90 + 1 of transpose
+    sections = text.split("\n## ")
+    rot, tra, pairs, summary = sections[1:5]
+    assert rot.startswith("Task `rot90`: new classes, rotated (digits [5, 6, 7, 8, 9], transform `rot90`;")
+    assert "| full FT | 3 | 92.00 ± 2.00 | reference | 1,000 | 100.00% | 12.0 |" in rot
+    assert "| LoRA | 1 | 89.00 | -1.00 (n=1, no CI) | 150 | 15.00% | 10.0 |" in rot
+    # NoRA - full: diffs 1.0, 0.5, 0.5 (see test_stats_known_values)
+    assert "| NoRA | 3 | 92.67 ± 1.76 | +0.67 [-0.05, +1.38] (n=3) | 20 | 2.00% | 10.0 |" in rot
+    assert "| NoRA | 1 | 80.00 | missing | 20 | 2.00% | 10.0 |" in tra
+    assert "| linear probe | 0 | missing | missing | missing | missing | missing |" in tra
+    # NoRA - probe on rot90: diffs 2.0, 1.5, -0.5: mean 1.0, sd sqrt(1.75), t(0.975, 2) = 4.302653
+    half = 4.302653 * 1.75 ** 0.5 / 3 ** 0.5
+    assert f"| `rot90` | +1.00 [{1 - half:+.2f}, {1 + half:+.2f}] (n=3) | missing |" in pairs
+    assert "| `transpose` | missing | missing |" in pairs
+    assert "| NoRA | 20 | 92.7 ± 1.8 (n=3) | 80.0 (n=1) |" in summary
     csv_text = out.with_suffix(".csv").read_text()
-    assert csv_text.startswith("# Offline demo: fine-tuning on scikit-learn digits (CPU)\n# Runs: 7, read from")
     assert "# run nora_s2: config_hash=c2nordig date=2026-01-02 hardware=CPU: Test CPU (2 cores)\n" in csv_text
-    lines = [l for l in csv_text.splitlines() if not l.startswith("#")]
-    assert lines[0].startswith("method,n,accuracy_mean,accuracy_std,delta_vs_full,delta_vs_full_ci_lo")
-    assert lines[1].startswith("linear_probe,0,,,")  # missing is empty, never 0
-    assert lines[4].startswith("nora,3,92.6667,1.7559,0.6667,-0.0504,1.3838,3,20,2.0,10.0")
+    lines = [line for line in csv_text.splitlines() if not line.startswith("#")]
+    assert lines[0].startswith("task,method,n,accuracy_mean,accuracy_std,delta_vs_full,delta_vs_full_ci_lo")
+    assert lines[1].startswith("rot90,linear_probe,3,91.6667,")
+    assert any(line.startswith("rot90,nora,3,92.6667,1.7559,0.6667,-0.0504,1.3838,3,20,2.0,10.0,") for line in lines)
+    header = lines[0].split(",")
+    pair = next(dict(zip(header, x.split(","))) for x in lines if x.startswith("rot90,nora,,"))  # NoRA - probe
+    assert pair["delta_vs_linear_probe"] == "1.0" and pair["delta_vs_linear_probe_n"] == "3"
+    assert "nora_val_s3" not in text and "nora_lr0.1_s0" not in text
 
 
 def test_demo_table_default_methods_and_empty(tmp_path):
-    text = demo_report(collect(demo_runs(tmp_path / "demo"))).markdown()
-    rows = [l.split(" | ")[0] for l in text.split("## Runs")[0].splitlines() if l.startswith("| ")]
-    assert rows == ["| method", "| full FT", "| LoRA", "| NoRA"]
-    empty = demo_report(collect(tmp_path / "nothing"), ["full", "nora"], source="runs/demo").markdown()
+    text = demo_report(collect(demo_runs(tmp_path / "demo")), tasks=DEMO_TASKS).markdown()
+    rot = text.split("\n## ")[1]
+    rows = [line.split(" | ")[0] for line in rot.splitlines() if line.startswith("| ")]
+    assert rows == ["| method", "| full FT", "| linear probe", "| LoRA", "| NoRA"]
+    empty = demo_report(collect(tmp_path / "nothing"), ["full", "nora"], source="runs/demo",
+                        tasks=DEMO_TASKS).markdown()
     assert "Runs: none yet under `runs/demo`; every cell below is missing. `make demo` produces them." in empty
     assert "| NoRA | 0 | missing | missing | missing | missing | missing |" in empty
     assert empty.endswith("## Runs\n\nnone\n")
+
+
+def test_demo_tasks_are_the_configured_ones():
+    from nora.demo import learning_rates, settings
+
+    conf = settings()
+    assert len(conf["tasks"]) >= 3 and len({(tuple(t["classes"]), t["transform"]) for t in conf["tasks"].values()}) \
+        == len(conf["tasks"])
+    methods = set(conf["methods"])
+    assert {"linear_probe", "full", "lora", "dora", "nora", "nora_pp", "rational_ft", "zero_init_ft", "bitfit",
+            "ln_tuning", "ia3", "vera"} <= methods
+    lrs = learning_rates()
+    assert set(lrs["methods"]) == methods and lrs["head_lr"] > 0
+    for m, grid in conf["tune"]["grids"].items():  # the same tuning budget for every method
+        assert len(next(iter(grid.values()))) == len(next(iter(conf["tune"]["grids"]["nora"].values()))), m
+
+
+# ------------------------------------------------------------------------------------ low budget
+def test_low_budget_table_and_matched_section(tmp_path):
+    from nora.results.tables import table1_low_budget_report
+
+    root = tmp_path / "table1"
+    accs = {"nora": (80.0, 82.0, 84.0), "linear_probe": (70.0, 71.0, 75.0), "ia3": (79.0, 80.0, 81.0),
+            "bitfit": (81.0,), "lora": (90.0, 90.0, 90.0)}
+    trainable = {"nora": 20_236, "linear_probe": 19_300, "ia3": 35_428, "bitfit": 45_028, "lora": 500_000}
+    for m, vals in accs.items():
+        for seed, acc in enumerate(vals):
+            write_run(root, f"vit_tiny_cifar100_{m}_s{seed}", method=m, model="vit_tiny", dataset="cifar100",
+                      seed=seed, acc=acc, trainable=trainable[m], total=5_544_652)
+    write_run(root, "vit_demo_ia3", method="ia3", model="vit_demo", dataset="digits_target", seed=0, acc=1.0)
+    rep = table1_low_budget_report(collect(root))
+    md = rep.markdown()
+    assert "Runs: 10 of the 36 the sweeps define" in md  # LoRA and the digits run are not counted
+    # NoRA - probe: diffs 10, 11, 9 -> mean 10, sd 1, t(0.975, 2) = 4.302653
+    half = 4.302653 / 3 ** 0.5
+    assert (f"| CIFAR-100 | linear probe | 19,300 | 0.35% | 3 | 72.00 ± 2.65 | +10.00 [{10 - half:+.2f}, "
+            f"{10 + half:+.2f}] (n=3) |") in md
+    assert "| CIFAR-100 | NoRA | 20,236 | 0.36% | 3 | 82.00 ± 2.00 | reference |" in md
+    assert "| CIFAR-100 | BitFit | 45,028 | 0.81% | 1 | 81.00 | -1.00 (n=1, no CI) |" in md
+    assert "| CIFAR-100 | VeRA | missing | missing | 0 | missing | missing |" in md
+    assert "| CIFAR-10 | NoRA | missing | missing | 0 | missing | reference |" in md
+    assert "| CIFAR-10 | (IA)3 | missing | missing | 0 | missing | missing |" in md
+    matched = matched_report(collect(root), collect(tmp_path / "none")).markdown()
+    assert "## ViT-Tiny at NoRA's own budget: NoRA vs BitFit, LN tuning, (IA)3, VeRA (test accuracy %)" in matched
+    assert "| CIFAR-100 | (IA)3 | 35,428 | 0.64% | 3 | 80.00 ± 1.00 | +2.00 [" in matched
 
 
 # ------------------------------------------------------------------------------------ table 1
@@ -436,8 +489,9 @@ def test_render_all_from_fixture_tree(tmp_path):
     for variant in ("nora", "rational_ft", "zero_init_ft"):
         for seed in (0, 1):
             run, _ = _nora_model(variant, seed, tmp_path / "adapters")
-            d = write_run(demo, f"{variant}_s{seed}", method=variant, model="vit_demo", dataset="digits_target",
-                          seed=seed, acc=90.0 + seed, trainable=20)
+            d = write_run(demo / "rot90", f"{variant}_s{seed}", method=variant, model="vit_demo",
+                          dataset="digits_target", seed=seed, acc=90.0 + seed, trainable=20,
+                          config=demo_config("rot90"))
             import shutil
 
             shutil.rmtree(d / "adapter", ignore_errors=True)
@@ -448,8 +502,8 @@ def test_render_all_from_fixture_tree(tmp_path):
     out = tmp_path / "results"
     made = render_all(runs, out)
     names = sorted(p.name for p in made["tables"])
-    assert names == sorted(f"{s}.{e}" for s in ("demo", "demo_subspace", "table1", "table2", "ablations",
-                                                "matched_budget") for e in ("md", "csv"))
+    assert names == sorted(f"{s}.{e}" for s in ("demo", "demo_subspace", "table1", "table1_low_budget", "table2",
+                                                "ablations", "matched_budget") for e in ("md", "csv"))
     figs = sorted(p.name for p in made["figures"])
     assert figs == ["demo_accuracy_vs_params.png", "demo_activations_nora.png", "demo_activations_rational_ft.png",
                     "demo_activations_zero_init_ft.png", "demo_subspace.png", "table1_accuracy_vs_params.png",

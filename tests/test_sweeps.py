@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # expected jobs per sweep (and the output root every job writes under)
 EXPECTED = {
     "table1": (6 * 2 * 3, "runs/table1"),           # 6 methods x 2 datasets x 3 seeds
+    "table1_low_budget": (6 * 2 * 3, "runs/table1"),  # probe, NoRA and 4 baselines x 2 datasets x 3 seeds
     "table2": (3 * 2 * 3, "runs/table2"),           # 3 methods x 2 datasets x 3 seeds
     "ablation_variant": (3 * 3, "runs/ablations"),  # rational_ft, zero_init_ft, nora
     "ablation_rank": (5 * 3, "runs/ablations"),     # r = 1, 2, 3, 4, 8

@@ -8,7 +8,9 @@ from torch import nn
 
 from nora.adapter.inject import canonical_name, get_nora_config, nora_modules
 
-COMPONENTS = ("nora", "lora", "head", "base")
+COMPONENTS = ("nora", "lora", "head", "base", "bias", "ln_tuning", "ia3", "vera")
+# the low-budget baselines' trainable tensors, by a name peft (or BitFit, for biases) gives them
+BASELINE_MARKS = (("ln_tuning", "ln_tuning_layers"), ("ia3", "ia3_l"), ("vera", "vera_lambda_"))
 
 
 @dataclass
@@ -47,12 +49,14 @@ def parameter_report(model: nn.Module) -> ParameterReport:
     """Count total and trainable parameters (buffers excluded) and split the trainable ones.
 
     Components: ``nora`` (parameters of NoRA activations), ``lora`` (peft tuner parameters:
-    ``lora_A``/``lora_B``/DoRA magnitudes), ``head`` (the classifier / ``trainable_modules`` /
+    ``lora_A``/``lora_B``/DoRA magnitudes), ``bias`` (BitFit), ``ln_tuning``/``ia3``/``vera`` (peft's tuners
+    of those names), ``head`` (the classifier / ``trainable_modules`` /
     peft ``modules_to_save``), ``base`` (anything else, e.g. full fine-tuning).
     """
     nora_ids = {id(p) for m in nora_modules(model).values() for p in m.parameters()}
     heads = _head_patterns(model)
     comps = {c: 0 for c in COMPONENTS}
+    everything_trains = all(p.requires_grad for p in model.parameters())
     total = trainable = 0
     for name, p in model.named_parameters():
         if ".original_module." in name:
@@ -69,6 +73,10 @@ def parameter_report(model: nn.Module) -> ParameterReport:
             comps["lora"] += n
         elif "modules_to_save" in cname or any(h.fullmatch(cname.rsplit(".", 1)[0]) for h in heads):
             comps["head"] += n
+        elif any(mark in cname for _c, mark in BASELINE_MARKS):
+            comps[next(c for c, mark in BASELINE_MARKS if mark in cname)] += n
+        elif cname.endswith(".bias") and not everything_trains:
+            comps["bias"] += n  # BitFit (under full fine-tuning a bias is a base weight like any other)
         else:
             comps["base"] += n
     return ParameterReport(total=total, trainable=trainable, components=comps)

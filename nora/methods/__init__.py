@@ -13,6 +13,7 @@ nora           NoRA activations (+ the head)
 nora_pp        peft LoRA + NoRA, trained jointly (+ the head)
 rational_ft    NoRA activations with variant ``rational_ft`` (ablation)
 zero_init_ft   NoRA activations with variant ``zero_init_ft`` (ablation)
+bitfit, ...    low-budget baselines under ``baseline:`` (bitfit, ln_tuning, ia3, vera): nora/methods/baselines.py
 =============  ====================================================================
 """
 from __future__ import annotations
@@ -29,7 +30,14 @@ from nora.methods.config import MethodConfig, nora_groups_message
 from nora.models.config import ModelConfig, as_model_config
 from nora.schema import load
 
-METHODS = ("full", "linear_probe", "lora", "dora", "nora", "nora_pp", "rational_ft", "zero_init_ft")
+METHODS = ("full", "linear_probe", "lora", "dora", "nora", "nora_pp", "rational_ft", "zero_init_ft", "bitfit",
+           "ln_tuning", "ia3", "vera")
+VISION_ONLY = ("linear_probe", "bitfit")  # a new classifier head / bias terms: LLaMA-style decoders have neither
+
+
+def methods_for(family: str) -> tuple[str, ...]:
+    """The methods that apply to a model family (configs/method/*.yaml ``families``)."""
+    return tuple(m for m in METHODS if family == "vision" or m not in VISION_ONLY)
 
 
 @dataclass
@@ -70,7 +78,7 @@ def apply_method(model: nn.Module, method_cfg: MethodConfig, model_cfg: ModelCon
     name, family = method_cfg.name, model_cfg.family
     if family not in method_cfg.families:
         raise UserError(f"method={name} does not apply to {family} models; valid for {family}: "
-                        + ", ".join(m for m in METHODS if m != "linear_probe" or family == "vision"))
+                        + ", ".join(methods_for(family)))
     head = (model_cfg.head or "head") if family == "vision" and method_cfg.train_head else None
     injection = None
     if method_cfg.full:
@@ -83,7 +91,11 @@ def apply_method(model: nn.Module, method_cfg: MethodConfig, model_cfg: ModelCon
         if method_cfg.nora:
             injection = _inject_nora(model, method_cfg, None if method_cfg.lora else head, calibration_batches,
                                      forward)
-        if not method_cfg.lora and not method_cfg.nora:
+        if method_cfg.baseline:
+            from nora.methods.baselines import apply_baseline
+
+            model = apply_baseline(model, method_cfg.baseline, head, family)
+        elif not method_cfg.lora and not method_cfg.nora:
             if head is None:
                 raise UserError(f"method {name} trains nothing on a {family} model")
             model.get_submodule(head).requires_grad_(True)

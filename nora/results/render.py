@@ -21,8 +21,8 @@ from nora.results.stats import summarize
 from nora.results.subspace import METRICS, MethodAnalysis, analyse_method, identical_methods, summary_rows
 from nora.results.tables import (ABLATION_DATASET, ABLATION_DEFAULTS, ABLATION_MODEL, METHOD_LABEL, Report, Section,
                                  TABLE1_DATASETS, TABLE2_DATASETS, DATASET_LABEL, _at, ablation_report, by_seed,
-                                 demo_report, matched_report, ordered_methods, table1_report,
-                                 table2_report)
+                                 demo_report, demo_task, matched_report, ordered_methods, table1_low_budget_report,
+                                 table1_report, table2_report)
 
 RATIONAL_METHODS = ("nora", "nora_pp", "rational_ft", "zero_init_ft")
 SUBSPACE_METHODS = ("nora", "rational_ft", "zero_init_ft", "nora_pp")
@@ -105,23 +105,29 @@ def _points(runs: Sequence[Run], methods: Sequence[str], metric) -> list[figures
 
 # ----------------------------------------------------------------------------- per source
 def render_demo(col: Collection, out: Path, source: str, methods: Sequence[str] | None = None) -> dict:
+    from nora.demo import settings
+
     made = {"tables": [], "figures": []}
-    report = demo_report(col, methods, source=source)
+    tasks = settings()["tasks"]
+    report = demo_report(col, methods, source=source, tasks=tasks)
     made["tables"] += report.write(out)
-    runs = report.runs
-    if not runs:
+    if not report.runs:
         return made
     label = "digits demo (CPU), not CIFAR/LLaMA"
-    methods_present = ordered_methods(r.method for r in runs)
-    f = figures.accuracy_vs_params({"digits target task": _points(runs, methods_present, lambda r: r.accuracy)},
+    methods_present = ordered_methods(r.method for r in report.runs)
+    by_task = {t: [r for r in report.runs if demo_task(r, tasks) == t] for t in tasks}
+    f = figures.accuracy_vs_params({f"task {t}": _points(rs, methods_present, lambda r: r.accuracy)
+                                    for t, rs in by_task.items() if rs},
                                    out / "figures" / "demo_accuracy_vs_params.png",
                                    f"Accuracy vs trainable parameters: {label}")
     made["figures"] += [f] if f else []
+    main_task = next(iter(tasks))  # the activation figures and the subspace analysis: the first (main) task
+    runs = by_task[main_task]
     for m in RATIONAL_METHODS:
         made["figures"] += _activation_figure(
             [r for r in runs if r.method == m], out / "figures" / f"demo_activations_{m}.png",
-            lambda run: f"{METHOD_LABEL[m]}: learned activations per layer and group, seed {run.seed} "
-                        f"({label}); shaded: fit range")
+            lambda run, m=m: f"{METHOD_LABEL[m]}: learned activations per layer and group, task {main_task}, seed "
+                        f"{run.seed} ({label}); shaded: fit range")
     analyses = [analyse_method(m, _by_seed_dirs([r for r in runs if r.method == m])) for m in SUBSPACE_METHODS]
     analyses = [a for a in analyses if a is not None]
     have = {a.method for a in analyses}
@@ -202,7 +208,11 @@ INDEX = (
     ("demo", "Offline digits demo (CPU; not a CIFAR or LLaMA result)", "make demo"),
     ("demo_subspace", "Functional-subspace analysis of the digits demo's NoRA / rational FT / zero-init FT runs",
      "make demo (with rational_ft and zero_init_ft among its methods)"),
+    ("demo_diagnosis", "What limits NoRA in the digits demo, measured (pre-activation ranges, coefficient "
+     "movement, update ablations, learning curves, head lr)", "python -m nora.demo_diagnosis --experiments"),
     ("table1", "Table 1: ViT-Tiny on CIFAR-10/100, six methods", "make table1"),
+    ("table1_low_budget", "Table 1, low budget: NoRA vs BitFit, LN tuning, (IA)3, VeRA on ViT-Tiny/CIFAR",
+     "make table1"),
     ("table2", "Table 2: LLaMA-3-8B on Alpaca/OpenOrca, MMLU per category", "make table2"),
     ("ablations", "Ablations: variant, rank, groups, denominator form, numerator, initialisation", "make ablations"),
     ("ablations_subspace", "Functional-subspace analysis on ViT-Tiny/CIFAR-100", "make ablations"),
@@ -273,6 +283,7 @@ def render_all(runs: str | Path = "runs", out: str | Path = "results",
     t2 = collect(runs / "table2", runs / "eval")
     add(render_demo(collect(runs / "demo"), out, str(runs / "demo"), demo_methods))
     add(render_table1(t1, out, str(runs / "table1")))
+    made["tables"] += table1_low_budget_report(t1, source=str(runs / "table1")).write(out)
     add(render_table2(t2, out, str(runs / "table2"), str(runs / "eval")))
     add(render_ablations(collect(runs / "ablations"), t1, out, str(runs / "ablations"), str(runs / "table1")))
     rep = matched_report(t1, t2, sources=(str(runs / "table1"), str(runs / "table2")))

@@ -32,7 +32,7 @@ SWEEP_DIR = ROOT / "sweeps"
 
 # Every sweep file, grouped by the result it produces (what `make table1|table2|ablations` run).
 SWEEPS = {
-    "table1": ["table1"],
+    "table1": ["table1", "table1_low_budget"],
     "table2": ["table2"],
     "ablations": ["ablation_variant", "ablation_rank", "ablation_groups", "ablation_form", "ablation_numerator",
                   "ablation_init"],

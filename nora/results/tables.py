@@ -28,9 +28,11 @@ from nora.results import paper
 from nora.results.collect import BaseEval, Collection, Run, collect, mmlu_accuracy
 from nora.results.stats import PairedDiff, Summary, difference_to_constant, paired_difference, summarize
 
-METHOD_ORDER = ("full", "linear_probe", "lora", "dora", "nora", "nora_pp", "rational_ft", "zero_init_ft")
+METHOD_ORDER = ("full", "linear_probe", "lora", "dora", "nora", "nora_pp", "rational_ft", "zero_init_ft", "bitfit",
+                "ln_tuning", "ia3", "vera")
 METHOD_LABEL = {"full": "full FT", "linear_probe": "linear probe", "lora": "LoRA", "dora": "DoRA", "nora": "NoRA",
-                "nora_pp": "NoRA++", "rational_ft": "rational FT", "zero_init_ft": "zero-init FT"}
+                "nora_pp": "NoRA++", "rational_ft": "rational FT", "zero_init_ft": "zero-init FT", "bitfit": "BitFit",
+                "ln_tuning": "LN tuning", "ia3": "(IA)3", "vera": "VeRA"}
 DEFAULT_LORA_RANK = 8  # configs/method/{lora,dora,nora_pp}.yaml (checked by tests/test_results.py)
 MMLU_CATEGORIES = ("STEM", "humanities", "social_sciences", "other")
 CI_NOTE = ("Δ: this row minus the reference, paired by seed (the mean of the per-seed differences, in points), "
@@ -212,10 +214,21 @@ def _params(runs: Sequence[Run]) -> tuple[int | None, float | None]:
 
 
 # ----------------------------------------------------------------------------- demo
-def demo_report(col: Collection, methods: Sequence[str] | None = None, reference: str = "full",
-                source: str = "runs/demo") -> Report:
-    runs = [r for r in col.runs if r.dataset == "digits_target"]
-    methods = list(methods) if methods else ordered_methods(r.method for r in runs)
+# the two questions the demo exists to answer: does NoRA add anything to the probe it sits on, and NoRA++ to LoRA
+DEMO_PAIRS = (("nora", "linear_probe"), ("nora_pp", "lora"))
+
+
+def demo_task(r: Run, tasks: dict) -> str | None:
+    """The demo task (configs/demo/demo.yaml) a test-split run belongs to, by its classes and transform."""
+    d = r.config.get("dataset") or {}
+    if r.dataset != "digits_target" or d.get("eval_split", "test") != "test":
+        return None
+    return next((name for name, t in tasks.items() if list(d.get("classes") or []) == list(t["classes"])
+                 and d.get("transform", "none") == t["transform"]), None)
+
+
+def _demo_task_section(name: str, task: dict, runs: Sequence[Run], methods: Sequence[str],
+                       reference: str) -> Section:
     ref = by_seed([r for r in runs if r.method == reference], lambda r: r.accuracy)
     rows, csv_rows = [], []
     for m in methods:
@@ -225,24 +238,69 @@ def demo_report(col: Collection, methods: Sequence[str] | None = None, reference
         t = summarize([r.summary.get("wall_time_s") for r in mine])
         rows.append([METHOD_LABEL.get(m, m), *cells, fmt_int(trainable), fmt_share(pct),
                      "missing" if t.mean is None else f"{t.mean:.1f}"])
-        csv_rows.append({"method": m, "n": s.n, **stats_fields("accuracy", s),
-                         **diff_fields(f"delta_vs_{reference}", d),
-                         "trainable": trainable, "share_percent": _num(pct, 6), "time_per_run_s": _num(t.mean, 2)})
-    target = ""
-    if runs:
-        cfg = runs[0].config.get("dataset") or {}
-        if cfg.get("classes") is not None:
-            target = (f" Target task of these runs: digits {cfg.get('classes')} with transform "
-                      f"`{cfg.get('transform', 'none')}`.")
-    intro = [("**Offline digits demo, not a CIFAR or LLaMA result.** A small ViT is pretrained here on one "
-              "scikit-learn digits task (the source) and fine-tuned with each method on another (the target); "
-              "see `nora/demo.py`." + target + " Produced by `make demo` (`python -m nora.demo`)."),
+        csv_rows.append({"task": name, "method": m, "n": s.n, **stats_fields("accuracy", s),
+                         **diff_fields(f"delta_vs_{reference}", d), "trainable": trainable,
+                         "share_percent": _num(pct, 6), "time_per_run_s": _num(t.mean, 2)})
+    epochs = sorted({r.summary.get("epochs") for r in runs if r.summary.get("epochs") is not None})
+    heading = (f"Task `{name}`: {task.get('description', '')} (digits {task['classes']}, transform "
+               f"`{task['transform']}`; {'/'.join(map(str, epochs)) or '?'} epochs)")
+    cols = ["method", "n", "accuracy (%)", f"Δ vs {METHOD_LABEL.get(reference, reference)} (95% CI)",
+            "trainable params", "share", "time / run (s)"]
+    return Section(heading, cols, rows, csv_rows)
+
+
+def _demo_pairs_section(by_task: dict[str, list[Run]]) -> Section:
+    rows, csv_rows = [], []
+    for name, runs in by_task.items():
+        cells = []
+        for a, b in DEMO_PAIRS:
+            d = paired_difference(by_seed([r for r in runs if r.method == a], lambda r: r.accuracy),
+                                  by_seed([r for r in runs if r.method == b], lambda r: r.accuracy))
+            cells.append(d.fmt())
+            csv_rows.append({"task": name, "method": a, **diff_fields(f"delta_vs_{b}", d)})
+        rows.append([f"`{name}`", *cells])
+    cols = ["task"] + [f"{METHOD_LABEL[a]} − {METHOD_LABEL[b]} (95% CI)" for a, b in DEMO_PAIRS]
+    note = ("Each cell: the per-seed differences in test accuracy (points), paired by seed (same backbone, same data "
+            "order, same head initialisation), their mean and t-based 95% interval. An interval that contains 0 "
+            "means these seeds cannot tell the two methods apart on that task.")
+    return Section("Paired differences: NoRA − linear probe and NoRA++ − LoRA", cols, rows, csv_rows, [note])
+
+
+def _demo_summary_section(by_task: dict[str, list[Run]], methods: Sequence[str]) -> Section:
+    rows = []
+    for m in methods:
+        cells = []
+        for runs in by_task.values():
+            s = summarize(by_seed([r for r in runs if r.method == m], lambda r: r.accuracy).values())
+            cells.append(s.fmt(1) + (f" (n={s.n})" if s.n else ""))
+        trainable, _pct = _params([r for runs in by_task.values() for r in runs if r.method == m])
+        rows.append([METHOD_LABEL.get(m, m), fmt_int(trainable), *cells])
+    return Section("Summary across tasks (test accuracy %, mean ± std over seeds)",
+                   ["method", "trainable params"] + [f"`{t}`" for t in by_task], rows, [])
+
+
+def demo_report(col: Collection, methods: Sequence[str] | None = None, reference: str = "full",
+                source: str = "runs/demo", tasks: dict | None = None) -> Report:
+    """results/demo.md: one section per target task, the paired differences, a summary across tasks."""
+    if tasks is None:
+        from nora.demo import settings
+
+        tasks = settings()["tasks"]
+    by_task = {name: [r for r in col.runs if demo_task(r, tasks) == name] for name in tasks}
+    runs = [r for rs in by_task.values() for r in rs]
+    methods = list(methods) if methods else ordered_methods(r.method for r in runs)
+    sections = [_demo_task_section(name, tasks[name], rs, methods, reference) for name, rs in by_task.items()]
+    sections += [_demo_pairs_section(by_task), _demo_summary_section(by_task, methods)]
+    intro = [("**Offline digits demo, not a CIFAR or LLaMA result.** A small ViT is pretrained here on upright "
+              "scikit-learn digits 0-4 (the source) and fine-tuned with each method on three target tasks with "
+              "different kinds of shift (configs/demo/demo.yaml); see `nora/demo.py`. Produced by `make demo` "
+              "(`python -m nora.demo`; `make demo-full` runs more seeds). Learning rates: "
+              "`configs/demo/learning_rates.yaml`, tuned on a validation split (`demo_lr_sweep.md`). What limits "
+              "NoRA here, measured: [demo_diagnosis.md](demo_diagnosis.md)."),
              ("Accuracy: final test accuracy (%), mean ± std over seeds. " + CI_NOTE.replace(
                  "the reference", f"{METHOD_LABEL.get(reference, reference)}")),
-             (f"For scale only: the paper's CIFAR numbers ({paper.TABLE1_NOTE}) are not comparable to this task.")]
-    sec = Section(None, ["method", "n", "accuracy (%)", f"Δ vs {METHOD_LABEL.get(reference, reference)} (95% CI)",
-                         "trainable params", "share", "time / run (s)"], rows, csv_rows)
-    return Report("demo", "Offline demo: fine-tuning on scikit-learn digits (CPU)", intro, [sec], runs, [source],
+             (f"For scale only: the paper's CIFAR numbers ({paper.TABLE1_NOTE}) are not comparable to these tasks.")]
+    return Report("demo", "Offline demo: fine-tuning on scikit-learn digits (CPU)", intro, sections, runs, [source],
                   make="make demo")
 
 
@@ -280,6 +338,46 @@ def table1_report(col: Collection, seeds: int = 3, source: str = "runs/table1") 
                   rows, csv_rows, _ignored_note([r for r in col.runs], runs, "other models, datasets or ranks"))
     return Report("table1", "Table 1: ViT-Tiny on CIFAR-10 and CIFAR-100", intro, [sec], runs, [source],
                   expected=len(TABLE1_METHODS) * len(TABLE1_DATASETS) * seeds, make="make table1")
+
+
+# Table 1's low-budget companion (sweeps/table1_low_budget.yaml): NoRA among the methods of its own size
+LOW_BUDGET_METHODS = ("linear_probe", "nora", "bitfit", "ln_tuning", "ia3", "vera")
+
+
+def low_budget_section(runs: Sequence[Run], datasets, heading: str | None) -> Section:
+    """One row per (dataset, method): accuracy, NoRA minus the method paired by seed, trainable count."""
+    rows, csv_rows = [], []
+    for ds in datasets:
+        ref = by_seed([r for r in runs if r.dataset == ds and r.method == "nora"], lambda r: r.accuracy)
+        for m in LOW_BUDGET_METHODS:
+            mine = [r for r in runs if r.dataset == ds and r.method == m]
+            acc = by_seed(mine, lambda r: r.accuracy)
+            s = summarize(acc.values())
+            d = None if m == "nora" else paired_difference(ref, acc)
+            trainable, pct = _params(mine)
+            rows.append([DATASET_LABEL.get(ds, ds), METHOD_LABEL[m], fmt_int(trainable), fmt_share(pct), str(s.n),
+                         s.fmt(), "reference" if m == "nora" else d.fmt()])
+            csv_rows.append({"dataset": ds, "method": m, "trainable": trainable, "share_percent": _num(pct, 6),
+                             "n": s.n, **stats_fields("accuracy", s), **diff_fields("nora_minus_method", d)})
+    cols = ["dataset", "method", "trainable params", "share of total", "n", "accuracy (%)",
+            "NoRA minus this method (95% CI)"]
+    return Section(heading, cols, rows, csv_rows)
+
+
+def table1_low_budget_report(col: Collection, seeds: int = 3, source: str = "runs/table1") -> Report:
+    runs = [r for r in col.runs if r.model == "vit_tiny" and r.dataset in TABLE1_DATASETS
+            and r.method in LOW_BUDGET_METHODS]
+    intro = [("Table 1's low-budget companion: NoRA on ViT-Tiny / CIFAR next to the methods that train as few "
+              "parameters as it does (`sweeps/table1_low_budget.yaml`, Table 1's seeds and recipe; the linear probe "
+              "and NoRA rows are Table 1's runs). BitFit trains the biases, LN tuning the norm layers, (IA)3 "
+              "scaling vectors on qkv and fc2, VeRA per-layer scaling vectors over shared random projections "
+              "(r=64); every method also trains the new head (`configs/method/*.yaml`)."),
+             ("Accuracy: final test accuracy (%), mean ± std over seeds. Last column: NoRA minus the method, paired "
+              "by seed, with a t-based 95% CI; positive favours NoRA.")]
+    sec = low_budget_section(runs, TABLE1_DATASETS, None)
+    return Report("table1_low_budget", "Table 1, low budget: NoRA vs methods of its size (ViT-Tiny, CIFAR)", intro,
+                  [sec], runs, [source], expected=len(LOW_BUDGET_METHODS) * len(TABLE1_DATASETS) * seeds,
+                  make="python train.py -m --config-dir sweeps --config-name table1_low_budget")
 
 
 # ----------------------------------------------------------------------------- table 2
@@ -494,18 +592,24 @@ def matched_report(vit: Collection, llama: Collection, seeds: int = 3,
                 and r.method in ("lora", "dora", "nora_pp")]
     llama_runs = [r for r in llama.runs if r.model == TABLE2_MODEL and r.dataset in TABLE2_DATASETS
                   and r.method in ("lora", "dora", "nora_pp") and r.mmlu]
+    low = [r for r in vit.runs if r.model == "vit_tiny" and r.dataset in TABLE1_DATASETS
+           and r.method in LOW_BUDGET_METHODS]
     sections = [_matched_section(vit_runs, TABLE1_DATASETS, lambda r: r.accuracy,
                                  "ViT-Tiny: test accuracy (%)"),
                 _matched_section(llama_runs, TABLE2_DATASETS, _mmlu(None),
-                                 "LLaMA-3-8B: MMLU average (%)")]
+                                 "LLaMA-3-8B: MMLU average (%)"),
+                low_budget_section(low, TABLE1_DATASETS, "ViT-Tiny at NoRA's own budget: NoRA vs BitFit, LN tuning, "
+                                   "(IA)3, VeRA (test accuracy %)")]
     used = [r for r in vit_runs + llama_runs
-            if any(r.method == a[0] and lora_rank(r) == a[1] for a in ARMS)]
+            if any(r.method == a[0] and lora_rank(r) == a[1] for a in ARMS)] + low
     intro = [("NoRA++ against LoRA and DoRA at the two ranks whose trainable counts bracket NoRA++'s "
               "(`sweeps/matched_vit.yaml`, `sweeps/matched_llama.yaml`; the arithmetic is in `sweeps/README.md`, "
               "`python -m nora.results budget`). The rank-8 arms and NoRA++ are Table 1/2's runs. Same training "
               "recipe (steps, batch, schedule) for every arm."),
              ("Last column: NoRA++ minus the arm, paired by seed, with a t-based 95% CI over the paired "
               "differences; positive favours NoRA++."),
+             ("The last section compares NoRA (0.02M trainable on CIFAR-100, head included) with the methods of its "
+              "own size (`sweeps/table1_low_budget.yaml`); there the last column is NoRA minus the method."),
              f"Paper: {paper.SOURCE}: {paper.MATCHED_NOTE}."]
     return Report("matched_budget", "Matched budget: NoRA++ vs LoRA/DoRA at bracketing ranks", intro, sections,
                   used, list(sources), expected=len(ARMS) * 2 * seeds * 2,
@@ -514,9 +618,9 @@ def matched_report(vit: Collection, llama: Collection, seeds: int = 3,
 
 # ----------------------------------------------------------------------------- entry points
 def render_demo_table(root: str | Path, out: str | Path | None = None, methods: list[str] | None = None,
-                      reference: str = "full") -> str:
-    """Markdown table of the digits demo (what ``nora.demo`` calls); writes ``out`` and the CSV beside it."""
-    report = demo_report(collect(root), methods, reference, source=str(root))
+                      reference: str = "full", tasks: dict | None = None) -> str:
+    """Markdown tables of the digits demo; writes ``out`` and the CSV beside it."""
+    report = demo_report(collect(root), methods, reference, source=str(root), tasks=tasks)
     text = report.markdown()
     if out is not None:
         out = Path(out)

@@ -1,0 +1,359 @@
+"""Measurements behind results/demo_diagnosis.md: what limits NoRA and NoRA++ in the digits demo.
+
+Read from finished demo runs (nothing here is guessed or re-trained, except the runs ``--experiments`` adds):
+
+* **pre-activation range**: the inputs of every replaced activation on the test images, before training (the
+  source backbone with GELU) and after (the trained run): the share outside the fit range the base rational was
+  fitted over, and the 0.1 / 99.9 percentiles;
+* **coefficient movement**: per layer, how far the numerator and denominator coefficients moved (relative to the
+  base rational's), and how far the learnt activations moved from the base one inside the fit range and at
+  |x| = 4;
+* **which part of the update matters**: test accuracy of the trained run with its numerator update, or its
+  denominator update, removed;
+* **learning curves**: test accuracy after every epoch of the demo's runs (the demo evaluates each epoch; nothing
+  is chosen by it);
+* **split sizes**: how many images the validation and test accuracies rest on;
+* ``--experiments``: NoRA at other head learning rates, and the linear probe at the same ones, on the validation
+  split (does the shared head lr decide the NoRA - probe gap?).
+
+    python -m nora.demo_diagnosis                 # analyse runs/demo (make demo first), write the report
+    python -m nora.demo_diagnosis --experiments   # plus the head-lr runs (runs/demo_diagnosis)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from nora.results.stats import paired_difference, summarize
+
+
+# ----------------------------------------------------------------------------- rebuilding a run
+def eval_images(cfg, model) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's evaluation images, normalised as its evaluation saw them, and their labels."""
+    from nora.data.batched import BatchedAugment, as_uint8_tensors
+    from nora.data.vision import load_vision_dataset
+    from nora.models.vision import input_size, pretrained_cfg
+
+    _train, evaluation, _k = load_vision_dataset(cfg.dataset)
+    images, labels = as_uint8_tensors(evaluation)
+    pcfg = pretrained_cfg(model)
+    aug = BatchedAugment(input_size(model), pcfg.get("mean", (0.5,) * 3), pcfg.get("std", (0.5,) * 3),
+                         pcfg.get("interpolation"), train=False)
+    return aug(images, torch.Generator().manual_seed(0)), labels
+
+
+def act_inputs(model, x: torch.Tensor, suffix: str = "mlp.act") -> dict[str, torch.Tensor]:
+    """The input of every MLP activation (``*.mlp.act``) for images ``x``: one flat tensor per layer."""
+    seen, hooks = {}, []
+    for name, mod in model.named_modules():
+        if name.endswith(suffix):
+            key = name[name.index("blocks"):] if "blocks" in name else name
+            hooks.append(mod.register_forward_hook(lambda m, inp, out, k=key: seen.__setitem__(k, inp[0].detach())))
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: v.flatten() for k, v in sorted(seen.items())}
+
+
+def range_stats(t: torch.Tensor, fit_range: tuple[float, float]) -> dict:
+    lo, hi = fit_range
+    q = torch.quantile(t[torch.randperm(t.numel(), generator=torch.Generator().manual_seed(0))[:200_000]].double(),
+                       torch.tensor([0.001, 0.999], dtype=torch.float64))
+    return {"outside": float(((t < lo) | (t > hi)).double().mean()) * 100, "p001": float(q[0]), "p999": float(q[1]),
+            "absmax": float(t.abs().max())}
+
+
+def accuracy(model, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model.eval()(x).argmax(-1) == y).double().mean()) * 100
+
+
+@contextmanager
+def without_update(model, part: str):
+    """Temporarily zero NoRA's low-rank update of the numerator (``num``), the denominator (``den``) or both
+    (``all``: the trained head and, for NoRA++, LoRA, over the base rationals)."""
+    from nora.adapter.inject import nora_modules
+
+    saved = []
+    for mod in nora_modules(model).values():
+        for p in ([mod.nora_B_num, mod.nora_B_den] if part == "all" else [getattr(mod, f"nora_B_{part}")]):
+            saved.append((p, p.detach().clone()))
+            with torch.no_grad():
+                p.zero_()
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for p, v in saved:
+                p.copy_(v)
+
+
+def coefficient_stats(model, data_range: dict[str, tuple[float, float]] | None = None) -> dict[str, dict]:
+    """Per NoRA layer: relative coefficient change and how far the groups' curves left the base curve (over the
+    fit range, over ``data_range[layer]`` (where the layer's inputs lie), and at |x| = 4)."""
+    from nora.adapter.inject import nora_modules
+    from nora.rational.functional import rational_reference
+
+    out = {}
+    x = torch.linspace(-4.0, 4.0, 801, dtype=torch.float64)
+    for name, mod in nora_modules(model).items():
+        with torch.no_grad():
+            num, den = (t.detach().double() for t in mod.coefficients())
+            bnum, bden = mod.base_numerator.double().expand_as(num), mod.base_denominator.double()
+            g = num.shape[0]
+            y = rational_reference(x[:, None].expand(-1, g).contiguous(), num, den, mod.form)
+            base = rational_reference(x[:, None].expand(-1, g).contiguous(), bnum, bden, mod.form)
+        lo, hi = mod.fit_range or (-3.0, 3.0)
+        inside = (x >= lo) & (x <= hi)
+        dev = (y - base).abs()
+        edge = dev[(x.abs() - 4.0).abs() < 1e-9]
+        key = name[name.index("blocks"):] if "blocks" in name else name
+        dlo, dhi = (data_range or {}).get(key, (lo, hi))
+        in_data = (x >= dlo) & (x <= dhi)
+        out[key] = {"max_dev_data": float(dev[in_data].max()) if bool(in_data.any()) else 0.0,
+                    "num_rel": float((num - bnum).norm() / bnum.norm()),
+                    "den_rel": float((den - bden).norm() / bden.norm()),
+                    "max_dev_fit": float(dev[inside].max()), "mean_dev_at_4": float(edge.mean())}
+    return out
+
+
+def analyse_run(run_dir: Path) -> dict:
+    """Everything measured on one trained NoRA / NoRA++ run (test images of its task)."""
+    from nora.runs import build_base_model, load_trained_model
+
+    trained = load_trained_model(run_dir)
+    cfg = trained.config
+    base, _tok = build_base_model(cfg)
+    x, y = eval_images(cfg, base)
+    fit_range = tuple(cfg.method.nora.fit_range)
+    before = {k: range_stats(v, fit_range) for k, v in act_inputs(base, x).items()}
+    after = {k: range_stats(v, fit_range) for k, v in act_inputs(trained.model, x).items()}
+    acc = accuracy(trained.model, x, y)
+    with without_update(trained.model, "num") as m:
+        no_num = accuracy(m, x, y)
+    with without_update(trained.model, "den") as m:
+        no_den = accuracy(m, x, y)
+    with without_update(trained.model, "all") as m:
+        no_nora = accuracy(m, x, y)
+    return {"run": run_dir.name, "seed": int(cfg.seed), "fit_range": fit_range, "before": before, "after": after,
+            "coefficients": coefficient_stats(trained.model, {k: (v["p001"], v["p999"]) for k, v in after.items()}),
+            "accuracy": acc, "without_num_update": no_num,
+            "without_den_update": no_den, "without_nora_update": no_nora, "n_test": int(y.numel())}
+
+
+# ----------------------------------------------------------------------------- split sizes
+def split_sizes(task: str) -> dict[str, int]:
+    """Images in the task's training, validation (tuning) and test splits."""
+    from nora.data.vision import load_vision_dataset
+    from nora.demo import _compose, _digits_overrides, settings
+
+    t = settings()["tasks"][task]
+    sizes = {}
+    for split in ("test", "validation"):
+        cfg = _compose(["experiment=demo", f"dataset.eval_split={split}"] + _digits_overrides(t))
+        train, evaluation, _k = load_vision_dataset(cfg.dataset)
+        sizes[f"train ({'all training images' if split == 'test' else 'tuning'})"] = len(train)
+        sizes[split] = len(evaluation)
+    return sizes
+
+
+def split_section(sizes: dict[str, int], p: float = 0.7) -> list[str]:
+    lines = ["### How many images decide a number", "",
+             f"Binomial standard error of one run's accuracy at {p:.0%} (sqrt(p(1-p)/n), in points): the noise of a "
+             "single evaluation, before any seed-to-seed variation.", "",
+             "| split | images | standard error (points) |", "|---|---|---|"]
+    lines += [f"| {k} | {n} | {100 * (p * (1 - p) / n) ** 0.5:.1f} |" for k, n in sizes.items()]
+    return lines + [""]
+
+
+# ----------------------------------------------------------------------------- learning curves
+def learning_curve(run_dir: Path) -> list[float]:
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["eval/accuracy"] for r in recs if "eval/accuracy" in r]
+
+
+def demo_curves(task_root: Path, methods) -> dict[str, list[list[float]]]:
+    """Per method: the test-accuracy curve (after each epoch) of every demo run of it on the task."""
+    out = {}
+    for method in methods:
+        runs = sorted(d for d in task_root.glob(f"{method}_s*") if (d / "summary.json").exists())
+        curves = [learning_curve(r) for r in runs]
+        if curves:
+            out[method] = curves
+    return out
+
+
+# ----------------------------------------------------------------------------- head-lr experiment
+HEAD_LRS = (0.03, 0.3)  # the shared head lr and a tenth of it
+
+
+def head_lr_experiment(weights: Path, out_root: Path, seeds=(0, 1, 2), n_procs: int = 2) -> dict:
+    """NoRA and the linear probe at several head learning rates (validation split of the main task)."""
+    from nora.demo import run_jobs, settings
+
+    task = next(iter(settings()["tasks"]))
+    jobs = [dict(method=m, task=task, seed=s, weights=weights, out_root=out_root,
+                 extra=["dataset.eval_split=validation"], name=f"{m}_head{h:g}_s{s}", head_lr=h,
+                 lrs=({"lr": h} if m == "linear_probe" else None))
+            for h in HEAD_LRS for m in ("linear_probe", "nora") for s in seeds]
+    res = run_jobs(jobs, n_procs)
+    table = {}
+    for r in res:
+        j = r["job"]
+        table.setdefault((j["method"], j["head_lr"]), {})[j["seed"]] = r["accuracy"]
+    return table
+
+
+NORA_LRS = (3e-3, 1e-2, 3e-2)  # the demo's tuned lr (3e-2) and smaller steps
+
+
+def nora_lr_experiment(weights: Path, out_root: Path, seeds=(0, 1, 2), n_procs: int = 2) -> dict:
+    """NoRA at smaller learning rates (validation split of the main task): accuracy and how far the update moves."""
+    from nora.demo import run_jobs, settings
+
+    task = next(iter(settings()["tasks"]))
+    jobs = [dict(method="nora", task=task, seed=s, weights=weights, out_root=out_root,
+                 extra=["dataset.eval_split=validation"], name=f"nora_lr{lr:g}_s{s}", lrs={"lr": lr})
+            for lr in NORA_LRS for s in seeds]
+    run_jobs(jobs, n_procs)
+    table = {}
+    for lr in NORA_LRS:
+        for s in seeds:
+            a = analyse_run(out_root / task / f"nora_lr{lr:g}_s{s}")
+            table.setdefault(lr, []).append(a)
+    return table
+
+
+def nora_lr_section(table: dict) -> list[str]:
+    if not table:
+        return []
+    lines = ["### NoRA's learning rate: accuracy and update size (validation split, main task)", "",
+             "Mean over seeds and layers: relative denominator change, and the largest deviation of a group's curve "
+             "from the base curve where the inputs lie.", "",
+             "| NoRA lr | n | validation accuracy (%) | rel. numerator change | rel. denominator change | "
+             "max abs(F - F_base) where inputs lie |", "|---|---|---|---|---|---|"]
+    for lr, analyses in table.items():
+        acc = summarize([a["accuracy"] for a in analyses])
+        per = {f: summarize([v[f] for a in analyses for v in a["coefficients"].values()]).mean
+               for f in ("num_rel", "den_rel", "max_dev_data")}
+        lines.append(f"| {lr:g} | {acc.n} | {acc.fmt()} | {per['num_rel']:.2f} | {per['den_rel']:.2f} | "
+                     f"{per['max_dev_data']:.2f} |")
+    return lines + [""]
+
+
+# ----------------------------------------------------------------------------- report
+def _fmt_range(s: dict) -> str:
+    return f"{s['outside']:.1f}% [{s['p001']:+.1f}, {s['p999']:+.1f}]"
+
+
+def range_section(analyses: list[dict], label: str) -> list[str]:
+    a0 = analyses[0]
+    lines = [f"### {label}: pre-activations vs the fit range {list(a0['fit_range'])} (seed {a0['seed']}, test images)",
+             "", "Share of MLP pre-activations outside the fit range, and their 0.1 / 99.9 percentiles.", "",
+             "| layer | before training (source backbone, GELU) | after training |", "|---|---|---|"]
+    lines += [f"| {k} | {_fmt_range(a0['before'][k])} | {_fmt_range(a0['after'][k])} |" for k in a0["before"]]
+    return lines + [""]
+
+
+def coefficient_section(analyses: list[dict], label: str) -> list[str]:
+    keys = list(analyses[0]["coefficients"])
+    lines = [f"### {label}: how far the coefficients and curves moved (mean over {len(analyses)} seeds)", "",
+             "Relative change of the numerator and denominator coefficient matrices (norm of the update over the norm "
+             "of the base coefficients); largest deviation of any group's curve from the base curve where the "
+             "layer's inputs lie (their 0.1-99.9 percentile range after training), over the whole fit range, and "
+             "mean over groups at |x| = 4 (where no input goes).", "",
+             "| layer | rel. numerator change | rel. denominator change | max abs(F - F_base) where inputs lie | "
+             "max abs(F - F_base) in fit range | abs(F - F_base) at x = ±4 |", "|---|---|---|---|---|---|"]
+    for k in keys:
+        vals = [summarize([a["coefficients"][k][f] for a in analyses]).mean for f in
+                ("num_rel", "den_rel", "max_dev_data", "max_dev_fit", "mean_dev_at_4")]
+        lines.append(f"| {k} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
+    return lines + [""]
+
+
+def ablation_section(by_method: dict[str, list[dict]]) -> list[str]:
+    lines = ["### Which part of the update matters (test accuracy %, mean over seeds; Δ: paired by seed, 95% CI)", "",
+             "The trained run, and the same run with a part of its NoRA update set to zero (everything else, the head "
+             "and for NoRA++ LoRA, as trained).", "",
+             "| method | n | trained | numerator update removed (Δ) | denominator update removed (Δ) | "
+             "whole NoRA update removed (Δ) |", "|---|---|---|---|---|---|"]
+    for label, analyses in by_method.items():
+        full = {a["seed"]: a["accuracy"] for a in analyses}
+        cells = [paired_difference({a["seed"]: a[k] for a in analyses}, full).fmt()
+                 for k in ("without_num_update", "without_den_update", "without_nora_update")]
+        lines.append(f"| {label} | {len(analyses)} | {summarize(full.values()).fmt()} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def curves_section(curves: dict[str, list[list[float]]]) -> list[str]:
+    if not curves:
+        return ["### Learning curves", "", "Not measured: no demo runs with per-epoch evaluation were found.", ""]
+    n = max(len(c) for cs in curves.values() for c in cs)
+    lines = ["### Learning curves (test accuracy % after each epoch, mean over the demo's seeds)", "",
+             "| method | " + " | ".join(str(e + 1) for e in range(n)) + " |", "|---|" + "---|" * n]
+    for m, cs in curves.items():
+        means = [summarize([c[e] for c in cs if len(c) > e]).mean for e in range(n)]
+        lines.append(f"| {m} | " + " | ".join("" if v is None else f"{v:.0f}" for v in means) + " |")
+    return lines + [""]
+
+
+def head_lr_section(table: dict) -> list[str]:
+    if not table:
+        return []
+    lines = ["### Head learning rate (validation split, main task; NoRA at its tuned lr)", "",
+             "| head lr | linear probe | NoRA | NoRA − linear probe (paired, 95% CI) |", "|---|---|---|---|"]
+    for h in HEAD_LRS:
+        lp, nr = table.get(("linear_probe", h), {}), table.get(("nora", h), {})
+        lines.append(f"| {h:g} | {summarize(lp.values()).fmt()} | {summarize(nr.values()).fmt()} | "
+                     f"{paired_difference(nr, lp).fmt()} |")
+    return lines + [""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", default="runs/demo")
+    ap.add_argument("--out", default="results/demo_diagnosis_measurements.md")
+    ap.add_argument("--experiments", action="store_true", help="also run the head-lr experiment")
+    ap.add_argument("--jobs", type=int, default=2)
+    args = ap.parse_args(argv)
+    from nora.demo import _one_thread_worker, pretrain_source, settings
+
+    _one_thread_worker()
+    conf = settings()
+    task = next(iter(conf["tasks"]))
+    root = Path(args.runs) / task
+    lines = [f"# Digits demo: diagnosis measurements (task `{task}`)", "",
+             "Written by `python -m nora.demo_diagnosis` from the runs under "
+             f"`{args.runs}`; read with [demo_diagnosis.md](demo_diagnosis.md).", ""]
+    by_method = {}
+    for method, label in (("nora", "NoRA"), ("nora_pp", "NoRA++")):
+        dirs = sorted(d for d in root.glob(f"{method}_s*") if (d / "summary.json").exists())
+        if not dirs:
+            continue
+        by_method[label] = [analyse_run(d) for d in dirs]
+        lines += range_section(by_method[label], label) + coefficient_section(by_method[label], label)
+    if by_method:
+        lines += ablation_section(by_method)
+    lines += split_section(split_sizes(task))
+    lines += curves_section(demo_curves(root, conf["methods"]))
+    if args.experiments:
+        weights = pretrain_source(Path(args.runs))
+        out_root = Path(str(args.runs) + "_diagnosis")
+        lines += head_lr_section(head_lr_experiment(weights, out_root, n_procs=args.jobs))
+        lines += nora_lr_section(nora_lr_experiment(weights, out_root, n_procs=args.jobs))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines).rstrip("\n") + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
