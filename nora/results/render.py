@@ -157,7 +157,7 @@ def render_table1(col: Collection, out: Path, source: str) -> dict:
             made["figures"] += _activation_figure(
                 [r for r in runs if r.dataset == ds and r.method == m],
                 out / "figures" / f"table1_activations_{m}_{ds}.png",
-                lambda run: f"{METHOD_LABEL[m]} on ViT-Tiny / {DATASET_LABEL[ds]}, seed {run.seed}: "
+                lambda run, m=m, ds=ds: f"{METHOD_LABEL[m]} on ViT-Tiny / {DATASET_LABEL[ds]}, seed {run.seed}: "
                             "learned activations per layer and group; shaded: fit range")
     return made
 
@@ -176,7 +176,7 @@ def render_table2(col: Collection, out: Path, source: str, eval_source: str = "r
         made["figures"] += _activation_figure(
             [r for r in report.runs if r.dataset == ds and r.method == "nora_pp"],
             out / "figures" / f"table2_activations_nora_pp_{ds}.png",
-            lambda run: f"NoRA++ on LLaMA-3-8B / {DATASET_LABEL[ds]}, seed {run.seed}: learned SiLU rationals "
+            lambda run, ds=ds: f"NoRA++ on LLaMA-3-8B / {DATASET_LABEL[ds]}, seed {run.seed}: learned SiLU rationals "
                         "(12 of 32 layers); shaded: fit range")
     return made
 
