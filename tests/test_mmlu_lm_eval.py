@@ -95,7 +95,7 @@ def test_lm_eval_cli_nora_model_scores_a_nora_pp_run_as_eval_py(tmp_path, nora_p
     from hydra import compose, initialize_config_dir
 
     from mmlu_fixtures import make_fixture, write_parquet
-    from nora.eval.cli import run_eval
+    from nora.eval.run import run_eval
 
     mod = _agreement_module()
     subjects = mod.SUBJECTS

@@ -47,8 +47,9 @@ def train_process(overrides, tmp_path, name="a"):
     """``python train.py <overrides>`` as a real process (stdout/stderr to files); always killed at the end."""
     out, err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
     with open(out, "w") as o, open(err, "w") as e:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *overrides], cwd=tmp_path, env=_env(),
-                                stdout=o, stderr=e)
+        # the run name fixed, so the tests know the directory whatever overrides they pass (nora.runs.naming)
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *overrides, f"run_name={RUN_NAME}"],
+                                cwd=tmp_path, env=_env(), stdout=o, stderr=e)
     proc.out, proc.err = out, err
     try:
         yield proc
@@ -92,8 +93,8 @@ def test_a_second_process_is_refused_and_a_dead_holders_lock_is_taken_over(cifar
         wait_until(lambda: (run_dir / "checkpoints/last.pt").exists(), first, "the first checkpoint")
         holder = json.loads((run_dir / ".lock").read_text())
         assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
-        second = subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides], cwd=tmp_path, env=_env(),
-                                capture_output=True, text=True, timeout=300)
+        second = subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides, f"run_name={RUN_NAME}"],
+                                cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
         assert second.returncode == 2
         lines = error_lines(second.stderr)
         assert len(lines) == 1 and "Traceback" not in second.stderr + second.stdout
@@ -117,7 +118,7 @@ def test_the_lock_is_released_by_a_run_that_fails(cifar10, tmp_path):
     from nora.runs.lock import RunLock
 
     cfg = make_cfg(tiny_overrides(cifar10, tmp_path, "nora", ["trainer.optimizer=adam"]))
-    with pytest.raises(UserError, match="unknown trainer.optimizer"):
+    with pytest.raises(UserError, match="trainer.optimizer='adam'; valid: adamw, sgd"):
         run_training(cfg, run_dir=tmp_path / "run")
     with RunLock(tmp_path / "run"):  # free again
         assert json.loads((tmp_path / "run/.lock").read_text())["pid"] == os.getpid()
@@ -126,7 +127,7 @@ def test_the_lock_is_released_by_a_run_that_fails(cifar10, tmp_path):
 def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, capsys):
     import errno
 
-    from nora import run_lock
+    from nora.runs import lock as run_lock
 
     def no_locks(fd, op):  # what flock raises on NFS/Lustre mounts without lock support
         raise OSError(errno.ENOLCK, "No locks available")
@@ -292,7 +293,8 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(cifar10, tmp
 
 def test_a_read_only_output_directory_is_one_line_from_train_py(cifar10, tmp_path):
     with mounted(tmp_path / "ro", source="bind") as ro:
-        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_overrides(cifar10, ro, "nora")],
+        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_overrides(cifar10, ro, "nora"),
+                               f"run_name={RUN_NAME}"],
                               cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
     assert error_lines(proc.stderr) == [f"error: cannot write {ro / RUN_NAME}: [Errno 30] Read-only file system"]
@@ -367,11 +369,11 @@ def test_the_slurm_timeout_signal_checkpoints_before_submitit_requeues(cifar10, 
 
     real, calls = ClassificationTask.loss, {"n": 0}
 
-    def loss_then_signal(self, model, batch):
+    def loss_then_signal(self, model, batch, normalizer):
         calls["n"] += 1
         if calls["n"] == 3:  # SLURM's signal arrives during the third step
             os.kill(os.getpid(), signal.SIGUSR2)
-        return real(self, model, batch)
+        return real(self, model, batch, normalizer)
 
     monkeypatch.setattr(ClassificationTask, "loss", loss_then_signal)
     previous = signal.signal(signal.SIGUSR2, submitit_requeue)

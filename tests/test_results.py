@@ -519,17 +519,20 @@ def test_render_all_from_fixture_tree(tmp_path):
 
 
 def test_defaults_match_the_configs():
-    from omegaconf import OmegaConf
+    from hydra import compose, initialize_config_dir
 
-    cfgdir = Path(__file__).resolve().parents[1] / "configs"
+    cfgdir = str(Path(__file__).resolve().parents[1] / "configs")
+    with initialize_config_dir(config_dir=cfgdir, version_base="1.3"):  # method files compose their blocks
+        composed = {m: compose("train", overrides=[f"method={m}", "model=vit_tiny"])
+                    for m in ("lora", "dora", "nora_pp", "nora")}
     for m in ("lora", "dora", "nora_pp"):
-        assert OmegaConf.load(cfgdir / "method" / f"{m}.yaml").lora.r == DEFAULT_LORA_RANK
-    n = OmegaConf.load(cfgdir / "method" / "nora.yaml").nora
+        assert composed[m].method.lora.r == DEFAULT_LORA_RANK
+    n = composed["nora"].method.nora
     assert (n.r, n.groups, n.form, n.numerator) == (ABLATION_DEFAULTS["method.nora.r"],
                                                      ABLATION_DEFAULTS["method.nora.groups"],
                                                      ABLATION_DEFAULTS["method.nora.form"],
                                                      ABLATION_DEFAULTS["method.nora.numerator"])
-    assert OmegaConf.load(cfgdir / "model" / "vit_tiny.yaml").nora_init == ABLATION_DEFAULTS["method.nora.init"]
+    assert n.init == ABLATION_DEFAULTS["method.nora.init"]
 
 
 def test_cli(tmp_path, capsys):
