@@ -20,8 +20,9 @@ from torch import nn
 
 from nora.config import per_family
 from nora.errors import UserError
+from nora.methods.config import BASELINE_KINDS, BaselineSettings
 
-KINDS = ("bitfit", "ln_tuning", "ia3", "vera")
+KINDS = BASELINE_KINDS
 
 
 def _modules(value, family: str, what: str):
@@ -45,10 +46,8 @@ def peft_config(baseline, head: str | None, family: str):
         ff = _modules(baseline.feedforward_modules, family, "method.baseline.feedforward_modules (ia3)")
         return peft.IA3Config(feedforward_modules=ff, **common)
     # vera: the shared projections are drawn from projection_prng_key, so they are saved with the adapter
-    return peft.VeraConfig(r=int(baseline.r), d_initial=float(baseline.get("d_initial", 0.1)),
-                           vera_dropout=float(baseline.get("dropout", 0.0)),
-                           projection_prng_key=int(baseline.get("projection_prng_key", 0)),
-                           save_projection=True, **common)
+    return peft.VeraConfig(r=baseline.r, d_initial=baseline.d_initial, vera_dropout=baseline.dropout,
+                           projection_prng_key=baseline.projection_prng_key, save_projection=True, **common)
 
 
 def train_biases(model: nn.Module, head: str | None) -> nn.Module:
@@ -64,10 +63,9 @@ def train_biases(model: nn.Module, head: str | None) -> nn.Module:
     return model
 
 
-def apply_baseline(model: nn.Module, baseline, head: str | None, family: str) -> nn.Module:
-    """Freeze-then-train for a ``baseline:`` node; ``model`` arrives with every parameter frozen."""
-    if baseline.kind not in KINDS:
-        raise UserError(f"method.baseline.kind={baseline.kind!r}; valid: {', '.join(KINDS)}")
+def apply_baseline(model: nn.Module, baseline: BaselineSettings, head: str | None, family: str) -> nn.Module:
+    """Freeze-then-train for a ``baseline:`` node (checked by its schema, :class:`BaselineSettings`); ``model``
+    arrives with every parameter frozen."""
     if baseline.kind == "bitfit":
         return train_biases(model, head)
     import peft

@@ -7,7 +7,7 @@ Learning rates are one value or ``{vision: .., causal_lm: ..}`` (:func:`nora.con
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 from nora.models import FAMILIES
 from nora.schema import at_least, nested, one_of, positive, require
@@ -95,6 +95,32 @@ class NoraSettings:
             trainable_modules=[head] if head else [], backend=self.backend)
 
 
+BASELINE_KINDS = ("bitfit", "ln_tuning", "ia3", "vera")
+
+
+@dataclass
+class BaselineSettings:
+    """The low-budget baselines (:mod:`nora.methods.baselines`). Module lists (a list of name suffixes or one
+    regex, peft's rule) may be given per family as ``{vision: .., causal_lm: ..}``; VeRA's settings are peft's."""
+
+    kind: str = "bitfit"                   # bitfit | ln_tuning | ia3 | vera
+    target_modules: Any = None             # ln_tuning, ia3, vera
+    feedforward_modules: Any = None        # ia3: the targets scaled on their input
+    r: int = 64                            # vera: rank of the shared random matrices
+    d_initial: float = 0.1                 # vera: initial value of lambda_d
+    dropout: float = 0.0                   # vera
+    projection_prng_key: int = 0           # vera: seed of the shared random matrices
+
+    def __post_init__(self):
+        with nested("baseline"):
+            one_of("kind", self.kind, BASELINE_KINDS)
+            require(self.kind == "bitfit" or bool(self.target_modules), "target_modules", self.target_modules,
+                    f"must name at least one module for {self.kind}")
+            at_least("r", self.r, 1)
+            positive("d_initial", self.d_initial)
+            require(0 <= self.dropout < 1, "dropout", self.dropout, "must be in [0, 1)")
+
+
 @dataclass
 class MethodConfig:
     name: str = "nora"
@@ -103,7 +129,7 @@ class MethodConfig:
     train_head: bool = True
     lora: Optional[LoraSettings] = None
     nora: Optional[NoraSettings] = None
-    baseline: Optional[Dict[str, Any]] = None   # the other PEFT baselines' settings (nora.methods.baselines)
+    baseline: Optional[BaselineSettings] = None  # the low-budget baselines' settings (nora.methods.baselines)
     lr: Any = None          # one value or {vision: .., causal_lm: ..}
     head_lr: Any = None     # None: same as lr
     nora_lr: Any = None     # None: same as lr
@@ -112,8 +138,8 @@ class MethodConfig:
     def __post_init__(self):
         for family in self.families:
             one_of("families", family, FAMILIES)
-        require(not (self.full and (self.lora or self.nora)), "full", self.full,
-                "full fine-tuning cannot be combined with lora/nora settings")
+        require(not (self.full and (self.lora or self.nora or self.baseline)), "full", self.full,
+                "full fine-tuning cannot be combined with lora/nora/baseline settings")
         for key in ("lr", "head_lr", "nora_lr"):
             value = getattr(self, key)
             for v in (value.values() if isinstance(value, dict) else [value]):
