@@ -33,11 +33,14 @@ def nora_results(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 def test_collect_lists_every_file_it_cannot_read(tmp_path):
     demo = demo_runs(tmp_path / "demo")
-    bad_summary = truncate(demo / "nora_s2" / "summary.json")
-    (demo / "nora_s1" / "summary.json").write_bytes(b"{\"status\": \"complete\", \"method\": \"nor\xe9\"}")  # latin-1
+    bad_summary = truncate(demo / "rot90" / "nora_s2" / "summary.json")
+    latin1 = b"{\"status\": \"complete\", \"method\": \"nor\xe9\"}"
+    (demo / "rot90" / "nora_s1" / "summary.json").write_bytes(latin1)
     col = collect(demo)
-    assert sorted(r.dir.name for r in col.runs if r.method == "nora") == ["nora_s0"]
-    assert col.unreadable == {bad_summary: TRUNCATED, demo / "nora_s1" / "summary.json": TRUNCATED}
+    # the unreadable rot90 seeds 1 and 2 are left out; the other NoRA runs of the fixture stay
+    assert sorted(str(r.dir.relative_to(demo)) for r in col.runs if r.method == "nora") == [
+        "rot90/nora_s0", "rot90/nora_val_s3", "transpose/nora_s0"]
+    assert col.unreadable == {bad_summary: TRUNCATED, demo / "rot90" / "nora_s1" / "summary.json": TRUNCATED}
     assert [p.name for p in col.incomplete] == ["lora_s1"]  # a running run is incomplete, not unreadable
 
     root = table2_runs(tmp_path / "llm")
@@ -63,7 +66,7 @@ def test_collect_lists_every_file_it_cannot_read(tmp_path):
 
 def test_tables_lists_unreadable_runs_and_renders_the_rest(tmp_path):
     runs = tmp_path / "runs"
-    bad = truncate(demo_runs(runs / "demo") / "nora_s2" / "summary.json")
+    bad = truncate(demo_runs(runs / "demo") / "rot90" / "nora_s2" / "summary.json")
     proc = nora_results(["tables", "--runs", "runs", "--out", "out"], tmp_path)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert proc.stderr.splitlines() == [
@@ -101,7 +104,7 @@ def test_demo_table_lists_unreadable_runs_too(tmp_path, capsys):
     from nora.results.__main__ import main
 
     root = demo_runs(tmp_path / "demo")
-    bad = truncate(root / "full_s1" / "summary.json")
+    bad = truncate(root / "rot90" / "full_s1" / "summary.json")
     assert main(["demo-table", "--check", "--runs", str(root)]) == 0  # there are demo runs to render
     assert main(["demo-table", "--runs", str(root), "--out", str(tmp_path / "out")]) == 1
     out, err = capsys.readouterr()
