@@ -19,10 +19,11 @@ from nora.results import figures, paper
 from nora.results.collect import Collection, Run, collect
 from nora.results.stats import summarize
 from nora.results.subspace import METRICS, MethodAnalysis, analyse_method, identical_methods, summary_rows
-from nora.results.tables import (ABLATION_DATASET, ABLATION_DEFAULTS, ABLATION_MODEL, METHOD_LABEL, Report, Section,
-                                 TABLE1_DATASETS, TABLE2_DATASETS, DATASET_LABEL, _at, ablation_report, by_seed,
-                                 demo_report, demo_task, matched_report, ordered_methods, table1_low_budget_report,
-                                 table1_report, table2_report)
+from nora.results.demo_tables import demo_report, demo_task
+from nora.results.tables import (ABLATION_DATASET, ABLATION_DEFAULTS, ABLATION_MODEL, DATASET_LABEL, METHOD_LABEL,
+                                 TABLE1_DATASETS, TABLE2_DATASETS, Report, Section, ablation_report, at_setting,
+                                 by_seed, matched_report, ordered_methods, table1_low_budget_report, table1_report,
+                                 table2_report)
 
 RATIONAL_METHODS = ("nora", "nora_pp", "rational_ft", "zero_init_ft")
 SUBSPACE_METHODS = ("nora", "rational_ft", "zero_init_ft", "nora_pp")
@@ -188,7 +189,7 @@ def render_ablations(col: Collection, ref: Collection, out: Path, source: str,
     others = {k: v for k, v in ABLATION_DEFAULTS.items() if k != "method"}
     variant_runs = [r for r in col.runs if r.model == ABLATION_MODEL and r.dataset == ABLATION_DATASET
                     and r.method in ("nora", "rational_ft", "zero_init_ft")
-                    and all(_at(r, k, v) for k, v in others.items())]
+                    and all(at_setting(r, k, v) for k, v in others.items())]
     analyses = [analyse_method(m, _by_seed_dirs([r for r in variant_runs if r.method == m]))
                 for m in ("nora", "rational_ft", "zero_init_ft")]
     analyses = [a for a in analyses if a is not None]

@@ -8,7 +8,7 @@ Each file starts with a header naming the runs behind it (directory, config hash
 paper's numbers, where the abstract gives any, sit in their own column, labelled as quoted from the abstract.
 
 =====================  ============================================================================
-demo.md/.csv           the offline digits demo (runs/demo): not a CIFAR or LLaMA result
+demo.md/.csv           the offline digits demo (runs/demo): nora.results.demo_tables
 table1.md/.csv         ViT-Tiny on CIFAR-10/100 (runs/table1)
 table2.md/.csv         LLaMA-3-8B on Alpaca/OpenOrca, MMLU per category (runs/table2, runs/eval)
 ablations.md/.csv      NoRA ablations on ViT-Tiny/CIFAR-100 (runs/ablations; full FT from runs/table1)
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from nora.results import paper
-from nora.results.collect import BaseEval, Collection, Run, collect, mmlu_accuracy
+from nora.results.collect import BaseEval, Collection, Run, mmlu_accuracy
 from nora.results.stats import PairedDiff, Summary, difference_to_constant, paired_difference, summarize
 
 METHOD_ORDER = ("full", "linear_probe", "lora", "dora", "nora", "nora_pp", "rational_ft", "zero_init_ft", "bitfit",
@@ -161,18 +161,18 @@ def fmt_share(p) -> str:
     return f"{p:.2f}%" if p >= 0.01 or p == 0 else f"{p:.1e}%"
 
 
-def _num(x, digits: int = 4):
+def num(x, digits: int = 4):
     return None if x is None else round(float(x), digits)
 
 
 def stats_fields(prefix: str, s: Summary) -> dict:
-    return {f"{prefix}_mean": _num(s.mean), f"{prefix}_std": _num(s.std)}
+    return {f"{prefix}_mean": num(s.mean), f"{prefix}_std": num(s.std)}
 
 
 def diff_fields(prefix: str, d: PairedDiff | None) -> dict:
     if d is None:
         return {f"{prefix}": None, f"{prefix}_ci_lo": None, f"{prefix}_ci_hi": None, f"{prefix}_n": None}
-    return {f"{prefix}": _num(d.mean), f"{prefix}_ci_lo": _num(d.lo), f"{prefix}_ci_hi": _num(d.hi),
+    return {f"{prefix}": num(d.mean), f"{prefix}_ci_lo": num(d.lo), f"{prefix}_ci_hi": num(d.hi),
             f"{prefix}_n": d.n}
 
 
@@ -206,102 +206,11 @@ def vision_row_cells(runs: Sequence[Run], ref: dict | None,
     return s, d, [str(s.n), s.fmt(), "reference" if is_ref else (d.fmt() if d else "missing")]
 
 
-def _params(runs: Sequence[Run]) -> tuple[int | None, float | None]:
+def params_of(runs: Sequence[Run]) -> tuple[int | None, float | None]:
     for r in runs:
         if r.trainable is not None:
             return r.trainable, r.percent
     return None, None
-
-
-# ----------------------------------------------------------------------------- demo
-# the two questions the demo exists to answer: does NoRA add anything to the probe it sits on, and NoRA++ to LoRA
-DEMO_PAIRS = (("nora", "linear_probe"), ("nora_pp", "lora"))
-
-
-def demo_task(r: Run, tasks: dict) -> str | None:
-    """The demo task (configs/demo/demo.yaml) a test-split run belongs to, by its classes and transform."""
-    d = r.config.get("dataset") or {}
-    if r.dataset != "digits_target" or d.get("eval_split", "test") != "test":
-        return None
-    return next((name for name, t in tasks.items() if list(d.get("classes") or []) == list(t["classes"])
-                 and d.get("transform", "none") == t["transform"]), None)
-
-
-def _demo_task_section(name: str, task: dict, runs: Sequence[Run], methods: Sequence[str],
-                       reference: str) -> Section:
-    ref = by_seed([r for r in runs if r.method == reference], lambda r: r.accuracy)
-    rows, csv_rows = [], []
-    for m in methods:
-        mine = [r for r in runs if r.method == m]
-        s, d, cells = vision_row_cells(mine, ref if ref else None, m == reference)
-        trainable, pct = _params(mine)
-        t = summarize([r.summary.get("wall_time_s") for r in mine])
-        rows.append([METHOD_LABEL.get(m, m), *cells, fmt_int(trainable), fmt_share(pct),
-                     "missing" if t.mean is None else f"{t.mean:.1f}"])
-        csv_rows.append({"task": name, "method": m, "n": s.n, **stats_fields("accuracy", s),
-                         **diff_fields(f"delta_vs_{reference}", d), "trainable": trainable,
-                         "share_percent": _num(pct, 6), "time_per_run_s": _num(t.mean, 2)})
-    epochs = sorted({r.summary.get("epochs") for r in runs if r.summary.get("epochs") is not None})
-    heading = (f"Task `{name}`: {task.get('description', '')} (digits {task['classes']}, transform "
-               f"`{task['transform']}`; {'/'.join(map(str, epochs)) or '?'} epochs)")
-    cols = ["method", "n", "accuracy (%)", f"Δ vs {METHOD_LABEL.get(reference, reference)} (95% CI)",
-            "trainable params", "share", "time / run (s)"]
-    return Section(heading, cols, rows, csv_rows)
-
-
-def _demo_pairs_section(by_task: dict[str, list[Run]]) -> Section:
-    rows, csv_rows = [], []
-    for name, runs in by_task.items():
-        cells = []
-        for a, b in DEMO_PAIRS:
-            d = paired_difference(by_seed([r for r in runs if r.method == a], lambda r: r.accuracy),
-                                  by_seed([r for r in runs if r.method == b], lambda r: r.accuracy))
-            cells.append(d.fmt())
-            csv_rows.append({"task": name, "method": a, **diff_fields(f"delta_vs_{b}", d)})
-        rows.append([f"`{name}`", *cells])
-    cols = ["task"] + [f"{METHOD_LABEL[a]} − {METHOD_LABEL[b]} (95% CI)" for a, b in DEMO_PAIRS]
-    note = ("Each cell: the per-seed differences in test accuracy (points), paired by seed (same backbone, same data "
-            "order, same head initialisation), their mean and t-based 95% interval. An interval that contains 0 "
-            "means these seeds cannot tell the two methods apart on that task.")
-    return Section("Paired differences: NoRA − linear probe and NoRA++ − LoRA", cols, rows, csv_rows, [note])
-
-
-def _demo_summary_section(by_task: dict[str, list[Run]], methods: Sequence[str]) -> Section:
-    rows = []
-    for m in methods:
-        cells = []
-        for runs in by_task.values():
-            s = summarize(by_seed([r for r in runs if r.method == m], lambda r: r.accuracy).values())
-            cells.append(s.fmt(1) + (f" (n={s.n})" if s.n else ""))
-        trainable, _pct = _params([r for runs in by_task.values() for r in runs if r.method == m])
-        rows.append([METHOD_LABEL.get(m, m), fmt_int(trainable), *cells])
-    return Section("Summary across tasks (test accuracy %, mean ± std over seeds)",
-                   ["method", "trainable params"] + [f"`{t}`" for t in by_task], rows, [])
-
-
-def demo_report(col: Collection, methods: Sequence[str] | None = None, reference: str = "full",
-                source: str = "runs/demo", tasks: dict | None = None) -> Report:
-    """results/demo.md: one section per target task, the paired differences, a summary across tasks."""
-    if tasks is None:
-        from nora.demo import settings
-
-        tasks = settings()["tasks"]
-    by_task = {name: [r for r in col.runs if demo_task(r, tasks) == name] for name in tasks}
-    runs = [r for rs in by_task.values() for r in rs]
-    methods = list(methods) if methods else ordered_methods(r.method for r in runs)
-    sections = [_demo_task_section(name, tasks[name], rs, methods, reference) for name, rs in by_task.items()]
-    sections += [_demo_pairs_section(by_task), _demo_summary_section(by_task, methods)]
-    intro = [("**Offline digits demo, not a CIFAR or LLaMA result.** A small ViT is pretrained here on upright "
-              "scikit-learn digits 0-4 (the source) and fine-tuned with each method on three target tasks with "
-              "different kinds of shift (configs/demo/demo.yaml); see `nora/demo.py`. Produced by `make demo` "
-              "(`python -m nora.demo`; `make demo-full` runs more seeds). Learning rates: "
-              "`configs/demo/learning_rates.yaml`, tuned on a validation split (`demo_lr_sweep.md`). What limits "
-              "NoRA here, measured: [demo_diagnosis.md](demo_diagnosis.md)."),
-             ("Accuracy: final test accuracy (%), mean ± std over seeds. " + CI_NOTE.replace(
-                 "the reference", f"{METHOD_LABEL.get(reference, reference)}")),
-             (f"For scale only: the paper's CIFAR numbers ({paper.TABLE1_NOTE}) are not comparable to these tasks.")]
-    return Report("demo", "Offline demo: fine-tuning on scikit-learn digits (CPU)", intro, sections, runs, [source],
-                  make="make demo")
 
 
 # ----------------------------------------------------------------------------- table 1
@@ -319,13 +228,13 @@ def table1_report(col: Collection, seeds: int = 3, source: str = "runs/table1") 
         for m in TABLE1_METHODS:
             mine = [r for r in runs if r.dataset == ds and r.method == m]
             s, d, cells = vision_row_cells(mine, ref, m == "full")
-            trainable, pct = _params(mine)
+            trainable, pct = params_of(mine)
             quoted = paper.TABLE1.get((ds, m), "—")
             rows.append([DATASET_LABEL[ds], METHOD_LABEL[m], *cells, quoted, fmt_int(trainable), fmt_share(pct)])
             csv_rows.append({"dataset": ds, "method": m, "n": s.n, **stats_fields("accuracy", s),
                              **diff_fields("delta_vs_full", d),
                              "paper_delta_vs_full_abstract": paper.TABLE1.get((ds, m)),
-                             "trainable": trainable, "share_percent": _num(pct, 6)})
+                             "trainable": trainable, "share_percent": num(pct, 6)})
     intro = [("ViT-Tiny/16 (timm `vit_tiny_patch16_224`, pretrained weights) fine-tuned on CIFAR-10 and CIFAR-100 "
               "with each method: `sweeps/table1.yaml` (hyper-parameters: `configs/method/*.yaml`, "
               "`configs/trainer/default.yaml`; LoRA/DoRA rank 8). Only runs of `vit_tiny` on CIFAR are counted: "
@@ -354,10 +263,10 @@ def low_budget_section(runs: Sequence[Run], datasets, heading: str | None) -> Se
             acc = by_seed(mine, lambda r: r.accuracy)
             s = summarize(acc.values())
             d = None if m == "nora" else paired_difference(ref, acc)
-            trainable, pct = _params(mine)
+            trainable, pct = params_of(mine)
             rows.append([DATASET_LABEL.get(ds, ds), METHOD_LABEL[m], fmt_int(trainable), fmt_share(pct), str(s.n),
                          s.fmt(), "reference" if m == "nora" else d.fmt()])
-            csv_rows.append({"dataset": ds, "method": m, "trainable": trainable, "share_percent": _num(pct, 6),
+            csv_rows.append({"dataset": ds, "method": m, "trainable": trainable, "share_percent": num(pct, 6),
                              "n": s.n, **stats_fields("accuracy", s), **diff_fields("nora_minus_method", d)})
     cols = ["dataset", "method", "trainable params", "share of total", "n", "accuracy (%)",
             "NoRA minus this method (95% CI)"]
@@ -431,7 +340,7 @@ def table2_report(col: Collection, seeds: int = 3, source: str = "runs/table2",
     rows.append(["—", "base model (no fine-tuning)", "1" if base else "0", *base_cells, "reference", "—", "—",
                  "—", "0"])
     csv_rows.append({"dataset": "", "method": "base", "n": 1 if base else 0,
-                     **{f"{c or 'average'}_mean": _num(mmlu_accuracy(base.mmlu, c)) if base else None for c in cats}})
+                     **{f"{c or 'average'}_mean": num(mmlu_accuracy(base.mmlu, c)) if base else None for c in cats}})
     for ds in TABLE2_DATASETS:
         lora_avg = by_seed([r for r in evaluated if r.dataset == ds and r.method == "lora"], _mmlu(None))
         lora_stem = by_seed([r for r in evaluated if r.dataset == ds and r.method == "lora"], _mmlu("STEM"))
@@ -446,7 +355,7 @@ def table2_report(col: Collection, seeds: int = 3, source: str = "runs/table2",
             is_ref = m == "lora"
             d_lora = None if is_ref else paired_difference(per_cat[None], lora_avg)
             d_stem = None if is_ref else paired_difference(per_cat["STEM"], lora_stem)
-            trainable, _pct = _params(trained)
+            trainable, _pct = params_of(trained)
             rows.append([DATASET_LABEL[ds], METHOD_LABEL[m], n_txt, *(sums[c].fmt() for c in cats), d_base.fmt(),
                          "reference" if is_ref else d_lora.fmt(), "reference" if is_ref else d_stem.fmt(),
                          paper.TABLE2.get((ds, m), "—"), fmt_int(trainable)])
@@ -501,7 +410,7 @@ def _factor(r: Run, key: str):
     return r.method if key == "method" else r.setting(key)
 
 
-def _at(r: Run, key: str, value) -> bool:
+def at_setting(r: Run, key: str, value) -> bool:
     return str(_factor(r, key)) == str(value)
 
 
@@ -512,14 +421,14 @@ def ablation_report(col: Collection, reference_col: Collection | None = None, se
     ref_runs = [r for r in (reference_col or Collection()).runs if r.model == ABLATION_MODEL
                 and r.dataset == ABLATION_DATASET and r.method == "full"]
     full = by_seed(ref_runs, lambda r: r.accuracy)
-    default = by_seed([r for r in runs if all(_at(r, k, v) for k, v in ABLATION_DEFAULTS.items())],
+    default = by_seed([r for r in runs if all(at_setting(r, k, v) for k, v in ABLATION_DEFAULTS.items())],
                       lambda r: r.accuracy)
     sections, used = [], set()
     for sweep, heading, key, values in ABLATIONS:
         rows, csv_rows = [], []
         others = {k: v for k, v in ABLATION_DEFAULTS.items() if k != key}
         for v in values:
-            mine = [r for r in runs if _at(r, key, v) and all(_at(r, k, w) for k, w in others.items())]
+            mine = [r for r in runs if at_setting(r, key, v) and all(at_setting(r, k, w) for k, w in others.items())]
             used.update(id(r) for r in mine)
             acc = by_seed(mine, lambda r: r.accuracy)
             s = summarize(acc.values())
@@ -566,14 +475,14 @@ def _matched_section(runs: Sequence[Run], datasets, metric: Callable[[Run], floa
         arm_runs = {a: [r for r in here if r.method == a[0] and lora_rank(r) == a[1]] for a in ARMS}
         ref_runs = arm_runs[ARMS[0]]
         ref = by_seed(ref_runs, metric)
-        ref_params, _ = _params(ref_runs)
+        ref_params, _ = params_of(ref_runs)
         for a in ARMS:
             mine = arm_runs[a]
             vals = by_seed(mine, metric)
             s = summarize(vals.values())
             is_ref = a == ARMS[0]
             d = None if is_ref else paired_difference(ref, vals)
-            trainable, _ = _params(mine)
+            trainable, _ = params_of(mine)
             vs = "—" if is_ref else ("missing" if trainable is None or ref_params is None
                                      else f"{trainable - ref_params:+,}")
             rows.append([DATASET_LABEL.get(ds, ds), arm_label(*a), fmt_int(trainable), vs, str(s.n), s.fmt(),
@@ -614,17 +523,3 @@ def matched_report(vit: Collection, llama: Collection, seeds: int = 3,
     return Report("matched_budget", "Matched budget: NoRA++ vs LoRA/DoRA at bracketing ranks", intro, sections,
                   used, list(sources), expected=len(ARMS) * 2 * seeds * 2,
                   make="python train.py -m --config-dir sweeps --config-name matched_vit (or matched_llama)")
-
-
-# ----------------------------------------------------------------------------- entry points
-def render_demo_table(root: str | Path, out: str | Path | None = None, methods: list[str] | None = None,
-                      reference: str = "full", tasks: dict | None = None) -> str:
-    """Markdown tables of the digits demo; writes ``out`` and the CSV beside it."""
-    report = demo_report(collect(root), methods, reference, source=str(root), tasks=tasks)
-    text = report.markdown()
-    if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        out.with_suffix(".csv").write_text(report.csv())
-    return text
