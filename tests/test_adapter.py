@@ -292,10 +292,10 @@ def test_load_trainable_resumes_training_set(tmp_path):
     assert nora.parameter_report(fresh).components == nora.parameter_report(model).components
 
 
-def test_nora_pp_save_load_round_trip(tmp_path):
-    torch.manual_seed(0)
+def _nora_pp(seed=0):
+    torch.manual_seed(seed)
     base = tiny_llama()
-    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    state = {k: v.clone() for k, v in base.state_dict().items()}
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "up_proj"]))
     nora.apply_nora(model)
     _perturb(model)
@@ -303,6 +303,11 @@ def test_nora_pp_save_load_round_trip(tmp_path):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.add_(0.05)
+    return model, state
+
+
+def test_nora_pp_save_load_round_trip(tmp_path):
+    model, base_state = _nora_pp(seed=0)
     ids = torch.randint(0, 96, (2, 12))
     with torch.no_grad():
         want = model(ids).logits
@@ -435,20 +440,6 @@ def test_save_nora_refuses_a_directory_of_another_adapter(tmp_path):
 
 
 # ------------------------------------------------------------- peft-only loaders: all of it or a clear error
-def _nora_pp(seed=0):
-    torch.manual_seed(seed)
-    base = tiny_llama()
-    state = {k: v.clone() for k, v in base.state_dict().items()}
-    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "up_proj"]))
-    nora.apply_nora(model)
-    _perturb(model)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.add_(0.05)
-    return model, state
-
-
 @pytest.mark.parametrize("writer", ["save_nora_pp", "save_pretrained_then_save_nora"])
 def test_peft_alone_refuses_a_nora_pp_adapter(tmp_path, writer):
     import json

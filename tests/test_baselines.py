@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from fixtures import write_cifar
@@ -15,9 +14,9 @@ from nora.errors import UserError
 from nora.methods import METHODS, apply_method
 from nora.models import build_model
 from nora.run import run_training
+from test_train_vision import make_cfg
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = str(ROOT / "configs")
 BASELINES = ("bitfit", "ln_tuning", "ia3", "vera")
 
 # vit_test: width 32, MLP 128, 2 blocks, 10 classes. Trainable parameters besides the 32 * 10 + 10 = 330 of the head:
@@ -38,11 +37,6 @@ LLAMA_COUNTS = {
     "ia3": ("ia3", 2 * (32 + 32 + 128)),                       # k, v outputs, down_proj input
     "vera": ("vera", 2 * ((64 + 64) + (64 + 32))),             # q (r + 64), v (r + 32)
 }
-
-
-def make_cfg(overrides):
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        return compose("train", overrides=overrides)
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,22 @@ def losses(run_dir):
             if "loss" in r]
 
 
+def keep_final_state(monkeypatch) -> dict:
+    """Make the next in-process run keep its final trainable tensors in the returned dict (``["state"]``)."""
+    from nora.train.checkpoint import training_state_dict
+    from nora.train.loop import Trainer
+
+    box, fit = {}, Trainer.fit
+
+    def fit_and_keep(self):
+        state = fit(self)
+        box["state"] = training_state_dict(self.model)
+        return state
+
+    monkeypatch.setattr(Trainer, "fit", fit_and_keep)
+    return box
+
+
 def test_two_processes_match_one(tmp_path, monkeypatch):
     data = write_alpaca_json(tmp_path / "alpaca_data.json", alpaca_records(20))
     cache = tmp_path / "cache"
@@ -53,18 +69,7 @@ def test_two_processes_match_one(tmp_path, monkeypatch):
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     # meanwhile, the single-process reference: batch 4 = 2 ranks x 2
-    from nora.train.checkpoint import training_state_dict
-    from nora.train.loop import Trainer
-
-    box = {}
-    fit = Trainer.fit
-
-    def fit_and_keep(self):
-        state = fit(self)
-        box["state"] = training_state_dict(self.model)
-        return state
-
-    monkeypatch.setattr(Trainer, "fit", fit_and_keep)
+    box = keep_final_state(monkeypatch)
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
         cfg = compose("train", overrides=common(data, cache, batch_size=4) + [f"output_root={tmp_path}",
                                                                                "run_name=single"])
@@ -228,18 +233,7 @@ def test_fsdp_full_fine_tuning_checkpoints_on_rank0_cpu_and_resumes_exactly(tmp_
            str(ROOT / "tests" / "dist_fsdp_full_worker.py"), str(out), *overrides(2)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    from nora.train.checkpoint import training_state_dict
-    from nora.train.loop import Trainer
-
-    box = {}
-    fit = Trainer.fit
-
-    def fit_and_keep(self):
-        state = fit(self)
-        box["state"] = training_state_dict(self.model)
-        return state
-
-    monkeypatch.setattr(Trainer, "fit", fit_and_keep)
+    box = keep_final_state(monkeypatch)
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
         cfg = compose("train", overrides=overrides(4) + [f"output_root={tmp_path}", "run_name=single"])
     single = run_training(cfg)
