@@ -70,7 +70,7 @@ def test_flat_scalars():
 
 @pytest.mark.slow
 def test_eval_py_adds_mmlu_to_the_training_runs_wandb_run(tmp_path):
-    from nora.eval.cli import run_eval
+    from nora.eval.run import run_eval
 
     data = write_alpaca_json(tmp_path / "alpaca_data.json", alpaca_records(12))
     run = tmp_path / "run"
