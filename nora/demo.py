@@ -71,9 +71,15 @@ def pretrain_source(out_root: Path) -> Path:
     conf = settings()
     source, pre = conf["source"], dict(conf["pretrain"])
     seed = pre.pop("seed")
-    # keyed by the settings and by the code that shapes the backbone (data path, loop, model), so an edit to any
-    # of it pretrains afresh instead of reusing a backbone the current code would not produce
-    h = hashlib.sha256(json.dumps([source, pre, seed], sort_keys=True).encode())
+    cfg = _compose(["experiment=demo", "method=full", f"seed={seed}", "dataset.name=digits_source",
+                    f"trainer.epochs={pre['epochs']}", f"trainer.lr={pre['lr']}",
+                    f"trainer.batch_size={pre['batch_size']}", "trainer.weight_decay=0.05",
+                    "model.checkpoint=null", "trainer.warmup_ratio=0.1", "force=true"] + _digits_overrides(source))
+    # keyed by the composed pretraining config (model, data, trainer) and by the code that shapes the backbone
+    # (data path, loop, model), so an edit to any of it pretrains afresh instead of reusing a backbone the
+    # current code and configs would not produce
+    key = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "dataset", "trainer", "method")}
+    h = hashlib.sha256(json.dumps([key, seed], sort_keys=True, default=str).encode())
     pkg = Path(__file__).resolve().parent
     for rel in ("data/vision.py", "data/batched.py", "data/sampling.py", "train/loop.py",
                 "models/vision.py", "methods/__init__.py", "run.py"):
@@ -82,10 +88,6 @@ def pretrain_source(out_root: Path) -> Path:
     if weights.exists():
         return weights
     print(f"pretraining the source backbone on digits {source['classes']} (cached in {weights})", flush=True)
-    cfg = _compose(["experiment=demo", "method=full", f"seed={seed}", "dataset.name=digits_source",
-                    f"trainer.epochs={pre['epochs']}", f"trainer.lr={pre['lr']}",
-                    f"trainer.batch_size={pre['batch_size']}", "trainer.weight_decay=0.05",
-                    "model.checkpoint=null", "trainer.warmup_ratio=0.1", "force=true"] + _digits_overrides(source))
     run_dir = out_root / "source"
     summary = run_training(cfg, run_dir=run_dir)
     print(f"  source accuracy {summary['final_accuracy']:.1f}% after {summary['wall_time_s']:.0f} s", flush=True)
@@ -164,13 +166,41 @@ def _report(r: dict) -> dict:
     return r
 
 
+def _grid_runs(method: str, key: str, values: list[float], seeds: list[int], base: dict, common: dict,
+               n_procs: int) -> dict[float, list[float]]:
+    """Validation accuracy per seed of ``method`` at each of ``values`` of ``key``."""
+    jobs = [dict(method=method, seed=s, lrs=dict(base, **{key: v}), name=f"{method}_{key}{v:g}_s{s}", **common)
+            for v in values for s in seeds]
+    accs = [r["accuracy"] for r in run_jobs(jobs, n_procs)]
+    return {v: accs[i * len(seeds):(i + 1) * len(seeds)] for i, v in enumerate(values)}
+
+
+def sweep_method(method: str, key: str, grid: list[float], seeds: list[int], base: dict, common: dict,
+                 n_procs: int, max_widen: int = 3) -> tuple[dict[float, list[float]], float]:
+    """Sweep ``key`` of ``method`` over ``grid``; while the best mean sits at an end of the swept values, add the
+    next value beyond that end (the grid's own ratio), at most ``max_widen`` times, so that no chosen value is at
+    an edge of what was tried. Returns every value's per-seed accuracies and the best value (ties: smaller)."""
+    grid = sorted(grid)
+    ratio = grid[1] / grid[0]
+    results = _grid_runs(method, key, grid, seeds, base, common, n_procs)
+    for _ in range(max_widen + 1):
+        values = sorted(results)
+        best = max(values, key=lambda v: (sum(results[v]) / len(results[v]), -v))
+        if best not in (values[0], values[-1]) or _ == max_widen:
+            return results, best
+        nxt = float(f"{(best * ratio if best == values[-1] else best / ratio):.3g}")
+        results.update(_grid_runs(method, key, [nxt], seeds, base, common, n_procs))
+    raise AssertionError("unreachable")
+
+
 def tune(weights: Path, out_root: Path, table: Path, methods: list[str], n_procs: int) -> str:
     """The learning-rate sweep behind configs/demo/learning_rates.yaml (see ``tune:`` in configs/demo/demo.yaml).
 
     Each grid value runs on the tuning seeds with the validation split of the tuning task's training images
-    (the test images are never used); the best mean validation accuracy wins, ties keep the smaller lr. The
-    linear probe goes first: its best lr becomes every method's head lr. NoRA++ keeps LoRA's best lr for its
-    LoRA factors and tunes its NoRA factors' lr. Writes the sweep table and the learning-rate file."""
+    (the test images are never used); the best mean validation accuracy wins, ties keep the smaller lr, and a best
+    value at an end of the grid widens it (``sweep_method``). The linear probe goes first: its best lr becomes
+    every method's head lr. NoRA++ keeps LoRA's best lr for its LoRA factors and tunes its NoRA factors' lr.
+    Writes the sweep table and the learning-rate file."""
     conf = settings()["tune"]
     grids, seeds, task = conf["grids"], list(conf["seeds"]), conf["task"]
     order = sorted(methods, key=lambda m: (m != "linear_probe", m == "nora_pp"))  # probe first, NoRA++ after LoRA
@@ -181,20 +211,16 @@ def tune(weights: Path, out_root: Path, table: Path, methods: list[str], n_procs
         base = dict(chosen["methods"].get(method, {}))
         if method == "nora_pp" and "lora" in best:
             base["lr"] = best["lora"][0]
-        jobs = [dict(method=method, task=task, seed=s, weights=weights, out_root=out_root,
-                     extra=["dataset.eval_split=validation"], lrs=dict(base, **{key: v}),
-                     name=f"{method}_{key}{v:g}_s{s}", head_lr=best.get("linear_probe", (None,))[0])
-                for v in grid for s in seeds]
-        accs = [r["accuracy"] for r in run_jobs(jobs, n_procs)]
-        for i, v in enumerate(grid):
-            per_seed = accs[i * len(seeds):(i + 1) * len(seeds)]
-            mean = sum(per_seed) / len(per_seed)
-            rows.append((method, f"{key}={v:g}", per_seed, mean))
-            if method not in best or mean > best[method][1]:
-                best[method] = (v, mean)
-        chosen["methods"][method] = dict(base, **{key: best[method][0]})
+        common = dict(task=task, weights=weights, out_root=out_root, extra=["dataset.eval_split=validation"],
+                      head_lr=best.get("linear_probe", (None,))[0])
+        results, value = sweep_method(method, key, list(grid), seeds, base, common, n_procs)
+        for v in sorted(results):
+            rows.append((method, f"{key}={v:g}", results[v], sum(results[v]) / len(results[v]),
+                         "" if v in grid else "widened"))
+        best[method] = (value, sum(results[value]) / len(results[value]), sorted(results))
+        chosen["methods"][method] = dict(base, **{key: value})
         if method == "linear_probe":
-            chosen["head_lr"] = best[method][0]
+            chosen["head_lr"] = value
     write_learning_rates(chosen, task, seeds)
     text = sweep_table(rows, best, grids, seeds, task, chosen["head_lr"])
     untuned = [m for m in settings()["methods"] if m not in methods]
@@ -207,19 +233,20 @@ def tune(weights: Path, out_root: Path, table: Path, methods: list[str], n_procs
 
 
 def sweep_table(rows, best: dict, grids: dict, seeds: list, task: str, head_lr: float) -> str:
+    n_grid = len(next(iter(next(iter(grids.values())).values())))
     lines = [f"# Demo learning-rate sweep (task `{task}`, validation split of its training images, seeds "
              f"{', '.join(map(str, seeds))})", "",
              "Written by `python -m nora.demo --tune`; the chosen values are in `configs/demo/learning_rates.yaml`, "
              "which `make demo` and `make demo-full` read. Every method has the same budget: "
-             f"{len(next(iter(grids.values())))} grid values x {len(seeds)} seeds.", "",
-             "| method | setting | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
-             "|---|---|" + "---|" * (len(seeds) + 1)]
-    lines += [f"| {m} | {setting} | " + " | ".join(f"{a:.1f}" for a in accs) + f" | {mean:.1f} |"
-              for m, setting, accs, mean in rows]
-    ends = {m: (values[0], values[-1]) for m, g in grids.items() for values in g.values()}
-    edge = [m for m, (v, _a) in best.items() if v in ends[m]]
-    lines += ["", "Best: " + ", ".join(f"{m} {next(iter(grids[m]))}={v:g}" for m, (v, _a) in best.items()),
-              "", "At the edge of its grid (a wider grid might move it): " + (", ".join(edge) or "none") + ".",
+             f"{n_grid} grid values x {len(seeds)} seeds (`tune:` in `configs/demo/demo.yaml`), plus one value "
+             "beyond the end of its grid each time its best value sat at that end (rows marked `widened`).", "",
+             "| method | setting | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | |",
+             "|---|---|" + "---|" * (len(seeds) + 2)]
+    lines += [f"| {m} | {setting} | " + " | ".join(f"{a:.1f}" for a in accs) + f" | {mean:.1f} | {note} |"
+              for m, setting, accs, mean, note in rows]
+    edge = [m for m, (v, _a, tried) in best.items() if v in (tried[0], tried[-1])]
+    lines += ["", "Best: " + ", ".join(f"{m} {next(iter(grids[m]))}={v:g}" for m, (v, _a, _t) in best.items()),
+              "", "Still at an end of the values tried after widening: " + (", ".join(edge) or "none") + ".",
               "", f"Every method's new head trains at the linear probe's best lr ({head_lr:g}); NoRA++ keeps "
               "LoRA's best lr for its LoRA factors and tunes the NoRA factors' lr. Ties keep the smaller lr. "
               "LoRA/DoRA/NoRA++ adapters use dropout 0 in the demo (see `lr_overrides`)."]

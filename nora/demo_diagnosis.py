@@ -13,11 +13,12 @@ Read from finished demo runs (nothing here is guessed or re-trained, except the 
 * **learning curves**: test accuracy after every epoch of the demo's runs (the demo evaluates each epoch; nothing
   is chosen by it);
 * **split sizes**: how many images the validation and test accuracies rest on;
-* ``--experiments``: NoRA at other head learning rates, and the linear probe at the same ones, on the validation
-  split (does the shared head lr decide the NoRA - probe gap?).
+* ``--experiments``: on the validation split, NoRA at other head learning rates and the linear probe at the same
+  ones (does the shared head lr decide the NoRA - probe gap?), LP-FT (NoRA started from the trained probe's head),
+  and NoRA at smaller learning rates (does a smaller step keep the update small, and does that help?).
 
     python -m nora.demo_diagnosis                 # analyse runs/demo (make demo first), write the report
-    python -m nora.demo_diagnosis --experiments   # plus the head-lr runs (runs/demo_diagnosis)
+    python -m nora.demo_diagnosis --experiments   # plus those runs (runs/demo_diagnosis)
 """
 from __future__ import annotations
 
@@ -192,10 +193,18 @@ def demo_curves(task_root: Path, methods) -> dict[str, list[list[float]]]:
 
 
 # ----------------------------------------------------------------------------- head-lr experiment
-HEAD_LRS = (0.03, 0.3)  # the shared head lr and a tenth of it
+EXPERIMENT_SEEDS = (0, 1, 2, 3, 4)
 
 
-def head_lr_experiment(weights: Path, out_root: Path, seeds=(0, 1, 2), n_procs: int = 2) -> dict:
+def head_lrs() -> tuple[float, float]:
+    """The demo's shared head lr (the linear probe's tuned lr) and a tenth of it."""
+    from nora.demo import learning_rates
+
+    h = float(learning_rates()["head_lr"])
+    return (float(f"{h / 10:.3g}"), h)
+
+
+def head_lr_experiment(weights: Path, out_root: Path, seeds=EXPERIMENT_SEEDS, n_procs: int = 2) -> dict:
     """NoRA and the linear probe at several head learning rates (validation split of the main task)."""
     from nora.demo import run_jobs, settings
 
@@ -203,7 +212,7 @@ def head_lr_experiment(weights: Path, out_root: Path, seeds=(0, 1, 2), n_procs: 
     jobs = [dict(method=m, task=task, seed=s, weights=weights, out_root=out_root,
                  extra=["dataset.eval_split=validation"], name=f"{m}_head{h:g}_s{s}", head_lr=h,
                  lrs=({"lr": h} if m == "linear_probe" else None))
-            for h in HEAD_LRS for m in ("linear_probe", "nora") for s in seeds]
+            for h in head_lrs() for m in ("linear_probe", "nora") for s in seeds]
     res = run_jobs(jobs, n_procs)
     table = {}
     for r in res:
@@ -212,20 +221,81 @@ def head_lr_experiment(weights: Path, out_root: Path, seeds=(0, 1, 2), n_procs: 
     return table
 
 
-NORA_LRS = (3e-3, 1e-2, 3e-2)  # the demo's tuned lr (3e-2) and smaller steps
+# ----------------------------------------------------------------------------- LP-FT experiment
+def probe_backbone(weights: Path, probe_run: Path, out: Path) -> Path:
+    """The source backbone with the head of a trained linear-probe run: where LP-FT's second stage starts."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(weights))
+    head = load_file(str(probe_run / "adapter" / "trainable.safetensors"))
+    state.update(head)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out))
+    return out
 
 
-def nora_lr_experiment(weights: Path, out_root: Path, seeds=(0, 1, 2), n_procs: int = 2) -> dict:
+LPFT_VARIANTS = {"head frozen": ["method.train_head=false"], "head at a tenth of the head lr": []}
+
+
+def lpft_experiment(weights: Path, out_root: Path, head_table: dict, seeds=EXPERIMENT_SEEDS,
+                    n_procs: int = 2) -> dict:
+    """LP-FT (validation split of the main task): NoRA trained from the linear probe's trained head (the probe
+    runs of ``head_lr_experiment`` at the shared head lr), with that head frozen or at a tenth of the head lr.
+    Returns per variant the per-seed accuracies, beside the probe's and NoRA's own (from ``head_table``)."""
+    from nora.demo import run_jobs, settings
+
+    task = next(iter(settings()["tasks"]))
+    low, h = head_lrs()
+    jobs = []
+    for s in seeds:
+        start = probe_backbone(weights, out_root / task / f"linear_probe_head{h:g}_s{s}",
+                               out_root / "lpft_start" / f"probe_s{s}.safetensors")
+        for i, extra in enumerate(LPFT_VARIANTS.values()):
+            jobs.append(dict(method="nora", task=task, seed=s, weights=start, out_root=out_root, head_lr=low,
+                             extra=["dataset.eval_split=validation", "model.checkpoint_head=true", *extra],
+                             name=f"lpft{i}_nora_s{s}"))
+    table = {"linear probe": head_table[("linear_probe", h)], "NoRA (new head)": head_table[("nora", h)]}
+    for r in run_jobs(jobs, n_procs):
+        j = r["job"]
+        variant = list(LPFT_VARIANTS)[int(j["name"][4])]
+        table.setdefault(f"LP-FT: NoRA from the probe's head, {variant}", {})[j["seed"]] = r["accuracy"]
+    return table
+
+
+def lpft_section(table: dict) -> list[str]:
+    if not table:
+        return []
+    probe = table["linear probe"]
+    lines = ["### LP-FT: NoRA started from the trained linear probe (validation split, main task)", "",
+             "Stage 1 is the linear probe run at the shared head lr (the row above); stage 2 trains NoRA at its "
+             "tuned lr from that head, for the demo's epochs again (so LP-FT has twice the training steps).", "",
+             "| run | validation accuracy (%) | − linear probe (paired, 95% CI) |", "|---|---|---|"]
+    for label, accs in table.items():
+        diff = "" if accs is probe else paired_difference(accs, probe).fmt()
+        lines.append(f"| {label} | {summarize(accs.values()).fmt()} | {diff} |")
+    return lines + [""]
+
+
+def nora_lrs() -> tuple[float, ...]:
+    """NoRA's tuned lr and smaller steps (a tenth and about a third of it)."""
+    from nora.demo import learning_rates
+
+    lr = float(learning_rates()["methods"]["nora"]["lr"])
+    return (float(f"{lr / 10:.1g}"), float(f"{lr / 3:.1g}"), lr)
+
+
+
+def nora_lr_experiment(weights: Path, out_root: Path, seeds=EXPERIMENT_SEEDS, n_procs: int = 2) -> dict:
     """NoRA at smaller learning rates (validation split of the main task): accuracy and how far the update moves."""
     from nora.demo import run_jobs, settings
 
     task = next(iter(settings()["tasks"]))
     jobs = [dict(method="nora", task=task, seed=s, weights=weights, out_root=out_root,
                  extra=["dataset.eval_split=validation"], name=f"nora_lr{lr:g}_s{s}", lrs={"lr": lr})
-            for lr in NORA_LRS for s in seeds]
+            for lr in nora_lrs() for s in seeds]
     run_jobs(jobs, n_procs)
     table = {}
-    for lr in NORA_LRS:
+    for lr in nora_lrs():
         for s in seeds:
             a = analyse_run(out_root / task / f"nora_lr{lr:g}_s{s}")
             table.setdefault(lr, []).append(a)
@@ -310,7 +380,7 @@ def head_lr_section(table: dict) -> list[str]:
         return []
     lines = ["### Head learning rate (validation split, main task; NoRA at its tuned lr)", "",
              "| head lr | linear probe | NoRA | NoRA − linear probe (paired, 95% CI) |", "|---|---|---|---|"]
-    for h in HEAD_LRS:
+    for h in head_lrs():
         lp, nr = table.get(("linear_probe", h), {}), table.get(("nora", h), {})
         lines.append(f"| {h:g} | {summarize(lp.values()).fmt()} | {summarize(nr.values()).fmt()} | "
                      f"{paired_difference(nr, lp).fmt()} |")
@@ -321,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", default="runs/demo")
     ap.add_argument("--out", default="results/demo_diagnosis_measurements.md")
-    ap.add_argument("--experiments", action="store_true", help="also run the head-lr experiment")
+    ap.add_argument("--experiments", action="store_true", help="also run the head-lr, LP-FT and NoRA-lr experiments")
     ap.add_argument("--jobs", type=int, default=2)
     args = ap.parse_args(argv)
     from nora.demo import _one_thread_worker, pretrain_source, settings
@@ -347,7 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.experiments:
         weights = pretrain_source(Path(args.runs))
         out_root = Path(str(args.runs) + "_diagnosis")
-        lines += head_lr_section(head_lr_experiment(weights, out_root, n_procs=args.jobs))
+        heads = head_lr_experiment(weights, out_root, n_procs=args.jobs)
+        lines += head_lr_section(heads)
+        lines += lpft_section(lpft_experiment(weights, out_root, heads, n_procs=args.jobs))
         lines += nora_lr_section(nora_lr_experiment(weights, out_root, n_procs=args.jobs))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines).rstrip("\n") + "\n")

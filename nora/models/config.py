@@ -26,6 +26,7 @@ class VisionModelConfig:
     pretrained_tag: Optional[str] = None
     pretrained: bool = True
     checkpoint: Optional[str] = None          # a local weights file instead of the hub cache
+    checkpoint_head: bool = False             # keep the checkpoint's head (same classes): LP-FT from a linear probe
     kwargs: Dict[str, Any] = field(default_factory=dict)
     lora_targets: Any = None                  # peft target_modules: a regex or a list of name suffixes
     nora_targets: List[str] = field(default_factory=list)

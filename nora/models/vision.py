@@ -32,7 +32,9 @@ def build_vision_model(model_cfg: VisionModelConfig, num_classes: int) -> nn.Mod
 
     * ``checkpoint``: a local weights file holding the backbone (its classifier head, if any, is
       dropped: the new task gets a freshly initialised head); missing, unexpected or mis-shaped
-      backbone tensors are an error.
+      backbone tensors are an error. With ``checkpoint_head: true`` the checkpoint's head is kept
+      instead (it must exist and have ``num_classes`` outputs): fine-tuning that starts from a
+      trained linear probe (LP-FT).
     * ``pretrained: true``: timm's pretrained weights for ``timm_name.pretrained_tag`` from the
       Hugging Face hub (or its local cache). Offline without a cached copy this ends in one message
       saying where to put the file.
@@ -51,8 +53,14 @@ def build_vision_model(model_cfg: VisionModelConfig, num_classes: int) -> nn.Mod
         state = _load_state(path)
         own = model.state_dict()
         head = model_cfg.head or "head"
-        # the classifier of the checkpoint's own task is never reused: the new task gets a new head
-        state = {k: v for k, v in state.items() if not k.startswith(head + ".")}
+        if model_cfg.checkpoint_head:  # LP-FT: the checkpoint's head was trained on this task
+            theirs = {k: tuple(v.shape) for k, v in state.items() if k.startswith(head + ".")}
+            ours = {k: tuple(v.shape) for k, v in own.items() if k.startswith(head + ".")}
+            if theirs != ours:
+                raise UserError(f"model.checkpoint_head=true but {ckpt} has head tensors {theirs or 'none'}; "
+                                f"this task needs {ours}")
+        else:  # the classifier of the checkpoint's own task is not reused: the new task gets a new head
+            state = {k: v for k, v in state.items() if not k.startswith(head + ".")}
         skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
         bad = [k for k in skipped if not k.startswith(head + ".")]
         if bad:
