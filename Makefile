@@ -28,8 +28,8 @@ demo: $(STAMP)
 	$(PY) -m nora.demo
 	$(PY) -m nora.results tables
 
-# The demo with more seeds on every task (configs/demo/demo.yaml `full_seeds`); same runs directory, so the
-# default demo's runs are reused.
+# The demo with more seeds on every task (configs/demo/demo.yaml `full_seeds`), reported in results/demo_full/;
+# same runs directory, so the default demo's runs are reused (results/demo.md keeps the default's seeds only).
 demo-full: $(STAMP)
 	$(PY) -m nora.demo --full
 	$(PY) -m nora.results tables

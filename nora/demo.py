@@ -64,6 +64,19 @@ def cache_dir() -> Path:
     return nora_cache_dir("demo")
 
 
+def source_key(cfg) -> str:
+    """The cache key of the source backbone: the composed pretraining config (model, data, trainer, method, seed)
+    and the code that shapes the backbone (data path, loop, model), so that an edit to any of it pretrains afresh
+    instead of reusing a backbone the current code and configs would not produce."""
+    key = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "dataset", "trainer", "method")}
+    h = hashlib.sha256(json.dumps([key, cfg.seed], sort_keys=True, default=str).encode())
+    pkg = Path(__file__).resolve().parent
+    for rel in ("data/vision.py", "data/batched.py", "data/sampling.py", "train/loop.py",
+                "models/vision.py", "methods/__init__.py", "run.py"):
+        h.update((pkg / rel).read_bytes())
+    return h.hexdigest()[:10]
+
+
 def pretrain_source(out_root: Path) -> Path:
     """Train the source backbone once (reproducible, cached by its settings) and return its weights."""
     from nora.run import run_training
@@ -75,16 +88,7 @@ def pretrain_source(out_root: Path) -> Path:
                     f"trainer.epochs={pre['epochs']}", f"trainer.lr={pre['lr']}",
                     f"trainer.batch_size={pre['batch_size']}", "trainer.weight_decay=0.05",
                     "model.checkpoint=null", "trainer.warmup_ratio=0.1", "force=true"] + _digits_overrides(source))
-    # keyed by the composed pretraining config (model, data, trainer) and by the code that shapes the backbone
-    # (data path, loop, model), so an edit to any of it pretrains afresh instead of reusing a backbone the
-    # current code and configs would not produce
-    key = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "dataset", "trainer", "method")}
-    h = hashlib.sha256(json.dumps([key, seed], sort_keys=True, default=str).encode())
-    pkg = Path(__file__).resolve().parent
-    for rel in ("data/vision.py", "data/batched.py", "data/sampling.py", "train/loop.py",
-                "models/vision.py", "methods/__init__.py", "run.py"):
-        h.update((pkg / rel).read_bytes())
-    weights = cache_dir() / f"source_{h.hexdigest()[:10]}.safetensors"
+    weights = cache_dir() / f"source_{source_key(cfg)}.safetensors"
     if weights.exists():
         return weights
     print(f"pretraining the source backbone on digits {source['classes']} (cached in {weights})", flush=True)
@@ -175,10 +179,24 @@ def _grid_runs(method: str, key: str, values: list[float], seeds: list[int], bas
     return {v: accs[i * len(seeds):(i + 1) * len(seeds)] for i, v in enumerate(values)}
 
 
+def next_value(v: float, up: bool, ratio: float) -> float:
+    """The next grid value beyond ``v``: on the 1-3-10 ladder when ``v`` is on it (0.3 -> 1 -> 3), else ``ratio``
+    times (or over) ``v``."""
+    import math
+
+    e = math.floor(math.log10(v))
+    m = round(v / 10 ** e, 6)
+    if m in (1.0, 3.0):
+        steps = {(1.0, True): 3 * 10 ** e, (3.0, True): 10 ** (e + 1), (1.0, False): 3 * 10 ** (e - 1),
+                 (3.0, False): 10 ** e}
+        return float(f"{steps[(m, up)]:.3g}")
+    return float(f"{(v * ratio if up else v / ratio):.3g}")
+
+
 def sweep_method(method: str, key: str, grid: list[float], seeds: list[int], base: dict, common: dict,
                  n_procs: int, max_widen: int = 3) -> tuple[dict[float, list[float]], float]:
     """Sweep ``key`` of ``method`` over ``grid``; while the best mean sits at an end of the swept values, add the
-    next value beyond that end (the grid's own ratio), at most ``max_widen`` times, so that no chosen value is at
+    next value beyond that end (``next_value``), at most ``max_widen`` times, so that no chosen value is at
     an edge of what was tried. Returns every value's per-seed accuracies and the best value (ties: smaller)."""
     grid = sorted(grid)
     ratio = grid[1] / grid[0]
@@ -188,7 +206,7 @@ def sweep_method(method: str, key: str, grid: list[float], seeds: list[int], bas
         best = max(values, key=lambda v: (sum(results[v]) / len(results[v]), -v))
         if best not in (values[0], values[-1]) or _ == max_widen:
             return results, best
-        nxt = float(f"{(best * ratio if best == values[-1] else best / ratio):.3g}")
+        nxt = next_value(best, up=best == values[-1], ratio=ratio)
         results.update(_grid_runs(method, key, [nxt], seeds, base, common, n_procs))
     raise AssertionError("unreachable")
 
@@ -282,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full", action="store_true", help="each task's `full_seeds` (make demo-full)")
     ap.add_argument("--jobs", type=int, default=2, help="single-threaded runs side by side (default 2)")
     ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--results", default="results", help="where demo.md (and the sweep table) go")
+    ap.add_argument("--results", default=None,
+                    help="where demo.md (and the sweep table) go (default: results, with --full results/demo_full)")
     ap.add_argument("--tune", action="store_true", help="run the learning-rate sweep instead")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for the fine-tuning runs")
     args = ap.parse_args(argv)
@@ -290,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     from nora.errors import UserError, user_errors
 
     out_root, t0 = Path(args.out), time.time()
+    args.results = args.results or ("results/demo_full" if args.full else "results")
     _one_thread_worker()  # the pretraining too: one thread, so the cached backbone is the same on every machine
     methods, tasks = args.methods.split(","), args.tasks.split(",")
     with user_errors():
@@ -301,14 +321,13 @@ def main(argv: list[str] | None = None) -> int:
             print(tune(weights, Path(str(out_root) + "_tune"), Path(args.results) / "demo_lr_sweep.md",
                        methods, args.jobs))
             return 0
-        which = "full_" if args.full else ""
-        seeds = {t: args.seeds or conf["tasks"][t][which + "seeds"] for t in tasks}
-        epochs = {t: conf["tasks"][t][which + "epochs"] for t in tasks}
+        seeds = {t: args.seeds or conf["tasks"][t]["full_seeds" if args.full else "seeds"] for t in tasks}
+        epochs = {t: conf["tasks"][t]["epochs"] for t in tasks}
         run_jobs(demo_jobs(methods, tasks, seeds, epochs, weights, out_root, args.overrides), args.jobs)
         from nora.results.render import render_demo
         from nora.results.collect import collect
 
-        render_demo(collect(out_root), Path(args.results), str(out_root), methods)
+        render_demo(collect(out_root), Path(args.results), str(out_root), methods, seeds)
     print((Path(args.results) / "demo.md").read_text())
     print(f"demo finished in {time.time() - t0:.0f} s; tables written to {args.results}/demo.md")
     return 0

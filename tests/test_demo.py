@@ -108,3 +108,82 @@ def test_untrained_nora_has_not_moved():
     model = apply_method(build_model(cfg.model, 10), cfg.method, cfg.model).model
     for stats in diag.coefficient_stats(model).values():
         assert stats["num_rel"] == stats["den_rel"] == stats["max_dev_fit"] == stats["mean_dev_at_4"] == 0.0
+
+
+def test_the_source_backbone_cache_key_follows_the_composed_config():
+    base = demo._compose(["experiment=demo", "method=full", "seed=0"])
+    assert demo.source_key(base) == demo.source_key(demo._compose(["experiment=demo", "method=full", "seed=0"]))
+    for change in ("model.kwargs.img_size=32", "dataset.augment.crop_padding=2", "trainer.epochs=3", "seed=1"):
+        other = demo._compose(["experiment=demo", "method=full", "seed=0", change])
+        assert demo.source_key(other) != demo.source_key(base), change
+
+
+def test_sweep_widens_a_grid_whose_best_is_at_an_edge(monkeypatch):
+    import math
+
+    calls = []
+
+    def fake_runs(peak):
+        def runs(method, key, values, seeds, base, common, n_procs):
+            calls.append(list(values))
+            return {v: [100 - (math.log10(v) - math.log10(peak)) ** 2 + s * 1e-3 for s in seeds] for v in values}
+        return runs
+
+    monkeypatch.setattr(demo, "_grid_runs", fake_runs(10.0))
+    results, best = demo.sweep_method("m", "lr", [0.1, 0.3, 1.0], [0, 1], {}, {}, 1)
+    assert best == 10.0 and sorted(results) == [0.1, 0.3, 1.0, 3.0, 10.0, 30.0]
+    assert calls == [[0.1, 0.3, 1.0], [3.0], [10.0], [30.0]]  # widened one value at a time until 10 is inside
+
+    calls.clear()
+    monkeypatch.setattr(demo, "_grid_runs", fake_runs(1e-3))
+    results, best = demo.sweep_method("m", "lr", [0.1, 0.3, 1.0], [0], {}, {}, 1, max_widen=2)
+    assert calls == [[0.1, 0.3, 1.0], [0.03], [0.01]] and best == 0.01  # stops after max_widen, at the edge
+    assert demo.next_value(0.25, up=True, ratio=2.0) == 0.5 and demo.next_value(0.25, up=False, ratio=2.0) == 0.125
+
+    calls.clear()
+    monkeypatch.setattr(demo, "_grid_runs", fake_runs(0.3))
+    assert demo.sweep_method("m", "lr", [0.1, 0.3, 1.0], [0], {}, {}, 1)[1] == 0.3 and len(calls) == 1
+
+
+def test_lp_ft_starts_from_the_probe_head(tmp_path):
+    """LP-FT: a linear probe's trained head, put on the source backbone (probe_backbone), is where NoRA starts with
+    model.checkpoint_head=true; with the head frozen it is still the probe's head after training."""
+    from safetensors.torch import load_file, save_file
+
+    from nora.errors import UserError
+    from nora.models import build_model
+
+    data = write_cifar(tmp_path / "cifar10", "cifar10", n_train=64, n_test=32)
+    common = ["model=vit_test", "dataset=cifar10", f"dataset.root={data}", "dataset.download=false",
+              "dataset.verify_md5=false", "logger=disabled", "trainer.epochs=1", "trainer.batch_size=32",
+              "trainer.num_workers=0", "trainer.progress=false", "trainer.checkpoint_every=0", "trainer.lr=0.5",
+              "trainer.data_path=batched"]
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        probe_cfg = compose("train", overrides=["method=linear_probe", *common])
+    source = tmp_path / "source.safetensors"
+    torch.manual_seed(3)
+    save_file({k: v.contiguous() for k, v in build_model(probe_cfg.model, 7).state_dict().items()}, str(source))
+    run_training(OmegaConf.merge(probe_cfg, {"model": {"checkpoint": str(source)}}), run_dir=tmp_path / "probe")
+    start = diag.probe_backbone(source, tmp_path / "probe", tmp_path / "start.safetensors")
+    probe_head = load_file(str(tmp_path / "probe" / "adapter" / "trainable.safetensors"))
+    merged = load_file(str(start))
+    assert torch.equal(merged["head.weight"], probe_head["head.weight"])
+    assert torch.equal(merged["blocks.0.mlp.fc1.weight"], load_file(str(source))["blocks.0.mlp.fc1.weight"])
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["method=nora", f"model.checkpoint={start}", "model.checkpoint_head=true",
+                                          "method.train_head=false", *common])
+    built = build_model(cfg.model, 10)
+    assert torch.equal(built.head.weight, probe_head["head.weight"])  # kept, not re-initialised
+    run_training(cfg, run_dir=tmp_path / "lpft")
+    from nora.runs import load_trained_model
+
+    trained = load_trained_model(tmp_path / "lpft").model
+    head = dict(trained.named_parameters())
+    key = next(k for k in head if k.endswith("head.weight"))
+    assert torch.equal(head[key], probe_head["head.weight"])  # frozen: still the probe's head
+
+    with pytest.raises(UserError, match=r"checkpoint_head=true but .* this task needs"):
+        build_model(cfg.model, 7)  # another number of classes than the probe's head has
+    fresh = build_model(OmegaConf.merge(cfg.model, {"checkpoint_head": False}), 10)
+    assert not torch.equal(fresh.head.weight, probe_head["head.weight"])  # the default: a new head

@@ -545,3 +545,18 @@ def test_cli(tmp_path, capsys):
     assert main(["demo-table", "--runs", str(root), "--out", str(tmp_path / "out")]) == 0
     assert "| NoRA | 3 | 92.67 ± 1.76 |" in capsys.readouterr().out
     assert (tmp_path / "out" / "demo.csv").exists() and (tmp_path / "out" / "README.md").exists()
+
+
+def test_the_demo_report_keeps_to_its_own_seeds(tmp_path):
+    """make demo and make demo-full share runs/demo: each report counts only the seeds it runs (render_demo)."""
+    from nora.results.collect import collect
+    from nora.results.render import render_demo
+
+    root = demo_runs(tmp_path / "demo")
+    render_demo(collect(root), tmp_path / "two", str(root), ["linear_probe", "full", "nora"],
+                seeds={"rot90": 2, "transpose": 1})
+    two = (tmp_path / "two" / "demo.md").read_text()
+    assert "| NoRA | 2 | 91.75 ± 1.06 |" in two and "| full FT | 2 | 91.00 ± 1.41 |" in two  # seeds 0 and 1
+    render_demo(collect(root), tmp_path / "all", str(root), ["linear_probe", "full", "nora"],
+                seeds={"rot90": 10, "transpose": 10})
+    assert "| NoRA | 3 | 92.67 ± 1.76 |" in (tmp_path / "all" / "demo.md").read_text()

@@ -12,6 +12,7 @@ Sources (relative to the runs root, ``runs/`` by default)::
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Sequence
 
@@ -105,11 +106,19 @@ def _points(runs: Sequence[Run], methods: Sequence[str], metric) -> list[figures
 
 
 # ----------------------------------------------------------------------------- per source
-def render_demo(col: Collection, out: Path, source: str, methods: Sequence[str] | None = None) -> dict:
+def render_demo(col: Collection, out: Path, source: str, methods: Sequence[str] | None = None,
+                seeds: dict[str, int] | None = None) -> dict:
+    """The demo's tables and figures in ``out`` from the runs of ``col`` with seed below ``seeds[task]`` (default:
+    each task's ``seeds`` in configs/demo/demo.yaml, what ``make demo`` runs; ``make demo-full`` passes its
+    ``full_seeds``): the two share one runs directory, and ``results/demo.md`` never takes in demo-full's extra
+    seeds."""
     from nora.demo import settings
 
     made = {"tables": [], "figures": []}
     tasks = settings()["tasks"]
+    n_seeds = seeds or {t: conf["seeds"] for t, conf in tasks.items()}
+    col = dataclasses.replace(col, runs=[r for r in col.runs if (t := demo_task(r, tasks)) is None
+                                         or r.seed is None or r.seed < n_seeds.get(t, 0)])
     report = demo_report(col, methods, source=source, tasks=tasks)
     made["tables"] += report.write(out)
     if not report.runs:
