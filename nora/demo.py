@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         from nora.results.render import render_demo
         from nora.results.collect import collect
 
-        render_demo(collect(out_root), Path(args.results), str(out_root), methods, seeds)
+        render_demo(collect(out_root), Path(args.results), str(out_root), methods, seeds, full=args.full)
     print((Path(args.results) / "demo.md").read_text())
     print(f"demo finished in {time.time() - t0:.0f} s; tables written to {args.results}/demo.md")
     return 0

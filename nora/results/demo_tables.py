@@ -78,8 +78,9 @@ def _demo_summary_section(by_task: dict[str, list[Run]], methods: Sequence[str])
 
 
 def demo_report(col: Collection, methods: Sequence[str] | None = None, reference: str = "full",
-                source: str = "runs/demo", tasks: dict | None = None) -> Report:
-    """results/demo.md: one section per target task, the paired differences, a summary across tasks."""
+                source: str = "runs/demo", tasks: dict | None = None, full: bool = False) -> Report:
+    """results/demo.md (``full``: results/demo_full/demo.md, make demo-full's): one section per target task, the
+    paired differences, a summary across tasks."""
     if tasks is None:
         from nora.demo import settings
 
@@ -89,17 +90,20 @@ def demo_report(col: Collection, methods: Sequence[str] | None = None, reference
     methods = list(methods) if methods else ordered_methods(r.method for r in runs)
     sections = [_demo_task_section(name, tasks[name], rs, methods, reference) for name, rs in by_task.items()]
     sections += [_demo_pairs_section(by_task), _demo_summary_section(by_task, methods)]
+    up = "../" if full else ""  # results/demo_full/ links back to results/
     intro = [("**Offline digits demo, not a CIFAR or LLaMA result.** A small ViT is pretrained here on upright "
               "scikit-learn digits 0-4 (the source) and fine-tuned with each method on three target tasks with "
-              "different kinds of shift (configs/demo/demo.yaml); see `nora/demo.py`. Produced by `make demo` "
-              "(`python -m nora.demo`; `make demo-full` runs more seeds). Learning rates: "
-              "`configs/demo/learning_rates.yaml`, tuned on a validation split (`demo_lr_sweep.md`). What limits "
-              "NoRA here, measured: [demo_diagnosis.md](demo_diagnosis.md)."),
+              "different kinds of shift (configs/demo/demo.yaml); see `nora/demo.py`. Produced by "
+              + ("`make demo-full` (`python -m nora.demo --full`: each task's `full_seeds`; `make demo` runs fewer, "
+                 "results/demo.md)" if full else "`make demo` (`python -m nora.demo`; `make demo-full` runs more "
+                 "seeds, results/demo_full/)") + ". Learning rates: `configs/demo/learning_rates.yaml`, tuned on a "
+              f"validation split (`{up}demo_lr_sweep.md`). What limits NoRA here, measured: "
+              f"[demo_diagnosis.md]({up}demo_diagnosis.md)."),
              ("Accuracy: final test accuracy (%), mean ± std over seeds. " + CI_NOTE.replace(
                  "the reference", f"{METHOD_LABEL.get(reference, reference)}")),
              (f"For scale only: the paper's CIFAR numbers ({paper.TABLE1_NOTE}) are not comparable to these tasks.")]
-    return Report("demo", "Offline demo: fine-tuning on scikit-learn digits (CPU)", intro, sections, runs, [source],
-                  make="make demo")
+    return Report("demo", "Offline demo: fine-tuning on scikit-learn digits (CPU)" + (", more seeds" if full else ""),
+                  intro, sections, runs, [source], make="make demo-full" if full else "make demo")
 
 
 

@@ -107,11 +107,11 @@ def _points(runs: Sequence[Run], methods: Sequence[str], metric) -> list[figures
 
 # ----------------------------------------------------------------------------- per source
 def render_demo(col: Collection, out: Path, source: str, methods: Sequence[str] | None = None,
-                seeds: dict[str, int] | None = None) -> dict:
+                seeds: dict[str, int] | None = None, full: bool = False) -> dict:
     """The demo's tables and figures in ``out`` from the runs of ``col`` with seed below ``seeds[task]`` (default:
     each task's ``seeds`` in configs/demo/demo.yaml, what ``make demo`` runs; ``make demo-full`` passes its
-    ``full_seeds``): the two share one runs directory, and ``results/demo.md`` never takes in demo-full's extra
-    seeds."""
+    ``full_seeds`` and ``full``): the two share one runs directory, and ``results/demo.md`` never takes in
+    demo-full's extra seeds."""
     from nora.demo import settings
 
     made = {"tables": [], "figures": []}
@@ -119,7 +119,7 @@ def render_demo(col: Collection, out: Path, source: str, methods: Sequence[str] 
     n_seeds = seeds or {t: conf["seeds"] for t, conf in tasks.items()}
     col = dataclasses.replace(col, runs=[r for r in col.runs if (t := demo_task(r, tasks)) is None
                                          or r.seed is None or r.seed < n_seeds.get(t, 0)])
-    report = demo_report(col, methods, source=source, tasks=tasks)
+    report = demo_report(col, methods, source=source, tasks=tasks, full=full)
     made["tables"] += report.write(out)
     if not report.runs:
         return made
