@@ -560,3 +560,21 @@ def test_the_demo_report_keeps_to_its_own_seeds(tmp_path):
     render_demo(collect(root), tmp_path / "all", str(root), ["linear_probe", "full", "nora"],
                 seeds={"rot90": 10, "transpose": 10})
     assert "| NoRA | 3 | 92.67 ± 1.76 |" in (tmp_path / "all" / "demo.md").read_text()
+
+
+def test_make_tables_renders_demo_full_only_when_its_extra_seeds_exist(tmp_path):
+    from nora.results.render import render_all
+
+    root = demo_runs(tmp_path / "runs" / "demo")
+    render_all(tmp_path / "runs", tmp_path / "out", demo_methods=["linear_probe", "full", "nora"])
+    assert not (tmp_path / "out" / "demo_full").exists()  # seeds 0-2 only: nothing beyond make demo's 5
+    index = (tmp_path / "out" / "README.md").read_text()
+    assert "| demo_full/demo.md (not generated yet) |" in index
+    write_run(root / "rot90", "nora_s7", method="nora", model="vit_demo", dataset="digits_target", seed=7, acc=99.0,
+              trainable=20, config=demo_config("rot90"))
+    render_all(tmp_path / "runs", tmp_path / "out", demo_methods=["linear_probe", "full", "nora"])
+    assert "| NoRA | 3 | 92.67 ± 1.76 |" in (tmp_path / "out" / "demo.md").read_text()  # seed 7 left out
+    full = (tmp_path / "out" / "demo_full" / "demo.md").read_text()
+    assert "| NoRA | 4 | " in full and "Produced by `make demo-full`" in full and "](../demo_diagnosis.md)" in full
+    assert "| [demo_full/demo.md](demo_full/demo.md) ([csv](demo_full/demo.csv)) |" in (
+        tmp_path / "out" / "README.md").read_text()

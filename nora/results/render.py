@@ -216,6 +216,8 @@ def render_ablations(col: Collection, ref: Collection, out: Path, source: str,
 # ----------------------------------------------------------------------------- everything
 INDEX = (
     ("demo", "Offline digits demo (CPU; not a CIFAR or LLaMA result)", "make demo"),
+    ("demo_full/demo", "The digits demo with more seeds on every task (results/demo_full/: tables and figures)",
+     "make demo-full"),
     ("demo_subspace", "Functional-subspace analysis of the digits demo's NoRA / rational FT / zero-init FT runs",
      "make demo (with rational_ft and zero_init_ft among its methods)"),
     ("demo_diagnosis", "What limits NoRA in the digits demo, measured (pre-activation ranges, coefficient "
@@ -260,7 +262,8 @@ def write_index(out: Path, made: dict) -> Path:
     for stem, what, how in INDEX:
         md = out / f"{stem}.md"
         if md.exists():
-            lines.append(f"| [{stem}.md]({stem}.md) ([csv]({stem}.csv)) | {what} | `{how}` |")
+            csv = f" ([csv]({stem}.csv))" if (out / f"{stem}.csv").exists() else ""
+            lines.append(f"| [{stem}.md]({stem}.md){csv} | {what} | `{how}` |")
         else:
             lines.append(f"| {stem}.md (not generated yet) | {what} | `{how}` |")
     figs = sorted((out / "figures").glob("*.png")) if (out / "figures").exists() else []
@@ -291,7 +294,15 @@ def render_all(runs: str | Path = "runs", out: str | Path = "results",
 
     t1 = collect(runs / "table1")
     t2 = collect(runs / "table2", runs / "eval")
-    add(render_demo(collect(runs / "demo"), out, str(runs / "demo"), demo_methods))
+    demo = collect(runs / "demo")
+    add(render_demo(demo, out, str(runs / "demo"), demo_methods))
+    from nora.demo import settings
+
+    tasks = settings()["tasks"]
+    if any((t := demo_task(r, tasks)) and r.seed is not None and r.seed >= tasks[t]["seeds"] for r in demo.runs):
+        # make demo-full's extra seeds exist: its report too, in its own directory
+        render_demo(demo, out / "demo_full", str(runs / "demo"), demo_methods,
+                    seeds={t: c["full_seeds"] for t, c in tasks.items()}, full=True)
     add(render_table1(t1, out, str(runs / "table1")))
     made["tables"] += table1_low_budget_report(t1, source=str(runs / "table1")).write(out)
     add(render_table2(t2, out, str(runs / "table2"), str(runs / "eval")))
