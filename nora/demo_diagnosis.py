@@ -15,7 +15,8 @@ Read from finished demo runs (nothing here is guessed or re-trained, except the 
 * **split sizes**: how many images the validation and test accuracies rest on;
 * ``--experiments``: on the validation split, NoRA at other head learning rates and the linear probe at the same
   ones (does the shared head lr decide the NoRA - probe gap?), LP-FT (NoRA started from the trained probe's head),
-  and NoRA at smaller learning rates (does a smaller step keep the update small, and does that help?).
+  and NoRA at smaller learning rates (does a smaller step keep the update small, and does that help?); and, on
+  the test split, LoRA and NoRA++ one lr step below their tuned one (is a collapsed seed the lr's doing?).
 
     python -m nora.demo_diagnosis                 # analyse runs/demo (make demo first), write the report
     python -m nora.demo_diagnosis --experiments   # plus those runs (runs/demo_diagnosis)
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 
 from nora.results.stats import paired_difference, summarize
+from nora.runs.layout import RunDir, is_complete, read_summary
 
 
 # ----------------------------------------------------------------------------- rebuilding a run
@@ -177,7 +179,7 @@ def split_section(sizes: dict[str, int], p: float = 0.7) -> list[str]:
 
 # ----------------------------------------------------------------------------- learning curves
 def learning_curve(run_dir: Path) -> list[float]:
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(x) for x in RunDir(run_dir).metrics.read_text().splitlines()]
     return [r["eval/accuracy"] for r in recs if "eval/accuracy" in r]
 
 
@@ -185,7 +187,7 @@ def demo_curves(task_root: Path, methods) -> dict[str, list[list[float]]]:
     """Per method: the test-accuracy curve (after each epoch) of every demo run of it on the task."""
     out = {}
     for method in methods:
-        runs = sorted(d for d in task_root.glob(f"{method}_s*") if (d / "summary.json").exists())
+        runs = sorted(d for d in task_root.glob(f"{method}_s*") if is_complete(d))
         curves = [learning_curve(r) for r in runs]
         if curves:
             out[method] = curves
@@ -319,6 +321,53 @@ def nora_lr_section(table: dict) -> list[str]:
     return lines + [""]
 
 
+# ----------------------------------------------------------------------------- lr stability (test split)
+STABILITY_METHODS = ("lora", "nora_pp")
+
+
+def stability_experiment(weights: Path, demo_root: Path, out_root: Path, n_procs: int = 2) -> dict:
+    """LoRA and NoRA++ at their tuned LoRA lr (the demo's own runs) and one step below it on the 1-3-10 ladder, on
+    the demo seeds of the main task's *test* split: is a low outlier seed a property of the method or of an lr at
+    the edge of stability? Nothing is chosen from these numbers. Returns {(method, lr): {seed: accuracy}}."""
+    from nora.demo import learning_rates, next_value, run_jobs, settings
+
+    task = next(iter(settings()["tasks"]))
+    table, jobs = {}, []
+    for m in STABILITY_METHODS:
+        tuned = dict(learning_rates()["methods"][m])
+        lower = next_value(tuned["lr"], up=False, ratio=3.0)
+        for d in sorted(demo_root.glob(f"{m}_s*")):
+            if is_complete(d) and d.name[len(m) + 2:].isdigit():
+                seed = int(d.name[len(m) + 2:])
+                table.setdefault((m, tuned["lr"]), {})[seed] = read_summary(d)["final_accuracy"]
+        jobs += [dict(method=m, task=task, seed=s, weights=weights, out_root=out_root, extra=[],
+                      lrs=dict(tuned, lr=lower), name=f"{m}_lr{lower:g}_test_s{s}")
+                 for s in sorted(table.get((m, tuned["lr"]), {}))]
+    for r in run_jobs(jobs, n_procs):
+        j = r["job"]
+        table.setdefault((j["method"], j["lrs"]["lr"]), {})[j["seed"]] = r["accuracy"]
+    return table
+
+
+def stability_section(table: dict) -> list[str]:
+    if not table:
+        return []
+    lines = ["### LoRA's learning rate: the tuned value and one step below (test split, main task)", "",
+             "The demo's runs at the tuned lr, and the same seeds one step lower on the 1-3-10 ladder (NoRA++ keeps "
+             "its NoRA lr). Measured after the fact, on the test images: nothing is chosen from it.", "",
+             "| method | LoRA lr | n | test accuracy (%) | lowest seed | seeds below 80% |",
+             "|---|---|---|---|---|---|"]
+    for (m, lr), accs in sorted(table.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        low = min(accs, key=accs.get)
+        lines.append(f"| {m} | {lr:g} | {len(accs)} | {summarize(accs.values()).fmt()} | {accs[low]:.1f} (seed {low}) "
+                     f"| {sum(a < 80 for a in accs.values())} |")
+    lrs = sorted({lr for (_m, lr) in table}, reverse=True)
+    lines += ["", "| LoRA lr | NoRA++ − LoRA (paired, 95% CI) |", "|---|---|"]
+    lines += [f"| {lr:g} | {paired_difference(table.get(('nora_pp', lr), {}), table.get(('lora', lr), {})).fmt()} |"
+              for lr in lrs]
+    return lines + [""]
+
+
 # ----------------------------------------------------------------------------- report
 def _fmt_range(s: dict) -> str:
     return f"{s['outside']:.1f}% [{s['p001']:+.1f}, {s['p999']:+.1f}]"
@@ -405,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
              f"`{args.runs}`; read with [demo_diagnosis.md](demo_diagnosis.md).", ""]
     by_method = {}
     for method, label in (("nora", "NoRA"), ("nora_pp", "NoRA++")):
-        dirs = sorted(d for d in root.glob(f"{method}_s*") if (d / "summary.json").exists())
+        dirs = sorted(d for d in root.glob(f"{method}_s*") if is_complete(d))
         if not dirs:
             continue
         by_method[label] = [analyse_run(d) for d in dirs]
@@ -421,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         lines += head_lr_section(heads)
         lines += lpft_section(lpft_experiment(weights, out_root, heads, n_procs=args.jobs))
         lines += nora_lr_section(nora_lr_experiment(weights, out_root, n_procs=args.jobs))
+        lines += stability_section(stability_experiment(weights, root, out_root, n_procs=args.jobs))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines).rstrip("\n") + "\n")
     print("\n".join(lines))

@@ -187,3 +187,17 @@ def test_lp_ft_starts_from_the_probe_head(tmp_path):
         build_model(cfg.model, 7)  # another number of classes than the probe's head has
     fresh = build_model(OmegaConf.merge(cfg.model, {"checkpoint_head": False}), 10)
     assert not torch.equal(fresh.head.weight, probe_head["head.weight"])  # the default: a new head
+
+
+def test_the_stability_and_lp_ft_sections_report_what_they_were_given():
+    table = {("lora", 0.01): {0: 91.0, 1: 67.0, 2: 93.0}, ("lora", 0.003): {0: 90.0, 1: 91.0, 2: 92.0},
+             ("nora_pp", 0.01): {0: 92.0, 1: 90.0, 2: 94.0}, ("nora_pp", 0.003): {0: 90.0, 1: 92.0, 2: 92.0}}
+    text = "\n".join(diag.stability_section(table))
+    assert "| lora | 0.01 | 3 | 83.67 ± 14.47 | 67.0 (seed 1) | 1 |" in text
+    assert "| lora | 0.003 | 3 | 91.00 ± 1.00 | 90.0 (seed 0) | 0 |" in text
+    assert "| 0.01 | +8.33 [" in text and "(n=3) |" in text  # (1 + 23 + 1) / 3
+    lpft = {"linear probe": {0: 60.0, 1: 62.0}, "NoRA (new head)": {0: 61.0, 1: 62.0},
+            "LP-FT: NoRA from the probe's head, head frozen": {0: 63.0, 1: 66.0}}
+    text = "\n".join(diag.lpft_section(lpft))
+    assert "| linear probe | 61.00 ± 1.41 |  |" in text
+    assert "| LP-FT: NoRA from the probe's head, head frozen | 64.50 ± 2.12 | +3.50 [" in text
