@@ -122,8 +122,9 @@ def accuracy_vs_params(panels: dict[str, Sequence[Point]], path: str | Path, tit
     cmap = plt.get_cmap("tab10")
     for ax, (name, pts) in zip(axes[0], panels.items()):
         for i, p in enumerate(pts):
-            ax.errorbar([p.params], [p.mean], yerr=[p.std or 0.0], fmt="o", color=cmap(i % 10), capsize=3,
-                        label=f"{p.label} (n={p.n})")
+            # tab10 repeats after ten methods: the next ten get another marker, so no two share a symbol
+            ax.errorbar([p.params], [p.mean], yerr=[p.std or 0.0], fmt="osD^"[i // 10 % 4], color=cmap(i % 10),
+                        capsize=3, label=f"{p.label} (n={p.n})")
             ax.annotate(p.label, (p.params, p.mean), textcoords="offset points", xytext=(5, 4), fontsize=7)
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters")
