@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -182,8 +183,6 @@ def _grid_runs(method: str, key: str, values: list[float], seeds: list[int], bas
 def next_value(v: float, up: bool, ratio: float) -> float:
     """The next grid value beyond ``v``: on the 1-3-10 ladder when ``v`` is on it (0.3 -> 1 -> 3), else ``ratio``
     times (or over) ``v``."""
-    import math
-
     e = math.floor(math.log10(v))
     m = round(v / 10 ** e, 6)
     if m in (1.0, 3.0):
@@ -201,14 +200,17 @@ def sweep_method(method: str, key: str, grid: list[float], seeds: list[int], bas
     grid = sorted(grid)
     ratio = grid[1] / grid[0]
     results = _grid_runs(method, key, grid, seeds, base, common, n_procs)
-    for _ in range(max_widen + 1):
-        values = sorted(results)
-        best = max(values, key=lambda v: (sum(results[v]) / len(results[v]), -v))
-        if best not in (values[0], values[-1]) or _ == max_widen:
-            return results, best
-        nxt = next_value(best, up=best == values[-1], ratio=ratio)
+
+    def best() -> float:
+        return max(results, key=lambda v: (sum(results[v]) / len(results[v]), -v))
+
+    for _ in range(max_widen):
+        low, high = min(results), max(results)
+        if best() not in (low, high):
+            break
+        nxt = next_value(best(), up=best() == high, ratio=ratio)
         results.update(_grid_runs(method, key, [nxt], seeds, base, common, n_procs))
-    raise AssertionError("unreachable")
+    return results, best()
 
 
 def tune(weights: Path, out_root: Path, table: Path, methods: list[str], n_procs: int) -> str:
