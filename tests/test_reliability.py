@@ -48,8 +48,11 @@ def train_process(overrides, tmp_path, name="a"):
     out, err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
     with open(out, "w") as o, open(err, "w") as e:
         # the run name fixed, so the tests know the directory whatever overrides they pass (nora.runs.naming)
+        # SIGINT as in a terminal: a test run started in the background (`make test &`, nohup) inherits SIGINT
+        # ignored, and Python then never turns Ctrl-C into KeyboardInterrupt
         proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *overrides, f"run_name={RUN_NAME}"],
-                                cwd=tmp_path, env=_env(), stdout=o, stderr=e)
+                                cwd=tmp_path, env=_env(), stdout=o, stderr=e,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     proc.out, proc.err = out, err
     try:
         yield proc
