@@ -221,7 +221,8 @@ INDEX = (
     ("demo_subspace", "Functional-subspace analysis of the digits demo's NoRA / rational FT / zero-init FT runs",
      "make demo (with rational_ft and zero_init_ft among its methods)"),
     ("demo_diagnosis", "What limits NoRA in the digits demo, measured (pre-activation ranges, coefficient "
-     "movement, update ablations, learning curves, head lr)", "python -m nora.demo_diagnosis --experiments"),
+     "movement, update ablations, learning curves, head lr, LP-FT, NoRA's and LoRA's lr; raw tables in "
+     "demo_diagnosis_measurements.md)", "python -m nora.demo_diagnosis --experiments"),
     ("table1", "Table 1: ViT-Tiny on CIFAR-10/100, six methods", "make table1"),
     ("table1_low_budget", "Table 1, low budget: NoRA vs BitFit, LN tuning, (IA)3, VeRA on ViT-Tiny/CIFAR",
      "make table1"),
