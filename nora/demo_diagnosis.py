@@ -195,6 +195,16 @@ def demo_curves(task_root: Path, methods) -> dict[str, list[list[float]]]:
 
 
 # ----------------------------------------------------------------------------- head-lr experiment
+def accuracy_table(jobs: list[dict], n_procs: int, key) -> dict:
+    """Run the demo ``jobs`` and return ``{key(job): {seed: final test or validation accuracy}}``."""
+    from nora.demo import run_jobs
+
+    table = {}
+    for r in run_jobs(jobs, n_procs):
+        table.setdefault(key(r["job"]), {})[r["job"]["seed"]] = r["accuracy"]
+    return table
+
+
 EXPERIMENT_SEEDS = (0, 1, 2, 3, 4)
 
 
@@ -208,19 +218,14 @@ def head_lrs() -> tuple[float, float]:
 
 def head_lr_experiment(weights: Path, out_root: Path, seeds=EXPERIMENT_SEEDS, n_procs: int = 2) -> dict:
     """NoRA and the linear probe at several head learning rates (validation split of the main task)."""
-    from nora.demo import run_jobs, settings
+    from nora.demo import settings
 
     task = next(iter(settings()["tasks"]))
     jobs = [dict(method=m, task=task, seed=s, weights=weights, out_root=out_root,
                  extra=["dataset.eval_split=validation"], name=f"{m}_head{h:g}_s{s}", head_lr=h,
                  lrs=({"lr": h} if m == "linear_probe" else None))
             for h in head_lrs() for m in ("linear_probe", "nora") for s in seeds]
-    res = run_jobs(jobs, n_procs)
-    table = {}
-    for r in res:
-        j = r["job"]
-        table.setdefault((j["method"], j["head_lr"]), {})[j["seed"]] = r["accuracy"]
-    return table
+    return accuracy_table(jobs, n_procs, lambda j: (j["method"], j["head_lr"]))
 
 
 # ----------------------------------------------------------------------------- LP-FT experiment
@@ -244,7 +249,7 @@ def lpft_experiment(weights: Path, out_root: Path, head_table: dict, seeds=EXPER
     """LP-FT (validation split of the main task): NoRA trained from the linear probe's trained head (the probe
     runs of ``head_lr_experiment`` at the shared head lr), with that head frozen or at a tenth of the head lr.
     Returns per variant the per-seed accuracies, beside the probe's and NoRA's own (from ``head_table``)."""
-    from nora.demo import run_jobs, settings
+    from nora.demo import settings
 
     task = next(iter(settings()["tasks"]))
     low, h = head_lrs()
@@ -257,10 +262,9 @@ def lpft_experiment(weights: Path, out_root: Path, head_table: dict, seeds=EXPER
                              extra=["dataset.eval_split=validation", "model.checkpoint_head=true", *extra],
                              name=f"lpft{i}_nora_s{s}"))
     table = {"linear probe": head_table[("linear_probe", h)], "NoRA (new head)": head_table[("nora", h)]}
-    for r in run_jobs(jobs, n_procs):
-        j = r["job"]
-        variant = list(LPFT_VARIANTS)[int(j["name"][4])]
-        table.setdefault(f"LP-FT: NoRA from the probe's head, {variant}", {})[j["seed"]] = r["accuracy"]
+    variants = list(LPFT_VARIANTS)
+    table.update(accuracy_table(jobs, n_procs,
+                                lambda j: f"LP-FT: NoRA from the probe's head, {variants[int(j['name'][4])]}"))
     return table
 
 
@@ -329,7 +333,7 @@ def stability_experiment(weights: Path, demo_root: Path, out_root: Path, n_procs
     """LoRA and NoRA++ at their tuned LoRA lr (the demo's own runs) and one step below it on the 1-3-10 ladder, on
     the demo seeds of the main task's *test* split: is a low outlier seed a property of the method or of an lr at
     the edge of stability? Nothing is chosen from these numbers. Returns {(method, lr): {seed: accuracy}}."""
-    from nora.demo import learning_rates, next_value, run_jobs, settings
+    from nora.demo import learning_rates, next_value, settings
 
     task = next(iter(settings()["tasks"]))
     table, jobs = {}, []
@@ -343,9 +347,7 @@ def stability_experiment(weights: Path, demo_root: Path, out_root: Path, n_procs
         jobs += [dict(method=m, task=task, seed=s, weights=weights, out_root=out_root, extra=[],
                       lrs=dict(tuned, lr=lower), name=f"{m}_lr{lower:g}_test_s{s}")
                  for s in sorted(table.get((m, tuned["lr"]), {}))]
-    for r in run_jobs(jobs, n_procs):
-        j = r["job"]
-        table.setdefault((j["method"], j["lrs"]["lr"]), {})[j["seed"]] = r["accuracy"]
+    table.update(accuracy_table(jobs, n_procs, lambda j: (j["method"], j["lrs"]["lr"])))
     return table
 
 
