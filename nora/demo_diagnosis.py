@@ -341,9 +341,9 @@ def stability_experiment(weights: Path, demo_root: Path, out_root: Path, n_procs
         tuned = dict(learning_rates()["methods"][m])
         lower = next_value(tuned["lr"], up=False, ratio=3.0)
         for d in sorted(demo_root.glob(f"{m}_s*")):
-            if is_complete(d) and d.name[len(m) + 2:].isdigit():
-                seed = int(d.name[len(m) + 2:])
-                table.setdefault((m, tuned["lr"]), {})[seed] = read_summary(d)["final_accuracy"]
+            if is_complete(d):
+                summary = read_summary(d)
+                table.setdefault((m, tuned["lr"]), {})[summary["seed"]] = summary["final_accuracy"]
         jobs += [dict(method=m, task=task, seed=s, weights=weights, out_root=out_root, extra=[],
                       lrs=dict(tuned, lr=lower), name=f"{m}_lr{lower:g}_test_s{s}")
                  for s in sorted(table.get((m, tuned["lr"]), {}))]
