@@ -8,13 +8,12 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from nora.app.evaluation import run_eval
 from nora.errors import user_errors
 
 
 @hydra.main(config_path="configs", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from nora.eval.run import run_eval
-
     with user_errors():
         run_eval(cfg)
 

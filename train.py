@@ -8,13 +8,12 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from nora.app.training import run_training  # also registers ${run_overrides:}, which the run directory's name uses
 from nora.errors import user_errors
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from nora.run import run_training
-
     with user_errors():
         run_training(cfg)
 

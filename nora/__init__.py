@@ -5,17 +5,19 @@ Quick start::
     import timm, nora
     model = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=100)
     report = nora.apply_nora(model, nora.NoraConfig(trainable_modules=["head"]))
-    print(nora.parameter_report(model))   # 936 NoRA + 19,300 head parameters
+    print(nora.parameter_report(model))   # NoRA + head parameters
+
+This is the library layer alone (rational, kernels, adapter; torch, numpy and safetensors suffice). The
+reproduction (``nora.app``: training runs, reload, MMLU, publishing; ``nora.results``, ``nora.demo``) is imported
+where it is used: ``from nora.app.training import run_training``.
 """
 from nora.adapter import (AdapterError, GroupRational, InjectionReport, NoraActivation, NoraConfig, ParameterReport,
-                          apply_nora, disable_adapter, find_activations, find_targets, from_pretrained,
-                          get_nora_config, get_peft_model, load_nora, load_nora_pp, mark_trainable, merge_nora,
-                          nora_modules, parameter_report, read_nora_config, read_peft_config, save_merged, save_nora,
-                          save_nora_pp, set_trainable)
-from nora.hub import push_to_hub
+                          apply_nora, disable_adapter, find_activations, find_targets, from_pretrained, get_nora_config,
+                          get_peft_model, load_nora, load_nora_pp, mark_trainable, merge_nora, nora_modules,
+                          parameter_report, read_nora_config, read_peft_config, save_merged, save_nora, save_nora_pp,
+                          set_trainable)
 from nora.kernels import available_backends, rational
 from nora.rational.fit import RationalFit, fit_rational
-from nora.runs import naming as _run_naming  # noqa: F401,E402  registers ${run_overrides:} (configs/train.yaml run_name)
 
 __version__ = "0.1.0"
 
@@ -24,6 +26,6 @@ __all__ = [
     "AdapterError", "GroupRational", "InjectionReport", "NoraActivation", "NoraConfig", "ParameterReport",
     "RationalFit", "apply_nora", "available_backends", "disable_adapter", "find_activations", "find_targets",
     "fit_rational", "from_pretrained", "get_nora_config", "get_peft_model", "load_nora", "load_nora_pp",
-    "mark_trainable", "merge_nora", "nora_modules", "parameter_report", "push_to_hub", "rational", "read_nora_config",
+    "mark_trainable", "merge_nora", "nora_modules", "parameter_report", "rational", "read_nora_config",
     "read_peft_config", "save_merged", "save_nora", "save_nora_pp", "set_trainable",
 ]

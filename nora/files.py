@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from nora.errors import WRITE_ERRNOS, OutputError
+from nora.errors import OutputError, WRITE_ERRNOS
 
 
 def cache_dir(*parts: str) -> Path:

@@ -1,10 +1,15 @@
-"""A short description of the machine a result was produced on (for summaries, benchmarks, tables)."""
+"""The machine: a short description of it (for summaries, benchmarks, tables), which device to use, its memory,
+and seeding every random generator a run draws from."""
 from __future__ import annotations
 
 import os
 import platform
+import random
 
+import numpy as np
 import torch
+
+from nora.errors import UserError
 
 
 def cpu_model() -> str:
@@ -48,3 +53,20 @@ def current_rss_mb() -> float:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError):
         return 0.0
+
+
+def resolve_device(name: str | None, key: str = "trainer.device") -> torch.device:
+    """``auto``/None: CUDA where available, else the CPU; otherwise the named device, which must exist."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{key}={name} but no CUDA device is available; use {key}=cpu")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,4 +1,4 @@
-"""Hugging Face Hub access: a reachability probe that fails fast, adapter upload with a model card, download.
+"""Hugging Face Hub access (the client): a reachability probe that fails fast, and adapter download.
 
 Without network, the hub client retries each request with back-off before falling back to its cache (about a
 minute per file). :func:`go_offline_if_unreachable` probes the hub once, with huggingface_hub's own HTTP session
@@ -6,9 +6,8 @@ minute per file). :func:`go_offline_if_unreachable` probes the hub once, with hu
 downloads), and if it cannot be reached switches huggingface_hub, transformers and datasets to offline mode, so
 cached files load at once and missing ones fail at once with a clear message.
 
-:func:`push_to_hub` uploads a training run's ``adapter/`` plus a generated model card (``README.md``);
-:func:`download_adapter` fetches one back (``nora.runs.resolve_adapter`` accepts a Hub id wherever an adapter
-directory is expected).
+:func:`download_adapter` fetches an adapter repository (``nora.app.adapters.resolve_adapter`` accepts a Hub id
+wherever an adapter directory is expected); publishing a training run is :func:`nora.app.publish.push_to_hub`.
 """
 from __future__ import annotations
 
@@ -16,6 +15,8 @@ import functools
 import os
 import re
 from pathlib import Path
+
+from nora.errors import MissingFileError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -74,37 +75,9 @@ def download_adapter(repo_id: str, revision: str | None = None, token: str | Non
     """The local snapshot of the adapter repository ``repo_id`` (downloaded once, then from the HF cache)."""
     from huggingface_hub import snapshot_download
 
-    from nora.errors import MissingFileError
-
     try:
         return Path(snapshot_download(repo_id, revision=revision, token=token))
     except Exception as e:  # noqa: BLE001 - the hub client raises many types; the user needs one line
         raise MissingFileError(f"adapter {repo_id!r} is neither a local directory nor downloadable from "
                                f"{hub_endpoint()} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                                f"where there is network: hf download {repo_id} --local-dir <dir>") from None
-
-
-def push_to_hub(run_dir: str | os.PathLike, repo_id: str, *, private: bool | None = None, token: str | None = None,
-                revision: str | None = None, commit_message: str | None = None) -> str:
-    """Upload ``<run_dir>/adapter/`` and a generated model card to the Hub repository ``repo_id`` (created if
-    missing); returns the commit URL. Load it back with :func:`nora.runs.resolve_adapter` (any adapter loader),
-    or evaluate it with lm_eval's ``nora`` model (``pretrained=<base>,adapter=<repo_id>``)."""
-    from huggingface_hub import CommitOperationAdd, HfApi
-
-    from nora.model_card import model_card
-    from nora.runs import find_adapter_dir
-    from nora.runs.layout import RunDir
-
-    run_dir = Path(run_dir)
-    adir = find_adapter_dir(run_dir)
-    files = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p))
-             for p in sorted(adir.iterdir()) if p.is_file() and p.name != "README.md"]
-    files.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=model_card(run_dir, repo_id).encode()))
-    config = RunDir(run_dir).config
-    if config.exists():  # the run's full configuration, to rebuild the base model exactly
-        files.append(CommitOperationAdd(path_in_repo="run_config.yaml", path_or_fileobj=str(config)))
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    commit = api.create_commit(repo_id, operations=files, revision=revision,
-                               commit_message=commit_message or f"nora adapter from {run_dir.name}")
-    return str(commit.commit_url)

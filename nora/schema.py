@@ -11,21 +11,20 @@ from __future__ import annotations
 import dataclasses
 import re
 from contextlib import contextmanager
-from typing import Any, Iterable, TypeVar
-
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from typing import Any, Iterable, Mapping, TypeVar
 
 from nora.errors import UserError
 
 T = TypeVar("T")
 
 
-class ConfigValueError(UserError):
-    """A config value outside its type or range; ``key`` is relative to the section until :func:`load` adds it."""
+class ConfigValueError(UserError, ValueError):
+    """A config value outside its type or range; ``key`` is relative to the section until :func:`load` adds it.
+    Raised by a library config used on its own (``NoraConfig(init="magic")``), a choice reads ``unknown init
+    'magic'; valid: ...``; inside a config section, ``method.nora.init='magic'; valid: ...``."""
 
-    def __init__(self, key: str, message: str):
-        super().__init__(f"{key}{message}")
+    def __init__(self, key: str, message: str, standalone: str | None = None):
+        super().__init__(standalone or f"{key}{message}")
         self.key, self.message = key, message
 
     def under(self, section: str) -> "ConfigValueError":
@@ -51,7 +50,9 @@ def one_of(key: str, value: Any, valid: Iterable[Any]) -> None:
     """Fail with ``key=value; valid: a, b, c`` unless ``value`` is one of ``valid``."""
     valid = tuple(valid)
     if value not in valid:
-        raise ConfigValueError(key, f"={value!r}; valid: {', '.join(map(str, valid))}")
+        listed = ", ".join(map(str, valid))
+        raise ConfigValueError(key, f"={value!r}; valid: {listed}",
+                               standalone=f"unknown {key} {value!r}; valid: {listed}")
 
 
 def positive(key: str, value, allow_none: bool = False) -> None:
@@ -63,6 +64,8 @@ def at_least(key: str, value, low, allow_none: bool = False) -> None:
 
 
 def _plain(node) -> Any:
+    from omegaconf import DictConfig, OmegaConf
+
     if isinstance(node, DictConfig):
         return OmegaConf.to_container(node, resolve=True)
     return node
@@ -73,6 +76,10 @@ def load(schema: type[T], node, section: str) -> T:
     ``section.<key>``."""
     if isinstance(node, schema):
         return node
+    # omegaconf only here: the checks above serve the library's own configs on a core install (no omegaconf)
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), _plain(node) or {})
         return OmegaConf.to_object(merged)
@@ -89,10 +96,19 @@ def load(schema: type[T], node, section: str) -> T:
         raise UserError(f"{section}: {_first_line(e.msg)}") from None
 
 
-def _key(section: str, e: OmegaConfBaseException) -> str:
+def _key(section: str, e) -> str:
     key = str(e.full_key or e.key or "")
     return ".".join(k for k in (section, key) if k)
 
 
 def _first_line(msg: str) -> str:
     return str(msg).strip().splitlines()[0] if msg else "invalid value"
+
+
+def per_family(value, family: str, what: str):
+    """A setting given either as one value or as ``{vision: .., causal_lm: ..}``."""
+    if isinstance(value, Mapping):
+        if family not in value:
+            raise UserError(f"{what} has no value for {family} models (has: {', '.join(value)})")
+        return value[family]
+    return value

@@ -21,7 +21,7 @@ def main() -> None:
     overrides = sys.argv[2:]
     from hydra import compose, initialize_config_dir
 
-    from nora.run import run_training
+    from nora.app.training import run_training
     from nora.train import distributed as dist
     from nora.train import loop
     from nora.train.checkpoint import training_state_dict

@@ -84,7 +84,7 @@ def accumulation_step(out: Path, batch_size: int, accum: int) -> None:
     to ``out/weights.pt`` (rank 0) and the logged loss to ``out/metrics.jsonl``."""
     from nora.train import distributed as dist
     from nora.train.config import TrainerConfig
-    from nora.train.logger import RunLogger
+    from nora.runs.logger import RunLogger
     from nora.train.loop import Trainer
     from nora.train.tasks import CausalLMTask
 
@@ -116,7 +116,7 @@ def main() -> None:
     overrides = sys.argv[2:]
     from hydra import compose, initialize_config_dir
 
-    from nora.run import run_training
+    from nora.app.training import run_training
     from nora.train import distributed as dist
     from nora.train.checkpoint import training_state_dict
     from nora.train.loop import Trainer

@@ -13,7 +13,7 @@ from instruct_fixtures import alpaca_records, write_alpaca_json
 from nora.errors import UserError
 from nora.methods import METHODS, apply_method
 from nora.models import build_model
-from nora.run import run_training
+from nora.app.training import run_training
 from test_train_vision import make_cfg
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 import nora.demo as demo
 from fixtures import write_cifar
 from nora import demo_diagnosis as diag
-from nora.run import run_training
+from nora.app.training import run_training
 
 ROOT = Path(__file__).resolve().parent.parent
 

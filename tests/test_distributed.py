@@ -16,7 +16,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from instruct_fixtures import alpaca_records, write_alpaca_json
-from nora.run import run_training
+from nora.app.training import run_training
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = str(ROOT / "configs")

@@ -13,8 +13,8 @@ from instruct_fixtures import alpaca_records, write_alpaca_json
 from mmlu_fixtures import make_fixture, write_csv
 from nora.errors import MissingFileError, UserError
 from nora.eval import evaluate_mmlu
-from nora.eval.run import run_eval
-from nora.run import run_training
+from nora.app.evaluation import run_eval
+from nora.app.training import run_training
 from nora.runs import load_trained_model
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 import nora.run
 from instruct_fixtures import alpaca_records, openorca_records, write_alpaca_json, write_openorca_parquet
 from nora.errors import UserError
-from nora.run import run_training
+from nora.app.training import run_training
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = str(ROOT / "configs")
@@ -168,8 +168,8 @@ def _setup(data, tmp_path, extra=(), method="nora"):
     """The causal-LM setup with the method applied, and the NoRA init-agreement check run_training makes."""
     from nora.config import validate
     from nora.methods import apply_method
-    from nora.setup.agreement import init_agreement, nora_target_modules
-    from nora.setup.causal_lm import causal_lm_setup
+    from nora.eval.agreement import init_agreement, nora_target_modules
+    from nora.app.setup.causal_lm import causal_lm_setup
 
     run = validate(make_cfg(overrides(data, tmp_path, method, extra=list(extra))))
     setup = causal_lm_setup(run, torch.device("cpu"), 1, 0)
@@ -230,7 +230,7 @@ def test_packed_batches_count_tokens(data, tmp_path):
     cfg = make_cfg(overrides(data, tmp_path, "lora", extra=["dataset.packing=true", "trainer.batch_size=1",
                                                             "trainer.max_steps=2"]))
     from nora.config import validate
-    from nora.setup.causal_lm import causal_lm_setup
+    from nora.app.setup.causal_lm import causal_lm_setup
 
     setup = causal_lm_setup(validate(cfg), torch.device("cpu"), 1, 0)
     rows = [setup.collate_fn([setup.train_set[i] for i in b]) for b in setup.train_sampler]
@@ -306,7 +306,7 @@ def test_data_file_missing_field_and_unknown_key(data, tmp_path):
 
 def test_long_sequences_truncated_and_counted(data, tmp_path, capsys):
     from nora.config import validate
-    from nora.setup.causal_lm import causal_lm_setup
+    from nora.app.setup.causal_lm import causal_lm_setup
 
     cfg = make_cfg(overrides(data, tmp_path, "lora", extra=["dataset.max_length=48"]))
     setup = causal_lm_setup(validate(cfg), torch.device("cpu"), 1, 0)
@@ -320,7 +320,7 @@ def test_long_sequences_truncated_and_counted(data, tmp_path, capsys):
 @pytest.mark.parametrize("method", ["lora", "dora", "nora", "nora_pp"])
 @pytest.mark.parametrize("experiment", ["llama3_alpaca", "llama3_openorca"])
 def test_8b_experiment_configs(method, experiment):
-    from nora.config import per_family, validate
+    from nora.schema import per_family, validate
 
     cfg = make_cfg([f"experiment={experiment}", f"method={method}", "data.path=/data/x"])
     validate(cfg)

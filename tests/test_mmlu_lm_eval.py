@@ -69,7 +69,7 @@ def nora_pp_run(tmp_path_factory):
     from hydra import compose, initialize_config_dir
 
     from instruct_fixtures import alpaca_records, write_alpaca_json
-    from nora.run import run_training
+    from nora.app.training import run_training
 
     root = tmp_path_factory.mktemp("lmeval_run")
     data = write_alpaca_json(root / "alpaca_data.json", alpaca_records(12))
@@ -95,7 +95,7 @@ def test_lm_eval_cli_nora_model_scores_a_nora_pp_run_as_eval_py(tmp_path, nora_p
     from hydra import compose, initialize_config_dir
 
     from mmlu_fixtures import make_fixture, write_parquet
-    from nora.eval.run import run_eval
+    from nora.app.evaluation import run_eval
 
     mod = _agreement_module()
     subjects = mod.SUBJECTS

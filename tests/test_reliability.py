@@ -23,8 +23,8 @@ from omegaconf import OmegaConf
 
 from nora.config import config_hash
 from nora.errors import NonFiniteLossError, OutputError, UserError
-from nora.run import run_training
-from nora.train.logger import read_metrics
+from nora.app.training import run_training
+from nora.runs.logger import read_metrics
 from fixtures import write_cifar
 from test_train_vision import make_cfg, tiny_overrides
 
@@ -225,7 +225,7 @@ def test_a_half_written_metrics_line_is_dropped_on_resume(cifar10, tmp_path, cap
 
 
 def test_a_bad_metrics_line_before_the_last_names_file_and_line(tmp_path):
-    from nora.train.logger import RunLogger
+    from nora.runs.logger import RunLogger
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
     with pytest.raises(UserError, match=r"metrics.jsonl line 2 is not a JSON record"):

@@ -12,7 +12,7 @@ from torch import nn
 from nora.results import paper
 from nora.results.collect import collect
 from nora.results.stats import difference_to_constant, paired_difference, summarize
-from nora.results.demo_tables import demo_report, render_demo_table
+from nora.results.demo_report import demo_report, render_demo_table
 from nora.results.tables import (ABLATION_DEFAULTS, DEFAULT_LORA_RANK, ablation_report, matched_report, table1_report,
                                  table2_report)
 

@@ -17,7 +17,7 @@ from nora.config import validate
 from nora.errors import NonFiniteLossError, UserError
 from nora.methods import METHODS, apply_method
 from nora.models import build_model
-from nora.run import run_training
+from nora.app.training import run_training
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = str(ROOT / "configs")

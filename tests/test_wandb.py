@@ -10,8 +10,8 @@ from hydra import compose, initialize_config_dir
 from fixtures import write_cifar
 from instruct_fixtures import alpaca_records, write_alpaca_json
 from mmlu_fixtures import make_fixture, write_csv
-from nora.run import run_training
-from nora.train.logger import flat_scalars, wandb_run_id_path
+from nora.app.training import run_training
+from nora.runs.logger import flat_scalars, wandb_run_id_path
 from wandb_files import offline_runs
 
 CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
@@ -70,7 +70,7 @@ def test_flat_scalars():
 
 @pytest.mark.slow
 def test_eval_py_adds_mmlu_to_the_training_runs_wandb_run(tmp_path):
-    from nora.eval.run import run_eval
+    from nora.app.evaluation import run_eval
 
     data = write_alpaca_json(tmp_path / "alpaca_data.json", alpaca_records(12))
     run = tmp_path / "run"
@@ -95,7 +95,7 @@ def test_eval_py_adds_mmlu_to_the_training_runs_wandb_run(tmp_path):
 def test_recorded_run_id(tmp_path):
     import hashlib
 
-    from nora.train.logger import recorded_run_id
+    from nora.runs.logger import recorded_run_id
 
     assert recorded_run_id(tmp_path) is None  # never logged to W&B
     (tmp_path / "wandb").mkdir()

@@ -1,10 +1,15 @@
 """Configuration of a NoRA-style activation adapter (one dataclass, serialisable to JSON)."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from nora.errors import UserError
+from nora.kernels import backend_names
+from nora.rational.functional import FORMS
+from nora.schema import at_least, one_of, positive, require
 
 VARIANTS = ("nora", "rational_ft", "zero_init_ft", "frozen")
 INITS = ("fit", "calibrated")
@@ -61,23 +66,25 @@ class NoraConfig:
     backend: str = "auto"
 
     def __post_init__(self) -> None:
-        from nora.rational.functional import FORMS
-
         self.degrees = tuple(int(d) for d in self.degrees)  # type: ignore[assignment]
         self.fit_range = tuple(float(v) for v in self.fit_range)  # type: ignore[assignment]
         self.trainable_modules = list(self.trainable_modules or [])
         if self.target_modules is not None:
             self.target_modules = list(self.target_modules)
-        _check_choice("variant", self.variant, VARIANTS)
-        _check_choice("form", self.form, FORMS)
-        _check_choice("numerator", self.numerator, NUMERATOR_MODES)
-        _check_choice("init", self.init, INITS)
-        if self.variant == "nora" and self.r < 1:
-            raise ValueError(f"r must be >= 1, got {self.r}")
-        if self.groups < 1:
-            raise ValueError(f"groups must be >= 1, got {self.groups}")
-        if len(self.degrees) != 2 or self.degrees[0] < 0 or self.degrees[1] < 1:
-            raise ValueError(f"degrees must be (m >= 0, n >= 1), got {self.degrees}")
+        one_of("variant", self.variant, VARIANTS)
+        one_of("form", self.form, FORMS)
+        one_of("numerator", self.numerator, NUMERATOR_MODES)
+        one_of("init", self.init, INITS)
+        one_of("backend", self.backend, ("auto", *backend_names()))
+        at_least("r", self.r, 1)
+        positive("alpha", self.alpha)
+        require(math.isfinite(self.alpha), "alpha", self.alpha, "must be finite")
+        at_least("groups", self.groups, 1)
+        require(len(self.degrees) == 2 and self.degrees[0] >= 0 and self.degrees[1] >= 1, "degrees",
+                list(self.degrees), "must be [m >= 0, n >= 1]")
+        require(len(self.fit_range) == 2 and self.fit_range[0] < self.fit_range[1], "fit_range",
+                list(self.fit_range), "must be [low, high] with low < high")
+        at_least("calibration_range_weight", self.calibration_range_weight, 0.0)
 
     @property
     def scale(self) -> float:
@@ -100,8 +107,3 @@ class NoraConfig:
         if unknown:
             raise ValueError(f"unknown NoraConfig field(s) {unknown}; valid: {sorted(names)}")
         return cls(**d)
-
-
-def _check_choice(name: str, value: Any, valid: tuple) -> None:
-    if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(map(str, valid))}")

@@ -32,13 +32,18 @@ from nora.adapter.config import AdapterError, NoraConfig
 from nora.adapter.inject import (activation_width, canonical_name, find_targets, get_nora_config, is_peft_model,
                                  mark_trainable, nora_modules, resolve_name, set_module, set_trainable, store_config)
 from nora.adapter.layer import GroupRational, NoraActivation
+from nora.errors import MissingFileError
 from nora.files import atomic_write, read_json, write_json_atomic
 
 WEIGHTS_NAME = "nora_adapter.safetensors"
 CONFIG_NAME = "nora_config.json"
 FORMAT_VERSION = 1
 PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 FULL_FT_NAME = "trainable.safetensors"
+# an adapter directory's files, by kind: the first of each names the kind (nora.app.adapters reads them)
+PEFT_FILES = (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME)
+NORA_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 # what peft shows when it meets a NoRA++ adapter_config.json (its KeyError prints the unknown peft_type)
 NORA_PP_PEFT_TYPE = ("NORA++ adapter (peft LoRA/DoRA + NoRA activations): peft alone would load only the LoRA "
                      "half; load it with nora.load_nora_pp(base_model, dir), or evaluate it with lm_eval's "
@@ -119,8 +124,6 @@ def read_peft_config(directory: str | os.PathLike) -> dict:
 
 
 def read_nora_config(directory: str | os.PathLike) -> dict:
-    from nora.errors import MissingFileError
-
     path = Path(directory) / CONFIG_NAME
     if not path.exists():
         raise MissingFileError(f"no NoRA adapter at {directory} (expected {CONFIG_NAME} and {WEIGHTS_NAME})")

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from nora.files import write_json_atomic
+from nora.hardware import describe
 from nora.kernels import available_backends, resolve_backend
 from nora.rational.functional import rational_reference
 
@@ -163,8 +164,6 @@ def saved_bytes(make_output: Callable[[], torch.Tensor]) -> int:
 
 def hardware_info(device: torch.device) -> dict:
     try:
-        from nora.hardware import describe
-
         info = describe()
     except Exception:
         info = {}

@@ -16,7 +16,10 @@ from pathlib import Path
 
 import torch
 
+import nora
+from nora import hardware
 from nora.files import write_json_atomic
+from nora.hardware import resolve_device
 
 # name: (hidden, intermediate, batch, tokens)
 SHAPES = {"tiny": (64, 128, 8, 256), "mid": (512, 1792, 2, 512), "8b": (4096, 14336, 4, 2048)}
@@ -27,8 +30,6 @@ def build(variant: str, hidden: int, inter: int, dtype, device):
     import peft
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaMLP
-
-    import nora
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter)
@@ -73,8 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    from nora import hardware
-    from nora.train.loop import resolve_device
 
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)

@@ -27,7 +27,15 @@ from pathlib import Path
 
 import torch
 
+from nora import hardware
+from nora.app.training import run_training
+from nora.data.synthetic import write_cifar
 from nora.files import write_json_atomic
+from nora.hardware import resolve_device
+from nora.methods import apply_method
+from nora.models import build_model
+from nora.models.vision import input_size
+from nora.runs.logger import read_metrics
 
 DEFAULT_METHODS = ("full", "linear_probe", "lora", "dora", "nora", "nora_pp")
 
@@ -59,9 +67,6 @@ def flops_per_image(model, size: int, device) -> float:
 def method_flops(model_name: str, methods: list[str], num_classes: int, device) -> dict[str, float]:
     from hydra import compose, initialize_config_dir
 
-    from nora.methods import apply_method
-    from nora.models import build_model
-    from nora.models.vision import input_size
 
     out = {}
     configs = str(Path(__file__).resolve().parents[2] / "configs")
@@ -97,8 +102,6 @@ def run_one(args) -> dict:
     """Child process: train one method for warmup+steps steps and report the measured interval."""
     from hydra import compose, initialize_config_dir
 
-    from nora.run import run_training
-    from nora.train.logger import read_metrics
 
     configs = str(Path(__file__).resolve().parents[2] / "configs")
     with tempfile.TemporaryDirectory() as out:
@@ -137,9 +140,6 @@ def main(argv: list[str] | None = None) -> int:
         print("BENCH_RESULT " + json.dumps(run_one(args)), flush=True)
         return 0
 
-    from nora import hardware
-    from nora.data.synthetic import write_cifar
-    from nora.train.loop import resolve_device
 
     device = resolve_device(args.device)
     methods = args.methods.split(",")

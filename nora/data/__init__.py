@@ -6,6 +6,7 @@ The instruction-data API is re-exported lazily (importing ``nora.data`` imports 
     from nora.data import InstructDataConfig, build_instruct_datasets, InstructCollator, LengthGroupedBatchSampler
 """
 from __future__ import annotations
+from nora.data import instruct
 
 _INSTRUCT = ("InstructDataConfig", "build_instruct_datasets", "build_dataloader", "InstructCollator",
              "InstructDataset", "PackedInstructDataset", "LengthGroupedBatchSampler", "tokens_in_batch",
@@ -16,7 +17,5 @@ __all__ = list(_INSTRUCT)
 
 def __getattr__(name: str):
     if name in _INSTRUCT:
-        from nora.data import instruct
-
         return getattr(instruct, name)
     raise AttributeError(f"module 'nora.data' has no attribute {name!r}")

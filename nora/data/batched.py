@@ -14,12 +14,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+from nora.data.vision import Subset, TensorImages, interpolation_mode
 
 
 def as_uint8_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     """(images uint8 (N, C, H, W), labels int64 (N,)) of an in-memory dataset (CIFAR, digits, subsets)."""
-    from nora.data.vision import Subset, TensorImages
-
     n = None
     if isinstance(dataset, Subset):
         n, dataset = dataset.n, dataset.base
@@ -43,7 +42,6 @@ class BatchedAugment:
         self.size = int(input_size)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        from nora.data.vision import interpolation_mode
 
         self.interpolation = interpolation_mode(interpolation)
         self.train, self.hflip, self.pad = train, hflip, int(crop_padding)

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
+from nora.data.config import vision_dataset_config
 from nora.errors import UserError
 
 CIFAR_FILES = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
@@ -225,27 +226,25 @@ def load_digits(classes: list[int], test_fraction: float, transform: str = "none
 
 def load_vision_dataset(dataset_cfg) -> tuple[Dataset, Dataset, int]:
     """Raw train/eval images and the class count (no transforms yet): fails early if data is missing."""
+    dataset_cfg = vision_dataset_config(dataset_cfg)
     source = dataset_cfg.source
     if source in ("torchvision_cifar10", "torchvision_cifar100"):
         name = source.split("_", 1)[1]
-        train, test = load_cifar(name, dataset_cfg.root, bool(dataset_cfg.get("download", True)),
-                                 bool(dataset_cfg.get("verify_md5", True)))
+        train, test = load_cifar(name, dataset_cfg.root, dataset_cfg.download, dataset_cfg.verify_md5)
         num_classes = 10 if name == "cifar10" else 100
     elif source == "sklearn_digits":
         classes = list(dataset_cfg.classes)
-        train, test = load_digits(classes, float(dataset_cfg.test_fraction),
-                                  str(dataset_cfg.get("transform", "none")), int(dataset_cfg.get("split_seed", 0)),
-                                  str(dataset_cfg.get("eval_split", "test")),
-                                  float(dataset_cfg.get("validation_fraction", 0.2)))
+        train, test = load_digits(classes, dataset_cfg.test_fraction, dataset_cfg.transform, dataset_cfg.split_seed,
+                                  dataset_cfg.eval_split, dataset_cfg.validation_fraction)
         num_classes = len(classes)
     else:
         raise UserError(f"unknown vision dataset source {source!r}; valid: torchvision_cifar10, "
                         "torchvision_cifar100, sklearn_digits")
     if int(dataset_cfg.num_classes) != num_classes:
         raise UserError(f"dataset.num_classes={dataset_cfg.num_classes} but {dataset_cfg.name} has {num_classes}")
-    if dataset_cfg.get("limit_train"):
+    if dataset_cfg.limit_train:
         train = Subset(train, dataset_cfg.limit_train)
-    if dataset_cfg.get("limit_eval"):
+    if dataset_cfg.limit_eval:
         test = Subset(test, dataset_cfg.limit_eval)
     return train, test, num_classes
 
@@ -253,10 +252,10 @@ def load_vision_dataset(dataset_cfg) -> tuple[Dataset, Dataset, int]:
 def build_vision_data(dataset_cfg, pretrained_cfg: dict, input_size: int, seed: int,
                       raw: tuple[Dataset, Dataset, int] | None = None) -> VisionData:
     """Train/eval datasets with the model's transforms for a dataset config (``configs/dataset/*.yaml``)."""
+    dataset_cfg = vision_dataset_config(dataset_cfg)
     train, test, num_classes = raw if raw is not None else load_vision_dataset(dataset_cfg)
-    aug = dataset_cfg.get("augment") or {}
-    train_tf = build_transforms(pretrained_cfg, input_size, True, bool(aug.get("hflip", True)),
-                                int(aug.get("crop_padding", 0)))
+    aug = dataset_cfg.augment
+    train_tf = build_transforms(pretrained_cfg, input_size, True, aug.hflip, aug.crop_padding)
     eval_tf = build_transforms(pretrained_cfg, input_size, False)
     return VisionData(EpochSeeded(train, train_tf, seed), EpochSeeded(test, eval_tf, seed), num_classes,
                       input_size, EpochSeeded(train, eval_tf, seed), dataset_cfg.name)

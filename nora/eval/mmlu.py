@@ -33,7 +33,7 @@ vocabulary (saves the B x T x V logits tensor).
 
 The model is any causal LM called as ``model(input_ids=..., attention_mask=...)`` returning an
 object with ``.logits`` (a Hugging Face model, peft-wrapped or not, with or without NoRA
-activations); :func:`nora.runs.load_trained_model` rebuilds a training run's model with its adapter.
+activations); :func:`nora.app.reload.load_trained_model` rebuilds a training run's model with its adapter.
 
 Result dictionary (:meth:`MMLUResult.to_dict`, written as ``mmlu.json`` by :func:`write_mmlu_json`;
 ``format`` is bumped on any incompatible change)::
@@ -78,7 +78,6 @@ import torch
 from nora.eval.mmlu_data import (CATEGORIES, LETTERS, MMLUQuestion, SubjectData, detect_source, load_mmlu,
                                  resolve_subjects, subject_categories)
 from nora.files import write_json_atomic
-from nora.runs.layout import RunDir
 
 FORMAT = "nora.mmlu/1"
 CONTINUATIONS = tuple(" " + letter for letter in LETTERS)
@@ -88,6 +87,9 @@ DEFAULT_MAX_LENGTH = 2048  # lm_eval's fallback when neither the config nor the 
 # --------------------------------------------------------------------------------- prompts
 def format_subject(subject: str) -> str:
     return " ".join(subject.split("_"))
+
+# the file an evaluation writes into its directory (a training run's: nora.runs.layout names it there too)
+MMLU_FILE = "mmlu.json"
 
 
 def description(subject: str) -> str:
@@ -525,7 +527,7 @@ def write_mmlu_json(result: MMLUResult, directory: str | os.PathLike, model: Map
                     adapter: Mapping[str, Any] | None = None, include_predictions: bool = False) -> Path:
     """Write ``result.to_dict(...)`` atomically to ``mmlu.json`` in ``directory`` (a run directory, or
     ``runs/eval/<model>`` for a base model); returns its path."""
-    path = RunDir(directory).mmlu
+    path = Path(directory) / MMLU_FILE
     write_json_atomic(path, result.to_dict(model, adapter, include_predictions))
     return path
 

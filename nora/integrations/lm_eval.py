@@ -10,9 +10,9 @@ lm_eval option works as usual::
 
 ``--model_args``: ``run_dir`` (a training run: base model rebuilt from its ``config.yaml``, adapters from its
 ``adapter/``), or ``pretrained`` (a Hugging Face model id or directory) with ``adapter`` (an adapter directory,
-a run directory, or a Hub id written by :func:`nora.push_to_hub`); optional ``dtype`` (float32, bfloat16, ...)
-and ``model_path`` (a local copy of the run's base weights). ``--device`` defaults to cuda when available.
-Other ``HFLM`` arguments pass through. In Python,
+a run directory, or a Hub id written by :func:`nora.app.publish.push_to_hub`); optional ``dtype`` (float32,
+bfloat16, ...) and ``model_path`` (a local copy of the run's base weights). ``--device`` defaults to cuda when
+available. Other ``HFLM`` arguments pass through. In Python,
 ``import nora.integrations.lm_eval`` registers the model for ``lm_eval.simple_evaluate(model="nora", ...)``.
 """
 from __future__ import annotations
@@ -21,13 +21,15 @@ from typing import Any
 
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
+from nora.app.adapters import apply_adapter, resolve_adapter
+from nora.app.reload import load_trained_model
+from nora.errors import UserError
+from nora.models.causal_lm import resolve_dtype
 
 
 def _load(run_dir: str | None, pretrained: str | None, adapter: str | None, dtype: str | None,
           model_path: str | None, device: str | None) -> tuple[Any, Any]:
     """``(model, tokenizer)``: the trained model on ``device``, frozen, in eval mode."""
-    from nora.errors import UserError
-    from nora.runs import load_trained_model, resolve_adapter
 
     if (run_dir is None) == (pretrained is None):
         raise UserError("lm_eval model nora: pass either run_dir=<training run> or pretrained=<model> "
@@ -37,8 +39,6 @@ def _load(run_dir: str | None, pretrained: str | None, adapter: str | None, dtyp
         return trained.model, trained.tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nora.models.causal_lm import resolve_dtype
-    from nora.runs import apply_adapter
 
     kwargs = {"dtype": resolve_dtype(dtype)} if dtype else {}
     model = AutoModelForCausalLM.from_pretrained(pretrained, **kwargs)
@@ -67,8 +67,6 @@ def main() -> None:
     import sys
 
     from lm_eval.__main__ import cli_evaluate
-
-    from nora.errors import UserError
 
     try:
         cli_evaluate()

@@ -132,7 +132,6 @@ def _import_cpp_extension():
 
 
 def _build_with(flags: list[str], verbose: bool):
-
     name = _ext_name(flags)
     build_dir = cache_root() / name
     marker = build_dir / "BUILD_OK"

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from nora.kernels import rational_torch
 from nora.rational.functional import rational_backward, rational_forward, rational_reference
 
 SLICE_ROWS = 8
@@ -74,8 +75,6 @@ def compiled_reference(x: Tensor, numerator: Tensor, denominator: Tensor, form: 
 
 
 def torch_backend(x: Tensor, numerator: Tensor, denominator: Tensor, form: str = "A") -> Tensor:
-    from nora.kernels import rational_torch
-
     return rational_torch(x, numerator, denominator, form)
 
 

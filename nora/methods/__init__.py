@@ -23,9 +23,10 @@ from typing import Callable, Iterable
 
 from torch import nn
 
-from nora.adapter import InjectionReport, NoraConfig, ParameterReport, apply_nora, parameter_report
+from nora.adapter import InjectionReport, ParameterReport, apply_nora, parameter_report
 from nora.adapter.inject import activation_width, find_targets
 from nora.errors import UserError
+from nora.methods.baselines import apply_baseline
 from nora.methods.config import MethodConfig, nora_groups_message
 from nora.models.config import ModelConfig, as_model_config
 from nora.schema import load
@@ -50,11 +51,6 @@ class MethodResult:
 def as_method_config(method_cfg) -> MethodConfig:
     """The typed config of a ``method`` section (a DictConfig, a dict, or already typed)."""
     return load(MethodConfig, method_cfg, "method")
-
-
-def nora_config_from(method_cfg, head: str | None) -> NoraConfig:
-    """The adapter's :class:`NoraConfig` of a method's ``nora`` block (``head`` stays trainable)."""
-    return as_method_config(method_cfg).nora.nora_config(head)
 
 
 def lora_config_from(method_cfg, head: str | None, family: str):
@@ -92,8 +88,6 @@ def apply_method(model: nn.Module, method_cfg: MethodConfig, model_cfg: ModelCon
             injection = _inject_nora(model, method_cfg, None if method_cfg.lora else head, calibration_batches,
                                      forward)
         if method_cfg.baseline:
-            from nora.methods.baselines import apply_baseline
-
             model = apply_baseline(model, method_cfg.baseline, head, family)
         elif not method_cfg.lora and not method_cfg.nora:
             if head is None:

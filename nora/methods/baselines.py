@@ -18,11 +18,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from nora.config import per_family
 from nora.errors import UserError
-from nora.methods.config import BASELINE_KINDS, BaselineSettings
+from nora.methods.config import BaselineSettings
+from nora.schema import per_family
 
-KINDS = BASELINE_KINDS
 
 
 def _modules(value, family: str, what: str):

@@ -2,14 +2,15 @@
 
 A method is ``full`` (train every weight), ``lora`` (peft LoRA/DoRA settings or None), ``nora`` (NoRA
 settings or None), ``baseline`` (settings of the other PEFT baselines, or None) and ``train_head``.
-Learning rates are one value or ``{vision: .., causal_lm: ..}`` (:func:`nora.config.per_family`).
+Learning rates are one value or ``{vision: .., causal_lm: ..}`` (:func:`nora.schema.per_family`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, List, Optional
 
-from nora.models import FAMILIES
+from nora.adapter.config import NoraConfig
+from nora.models.config import FAMILIES
 from nora.schema import at_least, nested, one_of, positive, require
 
 
@@ -35,64 +36,23 @@ class LoraSettings:
 
 
 @dataclass
-class NoraSettings:
-    """:class:`nora.adapter.NoraConfig` settings plus what the training run does around the injection."""
+class NoraSettings(NoraConfig):
+    """The ``nora`` block of a method (``configs/adapter/nora.yaml``): the library's :class:`NoraConfig` (every field
+    and check is its own) plus what a training run does around the injection."""
 
-    variant: str = "nora"
-    r: int = 3
-    alpha: float = 6.0
-    groups: int = 8
-    degrees: List[int] = field(default_factory=lambda: [5, 4])
-    form: str = "A"
-    numerator: str = "group"
-    init: str = "fit"                     # fit | calibrated
-    fit_range: List[float] = field(default_factory=lambda: [-3.0, 3.0])
     calibration_batches: int = 4          # training batches recorded for init=calibrated
-    calibration_range_weight: float = 0.1
-    per_group_calibration: bool = False
-    targets: Optional[List[str]] = None   # None: nora.adapter's DEFAULT_TARGETS
-    backend: str = "auto"
     agreement_prompts: int = 16           # causal LMs: validation prompts of the init-agreement check (0: off)
 
     def __post_init__(self):
         with nested("nora"):
-            self._check()
+            super().__post_init__()
+            at_least("calibration_batches", self.calibration_batches, 1)
+            at_least("agreement_prompts", self.agreement_prompts, 0)
 
-    def _check(self):
-        from nora.adapter.config import INITS, NUMERATOR_MODES, VARIANTS
-        from nora.rational.functional import FORMS
-
-        one_of("variant", self.variant, VARIANTS)
-        one_of("form", self.form, FORMS)
-        one_of("numerator", self.numerator, NUMERATOR_MODES)
-        one_of("init", self.init, INITS)
-        at_least("r", self.r, 1)
-        positive("alpha", self.alpha)
-        at_least("groups", self.groups, 1)
-        require(len(self.degrees) == 2 and self.degrees[0] >= 0 and self.degrees[1] >= 1, "degrees",
-                list(self.degrees), "must be [m >= 0, n >= 1]")
-        require(len(self.fit_range) == 2 and self.fit_range[0] < self.fit_range[1], "fit_range",
-                list(self.fit_range), "must be [low, high] with low < high")
-        at_least("calibration_batches", self.calibration_batches, 1)
-        at_least("calibration_range_weight", self.calibration_range_weight, 0.0)
-        at_least("agreement_prompts", self.agreement_prompts, 0)
-        self._check_backend()
-
-    def _check_backend(self):
-        from nora.kernels import backend_names
-
-        one_of("backend", self.backend, ("auto", *backend_names()))
-
-    def nora_config(self, head: str | None):
+    def nora_config(self, head: str | None) -> NoraConfig:
         """The adapter's own config; ``head`` stays trainable next to the NoRA factors."""
-        from nora.adapter import NoraConfig
-
-        return NoraConfig(
-            variant=self.variant, r=self.r, alpha=self.alpha, groups=self.groups, degrees=tuple(self.degrees),
-            form=self.form, numerator=self.numerator, init=self.init, fit_range=tuple(self.fit_range),
-            calibration_range_weight=self.calibration_range_weight, per_group_calibration=self.per_group_calibration,
-            target_modules=list(self.targets) if self.targets else None,
-            trainable_modules=[head] if head else [], backend=self.backend)
+        own = {f.name: getattr(self, f.name) for f in fields(NoraConfig)}
+        return NoraConfig(**{**own, "trainable_modules": [head] if head else []})
 
 
 BASELINE_KINDS = ("bitfit", "ln_tuning", "ia3", "vera")

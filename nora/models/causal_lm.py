@@ -31,7 +31,9 @@ from pathlib import Path
 import torch
 
 from nora.errors import UserError
+from nora.hub import offline
 from nora.models.config import CausalLMModelConfig, as_model_config
+from nora.models.tokenizer import build_offline_tokenizer
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float32": torch.float32, "fp32": torch.float32}
@@ -71,8 +73,6 @@ def _source(model_cfg) -> tuple[str, bool]:
 
 def _load_error(model_cfg, source: str, what: str, exc: Exception) -> UserError:
     """One line: what failed, why (offline / token / access / missing), and the two ways out."""
-    from nora.hub import offline
-
     text = (str(exc).strip().splitlines() or [""])[0][:200]
     kind = type(exc).__name__
     low = (kind + " " + str(exc)).lower()
@@ -101,8 +101,6 @@ def build_tokenizer(model_cfg):
     model_cfg = as_model_config(model_cfg)
     spec = model_cfg.tokenizer
     if spec == "offline":
-        from nora.models.tokenizer import build_offline_tokenizer
-
         return build_offline_tokenizer(**dict(model_cfg.tokenizer_kwargs or {}))
     from transformers import AutoTokenizer
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
+from nora.adapter.config import INITS
 from nora.schema import at_least, load, one_of
 
-NORA_INITS = ("fit", "calibrated")
+FAMILIES = ("vision", "causal_lm")
 DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 ARCHS = ("llama", "qwen2", "mistral")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
@@ -34,7 +35,7 @@ class VisionModelConfig:
     nora_init: str = "fit"
 
     def __post_init__(self):
-        one_of("nora_init", self.nora_init, NORA_INITS)
+        one_of("nora_init", self.nora_init, INITS)
 
     def mlp_width(self) -> Optional[int]:
         """The width of the MLP activation if the config alone tells it (timm's ViT: embed_dim x mlp_ratio)."""
@@ -67,7 +68,7 @@ class CausalLMModelConfig:
     head: Optional[str] = None
 
     def __post_init__(self):
-        one_of("nora_init", self.nora_init, NORA_INITS)
+        one_of("nora_init", self.nora_init, INITS)
         one_of("dtype", self.dtype, DTYPES)
         one_of("arch", self.arch, ARCHS)
         one_of("attn_implementation", self.attn_implementation or "sdpa", ATTENTION)
@@ -87,8 +88,6 @@ def as_model_config(model_cfg) -> ModelConfig:
     """The typed config of a ``model`` section (a DictConfig, a dict, or already typed)."""
     if isinstance(model_cfg, (VisionModelConfig, CausalLMModelConfig)):
         return model_cfg
-    from nora.models import FAMILIES
-
     family = model_cfg.get("family") if hasattr(model_cfg, "get") else None
     one_of("model.family", family, FAMILIES)
     return load(SCHEMAS[family], model_cfg, "model")

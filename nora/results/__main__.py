@@ -13,6 +13,10 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from nora.results.budget import budget_table
+from nora.results.collect import collect
+from nora.results.render import render_all, render_demo, write_index
+from nora.results.sweep import SWEEPS, format_plan, plan
 
 
 def _list_unreadable(col, runs) -> int:
@@ -29,8 +33,6 @@ def _tables(args) -> int:
     """Render everything, after checking what there is to render: the run files that could not be read are
     listed (their runs are in no table; exit status 1), and with no usable run at all nothing is written, so
     the committed ``results/`` stay as they are."""
-    from nora.results.collect import collect
-    from nora.results.render import render_all
 
     col = collect(args.runs)
     status = _list_unreadable(col, args.runs)
@@ -48,9 +50,6 @@ def _tables(args) -> int:
 
 
 def _demo_table(args) -> int:
-    from nora.results.collect import collect
-    from nora.results.render import render_demo, write_index
-
     col = collect(args.runs)
     found = any(r.dataset == "digits_target" for r in col.runs)
     if args.check:
@@ -68,8 +67,6 @@ def _demo_table(args) -> int:
 
 
 def _plan(args) -> int:
-    from nora.results.sweep import SWEEPS, format_plan, plan
-
     names = SWEEPS.get(args.sweep, [args.sweep])
     total = 0
     for name in names:
@@ -84,8 +81,6 @@ def _plan(args) -> int:
 def mmlu_jobs(runs: str | Path, base: str | None, eval_root: str | Path) -> list[str]:
     """``eval.py`` arguments for every complete LLM run without a readable ``mmlu.json`` and for the base model
     (unless ``eval_root`` holds a readable evaluation of it)."""
-    from nora.results.collect import collect
-
     col = collect(runs)
     out = [f"run_dir={r.dir}" for r in col.runs if r.summary.get("family") == "causal_lm" and not r.mmlu]
     if base and collect(eval_root).base_eval(base) is None:
@@ -100,8 +95,6 @@ def _mmlu_jobs(args) -> int:
 
 
 def _budget(args) -> int:
-    from nora.results.budget import budget_table
-
     for model in args.models.split(","):
         text, _ = budget_table(model)
         print(text)

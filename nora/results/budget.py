@@ -12,6 +12,9 @@ and the project's own ``apply_method``, so they are the numbers the runs' ``summ
 from __future__ import annotations
 
 from dataclasses import dataclass
+from nora.methods import apply_method
+from nora.models import build_model
+from nora.results.sweep import CONFIG_DIR
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256)
@@ -36,16 +39,12 @@ class Count:
 def _method_cfg(method: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from nora.results.sweep import CONFIG_DIR
-
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose("train", overrides=[f"method={method}"] + overrides)
 
 
 def _vit_tiny(num_classes: int):
     from omegaconf import OmegaConf
-
-    from nora.models import build_model
 
     cfg = _method_cfg("lora", ["model=vit_tiny"])
     mcfg = OmegaConf.merge(cfg.model, {"pretrained": False, "checkpoint": None})
@@ -62,8 +61,6 @@ def _llama3_8b_meta():
 
 def count(model_name: str, method: str, rank: int | None = None, num_classes: int = 100) -> Count:
     """Trainable parameters of ``method`` (LoRA/DoRA rank ``rank``) on ``vit_tiny`` or ``llama3_8b``."""
-    from nora.methods import apply_method
-
     over = [f"model={model_name}"]
     if rank is not None:
         over.append(f"method.lora.r={rank}")

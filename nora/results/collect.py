@@ -1,8 +1,8 @@
 """Read run directories (never re-train): ``summary.json``, ``config.yaml``, ``mmlu.json`` and base-model evaluations.
 
-A run directory is any directory holding a ``summary.json`` (written by ``nora.run.run_training``; the layout is
-:mod:`nora.runs.layout`); only runs whose summary says ``"status": "complete"`` enter a table, the others are counted
-as incomplete. A base-model MMLU evaluation is a directory holding ``mmlu.json`` but no ``summary.json``
+A run directory is any directory holding a ``summary.json`` (written by ``nora.app.training.run_training``; the
+layout is :mod:`nora.runs.layout`); only runs whose summary says ``"status": "complete"`` enter a table, the others
+are counted as incomplete. A base-model MMLU evaluation is a directory holding ``mmlu.json`` but no ``summary.json``
 (``python eval.py model=<name>`` writes ``runs/eval/<model.name>/mmlu.json``). A file that is there but cannot be
 read (truncated JSON, not UTF-8, YAML that does not parse) leaves its run out of every table and is listed in
 :attr:`Collection.unreadable`, so a table never shows n=4 for five seeds without saying why (a run's unreadable
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from nora.files import read_json
-from nora.runs.layout import ADAPTER, CHECKPOINTS, MMLU, SUMMARY, WANDB, RunDir, read_stored_config
+from nora.runs.layout import ADAPTER, CHECKPOINTS, MMLU, RunDir, SUMMARY, WANDB, read_stored_config
 
 SKIP_DIRS = {CHECKPOINTS, ADAPTER, WANDB, ".hydra", ".submitit", "__pycache__"}
 

@@ -16,15 +16,17 @@ import dataclasses
 from pathlib import Path
 from typing import Sequence
 
+from nora.adapter.curves import activation_figure
 from nora.results import figures, paper
 from nora.results.collect import Collection, Run, collect
+from nora.results.demo_report import demo_report, demo_settings, demo_task
 from nora.results.stats import summarize
 from nora.results.subspace import METRICS, MethodAnalysis, analyse_method, identical_methods, summary_rows
-from nora.results.demo_tables import demo_report, demo_task
 from nora.results.tables import (ABLATION_DATASET, ABLATION_DEFAULTS, ABLATION_MODEL, DATASET_LABEL, METHOD_LABEL,
-                                 TABLE1_DATASETS, TABLE2_DATASETS, Report, Section, ablation_report, at_setting,
+                                 Report, Section, TABLE1_DATASETS, TABLE2_DATASETS, ablation_report, at_setting,
                                  by_seed, matched_report, ordered_methods, table1_low_budget_report, table1_report,
                                  table2_report)
+from nora.runs.layout import RunDir
 
 RATIONAL_METHODS = ("nora", "nora_pp", "rational_ft", "zero_init_ft")
 SUBSPACE_METHODS = ("nora", "rational_ft", "zero_init_ft", "nora_pp")
@@ -89,7 +91,7 @@ def _first_seed(runs: Sequence[Run]) -> Run | None:
 def _activation_figure(runs: Sequence[Run], path: Path, title) -> list[Path]:
     """The learned activations of the first seed among ``runs`` (``title(run)`` on top); none without runs."""
     run = _first_seed(runs)
-    f = figures.activation_figure(run.dir, path, title(run)) if run is not None else None
+    f = activation_figure(RunDir(run.dir).adapter, path, title(run)) if run is not None else None
     return [f] if f else []
 
 
@@ -112,10 +114,8 @@ def render_demo(col: Collection, out: Path, source: str, methods: Sequence[str] 
     each task's ``seeds`` in configs/demo/demo.yaml, what ``make demo`` runs; ``make demo-full`` passes its
     ``full_seeds`` and ``full``): the two share one runs directory, and ``results/demo.md`` never takes in
     demo-full's extra seeds."""
-    from nora.demo import settings
-
     made = {"tables": [], "figures": []}
-    tasks = settings()["tasks"]
+    tasks = demo_settings()["tasks"]
     n_seeds = seeds or {t: conf["seeds"] for t, conf in tasks.items()}
     col = dataclasses.replace(col, runs=[r for r in col.runs if (t := demo_task(r, tasks)) is None
                                          or r.seed is None or r.seed < n_seeds.get(t, 0)])
@@ -222,7 +222,7 @@ INDEX = (
      "make demo (with rational_ft and zero_init_ft among its methods)"),
     ("demo_diagnosis", "What limits NoRA in the digits demo, measured (pre-activation ranges, coefficient "
      "movement, update ablations, learning curves, head lr, LP-FT, NoRA's and LoRA's lr; raw tables in "
-     "demo_diagnosis_measurements.md)", "python -m nora.demo_diagnosis --experiments"),
+     "demo_diagnosis_measurements.md)", "python -m nora.demo.diagnosis --experiments"),
     ("table1", "Table 1: ViT-Tiny on CIFAR-10/100, six methods", "make table1"),
     ("table1_low_budget", "Table 1, low budget: NoRA vs BitFit, LN tuning, (IA)3, VeRA on ViT-Tiny/CIFAR",
      "make table1"),
@@ -297,9 +297,8 @@ def render_all(runs: str | Path = "runs", out: str | Path = "results",
     t2 = collect(runs / "table2", runs / "eval")
     demo = collect(runs / "demo")
     add(render_demo(demo, out, str(runs / "demo"), demo_methods))
-    from nora.demo import settings
 
-    tasks = settings()["tasks"]
+    tasks = demo_settings()["tasks"]
     if any((t := demo_task(r, tasks)) and r.seed is not None and r.seed >= tasks[t]["seeds"] for r in demo.runs):
         # make demo-full's extra seeds exist: its report too, in its own directory
         render_demo(demo, out / "demo_full", str(runs / "demo"), demo_methods,

@@ -24,86 +24,16 @@ compare across methods; the coefficient norms show how far each parametrisation 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 
-from nora.rational.functional import rational_reference
-
-GRID_POINTS = 401
-
-
-@dataclass
-class Layer:
-    name: str
-    num: np.ndarray        # (G, m+1) effective per-group numerator
-    den: np.ndarray        # (G, n)
-    base_num: np.ndarray   # (G, m+1)
-    base_den: np.ndarray   # (G, n)
-    form: str
-    original: str | None
-    variant: str
-    r: int
-    fit_range: tuple[float, float]
-
-    @property
-    def delta(self) -> np.ndarray:
-        """(G, m+1+n): the per-group coefficient update."""
-        return np.concatenate([self.num - self.base_num, self.den - self.base_den], axis=1)
-
-    def grid(self, points: int = GRID_POINTS) -> np.ndarray:
-        return np.linspace(self.fit_range[0], self.fit_range[1], points)
-
-    def curves(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(G, len(x)) adapted curves and (G, len(x)) base curves."""
-        return rational(x, self.num, self.den, self.form), rational(x, self.base_num, self.base_den, self.form)
-
-
-def rational(x: np.ndarray, num: np.ndarray, den: np.ndarray, form: str) -> np.ndarray:
-    """Per-group rational P_g(x)/Q_g(x) in float64, shape (G, len(x)): the one formula
-    (:func:`nora.rational.functional.rational_reference`) on the grid repeated once per group."""
-    num, den = torch.as_tensor(np.asarray(num, np.float64)), torch.as_tensor(np.asarray(den, np.float64))
-    grid = torch.as_tensor(np.asarray(x, dtype=np.float64))
-    return rational_reference(grid[:, None].expand(-1, num.shape[0]), num, den, form).T.numpy()
-
-
-def load_layers(run_dir: str | Path) -> dict[str, Layer]:
-    """Every NoRA activation of a run, rebuilt from ``adapter/`` ({} if the run has none)."""
-    import torch
-    from safetensors.torch import load_file
-
-    from nora.adapter.layer import NoraActivation
-    from nora.runs.layout import RunDir
-
-    adir = RunDir(run_dir).adapter
-    cfg_path, w_path = adir / "nora_config.json", adir / "nora_adapter.safetensors"
-    if not cfg_path.exists() or not w_path.exists():
-        return {}
-    meta = json.loads(cfg_path.read_text())
-    fit_range = tuple(float(v) for v in (meta.get("config") or {}).get("fit_range", (-3.0, 3.0)))
-    tensors = load_file(str(w_path))
-    out = {}
-    for name, info in meta["layers"].items():
-        mod = NoraActivation(tensors[f"{name}.base_numerator"], tensors[f"{name}.base_denominator"],
-                             form=info["form"], backend="auto", original=info.get("original"),
-                             variant=info["variant"], r=int(info.get("r", 3)), alpha=float(info.get("alpha", 6.0)),
-                             numerator_mode=info.get("numerator_mode", "group"), groups=int(info["groups"]))
-        state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
-        mod.load_state_dict(state, strict=True)
-        with torch.no_grad():
-            num, den = (t.detach().double().numpy().copy() for t in mod.coefficients())
-            g = mod.groups
-            base_num = mod.base_numerator.double().expand(g, -1).numpy().copy()
-            base_den = mod.base_denominator.double().numpy().copy()
-        layer_range = tuple(float(v) for v in info["fit_range"]) if info.get("fit_range") else fit_range
-        out[name] = Layer(name, num, den, base_num, base_den, info["form"], info.get("original"), info["variant"],
-                          int(info.get("r", 3)), layer_range)
-    return out
+from nora.adapter.curves import Layer, load_layers
+from nora.results.stats import summarize
+from nora.runs.layout import RunDir
 
 
 def effective_rank(m: np.ndarray) -> float:
@@ -172,7 +102,7 @@ def _mean(vals) -> float | None:
 
 
 def analyse_method(method: str, run_dirs: Sequence[Path]) -> MethodAnalysis | None:
-    loaded = [(Path(d), load_layers(d)) for d in run_dirs]
+    loaded = [(Path(d), load_layers(RunDir(d).adapter)) for d in run_dirs]
     loaded = [(d, layers) for d, layers in loaded if layers]
     if not loaded:
         return None
@@ -218,8 +148,6 @@ METRICS = (("update_norm", "‖Δ‖_F (coefficients)"), ("effective_rank", "eff
 
 def summary_rows(analysis: MethodAnalysis) -> list[dict]:
     """Per layer and over all layers: mean ± std over seeds of each metric, plus the cross-seed cosines."""
-    from nora.results.stats import summarize
-
     rows = []
     for name in analysis.layers + ["all layers"]:
         row = {"method": analysis.method, "layer": name, "n": len(analysis.per_seed)}

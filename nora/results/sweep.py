@@ -9,7 +9,7 @@ Every job's directory is ``${output_root}/${run_name}`` (``hydra.sweep.dir``/``h
 ``configs/train.yaml``; the name carries the job's result-changing value overrides, :mod:`nora.runs.naming`), derived
 from the job's config and not from the launch time, so re-running a sweep skips
 the jobs whose ``summary.json`` is complete and resumes interrupted ones from ``checkpoints/last.pt``
-(``nora.run.run_training``). :class:`SweepPlanCallback` (included by every sweep through
+(``nora.app.training.run_training``). :class:`SweepPlanCallback` (included by every sweep through
 ``sweeps/common/sweep_plan.yaml``) prints the number of jobs, their state and an estimate of the device time
 they will take (from the training throughput measured by ``python -m nora.bench train`` on this kind of device,
 ``results/bench_train_<device>.json``) before anything runs, and stops there when
@@ -25,10 +25,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+from nora.app.config import CONFIG_DIR
+from nora.runs.identity import changed_config
+from nora.runs.layout import checkpoint_path, is_complete
 
-ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = ROOT / "configs"
-SWEEP_DIR = ROOT / "sweeps"
+SWEEP_DIR = CONFIG_DIR.parent / "sweeps"
 
 # Every sweep file, grouped by the result it produces (what `make table1|table2|ablations` run).
 SWEEPS = {
@@ -72,7 +73,7 @@ def load_throughput(device_type: str, results: Path | None = None) -> dict | Non
     """``results/bench_train_<device>.json`` (``python -m nora.bench train``), if it was measured."""
     import json
 
-    path = (results or ROOT / "results") / f"bench_train_{device_type}.json"
+    path = (results or CONFIG_DIR.parent / "results") / f"bench_train_{device_type}.json"
     if not path.exists():
         return None
     try:
@@ -118,8 +119,6 @@ def job_overrides(params: dict, task_overrides: Sequence[str], config_loader=Non
 def run_status(run_dir: Path, cfg=None) -> str:
     """complete | resumable | started | new; ``changed`` when a complete or resumable run directory was
     started with another configuration than the job's ``cfg`` (``on_config_change`` decides what train.py does)."""
-    from nora.run import changed_config
-    from nora.runs.layout import checkpoint_path, is_complete
 
     if is_complete(run_dir):
         status = "complete"

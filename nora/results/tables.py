@@ -8,7 +8,7 @@ Each file starts with a header naming the runs behind it (directory, config hash
 paper's numbers, where the abstract gives any, sit in their own column, labelled as quoted from the abstract.
 
 =====================  ============================================================================
-demo.md/.csv           the offline digits demo (runs/demo): nora.results.demo_tables
+demo.md/.csv           the offline digits demo (runs/demo): nora.results.demo_report
 table1.md/.csv         ViT-Tiny on CIFAR-10/100 (runs/table1)
 table2.md/.csv         LLaMA-3-8B on Alpaca/OpenOrca, MMLU per category (runs/table2, runs/eval)
 ablations.md/.csv      NoRA ablations on ViT-Tiny/CIFAR-100 (runs/ablations; full FT from runs/table1)

@@ -1,18 +1,14 @@
-"""Run directories: where a training run writes, how it is named, who may write it, and how it is loaded back.
+"""Run directories: where a training run writes, how it is named, who may write it, what identifies its result.
 
 ==============  ================================================================================================
 ``layout``      the paths of a run directory (``RunDir``) and reading/writing ``summary.json`` and ``config.yaml``:
                 the one module that names them
+``identity``    what determines a run's result: ``result_config``, ``config_hash``, ``config_differences``
 ``lock``        one process per run directory (``RunLock``)
 ``naming``      the ``${run_overrides:}`` resolver: a run name for every distinct configuration of a sweep
-``load``        the model a finished run trained: base model from its ``config.yaml`` plus its ``adapter/``
+``logger``      ``metrics.jsonl`` and the W&B run of a run directory (``RunLogger``), the ``logger`` schema
 ``writable``    the Hydra callback that checks the output directory before Hydra writes there
 ==============  ================================================================================================
 
-The loading API is re-exported here: ``from nora.runs import load_trained_model``.
+Reloading a finished run's model is the application's (:mod:`nora.app.reload`).
 """
-from nora.runs.load import (FULL_FILE, NORA_FILES, PEFT_FILES, TrainedModel, adapter_identity, apply_adapter,
-                            build_base_model, find_adapter_dir, load_trained_model, read_run_config, resolve_adapter)
-
-__all__ = ["FULL_FILE", "NORA_FILES", "PEFT_FILES", "TrainedModel", "adapter_identity", "apply_adapter",
-           "build_base_model", "find_adapter_dir", "load_trained_model", "read_run_config", "resolve_adapter"]

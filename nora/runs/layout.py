@@ -18,9 +18,13 @@ unreadable file instead of raising.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from nora.eval.mmlu import MMLU_FILE
 from nora.files import read_json, write_json_atomic, write_text_atomic
 
 CONFIG = "config.yaml"
@@ -28,7 +32,7 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 ADAPTER = "adapter"
 ACTIVATIONS = "activations.png"
-MMLU = "mmlu.json"
+MMLU = MMLU_FILE
 CHECKPOINTS = "checkpoints"
 CHECKPOINT = "last.pt"
 WANDB = "wandb"
@@ -92,8 +96,6 @@ class RunDir:
         """Remove every output of an earlier run (a fresh start: nothing of it may be reported or reloaded as
         this run's, e.g. a NoRA adapter file left in ``adapter/`` by an earlier ``nora_pp`` run of the directory).
         The W&B files stay: W&B keeps its own history of the run id."""
-        import shutil
-
         for path in self.outputs():
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
@@ -121,32 +123,8 @@ def write_summary(run_dir: str | os.PathLike, summary: dict) -> None:
 
 def read_stored_config(run_dir: str | os.PathLike) -> dict | None:
     """The resolved config a run directory was last started with (its ``config.yaml``) as a dict, or None."""
-    from omegaconf import OmegaConf
-
     path = RunDir(run_dir).config
     return OmegaConf.to_container(OmegaConf.load(path)) if path.exists() else None
-
-
-def kept_config(cfg, run_dir: str | os.PathLike):
-    """``on_config_change=keep`` resuming a checkpoint of another configuration: the run continues as the
-    configuration it was started with (the checkpoint's optimizer, schedule and step count are that run's), so
-    that is the config it records. Only what does not determine the result (where it is written, logging,
-    progress, ``stop_after_steps``...: ``nora.config.NOT_RESULT_KEYS``) is taken from ``cfg``."""
-    from omegaconf import OmegaConf
-
-    from nora.config import NOT_RESULT_KEYS, NOT_RESULT_TRAINER_KEYS
-
-    stored = read_stored_config(run_dir)
-    if stored is None:
-        return cfg
-    now = OmegaConf.to_container(cfg, resolve=True)
-    for key in NOT_RESULT_KEYS:
-        if key in now:
-            stored[key] = now[key]
-    for key in NOT_RESULT_TRAINER_KEYS:
-        if key in now.get("trainer", {}):
-            stored.setdefault("trainer", {})[key] = now["trainer"][key]
-    return OmegaConf.create(stored)
 
 
 def write_config(run_dir: str | os.PathLike, config_yaml: str) -> None:

@@ -1,7 +1,7 @@
 """A run's name carries every command-line override that changes its result and is not already spelled in it.
 
 ``configs/train.yaml`` names a run ``${model.name}_${dataset.name}_${method.name}_s${seed}${run_overrides:}``.
-The ``run_overrides`` resolver (registered when ``nora`` is imported) appends the job's value overrides in
+The ``run_overrides`` resolver (registered when this module is imported, as :mod:`nora.app.config` does) appends the job's value overrides in
 Hydra's ``override_dirname`` style, sorted by key: ``python train.py -m trainer.lr=1e-3,5e-4 method.nora.r=2,3``
 writes ``runs/vit_tiny_cifar100_nora_s0_method.nora.r=2,trainer.lr=0.001`` and three siblings, so any sweep gets
 one directory per distinct configuration and re-running it finds them again. Left out, because the name already
@@ -10,8 +10,8 @@ says them or they do not change the result:
 * config-group choices (``method=lora``, ``experiment=llama3_alpaca``, ``budget=lora_r9``): a group's
   settings are named by the keys the name spells (``method.name`` ...) or by the sweep's own ``run_name``;
 * keys the ``run_name`` template itself references (``seed``; ``method.nora.r`` in the ablation sweeps);
-* keys that decide where outputs go, logging, resuming or progress (:data:`nora.config.NOT_RESULT_KEYS`,
-  :data:`nora.config.NOT_RESULT_TRAINER_KEYS`), and where inputs are read from (:data:`INPUT_LOCATION_KEYS`);
+* keys that decide where outputs go, logging, resuming or progress (:data:`nora.runs.identity.NOT_RESULT_KEYS`,
+  :data:`nora.runs.identity.NOT_RESULT_TRAINER_KEYS`), and where inputs are read from (:data:`INPUT_LOCATION_KEYS`);
 * ``hydra.*`` overrides (launcher, callbacks).
 
 Values are the composed config's (``1e-3`` and ``0.001`` name the same run), whichever way the job was started:
@@ -27,7 +27,7 @@ import re
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from nora.config import NOT_RESULT_KEYS, NOT_RESULT_TRAINER_KEYS
+from nora.runs.identity import NOT_RESULT_KEYS, NOT_RESULT_TRAINER_KEYS
 
 RESOLVER = "run_overrides"
 # Where a run reads its inputs from: a copy of the same data or weights elsewhere is the same run (and a path in a

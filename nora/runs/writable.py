@@ -10,7 +10,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from nora.errors import WRITE_ERRNOS, OutputError
+from nora.errors import OutputError, WRITE_ERRNOS
 
 # below this, Hydra's own files and the first metrics lines may not fit: refuse before starting
 MIN_FREE_BYTES = 1 << 20

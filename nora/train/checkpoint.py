@@ -17,9 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from nora.adapter.layer import GroupRational
 from nora.errors import NonFiniteLossError, UserError
 from nora.files import atomic_write
-from nora.runs.layout import checkpoint_path  # noqa: F401 (re-exported for the loop)
+from nora.train import distributed as dist
+from nora.train.distributed import is_dtensor, is_sharded
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
@@ -94,8 +96,6 @@ def set_rng_state(state: dict) -> None:
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
-    from nora.train.distributed import is_dtensor
-
     return t.full_tensor().detach() if is_dtensor(t) else t.detach().clone()
 
 
@@ -104,8 +104,6 @@ def training_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     (their fitted base coefficients), keyed by parameter name. Frozen pretrained weights are rebuilt
     from the model config on resume and are not stored. FSDP shards are gathered (a collective: every
     rank must call it)."""
-    from nora.adapter.layer import GroupRational
-
     out = {n: _full(p) for n, p in model.named_parameters() if p.requires_grad}
     for mname, mod in model.named_modules():
         if isinstance(mod, GroupRational):
@@ -124,7 +122,6 @@ def load_training_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -
     absent = sorted(trainable - set(state))
     if absent:
         raise RuntimeError(f"checkpoint lacks trainable tensors {absent[:5]}: was it written by another method?")
-    from nora.train.distributed import is_sharded
 
     if is_sharded(model):  # FSDP: torch's state-dict API cuts each full tensor into this rank's shard
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -139,8 +136,6 @@ def load_training_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -
 
 def load_optimizer_state_dict(optimizer: torch.optim.Optimizer, sd: dict) -> None:
     """Load a (full) optimizer state dict, cutting the state of FSDP-sharded parameters into this rank's shards."""
-    from nora.train.distributed import is_dtensor
-
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if any(is_dtensor(p) for p in params):
         from torch.distributed.tensor import distribute_tensor
@@ -158,8 +153,6 @@ def load_optimizer_state_dict(optimizer: torch.optim.Optimizer, sd: dict) -> Non
 
 def _training_keys(model: nn.Module) -> set[str]:
     """The names :func:`training_state_dict` stores: trainable parameters and NoRA activations' buffers."""
-    from nora.adapter.layer import GroupRational
-
     keys = {n for n, p in model.named_parameters() if p.requires_grad}
     for mname, mod in model.named_modules():
         if isinstance(mod, GroupRational):
@@ -173,8 +166,6 @@ def _gather_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) ->
     ``optimizer.state_dict()``)."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
-
-    from nora.train import distributed as dist
 
     to_rank0_cpu = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     model_state = get_model_state_dict(model, options=to_rank0_cpu)
@@ -193,8 +184,6 @@ def _gather_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) ->
 def gather_training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict] | None:
     """``(training_state_dict, optimizer_state_dict)`` on rank 0, None elsewhere. Under FSDP every rank must
     call it (the shards are gathered to rank 0's CPU); otherwise only rank 0 does any work."""
-    from nora.train import distributed as dist
-
     if dist.is_sharded(model):
         return _gather_sharded_state(model, optimizer)
     if dist.rank() != 0:

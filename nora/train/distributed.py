@@ -15,6 +15,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as tdist
+from nora.adapter.layer import GroupRational
 
 
 def is_initialized() -> bool:
@@ -151,8 +152,6 @@ def wrap_fsdp(model: torch.nn.Module, device: torch.device, param_dtype: torch.d
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    from nora.adapter.layer import GroupRational
 
     mesh = init_device_mesh(device.type, (world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)

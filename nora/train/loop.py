@@ -11,20 +11,21 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from nora.adapter.inject import canonical_name, nora_modules
 from nora.errors import NonFiniteLossError, UserError
-from nora.train import distributed as dist
+from nora.hardware import resolve_device
 from nora.schema import load
-from nora.train.checkpoint import (atomic_save, check_finite, checkpoint_path, gather_training_state,
-                                   load_optimizer_state_dict, load_training_state_dict, read_checkpoint, rng_state,
-                                   set_rng_state)
+from nora.train import distributed as dist
+from nora.train.checkpoint import (atomic_save, check_finite, gather_training_state, load_optimizer_state_dict,
+                                   load_training_state_dict, read_checkpoint, rng_state, set_rng_state)
 from nora.train.config import OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainerConfig
 from nora.train.signals import stop_requested
-from nora.train.logger import RunLogger
 from nora.train.tasks import Task
 
 
@@ -43,15 +44,6 @@ class LoopState:
     finished: bool = False
 
 
-def resolve_device(name: str) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"trainer.device={name} but no CUDA device is available; use trainer.device=cpu")
-    return dev
-
-
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype (None: plain fp32)."""
     if precision not in PRECISIONS:
@@ -65,8 +57,6 @@ def param_groups(model: nn.Module, lr: float, head_lr: float | None, nora_lr: fl
                  head: str | None) -> list[dict]:
     """Optimizer groups: head, NoRA factors, and everything else; no weight decay on biases, norms,
     NoRA factors or any 1-D tensor."""
-    from nora.adapter.inject import canonical_name, nora_modules
-
     nora_ids = {id(p) for m in nora_modules(model).values() for p in m.parameters()}
     groups: dict[str, dict] = {}
 
@@ -104,31 +94,46 @@ def lr_lambda(kind: str, total: int, warmup: int, min_ratio: float):
     return f
 
 
-class Trainer:
-    """Trains ``model`` on ``train_set`` with ``task``; see :meth:`fit`. ``cfg``: a :class:`TrainerConfig` (or
-    the ``trainer`` section it is loaded from)."""
+@dataclass
+class TrainData:
+    """What the trainer iterates: the datasets, their batch samplers (``set_epoch`` / ``set_start`` / ``len``) and
+    how a batch is made (``collate_fn`` for a DataLoader, or ``loader_factory(dataset, sampler, epoch, train)``
+    returning the batches itself, e.g. the device-resident vision path)."""
 
-    def __init__(self, cfg: TrainerConfig, model: nn.Module, task: Task, train_set, eval_set, train_sampler,
-                 eval_sampler, run_dir: str | Path, logger: RunLogger, *, lr: float, head_lr: float | None = None,
-                 nora_lr: float | None = None, weight_decay: float = 0.0, head: str | None = None,
-                 collate_fn=None, seed: int = 0, device: torch.device | None = None, wrap=None,
-                 loader_factory=None):
+    train_set: Any
+    eval_set: Any
+    train_sampler: Any
+    eval_sampler: Any
+    collate_fn: Callable | None = None
+    loader_factory: Callable | None = None
+
+
+class Trainer:
+    """Trains ``model`` on ``data`` with ``task``; see :meth:`fit`. ``cfg``: a :class:`TrainerConfig` (or the
+    ``trainer`` section it is loaded from) whose ``lr`` is set (the run config resolves the method's defaults);
+    ``checkpoint``: the file it writes and resumes from; ``logger``: where records go (``log``/``finish``, e.g.
+    :class:`nora.runs.logger.RunLogger`); ``head``: the new classifier head's module name (its own lr)."""
+
+    def __init__(self, cfg: TrainerConfig, model: nn.Module, task: Task, data: TrainData, checkpoint: str | Path,
+                 logger, *, head: str | None = None, seed: int = 0, device: torch.device | None = None, wrap=None):
         self.cfg = cfg = load(TrainerConfig, cfg, "trainer")
+        if cfg.lr is None:
+            raise UserError("trainer.lr is not set (the run config resolves it from the method's defaults)")
         self.task, self.logger = task, logger
-        self.run_dir = Path(run_dir)
-        self.ckpt_path = checkpoint_path(self.run_dir)
+        self.ckpt_path = Path(checkpoint)
         self.device = device or resolve_device(cfg.device)
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
         self.model = model.to(self.device)
-        self.train_set, self.eval_set = train_set, eval_set
-        self.train_sampler, self.eval_sampler = train_sampler, eval_sampler
-        self.collate_fn, self.seed = collate_fn, seed
+        self.train_set, self.eval_set = data.train_set, data.eval_set
+        self.train_sampler, self.eval_sampler = data.train_sampler, data.eval_sampler
+        self.collate_fn, self.seed = data.collate_fn, seed
         # loader_factory(dataset, batch_sampler, epoch, train) -> iterable of batches; default: DataLoader
-        self.loader_factory = loader_factory
+        self.loader_factory = data.loader_factory
         self.accum = cfg.grad_accum
-        self.steps_per_epoch = len(train_sampler) // self.accum
+        self.steps_per_epoch = len(data.train_sampler) // self.accum
         if self.steps_per_epoch < 1:
-            raise UserError(f"an epoch has {len(train_sampler)} batches, fewer than trainer.grad_accum={self.accum}")
+            raise UserError(f"an epoch has {len(data.train_sampler)} batches, fewer than "
+                            f"trainer.grad_accum={self.accum}")
         self.micro_per_epoch = self.steps_per_epoch * self.accum
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
@@ -136,7 +141,7 @@ class Trainer:
         self.runner = wrap(self.model) if wrap is not None else self.model
         if cfg.compile:
             self.runner = torch.compile(self.runner)
-        groups = param_groups(self.model, lr, head_lr, nora_lr, weight_decay, head)
+        groups = param_groups(self.model, cfg.lr, cfg.head_lr, cfg.nora_lr, cfg.weight_decay or 0.0, head)
         if not groups:
             raise UserError("nothing to train: the method left no parameter with requires_grad")
         self.optimizer = self._optimizer(groups)

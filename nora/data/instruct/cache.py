@@ -15,8 +15,8 @@ import numpy as np
 from nora.data.instruct import tokenization
 from nora.data.instruct.config import DataError, InstructDataConfig, default_cache_dir
 from nora.data.instruct.dataset import InstructDataset, PackedInstructDataset
-from nora.files import write_json_atomic
 from nora.data.instruct.sources import files_fingerprint, load_hub, load_local, local_files
+from nora.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 

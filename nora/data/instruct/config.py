@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from nora.errors import UserError
+from nora.files import cache_dir
 
 
 class DataError(UserError, ValueError):
@@ -144,6 +145,4 @@ class InstructDataConfig:
 
 
 def default_cache_dir() -> Path:
-    from nora.files import cache_dir
-
     return cache_dir("instruct")

@@ -13,7 +13,7 @@
    (the same on every rank, so every rank fits the same coefficients), each as one padding-free row so no pad
    token's activation enters the fit;
 6. with NoRA, ``method.nora.agreement_prompts`` held-out prompts for the init-agreement check
-   (:mod:`nora.setup.agreement`, run by ``run_training`` once the method is applied);
+   (:mod:`nora.eval.agreement`, run by ``run_training`` once the method is applied);
 7. ``wrap`` for ``trainer.strategy``: ``ddp`` (default with several ranks) or ``fsdp``
    (:func:`nora.train.distributed.wrap_fsdp`).
 
@@ -26,11 +26,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nora.config import RunConfig
+from nora.app.config import RunConfig
+from nora.app.setup.train_setup import TrainSetup
+from nora.data.instruct import InstructCollator, InstructDataset, LengthGroupedBatchSampler, build_instruct_datasets
 from nora.errors import UserError
-from nora.setup import TrainSetup
-from nora.setup.agreement import AGREEMENT_BATCH, model_inputs
+from nora.eval.agreement import AGREEMENT_BATCH, model_inputs
+from nora.models.causal_lm import build_causal_lm, build_tokenizer, resolve_dtype
 from nora.train import distributed as dist
+from nora.train.loop import TrainData, resolve_precision
 from nora.train.tasks import CausalLMTask
 
 
@@ -50,15 +53,12 @@ def resolve_strategy(strategy: str, world_size: int) -> str:
 
 def causal_lm_setup(run: RunConfig, device: torch.device, world_size: int, rank: int) -> TrainSetup:
     """Everything ``run_training`` needs for a ``causal_lm`` run (see the module docstring)."""
-    from nora.data.instruct import InstructCollator, build_instruct_datasets
-    from nora.models.causal_lm import build_causal_lm, build_tokenizer
 
     dcfg = run.dataset
     tokenizer = build_tokenizer(run.model)
     train, val, stats = build_instruct_datasets(dcfg, tokenizer)
     eval_split = "val"
     if val is None:  # val_size=0, or a fraction of a file too small to hold anything out
-        from nora.data.instruct import InstructDataset
 
         eval_split = "train"
         val = train.base if not isinstance(train, InstructDataset) else train
@@ -71,8 +71,8 @@ def causal_lm_setup(run: RunConfig, device: torch.device, world_size: int, rank:
     train_sampler, eval_sampler = _samplers(run, train, val, world_size, rank)
     collate = InstructCollator.from_tokenizer(tokenizer, pad_to_multiple_of=dcfg.pad_to_multiple_of)
     model, tokenizer = build_causal_lm(run.model, tokenizer, device=device)
-    setup = TrainSetup(model=model, task=CausalLMTask(), train_set=train, eval_set=val, train_sampler=train_sampler,
-                       eval_sampler=eval_sampler, collate_fn=collate, agreement_split=eval_split)
+    setup = TrainSetup(model=model, task=CausalLMTask(), agreement_split=eval_split,
+                       data=TrainData(train, val, train_sampler, eval_sampler, collate_fn=collate))
     nora = run.method.nora
     if nora is not None and nora.init == "calibrated":
         setup.calibration = _calibration_batches(run, train, tokenizer, world_size, nora.calibration_batches, device)
@@ -97,8 +97,6 @@ def _print_data(dcfg, stats: dict) -> None:
 
 
 def _samplers(run: RunConfig, train, val, world_size: int, rank: int):
-    from nora.data.instruct import LengthGroupedBatchSampler
-
     dcfg, bs = run.dataset, run.trainer.batch_size
     try:
         # the last, smaller global batch is kept (split evenly over the ranks): a small file still trains
@@ -119,8 +117,6 @@ def _grouped(dcfg) -> bool:
 
 def _calibration_batches(run: RunConfig, train, tokenizer, world_size: int, n: int, device) -> list[dict]:
     """The first ``n`` global training batches (epoch 0), identical on every rank, as padding-free rows."""
-    from nora.data.instruct import InstructCollator, LengthGroupedBatchSampler
-
     dcfg = run.dataset
     glob = LengthGroupedBatchSampler(train.lengths, run.trainer.batch_size * world_size, seed=run.seed, shuffle=True,
                                      group_by_length=_grouped(dcfg), num_replicas=1, rank=0, drop_last=False,
@@ -130,8 +126,6 @@ def _calibration_batches(run: RunConfig, train, tokenizer, world_size: int, n: i
 
 
 def _summary_keys(run: RunConfig, stats: dict, strategy: str, world_size: int) -> dict:
-    from nora.models.causal_lm import resolve_dtype
-
     return {
         "data": {k: v for k, v in stats.items() if k not in ("cache_path", "key")},
         "num_truncated": stats["num_truncated"], "num_prompt_truncated": stats["num_prompt_truncated"],
@@ -144,8 +138,6 @@ def _summary_keys(run: RunConfig, stats: dict, strategy: str, world_size: int) -
 
 
 def _wrapper(run: RunConfig, strategy: str, device, world_size: int, rank: int, extra: dict):
-    from nora.train.loop import resolve_precision
-
     tcfg = run.trainer
     amp = resolve_precision(tcfg.precision, device)
     if rank == 0:

@@ -30,18 +30,20 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-SETTINGS = CONFIG_DIR / "demo" / "demo.yaml"
+from nora.adapter.io import FULL_FT_NAME
+from nora.app.config import CONFIG_DIR, compose
+from nora.app.training import run_training
+from nora.errors import UserError, user_errors
+from nora.files import atomic_path, cache_dir as nora_cache_dir, write_text_atomic
+from nora.results.collect import collect
+from nora.results.demo_report import demo_settings
+from nora.results.render import render_demo
+from nora.runs.layout import RunDir
+
 LEARNING_RATES = CONFIG_DIR / "demo" / "learning_rates.yaml"
 LORA_LIKE = ("lora", "dora", "nora_pp")
-
-
-def settings() -> dict:
-    """configs/demo/demo.yaml as plain containers."""
-    return OmegaConf.to_container(OmegaConf.load(SETTINGS), resolve=True)
 
 
 def learning_rates() -> dict:
@@ -49,19 +51,12 @@ def learning_rates() -> dict:
     return OmegaConf.to_container(OmegaConf.load(LEARNING_RATES), resolve=True)
 
 
-def _compose(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides)
-
-
-def _digits_overrides(task: dict) -> list[str]:
+def digits_overrides(task: dict) -> list[str]:
     return [f"dataset.classes=[{','.join(map(str, task['classes']))}]", f"dataset.num_classes={len(task['classes'])}",
             f"dataset.transform={task['transform']}"]
 
 
 def cache_dir() -> Path:
-    from nora.files import cache_dir as nora_cache_dir
-
     return nora_cache_dir("demo")
 
 
@@ -71,24 +66,22 @@ def source_key(cfg) -> str:
     instead of reusing a backbone the current code and configs would not produce."""
     key = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "dataset", "trainer", "method")}
     h = hashlib.sha256(json.dumps([key, cfg.seed], sort_keys=True, default=str).encode())
-    pkg = Path(__file__).resolve().parent
-    for rel in ("data/vision.py", "data/batched.py", "data/sampling.py", "train/loop.py",
-                "models/vision.py", "methods/__init__.py", "run.py"):
+    pkg = Path(__file__).resolve().parents[1]
+    for rel in ("data/vision.py", "data/batched.py", "data/sampling.py", "data/config.py", "train/loop.py",
+                "models/vision.py", "methods/__init__.py", "app/training.py", "app/config.py", "app/setup/vision.py"):
         h.update((pkg / rel).read_bytes())
     return h.hexdigest()[:10]
 
 
 def pretrain_source(out_root: Path) -> Path:
     """Train the source backbone once (reproducible, cached by its settings) and return its weights."""
-    from nora.run import run_training
-
-    conf = settings()
+    conf = demo_settings()
     source, pre = conf["source"], dict(conf["pretrain"])
     seed = pre.pop("seed")
-    cfg = _compose(["experiment=demo", "method=full", f"seed={seed}", "dataset.name=digits_source",
+    cfg = compose(["experiment=demo", "method=full", f"seed={seed}", "dataset.name=digits_source",
                     f"trainer.epochs={pre['epochs']}", f"trainer.lr={pre['lr']}",
                     f"trainer.batch_size={pre['batch_size']}", "trainer.weight_decay=0.05",
-                    "model.checkpoint=null", "trainer.warmup_ratio=0.1", "force=true"] + _digits_overrides(source))
+                    "model.checkpoint=null", "trainer.warmup_ratio=0.1", "force=true"] + digits_overrides(source))
     weights = cache_dir() / f"source_{source_key(cfg)}.safetensors"
     if weights.exists():
         return weights
@@ -96,11 +89,10 @@ def pretrain_source(out_root: Path) -> Path:
     run_dir = out_root / "source"
     summary = run_training(cfg, run_dir=run_dir)
     print(f"  source accuracy {summary['final_accuracy']:.1f}% after {summary['wall_time_s']:.0f} s", flush=True)
-    from nora.files import atomic_path
 
     weights.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(weights) as tmp:
-        shutil.copy(run_dir / "adapter" / "trainable.safetensors", tmp)
+        shutil.copy(RunDir(run_dir).adapter / FULL_FT_NAME, tmp)
     return weights
 
 
@@ -120,17 +112,15 @@ def lr_overrides(method: str, lrs: dict | None = None, head_lr: float | None = N
 def finetune(method: str, task: str, seed: int, weights: Path, out_root: Path, extra: list[str],
              lrs: dict | None = None, name: str | None = None, head_lr: float | None = None) -> dict:
     """One fine-tuning run of ``method`` on target ``task`` in ``out_root/<task>/<name>``; returns its summary."""
-    from nora.run import run_training
-
-    tasks = settings()["tasks"]
+    tasks = demo_settings()["tasks"]
     # a run left by an older demo (another backbone, other learning rates) is redone, not reused
-    cfg = _compose(["experiment=demo", f"method={method}", f"seed={seed}", f"model.checkpoint={weights}",
+    cfg = compose(["experiment=demo", f"method={method}", f"seed={seed}", f"model.checkpoint={weights}",
                     f"output_root={out_root}", "on_config_change=rerun", "trainer.eval_every=1"]
-                   + _digits_overrides(tasks[task]) + lr_overrides(method, lrs, head_lr) + list(extra))
+                   + digits_overrides(tasks[task]) + lr_overrides(method, lrs, head_lr) + list(extra))
     return run_training(cfg, run_dir=out_root / task / (name or f"{method}_s{seed}"))
 
 
-def _one_thread_worker() -> None:
+def one_thread_worker() -> None:
     import torch
 
     os.environ.setdefault("WANDB_MODE", "disabled")
@@ -150,14 +140,14 @@ def _run_job(job: dict) -> dict:
 
 def run_jobs(jobs: list[dict], n_procs: int) -> list[dict]:
     """Run ``finetune`` jobs on ``n_procs`` single-threaded processes, printing one line per finished run."""
-    _one_thread_worker()
+    one_thread_worker()
     done = []
     if n_procs <= 1:
         results = map(_run_job, jobs)
         for r in results:
             done.append(_report(r))
         return done
-    with ProcessPoolExecutor(n_procs, mp_context=get_context("spawn"), initializer=_one_thread_worker) as pool:
+    with ProcessPoolExecutor(n_procs, mp_context=get_context("spawn"), initializer=one_thread_worker) as pool:
         for r in pool.map(_run_job, jobs):
             done.append(_report(r))
     return done
@@ -221,7 +211,7 @@ def tune(weights: Path, out_root: Path, table: Path, methods: list[str], n_procs
     value at an end of the grid widens it (``sweep_method``). The linear probe goes first: its best lr becomes
     every method's head lr. NoRA++ keeps LoRA's best lr for its LoRA factors and tunes its NoRA factors' lr.
     Writes the sweep table and the learning-rate file."""
-    conf = settings()["tune"]
+    conf = demo_settings()["tune"]
     grids, seeds, task = conf["grids"], list(conf["seeds"]), conf["task"]
     order = sorted(methods, key=lambda m: (m != "linear_probe", m == "nora_pp"))  # probe first, NoRA++ after LoRA
     chosen = learning_rates()
@@ -243,7 +233,7 @@ def tune(weights: Path, out_root: Path, table: Path, methods: list[str], n_procs
             chosen["head_lr"] = value
     write_learning_rates(chosen, task, seeds)
     text = sweep_table(rows, best, grids, seeds, task, chosen["head_lr"])
-    untuned = [m for m in settings()["methods"] if m not in methods]
+    untuned = [m for m in demo_settings()["methods"] if m not in methods]
     if untuned:
         text += (f"\nNot in this sweep (`--methods`): {', '.join(untuned)}; they keep their values in "
                  "`configs/demo/learning_rates.yaml`.\n")
@@ -274,8 +264,6 @@ def sweep_table(rows, best: dict, grids: dict, seeds: list, task: str, head_lr: 
 
 
 def write_learning_rates(chosen: dict, task: str, seeds: list) -> None:
-    from nora.files import write_text_atomic
-
     header = (f"# The demo's learning rates, written by `python -m nora.demo --tune` (task {task}, validation split, "
               f"seeds {seeds};\n# table: results/demo_lr_sweep.md). `lr` trains the method's own parameters, "
               "`nora_lr` NoRA++'s NoRA factors;\n# every method's new head trains at `head_lr` (the linear probe's "
@@ -294,7 +282,7 @@ def demo_jobs(methods: list[str], tasks: list[str], seeds: dict, epochs: dict, w
 
 
 def main(argv: list[str] | None = None) -> int:
-    conf = settings()
+    conf = demo_settings()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", default=",".join(conf["methods"]))
     ap.add_argument("--tasks", default=",".join(conf["tasks"]), help=f"valid: {', '.join(conf['tasks'])}")
@@ -308,11 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for the fine-tuning runs")
     args = ap.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
-    from nora.errors import UserError, user_errors
 
     out_root, t0 = Path(args.out), time.time()
     args.results = args.results or ("results/demo_full" if args.full else "results")
-    _one_thread_worker()  # the pretraining too: one thread, so the cached backbone is the same on every machine
+    one_thread_worker()  # the pretraining too: one thread, so the cached backbone is the same on every machine
     methods, tasks = args.methods.split(","), args.tasks.split(",")
     with user_errors():
         unknown = [t for t in tasks if t not in conf["tasks"]]
@@ -326,8 +313,6 @@ def main(argv: list[str] | None = None) -> int:
         seeds = {t: args.seeds or conf["tasks"][t]["full_seeds" if args.full else "seeds"] for t in tasks}
         epochs = {t: conf["tasks"][t]["epochs"] for t in tasks}
         run_jobs(demo_jobs(methods, tasks, seeds, epochs, weights, out_root, args.overrides), args.jobs)
-        from nora.results.render import render_demo
-        from nora.results.collect import collect
 
         render_demo(collect(out_root), Path(args.results), str(out_root), methods, seeds, full=args.full)
     print((Path(args.results) / "demo.md").read_text())

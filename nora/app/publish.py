@@ -1,6 +1,7 @@
-"""The model card (``README.md``) :func:`nora.push_to_hub` uploads with a run's adapter: method, base model, data,
-parameters, metrics and how to load it, written from the run's ``config.yaml``, ``summary.json``, ``mmlu.json``
-and adapter files. huggingface_hub's ``ModelCard``/``ModelCardData`` write the YAML metadata block the Hub reads.
+"""Publishing a training run on the Hugging Face Hub: :func:`push_to_hub` uploads ``<run>/adapter/``, the run config
+and a model card (``README.md``: method, base model, data, parameters, metrics and how to load it, written by
+:func:`model_card` from the run's ``config.yaml``, ``summary.json``, ``mmlu.json`` and adapter files;
+huggingface_hub's ``ModelCard``/``ModelCardData`` write the YAML metadata block the Hub reads).
 """
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+from nora.app.adapters import adapter_identity, find_adapter_dir
+from nora.app.reload import read_run_config
+from nora.files import read_json
+from nora.runs.layout import RunDir, read_summary
 
 # the one loader of every adapter kind; the note says what peft's own loader does with it
 LOAD_NOTE = {
@@ -30,9 +36,6 @@ def _metrics(run_dir: Path, summary: dict | None) -> list[str]:
             value = summary.get(key)
             if value:
                 lines.append(f"| {key} ({summary.get('metric', 'metric')}) | {json.dumps(value)} |")
-    from nora.files import read_json
-    from nora.runs.layout import RunDir
-
     mmlu = read_json(RunDir(run_dir).mmlu)
     if isinstance(mmlu, dict):
         overall = mmlu.get("overall", {})
@@ -51,9 +54,6 @@ def _parameters(summary: dict | None) -> str:
 def model_card(run_dir: str | os.PathLike, repo_id: str) -> str:
     """The card text for the adapter of ``run_dir`` published as ``repo_id``."""
     from huggingface_hub import ModelCard, ModelCardData
-
-    from nora.runs import adapter_identity, find_adapter_dir, read_run_config
-    from nora.runs.layout import read_summary
 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
@@ -87,7 +87,7 @@ def model_card(run_dir: str | os.PathLike, repo_id: str) -> str:
                     f"degrees {tuple(nora_cfg['degrees'])}, {ident['nora']['layers']} activations")
     body += ["", "## Metrics", "", *_metrics(run_dir, summary), "",
              "## How to load", "", "```python",
-             "from nora.hub import download_adapter", "from nora.runs import apply_adapter",
+             "from nora.hub import download_adapter", "from nora.app.adapters import apply_adapter",
              "from transformers import AutoModelForCausalLM", "",
              f'adapter_dir = download_adapter("{repo_id}")',
              f'base_model = AutoModelForCausalLM.from_pretrained("{base}")',
@@ -98,3 +98,25 @@ def model_card(run_dir: str | os.PathLike, repo_id: str) -> str:
              "--tasks mmlu --num_fewshot 5", "```", "",
              "## Training configuration", "", "```yaml", OmegaConf.to_yaml(cfg).strip(), "```", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)).content
+
+
+def push_to_hub(run_dir: str | os.PathLike, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                revision: str | None = None, commit_message: str | None = None) -> str:
+    """Upload ``<run_dir>/adapter/`` and a generated model card to the Hub repository ``repo_id`` (created if
+    missing); returns the commit URL. Load it back with :func:`nora.app.adapters.resolve_adapter` (any adapter loader),
+    or evaluate it with lm_eval's ``nora`` model (``pretrained=<base>,adapter=<repo_id>``)."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    run_dir = Path(run_dir)
+    adir = find_adapter_dir(run_dir)
+    files = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p))
+             for p in sorted(adir.iterdir()) if p.is_file() and p.name != "README.md"]
+    files.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=model_card(run_dir, repo_id).encode()))
+    config = RunDir(run_dir).config
+    if config.exists():  # the run's full configuration, to rebuild the base model exactly
+        files.append(CommitOperationAdd(path_in_repo="run_config.yaml", path_or_fileobj=str(config)))
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    commit = api.create_commit(repo_id, operations=files, revision=revision,
+                               commit_message=commit_message or f"nora adapter from {run_dir.name}")
+    return str(commit.commit_url)

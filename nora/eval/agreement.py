@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nora.methods.config import MethodConfig
+from nora.adapter.config import NoraConfig
+from nora.adapter.inject import nora_modules, resolve_name, set_module
 
 AGREEMENT_BATCH = 2  # examples per forward pass in the comparison (full-vocabulary log-probs)
 
@@ -23,9 +24,9 @@ def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
-def nora_target_modules(model: nn.Module, method: MethodConfig) -> dict[str, nn.Module]:
+def nora_target_modules(model: nn.Module, config: NoraConfig) -> dict[str, nn.Module]:
     """The original activation modules NoRA will replace (name -> module), kept for the agreement check."""
-    pats = [re.compile(p) for p in method.nora.nora_config(None).targets]
+    pats = [re.compile(p) for p in config.targets]
     return {n: m for n, m in model.named_modules() if n and any(p.fullmatch(n) for p in pats)
             and not list(m.children())}
 
@@ -51,8 +52,6 @@ def logprob_agreement(model: nn.Module, originals: dict[str, nn.Module], batches
     log-probability of the actual next token, as MMLU-style scoring uses), ``top1_agreement`` (share of
     positions whose argmax agrees) and ``tokens``/``prompts`` counted. Activations are swapped in place and
     restored; the model runs in eval mode."""
-    from nora.adapter.inject import nora_modules, resolve_name, set_module
-
     swapped = nora_modules(model)
     missing = [n for n in swapped if n not in originals]
     if missing:

@@ -9,11 +9,17 @@ training batches.
 from __future__ import annotations
 
 import torch
-from omegaconf import OmegaConf
 
-from nora.config import RunConfig
-from nora.setup import TrainSetup
+from nora.app.config import RunConfig
+from nora.app.setup.train_setup import TrainSetup
+from nora.data.batched import BatchedAugment, DeviceBatches, as_uint8_tensors
+from nora.data.sampling import ShuffledBatchSampler
+from nora.data.vision import build_vision_data, load_vision_dataset
+from nora.models import build_model
+from nora.models.vision import input_size, pretrained_cfg
 from nora.train import distributed as dist
+from nora.train.loop import TrainData
+from nora.train.tasks import ClassificationTask
 
 
 def data_path(name: str, device: torch.device) -> str:
@@ -25,22 +31,16 @@ def data_path(name: str, device: torch.device) -> str:
 
 
 def vision_setup(run: RunConfig, device: torch.device, world_size: int, rank: int) -> TrainSetup:
-    from nora.data.sampling import ShuffledBatchSampler
-    from nora.data.vision import load_vision_dataset
-    from nora.models import build_model
-    from nora.models.vision import input_size
-    from nora.train.tasks import ClassificationTask
-
-    data_cfg = OmegaConf.structured(run.dataset)  # nora.data.vision reads a DictConfig
-    raw = load_vision_dataset(data_cfg)  # missing data fails before any model download
+    raw = load_vision_dataset(run.dataset)  # missing data fails before any model download
     model = build_model(run.model, run.dataset.num_classes)
     bs, seed = run.trainer.batch_size, run.seed
     path = data_path(run.trainer.data_path, device)
     setup = TrainSetup(
-        model=model, task=ClassificationTask(), train_set=None, eval_set=None,
-        train_sampler=ShuffledBatchSampler(len(raw[0]), bs, seed=seed, num_replicas=world_size, rank=rank),
-        eval_sampler=ShuffledBatchSampler(len(raw[1]), run.trainer.eval_batch_size, shuffle=False, drop_last=False,
-                                          num_replicas=world_size, rank=rank),
+        model=model, task=ClassificationTask(), data=TrainData(
+            train_set=None, eval_set=None,
+            train_sampler=ShuffledBatchSampler(len(raw[0]), bs, seed=seed, num_replicas=world_size, rank=rank),
+            eval_sampler=ShuffledBatchSampler(len(raw[1]), run.trainer.eval_batch_size, shuffle=False,
+                                              drop_last=False, num_replicas=world_size, rank=rank)),
         head=run.model.head or "head", wrap=(lambda m: dist.wrap_ddp(m, device)) if world_size > 1 else None,
         extra={"data_path": path, "image_size": input_size(model)})
     nora = run.method.nora
@@ -49,14 +49,11 @@ def vision_setup(run: RunConfig, device: torch.device, world_size: int, rank: in
     if path == "batched":
         _batched(setup, run, raw, device, calib_sampler, n_calib)
     else:
-        _per_sample(setup, run, data_cfg, raw, device, calib_sampler, n_calib)
+        _per_sample(setup, run, raw, device, calib_sampler, n_calib)
     return setup
 
 
 def _batched(setup: TrainSetup, run: RunConfig, raw, device, calib_sampler, n_calib: int) -> None:
-    from nora.data.batched import BatchedAugment, DeviceBatches, as_uint8_tensors
-    from nora.models.vision import input_size, pretrained_cfg
-
     pcfg, size, aug = pretrained_cfg(setup.model), input_size(setup.model), run.dataset.augment
     mean, std, interp = pcfg.get("mean", (0.5,) * 3), pcfg.get("std", (0.5,) * 3), pcfg.get("interpolation")
     train_aug = BatchedAugment(size, mean, std, interp, True, aug.hflip, aug.crop_padding)
@@ -67,18 +64,15 @@ def _batched(setup: TrainSetup, run: RunConfig, raw, device, calib_sampler, n_ca
     def loader(dataset, sampler, epoch, train):
         return DeviceBatches(*tensors[dataset], sampler, train_aug if train else eval_aug, run.seed, epoch)
 
-    setup.train_set, setup.eval_set, setup.loader_factory = "train", "eval", loader
+    setup.data.train_set, setup.data.eval_set, setup.data.loader_factory = "train", "eval", loader
     if n_calib:
         calibration = DeviceBatches(*tensors["train"], calib_sampler, eval_aug, run.seed, 0)
         setup.calibration = [x for _, (x, _y) in zip(range(n_calib), calibration)]
 
 
-def _per_sample(setup: TrainSetup, run: RunConfig, data_cfg, raw, device, calib_sampler, n_calib: int) -> None:
-    from nora.data.vision import build_vision_data
-    from nora.models.vision import input_size, pretrained_cfg
-
-    data = build_vision_data(data_cfg, pretrained_cfg(setup.model), input_size(setup.model), run.seed, raw=raw)
-    setup.train_set, setup.eval_set = data.train, data.eval
+def _per_sample(setup: TrainSetup, run: RunConfig, raw, device, calib_sampler, n_calib: int) -> None:
+    data = build_vision_data(run.dataset, pretrained_cfg(setup.model), input_size(setup.model), run.seed, raw=raw)
+    setup.data.train_set, setup.data.eval_set = data.train, data.eval
     if n_calib:
         loader = torch.utils.data.DataLoader(data.calibration, batch_sampler=calib_sampler)
         setup.calibration = [x.to(device) for _, (x, _y) in zip(range(n_calib), loader)]

@@ -1,35 +1,38 @@
-"""A composed ``train`` config as a typed, checked :class:`RunConfig` (:func:`validate`), and what identifies a
-run's result (:func:`result_config`, :func:`config_hash`, :func:`config_differences`).
+"""A composed ``train`` config as a typed, checked :class:`RunConfig` (:func:`validate`), and the config files
+themselves (:data:`CONFIG_DIR`, :func:`compose`).
 
 Each section has its schema next to the code that reads it: ``trainer`` -> :class:`nora.train.config.TrainerConfig`,
 ``method`` -> :class:`nora.methods.config.MethodConfig`, ``model`` -> :mod:`nora.models.config`, ``dataset`` ->
-:mod:`nora.data.schema`. The run directory's ``config.yaml`` and hash stay those of the composed config."""
+:mod:`nora.data.config`, ``logger`` -> :class:`nora.runs.logger.LoggerConfig`. The composed ``DictConfig`` is kept
+only to write the run directory's ``config.yaml`` and to identify the run (:mod:`nora.runs.identity`)."""
 from __future__ import annotations
 
-import hashlib
-import json
+import dataclasses
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Optional
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from nora.data.schema import check_dataset
+from nora.data.config import check_dataset
 from nora.errors import UserError
 from nora.methods import METHODS, methods_for
 from nora.methods.config import MethodConfig, nora_groups_message
-from nora.models import FAMILIES
-from nora.models.config import ModelConfig, as_model_config
-from nora.schema import at_least, load, one_of
+from nora.models.config import FAMILIES, ModelConfig, as_model_config
+from nora.runs.logger import LoggerConfig
+from nora.schema import at_least, load, one_of, per_family
 from nora.train.config import TrainerConfig
+from nora.runs import naming  # noqa: F401  registers ${run_overrides:}, which configs/train.yaml's run_name uses
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
-def per_family(value, family: str, what: str):
-    """A setting given either as one value or as ``{vision: .., causal_lm: ..}``."""
-    if isinstance(value, (dict, DictConfig)):
-        if family not in value:
-            raise UserError(f"{what} has no value for {family} models (has: {', '.join(value)})")
-        return value[family]
-    return value
+def compose(overrides: list[str], config_name: str = "train", return_hydra_config: bool = False) -> DictConfig:
+    """``configs/<config_name>.yaml`` composed with ``overrides``, as ``train.py`` would (outside a Hydra run)."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name, overrides=overrides, return_hydra_config=return_hydra_config)
 
 
 ON_CONFIG_CHANGE = ("error", "rerun", "keep")
@@ -37,8 +40,8 @@ ON_CONFIG_CHANGE = ("error", "rerun", "keep")
 
 @dataclass
 class RunSettings:
-    """The top-level keys of ``configs/train.yaml`` (``output_root``, ``run_name``, ``data`` and ``logger`` are read
-    where they are used: Hydra, the run directory, interpolations, :class:`nora.train.logger.RunLogger`)."""
+    """The top-level keys of ``configs/train.yaml`` (``output_root``, ``run_name`` and ``data`` are read where they
+    are used: Hydra, the run directory, interpolations)."""
 
     seed: int = 0
     resume: Any = "auto"        # auto | null/false | a run directory or checkpoint
@@ -52,22 +55,21 @@ class RunSettings:
 
 @dataclass
 class RunConfig:
-    """The typed, checked view of a composed ``train`` config: what ``run_training`` and the setups read.
-    (``logger`` stays the composed section: :class:`nora.train.logger.RunLogger` reads it.)"""
+    """The typed, checked view of a composed ``train`` config: what ``run_training``, the setups, the trainer and
+    the logger read. ``trainer`` holds the learning rates and weight decay in force (``trainer.*`` or the
+    method's default for the model family)."""
 
     model: ModelConfig
-    dataset: Any              # a vision schema of nora.data.schema, or nora.data.instruct.InstructDataConfig
+    dataset: Any              # a vision schema of nora.data.config, or nora.data.instruct.InstructDataConfig
     method: MethodConfig
     trainer: TrainerConfig
+    logger: LoggerConfig
     seed: int
     run_name: str
     resume: Any               # auto | null/false | a run directory or checkpoint
     force: bool
     on_config_change: str
-    lr: float                 # the learning rates and weight decay in force: trainer.* or the method's default
-    head_lr: Optional[float]
-    nora_lr: Optional[float]
-    weight_decay: float
+    composed: Any = None      # the composed DictConfig itself: written as config.yaml, hashed (nora.runs.identity)
 
     @property
     def family(self) -> str:
@@ -92,10 +94,11 @@ def validate(cfg: DictConfig) -> RunConfig:
     if lr is None:
         raise UserError(f"method={method.name} has no lr for {model.family} models; set trainer.lr")
     wd = trainer.weight_decay if trainer.weight_decay is not None else method.weight_decay
-    return RunConfig(model=model, dataset=dataset, method=method, trainer=trainer, seed=top.seed,
+    trainer = dataclasses.replace(trainer, lr=lr, head_lr=head_lr, nora_lr=nora_lr, weight_decay=float(wd))
+    logger = load(LoggerConfig, _resolved(c, "logger") if "logger" in c else {}, "logger")
+    return RunConfig(model=model, dataset=dataset, method=method, trainer=trainer, logger=logger, seed=top.seed,
                      run_name=str(c.run_name), resume=top.resume, force=top.force,
-                     on_config_change=top.on_config_change, lr=lr, head_lr=head_lr, nora_lr=nora_lr,
-                     weight_decay=float(wd))
+                     on_config_change=top.on_config_change, composed=cfg)
 
 
 def _learning_rate(trainer: TrainerConfig, method: MethodConfig, key: str, family: str) -> Optional[float]:
@@ -130,47 +133,3 @@ def _check_groups_divide_width(method: MethodConfig, model: ModelConfig) -> None
 
 def _resolved(c: DictConfig, key: str) -> dict:
     return OmegaConf.to_container(c[key], resolve=True)
-
-
-# What decides where a run is written, how it is logged or shown, or whether it is skipped or resumed: not
-# its result. Changing these never makes a run directory "another configuration".
-NOT_RESULT_KEYS = ("resume", "force", "on_config_change", "output_root", "logger", "run_name", "hydra")
-# strategy: DDP and FSDP take the same steps (tests/test_distributed.py), and a checkpoint resumes under either
-NOT_RESULT_TRAINER_KEYS = ("progress", "num_workers", "log_every", "checkpoint_every", "stop_after_steps", "strategy")
-
-
-def result_config(cfg) -> dict:
-    """The resolved part of a config (DictConfig or plain dict) that determines a run's result. A job
-    composed with its ``hydra`` node works too: that node (which resolves only inside a Hydra run) is
-    dropped before anything is resolved."""
-    d = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else dict(cfg)
-    d.pop("hydra", None)
-    d = OmegaConf.to_container(OmegaConf.create(d), resolve=True)
-    for k in NOT_RESULT_KEYS:
-        d.pop(k, None)
-    if isinstance(d.get("trainer"), dict):
-        for k in NOT_RESULT_TRAINER_KEYS:
-            d["trainer"].pop(k, None)
-    return d
-
-
-def config_hash(cfg) -> str:
-    """A short, stable hash of what determines a run's result (not where it is written or logged)."""
-    return hashlib.sha256(json.dumps(result_config(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def _flatten(d, prefix: str = "") -> dict:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
-    return out
-
-
-def config_differences(before, after) -> list[str]:
-    """``key: before -> after`` for every result-determining value that differs between two configs."""
-    a, b = _flatten(result_config(before)), _flatten(result_config(after))
-    missing = "(not set)"
-    return [f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}".replace(f"'{missing}'", missing)
-            for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]

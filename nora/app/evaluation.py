@@ -1,4 +1,4 @@
-"""The job ``eval.py`` runs (as :func:`nora.run.run_training` is ``train.py``'s): MMLU of a base model or of a
+"""The job ``eval.py`` runs (as :func:`nora.app.training.run_training` is ``train.py``'s): MMLU of a base model or of a
 training run's model, written as ``mmlu.json`` into the run directory (or ``<output_root>/eval/<model.name>/``)."""
 from __future__ import annotations
 
@@ -9,8 +9,15 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from nora.app.reload import load_trained_model, read_run_config
 from nora.errors import MissingFileError, UserError
+from nora.eval.mmlu import run_mmlu
+from nora.eval.mmlu_data import all_subjects
+from nora.hardware import resolve_device
+from nora.hub import go_offline_if_unreachable
+from nora.models.causal_lm import build_causal_lm
 from nora.runs.layout import RunDir
+from nora.runs.logger import log_mmlu_to_wandb
 
 def _subjects(value):
     if value in (None, "all"):
@@ -34,8 +41,6 @@ class _Target:
 
 def _trained_model(cfg: DictConfig, device) -> _Target:
     """The model ``cfg.run_dir`` trained (base model + its adapter); ``mmlu.json`` goes into the run directory."""
-    from nora.runs import load_trained_model, read_run_config
-
     run_cfg = read_run_config(cfg.run_dir)
     if run_cfg.model.family != "causal_lm":
         raise UserError(f"run_dir={cfg.run_dir} trained a {run_cfg.model.family} model ({run_cfg.model.name}); "
@@ -49,8 +54,6 @@ def _trained_model(cfg: DictConfig, device) -> _Target:
 
 def _base_model(cfg: DictConfig, device) -> _Target:
     """The base model ``cfg.model``; ``mmlu.json`` goes into ``<output_root>/eval/<model.name>/``."""
-    from nora.models.causal_lm import build_causal_lm
-
     if cfg.model.family != "causal_lm":
         raise UserError(f"model={cfg.model.name} is a {cfg.model.family} model; MMLU needs a causal LM "
                         "(e.g. model=llama3_8b, or run_dir=<a causal LM training run>)")
@@ -69,10 +72,6 @@ def _base_model(cfg: DictConfig, device) -> _Target:
 
 def run_eval(cfg: DictConfig) -> dict:
     """Evaluate and write ``mmlu.json``; returns its dictionary."""
-    from nora.eval.mmlu import run_mmlu
-    from nora.eval.mmlu_data import all_subjects
-    from nora.hub import go_offline_if_unreachable
-    from nora.train.loop import resolve_device
 
     go_offline_if_unreachable()
     device = resolve_device(cfg.device)
@@ -101,7 +100,6 @@ def run_eval(cfg: DictConfig) -> dict:
         print(f"  {cat:16s} {acc:>8s}  ({v['n']} questions)")
     print(f"wrote {RunDir(t.out_dir).mmlu}")
     if cfg.run_dir:  # into the training run's W&B run, when it logged to one
-        from nora.train.logger import log_mmlu_to_wandb
 
         log_mmlu_to_wandb(cfg.run_dir, d)
     return d

@@ -1,4 +1,4 @@
-"""One training run from a composed config: what ``train.py`` calls.
+"""One training run from a composed config: what ``train.py`` calls (:func:`run_training`).
 
 compose -> build model -> apply method -> build data -> train -> evaluate -> write the run outputs:
 
@@ -17,37 +17,31 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from nora import hardware
-from nora.config import RunConfig, config_differences, config_hash, validate
+from nora.adapter.curves import activation_figure
+from nora.app.adapters import save_adapter
+from nora.app.config import RunConfig, validate
+from nora.app.setup import TrainSetup, build_setup
 from nora.errors import UserError
+from nora.eval.agreement import init_agreement, nora_target_modules
+from nora.hardware import resolve_device, seed_everything
 from nora.hub import go_offline_if_unreachable
 from nora.methods import MethodResult, apply_method
-from nora.methods.config import MethodConfig
-from nora.setup import TrainSetup, build_setup
-from nora.setup.agreement import init_agreement, nora_target_modules
-from nora.train import distributed as dist
-from nora.runs.layout import (RunDir, checkpoint_path, is_complete, kept_config, read_stored_config, read_summary,
-                          write_config, write_summary)
+from nora.runs.identity import changed_config, config_hash, kept_config
+from nora.runs.layout import RunDir, checkpoint_path, is_complete, read_summary, write_config, write_summary
 from nora.runs.lock import RunLock
-from nora.train.logger import RunLogger
-from nora.train.loop import Trainer, resolve_device
+from nora.runs.logger import RunLogger
+from nora.train import distributed as dist
+from nora.train.loop import Trainer
 from nora.train.signals import stop_on_signals
 
 log = logging.getLogger("nora")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def default_run_dir(cfg: DictConfig) -> Path:
@@ -57,13 +51,6 @@ def default_run_dir(cfg: DictConfig) -> Path:
         return Path(HydraConfig.get().runtime.output_dir)
     except Exception:
         return Path(cfg.output_root) / cfg.run_name
-
-
-def changed_config(cfg, run_dir: str | os.PathLike) -> list[str]:
-    """How ``cfg`` differs from the config the run in ``run_dir`` was started with, in what determines the
-    result (``key: then -> now``); empty if the same or if nothing was recorded."""
-    stored = read_stored_config(run_dir)
-    return config_differences(stored, cfg) if stored is not None else []
 
 
 def _start_afresh_for_changed_config(cfg: DictConfig, run_dir: Path, what: str, policy: str) -> bool:
@@ -100,26 +87,6 @@ def resume_path(resume, run_dir: Path) -> Path | None:
     return p
 
 
-# ----------------------------------------------------------------------------------- outputs
-def save_adapter(model, method_cfg: MethodConfig, directory: Path) -> None:
-    """Write what the method trained (see the module docstring)."""
-    import nora
-    from nora.adapter.inject import is_peft_model
-
-    directory.mkdir(parents=True, exist_ok=True)
-    if is_peft_model(model):
-        model.save_pretrained(str(directory))
-    if nora.nora_modules(model):
-        nora.save_nora(model, directory)
-    if not method_cfg.lora and not method_cfg.nora:
-        from safetensors.torch import save_file
-
-        state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        from nora.files import atomic_write
-
-        atomic_write(directory / "trainable.safetensors", lambda tmp: save_file(state, str(tmp)))
-
-
 def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
     """Train one configuration and write its run directory; returns the summary.
 
@@ -130,17 +97,16 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
     go_offline_if_unreachable()
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     with RunLock(run_dir):  # one process per run directory, for the whole run (nora.runs.lock)
-        return _train(cfg, run, run_dir)
+        return _train(run, run_dir)
 
 
-def _train(cfg: DictConfig, run: RunConfig, run_dir: Path) -> dict:
+def _train(run: RunConfig, run_dir: Path) -> dict:
     """:func:`run_training` once it holds ``run_dir``."""
-    done, resume_from = _skip_or_resume(cfg, run, run_dir)
+    done, resume_from = _skip_or_resume(run, run_dir)
     if done is not None:
         return done
     if run.on_config_change == "keep" and run.resume == "auto" and resume_from is not None:
-        cfg = kept_config(cfg, run_dir)  # config.yaml and the hash record what the resumed run uses
-        run = validate(cfg)
+        run = validate(kept_config(run.composed, run_dir))  # config.yaml and the hash record what the run uses
 
     device = resolve_device(run.trainer.device)
     if dist.setup(device.type) and device.type == "cuda":
@@ -153,7 +119,7 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path) -> dict:
     seed_everything(run.seed)
     setup = build_setup(run, device, ws, rk)
     model = setup.model.to(device)
-    originals = nora_target_modules(model, run.method) if setup.agreement_batches else {}
+    originals = nora_target_modules(model, run.method.nora.nora_config(None)) if setup.agreement_batches else {}
     result: MethodResult = apply_method(model, run.method, run.model, setup.calibration, setup.forward)
     model = result.model
     say(f"{run.method.name} on {run.model.name}/{run.dataset.name}: {result.parameters}")
@@ -163,13 +129,11 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path) -> dict:
 
     if rk == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(run_dir, OmegaConf.to_yaml(cfg, resolve=True))
-    logger = RunLogger(run_dir, cfg.logger, config=OmegaConf.to_container(cfg, resolve=True), run_name=run.run_name,
-                       enabled=rk == 0, resume=resume_from is not None)
-    trainer = Trainer(run.trainer, model, setup.task, setup.train_set, setup.eval_set, setup.train_sampler,
-                      setup.eval_sampler, run_dir, logger, lr=run.lr, head_lr=run.head_lr, nora_lr=run.nora_lr,
-                      weight_decay=run.weight_decay, head=setup.head, collate_fn=setup.collate_fn, seed=run.seed,
-                      device=device, wrap=setup.wrap, loader_factory=setup.loader_factory)
+        write_config(run_dir, OmegaConf.to_yaml(run.composed, resolve=True))
+    logger = RunLogger(run_dir, run.logger, config=OmegaConf.to_container(run.composed, resolve=True),
+                       run_name=run.run_name, enabled=rk == 0, resume=resume_from is not None)
+    trainer = Trainer(run.trainer, model, setup.task, setup.data, checkpoint_path(run_dir), logger, head=setup.head,
+                      seed=run.seed, device=device, wrap=setup.wrap)
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
         say(f"resumed from {resume_from} at step {trainer.state.step} (epoch {trainer.state.epoch})")
@@ -186,7 +150,7 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path) -> dict:
         return {"status": "incomplete", "step": state.step}
 
     dist.gather_trainable(model)  # FSDP: every rank gathers the trained shards before rank 0 saves them
-    summary = _summary(cfg, run, setup, result, trainer, device, memory_before_mb)
+    summary = _summary(run, setup, result, trainer, device, memory_before_mb)
     if rk == 0:
         _write_outputs(run, model, result, run_dir, summary)
     logger.finish(0, summary=summary, images={"activations": RunDir(run_dir).activations})  # W&B: summary first
@@ -194,13 +158,13 @@ def _train(cfg: DictConfig, run: RunConfig, run_dir: Path) -> dict:
     return summary
 
 
-def _skip_or_resume(cfg: DictConfig, run: RunConfig, run_dir: Path) -> tuple[dict | None, Path | None]:
+def _skip_or_resume(run: RunConfig, run_dir: Path) -> tuple[dict | None, Path | None]:
     """``(summary, None)`` for a complete run to skip, else ``(None, the checkpoint to resume or None)``."""
     complete, auto = is_complete(run_dir), run.resume == "auto"
     afresh = run.force
     if not afresh and (complete or (auto and checkpoint_path(run_dir).exists())):
-        afresh = _start_afresh_for_changed_config(cfg, run_dir, "a complete run" if complete else "a checkpoint",
-                                                  run.on_config_change)
+        what = "a complete run" if complete else "a checkpoint"
+        afresh = _start_afresh_for_changed_config(run.composed, run_dir, what, run.on_config_change)
     if complete and not afresh:
         log.info("%s is complete (summary.json); skipping (force=true reruns it)", run_dir)
         print(f"skip: {run_dir} already holds a complete summary.json (force=true reruns it)")
@@ -209,13 +173,13 @@ def _skip_or_resume(cfg: DictConfig, run: RunConfig, run_dir: Path) -> tuple[dic
     return None, (None if afresh and auto else resume_from)
 
 
-def _summary(cfg: DictConfig, run: RunConfig, setup: TrainSetup, result: MethodResult, trainer: Trainer, device,
+def _summary(run: RunConfig, setup: TrainSetup, result: MethodResult, trainer: Trainer, device,
              memory_before_mb: float) -> dict:
     state, task = trainer.state, setup.task
     summary = {
         "status": "complete",
         "run_name": run.run_name, "method": run.method.name, "model": run.model.name, "dataset": run.dataset.name,
-        "family": run.family, "seed": run.seed, "config_hash": config_hash(cfg),
+        "family": run.family, "seed": run.seed, "config_hash": config_hash(run.composed),
         "parameters": result.parameters.to_dict(),
         "metric": task.metric, "final": state.last_eval, "best": {"value": state.best, "step": state.best_step},
         "steps": state.step, "epochs": state.epoch, f"{task.unit}_seen": state.units,
@@ -238,8 +202,6 @@ def _summary(cfg: DictConfig, run: RunConfig, setup: TrainSetup, result: MethodR
 def _write_outputs(run: RunConfig, model, result: MethodResult, run_dir: Path, summary: dict) -> None:
     save_adapter(model, run.method, RunDir(run_dir).adapter)
     if result.injection is not None:
-        from nora.results.figures import activation_figure
-
-        activation_figure(run_dir, RunDir(run_dir).activations,  # drawn from the adapter files just saved
+        activation_figure(RunDir(run_dir).adapter, RunDir(run_dir).activations,  # drawn from the files just saved
                           title=f"{run.method.name} on {run.dataset.name} (seed {run.seed})")
     write_summary(run_dir, summary)

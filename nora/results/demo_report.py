@@ -6,14 +6,26 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from omegaconf import OmegaConf
+
+from nora.app.config import CONFIG_DIR
 from nora.results import paper
 from nora.results.collect import Collection, Run, collect
 from nora.results.stats import paired_difference, summarize
-from nora.results.tables import (CI_NOTE, METHOD_LABEL, Report, Section, by_seed, diff_fields, fmt_int, fmt_share,
-                                 num, ordered_methods, params_of, stats_fields, vision_row_cells)
+from nora.results.tables import (CI_NOTE, METHOD_LABEL, Report, Section, by_seed, diff_fields, fmt_int, fmt_share, num,
+                                 ordered_methods, params_of, stats_fields, vision_row_cells)
 
 # the two questions the demo exists to answer: does NoRA add anything to the probe it sits on, and NoRA++ to LoRA
 DEMO_PAIRS = (("nora", "linear_probe"), ("nora_pp", "lora"))
+
+
+DEMO_SETTINGS = CONFIG_DIR / "demo" / "demo.yaml"
+
+
+def demo_settings() -> dict:
+    """What the demo is (``configs/demo/demo.yaml`` as plain containers): source task, pretraining, target tasks
+    with their seeds, methods. The demo runs it (:mod:`nora.demo.runner`); the reports group runs by its tasks."""
+    return OmegaConf.to_container(OmegaConf.load(DEMO_SETTINGS), resolve=True)
 
 
 def demo_task(r: Run, tasks: dict) -> str | None:
@@ -82,9 +94,7 @@ def demo_report(col: Collection, methods: Sequence[str] | None = None, reference
     """results/demo.md (``full``: results/demo_full/demo.md, make demo-full's): one section per target task, the
     paired differences, a summary across tasks."""
     if tasks is None:
-        from nora.demo import settings
-
-        tasks = settings()["tasks"]
+        tasks = demo_settings()["tasks"]
     by_task = {name: [r for r in col.runs if demo_task(r, tasks) == name] for name in tasks}
     runs = [r for rs in by_task.values() for r in rs]
     methods = list(methods) if methods else ordered_methods(r.method for r in runs)

@@ -1,4 +1,5 @@
-"""Metrics to ``metrics.jsonl`` in the run directory and, with the same keys, to Weights & Biases."""
+"""Metrics to ``metrics.jsonl`` in the run directory and, with the same keys, to Weights & Biases; the ``logger``
+config group's schema (:class:`LoggerConfig`)."""
 from __future__ import annotations
 
 import hashlib
@@ -8,10 +9,37 @@ import os
 import uuid
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import List, Optional
 
+from nora.errors import UserError
 from nora.files import write_text_atomic
-from nora.runs.layout import RunDir
+from nora.runs.layout import RunDir, read_stored_config
+from nora.schema import load, one_of
+
+BACKENDS = ("wandb", "none")
+MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class LoggerConfig:
+    """The ``logger`` group (``configs/logger/*.yaml``): W&B offline by default, or none."""
+
+    backend: str = "none"
+    mode: str = "offline"
+    project: str = "nora"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        one_of("backend", self.backend, BACKENDS)
+        one_of("mode", self.mode, MODES)
+
+    @property
+    def wandb_enabled(self) -> bool:
+        return self.backend == "wandb" and self.mode != "disabled"
 
 
 # The W&B run a run directory logs to: written on a fresh start, read back on a resume (and by eval.py)
@@ -47,24 +75,18 @@ def sweep_group() -> str | None:
     return None
 
 
-def _wandb_enabled(logger_cfg) -> bool:
-    if logger_cfg is None:
-        return False
-    backend = logger_cfg.get("backend", "none")
-    if backend not in ("wandb", "none"):
-        from nora.errors import UserError
-        raise UserError(f"unknown logger.backend {backend!r}; valid: wandb, none")
-    return backend == "wandb" and logger_cfg.get("mode", "offline") != "disabled"
+def logger_config(node) -> LoggerConfig:
+    """The typed ``logger`` section (None: no logging beyond ``metrics.jsonl``)."""
+    return load(LoggerConfig, node if node is not None else {}, "logger")
 
 
-def _init_wandb(run_dir: Path, logger_cfg, run_id: str, **kwargs):
+def _init_wandb(run_dir: Path, logger_cfg: LoggerConfig, run_id: str, **kwargs):
     import wandb
 
     os.environ.setdefault("WANDB_SILENT", "true")
-    return wandb.init(project=logger_cfg.get("project", "nora"), entity=logger_cfg.get("entity"),
-                      tags=list(logger_cfg.get("tags") or []), dir=str(run_dir), mode=logger_cfg.get("mode", "offline"),
-                      id=run_id, resume="allow", settings=wandb.Settings(console="off", x_disable_stats=True),
-                      **kwargs)
+    return wandb.init(project=logger_cfg.project, entity=logger_cfg.entity, tags=list(logger_cfg.tags),
+                      dir=str(run_dir), mode=logger_cfg.mode, id=run_id, resume="allow",
+                      settings=wandb.Settings(console="off", x_disable_stats=True), **kwargs)
 
 
 def flat_scalars(d: dict, prefix: str = "") -> dict:
@@ -97,14 +119,15 @@ class RunLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not _wandb_enabled(logger_cfg):
+        logger_cfg = logger_config(logger_cfg)
+        if not logger_cfg.wandb_enabled:
             return
         run_id = (recorded_run_id(run_dir) if resume else None) or uuid.uuid4().hex[:16]  # W&B ids: letters, digits
         id_path = wandb_run_id_path(run_dir)
         id_path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(id_path, run_id + "\n")
         self.wandb = _init_wandb(Path(run_dir), logger_cfg, run_id, name=run_name, config=config,
-                                 group=logger_cfg.get("group") or sweep_group())
+                                 group=logger_cfg.group or sweep_group())
 
     def truncate_after(self, step: int) -> None:
         """Keep the records up to ``step`` (rewritten atomically). A last line cut short by a crash or power
@@ -158,11 +181,9 @@ def log_mmlu_to_wandb(run_dir: str | os.PathLike, result: dict) -> bool:
     """Add an MMLU result (``eval.py run_dir=...``) to the summary of the training run's W&B run (the id in
     ``<run dir>/wandb/run_id``), as ``mmlu/accuracy``, ``mmlu/categories/<name>/accuracy``, ... Does nothing
     (returns False) when the run did not log to W&B."""
-    from nora.runs.layout import read_stored_config
-
-    logger_cfg = (read_stored_config(run_dir) or {}).get("logger")
+    logger_cfg = logger_config((read_stored_config(run_dir) or {}).get("logger"))
     run_id = recorded_run_id(run_dir)
-    if not _wandb_enabled(logger_cfg) or run_id is None:
+    if not logger_cfg.wandb_enabled or run_id is None:
         return False
     try:
         run = _init_wandb(Path(run_dir), logger_cfg, run_id)
@@ -183,7 +204,6 @@ def _read_records(path: Path) -> tuple[list[dict], str | None]:
         except json.JSONDecodeError:
             if i == len(lines) - 1:
                 return records, line
-            from nora.errors import UserError
             raise UserError(f"{path} line {i + 1} is not a JSON record ({line[:80]!r}); remove that line, or "
                             "start the run afresh with resume=null") from None
     return records, None

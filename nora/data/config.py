@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from nora.data.instruct import InstructDataConfig
 from nora.errors import UserError
 from nora.schema import at_least, load, nested, one_of, require
 
@@ -70,10 +71,15 @@ VISION_SOURCES = {"torchvision_cifar10": CifarDatasetConfig, "torchvision_cifar1
 def check_dataset(dataset_cfg, family: str):
     """The typed dataset config: a vision schema instance, or an ``InstructDataConfig`` for causal LMs."""
     if family == "causal_lm":
-        from nora.data.instruct import InstructDataConfig
-
         return InstructDataConfig.from_dict(dataset_cfg, ignore=INSTRUCT_IGNORE)
     source = dataset_cfg.get("source")
     if source not in VISION_SOURCES:
         raise UserError(f"dataset.source={source!r}; valid: {', '.join(VISION_SOURCES)}")
     return load(VISION_SOURCES[source], dataset_cfg, "dataset")
+
+
+def vision_dataset_config(dataset_cfg):
+    """The typed config of a vision ``dataset`` section (a DictConfig, a dict, or already typed)."""
+    if isinstance(dataset_cfg, tuple(VISION_SOURCES.values())):
+        return dataset_cfg
+    return check_dataset(dataset_cfg, "vision")

@@ -18,8 +18,8 @@ Read from finished demo runs (nothing here is guessed or re-trained, except the 
   and NoRA at smaller learning rates (does a smaller step keep the update small, and does that help?); and, on
   the test split, LoRA and NoRA++ one lr step below their tuned one (is a collapsed seed the lr's doing?).
 
-    python -m nora.demo_diagnosis                 # analyse runs/demo (make demo first), write the report
-    python -m nora.demo_diagnosis --experiments   # plus those runs (runs/demo_diagnosis)
+    python -m nora.demo.diagnosis                 # analyse runs/demo (make demo first), write the report
+    python -m nora.demo.diagnosis --experiments   # plus those runs (runs/demo_diagnosis)
 """
 from __future__ import annotations
 
@@ -31,6 +31,16 @@ from pathlib import Path
 
 import torch
 
+from nora.adapter.inject import nora_modules
+from nora.adapter.io import FULL_FT_NAME
+from nora.app.config import compose
+from nora.app.reload import build_base_model, load_trained_model
+from nora.data.batched import BatchedAugment, as_uint8_tensors
+from nora.data.vision import load_vision_dataset
+from nora.demo.runner import digits_overrides, learning_rates, next_value, one_thread_worker, pretrain_source, run_jobs
+from nora.models.vision import input_size, pretrained_cfg
+from nora.rational.functional import rational_reference
+from nora.results.demo_report import demo_settings
 from nora.results.stats import paired_difference, summarize
 from nora.runs.layout import RunDir, is_complete, read_summary
 
@@ -38,9 +48,6 @@ from nora.runs.layout import RunDir, is_complete, read_summary
 # ----------------------------------------------------------------------------- rebuilding a run
 def eval_images(cfg, model) -> tuple[torch.Tensor, torch.Tensor]:
     """The run's evaluation images, normalised as its evaluation saw them, and their labels."""
-    from nora.data.batched import BatchedAugment, as_uint8_tensors
-    from nora.data.vision import load_vision_dataset
-    from nora.models.vision import input_size, pretrained_cfg
 
     _train, evaluation, _k = load_vision_dataset(cfg.dataset)
     images, labels = as_uint8_tensors(evaluation)
@@ -83,8 +90,6 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor) -> float:
 def without_update(model, part: str):
     """Temporarily zero NoRA's low-rank update of the numerator (``num``), the denominator (``den``) or both
     (``all``: the trained head and, for NoRA++, LoRA, over the base rationals)."""
-    from nora.adapter.inject import nora_modules
-
     saved = []
     for mod in nora_modules(model).values():
         for p in ([mod.nora_B_num, mod.nora_B_den] if part == "all" else [getattr(mod, f"nora_B_{part}")]):
@@ -102,8 +107,6 @@ def without_update(model, part: str):
 def coefficient_stats(model, data_range: dict[str, tuple[float, float]] | None = None) -> dict[str, dict]:
     """Per NoRA layer: relative coefficient change and how far the groups' curves left the base curve (over the
     fit range, over ``data_range[layer]`` (where the layer's inputs lie), and at |x| = 4)."""
-    from nora.adapter.inject import nora_modules
-    from nora.rational.functional import rational_reference
 
     out = {}
     x = torch.linspace(-4.0, 4.0, 801, dtype=torch.float64)
@@ -130,8 +133,6 @@ def coefficient_stats(model, data_range: dict[str, tuple[float, float]] | None =
 
 def analyse_run(run_dir: Path) -> dict:
     """Everything measured on one trained NoRA / NoRA++ run (test images of its task)."""
-    from nora.runs import build_base_model, load_trained_model
-
     trained = load_trained_model(run_dir)
     cfg = trained.config
     base, _tok = build_base_model(cfg)
@@ -155,13 +156,11 @@ def analyse_run(run_dir: Path) -> dict:
 # ----------------------------------------------------------------------------- split sizes
 def split_sizes(task: str) -> dict[str, int]:
     """Images in the task's training, validation (tuning) and test splits."""
-    from nora.data.vision import load_vision_dataset
-    from nora.demo import _compose, _digits_overrides, settings
 
-    t = settings()["tasks"][task]
+    t = demo_settings()["tasks"][task]
     sizes = {}
     for split in ("test", "validation"):
-        cfg = _compose(["experiment=demo", f"dataset.eval_split={split}"] + _digits_overrides(t))
+        cfg = compose(["experiment=demo", f"dataset.eval_split={split}"] + digits_overrides(t))
         train, evaluation, _k = load_vision_dataset(cfg.dataset)
         sizes[f"train ({'all training images' if split == 'test' else 'tuning'})"] = len(train)
         sizes[split] = len(evaluation)
@@ -197,8 +196,6 @@ def demo_curves(task_root: Path, methods) -> dict[str, list[list[float]]]:
 # ----------------------------------------------------------------------------- head-lr experiment
 def accuracy_table(jobs: list[dict], n_procs: int, key) -> dict:
     """Run the demo ``jobs`` and return ``{key(job): {seed: final test or validation accuracy}}``."""
-    from nora.demo import run_jobs
-
     table = {}
     for r in run_jobs(jobs, n_procs):
         table.setdefault(key(r["job"]), {})[r["job"]["seed"]] = r["accuracy"]
@@ -210,17 +207,13 @@ EXPERIMENT_SEEDS = (0, 1, 2, 3, 4)
 
 def head_lrs() -> tuple[float, float]:
     """The demo's shared head lr (the linear probe's tuned lr) and a tenth of it."""
-    from nora.demo import learning_rates
-
     h = float(learning_rates()["head_lr"])
     return (float(f"{h / 10:.3g}"), h)
 
 
 def head_lr_experiment(weights: Path, out_root: Path, seeds=EXPERIMENT_SEEDS, n_procs: int = 2) -> dict:
     """NoRA and the linear probe at several head learning rates (validation split of the main task)."""
-    from nora.demo import settings
-
-    task = next(iter(settings()["tasks"]))
+    task = next(iter(demo_settings()["tasks"]))
     jobs = [dict(method=m, task=task, seed=s, weights=weights, out_root=out_root,
                  extra=["dataset.eval_split=validation"], name=f"{m}_head{h:g}_s{s}", head_lr=h,
                  lrs=({"lr": h} if m == "linear_probe" else None))
@@ -234,7 +227,7 @@ def probe_backbone(weights: Path, probe_run: Path, out: Path) -> Path:
     from safetensors.torch import load_file, save_file
 
     state = load_file(str(weights))
-    head = load_file(str(probe_run / "adapter" / "trainable.safetensors"))
+    head = load_file(str(RunDir(probe_run).adapter / FULL_FT_NAME))
     state.update(head)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out))
@@ -249,9 +242,7 @@ def lpft_experiment(weights: Path, out_root: Path, head_table: dict, seeds=EXPER
     """LP-FT (validation split of the main task): NoRA trained from the linear probe's trained head (the probe
     runs of ``head_lr_experiment`` at the shared head lr), with that head frozen or at a tenth of the head lr.
     Returns per variant the per-seed accuracies, beside the probe's and NoRA's own (from ``head_table``)."""
-    from nora.demo import settings
-
-    task = next(iter(settings()["tasks"]))
+    task = next(iter(demo_settings()["tasks"]))
     low, h = head_lrs()
     jobs = []
     for s in seeds:
@@ -284,8 +275,6 @@ def lpft_section(table: dict) -> list[str]:
 
 def nora_lrs() -> tuple[float, ...]:
     """NoRA's tuned lr and smaller steps (a tenth and about a third of it)."""
-    from nora.demo import learning_rates
-
     lr = float(learning_rates()["methods"]["nora"]["lr"])
     return (float(f"{lr / 10:.1g}"), float(f"{lr / 3:.1g}"), lr)
 
@@ -293,9 +282,7 @@ def nora_lrs() -> tuple[float, ...]:
 
 def nora_lr_experiment(weights: Path, out_root: Path, seeds=EXPERIMENT_SEEDS, n_procs: int = 2) -> dict:
     """NoRA at smaller learning rates (validation split of the main task): accuracy and how far the update moves."""
-    from nora.demo import run_jobs, settings
-
-    task = next(iter(settings()["tasks"]))
+    task = next(iter(demo_settings()["tasks"]))
     jobs = [dict(method="nora", task=task, seed=s, weights=weights, out_root=out_root,
                  extra=["dataset.eval_split=validation"], name=f"nora_lr{lr:g}_s{s}", lrs={"lr": lr})
             for lr in nora_lrs() for s in seeds]
@@ -333,9 +320,7 @@ def stability_experiment(weights: Path, demo_root: Path, out_root: Path, n_procs
     """LoRA and NoRA++ at their tuned LoRA lr (the demo's own runs) and one step below it on the 1-3-10 ladder, on
     the demo seeds of the main task's *test* split: is a low outlier seed a property of the method or of an lr at
     the edge of stability? Nothing is chosen from these numbers. Returns {(method, lr): {seed: accuracy}}."""
-    from nora.demo import learning_rates, next_value, settings
-
-    task = next(iter(settings()["tasks"]))
+    task = next(iter(demo_settings()["tasks"]))
     table, jobs = {}, []
     for m in STABILITY_METHODS:
         tuned = dict(learning_rates()["methods"][m])
@@ -445,14 +430,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experiments", action="store_true", help="also run the head-lr, LP-FT and NoRA-lr experiments")
     ap.add_argument("--jobs", type=int, default=2)
     args = ap.parse_args(argv)
-    from nora.demo import _one_thread_worker, pretrain_source, settings
 
-    _one_thread_worker()
-    conf = settings()
+    one_thread_worker()
+    conf = demo_settings()
     task = next(iter(conf["tasks"]))
     root = Path(args.runs) / task
     lines = [f"# Digits demo: diagnosis measurements (task `{task}`)", "",
-             "Written by `python -m nora.demo_diagnosis` from the runs under "
+             "Written by `python -m nora.demo.diagnosis` from the runs under "
              f"`{args.runs}`; read with [demo_diagnosis.md](demo_diagnosis.md).", ""]
     by_method = {}
     for method, label in (("nora", "NoRA"), ("nora_pp", "NoRA++")):

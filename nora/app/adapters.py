@@ -1,0 +1,137 @@
+"""A training run's adapter directory: writing what a method trained (:func:`save_adapter`), finding it
+(:func:`find_adapter_dir`, :func:`resolve_adapter`, which also takes a Hub id), what it holds
+(:func:`adapter_identity`) and loading it onto a fresh base model (:func:`apply_adapter`).
+
+``<run_dir>/adapter/`` holds peft files (``adapter_config.json``, ``adapter_model.safetensors``: LoRA, DoRA, and a
+vision head through ``modules_to_save``), NoRA files (``nora_config.json``, ``nora_adapter.safetensors``: the
+rational activations, and a vision head when no peft adapter is present), both (NoRA++: its
+``adapter_config.json`` is marked so that peft's loader alone refuses it, see :mod:`nora.adapter.io`), or
+``trainable.safetensors`` (full fine-tuning, linear probe: every trained tensor by parameter name).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from nora.adapter import load_nora, load_nora_pp, nora_modules, read_nora_config, read_peft_config, save_nora
+from nora.adapter.inject import is_peft_model
+from nora.adapter.io import FULL_FT_NAME, NORA_FILES, PEFT_FILES
+from nora.errors import MissingFileError, UserError
+from nora.files import atomic_write
+from nora.hub import HUB_ID, download_adapter
+from nora.methods.config import MethodConfig
+from nora.runs.layout import RunDir
+
+
+def save_adapter(model, method_cfg: MethodConfig, directory: Path) -> None:
+    """Write what the method trained into ``directory``: peft files, NoRA files, or every trained tensor by
+    parameter name (full fine-tuning, linear probe)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if is_peft_model(model):
+        model.save_pretrained(str(directory))
+    if nora_modules(model):
+        save_nora(model, directory)
+    if not method_cfg.lora and not method_cfg.nora:
+        state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        atomic_write(directory / FULL_FT_NAME, lambda tmp: save_file(state, str(tmp)))
+
+
+def find_adapter_dir(path: str | os.PathLike) -> Path:
+    """The directory holding a run's adapter files: ``path/adapter`` if it has them, else ``path``."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise MissingFileError(f"adapter or run directory not found: {p}")
+    for cand in (RunDir(p).adapter, p):
+        if cand.is_dir() and any((cand / f).exists() for f in (PEFT_FILES[0], NORA_FILES[0], FULL_FT_NAME)):
+            return cand
+    raise MissingFileError(
+        f"no adapter found in {p} or {p / 'adapter'}: expected peft files ({', '.join(PEFT_FILES)}) and/or NoRA "
+        f"files ({', '.join(NORA_FILES)}) or {FULL_FT_NAME}, as a training run saves them in <run_dir>/adapter/")
+
+
+def resolve_adapter(source: str | os.PathLike, revision: str | None = None) -> Path:
+    """The adapter directory of ``source``: a local run or adapter directory (see :func:`find_adapter_dir`), else
+    a Hub repository id (``owner/name``, as :func:`nora.app.publish.push_to_hub` writes it), downloaded once."""
+    if Path(source).expanduser().exists() or not HUB_ID.match(str(source)):
+        return find_adapter_dir(source)
+    return find_adapter_dir(download_adapter(str(source), revision=revision))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def adapter_identity(adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """What an adapter directory holds, JSON-able::
+
+        {"dir", "kind": "lora" | "dora" | "<peft type>" | "nora" | "nora++" | "trainable",
+         "components": [...], "peft": {peft_type, use_dora, r, lora_alpha, target_modules, config} | None,
+         "nora": {variant, config, layers} | None, "files": {name: sha256}}
+    """
+    adir = Path(adapter_dir)
+    has_peft, has_nora = (adir / PEFT_FILES[0]).exists(), (adir / NORA_FILES[0]).exists()
+    for present, files in ((has_peft, PEFT_FILES), (has_nora, NORA_FILES)):
+        missing = [f for f in files if present and not (adir / f).exists()]
+        if missing:
+            raise MissingFileError(f"incomplete adapter in {adir}: {', '.join(missing)} missing next to {files[0]}")
+    ident: dict[str, Any] = {"dir": str(adir.resolve()), "components": [], "peft": None, "nora": None, "files": {}}
+    if has_peft:
+        pcfg = read_peft_config(adir)  # a NoRA++ marker undone: the real peft_type
+        ident["components"].append("dora" if pcfg.get("use_dora") else str(pcfg.get("peft_type", "peft")).lower())
+        ident["peft"] = {"peft_type": pcfg.get("peft_type"), "use_dora": bool(pcfg.get("use_dora", False)),
+                         "r": pcfg.get("r"), "lora_alpha": pcfg.get("lora_alpha"),
+                         "target_modules": pcfg.get("target_modules"), "config": pcfg}
+    if has_nora:
+        meta = read_nora_config(adir)
+        ident["components"].append("nora")
+        ident["nora"] = {"variant": meta.get("config", {}).get("variant"), "config": meta.get("config"),
+                         "layers": len(meta.get("layers", {}))}
+    if not has_peft and not has_nora:
+        if not (adir / FULL_FT_NAME).exists():
+            raise MissingFileError(f"no adapter in {adir}: expected peft files ({', '.join(PEFT_FILES)}), NoRA "
+                                   f"files ({', '.join(NORA_FILES)}) or {FULL_FT_NAME}, as a completed training run "
+                                   "writes them")
+        ident["components"].append("trainable")
+    ident["kind"] = "nora++" if has_peft and has_nora else ident["components"][0]
+    for f in (*PEFT_FILES, *NORA_FILES, FULL_FT_NAME):
+        if (adir / f).exists():
+            ident["files"][f] = _sha256(adir / f)
+    return ident
+
+
+def apply_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """Load the adapter files in ``adapter_dir`` onto a fresh base ``model``; returns ``(model, identity)``
+    with the model frozen and in eval mode (see :func:`adapter_identity`)."""
+    adir = Path(adapter_dir)
+    ident = adapter_identity(adir)
+    kind = ident["kind"]
+    if kind == "nora++":
+        model = load_nora_pp(model, adir)
+    elif ident["peft"] is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adir), is_trainable=False)
+    elif kind == "nora":
+        model = load_nora(model, adir)
+    else:
+        state = load_file(str(adir / FULL_FT_NAME))
+        own = dict(model.named_parameters())
+        unknown = [k for k in state if k not in own]
+        if unknown:
+            raise UserError(f"{adir / FULL_FT_NAME} holds tensors this model does not have: {unknown[:4]}")
+        with torch.no_grad():
+            for k, v in state.items():
+                own[k].copy_(v)
+    model.requires_grad_(False)
+    model.eval()
+    return model, ident
