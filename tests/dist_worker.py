@@ -84,21 +84,22 @@ def accumulation_step(out: Path, batch_size: int, accum: int) -> None:
     to ``out/weights.pt`` (rank 0) and the logged loss to ``out/metrics.jsonl``."""
     from nora.train import distributed as dist
     from nora.train.config import TrainerConfig
+    from nora.runs.layout import RunDir
     from nora.runs.logger import RunLogger
-    from nora.train.loop import Trainer
+    from nora.train.loop import TrainData, Trainer
     from nora.train.tasks import CausalLMTask
 
     dist.setup("cpu")
     ranks, rank = dist.world_size(), dist.rank()
     records = accumulation_records()
-    cfg = TrainerConfig(device="cpu", optimizer="sgd", momentum=0.0, grad_clip=None, scheduler="constant",
-                        warmup_ratio=0.0, max_steps=1, batch_size=batch_size, grad_accum=accum, eval_every=0,
-                        checkpoint_every=0, log_every=1, progress=False, num_workers=0)
-    trainer = Trainer(cfg, accumulation_model(), CausalLMTask(), records, records,
-                      RankSlices(batch_size, accum, ranks, rank), RankSlices(batch_size, accum, ranks, rank), out,
-                      RunLogger(out, None, enabled=rank == 0), lr=1.0, weight_decay=0.0, collate_fn=pad_collate,
-                      device=torch.device("cpu"), wrap=(lambda m: dist.wrap_ddp(m, torch.device("cpu"))) if ranks > 1
-                      else None)
+    cfg = TrainerConfig(device="cpu", lr=1.0, weight_decay=0.0, optimizer="sgd", momentum=0.0, grad_clip=None,
+                        scheduler="constant", warmup_ratio=0.0, max_steps=1, batch_size=batch_size, grad_accum=accum,
+                        eval_every=0, checkpoint_every=0, log_every=1, progress=False, num_workers=0)
+    data = TrainData(records, records, RankSlices(batch_size, accum, ranks, rank),
+                     RankSlices(batch_size, accum, ranks, rank), collate_fn=pad_collate)
+    trainer = Trainer(cfg, accumulation_model(), CausalLMTask(), data, RunDir(out).checkpoint,
+                      RunLogger(out, None, enabled=rank == 0), device=torch.device("cpu"),
+                      wrap=(lambda m: dist.wrap_ddp(m, torch.device("cpu"))) if ranks > 1 else None)
     assert trainer.fit().step == 1
     if rank == 0:
         torch.save({k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, out / "weights.pt")

@@ -3,7 +3,7 @@
 ``hf_hub_download``/``snapshot_download`` use, with the repositories kept in a local directory.
 
     with FakeHub(tmp_path / "hub") as hub:       # sets HF_ENDPOINT for huggingface_hub
-        nora.push_to_hub(run_dir, "me/adapter")
+        push_to_hub(run_dir, "me/adapter")
         hub.files("me/adapter")                   # {"README.md": b"...", ...}
 
 Every request is recorded in ``hub.requests`` (method, path); an endpoint it does not know answers 404

@@ -7,9 +7,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import nora.demo as demo
+import nora.demo.runner as demo
 from fixtures import write_cifar
-from nora import demo_diagnosis as diag
+from nora.demo import diagnosis as diag
 from nora.app.training import run_training
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,7 +84,7 @@ def test_analyse_run_measures_a_trained_nora_run(nora_run):
 
 def test_without_update_removes_exactly_one_part_and_restores_it(nora_run):
     from nora.adapter.inject import nora_modules
-    from nora.runs import load_trained_model
+    from nora.app.reload import load_trained_model
 
     model = load_trained_model(nora_run[0]).model
     mod = next(iter(nora_modules(model).values()))
@@ -176,7 +176,7 @@ def test_lp_ft_starts_from_the_probe_head(tmp_path):
     built = build_model(cfg.model, 10)
     assert torch.equal(built.head.weight, probe_head["head.weight"])  # kept, not re-initialised
     run_training(cfg, run_dir=tmp_path / "lpft")
-    from nora.runs import load_trained_model
+    from nora.app.reload import load_trained_model
 
     trained = load_trained_model(tmp_path / "lpft").model
     head = dict(trained.named_parameters())

@@ -15,7 +15,7 @@ from nora.errors import MissingFileError, UserError
 from nora.eval import evaluate_mmlu
 from nora.app.evaluation import run_eval
 from nora.app.training import run_training
-from nora.runs import load_trained_model
+from nora.app.reload import load_trained_model
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = str(ROOT / "configs")

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 import nora
 from fake_hub import FakeHub
+from nora.app.adapters import resolve_adapter
 from nora.errors import MissingFileError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +64,7 @@ def test_reachability_goes_through_the_proxy_and_hf_endpoint(tmp_path):
 def nora_pp_run(tmp_path):
     """A NoRA++ run directory as run_training leaves it (config.yaml, summary.json, adapter/), without training:
     the base model rebuilt from the config, LoRA + NoRA applied and perturbed."""
-    from nora.runs import build_base_model
+    from nora.app.reload import build_base_model
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("train", ["method=nora_pp", "model=llama_tiny", "dataset=alpaca", "logger=disabled"])
@@ -92,9 +93,11 @@ def nora_pp_run(tmp_path):
 
 PUSH_AND_LOAD = """
     import sys, torch, nora
-    from nora.runs import apply_adapter, build_base_model, read_run_config, resolve_adapter
+    from nora.app.adapters import apply_adapter, resolve_adapter
+    from nora.app.publish import push_to_hub
+    from nora.app.reload import build_base_model, read_run_config
     run, repo = sys.argv[1], sys.argv[2]
-    print(nora.push_to_hub(run, repo))
+    print(push_to_hub(run, repo))
     adir = resolve_adapter(repo)          # downloaded into HF_HUB_CACHE
     model, _ = build_base_model(read_run_config(run))
     model, ident = apply_adapter(model, adir)
@@ -139,7 +142,7 @@ def test_push_to_hub_then_load_by_hub_id(tmp_path, nora_pp_run):
 def test_unknown_hub_adapter_says_hf_download(tmp_path):
     with FakeHub(tmp_path / "hub") as hub:
         proc = _python("""
-            from nora.runs import resolve_adapter
+            from nora.app.adapters import resolve_adapter
             resolve_adapter("me/missing")
         """, {"HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "cache")}, tmp_path)
     assert proc.returncode != 0
@@ -149,9 +152,9 @@ def test_unknown_hub_adapter_says_hf_download(tmp_path):
 
 def test_local_paths_never_go_to_the_hub(tmp_path):
     with pytest.raises(MissingFileError, match="adapter or run directory not found"):
-        nora.runs.resolve_adapter(tmp_path / "runs" / "nothing")
+        resolve_adapter(tmp_path / "runs" / "nothing")
     with pytest.raises(MissingFileError, match="adapter or run directory not found"):
-        nora.runs.resolve_adapter("./runs/nothing/here")
+        resolve_adapter("./runs/nothing/here")
 
 
 def test_messages_name_the_cli_the_pinned_hub_client_installs():

@@ -12,7 +12,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import nora.run
+import nora.app.adapters
+import nora.app.training
 from instruct_fixtures import alpaca_records, openorca_records, write_alpaca_json, write_openorca_parquet
 from nora.errors import UserError
 from nora.app.training import run_training
@@ -61,13 +62,13 @@ def losses(run_dir):
 def capture_trained_model(monkeypatch):
     """Keep a handle on the model run_training trains (it is passed to save_adapter at the end)."""
     box = {}
-    save = nora.run.save_adapter
+    save = nora.app.adapters.save_adapter
 
     def spy(model, method_cfg, directory):
         box["model"] = model
         return save(model, method_cfg, directory)
 
-    monkeypatch.setattr(nora.run, "save_adapter", spy)
+    monkeypatch.setattr(nora.app.training, "save_adapter", spy)
     return box
 
 
@@ -84,7 +85,7 @@ def logits(model, tokenizer, texts=("Give three tips for staying healthy.", "Wha
     ("nora_pp", "llama_tiny", "alpaca"), ("nora_pp", "qwen2_tiny", "openorca")])
 def test_method_trains_writes_outputs_and_reloads(data, tmp_path, monkeypatch, method, model, dataset):
     from nora.models.causal_lm import build_causal_lm
-    from nora.runs import load_trained_model
+    from nora.app.reload import load_trained_model
 
     box = capture_trained_model(monkeypatch)
     cfg = make_cfg(overrides(data, tmp_path, method, model, dataset, ["trainer.max_steps=3"]))
@@ -166,14 +167,14 @@ def test_train_py_command(data, tmp_path):
 # --------------------------------------------------------------------------------- NoRA on the LLM
 def _setup(data, tmp_path, extra=(), method="nora"):
     """The causal-LM setup with the method applied, and the NoRA init-agreement check run_training makes."""
-    from nora.config import validate
+    from nora.app.config import validate
     from nora.methods import apply_method
     from nora.eval.agreement import init_agreement, nora_target_modules
     from nora.app.setup.causal_lm import causal_lm_setup
 
     run = validate(make_cfg(overrides(data, tmp_path, method, extra=list(extra))))
     setup = causal_lm_setup(run, torch.device("cpu"), 1, 0)
-    originals = nora_target_modules(setup.model, run.method)
+    originals = nora_target_modules(setup.model, run.method.nora.nora_config(None))
     result = apply_method(setup.model, run.method, run.model, setup.calibration, setup.forward)
     return setup, result, lambda: init_agreement(result.model, originals, setup.agreement_batches, "cpu",
                                                  setup.agreement_split)
@@ -229,7 +230,7 @@ def test_packed_batches_count_tokens(data, tmp_path):
     """Packing: padding-free rows without attention_mask train, and every packed token is counted."""
     cfg = make_cfg(overrides(data, tmp_path, "lora", extra=["dataset.packing=true", "trainer.batch_size=1",
                                                             "trainer.max_steps=2"]))
-    from nora.config import validate
+    from nora.app.config import validate
     from nora.app.setup.causal_lm import causal_lm_setup
 
     setup = causal_lm_setup(validate(cfg), torch.device("cpu"), 1, 0)
@@ -305,7 +306,7 @@ def test_data_file_missing_field_and_unknown_key(data, tmp_path):
 
 
 def test_long_sequences_truncated_and_counted(data, tmp_path, capsys):
-    from nora.config import validate
+    from nora.app.config import validate
     from nora.app.setup.causal_lm import causal_lm_setup
 
     cfg = make_cfg(overrides(data, tmp_path, "lora", extra=["dataset.max_length=48"]))
@@ -367,7 +368,7 @@ def test_gradient_checkpointing_trains_lora():
 @pytest.mark.parametrize("method", ["linear_probe", "nora"])
 def test_load_trained_model_vision(tmp_path, monkeypatch, method):
     from fixtures import write_cifar
-    from nora.runs import load_trained_model
+    from nora.app.reload import load_trained_model
 
     root = write_cifar(tmp_path / "cifar10", "cifar10", n_train=64, n_test=32)
     box = capture_trained_model(monkeypatch)

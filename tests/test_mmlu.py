@@ -17,7 +17,7 @@ from nora.eval import (build_prompt, continuation_tokens, detect_source, evaluat
 from nora.eval.mmlu import score_rows
 from nora.eval.mmlu_data import MMLUQuestion
 from nora.models.tokenizer import build_offline_tokenizer
-from nora.runs import apply_adapter, find_adapter_dir
+from nora.app.adapters import apply_adapter, find_adapter_dir
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from nora.config import config_hash
+from nora.runs.identity import config_hash
 from nora.errors import NonFiniteLossError, OutputError, UserError
 from nora.app.training import run_training
 from nora.runs.logger import read_metrics
@@ -143,7 +143,7 @@ def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, ca
 
 # ------------------------------------------------------------------------------------ a fresh start
 def test_a_fresh_start_leaves_nothing_of_the_earlier_run(cifar10, tmp_path):
-    from nora.runs import load_trained_model
+    from nora.app.reload import load_trained_model
 
     run = tmp_path / "run"
     base = tiny_overrides(cifar10, tmp_path, "nora_pp", ["trainer.epochs=1"])

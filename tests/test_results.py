@@ -153,7 +153,8 @@ def test_demo_table_default_methods_and_empty(tmp_path):
 
 
 def test_demo_tasks_are_the_configured_ones():
-    from nora.demo import learning_rates, settings
+    from nora.demo.runner import learning_rates
+    from nora.results.demo_report import demo_settings as settings
 
     conf = settings()
     assert len(conf["tasks"]) >= 3 and len({(tuple(t["classes"]), t["transform"]) for t in conf["tasks"].values()}) \
@@ -425,10 +426,13 @@ def _nora_model(variant: str, seed: int, tmp: Path, train_steps: int = 0) -> Pat
 def test_adapter_reconstruction_matches_the_modules(tmp_path, variant):
     import nora
     from nora.rational.functional import rational_reference
-    from nora.results.subspace import layer_stats, load_layers, rational
+    from nora.adapter.curves import group_curves as rational
+    from nora.adapter.curves import load_layers
+    from nora.results.subspace import layer_stats
+    from nora.runs.layout import RunDir
 
     run, model = _nora_model(variant, 0, tmp_path)
-    layers = load_layers(run)
+    layers = load_layers(RunDir(run).adapter)
     mods = nora.nora_modules(model)
     assert set(layers) == set(mods) == {"blocks.0.mlp.act", "blocks.1.mlp.act"}
     for name, mod in mods.items():
@@ -450,7 +454,9 @@ def test_adapter_reconstruction_matches_the_modules(tmp_path, variant):
 
 
 def test_subspace_analysis_and_figures(tmp_path):
+    from nora.adapter.curves import activation_figure
     from nora.results import figures
+    from nora.runs.layout import RunDir
     from nora.results.render import subspace_report
     from nora.results.subspace import analyse_method, summary_rows
 
@@ -474,9 +480,9 @@ def test_subspace_analysis_and_figures(tmp_path):
     assert "**zero-init FT and rational FT learnt identical updates in every run here**" in md
     png = figures.subspace_figure(analyses, tmp_path / "f" / "sub.png", "toy")
     assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
-    act = figures.activation_figure(a.runs[0], tmp_path / "f" / "act.png", "toy")
+    act = activation_figure(RunDir(a.runs[0]).adapter, tmp_path / "f" / "act.png", "toy")
     assert act.exists() and act.stat().st_size > 1000
-    assert figures.activation_figure(tmp_path / "nothing", tmp_path / "f" / "none.png") is None
+    assert activation_figure(RunDir(tmp_path / "nothing").adapter, tmp_path / "f" / "none.png") is None
     pts = {"d": [figures.Point("A", 10, 50.0, 1.0, 3), figures.Point("B", 1000, 60.0, None, 1)]}
     assert figures.accuracy_vs_params(pts, tmp_path / "f" / "acc.png", "t").exists()
     assert figures.accuracy_vs_params({"d": []}, tmp_path / "f" / "none.png", "t") is None

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from nora.config import config_hash
+from nora.runs.identity import config_hash
 from nora.results.sweep import (SWEEPS, SWEEP_DIR, CachedComposer, all_sweeps, job_overrides, job_run_dir, plan,
                                 sweep_hydra)
 from nora.results.tables import ABLATIONS

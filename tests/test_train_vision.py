@@ -13,7 +13,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
 from fixtures import write_cifar
-from nora.config import validate
+from nora.app.config import validate
 from nora.errors import NonFiniteLossError, UserError
 from nora.methods import METHODS, apply_method
 from nora.models import build_model
@@ -89,6 +89,7 @@ def test_schema_defaults_are_the_yaml_defaults(schema, yaml_file):
     yaml = OmegaConf.to_container(OmegaConf.load(Path(CONFIGS) / yaml_file), resolve=False)
     defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 for f in dataclasses.fields(cls)}
+    defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}  # YAML has lists
     given = {k: v for k, v in yaml.items() if not (isinstance(v, str) and v.startswith("${"))}
     assert set(yaml) <= set(defaults)
     assert given == {k: defaults[k] for k in given}

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from nora.data.instruct import tokenization
+import nora.data.instruct.tokenization as tokenization
 from nora.data.instruct.config import DataError, InstructDataConfig, default_cache_dir
 from nora.data.instruct.dataset import InstructDataset, PackedInstructDataset
 from nora.data.instruct.sources import files_fingerprint, load_hub, load_local, local_files
