@@ -39,10 +39,11 @@ demo-full: $(STAMP)
 demo-tune: $(STAMP)
 	$(PY) -m nora.demo --tune
 
-# The linter (pyproject.toml [tool.ruff]), then the test suite (offline, CPU). `slow` tests are left out;
-# `make test-slow` runs them.
+# The linter (pyproject.toml [tool.ruff]) and the layers contract (pyproject.toml [tool.importlinter]:
+# docs/architecture.md), then the test suite (offline, CPU). `slow` tests are left out; `make test-slow` runs them.
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 
 test: lint
 	$(PY) -m pytest -q

@@ -234,9 +234,9 @@ def test_packed_batches_count_tokens(data, tmp_path):
     from nora.app.setup.causal_lm import causal_lm_setup
 
     setup = causal_lm_setup(validate(cfg), torch.device("cpu"), 1, 0)
-    rows = [setup.collate_fn([setup.train_set[i] for i in b]) for b in setup.train_sampler]
+    rows = [setup.data.collate_fn([setup.data.train_set[i] for i in b]) for b in setup.data.train_sampler]
     assert all("attention_mask" not in r and "position_ids" in r for r in rows)
-    assert sum(setup.task.units(r) for r in rows) == setup.train_set.num_tokens
+    assert sum(setup.task.units(r) for r in rows) == setup.data.train_set.num_tokens
     s = run_training(cfg)
     assert s["status"] == "complete" and s["packing"] is True and s["tokens_seen"] > 0
 
@@ -314,7 +314,7 @@ def test_long_sequences_truncated_and_counted(data, tmp_path, capsys):
     out = capsys.readouterr().out
     n = setup.extra["num_truncated"]
     assert n == 16 and f"{n} truncated" in out  # every fixture example is longer than 48 tokens
-    assert int(setup.train_set.lengths.max()) == 48 and len(setup.train_set) == 12  # none dropped
+    assert int(setup.data.train_set.lengths.max()) == 48 and len(setup.data.train_set) == 12  # none dropped
 
 
 # --------------------------------------------------------------------------------------- configs

@@ -2,29 +2,76 @@
 training run's model, written as ``mmlu.json`` into the run directory (or ``<output_root>/eval/<model.name>/``)."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from nora.app.reload import load_trained_model, read_run_config
 from nora.errors import MissingFileError, UserError
 from nora.eval.mmlu import run_mmlu
-from nora.eval.mmlu_data import all_subjects
+from nora.eval.mmlu_data import GROUPINGS, SOURCES, all_subjects
 from nora.hardware import resolve_device
 from nora.hub import go_offline_if_unreachable
 from nora.models.causal_lm import build_causal_lm
+from nora.models.config import as_model_config
 from nora.runs.layout import RunDir
 from nora.runs.logger import log_mmlu_to_wandb
+from nora.schema import at_least, load, one_of
 
-def _subjects(value):
-    if value in (None, "all"):
-        return None
-    if isinstance(value, str):
-        return value
-    return list(value)
+@dataclass
+class MMLUSettings:
+    """The ``mmlu`` group (``configs/mmlu/default.yaml``)."""
+
+    path: str = "data/mmlu"
+    source: str = "auto"          # auto | csv | hf
+    subjects: Any = "available"   # available | all | a list of subjects
+    k: int = 5
+    grouping: str = "original"    # original | lm_eval
+    split: str = "test"
+    batch_size: int = 8
+    max_length: Optional[int] = None
+    bf16: bool = True
+    save_predictions: bool = False
+
+    def __post_init__(self):
+        one_of("source", self.source, SOURCES)
+        one_of("grouping", self.grouping, GROUPINGS)
+        at_least("k", self.k, 0)
+        at_least("batch_size", self.batch_size, 1)
+        at_least("max_length", self.max_length, 1, allow_none=True)
+
+    @property
+    def subject_list(self):
+        """What :func:`nora.eval.mmlu.run_mmlu` takes: None for all 57, ``"available"``, or a list."""
+        if self.subjects in (None, "all"):
+            return None
+        return self.subjects if isinstance(self.subjects, str) else list(self.subjects)
+
+
+@dataclass
+class EvalConfig:
+    """``configs/eval.yaml`` without its ``model`` group (a model schema of :mod:`nora.models.config`)."""
+
+    run_dir: Optional[str] = None      # a training run: its config.yaml rebuilds the base model; `model` is ignored
+    output_dir: Optional[str] = None   # null: <run_dir>/mmlu.json, or <output_root>/eval/<model.name>/mmlu.json
+    output_root: str = "runs"
+    device: str = "auto"
+    dtype: Optional[str] = None
+    model_path: Optional[str] = None
+    mmlu: MMLUSettings = field(default_factory=MMLUSettings)
+
+
+def eval_config(cfg) -> tuple[EvalConfig, Any]:
+    """The typed ``eval`` config and its model section (typed too, unless a run directory names the model)."""
+    d = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    d.pop("hydra", None)
+    model = d.pop("model", None)
+    typed = load(EvalConfig, d, "")
+    return typed, (as_model_config(model) if model is not None and typed.run_dir is None else None)
 
 
 @dataclass
@@ -33,13 +80,13 @@ class _Target:
 
     model: Any
     tokenizer: Any
-    model_cfg: DictConfig
-    adapter: dict | None   # nora.runs.adapter_identity of a training run's adapter; None for a base model
+    model_cfg: Any         # the typed model config (nora.models.config)
+    adapter: dict | None   # nora.app.adapters.adapter_identity of a training run's adapter; None for a base model
     out_dir: Path
     identity: dict         # mmlu.json's "model" entry
 
 
-def _trained_model(cfg: DictConfig, device) -> _Target:
+def _trained_model(cfg: EvalConfig, device) -> _Target:
     """The model ``cfg.run_dir`` trained (base model + its adapter); ``mmlu.json`` goes into the run directory."""
     run_cfg = read_run_config(cfg.run_dir)
     if run_cfg.model.family != "causal_lm":
@@ -49,42 +96,38 @@ def _trained_model(cfg: DictConfig, device) -> _Target:
     identity = {"run_dir": str(Path(cfg.run_dir).resolve()), "method": run_cfg.method.name,
                 "dataset": run_cfg.dataset.name, "seed": int(run_cfg.seed)}
     out_dir = Path(cfg.output_dir or cfg.run_dir)
-    return _Target(trained.model, trained.tokenizer, run_cfg.model, trained.adapter, out_dir, identity)
+    return _Target(trained.model, trained.tokenizer, as_model_config(run_cfg.model), trained.adapter, out_dir,
+                   identity)
 
 
-def _base_model(cfg: DictConfig, device) -> _Target:
-    """The base model ``cfg.model``; ``mmlu.json`` goes into ``<output_root>/eval/<model.name>/``."""
-    if cfg.model.family != "causal_lm":
-        raise UserError(f"model={cfg.model.name} is a {cfg.model.family} model; MMLU needs a causal LM "
+def _base_model(cfg: EvalConfig, model_cfg, device) -> _Target:
+    """The base model ``model_cfg``; ``mmlu.json`` goes into ``<output_root>/eval/<model.name>/``."""
+    if model_cfg.family != "causal_lm":
+        raise UserError(f"model={model_cfg.name} is a {model_cfg.family} model; MMLU needs a causal LM "
                         "(e.g. model=llama3_8b, or run_dir=<a causal LM training run>)")
-    model_cfg = cfg.model.copy()
-    if cfg.model_path:
-        model_cfg.path = cfg.model_path
-    if cfg.dtype:
-        model_cfg.dtype = cfg.dtype
-    model_cfg.gradient_checkpointing = False
+    model_cfg = dataclasses.replace(model_cfg, path=cfg.model_path or model_cfg.path,
+                                    dtype=cfg.dtype or model_cfg.dtype, gradient_checkpointing=False)
     model, tokenizer = build_causal_lm(model_cfg)
     model = model.to(device).eval()
     model.requires_grad_(False)
-    out_dir = Path(cfg.output_dir or Path(cfg.output_root) / "eval" / cfg.model.name)
+    out_dir = Path(cfg.output_dir or Path(cfg.output_root) / "eval" / model_cfg.name)
     return _Target(model, tokenizer, model_cfg, None, out_dir, {"method": "base"})
 
 
 def run_eval(cfg: DictConfig) -> dict:
     """Evaluate and write ``mmlu.json``; returns its dictionary."""
-
+    cfg, model_cfg = eval_config(cfg)  # every value checked before anything is loaded
     go_offline_if_unreachable()
-    device = resolve_device(cfg.device)
-    t = (_trained_model if cfg.run_dir else _base_model)(cfg, device)
-    t.identity.update({"name": t.model_cfg.name, "hf_name": t.model_cfg.get("hf_name"),
-                       "path": t.model_cfg.get("path"),
+    device = resolve_device(cfg.device, "device")
+    t = _trained_model(cfg, device) if cfg.run_dir else _base_model(cfg, model_cfg, device)
+    t.identity.update({"name": t.model_cfg.name, "hf_name": t.model_cfg.hf_name, "path": t.model_cfg.path,
                        "dtype": str(next(t.model.parameters()).dtype).replace("torch.", ""), "device": str(device)})
     m = cfg.mmlu
     try:
-        result = run_mmlu(t.model, t.tokenizer, m.path, t.out_dir, source=m.source, subjects=_subjects(m.subjects),
-                          k=int(m.k), grouping=m.grouping, batch_size=int(m.batch_size), max_length=m.max_length,
-                          bf16=bool(m.bf16), split=m.split, model_identity=t.identity, adapter_identity=t.adapter,
-                          include_predictions=bool(m.save_predictions))
+        result = run_mmlu(t.model, t.tokenizer, m.path, t.out_dir, source=m.source, subjects=m.subject_list, k=m.k,
+                          grouping=m.grouping, batch_size=m.batch_size, max_length=m.max_length, bf16=m.bf16,
+                          split=m.split, model_identity=t.identity, adapter_identity=t.adapter,
+                          include_predictions=m.save_predictions)
     except FileNotFoundError as exc:
         raise MissingFileError(str(exc)) from None
     except ValueError as exc:
@@ -100,7 +143,6 @@ def run_eval(cfg: DictConfig) -> dict:
         print(f"  {cat:16s} {acc:>8s}  ({v['n']} questions)")
     print(f"wrote {RunDir(t.out_dir).mmlu}")
     if cfg.run_dir:  # into the training run's W&B run, when it logged to one
-
         log_mmlu_to_wandb(cfg.run_dir, d)
     return d
 
