@@ -7,7 +7,7 @@ batch 16), each method in its own process (so peak memory is that method's alone
 ``--steps`` steps are measured by the loop itself (``metrics.jsonl``): images/s, the share of step time
 spent waiting for data, and peak memory (CUDA: max allocated; CPU: process peak RSS), plus the
 training memory (peak minus what was allocated before the first step: on the CPU this removes the
-~0.8 GB of libraries every process holds). Model FLOPs
+libraries every process holds). Model FLOPs
 per image are counted with ``torch.utils.flop_counter`` (forward + backward), giving model FLOP
 utilisation against a dense-matmul rate measured in the same run (CPU: fp32 matmul; GPU: bf16
 matmul). Ratios to LoRA and to full fine-tuning come from the same run. JSON goes to
