@@ -65,7 +65,7 @@ def dot_source() -> str:
            '  rankdir=TB; nodesep=0.3; ranksep=0.5; newrank=true;',
            '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10, fillcolor="#eef3fb", '
            'color="#5b7db1"];', '  edge [color="#8899aa", arrowsize=0.6];']
-    for i, row in enumerate(rows):
+    for row in rows:
         out.append("  { rank=same; " + " ".join(f'"{p}";' for p in row) + " }")
         for p in row:
             fill = "#e3f2e3" if p in LIBRARY else "#f2f2f2" if p in FOUNDATION else "#eef3fb"
