@@ -111,10 +111,10 @@ def test_untrained_nora_has_not_moved():
 
 
 def test_the_source_backbone_cache_key_follows_the_composed_config():
-    base = demo._compose(["experiment=demo", "method=full", "seed=0"])
-    assert demo.source_key(base) == demo.source_key(demo._compose(["experiment=demo", "method=full", "seed=0"]))
+    base = demo.compose(["experiment=demo", "method=full", "seed=0"])
+    assert demo.source_key(base) == demo.source_key(demo.compose(["experiment=demo", "method=full", "seed=0"]))
     for change in ("model.kwargs.img_size=32", "dataset.augment.crop_padding=2", "trainer.epochs=3", "seed=1"):
-        other = demo._compose(["experiment=demo", "method=full", "seed=0", change])
+        other = demo.compose(["experiment=demo", "method=full", "seed=0", change])
         assert demo.source_key(other) != demo.source_key(base), change
 
 

@@ -321,7 +321,8 @@ def test_long_sequences_truncated_and_counted(data, tmp_path, capsys):
 @pytest.mark.parametrize("method", ["lora", "dora", "nora", "nora_pp"])
 @pytest.mark.parametrize("experiment", ["llama3_alpaca", "llama3_openorca"])
 def test_8b_experiment_configs(method, experiment):
-    from nora.schema import per_family, validate
+    from nora.app.config import validate
+    from nora.schema import per_family
 
     cfg = make_cfg([f"experiment={experiment}", f"method={method}", "data.path=/data/x"])
     validate(cfg)

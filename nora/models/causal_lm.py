@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
+from nora import hub
 from nora.errors import UserError
-from nora.hub import offline
 from nora.models.config import CausalLMModelConfig, as_model_config
 from nora.models.tokenizer import build_offline_tokenizer
 
@@ -79,7 +79,7 @@ def _load_error(model_cfg, source: str, what: str, exc: Exception) -> UserError:
     token = _token()
     name = model_cfg.hf_name or source
     gated = model_cfg.gated
-    if offline():
+    if hub.offline():
         why = "offline (the hub is unreachable or HF_HUB_OFFLINE=1) and it is not in the local Hugging Face cache"
     elif any(w in low for w in ("gated", "401", "403", "unauthorized", "authenticat", "restricted")):
         why = ("the repository is gated and " + ("the HF_TOKEN in the environment has no access (accept the licence "

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import torch
 
+from nora import models
 from nora.app.config import RunConfig
 from nora.app.setup.train_setup import TrainSetup
 from nora.data.batched import BatchedAugment, DeviceBatches, as_uint8_tensors
 from nora.data.sampling import ShuffledBatchSampler
 from nora.data.vision import build_vision_data, load_vision_dataset
-from nora.models import build_model
 from nora.models.vision import input_size, pretrained_cfg
 from nora.train import distributed as dist
 from nora.train.loop import TrainData
@@ -32,7 +32,7 @@ def data_path(name: str, device: torch.device) -> str:
 
 def vision_setup(run: RunConfig, device: torch.device, world_size: int, rank: int) -> TrainSetup:
     raw = load_vision_dataset(run.dataset)  # missing data fails before any model download
-    model = build_model(run.model, run.dataset.num_classes)
+    model = models.build_model(run.model, run.dataset.num_classes)
     bs, seed = run.trainer.batch_size, run.seed
     path = data_path(run.trainer.data_path, device)
     setup = TrainSetup(
