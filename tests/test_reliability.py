@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -402,3 +403,34 @@ def test_slurm_launchers_requeue_on_timeout():
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         launcher = compose("train", ["hydra/launcher=slurm"], return_hydra_config=True).hydra.launcher
     assert launcher.max_num_timeout > 0 and launcher.signal_delay_s > 0
+
+
+# ------------------------------------------------------------------- what nora reads back is checked (issue 23)
+@pytest.mark.parametrize("damage", ["numerator cut to 3", "coefficient edited", "recorded error edited",
+                                    "other degrees", "NaN coefficient"])
+def test_a_fit_cache_entry_that_is_not_what_it_claims_is_refitted(tmp_path, monkeypatch, damage):
+    from nora.rational.fit import fit_rational
+
+    monkeypatch.setenv("NORA_CACHE_DIR", str(tmp_path))
+    good = fit_rational("gelu", form="A", degrees=(5, 4))
+    [entry] = (tmp_path / "fits").glob("*.json")
+    d = json.loads(entry.read_text())
+    if damage == "numerator cut to 3":
+        d["numerator"] = d["numerator"][:3]
+    elif damage == "coefficient edited":
+        d["numerator"][1] += 0.25
+    elif damage == "recorded error edited":
+        d["max_error"] = d["max_error"] / 10
+    elif damage == "other degrees":
+        d["degrees"] = [2, 4]
+    else:
+        d["denominator"][0] = float("nan")
+    entry.write_text(json.dumps(d))
+    with pytest.warns(UserWarning, match=f"fit cache entry {re.escape(str(entry))} .*; refitting"):
+        again = fit_rational("gelu", form="A", degrees=(5, 4))
+    assert again.numerator == good.numerator and again.denominator == good.denominator
+    assert again.max_error == good.max_error < 3e-3
+    assert json.loads(entry.read_text())["numerator"] == good.numerator  # the entry is rewritten
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fit_rational("gelu", form="A", degrees=(5, 4)).numerator == good.numerator  # and trusted again

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -140,13 +141,37 @@ def _cache_path(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, form: str, m:
     return cache_dir("fits") / f"{h.hexdigest()[:32]}.json"
 
 
-def _read_cached(path: Path, name: str) -> RationalFit | None:
-    """The cached fit at ``path``, or None (missing, half-written or from an incompatible version: refitted)."""
+def _read_cached(path: Path, name: str, x, y, w, form: str, m: int, n: int) -> RationalFit | None:
+    """The cached fit at ``path`` if it is what it claims to be, else None (refitted).
+
+    Missing, half-written or from an incompatible version: None. An entry that parses but does not match its key
+    (another form or degrees, a numerator or denominator of the wrong length, non-finite coefficients) or whose
+    recorded max/RMS errors are not what its coefficients give on these fit points (an edited or damaged entry):
+    None, with a warning naming the file."""
     d = read_json(path)
-    try:
-        return RationalFit(**{**d, "degrees": tuple(d["degrees"]), "target": name})
-    except (TypeError, KeyError):
+    if d is None:
         return None
+    try:
+        fit = RationalFit(**{**d, "degrees": tuple(int(v) for v in d["degrees"]), "target": name})
+        a, b = (torch.tensor([float(v) for v in c], dtype=torch.float64) for c in (fit.numerator, fit.denominator))
+        recorded = (float(fit.max_error), float(fit.rms_error))
+    except (TypeError, KeyError, ValueError):
+        return None
+    why = None
+    if fit.form != form or fit.degrees != (m, n) or a.numel() != m + 1 or b.numel() != n:
+        why = (f"holds form {fit.form!r}, degrees {fit.degrees} with {a.numel()}+{b.numel()} coefficients, "
+               f"not form {form!r}, degrees {(m, n)}")
+    elif not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        why = "holds non-finite coefficients"
+    else:
+        actual = _errors(a, b, x, y, w, form)
+        if not all(math.isclose(r, v, rel_tol=1e-6, abs_tol=1e-12) for r, v in zip(recorded, actual)):
+            why = (f"records max error {recorded[0]:.3g} but its coefficients give {actual[0]:.3g} on the fit "
+                   "points")
+    if why is not None:
+        warnings.warn(f"fit cache entry {path} {why}; refitting", stacklevel=3)
+        return None
+    return fit
 
 
 def _best_fit(x, y, w, form: str, m: int, n: int):
@@ -199,7 +224,7 @@ def fit_rational(
     if not torch.isfinite(y).all():
         raise ValueError("the target activation returned non-finite values on the fit points")
     path = _cache_path(x, w, y, form, m, n) if cache else None
-    cached = _read_cached(path, name) if path is not None else None
+    cached = _read_cached(path, name, x, y, w, form, m, n) if path is not None else None
     if cached is not None:
         return cached
     mx, rms, a, b = _best_fit(x, y, w, form, m, n)
