@@ -89,11 +89,12 @@ table2: $(STAMP)
 	$(MMLU_JOBS)
 	$(PY) -m nora.results tables
 
-# MMLU for every finished run under runs/table2 without an mmlu.json, and for the base model.
+# MMLU for every finished run under runs/table2 without an mmlu.json, and for the base model (each line is quoted
+# for the shell and Hydra: eval runs it).
 define MMLU_JOBS
 @if [ -z "$(DRY_RUN)" ]; then \
 	$(PY) -m nora.results mmlu-jobs --runs runs/table2 --base llama3_8b --eval-root runs/eval | \
-	while read -r job; do echo "$(PY) eval.py $$job $(EVAL_ARGS)"; $(PY) eval.py $$job $(EVAL_ARGS) || exit 1; done; \
+	while read -r job; do echo "$(PY) eval.py $$job $(EVAL_ARGS)"; eval "$(PY) eval.py $$job $(EVAL_ARGS)" || exit 1; done; \
 else $(PY) -m nora.results mmlu-jobs --runs runs/table2 --base llama3_8b --eval-root runs/eval | sed 's/^/would run: eval.py /'; fi
 endef
 

@@ -316,6 +316,32 @@ def test_mmlu_jobs(tmp_path):
     assert mmlu_jobs(root / "table2", "qwen2_7b", root / "eval")[-1] == "model=qwen2_7b"
 
 
+def test_mmlu_jobs_lines_reach_eval_py_intact(tmp_path):
+    """Every printed line, run as the Makefile runs it (`eval "python eval.py $line"`), gives eval.py exactly the
+    run directory: run names carrying overrides (`=`, `,`), output roots with spaces, quotes, `$` and unicode."""
+    import os
+    import subprocess
+    import sys
+
+    from nora.results.__main__ import mmlu_jobs
+
+    root = tmp_path / "out root" / "ünïcode it's $HOME ${x}"
+    names = ["llama3_8b_alpaca_lora_s0_trainer.grad_accum=4", "llama3_8b_alpaca_lora_s1_method.lora.r=4,trainer.lr=0.001"]
+    for seed, name in enumerate(names):
+        write_run(root, name, method="lora", dataset="alpaca", seed=seed, model="llama3_8b", family="causal_lm")
+    lines = mmlu_jobs(root, None, tmp_path / "eval")
+    assert len(lines) == 2
+    repo = Path(__file__).resolve().parent.parent
+    loop = 'while read -r job; do eval "$PY eval.py $job --cfg job --resolve" || exit 1; echo ---; done'  # the Makefile's
+    proc = subprocess.run(["bash", "-c", loop], input="\n".join(lines) + "\n", cwd=repo, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PY": sys.executable})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import yaml
+
+    printed = [yaml.safe_load(doc)["run_dir"] for doc in proc.stdout.split("---\n") if doc.strip()]
+    assert printed == [str(root / name) for name in names]
+
+
 # ------------------------------------------------------------------------------------ ablations
 ABLATION_RANK_ROWS = """\
 ## Rank r of the coefficient update (alpha = 6)

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import shlex
 import sys
 from pathlib import Path
+
 from nora.results.budget import budget_table
 from nora.results.collect import collect
 from nora.results.render import render_all, render_demo, write_index
@@ -78,14 +81,26 @@ def _plan(args) -> int:
     return 0
 
 
+def hydra_value(value: str) -> str:
+    """``value`` as a Hydra override value: as it is when it holds only plain characters, else single-quoted with
+    quotes, the backslashes before them and ``${`` escaped (run names carrying overrides hold ``=`` and ``,``,
+    output roots may hold spaces or non-ASCII letters, which Hydra's lexer refuses unquoted)."""
+    if re.fullmatch(r"[A-Za-z0-9_./+-]+", value):
+        return value
+    value = re.sub(r"\\+(?='|$)", lambda m: m.group(0) * 2, value)
+    return "'" + value.replace("'", "\\'").replace("${", "\\${") + "'"
+
+
 def mmlu_jobs(runs: str | Path, base: str | None, eval_root: str | Path) -> list[str]:
     """``eval.py`` arguments for every complete LLM run without a readable ``mmlu.json`` and for the base model
-    (unless ``eval_root`` holds a readable evaluation of it)."""
+    (unless ``eval_root`` holds a readable evaluation of it), one job per line, each argument quoted for the shell
+    and for Hydra (``eval "python eval.py $line"`` runs it; the Makefile's table2 does)."""
     col = collect(runs)
-    out = [f"run_dir={r.dir}" for r in col.runs if r.summary.get("family") == "causal_lm" and not r.mmlu]
+    out = [f"run_dir={hydra_value(str(r.dir))}" for r in col.runs
+           if r.summary.get("family") == "causal_lm" and not r.mmlu]
     if base and collect(eval_root).base_eval(base) is None:
-        out.append(f"model={base}")
-    return out
+        out.append(f"model={hydra_value(base)}")
+    return [shlex.quote(arg) for arg in out]
 
 
 def _mmlu_jobs(args) -> int:
