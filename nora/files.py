@@ -23,11 +23,30 @@ def cache_dir(*parts: str) -> Path:
     return Path(root, *parts)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def temp_path_for(path: str | os.PathLike) -> Path:
-    """A fresh, unique temp path next to ``path`` (same file system, so ``os.replace`` is atomic)."""
+    """A fresh, unique temp path next to ``path`` (same file system, so ``os.replace`` is atomic), with the mode a
+    plain ``open`` would give (``0666 & ~umask``: group-readable under the usual 022 or 002, not mkstemp's 0600, so
+    another user of a shared group directory can read the run)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     return Path(tmp)
 
 

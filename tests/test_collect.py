@@ -3,12 +3,17 @@
 are no runs. Run trees are written with the helpers of test_results.py."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+import pytest
 
 from nora.results.__main__ import mmlu_jobs
 from nora.results.collect import collect
@@ -110,3 +115,62 @@ def test_demo_table_lists_unreadable_runs_too(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert err.splitlines()[0] == f"unreadable: {bad}: {TRUNCATED}"
     assert "| full FT | 2 | 92.00 ± 2.83 |" in out  # seeds 0 and 2 (90.0, 94.0)
+
+
+def test_symlinked_run_folders_are_collected_once_and_a_link_loop_ends(tmp_path):
+    """runs/demo -> /scratch/...: a symlinked folder's runs enter the tables; a link back up the tree (or a second
+    link to the same folder) neither loops nor counts a run twice."""
+    scratch = demo_runs(tmp_path / "scratch" / "demo")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "demo").symlink_to(scratch, target_is_directory=True)
+    (runs / "demo_again").symlink_to(scratch, target_is_directory=True)
+    (scratch / "rot90" / "up").symlink_to(runs, target_is_directory=True)  # a loop
+    direct = collect(scratch)
+    col = collect(runs)
+    assert len(direct.runs) > 0 and col.unreadable == {}
+    assert sorted(str(r.dir.resolve()) for r in col.runs) == sorted(str(r.dir.resolve()) for r in direct.runs)
+    assert len(col.incomplete) == len(direct.incomplete) == 1
+    proc = nora_results(["tables", "--runs", "runs", "--out", "out"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no complete runs" not in proc.stdout and (tmp_path / "out" / "demo.md").exists()
+
+
+@contextlib.contextmanager
+def another_user_of_the_group():
+    """This process as another user (uid 65534) of root's group, as a colleague on a shared group directory: the
+    kernel then checks the files' real permission bits. Needs root (CI runs as root)."""
+    if os.geteuid() != 0:
+        pytest.skip("acting as another user needs root")
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+def test_another_user_of_the_group_reads_the_runs_and_an_unreadable_folder_is_listed(tmp_path):
+    from nora.files import write_json_atomic
+
+    shared = Path(tempfile.mkdtemp(prefix="nora-shared-", dir="/tmp"))  # pytest's tmp_path is 0700
+    try:
+        shared.chmod(0o755)
+        demo = demo_runs(shared / "demo")
+        for summary in demo.glob("**/summary.json"):  # as run_training writes them, under the usual umask
+            old = os.umask(0o022)
+            try:
+                write_json_atomic(summary, json.loads(summary.read_text()))
+            finally:
+                os.umask(old)
+            assert summary.stat().st_mode & 0o777 == 0o644
+        private = demo / "rot90"
+        private.chmod(0o700)  # a folder its owner keeps to themself
+        everyone = collect(demo)
+        with another_user_of_the_group():
+            col = collect(demo)
+        assert col.unreadable == {private: "cannot be read (Permission denied); its runs are left out"}
+        assert sorted(r.dir for r in col.runs) == sorted(r.dir for r in everyone.runs
+                                                         if private not in r.dir.parents)
+        assert len(col.runs) > 0
+    finally:
+        shutil.rmtree(shared)

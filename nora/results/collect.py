@@ -173,15 +173,34 @@ class Collection:
         return max(found, key=lambda b: b.date) if found else None
 
 
-def _walk(root: Path) -> Iterable[tuple[Path, set[str]]]:
-    for dirpath, dirnames, filenames in os.walk(root):
+def _walk(root: Path, unreadable: dict[Path, str]) -> Iterable[tuple[Path, set[str]]]:
+    """Every directory under ``root`` with its file names. Symlinked directories are followed (``runs/demo ->
+    /scratch/...``), each real directory once (a link back up the tree does not loop); a directory that cannot be
+    listed (no permission) is recorded in ``unreadable``, never skipped silently."""
+    visited: set[str] = set()
+
+    def refused(exc: OSError) -> None:
+        if isinstance(exc, FileNotFoundError):  # a missing root (or a directory removed meanwhile): nothing there
+            return
+        path = Path(exc.filename) if exc.filename else root
+        unreadable[path] = f"cannot be read ({exc.strerror or exc}); its runs are left out"
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=refused):
+        real = os.path.realpath(dirpath)
+        if real in visited:
+            dirnames[:] = []
+            continue
+        visited.add(real)
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
         yield Path(dirpath), set(filenames)
 
 
 def _read_dict(path: Path) -> dict:
     """The JSON object in ``path`` (which exists); :class:`Unreadable` when it is not one."""
-    d = read_json(path)
+    try:
+        d = read_json(path)
+    except OSError as exc:  # no permission (another user's 0600 file), an I/O error
+        raise Unreadable(path, f"cannot be read ({exc.strerror or exc})") from None
     if not isinstance(d, dict):
         raise Unreadable(path, "not a JSON object (truncated or corrupted?)")
     return d
@@ -202,7 +221,7 @@ def collect(*roots: str | os.PathLike) -> Collection:
     col = Collection()
     seen: set[Path] = set()
     for root in roots:
-        for d, files in _walk(Path(root)):  # os.walk of a missing root yields nothing
+        for d, files in _walk(Path(root), col.unreadable):  # a missing root yields nothing
             key = d.resolve()
             if key in seen or not {SUMMARY, MMLU} & files:
                 continue
