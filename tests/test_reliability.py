@@ -434,3 +434,23 @@ def test_a_fit_cache_entry_that_is_not_what_it_claims_is_refitted(tmp_path, monk
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert fit_rational("gelu", form="A", degrees=(5, 4)).numerator == good.numerator  # and trusted again
+
+
+def test_a_refused_second_process_leaves_the_live_runs_hydra_record_alone(cifar10, tmp_path):
+    """Two configurations raced into one run_name: the second is refused by the lock, and `.hydra/` still records
+    the configuration and overrides the live run trains with (Hydra would have rewritten it before the job)."""
+    overrides = tiny_overrides(cifar10, tmp_path, "nora", LONG + ["trainer.checkpoint_every=2"])
+    run_dir = tmp_path / RUN_NAME
+    with train_process(overrides + ["trainer.lr=0.001"], tmp_path) as first:
+        wait_until(lambda: (run_dir / "checkpoints/last.pt").exists(), first, "the first checkpoint")
+        record = {f: (run_dir / ".hydra" / f).read_text() for f in ("config.yaml", "overrides.yaml", "hydra.yaml")}
+        assert OmegaConf.load(run_dir / ".hydra/config.yaml").trainer.lr == 0.001
+        second = subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides, "trainer.lr=0.002",
+                                 f"run_name={RUN_NAME}"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                                timeout=300)
+        assert second.returncode == 2 and f"is in use by pid {first.pid}" in second.stderr
+        assert first.poll() is None
+    assert {f: (run_dir / ".hydra" / f).read_text() for f in record} == record
+    assert OmegaConf.load(run_dir / ".hydra/config.yaml").trainer.lr == 0.001
+    assert "trainer.lr=0.001" in OmegaConf.load(run_dir / ".hydra/overrides.yaml")
+    assert OmegaConf.load(run_dir / "config.yaml").trainer.lr == 0.001

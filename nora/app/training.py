@@ -36,6 +36,7 @@ from nora.methods import MethodResult, apply_method
 from nora.runs.identity import changed_config, config_hash, kept_config
 from nora.runs.layout import RunDir, checkpoint_path, is_complete, read_summary, write_config, write_summary
 from nora.runs.lock import RunLock
+from nora.runs.writable import write_hydra_record
 from nora.runs.logger import RunLogger
 from nora.train import distributed as dist
 from nora.train.loop import Trainer
@@ -97,6 +98,7 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
     go_offline_if_unreachable()
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     with RunLock(run_dir):  # one process per run directory, for the whole run (nora.runs.lock)
+        write_hydra_record(cfg, run_dir)  # .hydra/ only now: a process the lock refuses must not rewrite it
         return _train(run, run_dir)
 
 

@@ -1,6 +1,10 @@
 """A Hydra callback (``hydra.callbacks`` in configs/train.yaml): an output directory that cannot be written
 (read-only file system, no permission, a full disk) is one line and exit status 2 before Hydra itself creates
-it, writes ``.hydra/`` and opens its log file there (each of which would otherwise end in a traceback)."""
+it, writes ``.hydra/`` and opens its log file there (each of which would otherwise end in a traceback).
+
+``.hydra/`` itself is written by :func:`write_hydra_record` once the run's lock is held (``configs/train.yaml`` sets
+``hydra.output_subdir: null``): Hydra would write it before the job starts, so a second process refused by the
+lock would already have replaced the live run's ``.hydra/config.yaml`` with its own configuration."""
 from __future__ import annotations
 
 import shutil
@@ -9,8 +13,12 @@ import tempfile
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 from nora.errors import OutputError, WRITE_ERRNOS
+from nora.files import write_text_atomic
+
+HYDRA_DIR = ".hydra"
 
 # below this, Hydra's own files and the first metrics lines may not fit: refuse before starting
 MIN_FREE_BYTES = 1 << 20
@@ -45,3 +53,20 @@ def _exit(message: str) -> None:
     # SystemExit, not an exception: Hydra would print an exception raised here with a stack trace
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def write_hydra_record(cfg: DictConfig, run_dir: Path) -> None:
+    """``<run_dir>/.hydra/{config,hydra,overrides}.yaml``, what Hydra writes there, for a job Hydra launched into
+    ``run_dir``; call it holding the run's lock. Nothing outside a Hydra job or for another directory."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    if Path(hydra_cfg.runtime.output_dir).resolve() != Path(run_dir).resolve():
+        return
+    task = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
+    out = Path(run_dir) / HYDRA_DIR
+    write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(task))
+    write_text_atomic(out / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})))
+    write_text_atomic(out / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.overrides.task))
