@@ -454,3 +454,15 @@ def test_a_refused_second_process_leaves_the_live_runs_hydra_record_alone(cifar1
     assert OmegaConf.load(run_dir / ".hydra/config.yaml").trainer.lr == 0.001
     assert "trainer.lr=0.001" in OmegaConf.load(run_dir / ".hydra/overrides.yaml")
     assert OmegaConf.load(run_dir / "config.yaml").trainer.lr == 0.001
+
+
+def test_the_loss_logged_after_a_resume_equals_the_uninterrupted_twins(cifar10, tmp_path):
+    """Stopped at step 3 between two metrics lines (every 4 steps): the line at step 4 averages steps 1-4 as the
+    twin's does, not only step 4."""
+    base = tiny_overrides(cifar10, tmp_path, "nora", ["trainer.log_every=4", "trainer.checkpoint_every=1"])
+    twin, resumed = tmp_path / "twin", tmp_path / "resumed"
+    run_training(make_cfg(base), run_dir=twin)
+    assert run_training(make_cfg(base + ["trainer.stop_after_steps=3"]), run_dir=resumed)["step"] == 3
+    run_training(make_cfg(base), run_dir=resumed)
+    losses = [{r["step"]: r["loss"] for r in read_metrics(d) if "loss" in r} for d in (twin, resumed)]
+    assert list(losses[0]) == [4, 8, 12] and losses[1] == losses[0]  # bitwise equal

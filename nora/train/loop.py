@@ -42,6 +42,10 @@ class LoopState:
     best_step: int | None = None
     last_eval: dict = field(default_factory=dict)
     finished: bool = False
+    # the loss summed since the last metrics line and its step count: a resumed run's next line averages the same
+    # steps as its uninterrupted twin's (mean over ranks)
+    log_loss_sum: float = 0.0
+    log_steps: int = 0
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -183,6 +187,9 @@ class Trainer:
         """Write ``checkpoints/last.pt`` atomically (rank 0; other ranks write their RNG state)."""
         self._check_finite()
         self._sync_units()
+        if hasattr(self, "_loss_sum"):  # inside fit(): the loss not yet logged travels with the checkpoint
+            self.state.log_loss_sum = float(dist.all_reduce_mean(self._loss_sum.detach()))
+            self.state.log_steps = self._interval["steps"]
         gathered = gather_training_state(self.model, self.optimizer)  # FSDP: all ranks gather; None off rank 0
         if dist.rank() != 0:
             atomic_save(rng_state(), self.ckpt_path.with_name(f"rng_rank{dist.rank()}.pt"))
@@ -259,8 +266,9 @@ class Trainer:
         ``eval_every`` epochs and at the end. Returns the final :class:`LoopState`."""
         session_start, self._session_steps = time.perf_counter(), 0
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
-        self._loss_sum = torch.zeros((), device=self.device)
-        self._interval = {"t0": time.perf_counter(), "data": 0.0, "steps": 0}
+        # a resumed run goes on with the loss its checkpoint had not logged yet (LoopState.log_loss_sum)
+        self._loss_sum = torch.full((), self.state.log_loss_sum, device=self.device)
+        self._interval = {"t0": time.perf_counter(), "data": 0.0, "steps": self.state.log_steps}
         self._show = self.cfg.progress and dist.rank() == 0
         self.runner.train()
         from tqdm.auto import tqdm
