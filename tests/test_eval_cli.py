@@ -99,3 +99,29 @@ def test_eval_rejects_vision_models_and_missing_data(tmp_path, tiny_run):
         run_eval(compose_cfg("eval", [f"run_dir={tiny_run}", f"mmlu.path={tmp_path}/nowhere", "device=cpu"]))
     with pytest.raises(UserError, match="no config.yaml"):
         run_eval(compose_cfg("eval", [f"run_dir={tmp_path}", f"mmlu.path={tmp_path}"]))
+
+
+def test_eval_refuses_an_adapter_that_is_not_the_runs_own(mmlu_dir, tiny_run, tmp_path):
+    """eval.py scores the adapter the run saved or nothing: NoRA's files gone from a nora_pp run (a plain LoRA
+    adapter left) or a LoRA file of the same shapes but other weights (another run's, another model's) is one line
+    naming the file, and no mmlu.json is written under the run's name."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    for damage in ("nora files removed", "other lora weights"):
+        run = tmp_path / damage.replace(" ", "_")
+        shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("mmlu.json"))
+        adir = run / "adapter"
+        if damage == "nora files removed":
+            for f in ("nora_config.json", "nora_adapter.safetensors"):
+                (adir / f).unlink()
+            expected = f"{adir} holds a lora adapter, but method=nora_pp saves a nora++ adapter"
+        else:
+            f = adir / "adapter_model.safetensors"
+            save_file({k: v * 1.5 for k, v in load_file(str(f)).items()}, str(f))
+            expected = f"{f} is not the file this run saved (sha256 "
+        with pytest.raises(UserError) as err:
+            run_eval(compose_cfg("eval", [f"run_dir={run}", f"mmlu.path={mmlu_dir}", "device=cpu"]))
+        assert str(err.value).startswith(expected), str(err.value)
+        assert not (run / "mmlu.json").exists()

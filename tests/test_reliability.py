@@ -466,3 +466,53 @@ def test_the_loss_logged_after_a_resume_equals_the_uninterrupted_twins(cifar10, 
     run_training(make_cfg(base), run_dir=resumed)
     losses = [{r["step"]: r["loss"] for r in read_metrics(d) if "loss" in r} for d in (twin, resumed)]
     assert list(losses[0]) == [4, 8, 12] and losses[1] == losses[0]  # bitwise equal
+
+
+def test_a_run_whose_adapter_was_deleted_is_not_complete_and_is_rebuilt_from_its_checkpoint(cifar10, tmp_path, capsys):
+    from nora.app.reload import load_trained_model
+
+    run = tmp_path / "run"
+    base = tiny_overrides(cifar10, tmp_path, "nora", [])
+    first = run_training(make_cfg(base), run_dir=run)
+    saved = {p.name: p.read_bytes() for p in (run / "adapter").iterdir()}
+    assert set(first["adapter"]["files"]) == {"nora_config.json", "nora_adapter.safetensors"}
+    shutil.rmtree(run / "adapter")
+    with pytest.raises(UserError, match=f"{run}: no adapter/ directory"):
+        load_trained_model(run)
+    capsys.readouterr()
+    again = run_training(make_cfg(base), run_dir=run)
+    out = capsys.readouterr().out
+    assert (f"warning: {run}: summary.json says complete but {run / 'adapter'} is missing; training the run again "
+            "from its last checkpoint") in out and "skip:" not in out
+    assert {p.name: p.read_bytes() for p in (run / "adapter").iterdir()} == saved  # the same trained adapter
+    assert again["steps"] == first["steps"] == 12 and again["adapter"] == first["adapter"]
+    assert train_steps(run) == [2, 4, 6, 8, 10, 12]
+    assert load_trained_model(run).adapter["kind"] == "nora"
+    assert "skip:" in (run_training(make_cfg(base), run_dir=run) and capsys.readouterr().out)  # complete again
+
+
+def test_an_adapter_that_is_not_the_runs_own_is_refused_by_name(cifar10, tmp_path):
+    """A nora_pp run holding a plain LoRA adapter would be scored as LoRA with NoRA silently absent; a LoRA run
+    holding another LoRA run's adapter (same shapes: LLaMA-3-8B, Mistral-7B and Qwen2-7B share them) would be
+    scored under the wrong name. Both are refused before anything is loaded, naming the file."""
+    from nora.app.reload import load_trained_model
+
+    runs = {}
+    for method, seed in (("nora_pp", 0), ("lora", 0), ("lora", 1)):
+        runs[method, seed] = tmp_path / f"{method}_s{seed}"
+        run_training(make_cfg(tiny_overrides(cifar10, tmp_path, method, ["trainer.epochs=1", f"seed={seed}"])),
+                     run_dir=runs[method, seed])
+    pp, lora0, lora1 = runs["nora_pp", 0], runs["lora", 0], runs["lora", 1]
+    shutil.rmtree(pp / "adapter")
+    shutil.copytree(lora0 / "adapter", pp / "adapter")
+    with pytest.raises(UserError) as err:
+        load_trained_model(pp)
+    assert str(err.value).startswith(f"{pp / 'adapter'} holds a lora adapter, but method=nora_pp saves a nora++ "
+                                     "adapter; not loading it")
+    shutil.copy(lora1 / "adapter/adapter_model.safetensors", lora0 / "adapter/adapter_model.safetensors")
+    with pytest.raises(UserError) as err:
+        load_trained_model(lora0)
+    msg = str(err.value)
+    assert msg.startswith(f"{lora0 / 'adapter/adapter_model.safetensors'} is not the file this run saved (sha256 ")
+    assert "force=true" in msg and "\n" not in msg
+    assert load_trained_model(lora1).adapter["kind"] == "lora"  # the run whose file it is loads it

@@ -135,3 +135,60 @@ def apply_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> tuple[nn.
     model.requires_grad_(False)
     model.eval()
     return model, ident
+
+
+def adapter_record(identity: dict) -> dict:
+    """What ``summary.json`` records of the adapter a run saved (its ``"adapter"`` entry): kind, components and
+    each file's sha256, so that a reload can tell the run's own adapter from one put in its place."""
+    return {"kind": identity["kind"], "components": list(identity["components"]), "files": dict(identity["files"])}
+
+
+def _expected_kind(method) -> str | None:
+    """What a run's method (a ``method`` config section or :class:`MethodConfig`) saves, as a sentence, or None when
+    ``identity`` is of that kind (see :func:`adapter_mismatch`)."""
+    lora = method.lora
+    if method.nora and lora:
+        return "nora++"
+    if method.nora:
+        return "nora"
+    if lora:
+        return "dora" if lora.use_dora else "lora"
+    return None
+
+
+def adapter_mismatch(identity: dict, method, recorded: dict | None) -> str | None:
+    """Why the adapter ``identity`` (:func:`adapter_identity`) is not the one a run with ``method`` saved, or None.
+
+    The method fixes the kind (``nora_pp``: LoRA and NoRA, ``lora``: LoRA only, ...); ``recorded``, the run's
+    :func:`adapter_record` in ``summary.json`` (absent in runs saved before it was recorded), fixes each file's
+    content: an adapter of another run or model put in its place (LLaMA-3-8B, Mistral-7B and Qwen2-7B share LoRA
+    shapes, so loading alone would not notice) is refused."""
+    adir, kind, name = Path(identity["dir"]), identity["kind"], method.name
+    want = _expected_kind(method)
+    if want is None and ({"nora", "lora", "dora"} & set(identity["components"])):
+        return f"{adir} holds a {kind} adapter, but method={name} saves none of LoRA, DoRA or NoRA"
+    if want is not None and kind != want:
+        return f"{adir} holds a {kind} adapter, but method={name} saves a {want} adapter"
+    if recorded:
+        if recorded.get("kind") not in (None, kind):
+            return f"{adir} holds a {kind} adapter, but summary.json records a {recorded['kind']} adapter"
+        files, have = recorded.get("files") or {}, identity["files"]
+        for f in sorted(set(files) | set(have)):
+            if files.get(f) != have.get(f):
+                if f not in have:
+                    return f"{adir / f} is missing (summary.json records it)"
+                if f not in files:
+                    return f"{adir / f} is not part of the adapter this run saved (summary.json does not record it)"
+                return (f"{adir / f} is not the file this run saved (sha256 {have[f][:12]}..., summary.json records "
+                        f"{files[f][:12]}...)")
+    return None
+
+
+def check_adapter(adapter_dir: Path, method, recorded: dict | None) -> dict:
+    """:func:`adapter_identity` of a run's ``adapter_dir``, after checking it is the adapter the run saved
+    (:func:`adapter_mismatch`); :class:`UserError` (one line naming the file and the way out) when it is not."""
+    identity = adapter_identity(adapter_dir)
+    why = adapter_mismatch(identity, method, recorded)
+    if why is not None:
+        raise UserError(f"{why}; not loading it: restore the run's own adapter, or retrain the run (force=true)")
+    return identity

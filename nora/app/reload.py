@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from nora.app.adapters import apply_adapter
+from nora.app.adapters import apply_adapter, check_adapter
 from nora.errors import UserError
 from nora.hardware import seed_everything
 from nora.models import build_model
@@ -73,13 +73,15 @@ def load_trained_model(run_dir: str | os.PathLike, *, device: str | torch.device
     if not adir.is_dir():
         raise UserError(f"{run_dir}: no adapter/ directory (is the run complete? its summary.json says "
                         f"{_status(run_dir)})")
+    summary = read_summary(run_dir)
+    check_adapter(adir, cfg.method, (summary or {}).get("adapter"))  # the run's own adapter, before any loading
     model, tokenizer = build_base_model(cfg, model_path)
     if dtype is not None:
         model = model.to(resolve_dtype(dtype))
     model, identity = apply_adapter(model, adir)
     if device is not None:
         model = model.to(device)
-    return TrainedModel(model, tokenizer, cfg, identity, read_summary(run_dir))
+    return TrainedModel(model, tokenizer, cfg, identity, summary)
 
 
 def _status(run_dir: Path) -> str:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nora import hardware
 from nora.adapter.curves import activation_figure
-from nora.app.adapters import save_adapter
+from nora.app.adapters import adapter_identity, adapter_mismatch, adapter_record, save_adapter
 from nora.app.config import RunConfig, validate
 from nora.app.setup import TrainSetup, build_setup
 from nora.errors import UserError
@@ -161,18 +161,37 @@ def _train(run: RunConfig, run_dir: Path) -> dict:
 
 
 def _skip_or_resume(run: RunConfig, run_dir: Path) -> tuple[dict | None, Path | None]:
-    """``(summary, None)`` for a complete run to skip, else ``(None, the checkpoint to resume or None)``."""
+    """``(summary, None)`` for a complete run to skip, else ``(None, the checkpoint to resume or None)``. A run whose
+    adapter is not the one it saved (``adapter/`` deleted, files replaced) is not complete: it is trained again,
+    from its last checkpoint when there is one (which then only writes the outputs again)."""
     complete, auto = is_complete(run_dir), run.resume == "auto"
     afresh = run.force
     if not afresh and (complete or (auto and checkpoint_path(run_dir).exists())):
         what = "a complete run" if complete else "a checkpoint"
         afresh = _start_afresh_for_changed_config(run.composed, run_dir, what, run.on_config_change)
     if complete and not afresh:
-        log.info("%s is complete (summary.json); skipping (force=true reruns it)", run_dir)
-        print(f"skip: {run_dir} already holds a complete summary.json (force=true reruns it)")
-        return read_summary(run_dir), None
+        why = _adapter_problem(run, run_dir)
+        if why is None:
+            log.info("%s is complete (summary.json); skipping (force=true reruns it)", run_dir)
+            print(f"skip: {run_dir} already holds a complete summary.json (force=true reruns it)")
+            return read_summary(run_dir), None
+        again = " from its last checkpoint" if auto and checkpoint_path(run_dir).exists() else ""
+        print(f"warning: {run_dir}: summary.json says complete but {why}; training the run again{again}")
     resume_from = resume_path(run.resume, run_dir)
     return None, (None if afresh and auto else resume_from)
+
+
+def _adapter_problem(run: RunConfig, run_dir: Path) -> str | None:
+    """Why the adapter of the complete run in ``run_dir`` is not the one it saved (deleted, incomplete, another
+    kind, other files), or None: such a run is not complete."""
+    adir = RunDir(run_dir).adapter
+    if not adir.is_dir():
+        return f"{adir} is missing"
+    try:
+        identity = adapter_identity(adir)
+    except UserError as exc:
+        return str(exc)
+    return adapter_mismatch(identity, run.method, (read_summary(run_dir) or {}).get("adapter"))
 
 
 def _summary(run: RunConfig, setup: TrainSetup, result: MethodResult, trainer: Trainer, device,
@@ -203,6 +222,7 @@ def _summary(run: RunConfig, setup: TrainSetup, result: MethodResult, trainer: T
 
 def _write_outputs(run: RunConfig, model, result: MethodResult, run_dir: Path, summary: dict) -> None:
     save_adapter(model, run.method, RunDir(run_dir).adapter)
+    summary["adapter"] = adapter_record(adapter_identity(RunDir(run_dir).adapter))  # what a reload checks
     if result.injection is not None:
         activation_figure(RunDir(run_dir).adapter, RunDir(run_dir).activations,  # drawn from the files just saved
                           title=f"{run.method.name} on {run.dataset.name} (seed {run.seed})")
