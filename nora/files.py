@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -48,6 +50,28 @@ def temp_path_for(path: str | os.PathLike) -> Path:
     finally:
         os.close(fd)
     return Path(tmp)
+
+
+TEMP_NAME = re.compile(r"\.(?P<target>.+)\.[A-Za-z0-9_]{8}\.tmp")  # what temp_path_for names a file
+
+
+def remove_stale_temps(directory: str | os.PathLike, *, min_age_s: float = 0.0,
+                       spare: Callable[[str], bool] = lambda target: False) -> list[Path]:
+    """Remove the temp files (:func:`temp_path_for`) an interrupted write left in ``directory`` (a kill, a power
+    loss between the write and the rename) and return them. Only call it while no other process may be writing
+    there (the run's lock held); ``min_age_s`` spares younger files, ``spare(target name)`` those of some targets."""
+    removed = []
+    now = time.time()
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in os.scandir(directory):
+            m = TEMP_NAME.fullmatch(entry.name)
+            if m is None or not entry.is_file(follow_symlinks=False) or spare(m["target"]):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if now - entry.stat(follow_symlinks=False).st_mtime >= min_age_s:
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
 
 
 @contextlib.contextmanager

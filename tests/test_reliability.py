@@ -516,3 +516,27 @@ def test_an_adapter_that_is_not_the_runs_own_is_refused_by_name(cifar10, tmp_pat
     assert msg.startswith(f"{lora0 / 'adapter/adapter_model.safetensors'} is not the file this run saved (sha256 ")
     assert "force=true" in msg and "\n" not in msg
     assert load_trained_model(lora1).adapter["kind"] == "lora"  # the run whose file it is loads it
+
+
+def test_temp_files_of_interrupted_writes_are_removed_by_the_next_run(cifar10, tmp_path, capsys):
+    """Writers killed between writing a temp file and renaming it (kill -9 inside nora.files.atomic_path) leave
+    `.last.pt.*.tmp` and `.metrics.jsonl.*.tmp`; the next process to hold the run removes them, and says so. A fresh
+    temp file of mmlu.json (eval.py writes it without the lock) is spared, an hour-old one removed."""
+    run = tmp_path / "run"
+    base = tiny_overrides(cifar10, tmp_path, "linear_probe", ["trainer.checkpoint_every=2"])
+    run_training(make_cfg(base + ["trainer.stop_after_steps=2"]), run_dir=run)
+    for target in ("checkpoints/last.pt", "metrics.jsonl", "mmlu.json", "mmlu.json"):
+        killed = subprocess.run([sys.executable, "-c", "import os, sys\nfrom nora.files import atomic_path\n"
+                                 "with atomic_path(sys.argv[1]) as tmp:\n    tmp.write_bytes(b'half')\n"
+                                 "    os.kill(os.getpid(), 9)", str(run / target)], env=_env())
+        assert killed.returncode == -signal.SIGKILL
+    stale = sorted(run.glob(".*.tmp")) + sorted(run.glob("checkpoints/.*.tmp"))
+    assert len(stale) == 4
+    old_mmlu, young_mmlu = [p for p in stale if p.name.startswith(".mmlu.json.")]
+    os.utime(old_mmlu, (time.time() - 7200, time.time() - 7200))
+    capsys.readouterr()
+    summary = run_training(make_cfg(base), run_dir=run)
+    assert summary["steps"] == 12 and summary["status"] == "complete"
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("removed"))
+    assert line.startswith(f"removed 3 temp file(s) left in {run} by an interrupted write: ")
+    assert sorted(p for p in stale if p.exists()) == [young_mmlu]

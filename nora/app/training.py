@@ -99,6 +99,10 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     with RunLock(run_dir):  # one process per run directory, for the whole run (nora.runs.lock)
         write_hydra_record(cfg, run_dir)  # .hydra/ only now: a process the lock refuses must not rewrite it
+        stale = RunDir(run_dir).remove_stale_temps()
+        if stale:
+            print(f"removed {len(stale)} temp file(s) left in {run_dir} by an interrupted write: "
+                  f"{', '.join(str(p.relative_to(run_dir)) for p in stale)}")
         return _train(run, run_dir)
 
 

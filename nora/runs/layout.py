@@ -25,7 +25,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from nora.eval.mmlu import MMLU_FILE
-from nora.files import read_json, write_json_atomic, write_text_atomic
+from nora.files import read_json, remove_stale_temps, write_json_atomic, write_text_atomic
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -101,6 +101,15 @@ class RunDir:
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
+
+    def remove_stale_temps(self) -> list[Path]:
+        """The temp files interrupted writes left here (``.last.pt.<random>.tmp``, ``.metrics.jsonl.<random>.tmp``,
+        ...), removed; for the process holding the run's lock. ``eval.py`` writes ``mmlu.json`` without the lock: its
+        temp files are removed only once an hour old."""
+        removed = []
+        for d in (self.root, self.checkpoints, self.adapter, self.root / ".hydra"):
+            removed += remove_stale_temps(d, spare=lambda target: target == MMLU)
+        return removed + remove_stale_temps(self.root, min_age_s=3600, spare=lambda target: target != MMLU)
 
     def __fspath__(self) -> str:
         return str(self.root)
