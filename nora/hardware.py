@@ -59,7 +59,10 @@ def resolve_device(name: str | None, key: str = "trainer.device") -> torch.devic
     """``auto``/None: CUDA where available, else the CPU; otherwise the named device, which must exist."""
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"{key}={name!r}: not a device; valid: auto, cpu, cuda, cuda:N, mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"{key}={name} but no CUDA device is available; use {key}=cpu")
     return dev

@@ -9,6 +9,7 @@ ranges and choices with :func:`require` / :func:`one_of`. Every failure is one l
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from contextlib import contextmanager
 from typing import Any, Iterable, Mapping, TypeVar
@@ -80,8 +81,10 @@ def load(schema: type[T], node, section: str) -> T:
     from omegaconf import OmegaConf
     from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+    plain = _plain(node) or {}
+    _check_finite(plain, section)
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), _plain(node) or {})
+        merged = OmegaConf.merge(OmegaConf.structured(schema), plain)
         return OmegaConf.to_object(merged)
     except ConfigValueError as e:
         raise e.under(section) from None
@@ -94,6 +97,16 @@ def load(schema: type[T], node, section: str) -> T:
         raise UserError(f"{_key(section, e)}={e.value!r}: {why}") from None
     except OmegaConfBaseException as e:
         raise UserError(f"{section}: {_first_line(e.msg)}") from None
+
+
+def _check_finite(node, key: str) -> None:
+    """No config value is inf or nan (``method.nora.alpha=inf`` would train NaNs, ``trainer.lr=nan`` nothing):
+    one line naming the key."""
+    if isinstance(node, float) and not math.isfinite(node):
+        raise UserError(f"{key}={node!r}: must be a finite number")
+    items = node.items() if isinstance(node, Mapping) else enumerate(node) if isinstance(node, (list, tuple)) else ()
+    for k, v in items:
+        _check_finite(v, f"{key}.{k}" if key else str(k))
 
 
 def _key(section: str, e) -> str:

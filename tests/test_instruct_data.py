@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -523,3 +524,52 @@ def test_build_dataloader_from_omegaconf(tmp_path, tok):
     assert [b["input_ids"].tolist() for b in loader] == [b["input_ids"].tolist() for b in batches[2:]]
     ev = list(build_dataloader(val, cfg, tok, 3, train=False))
     assert sum(b["input_ids"].shape[0] for b in ev) == 4
+
+
+@pytest.mark.parametrize("damage", ["truncated arrow", "truncated stats.json", "train/ missing"])
+def test_a_damaged_tokenised_cache_is_rebuilt_with_a_line_saying_so(tmp_path, tok, caplog, damage):
+    import shutil
+
+    path = write_alpaca_json(tmp_path / "a.json", alpaca_records(10))
+    train, val, st = build(tmp_path, tok, path=str(path), val_size=2)
+    before = [train[i] for i in range(len(train))], [val[i] for i in range(len(val))]
+    del train, val  # memory-mapped: cutting the file under a live map would be a bus error
+    entry = Path(st["cache_path"])
+    if damage == "truncated arrow":
+        [arrow] = (entry / "train").glob("*.arrow")
+        data = arrow.read_bytes()
+        arrow.unlink()
+        arrow.write_bytes(data[: len(data) // 2])
+    elif damage == "truncated stats.json":
+        stats = entry / "stats.json"
+        stats.write_bytes(stats.read_bytes()[:40])
+    else:
+        shutil.rmtree(entry / "train")
+    with caplog.at_level(logging.WARNING, logger="nora.data.instruct.cache"):
+        train2, val2, st2 = build(tmp_path, tok, path=str(path), val_size=2)
+    assert st2["cache_hit"] is False and st2["cache_path"] == str(entry)
+    msg = next(r.getMessage() for r in caplog.records if "damaged" in r.getMessage())
+    assert msg.startswith(f"tokenised cache {entry} is damaged (") and msg.endswith("); rebuilding it")
+    assert ([train2[i] for i in range(len(train2))], [val2[i] for i in range(len(val2))]) == before
+    assert build(tmp_path, tok, path=str(path), val_size=2)[2]["cache_hit"] is True  # intact again
+
+
+def test_an_empty_alpaca_file_is_one_line(tmp_path, tok):
+    empty = tmp_path / "alpaca_data.json"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError) as err:
+        build(tmp_path, tok, path=str(empty))
+    assert str(err.value).startswith(f"{empty}: empty file (0 bytes: an interrupted copy or download?)")
+
+
+def test_an_unwritable_cache_dir_says_to_set_nora_cache_dir(tmp_path, tok):
+    from test_reliability import mounted
+
+    from nora.errors import OutputError
+
+    path = write_alpaca_json(tmp_path / "a.json", alpaca_records(10))
+    with mounted(tmp_path / "ro", source="bind") as ro:
+        with pytest.raises(OutputError) as err:
+            build(tmp_path, tok, path=str(path), cache_dir=str(ro / "cache"))
+    assert str(err.value) == (f"cannot write the tokenised-data cache {ro / 'cache'}: [Errno 30] Read-only file "
+                              "system; set NORA_CACHE_DIR (or dataset.cache_dir) to a writable folder")

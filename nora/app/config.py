@@ -21,8 +21,9 @@ from nora.errors import UserError
 from nora.methods import METHODS, methods_for
 from nora.methods.config import MethodConfig, nora_groups_message
 from nora.models.config import FAMILIES, ModelConfig, as_model_config
+from nora.runs.layout import run_name_problem
 from nora.runs.logger import LoggerConfig
-from nora.schema import at_least, load, one_of, per_family
+from nora.schema import load, one_of, per_family, require
 from nora.train.config import TrainerConfig
 from nora.runs import naming  # noqa: F401  registers ${run_overrides:}, which configs/train.yaml's run_name uses
 
@@ -49,7 +50,7 @@ class RunSettings:
     on_config_change: str = "error"
 
     def __post_init__(self):
-        at_least("seed", self.seed, 0)
+        require(0 <= self.seed < 2**32, "seed", self.seed, "must be in [0, 2**32) (numpy's seed range)")
         one_of("on_config_change", self.on_config_change, ON_CONFIG_CHANGE)
 
 
@@ -96,6 +97,9 @@ def validate(cfg: DictConfig) -> RunConfig:
     wd = trainer.weight_decay if trainer.weight_decay is not None else method.weight_decay
     trainer = dataclasses.replace(trainer, lr=lr, head_lr=head_lr, nora_lr=nora_lr, weight_decay=float(wd))
     logger = load(LoggerConfig, _resolved(c, "logger") if "logger" in c else {}, "logger")
+    why = run_name_problem(str(c.run_name))
+    if why is not None:
+        raise UserError(why)
     return RunConfig(model=model, dataset=dataset, method=method, trainer=trainer, logger=logger, seed=top.seed,
                      run_name=str(c.run_name), resume=top.resume, force=top.force,
                      on_config_change=top.on_config_change, composed=cfg)

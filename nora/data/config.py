@@ -62,6 +62,9 @@ class DigitsDatasetConfig(_VisionDataset):
         one_of("eval_split", self.eval_split, EVAL_SPLITS)
         require(0 < self.test_fraction < 1, "test_fraction", self.test_fraction, "must be in (0, 1)")
         require(0 < self.validation_fraction < 1, "validation_fraction", self.validation_fraction, "must be in (0, 1)")
+        classes = list(self.classes)
+        require(len(classes) >= 2 and len(set(classes)) == len(classes) and all(0 <= c <= 9 for c in classes),
+                "classes", classes, "must be two or more distinct digits 0-9")
 
 
 VISION_SOURCES = {"torchvision_cifar10": CifarDatasetConfig, "torchvision_cifar100": CifarDatasetConfig,

@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from nora.errors import OutputError
 from nora.files import cache_dir, read_json, write_json_atomic
 from nora.rational.functional import FORMS, rational_reference
 
@@ -234,5 +235,9 @@ def fit_rational(
         target=name,
     )
     if path is not None:
-        write_json_atomic(path, asdict(fit), indent=None)
+        try:
+            write_json_atomic(path, asdict(fit), indent=None)
+        except OutputError as exc:  # a cache is a convenience: the fit is returned, the next run fits again
+            warnings.warn(f"{exc}; the fit is not cached: set NORA_CACHE_DIR to a writable folder to keep fits",
+                          stacklevel=2)
     return fit

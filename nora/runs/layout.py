@@ -115,6 +115,15 @@ class RunDir:
         return str(self.root)
 
 
+def run_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a run directory's name under ``output_root`` (one directory name: no ``/``, not
+    ``.`` or ``..``, not empty: ``run_name=../x`` would write outside ``output_root``), or None."""
+    if not name.strip() or name in (".", "..") or "/" in name or "\0" in name:
+        return (f"run_name={name!r}: must be one directory name under output_root (not empty, '.' or '..', no '/'); "
+                "put runs in another folder with output_root")
+    return None
+
+
 def read_summary(run_dir: str | os.PathLike) -> dict | None:
     """The run's ``summary.json`` or None (missing, or not readable JSON)."""
     s = read_json(RunDir(run_dir).summary)

@@ -34,7 +34,11 @@ class RunLock:
         if _launch_rank() != 0:  # the ranks of one distributed run share its directory; rank 0 holds it
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except IsADirectoryError:  # made by hand or another tool: not ours to delete
+            raise UserError(f"{self.path} is a directory, not the run's lock file; remove it (it is not nora's) and "
+                            "run again") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nora.errors import OutputError, WRITE_ERRNOS
 from nora.files import write_text_atomic
+from nora.runs.layout import run_name_problem
 
 HYDRA_DIR = ".hydra"
 
@@ -26,6 +27,9 @@ MIN_FREE_BYTES = 1 << 20
 
 class WritableOutputs(Callback):
     def on_run_start(self, config, **kwargs) -> None:
+        why = run_name_problem(str(config.run_name)) if "run_name" in config else None
+        if why is not None:  # before Hydra creates ${output_root}/${run_name}, wherever that is
+            _exit(why)
         check_writable(config.hydra.run.dir)
 
     def on_multirun_start(self, config, **kwargs) -> None:

@@ -5,6 +5,8 @@ config is loaded, before any model or data is touched) and holds the default of 
 """
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -70,8 +72,8 @@ class TrainerConfig:
         one_of("precision", self.precision, PRECISIONS)
         one_of("data_path", self.data_path, DATA_PATHS)
         one_of("strategy", str(self.strategy).lower(), STRATEGIES)
-        require(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"), "device",
-                self.device, "valid: auto, cpu, cuda, cuda:N, mps")
+        require(self.device in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", self.device) is not None,
+                "device", self.device, "valid: auto, cpu, cuda, cuda:N, mps")
 
     def _check_schedule(self):
         if self.max_steps is None:

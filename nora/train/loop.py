@@ -149,6 +149,9 @@ class Trainer:
         if not groups:
             raise UserError("nothing to train: the method left no parameter with requires_grad")
         self.optimizer = self._optimizer(groups)
+        if cfg.warmup_steps is not None and cfg.warmup_steps > self.total_steps:
+            raise UserError(f"trainer.warmup_steps={cfg.warmup_steps} is more than the run's {self.total_steps} steps: "
+                            "the peak learning rate would never be reached; lower it or use trainer.warmup_ratio")
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.scheduler, self.total_steps, warmup, cfg.min_lr_ratio))

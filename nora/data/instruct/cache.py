@@ -16,7 +16,8 @@ import nora.data.instruct.tokenization as tokenization
 from nora.data.instruct.config import DataError, InstructDataConfig, default_cache_dir
 from nora.data.instruct.dataset import InstructDataset, PackedInstructDataset
 from nora.data.instruct.sources import files_fingerprint, load_hub, load_local, local_files
-from nora.files import write_json_atomic
+from nora.errors import OutputError, WRITE_ERRNOS
+from nora.files import read_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -50,20 +51,26 @@ def build_instruct_datasets(cfg: InstructDataConfig | Mapping[str, Any], tokeniz
     }
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True, default=str).encode()).hexdigest()[:24]
     final = cache_root / f"{cfg.name}-{key}"
-    cache_hit = final.joinpath("stats.json").exists()
+    opened, why = open_cache(final, key)
+    cache_hit = opened is not None
     if not cache_hit:
         from filelock import FileLock
 
-        cache_root.mkdir(parents=True, exist_ok=True)
+        check_cache_writable(cache_root)
         with FileLock(str(cache_root / f".{cfg.name}-{key}.lock")):
-            cache_hit = final.joinpath("stats.json").exists()  # another rank finished it meanwhile
-            if not cache_hit:
+            opened, why = open_cache(final, key)  # another rank finished it meanwhile
+            if opened is None:
+                if why is not None:  # there, but not what it claims to be: rebuilt, and said so
+                    logger.warning("tokenised cache %s is damaged (%s); rebuilding it", final, why)
+                    shutil.rmtree(final, ignore_errors=True)
                 if raw is None:
                     raw = load_local(cfg, kind, root, files, cache_root / "hf")
                 build_cache(cfg, tokenizer, raw, final, source, key)
-    import datasets
-
-    stats = json.loads(final.joinpath("stats.json").read_text())
+                opened, why = open_cache(final, key)
+                if opened is None:
+                    raise DataError(f"tokenised cache {final} is unreadable right after it was built ({why}); "
+                                    "check the disk, or set dataset.cache_dir (or NORA_CACHE_DIR) elsewhere")
+    stats, train_ds, val_ds = opened
     stats.update(cache_hit=cache_hit, cache_path=str(final))
     dropped = stats["num_dropped"]
     if dropped:
@@ -72,9 +79,8 @@ def build_instruct_datasets(cfg: InstructDataConfig | Mapping[str, Any], tokeniz
     if stats["num_train"] == 0:
         raise DataError(f"dataset={cfg.name}: no training example left (max_length={cfg.max_length} leaves no "
                         "response token after the tokenizer's own prefix); raise data.max_length")
-    train = InstructDataset(datasets.load_from_disk(str(final / "train")), stats["train"], "train")
-    val = InstructDataset(datasets.load_from_disk(str(final / "val")), stats["val"], "val") \
-        if stats["num_val"] > 0 else None
+    train = InstructDataset(train_ds, stats["train"], "train")
+    val = InstructDataset(val_ds, stats["val"], "val") if val_ds is not None else None
     if cfg.packing:
         train = PackedInstructDataset(train, int(cfg.max_length))
         stats["packing"] = {"rows": len(train), "fill": round(train.fill, 4)}
@@ -87,6 +93,53 @@ def build_instruct_datasets(cfg: InstructDataConfig | Mapping[str, Any], tokeniz
         stats["num_prompt_truncated"], dropped, t["num_tokens"], t["num_supervised_tokens"],
         f"; packed into {len(train)} rows ({100 * train.fill:.1f}% full)" if cfg.packing else "")
     return train, val, stats
+
+
+def check_cache_writable(cache_root: Path) -> None:
+    """Create ``cache_root`` and make sure a file can be written there; else one line saying where to point it."""
+    try:
+        cache_root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cache_root):
+            pass
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        raise OutputError(f"cannot write the tokenised-data cache {cache_root}: [Errno {exc.errno}] {exc.strerror}; "
+                          "set NORA_CACHE_DIR (or dataset.cache_dir) to a writable folder") from None
+
+
+def open_cache(final: Path, key: str) -> tuple[tuple[dict, Any, Any] | None, str | None]:
+    """``((stats, train, val), None)`` for an intact cache entry; ``(None, None)`` when there is none, ``(None,
+    why)`` when it is there but damaged: ``stats.json`` unreadable or of another key, a file of its manifest missing
+    or of another size (a truncated ``.arrow``), a split missing or not holding the recorded number of rows."""
+    import datasets
+
+    if not final.exists():
+        return None, None
+    stats = read_json(final / "stats.json")
+    if not isinstance(stats, dict) or not {"num_train", "num_val", "train", "val"} <= set(stats):
+        return None, "stats.json missing or unreadable"
+    if stats.get("key", key) != key:
+        return None, f"stats.json is of key {stats.get('key')}, not {key}"
+    for rel, size in (stats.get("files") or {}).items():
+        f = final / rel
+        if not f.is_file() or f.stat().st_size != size:
+            return None, f"{rel} is {f.stat().st_size if f.is_file() else 'missing'} bytes, not {size}"
+    splits = []
+    for split in ("train", "val"):
+        n = stats[f"num_{split}"]
+        if not n:
+            splits.append(None)
+            continue
+        try:
+            ds = datasets.load_from_disk(str(final / split))
+            rows = len(ds)
+        except Exception as exc:  # noqa: BLE001  a missing or damaged split: pyarrow and datasets raise many types
+            return None, f"{split}/ does not load ({type(exc).__name__})"
+        if rows != n:
+            return None, f"{split}/ holds {rows} rows, stats.json records {n}"
+        splits.append(ds)
+    return (stats, *splits), None
 
 
 def select_rows(cfg: InstructDataConfig, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -170,4 +223,6 @@ def _tokenize_into(cfg: InstructDataConfig, tokenizer, subset, tmp: Path, key: s
         stats[k] = stats["train"][k] + stats["val"][k]
     del tok, table
     (tmp / "tokenized.arrow").unlink(missing_ok=True)
+    # the manifest a later run checks the entry against (open_cache): a truncated or missing file is rebuilt
+    stats["files"] = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
     write_json_atomic(tmp / "stats.json", stats, indent=1)

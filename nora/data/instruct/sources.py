@@ -125,6 +125,8 @@ def load_local(cfg: InstructDataConfig, kind: str, root: Path, files: Sequence[P
         return check_columns(ds, str(root), cfg)
     parts = []
     for f in files:
+        if f.stat().st_size == 0:
+            raise DataError(f"{f}: empty file (0 bytes: an interrupted copy or download?). Expected {cfg.spec.fmt}")
         try:
             ds = datasets.load_dataset(EXTENSIONS[f.suffix.lower()], data_files=str(f), split="train",
                                        cache_dir=str(hf_cache))
