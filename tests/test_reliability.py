@@ -540,3 +540,46 @@ def test_temp_files_of_interrupted_writes_are_removed_by_the_next_run(cifar10, t
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("removed"))
     assert line.startswith(f"removed 3 temp file(s) left in {run} by an interrupted write: ")
     assert sorted(p for p in stale if p.exists()) == [young_mmlu]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["trainer.warmup_steps=1000"], "trainer.warmup_steps=1000 is more than the run's 12 steps: the peak learning "
+                                    "rate would never be reached"),
+    (["method.nora.alpha=inf"], "method.nora.alpha=inf: must be a finite number"),
+    (["trainer.lr=nan"], "trainer.lr=nan: must be a finite number"),
+    ([f"seed={2**32}"], f"seed={2**32}: must be in [0, 2**32)"),
+    (["trainer.device=cuda:abc"], "trainer.device='cuda:abc': valid: auto, cpu, cuda, cuda:N, mps"),
+    (["dataset.limit_train=5"], "dataset.limit_train=5 is fewer than one batch (trainer.batch_size=32)"),
+    (["dataset=digits", "dataset.classes=[0,1,12]", "dataset.num_classes=3"],
+     "dataset.classes=[0, 1, 12]: must be two or more distinct digits 0-9"),
+    (["run_name=../escaped"], "run_name='../escaped': must be one directory name under output_root"),
+    (["run_name=a/b"], "run_name='a/b': must be one directory name under output_root"),
+])
+def test_bad_settings_are_one_line_before_training(cifar10, tmp_path, extra, message):
+    digits = extra[0] == "dataset=digits"
+    cfg = make_cfg(["method=nora", "model=vit_test", "logger=disabled", f"output_root={tmp_path}", *extra] if digits
+                   else tiny_overrides(cifar10, tmp_path, "nora", extra))
+    with pytest.raises(UserError) as err:
+        run_training(cfg, run_dir=tmp_path / "run")
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_run_name_leaving_output_root_is_refused_before_hydra_writes(cifar10, tmp_path):
+    out = tmp_path / "runs"
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_overrides(cifar10, out, "nora"),
+                           "run_name=../escaped"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
+    assert error_lines(proc.stderr) == ["error: run_name='../escaped': must be one directory name under output_root "
+                                        "(not empty, '.' or '..', no '/'); put runs in another folder with "
+                                        "output_root"]
+    assert not (tmp_path / "escaped").exists()
+
+
+def test_a_lock_that_is_a_directory_is_one_line(cifar10, tmp_path):
+    (tmp_path / "run" / ".lock").mkdir(parents=True)
+    with pytest.raises(UserError) as err:
+        run_training(make_cfg(tiny_overrides(cifar10, tmp_path, "nora")), run_dir=tmp_path / "run")
+    assert str(err.value) == (f"{tmp_path / 'run/.lock'} is a directory, not the run's lock file; remove it (it is "
+                              "not nora's) and run again")

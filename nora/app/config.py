@@ -97,6 +97,10 @@ def validate(cfg: DictConfig) -> RunConfig:
     wd = trainer.weight_decay if trainer.weight_decay is not None else method.weight_decay
     trainer = dataclasses.replace(trainer, lr=lr, head_lr=head_lr, nora_lr=nora_lr, weight_decay=float(wd))
     logger = load(LoggerConfig, _resolved(c, "logger") if "logger" in c else {}, "logger")
+    limit = getattr(dataset, "limit_train", None)
+    if limit is not None and limit < trainer.batch_size:
+        raise UserError(f"dataset.limit_train={limit} is fewer than one batch (trainer.batch_size="
+                        f"{trainer.batch_size}): no training step; raise it or lower trainer.batch_size")
     why = run_name_problem(str(c.run_name))
     if why is not None:
         raise UserError(why)

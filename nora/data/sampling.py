@@ -12,6 +12,12 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from nora.errors import UserError
+
+
+class DataSizeError(UserError, ValueError):
+    """Too few examples for one batch per rank: one line (a ValueError for callers that catch those)."""
+
 
 class ShuffledBatchSampler:
     """Random permutation per epoch, cut into batches (the last partial batch is dropped when training)."""
@@ -24,7 +30,7 @@ class ShuffledBatchSampler:
         self.drop_last, self.num_replicas, self.rank = drop_last, int(num_replicas), int(rank)
         self.epoch, self.start = 0, 0
         if self.drop_last and self._total_batches() < self.num_replicas:
-            raise ValueError(f"{n} examples make fewer than one batch of {batch_size} per rank; "
+            raise DataSizeError(f"{n} examples make fewer than one batch of {batch_size} per rank; "
                              "lower trainer.batch_size")
 
     def set_epoch(self, epoch: int) -> None:
