@@ -91,6 +91,8 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
         raise
     try:
         yield tmp
+        # the umask's mode again: some writers (safetensors) replace the temp file with one of their own, 0600
+        os.chmod(tmp, 0o666 & ~current_umask())
         if fsync:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())

@@ -583,3 +583,48 @@ def test_a_lock_that_is_a_directory_is_one_line(cifar10, tmp_path):
         run_training(make_cfg(tiny_overrides(cifar10, tmp_path, "nora")), run_dir=tmp_path / "run")
     assert str(err.value) == (f"{tmp_path / 'run/.lock'} is a directory, not the run's lock file; remove it (it is "
                               "not nora's) and run again")
+
+
+def test_a_full_disk_never_leaves_a_cut_figure(tmp_path):
+    """activations.png on a full disk: one line with the path and errno, the previous figure unchanged, no 0-byte
+    PNG and no temp file (a real 1 MB tmpfs, filled)."""
+    from nora.plotting import pyplot, save_figure
+
+    plt = pyplot()
+
+    def figure():
+        fig, ax = plt.subplots(figsize=(8, 6))
+        ax.imshow(torch.rand(400, 400).numpy())  # noise: a PNG of a few hundred KB
+        return fig
+
+    with mounted(tmp_path / "disk", "size=1m") as disk:
+        target = disk / "run" / "activations.png"
+        save_figure(figure(), target)
+        previous = target.read_bytes()
+        assert previous[:8] == b"\x89PNG\r\n\x1a\n"
+        with open(disk / "filler", "wb") as f:
+            f.write(b"\0" * (os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize - (16 << 10)))
+        with pytest.raises(OutputError) as err:
+            save_figure(figure(), target)
+        assert str(err.value).startswith(f"cannot write {target}: [Errno 28] No space left on device")
+        assert target.read_bytes() == previous and sorted(p.name for p in target.parent.iterdir()) == [target.name]
+        target.unlink()  # and with no previous figure: the space it held filled again
+        with open(disk / "filler2", "wb") as f:
+            f.write(b"\0" * (os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize - (16 << 10)))
+        with pytest.raises(OutputError):
+            save_figure(figure(), target)
+        assert list(target.parent.iterdir()) == []  # no 0-byte activations.png
+
+
+def test_every_file_a_run_writes_follows_the_umask(cifar10, tmp_path):
+    """Group-readable under a group umask (027 -> 0640), never mkstemp's 0600: a colleague's tables can read it."""
+    old = os.umask(0o027)
+    try:
+        run_training(make_cfg(tiny_overrides(cifar10, tmp_path, "nora", ["trainer.epochs=1"])), run_dir=tmp_path / "r")
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(tmp_path / "r")): p.stat().st_mode & 0o777 for p in (tmp_path / "r").rglob("*")
+             if p.is_file()}
+    assert {"summary.json", "config.yaml", "metrics.jsonl", "activations.png", "checkpoints/last.pt",
+            "adapter/nora_adapter.safetensors", "adapter/nora_config.json"} <= set(modes)
+    assert {f: oct(m) for f, m in modes.items() if m != 0o640} == {}
