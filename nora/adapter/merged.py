@@ -54,7 +54,8 @@ def save_merged(model: nn.Module, directory: str | os.PathLike, **save_pretraine
         tensors[f"{name}.base_numerator"] = mod.base_numerator.detach().cpu().contiguous()
         tensors[f"{name}.base_denominator"] = mod.base_denominator.detach().cpu().contiguous()
         layers[name] = {"groups": mod.groups, "form": mod.form, "degrees": list(mod.degrees),
-                        "original": mod.original, "fit_range": mod.fit_range}
+                        "original": mod.original, "fit_range": mod.fit_range, "channel_dim": mod.channel_dim,
+                        "width": mod.width}
     atomic_write(directory / MERGED_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     write_json_atomic(directory / MERGED_CONFIG, {"format_version": MERGED_FORMAT_VERSION, "layers": layers})
     return directory
@@ -80,7 +81,8 @@ def put_back_rationals(model: nn.Module, directory: str | os.PathLike, backend: 
     for name, info in meta["layers"].items():
         mod = GroupRational(tensors[f"{name}.base_numerator"], tensors[f"{name}.base_denominator"],
                             form=info["form"], backend=backend, original=info["original"],
-                            fit_range=info["fit_range"])
+                            fit_range=info["fit_range"], channel_dim=info.get("channel_dim", -1),
+                            width=info.get("width"))
         set_module(model, name, mod.to(device))
     return model
 
