@@ -6,7 +6,7 @@ feed-forward block: a dense or gated MLP, every expert of an MoE (fused experts 
 module) and its shared experts, in every layer. An activation is inside a feed-forward block when one of
 its ancestors is one by class or attribute name (``mlp``, ``ffn``, ``intermediate``, ``experts``,
 ``DenseReluDense``, ``SwiGLU``, ...); anything under an attention block, a squeeze-excite block, a router
-or a token mixer is never a default target, and neither is ``nn.Identity`` (nor a sigmoid/tanh gate).
+a token mixer or a classifier head is never a default target, and neither is ``nn.Identity`` (nor a sigmoid/tanh gate).
 
 Layout: the channels an activation sees are found from the layers around it: the input width of the MLP's
 output projection (``fc2``, ``down_proj``, ``c_proj``, ``wo``, ...; for gated and fused ``gate_up`` MLPs this
@@ -41,9 +41,10 @@ DEFAULT_KINDS = frozenset({
 _FF_CLASS = re.compile(r"mlp|feedforward|feed_forward|ffn|intermediate|dense(relu|act|gated)|expert|moe|glu|layerff")
 _FF_ATTR = re.compile(r"mlp|mlp_.*|.*_mlp|ffn|ff|feed_forward|feedforward|intermediate|experts?|shared_experts?"
                       r"|densereludense|moe|block_sparse_moe")
-_NOT_FF_CLASS = re.compile(r"attention|attn|squeezeexcit|semodule|selayer|seblock|effectivese|router|topk")
+_NOT_FF_CLASS = re.compile(r"attention|attn|squeezeexcit|semodule|selayer|seblock|effectivese|router|topk|head$"
+                           r"|classifier|pooler")
 _NOT_FF_ATTR = frozenset({"attn", "attention", "self_attn", "self_attention", "cross_attn", "crossattention",
-                          "se", "router", "gate", "token_mixer", "pos_embed"})
+                          "se", "router", "gate", "token_mixer", "pos_embed", "head", "classifier", "pooler"})
 
 # the MLP's output projection (its input width is the activation's width) and input projection
 _OUTPUT_PROJ = ("fc2", "down_proj", "c_proj", "wo", "w2", "dense_4h_to_h", "lin2", "pwconv2", "proj_out")
