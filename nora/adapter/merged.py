@@ -9,7 +9,8 @@ them as unexpected keys. The pair here keeps them::
     model = nora.from_pretrained("merged/")      # AutoModelForCausalLM + the rationals put back
 
 ``nora_merged.json`` names each rational activation (groups, form, degrees, original activation, fit range);
-``nora_merged.safetensors`` holds its coefficients, keyed by module name.
+``nora_merged.safetensors`` holds its coefficients, keyed by module name; the checkpoint itself holds
+everything else (no rational buffers, so the loader reports no unexpected keys).
 """
 from __future__ import annotations
 
@@ -48,7 +49,12 @@ def save_merged(model: nn.Module, directory: str | os.PathLike, **save_pretraine
         raise AdapterError(f"{type(model).__name__} has no save_pretrained (a Hugging Face model is expected); "
                            "save its state_dict and the NoRA adapter (nora.save_nora before merging) instead")
     directory = Path(directory)
-    model.save_pretrained(str(directory), **save_pretrained_kwargs)
+    # the checkpoint without the rational buffers (they go to nora_merged.safetensors), so that loading it reports
+    # no unexpected keys
+    state = save_pretrained_kwargs.pop("state_dict", None) or model.state_dict()
+    prefixes = tuple(f"{name}." for name in rationals)
+    state = {k: v for k, v in state.items() if not k.startswith(prefixes)}
+    model.save_pretrained(str(directory), state_dict=state, **save_pretrained_kwargs)
     tensors, layers = {}, {}
     for name, mod in rationals.items():
         tensors[f"{name}.base_numerator"] = mod.base_numerator.detach().cpu().contiguous()
