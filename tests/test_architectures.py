@@ -6,7 +6,8 @@ it really sees), a few train-mode optimizer steps that move only NoRA (BatchNorm
 property after training, save -> fresh model -> load with identical outputs, merge, and for decoders the NoRA++
 round trip with peft LoRA on all linear layers.
 
-``python tests/test_architectures.py`` prints the README's table of default targets and measured init errors.
+``python tests/test_architectures.py`` prints the README's table of default targets and measured init errors;
+``--readme`` writes it into README.md between its markers.
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ import transformers as hf
 from torch import nn
 
 import nora
-from nora.adapter.inject import check_layouts
 
 V = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 LM = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -272,11 +272,6 @@ def test_matrix_has_the_families_the_issue_names():
         assert family in names, family
 
 
-def check_layouts_of(fam_name: str):
-    model = build(BY_NAME[fam_name])
-    return check_layouts(model, nora.find_targets(model, nora.NoraConfig()), 8)
-
-
 def table(rows: list[dict]) -> str:
     lines = ["| family | default targets | original | layout | fit error | init error | output change |",
              "|---|---|---|---|---|---|---|"]
@@ -289,6 +284,7 @@ def table(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
+    import sys
     import tempfile
     import warnings
     from pathlib import Path
@@ -299,6 +295,15 @@ if __name__ == "__main__":
     for fam in FAMILIES:
         with tempfile.TemporaryDirectory() as d:
             rows.append(check_family(fam, Path(d)))
-    print(table(rows))
+    text = table(rows)
+    print(text)
     print(f"\n{len(rows)} families, {time.perf_counter() - t:.1f} s")
+    if "--readme" in sys.argv:
+        readme = Path(__file__).resolve().parents[1] / "README.md"
+        start, end = "<!-- architecture table:", "<!-- end of architecture table -->"
+        body = readme.read_text()
+        head, rest = body.split(start, 1)
+        marker, rest = rest.split("\n", 1)
+        _, tail = rest.split(end, 1)
+        readme.write_text(f"{head}{start}{marker}\n{text}\n{end}{tail}")
     print(json.dumps([{k: v for k, v in r.items() if k != "targets"} for r in rows], indent=1))

@@ -45,10 +45,9 @@ class _Watch:
         err = 0.0
         if outside.numel():
             sample = outside.flatten()[:: max(1, outside.numel() // _MAX_CHECKED)].float()
-            with torch.no_grad():
-                num, den = module.coefficients()
-                fit = NoraActivation(num[:1].detach(), den[:1].detach(), form=module.form, backend="torch",
-                                     variant="frozen").to(sample.device)
+            with torch.no_grad():  # the fit itself: the base coefficients (the same in every group of a range fit)
+                fit = NoraActivation(module.base_numerator[:1], module.base_denominator[:1], form=module.form,
+                                     backend="torch", variant="frozen").to(sample.device)
                 want = _target_fn(self.targets[name])(sample.double().cpu()).to(sample.device)
                 err = (fit(sample[:, None]).flatten().double() - want.double()).abs().max().item()
         self.seen[name] = (int(outside.numel()), int(x.numel()),
