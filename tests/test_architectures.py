@@ -11,6 +11,7 @@ round trip with peft LoRA on all linear layers.
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -261,6 +262,65 @@ def check_nora_pp(fam: Family, state: dict, inputs: dict, targets: set, director
 @pytest.mark.parametrize("fam", FAMILIES, ids=[f.name for f in FAMILIES])
 def test_architecture(fam, tmp_path):
     check_family(fam, tmp_path)
+
+
+IDS = {"input_ids": torch.randint(1, 64, (2, 8), generator=torch.Generator().manual_seed(2))}
+SEQ2SEQ = {**IDS, "decoder_input_ids": IDS["input_ids"][:, :4]}
+L2 = dict(num_hidden_layers=2, num_attention_heads=4)
+# (name, builder, inputs, targets expected, widths expected): discovery on more layouts (activation on the layer
+# itself next to fc1/fc2, QuickGELU, a custom GELU class, shared ALBERT layers, more MoE families)
+MORE = [
+    ("OPT (fc1/fc2 on the layer)", lambda: hf.OPTForCausalLM(hf.OPTConfig(
+        vocab_size=64, hidden_size=32, ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=64, **L2)),
+     IDS, 2, {64}),
+    ("BART", lambda: hf.BartForConditionalGeneration(hf.BartConfig(
+        vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)),
+     SEQ2SEQ, 4, {64}),
+    ("CLIP vision (QuickGELU)", lambda: hf.CLIPVisionModel(hf.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, image_size=32, patch_size=8, **L2)),
+     {"pixel_values": torch.randn(1, 3, 32, 32)}, 2, {64}),
+    ("HF ConvNeXt (pwconv1/pwconv2)", lambda: hf.ConvNextForImageClassification(hf.ConvNextConfig(
+        num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10)),
+     {"pixel_values": torch.randn(1, 3, 32, 32)}, 2, {64, 128}),
+    ("Falcon", lambda: hf.FalconForCausalLM(hf.FalconConfig(vocab_size=64, hidden_size=32, **L2)), IDS, 2, {128}),
+    ("GPT-NeoX", lambda: hf.GPTNeoXForCausalLM(hf.GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                               **L2)), IDS, 2, {64}),
+    ("DistilBERT", lambda: hf.DistilBertModel(hf.DistilBertConfig(vocab_size=64, dim=32, hidden_dim=64, n_layers=2,
+                                                                  n_heads=4)), IDS, 2, {64}),
+    ("ALBERT (one shared layer)", lambda: hf.AlbertModel(hf.AlbertConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, embedding_size=16, **L2)), IDS, 1, {64}),
+    ("BLOOM (BloomGelu)", lambda: hf.BloomForCausalLM(hf.BloomConfig(vocab_size=64, hidden_size=32, n_layer=2,
+                                                                     n_head=4)), IDS, 2, {128}),
+    ("Qwen3-MoE", lambda: hf.Qwen3MoeForCausalLM(hf.Qwen3MoeConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+        num_experts_per_tok=2, num_key_value_heads=2, head_dim=8, **L2)), IDS, 2, {32}),
+    ("GraniteMoE (block_sparse_moe)", lambda: hf.GraniteMoeForCausalLM(hf.GraniteMoeConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+        num_key_value_heads=2, **L2)), IDS, 2, {64}),
+]
+
+
+@pytest.mark.parametrize("name,builder,inputs,count,widths", MORE, ids=[m[0] for m in MORE])
+def test_default_targets_on_more_families(name, builder, inputs, count, widths):
+    torch.manual_seed(0)
+    model = builder().eval()
+    with torch.no_grad():
+        before = model(**inputs)[0]
+    report = nora.apply_nora(model)
+    assert len(report) == count and {t["width"] for t in report.targets.values()} == widths, report.summary()
+    seen = {}
+    def note(name, module, args):
+        seen.setdefault(name, args[0].shape[module.channel_dim])
+
+    hooks = [m.register_forward_pre_hook(functools.partial(note, n)) for n, m in nora.nora_modules(model).items()]
+    with torch.no_grad():
+        after = model(**inputs)[0]  # every rational sees its width on its channel dimension
+    for h in hooks:
+        h.remove()
+    assert seen == {n: t["width"] for n, t in report.targets.items()}
+    relu = any(t["original"] == "relu" for t in report.targets.values())  # a (5,4) fit misses ReLU by 0.03
+    assert ((after - before).abs().max() / before.abs().max()).item() < (0.2 if relu else 0.05)
 
 
 def test_matrix_has_the_families_the_issue_names():

@@ -5,8 +5,10 @@ transformers' and timm's GELU / SiLU / ReLU variants, :data:`DEFAULT_KINDS`) tha
 feed-forward block: a dense or gated MLP, every expert of an MoE (fused experts share one activation
 module) and its shared experts, in every layer. An activation is inside a feed-forward block when one of
 its ancestors is one by class or attribute name (``mlp``, ``ffn``, ``intermediate``, ``experts``,
-``DenseReluDense``, ``SwiGLU``, ...); anything under an attention block, a squeeze-excite block, a router
-a token mixer or a classifier head is never a default target, and neither is ``nn.Identity`` (nor a sigmoid/tanh gate).
+``DenseReluDense``, ``SwiGLU``, ...), or when its parent holds the MLP's input and output projections itself
+(``fc1``/``fc2`` on an OPT, BART or Whisper layer, ``pwconv1``/``pwconv2`` on HF ConvNeXt). Anything under
+an attention block, a squeeze-excite block, a router, a token mixer or a classifier head is never a default
+target, and neither is ``nn.Identity`` (nor a sigmoid/tanh gate).
 
 Layout: the channels an activation sees are found from the layers around it: the input width of the MLP's
 output projection (``fc2``, ``down_proj``, ``c_proj``, ``wo``, ...; for gated and fused ``gate_up`` MLPs this
@@ -35,7 +37,7 @@ KNOWN_ACTIVATIONS = {
 DEFAULT_KINDS = frozenset({
     "GELU", "GELUActivation", "GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "FastGELUActivation",
     "GELUPytorchTanh", "QuickGELU", "QuickGELUActivation", "AccurateGELUActivation", "SiLU", "SiLUActivation",
-    "Swish", "ReLU", "Mish", "MishActivation",
+    "Swish", "ReLU", "Mish", "MishActivation", "BloomGelu",
 })
 
 _FF_CLASS = re.compile(r"mlp|feedforward|feed_forward|ffn|intermediate|dense(relu|act|gated)|expert|moe|glu|layerff")
@@ -47,9 +49,10 @@ _NOT_FF_ATTR = frozenset({"attn", "attention", "self_attn", "self_attention", "c
                           "se", "router", "gate", "token_mixer", "pos_embed", "head", "classifier", "pooler"})
 
 # the MLP's output projection (its input width is the activation's width) and input projection
-_OUTPUT_PROJ = ("fc2", "down_proj", "c_proj", "wo", "w2", "dense_4h_to_h", "lin2", "pwconv2", "proj_out")
+_OUTPUT_PROJ = ("fc2", "down_proj", "c_proj", "wo", "w2", "dense_4h_to_h", "lin2", "pwconv2", "proj_out",
+                "ffn_output")
 _INPUT_PROJ = ("fc1", "gate_proj", "w1", "c_fc", "dense_h_to_4h", "wi", "wi_0", "lin1", "fc1_g", "pwconv1",
-               "dense", "up_proj", "gate_up_proj", "w3")
+               "dense", "up_proj", "gate_up_proj", "w3", "ffn")
 _PEFT_SEGMENT = "base_layer"
 
 
@@ -117,8 +120,15 @@ def is_identity(module: nn.Module) -> bool:
     return isinstance(module, nn.Identity) or type(module).__name__ == "Identity"
 
 
+def _has_projections(parent: nn.Module) -> bool:
+    """The parent holds an MLP's input and output projections itself (OPT, BART, Whisper, HF ConvNeXt layers)."""
+    has = lambda names: any(_weight_widths(getattr(parent, a, None)) is not None for a in names)  # noqa: E731
+    return has(_INPUT_PROJ) and has(_OUTPUT_PROJ)
+
+
 def in_feed_forward(model: nn.Module, name: str) -> bool:
-    """Whether the module at ``name`` sits in a feed-forward block (and under no attention/SE/router/mixer)."""
+    """Whether the module at ``name`` sits in a feed-forward block (and under no attention/SE/router/mixer/head):
+    an ancestor is one by attribute or class name, or its parent holds the MLP's two projections itself."""
     parts = name.split(".")
     mod, found = model, False
     for part in parts[:-1]:
@@ -128,7 +138,7 @@ def in_feed_forward(model: nn.Module, name: str) -> bool:
             return False
         if part != _PEFT_SEGMENT and (_FF_ATTR.fullmatch(attr) or _FF_CLASS.search(cls)):
             found = True
-    return found
+    return found or (len(parts) > 1 and _has_projections(unwrap(mod)))
 
 
 def default_targets(model: nn.Module) -> dict[str, nn.Module]:
