@@ -881,3 +881,16 @@ def test_adapter_layer_works_without_transformers_timm_or_peft(tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_default_targets_of_a_bare_mlp_module():
+    class Mlp(nn.Module):  # a user's own MLP, passed on its own: its layer holds both projections
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(8, 32), nn.SiLU(), nn.Linear(32, 8)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x)))
+
+    report = nora.apply_nora(Mlp())
+    assert list(report.targets) == ["act"] and report.targets["act"]["width"] == 32

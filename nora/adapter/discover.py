@@ -138,7 +138,7 @@ def in_feed_forward(model: nn.Module, name: str) -> bool:
             return False
         if part != _PEFT_SEGMENT and (_FF_ATTR.fullmatch(attr) or _FF_CLASS.search(cls)):
             found = True
-    return found or (len(parts) > 1 and _has_projections(unwrap(mod)))
+    return found or _has_projections(unwrap(mod))
 
 
 def default_targets(model: nn.Module) -> dict[str, nn.Module]:

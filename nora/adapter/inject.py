@@ -1,7 +1,8 @@
 """Find a model's activations, replace them with NoRA activations, and set what trains.
 
-Works on any ``nn.Module``: timm ViTs (``blocks.N.mlp.act``, an ``nn.GELU``), Hugging Face decoder
-LMs whose MLP calls ``act_fn`` (LLaMA, Qwen2, Mistral, ...), and models wrapped by peft (NoRA++).
+Works on any ``nn.Module``: timm and Hugging Face models of every MLP layout (dense, gated, fused ``gate_up``,
+conv-layout, MoE experts; the default targets are found by kind, see :mod:`nora.adapter.discover`), and models
+wrapped by peft (NoRA++), whose module names are used in their canonical (unwrapped) form.
 """
 from __future__ import annotations
 
