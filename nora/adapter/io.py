@@ -185,8 +185,9 @@ def _layout_problems(layout, name: str, info: dict) -> list[str]:
         return [f"{name}: width {width}, the adapter was saved for width {saved}"]
     if width is not None and width % info["groups"]:
         return [f"{name}: width {width} is not divisible by the adapter's {info['groups']} groups"]
-    if width is not None and layout.channel_dim != info.get("channel_dim", -1):
-        return [f"{name}: channels on dim {layout.channel_dim}, the adapter was saved for dim {info['channel_dim']}"]
+    saved_dim = info.get("channel_dim", -1)  # adapters written before layouts were saved: channels last
+    if width is not None and layout.channel_dim != saved_dim:
+        return [f"{name}: channels on dim {layout.channel_dim}, the adapter was saved for dim {saved_dim}"]
     return []
 
 
