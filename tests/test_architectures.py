@@ -323,6 +323,40 @@ def test_default_targets_on_more_families(name, builder, inputs, count, widths):
     assert ((after - before).abs().max() / before.abs().max()).item() < (0.2 if relu else 0.05)
 
 
+# timm layouts that trip name- or class-based rules: an MLP inside MaxViT's PartitionAttention blocks (targets),
+# Swin-v2's cpb_mlp inside attention (not a target), RepViT's unnamed conv1/conv2 projections (conv layout), and
+# EfficientFormerV2's activations inside BatchNormAct2d of a conv MLP: (model, kwargs, image, MLP class, acts each)
+MORE_TIMM = [
+    ("maxvit_nano_rw_256", dict(img_size=64), 64, "Mlp", 1),
+    ("swinv2_tiny_window8_256", dict(img_size=64, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2)), 64,
+     "Mlp", 1),
+    ("repvit_m0_9", {}, 64, "RepVitMlp", 1),
+    ("efficientformerv2_s0", {}, 224, "ConvMlpWithNorm", 2),
+]
+
+
+@pytest.mark.parametrize("name,kw,image,mlp_class,per_mlp", MORE_TIMM, ids=[m[0] for m in MORE_TIMM])
+def test_default_targets_on_more_timm_layouts(name, kw, image, mlp_class, per_mlp):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kw).eval()
+    mlps = sum(type(m).__name__ == mlp_class for m in model.modules())
+    assert mlps > 0
+    report = nora.apply_nora(model)
+    assert len(report) == mlps * per_mlp, report.summary()
+    assert not any("cpb_mlp" in n for n in report.targets)
+    seen = {}
+
+    def note(n, module, args):
+        seen.setdefault(n, args[0].shape[module.channel_dim])
+
+    hooks = [m.register_forward_pre_hook(functools.partial(note, n)) for n, m in nora.nora_modules(model).items()]
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(1, 3, image, image))).all()
+    for h in hooks:
+        h.remove()
+    assert seen == {n: t["width"] for n, t in report.targets.items()}
+
+
 def test_matrix_has_the_families_the_issue_names():
     assert len(FAMILIES) >= 15
     names = " ".join(f.name for f in FAMILIES)

@@ -127,18 +127,25 @@ def _has_projections(parent: nn.Module) -> bool:
 
 
 def in_feed_forward(model: nn.Module, name: str) -> bool:
-    """Whether the module at ``name`` sits in a feed-forward block (and under no attention/SE/router/mixer/head):
-    an ancestor is one by attribute or class name, or its parent holds the MLP's two projections itself."""
+    """Whether the module at ``name`` sits in a feed-forward block: an ancestor is one by attribute or class name, or
+    its parent holds the MLP's two projections itself. Never under an ancestor attribute named like attention,
+    squeeze-excite, router, token mixer or head; an ancestor class named so (``Attention``, ``SEModule``,
+    ``...Head``) excludes what lies below it unless a feed-forward block sits deeper (MaxViT's ``mlp`` inside its
+    ``PartitionAttention`` block is one; Swin-v2's ``cpb_mlp`` inside ``attn`` is not)."""
     parts = name.split(".")
-    mod, found = model, False
-    for part in parts[:-1]:
+    mod, last_ff, last_excluded = model, -1, -1
+    for depth, part in enumerate(parts[:-1]):
         mod = getattr(mod, part)
         cls, attr = type(mod).__name__.lower(), part.lower()
-        if attr in _NOT_FF_ATTR or _NOT_FF_CLASS.search(cls):
+        if attr in _NOT_FF_ATTR:
             return False
+        if _NOT_FF_CLASS.search(cls):
+            last_excluded = depth
         if part != _PEFT_SEGMENT and (_FF_ATTR.fullmatch(attr) or _FF_CLASS.search(cls)):
-            found = True
-    return found or _has_projections(unwrap(mod))
+            last_ff = depth
+    if last_excluded >= last_ff and last_excluded >= 0:
+        return False
+    return last_ff >= 0 or _has_projections(unwrap(mod))
 
 
 def default_targets(model: nn.Module) -> dict[str, nn.Module]:
@@ -191,6 +198,31 @@ def activation_layout(model: nn.Module, name: str, index: dict[str, str] | None 
         if w is not None:
             width = w[1] // 2 if _fused(attr, parent) else w[1]
             return Layout(width, w[2], f"{attr} ({type(unwrap(getattr(parent, attr))).__name__})")
+    return _neighbour_layout(parent, real.rpartition(".")[2])
+
+
+def _projections(module: nn.Module) -> list[tuple[str, tuple[int, int, int]]]:
+    return [(n, w) for n, m in module.named_modules() if n.rpartition(".")[2] != _PEFT_SEGMENT
+            and (w := _weight_widths(m)) is not None]
+
+
+def _neighbour_layout(parent: nn.Module, attr: str) -> Layout:
+    """Unnamed projections (LeViT's ``ln1``/``ln2``, ``conv1``/``conv2``, ``dense1``/``dense2``): the first
+    projection registered after the activation, else the last one before it."""
+    names = list(parent._modules)
+    if attr not in names:
+        return Layout(None, -1, "")
+    at = names.index(attr)
+    for child in names[at + 1:]:
+        found = _projections(parent._modules[child]) if parent._modules[child] is not None else []
+        if found:
+            sub, w = found[0]
+            return Layout(w[0], w[2], f"{child}{'.' + sub if sub else ''} (after the activation)")
+    for child in reversed(names[:at]):
+        found = _projections(parent._modules[child]) if parent._modules[child] is not None else []
+        if found:
+            sub, w = found[-1]
+            return Layout(w[1], w[2], f"{child}{'.' + sub if sub else ''} (before the activation)")
     return Layout(None, -1, "")
 
 

@@ -65,10 +65,11 @@ class _Watch:
         reach = max(v[2] for v in bad.values())
         worst = max(bad, key=lambda n: bad[n][3])
         warnings.warn(
-            f"nora: {outside / total:.2%} of the inputs of {len(bad)} of {len(self.seen)} rational activations lie "
-            f"outside their fit range (|x| up to {reach:.3g}), where the rationals are off by up to "
-            f"{bad[worst][3]:.3g} from the original activation ({worst}); fit where the inputs are with "
-            "NoraConfig(init='calibrated') and calibration_batches, or widen fit_range", UserWarning, stacklevel=3)
+            f"nora: {100 * outside / total:.3g}% ({outside} of {total}) of the inputs of {len(bad)} of "
+            f"{len(self.seen)} rational activations lie outside their fit range (|x| up to {reach:.3g}), where "
+            f"the rationals are off by up to {bad[worst][3]:.3g} from the original activation ({worst}); fit "
+            "where the inputs are with NoraConfig(init='calibrated') and calibration_batches, or widen fit_range",
+            UserWarning, stacklevel=3)
 
 
 def _pre_hook(watch: _Watch, name: str, module: nn.Module, args) -> None:
