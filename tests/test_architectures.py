@@ -75,7 +75,7 @@ FAMILIES = [
     Family("timm EVA-02 (SwiGLU)", timm_model("eva02_tiny_patch14_224", img_size=32, patch_size=8, embed_dim=48,
                                               depth=2, num_heads=2), "image", 2),
     Family("timm BEiT", timm_model("beit_base_patch16_224", **V), "image", 2),
-    Family("timm MobileViT (BatchNorm)", timm_model("mobilevit_xxs"), "image", 9, image=64),
+    Family("timm MobileViT (BatchNorm)", timm_model("mobilevit_xxs"), "image", 9),
     Family("LLaMA", causal_lm(hf.LlamaConfig), "lm", 2),
     Family("Qwen2", causal_lm(hf.Qwen2Config), "lm", 2),
     Family("Mistral", causal_lm(hf.MistralConfig), "lm", 2),
