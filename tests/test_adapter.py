@@ -895,3 +895,20 @@ def test_default_targets_of_a_bare_mlp_module():
 
     report = nora.apply_nora(Mlp())
     assert list(report.targets) == ["act"] and report.targets["act"]["width"] == 32
+
+
+def test_per_group_calibration_of_a_conv_layout_mlp_groups_channels():
+    model = tiny_convnext()
+    x = torch.randn(2, 3, 36, 36)  # stage 0 runs at 9 x 9: the image width is not divisible by the 2 groups
+    with torch.no_grad():
+        before = model(x)
+    config = nora.NoraConfig(init="calibrated", per_group_calibration=True, groups=2,
+                             target_modules=[r"stages\.0\.blocks\.0\.mlp\.act"])  # 2 fits: kept short
+    with pytest.warns(UserWarning, match="only 1 of 4 ConvNeXtStage layers hold a target"):
+        report = nora.apply_nora(model, config, calibration_batches=[x])
+    act = model.stages[0].blocks[0].mlp.act
+    assert act.channel_dim == 1 and act.base_numerator.shape == (2, 6)
+    assert not torch.equal(act.base_numerator[0], act.base_numerator[1])
+    assert report.max_error() < 1e-2
+    with torch.no_grad():
+        assert (model(x) - before).abs().max() < 1e-2 * before.abs().max()
