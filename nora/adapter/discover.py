@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from nora.adapter.layer import GroupRational
+
 # activation class name -> fitting target (nn.GELU is resolved through its `approximate` field)
 KNOWN_ACTIVATIONS = {
     "GELU": "gelu", "GELUActivation": "gelu",
@@ -98,8 +100,6 @@ def unwrap(module):
 
 # ------------------------------------------------------------------------------------------ kinds
 def is_rational(module: nn.Module) -> bool:
-    from nora.adapter.layer import GroupRational
-
     return isinstance(module, GroupRational)
 
 
