@@ -644,3 +644,64 @@ def test_every_file_a_run_writes_follows_the_umask(cifar10, tmp_path):
     assert {"summary.json", "config.yaml", "metrics.jsonl", "activations.png", "checkpoints/last.pt",
             "adapter/nora_adapter.safetensors", "adapter/nora_config.json"} <= set(modes)
     assert {f: oct(m) for f, m in modes.items() if m != 0o640} == {}
+
+
+def _saved_small_vit_adapter(directory):
+    import nora
+    from test_adapter import small_vit
+
+    model = small_vit()
+    nora.apply_nora(model, nora.NoraConfig(trainable_modules=["head"]))
+    nora.save_nora(model, directory)
+    return directory
+
+
+@pytest.mark.parametrize("damage", ["truncated safetensors", "malformed nora_config.json", "config without layers",
+                                    "a layer's tensor missing", "a wrong-shaped tensor", "NaN coefficients"])
+def test_a_damaged_nora_adapter_is_an_adapter_error_and_the_model_untouched(tmp_path, damage):
+    """Real damaged files: load_nora raises AdapterError naming the file, and the model is as it was (a retry
+    onto it works once the file is restored)."""
+    import nora
+    from safetensors.torch import load_file, save_file
+    from test_adapter import small_vit
+
+    adir = _saved_small_vit_adapter(tmp_path / "adapter")
+    weights, config = adir / "nora_adapter.safetensors", adir / "nora_config.json"
+    good = {p: p.read_bytes() for p in (weights, config)}
+    tensors = load_file(str(weights))
+    if damage == "truncated safetensors":
+        weights.write_bytes(good[weights][: len(good[weights]) // 2])
+        expected = f"{weights}: not a readable safetensors file"
+    elif damage == "malformed nora_config.json":
+        config.write_bytes(good[config][:-20])
+        expected = f"{config}: not a readable NoRA config (JSONDecodeError"
+    elif damage == "config without layers":
+        meta = json.loads(good[config])
+        del meta["layers"]
+        config.write_text(json.dumps(meta))
+        expected = f"{config}: not a NoRA config (missing or malformed: layers)"
+    elif damage == "a layer's tensor missing":  # layer 0 complete, layer 1 without its update tensors
+        save_file({k: v for k, v in tensors.items() if not (k.startswith("blocks.1.") and "base_" not in k)},
+                  str(weights))
+        expected = f"the NoRA adapter in {adir} does not fit (nothing was changed): blocks.1.mlp.act"
+    elif damage == "a wrong-shaped tensor":
+        key = next(k for k in tensors if k.startswith("blocks.1.") and "base_" not in k)
+        save_file({**tensors, key: torch.zeros(*tensors[key].shape[:-1], tensors[key].shape[-1] + 1)}, str(weights))
+        expected = f"the NoRA adapter in {adir} does not fit (nothing was changed): blocks.1.mlp.act"
+    else:
+        key = "blocks.2.mlp.act.base_denominator"
+        save_file({**tensors, key: torch.full_like(tensors[key], float("nan"))}, str(weights))
+        expected = f"{weights}: 1 tensor(s) hold NaN or inf values ({key})"
+    model = small_vit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(nora.AdapterError) as err:
+        nora.load_nora(model, adir)
+    assert str(err.value).startswith(expected), str(err.value)
+    assert "\n" not in str(err.value)
+    assert not nora.nora_modules(model) and {n for n, m in model.named_modules() if type(m).__name__ == "GELU"} == {
+        f"blocks.{i}.mlp.act" for i in range(3)}
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    for p, data in good.items():  # restored: the same model takes it (no "already holds NoRA")
+        p.write_bytes(data)
+    nora.load_nora(model, adir)
+    assert len(nora.nora_modules(model)) == 3

@@ -146,7 +146,34 @@ def read_nora_config(directory: str | os.PathLike) -> dict:
     path = Path(directory) / CONFIG_NAME
     if not path.exists():
         raise MissingFileError(f"no NoRA adapter at {directory} (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{path}: not a readable NoRA config ({type(exc).__name__}: {exc}); the file is "
+                           "truncated or damaged: copy the adapter again or retrain it") from None
+    kinds = {"config": dict, "layers": dict, "trainable_modules": list}
+    bad = [k for k, kind in kinds.items() if not isinstance(meta, dict) or not isinstance(meta.get(k), kind)]
+    if bad:
+        raise AdapterError(f"{path}: not a NoRA config (missing or malformed: {', '.join(bad)}); copy the adapter "
+                           "again or retrain it")
+    return meta
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter file; :class:`AdapterError` naming it when it does not parse (truncated,
+    overwritten) or holds a NaN or inf (a diverged run saved by another tool)."""
+    try:
+        tensors = load_file(str(path))
+    except FileNotFoundError:
+        raise MissingFileError(f"{path} is missing (next to {CONFIG_NAME})") from None
+    except Exception as exc:  # noqa: BLE001  safetensors raises its own SafetensorError (and OSError, ValueError)
+        raise AdapterError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); the file is "
+                           "truncated or damaged: copy the adapter again or retrain it") from None
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise AdapterError(f"{path}: {len(bad)} tensor(s) hold NaN or inf values ({', '.join(bad[:3])}); not "
+                           "loading an adapter that computes NaN")
+    return tensors
 
 
 def _shape_mismatches(model: nn.Module, module: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -212,6 +239,30 @@ def _validate(model: nn.Module, directory: Path, meta: dict, tensors: dict[str, 
                            f"changed): {'; '.join(problems[:6])}")
 
 
+def _built_activation(directory: Path, name: str, info: dict, config: NoraConfig,
+                      tensors: dict[str, torch.Tensor]) -> NoraActivation:
+    """Layer ``name``'s saved activation, loaded strictly; :class:`AdapterError` (the model untouched) when the file
+    lacks one of its tensors, holds one of another shape, or its entry in the config is incomplete."""
+    try:
+        mod = NoraActivation(tensors[f"{name}.base_numerator"], tensors[f"{name}.base_denominator"],
+                             form=info["form"], backend=config.backend, original=info["original"],
+                             variant=info["variant"], r=info["r"], alpha=info["alpha"],
+                             numerator_mode=info["numerator_mode"], groups=info["groups"],
+                             fit_range=info.get("fit_range"), channel_dim=info.get("channel_dim", -1),
+                             width=info.get("width"))
+        mod.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")},
+                            strict=True)
+    except KeyError as exc:
+        raise AdapterError(f"the NoRA adapter in {directory} does not fit (nothing was changed): {name}: "
+                           f"{exc.args[0]} missing from {WEIGHTS_NAME if '.' in str(exc.args[0]) else CONFIG_NAME}"
+                           ) from None
+    except (RuntimeError, TypeError, ValueError) as exc:
+        why = " ".join(str(exc).split())[:300]
+        raise AdapterError(f"the NoRA adapter in {directory} does not fit (nothing was changed): {name}: {why}"
+                           ) from None
+    return mod
+
+
 def load_nora(model: nn.Module, directory: str | os.PathLike, trainable: bool = False) -> nn.Module:
     """Load a saved NoRA adapter onto ``model`` (a fresh base model, peft-wrapped or not), in place.
 
@@ -225,21 +276,18 @@ def load_nora(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
     meta = read_nora_config(directory)
     if meta.get("format_version") != FORMAT_VERSION:
         raise AdapterError(f"{directory}: unsupported NoRA adapter format {meta.get('format_version')}")
-    config = NoraConfig.from_dict(meta["config"])
-    tensors = load_file(str(directory / WEIGHTS_NAME))
+    try:
+        config = NoraConfig.from_dict(meta["config"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise AdapterError(f"{directory / CONFIG_NAME}: its config does not load ({exc})") from None
+    tensors = _read_tensors(directory / WEIGHTS_NAME)
     _validate(model, directory, meta, tensors, config)
     device = next(iter(model.parameters())).device
     index = module_index(model)
-    for name, info in meta["layers"].items():
-        mod = NoraActivation(tensors[f"{name}.base_numerator"], tensors[f"{name}.base_denominator"],
-                             form=info["form"], backend=config.backend, original=info["original"],
-                             variant=info["variant"], r=info["r"], alpha=info["alpha"],
-                             numerator_mode=info["numerator_mode"], groups=info["groups"],
-                             fit_range=info.get("fit_range"), channel_dim=info.get("channel_dim", -1),
-                             width=info.get("width"))
-        state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
-        mod.load_state_dict(state, strict=True)
-        set_module(model, resolve_name(model, name, index), mod.to(device))
+    built = {name: _built_activation(directory, name, info, config, tensors).to(device)
+             for name, info in meta["layers"].items()}  # all of them before the model changes
+    for name, mod in built.items():
+        set_module(model, resolve_name(model, name, index), mod)
     for name in meta["trainable_modules"]:
         sub = model.get_submodule(resolve_name(model, name, index))
         state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
@@ -276,6 +324,7 @@ def load_nora_pp(base_model: nn.Module, directory: str | os.PathLike, trainable:
 
     directory = Path(directory)
     read_nora_config(directory)  # both halves or nothing: fail before peft wraps the model
+    _read_tensors(directory / WEIGHTS_NAME)  # a truncated or non-finite NoRA file too
     peft_config = PeftConfig.from_peft_type(**read_peft_config(directory))
     model = PeftModel.from_pretrained(base_model, str(directory), is_trainable=trainable, config=peft_config)
     load_nora(model, directory, trainable=trainable)
