@@ -705,3 +705,31 @@ def test_a_damaged_nora_adapter_is_an_adapter_error_and_the_model_untouched(tmp_
         p.write_bytes(data)
     nora.load_nora(model, adir)
     assert len(nora.nora_modules(model)) == 3
+
+
+def test_a_truncated_compiled_kernel_is_rebuilt_not_a_sigbus(tmp_path):
+    """A `.so` cut short under its BUILD_OK (a full disk, a killed copy of the cache) killed every run with SIGBUS:
+    the library is checked against the size and sha256 its build recorded, and rebuilt with a warning."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler")
+    code = ("import torch, nora.kernels.cpu as c\n"
+            "x = torch.linspace(-3, 3, 64).reshape(4, 16); a = torch.rand(2, 6); b = torch.rand(2, 4)\n"
+            "y = c.rational_cpu(x, a, b, 'A'); ref = c.rational_torch(x, a, b, 'A')\n"
+            "print('MAXDIFF', float((y - ref).abs().max()), c._module.__file__)\n")
+    env = {**_env(), "NORA_CACHE_DIR": str(tmp_path), "NORA_NO_BUILD": ""}
+
+    def run():
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+
+    first = run()
+    assert first.returncode == 0 and "MAXDIFF" in first.stdout, first.stderr[-2000:]
+    so = Path(first.stdout.split()[-1])
+    record = json.loads((so.parent / "BUILD_OK").read_text())
+    assert record["size"] == so.stat().st_size > 0
+    so.write_bytes(so.read_bytes()[: record["size"] // 3])
+    second = run()
+    assert second.returncode == 0, (second.returncode, second.stderr[-2000:])  # was -7 (SIGBUS)
+    assert (f"compiled kernel in {so.parent}: {so} is {record['size'] // 3} bytes, the build recorded "
+            f"{record['size']}; rebuilding it") in second.stderr
+    assert float(second.stdout.split()[1]) < 1e-5
+    assert json.loads((so.parent / "BUILD_OK").read_text())["size"] == so.stat().st_size == record["size"]

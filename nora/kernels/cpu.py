@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import json
 import os
 import platform
 import shutil
@@ -102,19 +103,49 @@ def _file_lock(path: Path):
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+def _build_record(so: Path, flags: list[str]) -> str:
+    """What ``BUILD_OK`` records of a finished build: the flags and the shared object's name, size and sha256."""
+    return json.dumps({"flags": " ".join(flags), "file": so.name, "size": so.stat().st_size,
+                       "sha256": hashlib.sha256(so.read_bytes()).hexdigest()}) + "\n"
+
+
+def _verified_library(build_dir: Path) -> tuple[Path | None, str | None]:
+    """``(shared object, None)`` when ``BUILD_OK`` records it and it has the recorded size and sha256, else
+    ``(None, why)``: loading a truncated or overwritten ``.so`` is a SIGBUS, not an ImportError."""
+    try:
+        rec = json.loads((build_dir / "BUILD_OK").read_text())
+        so = build_dir / rec["file"]
+        size, digest = int(rec["size"]), str(rec["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, "BUILD_OK records no size and hash of the library (an older build)"
+    if not so.is_file():
+        return None, f"{so.name} is missing"
+    if so.stat().st_size != size:
+        return None, f"{so} is {so.stat().st_size} bytes, the build recorded {size}"
+    if hashlib.sha256(so.read_bytes()).hexdigest() != digest:
+        return None, f"{so} is not the library that was built (sha256 differs)"
+    return so, None
+
+
 def _import_built(name: str, build_dir: Path):
-    """Import a finished build; None (and the marker removed, forcing a rebuild) if it won't load."""
-    for so in sorted(build_dir.glob(f"{name}*.so")) + sorted(build_dir.glob(f"{name}*.pyd")):
-        try:
-            spec = importlib.util.spec_from_file_location(name, so)
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-            return mod
-        except ImportError:
-            (build_dir / "BUILD_OK").unlink(missing_ok=True)
-            so.unlink(missing_ok=True)
-            return None
-    return None
+    """Import a finished build after checking it against its record; None (the marker and the library removed,
+    forcing a rebuild, with a warning saying why) if it does not match or won't load."""
+    so, why = _verified_library(build_dir)
+    if so is None:
+        warnings.warn(f"compiled kernel in {build_dir}: {why}; rebuilding it", stacklevel=3)
+        (build_dir / "BUILD_OK").unlink(missing_ok=True)
+        for lib in list(build_dir.glob(f"{name}*.so")) + list(build_dir.glob(f"{name}*.pyd")):
+            lib.unlink(missing_ok=True)
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location(name, so)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    except ImportError:
+        (build_dir / "BUILD_OK").unlink(missing_ok=True)
+        so.unlink(missing_ok=True)
+        return None
 
 
 def _import_cpp_extension():
@@ -151,7 +182,7 @@ def _build_with(flags: list[str], verbose: bool):
         mod = _import_cpp_extension().load(
             name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir), verbose=verbose)
-        write_text_atomic(marker, " ".join(flags) + "\n")
+        write_text_atomic(marker, _build_record(Path(mod.__file__), flags))
         return mod
 
 
