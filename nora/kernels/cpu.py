@@ -15,7 +15,11 @@ single warning, and ``auto`` selection falls back to the ``torch`` backend.
 Forward is one pass over ``x``; backward recomputes P, Q, P', Q' per element, writes ``grad_x`` and
 reduces the coefficient gradients per fixed-size work item (independent of the thread count) in a
 fixed order: bit-identical coefficient gradients run after run and for any ``torch.set_num_threads``.
-Only ``x`` and the coefficient tensors are saved for backward.
+The kernels are channel-tiled (each SIMD lane carries its own channel's coefficients, per-channel partial
+sums reduced per group at the end), so one rational per channel (G = D) costs what G = 1 costs.
+Only ``x`` and the coefficient tensors are saved for backward. The kernels are ``torch.ops.nora.rational_cpu``
+and its backward (custom ops, opaque to torch.compile); the extension is built on the first eager call or,
+under torch.compile, when the backend is resolved at trace time, never inside a graph.
 """
 from __future__ import annotations
 
