@@ -11,8 +11,8 @@ the pure-torch backend, which needs no compiler. Later calls of a checked class 
 
 Under ``torch.compile`` the choice is made at trace time, eagerly and outside the graph: :func:`traced_verdict`
 (a constant to dynamo) looks the shape class up and, for a class not seen yet, runs the same check on a synthetic
-slice (seeded random inputs of the class's shape and dtype, the reference GELU fit's magnitude of coefficients),
-since the real input is only a fake tensor then. The compiled graph calls the chosen op directly.
+slice (seeded random inputs and coefficients of the class's shapes and dtype), since the real input is only a
+fake tensor then. The compiled graph calls the chosen op directly.
 
 The check runs wherever the kernel runs, so on the CPU under ``TRITON_INTERPRET=1`` as well: that is how the
 tests exercise the fallback (they make the Triton path fail or disagree).
