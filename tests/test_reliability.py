@@ -733,3 +733,22 @@ def test_a_truncated_compiled_kernel_is_rebuilt_not_a_sigbus(tmp_path):
             f"{record['size']}; rebuilding it") in second.stderr
     assert float(second.stdout.split()[1]) < 1e-5
     assert json.loads((so.parent / "BUILD_OK").read_text())["size"] == so.stat().st_size == record["size"]
+
+
+@pytest.mark.parametrize("method,file", [("lora", "adapter_model.safetensors"),
+                                         ("linear_probe", "trainable.safetensors")])
+def test_a_truncated_adapter_file_of_a_run_without_hashes_is_one_line(cifar10, tmp_path, method, file):
+    """A run saved before summary.json recorded its adapter's hashes: a cut peft or trainable file is still one
+    line naming it (not peft's or safetensors' own traceback)."""
+    from nora.app.reload import load_trained_model
+
+    run = tmp_path / "run"
+    run_training(make_cfg(tiny_overrides(cifar10, tmp_path, method, ["trainer.epochs=1"])), run_dir=run)
+    summary = json.loads((run / "summary.json").read_text())
+    del summary["adapter"]
+    (run / "summary.json").write_text(json.dumps(summary))
+    path = run / "adapter" / file
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(UserError) as err:
+        load_trained_model(run)
+    assert str(err.value).startswith(f"{path}: not a readable safetensors file (") and "\n" not in str(err.value)

@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from nora.adapter import load_nora, load_nora_pp, nora_modules, read_nora_config, read_peft_config, save_nora
+from nora.adapter import (AdapterError, load_nora, load_nora_pp, nora_modules, read_nora_config, read_peft_config,
+                          save_nora)
 from nora.adapter.inject import is_peft_model
 from nora.adapter.io import FULL_FT_NAME, NORA_FILES, PEFT_FILES
 from nora.errors import MissingFileError, UserError
@@ -109,12 +110,28 @@ def adapter_identity(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     return ident
 
 
+def _check_safetensors(path: Path) -> None:
+    """One line naming ``path`` when its safetensors header does not parse or promises more bytes than the file has
+    (truncated, overwritten); reads the header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as exc:  # noqa: BLE001  safetensors raises its own SafetensorError
+        raise AdapterError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); the file is "
+                           "truncated or damaged: copy the adapter again or retrain the run (force=true)") from None
+
+
 def apply_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> tuple[nn.Module, dict]:
     """Load the adapter files in ``adapter_dir`` onto a fresh base ``model``; returns ``(model, identity)``
     with the model frozen and in eval mode (see :func:`adapter_identity`)."""
     adir = Path(adapter_dir)
     ident = adapter_identity(adir)
     kind = ident["kind"]
+    for name in ident["files"]:  # peft's and torch's loaders would raise their own errors on a cut file
+        if name.endswith(".safetensors"):
+            _check_safetensors(adir / name)
     if kind == "nora++":
         model = load_nora_pp(model, adir)
     elif ident["peft"] is not None:
