@@ -19,6 +19,12 @@ from nora.adapter import (AdapterError, GroupRational, InjectionReport, NoraActi
 from nora.kernels import available_backends, rational
 from nora.rational.fit import RationalFit, fit_rational
 
+try:  # NoRA as a peft method wherever peft is installed (a core install has no peft, and no peft method)
+    from nora.tuner import NoraPeftConfig, calibrate
+except ModuleNotFoundError as _missing:
+    if _missing.name is None or _missing.name.split(".")[0] not in ("peft", "transformers", "accelerate"):
+        raise
+
 __version__ = "0.1.0"
 
 
@@ -29,3 +35,5 @@ __all__ = [
     "mark_trainable", "merge_nora", "nora_modules", "parameter_report", "rational", "read_nora_config",
     "read_peft_config", "save_merged", "save_nora", "save_nora_pp", "set_trainable",
 ]
+if "NoraPeftConfig" in globals():
+    __all__ += ["NoraPeftConfig", "calibrate"]
