@@ -177,3 +177,121 @@ def test_nora_pp_peft_round_trip(tmp_path, use_dora):
     merged = run(f"DIR = {d}\n" + textwrap.dedent(MERGED_RELOAD), tmp_path)
     assert merged["type"] == "LlamaForCausalLM" and merged["acts"] == ["GroupRational"]
     assert merged["diff"] < 1e-5
+
+
+# ------------------------------------------------------------------------ NoRA alone, several adapters
+SEVERAL = """
+    import os
+    d = DIR
+    base = tiny()
+    base.save_pretrained(d + "/base")
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    model = peft.get_peft_model(base, nora.NoraPeftConfig(groups=4), adapter_name="a")
+    trainable_a = model.get_nb_trainable_parameters()[0]
+    train(model, seed=0)
+    model.add_adapter("b", nora.NoraPeftConfig(groups=8, r=2, alpha=4.0, lora_r=2, lora_target_modules=["v_proj"]))
+    model.set_adapter("b")
+    trainable_b = model.get_nb_trainable_parameters()[0]
+    train(model, seed=1)
+    got = {}
+    for name in ("a", "b"):
+        model.set_adapter(name)
+        got[name] = logits(model, ids)
+    model.save_pretrained(d + "/adapter")
+    torch.save({"ids": ids, **got}, d + "/want.pt")
+    out(trainable_a=trainable_a, trainable_b=trainable_b, a_vs_b=float((got["a"] - got["b"]).abs().max()),
+        files=sorted(os.listdir(d + "/adapter")), b_files=sorted(os.listdir(d + "/adapter/b")))  # peft: a/, b/
+"""
+
+SEVERAL_RELOAD = """
+    d = DIR
+    want = torch.load(d + "/want.pt")
+    base = LlamaForCausalLM.from_pretrained(d + "/base").eval()
+    model = PeftModel.from_pretrained(base, d + "/adapter/a", adapter_name="a")
+    model.load_adapter(d + "/adapter/b", adapter_name="b")
+    diffs = {}
+    for name in ("b", "a", "b"):
+        model.set_adapter(name)
+        diffs[name] = float((logits(model, want["ids"]) - want[name]).abs().max())
+    model.set_adapter("a")
+    merged = model.merge_and_unload()
+    out(diffs=diffs, merged_a=float((logits(merged, want["ids"]) - want["a"]).abs().max()))
+"""
+
+
+def test_nora_alone_and_several_named_adapters(tmp_path):
+    d = repr(str(tmp_path))
+    made = run(f"DIR = {d}\n" + textwrap.dedent(SEVERAL), tmp_path)
+    assert made["trainable_a"] == 2 * 2 * 3 * (4 + 5)  # lora_r=0: NoRA alone, 2r(G + 5) per activation
+    assert made["trainable_b"] == 2 * 2 * 2 * (8 + 5) + 2 * (2 * 64 + 32 * 2)  # NoRA r=2 + LoRA r=2 on v_proj
+    assert made["a_vs_b"] > 1e-2
+    assert made["files"] == ["README.md", "a", "b"]  # peft saves adapters other than "default" in subfolders
+    assert made["b_files"] == ["adapter_config.json", "adapter_model.safetensors"]
+    got = run(f"DIR = {d}\n" + textwrap.dedent(SEVERAL_RELOAD), tmp_path)
+    assert got["diffs"] == {"a": 0.0, "b": 0.0}
+    assert got["merged_a"] < 1e-5
+
+
+# ------------------------------------------------------------------------------------- calibrated init
+CALIBRATED = """
+    d = DIR
+    base = tiny()
+    base.save_pretrained(d + "/base")
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    kw = dict(init="calibrated", per_group_calibration=True, groups=4, degrees=[3, 2])
+    cfg = nora.NoraPeftConfig(**kw)
+    model = peft.get_peft_model(base, cfg)
+    layer = model.base_model.model.model.layers[0].mlp.act_fn
+    before = layer.nora_activation["default"].base_numerator.clone()
+    batches = [torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    fits = nora.calibrate(model, batches)
+    after = layer.nora_activation["default"].base_numerator
+    # nora.apply_nora's calibrated init on the same model and batches: the same base rationals
+    ref = tiny()
+    nora.apply_nora(ref, nora.NoraConfig(**kw), calibration_batches=batches)
+    ref_act = ref.model.layers[0].mlp.act_fn
+    den = layer.nora_activation["default"].base_denominator
+    as_apply_nora = float(max((after - ref_act.base_numerator).abs().max(),
+                              (den - ref_act.base_denominator).abs().max()))
+    want = logits(model, ids)
+    model.save_pretrained(d + "/adapter")
+    back = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(d + "/base").eval(), d + "/adapter")
+    out(n=len(fits), as_apply_nora=as_apply_nora, changed=float((after - before).abs().max()),
+        rows_differ=bool(not torch.equal(after[0], after[1])),
+        same=bool(torch.equal(logits(back, ids), want)), still_silu=type(layer.base_layer).__name__)
+"""
+
+
+def test_calibrated_init_is_a_step_after_get_peft_model_and_is_saved(tmp_path):
+    got = run(f"DIR = {str(tmp_path)!r}\n" + textwrap.dedent(CALIBRATED), tmp_path)
+    assert got["n"] == 2 and got["changed"] > 1e-3 and got["rows_differ"]  # re-fitted, per group
+    assert got["as_apply_nora"] < 1e-6
+    assert got["same"] and got["still_silu"] == "SiLUActivation"
+
+
+# --------------------------------------------------------------------------------- the hub, by repo id
+HUB = """
+    d = DIR
+    base = tiny()
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    model = peft.get_peft_model(base, nora.NoraPeftConfig(lora_r=2, lora_target_modules=["q_proj"]))
+    train(model)
+    want = logits(model, ids)
+    model.push_to_hub("me/tiny-nora-pp")
+    back = PeftModel.from_pretrained(tiny(), "me/tiny-nora-pp")
+    cfg = PeftConfig.from_pretrained("me/tiny-nora-pp")
+    out(same=bool(torch.equal(logits(back, ids), want)), config=type(cfg).__name__, lora_r=cfg.lora_r)
+"""
+
+
+def test_push_to_hub_and_from_pretrained_by_hub_id(tmp_path):
+    from fake_hub import FakeHub
+
+    with FakeHub(tmp_path / "hub") as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_test", "HF_HUB_CACHE": str(tmp_path / "cache"),
+               "HF_HUB_OFFLINE": "0"}
+        got = run(f"DIR = {str(tmp_path)!r}\n" + textwrap.dedent(HUB), tmp_path, env=env)
+        files = hub.files("me/tiny-nora-pp")
+    assert got == {"same": True, "config": "NoraPeftConfig", "lora_r": 2}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    assert json.loads(files["adapter_config.json"])["peft_type"] == "NORA"
