@@ -21,6 +21,9 @@ from nora.rational.fit import RationalFit, fit_rational
 
 try:  # NoRA as a peft method wherever peft is installed (a core install has no peft, and no peft method)
     from nora.tuner import NoraPeftConfig, calibrate
+    # NoRA++ saved as one peft adapter (peft's own loaders read it); the loader reads the earlier two-part format too
+    from nora.tuner import load_pretrained as load_nora_pp
+    from nora.tuner import save_pretrained as save_nora_pp
 except ModuleNotFoundError as _missing:
     if _missing.name is None or _missing.name.split(".")[0] not in ("peft", "transformers", "accelerate"):
         raise

@@ -1,0 +1,80 @@
+"""One peft adapter from a model nora built the lower-level way (``peft.get_peft_model`` with a ``LoraConfig``, then
+``nora.apply_nora``; or ``apply_nora`` alone on a Hugging Face model), and loading either format.
+
+:func:`save_pretrained` writes what ``NoraModel`` would have saved for the same weights: ``adapter_config.json``
+(a :class:`NoraPeftConfig`: the NoRA config plus the LoRA config's ``r``, ``lora_alpha``, ``lora_dropout``,
+``target_modules``, ``use_dora``, ``modules_to_save``) and ``adapter_model.safetensors`` (peft's own LoRA state dict
+and each NoRA activation's tensors under ``<activation>.nora_activation.``), so ``peft.PeftModel.from_pretrained``
+rebuilds the same function. :func:`load_pretrained` reads that, or a directory in the earlier two-part format
+(``nora.save_nora_pp``'s peft files next to ``nora_config.json``/``nora_adapter.safetensors``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from peft import PeftModel, get_peft_model_state_dict
+from safetensors.torch import save_file
+from torch import nn
+
+from nora.adapter import AdapterError, get_nora_config, load_nora_pp, nora_modules
+from nora.adapter.inject import is_peft_model
+from nora.adapter.peft_format import (CONFIG_FILE, LAYER_ATTR, ORIGINALS_KEY, PEFT_PREFIX, WEIGHTS_FILE,
+                                      read_peft_nora_config)
+from nora.files import atomic_write
+from nora.tuner.config import NoraPeftConfig
+
+
+def peft_config_of(model: nn.Module) -> NoraPeftConfig:
+    """The NoraPeftConfig describing ``model``'s NoRA config and (on a peft model) its LoRA config."""
+    nora_cfg = get_nora_config(model)
+    if nora_cfg is None or not nora_modules(model):
+        raise AdapterError("this model holds no NoRA activations; call nora.apply_nora first")
+    if nora_cfg.trainable_modules and not is_peft_model(model):
+        raise AdapterError(f"trainable_modules {nora_cfg.trainable_modules} are not part of a peft adapter; use "
+                           "peft's modules_to_save (or nora.save_nora)")
+    kw = {k: v for k, v in nora_cfg.to_dict().items() if k not in ("trainable_modules",)}
+    if is_peft_model(model):
+        lora = model.peft_config[model.active_adapter]
+        if type(lora).__name__ != "LoraConfig":
+            raise AdapterError(f"a {type(lora).__name__} adapter next to NoRA is not a NoRA++ adapter (LoRA/DoRA)")
+        targets = lora.target_modules
+        kw.update(lora_r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout, use_dora=lora.use_dora,
+                  lora_target_modules=sorted(targets) if isinstance(targets, (set, list, tuple)) else targets,
+                  modules_to_save=sorted(lora.modules_to_save) if lora.modules_to_save else None,
+                  task_type=lora.task_type, base_model_name_or_path=lora.base_model_name_or_path)
+    return NoraPeftConfig(**kw)
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write ``model``'s LoRA/DoRA (if any) and NoRA parts as one NoRA peft adapter (see the module docstring)."""
+    directory = Path(directory)
+    config = peft_config_of(model)
+    tensors = dict(get_peft_model_state_dict(model)) if is_peft_model(model) else {}
+    originals = {}
+    for name, mod in nora_modules(model).items():
+        for k, t in mod.state_dict().items():
+            if k == "base_numerator":  # NoraLayer keeps one row per group (every adapter has the same shapes)
+                t = t.expand(mod.groups, -1)
+            tensors[f"{PEFT_PREFIX}{name}.{LAYER_ATTR}.{k}"] = t.detach().cpu().contiguous()
+        originals[name] = mod.original
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt", ORIGINALS_KEY: json.dumps(originals)}
+    atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata=meta))
+    config.save_pretrained(str(directory))
+    return directory
+
+
+def is_peft_format(directory: str | os.PathLike) -> bool:
+    return read_peft_nora_config(directory) is not None
+
+
+def load_pretrained(base_model: nn.Module, directory: str | os.PathLike, trainable: bool = False) -> nn.Module:
+    """A NoRA / NoRA++ adapter onto ``base_model``: ``peft.PeftModel.from_pretrained`` for the peft format, the
+    earlier two-part format through ``nora.adapter.io.load_nora_pp``."""
+    if is_peft_format(directory):
+        return PeftModel.from_pretrained(base_model, str(directory), is_trainable=trainable)
+    if not (Path(directory) / CONFIG_FILE).exists():
+        raise AdapterError(f"{directory}: no {CONFIG_FILE} (a NoRA peft adapter or a NoRA++ directory expected)")
+    return load_nora_pp(base_model, directory, trainable=trainable)
