@@ -295,3 +295,23 @@ def test_push_to_hub_and_from_pretrained_by_hub_id(tmp_path):
     assert got == {"same": True, "config": "NoraPeftConfig", "lora_r": 2}
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
     assert json.loads(files["adapter_config.json"])["peft_type"] == "NORA"
+
+
+# ------------------------------------------------------------------------------ LoRA targets as in peft
+TARGETS = """
+    got = {}
+    for name, targets in (("all-linear", "all-linear"), ("default", None), ("regex", r".*\\.(q|k)_proj")):
+        model = peft.get_peft_model(tiny(), nora.NoraPeftConfig(lora_r=2, lora_target_modules=targets))
+        got[name] = sorted({n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")})
+    got["nora_only"] = sorted({type(m).__name__ for n, m in peft.get_peft_model(tiny(), nora.NoraPeftConfig())
+                               .named_modules() if n.endswith("act_fn")})
+    out(**got)
+"""
+
+
+def test_lora_targets_are_read_as_peft_reads_them(tmp_path):
+    got = run(TARGETS, tmp_path)
+    assert got["all-linear"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert got["default"] == ["q_proj", "v_proj"]  # peft's default for llama
+    assert got["regex"] == ["k_proj", "q_proj"]
+    assert got["nora_only"] == ["NoraLayer"]
