@@ -97,6 +97,7 @@ BUILD_TRAIN_SAVE = """
                               lora_target_modules=["q_proj", "up_proj"], use_dora=USE_DORA)
     model = peft.get_peft_model(base, cfg)
     trainable, total = model.get_nb_trainable_parameters()
+    model.print_trainable_parameters()
     init_logits = logits(model, ids)
     loss = train(model)
     trained = logits(model, ids)
@@ -123,6 +124,12 @@ RELOAD = """
     with model.disable_adapter():
         disabled = logits(model, want["ids"])
     keys = sorted(load_file(d + "/adapter/adapter_model.safetensors"))
+    model.merge_adapter()  # merged in place (LoRA into the weights, NoRA into per-group rationals), then undone
+    merge_adapter = float((logits(model, want["ids"]) - want["trained"]).abs().max())
+    model.unmerge_adapter()
+    # LoRA's unmerge subtracts B A again (float rounding); NoRA's puts the activation itself back
+    unmerged = [float((logits(model, want["ids"]) - want["trained"]).abs().max()),
+                type(model.base_model.model.model.layers[0].mlp.act_fn.base_layer).__name__]
     merged = model.merge_and_unload()
     merged_logits = logits(merged, want["ids"])
     acts = sorted({type(m).__name__ for n, m in merged.named_modules() if n.endswith("mlp.act_fn")})
@@ -131,7 +138,8 @@ RELOAD = """
         same=bool(torch.equal(got, want["trained"])), diff=float((got - want["trained"]).abs().max()),
         disabled_vs_init=float((disabled - want["init"]).abs().max()),
         merged_diff=float((merged_logits - want["trained"]).abs().max()), merged_type=type(merged).__name__,
-        acts=acts, keys=keys, trainable=sum(p.requires_grad for p in model.parameters()))
+        acts=acts, keys=keys, trainable=sum(p.requires_grad for p in model.parameters()),
+        merge_adapter=merge_adapter, unmerged=unmerged)
 """
 
 MERGED_RELOAD = """
@@ -166,7 +174,8 @@ def test_nora_pp_peft_round_trip(tmp_path, use_dora):
     assert got["trainable"] == 0  # PeftModel.from_pretrained: inference mode
     assert got["disabled_vs_init"] == 0.0
     assert got["merged_type"] == "LlamaForCausalLM" and got["acts"] == ["GroupRational"]
-    assert got["merged_diff"] < 1e-5
+    assert got["merged_diff"] < 1e-5 and got["merge_adapter"] < 1e-5
+    assert got["unmerged"][0] < 1e-5 and got["unmerged"][1] == "SiLUActivation"
     act = "base_model.model.model.layers.0.mlp.act_fn.nora_activation."
     assert {act + k for k in ("base_numerator", "base_denominator", "nora_A_num", "nora_B_num", "nora_A_den",
                               "nora_B_den")} <= set(got["keys"])
