@@ -7,6 +7,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import nora
@@ -567,3 +568,369 @@ def test_merged_model_saved_and_reloaded_keeps_its_rationals(tmp_path):
         nora.save_merged(unmerged, tmp_path / "x")
     with pytest.raises(nora.AdapterError, match="no nora_merged.json"):
         nora.from_pretrained(tmp_path / "nowhere")
+
+
+def test_from_pretrained_reports_no_unexpected_keys(tmp_path):
+    import logging
+
+    model, _ = _nora_pp()
+    merged = nora.merge_nora(model.merge_and_unload())
+    nora.save_merged(merged, tmp_path)
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        loaded = nora.from_pretrained(tmp_path)
+        transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path))  # the plain loader: nothing unexpected either
+    finally:
+        logger.removeHandler(handler)
+    assert not [m for m in seen if "UNEXPECTED" in m or "MISSING" in m], seen
+    assert isinstance(loaded.model.layers[0].mlp.act_fn, nora.GroupRational)
+
+
+# ------------------------------------------------------------------ defaults by kind, layouts, honest defaults
+def tiny_convnext(**kw):
+    return timm.create_model("convnext_atto", pretrained=False, num_classes=10, depths=(1, 1, 1, 1),
+                             dims=(16, 16, 32, 32), **kw).eval()
+
+
+def test_conv_layout_mlp_groups_channels_not_columns():
+    """ConvNeXt atto/femto/pico/nano feed their MLP activation (N, C, H, W): the groups cut C, not the width."""
+    model = tiny_convnext()  # conv_mlp=True
+    report = nora.apply_nora(model)
+    act = model.stages[0].blocks[0].mlp.act
+    assert (act.channel_dim, act.width) == (1, 64) and report.targets["stages.0.blocks.0.mlp.act"]["channel_dim"] == 1
+    _perturb(model)
+    x = torch.randn(1, 64, 1, 1).expand(2, 64, 16, 16).contiguous()  # one value per channel, any image width
+    with torch.no_grad():
+        y = act(x)
+        assert torch.equal(y, y[:, :, :1, :1].expand_as(y))
+        # channel-wise it equals the channels-last evaluation of the same coefficients
+        last = nora.GroupRational(*act.coefficients(), form=act.form)
+        torch.testing.assert_close(y, last(x.movedim(1, -1)).movedim(-1, 1), rtol=0, atol=0)
+        model(torch.randn(1, 3, 224, 224))  # 224 px: the image width (14 columns) is no longer the grouped dim
+    with pytest.raises(ValueError, match=r"expected 64 channels on dim 1 of a conv-layout"):
+        act(torch.randn(1, 32, 4, 4))
+
+
+@pytest.mark.parametrize("builder,width", [
+    (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4,
+                                                                  n_positions=32)), 128),
+    (lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0)), 64),
+    (lambda: tiny_convnext(), 64),
+])
+def test_group_check_covers_conv1d_fused_gate_up_and_conv2d(builder, width, tmp_path):
+    with pytest.raises(ValueError, match=f"groups=7 does not divide the width {width}"):
+        nora.apply_nora(builder(), nora.NoraConfig(groups=7))
+    model = builder()
+    nora.apply_nora(model)
+    nora.save_nora(model, tmp_path)
+    widths = [info["width"] for info in nora.read_nora_config(tmp_path)["layers"].values()]
+    assert widths[0] == width and None not in widths
+
+
+def test_load_checks_the_saved_width_of_a_conv_layout_mlp(tmp_path):
+    nora.apply_nora(tiny_convnext())  # warm the fit cache
+    model = tiny_convnext()
+    nora.apply_nora(model)
+    nora.save_nora(model, tmp_path)
+    wider = timm.create_model("convnext_atto", pretrained=False, num_classes=10, depths=(1, 1, 1, 1),
+                              dims=(16, 16, 32, 64))
+    with pytest.raises(nora.AdapterError, match=r"stages\.3\.blocks\.0\.mlp\.act: width 256, the adapter was saved "
+                                                "for width 128"):
+        nora.load_nora(wider, tmp_path)
+
+
+def qwen2_moe_mixed():
+    return transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=64, mlp_only_layers=[0], decoder_sparse_step=1)).eval()
+
+
+def test_moe_defaults_cover_dense_layers_experts_and_shared_experts():
+    model = qwen2_moe_mixed()
+    report = nora.apply_nora(model)
+    assert set(report.targets) == {"model.layers.0.mlp.act_fn", "model.layers.1.mlp.experts.act_fn",
+                                   "model.layers.1.mlp.shared_expert.act_fn"}
+    assert report.targets["model.layers.1.mlp.experts.act_fn"]["width"] == 32  # from the fused (E, 2I, H) tensor
+    assert report.layers["Qwen2MoeDecoderLayer"] == {"layers": 2, "with_targets": 2, "targets": 3}
+    assert not report.warnings and "Qwen2MoeDecoderLayer: 3 in 2 of 2 layers" in report.summary()
+
+
+def test_partial_layer_coverage_is_reported():
+    # the old name pattern finds the dense layer's act_fn only: the MoE layer is left out, and the report says so
+    with pytest.warns(UserWarning, match=r"only 1 of 2 Qwen2MoeDecoderLayer layers hold a target; none in "
+                                         r"model\.layers\.1"):
+        report = nora.apply_nora(qwen2_moe_mixed(), nora.NoraConfig(target_modules=[r"(.*\.)?mlp\.act_fn"]))
+    assert report.layers["Qwen2MoeDecoderLayer"]["with_targets"] == 1 and report.warnings
+
+
+def test_defaults_skip_attention_se_gates_heads_and_identity():
+    model = timm.create_model("efficientnet_b0", pretrained=False, num_classes=10)  # SE blocks, no MLP
+    with pytest.raises(ValueError, match="no activation of EfficientNet matches the default targets"):
+        nora.find_targets(model, nora.NoraConfig())
+    inc = timm.create_model("inception_next_tiny", pretrained=False, num_classes=10, depths=(1, 1), dims=(16, 32))
+    assert sorted(nora.find_targets(inc, nora.NoraConfig())) == ["stages.0.blocks.0.mlp.act",
+                                                                 "stages.1.blocks.0.mlp.act"]  # not head.act
+    vit = small_vit()
+    vit.blocks[0].mlp.act = nn.Identity()
+    assert "blocks.0.mlp.act" not in nora.find_targets(vit, nora.NoraConfig())
+    with pytest.raises(ValueError, match=r"'blocks\.0\.mlp\.act' is an nn\.Identity placeholder"):
+        nora.apply_nora(vit, nora.NoraConfig(target_modules=[r"blocks\.\d+\.mlp\.act"]))
+
+
+def test_explicit_pattern_on_batchnorm_activations_uses_conv_layout():
+    model = timm.create_model("efficientnet_b0", pretrained=False, num_classes=10).eval()
+    report = nora.apply_nora(model, nora.NoraConfig(target_modules=[r"blocks\.1\.0\.bn1\.act"], groups=8))
+    assert report.targets["blocks.1.0.bn1.act"]["channel_dim"] == 1
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(1, 3, 64, 64))).all()
+
+
+def test_batchnorm_statistics_frozen_and_adapter_reloads_exactly(tmp_path):
+    def make():
+        torch.manual_seed(0)
+        return timm.create_model("mobilevit_xxs", pretrained=False, num_classes=10).eval()
+
+    state = make().state_dict()
+    model = make()
+    nora.apply_nora(model, nora.NoraConfig(trainable_modules=["head.fc"]))
+    stats = model.stem.bn.running_mean.clone()
+    x = torch.randn(2, 3, 64, 64)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    model.train()
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    model.eval()
+    assert torch.equal(model.stem.bn.running_mean, stats) and model.stem.bn.momentum == 0.0
+    with torch.no_grad():
+        want = model(x)
+    nora.save_nora(model, tmp_path)
+    fresh = make()
+    fresh.load_state_dict(state)
+    nora.load_nora(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), want)
+
+
+def test_trainable_batchnorm_statistics_are_saved(tmp_path):
+    from timm.models.vision_transformer import VisionTransformer
+
+    def make():
+        torch.manual_seed(0)
+        m = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
+        m.head = nn.Sequential(nn.BatchNorm1d(64), nn.Linear(64, 10))
+        return m.eval()
+
+    model = make()
+    nora.apply_nora(model, nora.NoraConfig(trainable_modules=["head"]))
+    assert model.head[0].momentum == 0.1  # a trainable BatchNorm keeps learning its statistics
+    model.train()
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    model.eval()
+    assert not torch.equal(model.head[0].running_mean, torch.zeros(64))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+    nora.save_nora(model, tmp_path)
+    fresh = make()
+    nora.load_nora(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), want)
+
+
+def test_trainable_modules_on_a_peft_model_apply_and_reload(tmp_path):
+    state = small_vit().state_dict()
+    base = small_vit()
+    base.load_state_dict(state)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["qkv"]))
+    nora.apply_nora(model, nora.NoraConfig(trainable_modules=["head"]))
+    assert model.base_model.model.head.weight.requires_grad
+    assert nora.parameter_report(model).components["head"] == 64 * 10 + 10
+    with torch.no_grad():
+        model.base_model.model.head.weight.add_(0.3)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+    nora.save_nora_pp(model, tmp_path)
+    assert nora.read_nora_config(tmp_path)["trainable_modules"] == ["head"]
+    fresh = small_vit()
+    fresh.load_state_dict(state)
+    loaded = nora.load_nora_pp(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), want)
+    with pytest.raises(ValueError, match=r"trainable_modules \['haed'\] match no module"):
+        nora.apply_nora(peft.get_peft_model(small_vit(), peft.LoraConfig(r=2, target_modules=["qkv"])),
+                        nora.NoraConfig(trainable_modules=["haed"]))
+
+
+def test_adapter_saved_with_lora_on_fused_experts_loads_onto_a_plain_model(tmp_path):
+    def mixtral():
+        torch.manual_seed(0)
+        return transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)).eval()
+
+    wrapped = peft.get_peft_model(mixtral(), peft.LoraConfig(r=2, target_modules="all-linear"))
+    assert any("experts.base_layer" in n for n, _ in wrapped.named_modules())  # peft wraps the fused experts
+    nora.apply_nora(wrapped)
+    _perturb(wrapped)
+    nora.save_nora(wrapped, tmp_path / "with_lora")
+    assert set(nora.read_nora_config(tmp_path / "with_lora")["layers"]) == {
+        "model.layers.0.mlp.experts.act_fn", "model.layers.1.mlp.experts.act_fn"}
+    plain = mixtral()
+    nora.load_nora(plain, tmp_path / "with_lora")
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():  # LoRA's B is still zero: the wrapped model computes what the plain one with the adapter does
+        torch.testing.assert_close(wrapped(ids).logits, plain(ids).logits, rtol=1e-6, atol=1e-6)
+    nora.save_nora(plain, tmp_path / "plain")  # and the other way round
+    rewrapped = peft.get_peft_model(mixtral(), peft.LoraConfig(r=2, target_modules="all-linear"))
+    nora.load_nora(rewrapped, tmp_path / "plain")
+    assert set(nora.nora_modules(rewrapped)) == set(nora.nora_modules(plain))
+
+
+def wide_gate_llama():
+    m = tiny_llama()
+    with torch.no_grad():
+        for layer in m.model.layers:
+            layer.mlp.gate_proj.weight.mul_(60.0)  # gate pre-activations reach about +-20
+    return m
+
+
+def test_fit_range_warning_on_the_first_batch():
+    import warnings
+
+    model = wide_gate_llama()
+    nora.apply_nora(model)
+    _perturb(model)  # as after a first optimizer step: the warning is about the fit, not the update
+    ids = torch.randint(0, 96, (2, 16))
+    inputs = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().flatten()))
+             for m in nora.nora_modules(model).values()]
+    with pytest.warns(UserWarning, match=r"% \(\d+ of \d+\) of the inputs of 2 of 2 rational activations lie outside "
+                                         r"their fit range .* off by up to .*init='calibrated'") as rec:
+        with torch.no_grad():
+            model(ids)
+    for h in hooks:
+        h.remove()
+    message = str(rec[0].message)
+    x = torch.cat(inputs)
+    outside = x[x.abs() > 3]
+    assert float(message.split("nora: ")[1].split("%")[0]) == pytest.approx(100 * outside.numel() / x.numel(), rel=1e-3)
+    assert f"({outside.numel()} of {x.numel()})" in message
+    assert f"|x| up to {x.abs().max().item():.3g}" in message
+    fit = nora.fit_rational("silu", x_range=(-3, 3))
+    worst = (fit(outside.double()) - F.silu(outside.double())).abs().max().item()
+    reported = float(message.split("off by up to ")[1].split(" ")[0])
+    assert 0.5 * worst <= reported <= worst * 1.001 and worst > 1  # GELU/SiLU fits are off by units out there
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the second batch is quiet
+        with torch.no_grad():
+            model(ids)
+    quiet = tiny_llama()  # inputs well inside [-3, 3]
+    nora.apply_nora(quiet)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            quiet(ids)
+
+
+def test_fit_range_warning_on_calibration_batches_at_apply_time():
+    ids = torch.randint(0, 96, (2, 16))
+    with pytest.warns(UserWarning, match="outside their fit range"):
+        nora.apply_nora(wide_gate_llama(), nora.NoraConfig(init="fit"), calibration_batches=[{"input_ids": ids}])
+
+
+def test_adapter_layer_works_without_transformers_timm_or_peft(tmp_path):
+    """nora.adapter / nora.rational import none of the optional packages: apply, train, save, load and merge a plain
+    torch model in an interpreter where transformers, timm and peft cannot be imported."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import importlib.abc, sys
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] in ("transformers", "timm", "peft"):
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+        import torch
+        from torch import nn
+        import nora.adapter as A
+
+        class Mlp(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc1, self.act, self.fc2 = nn.Conv2d(8, 32, 1), nn.GELU(), nn.Conv2d(32, 8, 1)
+            def forward(self, x):
+                return self.fc2(self.act(self.fc1(x)))
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.blocks = nn.ModuleList([nn.ModuleDict({{"mlp": Mlp()}}) for _ in range(2)])
+            def forward(self, x):
+                for b in self.blocks:
+                    x = x + b["mlp"](x)
+                return x
+
+        torch.manual_seed(0)
+        model = Net()
+        state = model.state_dict()
+        report = A.apply_nora(model)
+        assert sorted(report.targets) == ["blocks.0.mlp.act", "blocks.1.mlp.act"], report.targets
+        assert {{t["channel_dim"] for t in report.targets.values()}} == {{1}}
+        for m in A.nora_modules(model).values():
+            m.nora_B_den.data.add_(0.1)
+        x = torch.randn(2, 8, 4, 4)
+        want = model(x)
+        A.save_nora(model, {str(tmp_path)!r})
+        fresh = Net()
+        fresh.load_state_dict(state)
+        A.load_nora(fresh, {str(tmp_path)!r})
+        assert torch.equal(fresh(x), want)
+        A.merge_nora(fresh)
+        assert torch.allclose(fresh(x), want, atol=1e-6)
+        assert not any(n.split(".")[0] in ("transformers", "timm", "peft") for n in sys.modules)
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_default_targets_of_a_bare_mlp_module():
+    class Mlp(nn.Module):  # a user's own MLP, passed on its own: its layer holds both projections
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(8, 32), nn.SiLU(), nn.Linear(32, 8)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x)))
+
+    report = nora.apply_nora(Mlp())
+    assert list(report.targets) == ["act"] and report.targets["act"]["width"] == 32
+
+
+def test_per_group_calibration_of_a_conv_layout_mlp_groups_channels():
+    model = tiny_convnext()
+    x = torch.randn(2, 3, 36, 36)  # stage 0 runs at 9 x 9: the image width is not divisible by the 2 groups
+    with torch.no_grad():
+        before = model(x)
+    config = nora.NoraConfig(init="calibrated", per_group_calibration=True, groups=2,
+                             target_modules=[r"stages\.0\.blocks\.0\.mlp\.act"])  # 2 fits: kept short
+    with pytest.warns(UserWarning, match="only 1 of 4 ConvNeXtStage layers hold a target"):
+        report = nora.apply_nora(model, config, calibration_batches=[x])
+    act = model.stages[0].blocks[0].mlp.act
+    assert act.channel_dim == 1 and act.base_numerator.shape == (2, 6)
+    assert not torch.equal(act.base_numerator[0], act.base_numerator[1])
+    assert report.max_error() < 1e-2
+    with torch.no_grad():
+        assert (model(x) - before).abs().max() < 1e-2 * before.abs().max()

@@ -15,8 +15,9 @@ VARIANTS = ("nora", "rational_ft", "zero_init_ft", "frozen")
 INITS = ("fit", "calibrated")
 NUMERATOR_MODES = ("group", "shared")
 
-# Default targets: the activation inside each transformer MLP, as named by timm ViTs
-# (`blocks.N.mlp.act`) and by Hugging Face decoder LMs (`model.layers.N.mlp.act_fn`).
+# The default targets are found by kind, not by name (nora.adapter.discover: every known activation inside a
+# feed-forward block). These name patterns match the same modules in timm ViTs (`blocks.N.mlp.act`) and dense HF
+# decoders (`model.layers.N.mlp.act_fn`) only; `NoraConfig.targets` returns them for callers that match names.
 DEFAULT_TARGETS = (r"(.*\.)?mlp\.act", r"(.*\.)?mlp\.act_fn")
 
 
@@ -44,10 +45,13 @@ class NoraConfig:
         target's real inputs on calibration batches and fit over them (``per_group_calibration``
         fits each channel group separately).
     target_modules
-        Regexes matched in full against module names (default: ``DEFAULT_TARGETS``).
+        Regexes matched in full against canonical module names (peft's prefix and ``base_layer`` segments
+        removed). Default ``None``: every activation of a known kind inside a feed-forward block (dense, gated,
+        MoE experts and shared experts; see :mod:`nora.adapter.discover`).
     trainable_modules
-        Regexes of extra modules left trainable (e.g. ``["head"]`` for a new classifier head). On a
-        peft-wrapped model use peft's ``modules_to_save`` instead.
+        Regexes of extra modules left trainable (e.g. ``["head"]`` for a new classifier head), saved with the
+        adapter; on a peft-wrapped model too (an unknown name raises; a module in peft's ``modules_to_save`` is
+        refused). BatchNorm layers not listed here have their running statistics frozen.
     """
 
     variant: str = "nora"

@@ -1,13 +1,15 @@
 """Find a model's activations, replace them with NoRA activations, and set what trains.
 
-Works on any ``nn.Module``: timm ViTs (``blocks.N.mlp.act``, an ``nn.GELU``), Hugging Face decoder
-LMs whose MLP calls ``act_fn`` (LLaMA, Qwen2, Mistral, ...), and models wrapped by peft (NoRA++).
+Works on any ``nn.Module``: timm and Hugging Face models of every MLP layout (dense, gated, fused ``gate_up``,
+conv-layout, MoE experts; the default targets are found by kind, see :mod:`nora.adapter.discover`), and models
+wrapped by peft (NoRA++), whose module names are used in their canonical (unwrapped) form.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -15,25 +17,26 @@ import torch
 from torch import nn
 
 from nora.adapter.config import AdapterError, NoraConfig
-from nora.adapter.layer import GroupRational, NoraActivation
+from nora.adapter.discover import (KNOWN_ACTIVATIONS, Layout, activation_layout, canonical_name, coverage,
+                                   default_targets, is_activation, is_identity, is_peft_model, is_rational,
+                                   module_index, resolve_name)
+from nora.adapter.layer import NoraActivation
+from nora.adapter.ranges import watch_fit_range
 from nora.rational.calibration import fit_to_inputs, record_inputs
 from nora.rational.fit import RationalFit, fit_rational
 
-# activation class name -> fitting target (nn.GELU is resolved through its `approximate` field)
-KNOWN_ACTIVATIONS = {
-    "GELU": "gelu", "GELUActivation": "gelu",
-    "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh",
-    "FastGELUActivation": "gelu_tanh", "GELUPytorchTanh": "gelu_tanh",
-    "SiLU": "silu", "SiLUActivation": "silu", "Swish": "silu",
-    "ReLU": "relu", "Identity": "identity", "Tanh": "tanh", "Sigmoid": "sigmoid",
-}
-
-
 @dataclass
 class InjectionReport:
-    """What ``apply_nora`` replaced and how well each base rational matches the original."""
+    """What ``apply_nora`` replaced and how well each base rational matches the original.
 
-    targets: dict[str, dict] = field(default_factory=dict)  # name -> {original, max_error, rms_error, range}
+    ``layers``: per layer type (the model's repeated blocks), how many layers it has, how many hold a target
+    and how many targets; ``warnings``: layer types only partly covered (also issued as ``UserWarning``);
+    ``notes``: layer types without any target (e.g. a MobileViT's convolution blocks)."""
+
+    targets: dict[str, dict] = field(default_factory=dict)  # name -> {original, max_error, rms_error, range, ...}
+    layers: dict[str, dict] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def max_error(self) -> float:
         return max((t["max_error"] for t in self.targets.values()), default=0.0)
@@ -41,20 +44,17 @@ class InjectionReport:
     def __len__(self) -> int:
         return len(self.targets)
 
-
-def is_peft_model(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "base_model")
-
-
-def canonical_name(model: nn.Module, name: str) -> str:
-    """Module name relative to the unwrapped base model (drops peft's ``base_model.model.``)."""
-    if is_peft_model(model) and name.startswith("base_model.model."):
-        return name[len("base_model.model."):]
-    return name
-
-
-def resolve_name(model: nn.Module, canonical: str) -> str:
-    return f"base_model.model.{canonical}" if is_peft_model(model) else canonical
+    def summary(self) -> str:
+        """One line per layer type and per original activation, then the warnings and notes."""
+        lines = [f"{len(self.targets)} activations replaced, max fit error {self.max_error():.3g}"]
+        for kind, row in self.layers.items():
+            if row["with_targets"]:
+                lines.append(f"  {kind}: {row['targets']} in {row['with_targets']} of {row['layers']} layers")
+        originals: dict[str, int] = {}
+        for t in self.targets.values():
+            originals[t["original"]] = originals.get(t["original"], 0) + 1
+        lines.append("  originals: " + ", ".join(f"{k} x{v}" for k, v in sorted(originals.items())))
+        return "\n".join(lines + [f"  warning: {w}" for w in self.warnings] + [f"  note: {n}" for n in self.notes])
 
 
 def activation_target(module: nn.Module) -> tuple[str, Callable[[torch.Tensor], torch.Tensor] | str]:
@@ -73,64 +73,76 @@ def activation_target(module: nn.Module) -> tuple[str, Callable[[torch.Tensor], 
     return cls, call
 
 
-def _is_activation(module: nn.Module) -> bool:
-    name = type(module).__name__
-    return (name in KNOWN_ACTIVATIONS or isinstance(module, nn.GELU)) and name != "Identity" \
-        and not isinstance(module, GroupRational)
-
-
 def find_activations(model: nn.Module) -> list[str]:
     """Canonical names of every activation-looking module (for error messages and discovery)."""
-    return [canonical_name(model, n) for n, m in model.named_modules() if _is_activation(m)]
+    return [canonical_name(model, n) for n, m in model.named_modules() if is_activation(m)]
 
 
-def find_targets(model: nn.Module, config: NoraConfig) -> dict[str, nn.Module]:
-    """Canonical name -> module for every module matching ``config.targets`` (full-match regexes).
+def describe_targets(config: NoraConfig) -> str:
+    if config.target_modules is None:
+        return "the default targets (known activations in feed-forward blocks)"
+    return f"the targets {config.target_modules}"
 
-    Raises if a pattern given explicitly matches nothing, or if nothing matches at all.
-    """
-    patterns = [(p, re.compile(p)) for p in config.targets]
+
+def _pattern_targets(model: nn.Module, patterns: list[str]) -> tuple[dict[str, nn.Module], list[str]]:
+    compiled = [(p, re.compile(p)) for p in patterns]
     hits: dict[str, nn.Module] = {}
-    matched = {p: 0 for p, _ in patterns}
+    matched = {p: 0 for p in patterns}
     for name, mod in model.named_modules():
         cname = canonical_name(model, name)
-        if isinstance(mod, GroupRational) or not cname:
+        if is_rational(mod) or not cname or cname in hits:
             continue
-        for p, rx in patterns:
+        for p, rx in compiled:
             if rx.fullmatch(cname):
                 if len(list(mod.children())) > 0:
                     raise ValueError(f"target {cname!r} ({type(mod).__name__}) is not an activation: it has "
                                      "submodules; point target_modules at the activation itself")
+                if is_identity(mod):
+                    raise ValueError(f"target {cname!r} is an nn.Identity placeholder, not an activation; "
+                                     "narrow the pattern to real activations")
                 hits[cname] = mod
                 matched[p] += 1
                 break
+    return hits, [p for p, c in matched.items() if c == 0]
+
+
+def find_targets(model: nn.Module, config: NoraConfig) -> dict[str, nn.Module]:
+    """Canonical name -> module for every target of ``config``.
+
+    ``target_modules=None``: the default targets, every activation of a known kind inside a feed-forward
+    block (see :mod:`nora.adapter.discover`); otherwise the modules whose canonical names match one of the
+    regexes in full (never ``nn.Identity``). Raises if a pattern given explicitly matches nothing, or if
+    nothing matches at all.
+    """
     candidates = find_activations(model)
     hint = ", ".join(candidates[:8]) + (" ..." if len(candidates) > 8 else "") if candidates else "none"
-    if config.target_modules is not None:
-        missing = [p for p, c in matched.items() if c == 0]
+    if config.target_modules is None:
+        hits = default_targets(model)
+    else:
+        hits, missing = _pattern_targets(model, config.target_modules)
         if missing:
             raise ValueError(f"target pattern(s) {missing} match no module of {type(model).__name__}; "
                              f"activation modules found: {hint}")
     if not hits:
-        raise ValueError(f"no activation of {type(model).__name__} matches the targets {config.targets}; "
-                         f"activation modules found: {hint}")
+        raise ValueError(f"no activation of {type(model).__name__} matches {describe_targets(config)}; "
+                         f"activation modules found: {hint} (name them with NoraConfig(target_modules=[...]))")
     return hits
 
 
-# Linear layers that feed the MLP activation, by the names common model families use.
-_FEEDING_LINEARS = ("fc1", "gate_proj", "w1", "c_fc", "dense_h_to_4h", "wi", "lin1", "up_proj")
-
-
 def activation_width(model: nn.Module, name: str) -> int | None:
-    """Channel width of the activation ``name`` if its MLP's input projection can be identified."""
-    parent_name = resolve_name(model, name).rpartition(".")[0]
-    parent = model.get_submodule(parent_name) if parent_name else model
-    for attr in _FEEDING_LINEARS:
-        lin = getattr(parent, attr, None)
-        out = getattr(lin, "out_features", None) or getattr(getattr(lin, "base_layer", None), "out_features", None)
-        if isinstance(out, int):
-            return out
-    return None
+    """Channel width of the activation ``name`` if the layers around it tell it (see :func:`activation_layout`)."""
+    return activation_layout(model, name).width
+
+
+def check_layouts(model: nn.Module, names: Iterable[str], groups: int) -> dict[str, Layout]:
+    """The layout of every target; raises if ``groups`` does not divide a width."""
+    index = module_index(model)
+    layouts = {name: activation_layout(model, name, index) for name in names}
+    for name, lay in layouts.items():
+        if lay.width is not None and lay.width % groups:
+            raise ValueError(f"groups={groups} does not divide the width {lay.width} of {name} (read from "
+                             f"{lay.source}); choose a divisor of {lay.width}")
+    return layouts
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -152,13 +164,22 @@ def apply_nora(model: nn.Module, config: NoraConfig | None = None, calibration_b
                forward: Callable | None = None, fits: dict[str, RationalFit] | None = None) -> InjectionReport:
     """Replace the target activations of ``model`` in place and mark what trains.
 
+    * Targets: by default every activation of a known kind inside a feed-forward block (dense, gated,
+      every expert and shared expert of an MoE, in every layer; see :mod:`nora.adapter.discover`), or the
+      modules ``config.target_modules`` names. The width each one sees and its channel dimension
+      (channels last, or dim 1 for conv-layout MLPs) are read from the layers around it and checked
+      against ``config.groups`` here.
     * ``init="fit"`` fits each distinct original activation once over ``config.fit_range``;
       ``init="calibrated"`` records each target's inputs on ``calibration_batches`` (run through
-      ``forward(model, batch)`` if given) and fits each layer over its own inputs.
+      ``forward(model, batch)`` if given) and fits each layer over its own inputs. With ``init="fit"``,
+      calibration batches (if given) or else the first batch the model sees are checked against the fit
+      range, with one warning if inputs fall outside it.
     * ``fits`` (canonical name -> RationalFit) overrides fitting for those targets.
     * Trainable set: on a plain model everything is frozen except the NoRA parameters and
       ``config.trainable_modules``; on a peft model the adapters peft marked stay as they are and
-      the NoRA parameters are added, so NoRA++ trains exactly LoRA's plus NoRA's parameters.
+      the NoRA parameters (and ``trainable_modules``) are added, so NoRA++ trains exactly LoRA's plus NoRA's
+      parameters. BatchNorm running statistics of frozen BatchNorm layers are frozen too (momentum 0), so
+      a saved adapter reloads to the same outputs.
 
     Returns an :class:`InjectionReport`; the config is stored as ``model.nora_config``.
     """
@@ -168,31 +189,15 @@ def apply_nora(model: nn.Module, config: NoraConfig | None = None, calibration_b
                            f"({', '.join(list(nora_modules(model))[:2])}, ...); apply_nora once per model "
                            "(nora.merge_nora folds a trained one into plain rationals)")
     targets = find_targets(model, config)
-    for name in targets:
-        width = activation_width(model, name)
-        if width is not None and width % config.groups:
-            raise ValueError(f"groups={config.groups} does not divide the width {width} of {name}; "
-                             f"choose a divisor of {width}")
+    layouts = check_layouts(model, targets, config.groups)
     originals = {name: activation_target(mod) for name, mod in targets.items()}
     fits = dict(fits or {})
     if config.init == "calibrated" and len(fits) < len(targets):
-        if calibration_batches is None:
-            raise ValueError("init='calibrated' needs calibration_batches (a few real input batches)")
-        todo = {n: m for n, m in targets.items() if n not in fits}
-        groups = {n: (config.groups if config.per_group_calibration else 1) for n in todo}
-        records = record_inputs(model, todo, groups, calibration_batches, forward)
-        for name, rec in records.items():
-            tgt = originals[name][1]
-            if config.per_group_calibration:
-                per = [fit_to_inputs(tgt, rec.values(g), config.form, config.degrees,
-                                     config.calibration_range_weight, config.fit_range) for g in range(rec.groups)]
-                fits[name] = _stack_fits(per)
-            else:
-                fits[name] = fit_to_inputs(tgt, rec.values(), config.form, config.degrees,
-                                           config.calibration_range_weight, config.fit_range)
+        fits.update(_calibrated_fits(model, config, targets, originals, layouts, fits, calibration_batches, forward))
     report = InjectionReport()
     range_fits: dict[str, RationalFit] = {}
     device = _module_device(model)
+    index = module_index(model)
     for name in targets:
         oname, tgt = originals[name]
         fit = fits.get(name)
@@ -203,18 +208,46 @@ def apply_nora(model: nn.Module, config: NoraConfig | None = None, calibration_b
                                                x_range=config.fit_range)
             fit = range_fits[key]
         num, den = _fit_tensors(fit)
+        lay = layouts[name]
         new = NoraActivation(num, den, form=config.form, backend=config.backend, original=oname,
                              variant=config.variant, r=config.r, alpha=config.alpha,
                              numerator_mode=config.numerator, groups=config.groups,
-                             fit_range=(fit.x_min, fit.x_max)).to(device)
+                             fit_range=(fit.x_min, fit.x_max), channel_dim=lay.channel_dim,
+                             width=lay.width).to(device)
         if new.groups != config.groups:
             raise ValueError(f"{name}: fitted coefficients have {new.groups} groups, config says {config.groups}")
-        set_module(model, resolve_name(model, name), new)
+        set_module(model, resolve_name(model, name, index), new)
         report.targets[name] = {"original": oname, "max_error": fit.max_error, "rms_error": fit.rms_error,
-                                "range": [fit.x_min, fit.x_max]}
+                                "range": [fit.x_min, fit.x_max], "width": lay.width,
+                                "channel_dim": lay.channel_dim}
+    report.layers, report.warnings, report.notes = coverage(model, list(targets))
+    for w in report.warnings:
+        warnings.warn(f"nora.apply_nora: {w}", UserWarning, stacklevel=2)
     store_config(model, config)
     set_trainable(model, config)
+    if config.init == "fit":
+        watch_fit_range(model, {n: originals[n][1] for n in targets}, calibration_batches, forward)
     return report
+
+
+def _calibrated_fits(model, config, targets, originals, layouts, fits, calibration_batches, forward):
+    if calibration_batches is None:
+        raise ValueError("init='calibrated' needs calibration_batches (a few real input batches)")
+    todo = {n: m for n, m in targets.items() if n not in fits}
+    groups = {n: (config.groups if config.per_group_calibration else 1) for n in todo}
+    dims = {n: layouts[n].channel_dim for n in todo}
+    records = record_inputs(model, todo, groups, calibration_batches, forward, channel_dims=dims)
+    out = {}
+    for name, rec in records.items():
+        tgt = originals[name][1]
+        if config.per_group_calibration:
+            per = [fit_to_inputs(tgt, rec.values(g), config.form, config.degrees,
+                                 config.calibration_range_weight, config.fit_range) for g in range(rec.groups)]
+            out[name] = _stack_fits(per)
+        else:
+            out[name] = fit_to_inputs(tgt, rec.values(), config.form, config.degrees,
+                                      config.calibration_range_weight, config.fit_range)
+    return out
 
 
 def _fit_tensors(fit: RationalFit) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,24 +333,64 @@ def nora_modules(model: nn.Module) -> dict[str, NoraActivation]:
     return {canonical_name(model, n): m for n, m in model.named_modules() if isinstance(m, NoraActivation)}
 
 
+def _match_trainable(model: nn.Module, patterns: list[str]) -> dict[str, nn.Module]:
+    """Canonical name -> module for ``trainable_modules``; raises on a pattern that matches nothing."""
+    rx = [re.compile(p) for p in patterns]
+    hit = {p: 0 for p in patterns}
+    found: dict[str, nn.Module] = {}
+    for name, mod in model.named_modules():
+        cname = canonical_name(model, name)
+        for r in rx:
+            if cname and r.fullmatch(cname):
+                hit[r.pattern] += 1
+                found.setdefault(cname, mod)
+    missing = [p for p, c in hit.items() if c == 0]
+    if missing:
+        raise ValueError(f"trainable_modules {missing} match no module of {type(model).__name__}")
+    if is_peft_model(model):
+        wrapped = [n for n, m in found.items() if hasattr(m, "modules_to_save")]
+        if wrapped:
+            raise ValueError(f"trainable_modules {wrapped} are already in peft's modules_to_save; list them in one "
+                             "of the two")
+    return found
+
+
+def trainable_module_names(model: nn.Module, config: NoraConfig) -> list[str]:
+    """Canonical names of the modules ``config.trainable_modules`` makes trainable."""
+    return list(_match_trainable(model, config.trainable_modules)) if config.trainable_modules else []
+
+
 def set_trainable(model: nn.Module, config: NoraConfig | None = None) -> None:
-    """Freeze the base model and enable NoRA (+ ``trainable_modules``); see :func:`apply_nora`."""
+    """Freeze the base model and enable NoRA (+ ``trainable_modules``); see :func:`apply_nora`.
+
+    On a peft model what peft marked stays as it is and ``trainable_modules`` are added (an unknown name
+    raises, as on a plain model)."""
     config = config or get_nora_config(model) or NoraConfig()
+    found = _match_trainable(model, config.trainable_modules)
     if not is_peft_model(model):
         for p in model.parameters():
             p.requires_grad_(False)
-        rx = [re.compile(p) for p in config.trainable_modules]
-        hit = {p.pattern: 0 for p in rx}
-        for name, mod in model.named_modules():
-            for r in rx:
-                if r.fullmatch(name):
-                    hit[r.pattern] += 1
-                    for p in mod.parameters():
-                        p.requires_grad_(True)
-        missing = [p for p, c in hit.items() if c == 0]
-        if missing:
-            raise ValueError(f"trainable_modules {missing} match no module of {type(model).__name__}")
+    for mod in found.values():
+        for p in mod.parameters():
+            p.requires_grad_(True)
     mark_trainable(model)
+    freeze_batchnorm_statistics(model)
+
+
+def freeze_batchnorm_statistics(model: nn.Module) -> list[str]:
+    """Stop the running statistics of every BatchNorm whose parameters are frozen from moving in train mode
+    (momentum 0: train mode still normalises with the batch's statistics, the running ones stay as loaded), so
+    that an adapter saved after training reloads onto a fresh model with the same outputs. A BatchNorm in
+    ``trainable_modules`` keeps its momentum; its statistics are saved with the adapter."""
+    frozen = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.track_running_stats \
+                and not any(p.requires_grad for p in mod.parameters()):
+            if mod.momentum != 0.0:
+                mod.nora_momentum = mod.momentum  # the original value, for reference
+                mod.momentum = 0.0
+            frozen.append(canonical_name(model, name))
+    return frozen
 
 
 def mark_trainable(model: nn.Module) -> None:

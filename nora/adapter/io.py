@@ -29,8 +29,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nora.adapter.config import AdapterError, NoraConfig
-from nora.adapter.inject import (activation_width, canonical_name, find_targets, get_nora_config, is_peft_model,
-                                 mark_trainable, nora_modules, resolve_name, set_module, set_trainable, store_config)
+from nora.adapter.discover import activation_layout, canonical_name, is_peft_model, module_index, resolve_name
+from nora.adapter.inject import (describe_targets, find_targets, freeze_batchnorm_statistics, get_nora_config,
+                                 mark_trainable, nora_modules, set_module, set_trainable, store_config,
+                                 trainable_module_names)
 from nora.adapter.layer import GroupRational, NoraActivation
 from nora.errors import MissingFileError
 from nora.files import atomic_write, read_json, write_json_atomic
@@ -50,13 +52,28 @@ NORA_PP_PEFT_TYPE = ("NORA++ adapter (peft LoRA/DoRA + NoRA activations): peft a
                      "`nora` model (python -m nora.integrations.lm_eval --model nora ...)")
 
 
-def _trainable_module_names(model: nn.Module, config: NoraConfig) -> list[str]:
-    import re
+_PEFT_KEYS = ("lora_", "modules_to_save.", "original_module.")
 
-    if is_peft_model(model):
-        return []  # peft saves its modules_to_save itself
-    rx = [re.compile(p) for p in config.trainable_modules]
-    return [n for n, _ in model.named_modules() if any(r.fullmatch(n) for r in rx)]
+
+def canonical_state(model: nn.Module, module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` keyed by canonical names (peft's ``base_layer`` segments removed, peft's own
+    adapter tensors left out: peft saves those), so it loads onto the module with or without LoRA."""
+    out = {}
+    for k, t in module.state_dict().items():
+        if any(mark in k for mark in _PEFT_KEYS):
+            continue
+        out[".".join(p for p in k.split(".") if p != "base_layer") if is_peft_model(model) else k] = t
+    return out
+
+
+def _load_canonical_state(model: nn.Module, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    own = canonical_state(model, module)
+    if set(own) != set(state):
+        raise AdapterError(f"state keys differ: missing {sorted(set(own) - set(state))[:4]}, "
+                           f"unexpected {sorted(set(state) - set(own))[:4]}")
+    with torch.no_grad():
+        for k, t in own.items():
+            t.copy_(state[k])
 
 
 def _check_save_directory(model: nn.Module, directory: Path) -> None:
@@ -84,17 +101,19 @@ def save_nora(model: nn.Module, directory: str | os.PathLike) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     layers = {}
+    index = module_index(model)
     for name, mod in mods.items():
         for k, t in mod.state_dict().items():
             tensors[f"{name}.{k}"] = t.detach().cpu().contiguous()
+        width = mod.width if mod.width is not None else activation_layout(model, name, index).width
         layers[name] = {"groups": mod.groups, "form": mod.form, "degrees": list(mod.degrees),
-                        "width": activation_width(model, name),
+                        "width": width, "channel_dim": mod.channel_dim,
                         "variant": mod.variant, "original": mod.original, "r": mod.r, "alpha": mod.alpha,
                         "numerator_mode": mod.numerator_mode, "fit_range": mod.fit_range,
                         "shared_base_numerator": mod.base_numerator.shape[0] == 1}
-    extra = _trainable_module_names(model, config)
+    extra = trainable_module_names(model, config)
     for name in extra:
-        for k, t in model.get_submodule(name).state_dict().items():
+        for k, t in canonical_state(model, model.get_submodule(resolve_name(model, name, index))).items():
             tensors[f"{name}.{k}"] = t.detach().cpu().contiguous()
     meta = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "layers": layers,
             "trainable_modules": extra}
@@ -130,8 +149,8 @@ def read_nora_config(directory: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
-def _shape_mismatches(module: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> list[str]:
-    own = module.state_dict()
+def _shape_mismatches(model: nn.Module, module: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> list[str]:
+    own = canonical_state(model, module)
     saved = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
     bad = [f"{name}.{k}: saved {tuple(v.shape)}, model {tuple(own[k].shape)}"
            for k, v in saved.items() if k in own and own[k].shape != v.shape]
@@ -143,28 +162,36 @@ def _shape_mismatches(module: nn.Module, name: str, tensors: dict[str, torch.Ten
 def _check_targets(model: nn.Module, directory: Path, meta: dict, config: NoraConfig) -> list[str]:
     """Every saved layer exists with its saved width, and every target the config names is in the adapter."""
     problems = []
+    index = module_index(model)
     for name, info in meta["layers"].items():
         try:
-            model.get_submodule(resolve_name(model, name))
+            model.get_submodule(resolve_name(model, name, index))
         except AttributeError:
             problems.append(f"{name}: not a module of this {type(model).__name__}")
             continue
-        width = activation_width(model, name)
-        saved = info.get("width")
-        if width is not None and saved is not None and width != saved:
-            problems.append(f"{name}: width {width}, the adapter was saved for width {saved}")
-        elif width is not None and width % info["groups"]:
-            problems.append(f"{name}: width {width} is not divisible by the adapter's {info['groups']} groups")
+        problems += _layout_problems(activation_layout(model, name, index), name, info)
     try:
         targets = find_targets(model, config)
     except ValueError as e:
         return problems + [str(e)]
     left_out = sorted(set(targets) - set(meta["layers"]))
     if left_out:
-        problems.append(f"the model has {len(targets)} targets of {config.targets}, the adapter covers "
+        problems.append(f"the model has {len(targets)} targets ({describe_targets(config)}), the adapter covers "
                         f"{len(meta['layers'])}; no adapter for {', '.join(left_out[:4])}"
                         + (" ..." if len(left_out) > 4 else ""))
     return problems
+
+
+def _layout_problems(layout, name: str, info: dict) -> list[str]:
+    width, saved = layout.width, info.get("width")
+    if width is not None and saved is not None and width != saved:
+        return [f"{name}: width {width}, the adapter was saved for width {saved}"]
+    if width is not None and width % info["groups"]:
+        return [f"{name}: width {width} is not divisible by the adapter's {info['groups']} groups"]
+    saved_dim = info.get("channel_dim", -1)  # adapters written before layouts were saved: channels last
+    if width is not None and layout.channel_dim != saved_dim:
+        return [f"{name}: channels on dim {layout.channel_dim}, the adapter was saved for dim {saved_dim}"]
+    return []
 
 
 def _validate(model: nn.Module, directory: Path, meta: dict, tensors: dict[str, torch.Tensor],
@@ -179,7 +206,7 @@ def _validate(model: nn.Module, directory: Path, meta: dict, tensors: dict[str, 
         except AttributeError:
             problems.append(f"{name}: not a module of this {type(model).__name__}")
             continue
-        problems += _shape_mismatches(sub, name, tensors)
+        problems += _shape_mismatches(model, sub, name, tensors)
     if problems:
         raise AdapterError(f"the NoRA adapter in {directory} does not fit this {type(model).__name__} (nothing was "
                            f"changed): {'; '.join(problems[:6])}")
@@ -202,31 +229,35 @@ def load_nora(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
     tensors = load_file(str(directory / WEIGHTS_NAME))
     _validate(model, directory, meta, tensors, config)
     device = next(iter(model.parameters())).device
+    index = module_index(model)
     for name, info in meta["layers"].items():
         mod = NoraActivation(tensors[f"{name}.base_numerator"], tensors[f"{name}.base_denominator"],
                              form=info["form"], backend=config.backend, original=info["original"],
                              variant=info["variant"], r=info["r"], alpha=info["alpha"],
                              numerator_mode=info["numerator_mode"], groups=info["groups"],
-                             fit_range=info.get("fit_range"))
+                             fit_range=info.get("fit_range"), channel_dim=info.get("channel_dim", -1),
+                             width=info.get("width"))
         state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
         mod.load_state_dict(state, strict=True)
-        set_module(model, resolve_name(model, name), mod.to(device))
+        set_module(model, resolve_name(model, name, index), mod.to(device))
     for name in meta["trainable_modules"]:
-        sub = model.get_submodule(resolve_name(model, name))
+        sub = model.get_submodule(resolve_name(model, name, index))
         state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
-        sub.load_state_dict(state, strict=True)
+        _load_canonical_state(model, sub, state)
     store_config(model, config)
     if trainable:
         set_trainable(model, config)
     else:
         model.requires_grad_(False)
+    freeze_batchnorm_statistics(model)
     return model
 
 
 def merge_nora(model: nn.Module) -> nn.Module:
     """Fold every NoRA update into plain per-group coefficients (frozen :class:`GroupRational`)."""
+    index = module_index(model)
     for name, mod in nora_modules(model).items():
-        set_module(model, resolve_name(model, name), mod.merged())
+        set_module(model, resolve_name(model, name, index), mod.merged())
     return model
 
 

@@ -12,7 +12,11 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 class GroupRational(nn.Module):
-    """``y = P_g(x) / Q_g(x)`` with G groups of contiguous channels on the last dimension.
+    """``y = P_g(x) / Q_g(x)`` with G groups of contiguous channels.
+
+    The channels are on dimension ``channel_dim``: ``-1`` for channels-last inputs ``(N, L, C)`` (the
+    default), ``1`` for conv-layout inputs ``(N, C, H, W)``; ``width`` (if known) is their count, checked on
+    every call.
 
     The coefficients are float32 buffers (frozen, saved in the state dict) and stay float32 when the
     module is cast with ``.to(torch.bfloat16)``/``.half()``: the math always runs in float32 and only
@@ -23,7 +27,8 @@ class GroupRational(nn.Module):
     """
 
     def __init__(self, numerator: Tensor, denominator: Tensor, form: str = "A", backend: str = "auto",
-                 original: str | None = None, fit_range: tuple[float, float] | None = None):
+                 original: str | None = None, fit_range: tuple[float, float] | None = None,
+                 channel_dim: int = -1, width: int | None = None):
         super().__init__()
         numerator = torch.as_tensor(numerator, dtype=torch.float32)
         denominator = torch.as_tensor(denominator, dtype=torch.float32)
@@ -41,6 +46,10 @@ class GroupRational(nn.Module):
         self.original = original  # name of the activation this replaced (for plots and reports)
         # the inputs the base coefficients were fitted over (the fit range, or the calibrated inputs' hull)
         self.fit_range = tuple(float(v) for v in fit_range) if fit_range is not None else None
+        if channel_dim not in (-1, 1):
+            raise ValueError(f"channel_dim must be -1 (channels last) or 1 (conv layout), got {channel_dim}")
+        self.channel_dim = channel_dim
+        self.width = int(width) if width is not None else None
         self.register_buffer("base_numerator", numerator.clone())
         self.register_buffer("base_denominator", denominator.expand(groups, -1).clone())
 
@@ -53,10 +62,20 @@ class GroupRational(nn.Module):
         return self.base_numerator.expand(self.groups, -1), self.base_denominator
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] % self.groups:
-            raise ValueError(f"{type(self).__name__}: channel dimension {x.shape[-1]} is not divisible by "
+        dim = self.channel_dim if x.dim() > 1 else -1
+        channels = x.shape[dim]
+        if self.width is not None and channels != self.width:
+            layout = "channels-last (N, ..., C)" if dim == -1 else "conv-layout (N, C, ...)"
+            raise ValueError(f"{type(self).__name__}: expected {self.width} channels on dim {dim} of a {layout} "
+                             f"input, got shape {tuple(x.shape)}")
+        if channels % self.groups:
+            raise ValueError(f"{type(self).__name__}: channel dimension {channels} (dim {dim}) is not divisible by "
                              f"{self.groups} groups")
+        if self.width is None:
+            self.width = channels  # first call: remember the width (saved with the adapter)
         num, den = self.coefficients()
+        if dim == 1:  # conv layout: group the channels, not the image width
+            return rational(x.movedim(1, -1), num, den, self.form, self.backend).movedim(-1, 1)
         return rational(x, num, den, self.form, self.backend)
 
     def _apply(self, fn, recurse=True):
@@ -72,7 +91,9 @@ class GroupRational(nn.Module):
 
     def extra_repr(self) -> str:
         m, n = self.degrees
-        return f"groups={self.groups}, degrees=({m}, {n}), form={self.form}, original={self.original}"
+        layout = "" if self.channel_dim == -1 else f", channel_dim={self.channel_dim}"
+        return (f"groups={self.groups}, degrees=({m}, {n}), form={self.form}, original={self.original}, "
+                f"width={self.width}{layout}")
 
 
 class NoraActivation(GroupRational):
@@ -92,7 +113,7 @@ class NoraActivation(GroupRational):
     def __init__(self, numerator: Tensor, denominator: Tensor, form: str = "A", backend: str = "auto",
                  original: str | None = None, variant: str = "nora", r: int = 3, alpha: float = 6.0,
                  numerator_mode: str = "group", groups: int | None = None,
-                 fit_range: tuple[float, float] | None = None):
+                 fit_range: tuple[float, float] | None = None, channel_dim: int = -1, width: int | None = None):
         numerator = torch.as_tensor(numerator, dtype=torch.float32)
         denominator = torch.as_tensor(denominator, dtype=torch.float32)
         if groups is not None:  # broadcast a single fitted row to all groups of the denominator
@@ -100,7 +121,7 @@ class NoraActivation(GroupRational):
                 denominator = denominator[None]
             if denominator.shape[0] == 1:
                 denominator = denominator.expand(groups, -1)
-        super().__init__(numerator, denominator, form, backend, original, fit_range)
+        super().__init__(numerator, denominator, form, backend, original, fit_range, channel_dim, width)
         self.variant = variant
         self.adapter_enabled = True  # False: compute the base rational (nora.disable_adapter, peft's disable_adapter)
         self.numerator_mode = numerator_mode
@@ -157,7 +178,8 @@ class NoraActivation(GroupRational):
         with torch.no_grad():
             num, den = self.coefficients()
             return GroupRational(num.detach().clone(), den.detach().clone(), self.form, self.backend,
-                                 self.original, self.fit_range).to(self.base_numerator.device)
+                                 self.original, self.fit_range, self.channel_dim,
+                                 self.width).to(self.base_numerator.device)
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", variant={self.variant}"

@@ -9,7 +9,8 @@ them as unexpected keys. The pair here keeps them::
     model = nora.from_pretrained("merged/")      # AutoModelForCausalLM + the rationals put back
 
 ``nora_merged.json`` names each rational activation (groups, form, degrees, original activation, fit range);
-``nora_merged.safetensors`` holds its coefficients, keyed by module name.
+``nora_merged.safetensors`` holds its coefficients, keyed by module name; the checkpoint itself holds
+everything else (no rational buffers, so the loader reports no unexpected keys).
 """
 from __future__ import annotations
 
@@ -48,13 +49,19 @@ def save_merged(model: nn.Module, directory: str | os.PathLike, **save_pretraine
         raise AdapterError(f"{type(model).__name__} has no save_pretrained (a Hugging Face model is expected); "
                            "save its state_dict and the NoRA adapter (nora.save_nora before merging) instead")
     directory = Path(directory)
-    model.save_pretrained(str(directory), **save_pretrained_kwargs)
+    # the checkpoint without the rational buffers (they go to nora_merged.safetensors), so that loading it reports
+    # no unexpected keys
+    state = save_pretrained_kwargs.pop("state_dict", None) or model.state_dict()
+    prefixes = tuple(f"{name}." for name in rationals)
+    state = {k: v for k, v in state.items() if not k.startswith(prefixes)}
+    model.save_pretrained(str(directory), state_dict=state, **save_pretrained_kwargs)
     tensors, layers = {}, {}
     for name, mod in rationals.items():
         tensors[f"{name}.base_numerator"] = mod.base_numerator.detach().cpu().contiguous()
         tensors[f"{name}.base_denominator"] = mod.base_denominator.detach().cpu().contiguous()
         layers[name] = {"groups": mod.groups, "form": mod.form, "degrees": list(mod.degrees),
-                        "original": mod.original, "fit_range": mod.fit_range}
+                        "original": mod.original, "fit_range": mod.fit_range, "channel_dim": mod.channel_dim,
+                        "width": mod.width}
     atomic_write(directory / MERGED_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     write_json_atomic(directory / MERGED_CONFIG, {"format_version": MERGED_FORMAT_VERSION, "layers": layers})
     return directory
@@ -80,7 +87,8 @@ def put_back_rationals(model: nn.Module, directory: str | os.PathLike, backend: 
     for name, info in meta["layers"].items():
         mod = GroupRational(tensors[f"{name}.base_numerator"], tensors[f"{name}.base_denominator"],
                             form=info["form"], backend=backend, original=info["original"],
-                            fit_range=info["fit_range"])
+                            fit_range=info["fit_range"], channel_dim=info.get("channel_dim", -1),
+                            width=info.get("width"))
         set_module(model, name, mod.to(device))
     return model
 

@@ -12,6 +12,7 @@ trained one did.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from nora.errors import UserError
 from nora.hardware import seed_everything
 from nora.models import build_model
 from nora.models.causal_lm import build_causal_lm, resolve_dtype
+from nora.models.config import as_model_config
 from nora.runs.layout import RunDir, read_summary
 
 
@@ -48,12 +50,10 @@ def read_run_config(run_dir: str | os.PathLike) -> DictConfig:
 def build_base_model(cfg: DictConfig, model_path: str | None = None):
     """``(model, tokenizer)`` as the run built it before applying its method (tokenizer None for vision).
     ``model_path`` points a causal LM at a local copy of its weights (overrides ``model.path``)."""
-    mcfg = cfg.model.copy()
+    mcfg = as_model_config(cfg.model)  # the run's model section, through the same schema as at training time
     if mcfg.family == "causal_lm":
-        if model_path is not None:
-            mcfg.path = str(model_path)
-        mcfg.gradient_checkpointing = False
-        return build_causal_lm(mcfg)
+        path = str(model_path) if model_path is not None else mcfg.path
+        return build_causal_lm(dataclasses.replace(mcfg, path=path, gradient_checkpointing=False))
     # as run_training: seeded, so a randomly initialised backbone (test models) is the one that was trained
     with torch.random.fork_rng(devices=[]):
         seed_everything(int(cfg.seed))

@@ -7,7 +7,6 @@ stores it in summary.json as ``nora_init_agreement``.
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Callable
 
 import torch
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nora.adapter.config import NoraConfig
-from nora.adapter.inject import nora_modules, resolve_name, set_module
+from nora.adapter.inject import find_targets, nora_modules, resolve_name, set_module
 
 AGREEMENT_BATCH = 2  # examples per forward pass in the comparison (full-vocabulary log-probs)
 
@@ -25,10 +24,9 @@ def model_inputs(batch: dict) -> dict:
 
 
 def nora_target_modules(model: nn.Module, config: NoraConfig) -> dict[str, nn.Module]:
-    """The original activation modules NoRA will replace (name -> module), kept for the agreement check."""
-    pats = [re.compile(p) for p in config.targets]
-    return {n: m for n, m in model.named_modules() if n and any(p.fullmatch(n) for p in pats)
-            and not list(m.children())}
+    """The original activation modules NoRA will replace (name -> module), kept for the agreement check: the
+    library's own choice of targets (:func:`nora.adapter.inject.find_targets`), defaults included."""
+    return dict(find_targets(model, config))
 
 
 def init_agreement(model: nn.Module, originals: dict[str, nn.Module], batches: list[dict], device, split: str,

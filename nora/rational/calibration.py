@@ -38,8 +38,10 @@ class InputRecord:
     def empty(cls, groups: int, max_samples: int) -> "InputRecord":
         return cls(groups, max_samples, [[] for _ in range(groups)])
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, channel_dim: int = -1) -> None:
         x = x.detach()
+        if channel_dim != -1 and x.dim() > 1:  # conv layout (N, C, ...): channels last for grouping
+            x = x.movedim(channel_dim, -1)
         d = x.shape[-1]
         if d % self.groups:
             raise ValueError(f"activation width {d} is not divisible by {self.groups} groups")
@@ -93,17 +95,20 @@ def fit_to_inputs(target: ActivationFn | str, values: torch.Tensor, form: str, d
 @torch.no_grad()
 def record_inputs(model: nn.Module, modules: dict[str, nn.Module], groups: dict[str, int],
                   batches: Iterable, forward: Callable[[nn.Module, object], object] | None = None,
-                  max_samples: int = 1 << 16) -> dict[str, InputRecord]:
+                  max_samples: int = 1 << 16, channel_dims: dict[str, int] | None = None) -> dict[str, InputRecord]:
     """Run ``batches`` through ``model`` and record the inputs of each module in ``modules``.
+
+    ``channel_dims`` (name -> -1 or 1) says where each module's channels are (default: last).
 
     ``forward(model, batch)`` runs one batch (default: ``model(batch)``, or ``model(**batch)`` for a
     dict). The model is put in eval mode for the duration and restored afterwards.
     """
     records = {name: InputRecord.empty(groups[name], max_samples) for name in modules}
     hooks = []
+    dims = {name: (channel_dims or {}).get(name, -1) for name in modules}
     for name, mod in modules.items():
-        def hook(_m, args, _rec=records[name]):
-            _rec.add(args[0])
+        def hook(_m, args, _rec=records[name], _dim=dims[name]):
+            _rec.add(args[0], _dim)
         hooks.append(mod.register_forward_pre_hook(hook))
     was_training = model.training
     model.eval()

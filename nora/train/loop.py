@@ -25,7 +25,7 @@ from nora.train import distributed as dist
 from nora.train.checkpoint import (atomic_save, check_finite, gather_training_state, load_optimizer_state_dict,
                                    load_training_state_dict, read_checkpoint, rng_state, set_rng_state)
 from nora.train.config import OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainerConfig
-from nora.train.signals import stop_requested
+from nora.train.signals import ctrl_c_deferred, stop_requested
 from nora.train.tasks import Task
 
 
@@ -189,15 +189,16 @@ class Trainer:
             return
         model_state, optimizer_state = gathered
         check_finite(model_state, optimizer_state, self.state.step, self.ckpt_path)
-        atomic_save({
-            "model": model_state,
-            "optimizer": optimizer_state,
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": rng_state(),
-            "state": asdict(self.state),
-        }, self.ckpt_path)
-        self.checkpoint_step = self.state.step
+        with ctrl_c_deferred():  # the file on disk and checkpoint_step (Ctrl-C's report) change together
+            atomic_save({
+                "model": model_state,
+                "optimizer": optimizer_state,
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": rng_state(),
+                "state": asdict(self.state),
+            }, self.ckpt_path)
+            self.checkpoint_step = self.state.step
 
     def load_checkpoint(self, path: str | Path) -> None:
         # mmap: the ranks of a node share one page-cached copy; each tensor reaches the device only as this rank's

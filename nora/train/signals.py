@@ -62,6 +62,23 @@ def stop_on_signals(trainer) -> Iterator[None]:
         _stopped_by(_received[0], trainer, previous.get(_received[0]))
 
 
+@contextmanager
+def ctrl_c_deferred() -> Iterator[None]:
+    """Ctrl-C waits until the block is done (then raises as usual): a checkpoint written by the block and the step
+    the trainer records for it never disagree (an interrupt between the two would report the previous one)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
+
+
 def _stopped_by(signum: int, trainer, previous_handler) -> None:
     """After the loop stopped on ``signum`` with a checkpoint: hand over to the handler that was there before
     ours (submitit's requeue), or end with one line."""

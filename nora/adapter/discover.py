@@ -1,0 +1,275 @@
+"""Find a model's feed-forward activations by what they are, and where their channels are.
+
+Default targets (``NoraConfig.target_modules=None``): every activation module of a known kind (torch's,
+transformers' and timm's GELU / SiLU / ReLU variants, :data:`DEFAULT_KINDS`) that sits inside a
+feed-forward block: a dense or gated MLP, every expert of an MoE (fused experts share one activation
+module) and its shared experts, in every layer. An activation is inside a feed-forward block when one of
+its ancestors is one by class or attribute name (``mlp``, ``ffn``, ``intermediate``, ``experts``,
+``DenseReluDense``, ``SwiGLU``, ...), or when its parent holds the MLP's input and output projections itself
+(``fc1``/``fc2`` on an OPT, BART or Whisper layer, ``pwconv1``/``pwconv2`` on HF ConvNeXt). Anything under
+an attention block, a squeeze-excite block, a router, a token mixer or a classifier head is never a default
+target, and neither is ``nn.Identity`` (nor a sigmoid/tanh gate).
+
+Layout: the channels an activation sees are found from the layers around it: the input width of the MLP's
+output projection (``fc2``, ``down_proj``, ``c_proj``, ``wo``, ...; for gated and fused ``gate_up`` MLPs this
+is the activation's width) or the output width of its input projection, for ``nn.Linear``, transformers'
+``Conv1D`` (GPT-2), ``nn.Conv1d/2d`` (conv-layout MLPs: channels on dim 1), fused MoE expert tensors
+``(E, 2I, H)`` and BatchNorm (channels on dim 1). Peft-wrapped layers are looked through.
+
+Nothing here imports transformers, timm or peft: classes are recognised by name.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from nora.adapter.layer import GroupRational
+
+# activation class name -> fitting target (nn.GELU is resolved through its `approximate` field)
+KNOWN_ACTIVATIONS = {
+    "GELU": "gelu", "GELUActivation": "gelu",
+    "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh",
+    "FastGELUActivation": "gelu_tanh", "GELUPytorchTanh": "gelu_tanh",
+    "SiLU": "silu", "SiLUActivation": "silu", "Swish": "silu",
+    "ReLU": "relu", "Identity": "identity", "Tanh": "tanh", "Sigmoid": "sigmoid",
+}
+# the kinds found by default in feed-forward blocks (the ones without a known name are fitted from their forward)
+DEFAULT_KINDS = frozenset({
+    "GELU", "GELUActivation", "GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "FastGELUActivation",
+    "GELUPytorchTanh", "QuickGELU", "QuickGELUActivation", "AccurateGELUActivation", "SiLU", "SiLUActivation",
+    "Swish", "ReLU", "Mish", "MishActivation", "BloomGelu",
+})
+
+_FF_CLASS = re.compile(r"mlp|feedforward|feed_forward|ffn|intermediate|dense(relu|act|gated)|expert|moe|glu|layerff")
+_FF_ATTR = re.compile(r"mlp|mlp_.*|.*_mlp|ffn|ff|feed_forward|feedforward|intermediate|experts?|shared_experts?"
+                      r"|densereludense|moe|block_sparse_moe")
+_NOT_FF_CLASS = re.compile(r"attention|attn|squeezeexcit|semodule|selayer|seblock|effectivese|router|topk|head$"
+                           r"|classifier|pooler")
+_NOT_FF_ATTR = frozenset({"attn", "attention", "self_attn", "self_attention", "cross_attn", "crossattention",
+                          "se", "router", "gate", "token_mixer", "pos_embed", "head", "classifier", "pooler"})
+
+# the MLP's output projection (its input width is the activation's width) and input projection
+_OUTPUT_PROJ = ("fc2", "down_proj", "c_proj", "wo", "w2", "dense_4h_to_h", "lin2", "pwconv2", "proj_out",
+                "ffn_output")
+_INPUT_PROJ = ("fc1", "gate_proj", "w1", "c_fc", "dense_h_to_4h", "wi", "wi_0", "lin1", "fc1_g", "pwconv1",
+               "dense", "up_proj", "gate_up_proj", "w3", "ffn")
+_PEFT_SEGMENT = "base_layer"
+
+
+# ------------------------------------------------------------------------------------------ peft names
+def is_peft_model(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "base_model")
+
+
+def canonical_name(model: nn.Module, name: str) -> str:
+    """Name relative to the unwrapped base model: peft's ``base_model.model.`` prefix and its wrapper segments
+    (``base_layer``) removed, so a name is the same with or without LoRA."""
+    if not is_peft_model(model):
+        return name
+    if name.startswith("base_model.model."):
+        name = name[len("base_model.model."):]
+    return ".".join(p for p in name.split(".") if p != _PEFT_SEGMENT)
+
+
+def module_index(model: nn.Module) -> dict[str, str]:
+    """Canonical module name -> its real name in ``model`` (the innermost one where peft nests wrappers)."""
+    if not is_peft_model(model):
+        return {n: n for n, _ in model.named_modules()}
+    index: dict[str, str] = {}
+    for name, _ in model.named_modules():
+        index[canonical_name(model, name)] = name  # later (deeper) names win: the wrapped module itself
+    return index
+
+
+def resolve_name(model: nn.Module, canonical: str, index: dict[str, str] | None = None) -> str:
+    """The real name in ``model`` of the module called ``canonical`` (see :func:`canonical_name`)."""
+    if not is_peft_model(model):
+        return canonical
+    index = index if index is not None else module_index(model)
+    return index.get(canonical, f"base_model.model.{canonical}")
+
+
+def unwrap(module):
+    """The layer under peft's wrappers (``base_layer`` chains)."""
+    while isinstance(module, nn.Module) and isinstance(getattr(module, _PEFT_SEGMENT, None), nn.Module):
+        module = module.base_layer
+    return module
+
+
+# ------------------------------------------------------------------------------------------ kinds
+def is_rational(module: nn.Module) -> bool:
+    return isinstance(module, GroupRational)
+
+
+def is_activation(module: nn.Module) -> bool:
+    """An activation module of a known name (any of :data:`KNOWN_ACTIVATIONS` or :data:`DEFAULT_KINDS`), not
+    ``nn.Identity`` and not already a rational."""
+    name = type(module).__name__
+    return (name in KNOWN_ACTIVATIONS or name in DEFAULT_KINDS or isinstance(module, nn.GELU)) \
+        and name != "Identity" and not is_rational(module)
+
+
+def is_default_kind(module: nn.Module) -> bool:
+    return (type(module).__name__ in DEFAULT_KINDS or isinstance(module, (nn.GELU, nn.SiLU, nn.ReLU))) \
+        and not is_rational(module)
+
+
+def is_identity(module: nn.Module) -> bool:
+    return isinstance(module, nn.Identity) or type(module).__name__ == "Identity"
+
+
+def _has_projections(parent: nn.Module) -> bool:
+    """The parent holds an MLP's input and output projections itself (OPT, BART, Whisper, HF ConvNeXt layers)."""
+    has = lambda names: any(_weight_widths(getattr(parent, a, None)) is not None for a in names)  # noqa: E731
+    return has(_INPUT_PROJ) and has(_OUTPUT_PROJ)
+
+
+def in_feed_forward(model: nn.Module, name: str) -> bool:
+    """Whether the module at ``name`` sits in a feed-forward block: an ancestor is one by attribute or class name, or
+    its parent holds the MLP's two projections itself. Never under an ancestor attribute named like attention,
+    squeeze-excite, router, token mixer or head; an ancestor class named so (``Attention``, ``SEModule``,
+    ``...Head``) excludes what lies below it unless a feed-forward block sits deeper (MaxViT's ``mlp`` inside its
+    ``PartitionAttention`` block is one; Swin-v2's ``cpb_mlp`` inside ``attn`` is not)."""
+    parts = name.split(".")
+    mod, last_ff, last_excluded = model, -1, -1
+    for depth, part in enumerate(parts[:-1]):
+        mod = getattr(mod, part)
+        cls, attr = type(mod).__name__.lower(), part.lower()
+        if attr in _NOT_FF_ATTR:
+            return False
+        if _NOT_FF_CLASS.search(cls):
+            last_excluded = depth
+        if part != _PEFT_SEGMENT and (_FF_ATTR.fullmatch(attr) or _FF_CLASS.search(cls)):
+            last_ff = depth
+    if last_excluded >= last_ff and last_excluded >= 0:
+        return False
+    return last_ff >= 0 or _has_projections(unwrap(mod))
+
+
+def default_targets(model: nn.Module) -> dict[str, nn.Module]:
+    """Canonical name -> module of every default target (see the module docstring)."""
+    return {canonical_name(model, n): m for n, m in model.named_modules()
+            if n and is_default_kind(m) and in_feed_forward(model, n)}
+
+
+# ------------------------------------------------------------------------------------------ layout
+@dataclass(frozen=True)
+class Layout:
+    """The channels an activation sees: ``width`` channels on dimension ``channel_dim`` (-1 or 1)."""
+
+    width: int | None
+    channel_dim: int = -1
+    source: str = ""  # the layer it was read from, for messages
+
+
+def _weight_widths(mod) -> tuple[int, int, int] | None:
+    """(input width, output width, channel dim) of a projection layer, or None."""
+    mod = unwrap(mod)
+    if isinstance(mod, nn.Linear):
+        return mod.in_features, mod.out_features, -1
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return mod.in_channels, mod.out_channels, 1
+    if type(mod).__name__ == "Conv1D" and hasattr(mod, "nf"):  # transformers' GPT-2 Conv1D: weight (in, out)
+        return mod.weight.shape[0], mod.nf, -1
+    if isinstance(mod, nn.Parameter) and mod.dim() == 3:  # fused MoE experts: (E, out, in)
+        return mod.shape[2], mod.shape[1], -1
+    return None
+
+
+def _fused(attr: str, parent: nn.Module) -> bool:
+    return "gate_up" in attr or type(parent).__name__ == "GluMlp"
+
+
+def activation_layout(model: nn.Module, name: str, index: dict[str, str] | None = None) -> Layout:
+    """The :class:`Layout` of the activation at canonical ``name`` (width None if it cannot be told)."""
+    real = resolve_name(model, name, index)
+    parent_name = real.rpartition(".")[0]
+    parent = unwrap(model.get_submodule(parent_name) if parent_name else model)
+    if isinstance(parent, nn.modules.batchnorm._BatchNorm):  # e.g. timm's BatchNormAct2d
+        return Layout(parent.num_features, 1, f"{parent_name} ({type(parent).__name__})")
+    for attr in _OUTPUT_PROJ:
+        w = _weight_widths(getattr(parent, attr, None))
+        if w is not None:
+            return Layout(w[0], w[2], f"{attr} ({type(unwrap(getattr(parent, attr))).__name__})")
+    for attr in _INPUT_PROJ:
+        w = _weight_widths(getattr(parent, attr, None))
+        if w is not None:
+            width = w[1] // 2 if _fused(attr, parent) else w[1]
+            return Layout(width, w[2], f"{attr} ({type(unwrap(getattr(parent, attr))).__name__})")
+    return _neighbour_layout(parent, real.rpartition(".")[2])
+
+
+def _projections(module: nn.Module) -> list[tuple[str, tuple[int, int, int]]]:
+    return [(n, w) for n, m in module.named_modules() if n.rpartition(".")[2] != _PEFT_SEGMENT
+            and (w := _weight_widths(m)) is not None]
+
+
+def _neighbour_layout(parent: nn.Module, attr: str) -> Layout:
+    """Unnamed projections (LeViT's ``ln1``/``ln2``, ``conv1``/``conv2``, ``dense1``/``dense2``): the first
+    projection registered after the activation, else the last one before it."""
+    names = list(parent._modules)
+    if attr not in names:
+        return Layout(None, -1, "")
+    at = names.index(attr)
+    for child in names[at + 1:]:
+        found = _projections(parent._modules[child]) if parent._modules[child] is not None else []
+        if found:
+            sub, w = found[0]
+            return Layout(w[0], w[2], f"{child}{'.' + sub if sub else ''} (after the activation)")
+    for child in reversed(names[:at]):
+        found = _projections(parent._modules[child]) if parent._modules[child] is not None else []
+        if found:
+            sub, w = found[-1]
+            return Layout(w[1], w[2], f"{child}{'.' + sub if sub else ''} (before the activation)")
+    return Layout(None, -1, "")
+
+
+# ------------------------------------------------------------------------------------------ layers
+def layer_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The repeated layers of a model: the outermost non-container modules held in a ModuleList/Sequential."""
+    units: list[tuple[str, nn.Module]] = []
+    containers = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
+
+    def walk(prefix: str, mod: nn.Module, in_container: bool) -> None:
+        for child_name, child in mod._modules.items():
+            if child is None:
+                continue
+            full = f"{prefix}.{child_name}" if prefix else child_name
+            if in_container and not isinstance(child, containers):
+                units.append((full, child))
+            elif not is_rational(child):
+                walk(full, child, isinstance(child, containers))
+
+    walk("", model, False)
+    return units
+
+
+def coverage(model: nn.Module, targets: list[str]) -> tuple[dict[str, dict], list[str], list[str]]:
+    """Per layer type: how many layers it has, how many hold targets, how many targets; warnings for layer types
+    only partly covered, and notes for layer types that hold no target at all."""
+    units = [(canonical_name(model, n), m) for n, m in layer_units(model)]
+    per: dict[str, dict] = {}
+    for uname, unit in units:
+        kind = type(unit).__name__
+        inside = [t for t in targets if t.startswith(uname + ".")]
+        row = per.setdefault(kind, {"layers": 0, "with_targets": 0, "targets": 0, "without": []})
+        row["layers"] += 1
+        row["targets"] += len(inside)
+        if inside:
+            row["with_targets"] += 1
+        else:
+            row["without"].append(uname)
+    partial, notes = [], []
+    for kind, row in per.items():
+        if 0 < row["with_targets"] < row["layers"]:
+            partial.append(f"only {row['with_targets']} of {row['layers']} {kind} layers hold a target; none in "
+                         + ", ".join(row["without"][:4]) + (" ..." if len(row["without"]) > 4 else ""))
+    covered = {k: r for k, r in per.items() if r["with_targets"]}
+    for kind, row in per.items():
+        if not row["with_targets"] and covered:
+            notes.append(f"no target in the {row['layers']} {kind} layer(s) (no feed-forward activation found there)")
+    for row in per.values():
+        row.pop("without")
+    return per, partial, notes

@@ -1,0 +1,403 @@
+"""The architecture matrix: NoRA's defaults on tiny random models built with the real timm / transformers constructors.
+
+For every family: the default targets (one per MLP activation: dense, gated, conv-layout, every expert and shared
+expert of an MoE), function preservation at init (each rational within its fit error of the original on the inputs
+it really sees), a few train-mode optimizer steps that move only NoRA (BatchNorm statistics included), the per-channel
+property after training, save -> fresh model -> load with identical outputs, merge, and for decoders the NoRA++
+round trip with peft LoRA on all linear layers.
+
+``python tests/test_architectures.py`` prints the README's table of default targets and measured init errors;
+``--readme`` writes it into README.md between its markers.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import peft
+import pytest
+import timm
+import torch
+import transformers as hf
+from torch import nn
+
+import nora
+
+V = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+LM = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+          num_key_value_heads=2, max_position_embeddings=64)
+
+
+def timm_model(name: str, **kw) -> Callable[[], nn.Module]:
+    return lambda: timm.create_model(name, pretrained=False, num_classes=10, **kw)
+
+
+def metaformer() -> nn.Module:
+    from timm.models.metaformer import Attention, LayerNorm2dNoBias, LayerNormNoBias, MetaFormer, Pooling
+    # PoolFormer stages (conv-layout MLPs, Conv2d 1x1) followed by attention stages (channels-last Linear MLPs), as
+    # timm's caformer with pooling mixers and GELU
+    return MetaFormer(num_classes=10, depths=(1, 1, 1, 1), dims=(16, 16, 32, 32),
+                      token_mixers=[Pooling, Pooling, Attention, Attention], mlp_act=nn.GELU,
+                      norm_layers=[LayerNorm2dNoBias] * 2 + [LayerNormNoBias] * 2)
+
+
+def causal_lm(cfg_cls, **kw) -> Callable[[], nn.Module]:
+    return lambda: hf.AutoModelForCausalLM.from_config(cfg_cls(**{**LM, **kw}))
+
+
+@dataclass
+class Family:
+    name: str
+    build: Callable[[], nn.Module]
+    kind: str  # image (timm), hf_image, lm (decoder), encoder (BERT), seq2seq (T5)
+    expect: int  # MLP activations in the model
+    layout: str = "channels last"
+    image: int = 32
+
+
+FAMILIES = [
+    Family("timm ViT", timm_model("vit_tiny_patch16_224", **V), "image", 2),
+    Family("timm DeiT (distilled)", timm_model("deit_tiny_distilled_patch16_224", **V), "image", 2),
+    Family("timm Swin", timm_model("swin_tiny_patch4_window7_224", img_size=32, patch_size=2, window_size=4,
+                                   embed_dim=16, depths=(1, 1), num_heads=(2, 2)), "image", 2),
+    Family("timm ConvNeXt conv_mlp=True", timm_model("convnext_atto", depths=(1, 1, 1, 1), dims=(16, 16, 32, 32)),
+           "image", 4, "conv (N, C, H, W)"),
+    Family("timm ConvNeXt conv_mlp=False", timm_model("convnext_atto", depths=(1, 1, 1, 1), dims=(16, 16, 32, 32),
+                                                      conv_mlp=False), "image", 4, "channels last (N, H, W, C)"),
+    Family("timm MetaFormer (pooling + attention)", metaformer, "image", 4, "conv, then channels last"),
+    Family("timm InceptionNeXt", timm_model("inception_next_tiny", depths=(1, 1), dims=(16, 32)), "image", 2,
+           "conv (N, C, H, W)"),
+    Family("timm FastViT", timm_model("fastvit_t8", layers=(1, 1), embed_dims=(16, 32),
+                                      token_mixers=("repmixer", "repmixer")), "image", 2, "conv (N, C, H, W)"),
+    Family("timm EVA-02 (SwiGLU)", timm_model("eva02_tiny_patch14_224", img_size=32, patch_size=8, embed_dim=48,
+                                              depth=2, num_heads=2), "image", 2),
+    Family("timm BEiT", timm_model("beit_base_patch16_224", **V), "image", 2),
+    Family("timm MobileViT (BatchNorm)", timm_model("mobilevit_xxs"), "image", 9),
+    Family("LLaMA", causal_lm(hf.LlamaConfig), "lm", 2),
+    Family("Qwen2", causal_lm(hf.Qwen2Config), "lm", 2),
+    Family("Mistral", causal_lm(hf.MistralConfig), "lm", 2),
+    Family("Gemma 2", causal_lm(hf.Gemma2Config, head_dim=8), "lm", 2),
+    Family("Gemma 3", causal_lm(hf.Gemma3TextConfig, head_dim=8), "lm", 2),
+    Family("Phi-3 (fused gate_up)", causal_lm(hf.Phi3Config, pad_token_id=0), "lm", 2),
+    Family("GPT-2 (Conv1D)", lambda: hf.GPT2LMHeadModel(hf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4,
+                                                                      n_positions=64)), "lm", 2),
+    Family("BERT", lambda: hf.BertForSequenceClassification(hf.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64)), "encoder", 2),
+    Family("HF ViT", lambda: hf.ViTForImageClassification(hf.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        num_labels=10)), "hf_image", 2),
+    Family("T5 (ReLU)", lambda: hf.T5ForConditionalGeneration(hf.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)), "seq2seq", 4),
+    Family("Mixtral (fused experts)", causal_lm(hf.MixtralConfig, num_local_experts=4, num_experts_per_tok=2), "lm", 2),
+    Family("Qwen2-MoE (mlp_only_layers=[0])", causal_lm(
+        hf.Qwen2MoeConfig, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=64, mlp_only_layers=[0], decoder_sparse_step=1), "lm", 3),
+    Family("DeepSeek-V3 (first_k_dense_replace=1)", causal_lm(
+        hf.DeepseekV3Config, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        first_k_dense_replace=1, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4), "lm", 3),
+]
+BY_NAME = {f.name: f for f in FAMILIES}
+
+
+def make_inputs(fam: Family) -> dict:
+    g = torch.Generator().manual_seed(1)
+    if fam.kind in ("image", "hf_image"):
+        return {"x": torch.randn(2, 3, fam.image, fam.image, generator=g)}
+    ids = torch.randint(1, 64, (2, 12), generator=g)
+    if fam.kind == "seq2seq":
+        return {"input_ids": ids, "decoder_input_ids": torch.randint(1, 64, (2, 6), generator=g)}
+    return {"input_ids": ids}
+
+
+def run(fam: Family, model: nn.Module, inputs: dict) -> torch.Tensor:
+    if fam.kind == "image":
+        return model(inputs["x"])
+    if fam.kind == "hf_image":
+        return model(pixel_values=inputs["x"]).logits
+    return model(**inputs).logits
+
+
+def build(fam: Family, state: dict | None = None) -> nn.Module:
+    torch.manual_seed(0)
+    model = fam.build().eval()
+    if state is not None:
+        model.load_state_dict(state)
+    return model
+
+
+def record_activations(model: nn.Module, names, fam: Family, inputs: dict) -> tuple[torch.Tensor, dict]:
+    """The model's output and every call of each target activation (input, output); MoE experts call theirs once
+    per expert hit."""
+    calls: dict[str, list] = {n: [] for n in names}
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda m, a, o, n=n: calls[n].append((a[0].detach().clone(), o.detach().clone()))) for n in names]
+    with torch.no_grad():
+        out = run(fam, model, inputs)
+    for h in hooks:
+        h.remove()
+    return out, calls
+
+
+def train_steps(fam: Family, model: nn.Module, inputs: dict, steps: int = 3) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=0.02)
+    model.train()
+    for _ in range(steps):
+        loss = run(fam, model, inputs).float().pow(2).mean()
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def per_channel_outputs_constant(model: nn.Module) -> None:
+    """A constant-over-space input gives a constant-over-space output, for every trained activation; and one value
+    everywhere gives an output that is constant within each channel group and differs between groups."""
+    for name, mod in nora.nora_modules(model).items():
+        c, g = mod.width, mod.groups
+        if mod.channel_dim == 1:
+            x = torch.randn(1, c, 1, 1).expand(2, c, 5, 7).contiguous()
+            y = mod(x)
+            assert torch.equal(y, y[:, :, :1, :1].expand_as(y)), name
+            per_channel = mod(torch.full((1, c, 3, 3), 0.7))[0, :, 0, 0]
+            assert torch.equal(mod(torch.full((1, c, 3, 3), 0.7)), per_channel[None, :, None, None].expand(1, c, 3, 3))
+        else:
+            x = torch.randn(1, 1, c).expand(2, 5, c).contiguous()
+            y = mod(x)
+            assert torch.equal(y, y[:, :1].expand_as(y)), name
+            per_channel = mod(torch.full((1, 3, c), 0.7))[0, 0]
+        blocks = per_channel.reshape(g, c // g)
+        assert torch.equal(blocks, blocks[:, :1].expand_as(blocks)), name  # one value per group
+        assert len(set(blocks[:, 0].tolist())) > 1, name  # and the trained groups differ
+
+
+def check_family(fam: Family, tmp_path) -> dict:
+    """Every check of the matrix on one family; returns the measured numbers (for the README table)."""
+    t0 = time.perf_counter()
+    model = build(fam)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs = make_inputs(fam)
+    targets = nora.find_targets(model, nora.NoraConfig())
+    assert len(targets) == fam.expect, sorted(targets)
+    before, calls = record_activations(model, targets, fam, inputs)
+    assert all(calls.values()), [n for n, c in calls.items() if not c]
+
+    report = nora.apply_nora(model, nora.NoraConfig())
+    assert len(report) == fam.expect and not report.warnings, report.summary()
+    assert all(t["width"] and t["width"] % 8 == 0 for t in report.targets.values())
+    fit_err = report.max_error()
+    init_err = in_range = 0.0
+    with torch.no_grad():
+        for name, seen in calls.items():
+            mod = model.get_submodule(nora.adapter.inject.resolve_name(model, name))
+            lo, hi = mod.fit_range
+            for inp, out in seen:
+                err = (mod(inp) - out).abs()
+                init_err = max(init_err, err.max().item())
+                mask = (inp >= lo) & (inp <= hi)
+                if mask.any():
+                    in_range = max(in_range, err[mask].max().item())
+        assert in_range <= fit_err * 1.01 + 1e-6  # where the fit holds, each rational is within its fit error
+        after = run(fam, model, inputs)
+    e2e = ((after - before).abs().max() / before.abs().max()).item()
+    assert e2e < 0.1
+
+    # (BatchNorm's num_batches_tracked still counts; with momentum 0 it changes nothing)
+    buffers = {k: v.clone() for k, v in model.named_buffers() if "base_" not in k and "num_batches" not in k}
+    frozen = {k: v.clone() for k, v in model.named_parameters() if not v.requires_grad}
+    train_steps(fam, model, inputs)
+    for k, v in model.named_buffers():
+        if k in buffers:
+            assert torch.equal(v, buffers[k]), f"{k} moved in train mode"
+    for k, v in model.named_parameters():
+        if k in frozen:
+            assert torch.equal(v, frozen[k]), k
+    assert all(m.nora_B_den.abs().sum() > 0 for m in nora.nora_modules(model).values())
+    per_channel_outputs_constant(model)
+
+    with torch.no_grad():
+        want = run(fam, model, inputs)
+    nora.save_nora(model, tmp_path / "nora")
+    meta = nora.read_nora_config(tmp_path / "nora")
+    assert {n: i["width"] for n, i in meta["layers"].items()} == {n: t["width"] for n, t in report.targets.items()}
+    fresh = build(fam, state)
+    nora.load_nora(fresh, tmp_path / "nora")
+    with torch.no_grad():
+        assert torch.equal(run(fam, fresh, inputs), want)
+        nora.merge_nora(fresh)
+        merged = run(fam, fresh, inputs)
+    torch.testing.assert_close(merged, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    if fam.kind == "lm":
+        check_nora_pp(fam, state, inputs, set(targets), tmp_path / "pp")
+    originals = sorted({t["original"] for t in report.targets.values()})
+    return {"family": fam.name, "targets": sorted(targets), "originals": originals, "layout": fam.layout,
+            "fit_error": fit_err, "init_error": init_err, "output_change": e2e,
+            "seconds": time.perf_counter() - t0}
+
+
+def check_nora_pp(fam: Family, state: dict, inputs: dict, targets: set, directory) -> None:
+    """LoRA on every linear layer + NoRA: trained, saved, reloaded onto a fresh model; the NoRA half also loads onto
+    a model without LoRA (adapter names are canonical)."""
+    model = peft.get_peft_model(build(fam, state), peft.LoraConfig(r=2, target_modules="all-linear"))
+    nora.apply_nora(model)
+    train_steps(fam, model, inputs, steps=2)
+    with torch.no_grad():
+        want = run(fam, model, inputs)
+    nora.save_nora_pp(model, directory)
+    assert set(nora.read_nora_config(directory)["layers"]) == targets
+    loaded = nora.load_nora_pp(build(fam, state), directory)
+    with torch.no_grad():
+        assert torch.equal(run(fam, loaded, inputs), want)
+    plain = build(fam, state)
+    nora.load_nora(plain, directory)
+    assert set(nora.nora_modules(plain)) == targets
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=[f.name for f in FAMILIES])
+def test_architecture(fam, tmp_path):
+    check_family(fam, tmp_path)
+
+
+IDS = {"input_ids": torch.randint(1, 64, (2, 8), generator=torch.Generator().manual_seed(2))}
+SEQ2SEQ = {**IDS, "decoder_input_ids": IDS["input_ids"][:, :4]}
+L2 = dict(num_hidden_layers=2, num_attention_heads=4)
+# (name, builder, inputs, targets expected, widths expected): discovery on more layouts (activation on the layer
+# itself next to fc1/fc2, QuickGELU, a custom GELU class, shared ALBERT layers, more MoE families)
+MORE = [
+    ("OPT (fc1/fc2 on the layer)", lambda: hf.OPTForCausalLM(hf.OPTConfig(
+        vocab_size=64, hidden_size=32, ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=64, **L2)),
+     IDS, 2, {64}),
+    ("BART", lambda: hf.BartForConditionalGeneration(hf.BartConfig(
+        vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)),
+     SEQ2SEQ, 4, {64}),
+    ("CLIP vision (QuickGELU)", lambda: hf.CLIPVisionModel(hf.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, image_size=32, patch_size=8, **L2)),
+     {"pixel_values": torch.randn(1, 3, 32, 32)}, 2, {64}),
+    ("HF ConvNeXt (pwconv1/pwconv2)", lambda: hf.ConvNextForImageClassification(hf.ConvNextConfig(
+        num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10)),
+     {"pixel_values": torch.randn(1, 3, 32, 32)}, 2, {64, 128}),
+    ("Falcon", lambda: hf.FalconForCausalLM(hf.FalconConfig(vocab_size=64, hidden_size=32, **L2)), IDS, 2, {128}),
+    ("GPT-NeoX", lambda: hf.GPTNeoXForCausalLM(hf.GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                               **L2)), IDS, 2, {64}),
+    ("DistilBERT", lambda: hf.DistilBertModel(hf.DistilBertConfig(vocab_size=64, dim=32, hidden_dim=64, n_layers=2,
+                                                                  n_heads=4)), IDS, 2, {64}),
+    ("ALBERT (one shared layer)", lambda: hf.AlbertModel(hf.AlbertConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, embedding_size=16, **L2)), IDS, 1, {64}),
+    ("BLOOM (BloomGelu)", lambda: hf.BloomForCausalLM(hf.BloomConfig(vocab_size=64, hidden_size=32, n_layer=2,
+                                                                     n_head=4)), IDS, 2, {128}),
+    ("Qwen3-MoE", lambda: hf.Qwen3MoeForCausalLM(hf.Qwen3MoeConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+        num_experts_per_tok=2, num_key_value_heads=2, head_dim=8, **L2)), IDS, 2, {32}),
+    ("GraniteMoE (block_sparse_moe)", lambda: hf.GraniteMoeForCausalLM(hf.GraniteMoeConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+        num_key_value_heads=2, **L2)), IDS, 2, {64}),
+]
+
+
+@pytest.mark.parametrize("name,builder,inputs,count,widths", MORE, ids=[m[0] for m in MORE])
+def test_default_targets_on_more_families(name, builder, inputs, count, widths):
+    torch.manual_seed(0)
+    model = builder().eval()
+    with torch.no_grad():
+        before = model(**inputs)[0]
+    report = nora.apply_nora(model)
+    assert len(report) == count and {t["width"] for t in report.targets.values()} == widths, report.summary()
+    seen = {}
+    def note(name, module, args):
+        seen.setdefault(name, args[0].shape[module.channel_dim])
+
+    hooks = [m.register_forward_pre_hook(functools.partial(note, n)) for n, m in nora.nora_modules(model).items()]
+    with torch.no_grad():
+        after = model(**inputs)[0]  # every rational sees its width on its channel dimension
+    for h in hooks:
+        h.remove()
+    assert seen == {n: t["width"] for n, t in report.targets.items()}
+    relu = any(t["original"] == "relu" for t in report.targets.values())  # a (5,4) fit misses ReLU by 0.03
+    assert ((after - before).abs().max() / before.abs().max()).item() < (0.2 if relu else 0.05)
+
+
+# timm layouts that trip name- or class-based rules: an MLP inside MaxViT's PartitionAttention blocks (targets),
+# Swin-v2's cpb_mlp inside attention (not a target), RepViT's unnamed conv1/conv2 projections (conv layout), and
+# EfficientFormerV2's activations inside BatchNormAct2d of a conv MLP: (model, kwargs, image, MLP class, acts each)
+MORE_TIMM = [
+    ("maxvit_nano_rw_256", dict(img_size=64), 64, "Mlp", 1),
+    ("swinv2_tiny_window8_256", dict(img_size=64, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2)), 64,
+     "Mlp", 1),
+    ("repvit_m0_9", {}, 64, "RepVitMlp", 1),
+    ("efficientformerv2_s0", {}, 224, "ConvMlpWithNorm", 2),
+]
+
+
+@pytest.mark.parametrize("name,kw,image,mlp_class,per_mlp", MORE_TIMM, ids=[m[0] for m in MORE_TIMM])
+def test_default_targets_on_more_timm_layouts(name, kw, image, mlp_class, per_mlp):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kw).eval()
+    mlps = sum(type(m).__name__ == mlp_class for m in model.modules())
+    assert mlps > 0
+    report = nora.apply_nora(model)
+    assert len(report) == mlps * per_mlp, report.summary()
+    assert not any("cpb_mlp" in n for n in report.targets)
+    seen = {}
+
+    def note(n, module, args):
+        seen.setdefault(n, args[0].shape[module.channel_dim])
+
+    hooks = [m.register_forward_pre_hook(functools.partial(note, n)) for n, m in nora.nora_modules(model).items()]
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(1, 3, image, image))).all()
+    for h in hooks:
+        h.remove()
+    assert seen == {n: t["width"] for n, t in report.targets.items()}
+
+
+def test_matrix_has_the_families_the_issue_names():
+    assert len(FAMILIES) >= 15
+    names = " ".join(f.name for f in FAMILIES)
+    for family in ("ViT", "DeiT", "Swin", "conv_mlp=True", "conv_mlp=False", "MetaFormer", "EVA", "MobileViT",
+                   "LLaMA", "Qwen2", "Mistral", "Gemma", "Phi-3", "GPT-2", "BERT", "HF ViT", "T5", "Mixtral",
+                   "Qwen2-MoE"):
+        assert family in names, family
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| family | default targets | original | layout | fit error | init error | output change |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        names = r["targets"]
+        shown = ", ".join(f"`{n}`" for n in names[:3]) + (f" (+{len(names) - 3})" if len(names) > 3 else "")
+        lines.append(f"| {r['family']} | {len(names)}: {shown} | {', '.join(r['originals'])} | {r['layout']} | "
+                     f"{r['fit_error']:.1e} | {r['init_error']:.1e} | {r['output_change']:.1e} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+    import tempfile
+    import warnings
+    from pathlib import Path
+
+    warnings.simplefilter("ignore")
+    rows = []
+    t = time.perf_counter()
+    for fam in FAMILIES:
+        with tempfile.TemporaryDirectory() as d:
+            rows.append(check_family(fam, Path(d)))
+    text = table(rows)
+    print(text)
+    print(f"\n{len(rows)} families, {time.perf_counter() - t:.1f} s")
+    if "--readme" in sys.argv:
+        readme = Path(__file__).resolve().parents[1] / "README.md"
+        start, end = "<!-- architecture table:", "<!-- end of architecture table -->"
+        body = readme.read_text()
+        head, rest = body.split(start, 1)
+        marker, rest = rest.split("\n", 1)
+        _, tail = rest.split(end, 1)
+        readme.write_text(f"{head}{start}{marker}\n{text}\n{end}{tail}")
+    print(json.dumps([{k: v for k, v in r.items() if k != "targets"} for r in rows], indent=1))
