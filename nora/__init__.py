@@ -24,8 +24,8 @@ try:  # NoRA as a peft method wherever peft is installed (a core install has no 
     # NoRA++ saved as one peft adapter (peft's own loaders read it); the loader reads the earlier two-part format too
     from nora.tuner import load_pretrained as load_nora_pp
     from nora.tuner import save_pretrained as save_nora_pp
-except ModuleNotFoundError as _missing:
-    if _missing.name is None or _missing.name.split(".")[0] not in ("peft", "transformers", "accelerate"):
+except ImportError as _missing:  # peft (or what it needs) is not installed or cannot be imported here
+    if not any(p in f"{_missing.name} {_missing}" for p in ("peft", "transformers", "accelerate")):
         raise
 
 __version__ = "0.1.0"

@@ -759,13 +759,14 @@ def test_trainable_modules_on_a_peft_model_apply_and_reload(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         want = model(x)
-    nora.save_nora_pp(model, tmp_path)
-    assert nora.read_nora_config(tmp_path)["trainable_modules"] == ["head"]
-    fresh = small_vit()
-    fresh.load_state_dict(state)
-    loaded = nora.load_nora_pp(fresh, tmp_path)
-    with torch.no_grad():
-        assert torch.equal(loaded(x), want)
+    nora.save_nora_pp(model, tmp_path)  # one NORA peft adapter: NoRA's trainable_modules are its modules_to_save
+    assert peft.PeftConfig.from_pretrained(str(tmp_path)).modules_to_save == ["head"]
+    for load in (nora.load_nora_pp, peft.PeftModel.from_pretrained):
+        fresh = small_vit()
+        fresh.load_state_dict(state)
+        loaded = load(fresh, str(tmp_path))
+        with torch.no_grad():
+            assert torch.equal(loaded(x), want)
     with pytest.raises(ValueError, match=r"trainable_modules \['haed'\] match no module"):
         nora.apply_nora(peft.get_peft_model(small_vit(), peft.LoraConfig(r=2, target_modules=["qkv"])),
                         nora.NoraConfig(trainable_modules=["haed"]))

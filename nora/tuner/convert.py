@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from peft import PeftModel, get_peft_model_state_dict
@@ -31,10 +32,8 @@ def peft_config_of(model: nn.Module) -> NoraPeftConfig:
     nora_cfg = get_nora_config(model)
     if nora_cfg is None or not nora_modules(model):
         raise AdapterError("this model holds no NoRA activations; call nora.apply_nora first")
-    if nora_cfg.trainable_modules and not is_peft_model(model):
-        raise AdapterError(f"trainable_modules {nora_cfg.trainable_modules} are not part of a peft adapter; use "
-                           "peft's modules_to_save (or nora.save_nora)")
     kw = {k: v for k, v in nora_cfg.to_dict().items() if k not in ("trainable_modules",)}
+    kw["modules_to_save"] = list(trainable_modules(model)) or None  # NoRA's trainable_modules: peft's modules_to_save
     if is_peft_model(model):
         lora = model.peft_config[model.active_adapter]
         if type(lora).__name__ != "LoraConfig":
@@ -42,9 +41,16 @@ def peft_config_of(model: nn.Module) -> NoraPeftConfig:
         targets = lora.target_modules
         kw.update(lora_r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout, use_dora=lora.use_dora,
                   lora_target_modules=sorted(targets) if isinstance(targets, (set, list, tuple)) else targets,
-                  modules_to_save=sorted(lora.modules_to_save) if lora.modules_to_save else None,
+                  modules_to_save=sorted(set(lora.modules_to_save or []) | set(kw["modules_to_save"] or [])) or None,
                   task_type=lora.task_type, base_model_name_or_path=lora.base_model_name_or_path)
     return NoraPeftConfig(**kw)
+
+
+def trainable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Name in the base model -> module, for the modules ``NoraConfig.trainable_modules`` names (a new head)."""
+    patterns = [re.compile(p) for p in get_nora_config(model).trainable_modules]
+    base = model.get_base_model() if is_peft_model(model) else model
+    return {n: m for n, m in base.named_modules() if n and any(p.fullmatch(n) for p in patterns)}
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
@@ -59,6 +65,9 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
                 t = t.expand(mod.groups, -1)
             tensors[f"{PEFT_PREFIX}{name}.{LAYER_ATTR}.{k}"] = t.detach().cpu().contiguous()
         originals[name] = mod.original
+    for name, mod in trainable_modules(model).items():  # saved as peft saves modules_to_save: by module name
+        for k, t in mod.state_dict().items():
+            tensors[f"{PEFT_PREFIX}{name}.{k}"] = t.detach().cpu().contiguous()
     directory.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", ORIGINALS_KEY: json.dumps(originals)}
     atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata=meta))

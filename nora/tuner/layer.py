@@ -35,6 +35,17 @@ def fit_tensors(fit: RationalFit, groups: int) -> tuple[Tensor, Tensor]:
     return num.expand(groups, -1).contiguous(), den.expand(groups, -1).contiguous()
 
 
+def _grouped(act: GroupRational, x: Tensor, num: Tensor, den: Tensor) -> Tensor:
+    """``num``/``den`` evaluated on ``x`` grouped as ``act`` groups it (its channel dimension and group count)."""
+    dim = act.channel_dim if x.dim() > 1 else -1
+    if x.shape[dim] % act.groups:
+        raise ValueError(f"NoraLayer: channel dimension {x.shape[dim]} (dim {dim}) is not divisible by "
+                         f"{act.groups} groups")
+    if dim == 1:  # conv layout: group the channels, not the image width
+        return rational(x.movedim(1, -1), num, den, act.form, act.backend).movedim(-1, 1)
+    return rational(x, num, den, act.form, act.backend)
+
+
 class NoraLayer(nn.Module, BaseTunerLayer):
     adapter_layer_names = ("nora_activation",)
     other_param_names = ()
@@ -49,13 +60,15 @@ class NoraLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
 
     def update_layer(self, adapter_name: str, config: NoraConfig, fit: RationalFit,
-                     device: torch.device | None = None) -> None:
-        """Add adapter ``adapter_name``: a NoraActivation whose base rational is ``fit``."""
+                     device: torch.device | None = None, channel_dim: int = -1, width: int | None = None) -> None:
+        """Add adapter ``adapter_name``: a NoraActivation whose base rational is ``fit`` (channels on
+        ``channel_dim``: -1, or 1 for a conv-layout MLP, as :func:`nora.adapter.discover.activation_layout` reads
+        them)."""
         num, den = fit_tensors(fit, config.groups)
         act = NoraActivation(num, den, form=config.form, backend=config.backend, original=self.original,
                              variant=config.variant, r=config.r, alpha=config.alpha,
                              numerator_mode=config.numerator, groups=config.groups,
-                             fit_range=(fit.x_min, fit.x_max))
+                             fit_range=(fit.x_min, fit.x_max), channel_dim=channel_dim, width=width)
         self.nora_activation[adapter_name] = act.to(device) if device is not None else act
         self.set_adapter(self.active_adapters)
 
@@ -91,7 +104,7 @@ class NoraLayer(nn.Module, BaseTunerLayer):
     def _base_rational(self, x: Tensor) -> Tensor:
         names = self._active() or list(self.nora_activation)
         act = self.nora_activation[names[0]]
-        return rational(x, act.base_numerator.expand(act.groups, -1), act.base_denominator, act.form, act.backend)
+        return _grouped(act, x, act.base_numerator.expand(act.groups, -1), act.base_denominator)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.disable_adapters:
@@ -105,11 +118,7 @@ class NoraLayer(nn.Module, BaseTunerLayer):
             return self.base_layer(x)
         if len(active) == 1:
             return self.nora_activation[active[0]](x)
-        act = self.nora_activation[active[0]]
-        if x.shape[-1] % act.groups:
-            raise ValueError(f"NoraLayer: channel dimension {x.shape[-1]} is not divisible by {act.groups} groups")
-        num, den = self.coefficients(active)
-        return rational(x, num, den, act.form, act.backend)
+        return _grouped(self.nora_activation[active[0]], x, *self.coefficients(active))
 
     # ------------------------------------------------------------------ merge
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
@@ -128,7 +137,8 @@ class NoraLayer(nn.Module, BaseTunerLayer):
                 raise ValueError(f"NaNs detected in the merged rational of adapter(s) {adapter_names}")
             first = self.nora_activation[adapter_names[0]]
             merged = GroupRational(num.detach().clone(), den.detach().clone(), first.form, first.backend,
-                                   self.original, first.fit_range).to(first.base_numerator.device)
+                                   self.original, first.fit_range, channel_dim=first.channel_dim,
+                                   width=first.width).to(first.base_numerator.device)
         if not self.merged:
             self._unmerged = [self.base_layer]
         self.base_layer = merged

@@ -23,7 +23,8 @@ from peft.tuners.tuners_utils import check_target_module_exists as peft_target_e
 from torch import nn
 
 from nora.adapter import AdapterError, find_targets
-from nora.adapter.inject import activation_target, activation_width, set_module
+from nora.adapter.discover import activation_layout
+from nora.adapter.inject import activation_target, set_module
 from nora.rational.calibration import fit_to_inputs, record_inputs
 from nora.rational.fit import RationalFit, fit_rational
 from nora.tuner.config import NoraPeftConfig
@@ -67,7 +68,7 @@ class NoraModel(BaseTuner):
     # ---------------------------------------------------------------- injection
     def _state(self) -> dict:
         # plain attributes set before nn.Module.__init__ completes would be forwarded to the model; keep them here
-        return self.__dict__.setdefault("_nora_state", {"targets": {}, "lora": {}, "fits": {}})
+        return self.__dict__.setdefault("_nora_state", {"targets": {}, "layouts": {}, "lora": {}, "fits": {}})
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict=None) -> None:
@@ -78,11 +79,12 @@ class NoraModel(BaseTuner):
                 state["targets"][adapter_name] = set(find_targets(model, config.nora_config()))
             except ValueError as e:
                 raise AdapterError(str(e)) from e
-            for name in state["targets"][adapter_name]:
-                width = activation_width(model, name)
-                if width is not None and width % config.groups:
-                    raise AdapterError(f"groups={config.groups} does not divide the width {width} of {name}; "
-                                       f"choose a divisor of {width}")
+            layouts = state["layouts"][adapter_name] = {n: activation_layout(model, n)
+                                                        for n in state["targets"][adapter_name]}
+        for name, layout in layouts.items():
+            if layout.width is not None and layout.width % config.groups:
+                raise AdapterError(f"groups={config.groups} does not divide the width {layout.width} of {name}; "
+                                   f"choose a divisor of {layout.width}")
         lora = config.lora_config()
         if lora is not None:
             if lora.target_modules is None:
@@ -107,7 +109,8 @@ class NoraModel(BaseTuner):
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key,
                             parameter_name=None) -> None:
         if current_key in self._state()["targets"][adapter_name]:
-            self._create_nora(peft_config, adapter_name, target, target_name, parent)
+            layout = self._state()["layouts"][adapter_name][current_key]
+            self._create_nora(peft_config, adapter_name, target, target_name, parent, layout)
         else:
             LoraModel._create_and_replace(self, self._state()["lora"][adapter_name], adapter_name, target,
                                           target_name, parent, current_key, parameter_name=parameter_name)
@@ -124,7 +127,7 @@ class NoraModel(BaseTuner):
         return original, fits[key]
 
     def _create_nora(self, config: NoraPeftConfig, adapter_name: str, target: nn.Module, target_name: str,
-                     parent: nn.Module) -> None:
+                     parent: nn.Module, layout) -> None:
         activation = target.original_activation() if isinstance(target, NoraLayer) else target
         original, fit = self._fit(config, activation, target_name)
         if isinstance(target, NoraLayer):
@@ -132,7 +135,8 @@ class NoraModel(BaseTuner):
         else:
             layer = NoraLayer(target, original)
             setattr(parent, target_name, layer)
-        layer.update_layer(adapter_name, config.nora_config(), fit, device=_device(self.model))
+        layer.update_layer(adapter_name, config.nora_config(), fit, device=_device(self.model),
+                           channel_dim=layout.channel_dim, width=layout.width)
         if adapter_name not in self.active_adapters:
             layer.nora_activation[adapter_name].requires_grad_(False)
 
@@ -177,8 +181,9 @@ def calibrate(model: nn.Module, batches: Iterable, forward: Callable | None = No
     if not layers:
         raise AdapterError(f"adapter {adapter_name!r} holds no NoRA activation")
     groups = {n: (config.groups if config.per_group_calibration else 1) for n in layers}
+    dims = {n: layer.nora_activation[adapter_name].channel_dim for n, layer in layers.items()}
     with bare_activations(model) as originals:
-        records = record_inputs(model, {n: originals[n] for n in layers}, groups, batches, forward)
+        records = record_inputs(model, {n: originals[n] for n in layers}, groups, batches, forward, channel_dims=dims)
     fits = {}
     for name, rec in records.items():
         target = activation_target(layers[name].original_activation())[1]
