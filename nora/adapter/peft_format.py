@@ -15,6 +15,7 @@ from safetensors import safe_open
 PEFT_TYPE = "NORA"               # peft's PeftType member nora.tuner adds
 LAYER_ATTR = "nora_activation"   # the NoraLayer attribute holding one NoraActivation per adapter
 PEFT_PREFIX = "base_model.model."
+PEFT_SEGMENT = "base_layer"
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 ORIGINALS_KEY = "nora_originals"  # safetensors metadata: activation name -> the activation it replaced
 
@@ -32,14 +33,17 @@ def read_peft_nora_config(directory: str | os.PathLike) -> dict | None:
 
 
 def read_nora_layers(directory: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
-    """Activation name (in the base model) -> its NoRA tensors (``base_numerator``, ``nora_A_num``, ...)."""
+    """Activation name (in the base model: peft's ``base_layer`` segments dropped, as
+    :func:`nora.adapter.discover.canonical_name` does) -> its NoRA tensors (``base_numerator``, ``nora_A_num``,
+    ...)."""
     layers: dict[str, dict[str, torch.Tensor]] = {}
     marker = f".{LAYER_ATTR}."
     with safe_open(str(Path(directory) / WEIGHTS_FILE), framework="pt") as fh:
         for key in fh.keys():
             if marker in key:
                 name, _, tensor = key.partition(marker)
-                layers.setdefault(name.removeprefix(PEFT_PREFIX), {})[tensor] = fh.get_tensor(key)
+                name = ".".join(p for p in name.removeprefix(PEFT_PREFIX).split(".") if p != PEFT_SEGMENT)
+                layers.setdefault(name, {})[tensor] = fh.get_tensor(key)
     return layers
 
 

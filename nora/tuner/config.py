@@ -76,6 +76,9 @@ class NoraPeftConfig(PeftConfig):
     lora_target_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "as LoraConfig.target_modules (None: peft's default for the model type)"})
     use_dora: bool = False
+    lora_extra: Optional[dict] = field(
+        default=None, metadata={"help": "any other peft.LoraConfig field of the LoRA part (target_parameters, "
+                                        "rank_pattern, alpha_pattern, exclude_modules, bias, ...)"})
     modules_to_save: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
@@ -92,6 +95,11 @@ class NoraPeftConfig(PeftConfig):
         if self.lora_r < 0:
             raise ValueError(f"lora_r={self.lora_r}: must be >= 0 (0: NoRA alone, > 0: NoRA++)")
         self.nora_config()  # NoraConfig's checks: one set of fields and ranges
+
+    @property
+    def target_parameters(self) -> list[str]:
+        """The LoRA part's ``target_parameters`` (peft's injection reads them off the config it injects)."""
+        return list((self.lora_extra or {}).get("target_parameters") or []) if self.lora_r else []
 
     @property
     def is_nora_pp(self) -> bool:
@@ -113,4 +121,4 @@ class NoraPeftConfig(PeftConfig):
 
         return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                           target_modules=self.lora_target_modules, use_dora=self.use_dora,
-                          inference_mode=self.inference_mode, task_type=self.task_type)
+                          inference_mode=self.inference_mode, task_type=self.task_type, **(self.lora_extra or {}))

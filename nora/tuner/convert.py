@@ -10,6 +10,7 @@ rebuilds the same function. :func:`load_pretrained` reads that, or a directory i
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -19,7 +20,7 @@ from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
 
-from nora.adapter import AdapterError, get_nora_config, load_nora_pp, nora_modules
+from nora.adapter import AdapterError, NoraActivation, canonical_name, get_nora_config, load_nora_pp, nora_modules
 from nora.adapter.inject import is_peft_model
 from nora.adapter.peft_format import (CONFIG_FILE, LAYER_ATTR, ORIGINALS_KEY, PEFT_PREFIX, WEIGHTS_FILE,
                                       read_peft_nora_config)
@@ -42,8 +43,34 @@ def peft_config_of(model: nn.Module) -> NoraPeftConfig:
         kw.update(lora_r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout, use_dora=lora.use_dora,
                   lora_target_modules=sorted(targets) if isinstance(targets, (set, list, tuple)) else targets,
                   modules_to_save=sorted(set(lora.modules_to_save or []) | set(kw["modules_to_save"] or [])) or None,
-                  task_type=lora.task_type, base_model_name_or_path=lora.base_model_name_or_path)
+                  task_type=lora.task_type, base_model_name_or_path=lora.base_model_name_or_path,
+                  lora_extra=lora_extra(lora))
     return NoraPeftConfig(**kw)
+
+
+# LoraConfig fields NoraPeftConfig has fields of its own for, and PeftConfig's bookkeeping
+_MAPPED = {"r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "modules_to_save", "task_type",
+           "peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version"}
+
+
+def lora_extra(lora) -> dict | None:
+    """Every other field of ``lora`` that differs from LoraConfig's default and can be written as JSON (the MoE
+    ``target_parameters`` and rank/alpha patterns transformers' weight conversion adds, exclusions, bias, ...)."""
+    from peft import LoraConfig
+
+    default = LoraConfig()
+    extra = {}
+    for f in dataclasses.fields(lora):
+        value = getattr(lora, f.name)
+        if f.name in _MAPPED or value == getattr(default, f.name, None):
+            continue
+        value = sorted(value) if isinstance(value, (set, frozenset)) else value
+        try:
+            json.dumps(value)
+        except TypeError:
+            continue
+        extra[f.name] = value
+    return extra or None
 
 
 def trainable_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -59,12 +86,17 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
     config = peft_config_of(model)
     tensors = dict(get_peft_model_state_dict(model)) if is_peft_model(model) else {}
     originals = {}
-    for name, mod in nora_modules(model).items():
+    for name, mod in model.named_modules():
+        if not isinstance(mod, NoraActivation):
+            continue
+        # peft's keys are the real module paths (an activation inside a module whose parameters LoRA wraps sits
+        # under base_layer segments, in this model and in the one NoraModel rebuilds)
+        key = name if is_peft_model(model) else PEFT_PREFIX + name
         for k, t in mod.state_dict().items():
             if k == "base_numerator":  # NoraLayer keeps one row per group (every adapter has the same shapes)
                 t = t.expand(mod.groups, -1)
-            tensors[f"{PEFT_PREFIX}{name}.{LAYER_ATTR}.{k}"] = t.detach().cpu().contiguous()
-        originals[name] = mod.original
+            tensors[f"{key}.{LAYER_ATTR}.{k}"] = t.detach().cpu().contiguous()
+        originals[canonical_name(model, name)] = mod.original
     for name, mod in trainable_modules(model).items():  # saved as peft saves modules_to_save: by module name
         for k, t in mod.state_dict().items():
             tensors[f"{PEFT_PREFIX}{name}.{k}"] = t.detach().cpu().contiguous()
