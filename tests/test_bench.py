@@ -19,13 +19,19 @@ def test_mlp_block_benchmark_writes_ratios(tmp_path):
 def test_train_step_benchmark_through_the_real_loop(tmp_path):
     out = tmp_path / "train.json"
     assert train_step.main(["--model", "vit_test", "--methods", "lora,nora", "--steps", "2", "--warmup", "1",
-                            "--batch-size", "8", "--num-workers", "0", "--device", "cpu", "--out", str(out)]) == 0
+                            "--batch-size", "8", "--num-workers", "0", "--device", "cpu", "--compile-methods", "nora",
+                            "--out", str(out)]) == 0
     rep = json.loads(out.read_text())
     assert set(rep["methods"]) == {"lora", "nora"} and rep["image_size"] == 32
     for r in rep["methods"].values():
         assert r["images_per_s"] > 0 and 0 <= r["data_wait_share"] <= 1 and 0 < r["mfu"] < 1
         assert r["flops_per_image"] > 0
     assert rep["methods"]["lora"]["step_time_vs_lora"] == 1.0
+    # the same run also trains NoRA with trainer.compile=true and reports compiled / eager
+    assert rep["compiled_methods"] == ["nora"] and "compiled" not in rep["methods"]["lora"]
+    nora_row = rep["methods"]["nora"]
+    assert nora_row["compiled"]["step_time_s"] > 0
+    assert nora_row["compiled_vs_eager_step_time"] == nora_row["compiled"]["step_time_s"] / nora_row["step_time_s"]
 
 
 def test_sweep_plan_estimates_device_time_from_the_benchmark():

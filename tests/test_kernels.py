@@ -437,7 +437,7 @@ def test_bench_kernels_smoke(tmp_path):
     out = tmp_path / "bench.json"
     impls = "gelu,silu,reference,stacked_powers,torch" + (",cpu" if _cpu_built() else "")
     assert main(["--device", "cpu", "--shapes", "4x10x48:8,3x40:2:bfloat16", "--repeats", "2", "--warmup", "1",
-                 "--impls", impls, "--bandwidth-mb", "16", "--out", str(out)]) == 0
+                 "--impls", impls, "--bandwidth-mb", "16", "--groups-sweep", "4x10x48:1/8/48", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["complete"] and report["copy_bandwidth_GBps"] > 0 and report["hardware"]["cpu"]
     for shape in report["shapes"]:
@@ -451,6 +451,12 @@ def test_bench_kernels_smoke(tmp_path):
         assert rows["torch"]["saved_bytes"] - rows["gelu"]["saved_bytes"] == coef_bytes
         if "cpu" in rows:
             assert rows["cpu"]["saved_bytes"] - rows["gelu"]["saved_bytes"] == coef_bytes
+    # the sweep over G (fused backend against GELU), up to one group per channel, with a target per G
+    if _cpu_built():
+        (sweep,) = report["groups_sweep"]
+        assert sweep["shape"] == [4, 10, 48] and set(sweep["by_groups"]) == {"1", "8", "48"}
+        assert all(r["fwd_bwd_ratio_vs_gelu"] > 0 for r in sweep["by_groups"].values())
+        assert {f"cpu_fwd_bwd_ratio_vs_gelu@4x10x48:float32:G={g}" for g in (1, 8, 48)} <= set(report["targets"])
 
 
 def test_bench_dispatch():

@@ -127,21 +127,19 @@ def test_triton_saves_only_x(checked, monkeypatch):
 
 
 # ------------------------------------------------------------------ safety net: self-check and fallback
-def _identity_fwd(X, Y, NUM, DEN, R, D, C, G, N_CB, M1: tl.constexpr, N: tl.constexpr, FORM_B: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _identity_fwd(X, Y, NUM, DEN, R, D, C, N_DB, M1: tl.constexpr, N: tl.constexpr, FORM_B: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """A wrong forward kernel (y = x) with the real one's signature: compiles and runs, disagrees."""
     pid = tl.program_id(0)
-    cb = pid % N_CB
-    g = (pid // N_CB) % G
-    rows = (pid // N_CB // G) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (rows[:, None] < R) & (cols[None, :] < C)
-    offs = rows[:, None].to(tl.int64) * D + g * C + cols[None, :]
+    rows = (pid // N_DB) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (pid % N_DB) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < R) & (cols[None, :] < D)
+    offs = rows[:, None].to(tl.int64) * D + cols[None, :]
     tl.store(Y + offs, tl.load(X + offs, mask=mask, other=0.0), mask=mask)
 
 
-def _broken_fwd(X, Y, NUM, DEN, R, D, C, G, N_CB, M1: tl.constexpr, N: tl.constexpr, FORM_B: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _broken_fwd(X, Y, NUM, DEN, R, D, C, N_DB, M1: tl.constexpr, N: tl.constexpr, FORM_B: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """A forward kernel Triton cannot build: it calls a function tl does not have."""
     tl.store(Y, tl.this_function_does_not_exist(tl.load(X)))
 
@@ -292,3 +290,41 @@ def test_gpu_check_script_cpu_path(tmp_path):
     assert "CPU-interpreter part only" in out.stdout
     log = (tmp_path / "gpu_check.log").read_text()
     assert "triton interpreter checks (CPU, small shapes) passed" in log
+
+
+# ------------------------------------------------------------------ custom op and torch.compile
+@interpreted
+@pytest.mark.parametrize("groups", [1, 3, 48])  # one group, several per tile, one group per channel (G = D)
+def test_triton_op_passes_opcheck(groups):
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(5, 48, generator=gen).requires_grad_()
+    a, b = (t.requires_grad_() for t in make_coefficients(groups, 5, 4, seed=9))
+    torch.library.opcheck(tk.rational_triton_op, (x, a, b, "A"))
+    go = torch.randn(x.shape, generator=gen)
+    torch.library.opcheck(tk.rational_triton_op.backward_op, (x.detach(), a.detach(), b.detach(), go, "B", True))
+
+
+@interpreted
+def test_triton_checked_backend_compiles_without_graph_breaks(monkeypatch):
+    """The self-checked backend under torch.compile(fullgraph=True): the self-check runs eagerly at trace time
+    (on a synthetic slice), the graph holds the Triton op, and compiled gradients equal eager ones."""
+    monkeypatch.setattr(tk.SAFETY_NET, "verdicts", {})
+    gen = torch.Generator().manual_seed(4)
+    x, go = torch.randn(2, 6, 24, generator=gen), torch.randn(2, 6, 24, generator=gen)
+    a, b = make_coefficients(24, 5, 4, seed=4)
+
+    def f(x, a, b):
+        return tk.rational_triton_checked(x * 1.5, a, b, "A").sin()
+
+    want = _grads(lambda x, a, b, form: f(x, a, b), x, a, b, go, "A")
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(f)(x, a, b)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    ops = {str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert any("nora.rational_triton" in o for o in ops), sorted(ops)
+    assert [c.name for c in tk.SAFETY_NET.verdicts.values()] == ["triton"]
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = _grads(lambda x, a, b, form: compiled(x, a, b), x, a, b, go, "A")
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)

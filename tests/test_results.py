@@ -363,7 +363,7 @@ def test_ablations_exact(tmp_path):
     assert "| zero-init FT | 0 | missing | missing | missing | missing |" in md
     assert "| form=B | 1 | 92.00 | +1.00 (n=1, no CI) | -0.50 (n=1, no CI) | 936 |" in md
     assert "| form=A (default) | 2 | 90.50 ± 0.71 | reference | -1.00 [-7.35, +5.35] (n=2) | 936 |" in md
-    assert "Runs: 7 of the 45 the sweeps define, read from `runs/ablations` and `runs/table1`" in md
+    assert "Runs: 7 of the 51 the sweeps define, read from `runs/ablations` and `runs/table1`" in md
     assert ABLATION_DEFAULTS["method.nora.r"] == 3
 
 

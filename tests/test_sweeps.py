@@ -26,7 +26,7 @@ EXPECTED = {
     "table2": (3 * 2 * 3, "runs/table2"),           # 3 methods x 2 datasets x 3 seeds
     "ablation_variant": (3 * 3, "runs/ablations"),  # rational_ft, zero_init_ft, nora
     "ablation_rank": (5 * 3, "runs/ablations"),     # r = 1, 2, 3, 4, 8
-    "ablation_groups": (5 * 3, "runs/ablations"),   # G = 1, 2, 4, 8, 16
+    "ablation_groups": (7 * 3, "runs/ablations"),   # G = 1, 2, 4, 8, 16, 96, 768 (one per channel)
     "ablation_form": (2 * 3, "runs/ablations"),     # A, B
     "ablation_numerator": (2 * 3, "runs/ablations"),  # shared, group
     "ablation_init": (2 * 3, "runs/ablations"),     # fit, calibrated
@@ -128,7 +128,7 @@ def test_ablation_sweeps_match_the_table_and_share_the_default(composed):
     # the default setting is one directory (and one config) per seed across the six ablation sweeps
     assert sorted(default_dirs) == [0, 1, 2] and all(len(v) == 1 for v in default_dirs.values())
     all_dirs = {job_run_dir(c) for s in ABLATIONS for _ov, c in composed[f"ablation_{s[0]}"]}
-    assert len(all_dirs) == 42
+    assert len(all_dirs) == 48  # 51 jobs, the default setting shared by the six sweeps (3 seeds)
 
 
 def test_command_line_overrides_restrict_a_sweep():

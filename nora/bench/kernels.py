@@ -56,10 +56,14 @@ GELU_B = [-0.06675015696494944, 0.17927646217001553, 0.03746682605496631, 1.6561
 
 CPU_SHAPES = "64x197x768:8,2x512x14336:8"
 CUDA_SHAPES = "64x197x768:8,2x512x14336:8,4x2048x14336:8:bfloat16"
+# the sweep over the number of groups, from one rational for all channels to one per channel (G = D): GELU and
+# the fused backend only, interleaved, per G
+CPU_GROUP_SWEEP = "64x197x768:1/8/96/768,2x512x14336:1/8/14336"
+CUDA_GROUP_SWEEP = "64x197x768:1/8/96/768,2x512x14336:1/8/14336,4x2048x14336:1/8/14336:bfloat16"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 TARGETS = {
-    "cpu_fwd_bwd_max_ratio_vs_gelu": 1.25,  # fused CPU backend at the ViT-Tiny shape
+    "cpu_fwd_bwd_max_ratio_vs_gelu": 1.25,  # fused CPU backend, ViT-Tiny and LLaMA shapes, every G of the sweep
     "saved_bytes_equal_to_gelu": True,
     "gpu_fwd_bwd_min_bandwidth_fraction": 0.60,  # Triton at the LLaMA shape
 }
@@ -385,6 +389,65 @@ def evaluate_targets(results: list[dict], device: torch.device) -> dict:
     return out
 
 
+def parse_group_sweep(spec: str, default_dtype: torch.dtype) -> list[tuple[tuple[int, ...], list[int], torch.dtype]]:
+    """``BxTxD:G1/G2/...[:dtype],...`` -> [(shape, [G...], dtype)]."""
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        parts = item.split(":")
+        shape = tuple(int(v) for v in parts[0].lower().split("x"))
+        groups = [int(g) for g in parts[1].split("/")] if len(parts) > 1 and parts[1] else [1, 8, shape[-1]]
+        bad = [g for g in groups if shape[-1] % g]
+        if bad:
+            raise SystemExit(f"group sweep {item}: last dimension not divisible by {bad}")
+        out.append((shape, groups, DTYPES[parts[2]] if len(parts) > 2 else default_dtype))
+    return out
+
+
+def run_group_sweep(sweep, device, form, repeats, warmup, copy_bw, log=print) -> list[dict]:
+    """fwd and fwd+bwd of the fused backend against GELU for every G of every sweep shape (same run, interleaved)."""
+    fused = "triton" if device.type == "cuda" else "cpu"
+    impls = [i for i in build_impls(device, ["gelu", fused], use_compile=False)]
+    if fused not in {i.name for i in impls}:
+        log(f"group sweep skipped: the {fused!r} backend is not available here")
+        return []
+    out = []
+    for shape, groups, dtype in sweep:
+        entry = {"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "impl": fused, "form": form,
+                 "by_groups": {}}
+        for g in groups:
+            res = bench_shape(impls, shape, g, dtype, device, form, repeats, warmup, copy_bw, log=log)
+            rows = {r["impl"]: r for r in res["rows"]}
+            r, ref = rows[fused], rows["gelu"]
+            if "fwd_ms" not in r:
+                entry["by_groups"][str(g)] = {"error": r.get("error")}
+                continue
+            entry["by_groups"][str(g)] = {
+                "fwd_bwd_ratio_vs_gelu": r["fwd_bwd_ratio_vs_gelu"], "fwd_ratio_vs_gelu": r["fwd_ratio_vs_gelu"],
+                "fwd_bwd_ms": r["fwd_bwd_ms"], "fwd_ms": r["fwd_ms"], "gelu_fwd_bwd_ms": ref["fwd_bwd_ms"],
+                "gelu_fwd_ms": ref["fwd_ms"], "fwd_bwd_ms_all": r["fwd_bwd_ms_all"],
+                "gelu_fwd_bwd_ms_all": ref["fwd_bwd_ms_all"], "timed_rounds": r["timed_rounds"]}
+            log(f"  {tuple(shape)} {entry['dtype']} G={g}: {fused} fwd+bwd {r['fwd_bwd_ms']:.2f} ms = "
+                f"{r['fwd_bwd_ratio_vs_gelu']:.2f}x GELU ({ref['fwd_bwd_ms']:.2f} ms); fwd "
+                f"{r['fwd_ratio_vs_gelu']:.2f}x")
+        out.append(entry)
+    return out
+
+
+def group_sweep_targets(sweep: list[dict], device: torch.device) -> dict:
+    if device.type != "cpu":
+        return {}
+    out = {}
+    for entry in sweep:
+        key = "x".join(map(str, entry["shape"])) + f":{entry['dtype']}"
+        for g, r in entry["by_groups"].items():
+            if "fwd_bwd_ratio_vs_gelu" in r:
+                v = r["fwd_bwd_ratio_vs_gelu"]
+                out[f"cpu_fwd_bwd_ratio_vs_gelu@{key}:G={g}"] = {
+                    "value": v, "target_max": TARGETS["cpu_fwd_bwd_max_ratio_vs_gelu"],
+                    "met": v <= TARGETS["cpu_fwd_bwd_max_ratio_vs_gelu"]}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nora.bench kernels", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda if available)")
@@ -397,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="timed rounds for implementations slower than 0.5 s per fwd+bwd (plain autograd)")
     ap.add_argument("--form", default="A", choices=["A", "B"])
     ap.add_argument("--impls", default=None, help="comma-separated subset of implementations")
+    ap.add_argument("--groups-sweep", default=None,
+                    help=f"BxTxD:G1/G2/...[:dtype],... timed for GELU and the fused backend only (default cpu: "
+                         f"{CPU_GROUP_SWEEP}; cuda: {CUDA_GROUP_SWEEP}; '' skips it)")
     ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile row")
     ap.add_argument("--bandwidth-mb", type=float, default=None,
                     help="size of the copy-bandwidth tensor (default: the largest input, at least 256 MB)")
@@ -429,6 +495,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"copy bandwidth: {bw_runs[0]['copy_GBps']:.1f} GB/s (copy_), "
           f"{bw_runs[0]['clone_GBps']:.1f} GB/s (clone, with allocation)", flush=True)
     results: list[dict] = []
+    sweep_results: list[dict] = []
+    sweep_spec = args.groups_sweep if args.groups_sweep is not None else (
+        CUDA_GROUP_SWEEP if device.type == "cuda" else CPU_GROUP_SWEEP)
+    sweep = parse_group_sweep(sweep_spec, DTYPES[args.dtype])
     t_start = time.perf_counter()
     command = "python -m nora.bench kernels " + " ".join(argv if argv is not None else sys.argv[1:])
 
@@ -443,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
                     row["fwd_bandwidth_fraction"] = res["floor_fwd_ms"] / row["fwd_ms"]
                     row["fwd_bwd_bandwidth_fraction"] = res["floor_fwd_bwd_ms"] / row["fwd_bwd_ms"]
         targets = evaluate_targets(results, device)
+        targets.update(group_sweep_targets(sweep_results, device))
         try:
             hw["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
         except OSError:
@@ -456,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
                        "bytes moved (fwd: read x + write y; bwd: read x, grad_y + write grad_x) / copy_ "
                        "bandwidth; saved bytes = distinct storages packed by saved_tensors_hooks"),
             "targets": targets, "elapsed_s": round(time.perf_counter() - t_start, 1), "shapes": results,
+            "groups_sweep": sweep_results,
         }
         write_json_atomic(out_path, report, indent=1)  # rewritten after every shape: never half a file
         return report
@@ -468,6 +540,10 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(res), flush=True)
         bw_runs.append(copy_bandwidth(device, bw_bytes))
         write(final=False)
+    if sweep:
+        print("group sweep (fused backend vs GELU, fwd+bwd, coefficient gradients included):", flush=True)
+        sweep_results.extend(run_group_sweep(sweep, device, args.form, args.repeats, args.warmup,
+                                             statistics.median(r["copy_GBps"] for r in bw_runs)))
     targets = write(final=True)["targets"]
     print(f"targets: {json.dumps(targets, indent=1)}")
     print(f"wrote {out_path}")

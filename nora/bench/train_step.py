@@ -10,8 +10,10 @@ training memory (peak minus what was allocated before the first step: on the CPU
 libraries every process holds). Model FLOPs
 per image are counted with ``torch.utils.flop_counter`` (forward + backward), giving model FLOP
 utilisation against a dense-matmul rate measured in the same run (CPU: fp32 matmul; GPU: bf16
-matmul). Ratios to LoRA and to full fine-tuning come from the same run. JSON goes to
-``results/bench_train_<device>.json``.
+matmul). Ratios to LoRA and to full fine-tuning come from the same run. The methods of ``--compile-methods``
+(default LoRA, NoRA and NoRA++) are also trained with ``trainer.compile=true`` in the same interleaved rounds
+(compilation happens in the discarded warm-up steps), and each reports its compiled step time and the ratio
+compiled / eager. JSON goes to ``results/bench_train_<device>.json``.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from nora.models.vision import input_size
 from nora.runs.logger import read_metrics
 
 DEFAULT_METHODS = ("full", "linear_probe", "lora", "dora", "nora", "nora_pp")
+DEFAULT_COMPILE_METHODS = ("lora", "nora", "nora_pp")
 
 
 def _overrides(args, method: str, data_root: str, out: str) -> list[str]:
@@ -118,6 +121,20 @@ def run_one(args) -> dict:
             "image_size": int(summary["image_size"])}
 
 
+def _run_child(args, method: str, data_root: str, compile_: bool) -> dict:
+    cmd = [sys.executable, "-m", "nora.bench.train_step", "--one", method, "--data-root", data_root,
+           "--model", args.model, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--device", args.device, "--precision", args.precision,
+           "--data-path", args.data_path, "--num-workers", str(args.num_workers),
+           *(["--compile"] if compile_ else []), *args.override]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, WANDB_MODE="disabled"))
+    line = [x for x in proc.stdout.splitlines() if x.startswith("BENCH_RESULT ")]
+    if proc.returncode or not line:
+        print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f"benchmark of {method}{' (compiled)' if compile_ else ''} failed")
+    return json.loads(line[0][len("BENCH_RESULT "):])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nora.bench train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS))
@@ -130,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--data-path", default="auto", choices=["auto", "batched", "per_sample"])
     ap.add_argument("--num-workers", type=int, default=2)
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="every method with trainer.compile=true (no eager run)")
+    ap.add_argument("--compile-methods", default=",".join(DEFAULT_COMPILE_METHODS),
+                    help="methods also timed with trainer.compile=true in the same run ('' for none)")
     ap.add_argument("--out", default=None, help="JSON path (default results/bench_train_<device>.json)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--data-root", default=None, help=argparse.SUPPRESS)
@@ -144,24 +163,19 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     methods = args.methods.split(",")
     n_train = args.batch_size * (args.warmup + args.steps + 1)
+    compiled_methods = [] if args.compile else [m for m in args.compile_methods.split(",") if m in methods]
     results: dict[str, list[dict]] = {m: [] for m in methods}
+    compiled: dict[str, list[dict]] = {m: [] for m in compiled_methods}
     with tempfile.TemporaryDirectory() as data_root:
         write_cifar(data_root, "cifar10", n_train=n_train, n_test=16)
         for r in range(args.rounds):
-            for m in methods:  # interleaved rounds: slow drifts of the machine hit every method alike
-                cmd = [sys.executable, "-m", "nora.bench.train_step", "--one", m, "--data-root", data_root,
-                       "--model", args.model, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-                       "--warmup", str(args.warmup), "--device", args.device, "--precision", args.precision,
-                       "--data-path", args.data_path, "--num-workers", str(args.num_workers),
-                       *(["--compile"] if args.compile else []), *args.override]
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, WANDB_MODE="disabled"))
-                line = [x for x in proc.stdout.splitlines() if x.startswith("BENCH_RESULT ")]
-                if proc.returncode or not line:
-                    print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-                    raise SystemExit(f"benchmark of {m} failed")
-                res = json.loads(line[0][len("BENCH_RESULT "):])
-                results[m].append(res)
-                print(f"round {r} {m:8s} {res['images_per_s']:8.1f} img/s  step {res['step_time_s'] * 1e3:7.1f} ms  "
+            # interleaved rounds: slow drifts of the machine hit every method (and both modes) alike
+            runs = [(m, False) for m in methods] + [(m, True) for m in compiled_methods]
+            for m, comp in runs:
+                res = _run_child(args, m, data_root, args.compile or comp)
+                (compiled if comp else results)[m].append(res)
+                print(f"round {r} {m:8s}{' compiled' if args.compile or comp else ' eager   '} "
+                      f"{res['images_per_s']:8.1f} img/s  step {res['step_time_s'] * 1e3:7.1f} ms  "
                       f"data wait {100 * res['data_wait_share']:4.1f}%  peak {res['peak_memory_mb']:7.0f} MB",
                       flush=True)
 
@@ -183,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
                    "training_memory_mb": med([r["training_memory_mb"] for r in rs]),
                    "trainable": rs[0]["parameters"]["trainable"], "data_path": rs[0]["data_path"],
                    "flops_per_image": fpi[m], "mfu": fpi[m] * ips / peak}
+    for m, rs in compiled.items():
+        ips = med([r["images_per_s"] for r in rs])
+        rows[m]["compiled"] = {"images_per_s": ips, "step_time_s": args.batch_size / ips,
+                               "peak_memory_mb": med([r["peak_memory_mb"] for r in rs]),
+                               "data_wait_share": med([r["data_wait_share"] for r in rs])}
+        rows[m]["compiled_vs_eager_step_time"] = rows[m]["compiled"]["step_time_s"] / rows[m]["step_time_s"]
     for ref in ("lora", "full"):
         if ref in rows:
             for m in rows:
@@ -192,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                                                         / max(rows[ref]["training_memory_mb"], 1e-9))
     report = {"benchmark": "train_step", "model": args.model, "image_size": size, "batch_size": args.batch_size,
               "measured_steps": args.steps, "warmup_steps": args.warmup, "rounds": args.rounds,
-              "device": str(device), "precision": args.precision,
+              "device": str(device), "precision": args.precision, "compiled_everything": args.compile,
+              "compiled_methods": compiled_methods,
               "matmul_flops_per_s": peak, "methods": rows, "hardware": hardware.describe(),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": "python -m nora.bench train " + " ".join(argv if argv is not None else sys.argv[1:])}
@@ -207,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{m:10s} {r['images_per_s']:8.1f} {r['step_time_s'] * 1e3:8.1f} {r.get('step_time_vs_lora', 0):8.2f} "
               f"{r.get('step_time_vs_full', 0):8.2f} {r['peak_memory_mb']:8.0f} {r['training_memory_mb']:8.0f} "
               f"{r.get('training_memory_vs_lora', 0):8.2f} {100 * r['data_wait_share']:5.1f}% {100 * r['mfu']:5.1f}%")
+    for m in compiled_methods:
+        r = rows[m]
+        print(f"{m:10s} compiled {r['compiled']['step_time_s'] * 1e3:8.1f} ms/step vs eager "
+              f"{r['step_time_s'] * 1e3:8.1f}: compiled / eager = {r['compiled_vs_eager_step_time']:.2f}")
     print(f"wrote {out}")
     return 0
 

@@ -16,8 +16,14 @@ Registered backends
                recomputes in backward; pure torch, runs anywhere.
 Further backends register themselves from their own modules: ``cpu`` (fused C++ extension,
 :mod:`nora.kernels.cpu`) and ``triton`` (:mod:`nora.kernels.triton`; self-checked on the first call of
-each shape class, with a torch.compile / torch fallback, see :mod:`nora.kernels.safety`). All of them
-share one autograd pattern (:func:`nora.kernels.autograd.rational_autograd`).
+each shape class, with a torch.compile / torch fallback, see :mod:`nora.kernels.safety`). Every kernel
+backend is a pair of ``torch.library`` custom ops (``torch.ops.nora.rational_<backend>`` and its
+``_backward``, registered by :func:`nora.kernels.autograd.rational_op`), so ``torch.compile`` traces a model
+of rational activations without a graph break: one opaque op per activation.
+
+Under ``torch.compile`` the backend is chosen once per (name, device type) at trace time, eagerly and outside
+the graph (:func:`resolved_backend_name`, a constant to dynamo): the extension build, the warnings and the
+environment lookup never enter the traced region.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from nora.kernels.autograd import rational_autograd
+from nora.kernels.autograd import rational_op
 from nora.rational.functional import rational_backward, rational_forward, rational_reference
 
 BackendFn = Callable[[Tensor, Tensor, Tensor, str], Tensor]
@@ -104,19 +110,28 @@ def resolve_backend(name: str | None, device: torch.device | str) -> Backend:
     return b
 
 
+@torch.compiler.assume_constant_result
+def resolved_backend_name(name: str | None, device_type: str) -> str:
+    """The backend :func:`resolve_backend` picks, by name. Under torch.compile dynamo runs this eagerly at trace
+    time and bakes the answer into the graph (so a backend build or a warning never happens inside it)."""
+    return resolve_backend(name, device_type).name
+
+
 def rational(x: Tensor, numerator: Tensor, denominator: Tensor, form: str = "A",
              backend: str | None = None) -> Tensor:
     """Evaluate the group-wise rational ``P(x)/Q(x)`` with the chosen backend."""
+    if torch.compiler.is_compiling():
+        return _REGISTRY[resolved_backend_name(backend, x.device.type)].fn(x, numerator, denominator, form)
     return resolve_backend(backend, x.device).fn(x, numerator, denominator, form)
 
 
 # --------------------------------------------------------------------------- built-in backends
 # saves only x and the coefficients; recomputes P and Q in backward (hand-derived gradients)
-AnalyticRational = rational_autograd("AnalyticRational", rational_forward, rational_backward)
+rational_torch_op = rational_op("rational_torch", rational_forward, rational_backward)
 
 
 def rational_torch(x: Tensor, numerator: Tensor, denominator: Tensor, form: str = "A") -> Tensor:
-    return AnalyticRational.apply(x, numerator, denominator, form)
+    return rational_torch_op(x, numerator, denominator, form)
 
 
 register_backend(Backend(

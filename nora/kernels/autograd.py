@@ -1,10 +1,17 @@
-"""The one autograd pattern every rational backend shares.
+"""The one pattern every rational backend shares: a pair of ``torch.library`` custom ops with autograd.
 
 A backend supplies a no-grad ``forward(x, numerator, denominator, form) -> y`` and a
 ``backward(x, numerator, denominator, grad_out, form, need_coefficient_grads) -> (grad_x, grad_num, grad_den)``;
-:func:`rational_autograd` wraps them in a ``torch.autograd.Function`` that saves only ``x`` and the coefficient
-tensors (the backward recomputes P and Q), returns each gradient only where autograd asks for it, and hands the
-coefficient gradients back in the coefficients' dtype.
+:func:`rational_op` registers them as two custom ops, ``nora::<name>`` and ``nora::<name>_backward``, with fake
+(meta) implementations that only propagate shapes and dtypes and an autograd formula that saves only ``x`` and
+the coefficient tensors (the backward op recomputes P and Q). ``torch.compile`` therefore sees one opaque,
+shape-propagating op per activation in the forward graph and one in the backward graph: no graph break, whatever
+the kernel is (pure torch, a C++ extension, Triton). Everything that must not be traced (building an extension,
+locks, caches, self-checks) runs inside the ops' implementations, which only ever run eagerly.
+
+The backward op always returns three tensors (a custom op cannot return ``None``): when the coefficient gradients
+are not needed it returns zeros of their (tiny) shape, and the autograd formula hands ``None`` to autograd.
+Coefficient gradients come back in the coefficients' own dtype.
 """
 from __future__ import annotations
 
@@ -16,25 +23,65 @@ from torch import Tensor
 ForwardFn = Callable[[Tensor, Tensor, Tensor, str], Tensor]
 BackwardFn = Callable[[Tensor, Tensor, Tensor, Tensor, str, bool], tuple[Tensor, "Tensor | None", "Tensor | None"]]
 
+NAMESPACE = "nora"
 
-def rational_autograd(name: str, forward: ForwardFn, backward: BackwardFn) -> type[torch.autograd.Function]:
-    """A ``torch.autograd.Function`` subclass called ``name``; use it as ``Cls.apply(x, num, den, form)``."""
 
-    class RationalFunction(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, numerator, denominator, form):
-            ctx.save_for_backward(x, numerator, denominator)
-            ctx.form = form
-            return forward(x, numerator, denominator, form)
+def _coefficient_grad(g: Tensor | None, like: Tensor) -> Tensor:
+    if g is None:
+        return torch.zeros(like.shape, dtype=like.dtype, device=like.device)
+    return g.to(like.dtype).reshape(like.shape).contiguous()
 
-        @staticmethod
-        def backward(ctx, grad_out):
-            x, numerator, denominator = ctx.saved_tensors
-            need_x, need_num, need_den = ctx.needs_input_grad[:3]
-            gx, ga, gb = backward(x, numerator, denominator, grad_out, ctx.form, need_num or need_den)
-            return (gx if need_x else None,
-                    ga.to(numerator.dtype) if need_num else None,
-                    gb.to(denominator.dtype) if need_den else None, None)
 
-    RationalFunction.__name__ = RationalFunction.__qualname__ = name
-    return RationalFunction
+def rational_op(name: str, forward: ForwardFn, backward: BackwardFn, device_types: str | None = None,
+                triton: bool = False):
+    """Register ``nora::<name>`` (forward) and ``nora::<name>_backward`` and return the forward op.
+
+    ``device_types`` restricts the implementations to one device type (``"cpu"`` for the C++ extension);
+    ``None`` registers them for every device. ``triton=True`` defines both through ``torch.library.triton_op``
+    (the implementations launch their kernels through ``torch.library.wrap_triton``, only torch ops around
+    them): inductor then sees the kernels themselves, and the implementations run on fake tensors as their own
+    fake implementations.
+    """
+
+    def fwd_impl(x: Tensor, numerator: Tensor, denominator: Tensor, form: str) -> Tensor:
+        return forward(x, numerator, denominator, form)
+
+    def bwd_impl(x: Tensor, numerator: Tensor, denominator: Tensor, grad_out: Tensor, form: str,
+                 need_coefficient_grads: bool) -> tuple[Tensor, Tensor, Tensor]:
+        gx, ga, gb = backward(x, numerator, denominator, grad_out, form, need_coefficient_grads)
+        if not need_coefficient_grads:
+            ga = gb = None
+        return gx.reshape(x.shape), _coefficient_grad(ga, numerator), _coefficient_grad(gb, denominator)
+
+    if triton:
+        fwd_op = torch.library.triton_op(f"{NAMESPACE}::{name}", fwd_impl, mutates_args=())
+        bwd_op = torch.library.triton_op(f"{NAMESPACE}::{name}_backward", bwd_impl, mutates_args=())
+    else:
+        fwd_op = torch.library.custom_op(f"{NAMESPACE}::{name}", fwd_impl, mutates_args=(), device_types=device_types)
+        bwd_op = torch.library.custom_op(f"{NAMESPACE}::{name}_backward", bwd_impl, mutates_args=(),
+                                         device_types=device_types)
+
+        @fwd_op.register_fake
+        def _(x, numerator, denominator, form):
+            return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+        @bwd_op.register_fake
+        def _(x, numerator, denominator, grad_out, form, need_coefficient_grads):
+            return (torch.empty_like(x, memory_format=torch.contiguous_format),
+                    torch.empty(numerator.shape, dtype=numerator.dtype, device=numerator.device),
+                    torch.empty(denominator.shape, dtype=denominator.dtype, device=denominator.device))
+
+    def setup_context(ctx, inputs, output):
+        x, numerator, denominator, form = inputs
+        ctx.save_for_backward(x, numerator, denominator)
+        ctx.form = form
+
+    def backward_formula(ctx, grad_out):
+        x, numerator, denominator = ctx.saved_tensors
+        need_x, need_num, need_den = ctx.needs_input_grad[:3]
+        gx, ga, gb = bwd_op(x, numerator, denominator, grad_out, ctx.form, bool(need_num or need_den))
+        return (gx if need_x else None, ga if need_num else None, gb if need_den else None, None)
+
+    fwd_op.register_autograd(backward_formula, setup_context=setup_context)
+    fwd_op.backward_op = bwd_op
+    return fwd_op

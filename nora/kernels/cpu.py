@@ -15,7 +15,11 @@ single warning, and ``auto`` selection falls back to the ``torch`` backend.
 Forward is one pass over ``x``; backward recomputes P, Q, P', Q' per element, writes ``grad_x`` and
 reduces the coefficient gradients per fixed-size work item (independent of the thread count) in a
 fixed order: bit-identical coefficient gradients run after run and for any ``torch.set_num_threads``.
-Only ``x`` and the coefficient tensors are saved for backward.
+The kernels are channel-tiled (each SIMD lane carries its own channel's coefficients, per-channel partial
+sums reduced per group at the end), so one rational per channel (G = D) costs what G = 1 costs.
+Only ``x`` and the coefficient tensors are saved for backward. The kernels are ``torch.ops.nora.rational_cpu``
+and its backward (custom ops, opaque to torch.compile); the extension is built on the first eager call or,
+under torch.compile, when the backend is resolved at trace time, never inside a graph.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ from torch import Tensor
 
 from nora.files import cache_dir, write_text_atomic
 from nora.kernels import Backend, rational_torch, register_backend
-from nora.kernels.autograd import rational_autograd
+from nora.kernels.autograd import rational_op
 from nora.rational.functional import check_inputs
 
 MAX_COEFFS = 16  # MAXC in the C++ source: m + 1 <= 16 and n <= 16 (larger degrees use `torch`)
@@ -246,11 +250,11 @@ def fused_backward(x: Tensor, numerator: Tensor, denominator: Tensor, grad_out: 
     return gx, ga, gb
 
 
-# saves x and the coefficient tensors only; the backward kernel recomputes everything
-FusedCpuRational = rational_autograd("FusedCpuRational", fused_forward, fused_backward)
+# torch.ops.nora.rational_cpu and its backward: saves x and the coefficient tensors only; the backward kernel
+# recomputes everything. The extension is loaded (built once) inside the ops' implementations, which run eagerly.
+rational_cpu_op = rational_op("rational_cpu", fused_forward, fused_backward, device_types="cpu")
 
 
-@torch.compiler.disable  # an opaque fused kernel: a clean graph break under torch.compile
 def rational_cpu(x: Tensor, numerator: Tensor, denominator: Tensor, form: str = "A") -> Tensor:
     """Fused CPU rational; float64 inputs are routed to the pure-torch backend (test oracle dtype)."""
     check_inputs(x, numerator, denominator, form)
@@ -260,7 +264,7 @@ def rational_cpu(x: Tensor, numerator: Tensor, denominator: Tensor, form: str = 
         return rational_torch(x, numerator, denominator, form)
     if x.dtype not in _DTYPE_CODES:
         raise TypeError(f"the 'cpu' backend supports float32/bfloat16/float16 inputs, got {x.dtype}")
-    return FusedCpuRational.apply(x, numerator, denominator, form)
+    return rational_cpu_op(x, numerator, denominator, form)
 
 
 register_backend(Backend(

@@ -9,6 +9,11 @@ tolerance is replaced for that shape class, after one warning giving the reason,
 ``torch.compile`` of the reference math (checked the same way; its compile errors surface on first call), then
 the pure-torch backend, which needs no compiler. Later calls of a checked class cost one dict lookup.
 
+Under ``torch.compile`` the choice is made at trace time, eagerly and outside the graph: :func:`traced_verdict`
+(a constant to dynamo) looks the shape class up and, for a class not seen yet, runs the same check on a synthetic
+slice (seeded random inputs and coefficients of the class's shapes and dtype), since the real input is only a
+fake tensor then. The compiled graph calls the chosen op directly.
+
 The check runs wherever the kernel runs, so on the CPU under ``TRITON_INTERPRET=1`` as well: that is how the
 tests exercise the fallback (they make the Triton path fail or disagree).
 """
@@ -136,18 +141,48 @@ def self_check(probe: ProbeFn, x: Tensor, a: Tensor, b: Tensor, form: str) -> st
     return None
 
 
+_NETS: dict[str, "SafetyNet"] = {}
+
+
+def _synthetic_inputs(key: tuple) -> tuple[Tensor, Tensor, Tensor]:
+    """A seeded slice of the shape class ``key`` (for a check at trace time, when the real input is fake)."""
+    device, d, g, m1, n, dtype, _ = key
+    gen = torch.Generator().manual_seed(0)
+    x = (2.0 * torch.randn(SLICE_ROWS, d, generator=gen)).to(device=device, dtype=dtype)
+    a = (0.5 * torch.randn(g, m1, generator=gen)).to(device)
+    b = (0.5 * torch.randn(g, n, generator=gen)).to(device)
+    return x, a, b
+
+
+@torch.compiler.assume_constant_result
+def traced_verdict(net: str, device: str, d: int, g: int, m1: int, n: int, dtype: torch.dtype, form: str) -> str:
+    """Name of the candidate ``net`` uses for this shape class; dynamo runs it eagerly at trace time."""
+    self = _NETS[net]
+    key = (device, d, g, m1, n, dtype, form)
+    if key not in self.verdicts:
+        self.verdicts[key] = self._first_sound(key, *_synthetic_inputs(key), form)
+    return self.verdicts[key].name
+
+
 class SafetyNet:
     """Per shape class, the first of ``kernel``, then :func:`fallbacks`, that passes :func:`self_check`."""
 
     def __init__(self, name: str, apply: ApplyFn, forward, backward):
         self.kernel = Candidate(name, apply, kernel_probe(forward, backward))
         self.verdicts: dict[tuple, Candidate] = {}
+        _NETS[name] = self
 
-    @torch.compiler.disable  # plain Python bookkeeping; runs eagerly even inside a compiled model
     def choose(self, x: Tensor, numerator: Tensor, denominator: Tensor, form: str) -> ApplyFn:
         if x.numel() == 0:
             return self.kernel.apply
         key = shape_class(x, numerator, denominator, form)
+        if torch.compiler.is_compiling():
+            name = traced_verdict(self.kernel.name, *key)
+            if name == self.kernel.name:
+                return self.kernel.apply
+            # inside a compiled graph the torch.compile fallback is the reference math itself (inductor compiles
+            # it with the rest of the graph)
+            return rational_reference if name == "torch.compile" else torch_backend
         if key not in self.verdicts:
             self.verdicts[key] = self._first_sound(key, x, numerator, denominator, form)
         return self.verdicts[key].apply

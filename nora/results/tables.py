@@ -398,7 +398,7 @@ ABLATION_DEFAULTS = {"method": "nora", "method.nora.r": 3, "method.nora.groups":
 ABLATIONS = (
     ("variant", "Rational FT vs zero-init FT vs NoRA", "method", ("rational_ft", "zero_init_ft", "nora")),
     ("rank", "Rank r of the coefficient update (alpha = 6)", "method.nora.r", (1, 2, 3, 4, 8)),
-    ("groups", "Groups G", "method.nora.groups", (1, 2, 4, 8, 16)),
+    ("groups", "Groups G", "method.nora.groups", (1, 2, 4, 8, 16, 96, 768)),
     ("form", "Denominator form (A: 1+Σ|b_j||x|^j, B: 1+|Σ b_j x^j|)", "method.nora.form", ("A", "B")),
     ("numerator", "Numerator update shared vs per group", "method.nora.numerator", ("shared", "group")),
     ("init", "Initialisation: range-fitted vs calibrated", "method.nora.init", ("fit", "calibrated")),

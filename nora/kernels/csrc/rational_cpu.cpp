@@ -12,20 +12,22 @@
 // NaN and inf propagate as in the torch reference.
 //
 // Layout: x is contiguous (rows, D) with D = G * C; group g owns channels [g*C, (g+1)*C) of every
-// row, so each row splits into G contiguous runs. Work is cut into fixed-size items (a block of
-// rows x a block of columns: several whole groups, or a slice of one wide group), independent of
-// the number of threads, and processed row by row, run by run (sequential memory access). In
-// backward, the coefficient-gradient terms of a run are summed by a vectorised reduction in
-// registers, added to one float64 partial row per (item, group), and the partial rows are summed per
-// group in item order after the parallel loop: bit-identical run after run and for any thread count.
-// No atomics.
+// row. One code path serves every G from 1 to D (one rational per channel): the work is cut into
+// fixed-size items of rows x channels (independent of the thread count and of G), each item is
+// walked W channels at a time (one SIMD register, each lane with the coefficients of its own
+// channel's group, from a per-channel table) down all of its rows. In backward the m + 1 + n
+// coefficient-gradient terms accumulate per lane in registers over the rows and are stored once
+// per item into per-channel partial sums; after the parallel loop those are summed per channel
+// over the items in order, then over each group's channels in order, in float64: bit-identical
+// run after run and for any thread count, no atomics, and no per-group work inside the loop (the
+// earlier per-group runs were too short to vectorise once C = D / G got small).
 //
 // The Python side (nora/kernels/cpu.py) validates shapes, dtypes and contiguity, allocates every
 // output and passes raw pointers; this file therefore only needs pybind11 and ATen's parallel_for
 // (light headers: the JIT build is quick).
 //
 // Degrees: (m, n) = (5, 4), the default, runs with constant bounds (fully unrolled, accumulators in
-// registers); other degrees up to MAXC - 1 / MAXC run through a generic path with runtime bounds.
+// registers); other degrees up to MAXC - 1 / MAXC run through the same code with runtime bounds.
 
 #include <pybind11/pybind11.h>
 
@@ -50,65 +52,10 @@ namespace py = pybind11;
 namespace {
 
 constexpr int MAXC = 16;                   // max numerator coefficients (m + 1) / denominator ones (n)
-constexpr int LANES = 16;                  // lanes of the generic path's accumulators
-constexpr int64_t ITEM_ELEMS = 16384;      // target elements per work item
-constexpr int64_t COL_BLOCK = 4096;        // max columns per work item
-constexpr int64_t MIN_GROUP_ELEMS = 512;   // min elements of one group per item (bounds partials)
-constexpr int64_t CONVERT_BLOCK = 256;     // bf16/fp16 elements converted per step
 
 struct Coefs {
   float a[MAXC];   // a_0 .. a_m
-  float da[MAXC];  // da[i-1] = i * a_i                    (P' coefficients)
   float b[MAXC];   // b[j-1] = |b_j| (form A) or b_j (form B)
-  float db[MAXC];  // db[j-1] = j * b[j-1]                 (Q'/R' coefficients)
-};
-
-// Fixed decomposition of the (rows, D) array into work items. Depends only on the shape.
-struct Plan {
-  int64_t rows = 0, D = 0, G = 0, C = 0;
-  int64_t gpc = 1;       // groups per column block
-  int64_t sub = 1;       // column blocks per group (> 1 only for groups wider than COL_BLOCK)
-  int64_t sub_len = 0;   // columns per sub-block
-  int64_t n_cb = 0;      // column blocks per row block
-  int64_t row_block = 1, n_rb = 0, n_items = 0;
-
-  Plan(int64_t numel, int64_t D_, int64_t G_) : D(D_), G(G_) {
-    rows = numel / D;
-    C = D / G;
-    if (C <= COL_BLOCK) {
-      gpc = std::max<int64_t>(1, std::min<int64_t>(G, COL_BLOCK / C));
-      sub = 1;
-      sub_len = C;
-      n_cb = (G + gpc - 1) / gpc;
-    } else {
-      gpc = 1;
-      sub = (C + COL_BLOCK - 1) / COL_BLOCK;
-      sub_len = (C + sub - 1) / sub;
-      n_cb = G * sub;
-    }
-    const int64_t width = sub == 1 ? gpc * C : sub_len;
-    row_block = std::max<int64_t>({1, ITEM_ELEMS / width, (MIN_GROUP_ELEMS + sub_len - 1) / sub_len});
-    n_rb = (rows + row_block - 1) / row_block;
-    n_items = n_rb * n_cb;
-  }
-  // the runs of item `it`: groups [g0, g1) with channels [c0, c0 + len) of each group
-  inline void item(int64_t it, int64_t& r0, int64_t& r1, int64_t& g0, int64_t& g1, int64_t& c0,
-                   int64_t& len) const {
-    const int64_t rb = it / n_cb, cb = it % n_cb;
-    r0 = rb * row_block;
-    r1 = std::min(rows, r0 + row_block);
-    if (sub == 1) {
-      g0 = cb * gpc;
-      g1 = std::min(G, g0 + gpc);
-      c0 = 0;
-      len = C;
-    } else {
-      g0 = cb / sub;
-      g1 = g0 + 1;
-      c0 = (cb % sub) * sub_len;
-      len = std::min(sub_len, C - c0);
-    }
-  }
 };
 
 // ------------------------------------------------------------------ dtype conversion
@@ -167,162 +114,132 @@ inline void store_block<c10::Half>(const float* __restrict src, c10::Half* __res
   for (; i < cnt; ++i) dst[i] = static_cast<c10::Half>(src[i]);  // c10: round to nearest even
 }
 
-// ------------------------------------------------------------------ per-element math
+// ------------------------------------------------------------------ the channel-tiled kernels
+// Items of CH_ITEM_ELEMS / CH_BLOCK rows x CH_BLOCK channels (any number of groups), walked chunk by
+// chunk: W adjacent channels, every row of the item. Each lane holds its own channel's coefficients
+// (loaded once per chunk from the per-channel table), the W-lane accumulators of the m + 1 + n
+// coefficient-gradient terms stay in registers over the rows and are stored once per chunk into the
+// item's per-channel partial sums (float). After the parallel loop the partials are summed per channel
+// over the row blocks in order and then over each group's channels in order, in float64.
+constexpr int W = 8;                       // lanes (one AVX2 register of float)
+constexpr int64_t CH_BLOCK = 256;           // channels per item
+constexpr int64_t CH_ITEM_ELEMS = 65536;    // target elements per item
+
+typedef float vf __attribute__((vector_size(W * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
+
+inline vf splat(float f) { return vf{} + f; }
+inline vf vabs(vf v) { return (vf)((vi)v & 0x7FFFFFFF); }
+inline vf vsign(vf v) {  // sign with sign(0) = sign(NaN) = 0, as the torch reference
+  const vf one = splat(1.0f), zero = splat(0.0f);
+  return (v > zero ? one : zero) - (v < zero ? one : zero);
+}
+
+template <typename T>
+inline vf load_lanes(const T* p, int w) {
+  alignas(32) float f[W] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  if constexpr (std::is_same<T, float>::value) {
+    if (w == W) {
+      vf v;
+      std::memcpy(&v, p, sizeof(v));
+      return v;
+    }
+    for (int l = 0; l < w; ++l) f[l] = p[l];
+  } else {
+    load_block<T>(p, f, w);
+  }
+  vf v;
+  std::memcpy(&v, f, sizeof(v));
+  return v;
+}
+
+template <typename T>
+inline void store_lanes(T* p, vf v, int w) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (w == W) {
+      std::memcpy(p, &v, sizeof(v));
+      return;
+    }
+  }
+  alignas(32) float f[W];
+  std::memcpy(f, &v, sizeof(v));
+  if constexpr (std::is_same<T, float>::value) {
+    for (int l = 0; l < w; ++l) p[l] = f[l];
+  } else {
+    store_block<T>(f, p, w);
+  }
+}
+
+struct ChannelPlan {
+  int64_t rows = 0, D = 0, C = 0, Dp = 0;  // Dp: D rounded up to a multiple of W (table stride)
+  int64_t n_cb = 0, row_block = 1, n_rb = 0, n_items = 0;
+  ChannelPlan(int64_t numel, int64_t D_, int64_t G) : D(D_) {
+    rows = numel / D;
+    C = D / G;
+    Dp = (D + W - 1) / W * W;
+    n_cb = (D + CH_BLOCK - 1) / CH_BLOCK;
+    row_block = std::max<int64_t>(1, CH_ITEM_ELEMS / std::min(D, CH_BLOCK));
+    n_rb = (rows + row_block - 1) / row_block;
+    n_items = n_rb * n_cb;
+  }
+};
+
+// per-channel coefficient table [(m1 + n), Dp]: a_0..a_m, then b_1..b_n as evaluated (|b_j| in form A)
+std::vector<float> channel_table(const std::vector<Coefs>& cfs, int m1, int n, const ChannelPlan& pl) {
+  std::vector<float> tab(static_cast<size_t>((m1 + n) * pl.Dp), 0.0f);
+  for (int64_t d = 0; d < pl.D; ++d) {
+    const Coefs& cf = cfs[d / pl.C];
+    for (int i = 0; i < m1; ++i) tab[i * pl.Dp + d] = cf.a[i];
+    for (int j = 0; j < n; ++j) tab[(m1 + j) * pl.Dp + d] = cf.b[j];
+  }
+  return tab;
+}
+
+template <int M1T, int NT>
+struct LaneCoefs {
+  static constexpr int MA = M1T ? M1T : MAXC;
+  static constexpr int NA = NT ? NT : MAXC;
+  vf a[MA], da[MA], b[NA], db[NA];
+  LaneCoefs(const float* tab, int64_t Dp, int64_t c, int m1, int n) {
+    for (int i = 0; i < m1; ++i) {
+      std::memcpy(&a[i], tab + i * Dp + c, sizeof(vf));
+      if (i >= 1) da[i - 1] = a[i] * static_cast<float>(i);
+    }
+    for (int j = 0; j < n; ++j) {
+      std::memcpy(&b[j], tab + (m1 + j) * Dp + c, sizeof(vf));
+      db[j] = b[j] * static_cast<float>(j + 1);
+    }
+  }
+};
+
 template <int M1T, int NT, bool FB>
-inline float eval_f(const Coefs& cf, int m1r, int nr, float x) {
+inline vf lane_forward(const LaneCoefs<M1T, NT>& L, int m1r, int nr, vf x) {
   const int M1 = M1T ? M1T : m1r;
   const int N = NT ? NT : nr;
-  float p = cf.a[M1 - 1];
-  for (int k = M1 - 2; k >= 0; --k) p = p * x + cf.a[k];
-  const float u = FB ? x : std::fabs(x);
-  float r = cf.b[N - 1];
-  for (int k = N - 2; k >= 0; --k) r = r * u + cf.b[k];
+  vf p = L.a[M1 - 1];
+  for (int k = M1 - 2; k >= 0; --k) p = p * x + L.a[k];
+  const vf u = FB ? x : vabs(x);
+  vf r = L.b[N - 1];
+  for (int k = N - 2; k >= 0; --k) r = r * u + L.b[k];
   r = r * u;
-  const float q = 1.0f + (FB ? std::fabs(r) : r);
+  const vf q = splat(1.0f) + (FB ? vabs(r) : r);
   return p / q;
 }
 
-// Everything backward needs of one element: grad_x, and the multipliers of the coefficient terms
-// gn = go / Q (times x^i -> a_i) and gd = go P / Q^2 (times sign(R) in form B; times u^j -> b_j).
-template <int M1T, int NT, bool FB>
-inline float grad_elem(const Coefs& cf, int m1r, int nr, float x, float go, float& u, float& gn,
-                       float& gd) {
-  const int M1 = M1T ? M1T : m1r;
-  const int N = NT ? NT : nr;
-  float p = cf.a[M1 - 1];
-  for (int k = M1 - 2; k >= 0; --k) p = p * x + cf.a[k];
-  float dp = 0.0f;
-  if (M1 > 1) {
-    dp = cf.da[M1 - 2];
-    for (int k = M1 - 3; k >= 0; --k) dp = dp * x + cf.da[k];
-  }
-  u = FB ? x : std::fabs(x);  // the variable of the denominator polynomial
-  float r = cf.b[N - 1];
-  float dr = cf.db[N - 1];
-  for (int k = N - 2; k >= 0; --k) {
-    r = r * u + cf.b[k];
-    dr = dr * u + cf.db[k];
-  }
-  r = r * u;
-  float q, s;
-  if (FB) {
-    q = 1.0f + std::fabs(r);
-    s = r > 0.0f ? 1.0f : (r < 0.0f ? -1.0f : 0.0f);
-  } else {
-    q = 1.0f + r;
-    s = x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f);
-  }
-  const float inv_q = 1.0f / q;
-  const float f_over_q = p * inv_q * inv_q;  // P / Q^2, same order as the torch reference
-  gn = go * inv_q;
-  gd = FB ? go * f_over_q * s : go * f_over_q;
-  return go * (dp * inv_q - (s * dr) * f_over_q);
-}
-
-// ------------------------------------------------------------------ backward spans (float)
-// Default degrees (m, n) = (5, 4): ten accumulators kept in vector registers by the reduction.
-template <bool FB, bool NC>
-inline void bwd_span_64(const Coefs& cf, const float* __restrict xs, const float* __restrict gs,
-                        float* __restrict gxs, int64_t len, double* __restrict out) {
-  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f, s4 = 0.f, s5 = 0.f;
-  float t1 = 0.f, t2 = 0.f, t3 = 0.f, t4 = 0.f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, t1, t2, t3, t4)
-  for (int64_t i = 0; i < len; ++i) {
-    const float x = xs[i];
-    float u, gn, gd;
-    gxs[i] = grad_elem<6, 4, FB>(cf, 6, 4, x, gs[i], u, gn, gd);
-    if (NC) {
-      const float x2 = x * x, x3 = x2 * x, x4 = x3 * x, x5 = x4 * x;
-      s0 += gn;
-      s1 += gn * x;
-      s2 += gn * x2;
-      s3 += gn * x3;
-      s4 += gn * x4;
-      s5 += gn * x5;
-      const float u2 = u * u, u3 = u2 * u, u4 = u3 * u;
-      t1 += gd * u;
-      t2 += gd * u2;
-      t3 += gd * u3;
-      t4 += gd * u4;
-    }
-  }
-  if (NC) {
-    out[0] += s0; out[1] += s1; out[2] += s2; out[3] += s3; out[4] += s4; out[5] += s5;
-    out[6] += t1; out[7] += t2; out[8] += t3; out[9] += t4;
-  }
-}
-
-// Any degrees: LANES-wide accumulator arrays (vectorised over the lanes), folded in fixed order.
-template <bool FB, bool NC>
-inline void bwd_span_generic(const Coefs& cf, int m1, int n, const float* __restrict xs,
-                             const float* __restrict gs, float* __restrict gxs, int64_t len,
-                             double* __restrict out) {
-  alignas(64) float acc[2 * MAXC][LANES];
-  if (NC) std::memset(acc, 0, sizeof(acc));
-  for (int64_t i0 = 0; i0 < len; i0 += LANES) {
-    const int cnt = static_cast<int>(std::min<int64_t>(LANES, len - i0));
-#pragma omp simd
-    for (int l = 0; l < cnt; ++l) {
-      const float x = xs[i0 + l];
-      float u, gn, gd;
-      gxs[i0 + l] = grad_elem<0, 0, FB>(cf, m1, n, x, gs[i0 + l], u, gn, gd);
-      if (NC) {
-        float pw = 1.0f;
-        for (int k = 0; k < m1; ++k) {
-          acc[k][l] += gn * pw;
-          pw *= x;
-        }
-        pw = u;
-        for (int k = 0; k < n; ++k) {
-          acc[m1 + k][l] += gd * pw;
-          pw *= u;
-        }
-      }
-    }
-  }
-  if (NC) {
-    for (int k = 0; k < m1 + n; ++k) {
-      float s = 0.0f;
-      for (int l = 0; l < LANES; ++l) s += acc[k][l];
-      out[k] += s;
-    }
-  }
-}
-
-template <int M1T, int NT, bool FB, bool NC>
-inline void bwd_span(const Coefs& cf, int m1, int n, const float* xs, const float* gs, float* gxs,
-                     int64_t len, double* out) {
-  if constexpr (M1T == 6 && NT == 4) bwd_span_64<FB, NC>(cf, xs, gs, gxs, len, out);
-  else bwd_span_generic<FB, NC>(cf, m1, n, xs, gs, gxs, len, out);
-}
-
-// ------------------------------------------------------------------ drivers
 template <int M1T, int NT, bool FB, typename T>
-void forward_impl(const T* __restrict x, T* __restrict y, const std::vector<Coefs>& cfs, int m1,
-                  int n, const Plan& pl) {
+void channel_forward_impl(const T* __restrict x, T* __restrict y, const float* tab, int m1, int n,
+                          const ChannelPlan& pl) {
   at::parallel_for(0, pl.n_items, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float xb[CONVERT_BLOCK], yb[CONVERT_BLOCK];
     for (int64_t it = begin; it < end; ++it) {
-      int64_t r0, r1, g0, g1, c0, len;
-      pl.item(it, r0, r1, g0, g1, c0, len);
-      for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t g = g0; g < g1; ++g) {
-          const Coefs& cf = cfs[g];
-          const int64_t off = r * pl.D + g * pl.C + c0;
-          const T* xr = x + off;
-          T* yr = y + off;
-          if constexpr (std::is_same<T, float>::value) {
-#pragma omp simd
-            for (int64_t i = 0; i < len; ++i) yr[i] = eval_f<M1T, NT, FB>(cf, m1, n, xr[i]);
-          } else {
-            for (int64_t i0 = 0; i0 < len; i0 += CONVERT_BLOCK) {
-              const int64_t cnt = std::min(CONVERT_BLOCK, len - i0);
-              load_block<T>(xr + i0, xb, cnt);
-#pragma omp simd
-              for (int64_t l = 0; l < cnt; ++l) yb[l] = eval_f<M1T, NT, FB>(cf, m1, n, xb[l]);
-              store_block<T>(yb, yr + i0, cnt);
-            }
-          }
+      const int64_t rb = it / pl.n_cb, cb = it % pl.n_cb;
+      const int64_t r0 = rb * pl.row_block, r1 = std::min(pl.rows, r0 + pl.row_block);
+      const int64_t c_end = std::min(pl.D, (cb + 1) * CH_BLOCK);
+      for (int64_t c = cb * CH_BLOCK; c < c_end; c += W) {
+        const int w = static_cast<int>(std::min<int64_t>(W, c_end - c));
+        const LaneCoefs<M1T, NT> L(tab, pl.Dp, c, m1, n);
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t off = r * pl.D + c;
+          store_lanes<T>(y + off, lane_forward<M1T, NT, FB>(L, m1, n, load_lanes<T>(x + off, w)), w);
         }
       }
     }
@@ -330,38 +247,92 @@ void forward_impl(const T* __restrict x, T* __restrict y, const std::vector<Coef
 }
 
 template <int M1T, int NT, bool FB, bool NC, typename T>
-void backward_impl(const T* __restrict x, const T* __restrict go, T* __restrict gx,
-                   const std::vector<Coefs>& cfs, int m1, int n, const Plan& pl,
-                   double* __restrict partial /* [n_items, gpc, m1 + n] */) {
-  const int K = m1 + n;
+void channel_backward_impl(const T* __restrict x, const T* __restrict go, T* __restrict gx, const float* tab,
+                           int m1r, int nr, const ChannelPlan& pl, float* __restrict partial /* [items, K, CH_BLOCK] */) {
+  const int M1 = M1T ? M1T : m1r;
+  const int N = NT ? NT : nr;
+  const int K = M1 + N;
   at::parallel_for(0, pl.n_items, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float xb[CONVERT_BLOCK], gb[CONVERT_BLOCK], gxb[CONVERT_BLOCK];
     for (int64_t it = begin; it < end; ++it) {
-      int64_t r0, r1, g0, g1, c0, len;
-      pl.item(it, r0, r1, g0, g1, c0, len);
-      double* item_out = NC ? partial + it * pl.gpc * K : nullptr;
-      for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t g = g0; g < g1; ++g) {
-          const Coefs& cf = cfs[g];
-          double* out = NC ? item_out + (g - g0) * K : nullptr;
-          const int64_t off = r * pl.D + g * pl.C + c0;
-          if constexpr (std::is_same<T, float>::value) {
-            bwd_span<M1T, NT, FB, NC>(cf, m1, n, x + off, go + off, gx + off, len, out);
-          } else {
-            for (int64_t i0 = 0; i0 < len; i0 += CONVERT_BLOCK) {
-              const int64_t cnt = std::min(CONVERT_BLOCK, len - i0);
-              const T* xr = x + off + i0;
-              const T* gr = go + off + i0;
-              load_block<T>(xr, xb, cnt);
-              load_block<T>(gr, gb, cnt);
-              bwd_span<M1T, NT, FB, NC>(cf, m1, n, xb, gb, gxb, cnt, out);
-              store_block<T>(gxb, gx + off + i0, cnt);
+      const int64_t rb = it / pl.n_cb, cb = it % pl.n_cb;
+      const int64_t r0 = rb * pl.row_block, r1 = std::min(pl.rows, r0 + pl.row_block);
+      const int64_t c_begin = cb * CH_BLOCK, c_end = std::min(pl.D, c_begin + CH_BLOCK);
+      for (int64_t c = c_begin; c < c_end; c += W) {
+        const int w = static_cast<int>(std::min<int64_t>(W, c_end - c));
+        const LaneCoefs<M1T, NT> L(tab, pl.Dp, c, M1, N);
+        vf acc[LaneCoefs<M1T, NT>::MA + LaneCoefs<M1T, NT>::NA];
+        for (int k = 0; k < K; ++k) acc[k] = splat(0.0f);
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t off = r * pl.D + c;
+          const vf xv = load_lanes<T>(x + off, w);
+          const vf g = load_lanes<T>(go + off, w);
+          vf p = L.a[M1 - 1];
+          for (int k = M1 - 2; k >= 0; --k) p = p * xv + L.a[k];
+          vf dp = splat(0.0f);
+          if (M1 > 1) {
+            dp = L.da[M1 - 2];
+            for (int k = M1 - 3; k >= 0; --k) dp = dp * xv + L.da[k];
+          }
+          const vf u = FB ? xv : vabs(xv);
+          vf rr = L.b[N - 1], dr = L.db[N - 1];
+          for (int k = N - 2; k >= 0; --k) {
+            rr = rr * u + L.b[k];
+            dr = dr * u + L.db[k];
+          }
+          rr = rr * u;
+          const vf q = splat(1.0f) + (FB ? vabs(rr) : rr);
+          const vf s = FB ? vsign(rr) : vsign(xv);
+          const vf inv_q = splat(1.0f) / q;
+          const vf f_over_q = p * inv_q * inv_q;
+          store_lanes<T>(gx + off, g * (dp * inv_q - (s * dr) * f_over_q), w);
+          if (NC) {
+            const vf gn = g * inv_q;
+            const vf gd = FB ? g * f_over_q * s : g * f_over_q;
+            vf pw = gn;
+            for (int k = 0; k < M1; ++k) {
+              acc[k] += pw;
+              pw = pw * xv;
             }
+            pw = gd * u;
+            for (int k = 0; k < N; ++k) {
+              acc[M1 + k] += pw;
+              pw = pw * u;
+            }
+          }
+        }
+        if (NC) {
+          float* out = partial + (it * K) * CH_BLOCK + (c - c_begin);
+          for (int k = 0; k < K; ++k) {
+            alignas(32) float f[W];
+            std::memcpy(f, &acc[k], sizeof(f));
+            for (int l = 0; l < w; ++l) out[k * CH_BLOCK + l] = f[l];
           }
         }
       }
     }
   });
+}
+
+// the per-channel partials, summed over row blocks per channel, then over each group's channels (float64)
+std::vector<double> channel_reduce(const std::vector<float>& partial, int K, int64_t G, const ChannelPlan& pl) {
+  std::vector<double> chan(static_cast<size_t>(K * pl.D), 0.0);
+  for (int64_t it = 0; it < pl.n_items; ++it) {
+    const int64_t cb = it % pl.n_cb;
+    const int64_t c_begin = cb * CH_BLOCK, width = std::min(pl.D, c_begin + CH_BLOCK) - c_begin;
+    for (int k = 0; k < K; ++k) {
+      const float* src = partial.data() + (it * K + k) * CH_BLOCK;
+      double* dst = chan.data() + k * pl.D + c_begin;
+      for (int64_t l = 0; l < width; ++l) dst[l] += src[l];
+    }
+  }
+  std::vector<double> tot(static_cast<size_t>(G * K), 0.0);
+  for (int64_t g = 0; g < G; ++g)
+    for (int k = 0; k < K; ++k) {
+      double acc = 0.0;
+      for (int64_t d = g * pl.C; d < (g + 1) * pl.C; ++d) acc += chan[k * pl.D + d];
+      tot[g * K + k] = acc;
+    }
+  return tot;
 }
 
 // ------------------------------------------------------------------ entry points
@@ -372,15 +343,8 @@ std::vector<Coefs> make_coefs(const float* a, const float* b, int64_t G, int m1,
   for (int64_t g = 0; g < G; ++g) {
     Coefs& c = cfs[g];
     std::memset(&c, 0, sizeof(c));
-    const float* ag = a + g * m1;
-    const float* bg = b + g * n;
-    for (int i = 0; i < m1; ++i) c.a[i] = ag[i];
-    for (int i = 1; i < m1; ++i) c.da[i - 1] = static_cast<float>(i) * ag[i];
-    for (int j = 0; j < n; ++j) {
-      const float bj = form_b ? bg[j] : std::fabs(bg[j]);
-      c.b[j] = bj;
-      c.db[j] = static_cast<float>(j + 1) * bj;
-    }
+    for (int i = 0; i < m1; ++i) c.a[i] = a[g * m1 + i];
+    for (int j = 0; j < n; ++j) c.b[j] = form_b ? b[g * n + j] : std::fabs(b[g * n + j]);
   }
   return cfs;
 }
@@ -393,17 +357,34 @@ void check(int64_t numel, int64_t D, int64_t G, int m1, int n) {
 }
 
 template <typename T>
-void forward_typed(uintptr_t x, uintptr_t y, const std::vector<Coefs>& cfs, int m1, int n,
-                   bool form_b, const Plan& pl) {
+void channel_forward_typed(uintptr_t x, uintptr_t y, const float* tab, int m1, int n, bool form_b,
+                           const ChannelPlan& pl) {
   const T* px = reinterpret_cast<const T*>(x);
   T* py = reinterpret_cast<T*>(y);
   if (m1 == 6 && n == 4) {
-    if (form_b) forward_impl<6, 4, true>(px, py, cfs, m1, n, pl);
-    else forward_impl<6, 4, false>(px, py, cfs, m1, n, pl);
+    if (form_b) channel_forward_impl<6, 4, true>(px, py, tab, m1, n, pl);
+    else channel_forward_impl<6, 4, false>(px, py, tab, m1, n, pl);
   } else {
-    if (form_b) forward_impl<0, 0, true>(px, py, cfs, m1, n, pl);
-    else forward_impl<0, 0, false>(px, py, cfs, m1, n, pl);
+    if (form_b) channel_forward_impl<0, 0, true>(px, py, tab, m1, n, pl);
+    else channel_forward_impl<0, 0, false>(px, py, tab, m1, n, pl);
   }
+}
+
+template <typename T>
+void channel_backward_typed(uintptr_t x, uintptr_t go, uintptr_t gx, const float* tab, int m1, int n,
+                            bool form_b, bool nc, const ChannelPlan& pl, float* pp) {
+  const T* px = reinterpret_cast<const T*>(x);
+  const T* pg = reinterpret_cast<const T*>(go);
+  T* pgx = reinterpret_cast<T*>(gx);
+#define NORA_CBWD(M1T, NT, FB, NC) channel_backward_impl<M1T, NT, FB, NC, T>(px, pg, pgx, tab, m1, n, pl, pp)
+  if (m1 == 6 && n == 4) {
+    if (form_b) { if (nc) NORA_CBWD(6, 4, true, true); else NORA_CBWD(6, 4, true, false); }
+    else { if (nc) NORA_CBWD(6, 4, false, true); else NORA_CBWD(6, 4, false, false); }
+  } else {
+    if (form_b) { if (nc) NORA_CBWD(0, 0, true, true); else NORA_CBWD(0, 0, true, false); }
+    else { if (nc) NORA_CBWD(0, 0, false, true); else NORA_CBWD(0, 0, false, false); }
+  }
+#undef NORA_CBWD
 }
 
 void forward(uintptr_t x, uintptr_t y, uintptr_t a, uintptr_t b, int64_t numel, int64_t D, int64_t G,
@@ -412,31 +393,15 @@ void forward(uintptr_t x, uintptr_t y, uintptr_t a, uintptr_t b, int64_t numel, 
   if (numel == 0) return;
   const auto cfs = make_coefs(reinterpret_cast<const float*>(a), reinterpret_cast<const float*>(b), G,
                               m1, n, form_b);
-  const Plan pl(numel, D, G);
+  const ChannelPlan cp(numel, D, G);
+  const auto tab = channel_table(cfs, m1, n, cp);
   py::gil_scoped_release no_gil;
   switch (dtype) {
-    case kF32: forward_typed<float>(x, y, cfs, m1, n, form_b, pl); break;
-    case kBF16: forward_typed<c10::BFloat16>(x, y, cfs, m1, n, form_b, pl); break;
-    case kF16: forward_typed<c10::Half>(x, y, cfs, m1, n, form_b, pl); break;
+    case kF32: channel_forward_typed<float>(x, y, tab.data(), m1, n, form_b, cp); break;
+    case kBF16: channel_forward_typed<c10::BFloat16>(x, y, tab.data(), m1, n, form_b, cp); break;
+    case kF16: channel_forward_typed<c10::Half>(x, y, tab.data(), m1, n, form_b, cp); break;
     default: throw std::invalid_argument("unsupported dtype code");
   }
-}
-
-template <typename T>
-void backward_typed(uintptr_t x, uintptr_t go, uintptr_t gx, const std::vector<Coefs>& cfs, int m1,
-                    int n, bool form_b, bool nc, const Plan& pl, double* pp) {
-  const T* px = reinterpret_cast<const T*>(x);
-  const T* pg = reinterpret_cast<const T*>(go);
-  T* pgx = reinterpret_cast<T*>(gx);
-#define NORA_BWD(M1T, NT, FB, NC) backward_impl<M1T, NT, FB, NC, T>(px, pg, pgx, cfs, m1, n, pl, pp)
-  if (m1 == 6 && n == 4) {
-    if (form_b) { if (nc) NORA_BWD(6, 4, true, true); else NORA_BWD(6, 4, true, false); }
-    else { if (nc) NORA_BWD(6, 4, false, true); else NORA_BWD(6, 4, false, false); }
-  } else {
-    if (form_b) { if (nc) NORA_BWD(0, 0, true, true); else NORA_BWD(0, 0, true, false); }
-    else { if (nc) NORA_BWD(0, 0, false, true); else NORA_BWD(0, 0, false, false); }
-  }
-#undef NORA_BWD
 }
 
 // grad_x into gx; if need_coef, grad_numerator (G, m1) into ga and grad_denominator (G, n) into gb
@@ -449,32 +414,25 @@ void backward(uintptr_t x, uintptr_t go, uintptr_t gx, uintptr_t a, uintptr_t b,
   const float* pa = reinterpret_cast<const float*>(a);
   const float* pb = reinterpret_cast<const float*>(b);
   const auto cfs = make_coefs(pa, pb, G, m1, n, form_b);
-  const Plan pl(numel, D, G);
-  std::vector<double> partial(need_coef ? static_cast<size_t>(pl.n_items * pl.gpc * K) : 0, 0.0);
+  const ChannelPlan cp(numel, D, G);
+  const auto tab = channel_table(cfs, m1, n, cp);
+  std::vector<float> partial(need_coef ? static_cast<size_t>(cp.n_items * K * CH_BLOCK) : 0, 0.0f);
   {
     py::gil_scoped_release no_gil;
     if (numel > 0) {
-      double* pp = partial.data();
+      float* pp = partial.data();
       switch (dtype) {
-        case kF32: backward_typed<float>(x, go, gx, cfs, m1, n, form_b, need_coef, pl, pp); break;
-        case kBF16: backward_typed<c10::BFloat16>(x, go, gx, cfs, m1, n, form_b, need_coef, pl, pp); break;
-        case kF16: backward_typed<c10::Half>(x, go, gx, cfs, m1, n, form_b, need_coef, pl, pp); break;
+        case kF32: channel_backward_typed<float>(x, go, gx, tab.data(), m1, n, form_b, need_coef, cp, pp); break;
+        case kBF16:
+          channel_backward_typed<c10::BFloat16>(x, go, gx, tab.data(), m1, n, form_b, need_coef, cp, pp);
+          break;
+        case kF16: channel_backward_typed<c10::Half>(x, go, gx, tab.data(), m1, n, form_b, need_coef, cp, pp); break;
         default: throw std::invalid_argument("unsupported dtype code");
       }
     }
   }
   if (!need_coef) return;
-  // fixed-order reduction: items in index order, then the groups of each item, in float64
-  std::vector<double> tot(static_cast<size_t>(G * K), 0.0);
-  for (int64_t it = 0; it < pl.n_items; ++it) {
-    int64_t r0, r1, g0, g1, c0, len;
-    pl.item(it, r0, r1, g0, g1, c0, len);
-    for (int64_t g = g0; g < g1; ++g) {
-      const double* src = partial.data() + (it * pl.gpc + (g - g0)) * K;
-      double* dst = tot.data() + g * K;
-      for (int k = 0; k < K; ++k) dst[k] += src[k];
-    }
-  }
+  const std::vector<double> tot = channel_reduce(partial, K, G, cp);
   float* oa = reinterpret_cast<float*>(ga);
   float* ob = reinterpret_cast<float*>(gb);
   for (int64_t g = 0; g < G; ++g) {
@@ -491,8 +449,8 @@ void backward(uintptr_t x, uintptr_t go, uintptr_t gx, uintptr_t a, uintptr_t b,
 }
 
 py::tuple plan_info(int64_t numel, int64_t D, int64_t G) {
-  const Plan pl(numel, D, G);
-  return py::make_tuple(pl.n_items, pl.row_block, pl.gpc, pl.sub);
+  const ChannelPlan cp(numel, D, G);
+  return py::make_tuple(cp.n_items, cp.row_block, cp.n_cb, CH_BLOCK);
 }
 
 }  // namespace
@@ -507,7 +465,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_x"), py::arg("numerator"), py::arg("denominator"), py::arg("grad_numerator"),
         py::arg("grad_denominator"), py::arg("numel"), py::arg("D"), py::arg("G"), py::arg("m1"),
         py::arg("n"), py::arg("dtype"), py::arg("form_b"), py::arg("need_coef"));
-  m.def("plan_info", &plan_info, "(n_items, row_block, groups_per_item, blocks_per_group)");
+  m.def("plan_info", &plan_info, "(n_items, rows_per_item, channel_blocks, channels_per_block)");
   m.attr("MAXC") = MAXC;
-  m.attr("ITEM_ELEMS") = ITEM_ELEMS;
+  m.attr("ITEM_ELEMS") = CH_ITEM_ELEMS;
 }
