@@ -324,3 +324,37 @@ def test_lora_targets_are_read_as_peft_reads_them(tmp_path):
     assert got["default"] == ["q_proj", "v_proj"]  # peft's default for llama
     assert got["regex"] == ["k_proj", "q_proj"]
     assert got["nora_only"] == ["NoraLayer"]
+
+
+# ------------------------------------------------------------------- a timm ViT: NoRA++ with a new head
+VIT = """
+    from timm.models.vision_transformer import VisionTransformer
+    def vit():
+        torch.manual_seed(0)
+        return VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10).eval()
+    d = DIR
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    cfg = nora.NoraPeftConfig(lora_r=2, lora_target_modules=["qkv", "fc1"], modules_to_save=["head"])
+    model = peft.get_peft_model(vit(), cfg)
+    comps = nora.parameter_report(model).components
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+        want = model(x)
+    model.save_pretrained(d + "/vit")
+    back = PeftModel.from_pretrained(vit(), d + "/vit")
+    with torch.no_grad():
+        got = back(x)
+        merged = back.merge_and_unload()(x)
+    out(comps={k: comps[k] for k in ("nora", "lora", "head")}, same=bool(torch.equal(got, want)),
+        merged=float((merged - want).abs().max()), scale=float(want.abs().max()))
+"""
+
+
+def test_nora_pp_on_a_timm_vit_with_a_new_head(tmp_path):
+    got = run(f"DIR = {str(tmp_path)!r}\n" + textwrap.dedent(VIT), tmp_path)
+    assert got["comps"] == {"nora": 2 * 2 * 3 * (8 + 5), "lora": 2 * (2 * 64 + 192 * 2 + 2 * 64 + 256 * 2),
+                            "head": 64 * 10 + 10}
+    assert got["same"]
+    assert got["merged"] < 1e-5 * max(1.0, got["scale"])
