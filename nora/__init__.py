@@ -19,6 +19,15 @@ from nora.adapter import (AdapterError, GroupRational, InjectionReport, NoraActi
 from nora.kernels import available_backends, rational
 from nora.rational.fit import RationalFit, fit_rational
 
+try:  # NoRA as a peft method wherever peft is installed (a core install has no peft, and no peft method)
+    from nora.tuner import NoraPeftConfig, calibrate
+    # NoRA++ saved as one peft adapter (peft's own loaders read it); the loader reads the earlier two-part format too
+    from nora.tuner import load_pretrained as load_nora_pp
+    from nora.tuner import save_pretrained as save_nora_pp
+except ImportError as _missing:  # peft (or what it needs) is not installed or cannot be imported here
+    if not any(p in f"{_missing.name} {_missing}" for p in ("peft", "transformers", "accelerate")):
+        raise
+
 __version__ = "0.1.0"
 
 
@@ -29,3 +38,5 @@ __all__ = [
     "mark_trainable", "merge_nora", "nora_modules", "parameter_report", "rational", "read_nora_config",
     "read_peft_config", "save_merged", "save_nora", "save_nora_pp", "set_trainable",
 ]
+if "NoraPeftConfig" in globals():
+    __all__ += ["NoraPeftConfig", "calibrate"]

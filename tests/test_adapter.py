@@ -312,17 +312,18 @@ def test_nora_pp_save_load_round_trip(tmp_path):
     ids = torch.randint(0, 96, (2, 12))
     with torch.no_grad():
         want = model(ids).logits
-    nora.save_nora_pp(model, tmp_path)
-    assert (tmp_path / "adapter_model.safetensors").exists() and (tmp_path / "nora_adapter.safetensors").exists()
+    nora.save_nora_pp(model, tmp_path)  # one peft adapter, peft type NORA (nora.tuner)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
-    fresh = tiny_llama()
-    fresh.load_state_dict(base_state)
-    loaded = nora.load_nora_pp(fresh, tmp_path)
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, want)
-    # the NoRA file also loads onto an unwrapped model (keys are canonical module names)
-    meta = nora.read_nora_config(tmp_path)
-    assert set(meta["layers"]) == {"model.layers.0.mlp.act_fn", "model.layers.1.mlp.act_fn"}
+    for load in (nora.load_nora_pp, peft.PeftModel.from_pretrained):  # nora's loader is peft's for this format
+        fresh = tiny_llama()
+        fresh.load_state_dict(base_state)
+        loaded = load(fresh, str(tmp_path))
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, want)
+    # the NoRA tensors are keyed by the activations' names in the base model
+    from nora.adapter.peft_format import read_nora_layers
+    assert set(read_nora_layers(tmp_path)) == {"model.layers.0.mlp.act_fn", "model.layers.1.mlp.act_fn"}
 
 
 # --------------------------------------------------------------------------------------- errors
@@ -441,14 +442,35 @@ def test_save_nora_refuses_a_directory_of_another_adapter(tmp_path):
 
 
 # ------------------------------------------------------------- peft-only loaders: all of it or a clear error
-@pytest.mark.parametrize("writer", ["save_nora_pp", "save_pretrained_then_save_nora"])
-def test_peft_alone_refuses_a_nora_pp_adapter(tmp_path, writer):
+def test_peft_loads_a_nora_pp_adapter_and_its_config_is_not_marked(tmp_path):
+    """nora.save_nora_pp writes NoRA as a peft method: nothing for peft to refuse any more."""
     import json
 
     model, state = _nora_pp()
-    if writer == "save_nora_pp":
-        nora.save_nora_pp(model, tmp_path)
-    else:  # what nora/run.py's save_adapter does
+    nora.save_nora_pp(model, tmp_path)
+    raw = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert raw["peft_type"] == "NORA" and "nora_peft_type" not in raw and raw["lora_r"] == 4
+    assert isinstance(peft.PeftConfig.from_pretrained(str(tmp_path)), nora.NoraPeftConfig)
+    fresh = tiny_llama()
+    fresh.load_state_dict(state)
+    ids = torch.randint(0, 96, (2, 10))
+    loaded = peft.PeftModel.from_pretrained(fresh, str(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+# the earlier two-part format (peft's LoRA files next to NoRA's): peft alone would load only the LoRA half, so its
+# adapter_config.json stays marked; nora.load_nora_pp still reads it
+@pytest.mark.parametrize("writer", ["two_part_save_nora_pp", "save_pretrained_then_save_nora"])
+def test_peft_alone_refuses_a_nora_pp_adapter_in_the_earlier_two_part_format(tmp_path, writer):
+    import json
+
+    from nora.adapter.io import save_nora_pp as two_part_save_nora_pp
+
+    model, state = _nora_pp()
+    if writer == "two_part_save_nora_pp":
+        two_part_save_nora_pp(model, tmp_path)
+    else:  # what nora.app.adapters.save_adapter did before NoRA was a peft method
         model.save_pretrained(str(tmp_path))
         nora.save_nora(model, tmp_path)
     raw = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -737,13 +759,14 @@ def test_trainable_modules_on_a_peft_model_apply_and_reload(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         want = model(x)
-    nora.save_nora_pp(model, tmp_path)
-    assert nora.read_nora_config(tmp_path)["trainable_modules"] == ["head"]
-    fresh = small_vit()
-    fresh.load_state_dict(state)
-    loaded = nora.load_nora_pp(fresh, tmp_path)
-    with torch.no_grad():
-        assert torch.equal(loaded(x), want)
+    nora.save_nora_pp(model, tmp_path)  # one NORA peft adapter: NoRA's trainable_modules are its modules_to_save
+    assert peft.PeftConfig.from_pretrained(str(tmp_path)).modules_to_save == ["head"]
+    for load in (nora.load_nora_pp, peft.PeftModel.from_pretrained):
+        fresh = small_vit()
+        fresh.load_state_dict(state)
+        loaded = load(fresh, str(tmp_path))
+        with torch.no_grad():
+            assert torch.equal(loaded(x), want)
     with pytest.raises(ValueError, match=r"trainable_modules \['haed'\] match no module"):
         nora.apply_nora(peft.get_peft_model(small_vit(), peft.LoraConfig(r=2, target_modules=["qkv"])),
                         nora.NoraConfig(trainable_modules=["haed"]))

@@ -25,6 +25,8 @@ import transformers as hf
 from torch import nn
 
 import nora
+from nora.adapter.io import save_nora_pp as two_part_save_nora_pp  # the format before NoRA was a peft method
+from nora.adapter.peft_format import read_nora_layers
 
 V = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 LM = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -242,20 +244,23 @@ def check_family(fam: Family, tmp_path) -> dict:
 
 
 def check_nora_pp(fam: Family, state: dict, inputs: dict, targets: set, directory) -> None:
-    """LoRA on every linear layer + NoRA: trained, saved, reloaded onto a fresh model; the NoRA half also loads onto
-    a model without LoRA (adapter names are canonical)."""
+    """LoRA on every linear layer + NoRA: trained, saved as one NORA peft adapter, reloaded onto a fresh model by
+    nora.load_nora_pp (peft's PeftModel.from_pretrained); in the earlier two-part format the NoRA half also loads
+    onto a model without LoRA (adapter names are canonical)."""
     model = peft.get_peft_model(build(fam, state), peft.LoraConfig(r=2, target_modules="all-linear"))
     nora.apply_nora(model)
     train_steps(fam, model, inputs, steps=2)
     with torch.no_grad():
         want = run(fam, model, inputs)
     nora.save_nora_pp(model, directory)
-    assert set(nora.read_nora_config(directory)["layers"]) == targets
+    assert set(read_nora_layers(directory)) == targets
     loaded = nora.load_nora_pp(build(fam, state), directory)
     with torch.no_grad():
         assert torch.equal(run(fam, loaded, inputs), want)
+    two_part_save_nora_pp(model, directory / "two_part")
+    assert set(nora.read_nora_config(directory / "two_part")["layers"]) == targets
     plain = build(fam, state)
-    nora.load_nora(plain, directory)
+    nora.load_nora(plain, directory / "two_part")
     assert set(nora.nora_modules(plain)) == targets
 
 

@@ -118,9 +118,10 @@ def test_push_to_hub_then_load_by_hub_id(tmp_path, nora_pp_run):
         files = hub.files("me/llama-tiny-nora-pp")
     assert proc.stdout.splitlines()[0] == f"{hub.url}/me/llama-tiny-nora-pp/commit/{hub.sha('me/llama-tiny-nora-pp')}"
     assert proc.stdout.splitlines()[-1].startswith("loaded nora++ " + str(tmp_path / "cache"))
-    assert sorted(files) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
-                             "nora_adapter.safetensors", "nora_config.json", "run_config.yaml"]
-    for name in ("adapter_model.safetensors", "nora_adapter.safetensors", "nora_config.json"):
+    # NoRA++ is one peft adapter (peft type NORA): nora.save_nora_pp writes it, peft's loader reads it
+    assert sorted(files) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "run_config.yaml"]
+    assert json.loads(files["adapter_config.json"])["peft_type"] == "NORA"
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert files[name] == (nora_pp_run / "adapter" / name).read_bytes()
     assert sum(method == "POST" and "/commit/" in path for method, path in hub.requests) == 1  # one commit
     card = files["README.md"].decode()
@@ -133,7 +134,8 @@ def test_push_to_hub_then_load_by_hub_id(tmp_path, nora_pp_run):
                  "| final (val_loss) | {\"val_loss\": 4.25} |",
                  "- NoRA: variant nora, r=3, groups=8, degrees (5, 4), 2 activations",
                  'adapter_dir = download_adapter("me/llama-tiny-nora-pp")',
-                 "apply_adapter(base_model, adapter_dir)  # LoRA + NoRA; peft's PeftModel.from_pretrained alone",
+                 "apply_adapter(base_model, adapter_dir)  # LoRA + NoRA, one peft adapter: "
+                 "peft.PeftModel.from_pretrained loads it after `import nora`",
                  "python -m nora.integrations.lm_eval --model nora --model_args pretrained=",
                  "adapter=me/llama-tiny-nora-pp"):
         assert text in card, text

@@ -106,8 +106,10 @@ def test_method_trains_writes_outputs_and_reloads(data, tmp_path, monkeypatch, m
     if method != "nora":
         assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
         assert json.loads((adapter / "adapter_config.json").read_text())["use_dora"] == (method == "dora")
-    if method in ("nora", "nora_pp"):
-        assert (adapter / "nora_config.json").exists() and (run / "activations.png").exists()
+    if method in ("nora", "nora_pp"):  # one NoRA peft adapter (peft type NORA), LoRA inside for NoRA++
+        peft_cfg = json.loads((adapter / "adapter_config.json").read_text())
+        assert peft_cfg["peft_type"] == "NORA" and (peft_cfg["lora_r"] > 0) == (method == "nora_pp")
+        assert not (adapter / "nora_config.json").exists() and (run / "activations.png").exists()
         agree = s["nora_init_agreement"]
         assert agree["tokens"] > 100 and agree["prompts"] == 4
         assert agree["mean_kl"] < MAX_MEAN_KL and agree["max_abs_logprob_diff"] < MAX_LOGPROB_DIFF
@@ -154,7 +156,7 @@ def test_train_py_command(data, tmp_path):
     # the run name carries the overrides that change the result (nora/runs/naming.py)
     run = tmp_path / ("llama_tiny_alpaca_nora_pp_s0_"
                       "method.nora.calibration_batches=1,trainer.device=cpu,trainer.max_steps=2")
-    for f in ("config.yaml", "metrics.jsonl", "summary.json", "activations.png", "adapter/nora_adapter.safetensors",
+    for f in ("config.yaml", "metrics.jsonl", "summary.json", "activations.png", "adapter/adapter_config.json",
               "adapter/adapter_model.safetensors", "checkpoints/last.pt"):
         assert (run / f).exists(), f
     s = json.loads((run / "summary.json").read_text())

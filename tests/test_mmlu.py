@@ -18,6 +18,7 @@ from nora.eval.mmlu import score_rows
 from nora.eval.mmlu_data import MMLUQuestion
 from nora.models.tokenizer import build_offline_tokenizer
 from nora.app.adapters import apply_adapter, find_adapter_dir
+from nora.adapter.io import save_nora_pp as two_part_save_nora_pp  # the format before NoRA was a peft method
 
 
 @pytest.fixture(scope="module")
@@ -364,13 +365,18 @@ def _train_like(tok, kind):
     return model.eval(), state
 
 
-@pytest.mark.parametrize("kind", ["nora++", "lora", "dora", "nora"])
+@pytest.mark.parametrize("kind", ["nora++", "nora++ two-part", "lora", "dora", "nora"])
 def test_apply_adapter_reproduces_logits(tmp_path, tok, kind):
+    two_part = kind.endswith(" two-part")  # a run saved before NoRA was a peft method still loads
+    kind = kind.removesuffix(" two-part")
     model, base_state = _train_like(tok, kind)
     run_dir = tmp_path / "run"
     adir = run_dir / "adapter"
-    if kind == "nora++":
-        nora.save_nora_pp(model, adir)
+    if kind == "nora++" and two_part:
+        two_part_save_nora_pp(model, adir)
+        assert (adir / "nora_adapter.safetensors").exists()
+    elif kind == "nora++":
+        nora.save_nora_pp(model, adir)  # one peft adapter, peft type NORA
     elif kind == "nora":
         nora.save_nora(model, adir)
     else:
@@ -390,6 +396,7 @@ def test_apply_adapter_reproduces_logits(tmp_path, tok, kind):
                                    "nora": ["nora"]}[kind]
     if kind != "nora":
         assert ident["peft"]["r"] == 4 and ident["peft"]["use_dora"] == (kind == "dora")
+        assert ident["peft"]["peft_type"] == ("NORA" if kind == "nora++" and not two_part else "LORA")
         assert len(ident["files"]["adapter_model.safetensors"]) == 64
     if kind in ("nora", "nora++"):
         assert ident["nora"]["variant"] == "nora" and ident["nora"]["layers"] == 2

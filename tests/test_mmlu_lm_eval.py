@@ -162,3 +162,77 @@ def test_nora_lm_eval_model_from_a_base_model_and_an_adapter_dir(tmp_path):
         assert torch.equal(lm.model(ids).logits, model(ids).logits)
         base = type(model).from_pretrained(str(tmp_path / "base"))
         assert not torch.allclose(base(ids).logits, model(ids).logits, atol=1e-4)
+
+
+def test_lm_eval_hf_model_with_peft_scores_a_nora_pp_run_as_eval_py(tmp_path, nora_pp_run):
+    """lm_eval's own ``hf`` model with ``peft=<run>/adapter``: a NoRA++ run is one peft adapter (peft type NORA) that
+    peft loads once nora is imported, so lm_eval's CLI (through ``python -m nora.integrations.lm_eval``) and
+    ``lm_eval.simple_evaluate`` after ``import nora`` give eval.py's MMLU on every question."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from hydra import compose, initialize_config_dir
+
+    import nora  # noqa: F401 - registers the peft method, as a user's script does
+    from mmlu_fixtures import make_fixture, write_parquet
+    from nora.app.evaluation import run_eval
+    from nora.app.reload import build_base_model, read_run_config
+
+    mod = _agreement_module()
+    subjects = mod.SUBJECTS
+    data_dir = write_parquet(tmp_path / "data", make_fixture(subjects, n_dev=5, n_test=6, seed=1))
+    names = mod.write_lm_eval_tasks(tmp_path / "tasks", data_dir, subjects)
+    base, tok = build_base_model(read_run_config(nora_pp_run))  # the run's base model, as a model directory
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    adapter = nora_pp_run / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "NORA"
+    model_args = f"pretrained={tmp_path / 'base'},peft={adapter},dtype=float32"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(
+        [sys.executable, "-m", "nora.integrations.lm_eval", "--model", "hf", "--model_args", model_args,
+         "--tasks", ",".join(names), "--include_path", str(tmp_path / "tasks"), "--num_fewshot", "5",
+         "--device", "cpu", "--batch_size", "4", "--output_path", str(tmp_path / "out"), "--log_samples"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("eval", [f"run_dir={nora_pp_run}", f"mmlu.path={data_dir}", "device=cpu",
+                               f"output_dir={tmp_path / 'eval'}", "mmlu.save_predictions=true"])
+    run_eval(cfg)
+    ours = json.loads((tmp_path / "eval" / "mmlu.json").read_text())
+    assert ours["adapter"]["kind"] == "nora++"
+    assert sum(ours["subjects"][s]["n"] for s in subjects) == 24
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    api = lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=names, num_fewshot=5, batch_size=4,
+                                  device="cpu", task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+                                  log_samples=True, verbosity="ERROR", bootstrap_iters=0)
+    # lm_eval's hf model holds both parts: its logits are the run's trained model's, not the base model's
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    from nora.app.reload import load_trained_model
+    from nora.tuner import nora_layers
+
+    lm = HFLM(pretrained=str(tmp_path / "base"), peft=str(adapter), dtype="float32", device="cpu", batch_size=4)
+    assert len(nora_layers(lm.model)) == 2 and any("lora_A" in n for n, _ in lm.model.named_parameters())
+    ids = torch.randint(3, len(tok), (1, 16))
+    with torch.no_grad():
+        assert torch.equal(lm.model(ids).logits, load_trained_model(nora_pp_run).model(ids).logits)
+        assert (lm.model(ids).logits - base(ids).logits).abs().max() > 1e-6
+    for s in subjects:
+        name = f"nora_fixture_mmlu_{s}"
+        assert results[name]["acc,none"] == ours["subjects"][s]["accuracy"], s
+        assert api["results"][name]["acc,none"] == ours["subjects"][s]["accuracy"], s
+        rows = [json.loads(line) for f in (tmp_path / "out").rglob(f"samples_{name}_*.jsonl")
+                for line in f.read_text().splitlines()]
+        for samples in (rows, api["samples"][name]):
+            lls = [[float(x[0]) for x in r["filtered_resps"]] for r in sorted(samples, key=lambda r: r["doc_id"])]
+            assert [max(range(4), key=lambda j, v=v: (v[j], -j)) for v in lls] == ours["predictions"][s], s

@@ -150,7 +150,9 @@ def test_a_fresh_start_leaves_nothing_of_the_earlier_run(cifar10, tmp_path):
     base = tiny_overrides(cifar10, tmp_path, "nora_pp", ["trainer.epochs=1"])
     run_training(make_cfg(base), run_dir=run)
     (run / "mmlu.json").write_text(json.dumps({"accuracy": 0.25}))  # as eval.py run_dir=... leaves it
-    assert {"nora_adapter.safetensors", "nora_config.json"} <= {p.name for p in (run / "adapter").iterdir()}
+    # NoRA++: one peft adapter (peft type NORA)
+    assert {"adapter_config.json", "adapter_model.safetensors"} == {p.name for p in (run / "adapter").iterdir()}
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["peft_type"] == "NORA"
     assert load_trained_model(run).adapter["kind"] == "nora++"
 
     lora = tiny_overrides(cifar10, tmp_path, "lora", ["trainer.epochs=1", "on_config_change=rerun"])

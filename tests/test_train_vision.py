@@ -223,7 +223,11 @@ def test_tiny_run_writes_outputs(cifar10, tmp_path, method):
     if method in ("lora", "dora", "nora_pp"):
         assert "adapter_model.safetensors" in adapter
     if method in ("nora", "nora_pp", "rational_ft", "zero_init_ft"):
-        assert "nora_adapter.safetensors" in adapter and (run_dir / "activations.png").stat().st_size > 10_000
+        assert (run_dir / "activations.png").stat().st_size > 10_000
+        # NoRA++ is one peft adapter (peft type NORA, the head in modules_to_save); NoRA alone keeps nora's files
+        assert ("nora_adapter.safetensors" in adapter) == (method != "nora_pp")
+    if method == "nora_pp":
+        assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["peft_type"] == "NORA"
     if method in ("full", "linear_probe"):
         assert adapter == ["trainable.safetensors"]
     assert (run_dir / "checkpoints" / "last.pt").exists()

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from nora.adapter.io import CONFIG_NAME, WEIGHTS_NAME
 from nora.adapter.layer import NoraActivation
+from nora.adapter.peft_format import read_nora_layers, read_originals, read_peft_nora_config
 from nora.plotting import pyplot, save_figure, short_layer_name
 from nora.rational.fit import ACTIVATIONS
 from nora.rational.functional import rational_reference
@@ -56,15 +57,35 @@ def group_curves(x: np.ndarray, num: np.ndarray, den: np.ndarray, form: str) -> 
     return rational_reference(grid[:, None].expand(-1, num.shape[0]), num, den, form).T.numpy()
 
 
+def _peft_format_meta(adir: Path, cfg: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A NoRA peft adapter (nora.tuner) as the two-part format's meta and tensors: one config for every layer."""
+    originals = read_originals(adir)
+    layers, tensors = {}, {}
+    for name, state in read_nora_layers(adir).items():
+        layers[name] = {"form": cfg["form"], "original": originals.get(name), "variant": cfg["variant"],
+                        "r": cfg["r"], "alpha": cfg["alpha"], "numerator_mode": cfg["numerator"],
+                        "groups": int(state["base_denominator"].shape[0])}
+        tensors.update({f"{name}.{k}": v for k, v in state.items()})
+    return {"config": {"fit_range": cfg.get("fit_range", (-3.0, 3.0))}, "layers": layers}, tensors
+
+
 def load_layers(adapter_dir: str | Path) -> dict[str, Layer]:
-    """Every NoRA activation of a saved adapter ({} if the directory holds none)."""
+    """Every NoRA activation of a saved adapter ({} if the directory holds none), in either format: nora's
+    (``nora_config.json``, ``nora_adapter.safetensors``) or peft's (``peft_type`` ``NORA``)."""
     adir = Path(adapter_dir)
     cfg_path, w_path = adir / CONFIG_NAME, adir / WEIGHTS_NAME
+    peft_cfg = read_peft_nora_config(adir)
+    if peft_cfg is not None:
+        meta, tensors = _peft_format_meta(adir, peft_cfg)
+        return _layers(meta, tensors)
     if not cfg_path.exists() or not w_path.exists():
         return {}
     meta = json.loads(cfg_path.read_text())
+    return _layers(meta, load_file(str(w_path)))
+
+
+def _layers(meta: dict, tensors: dict[str, torch.Tensor]) -> dict[str, Layer]:
     fit_range = tuple(float(v) for v in (meta.get("config") or {}).get("fit_range", (-3.0, 3.0)))
-    tensors = load_file(str(w_path))
     out = {}
     for name, info in meta["layers"].items():
         mod = NoraActivation(tensors[f"{name}.base_numerator"], tensors[f"{name}.base_denominator"],

@@ -2,11 +2,13 @@
 (:func:`find_adapter_dir`, :func:`resolve_adapter`, which also takes a Hub id), what it holds
 (:func:`adapter_identity`) and loading it onto a fresh base model (:func:`apply_adapter`).
 
-``<run_dir>/adapter/`` holds peft files (``adapter_config.json``, ``adapter_model.safetensors``: LoRA, DoRA, and a
-vision head through ``modules_to_save``), NoRA files (``nora_config.json``, ``nora_adapter.safetensors``: the
-rational activations, and a vision head when no peft adapter is present), both (NoRA++: its
-``adapter_config.json`` is marked so that peft's loader alone refuses it, see :mod:`nora.adapter.io`), or
-``trainable.safetensors`` (full fine-tuning, linear probe: every trained tensor by parameter name).
+``<run_dir>/adapter/`` holds peft files (``adapter_config.json``, ``adapter_model.safetensors``): LoRA, DoRA (and a
+vision head through ``modules_to_save``), or NoRA as a peft method (``peft_type`` ``NORA``, :mod:`nora.tuner`: NoRA++
+runs, and NoRA runs on Hugging Face causal LMs, both parts in one adapter that ``peft.PeftModel.from_pretrained``
+loads after ``import nora``); NoRA files (``nora_config.json``, ``nora_adapter.safetensors``: a vision NoRA run's
+rational activations and its head); or ``trainable.safetensors`` (full fine-tuning, linear probe: every trained
+tensor by parameter name). Runs saved before NoRA was a peft method hold NoRA++ in the earlier two-part format
+(peft's LoRA files, marked so that peft alone refuses them, next to the NoRA files); they still load.
 """
 from __future__ import annotations
 
@@ -23,17 +25,22 @@ from nora.adapter import (AdapterError, load_nora, load_nora_pp, nora_modules, r
                           save_nora)
 from nora.adapter.inject import is_peft_model
 from nora.adapter.io import FULL_FT_NAME, NORA_FILES, PEFT_FILES
+from nora.adapter.peft_format import read_nora_layers, read_peft_nora_config
 from nora.errors import MissingFileError, UserError
 from nora.files import atomic_write
 from nora.hub import HUB_ID, download_adapter
 from nora.methods.config import MethodConfig
 from nora.runs.layout import RunDir
+from nora.tuner import load_pretrained, save_pretrained
 
 
 def save_adapter(model, method_cfg: MethodConfig, directory: Path) -> None:
     """Write what the method trained into ``directory``: peft files, NoRA files, or every trained tensor by
     parameter name (full fine-tuning, linear probe)."""
     directory.mkdir(parents=True, exist_ok=True)
+    if method_cfg.nora and (method_cfg.lora or _is_transformers_model(model)):
+        save_pretrained(model, directory)  # NoRA++ / NoRA on a causal LM: one NORA peft adapter
+        return
     if is_peft_model(model):
         model.save_pretrained(str(directory))
     if nora_modules(model):
@@ -41,6 +48,11 @@ def save_adapter(model, method_cfg: MethodConfig, directory: Path) -> None:
     if not method_cfg.lora and not method_cfg.nora:
         state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         atomic_write(directory / FULL_FT_NAME, lambda tmp: save_file(state, str(tmp)))
+
+
+def _is_transformers_model(model) -> bool:
+    base = model.get_base_model() if is_peft_model(model) else model
+    return hasattr(getattr(base, "config", None), "model_type") and hasattr(base, "save_pretrained")
 
 
 def find_adapter_dir(path: str | os.PathLike) -> Path:
@@ -86,7 +98,10 @@ def adapter_identity(adapter_dir: str | os.PathLike) -> dict[str, Any]:
         if missing:
             raise MissingFileError(f"incomplete adapter in {adir}: {', '.join(missing)} missing next to {files[0]}")
     ident: dict[str, Any] = {"dir": str(adir.resolve()), "components": [], "peft": None, "nora": None, "files": {}}
-    if has_peft:
+    nora_peft = read_peft_nora_config(adir) if has_peft else None
+    if nora_peft is not None:
+        _nora_peft_identity(ident, adir, nora_peft)
+    elif has_peft:
         pcfg = read_peft_config(adir)  # a NoRA++ marker undone: the real peft_type
         ident["components"].append("dora" if pcfg.get("use_dora") else str(pcfg.get("peft_type", "peft")).lower())
         ident["peft"] = {"peft_type": pcfg.get("peft_type"), "use_dora": bool(pcfg.get("use_dora", False)),
@@ -103,7 +118,10 @@ def adapter_identity(adapter_dir: str | os.PathLike) -> dict[str, Any]:
                                    f"files ({', '.join(NORA_FILES)}) or {FULL_FT_NAME}, as a completed training run "
                                    "writes them")
         ident["components"].append("trainable")
-    ident["kind"] = "nora++" if has_peft and has_nora else ident["components"][0]
+    if nora_peft is not None:
+        ident["kind"] = "nora++" if nora_peft.get("lora_r") else "nora"
+    else:
+        ident["kind"] = "nora++" if has_peft and has_nora else ident["components"][0]
     for f in (*PEFT_FILES, *NORA_FILES, FULL_FT_NAME):
         if (adir / f).exists():
             ident["files"][f] = _sha256(adir / f)
@@ -123,6 +141,20 @@ def _check_safetensors(path: Path) -> None:
                            "truncated or damaged: copy the adapter again or retrain the run (force=true)") from None
 
 
+def _nora_peft_identity(ident: dict, adir: Path, pcfg: dict) -> None:
+    """A NORA peft adapter: its LoRA part (if ``lora_r > 0``) and its NoRA part, as the two-part format reports them."""
+    if pcfg.get("lora_r"):
+        ident["components"].append("dora" if pcfg.get("use_dora") else "lora")
+        ident["peft"] = {"peft_type": pcfg["peft_type"], "use_dora": bool(pcfg.get("use_dora", False)),
+                         "r": pcfg["lora_r"], "lora_alpha": pcfg.get("lora_alpha"),
+                         "target_modules": pcfg.get("lora_target_modules"), "config": pcfg}
+    ident["components"].append("nora")
+    nora_fields = ("variant", "r", "alpha", "groups", "degrees", "form", "numerator", "init", "fit_range",
+                   "calibration_range_weight", "per_group_calibration", "target_modules", "backend")
+    ident["nora"] = {"variant": pcfg.get("variant"), "config": {k: pcfg.get(k) for k in nora_fields},
+                     "layers": len(read_nora_layers(adir))}
+
+
 def apply_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> tuple[nn.Module, dict]:
     """Load the adapter files in ``adapter_dir`` onto a fresh base ``model``; returns ``(model, identity)``
     with the model frozen and in eval mode (see :func:`adapter_identity`)."""
@@ -132,8 +164,10 @@ def apply_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> tuple[nn.
     for name in ident["files"]:  # peft's and torch's loaders would raise their own errors on a cut file
         if name.endswith(".safetensors"):
             _check_safetensors(adir / name)
-    if kind == "nora++":
-        model = load_nora_pp(model, adir)
+    if read_peft_nora_config(adir) is not None:
+        model = load_pretrained(model, adir)  # peft's PeftModel.from_pretrained
+    elif kind == "nora++":
+        model = load_nora_pp(model, adir)  # the earlier two-part format
     elif ident["peft"] is not None:
         from peft import PeftModel
 

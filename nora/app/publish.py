@@ -18,7 +18,7 @@ from nora.runs.layout import RunDir, read_summary
 
 # the one loader of every adapter kind; the note says what peft's own loader does with it
 LOAD_NOTE = {
-    "nora++": "LoRA + NoRA; peft's PeftModel.from_pretrained alone refuses it (it would drop NoRA)",
+    "nora++": "LoRA + NoRA, one peft adapter: peft.PeftModel.from_pretrained loads it after `import nora`",
     "nora": "NoRA activations (and a new head, if any)",
     "trainable": "every trained tensor by parameter name",
 }

@@ -14,6 +14,12 @@ a run directory, or a Hub id written by :func:`nora.app.publish.push_to_hub`); o
 bfloat16, ...) and ``model_path`` (a local copy of the run's base weights). ``--device`` defaults to cuda when
 available. Other ``HFLM`` arguments pass through. In Python,
 ``import nora.integrations.lm_eval`` registers the model for ``lm_eval.simple_evaluate(model="nora", ...)``.
+
+A NoRA or NoRA++ adapter is also a peft adapter (``peft_type`` ``NORA``, registered by ``import nora``), so lm_eval's
+own ``hf`` model loads it with ``peft=`` through this entry point (or ``simple_evaluate`` after ``import nora``)::
+
+    python -m nora.integrations.lm_eval --model hf \
+        --model_args pretrained=meta-llama/Meta-Llama-3-8B,peft=runs/<run_name>/adapter --tasks mmlu --num_fewshot 5
 """
 from __future__ import annotations
 

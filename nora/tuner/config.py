@@ -1,0 +1,124 @@
+"""``NoraPeftConfig``: NoRA (and NoRA++) as a peft method, ``peft_type`` ``NORA``.
+
+One config, one adapter: the NoRA part (the fields of :class:`nora.NoraConfig`: rational activations with a
+low-rank update of their coefficients) and, with ``lora_r > 0``, a LoRA/DoRA part on the linear layers (peft's own
+LoRA layers, configured by the ``lora_*`` fields). ``lora_r=0`` is NoRA, ``lora_r>0`` is NoRA++.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
+from nora.adapter.config import NoraConfig
+
+NORA = "NORA"
+
+
+def extend_peft_type(name: str = NORA) -> PeftType:
+    """Add ``name`` to peft's ``PeftType`` (a ``str`` enum), as third-party methods do with ``aenum.extend_enum``;
+    the standard library has no public way, so the member is built and entered into the enum's own tables.
+    Idempotent."""
+    if name in PeftType.__members__:
+        return PeftType[name]
+    member = str.__new__(PeftType, name)
+    member._name_, member._value_ = name, name
+    member.__objclass__ = PeftType
+    member.__init__(name)
+    PeftType._member_map_[name] = member
+    PeftType._value2member_map_[name] = member
+    PeftType._member_names_.append(name)
+    if name not in PeftType.__dict__:
+        type.__setattr__(PeftType, name, member)
+    return member
+
+
+extend_peft_type()
+
+
+@dataclass
+class NoraPeftConfig(PeftConfig):
+    """NoRA / NoRA++ for ``peft.get_peft_model``.
+
+    NoRA part (as :class:`nora.NoraConfig`): ``variant``, ``r``, ``alpha``, ``groups``, ``degrees``, ``form``,
+    ``numerator``, ``init`` (``fit``; ``calibrated``: call ``nora.calibrate(peft_model, batches)`` after
+    ``get_peft_model``), ``fit_range``, ``calibration_range_weight``, ``per_group_calibration``, ``backend``;
+    ``target_modules``: the activations, regexes matched in full against module names (``None``: nora's default
+    targets, the activation inside each transformer MLP).
+
+    LoRA part (NoRA++, peft's LoRA/DoRA layers): ``lora_r`` (0: no LoRA), ``lora_alpha``, ``lora_dropout``,
+    ``lora_target_modules`` (as ``peft.LoraConfig.target_modules``: names, a regex, ``"all-linear"``, or ``None``
+    for peft's default for the model type), ``use_dora``.
+
+    ``modules_to_save``: extra modules trained and saved whole (e.g. a new classifier head), as in every peft
+    method.
+    """
+
+    variant: str = field(default="nora", metadata={"help": "nora | rational_ft | zero_init_ft | frozen"})
+    r: int = field(default=3, metadata={"help": "rank of the coefficient update"})
+    alpha: float = field(default=6.0, metadata={"help": "the update is scaled by alpha / r"})
+    groups: int = field(default=8, metadata={"help": "channel groups per activation"})
+    degrees: list[int] = field(default_factory=lambda: [5, 4], metadata={"help": "[numerator m, denominator n]"})
+    form: str = field(default="A", metadata={"help": "safe denominator form A or B"})
+    numerator: str = field(default="group", metadata={"help": "group | shared numerator update"})
+    init: str = field(default="fit", metadata={"help": "fit | calibrated (then nora.calibrate(model, batches))"})
+    fit_range: list[float] = field(default_factory=lambda: [-3.0, 3.0])
+    calibration_range_weight: float = 0.1
+    per_group_calibration: bool = False
+    backend: str = field(default="auto", metadata={"help": "kernel backend of the rational"})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "activations to replace: regexes matched in full (None: nora's defaults)"})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0: NoRA alone, > 0: NoRA++"})
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "as LoraConfig.target_modules (None: peft's default for the model type)"})
+    use_dora: bool = False
+    lora_extra: Optional[dict] = field(
+        default=None, metadata={"help": "any other peft.LoraConfig field of the LoRA part (target_parameters, "
+                                        "rank_pattern, alpha_pattern, exclude_modules, bias, ...)"})
+    modules_to_save: Optional[list[str]] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.NORA
+        self.degrees = [int(d) for d in self.degrees]
+        self.fit_range = [float(v) for v in self.fit_range]
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        elif self.target_modules is not None:
+            self.target_modules = list(self.target_modules)
+        if isinstance(self.lora_target_modules, (set, tuple)):
+            self.lora_target_modules = sorted(self.lora_target_modules)
+        if self.lora_r < 0:
+            raise ValueError(f"lora_r={self.lora_r}: must be >= 0 (0: NoRA alone, > 0: NoRA++)")
+        self.nora_config()  # NoraConfig's checks: one set of fields and ranges
+
+    @property
+    def target_parameters(self) -> list[str]:
+        """The LoRA part's ``target_parameters`` (peft's injection reads them off the config it injects)."""
+        return list((self.lora_extra or {}).get("target_parameters") or []) if self.lora_r else []
+
+    @property
+    def is_nora_pp(self) -> bool:
+        return self.lora_r > 0
+
+    def nora_config(self) -> NoraConfig:
+        """The NoRA part as the library's :class:`nora.NoraConfig` (validated there)."""
+        return NoraConfig(variant=self.variant, r=self.r, alpha=self.alpha, groups=self.groups,
+                          degrees=tuple(self.degrees), form=self.form, numerator=self.numerator, init=self.init,
+                          fit_range=tuple(self.fit_range), calibration_range_weight=self.calibration_range_weight,
+                          per_group_calibration=self.per_group_calibration, target_modules=self.target_modules,
+                          backend=self.backend)
+
+    def lora_config(self):
+        """The LoRA part as a ``peft.LoraConfig`` (``None`` without one): what peft's LoRA layers are built from."""
+        if not self.lora_r:
+            return None
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          target_modules=self.lora_target_modules, use_dora=self.use_dora,
+                          inference_mode=self.inference_mode, task_type=self.task_type, **(self.lora_extra or {}))

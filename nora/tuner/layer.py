@@ -1,0 +1,155 @@
+"""``NoraLayer``: peft's tuner layer around an activation, one :class:`nora.NoraActivation` per adapter.
+
+``base_layer`` is the model's own activation (SiLU, GELU); each adapter ``a`` holds a ``NoraActivation`` in
+``nora_activation[a]`` (its frozen base rational, fitted to that activation, and its trainable coefficient update).
+
+* forward with adapter ``a`` active: ``nora_activation[a](x)``, the very module ``nora.apply_nora`` puts in place;
+  several active adapters: the first one's coefficients plus every other one's update;
+* ``disable_adapter()``: the base rational (the model as NoRA training started from it), as ``nora.disable_adapter``;
+* ``merge()``: ``base_layer`` becomes a frozen :class:`nora.GroupRational` with the updates folded into per-group
+  coefficients (``unmerge()`` puts the activation back), so peft's ``merge_and_unload()`` leaves a plain model whose
+  activations are the merged rationals (``nora.save_merged`` / ``nora.from_pretrained`` save and reload it).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import Tensor, nn
+
+from nora.adapter import GroupRational, NoraActivation, NoraConfig
+from nora.kernels import rational
+from nora.rational.fit import RationalFit
+
+
+def fit_tensors(fit: RationalFit, groups: int) -> tuple[Tensor, Tensor]:
+    """A fit's coefficients as ``(G, m+1)``, ``(G, n)`` (one row per group: every adapter has the same shapes,
+    whether its base was fitted once, calibrated, or calibrated per group)."""
+    if "per_group" in fit.extra:
+        num = torch.tensor(fit.extra["per_group"]["numerator"], dtype=torch.float32)
+        den = torch.tensor(fit.extra["per_group"]["denominator"], dtype=torch.float32)
+    else:
+        num, den = (t[None] for t in fit.tensors())
+    return num.expand(groups, -1).contiguous(), den.expand(groups, -1).contiguous()
+
+
+def _grouped(act: GroupRational, x: Tensor, num: Tensor, den: Tensor) -> Tensor:
+    """``num``/``den`` evaluated on ``x`` grouped as ``act`` groups it (its channel dimension and group count)."""
+    dim = act.channel_dim if x.dim() > 1 else -1
+    if x.shape[dim] % act.groups:
+        raise ValueError(f"NoraLayer: channel dimension {x.shape[dim]} (dim {dim}) is not divisible by "
+                         f"{act.groups} groups")
+    if dim == 1:  # conv layout: group the channels, not the image width
+        return rational(x.movedim(1, -1), num, den, act.form, act.backend).movedim(-1, 1)
+    return rational(x, num, den, act.form, act.backend)
+
+
+class NoraLayer(nn.Module, BaseTunerLayer):
+    adapter_layer_names = ("nora_activation",)
+    other_param_names = ()
+
+    def __init__(self, base_layer: nn.Module, original: str, **kwargs) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.original = original  # what the base rationals were fitted to (gelu, silu, ...)
+        self.nora_activation = nn.ModuleDict({})
+        self._unmerged = []  # while merged: the activation merge() replaced (a list: no submodule, no state)
+        self._disable_adapters = False
+        self.merged_adapters = []
+
+    def update_layer(self, adapter_name: str, config: NoraConfig, fit: RationalFit,
+                     device: torch.device | None = None, channel_dim: int = -1, width: int | None = None) -> None:
+        """Add adapter ``adapter_name``: a NoraActivation whose base rational is ``fit`` (channels on
+        ``channel_dim``: -1, or 1 for a conv-layout MLP, as :func:`nora.adapter.discover.activation_layout` reads
+        them)."""
+        num, den = fit_tensors(fit, config.groups)
+        act = NoraActivation(num, den, form=config.form, backend=config.backend, original=self.original,
+                             variant=config.variant, r=config.r, alpha=config.alpha,
+                             numerator_mode=config.numerator, groups=config.groups,
+                             fit_range=(fit.x_min, fit.x_max), channel_dim=channel_dim, width=width)
+        self.nora_activation[adapter_name] = act.to(device) if device is not None else act
+        self.set_adapter(self.active_adapters)
+
+    def set_base(self, adapter_name: str, fit: RationalFit) -> None:
+        """Re-base adapter ``adapter_name`` on ``fit`` (calibrated init); its update stays the zero update."""
+        act = self.nora_activation[adapter_name]
+        num, den = fit_tensors(fit, act.groups)
+        with torch.no_grad():
+            act.base_numerator.copy_(num)
+            act.base_denominator.copy_(den)
+            if act.variant == "rational_ft":
+                act.nora_num.copy_(num[: act.nora_num.shape[0]])
+                act.nora_den.copy_(den)
+        act.fit_range = (fit.x_min, fit.x_max)
+
+    # ------------------------------------------------------------------ the activation
+    def original_activation(self) -> nn.Module:
+        """The model's own activation (also while merged)."""
+        return self._unmerged[0] if self._unmerged else self.base_layer
+
+    def _active(self) -> list[str]:
+        return [a for a in self.active_adapters if a in self.nora_activation]
+
+    def coefficients(self, adapter_names: list[str]) -> tuple[Tensor, Tensor]:
+        """The first adapter's effective coefficients plus the updates of the others."""
+        first = self.nora_activation[adapter_names[0]]
+        num, den = first.coefficients()
+        for name in adapter_names[1:]:
+            d_num, d_den = self.nora_activation[name].delta()
+            num, den = num + d_num, den + d_den
+        return num, den
+
+    def _base_rational(self, x: Tensor) -> Tensor:
+        names = self._active() or list(self.nora_activation)
+        act = self.nora_activation[names[0]]
+        return _grouped(act, x, act.base_numerator.expand(act.groups, -1), act.base_denominator)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self._base_rational(x) if len(self.nora_activation) else self.base_layer(x)
+        if self.merged:
+            return self.base_layer(x)
+        active = self._active()
+        if not active:
+            return self.base_layer(x)
+        if len(active) == 1:
+            return self.nora_activation[active[0]](x)
+        return _grouped(self.nora_activation[active[0]], x, *self.coefficients(active))
+
+    # ------------------------------------------------------------------ merge
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.nora_activation]
+        if not adapter_names:
+            return
+        with torch.no_grad():
+            if self.merged:  # merging more adapters on top: add their updates
+                num, den = self.base_layer.coefficients()
+                for name in adapter_names:
+                    d_num, d_den = self.nora_activation[name].delta()
+                    num, den = num + d_num, den + d_den
+            else:
+                num, den = self.coefficients(adapter_names)
+            if safe_merge and not (torch.isfinite(num).all() and torch.isfinite(den).all()):
+                raise ValueError(f"NaNs detected in the merged rational of adapter(s) {adapter_names}")
+            first = self.nora_activation[adapter_names[0]]
+            merged = GroupRational(num.detach().clone(), den.detach().clone(), first.form, first.backend,
+                                   self.original, first.fit_range, channel_dim=first.channel_dim,
+                                   width=first.width).to(first.base_numerator.device)
+        if not self.merged:
+            self._unmerged = [self.base_layer]
+        self.base_layer = merged
+        self.merged_adapters.extend(adapter_names)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        self.base_layer = self._unmerged.pop()
+        self.merged_adapters = []
+
+    def __repr__(self) -> str:
+        return "nora." + super().__repr__()
