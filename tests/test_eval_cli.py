@@ -102,20 +102,27 @@ def test_eval_rejects_vision_models_and_missing_data(tmp_path, tiny_run):
 
 
 def test_eval_refuses_an_adapter_that_is_not_the_runs_own(mmlu_dir, tiny_run, tmp_path):
-    """eval.py scores the adapter the run saved or nothing: NoRA's files gone from a nora_pp run (a plain LoRA
-    adapter left) or a LoRA file of the same shapes but other weights (another run's, another model's) is one line
-    naming the file, and no mmlu.json is written under the run's name."""
+    """eval.py scores the adapter the run saved or nothing: a plain LoRA adapter in a nora_pp run's folder (NoRA
+    silently absent) or a LoRA file of the same shapes but other weights (another run's, another model's) is one
+    line naming the file, and no mmlu.json is written under the run's name."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    for damage in ("nora files removed", "other lora weights"):
+    data = write_alpaca_json(tmp_path / "alpaca_data.json", alpaca_records(12))
+    lora = tmp_path / "lora_run"
+    run_training(compose_cfg("train", [
+        "method=lora", "model=llama_tiny", "dataset=alpaca", f"data.path={data}", f"output_root={tmp_path}",
+        "logger=disabled", "trainer.device=cpu", "trainer.batch_size=4", "trainer.num_workers=0", "trainer.max_steps=1",
+        "trainer.eval_every=0", "trainer.checkpoint_every=0", "trainer.progress=false", "dataset.val_size=4",
+        "dataset.max_length=128", f"dataset.cache_dir={tmp_path / 'cache'}"]), run_dir=lora)
+    for damage in ("a plain lora adapter", "other lora weights"):
         run = tmp_path / damage.replace(" ", "_")
         shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("mmlu.json"))
         adir = run / "adapter"
-        if damage == "nora files removed":
-            for f in ("nora_config.json", "nora_adapter.safetensors"):
-                (adir / f).unlink()
+        if damage == "a plain lora adapter":
+            shutil.rmtree(adir)
+            shutil.copytree(lora / "adapter", adir)
             expected = f"{adir} holds a lora adapter, but method=nora_pp saves a nora++ adapter"
         else:
             f = adir / "adapter_model.safetensors"
