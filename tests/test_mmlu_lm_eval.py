@@ -5,13 +5,19 @@ and its ``mmlu_<subject>`` tasks (redirected to a local parquet fixture) on a ti
 compares every prediction with nora.eval (``scripts/mmlu_agreement.py`` prints the same comparison).
 """
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from hydra import compose, initialize_config_dir
 
 lm_eval = pytest.importorskip("lm_eval")
 
+from nora.app.evaluation import run_eval  # noqa: E402
 from nora.eval.mmlu import description, format_question, format_shot  # noqa: E402
 from nora.eval.mmlu_data import MMLUQuestion, all_subjects, subject_categories  # noqa: E402
 
@@ -28,6 +34,29 @@ def _agreement_module():
 
 def _yaml(path):
     return yaml.safe_load(path.read_text())
+
+
+def lm_eval_cli(tmp_path, names, model: str, model_args: str) -> dict:
+    """lm_eval's own CLI (through nora's entry point) on the fixture tasks, 5-shot, with samples logged under
+    ``tmp_path/out``; returns its per-task results."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(
+        [sys.executable, "-m", "nora.integrations.lm_eval", "--model", model, "--model_args", model_args,
+         "--tasks", ",".join(names), "--include_path", str(tmp_path / "tasks"), "--num_fewshot", "5",
+         "--device", "cpu", "--batch_size", "4", "--output_path", str(tmp_path / "out"), "--log_samples"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
+
+
+def eval_py_mmlu(tmp_path, run_dir, data_dir) -> dict:
+    """eval.py's job on ``run_dir`` over the fixture data, with every prediction saved; returns its mmlu.json."""
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("eval", [f"run_dir={run_dir}", f"mmlu.path={data_dir}", "device=cpu",
+                               f"output_dir={tmp_path / 'eval'}", "mmlu.save_predictions=true"])
+    run_eval(cfg)
+    return json.loads((tmp_path / "eval" / "mmlu.json").read_text())
 
 
 def test_template_and_descriptions_match_lm_eval():
@@ -88,35 +117,16 @@ def test_lm_eval_cli_nora_model_scores_a_nora_pp_run_as_eval_py(tmp_path, nora_p
     """The README command (lm_eval's own CLI, model ``nora``) on a NoRA++ training run, offline, gives eval.py's
     MMLU accuracy on every subject of the fixture."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    from hydra import compose, initialize_config_dir
 
     from mmlu_fixtures import make_fixture, write_parquet
-    from nora.app.evaluation import run_eval
 
     mod = _agreement_module()
     subjects = mod.SUBJECTS
     data_dir = write_parquet(tmp_path / "data", make_fixture(subjects, n_dev=5, n_test=6, seed=1))
     names = mod.write_lm_eval_tasks(tmp_path / "tasks", data_dir, subjects)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(
-        [sys.executable, "-m", "nora.integrations.lm_eval", "--model", "nora", "--model_args",
-         f"run_dir={nora_pp_run}", "--tasks", ",".join(names), "--include_path", str(tmp_path / "tasks"),
-         "--num_fewshot", "5", "--device", "cpu", "--batch_size", "4",
-         "--output_path", str(tmp_path / "out"), "--log_samples"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
-
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("eval", [f"run_dir={nora_pp_run}", f"mmlu.path={data_dir}", "device=cpu",
-                               f"output_dir={tmp_path / 'eval'}", "mmlu.save_predictions=true"])
-    run_eval(cfg)
-    ours = json.loads((tmp_path / "eval" / "mmlu.json").read_text())
+    results = lm_eval_cli(tmp_path, names, "nora", f"run_dir={nora_pp_run}")
+    ours = eval_py_mmlu(tmp_path, nora_pp_run, data_dir)
     assert ours["adapter"]["kind"] == "nora++"
     assert sum(ours["subjects"][s]["n"] for s in subjects) == 24
     for s in subjects:
@@ -169,15 +179,10 @@ def test_lm_eval_hf_model_with_peft_scores_a_nora_pp_run_as_eval_py(tmp_path, no
     peft loads once nora is imported, so lm_eval's CLI (through ``python -m nora.integrations.lm_eval``) and
     ``lm_eval.simple_evaluate`` after ``import nora`` give eval.py's MMLU on every question."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    from hydra import compose, initialize_config_dir
 
     import nora  # noqa: F401 - registers the peft method, as a user's script does
     from mmlu_fixtures import make_fixture, write_parquet
-    from nora.app.evaluation import run_eval
     from nora.app.reload import build_base_model, read_run_config
 
     mod = _agreement_module()
@@ -190,21 +195,8 @@ def test_lm_eval_hf_model_with_peft_scores_a_nora_pp_run_as_eval_py(tmp_path, no
     adapter = nora_pp_run / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "NORA"
     model_args = f"pretrained={tmp_path / 'base'},peft={adapter},dtype=float32"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(
-        [sys.executable, "-m", "nora.integrations.lm_eval", "--model", "hf", "--model_args", model_args,
-         "--tasks", ",".join(names), "--include_path", str(tmp_path / "tasks"), "--num_fewshot", "5",
-         "--device", "cpu", "--batch_size", "4", "--output_path", str(tmp_path / "out"), "--log_samples"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
-
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("eval", [f"run_dir={nora_pp_run}", f"mmlu.path={data_dir}", "device=cpu",
-                               f"output_dir={tmp_path / 'eval'}", "mmlu.save_predictions=true"])
-    run_eval(cfg)
-    ours = json.loads((tmp_path / "eval" / "mmlu.json").read_text())
+    results = lm_eval_cli(tmp_path, names, "hf", model_args)
+    ours = eval_py_mmlu(tmp_path, nora_pp_run, data_dir)
     assert ours["adapter"]["kind"] == "nora++"
     assert sum(ours["subjects"][s]["n"] for s in subjects) == 24
 
