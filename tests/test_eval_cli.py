@@ -55,7 +55,7 @@ def test_eval_py_base_model_writes_mmlu_json(mmlu_dir, tmp_path):
     assert out["adapter"] is None
     n = sum(s["n"] for s in out["subjects"].values())
     assert out["overall"]["n"] == n > 0 and 0 <= out["overall"]["accuracy"] <= 1
-    assert "MMLU 5-shot on" in proc.stdout and "evaluated 4 of 57 subjects" in proc.stderr
+    assert "MMLU 5-shot (letters) on" in proc.stdout and "evaluated 4 of 57 subjects" in proc.stderr
     assert not list(tmp_path.glob("**/.hydra"))  # eval.py writes no Hydra folder anywhere
 
 

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nora.app.reload import load_trained_model, read_run_config
 from nora.errors import MissingFileError, UserError
-from nora.eval.mmlu import run_mmlu
+from nora.eval.mmlu import PROTOCOLS, run_mmlu
 from nora.eval.mmlu_data import GROUPINGS, SOURCES, all_subjects
 from nora.hardware import resolve_device
 from nora.hub import go_offline_if_unreachable
@@ -31,6 +31,7 @@ class MMLUSettings:
     subjects: Any = "available"   # available | all | a list of subjects
     k: int = 5
     grouping: str = "original"    # original | lm_eval
+    protocol: str = "letters"     # letters (lm_eval mmlu) | continuation (lm_eval mmlu_continuation)
     split: str = "test"
     batch_size: int = 8
     max_length: Optional[int] = None
@@ -40,6 +41,7 @@ class MMLUSettings:
     def __post_init__(self):
         one_of("source", self.source, SOURCES)
         one_of("grouping", self.grouping, GROUPINGS)
+        one_of("protocol", self.protocol, PROTOCOLS)
         at_least("k", self.k, 0)
         at_least("batch_size", self.batch_size, 1)
         at_least("max_length", self.max_length, 1, allow_none=True)
@@ -127,17 +129,17 @@ def run_eval(cfg: DictConfig) -> dict:
         result = run_mmlu(t.model, t.tokenizer, m.path, t.out_dir, source=m.source, subjects=m.subject_list, k=m.k,
                           grouping=m.grouping, batch_size=m.batch_size, max_length=m.max_length, bf16=m.bf16,
                           split=m.split, model_identity=t.identity, adapter_identity=t.adapter,
-                          include_predictions=m.save_predictions)
+                          include_predictions=m.save_predictions, protocol=m.protocol)
     except FileNotFoundError as exc:
         raise MissingFileError(str(exc)) from None
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    n, n_all = len(result.subjects), len(all_subjects())
+    n, n_all = len(result.subjects), len(all_subjects(m.path if Path(m.path).expanduser().is_dir() else None))
     if n < n_all:
         warnings.warn(f"MMLU: evaluated {n} of {n_all} subjects (mmlu.subjects={m.subjects}); the averages cover "
                       "only those", stacklevel=1)
     d = result.to_dict()
-    print(f"MMLU {m.k}-shot on {n} subjects ({result.n} questions): {100 * result.accuracy:.2f}%")
+    print(f"MMLU {m.k}-shot ({m.protocol}) on {n} subjects ({result.n} questions): {100 * result.accuracy:.2f}%")
     for cat, v in d["categories"].items():
         acc = "n/a" if v["accuracy"] is None else f"{100 * v['accuracy']:.2f}%"
         print(f"  {cat:16s} {acc:>8s}  ({v['n']} questions)")

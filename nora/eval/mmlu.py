@@ -24,6 +24,13 @@ Protocol (identical to lm-evaluation-harness's default ``mmlu`` task, lm_eval 0.
   prompt does not fit, it is truncated from the left (as lm_eval does) and counted as ``truncated``;
 * accuracy per subject, per category and overall are micro-averages over questions.
 
+``protocol="continuation"`` is lm_eval's ``mmlu_continuation`` task instead (``tasks/mmlu/continuation``): the
+description reads ``"The following are questions (with answers) about {subject}.\n\n"``, each question is
+``"Question: {question.strip()}\nAnswer:"`` (shots followed by `` {correct answer text}\n\n``), no options are
+shown, and the prediction is the answer text ``" {choice}"`` with the highest summed log-likelihood (lm_eval's
+``acc``). It measures whether a model knows the answer without the skill of binding a letter to an option, which
+small models lack (MMLU's letters put them at chance); the offline LLM demo scores with it.
+
 Batching: the token rows are sorted by length (longest first), right-padded with an attention mask
 and scored in batches; with right padding each real position sees exactly the tokens it sees
 unpadded, so batched and unbatched log-probabilities agree (tested). On CUDA the forward runs under
@@ -75,12 +82,13 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from nora.eval.mmlu_data import (CATEGORIES, LETTERS, MMLUQuestion, SubjectData, detect_source, load_mmlu,
-                                 resolve_subjects, subject_categories)
+from nora.eval.mmlu_data import (CATEGORIES, LETTERS, MMLUQuestion, SubjectData, category_names, detect_source,
+                                 load_mmlu, resolve_subjects, subject_categories)
 from nora.files import write_json_atomic
 
 FORMAT = "nora.mmlu/1"
 CONTINUATIONS = tuple(" " + letter for letter in LETTERS)
+PROTOCOLS = ("letters", "continuation")  # lm_eval's mmlu (default) | mmlu_continuation
 DEFAULT_MAX_LENGTH = 2048  # lm_eval's fallback when neither the config nor the tokenizer give one
 
 
@@ -92,22 +100,32 @@ def format_subject(subject: str) -> str:
 MMLU_FILE = "mmlu.json"
 
 
-def description(subject: str) -> str:
-    return f"The following are multiple choice questions (with answers) about {format_subject(subject)}.\n\n"
+def description(subject: str, protocol: str = "letters") -> str:
+    kind = "multiple choice questions" if protocol == "letters" else "questions"
+    return f"The following are {kind} (with answers) about {format_subject(subject)}.\n\n"
 
 
-def format_question(q: MMLUQuestion) -> str:
+def format_question(q: MMLUQuestion, protocol: str = "letters") -> str:
     """The question block ending in ``"Answer:"`` (lm_eval's ``doc_to_text``)."""
+    if protocol == "continuation":
+        return f"Question: {q.question.strip()}\nAnswer:"
     a, b, c, d = q.choices
     return f"{q.question.strip()}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer:"
 
 
-def format_shot(q: MMLUQuestion) -> str:
-    return f"{format_question(q)} {LETTERS[q.answer]}\n\n"
+def continuations(q: MMLUQuestion, protocol: str = "letters") -> tuple[str, ...]:
+    """The four scored continuations: `` A``..`` D``, or `` {choice}`` for the continuation protocol."""
+    return CONTINUATIONS if protocol == "letters" else tuple(" " + c for c in q.choices)
 
 
-def build_prompt(subject: str, shots: Sequence[MMLUQuestion], question: MMLUQuestion) -> str:
-    return description(subject) + "".join(format_shot(s) for s in shots) + format_question(question)
+def format_shot(q: MMLUQuestion, protocol: str = "letters") -> str:
+    return f"{format_question(q, protocol)}{continuations(q, protocol)[q.answer]}\n\n"
+
+
+def build_prompt(subject: str, shots: Sequence[MMLUQuestion], question: MMLUQuestion,
+                 protocol: str = "letters") -> str:
+    return (description(subject, protocol) + "".join(format_shot(s, protocol) for s in shots)
+            + format_question(question, protocol))
 
 
 # ---------------------------------------------------------------------------- tokenization
@@ -183,19 +201,20 @@ class _Prepared:
 
 
 def _prepare_subject(tokenizer, subject: str, data: SubjectData, k: int, max_length: int,
-                     add_special_tokens: bool) -> _Prepared:
+                     add_special_tokens: bool, protocol: str = "letters") -> _Prepared:
     """Token rows for every question of a subject, dropping shots until each prompt fits."""
     tests = data.test
     shots_pool = data.dev[:k]
-    contexts = [build_prompt(subject, shots_pool, q) for q in tests]
-    encs = _encode_questions(tokenizer, contexts, add_special_tokens)
+    contexts = [build_prompt(subject, shots_pool, q, protocol) for q in tests]
+    conts = [continuations(q, protocol) for q in tests]
+    encs = _encode_questions(tokenizer, contexts, add_special_tokens, conts)
     n_shots = [len(shots_pool)] * len(tests)
     truncated = [False] * len(tests)
     for i, q in enumerate(tests):
         while not _fits(encs[i], max_length) and n_shots[i] > 0:
             n_shots[i] -= 1
-            encs[i] = _encode_questions(tokenizer, [build_prompt(subject, shots_pool[:n_shots[i]], q)],
-                                        add_special_tokens)[0]
+            encs[i] = _encode_questions(tokenizer, [build_prompt(subject, shots_pool[:n_shots[i]], q, protocol)],
+                                        add_special_tokens, [conts[i]])[0]
         if not _fits(encs[i], max_length):
             truncated[i] = True
     rows: list[list[int]] = []
@@ -212,25 +231,28 @@ def _prepare_subject(tokenizer, subject: str, data: SubjectData, k: int, max_len
     return _Prepared(rows, requests, n_shots, truncated)
 
 
-def _encode_questions(tokenizer, contexts: list[str], add_special_tokens: bool
-                      ) -> list[tuple[list[int], list[list[int]]]]:
-    """Per context: its tokens and the continuation tokens of `` A``..`` D`` (lm_eval's _encode_pair)."""
+def _encode_questions(tokenizer, contexts: list[str], add_special_tokens: bool,
+                      choices: Sequence[Sequence[str]] | None = None) -> list[tuple[list[int], list[list[int]]]]:
+    """Per context: its tokens and the tokens of each of its continuations (`` A``..`` D`` unless ``choices``
+    gives each context its own), as lm_eval's _encode_pair."""
+    choices = choices or [CONTINUATIONS] * len(contexts)
     texts: list[str] = []
-    for c in contexts:
-        for cont in CONTINUATIONS:
+    for c, cs in zip(contexts, choices):
+        for cont in cs:
             ctx, full_cont = _split_pair(c, cont)
             texts.append(ctx + full_cont)
-        texts.append(_split_pair(c, CONTINUATIONS[0])[0])
+        texts.append(_split_pair(c, cs[0])[0])
     ids = _encode(tokenizer, texts, add_special_tokens)
     out = []
-    step = len(CONTINUATIONS) + 1
-    for j in range(len(contexts)):
-        block = ids[j * step:(j + 1) * step]
+    start = 0
+    for cs in choices:
+        block = ids[start:start + len(cs) + 1]
+        start += len(cs) + 1
         ctx = block[-1]
         conts = [whole[len(ctx):] for whole in block[:-1]]
-        for letter, cont in zip(LETTERS, conts):
+        for text, cont in zip(cs, conts):
             if not cont:
-                raise ValueError(f"the tokenizer gives no tokens for the continuation ' {letter}' after the prompt; "
+                raise ValueError(f"the tokenizer gives no tokens for the continuation {text!r} after the prompt; "
                                  f"cannot score it")
         out.append((ctx, conts))
     return out
@@ -388,6 +410,7 @@ class MMLUResult:
     date: str = ""
     protocol: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
+    category_order: tuple[str, ...] = CATEGORIES  # a custom benchmark's (mmlu_data.category_names)
 
     @property
     def correct(self) -> int:
@@ -403,7 +426,7 @@ class MMLUResult:
 
     def categories(self) -> dict[str, dict[str, Any]]:
         out = {}
-        for cat in CATEGORIES:
+        for cat in self.category_order:
             subs = [s for s in self.subjects.values() if s.category == cat]
             out[cat] = {**_acc(sum(s.correct for s in subs), sum(s.n for s in subs)),
                         "subjects": sorted(s.subject for s in subs)}
@@ -433,41 +456,53 @@ class MMLUResult:
         return d
 
 
+def _resolve_data(data, source, subjects, k, grouping, split, categories):
+    """``(subjects' data, {subject: category}, category order, data info)`` of what :func:`evaluate_mmlu` got."""
+    if not isinstance(data, Mapping):
+        src = detect_source(data) if source == "auto" else source
+        loaded = load_mmlu(data, source=src, subjects=subjects, k=k, split=split)
+        where = data if src == "csv" else None  # a CSV root may carry its own subjects.json
+        return loaded, subject_categories(grouping, where), category_names(where), {"path": str(data), "source": src}
+    cats = dict(categories) if categories is not None else subject_categories(grouping)
+    order = tuple(dict.fromkeys(cats.values())) if categories is not None else CATEGORIES
+    loaded = dict(data)
+    if subjects is not None and subjects != "available":
+        wanted = list(subjects) if categories is not None else resolve_subjects(subjects)
+        missing = [s for s in wanted if s not in loaded]
+        if missing:
+            raise ValueError(f"subjects {missing} are not in the loaded MMLU data ({sorted(loaded)})")
+        loaded = {s: loaded[s] for s in wanted}
+    for s, d in loaded.items():
+        if k > len(d.dev):
+            raise ValueError(f"MMLU subject {s!r}: k={k} shots requested but only {len(d.dev)} dev questions")
+    return loaded, cats, order, {}
+
+
 # ------------------------------------------------------------------------------ evaluation
 def evaluate_mmlu(model, tokenizer, data: str | os.PathLike | Mapping[str, SubjectData], *, source: str = "auto",
                   subjects: str | Sequence[str] | None = None, k: int = 5, grouping: str = "original",
                   batch_size: int = 8, max_length: int | None = None, bf16: bool = True,
                   add_special_tokens: bool = True, split: str = "test", progress: bool = True,
-                  keep_logits: bool | None = None) -> MMLUResult:
+                  keep_logits: bool | None = None, categories: Mapping[str, str] | None = None,
+                  protocol: str = "letters") -> MMLUResult:
     """Evaluate ``model`` on MMLU; ``data`` is a data directory / hub name or :func:`load_mmlu`'s output.
 
     ``k``: shots per prompt (0 = zero-shot); ``max_length``: context length (default: from the model
     config, see :func:`model_max_length`); ``bf16``: bf16 autocast when the model is on CUDA;
     ``grouping``: ``original`` or ``lm_eval`` categories; ``subjects``: ``None`` (all 57, each must be
     present), a list or comma-separated string of names, or ``"available"`` (whatever the data holds);
-    ``keep_logits``: project only the needed positions onto the vocabulary (default: when supported).
+    ``keep_logits``: project only the needed positions onto the vocabulary (default: when supported);
+    ``protocol``: ``letters`` (lm_eval's ``mmlu``) or ``continuation`` (``mmlu_continuation``, see the module
+    docstring); ``categories``: ``{subject: category}`` of a benchmark with its own subjects when ``data`` is
+    already loaded (a data directory with a ``subjects.json`` brings its own, see :mod:`nora.eval.mmlu_data`).
     """
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    cats = subject_categories(grouping)
-    data_info: dict[str, Any] = {}
-    if isinstance(data, Mapping):
-        loaded = dict(data)
-        if subjects is not None and subjects != "available":
-            wanted = resolve_subjects(subjects)
-            missing = [s for s in wanted if s not in loaded]
-            if missing:
-                raise ValueError(f"subjects {missing} are not in the loaded MMLU data ({sorted(loaded)})")
-            loaded = {s: loaded[s] for s in wanted}
-        for s, d in loaded.items():
-            if k > len(d.dev):
-                raise ValueError(f"MMLU subject {s!r}: k={k} shots requested but only {len(d.dev)} dev questions")
-    else:
-        src = detect_source(data) if source == "auto" else source
-        loaded = load_mmlu(data, source=src, subjects=subjects, k=k, split=split)
-        data_info = {"path": str(data), "source": src}
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown MMLU protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    loaded, cats, order, data_info = _resolve_data(data, source, subjects, k, grouping, split, categories)
     data_info["n_subjects"] = len(loaded)
     max_len = int(max_length) if max_length else model_max_length(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -486,25 +521,29 @@ def evaluate_mmlu(model, tokenizer, data: str | os.PathLike | Mapping[str, Subje
         for subject in bar:
             bar.set_postfix_str(subject)
             results[subject] = _evaluate_subject(model, tokenizer, subject, loaded[subject], cats[subject], k,
-                                                 max_len, batch_size, pad_id, bf16, add_special_tokens, keep_logits)
+                                                 max_len, batch_size, pad_id, bf16, add_special_tokens, keep_logits,
+                                                 protocol)
     finally:
         if was_training and hasattr(model, "train"):
             model.train()
     wall = time.perf_counter() - t0
-    protocol = {"prompt": "lm_eval mmlu (default)", "continuations": list(CONTINUATIONS),
-                "continuation_tokens": cont_toks,
-                "single_token_continuations": all(len(v) == 1 for v in cont_toks.values()),
+    letters = protocol == "letters"
+    protocol = {"name": protocol,
+                "prompt": "lm_eval mmlu (default)" if letters else "lm_eval mmlu_continuation",
+                "continuations": list(CONTINUATIONS) if letters else "' ' + each choice's text",
+                "continuation_tokens": cont_toks if letters else None,
+                "single_token_continuations": all(len(v) == 1 for v in cont_toks.values()) if letters else None,
                 "max_length": max_len, "batch_size": batch_size,
                 "bf16_autocast": bool(bf16 and _model_device(model).type == "cuda"),
                 "add_special_tokens": add_special_tokens}
     return MMLUResult(results, k=k, grouping=grouping, split=split, wall_time_s=round(wall, 3),
                       date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                      protocol=protocol, data=data_info)
+                      protocol=protocol, data=data_info, category_order=order)
 
 
 def _evaluate_subject(model, tokenizer, subject, data: SubjectData, category, k, max_len, batch_size, pad_id,
-                      bf16, add_special_tokens, keep_logits) -> SubjectResult:
-    prep = _prepare_subject(tokenizer, subject, data, k, max_len, add_special_tokens)
+                      bf16, add_special_tokens, keep_logits, protocol="letters") -> SubjectResult:
+    prep = _prepare_subject(tokenizer, subject, data, k, max_len, add_special_tokens, protocol)
     conts: list[list[list[int]]] = [[] for _ in prep.rows]
     slot = []
     for r in prep.requests:
@@ -537,10 +576,11 @@ def run_mmlu(model, tokenizer, path: str | os.PathLike, out_dir: str | os.PathLi
              grouping: str = "original", batch_size: int = 8, max_length: int | None = None, bf16: bool = True,
              split: str = "test", model_identity: Mapping[str, Any] | None = None,
              adapter_identity: Mapping[str, Any] | None = None, include_predictions: bool = False,
-             progress: bool = True) -> MMLUResult:
+             progress: bool = True, protocol: str = "letters") -> MMLUResult:
     """Evaluate and, when ``out_dir`` is given, write ``out_dir/mmlu.json``; the entry point for eval.py."""
     result = evaluate_mmlu(model, tokenizer, path, source=source, subjects=subjects, k=k, grouping=grouping,
-                           batch_size=batch_size, max_length=max_length, bf16=bf16, split=split, progress=progress)
+                           batch_size=batch_size, max_length=max_length, bf16=bf16, split=split, progress=progress,
+                           protocol=protocol)
     if out_dir is not None:
         write_mmlu_json(result, out_dir, model=model_identity, adapter=adapter_identity,
                         include_predictions=include_predictions)

@@ -23,6 +23,11 @@ file order (that is what lm-evaluation-harness's ``first_n`` sampler does).
 
 Categories come from ``nora/resources/mmlu_subjects.json`` (the original release's
 ``categories.py``); ``grouping="lm_eval"`` moves ``anatomy`` to STEM as lm-evaluation-harness does.
+
+**Other benchmarks in MMLU's layout.** A CSV root that holds a ``subjects.json``
+(``{"<subject>": {"category": "<category>"}, ...}``) is a benchmark of its own: its subjects replace the 57 and
+its categories (in the file's order) replace MMLU's four, for ``subjects``, ``available`` and the per-category
+accuracies alike (the offline LLM demo's questions, :mod:`nora.data.world`, are one).
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ SOURCES = ("auto", "csv", "hf")
 LETTERS = ("A", "B", "C", "D")
 HUB_NAME = "cais/mmlu"
 DATA_URL = "https://people.eecs.berkeley.edu/~hendrycks/data.tar"
+SUBJECTS_FILE = "subjects.json"  # a custom benchmark's {subject: {"category": ...}} (see the module docstring)
 _SPLIT_ALIASES = {"val": "validation", "validation": "validation", "dev": "dev", "test": "test"}
 
 
@@ -75,25 +81,64 @@ def subject_table() -> dict[str, dict[str, str]]:
     return json.loads(path.read_text())
 
 
-def all_subjects() -> list[str]:
-    return sorted(subject_table())
+def custom_subjects(path: str | os.PathLike | None) -> dict[str, dict[str, str]] | None:
+    """The ``subjects.json`` of a benchmark in MMLU's CSV layout at ``path`` (``{subject: {"category": ...}}``, in
+    the file's order), or None when ``path`` is MMLU itself."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    root = _csv_root(p) if p.is_dir() else None
+    for cand in ([root] if root is not None else []) + [p]:
+        f = cand / SUBJECTS_FILE
+        if f.is_file():
+            try:
+                table = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"{f}: not a readable JSON file ({exc})") from None
+            if not isinstance(table, dict) or not table or not all(
+                    isinstance(v, dict) and isinstance(v.get("category"), str) for v in table.values()):
+                raise ValueError(f'{f}: expected {{"<subject>": {{"category": "<category>"}}, ...}} with at least '
+                                 "one subject")
+            return table
+    return None
 
 
-def subject_categories(grouping: str = "original") -> dict[str, str]:
-    """``{subject: category}``; ``grouping`` is ``original`` (default) or ``lm_eval`` (anatomy -> STEM)."""
+def known_subjects(path: str | os.PathLike | None = None) -> dict[str, dict[str, str]]:
+    """The subject table that applies to the data at ``path``: its ``subjects.json`` or MMLU's 57."""
+    return custom_subjects(path) or subject_table()
+
+
+def all_subjects(path: str | os.PathLike | None = None) -> list[str]:
+    return sorted(known_subjects(path))
+
+
+def category_names(path: str | os.PathLike | None = None) -> tuple[str, ...]:
+    """The categories of the benchmark at ``path``: MMLU's four, or a ``subjects.json``'s in order of appearance."""
+    custom = custom_subjects(path)
+    return tuple(dict.fromkeys(v["category"] for v in custom.values())) if custom else CATEGORIES
+
+
+def subject_categories(grouping: str = "original", path: str | os.PathLike | None = None) -> dict[str, str]:
+    """``{subject: category}``; ``grouping`` is ``original`` (default) or ``lm_eval`` (anatomy -> STEM); a
+    benchmark with its own ``subjects.json`` at ``path`` has its own categories (``grouping`` does not apply)."""
     if grouping not in GROUPINGS:
         raise ValueError(f"unknown MMLU grouping {grouping!r}; valid: {', '.join(GROUPINGS)}")
+    custom = custom_subjects(path)
+    if custom:
+        return {s: v["category"] for s, v in custom.items()}
     cats = {s: v["category"] for s, v in subject_table().items()}
     if grouping == "lm_eval":
         cats["anatomy"] = "STEM"
     return cats
 
 
-def resolve_subjects(subjects: str | Iterable[str] | None) -> list[str]:
-    """Validate a subject selection (``None``/``"all"`` = all 57; a comma-separated string is split)."""
-    known = subject_table()
+def resolve_subjects(subjects: str | Iterable[str] | None, path: str | os.PathLike | None = None) -> list[str]:
+    """Validate a subject selection (``None``/``"all"`` = all 57, or all of ``path``'s ``subjects.json``; a
+    comma-separated string is split)."""
+    custom = custom_subjects(path)
+    known = custom or subject_table()
     if subjects is None or subjects == "all":
-        return all_subjects()
+        return sorted(known)
     if subjects == "available":
         raise ValueError("subjects='available' needs the data location; use load_mmlu / available_subjects")
     if isinstance(subjects, str):
@@ -104,13 +149,16 @@ def resolve_subjects(subjects: str | Iterable[str] | None) -> list[str]:
         if s not in known:
             close = difflib.get_close_matches(s, list(known), n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            if custom:
+                raise ValueError(f"unknown subject {s!r}{hint}; valid (from {path}/{SUBJECTS_FILE}): "
+                                 f"{', '.join(sorted(known))}")
             raise ValueError(f"unknown MMLU subject {s!r}{hint}; valid subjects are the 57 keys of "
                              f"nora/resources/mmlu_subjects.json, e.g. abstract_algebra, anatomy, "
                              f"high_school_biology")
         if s not in out:
             out.append(s)
     if not out:
-        raise ValueError("empty MMLU subject selection; give subject names or leave it unset for all 57")
+        raise ValueError("empty MMLU subject selection; give subject names or leave it unset for all of them")
     return out
 
 
@@ -179,14 +227,17 @@ def _csv_path(root: Path, subject: str, split: str) -> Path:
 
 
 def _warn_unknown_csvs(root: Path, splits: Iterable[str]) -> None:
-    """Warn about CSV files in the split folders that are none of the 57 subjects (they are not read)."""
+    """Warn about CSV files in the split folders that are none of the known subjects (they are not read)."""
     unknown = []
+    table = known_subjects(root)
     for split in splits:
         folder = root / _csv_folder(split)
-        known = {_csv_path(root, s, split).name for s in subject_table()}
+        known = {_csv_path(root, s, split).name for s in table}
         unknown += sorted(str(f.relative_to(root)) for f in folder.glob("*.csv") if f.name not in known)
     if unknown:
-        warnings.warn(f"MMLU: {len(unknown)} CSV file(s) in {root} are not among the 57 subjects and are ignored: "
+        where = f" of {SUBJECTS_FILE}" if custom_subjects(root) else ""
+        warnings.warn(f"MMLU: {len(unknown)} CSV file(s) in {root} are not among the {len(table)} subjects{where} "
+                      "and are ignored: "
                       f"{', '.join(unknown)}", stacklevel=3)
 
 
@@ -307,7 +358,7 @@ def available_subjects(path: str | os.PathLike, source: str = "auto", split: str
         return all_subjects()  # hub
     if source == "csv":
         root = _csv_root(p) or p
-        return [s for s in all_subjects() if _csv_path(root, s, split).exists()]
+        return [s for s in all_subjects(p) if _csv_path(root, s, split).exists()]
     reader = _HFReader(p)
     found = []
     for s in all_subjects():
@@ -342,7 +393,7 @@ def load_mmlu(path: str | os.PathLike, source: str = "auto", subjects: str | Seq
         if not chosen:
             raise FileNotFoundError(f"no MMLU subject found in {path}; {_expected_layouts(path)}")
     else:
-        chosen = resolve_subjects(subjects)
+        chosen = resolve_subjects(subjects, path if source == "csv" else None)
     load = _load_from_csv if source == "csv" else _load_from_hf
     out = load(path, chosen, split, k)
     _check_sizes(out, split, k)

@@ -315,6 +315,9 @@ def mmlu_protocol_problem(m: dict | None) -> str | None:
         return f"{m['k']}-shot"
     if m.get("split") not in (None, "test"):
         return f"split {m['split']}"
+    name = (m.get("protocol") or {}).get("name")
+    if name not in (None, "letters"):
+        return f"protocol {name}"
     return None
 
 
