@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -103,6 +104,27 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
         if isinstance(exc, OSError):
             _raise_if_refused(exc, path)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp folder to fill; on success it becomes ``path`` in one rename (a cache entry is whole or absent),
+    on any error it is removed. When another process published ``path`` first, its copy is kept."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(path)  # a unique name, claimed as a file: a folder takes its place
+    tmp.unlink()
+    tmp.mkdir()
+    try:
+        yield tmp
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if not path.is_dir():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _raise_if_refused(exc: OSError, path: Path) -> None:

@@ -42,9 +42,32 @@ Cells, genes, proteins, energy, force, mass, velocity, acceleration, history, la
 """
 
 
+def train_bpe_tokenizer(lines, vocab_size: int, isolate_whitespace: bool = False):
+    """A byte-level BPE tokenizer trained on ``lines`` (deterministic), as ``PreTrainedTokenizerFast`` with
+    ``<|begin_of_text|>`` prepended, ``<|end_of_text|>`` and a pad token.
+
+    ``isolate_whitespace``: every whitespace character is a token of its own (no merges across it), so a word has
+    the same token after a space, a newline or at the start of a text: ``" Rome"`` after ``"Answer:"`` and
+    ``"Rome"`` after ``"### Response:\n"`` share the token ``Rome``. Tiny models need that to carry an answer
+    learned in one prompt format to another (the offline LLM demo)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\s"), behavior="isolated"), byte_level])
+                         if isolate_whitespace else byte_level)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS, PAD],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(lines, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tok.token_to_id(BOS))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+
+
 def build_offline_tokenizer(vocab_size: int = 512, corpus: str | None = None, cache: bool = True):
     """Train (or load from cache) a byte-level BPE tokenizer; returns ``PreTrainedTokenizerFast``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     text = corpus if corpus is not None else _CORPUS
@@ -52,16 +75,7 @@ def build_offline_tokenizer(vocab_size: int = 512, corpus: str | None = None, ca
     root = cache_dir("tokenizers", key)
     if cache and (root / "tokenizer.json").exists():
         return PreTrainedTokenizerFast.from_pretrained(str(root))
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS, PAD],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    lines = text.splitlines()
-    tok.train_from_iterator(lines * 4, trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tok.token_to_id(BOS))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    fast = train_bpe_tokenizer(text.splitlines() * 4, vocab_size)
     if cache:
         import shutil
 
