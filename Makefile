@@ -22,22 +22,26 @@ $(STAMP): requirements.txt pyproject.toml
 
 setup: $(STAMP)
 
-# The main job, offline: a ViT pretrained here on digits, fine-tuned with every method (results/demo.md),
-# then every table and figure that the existing runs allow (results/).
+# The main job, offline: a ViT pretrained here on digits, fine-tuned with every method (results/demo.md); a small
+# LLaMA pretrained here on a generated world, instruction-tuned with every LLM method through train.py and scored by
+# eval.py (results/demo_llm.md); then every table and figure that the existing runs allow (results/).
 demo: $(STAMP)
 	$(PY) -m nora.demo
+	$(PY) -m nora.demo.llm
 	$(PY) -m nora.results tables
 
 # The demo with more seeds on every task (configs/demo/demo.yaml `full_seeds`), reported in results/demo_full/;
 # same runs directory, so the default demo's runs are reused (results/demo.md keeps the default's seeds only).
 demo-full: $(STAMP)
 	$(PY) -m nora.demo --full
+	$(PY) -m nora.demo.llm --full
 	$(PY) -m nora.results tables
 
-# The demo's learning-rate sweep (validation split): rewrites configs/demo/learning_rates.yaml and
-# results/demo_lr_sweep.md.
+# The demos' learning-rate sweeps (validation splits): rewrite configs/demo/learning_rates.yaml and
+# results/demo_lr_sweep.md, configs/demo/learning_rates_llm.yaml and results/demo_llm_lr_sweep.md.
 demo-tune: $(STAMP)
 	$(PY) -m nora.demo --tune
+	$(PY) -m nora.demo.llm --tune
 
 # The linter (pyproject.toml [tool.ruff]) and the layers contract (pyproject.toml [tool.importlinter]:
 # docs/architecture.md), then the test suite (offline, CPU). `slow` tests are left out; `make test-slow` runs them.

@@ -89,6 +89,9 @@ def make_world(seed: int = 0, n_people: int = 48, max_addend: int = 12, max_amou
     splits by ``shares``."""
     if not 8 <= n_people <= len(NAMES):
         raise ValueError(f"n_people={n_people}; valid: 8 to {len(NAMES)}")
+    if max_amount < 4 or max_addend < 2:
+        raise ValueError(f"max_amount={max_amount}, max_addend={max_addend}: a question needs three wrong answers; "
+                         "valid: max_amount >= 4, max_addend >= 2")
     shares = shares or {"tune": 0.4, "dev": 0.1, "val": 0.2, "test": 0.3}
     rng = random.Random(seed)
     names = list(NAMES)
@@ -161,11 +164,19 @@ def prose_paragraphs(limit_chars: int) -> list[str]:
     return out
 
 
-def pretraining_text(world: World, repeats: int = 4, per_fact: int = 3, prose_chars: int = 20_000) -> list[str]:
+def faq_block(q: "Question") -> str:
+    """A question as the pretraining text's FAQ pages write it (``Q: ... A: ...``; not the ``Question:``/``Answer:``
+    form that the instruction data's template and the evaluation use)."""
+    return f"Q: {q.question} A: {q.choices[q.answer]}."
+
+
+def pretraining_text(world: World, repeats: int = 4, per_fact: int = 3, prose_chars: int = 20_000,
+                     faq_rounds: int = 2) -> list[str]:
     """Documents for pretraining: ``repeats`` biographies per person (``per_fact`` phrasings of each fact, shuffled),
     every sum and conversion of every split stated in words (the model learns them all; only the questions are held
-    out) and ``prose_chars`` of standard-library prose; shuffled with the world's seed. No questions: answering
-    them is what instruction tuning teaches."""
+    out), ``faq_rounds`` FAQ pages about the *tuning* split (questions answered briefly, as some web pages do; the
+    people and pairs the evaluation asks about are never questioned in pretraining, only described) and
+    ``prose_chars`` of standard-library prose; shuffled with the world's seed."""
     rng = random.Random(world.seed + 1)
     docs = []
     for _ in range(repeats):
@@ -176,11 +187,15 @@ def pretraining_text(world: World, repeats: int = 4, per_fact: int = 3, prose_ch
         pairs = [ab for s in SPLITS for ab in world.sums[s]]
         rng.shuffle(pairs)
         for i in range(0, len(pairs), 6):
-            docs.append(" ".join(s for a, b in pairs[i:i + 6] for s in _sum_sentences(a, b, rng)[:1]))
+            docs.append(" ".join(s for a, b in pairs[i:i + 6] for s in _sum_sentences(a, b, rng)[:2]))
         conv = [uk for s in SPLITS for uk in world.conversions[s]]
         rng.shuffle(conv)
         for i in range(0, len(conv), 4):
             docs.append(" ".join(s for u, k in conv[i:i + 4] for s in _unit_sentences(u, k, rng)[:1]))
+    for _ in range(faq_rounds):
+        qs = questions(world, "tune", rng)
+        rng.shuffle(qs)
+        docs += [" ".join(faq_block(q) for q in qs[i:i + 5]) for i in range(0, len(qs), 5)]
     docs += prose_paragraphs(prose_chars)
     rng.shuffle(docs)
     return docs

@@ -138,17 +138,18 @@ def _run_job(job: dict) -> dict:
             "wall_time_s": s["wall_time_s"]}
 
 
-def run_jobs(jobs: list[dict], n_procs: int) -> list[dict]:
-    """Run ``finetune`` jobs on ``n_procs`` single-threaded processes, printing one line per finished run."""
+def run_jobs(jobs: list[dict], n_procs: int, run=_run_job) -> list[dict]:
+    """Run jobs (``finetune`` keyword arguments; ``run``: the module-level function that runs one and returns its
+    ``{"job", "accuracy", "trainable", "wall_time_s"}``) on ``n_procs`` single-threaded processes, printing one line
+    per finished run."""
     one_thread_worker()
     done = []
     if n_procs <= 1:
-        results = map(_run_job, jobs)
-        for r in results:
+        for r in map(run, jobs):
             done.append(_report(r))
         return done
     with ProcessPoolExecutor(n_procs, mp_context=get_context("spawn"), initializer=one_thread_worker) as pool:
-        for r in pool.map(_run_job, jobs):
+        for r in pool.map(run, jobs):
             done.append(_report(r))
     return done
 
@@ -156,17 +157,17 @@ def run_jobs(jobs: list[dict], n_procs: int) -> list[dict]:
 def _report(r: dict) -> dict:
     j = r["job"]
     label = j.get("name") or f"{j['method']}_s{j['seed']}"
-    print(f"  {j['task']:10s} {label:28s} accuracy {r['accuracy']:5.1f}%  ({r['trainable']:,} trainable, "
+    print(f"  {j.get('task', 'world'):10s} {label:28s} accuracy {r['accuracy']:5.1f}%  ({r['trainable']:,} trainable, "
           f"{r['wall_time_s']:.1f} s)", flush=True)
     return r
 
 
 def _grid_runs(method: str, key: str, values: list[float], seeds: list[int], base: dict, common: dict,
-               n_procs: int) -> dict[float, list[float]]:
+               n_procs: int, run=_run_job) -> dict[float, list[float]]:
     """Validation accuracy per seed of ``method`` at each of ``values`` of ``key``."""
     jobs = [dict(method=method, seed=s, lrs=dict(base, **{key: v}), name=f"{method}_{key}{v:g}_s{s}", **common)
             for v in values for s in seeds]
-    accs = [r["accuracy"] for r in run_jobs(jobs, n_procs)]
+    accs = [r["accuracy"] for r in run_jobs(jobs, n_procs, run)]
     return {v: accs[i * len(seeds):(i + 1) * len(seeds)] for i, v in enumerate(values)}
 
 
@@ -183,13 +184,13 @@ def next_value(v: float, up: bool, ratio: float) -> float:
 
 
 def sweep_method(method: str, key: str, grid: list[float], seeds: list[int], base: dict, common: dict,
-                 n_procs: int, max_widen: int = 3) -> tuple[dict[float, list[float]], float]:
+                 n_procs: int, max_widen: int = 3, run=_run_job) -> tuple[dict[float, list[float]], float]:
     """Sweep ``key`` of ``method`` over ``grid``; while the best mean sits at an end of the swept values, add the
     next value beyond that end (``next_value``), at most ``max_widen`` times, so that no chosen value is at
     an edge of what was tried. Returns every value's per-seed accuracies and the best value (ties: smaller)."""
     grid = sorted(grid)
     ratio = grid[1] / grid[0]
-    results = _grid_runs(method, key, grid, seeds, base, common, n_procs)
+    results = _grid_runs(method, key, grid, seeds, base, common, n_procs, run)
 
     def best() -> float:
         return max(results, key=lambda v: (sum(results[v]) / len(results[v]), -v))
@@ -199,7 +200,7 @@ def sweep_method(method: str, key: str, grid: list[float], seeds: list[int], bas
         if best() not in (low, high):
             break
         nxt = next_value(best(), up=best() == high, ratio=ratio)
-        results.update(_grid_runs(method, key, [nxt], seeds, base, common, n_procs))
+        results.update(_grid_runs(method, key, [nxt], seeds, base, common, n_procs, run))
     return results, best()
 
 

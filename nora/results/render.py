@@ -19,6 +19,7 @@ from typing import Sequence
 from nora.adapter.curves import activation_figure
 from nora.results import figures, paper
 from nora.results.collect import Collection, Run, collect
+from nora.results.demo_llm_report import demo_llm_runs, demo_llm_settings, render_demo_llm
 from nora.results.demo_report import demo_report, demo_settings, demo_task
 from nora.results.stats import summarize
 from nora.results.subspace import METRICS, MethodAnalysis, analyse_method, identical_methods, summary_rows
@@ -223,6 +224,12 @@ INDEX = (
     ("demo_diagnosis", "What limits NoRA in the digits demo, measured (pre-activation ranges, coefficient "
      "movement, update ablations, learning curves, head lr, LP-FT, NoRA's and LoRA's lr; raw tables in "
      "demo_diagnosis_measurements.md)", "python -m nora.demo.diagnosis --experiments"),
+    ("demo_llm", "Offline LLM demo: a small LLaMA pretrained here on a generated world, instruction-tuned with every "
+     "LLM method through train.py, scored by eval.py on MMLU-layout questions (CPU; not an MMLU result)", "make demo"),
+    ("demo_llm_full/demo_llm", "The LLM demo with more seeds (results/demo_llm_full/)", "make demo-full"),
+    ("demo_llm_lr_sweep", "The LLM demo's learning-rate sweep (val/ questions)", "python -m nora.demo.llm --tune"),
+    ("demo_llm_diagnosis", "What the LLM demo's numbers do and do not show (gate pre-activation ranges, the NoRA part "
+     "of NoRA++, calibrated vs fit init)", "python -m nora.demo.llm --diagnose"),
     ("table1", "Table 1: ViT-Tiny on CIFAR-10/100, six methods", "make table1"),
     ("table1_low_budget", "Table 1, low budget: NoRA vs BitFit, LN tuning, (IA)3, VeRA on ViT-Tiny/CIFAR",
      "make table1"),
@@ -234,7 +241,8 @@ INDEX = (
 )
 
 
-FIGURE_SOURCES = {"demo": "offline digits demo (CPU), not a CIFAR or LLaMA result",
+FIGURE_SOURCES = {"demo_llm": "offline LLM demo (CPU), not an MMLU or LLaMA-3 result",
+                  "demo": "offline digits demo (CPU), not a CIFAR or LLaMA result",
                   "table1": "ViT-Tiny on CIFAR (Table 1 runs)", "table2": "LLaMA-3-8B (Table 2 runs)",
                   "ablations": "ViT-Tiny on CIFAR-100 (ablation runs)"}
 FIGURE_KINDS = {"accuracy_vs_params": "accuracy (mean ± std over seeds) against trainable parameters",
@@ -303,6 +311,11 @@ def render_all(runs: str | Path = "runs", out: str | Path = "results",
         # make demo-full's extra seeds exist: its report too, in its own directory
         render_demo(demo, out / "demo_full", str(runs / "demo"), demo_methods,
                     seeds={t: c["full_seeds"] for t, c in tasks.items()}, full=True)
+    llm, conf = collect(runs / "demo_llm"), demo_llm_settings()
+    add(render_demo_llm(llm, out, str(runs / "demo_llm"), conf["methods"], conf["seeds"]))
+    if any(r.seed is not None and r.seed >= conf["seeds"] for r in demo_llm_runs(llm, conf["full_seeds"])):
+        render_demo_llm(llm, out / "demo_llm_full", str(runs / "demo_llm"), conf["methods"], conf["full_seeds"],
+                        full=True)
     add(render_table1(t1, out, str(runs / "table1")))
     made["tables"] += table1_low_budget_report(t1, source=str(runs / "table1")).write(out)
     add(render_table2(t2, out, str(runs / "table2"), str(runs / "eval")))
