@@ -131,3 +131,22 @@ def test_fullgraph_compile_no_graph_breaks_same_gradients(kind, backend, compile
     op = f"nora.rational_{backend}"
     ops = {str(node.target) for g in explained.graphs for node in g.graph.nodes if node.op == "call_function"}
     assert any(op in o for o in ops), sorted(ops)
+
+
+def test_a_pending_fit_range_check_leaves_the_compiled_graph_whole():
+    """apply_nora's fit-range check (init='fit') waits for the first forward. While torch.compile traces, its hooks
+    do nothing: one graph, no break at every activation (breaks that left the compiled model in fragments even
+    after the hooks were gone). The check stays pending until an eager forward runs it and removes the hooks; the
+    trainer runs its first forward eagerly for that."""
+    from nora.adapter.ranges import fit_range_check_pending
+
+    model, inp = _tiny_vit("torch")
+    assert fit_range_check_pending(model)
+    step = _loss_fn(model, "vit")
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(step)(inp)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    assert fit_range_check_pending(model)
+    step(inp)
+    assert not fit_range_check_pending(model)

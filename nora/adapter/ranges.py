@@ -6,11 +6,18 @@ a (5, 4) fit drifts (SiLU's gives F(20) = 17.8, GELU's is off by several units a
 first batch the model sees) is checked: if any target's inputs leave its fit range, one ``UserWarning`` says
 what share of the inputs did, how far they reached and how far the rational is from the original activation
 there, and recommends ``init="calibrated"``. The hooks remove themselves after that one pass.
+
+The hooks do nothing while ``torch.compile`` traces the model (counting the inputs outside the range is
+data-dependent: tracing it would break the graph at every activation and leave the compiled model in fragments
+even after the hooks are gone); the check runs on the first eager forward instead.
+:func:`fit_range_check_pending` says whether a model still waits for it (the trainer runs that forward eagerly
+when it compiles the model).
 """
 from __future__ import annotations
 
 import functools
 import warnings
+import weakref
 from collections.abc import Mapping
 from typing import Callable, Iterable
 
@@ -22,6 +29,7 @@ from nora.adapter.layer import NoraActivation
 from nora.rational.fit import get_activation
 
 _MAX_CHECKED = 4096  # out-of-range inputs evaluated per layer for the error
+_PENDING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its _Watch, until the check ran
 
 
 def _target_fn(target) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -57,6 +65,8 @@ class _Watch:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        for model in [m for m, w in _PENDING.items() if w is self]:
+            del _PENDING[model]
         bad = {n: v for n, v in self.seen.items() if v[0]}
         if not bad:
             return
@@ -73,12 +83,18 @@ class _Watch:
 
 
 def _pre_hook(watch: _Watch, name: str, module: nn.Module, args) -> None:
-    if args:
+    if args and not torch.compiler.is_compiling():
         watch.record(name, module, args[0])
 
 
 def _after_forward(watch: _Watch, _module, _args, _output) -> None:
-    watch.finish()
+    if not torch.compiler.is_compiling():
+        watch.finish()
+
+
+def fit_range_check_pending(model: nn.Module) -> bool:
+    """True while ``model``'s fit-range check (see the module docstring) waits for its first eager forward."""
+    return model in _PENDING
 
 
 def watch_fit_range(model: nn.Module, targets: dict[str, object], calibration_batches: Iterable | None = None,
@@ -93,6 +109,7 @@ def watch_fit_range(model: nn.Module, targets: dict[str, object], calibration_ba
         if isinstance(mod, NoraActivation) and cname in targets:
             watch.handles.append(mod.register_forward_pre_hook(functools.partial(_pre_hook, watch, cname)))
     watch.handles.append(model.register_forward_hook(functools.partial(_after_forward, watch)))
+    _PENDING[model] = watch
     if calibration_batches is None:
         return
     batch = next(iter(calibration_batches), None)

@@ -16,7 +16,10 @@ Forward is one pass over ``x``; backward recomputes P, Q, P', Q' per element, wr
 reduces the coefficient gradients per fixed-size work item (independent of the thread count) in a
 fixed order: bit-identical coefficient gradients run after run and for any ``torch.set_num_threads``.
 The kernels are channel-tiled (each SIMD lane carries its own channel's coefficients, per-channel partial
-sums reduced per group at the end), so one rational per channel (G = D) costs what G = 1 costs.
+sums reduced per group at the end), so one rational per channel (G = D) costs what G = 1 costs; each work item
+is walked in tiles of 8 rows (coefficients and accumulators loaded once per tile, the next tile prefetched,
+a tile's results stored after all its rows are loaded, which avoids 4K-aliasing stalls when a row is a
+multiple of 4 KB), 16 lanes wide where AVX-512 is available (8 otherwise; the results are the same).
 Only ``x`` and the coefficient tensors are saved for backward. The kernels are ``torch.ops.nora.rational_cpu``
 and its backward (custom ops, opaque to torch.compile); the extension is built on the first eager call or,
 under torch.compile, when the backend is resolved at trace time, never inside a graph.

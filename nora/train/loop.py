@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from nora.adapter.inject import canonical_name, nora_modules
+from nora.adapter.ranges import fit_range_check_pending
 from nora.errors import NonFiniteLossError, UserError
 from nora.hardware import resolve_device
 from nora.schema import load
@@ -143,6 +144,7 @@ class Trainer:
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         # the module that runs forward (DDP/FSDP wrapper or compiled); self.model stays the plain one
         self.runner = wrap(self.model) if wrap is not None else self.model
+        self._eager_runner = self.runner  # the first forward runs eagerly while a fit-range check waits for it
         if cfg.compile:
             self.runner = torch.compile(self.runner)
         groups = param_groups(self.model, cfg.lr, cfg.head_lr, cfg.nora_lr, cfg.weight_decay or 0.0, head)
@@ -315,6 +317,14 @@ class Trainer:
                 break
         step_bar.close()
 
+    def _step_runner(self):
+        """The compiled runner, except while the model's fit-range check (nora.adapter.ranges) is pending: that
+        forward runs eagerly (the check's hooks remove themselves after it), so compilation sees the model without
+        them and traces it whole instead of in fragments split at every activation."""
+        if self.runner is not self._eager_runner and fit_range_check_pending(self.model):
+            return self._eager_runner
+        return self.runner
+
     def _train_step(self, loader) -> None:
         """One optimizer step over ``grad_accum`` micro-batches. Its loss is the sum of the item losses (images,
         supervised tokens) of all micro-batches on all ranks divided by their total count: the step's items are
@@ -328,7 +338,7 @@ class Trainer:
             batch = self.task.to_device(batch, self.device, non_blocking=True)
             with (nullcontext() if i == self.accum - 1 else dist.no_sync(self.runner)):
                 with self._autocast():
-                    loss = self.task.loss(self.runner, batch, normalizer)
+                    loss = self.task.loss(self._step_runner(), batch, normalizer)
                 self.scaler.scale(loss).backward()
             self._loss_sum += loss.detach().float()
             self._nonfinite |= ~torch.isfinite(loss.detach())

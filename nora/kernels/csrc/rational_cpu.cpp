@@ -13,14 +13,14 @@
 //
 // Layout: x is contiguous (rows, D) with D = G * C; group g owns channels [g*C, (g+1)*C) of every
 // row. One code path serves every G from 1 to D (one rational per channel): the work is cut into
-// fixed-size items of rows x channels (independent of the thread count and of G), each item is
-// walked W channels at a time (one SIMD register, each lane with the coefficients of its own
-// channel's group, from a per-channel table) down all of its rows. In backward the m + 1 + n
-// coefficient-gradient terms accumulate per lane in registers over the rows and are stored once
-// per item into per-channel partial sums; after the parallel loop those are summed per channel
-// over the items in order, then over each group's channels in order, in float64: bit-identical
-// run after run and for any thread count, no atomics, and no per-group work inside the loop (the
-// earlier per-group runs were too short to vectorise once C = D / G got small).
+// fixed-size items of rows x channels (independent of the thread count and of G). Each item is walked
+// in tiles of a few rows: chunk by chunk along the tile (W channels, one SIMD register, each lane with
+// the coefficients of its own channel's group, from a per-channel table), the chunk's coefficients and,
+// in backward, its m + 1 + n coefficient-gradient accumulators are loaded once and applied to the
+// tile's rows; the next tile is prefetched. Every lane sums its channel's rows in row order into the
+// item's per-channel partial sums; after the parallel loop those are summed per channel over the
+// items in order, then over each group's channels in order, in float64: bit-identical run after run,
+// for any thread count and any SIMD width W, no atomics, and no per-group work inside the loop.
 //
 // The Python side (nora/kernels/cpu.py) validates shapes, dtypes and contiguity, allocates every
 // output and passes raw pointers; this file therefore only needs pybind11 and ATen's parallel_for
@@ -53,10 +53,6 @@ namespace {
 
 constexpr int MAXC = 16;                   // max numerator coefficients (m + 1) / denominator ones (n)
 
-struct Coefs {
-  float a[MAXC];   // a_0 .. a_m
-  float b[MAXC];   // b[j-1] = |b_j| (form A) or b_j (form B)
-};
 
 // ------------------------------------------------------------------ dtype conversion
 // Block conversions written so the compiler vectorises them (bit manipulation, no branches);
@@ -115,14 +111,18 @@ inline void store_block<c10::Half>(const float* __restrict src, c10::Half* __res
 }
 
 // ------------------------------------------------------------------ the channel-tiled kernels
-// Items of CH_ITEM_ELEMS / CH_BLOCK rows x CH_BLOCK channels (any number of groups), walked chunk by
-// chunk: W adjacent channels, every row of the item. Each lane holds its own channel's coefficients
-// (loaded once per chunk from the per-channel table), the W-lane accumulators of the m + 1 + n
-// coefficient-gradient terms stay in registers over the rows and are stored once per chunk into the
-// item's per-channel partial sums (float). After the parallel loop the partials are summed per channel
-// over the row blocks in order and then over each group's channels in order, in float64.
-constexpr int W = 8;                       // lanes (one AVX2 register of float)
-constexpr int64_t CH_BLOCK = 256;           // channels per item
+// Items of CH_ITEM_ELEMS / CH_BLOCK rows x CH_BLOCK channels (any number of groups). W: SIMD lanes; the
+// results do not depend on it (lane-wise arithmetic only), so an AVX2 build and an AVX-512 one agree bit
+// for bit.
+#ifndef NORA_W
+#if defined(__AVX512F__)
+#define NORA_W 16
+#else
+#define NORA_W 8
+#endif
+#endif
+constexpr int W = NORA_W;                   // lanes: one AVX-512 (16) or AVX2 (8) register of float
+constexpr int64_t CH_BLOCK = 256;           // channels per item (a multiple of W)
 constexpr int64_t CH_ITEM_ELEMS = 65536;    // target elements per item
 
 typedef float vf __attribute__((vector_size(W * sizeof(float))));
@@ -137,7 +137,7 @@ inline vf vsign(vf v) {  // sign with sign(0) = sign(NaN) = 0, as the torch refe
 
 template <typename T>
 inline vf load_lanes(const T* p, int w) {
-  alignas(32) float f[W] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  alignas(64) float f[W] = {};
   if constexpr (std::is_same<T, float>::value) {
     if (w == W) {
       vf v;
@@ -161,7 +161,7 @@ inline void store_lanes(T* p, vf v, int w) {
       return;
     }
   }
-  alignas(32) float f[W];
+  alignas(64) float f[W];
   std::memcpy(f, &v, sizeof(v));
   if constexpr (std::is_same<T, float>::value) {
     for (int l = 0; l < w; ++l) p[l] = f[l];
@@ -184,15 +184,31 @@ struct ChannelPlan {
   }
 };
 
+// Scratch buffers reused across calls by the calling thread (the coefficient table, the per-item partial
+// sums, the per-channel totals): no allocation, page faults or zero-fill per call. Each call fully writes
+// what it later reads. Buffers above SCRATCH_KEEP elements are released after the call.
+constexpr size_t SCRATCH_KEEP = size_t(1) << 24;
+template <typename V>
+typename V::value_type* scratch(V& buf, size_t n) {
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+template <typename V>
+void release_large(V& buf) {
+  if (buf.size() > SCRATCH_KEEP) V().swap(buf);
+}
+
 // per-channel coefficient table [(m1 + n), Dp]: a_0..a_m, then b_1..b_n as evaluated (|b_j| in form A)
-std::vector<float> channel_table(const std::vector<Coefs>& cfs, int m1, int n, const ChannelPlan& pl) {
-  std::vector<float> tab(static_cast<size_t>((m1 + n) * pl.Dp), 0.0f);
-  for (int64_t d = 0; d < pl.D; ++d) {
-    const Coefs& cf = cfs[d / pl.C];
-    for (int i = 0; i < m1; ++i) tab[i * pl.Dp + d] = cf.a[i];
-    for (int j = 0; j < n; ++j) tab[(m1 + j) * pl.Dp + d] = cf.b[j];
+void fill_channel_table(float* tab, const float* a, const float* b, int m1, int n, bool form_b,
+                        const ChannelPlan& pl) {
+  for (int i = 0; i < m1 + n; ++i) {
+    float* row = tab + i * pl.Dp;
+    for (int64_t d = 0; d < pl.D; ++d) {
+      const int64_t g = d / pl.C;
+      row[d] = i < m1 ? a[g * m1 + i] : (form_b ? b[g * n + (i - m1)] : std::fabs(b[g * n + (i - m1)]));
+    }
+    for (int64_t d = pl.D; d < pl.Dp; ++d) row[d] = 0.0f;
   }
-  return tab;
 }
 
 template <int M1T, int NT>
@@ -200,14 +216,14 @@ struct LaneCoefs {
   static constexpr int MA = M1T ? M1T : MAXC;
   static constexpr int NA = NT ? NT : MAXC;
   vf a[MA], da[MA], b[NA], db[NA];
-  LaneCoefs(const float* tab, int64_t Dp, int64_t c, int m1, int n) {
+  LaneCoefs(const float* tab, int64_t Dp, int64_t c, int m1, int n, bool deriv) {
     for (int i = 0; i < m1; ++i) {
       std::memcpy(&a[i], tab + i * Dp + c, sizeof(vf));
-      if (i >= 1) da[i - 1] = a[i] * static_cast<float>(i);
+      if (deriv && i >= 1) da[i - 1] = a[i] * static_cast<float>(i);
     }
     for (int j = 0; j < n; ++j) {
       std::memcpy(&b[j], tab + (m1 + j) * Dp + c, sizeof(vf));
-      db[j] = b[j] * static_cast<float>(j + 1);
+      if (deriv) db[j] = b[j] * static_cast<float>(j + 1);
     }
   }
 };
@@ -226,20 +242,50 @@ inline vf lane_forward(const LaneCoefs<M1T, NT>& L, int m1r, int nr, vf x) {
   return p / q;
 }
 
+// An item is walked in tiles of RT rows: for each tile, chunk by chunk along the item's channels, the chunk's
+// coefficients (and, in backward, its accumulators) are loaded once and applied to the tile's RT rows, and
+// the next tile's rows are prefetched (a row segment is CH_BLOCK channels, too short for the hardware
+// prefetcher). Results of a chunk's rows are stored only after all of its rows were loaded: rows are D
+// elements apart, so at D = 14336 (a multiple of 4 KB) a load of the next row has the same low 12 address
+// bits as the store just before it, which the CPU treats as a possible dependence (4K aliasing) and stalls.
+constexpr int64_t RT = 8;   // rows per tile, forward
+constexpr int64_t RTB = 8;  // rows per tile, backward
+
 template <int M1T, int NT, bool FB, typename T>
 void channel_forward_impl(const T* __restrict x, T* __restrict y, const float* tab, int m1, int n,
                           const ChannelPlan& pl) {
-  at::parallel_for(0, pl.n_items, 1, [&](int64_t begin, int64_t end) {
+  const ChannelPlan P = pl;
+  at::parallel_for(0, P.n_items, 1, [=](int64_t begin, int64_t end) {
+    const T* __restrict xp = x;
+    T* __restrict yp = y;
+    const int64_t D = P.D, Dp = P.Dp;
+    auto tile = [&](auto nr_tag, int64_t rt, int64_t rn, int64_t r1, int64_t c, int w) {
+      constexpr int64_t NR = decltype(nr_tag)::value;  // rows, or 0: rn rows (< RT, the item's last tile)
+      const int64_t nr = NR ? NR : rn;
+      const LaneCoefs<M1T, NT> L(tab, Dp, c, m1, n, false);
+      vf res[RT];
+#pragma GCC unroll 16
+      for (int64_t i = 0; i < nr; ++i) {
+        const int64_t off = (rt + i) * D + c;
+        if (rt + i + RT < r1) {
+          __builtin_prefetch(xp + off + RT * D, 0, 3);
+          __builtin_prefetch(yp + off + RT * D, 1, 3);
+        }
+        res[i] = lane_forward<M1T, NT, FB>(L, m1, n, load_lanes<T>(xp + off, w));
+      }
+#pragma GCC unroll 16
+      for (int64_t i = 0; i < nr; ++i) store_lanes<T>(yp + (rt + i) * D + c, res[i], w);
+    };
     for (int64_t it = begin; it < end; ++it) {
-      const int64_t rb = it / pl.n_cb, cb = it % pl.n_cb;
-      const int64_t r0 = rb * pl.row_block, r1 = std::min(pl.rows, r0 + pl.row_block);
-      const int64_t c_end = std::min(pl.D, (cb + 1) * CH_BLOCK);
-      for (int64_t c = cb * CH_BLOCK; c < c_end; c += W) {
-        const int w = static_cast<int>(std::min<int64_t>(W, c_end - c));
-        const LaneCoefs<M1T, NT> L(tab, pl.Dp, c, m1, n);
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t off = r * pl.D + c;
-          store_lanes<T>(y + off, lane_forward<M1T, NT, FB>(L, m1, n, load_lanes<T>(x + off, w)), w);
+      const int64_t rb = it / P.n_cb, cb = it % P.n_cb;
+      const int64_t r0 = rb * P.row_block, r1 = std::min(P.rows, r0 + P.row_block);
+      const int64_t c_end = std::min(D, (cb + 1) * CH_BLOCK);
+      for (int64_t rt = r0; rt < r1; rt += RT) {
+        const int64_t rn = std::min(RT, r1 - rt);
+        for (int64_t c = cb * CH_BLOCK; c < c_end; c += W) {
+          const int w = static_cast<int>(std::min<int64_t>(W, c_end - c));
+          if (rn == RT) tile(std::integral_constant<int64_t, RT>{}, rt, rn, r1, c, w);
+          else tile(std::integral_constant<int64_t, 0>{}, rt, rn, r1, c, w);
         }
       }
     }
@@ -248,64 +294,91 @@ void channel_forward_impl(const T* __restrict x, T* __restrict y, const float* t
 
 template <int M1T, int NT, bool FB, bool NC, typename T>
 void channel_backward_impl(const T* __restrict x, const T* __restrict go, T* __restrict gx, const float* tab,
-                           int m1r, int nr, const ChannelPlan& pl, float* __restrict partial /* [items, K, CH_BLOCK] */) {
+                           int m1r, int nr_, const ChannelPlan& pl, float* __restrict partial /* [items, K, CH_BLOCK] */) {
   const int M1 = M1T ? M1T : m1r;
-  const int N = NT ? NT : nr;
+  const int N = NT ? NT : nr_;
   const int K = M1 + N;
-  at::parallel_for(0, pl.n_items, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t it = begin; it < end; ++it) {
-      const int64_t rb = it / pl.n_cb, cb = it % pl.n_cb;
-      const int64_t r0 = rb * pl.row_block, r1 = std::min(pl.rows, r0 + pl.row_block);
-      const int64_t c_begin = cb * CH_BLOCK, c_end = std::min(pl.D, c_begin + CH_BLOCK);
-      for (int64_t c = c_begin; c < c_end; c += W) {
-        const int w = static_cast<int>(std::min<int64_t>(W, c_end - c));
-        const LaneCoefs<M1T, NT> L(tab, pl.Dp, c, M1, N);
-        vf acc[LaneCoefs<M1T, NT>::MA + LaneCoefs<M1T, NT>::NA];
-        for (int k = 0; k < K; ++k) acc[k] = splat(0.0f);
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t off = r * pl.D + c;
-          const vf xv = load_lanes<T>(x + off, w);
-          const vf g = load_lanes<T>(go + off, w);
-          vf p = L.a[M1 - 1];
-          for (int k = M1 - 2; k >= 0; --k) p = p * xv + L.a[k];
-          vf dp = splat(0.0f);
-          if (M1 > 1) {
-            dp = L.da[M1 - 2];
-            for (int k = M1 - 3; k >= 0; --k) dp = dp * xv + L.da[k];
+  const ChannelPlan P = pl;
+  at::parallel_for(0, P.n_items, 1, [=](int64_t begin, int64_t end) {
+    const T* __restrict x_ = x;
+    const T* __restrict go_ = go;
+    T* __restrict gx_ = gx;
+    const int64_t D = P.D, Dp = P.Dp;
+    // one chunk (W channels) of one tile: acc are the chunk's per-lane accumulators (sums over its rows so far)
+    auto tile = [&](auto nr_tag, int64_t rt, int64_t rn, int64_t r1, int64_t c, int w, vf* acc) {
+      constexpr int64_t NR = decltype(nr_tag)::value;
+      const int64_t nr = NR ? NR : rn;
+      const LaneCoefs<M1T, NT> L(tab, Dp, c, M1, N, true);
+      vf res[RTB];
+#pragma GCC unroll 16
+      for (int64_t i = 0; i < nr; ++i) {
+        const int64_t off = (rt + i) * D + c;
+        if (rt + i + RTB < r1) {
+          __builtin_prefetch(x_ + off + RTB * D, 0, 3);
+          __builtin_prefetch(go_ + off + RTB * D, 0, 3);
+          __builtin_prefetch(gx_ + off + RTB * D, 1, 3);
+        }
+        const vf xv = load_lanes<T>(x_ + off, w);
+        const vf g = load_lanes<T>(go_ + off, w);
+        vf p = L.a[M1 - 1];
+        for (int k = M1 - 2; k >= 0; --k) p = p * xv + L.a[k];
+        vf dp = splat(0.0f);
+        if (M1 > 1) {
+          dp = L.da[M1 - 2];
+          for (int k = M1 - 3; k >= 0; --k) dp = dp * xv + L.da[k];
+        }
+        const vf u = FB ? xv : vabs(xv);
+        vf rr = L.b[N - 1], dr = L.db[N - 1];
+        for (int k = N - 2; k >= 0; --k) {
+          rr = rr * u + L.b[k];
+          dr = dr * u + L.db[k];
+        }
+        rr = rr * u;
+        const vf q = splat(1.0f) + (FB ? vabs(rr) : rr);
+        const vf s = FB ? vsign(rr) : vsign(xv);
+        const vf inv_q = splat(1.0f) / q;
+        const vf f_over_q = p * inv_q * inv_q;
+        res[i] = g * (dp * inv_q - (s * dr) * f_over_q);
+        if (NC) {
+          const vf gn = g * inv_q;
+          const vf gd = FB ? g * f_over_q * s : g * f_over_q;
+          vf pw = gn;
+          for (int k = 0; k < M1; ++k) {
+            acc[k] += pw;
+            pw = pw * xv;
           }
-          const vf u = FB ? xv : vabs(xv);
-          vf rr = L.b[N - 1], dr = L.db[N - 1];
-          for (int k = N - 2; k >= 0; --k) {
-            rr = rr * u + L.b[k];
-            dr = dr * u + L.db[k];
-          }
-          rr = rr * u;
-          const vf q = splat(1.0f) + (FB ? vabs(rr) : rr);
-          const vf s = FB ? vsign(rr) : vsign(xv);
-          const vf inv_q = splat(1.0f) / q;
-          const vf f_over_q = p * inv_q * inv_q;
-          store_lanes<T>(gx + off, g * (dp * inv_q - (s * dr) * f_over_q), w);
-          if (NC) {
-            const vf gn = g * inv_q;
-            const vf gd = FB ? g * f_over_q * s : g * f_over_q;
-            vf pw = gn;
-            for (int k = 0; k < M1; ++k) {
-              acc[k] += pw;
-              pw = pw * xv;
-            }
-            pw = gd * u;
-            for (int k = 0; k < N; ++k) {
-              acc[M1 + k] += pw;
-              pw = pw * u;
-            }
+          pw = gd * u;
+          for (int k = 0; k < N; ++k) {
+            acc[M1 + k] += pw;
+            pw = pw * u;
           }
         }
-        if (NC) {
-          float* out = partial + (it * K) * CH_BLOCK + (c - c_begin);
-          for (int k = 0; k < K; ++k) {
-            alignas(32) float f[W];
-            std::memcpy(f, &acc[k], sizeof(f));
-            for (int l = 0; l < w; ++l) out[k * CH_BLOCK + l] = f[l];
+      }
+#pragma GCC unroll 16
+      for (int64_t i = 0; i < nr; ++i) store_lanes<T>(gx_ + (rt + i) * D + c, res[i], w);
+    };
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t rb = it / P.n_cb, cb = it % P.n_cb;
+      const int64_t r0 = rb * P.row_block, r1 = std::min(P.rows, r0 + P.row_block);
+      const int64_t c_begin = cb * CH_BLOCK, c_end = std::min(D, c_begin + CH_BLOCK);
+      // the item's per-channel accumulators live in its partial-sum slice ([K, CH_BLOCK] floats, L1-resident);
+      // every lane sums its channel's rows in row order
+      float* __restrict item_acc = NC ? partial + (it * K) * CH_BLOCK : nullptr;
+      for (int64_t rt = r0; rt < r1; rt += RTB) {
+        const int64_t rn = std::min(RTB, r1 - rt);
+        for (int64_t c = c_begin; c < c_end; c += W) {
+          const int w = static_cast<int>(std::min<int64_t>(W, c_end - c));
+          vf acc[LaneCoefs<M1T, NT>::MA + LaneCoefs<M1T, NT>::NA];
+          if (NC) {
+            for (int k = 0; k < K; ++k) {
+              if (rt == r0) acc[k] = splat(0.0f);
+              else std::memcpy(&acc[k], item_acc + k * CH_BLOCK + (c - c_begin), sizeof(vf));
+            }
+          }
+          if (rn == RTB) tile(std::integral_constant<int64_t, RTB>{}, rt, rn, r1, c, w, acc);
+          else tile(std::integral_constant<int64_t, 0>{}, rt, rn, r1, c, w, acc);
+          if (NC) {  // whole vectors: CH_BLOCK is a multiple of W, lanes past the block's width are ignored
+            for (int k = 0; k < K; ++k) std::memcpy(item_acc + k * CH_BLOCK + (c - c_begin), &acc[k], sizeof(vf));
           }
         }
       }
@@ -313,41 +386,46 @@ void channel_backward_impl(const T* __restrict x, const T* __restrict go, T* __r
   });
 }
 
-// the per-channel partials, summed over row blocks per channel, then over each group's channels (float64)
-std::vector<double> channel_reduce(const std::vector<float>& partial, int K, int64_t G, const ChannelPlan& pl) {
-  std::vector<double> chan(static_cast<size_t>(K * pl.D), 0.0);
-  for (int64_t it = 0; it < pl.n_items; ++it) {
-    const int64_t cb = it % pl.n_cb;
-    const int64_t c_begin = cb * CH_BLOCK, width = std::min(pl.D, c_begin + CH_BLOCK) - c_begin;
-    for (int k = 0; k < K; ++k) {
-      const float* src = partial.data() + (it * K + k) * CH_BLOCK;
-      double* dst = chan.data() + k * pl.D + c_begin;
-      for (int64_t l = 0; l < width; ++l) dst[l] += src[l];
+// The per-channel partials, summed per channel over the row blocks in order (channel blocks in parallel: each
+// channel's sum has one fixed order), then over each group's channels in order, in float64, into the outputs
+// (grad_numerator (G, m1), grad_denominator (G, n) with the sign of b_j in form A).
+void channel_reduce(const float* partial, int m1, int n, int64_t G, const ChannelPlan& pl, const float* pb,
+                    bool form_b, float* oa, float* ob, double* chan /* [K, D] */) {
+  const int K = m1 + n;
+  const ChannelPlan P = pl;
+  at::parallel_for(0, P.n_cb, 1, [=](int64_t begin, int64_t end) {
+    for (int64_t cb = begin; cb < end; ++cb) {
+      const int64_t c_begin = cb * CH_BLOCK, width = std::min(P.D, c_begin + CH_BLOCK) - c_begin;
+      for (int k = 0; k < K; ++k) {
+        double* dst = chan + k * P.D + c_begin;
+        for (int64_t l = 0; l < width; ++l) dst[l] = 0.0;
+        for (int64_t rb = 0; rb < P.n_rb; ++rb) {
+          const float* src = partial + ((rb * P.n_cb + cb) * K + k) * CH_BLOCK;
+          for (int64_t l = 0; l < width; ++l) dst[l] += src[l];
+        }
+      }
     }
-  }
-  std::vector<double> tot(static_cast<size_t>(G * K), 0.0);
+  });
   for (int64_t g = 0; g < G; ++g)
     for (int k = 0; k < K; ++k) {
       double acc = 0.0;
       for (int64_t d = g * pl.C; d < (g + 1) * pl.C; ++d) acc += chan[k * pl.D + d];
-      tot[g * K + k] = acc;
+      if (k < m1) {
+        oa[g * m1 + k] = static_cast<float>(acc);
+      } else {
+        const int j = k - m1;
+        double v = -acc;
+        if (!form_b) {
+          const float bj = pb[g * n + j];
+          v *= bj > 0.0f ? 1.0 : (bj < 0.0f ? -1.0 : 0.0);
+        }
+        ob[g * n + j] = static_cast<float>(v);
+      }
     }
-  return tot;
 }
 
 // ------------------------------------------------------------------ entry points
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
-
-std::vector<Coefs> make_coefs(const float* a, const float* b, int64_t G, int m1, int n, bool form_b) {
-  std::vector<Coefs> cfs(G);
-  for (int64_t g = 0; g < G; ++g) {
-    Coefs& c = cfs[g];
-    std::memset(&c, 0, sizeof(c));
-    for (int i = 0; i < m1; ++i) c.a[i] = a[g * m1 + i];
-    for (int j = 0; j < n; ++j) c.b[j] = form_b ? b[g * n + j] : std::fabs(b[g * n + j]);
-  }
-  return cfs;
-}
 
 void check(int64_t numel, int64_t D, int64_t G, int m1, int n) {
   if (m1 < 1 || m1 > MAXC) throw std::invalid_argument("numerator degree out of range");
@@ -391,15 +469,15 @@ void forward(uintptr_t x, uintptr_t y, uintptr_t a, uintptr_t b, int64_t numel, 
              int m1, int n, int dtype, bool form_b) {
   check(numel, D, G, m1, n);
   if (numel == 0) return;
-  const auto cfs = make_coefs(reinterpret_cast<const float*>(a), reinterpret_cast<const float*>(b), G,
-                              m1, n, form_b);
   const ChannelPlan cp(numel, D, G);
-  const auto tab = channel_table(cfs, m1, n, cp);
+  static thread_local std::vector<float> tab_buf;
+  float* tab = scratch(tab_buf, static_cast<size_t>((m1 + n) * cp.Dp));
+  fill_channel_table(tab, reinterpret_cast<const float*>(a), reinterpret_cast<const float*>(b), m1, n, form_b, cp);
   py::gil_scoped_release no_gil;
   switch (dtype) {
-    case kF32: channel_forward_typed<float>(x, y, tab.data(), m1, n, form_b, cp); break;
-    case kBF16: channel_forward_typed<c10::BFloat16>(x, y, tab.data(), m1, n, form_b, cp); break;
-    case kF16: channel_forward_typed<c10::Half>(x, y, tab.data(), m1, n, form_b, cp); break;
+    case kF32: channel_forward_typed<float>(x, y, tab, m1, n, form_b, cp); break;
+    case kBF16: channel_forward_typed<c10::BFloat16>(x, y, tab, m1, n, form_b, cp); break;
+    case kF16: channel_forward_typed<c10::Half>(x, y, tab, m1, n, form_b, cp); break;
     default: throw std::invalid_argument("unsupported dtype code");
   }
 }
@@ -413,39 +491,28 @@ void backward(uintptr_t x, uintptr_t go, uintptr_t gx, uintptr_t a, uintptr_t b,
   const int K = m1 + n;
   const float* pa = reinterpret_cast<const float*>(a);
   const float* pb = reinterpret_cast<const float*>(b);
-  const auto cfs = make_coefs(pa, pb, G, m1, n, form_b);
   const ChannelPlan cp(numel, D, G);
-  const auto tab = channel_table(cfs, m1, n, cp);
-  std::vector<float> partial(need_coef ? static_cast<size_t>(cp.n_items * K * CH_BLOCK) : 0, 0.0f);
+  static thread_local std::vector<float> tab_buf, partial_buf;
+  static thread_local std::vector<double> chan_buf;
+  float* tab = scratch(tab_buf, static_cast<size_t>((m1 + n) * cp.Dp));
+  fill_channel_table(tab, pa, pb, m1, n, form_b, cp);
+  float* pp = need_coef ? scratch(partial_buf, static_cast<size_t>(cp.n_items * K * CH_BLOCK)) : nullptr;
   {
     py::gil_scoped_release no_gil;
     if (numel > 0) {
-      float* pp = partial.data();
       switch (dtype) {
-        case kF32: channel_backward_typed<float>(x, go, gx, tab.data(), m1, n, form_b, need_coef, cp, pp); break;
-        case kBF16:
-          channel_backward_typed<c10::BFloat16>(x, go, gx, tab.data(), m1, n, form_b, need_coef, cp, pp);
-          break;
-        case kF16: channel_backward_typed<c10::Half>(x, go, gx, tab.data(), m1, n, form_b, need_coef, cp, pp); break;
+        case kF32: channel_backward_typed<float>(x, go, gx, tab, m1, n, form_b, need_coef, cp, pp); break;
+        case kBF16: channel_backward_typed<c10::BFloat16>(x, go, gx, tab, m1, n, form_b, need_coef, cp, pp); break;
+        case kF16: channel_backward_typed<c10::Half>(x, go, gx, tab, m1, n, form_b, need_coef, cp, pp); break;
         default: throw std::invalid_argument("unsupported dtype code");
       }
     }
+    if (need_coef)
+      channel_reduce(pp, m1, n, G, cp, pb, form_b, reinterpret_cast<float*>(ga), reinterpret_cast<float*>(gb),
+                     scratch(chan_buf, static_cast<size_t>(K * D)));
   }
-  if (!need_coef) return;
-  const std::vector<double> tot = channel_reduce(partial, K, G, cp);
-  float* oa = reinterpret_cast<float*>(ga);
-  float* ob = reinterpret_cast<float*>(gb);
-  for (int64_t g = 0; g < G; ++g) {
-    for (int i = 0; i < m1; ++i) oa[g * m1 + i] = static_cast<float>(tot[g * K + i]);
-    for (int j = 0; j < n; ++j) {
-      double v = -tot[g * K + m1 + j];
-      if (!form_b) {
-        const float bj = pb[g * n + j];
-        v *= bj > 0.0f ? 1.0 : (bj < 0.0f ? -1.0 : 0.0);
-      }
-      ob[g * n + j] = static_cast<float>(v);
-    }
-  }
+  release_large(partial_buf);
+  release_large(chan_buf);
 }
 
 py::tuple plan_info(int64_t numel, int64_t D, int64_t G) {
