@@ -136,12 +136,12 @@ tokenizer: {vocab_size: 400}
 backbone: {hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2,
            num_key_value_heads: 2, max_position_embeddings: 512, tie_word_embeddings: true}
 pretrain: {steps: 3, batch_size: 4, seq_len: 32, lr: 1.0e-3, warmup: 1, weight_decay: 0.1, seed: 0, threads: 1}
-methods: [nora_pp]
+methods: [nora, nora_pp]
 seeds: 1
 full_seeds: 2
 epochs: 1
 eval: {k: 2, protocol: continuation, batch_size: 16}
-tune: {seeds: [0], grids: {nora_pp: {nora_lr: [1.0e-3, 1.0e-2, 1.0e-1]}}}
+tune: {seeds: [0], grids: {nora: {lr: [1.0e-3, 1.0e-2, 1.0e-1]}, nora_pp: {nora_lr: [1.0e-3, 1.0e-2, 1.0e-1]}}}
 """
 
 
@@ -175,3 +175,13 @@ def test_one_step_pipeline_writes_the_report_with_train_and_eval_outputs(tmp_pat
     assert proc2.returncode == 0 and "pretraining the LLM demo" not in proc2.stdout
     assert json.loads((run / "summary.json").read_text())["date"] == summary["date"]
     assert not math.isnan(mmlu["overall"]["accuracy"])
+    # the diagnosis measures those runs and trains the init experiment's run beside them
+    proc3 = subprocess.run(cmd + ["--diagnose"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc3.returncode == 0, proc3.stderr[-3000:]
+    diag = (res / "demo_llm_diagnosis.md").read_text()
+    for heading in ("## What the table can resolve", "## Gate pre-activations", "## Is the NoRA part of NoRA++ used?",
+                    "## Does the calibrated init matter?"):
+        assert heading in diag
+    fit_run = tmp_path / "runs_diagnosis" / "nora_fit_s0"
+    assert json.loads((fit_run / "summary.json").read_text())["status"] == "complete"
+    assert "init: fit" in (fit_run / "config.yaml").read_text()

@@ -67,6 +67,24 @@ def diagnose(conf: dict, data: Path, out_root: Path, common: dict, n_procs: int,
              "Written by `python -m nora.demo.llm --diagnose` from the runs of `make demo` (`runs/demo_llm`) and the "
              "init experiment's (`runs/demo_llm_diagnosis`). **Offline demo on a generated world, not MMLU.**", ""]
 
+    # 0. what the table can resolve
+    n = {c: int(v["n"]) for c, v in pp[0].mmlu["categories"].items()}
+    n_all = int(pp[0].mmlu["overall"]["n"])
+    by_method = {}
+    for r in runs:
+        by_method.setdefault(r.method, []).append(r)
+    lines += ["## What the table can resolve", "",
+              f"The test split has {n_all} questions ({', '.join(f'{c}: {k}' for c, k in n.items())}). One accuracy "
+              f"near 30% on {n_all} questions has a binomial standard error of "
+              f"{100 * (0.3 * 0.7 / n_all) ** 0.5:.1f} points ({100 * (0.3 * 0.7 / min(n.values())) ** 0.5:.1f} on "
+              "the smaller category); seeds share the questions, so the paired intervals of the report are the "
+              "comparison to read. Category means over seeds (chance: 25%):", "",
+              "| method | " + " | ".join(n) + " |", "|---|" + "---|" * len(n)]
+    for m, rs in by_method.items():
+        cells = [summarize([100 * r.mmlu["categories"][c]["accuracy"] for r in rs]).fmt(1) for c in n]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines.append("")
+
     # 1. ranges
     first = load_trained_model(pp[0].dir)
     fit = tuple(next(iter(nora_modules(first.model).values())).fit_range or (-3.0, 3.0))
