@@ -124,7 +124,7 @@ def test_sweep_widens_a_grid_whose_best_is_at_an_edge(monkeypatch):
     calls = []
 
     def fake_runs(peak):
-        def runs(method, key, values, seeds, base, common, n_procs):
+        def runs(method, key, values, seeds, base, common, n_procs, run=None):
             calls.append(list(values))
             return {v: [100 - (math.log10(v) - math.log10(peak)) ** 2 + s * 1e-3 for s in seeds] for v in values}
         return runs

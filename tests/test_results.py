@@ -535,7 +535,7 @@ def test_render_all_from_fixture_tree(tmp_path):
     out = tmp_path / "results"
     made = render_all(runs, out)
     names = sorted(p.name for p in made["tables"])
-    assert names == sorted(f"{s}.{e}" for s in ("demo", "demo_subspace", "table1", "table1_low_budget", "table2",
+    assert names == sorted(f"{s}.{e}" for s in ("demo", "demo_subspace", "demo_llm", "table1", "table1_low_budget", "table2",
                                                 "ablations", "matched_budget") for e in ("md", "csv"))
     figs = sorted(p.name for p in made["figures"])
     assert figs == ["demo_accuracy_vs_params.png", "demo_activations_nora.png", "demo_activations_rational_ft.png",
