@@ -35,7 +35,7 @@ from nora.app.evaluation import run_eval
 from nora.app.training import run_training
 from nora.demo.llm_backbone import pretrain_backbone, world_data
 from nora.demo.llm_diagnosis import diagnose
-from nora.demo.runner import one_thread_worker, run_jobs, sweep_method
+from nora.demo.runner import one_thread_worker, run_jobs, sweep_method, sweep_rows
 from nora.errors import UserError, user_errors
 from nora.files import write_text_atomic
 from nora.results.collect import collect
@@ -135,13 +135,7 @@ def tune(conf: dict, backbone: Path, data: Path, out_root: Path, table: Path, me
              "`configs/demo/learning_rates_llm.yaml`. Every method has the same budget (five grid values x "
              f"{len(seeds)} seeds), plus one value beyond an end of its grid each time its best sat there "
              "(`widened`). Accuracy: eval.py's overall accuracy (%) on the val/ questions.", "",
-             "| method | setting | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | |",
-             "|---|---|" + "---|" * (len(seeds) + 2)]
-    lines += [f"| {m} | {setting} | " + " | ".join(f"{a:.1f}" for a in accs) + f" | {mean:.1f} | {note} |"
-              for m, setting, accs, mean, note in rows]
-    edge = [m for m, (v, _a, tried) in best.items() if v in (tried[0], tried[-1])]
-    lines += ["", "Best: " + ", ".join(f"{m} {next(iter(grids[m]))}={v:g}" for m, (v, _a, _t) in best.items()),
-              "", "Still at an end of the values tried after widening: " + (", ".join(edge) or "none") + "."]
+             *sweep_rows(rows, best, grids, seeds)]
     text = "\n".join(lines) + "\n"
     table.parent.mkdir(parents=True, exist_ok=True)
     table.write_text(text)

@@ -243,6 +243,18 @@ def tune(weights: Path, out_root: Path, table: Path, methods: list[str], n_procs
     return text
 
 
+def sweep_rows(rows, best: dict, grids: dict, seeds: list) -> list[str]:
+    """A learning-rate sweep's markdown table (one row per method and value, per-seed accuracies and mean), its
+    best values and the methods still at an edge; shared by both demos' sweep tables."""
+    lines = ["| method | setting | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | |",
+             "|---|---|" + "---|" * (len(seeds) + 2)]
+    lines += [f"| {m} | {setting} | " + " | ".join(f"{a:.1f}" for a in accs) + f" | {mean:.1f} | {note} |"
+              for m, setting, accs, mean, note in rows]
+    edge = [m for m, (v, _a, tried) in best.items() if v in (tried[0], tried[-1])]
+    return lines + ["", "Best: " + ", ".join(f"{m} {next(iter(grids[m]))}={v:g}" for m, (v, _a, _t) in best.items()),
+                    "", "Still at an end of the values tried after widening: " + (", ".join(edge) or "none") + "."]
+
+
 def sweep_table(rows, best: dict, grids: dict, seeds: list, task: str, head_lr: float) -> str:
     n_grid = len(next(iter(next(iter(grids.values())).values())))
     lines = [f"# Demo learning-rate sweep (task `{task}`, validation split of its training images, seeds "
@@ -251,16 +263,10 @@ def sweep_table(rows, best: dict, grids: dict, seeds: list, task: str, head_lr: 
              "which `make demo` and `make demo-full` read. Every method has the same budget: "
              f"{n_grid} grid values x {len(seeds)} seeds (`tune:` in `configs/demo/demo.yaml`), plus one value "
              "beyond the end of its grid each time its best value sat at that end (rows marked `widened`).", "",
-             "| method | setting | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | |",
-             "|---|---|" + "---|" * (len(seeds) + 2)]
-    lines += [f"| {m} | {setting} | " + " | ".join(f"{a:.1f}" for a in accs) + f" | {mean:.1f} | {note} |"
-              for m, setting, accs, mean, note in rows]
-    edge = [m for m, (v, _a, tried) in best.items() if v in (tried[0], tried[-1])]
-    lines += ["", "Best: " + ", ".join(f"{m} {next(iter(grids[m]))}={v:g}" for m, (v, _a, _t) in best.items()),
-              "", "Still at an end of the values tried after widening: " + (", ".join(edge) or "none") + ".",
-              "", f"Every method's new head trains at the linear probe's best lr ({head_lr:g}); NoRA++ keeps "
-              "LoRA's best lr for its LoRA factors and tunes the NoRA factors' lr. Ties keep the smaller lr. "
-              "LoRA/DoRA/NoRA++ adapters use dropout 0 in the demo (see `lr_overrides`)."]
+             *sweep_rows(rows, best, grids, seeds),
+             "", f"Every method's new head trains at the linear probe's best lr ({head_lr:g}); NoRA++ keeps "
+             "LoRA's best lr for its LoRA factors and tunes the NoRA factors' lr. Ties keep the smaller lr. "
+             "LoRA/DoRA/NoRA++ adapters use dropout 0 in the demo (see `lr_overrides`)."]
     return "\n".join(lines) + "\n"
 
 
