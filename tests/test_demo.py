@@ -41,6 +41,29 @@ def test_jobs_run_seed_by_seed_across_tasks():
     assert jobs[0]["extra"] == ["trainer.epochs=10", "x=1"] and jobs[2]["extra"] == ["trainer.epochs=5", "x=1"]
 
 
+def test_the_kernel_builds_once_on_a_thread_and_run_jobs_waits_for_it(monkeypatch):
+    import threading
+    import time
+
+    from nora.kernels import cpu
+
+    calls = []
+
+    def slow_build():
+        time.sleep(0.2)
+        calls.append(threading.current_thread().name)
+        return True
+
+    monkeypatch.setattr(cpu, "available", slow_build)
+    monkeypatch.setattr(demo, "_kernel_build", None)
+    demo.build_kernels_in_background()
+    demo.build_kernels_in_background()  # a second call starts no second build
+    assert calls == []  # still building: the caller goes on (to pretrain the backbone)
+    done = demo.run_jobs([{"method": "m", "seed": 0}], 1, run=lambda job: (calls.append("job"), {
+        "job": job, "accuracy": 1.0, "trainable": 1, "wall_time_s": 0.0})[1])
+    assert calls == ["nora-kernel-build", "job"] and len(done) == 1  # the build finished before the first run
+
+
 def test_unknown_task_is_a_user_error(capsys):
     with pytest.raises(SystemExit) as err:
         demo.main(["--tasks", "rot180"])

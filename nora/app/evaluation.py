@@ -37,6 +37,7 @@ class MMLUSettings:
     max_length: Optional[int] = None
     bf16: bool = True
     save_predictions: bool = False
+    progress: bool = True         # a progress bar per subject on stderr
 
     def __post_init__(self):
         one_of("source", self.source, SOURCES)
@@ -129,7 +130,7 @@ def run_eval(cfg: DictConfig) -> dict:
         result = run_mmlu(t.model, t.tokenizer, m.path, t.out_dir, source=m.source, subjects=m.subject_list, k=m.k,
                           grouping=m.grouping, batch_size=m.batch_size, max_length=m.max_length, bf16=m.bf16,
                           split=m.split, model_identity=t.identity, adapter_identity=t.adapter,
-                          include_predictions=m.save_predictions, protocol=m.protocol)
+                          include_predictions=m.save_predictions, protocol=m.protocol, progress=m.progress)
     except FileNotFoundError as exc:
         raise MissingFileError(str(exc)) from None
     except ValueError as exc:

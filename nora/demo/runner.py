@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -120,6 +121,27 @@ def finetune(method: str, task: str, seed: int, weights: Path, out_root: Path, e
     return run_training(cfg, run_dir=out_root / task / (name or f"{method}_s{seed}"))
 
 
+_kernel_build: threading.Thread | None = None
+
+
+def build_kernels_in_background() -> None:
+    """Start building NoRA's C++ CPU kernel (:mod:`nora.kernels.cpu`; cached, about 30 s on a fresh machine) on a
+    thread of this process, so that it compiles while the backbone pretrains instead of inside the first NoRA run of
+    every worker (each of which would otherwise wait for the same build). :func:`run_jobs` waits for it."""
+    global _kernel_build
+    if _kernel_build is None:
+        from nora.kernels import cpu
+
+        _kernel_build = threading.Thread(target=cpu.available, name="nora-kernel-build", daemon=True)
+        _kernel_build.start()
+
+
+def wait_for_kernels() -> None:
+    """Block until the kernel build that :func:`build_kernels_in_background` started (or starts now) has finished."""
+    build_kernels_in_background()
+    _kernel_build.join()
+
+
 def one_thread_worker() -> None:
     import torch
 
@@ -143,6 +165,7 @@ def run_jobs(jobs: list[dict], n_procs: int, run=_run_job) -> list[dict]:
     ``{"job", "accuracy", "trainable", "wall_time_s"}``) on ``n_procs`` single-threaded processes, printing one line
     per finished run."""
     one_thread_worker()
+    wait_for_kernels()
     done = []
     if n_procs <= 1:
         for r in map(run, jobs):
@@ -307,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     out_root, t0 = Path(args.out), time.time()
     args.results = args.results or ("results/demo_full" if args.full else "results")
     one_thread_worker()  # the pretraining too: one thread, so the cached backbone is the same on every machine
+    build_kernels_in_background()  # on the other core, while the backbone pretrains
     methods, tasks = args.methods.split(","), args.tasks.split(",")
     with user_errors():
         unknown = [t for t in tasks if t not in conf["tasks"]]
