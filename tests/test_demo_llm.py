@@ -47,10 +47,12 @@ def test_world_is_deterministic_and_its_splits_are_disjoint(tmp_path):
     for p in world.in_split("test"):
         assert f"{p.name} lives in {p.city}." in text or f"{p.name} has a home in {p.city}." in text or \
             any(t.format(n=p.name, v=p.city) in text for t in W.FACT_TEMPLATES["city"])
-    assert "Question:" not in text and "Answer:" not in text  # pretraining never shows the evaluated format
-    for p in world.in_split("test"):  # nor asks about the people the evaluation asks about
-        assert f"Q: Where does {p.name} live?" not in text
-    assert any(f"Q: Where does {p.name} live? A: {p.city}." in text for p in world.in_split("tune"))
+    for p in world.in_split("test"):  # the evaluated people and pairs are never questioned in pretraining
+        assert f"Where does {p.name} live?" not in text and f"the job of {p.name}?" not in text
+    for a, b in world.sums["test"]:
+        assert f"What is {a} + {b}?" not in text
+    # its quiz pages ask about the tuning split, in the question-answer form that the evaluation scores
+    assert any(f"Question: Where does {p.name} live?\nAnswer: {p.city}" in text for p in world.in_split("tune"))
     assert "expression" in text  # the standard library's prose is in
 
 
@@ -105,7 +107,7 @@ def test_continuation_protocol_scores_each_answer_text(tmp_path):
     W.write_mmlu(W.make_world(0), tmp_path)
     data = load_mmlu(tmp_path, subjects=["units", "facts"], k=2)
     tok = train_bpe_tokenizer([q.question + " " + " ".join(q.choices) for d in data.values() for q in d.test + d.dev],
-                              300, isolate_whitespace=True)
+                              300, uniform_word_starts=True)
     model = _Bigram(len(tok))
     res = evaluate_mmlu(model, tok, tmp_path, subjects=["units", "facts"], k=2, protocol="continuation",
                         progress=False, keep_logits=False)

@@ -3,8 +3,9 @@
 One seeded :class:`World` yields, deterministically,
 
 * **pretraining text** (:func:`pretraining_text`): every fact of every person rendered through several varied
-  templates, biographies in shuffled order, arithmetic and unit statements in words and symbols, and real English
-  prose that ships with Python (the standard library's documentation topics, ``pydoc_data.topics``);
+  templates, biographies in shuffled order, arithmetic and unit statements in words and symbols, quiz pages about
+  the tuning split only, and real English prose that ships with Python (the standard library's documentation
+  topics, ``pydoc_data.topics``);
 * **instruction data** in Alpaca's format (:func:`instruction_records`: ``{instruction, input, output}``) about
   the *tuning* people and number pairs only: lookups, relations (someone's mentor, and two-step: the city of
   someone's mentor), arithmetic and unit conversions, answered briefly or in a sentence;
@@ -92,7 +93,7 @@ def make_world(seed: int = 0, n_people: int = 48, max_addend: int = 12, max_amou
     if max_amount < 4 or max_addend < 2:
         raise ValueError(f"max_amount={max_amount}, max_addend={max_addend}: a question needs three wrong answers; "
                          "valid: max_amount >= 4, max_addend >= 2")
-    shares = shares or {"tune": 0.4, "dev": 0.1, "val": 0.2, "test": 0.3}
+    shares = shares or {"tune": 0.35, "dev": 0.1, "val": 0.2, "test": 0.35}
     rng = random.Random(seed)
     names = list(NAMES)
     rng.shuffle(names)
@@ -165,17 +166,19 @@ def prose_paragraphs(limit_chars: int) -> list[str]:
 
 
 def faq_block(q: "Question") -> str:
-    """A question as the pretraining text's FAQ pages write it (``Q: ... A: ...``; not the ``Question:``/``Answer:``
-    form that the instruction data's template and the evaluation use)."""
-    return f"Q: {q.question} A: {q.choices[q.answer]}."
+    """A question as the pretraining text's FAQ pages write it: ``Question: ...`` and ``Answer: ...`` on two lines,
+    the question-answer form that MMLU's continuation protocol scores (as web text teaches a real base model the
+    form of a quiz); the instruction data uses Alpaca's template instead."""
+    return f"Question: {q.question}\nAnswer: {q.choices[q.answer]}"
 
 
 def pretraining_text(world: World, repeats: int = 4, per_fact: int = 3, prose_chars: int = 20_000,
                      faq_rounds: int = 2) -> list[str]:
     """Documents for pretraining: ``repeats`` biographies per person (``per_fact`` phrasings of each fact, shuffled),
     every sum and conversion of every split stated in words (the model learns them all; only the questions are held
-    out), ``faq_rounds`` FAQ pages about the *tuning* split (questions answered briefly, as some web pages do; the
-    people and pairs the evaluation asks about are never questioned in pretraining, only described) and
+    out), ``faq_rounds`` quiz pages about the *tuning* split (five questions each, answered briefly in the
+    ``Question:``/``Answer:`` form that MMLU's continuation protocol scores, as web text teaches a real base model
+    that form; the people and pairs the evaluation asks about are never questioned in pretraining, only described) and
     ``prose_chars`` of standard-library prose; shuffled with the world's seed."""
     rng = random.Random(world.seed + 1)
     docs = []
@@ -195,7 +198,7 @@ def pretraining_text(world: World, repeats: int = 4, per_fact: int = 3, prose_ch
     for _ in range(faq_rounds):
         qs = questions(world, "tune", rng)
         rng.shuffle(qs)
-        docs += [" ".join(faq_block(q) for q in qs[i:i + 5]) for i in range(0, len(qs), 5)]
+        docs += ["\n".join(faq_block(q) for q in qs[i:i + 5]) for i in range(0, len(qs), 5)]
     docs += prose_paragraphs(prose_chars)
     rng.shuffle(docs)
     return docs
@@ -214,6 +217,12 @@ class Question:
 
 
 def _choices(rng: random.Random, right, pool) -> tuple[tuple, int]:
+    """Four options: ``right`` and three others from ``pool``; numbers are drawn from those with as many digits as
+    ``right`` where there are enough (a continuation score sums log-probabilities over an option's tokens, so a
+    shorter number would win on length alone)."""
+    if isinstance(right, int):
+        same = [x for x in pool if len(str(x)) == len(str(right))]
+        pool = same if len(same) >= 4 else pool
     wrong = rng.sample([x for x in pool if x != right], 3)
     opts = wrong + [right]
     rng.shuffle(opts)

@@ -35,7 +35,7 @@ from nora.app.evaluation import run_eval
 from nora.app.training import run_training
 from nora.demo.llm_backbone import pretrain_backbone, world_data
 from nora.demo.llm_diagnosis import diagnose
-from nora.demo.runner import one_thread_worker, run_jobs, sweep_method, sweep_rows
+from nora.demo.runner import build_kernels_in_background, one_thread_worker, run_jobs, sweep_method, sweep_rows
 from nora.errors import UserError, user_errors
 from nora.files import write_text_atomic
 from nora.results.collect import collect
@@ -80,7 +80,7 @@ def score(target: Path, data: str, split: str, eval_conf: dict, out_dir: Path | 
         return json.loads(out.read_text())  # this run's own evaluation, written after it finished
     common = [f"mmlu.path={Path(data) / 'mmlu'}", f"mmlu.protocol={eval_conf['protocol']}", f"mmlu.k={eval_conf['k']}",
               f"mmlu.batch_size={eval_conf['batch_size']}", f"mmlu.split={split}", "mmlu.subjects=all",
-              "device=cpu"]
+              "mmlu.progress=false", "device=cpu"]
     who = [f"run_dir={target}"] if out_dir is None else ["model=llama_demo", f"model.path={target}",
                                                          f"output_dir={out_dir}"]
     with contextlib.redirect_stdout(io.StringIO()):
@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [m for m in methods if m not in conf["tune"]["grids"]]
         if unknown:
             raise UserError(f"--methods: unknown method {unknown[0]!r}; valid: {', '.join(conf['tune']['grids'])}")
+        build_kernels_in_background()  # compiles (first time only) while the backbone pretrains
         data = world_data(conf)
         backbone = pretrain_backbone(conf, data)
         one_thread_worker()
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.diagnose:
             common = dict(backbone=str(backbone), data=str(data), out_root=str(out_root) + "_diagnosis",
                           epochs=conf["epochs"], eval_split="test", eval_conf=conf["eval"])
-            text = diagnose(conf, data, out_root, common, args.jobs, run_jobs, _run_job)
+            text = diagnose(conf, data, out_root, common, args.jobs, run_jobs, _run_job, learning_rates()["methods"])
             write_text_atomic(Path(args.results) / "demo_llm_diagnosis.md", text)
             print(text)
             return 0

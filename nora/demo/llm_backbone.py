@@ -57,7 +57,8 @@ def pretrain_backbone(conf: dict, data: Path) -> Path:
         return out
     pre = conf["pretrain"]
     text = (data / "pretrain.txt").read_text(encoding="utf-8")
-    tok = train_bpe_tokenizer(tokenizer_corpus(text), conf["tokenizer"]["vocab_size"], isolate_whitespace=True)
+    tok = train_bpe_tokenizer(tokenizer_corpus(text), conf["tokenizer"]["vocab_size"],
+                              uniform_word_starts=True)
     ids: list[int] = []
     for doc in tok(text.split("\n\n"), add_special_tokens=False)["input_ids"]:
         ids += [tok.bos_token_id, *doc, tok.eos_token_id]

@@ -2,10 +2,13 @@
 
 Read from the finished demo runs (``runs/demo_llm``), plus the runs the init experiment adds:
 
-* **gate pre-activation range**: the inputs of every SiLU (``mlp.act_fn``) on the test prompts, in the base model
-  and in a trained NoRA++ run: the share outside the fit range of the base rational, and the 0.1 / 99.9 percentiles;
+* **gate pre-activation range**: the inputs of every SiLU (``mlp.act_fn``) on the test prompts, in the pretrained
+  model (plain SiLU), in a trained NoRA++ run with its NoRA update removed (its LoRA kept) and in the trained run:
+  the share outside the fit range of the base rational, and the 0.1 / 99.9 percentiles;
 * **is the NoRA part of NoRA++ used**: eval accuracy of each NoRA++ run with its NoRA update removed (LoRA kept),
   paired by seed; and how far its coefficients and curves moved;
+* **NoRA++ at one learning rate**: NoRA++ runs whose NoRA factors train at the LoRA factors' lr instead of the
+  swept ``nora_lr``, paired by seed on the test questions;
 * **does the calibrated init matter**: NoRA with ``init=fit`` (the rational fitted to SiLU on the fit range) against
   the demo's calibrated NoRA (fitted on real gate pre-activations), paired by seed on the test questions.
 
@@ -54,9 +57,10 @@ def accuracy(model, tokenizer, data: Path, eval_conf: dict) -> float:
     return 100 * r.accuracy
 
 
-def diagnose(conf: dict, data: Path, out_root: Path, common: dict, n_procs: int, run_jobs, job) -> str:
-    """Measure and return the markdown report; the init experiment's runs are ``job(dict(common, method=..., ...))``
-    run by ``run_jobs`` (the demo's own runner and job, :mod:`nora.demo.llm`)."""
+def diagnose(conf: dict, data: Path, out_root: Path, common: dict, n_procs: int, run_jobs, job, lrs: dict) -> str:
+    """Measure and return the markdown report; the runs it adds are ``job(dict(common, method=..., ...))`` run by
+    ``run_jobs`` (the demo's own runner and job, :mod:`nora.demo.llm`); ``lrs``: the demo's learning rates per
+    method (configs/demo/learning_rates_llm.yaml's ``methods``)."""
     runs = demo_llm_runs(collect(out_root), conf["seeds"])
     pp = sorted((r for r in runs if r.method == "nora_pp"), key=lambda r: r.seed)
     nora = sorted((r for r in runs if r.method == "nora"), key=lambda r: r.seed)
@@ -73,11 +77,12 @@ def diagnose(conf: dict, data: Path, out_root: Path, common: dict, n_procs: int,
     by_method = {}
     for r in runs:
         by_method.setdefault(r.method, []).append(r)
+    p = sum(r.mmlu["overall"]["accuracy"] for r in runs) / len(runs)
     lines += ["## What the table can resolve", "",
               f"The test split has {n_all} questions ({', '.join(f'{c}: {k}' for c, k in n.items())}). One accuracy "
-              f"near 30% on {n_all} questions has a binomial standard error of "
-              f"{100 * (0.3 * 0.7 / n_all) ** 0.5:.1f} points ({100 * (0.3 * 0.7 / min(n.values())) ** 0.5:.1f} on "
-              "the smaller category); seeds share the questions, so the paired intervals of the report are the "
+              f"near the runs' mean ({100 * p:.0f}%) on {n_all} questions has a binomial standard error of "
+              f"{100 * (p * (1 - p) / n_all) ** 0.5:.1f} points ({100 * (p * (1 - p) / min(n.values())) ** 0.5:.1f} "
+              "on the smaller category); seeds share the questions, so the paired intervals of the report are the "
               "comparison to read. Category means over seeds (chance: 25%):", "",
               "| method | " + " | ".join(n) + " |", "|---|" + "---|" * len(n)]
     for m, rs in by_method.items():
@@ -86,21 +91,27 @@ def diagnose(conf: dict, data: Path, out_root: Path, common: dict, n_procs: int,
     lines.append("")
 
     # 1. ranges
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     first = load_trained_model(pp[0].dir)
     fit = tuple(next(iter(nora_modules(first.model).values())).fit_range or (-3.0, 3.0))
+    pretrained = AutoModelForCausalLM.from_pretrained(common["backbone"])
+    silu_in = gate_inputs(pretrained, AutoTokenizer.from_pretrained(common["backbone"]), data, ev["k"], ev["protocol"])
+    del pretrained
     trained = gate_inputs(first.model, first.tokenizer, data, ev["k"], ev["protocol"])
     with without_update(first.model, "all"):
         base_in = gate_inputs(first.model, first.tokenizer, data, ev["k"], ev["protocol"])
     lines += ["## Gate pre-activations (inputs of the SiLU each rational replaces), test prompts", "",
-              f"Fit range of the base rationals: [{fit[0]:g}, {fit[1]:g}]. \"before\": the NoRA++ run of seed "
-              f"{pp[0].seed} with its NoRA update removed (its LoRA kept, so these are LoRA-tuned pre-activations "
-              "through the base rationals); \"after\": the trained run.", "",
-              "| layer | outside fit range, before (%) | after (%) | 0.1 / 99.9 percentile after | max abs after |",
-              "|---|---|---|---|---|"]
+              f"Fit range of the base rationals: [{fit[0]:g}, {fit[1]:g}]. \"pretrained\": the backbone itself "
+              f"(plain SiLU, no tuning); \"LoRA kept\": the NoRA++ run of seed {pp[0].seed} with its NoRA update "
+              "removed (LoRA-tuned pre-activations through the base rationals); \"trained\": that run as trained.", "",
+              "| layer | outside fit range, pretrained (%) | LoRA kept (%) | trained (%) | 0.1 / 99.9 percentile, "
+              "pretrained | 0.1 / 99.9 percentile, trained | max abs, trained |",
+              "|---|---|---|---|---|---|---|"]
     for name, t in trained.items():
-        b, a = range_stats(base_in[name], fit), range_stats(t, fit)
-        lines.append(f"| {name} | {b['outside']:.2f} | {a['outside']:.2f} | {a['p001']:.2f} / {a['p999']:.2f} | "
-                     f"{a['absmax']:.2f} |")
+        z, b, a = range_stats(silu_in[name], fit), range_stats(base_in[name], fit), range_stats(t, fit)
+        lines.append(f"| {name} | {z['outside']:.2f} | {b['outside']:.2f} | {a['outside']:.2f} | "
+                     f"{z['p001']:.2f} / {z['p999']:.2f} | {a['p001']:.2f} / {a['p999']:.2f} | {a['absmax']:.2f} |")
 
     # 2. the NoRA part of NoRA++
     full, ablated = {}, {}
@@ -121,10 +132,33 @@ def diagnose(conf: dict, data: Path, out_root: Path, common: dict, n_procs: int,
               f"‖ΔP‖/‖P‖ over layers and seeds: {rel.fmt(3)}; largest deviation of a learnt curve from the base "
               f"rational inside the fit range: {dev.fmt(3)}."]
 
-    # 3. calibrated vs fit init: NoRA runs like the demo's, with init=fit
+    # 3. runs the diagnosis adds (test split, the demo's seeds): NoRA with init=fit; NoRA++ with its NoRA factors
+    # at its LoRA factors' learning rate instead of the swept nora_lr
+    pp_lrs = dict(lrs["nora_pp"])
+    shared = dict(pp_lrs, nora_lr=pp_lrs["lr"])
     jobs = [dict(common, method="nora", seed=r.seed, name=f"nora_fit_s{r.seed}", extra=("method.nora.init=fit",))
             for r in nora]
-    fit_acc = {r["job"]["seed"]: r["accuracy"] for r in run_jobs(jobs, n_procs, run=job)}
+    jobs += [dict(common, method="nora_pp", seed=r.seed, name=f"nora_pp_shared_lr_s{r.seed}", lrs=shared) for r in pp]
+    done = run_jobs(jobs, n_procs, run=job)
+    fit_acc = {r["job"]["seed"]: r["accuracy"] for r in done if r["job"]["method"] == "nora"}
+    shared_acc = {r["job"]["seed"]: r["accuracy"] for r in done if r["job"]["method"] == "nora_pp"}
+    pp_acc = {r.seed: 100 * r.mmlu["overall"]["accuracy"] for r in pp}
+    d = paired_difference(shared_acc, pp_acc)
+    lines += ["", f"NoRA++ with its NoRA factors at its LoRA factors' learning rate (nora_lr = lr = {pp_lrs['lr']:g}, "
+              f"instead of the swept nora_lr = {pp_lrs['nora_lr']:g}), test split:", "",
+              "| seed | NoRA++, swept nora_lr (the demo's) (%) | NoRA++, nora_lr = lr (%) |", "|---|---|---|"]
+    lines += [f"| {s} | {pp_acc[s]:.1f} | {shared_acc.get(s, float('nan')):.1f} |" for s in sorted(pp_acc)]
+    lines += ["", f"(nora_lr = lr) − (swept nora_lr): {d.fmt(1)} points."]
+
+    curves = [coefficient_stats(load_trained_model(r.dir).model) for r in nora]
+    nrel = summarize([v["num_rel"] for c in curves for v in c.values()])
+    ndev = summarize([v["max_dev_fit"] for c in curves for v in c.values()])
+    lines += ["", f"How far NoRA's own curves moved (lr = {lrs['nora']['lr']:g}, its {len(nora)} runs): relative "
+              f"numerator change ‖ΔP‖/‖P‖ {nrel.fmt(3)}; largest deviation of a learnt curve from the base rational "
+              f"inside the fit range {ndev.fmt(3)} (SiLU(3) = 2.86): a change d of the x^5 coefficient moves the "
+              "curve at |x| = 3 by 243 d, so a small relative change of the coefficients is a large one of the "
+              "curve near the edges of the range."]
+
     cal_acc = {r.seed: 100 * r.mmlu["overall"]["accuracy"] for r in nora}
     d = paired_difference(cal_acc, fit_acc)
     lines += ["", "## Does the calibrated init matter?", "",

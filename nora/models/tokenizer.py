@@ -42,21 +42,24 @@ Cells, genes, proteins, energy, force, mass, velocity, acceleration, history, la
 """
 
 
-def train_bpe_tokenizer(lines, vocab_size: int, isolate_whitespace: bool = False):
+def train_bpe_tokenizer(lines, vocab_size: int, uniform_word_starts: bool = False):
     """A byte-level BPE tokenizer trained on ``lines`` (deterministic), as ``PreTrainedTokenizerFast`` with
     ``<|begin_of_text|>`` prepended, ``<|end_of_text|>`` and a pad token.
 
-    ``isolate_whitespace``: every whitespace character is a token of its own (no merges across it), so a word has
-    the same token after a space, a newline or at the start of a text: ``" Rome"`` after ``"Answer:"`` and
-    ``"Rome"`` after ``"### Response:\n"`` share the token ``Rome``. Tiny models need that to carry an answer
-    learned in one prompt format to another (the offline LLM demo)."""
+    ``uniform_word_starts``: a word has the same token after a space, after a newline and at the start of a text:
+    every newline is a piece of its own and every piece gets a leading space (``add_prefix_space`` applied to each
+    line, not only to the text), so ``"Rome"`` after ``"### Response:\n"`` is the token ``" Rome"`` that follows
+    ``"Answer:"`` in MMLU's continuation protocol and every sentence of pretraining text. Tiny models need that to
+    carry an answer learned in one prompt format to another (the offline LLM demo). Decoding then shows those
+    spaces (``" \n Rome"``); prompts still tokenise as a prefix of prompt + response, since they end in a
+    newline or a word."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\s"), behavior="isolated"), byte_level])
-                         if isolate_whitespace else byte_level)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),
+                                                  pre_tokenizers.ByteLevel(add_prefix_space=True)])
+                         if uniform_word_starts else pre_tokenizers.ByteLevel(add_prefix_space=False))
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS, PAD],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
