@@ -10,7 +10,7 @@ overrides ``task``, ``tag``, ``dataset_path: parquet``, ``dataset_name`` and ``d
 Then both are compared question by question: predicted letter, the four log-likelihoods, accuracy
 per subject.
 
-    .venv/bin/python scripts/mmlu_agreement.py [--k 5] [--n-test 8] [--batch-size 4] [--out DIR]
+    .venv/bin/python scripts/mmlu_agreement.py [--k 5] [--n-test 8] [--batch-size 4] [--protocol letters] [--out DIR]
 
 Needs ``lm_eval`` (``pip install lm_eval==0.4.13``); runs offline on CPU in a few seconds.
 Exit status 0 when every prediction and accuracy agrees.
@@ -58,21 +58,25 @@ def build_tiny_model(out_dir, seed: int = 0, initializer_range: float = 0.3, max
     return model, tok
 
 
-def lm_eval_task_dir() -> Path:
+LM_EVAL_TASKS = {"letters": "default", "continuation": "continuation"}  # nora's protocol -> lm_eval's mmlu folder
+
+
+def lm_eval_task_dir(protocol: str = "letters") -> Path:
+    """lm_eval's own task folder of ``protocol``: ``mmlu`` (letters) or ``mmlu_continuation``."""
     import lm_eval
 
-    return Path(lm_eval.__file__).resolve().parent / "tasks" / "mmlu" / "default"
+    return Path(lm_eval.__file__).resolve().parent / "tasks" / "mmlu" / LM_EVAL_TASKS[protocol]
 
 
-def write_lm_eval_tasks(task_dir, data_dir, subjects) -> list[str]:
-    """One task yaml per subject: lm_eval's own mmlu task, reading the local parquet fixture."""
+def write_lm_eval_tasks(task_dir, data_dir, subjects, protocol: str = "letters") -> list[str]:
+    """One task yaml per subject: lm_eval's own mmlu task of ``protocol``, reading the local parquet fixture."""
     task_dir, data_dir = Path(task_dir), Path(data_dir).resolve()
     task_dir.mkdir(parents=True, exist_ok=True)
     names = []
     for s in subjects:
         name = f"nora_fixture_mmlu_{s}"
         files = {split: str(next((data_dir / s).glob(f"{split}-*.parquet"))) for split in ("dev", "test")}
-        cfg = {"include": str(lm_eval_task_dir() / f"mmlu_{s}.yaml"), "task": name, "tag": "nora_fixture_mmlu",
+        cfg = {"include": str(lm_eval_task_dir(protocol) / f"mmlu_{s}.yaml"), "task": name, "tag": "nora_fixture_mmlu",
                "dataset_path": "parquet", "dataset_name": None,
                "dataset_kwargs": {"data_files": files, "cache_dir": str(task_dir / "hf_cache")}}
         (task_dir / f"{name}.yaml").write_text(json.dumps(cfg, indent=1))  # JSON is valid YAML
@@ -105,11 +109,11 @@ def run_lm_eval(model_dir, task_dir, task_names, k: int = 5, batch_size: int = 4
     return res
 
 
-def run_ours(model, tokenizer, data_dir, subjects, k: int = 5, batch_size: int = 4) -> dict:
+def run_ours(model, tokenizer, data_dir, subjects, k: int = 5, batch_size: int = 4, protocol: str = "letters") -> dict:
     from nora.eval import evaluate_mmlu
 
     r = evaluate_mmlu(model, tokenizer, data_dir, source="hf", subjects=list(subjects), k=k, batch_size=batch_size,
-                      progress=False)
+                      progress=False, protocol=protocol)
     return {s: {"acc": sr.accuracy, "pred": list(sr.predictions), "ll": [list(v) for v in sr.logprobs],
                 "correct": [p == a for p, a in zip(sr.predictions, sr.answers)]}
             for s, sr in r.subjects.items()}
@@ -132,8 +136,10 @@ def compare(ours: dict, ref: dict) -> dict:
     return {"ok": ok, "questions": n, "same_predictions": same, "max_abs_loglik_diff": max_ll, "subjects": rows}
 
 
-def agreement(work_dir, k: int = 5, n_test: int = 8, batch_size: int = 4, subjects=SUBJECTS, seed: int = 0) -> dict:
-    """Build model and fixture in ``work_dir``, run both, return :func:`compare`'s report."""
+def agreement(work_dir, k: int = 5, n_test: int = 8, batch_size: int = 4, subjects=SUBJECTS, seed: int = 0,
+              protocol: str = "letters") -> dict:
+    """Build model and fixture in ``work_dir``, run both under ``protocol`` (``letters``: lm_eval's ``mmlu``;
+    ``continuation``: its ``mmlu_continuation``), return :func:`compare`'s report."""
     from mmlu_fixtures import make_fixture, write_parquet
 
     from nora.eval.mmlu import build_prompt
@@ -142,20 +148,20 @@ def agreement(work_dir, k: int = 5, n_test: int = 8, batch_size: int = 4, subjec
     work_dir = Path(work_dir)
     model, tok = build_tiny_model(work_dir / "model", seed=seed)
     data_dir = write_parquet(work_dir / "data", make_fixture(subjects, n_dev=max(k, 5), n_test=n_test, seed=seed))
-    names = write_lm_eval_tasks(work_dir / "tasks", data_dir, subjects)
+    names = write_lm_eval_tasks(work_dir / "tasks", data_dir, subjects, protocol)
     t0 = time.perf_counter()
     ref = run_lm_eval(work_dir / "model", work_dir / "tasks", names, k=k, batch_size=batch_size)
     t_ref = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ours = run_ours(model, tok, data_dir, subjects, k=k, batch_size=batch_size)
+    ours = run_ours(model, tok, data_dir, subjects, k=k, batch_size=batch_size, protocol=protocol)
     t_ours = time.perf_counter() - t0
     report = compare(ours, ref)
     # the prompt text itself, for the first question of each subject
     data = load_mmlu(data_dir, source="hf", subjects=list(subjects), k=k)
-    report["same_prompt_text"] = all(build_prompt(s, data[s].dev[:k], data[s].test[0]) == ref[s]["ctx"]
+    report["same_prompt_text"] = all(build_prompt(s, data[s].dev[:k], data[s].test[0], protocol) == ref[s]["ctx"]
                                      for s in subjects)
     report["ok"] = report["ok"] and report["same_prompt_text"]
-    report.update({"k": k, "lm_eval_s": round(t_ref, 2), "ours_s": round(t_ours, 2)})
+    report.update({"k": k, "protocol": protocol, "lm_eval_s": round(t_ref, 2), "ours_s": round(t_ours, 2)})
     import lm_eval
 
     report["lm_eval_version"] = getattr(lm_eval, "__version__", "?")
@@ -168,6 +174,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n-test", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--protocol", default="letters", choices=sorted(LM_EVAL_TASKS),
+                    help="letters: lm_eval's mmlu; continuation: its mmlu_continuation")
     ap.add_argument("--out", default=None, help="work directory (default: a temporary one)")
     args = ap.parse_args(argv)
     try:
@@ -176,9 +184,10 @@ def main(argv=None) -> int:
         print("lm_eval is not installed: .venv/bin/pip install lm_eval==0.4.13", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
-        rep = agreement(args.out or tmp, k=args.k, n_test=args.n_test, batch_size=args.batch_size, seed=args.seed)
-    print(f"lm_eval {rep['lm_eval_version']}, {rep['k']}-shot, {rep['questions']} questions "
-          f"(lm_eval {rep['lm_eval_s']} s, nora.eval {rep['ours_s']} s)")
+        rep = agreement(args.out or tmp, k=args.k, n_test=args.n_test, batch_size=args.batch_size, seed=args.seed,
+                        protocol=args.protocol)
+    print(f"lm_eval {rep['lm_eval_version']}, {rep['k']}-shot, protocol {rep['protocol']}, {rep['questions']} "
+          f"questions (lm_eval {rep['lm_eval_s']} s, nora.eval {rep['ours_s']} s)")
     print(f"{'subject':<22} {'n':>3} {'nora acc':>9} {'lm_eval acc':>12} {'same pred':>10} {'max |dll|':>10}")
     for x in rep["subjects"]:
         print(f"{x['subject']:<22} {x['n']:>3} {x['ours_acc']:>9.4f} {x['lm_eval_acc']:>12.4f} "

@@ -81,10 +81,12 @@ def test_template_and_descriptions_match_lm_eval():
         assert tag_to_cat[cfg["tag"]] == cats[s], s
 
 
-def test_predictions_and_accuracies_equal_lm_eval_5_shot(tmp_path):
+@pytest.mark.parametrize("protocol", ["letters", "continuation"])
+def test_predictions_and_accuracies_equal_lm_eval_5_shot(tmp_path, protocol):
+    """letters against lm_eval's ``mmlu`` tasks, continuation against its ``mmlu_continuation`` tasks."""
     mod = _agreement_module()
-    rep = mod.agreement(tmp_path, k=5, n_test=6, batch_size=4)
-    assert rep["same_prompt_text"]
+    rep = mod.agreement(tmp_path, k=5, n_test=6, batch_size=4, protocol=protocol)
+    assert rep["protocol"] == protocol and rep["same_prompt_text"]
     assert rep["same_predictions"] == rep["questions"] == 24
     for row in rep["subjects"]:
         assert row["ours_acc"] == row["lm_eval_acc"] and row["same_per_question_correct"], row
