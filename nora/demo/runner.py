@@ -38,6 +38,7 @@ from nora.app.config import CONFIG_DIR, compose
 from nora.app.training import run_training
 from nora.errors import UserError, user_errors
 from nora.files import atomic_path, cache_dir as nora_cache_dir, write_text_atomic
+from nora.kernels import cpu as cpu_kernels
 from nora.results.collect import collect
 from nora.results.demo_report import demo_settings
 from nora.results.render import render_demo
@@ -130,9 +131,7 @@ def build_kernels_in_background() -> None:
     every worker (each of which would otherwise wait for the same build). :func:`run_jobs` waits for it."""
     global _kernel_build
     if _kernel_build is None:
-        from nora.kernels import cpu
-
-        _kernel_build = threading.Thread(target=cpu.available, name="nora-kernel-build", daemon=True)
+        _kernel_build = threading.Thread(target=cpu_kernels.available, name="nora-kernel-build", daemon=True)
         _kernel_build.start()
 
 
