@@ -93,5 +93,13 @@ def _decode(path: Path) -> OfflineRun:
 
 
 def offline_runs(run_dir: str | Path) -> list[OfflineRun]:
-    """Every offline W&B run of a run directory, oldest first."""
-    return [read_offline_run(d) for d in sorted(Path(run_dir, "wandb").glob("offline-run-*"))]
+    """Every offline W&B run of a run directory, oldest first: by the first timestamp of the run's ``logs/debug.log``
+    (milliseconds), since the folder name's start time (``offline-run-YYYYMMDD_HHMMSS-<id>``) has whole seconds and
+    two runs started in one second would sort by their random ids (file times are no better: W&B's service may
+    still be writing an earlier run's files)."""
+    def started(d: Path) -> str:
+        log = d / "logs" / "debug.log"
+        first = log.read_text(errors="replace").split("\n", 1)[0] if log.exists() else ""
+        return first[:23] if first[:4].isdigit() else d.name
+
+    return [read_offline_run(d) for d in sorted(Path(run_dir, "wandb").glob("offline-run-*"), key=started)]
