@@ -99,7 +99,10 @@ def offline_runs(run_dir: str | Path) -> list[OfflineRun]:
     still be writing an earlier run's files)."""
     def started(d: Path) -> str:
         log = d / "logs" / "debug.log"
-        first = log.read_text(errors="replace").split("\n", 1)[0] if log.exists() else ""
+        if not log.exists():
+            return d.name
+        with open(log, errors="replace") as f:
+            first = f.readline()
         return first[:23] if first[:4].isdigit() else d.name
 
     return [read_offline_run(d) for d in sorted(Path(run_dir, "wandb").glob("offline-run-*"), key=started)]

@@ -72,6 +72,7 @@ def diagnose(conf: dict, data: Path, out_root: Path, common: dict, n_procs: int,
              "Written by `python -m nora.demo.llm --diagnose` from the runs of `make demo` (`runs/demo_llm`) and the "
              "init experiment's (`runs/demo_llm_diagnosis`). **Offline demo on a generated world, not MMLU.**", ""]
     summary: list[str] = []  # one line per measurement below, inserted after this header
+    pp_lrs = dict(lrs["nora_pp"])
 
     # 0. what the table can resolve
     n = {c: int(v["n"]) for c, v in pp[0].mmlu["categories"].items()}
@@ -147,7 +148,7 @@ def diagnose(conf: dict, data: Path, out_root: Path, common: dict, n_procs: int,
         stats[r.seed] = coefficient_stats(t.model)
     d = paired_difference(full, ablated)
     summary.append(f"- Removing NoRA++'s NoRA update changes its accuracy by {d.fmt(1)} points (its swept nora_lr: "
-                   f"{dict(lrs['nora_pp']).get('nora_lr', float('nan')):g}).")
+                   f"{pp_lrs['nora_lr']:g}).")
     rel = summarize([v["num_rel"] for s in stats.values() for v in s.values()])
     dev = summarize([v["max_dev_fit"] for s in stats.values() for v in s.values()])
     lines += ["", "## Is the NoRA part of NoRA++ used?", "",
@@ -159,7 +160,6 @@ def diagnose(conf: dict, data: Path, out_root: Path, common: dict, n_procs: int,
 
     # 3. runs the diagnosis adds (test split, the demo's seeds): NoRA with init=fit; NoRA++ with its NoRA factors
     # at its LoRA factors' learning rate instead of the swept nora_lr
-    pp_lrs = dict(lrs["nora_pp"])
     shared = dict(pp_lrs, nora_lr=pp_lrs["lr"])
     jobs = [dict(common, method="nora", seed=r.seed, name=f"nora_fit_s{r.seed}", extra=("method.nora.init=fit",))
             for r in nora]
@@ -167,7 +167,7 @@ def diagnose(conf: dict, data: Path, out_root: Path, common: dict, n_procs: int,
     done = run_jobs(jobs, n_procs, run=job)
     fit_acc = {r["job"]["seed"]: r["accuracy"] for r in done if r["job"]["method"] == "nora"}
     shared_acc = {r["job"]["seed"]: r["accuracy"] for r in done if r["job"]["method"] == "nora_pp"}
-    pp_acc = {r.seed: 100 * r.mmlu["overall"]["accuracy"] for r in pp}
+    pp_acc = acc["nora_pp"]
     d = paired_difference(shared_acc, pp_acc)
     lines += ["", f"NoRA++ with its NoRA factors at its LoRA factors' learning rate (nora_lr = lr = {pp_lrs['lr']:g}, "
               f"instead of the swept nora_lr = {pp_lrs['nora_lr']:g}), test split:", "",
@@ -186,7 +186,7 @@ def diagnose(conf: dict, data: Path, out_root: Path, common: dict, n_procs: int,
               "curve at |x| = 3 by 243 d, so a small relative change of the coefficients is a large one of the "
               "curve near the edges of the range."]
 
-    cal_acc = {r.seed: 100 * r.mmlu["overall"]["accuracy"] for r in nora}
+    cal_acc = acc["nora"]
     d = paired_difference(cal_acc, fit_acc)
     lines += ["", "## Does the calibrated init matter?", "",
               "| seed | NoRA, calibrated init (the demo's) (%) | NoRA, init=fit (%) |", "|---|---|---|"]
