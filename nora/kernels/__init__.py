@@ -35,10 +35,13 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from nora.kernels.autograd import rational_op
-from nora.rational.functional import rational_backward, rational_forward, rational_reference
+from nora.kernels.autograd import rational_op, residual_op
+from nora.rational.functional import (check_residual_inputs, rational_backward, rational_forward, rational_reference,
+                                      residual_backward, residual_forward, residual_reference)
 
 BackendFn = Callable[[Tensor, Tensor, Tensor, str], Tensor]
+# (x, numerator, denominator, fit_numerator, fit_denominator, form, activation) -> phi(x) + R(x) - R_fit(x)
+ResidualFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, str, str], Tensor]
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class Backend:
     available: Callable[[], bool]  # cheap check (may trigger a cached build)
     priority: int  # higher wins in "auto" selection
     doc: str = ""
+    residual: ResidualFn | None = None  # the residual form (every built-in backend has one)
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -125,21 +129,45 @@ def rational(x: Tensor, numerator: Tensor, denominator: Tensor, form: str = "A",
     return resolve_backend(backend, x.device).fn(x, numerator, denominator, form)
 
 
+def residual_rational(x: Tensor, numerator: Tensor, denominator: Tensor, fit_numerator: Tensor,
+                      fit_denominator: Tensor, form: str = "A", activation: str = "none",
+                      backend: str | None = None) -> Tensor:
+    """The residual form ``phi(x) + (R(x) - R_fit(x))`` (:mod:`nora.rational.functional`) with the chosen backend:
+    ``phi`` one of ``KERNEL_ACTIVATIONS`` (``"none"``: the difference alone), ``R`` the rational of the trained
+    coefficients, ``R_fit`` that of the frozen fit (same shapes). Exactly ``phi(x)`` while the two are equal."""
+    if torch.compiler.is_compiling():
+        b = _REGISTRY[resolved_backend_name(backend, x.device.type)]
+    else:
+        b = resolve_backend(backend, x.device)
+    if b.residual is None:
+        raise ValueError(f"backend {b.name!r} has no residual form")
+    return b.residual(x, numerator, denominator, fit_numerator, fit_denominator, form, activation)
+
+
 # --------------------------------------------------------------------------- built-in backends
 # saves only x and the coefficients; recomputes P and Q in backward (hand-derived gradients)
 rational_torch_op = rational_op("rational_torch", rational_forward, rational_backward)
+
+
+residual_torch_op = residual_op("residual_torch", residual_forward, residual_backward)
 
 
 def rational_torch(x: Tensor, numerator: Tensor, denominator: Tensor, form: str = "A") -> Tensor:
     return rational_torch_op(x, numerator, denominator, form)
 
 
+def residual_torch(x: Tensor, numerator: Tensor, denominator: Tensor, fit_numerator: Tensor, fit_denominator: Tensor,
+                   form: str = "A", activation: str = "none") -> Tensor:
+    check_residual_inputs(x, numerator, denominator, fit_numerator, fit_denominator, form, activation)
+    return residual_torch_op(x, numerator, denominator, fit_numerator, fit_denominator, form, activation)
+
+
 register_backend(Backend(
     "reference", rational_reference, ("cpu", "cuda", "mps", "xpu"), lambda: True, priority=0,
-    doc="plain autograd (slow; saves every intermediate)"))
+    doc="plain autograd (slow; saves every intermediate)", residual=residual_reference))
 register_backend(Backend(
     "torch", rational_torch, ("cpu", "cuda", "mps", "xpu"), lambda: True, priority=10,
-    doc="custom autograd.Function with analytic gradients; saves only x"))
+    doc="custom autograd.Function with analytic gradients; saves only x", residual=residual_torch))
 
 _OPTIONAL = ("nora.kernels.cpu", "nora.kernels.triton")
 _optional_loaded = False

@@ -85,3 +85,68 @@ def rational_op(name: str, forward: ForwardFn, backward: BackwardFn, device_type
     fwd_op.register_autograd(backward_formula, setup_context=setup_context)
     fwd_op.backward_op = bwd_op
     return fwd_op
+
+
+ResidualForwardFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, str, str], Tensor]
+ResidualBackwardFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, str, str, bool],
+                              tuple[Tensor, "Tensor | None", "Tensor | None"]]
+
+
+def residual_op(name: str, forward: ResidualForwardFn, backward: ResidualBackwardFn, device_types: str | None = None,
+                triton: bool = False):
+    """The residual form's pair of ops, ``nora::<name>(x, numerator, denominator, fit_numerator, fit_denominator,
+    form, activation)`` and its ``_backward``, registered as :func:`rational_op` registers the plain rational's:
+    fake implementations, an autograd formula that saves ``x`` and the four coefficient tensors. The fit's
+    coefficients are frozen: asking for their gradient is an error (a silent zero would train nothing)."""
+
+    def fwd_impl(x: Tensor, numerator: Tensor, denominator: Tensor, fit_numerator: Tensor, fit_denominator: Tensor,
+                 form: str, activation: str) -> Tensor:
+        return forward(x, numerator, denominator, fit_numerator, fit_denominator, form, activation)
+
+    def bwd_impl(x: Tensor, numerator: Tensor, denominator: Tensor, fit_numerator: Tensor, fit_denominator: Tensor,
+                 grad_out: Tensor, form: str, activation: str, need_coefficient_grads: bool
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+        gx, ga, gb = backward(x, numerator, denominator, fit_numerator, fit_denominator, grad_out, form, activation,
+                              need_coefficient_grads)
+        if not need_coefficient_grads:
+            ga = gb = None
+        return gx.reshape(x.shape), _coefficient_grad(ga, numerator), _coefficient_grad(gb, denominator)
+
+    if triton:
+        fwd_op = torch.library.triton_op(f"{NAMESPACE}::{name}", fwd_impl, mutates_args=())
+        bwd_op = torch.library.triton_op(f"{NAMESPACE}::{name}_backward", bwd_impl, mutates_args=())
+    else:
+        fwd_op = torch.library.custom_op(f"{NAMESPACE}::{name}", fwd_impl, mutates_args=(), device_types=device_types)
+        bwd_op = torch.library.custom_op(f"{NAMESPACE}::{name}_backward", bwd_impl, mutates_args=(),
+                                         device_types=device_types)
+
+        @fwd_op.register_fake
+        def _(x, numerator, denominator, fit_numerator, fit_denominator, form, activation):
+            return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+        @bwd_op.register_fake
+        def _(x, numerator, denominator, fit_numerator, fit_denominator, grad_out, form, activation,
+              need_coefficient_grads):
+            return (torch.empty_like(x, memory_format=torch.contiguous_format),
+                    torch.empty(numerator.shape, dtype=numerator.dtype, device=numerator.device),
+                    torch.empty(denominator.shape, dtype=denominator.dtype, device=denominator.device))
+
+    def setup_context(ctx, inputs, output):
+        x, numerator, denominator, fit_numerator, fit_denominator, form, activation = inputs
+        ctx.save_for_backward(x, numerator, denominator, fit_numerator, fit_denominator)
+        ctx.form = form
+        ctx.activation = activation
+
+    def backward_formula(ctx, grad_out):
+        x, numerator, denominator, fit_numerator, fit_denominator = ctx.saved_tensors
+        need_x, need_num, need_den, need_fit_num, need_fit_den = ctx.needs_input_grad[:5]
+        if need_fit_num or need_fit_den:
+            raise RuntimeError("the residual form's fit coefficients are frozen: they take no gradient (train the "
+                               "numerator/denominator, or detach the fit)")
+        gx, ga, gb = bwd_op(x, numerator, denominator, fit_numerator, fit_denominator, grad_out, ctx.form,
+                            ctx.activation, bool(need_num or need_den))
+        return (gx if need_x else None, ga if need_num else None, gb if need_den else None, None, None, None, None)
+
+    fwd_op.register_autograd(backward_formula, setup_context=setup_context)
+    fwd_op.backward_op = bwd_op
+    return fwd_op
