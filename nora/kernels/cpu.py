@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from nora.files import cache_dir, write_text_atomic
-from nora.kernels import Backend, rational_torch, register_backend
+from nora.kernels import Backend, rational_torch, register_backend, residual_torch
 from nora.kernels.autograd import rational_op
 from nora.rational.functional import check_inputs
 
@@ -303,4 +303,5 @@ def rational_cpu(x: Tensor, numerator: Tensor, denominator: Tensor, form: str = 
 
 register_backend(Backend(
     "cpu", rational_cpu, ("cpu",), available, priority=20,
-    doc="fused C++ extension (JIT-built once, cached); saves only x; deterministic"))
+    doc="fused C++ extension (JIT-built once, cached); saves only x; deterministic",
+    residual=residual_torch))  # TODO(residual kernel): the fused C++ residual form

@@ -32,7 +32,7 @@ import os
 import torch
 from torch import Tensor
 
-from nora.kernels import Backend, rational_torch, register_backend
+from nora.kernels import Backend, rational_torch, register_backend, residual_torch
 from nora.kernels.autograd import rational_op
 from nora.kernels.safety import SafetyNet
 from nora.rational.functional import check_inputs
@@ -321,4 +321,5 @@ def rational_triton_checked(x: Tensor, numerator: Tensor, denominator: Tensor, f
 register_backend(Backend(
     "triton", rational_triton_checked, ("cuda",), available, priority=30,
     doc="Triton kernels (CUDA); per-program register reduction of coefficient grads, no atomics; "
-        "self-checked per shape class, with a torch.compile / torch fallback"))
+        "self-checked per shape class, with a torch.compile / torch fallback",
+    residual=residual_torch))  # TODO(residual kernel): the Triton residual form
