@@ -185,9 +185,9 @@ def test_calibration_follows_wide_activation_inputs():
             out = model(ids[3:]).logits.log_softmax(-1)
         return F.kl_div(out, logp, log_target=True, reduction="none").sum(-1).mean().item()
 
-    ranged, calibrated = make(), make()
-    nora.apply_nora(ranged, nora.NoraConfig(init="fit", fit_range=(-3, 3)))
-    report = nora.apply_nora(calibrated, nora.NoraConfig(init="calibrated"),
+    ranged, calibrated = make(), make()  # the paper's form: the rational replaces SiLU, as far as it is fitted
+    nora.apply_nora(ranged, nora.NoraConfig(init="fit", fit_range=(-3, 3), residual=False))
+    report = nora.apply_nora(calibrated, nora.NoraConfig(init="calibrated", residual=False),
                              calibration_batches=[{"input_ids": ids[:3]}])
     assert all(t["range"][1] - t["range"][0] > 10 for t in report.targets.values())
     kl_range, kl_cal = kl_of(ranged), kl_of(calibrated)
@@ -608,7 +608,8 @@ def test_conv_layout_mlp_groups_channels_not_columns():
         y = act(x)
         assert torch.equal(y, y[:, :, :1, :1].expand_as(y))
         # channel-wise it equals the channels-last evaluation of the same coefficients
-        last = nora.GroupRational(*act.coefficients(), form=act.form)
+        last = nora.GroupRational(*act.coefficients(), form=act.form, original=act.original, residual=act.residual,
+                                  fit_numerator=act.base_numerator, fit_denominator=act.base_denominator)
         torch.testing.assert_close(y, last(x.movedim(1, -1)).movedim(-1, 1), rtol=0, atol=0)
         model(torch.randn(1, 3, 224, 224))  # 224 px: the image width (14 columns) is no longer the grouped dim
     with pytest.raises(ValueError, match=r"expected 64 channels on dim 1 of a conv-layout"):
@@ -809,7 +810,7 @@ def test_fit_range_warning_on_the_first_batch():
     import warnings
 
     model = wide_gate_llama()
-    nora.apply_nora(model)
+    nora.apply_nora(model, nora.NoraConfig(residual=False))  # the paper's form (the residual form is exact out there)
     _perturb(model)  # as after a first optimizer step: the warning is about the fit, not the update
     ids = torch.randint(0, 96, (2, 16))
     inputs = []
@@ -836,17 +837,21 @@ def test_fit_range_warning_on_the_first_batch():
         with torch.no_grad():
             model(ids)
     quiet = tiny_llama()  # inputs well inside [-3, 3]
-    nora.apply_nora(quiet)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with torch.no_grad():
-            quiet(ids)
+    nora.apply_nora(quiet, nora.NoraConfig(residual=False))
+    residual = wide_gate_llama()  # the residual form is the original activation out there: nothing to warn about
+    nora.apply_nora(residual)
+    for m in (quiet, residual):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with torch.no_grad():
+                m(ids)
 
 
 def test_fit_range_warning_on_calibration_batches_at_apply_time():
     ids = torch.randint(0, 96, (2, 16))
     with pytest.warns(UserWarning, match="outside their fit range"):
-        nora.apply_nora(wide_gate_llama(), nora.NoraConfig(init="fit"), calibration_batches=[{"input_ids": ids}])
+        nora.apply_nora(wide_gate_llama(), nora.NoraConfig(init="fit", residual=False),
+                        calibration_batches=[{"input_ids": ids}])
 
 
 def test_adapter_layer_works_without_transformers_timm_or_peft(tmp_path):

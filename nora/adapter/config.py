@@ -40,6 +40,12 @@ class NoraConfig:
         ``group``: the numerator update is per group (B_N is G x r); ``shared``: one numerator update
         for all groups (B_N is 1 x r; for ``rational_ft``/``zero_init_ft`` one shared row).
         The denominator update is always per group.
+    residual
+        ``True`` (default): the activation computes ``phi(x) + (R_{theta+Delta}(x) - R_theta(x))``, the original
+        activation ``phi`` plus the change of its fitted rational ``R_theta``: step 0 (and a disabled adapter) is
+        exactly the original model on inputs of any range, and the update is NoRA's. ``False``: the paper's form,
+        ``R_{theta+Delta}(x)`` replaces the activation (equal to it only as far as the fit reaches: see
+        ``docs/method.md``, "Forms").
     init
         ``fit``: fit once to the original activation over ``fit_range``; ``calibrated``: record each
         target's real inputs on calibration batches and fit over them (``per_group_calibration``
@@ -61,6 +67,7 @@ class NoraConfig:
     degrees: tuple[int, int] = (5, 4)
     form: str = "A"
     numerator: str = "group"
+    residual: bool = True
     init: str = "fit"
     fit_range: tuple[float, float] = (-3.0, 3.0)
     calibration_range_weight: float = 0.1
@@ -79,6 +86,7 @@ class NoraConfig:
         one_of("form", self.form, FORMS)
         one_of("numerator", self.numerator, NUMERATOR_MODES)
         one_of("init", self.init, INITS)
+        require(isinstance(self.residual, bool), "residual", self.residual, "must be true or false")
         one_of("backend", self.backend, ("auto", *backend_names()))
         at_least("r", self.r, 1)
         positive("alpha", self.alpha)
@@ -106,6 +114,9 @@ class NoraConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "NoraConfig":
+        """A saved config (``to_dict``). One saved before the residual form existed has no ``residual``: it was
+        trained in the paper's form, and loads so."""
+        d = {"residual": False, **d}
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

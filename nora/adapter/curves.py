@@ -34,6 +34,7 @@ class Layer:
     variant: str
     r: int
     fit_range: tuple[float, float]
+    residual: bool = False  # phi(x) + (F_g(x) - F_base(x)) instead of F_g(x)
 
     @property
     def delta(self) -> np.ndarray:
@@ -44,9 +45,15 @@ class Layer:
         return np.linspace(self.fit_range[0], self.fit_range[1], points)
 
     def curves(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(G, len(x)) adapted curves and (G, len(x)) base curves."""
-        return (group_curves(x, self.num, self.den, self.form),
-                group_curves(x, self.base_num, self.base_den, self.form))
+        """(G, len(x)) adapted curves and (G, len(x)) curves at step 0: the rationals (paper form), or in the
+        residual form the original activation plus the change of the rational, and the original activation (the
+        base rational stands in for an activation nora does not know by name)."""
+        y, y0 = group_curves(x, self.num, self.den, self.form), group_curves(x, self.base_num, self.base_den, self.form)
+        phi = ACTIVATIONS.get(self.original) if self.original else None
+        if not self.residual or phi is None:
+            return y, y0
+        start = np.broadcast_to(phi(torch.as_tensor(np.asarray(x, np.float64))).numpy(), y0.shape)
+        return start + (y - y0), start.copy()
 
 
 def group_curves(x: np.ndarray, num: np.ndarray, den: np.ndarray, form: str) -> np.ndarray:
@@ -64,7 +71,8 @@ def _peft_format_meta(adir: Path, cfg: dict) -> tuple[dict, dict[str, torch.Tens
     for name, state in read_nora_layers(adir).items():
         layers[name] = {"form": cfg["form"], "original": originals.get(name), "variant": cfg["variant"],
                         "r": cfg["r"], "alpha": cfg["alpha"], "numerator_mode": cfg["numerator"],
-                        "groups": int(state["base_denominator"].shape[0])}
+                        "groups": int(state["base_denominator"].shape[0]),
+                        "residual": bool(cfg.get("residual", False))}
         tensors.update({f"{name}.{k}": v for k, v in state.items()})
     return {"config": {"fit_range": cfg.get("fit_range", (-3.0, 3.0))}, "layers": layers}, tensors
 
@@ -101,7 +109,7 @@ def _layers(meta: dict, tensors: dict[str, torch.Tensor]) -> dict[str, Layer]:
             base_den = mod.base_denominator.double().numpy().copy()
         layer_range = tuple(float(v) for v in info["fit_range"]) if info.get("fit_range") else fit_range
         out[name] = Layer(name, num, den, base_num, base_den, info["form"], info.get("original"), info["variant"],
-                          int(info.get("r", 3)), layer_range)
+                          int(info.get("r", 3)), layer_range, bool(info.get("residual", False)))
     return out
 
 
@@ -136,7 +144,8 @@ def activation_figure(adapter_dir: str | Path, path: str | Path, title: str | No
         orig = ACTIVATIONS.get(lay.original) if lay.original else None
         if orig is not None:
             top.plot(x, orig(torch.as_tensor(x)).numpy(), "k--", lw=1.2, label=lay.original)
-        top.plot(x, y0[0], color="0.55", lw=1.0, ls=":", label="base rational")
+        if not lay.residual:  # (in the residual form the start is the original activation itself)
+            top.plot(x, y0[0], color="0.55", lw=1.0, ls=":", label="base rational")
         g = y.shape[0]
         for j in range(g):
             c = cmap(j / max(1, g - 1))

@@ -34,6 +34,7 @@ KNOWN_ACTIVATIONS = {
     "FastGELUActivation": "gelu_tanh", "GELUPytorchTanh": "gelu_tanh",
     "SiLU": "silu", "SiLUActivation": "silu", "Swish": "silu",
     "ReLU": "relu", "Identity": "identity", "Tanh": "tanh", "Sigmoid": "sigmoid",
+    "QuickGELU": "quick_gelu", "QuickGELUActivation": "quick_gelu", "Mish": "mish", "MishActivation": "mish",
 }
 # the kinds found by default in feed-forward blocks (the ones without a known name are fitted from their forward)
 DEFAULT_KINDS = frozenset({

@@ -213,7 +213,7 @@ def apply_nora(model: nn.Module, config: NoraConfig | None = None, calibration_b
                              variant=config.variant, r=config.r, alpha=config.alpha,
                              numerator_mode=config.numerator, groups=config.groups,
                              fit_range=(fit.x_min, fit.x_max), channel_dim=lay.channel_dim,
-                             width=lay.width).to(device)
+                             width=lay.width, residual=config.residual, original_module=targets[name]).to(device)
         if new.groups != config.groups:
             raise ValueError(f"{name}: fitted coefficients have {new.groups} groups, config says {config.groups}")
         set_module(model, resolve_name(model, name, index), new)
@@ -225,7 +225,7 @@ def apply_nora(model: nn.Module, config: NoraConfig | None = None, calibration_b
         warnings.warn(f"nora.apply_nora: {w}", UserWarning, stacklevel=2)
     store_config(model, config)
     set_trainable(model, config)
-    if config.init == "fit":
+    if config.init == "fit" and not config.residual:  # the residual form is exact beyond the fit range too
         watch_fit_range(model, {n: originals[n][1] for n in targets}, calibration_batches, forward)
     return report
 

@@ -109,7 +109,7 @@ def save_nora(model: nn.Module, directory: str | os.PathLike) -> Path:
         layers[name] = {"groups": mod.groups, "form": mod.form, "degrees": list(mod.degrees),
                         "width": width, "channel_dim": mod.channel_dim,
                         "variant": mod.variant, "original": mod.original, "r": mod.r, "alpha": mod.alpha,
-                        "numerator_mode": mod.numerator_mode, "fit_range": mod.fit_range,
+                        "numerator_mode": mod.numerator_mode, "fit_range": mod.fit_range, "residual": mod.residual,
                         "shared_base_numerator": mod.base_numerator.shape[0] == 1}
     extra = trainable_module_names(model, config)
     for name in extra:
@@ -240,16 +240,19 @@ def _validate(model: nn.Module, directory: Path, meta: dict, tensors: dict[str, 
 
 
 def _built_activation(directory: Path, name: str, info: dict, config: NoraConfig,
-                      tensors: dict[str, torch.Tensor]) -> NoraActivation:
+                      tensors: dict[str, torch.Tensor], original_module: nn.Module | None) -> NoraActivation:
     """Layer ``name``'s saved activation, loaded strictly; :class:`AdapterError` (the model untouched) when the file
-    lacks one of its tensors, holds one of another shape, or its entry in the config is incomplete."""
+    lacks one of its tensors, holds one of another shape, or its entry in the config is incomplete. A layer saved
+    without ``residual`` predates the residual form: it was trained in the paper's form and loads so.
+    ``original_module``: the activation it replaces (the residual form computes it)."""
     try:
         mod = NoraActivation(tensors[f"{name}.base_numerator"], tensors[f"{name}.base_denominator"],
                              form=info["form"], backend=config.backend, original=info["original"],
                              variant=info["variant"], r=info["r"], alpha=info["alpha"],
                              numerator_mode=info["numerator_mode"], groups=info["groups"],
                              fit_range=info.get("fit_range"), channel_dim=info.get("channel_dim", -1),
-                             width=info.get("width"))
+                             width=info.get("width"), residual=bool(info.get("residual", False)),
+                             original_module=original_module)
         mod.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")},
                             strict=True)
     except KeyError as exc:
@@ -284,7 +287,8 @@ def load_nora(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
     _validate(model, directory, meta, tensors, config)
     device = next(iter(model.parameters())).device
     index = module_index(model)
-    built = {name: _built_activation(directory, name, info, config, tensors).to(device)
+    built = {name: _built_activation(directory, name, info, config, tensors,
+                                     model.get_submodule(resolve_name(model, name, index))).to(device)
              for name, info in meta["layers"].items()}  # all of them before the model changes
     for name, mod in built.items():
         set_module(model, resolve_name(model, name, index), mod)

@@ -8,8 +8,9 @@ them as unexpected keys. The pair here keeps them::
     nora.save_merged(model, "merged/")           # save_pretrained + nora_merged.{json,safetensors}
     model = nora.from_pretrained("merged/")      # AutoModelForCausalLM + the rationals put back
 
-``nora_merged.json`` names each rational activation (groups, form, degrees, original activation, fit range);
-``nora_merged.safetensors`` holds its coefficients, keyed by module name; the checkpoint itself holds
+``nora_merged.json`` names each rational activation (groups, form, degrees, original activation, fit range, whether
+it is in the residual form); ``nora_merged.safetensors`` holds its coefficients (in the residual form also the fit it
+adds the change of to the original activation), keyed by module name; the checkpoint itself holds
 everything else (no rational buffers, so the loader reports no unexpected keys).
 """
 from __future__ import annotations
@@ -57,11 +58,11 @@ def save_merged(model: nn.Module, directory: str | os.PathLike, **save_pretraine
     model.save_pretrained(str(directory), state_dict=state, **save_pretrained_kwargs)
     tensors, layers = {}, {}
     for name, mod in rationals.items():
-        tensors[f"{name}.base_numerator"] = mod.base_numerator.detach().cpu().contiguous()
-        tensors[f"{name}.base_denominator"] = mod.base_denominator.detach().cpu().contiguous()
+        for key, t in mod.state_dict().items():  # base_* (and, in the residual form, fit_*) coefficients
+            tensors[f"{name}.{key}"] = t.detach().cpu().contiguous()
         layers[name] = {"groups": mod.groups, "form": mod.form, "degrees": list(mod.degrees),
                         "original": mod.original, "fit_range": mod.fit_range, "channel_dim": mod.channel_dim,
-                        "width": mod.width}
+                        "width": mod.width, "residual": mod.residual}
     atomic_write(directory / MERGED_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     write_json_atomic(directory / MERGED_CONFIG, {"format_version": MERGED_FORMAT_VERSION, "layers": layers})
     return directory
@@ -85,10 +86,17 @@ def put_back_rationals(model: nn.Module, directory: str | os.PathLike, backend: 
                            f"{type(model).__name__}")
     device = next(iter(model.parameters())).device
     for name, info in meta["layers"].items():
+        residual = bool(info.get("residual", False))  # saved before the residual form: the paper's
+        if residual and not {f"{name}.fit_numerator", f"{name}.fit_denominator"} <= set(tensors):
+            raise AdapterError(f"{directory / MERGED_WEIGHTS}: {name} is in the residual form but its fit "
+                               "coefficients (fit_numerator, fit_denominator) are missing")
         mod = GroupRational(tensors[f"{name}.base_numerator"], tensors[f"{name}.base_denominator"],
                             form=info["form"], backend=backend, original=info["original"],
                             fit_range=info["fit_range"], channel_dim=info.get("channel_dim", -1),
-                            width=info.get("width"))
+                            width=info.get("width"), residual=residual,
+                            fit_numerator=tensors.get(f"{name}.fit_numerator") if residual else None,
+                            fit_denominator=tensors.get(f"{name}.fit_denominator") if residual else None,
+                            original_module=model.get_submodule(name))
         set_module(model, name, mod.to(device))
     return model
 

@@ -34,6 +34,8 @@ ACTIVATIONS: dict[str, ActivationFn] = {
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "silu": F.silu,
     "relu": F.relu,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "mish": F.mish,
     "identity": lambda x: x,
     "tanh": torch.tanh,
     "sigmoid": torch.sigmoid,

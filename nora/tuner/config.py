@@ -43,8 +43,9 @@ class NoraPeftConfig(PeftConfig):
     """NoRA / NoRA++ for ``peft.get_peft_model``.
 
     NoRA part (as :class:`nora.NoraConfig`): ``variant``, ``r``, ``alpha``, ``groups``, ``degrees``, ``form``,
-    ``numerator``, ``init`` (``fit``; ``calibrated``: call ``nora.calibrate(peft_model, batches)`` after
-    ``get_peft_model``), ``fit_range``, ``calibration_range_weight``, ``per_group_calibration``, ``backend``;
+    ``numerator``, ``residual`` (default true: step 0 is exactly the original model), ``init`` (``fit``;
+    ``calibrated``: call ``nora.calibrate(peft_model, batches)`` after ``get_peft_model``), ``fit_range``,
+    ``calibration_range_weight``, ``per_group_calibration``, ``backend``;
     ``target_modules``: the activations, regexes matched in full against module names (``None``: nora's default
     targets, the activation inside each transformer MLP).
 
@@ -63,6 +64,11 @@ class NoraPeftConfig(PeftConfig):
     degrees: list[int] = field(default_factory=lambda: [5, 4], metadata={"help": "[numerator m, denominator n]"})
     form: str = field(default="A", metadata={"help": "safe denominator form A or B"})
     numerator: str = field(default="group", metadata={"help": "group | shared numerator update"})
+    residual: Optional[bool] = field(
+        default=None, metadata={"help": "true (the default for a new config): phi(x) + R_theta+Delta(x) - R_theta(x), "
+                                        "exactly the original model at step 0; false: the paper's form, the rational "
+                                        "replaces the activation. A saved config without it (written before it "
+                                        "existed) loads as false, the form it was trained in"})
     init: str = field(default="fit", metadata={"help": "fit | calibrated (then nora.calibrate(model, batches))"})
     fit_range: list[float] = field(default_factory=lambda: [-3.0, 3.0])
     calibration_range_weight: float = 0.1
@@ -82,6 +88,9 @@ class NoraPeftConfig(PeftConfig):
     modules_to_save: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
+        if self.residual is None:
+            # peft_type arrives set only from a saved adapter_config.json: one without `residual` predates the form
+            self.residual = self.peft_type is None
         super().__post_init__()
         self.peft_type = PeftType.NORA
         self.degrees = [int(d) for d in self.degrees]
@@ -108,7 +117,8 @@ class NoraPeftConfig(PeftConfig):
     def nora_config(self) -> NoraConfig:
         """The NoRA part as the library's :class:`nora.NoraConfig` (validated there)."""
         return NoraConfig(variant=self.variant, r=self.r, alpha=self.alpha, groups=self.groups,
-                          degrees=tuple(self.degrees), form=self.form, numerator=self.numerator, init=self.init,
+                          degrees=tuple(self.degrees), form=self.form, numerator=self.numerator,
+                          residual=self.residual, init=self.init,
                           fit_range=tuple(self.fit_range), calibration_range_weight=self.calibration_range_weight,
                           per_group_calibration=self.per_group_calibration, target_modules=self.target_modules,
                           backend=self.backend)

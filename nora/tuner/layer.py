@@ -20,7 +20,6 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import Tensor, nn
 
 from nora.adapter import GroupRational, NoraActivation, NoraConfig
-from nora.kernels import rational
 from nora.rational.fit import RationalFit
 
 
@@ -33,17 +32,6 @@ def fit_tensors(fit: RationalFit, groups: int) -> tuple[Tensor, Tensor]:
     else:
         num, den = (t[None] for t in fit.tensors())
     return num.expand(groups, -1).contiguous(), den.expand(groups, -1).contiguous()
-
-
-def _grouped(act: GroupRational, x: Tensor, num: Tensor, den: Tensor) -> Tensor:
-    """``num``/``den`` evaluated on ``x`` grouped as ``act`` groups it (its channel dimension and group count)."""
-    dim = act.channel_dim if x.dim() > 1 else -1
-    if x.shape[dim] % act.groups:
-        raise ValueError(f"NoraLayer: channel dimension {x.shape[dim]} (dim {dim}) is not divisible by "
-                         f"{act.groups} groups")
-    if dim == 1:  # conv layout: group the channels, not the image width
-        return rational(x.movedim(1, -1), num, den, act.form, act.backend).movedim(-1, 1)
-    return rational(x, num, den, act.form, act.backend)
 
 
 class NoraLayer(nn.Module, BaseTunerLayer):
@@ -68,7 +56,8 @@ class NoraLayer(nn.Module, BaseTunerLayer):
         act = NoraActivation(num, den, form=config.form, backend=config.backend, original=self.original,
                              variant=config.variant, r=config.r, alpha=config.alpha,
                              numerator_mode=config.numerator, groups=config.groups,
-                             fit_range=(fit.x_min, fit.x_max), channel_dim=channel_dim, width=width)
+                             fit_range=(fit.x_min, fit.x_max), channel_dim=channel_dim, width=width,
+                             residual=config.residual, original_module=self.original_activation())
         self.nora_activation[adapter_name] = act.to(device) if device is not None else act
         self.set_adapter(self.active_adapters)
 
@@ -76,6 +65,8 @@ class NoraLayer(nn.Module, BaseTunerLayer):
         """Re-base adapter ``adapter_name`` on ``fit`` (calibrated init); its update stays the zero update."""
         act = self.nora_activation[adapter_name]
         num, den = fit_tensors(fit, act.groups)
+        if act.residual and act.variant == "rational_ft" and act.numerator_mode == "shared":
+            num = num.mean(0, keepdim=True).expand_as(num)  # the shared numerator it starts from (NoraActivation)
         with torch.no_grad():
             act.base_numerator.copy_(num)
             act.base_denominator.copy_(den)
@@ -104,7 +95,7 @@ class NoraLayer(nn.Module, BaseTunerLayer):
     def _base_rational(self, x: Tensor) -> Tensor:
         names = self._active() or list(self.nora_activation)
         act = self.nora_activation[names[0]]
-        return _grouped(act, x, act.base_numerator.expand(act.groups, -1), act.base_denominator)
+        return act.evaluate(x, act.base_numerator.expand(act.groups, -1), act.base_denominator)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.disable_adapters:
@@ -118,7 +109,7 @@ class NoraLayer(nn.Module, BaseTunerLayer):
             return self.base_layer(x)
         if len(active) == 1:
             return self.nora_activation[active[0]](x)
-        return _grouped(self.nora_activation[active[0]], x, *self.coefficients(active))
+        return self.nora_activation[active[0]].evaluate(x, *self.coefficients(active))
 
     # ------------------------------------------------------------------ merge
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
@@ -136,9 +127,14 @@ class NoraLayer(nn.Module, BaseTunerLayer):
             if safe_merge and not (torch.isfinite(num).all() and torch.isfinite(den).all()):
                 raise ValueError(f"NaNs detected in the merged rational of adapter(s) {adapter_names}")
             first = self.nora_activation[adapter_names[0]]
+            # the residual form keeps the rational its update started from (the merged one's, merging on top)
+            fit_num, fit_den = ((self.base_layer if self.merged else first).fit_coefficients() if first.residual
+                                else (None, None))
             merged = GroupRational(num.detach().clone(), den.detach().clone(), first.form, first.backend,
                                    self.original, first.fit_range, channel_dim=first.channel_dim,
-                                   width=first.width).to(first.base_numerator.device)
+                                   width=first.width, residual=first.residual, fit_numerator=fit_num,
+                                   fit_denominator=fit_den, original_module=self.original_activation()
+                                   ).to(first.base_numerator.device)
         if not self.merged:
             self._unmerged = [self.base_layer]
         self.base_layer = merged
