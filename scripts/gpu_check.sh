@@ -3,15 +3,21 @@
 #
 #   scripts/gpu_check.sh            (or: bash scripts/gpu_check.sh)
 #
-# 1. Triton kernels under the CPU interpreter (TRITON_INTERPRET=1), small shapes, vs float64.
+# 1. Triton kernels under the CPU interpreter (TRITON_INTERPRET=1), small shapes, vs float64: the plain
+#    rational and the residual form (every activation, exactness at equal coefficients), and a smoke run of
+#    the benchmark of step 4b.
 # 2. Without CUDA: stop here and exit with the status of step 1 (0 = passed), saying no GPU was found.
 # 3. With CUDA: the compiled Triton kernels vs the float64 reference on the GPU (small and large
-#    shapes incl. LLaMA-3-8B's 4 x 2048 x 14336 in bf16, both forms, fp32/bf16/fp16, determinism)
+#    shapes incl. LLaMA-3-8B's 4 x 2048 x 14336 in bf16, both forms, fp32/bf16/fp16, determinism; the
+#    residual form for every activation, its exactness at equal coefficients and its determinism)
 #    -> $OUT/gpu_check_correctness.json
 # 4. With CUDA: python -m nora.bench kernels at the ViT-Tiny shape (64 x 197 x 768, fp32) and the
 #    LLaMA-3-8B shape (4 x 2048 x 14336, bf16): times vs GELU/SiLU, saved bytes, measured copy
 #    bandwidth, achieved GB/s and fraction of it -> $OUT/bench_kernels_cuda.json
-# 5. With CUDA: a short sweep of the Triton tile size / warps at the LLaMA shape -> $OUT/triton_sweep/.
+# 4b. With CUDA: scripts/gpu_check.py bench: fwd and fwd+bwd of GELU, the plain rational and the residual
+#    form (gelu) in bf16 at 64 x 197 x 768 and 4 x 2048 x 14336, G = 8 and G = D -> $OUT/bench_residual_cuda.json
+# 5. With CUDA: a short sweep of the Triton tile size / warps at the LLaMA shape (plain rational through
+#    nora.bench, plain and residual through gpu_check.py bench) -> $OUT/triton_sweep/.
 # 6. With CUDA: python -m nora.bench train (ViT-Tiny 224 px, bf16, batch 256, batched GPU data path: full, LoRA,
 #    NoRA; LoRA and NoRA also under torch.compile, same run) -> $OUT/bench_train_cuda.json, and
 #    python -m nora.bench mlp (SwiGLU block, tiny and 8B shapes, bf16) -> $OUT/bench_mlp_cuda.json
@@ -98,7 +104,12 @@ step "kernel benchmark (ViT-Tiny fp32, LLaMA-3-8B bf16)" 900 \
     "$PY" -m nora.bench kernels --device cuda --shapes "64x197x768:8,4x2048x14336:8:bfloat16" \
     --repeats "$REPEATS" --warmup 3 --out "$OUT/bench_kernels_cuda.json"
 
-# Triton tile sweep at the LLaMA shape (the defaults were chosen without a GPU): GELU and Triton only
+# the residual form's kernels next to the plain ones and GELU (bf16; G = 8 and one rational per channel)
+step "rational and residual kernels vs GELU (bf16, 64x197x768 and 4x2048x14336, G=8 and G=D)" 300 \
+    "$PY" scripts/gpu_check.py bench --repeats "$REPEATS" --warmup 3 --json "$OUT/bench_residual_cuda.json"
+
+# Triton tile sweep at the LLaMA shape (the defaults were chosen without a GPU): GELU and Triton only; the residual
+# kernels (more registers: two rationals and phi) at the same settings
 mkdir -p "$OUT/triton_sweep"
 for cfg in 1024:4 2048:8 4096:8; do
     blk="${cfg%%:*}"; wrp="${cfg##*:}"
@@ -106,6 +117,9 @@ for cfg in 1024:4 2048:8 4096:8; do
         env NORA_TRITON_BLOCK="$blk" NORA_TRITON_WARPS="$wrp" "$PY" -m nora.bench kernels --device cuda \
         --shapes "4x2048x14336:8:bfloat16" --impls gelu,silu,triton --no-compile --repeats 10 --warmup 3 \
         --out "$OUT/triton_sweep/block${blk}_warps${wrp}.json"
+    step "triton tile sweep, residual form, BLOCK=$blk WARPS=$wrp" 120 \
+        env NORA_TRITON_BLOCK="$blk" NORA_TRITON_WARPS="$wrp" "$PY" scripts/gpu_check.py bench \
+        --shapes 4x2048x14336 --repeats 5 --warmup 2 --json "$OUT/triton_sweep/residual_block${blk}_warps${wrp}.json"
 done
 
 # Training throughput (issue: a GPU-resident data path and a busy accelerator): ViT-Tiny at 224 px in bf16 on
