@@ -357,7 +357,7 @@ ABLATION_RANK_ROWS = """\
 
 
 def nora_cfg(method="nora", **over) -> dict:
-    n = {"r": 3, "groups": 8, "form": "A", "numerator": "group", "init": "fit"}
+    n = {"r": 3, "groups": 8, "form": "A", "numerator": "group", "init": "fit", "residual": False}
     n.update(over)
     return {"method": {"name": method, "nora": n}}
 
@@ -374,6 +374,8 @@ def ablation_runs(root: Path) -> Path:
               components={"nora": 960, "head": 19_300, "lora": 0, "base": 0}, **kw)
     write_run(ab, "formB_s1", method="nora", seed=1, acc=92.0, config=nora_cfg(form="B"),
               components={"nora": 936, "head": 19_300, "lora": 0, "base": 0}, **kw)
+    write_run(ab, "residual_s0", method="nora", seed=0, acc=90.25, config=nora_cfg(residual=True),
+              components={"nora": 936, "head": 19_300, "lora": 0, "base": 0}, **kw)
     t1 = root / "table1"
     for seed, acc in ((0, 90.5), (1, 92.5)):
         write_run(t1, f"vit_tiny_cifar100_full_s{seed}", method="full", seed=seed, acc=acc, **kw)
@@ -389,7 +391,9 @@ def test_ablations_exact(tmp_path):
     assert "| zero-init FT | 0 | missing | missing | missing | missing |" in md
     assert "| form=B | 1 | 92.00 | +1.00 (n=1, no CI) | -0.50 (n=1, no CI) | 936 |" in md
     assert "| form=A (default) | 2 | 90.50 ± 0.71 | reference | -1.00 [-7.35, +5.35] (n=2) | 936 |" in md
-    assert "Runs: 7 of the 51 the sweeps define, read from `runs/ablations` and `runs/table1`" in md
+    assert "| residual=True | 1 | 90.25 | +0.25 (n=1, no CI) | -0.25 (n=1, no CI) | 936 |" in md
+    assert "| residual=False (default) | 2 | 90.50 ± 0.71 | reference |" in md
+    assert "Runs: 8 of the 54 the sweeps define, read from `runs/ablations` and `runs/table1`" in md
     assert ABLATION_DEFAULTS["method.nora.r"] == 3
 
 

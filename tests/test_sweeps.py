@@ -30,6 +30,7 @@ EXPECTED = {
     "ablation_form": (2 * 3, "runs/ablations"),     # A, B
     "ablation_numerator": (2 * 3, "runs/ablations"),  # shared, group
     "ablation_init": (2 * 3, "runs/ablations"),     # fit, calibrated
+    "ablation_residual": (2 * 3, "runs/ablations"),  # the paper's form, residual
     "matched_vit": (5 * 2 * 3, "runs/table1"),      # 5 arms x 2 datasets x 3 seeds
     "matched_llama": (5 * 2 * 3, "runs/table2"),
 }
@@ -117,18 +118,19 @@ def test_ablation_sweeps_match_the_table_and_share_the_default(composed):
     for sweep, _heading, key, values in ABLATIONS:
         jobs = composed[f"ablation_{sweep}"]
         swept = yaml.safe_load((SWEEP_DIR / f"ablation_{sweep}.yaml").read_text())["hydra"]["sweeper"]["params"]
-        assert [str(v) for v in str(swept[key]).split(",")] == [str(v) for v in values]
+        assert [str(v).lower() for v in str(swept[key]).split(",")] == [str(v).lower() for v in values]
         for _ov, c in jobs:
             assert (c.model.name, c.dataset.name) == ("vit_tiny", "cifar100")
             assert c.method.nora.alpha == 6.0
             if all(str(OmegaConf.select(c, k) if k != "method" else c.method.name) == str(v)
                    for k, v in {"method": "nora", "method.nora.r": 3, "method.nora.groups": 8, "method.nora.form": "A",
-                                "method.nora.numerator": "group", "method.nora.init": "fit"}.items()):
+                                "method.nora.numerator": "group", "method.nora.init": "fit",
+                                "method.nora.residual": False}.items()):
                 default_dirs.setdefault(c.seed, set()).add((job_run_dir(c), config_hash(c)))
-    # the default setting is one directory (and one config) per seed across the six ablation sweeps
+    # the default setting is one directory (and one config) per seed across the seven ablation sweeps
     assert sorted(default_dirs) == [0, 1, 2] and all(len(v) == 1 for v in default_dirs.values())
     all_dirs = {job_run_dir(c) for s in ABLATIONS for _ov, c in composed[f"ablation_{s[0]}"]}
-    assert len(all_dirs) == 48  # 51 jobs, the default setting shared by the six sweeps (3 seeds)
+    assert len(all_dirs) == 51  # 57 jobs, the default setting shared by the seven sweeps (3 seeds)
 
 
 def test_command_line_overrides_restrict_a_sweep():
@@ -237,9 +239,9 @@ def test_run_name_carries_the_overrides_it_does_not_spell():
 def test_sweep_run_names_keep_their_directories_and_gain_unspelled_overrides():
     # the ablations' run_name spells method.nora.r: not repeated; trainer.epochs is not spelled: appended
     assert _name(["method.nora.r=2", "seed=1"], "ablation_rank") == \
-        "vit_tiny_cifar100_nora_r2_G8_formA_numgroup_initfit_s1"
+        "vit_tiny_cifar100_nora_r2_G8_formA_numgroup_initfit_residualFalse_s1"
     assert _name(["method.nora.r=2", "seed=1", "trainer.epochs=1"], "ablation_rank") == \
-        "vit_tiny_cifar100_nora_r2_G8_formA_numgroup_initfit_s1_trainer.epochs=1"
+        "vit_tiny_cifar100_nora_r2_G8_formA_numgroup_initfit_residualFalse_s1_trainer.epochs=1"
     assert _name(["budget=lora_r9", "dataset=cifar10"], "matched_vit") == "vit_tiny_cifar10_lora_r9_s0"
     assert _name(["experiment=llama3_alpaca", "method=lora", "data.path=/data/alpaca.json"], "table2") == \
         "llama3_8b_alpaca_lora_s0"

@@ -36,7 +36,7 @@ SWEEPS = {
     "table1": ["table1", "table1_low_budget"],
     "table2": ["table2"],
     "ablations": ["ablation_variant", "ablation_rank", "ablation_groups", "ablation_form", "ablation_numerator",
-                  "ablation_init"],
+                  "ablation_init", "ablation_residual"],
     "matched_budget": ["matched_vit", "matched_llama"],
 }
 

@@ -396,7 +396,7 @@ def table2_report(col: Collection, seeds: int = 3, source: str = "runs/table2",
 
 # ----------------------------------------------------------------------------- ablations
 ABLATION_DEFAULTS = {"method": "nora", "method.nora.r": 3, "method.nora.groups": 8, "method.nora.form": "A",
-                     "method.nora.numerator": "group", "method.nora.init": "fit"}
+                     "method.nora.numerator": "group", "method.nora.init": "fit", "method.nora.residual": False}
 # (sweep, heading, factor, values): the values of sweeps/ablation_<sweep>.yaml (checked by tests/test_sweeps.py)
 ABLATIONS = (
     ("variant", "Rational FT vs zero-init FT vs NoRA", "method", ("rational_ft", "zero_init_ft", "nora")),
@@ -405,6 +405,8 @@ ABLATIONS = (
     ("form", "Denominator form (A: 1+Σ|b_j||x|^j, B: 1+|Σ b_j x^j|)", "method.nora.form", ("A", "B")),
     ("numerator", "Numerator update shared vs per group", "method.nora.numerator", ("shared", "group")),
     ("init", "Initialisation: range-fitted vs calibrated", "method.nora.init", ("fit", "calibrated")),
+    ("residual", "Form: the paper's (the rational replaces GELU) vs residual (GELU + the rational's change, exact at "
+     "step 0)", "method.nora.residual", (False, True)),
 )
 ABLATION_MODEL, ABLATION_DATASET = "vit_tiny", "cifar100"
 
@@ -451,12 +453,13 @@ def ablation_report(col: Collection, reference_col: Collection | None = None, se
                                           "Δ vs full FT (95% CI)", "NoRA params"], rows, csv_rows))
     used_runs = [r for r in runs if id(r) in used]
     intro = [("NoRA ablations on ViT-Tiny/CIFAR-100 (`sweeps/ablation_*.yaml`): one factor varied at a time, the "
-              "others at NoRA's defaults (r=3, alpha=6, G=8, form A, per-group numerator, range-fitted init); "
+              "others at NoRA's defaults (r=3, alpha=6, G=8, form A, per-group numerator, range-fitted init, the "
+              "paper's form as in Table 1); "
               "the head trains in every run. Δ vs full FT pairs each seed with Table 1's full fine-tuning run "
               "of the same seed."),
              "Accuracy: final test accuracy (%), mean ± std over seeds. " + CI_NOTE.replace(
                  "the reference", "the default NoRA setting or full fine-tuning")]
-    # the default setting appears in all six sweeps but is one directory per seed; + Table 1's full FT runs
+    # the default setting appears in all seven sweeps but is one directory per seed; + Table 1's full FT runs
     settings = 1 + sum(len(values) - 1 for _s, _h, _k, values in ABLATIONS)
     return Report("ablations", "Ablations: NoRA on ViT-Tiny / CIFAR-100", intro, sections,
                   used_runs + ref_runs, [source, reference_source], expected=settings * seeds + seeds,
