@@ -63,21 +63,21 @@ def _randomise_adapters(model):
             m.nora_B_den.normal_(0, 0.1)
 
 
-def _tiny_vit(backend):
+def _tiny_vit(backend, residual=True):
     torch.manual_seed(0)
     model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
-    nora.apply_nora(model, nora.NoraConfig(backend=backend, trainable_modules=["head"]))
+    nora.apply_nora(model, nora.NoraConfig(backend=backend, trainable_modules=["head"], residual=residual))
     _randomise_adapters(model)
     return model, torch.randn(4, 3, 32, 32)
 
 
-def _tiny_llama_nora_pp(backend):
+def _tiny_llama_nora_pp(backend, residual=True):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=32)
     model = peft.get_peft_model(LlamaForCausalLM(cfg), peft.LoraConfig(r=4, lora_alpha=8,
                                                                         target_modules=["q_proj", "v_proj"]))
-    nora.apply_nora(model, nora.NoraConfig(backend=backend))
+    nora.apply_nora(model, nora.NoraConfig(backend=backend, residual=residual))
     _randomise_adapters(model)
     with torch.no_grad():  # LoRA's B starts at zero: make its gradients (and A's) non-trivial
         for n, p in model.named_parameters():
@@ -96,14 +96,16 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
-@pytest.mark.parametrize("kind,backend,compiler", [("vit", "cpu", "inductor"), ("vit", "torch", "aot_eager"),
-                                                   ("llama", "cpu", "inductor"), ("llama", "torch", "aot_eager")])
-def test_fullgraph_compile_no_graph_breaks_same_gradients(kind, backend, compiler):
+@pytest.mark.parametrize("kind,backend,compiler,residual", [
+    ("vit", "cpu", "inductor", True), ("vit", "torch", "aot_eager", True), ("llama", "cpu", "inductor", True),
+    ("llama", "torch", "aot_eager", True), ("llama", "cpu", "aot_eager", False), ("vit", "torch", "aot_eager", False)])
+def test_fullgraph_compile_no_graph_breaks_same_gradients(kind, backend, compiler, residual):
     """The training step's forward + loss, compiled with fullgraph=True (a graph break would raise), its backward
-    through the compiled graph: loss and every trainable gradient equal eager's. ``aot_eager`` stands in for
-    inductor on the torch backend to keep the suite fast on two cores (same dynamo graph, same AOT backward)."""
+    through the compiled graph: loss and every trainable gradient equal eager's, in both forms (residual: the
+    default; the paper's). ``aot_eager`` stands in for inductor on some cases to keep the suite fast on two cores
+    (same dynamo graph, same AOT backward)."""
     _require(backend)
-    model, inp = (_tiny_vit if kind == "vit" else _tiny_llama_nora_pp)(backend)
+    model, inp = (_tiny_vit if kind == "vit" else _tiny_llama_nora_pp)(backend, residual)
     assert nora.nora_modules(model), "no activation was replaced"
     step = _loss_fn(model, kind)
     loss = step(inp)
@@ -128,7 +130,7 @@ def test_fullgraph_compile_no_graph_breaks_same_gradients(kind, backend, compile
     for n, g in want.items():
         torch.testing.assert_close(got[n], g, rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
     # the compiled graph calls the backend's op, not a fallback
-    op = f"nora.rational_{backend}"
+    op = f"nora.{'residual' if residual else 'rational'}_{backend}"
     ops = {str(node.target) for g in explained.graphs for node in g.graph.nodes if node.op == "call_function"}
     assert any(op in o for o in ops), sorted(ops)
 
@@ -140,7 +142,7 @@ def test_a_pending_fit_range_check_leaves_the_compiled_graph_whole():
     trainer runs its first forward eagerly for that."""
     from nora.adapter.ranges import fit_range_check_pending
 
-    model, inp = _tiny_vit("torch")
+    model, inp = _tiny_vit("torch", residual=False)  # (the paper's form: the residual form needs no check)
     assert fit_range_check_pending(model)
     step = _loss_fn(model, "vit")
     torch._dynamo.reset()
