@@ -182,8 +182,17 @@ def test_one_step_pipeline_writes_the_report_with_train_and_eval_outputs(tmp_pat
     assert proc3.returncode == 0, proc3.stderr[-3000:]
     diag = (res / "demo_llm_diagnosis.md").read_text()
     for heading in ("## What the table can resolve", "## Gate pre-activations", "## Is the NoRA part of NoRA++ used?",
-                    "## Does the calibrated init matter?"):
+                    "## Does the calibrated init matter?", "## Step 0: does NoRA start at the pretrained model?",
+                    "## Outside the fit range, after training", "## Does the start change the results?"):
         assert heading in diag
     fit_run = tmp_path / "runs_diagnosis" / "nora_fit_s0"
     assert json.loads((fit_run / "summary.json").read_text())["status"] == "complete"
     assert "init: fit" in (fit_run / "config.yaml").read_text()
+    # step 0 in the residual form (the default) is the backbone, to float32's resolution
+    step0 = diag.split("## Step 0")[1].split("\n## ")[0]
+    for init in ("fit", "calibrated"):
+        row = next(line for line in step0.splitlines() if line.startswith(f"| residual (default) | {init} |"))
+        assert abs(float(row.split("|")[4].strip().rstrip("%"))) < 1e-3 and float(row.split("|")[5]) < 1e-5
+    paper_run = tmp_path / "runs_diagnosis" / "nora_pp_paper_form_s0"
+    assert "residual: false" in (paper_run / "config.yaml").read_text()
+    assert "residual: true" in (out / "nora_pp_s0" / "config.yaml").read_text()

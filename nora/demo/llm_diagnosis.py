@@ -1,6 +1,15 @@
 """Measurements behind results/demo_llm_diagnosis.md: what the LLM demo's numbers do and do not show.
 
-Read from the finished demo runs (``runs/demo_llm``), plus the runs the init experiment adds:
+Read from the finished demo runs (``runs/demo_llm``), plus the runs the experiments below add:
+
+* **step 0**: the pretrained backbone with NoRA applied and nothing trained yet, in each form (residual, the
+  default; the paper's) and init (range fit, calibrated): perplexity on the held-out test prompts against the
+  backbone's own, and the largest change of a logit;
+* **does the start change the results**: NoRA and NoRA++ trained in the paper's form (the rational replaces SiLU)
+  against the demo's runs in the residual form, paired by seed on the test questions;
+* **outside the fit range, after training**: how far each form's activation is from SiLU at inputs beyond the range
+  the base rationals were fitted on (up to the -40 / +14 a real pretrained LLM's gate inputs reach), with the
+  trained NoRA updates of the demo's runs;
 
 * **gate pre-activation range**: the inputs of every SiLU (``mlp.act_fn``) on the test prompts, in the pretrained
   model (plain SiLU), in a trained NoRA++ run with its NoRA update removed (its LoRA kept) and in the trained run:
@@ -16,13 +25,19 @@ Read from the finished demo runs (``runs/demo_llm``), plus the runs the init exp
 """
 from __future__ import annotations
 
+import copy
 import json
+import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from nora.adapter.inject import nora_modules
+from nora.adapter.config import NoraConfig
+from nora.adapter.inject import apply_nora, nora_modules
 from nora.app.reload import load_trained_model
+from nora.rational.fit import ACTIVATIONS
+from nora.rational.functional import rational_reference
 from nora.demo.diagnosis import coefficient_stats, range_stats, without_update
 from nora.eval.mmlu import build_prompt, evaluate_mmlu
 from nora.eval.mmlu_data import load_mmlu
@@ -46,6 +61,99 @@ def gate_inputs(model, tokenizer, data: Path, k: int, protocol: str, limit: int 
         for h in hooks:
             h.remove()
     return {_short(k): torch.cat(v) for k, v in sorted(seen.items())}
+
+
+def held_out_prompts(tokenizer, data: Path, k: int, protocol: str, limit: int = 64) -> list[torch.Tensor]:
+    """The token ids of up to ``limit`` test prompts per subject (questions about people and number pairs the
+    backbone never saw questioned), with their answers: held-out text in the form the demo scores."""
+    out = []
+    for subject, d in load_mmlu(data / "mmlu", subjects="all", k=k).items():
+        for q in d.test[:limit]:
+            text = build_prompt(subject, d.dev[:k], q, protocol) + " " + q.choices[q.answer]
+            out.append(tokenizer(text, return_tensors="pt").input_ids)
+    return out
+
+
+def calibration_batches(tokenizer, data: Path, n: int = 32, batch: int = 8) -> list[dict]:
+    """``n`` Alpaca records of the demo's instruction data (instruction, input and response as one text), in batches:
+    what a training run's ``init=calibrated`` records its gate inputs on."""
+    records = json.loads((data / "alpaca.json").read_text())[:n]
+    texts = ["\n".join(v for v in (r["instruction"], r.get("input", ""), r["output"]) if v) for r in records]
+    return [{"input_ids": tokenizer(t, return_tensors="pt").input_ids} for t in texts]
+
+
+def step0_agreement(model, reference: dict, prompts: list[torch.Tensor]) -> tuple[float, float]:
+    """(perplexity over every next token of ``prompts``, largest |logit change| / largest |logit| against
+    ``reference``: prompt index -> the pretrained model's logits)."""
+    nll, count, worst = 0.0, 0, 0.0
+    with torch.no_grad():
+        for i, ids in enumerate(prompts):
+            logits = model.eval()(input_ids=ids).logits[0].float()
+            nll += F.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum").item()
+            count += ids.shape[1] - 1
+            ref = reference[i]
+            worst = max(worst, ((logits - ref).abs().max() / ref.abs().max()).item())
+    return math.exp(nll / count), worst
+
+
+def step0_section(backbone: str, data: Path, k: int, protocol: str) -> tuple[list[str], dict]:
+    """Step 0 of NoRA on the pretrained backbone in every form and init (see the module docstring): the report's
+    lines and ``{(residual, init): (perplexity change %, largest logit change)}``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(backbone)
+    pretrained = AutoModelForCausalLM.from_pretrained(backbone).eval()
+    prompts = held_out_prompts(tokenizer, data, k, protocol)
+    with torch.no_grad():
+        reference = {i: pretrained(input_ids=ids).logits[0].float() for i, ids in enumerate(prompts)}
+    base_ppl, _ = step0_agreement(pretrained, reference, prompts)
+    calibration = calibration_batches(tokenizer, data)
+    tokens = sum(ids.shape[1] - 1 for ids in prompts)
+    lines = ["## Step 0: does NoRA start at the pretrained model?", "",
+             f"The pretrained backbone with NoRA applied and nothing trained yet, on {len(prompts)} held-out test "
+             f"prompts with their answers ({tokens} next tokens): perplexity {base_ppl:.4f} without NoRA. "
+             "Calibrated init: each layer's rational fitted over its gate inputs on 32 of the demo's instruction "
+             "records (as a training run's `init=calibrated` does on its first batches).", "",
+             "| form | init | perplexity | change | largest logit change (relative) |", "|---|---|---|---|---|"]
+    results = {}
+    for residual in (True, False):
+        for init in ("fit", "calibrated"):
+            model = copy.deepcopy(pretrained)
+            apply_nora(model, NoraConfig(residual=residual, init=init),
+                       calibration_batches=calibration if init == "calibrated" else None)
+            ppl, worst = step0_agreement(model, reference, prompts)
+            change = 100 * (ppl / base_ppl - 1)
+            results[(residual, init)] = (change, worst)
+            form = "residual (default)" if residual else "paper's"
+            lines.append(f"| {form} | {init} | {ppl:.4f} | {change:+.4f}% | {worst:.2e} |")
+    lines.append("")
+    return lines, results
+
+
+OUTSIDE_POINTS = (-40.0, -20.0, -10.0, -6.0, -3.0, 3.0, 6.0, 10.0, 14.0)
+
+
+def outside_range(models: list) -> dict[float, tuple[float, float, float]]:
+    """For the NoRA activations of ``models`` (trained): per input x of :data:`OUTSIDE_POINTS`, the largest over
+    layers, groups and models of |R_base(x) - phi(x)| (the paper's form at step 0), |R(x) - R_base(x)| (the residual
+    form's distance to phi after training: the change the update made) and |R(x) - phi(x)| (the paper's form after
+    training)."""
+    x = torch.tensor(OUTSIDE_POINTS, dtype=torch.float64)
+    out = {float(v): (0.0, 0.0, 0.0) for v in OUTSIDE_POINTS}
+    for model in models:
+        for mod in nora_modules(model).values():
+            with torch.no_grad():
+                num, den = (t.detach().double() for t in mod.coefficients())
+                bnum, bden = mod.base_numerator.double().expand_as(num), mod.base_denominator.double()
+                grid = x[:, None].expand(-1, num.shape[0]).contiguous()
+                y, base = rational_reference(grid, num, den, mod.form), rational_reference(grid, bnum, bden, mod.form)
+                phi = ACTIVATIONS[mod.original](x)[:, None]
+            for i, v in enumerate(OUTSIDE_POINTS):
+                old = out[float(v)]
+                out[float(v)] = (max(old[0], (base[i] - phi[i]).abs().max().item()),
+                                 max(old[1], (y[i] - base[i]).abs().max().item()),
+                                 max(old[2], (y[i] - phi[i]).abs().max().item()))
+    return out
 
 
 def _short(name: str) -> str:
@@ -111,6 +219,13 @@ def diagnose(conf: dict, data: Path, out_root: Path, common: dict, n_procs: int,
         summary.append(f"- NoRA++ − LoRA, paired by seed: {paired_difference(acc['nora_pp'], acc['lora']).fmt(1)} "
                        "points.")
 
+    # step 0, in every form and init
+    step0_lines, step0 = step0_section(common["backbone"], data, ev["k"], ev["protocol"])
+    lines += step0_lines
+    summary.append("- Step 0 (nothing trained) on held-out test prompts: perplexity change against the pretrained "
+                   "backbone " + ", ".join(f"{'residual' if r else 'paper'} form {i} {step0[(r, i)][0]:+.4f}%"
+                                          for r in (True, False) for i in ("fit", "calibrated")) + ".")
+
     # 1. ranges
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -164,9 +279,15 @@ def diagnose(conf: dict, data: Path, out_root: Path, common: dict, n_procs: int,
     jobs = [dict(common, method="nora", seed=r.seed, name=f"nora_fit_s{r.seed}", extra=("method.nora.init=fit",))
             for r in nora]
     jobs += [dict(common, method="nora_pp", seed=r.seed, name=f"nora_pp_shared_lr_s{r.seed}", lrs=shared) for r in pp]
+    # the paper's form: the same runs with the rational in place of SiLU
+    jobs += [dict(common, method=r.method, seed=r.seed, name=f"{r.method}_paper_form_s{r.seed}",
+                  extra=("nora_residual=false",)) for r in nora + pp]
     done = run_jobs(jobs, n_procs, run=job)
-    fit_acc = {r["job"]["seed"]: r["accuracy"] for r in done if r["job"]["method"] == "nora"}
-    shared_acc = {r["job"]["seed"]: r["accuracy"] for r in done if r["job"]["method"] == "nora_pp"}
+    kind = {id(r): r["job"]["name"].rsplit("_s", 1)[0] for r in done}
+    fit_acc = {r["job"]["seed"]: r["accuracy"] for r in done if kind[id(r)] == "nora_fit"}
+    shared_acc = {r["job"]["seed"]: r["accuracy"] for r in done if kind[id(r)] == "nora_pp_shared_lr"}
+    paper_acc = {m: {r["job"]["seed"]: r["accuracy"] for r in done if kind[id(r)] == f"{m}_paper_form"}
+                 for m in ("nora", "nora_pp")}
     pp_acc = acc["nora_pp"]
     d = paired_difference(shared_acc, pp_acc)
     lines += ["", f"NoRA++ with its NoRA factors at its LoRA factors' learning rate (nora_lr = lr = {pp_lrs['lr']:g}, "
@@ -177,7 +298,20 @@ def diagnose(conf: dict, data: Path, out_root: Path, common: dict, n_procs: int,
     summary.append(f"- NoRA++ with its NoRA factors at its LoRA factors' lr ({pp_lrs['lr']:g}): {d.fmt(1)} points "
                    "against the swept nora_lr.")
 
-    curves = [coefficient_stats(load_trained_model(r.dir).model) for r in nora]
+    trained_nora = [load_trained_model(r.dir).model for r in nora]
+    curves = [coefficient_stats(m) for m in trained_nora]
+    far = outside_range(trained_nora)
+    fit_lo, fit_hi = fit
+    lines += ["", "## Outside the fit range, after training", "",
+              f"NoRA's trained updates ({len(nora)} runs, lr {lrs['nora']['lr']:g}), evaluated at inputs beyond the "
+              f"range its base rationals were fitted on ([{fit_lo:.3g}, {fit_hi:.3g}], calibrated) up to the -40 / +14 "
+              "a real pretrained LLM's gate inputs reach. Largest over layers, groups and runs of: the paper's "
+              "form's distance to SiLU at step 0 |R_base − SiLU|, the residual form's after training |R − R_base| "
+              "(the change the update made, added to SiLU itself), the paper's form's after training |R − SiLU|.", "",
+              "| x | SiLU(x) | paper's form, step 0 | residual form, trained | paper's form, trained |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {v:g} | {ACTIVATIONS['silu'](torch.tensor(v)).item():.3g} | {a:.3g} | {b:.3g} | {c:.3g} |"
+              for v, (a, b, c) in far.items()]
     nrel = summarize([v["num_rel"] for c in curves for v in c.values()])
     ndev = summarize([v["max_dev_fit"] for c in curves for v in c.values()])
     lines += ["", f"How far NoRA's own curves moved (lr = {lrs['nora']['lr']:g}, its {len(nora)} runs): relative "
@@ -194,5 +328,19 @@ def diagnose(conf: dict, data: Path, out_root: Path, common: dict, n_procs: int,
     lines += ["", f"Calibrated − fit: {d.fmt(1)} points (same learning rate, seeds and data)."]
     summary.append(f"- NoRA's learnt curves move by up to {ndev.fmt(2)} inside the fit range; calibrated − fit init: "
                    f"{d.fmt(1)} points.")
+    summary.append(f"- Outside the fit range, after training: at x = -40 the residual form is {far[-40.0][1]:.3g} from "
+                   f"SiLU, the paper's form {far[-40.0][2]:.3g}; at x = 14, {far[14.0][1]:.3g} and {far[14.0][2]:.3g}.")
+    lines += ["", "## Does the start change the results? The residual form (the demo's) against the paper's", "",
+              "The demo's NoRA and NoRA++ runs (residual form: SiLU plus the change of its fitted rational, step 0 = "
+              "the backbone) against the same runs in the paper's form (the rational in place of SiLU), same "
+              "learning rates, seeds, data and init; test split.", "",
+              "| method | seed | residual (the demo's) (%) | paper's form (%) |", "|---|---|---|---|"]
+    for m in ("nora", "nora_pp"):
+        lines += [f"| {m} | {s} | {acc[m][s]:.1f} | {paper_acc[m].get(s, float('nan')):.1f} |" for s in sorted(acc[m])]
+    diffs = {m: paired_difference(acc[m], paper_acc[m]) for m in ("nora", "nora_pp")}
+    lines += ["", "Residual − paper's form, paired by seed: " + "; ".join(f"{m} {d.fmt(1)} points"
+                                                                         for m, d in diffs.items()) + "."]
+    summary.append("- Residual form (the default) − the paper's form, trained, paired by seed: "
+                   + "; ".join(f"{m} {d.fmt(1)}" for m, d in diffs.items()) + " points.")
     lines[4:4] = ["## Summary (every number measured below)", "", *summary, ""]
     return "\n".join(lines) + "\n"
