@@ -46,3 +46,34 @@ def test_sweep_plan_estimates_device_time_from_the_benchmark():
             Job(["seed=2"], "runs/c", "new", None)]
     text = format_plan("t", jobs)
     assert "estimated device time for the 2 jobs to run: ~60min (1 without an estimate" in text
+
+
+def test_kernel_benchmark_times_every_form(tmp_path):
+    """python -m nora.bench kernels: the fused backend's residual form (phi = the shape's activation) next to the
+    plain rational in the main table and in the sweep over G, ratios to GELU from the same rounds, targets for both."""
+    from fixtures import require_cpu_extension
+    from nora.bench import kernels
+
+    require_cpu_extension()
+    out = tmp_path / "kernels.json"
+    assert kernels.main(["--device", "cpu", "--shapes", "4x10x48:8", "--repeats", "2", "--warmup", "1",
+                         "--impls", "gelu,cpu,cpu_residual", "--residual-activation", "silu", "--bandwidth-mb", "16",
+                         "--groups-sweep", "4x10x48:1/48", "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    (shape,) = rep["shapes"]
+    rows = {r["impl"]: r for r in shape["rows"]}
+    assert set(rows) == {"gelu", "cpu", "cpu_residual"} and shape["residual_activation"] == "silu"
+    res = rows["cpu_residual"]
+    assert res["activation"] == "silu" and res["fwd_bwd_ms"] > 0 and res["max_abs_diff_vs_reference"] < 1e-5
+    # saved for backward: x and the four (8, 6) + (8, 4) float32 coefficient tensors (trained and fit)
+    assert res["saved_bytes"] - rows["gelu"]["saved_bytes"] == 2 * 4 * 8 * 10
+    (sweep,) = rep["groups_sweep"]
+    assert set(sweep["by_groups"]) == {"1", "48"} and sweep["residual_activation"] == "silu"
+    for cell in sweep["by_groups"].values():
+        assert cell["fwd_bwd_ratio_vs_gelu"] > 0 and cell["residual"]["fwd_bwd_ratio_vs_gelu"] > 0
+    keys = {"cpu_residual_fwd_bwd_ratio_vs_gelu@4x10x48:float32", "cpu_residual_saved_bytes_minus_gelu@4x10x48:float32",
+            "cpu_residual_fwd_bwd_ratio_vs_gelu@4x10x48:float32:G=1", "cpu_fwd_bwd_ratio_vs_gelu@4x10x48:float32:G=48"}
+    assert keys <= set(rep["targets"])
+    forms = {(e["source"], e["groups"], e["form"]) for e in rep["forms_summary"]}
+    assert forms == {("shapes", 8, "plain"), ("shapes", 8, "residual"), ("groups_sweep", 1, "plain"),
+                     ("groups_sweep", 1, "residual"), ("groups_sweep", 48, "plain"), ("groups_sweep", 48, "residual")}

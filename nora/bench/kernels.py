@@ -1,7 +1,8 @@
 """Kernel benchmark: rational-activation implementations against GELU and SiLU, in one process.
 
 ``python -m nora.bench kernels [--device cpu|cuda] [--shapes 64x197x768:8,...] [--dtype float32]
-[--repeats 7] [--warmup 2] [--form A] [--impls gelu,silu,...] [--no-compile] [--out PATH]``
+[--repeats 7] [--warmup 2] [--form A] [--residual-activation auto] [--impls gelu,silu,...] [--no-compile]
+[--out PATH]``
 
 For every shape, every implementation is timed for the forward (autograd-recording, inputs that
 require grad) and for forward+backward (``torch.autograd.grad`` of the output w.r.t. x and, for the
@@ -21,7 +22,11 @@ Implementations: ``gelu``, ``silu`` (torch), ``reference`` (plain autograd over 
 ``stacked_powers`` (plain autograd over a stacked tensor of powers, as the public PyTorch fallbacks
 of rational activations do), ``compile`` (``torch.compile`` of the reference math; its compile time
 is recorded), ``torch`` (custom autograd Function, analytic gradients), ``cpu`` (fused C++
-extension) and ``triton`` (CUDA) when available.
+extension) and ``triton`` (CUDA) when available, all in the paper's form (the plain rational P/Q), and
+``cpu_residual`` / ``triton_residual``: the fused backend's residual form ``phi(x) + (R(x) - R_fit(x))``
+(:func:`nora.kernels.residual_rational`), with ``phi`` the shape's own activation (``--residual-activation auto``:
+GELU at 64x197x768, the ViT shape, SiLU at the LLaMA shapes with D = 14336, GELU elsewhere) and trained coefficients
+that differ from the fit (so nothing cancels early). The sweep over the number of groups times both forms.
 
 Output: a table on stdout and JSON at ``results/bench_kernels_<device>.json`` (with hardware info).
 """
@@ -47,7 +52,7 @@ import torch.nn.functional as F
 from nora.files import write_json_atomic
 from nora.hardware import describe
 from nora.kernels import available_backends, resolve_backend
-from nora.rational.functional import rational_reference
+from nora.rational.functional import KERNEL_ACTIVATIONS, rational_reference, residual_reference
 
 # PAU's published 5/4 form-A GELU fit (values only matter through timing; kept fixed for repeatability)
 GELU_A = [-0.0012423594497499122, 0.5080497063245629, 0.41586363182937475, 0.13022718688035761,
@@ -62,8 +67,10 @@ CPU_GROUP_SWEEP = "64x197x768:1/8/96/768,2x512x14336:1/8/14336"
 CUDA_GROUP_SWEEP = "64x197x768:1/8/96/768,2x512x14336:1/8/14336,4x2048x14336:1/8/14336:bfloat16"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+# the residual form's phi per shape (--residual-activation auto): the activation the shape's model uses
+RESIDUAL_ACTIVATIONS = {(64, 197, 768): "gelu", (2, 512, 14336): "silu", (4, 2048, 14336): "silu"}
 TARGETS = {
-    "cpu_fwd_bwd_max_ratio_vs_gelu": 1.25,  # fused CPU backend, ViT-Tiny and LLaMA shapes, every G of the sweep
+    "cpu_fwd_bwd_max_ratio_vs_gelu": 1.25,  # fused CPU backend, both forms, ViT and LLaMA shapes, every G of the sweep
     "saved_bytes_equal_to_gelu": True,
     "gpu_fwd_bwd_min_bandwidth_fraction": 0.60,  # Triton at the LLaMA shape
 }
@@ -90,8 +97,11 @@ def stacked_powers(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.
 
 
 class Impl:
-    def __init__(self, name: str, fn: Callable, rational: bool, note: str = ""):
-        self.name, self.fn, self.rational, self.note = name, fn, rational, note
+    """``fn(x, a, b, form)``; a residual-form implementation (``residual``) is
+    ``fn(x, a, b, fit_a, fit_b, form, activation)``."""
+
+    def __init__(self, name: str, fn: Callable, rational: bool, note: str = "", residual: bool = False):
+        self.name, self.fn, self.rational, self.note, self.residual = name, fn, rational, note, residual
         self.error: str | None = None
         self.compile_s: float | None = None
 
@@ -109,12 +119,29 @@ def build_impls(device: torch.device, names: list[str] | None, use_compile: bool
                        ("cpu", "fused C++ extension"), ("triton", "Triton kernels")):
         if name in avail:
             impls.append(Impl(name, resolve_backend(name, device).fn, True, note))
+    fused = "triton" if device.type == "cuda" else "cpu"
+    if fused in avail and resolve_backend(fused, device).residual is not None:
+        impls.append(residual_impl(device))
     if names:
-        unknown = set(names) - {i.name for i in impls} - {"compile", "cpu", "triton"}
+        unknown = set(names) - {i.name for i in impls} - {"compile", "cpu", "triton", "cpu_residual", "triton_residual"}
         if unknown:
             raise SystemExit(f"unknown implementation(s) {sorted(unknown)}")
         impls = [i for i in impls if i.name in names]
     return impls
+
+
+def residual_impl(device: torch.device) -> Impl:
+    """The fused backend's residual form (``<backend>_residual``)."""
+    fused = "triton" if device.type == "cuda" else "cpu"
+    return Impl(f"{fused}_residual", resolve_backend(fused, device).residual, True,
+                f"{fused} backend, residual form phi(x) + (R(x) - R_fit(x))", residual=True)
+
+
+def residual_activation(shape: tuple[int, ...], choice: str) -> str:
+    """phi of the residual form at ``shape``: ``choice``, or with ``auto`` the shape's model's activation."""
+    if choice != "auto":
+        return choice
+    return RESIDUAL_ACTIVATIONS.get(tuple(shape), "gelu")
 
 
 # ----------------------------------------------------------------------------- measurement helpers
@@ -221,26 +248,43 @@ def parse_shapes(spec: str, default_dtype: torch.dtype) -> list[tuple[tuple[int,
 
 # ----------------------------------------------------------------------------- one shape
 class ShapeCase:
-    """The tensors of one benchmarked shape and the timed closures over them."""
+    """The tensors of one benchmarked shape and the timed closures over them. The residual form's fit is the
+    plain rows' coefficients, its trained coefficients those times (1 + 2^-7) (different bits: no early cancel)."""
 
-    def __init__(self, shape, groups, dtype, device, form):
+    def __init__(self, shape, groups, dtype, device, form, activation="gelu"):
         gen = torch.Generator(device="cpu").manual_seed(0)
         self.x0 = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
         self.go = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
         self.a0 = torch.tensor(GELU_A, device=device).repeat(groups, 1)
         self.b0 = torch.tensor(GELU_B, device=device).repeat(groups, 1)
         self.x, self.a, self.b = (t.clone().requires_grad_() for t in (self.x0, self.a0, self.b0))
-        self.form, self.device = form, device
+        self.fit_a, self.fit_b = self.a0.clone(), self.b0.clone()
+        self.ra, self.rb = ((t * (1 + 2.0 ** -7)).requires_grad_() for t in (self.a0, self.b0))
+        self.form, self.device, self.activation = form, device, activation
         self.y_ref = rational_reference(self.x0, self.a0, self.b0, form).float()
+        self._y_res_ref = None
+
+    def y_res_ref(self) -> torch.Tensor:
+        if self._y_res_ref is None:
+            self._y_res_ref = residual_reference(self.x0, self.ra.detach(), self.rb.detach(), self.fit_a, self.fit_b,
+                                                 self.form, self.activation).float()
+        return self._y_res_ref
+
+    def call(self, impl: Impl, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if impl.residual:
+            return impl.fn(x, a, b, self.fit_a, self.fit_b, self.form, self.activation)
+        return impl.fn(x, a, b, self.form)
 
     def fwd(self, impl: Impl):
-        return lambda: impl.fn(self.x, self.a, self.b, self.form)
+        a, b = (self.ra, self.rb) if impl.residual else (self.a, self.b)
+        return lambda: self.call(impl, self.x, a, b)
 
     def fwd_bwd(self, impl: Impl):
-        inputs = (self.x, self.a, self.b) if impl.rational else (self.x,)
+        a, b = (self.ra, self.rb) if impl.residual else (self.a, self.b)
+        inputs = (self.x, a, b) if impl.rational else (self.x,)
 
         def run():
-            y = impl.fn(self.x, self.a, self.b, self.form)
+            y = self.call(impl, self.x, a, b)
             torch.autograd.grad(y, inputs, self.go)
         return run
 
@@ -259,10 +303,16 @@ def _first_call(impl: Impl, case: ShapeCase, row: dict) -> None:
         first = time.perf_counter() - t0
     row["first_fwd_bwd_s"] = round(first, 4)
     with torch.no_grad():
-        y = impl.fn(case.x0, case.a0, case.b0, case.form).float()
+        if impl.residual:
+            y = case.call(impl, case.x0, case.ra.detach(), case.rb.detach()).float()
+            ref = case.y_res_ref()
+            row["activation"] = case.activation
+        else:
+            y = impl.fn(case.x0, case.a0, case.b0, case.form).float()
+            ref = case.y_ref
     if impl.rational:
-        row["max_abs_diff_vs_reference"] = float((y - case.y_ref).abs().max())
-        row["max_abs_reference"] = float(case.y_ref.abs().max())
+        row["max_abs_diff_vs_reference"] = float((y - ref).abs().max())
+        row["max_abs_reference"] = float(ref.abs().max())
     del y
     row["saved_bytes"] = saved_bytes(case.fwd(impl))
     row["saved_bytes_per_element"] = row["saved_bytes"] / case.x0.numel()
@@ -315,8 +365,8 @@ def _summarise(rows: dict, inner: dict, moved_fwd: int, moved_fb: int, floor_fwd
 
 
 def bench_shape(impls: list[Impl], shape, groups, dtype, device, form, repeats, warmup, copy_bw,
-                slow_repeats=3, slow_s=0.5, log=print) -> dict:
-    case = ShapeCase(shape, groups, dtype, device, form)
+                slow_repeats=3, slow_s=0.5, log=print, activation="gelu") -> dict:
+    case = ShapeCase(shape, groups, dtype, device, form, activation)
     rows: dict[str, dict] = {}
     runnable = []
     for impl in impls:
@@ -340,14 +390,15 @@ def bench_shape(impls: list[Impl], shape, groups, dtype, device, form, repeats, 
     floor_fb = moved_fb / (copy_bw * 1e9) * 1e3
     _summarise(rows, inner, moved_fwd, moved_fb, floor_fwd, floor_fb)
     return {"shape": list(shape), "groups": groups, "dtype": str(dtype).replace("torch.", ""),
-            "elements": n, "form": form, "min_bytes_moved_fwd": moved_fwd,
+            "elements": n, "form": form, "residual_activation": activation, "min_bytes_moved_fwd": moved_fwd,
             "min_bytes_moved_fwd_bwd": moved_fb, "floor_fwd_ms": floor_fwd, "floor_fwd_bwd_ms": floor_fb,
             "rows": list(rows.values())}
 
 
 def format_table(res: dict) -> str:
-    head = (f"shape {tuple(res['shape'])} G={res['groups']} {res['dtype']} form {res['form']}: "
-            f"floor fwd {res['floor_fwd_ms']:.2f} ms, fwd+bwd {res['floor_fwd_bwd_ms']:.2f} ms")
+    head = (f"shape {tuple(res['shape'])} G={res['groups']} {res['dtype']} form {res['form']} (residual form: phi = "
+            f"{res.get('residual_activation', 'gelu')}): floor fwd {res['floor_fwd_ms']:.2f} ms, fwd+bwd "
+            f"{res['floor_fwd_bwd_ms']:.2f} ms")
     cols = ["impl", "fwd ms", "xGELU", "fwd+bwd ms", "xGELU", "saved B/elem", "xGELU", "GB/s", "of copy bw"]
     lines = [head, "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
 
@@ -375,12 +426,19 @@ def evaluate_targets(results: list[dict], device: torch.device) -> dict:
             out[f"cpu_fwd_bwd_ratio_vs_gelu@{key}"] = {
                 "value": r["fwd_bwd_ratio_vs_gelu"], "target_max": TARGETS["cpu_fwd_bwd_max_ratio_vs_gelu"],
                 "met": r["fwd_bwd_ratio_vs_gelu"] <= TARGETS["cpu_fwd_bwd_max_ratio_vs_gelu"]}
+        if device.type == "cpu" and "cpu_residual" in rows:  # the residual form at every CPU shape
+            r = rows["cpu_residual"]
+            out[f"cpu_residual_fwd_bwd_ratio_vs_gelu@{key}"] = {
+                "value": r["fwd_bwd_ratio_vs_gelu"], "target_max": TARGETS["cpu_fwd_bwd_max_ratio_vs_gelu"],
+                "activation": res.get("residual_activation"),
+                "met": r["fwd_bwd_ratio_vs_gelu"] <= TARGETS["cpu_fwd_bwd_max_ratio_vs_gelu"]}
         fused = "triton" if device.type == "cuda" else "cpu"
-        if fused in rows and "gelu" in rows:
-            extra = rows[fused]["saved_bytes"] - rows["gelu"]["saved_bytes"]
-            out[f"{fused}_saved_bytes_minus_gelu@{key}"] = {
-                "value": extra, "note": "coefficient tensors only (G x (m+1+n) floats)",
-                "met": 0 <= extra <= 4 * res["groups"] * 16}
+        for name, sets in ((fused, 1), (f"{fused}_residual", 2)):  # the residual form saves the fit's too
+            if name in rows and "gelu" in rows:
+                extra = rows[name]["saved_bytes"] - rows["gelu"]["saved_bytes"]
+                out[f"{name}_saved_bytes_minus_gelu@{key}"] = {
+                    "value": extra, "note": f"coefficient tensors only ({sets} x G x (m+1+n) floats)",
+                    "met": 0 <= extra <= sets * 4 * res["groups"] * 16}
         if device.type == "cuda" and res["shape"][-1] == 14336 and "triton" in rows:
             frac = rows["triton"]["fwd_bwd_bandwidth_fraction"]
             out[f"triton_fwd_bwd_bandwidth_fraction@{key}"] = {
@@ -403,32 +461,44 @@ def parse_group_sweep(spec: str, default_dtype: torch.dtype) -> list[tuple[tuple
     return out
 
 
-def run_group_sweep(sweep, device, form, repeats, warmup, copy_bw, log=print) -> list[dict]:
-    """fwd and fwd+bwd of the fused backend against GELU for every G of every sweep shape (same run, interleaved)."""
+def _sweep_cell(r: dict, ref: dict) -> dict:
+    if "fwd_ms" not in r:
+        return {"error": r.get("error")}
+    return {"fwd_bwd_ratio_vs_gelu": r["fwd_bwd_ratio_vs_gelu"], "fwd_ratio_vs_gelu": r["fwd_ratio_vs_gelu"],
+            "fwd_bwd_ms": r["fwd_bwd_ms"], "fwd_ms": r["fwd_ms"], "gelu_fwd_bwd_ms": ref["fwd_bwd_ms"],
+            "gelu_fwd_ms": ref["fwd_ms"], "fwd_bwd_ms_all": r["fwd_bwd_ms_all"],
+            "gelu_fwd_bwd_ms_all": ref["fwd_bwd_ms_all"], "timed_rounds": r["timed_rounds"]}
+
+
+def run_group_sweep(sweep, device, form, repeats, warmup, copy_bw, log=print, residual_choice="auto") -> list[dict]:
+    """fwd and fwd+bwd of the fused backend against GELU for every G of every sweep shape (same run, interleaved),
+    in both forms: the plain rational (``by_groups[G]``'s own fields) and the residual form (``by_groups[G]
+    ["residual"]``, phi as in the main table), all three timed in the same rounds."""
     fused = "triton" if device.type == "cuda" else "cpu"
-    impls = [i for i in build_impls(device, ["gelu", fused], use_compile=False)]
+    impls = [i for i in build_impls(device, ["gelu", fused, f"{fused}_residual"], use_compile=False)]
     if fused not in {i.name for i in impls}:
         log(f"group sweep skipped: the {fused!r} backend is not available here")
         return []
     out = []
     for shape, groups, dtype in sweep:
+        act = residual_activation(shape, residual_choice)
         entry = {"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "impl": fused, "form": form,
-                 "by_groups": {}}
+                 "residual_impl": f"{fused}_residual", "residual_activation": act, "by_groups": {}}
         for g in groups:
-            res = bench_shape(impls, shape, g, dtype, device, form, repeats, warmup, copy_bw, log=log)
+            res = bench_shape(impls, shape, g, dtype, device, form, repeats, warmup, copy_bw, log=log, activation=act)
             rows = {r["impl"]: r for r in res["rows"]}
             r, ref = rows[fused], rows["gelu"]
-            if "fwd_ms" not in r:
-                entry["by_groups"][str(g)] = {"error": r.get("error")}
+            cell = entry["by_groups"][str(g)] = _sweep_cell(r, ref)
+            if f"{fused}_residual" in rows:
+                cell["residual"] = _sweep_cell(rows[f"{fused}_residual"], ref)
+            if "error" in cell:
                 continue
-            entry["by_groups"][str(g)] = {
-                "fwd_bwd_ratio_vs_gelu": r["fwd_bwd_ratio_vs_gelu"], "fwd_ratio_vs_gelu": r["fwd_ratio_vs_gelu"],
-                "fwd_bwd_ms": r["fwd_bwd_ms"], "fwd_ms": r["fwd_ms"], "gelu_fwd_bwd_ms": ref["fwd_bwd_ms"],
-                "gelu_fwd_ms": ref["fwd_ms"], "fwd_bwd_ms_all": r["fwd_bwd_ms_all"],
-                "gelu_fwd_bwd_ms_all": ref["fwd_bwd_ms_all"], "timed_rounds": r["timed_rounds"]}
+            rr = cell.get("residual", {})
             log(f"  {tuple(shape)} {entry['dtype']} G={g}: {fused} fwd+bwd {r['fwd_bwd_ms']:.2f} ms = "
                 f"{r['fwd_bwd_ratio_vs_gelu']:.2f}x GELU ({ref['fwd_bwd_ms']:.2f} ms); fwd "
-                f"{r['fwd_ratio_vs_gelu']:.2f}x")
+                f"{r['fwd_ratio_vs_gelu']:.2f}x"
+                + (f"; residual ({act}) fwd+bwd {rr['fwd_bwd_ratio_vs_gelu']:.2f}x, fwd {rr['fwd_ratio_vs_gelu']:.2f}x"
+                   if "fwd_bwd_ratio_vs_gelu" in rr else ""))
         out.append(entry)
     return out
 
@@ -440,11 +510,38 @@ def group_sweep_targets(sweep: list[dict], device: torch.device) -> dict:
     for entry in sweep:
         key = "x".join(map(str, entry["shape"])) + f":{entry['dtype']}"
         for g, r in entry["by_groups"].items():
-            if "fwd_bwd_ratio_vs_gelu" in r:
-                v = r["fwd_bwd_ratio_vs_gelu"]
-                out[f"cpu_fwd_bwd_ratio_vs_gelu@{key}:G={g}"] = {
-                    "value": v, "target_max": TARGETS["cpu_fwd_bwd_max_ratio_vs_gelu"],
-                    "met": v <= TARGETS["cpu_fwd_bwd_max_ratio_vs_gelu"]}
+            for name, cell in (("cpu", r), ("cpu_residual", r.get("residual", {}))):
+                if "fwd_bwd_ratio_vs_gelu" in cell:
+                    v = cell["fwd_bwd_ratio_vs_gelu"]
+                    out[f"{name}_fwd_bwd_ratio_vs_gelu@{key}:G={g}"] = {
+                        "value": v, "target_max": TARGETS["cpu_fwd_bwd_max_ratio_vs_gelu"],
+                        "met": v <= TARGETS["cpu_fwd_bwd_max_ratio_vs_gelu"]}
+    return out
+
+
+def forms_summary(results: list[dict], sweep: list[dict]) -> list[dict]:
+    """Every form at every shape and G, as ratios to GELU from the same run: the main table's rows of the fused
+    backend (both forms) and the group sweep's."""
+    out = []
+    for res in results:
+        rows = {r["impl"]: r for r in res["rows"] if "fwd_ms" in r}
+        for impl in ("cpu", "triton", "cpu_residual", "triton_residual"):
+            if impl in rows:
+                out.append({"source": "shapes", "shape": res["shape"], "dtype": res["dtype"], "groups": res["groups"],
+                            "form": "residual" if impl.endswith("_residual") else "plain",
+                            "activation": res.get("residual_activation") if impl.endswith("_residual") else None,
+                            "impl": impl, "fwd_bwd_ratio_vs_gelu": rows[impl]["fwd_bwd_ratio_vs_gelu"],
+                            "fwd_ratio_vs_gelu": rows[impl]["fwd_ratio_vs_gelu"]})
+    for entry in sweep:
+        for g, cell in entry["by_groups"].items():
+            for form, c in (("plain", cell), ("residual", cell.get("residual", {}))):
+                if "fwd_bwd_ratio_vs_gelu" in c:
+                    out.append({"source": "groups_sweep", "shape": entry["shape"], "dtype": entry["dtype"],
+                                "groups": int(g), "form": form,
+                                "activation": entry.get("residual_activation") if form == "residual" else None,
+                                "impl": entry["impl"] + ("_residual" if form == "residual" else ""),
+                                "fwd_bwd_ratio_vs_gelu": c["fwd_bwd_ratio_vs_gelu"],
+                                "fwd_ratio_vs_gelu": c["fwd_ratio_vs_gelu"]})
     return out
 
 
@@ -459,6 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slow-repeats", type=int, default=3,
                     help="timed rounds for implementations slower than 0.5 s per fwd+bwd (plain autograd)")
     ap.add_argument("--form", default="A", choices=["A", "B"])
+    ap.add_argument("--residual-activation", default="auto", choices=["auto", *KERNEL_ACTIVATIONS],
+                    help="phi of the residual-form rows (auto: gelu at 64x197x768, silu at the D = 14336 shapes, "
+                         "gelu elsewhere)")
     ap.add_argument("--impls", default=None, help="comma-separated subset of implementations")
     ap.add_argument("--groups-sweep", default=None,
                     help=f"BxTxD:G1/G2/...[:dtype],... timed for GELU and the fused backend only (default cpu: "
@@ -526,7 +626,8 @@ def main(argv: list[str] | None = None) -> int:
             "method": ("medians over interleaved rounds; ratios to GELU from the same run; floor = minimum "
                        "bytes moved (fwd: read x + write y; bwd: read x, grad_y + write grad_x) / copy_ "
                        "bandwidth; saved bytes = distinct storages packed by saved_tensors_hooks"),
-            "targets": targets, "elapsed_s": round(time.perf_counter() - t_start, 1), "shapes": results,
+            "targets": targets, "elapsed_s": round(time.perf_counter() - t_start, 1),
+            "forms_summary": forms_summary(results, sweep_results), "shapes": results,
             "groups_sweep": sweep_results,
         }
         write_json_atomic(out_path, report, indent=1)  # rewritten after every shape: never half a file
@@ -535,15 +636,18 @@ def main(argv: list[str] | None = None) -> int:
     for shape, groups, dtype in shapes:
         bw = statistics.median(r["copy_GBps"] for r in bw_runs)
         res = bench_shape(impls, shape, groups, dtype, device, args.form, args.repeats, args.warmup, bw,
-                          slow_repeats=max(1, min(args.slow_repeats, args.repeats)))
+                          slow_repeats=max(1, min(args.slow_repeats, args.repeats)),
+                          activation=residual_activation(shape, args.residual_activation))
         results.append(res)
         print(format_table(res), flush=True)
         bw_runs.append(copy_bandwidth(device, bw_bytes))
         write(final=False)
     if sweep:
-        print("group sweep (fused backend vs GELU, fwd+bwd, coefficient gradients included):", flush=True)
+        print("group sweep (fused backend, both forms, vs GELU, fwd+bwd, coefficient gradients included):",
+              flush=True)
         sweep_results.extend(run_group_sweep(sweep, device, args.form, args.repeats, args.warmup,
-                                             statistics.median(r["copy_GBps"] for r in bw_runs)))
+                                             statistics.median(r["copy_GBps"] for r in bw_runs),
+                                             residual_choice=args.residual_activation))
     targets = write(final=True)["targets"]
     print(f"targets: {json.dumps(targets, indent=1)}")
     print(f"wrote {out_path}")

@@ -23,6 +23,13 @@ multiple of 4 KB), 16 lanes wide where AVX-512 is available (8 otherwise; the re
 Only ``x`` and the coefficient tensors are saved for backward. The kernels are ``torch.ops.nora.rational_cpu``
 and its backward (custom ops, opaque to torch.compile); the extension is built on the first eager call or,
 under torch.compile, when the backend is resolved at trace time, never inside a graph.
+
+The residual form ``phi(x) + (R(x) - R_fit(x))`` (:func:`residual_cpu`, ``torch.ops.nora.residual_cpu``) runs
+through the same kernels (a compile-time flag; phi, one of ``KERNEL_ACTIVATIONS``, evaluated in the kernel and chosen
+once per tile): saves ``x`` and the four coefficient tensors; ``R`` and ``R_fit`` are computed with the same
+instruction sequence, so equal coefficients give exactly ``phi(x)`` and ``grad_out * phi'(x)``; its coefficient
+gradients are bit for bit those of :func:`rational_cpu` with the same trained coefficients. Degrees other than
+(5, 4) take float32 in the kernel (bfloat16/float16 inputs are upcast here, the result rounded back).
 """
 from __future__ import annotations
 
@@ -44,14 +51,14 @@ from torch import Tensor
 
 from nora.files import cache_dir, write_text_atomic
 from nora.kernels import Backend, rational_torch, register_backend, residual_torch
-from nora.kernels.autograd import rational_op
-from nora.rational.functional import check_inputs
+from nora.kernels.autograd import rational_op, residual_op
+from nora.rational.functional import KERNEL_ACTIVATIONS, check_inputs, check_residual_inputs
 
 MAX_COEFFS = 16  # MAXC in the C++ source: m + 1 <= 16 and n <= 16 (larger degrees use `torch`)
 SOURCE = Path(__file__).resolve().parent / "csrc" / "rational_cpu.cpp"
 BASE_FLAGS = ["-O3", "-fopenmp"]
 NATIVE_FLAGS = ["-march=native"]
-_EXT_VERSION = 1  # bump to force a rebuild when the Python-side build logic changes
+_EXT_VERSION = 2  # bump to force a rebuild when the Python-side build logic changes
 
 _lock = threading.Lock()
 _module = None
@@ -301,7 +308,74 @@ def rational_cpu(x: Tensor, numerator: Tensor, denominator: Tensor, form: str = 
     return rational_cpu_op(x, numerator, denominator, form)
 
 
+# --------------------------------------------------------------------------- the residual form
+def _is_default_degrees(numerator: Tensor, denominator: Tensor) -> bool:
+    """(5, 4): the kernels specialised for it take every I/O dtype; the generic-degree residual kernels take float32
+    (bfloat16/float16 inputs are upcast here and the result rounded back: the same values, more memory traffic)."""
+    return numerator.shape[1] == 6 and denominator.shape[1] == 4
+
+
+def fused_residual_forward(x: Tensor, numerator: Tensor, denominator: Tensor, fit_numerator: Tensor,
+                           fit_denominator: Tensor, form: str, activation: str) -> Tensor:
+    """No-autograd ``phi(x) + (R(x) - R_fit(x))`` through the extension (x: CPU float32/bfloat16/float16)."""
+    ext = load_extension()
+    out_dtype = x.dtype
+    x = x.detach().contiguous()
+    if not _is_default_degrees(numerator, denominator):
+        x = x.float()
+    a, b = _coefs(numerator, denominator)
+    fa, fb = _coefs(fit_numerator, fit_denominator)
+    y = torch.empty_like(x)
+    d = x.shape[-1] if x.dim() else 1
+    ext.residual_forward(x.data_ptr(), y.data_ptr(), a.data_ptr(), b.data_ptr(), fa.data_ptr(), fb.data_ptr(),
+                         x.numel(), d, a.shape[0], a.shape[1], b.shape[1], _DTYPE_CODES[x.dtype], form == "B",
+                         KERNEL_ACTIVATIONS.index(activation))
+    return y.to(out_dtype)
+
+
+def fused_residual_backward(x: Tensor, numerator: Tensor, denominator: Tensor, fit_numerator: Tensor,
+                            fit_denominator: Tensor, grad_out: Tensor, form: str, activation: str,
+                            need_coef: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """grad_x (x's dtype) and, if ``need_coef``, the float32 coefficient gradients of ``R`` (G, m+1), (G, n)."""
+    ext = load_extension()
+    out_dtype = x.dtype
+    x = x.detach().contiguous()
+    if not _is_default_degrees(numerator, denominator):
+        x = x.float()
+    go = grad_out.detach().to(x.dtype).contiguous()
+    a, b = _coefs(numerator, denominator)
+    fa, fb = _coefs(fit_numerator, fit_denominator)
+    gx = torch.empty_like(x)
+    ga = torch.empty_like(a) if need_coef else None
+    gb = torch.empty_like(b) if need_coef else None
+    d = x.shape[-1] if x.dim() else 1
+    ext.residual_backward(x.data_ptr(), go.data_ptr(), gx.data_ptr(), a.data_ptr(), b.data_ptr(), fa.data_ptr(),
+                          fb.data_ptr(), ga.data_ptr() if need_coef else 0, gb.data_ptr() if need_coef else 0,
+                          x.numel(), d, a.shape[0], a.shape[1], b.shape[1], _DTYPE_CODES[x.dtype], form == "B",
+                          KERNEL_ACTIVATIONS.index(activation), need_coef)
+    return gx.to(out_dtype), ga, gb
+
+
+# torch.ops.nora.residual_cpu and its backward: saves x and the four coefficient tensors; the backward kernel
+# recomputes both rationals and phi.
+residual_cpu_op = residual_op("residual_cpu", fused_residual_forward, fused_residual_backward, device_types="cpu")
+
+
+def residual_cpu(x: Tensor, numerator: Tensor, denominator: Tensor, fit_numerator: Tensor, fit_denominator: Tensor,
+                 form: str = "A", activation: str = "none") -> Tensor:
+    """Fused CPU residual form ``phi(x) + (R(x) - R_fit(x))`` (routing as :func:`rational_cpu`: float64 and degrees
+    beyond the kernel's go to the pure-torch backend)."""
+    check_residual_inputs(x, numerator, denominator, fit_numerator, fit_denominator, form, activation)
+    if x.device.type != "cpu":
+        raise ValueError(f"the 'cpu' backend needs CPU tensors, got {x.device}")
+    if x.dtype == torch.float64 or numerator.shape[1] > MAX_COEFFS or not 1 <= denominator.shape[1] <= MAX_COEFFS:
+        return residual_torch(x, numerator, denominator, fit_numerator, fit_denominator, form, activation)
+    if x.dtype not in _DTYPE_CODES:
+        raise TypeError(f"the 'cpu' backend supports float32/bfloat16/float16 inputs, got {x.dtype}")
+    return residual_cpu_op(x, numerator, denominator, fit_numerator, fit_denominator, form, activation)
+
+
 register_backend(Backend(
     "cpu", rational_cpu, ("cpu",), available, priority=20,
     doc="fused C++ extension (JIT-built once, cached); saves only x; deterministic",
-    residual=residual_torch))  # TODO(residual kernel): the fused C++ residual form
+    residual=residual_cpu))
