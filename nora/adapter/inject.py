@@ -303,10 +303,10 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
         with nora.disable_adapter(model):
             reference_logits = model(ids).logits
 
-    Disabled NoRA activations compute their frozen *base rational* (the fit of the original activation), i.e.
-    the model exactly as it was at step 0 of training, not the original activation: the model NoRA training
-    started from, which is what a DPO/KL reference model needs. peft's own ``model.disable_adapter()`` does the
-    same on a NoRA++ model.
+    Disabled NoRA activations compute what they computed at step 0 of training: in the residual form (the default)
+    the original activation itself, so the pretrained model; in the paper's form the frozen *base rational* (the
+    fit of the original activation). That is the model NoRA training started from, which is what a DPO/KL
+    reference model needs. peft's own ``model.disable_adapter()`` does the same on a NoRA++ model.
     """
     if is_peft_model(model):
         with model.disable_adapter():

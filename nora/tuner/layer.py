@@ -5,10 +5,12 @@
 
 * forward with adapter ``a`` active: ``nora_activation[a](x)``, the very module ``nora.apply_nora`` puts in place;
   several active adapters: the first one's coefficients plus every other one's update;
-* ``disable_adapter()``: the base rational (the model as NoRA training started from it), as ``nora.disable_adapter``;
+* ``disable_adapter()``: the model as NoRA training started from it (the original activation in the residual form,
+  the base rational in the paper's form), as ``nora.disable_adapter``;
 * ``merge()``: ``base_layer`` becomes a frozen :class:`nora.GroupRational` with the updates folded into per-group
-  coefficients (``unmerge()`` puts the activation back), so peft's ``merge_and_unload()`` leaves a plain model whose
-  activations are the merged rationals (``nora.save_merged`` / ``nora.from_pretrained`` save and reload it).
+  coefficients, in the residual form with the base rational kept as its fit (``unmerge()`` puts the activation
+  back), so peft's ``merge_and_unload()`` leaves a plain model whose activations are the merged rationals
+  (``nora.save_merged`` / ``nora.from_pretrained`` save and reload it).
 """
 from __future__ import annotations
 
