@@ -32,6 +32,30 @@ def _coefficient_grad(g: Tensor | None, like: Tensor) -> Tensor:
     return g.to(like.dtype).reshape(like.shape).contiguous()
 
 
+def _op_pair(name: str, fwd_impl: Callable, bwd_impl: Callable, device_types: str | None, triton: bool):
+    """Register ``nora::<name>`` (``fwd_impl``) and ``nora::<name>_backward`` (``bwd_impl``): ``triton_op``s, or
+    ``custom_op``s with fake implementations that propagate shapes only (the forward returns a tensor like ``x``, the
+    backward ``grad_x`` like ``x`` and the gradients of the two coefficient tensors after ``x``)."""
+    if triton:
+        return (torch.library.triton_op(f"{NAMESPACE}::{name}", fwd_impl, mutates_args=()),
+                torch.library.triton_op(f"{NAMESPACE}::{name}_backward", bwd_impl, mutates_args=()))
+    fwd_op = torch.library.custom_op(f"{NAMESPACE}::{name}", fwd_impl, mutates_args=(), device_types=device_types)
+    bwd_op = torch.library.custom_op(f"{NAMESPACE}::{name}_backward", bwd_impl, mutates_args=(),
+                                     device_types=device_types)
+
+    @fwd_op.register_fake
+    def _(x, *_args):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @bwd_op.register_fake
+    def _(x, numerator, denominator, *_args):
+        return (torch.empty_like(x, memory_format=torch.contiguous_format),
+                torch.empty(numerator.shape, dtype=numerator.dtype, device=numerator.device),
+                torch.empty(denominator.shape, dtype=denominator.dtype, device=denominator.device))
+
+    return fwd_op, bwd_op
+
+
 def rational_op(name: str, forward: ForwardFn, backward: BackwardFn, device_types: str | None = None,
                 triton: bool = False):
     """Register ``nora::<name>`` (forward) and ``nora::<name>_backward`` and return the forward op.
@@ -53,23 +77,7 @@ def rational_op(name: str, forward: ForwardFn, backward: BackwardFn, device_type
             ga = gb = None
         return gx.reshape(x.shape), _coefficient_grad(ga, numerator), _coefficient_grad(gb, denominator)
 
-    if triton:
-        fwd_op = torch.library.triton_op(f"{NAMESPACE}::{name}", fwd_impl, mutates_args=())
-        bwd_op = torch.library.triton_op(f"{NAMESPACE}::{name}_backward", bwd_impl, mutates_args=())
-    else:
-        fwd_op = torch.library.custom_op(f"{NAMESPACE}::{name}", fwd_impl, mutates_args=(), device_types=device_types)
-        bwd_op = torch.library.custom_op(f"{NAMESPACE}::{name}_backward", bwd_impl, mutates_args=(),
-                                         device_types=device_types)
-
-        @fwd_op.register_fake
-        def _(x, numerator, denominator, form):
-            return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-        @bwd_op.register_fake
-        def _(x, numerator, denominator, grad_out, form, need_coefficient_grads):
-            return (torch.empty_like(x, memory_format=torch.contiguous_format),
-                    torch.empty(numerator.shape, dtype=numerator.dtype, device=numerator.device),
-                    torch.empty(denominator.shape, dtype=denominator.dtype, device=denominator.device))
+    fwd_op, bwd_op = _op_pair(name, fwd_impl, bwd_impl, device_types, triton)
 
     def setup_context(ctx, inputs, output):
         x, numerator, denominator, form = inputs
@@ -112,24 +120,7 @@ def residual_op(name: str, forward: ResidualForwardFn, backward: ResidualBackwar
             ga = gb = None
         return gx.reshape(x.shape), _coefficient_grad(ga, numerator), _coefficient_grad(gb, denominator)
 
-    if triton:
-        fwd_op = torch.library.triton_op(f"{NAMESPACE}::{name}", fwd_impl, mutates_args=())
-        bwd_op = torch.library.triton_op(f"{NAMESPACE}::{name}_backward", bwd_impl, mutates_args=())
-    else:
-        fwd_op = torch.library.custom_op(f"{NAMESPACE}::{name}", fwd_impl, mutates_args=(), device_types=device_types)
-        bwd_op = torch.library.custom_op(f"{NAMESPACE}::{name}_backward", bwd_impl, mutates_args=(),
-                                         device_types=device_types)
-
-        @fwd_op.register_fake
-        def _(x, numerator, denominator, fit_numerator, fit_denominator, form, activation):
-            return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-        @bwd_op.register_fake
-        def _(x, numerator, denominator, fit_numerator, fit_denominator, grad_out, form, activation,
-              need_coefficient_grads):
-            return (torch.empty_like(x, memory_format=torch.contiguous_format),
-                    torch.empty(numerator.shape, dtype=numerator.dtype, device=numerator.device),
-                    torch.empty(denominator.shape, dtype=denominator.dtype, device=denominator.device))
+    fwd_op, bwd_op = _op_pair(name, fwd_impl, bwd_impl, device_types, triton)
 
     def setup_context(ctx, inputs, output):
         x, numerator, denominator, fit_numerator, fit_denominator, form, activation = inputs
