@@ -494,38 +494,92 @@ inline LaneGrad lane_grad(const LaneCoefs<M1T, NT>& L, int M1, int N, vf xv) {
 }
 
 // The residual form's dF/dx, run for F and for F0 (the same instruction sequence, so equal coefficients give equal
-// bits): lane_grad's values bit for bit (sign(v) w as a sign flip and a mask instead of a product with sign(v),
-// which is exact either way). dfdx ends in a difference, not a product, so F' - F0' cannot be contracted into an
-// FMA on one side only (that would leave the rounding error of one product where F' - F0' must be 0).
+// bits), with what F's coefficient gradients need: inv_q and P/Q^2 = (P inv_q) inv_q are lane_grad's bit for bit
+// (sign(v) w as a sign flip and a mask instead of a product with sign(v), which is exact either way), so they are the
+// plain kernel's; dF/dx is (P' - sign Q'' F) / Q, one product after the division instead of two.
 inline vf sign_times(vf v, vf w) {  // sign(v) * w for finite w, with sign(0) = 0 (NaN v: +-w, the result is NaN anyway)
   return (vf)((((vi)w) ^ ((vi)v & (int32_t)0x80000000)) & (vi)(v != splat(0.0f)));
 }
 struct LaneGradRes {
-  vf dfdx, u, inv_q, f_over_q, sv;  // sv: the value whose sign is sign(x) (form A) or sign(R) (form B)
+  vf dfdx, u, inv_q, f, sv;  // sv: the value whose sign is sign(x) (form A) or sign(R) (form B)
 };
+// A chunk's coefficients read where the table holds them (memory operands of the FMAs, no copy per tile): the
+// residual kernels evaluate two rationals per row, whose coefficients do not fit the registers together.
+template <int M1T, int NT>
+struct CoefRef {
+  const float* p;
+  int m1, n;
+  CoefRef(const float* blk, int m1r, int nr) : p(blk), m1(M1T ? M1T : m1r), n(NT ? NT : nr) {}
+  static vf ld(const float* q) {
+    vf v;
+    std::memcpy(&v, q, sizeof(v));
+    return v;
+  }
+  vf a(int i) const { return ld(p + i * W); }
+  vf b(int j) const { return ld(p + (m1 + j) * W); }
+  vf da(int i) const { return ld(p + (m1 + n + i) * W); }
+  vf db(int j) const { return ld(p + (2 * m1 + n - 1 + j) * W); }
+};
+
+// v rounded, and opaque to the optimiser, which cannot contract the product that gave it into an FMA with the
+// operation using it: F' and F0' end in a product, and an FMA on one side of F' - F0' would leave that product's
+// rounding error where equal coefficients must give exactly 0
+inline vf opaque(vf v) {
+#if defined(__AVX512F__) || (defined(__AVX__) && NORA_W == 8)
+  asm("" : "+v"(v));
+#else
+  asm("" : "+m"(v));
+#endif
+  return v;
+}
+
 template <int M1T, int NT, bool FB>
-inline LaneGradRes lane_grad_res(const LaneCoefs<M1T, NT>& L, int M1, int N, vf xv) {
+inline LaneGradRes lane_grad_res(const CoefRef<M1T, NT>& L, vf xv) {
+  const int M1 = L.m1, N = L.n;
   LaneGradRes o;
-  vf p = L.a[M1 - 1];
-  for (int k = M1 - 2; k >= 0; --k) p = p * xv + L.a[k];
+  vf p = L.a(M1 - 1);
+  for (int k = M1 - 2; k >= 0; --k) p = p * xv + L.a(k);
   vf dp = splat(0.0f);
   if (M1 > 1) {
-    dp = L.da[M1 - 2];
-    for (int k = M1 - 3; k >= 0; --k) dp = dp * xv + L.da[k];
+    dp = L.da(M1 - 2);
+    for (int k = M1 - 3; k >= 0; --k) dp = dp * xv + L.da(k);
   }
   o.u = FB ? xv : vabs(xv);
-  vf rr = L.b[N - 1], dr = L.db[N - 1];
+  vf rr = L.b(N - 1), dr = L.db(N - 1);
   for (int k = N - 2; k >= 0; --k) {
-    rr = rr * o.u + L.b[k];
-    dr = dr * o.u + L.db[k];
+    rr = rr * o.u + L.b(k);
+    dr = dr * o.u + L.db(k);
   }
   rr = rr * o.u;
   const vf q = splat(1.0f) + (FB ? vabs(rr) : rr);
   o.sv = FB ? rr : xv;
   o.inv_q = splat(1.0f) / q;
-  o.f_over_q = p * o.inv_q * o.inv_q;
-  o.dfdx = dp * o.inv_q - sign_times(o.sv, dr) * o.f_over_q;
+  o.f = p * o.inv_q;  // F; F / Q = f * inv_q is the plain kernel's p * inv_q * inv_q
+  // F' = (P' - sign Q'' F) / Q: one product after the division (the plain kernel's P'/Q - sign Q'' P/Q^2 has two)
+  o.dfdx = opaque((dp - sign_times(o.sv, dr) * o.f) * o.inv_q);
   return o;
+}
+
+// P and Q of one rational (the residual forward): lane_forward's before its division
+template <int M1T, int NT, bool FB>
+inline void lane_pq(const CoefRef<M1T, NT>& L, vf x, vf& p, vf& q) {
+  const int M1 = L.m1, N = L.n;
+  p = L.a(M1 - 1);
+  for (int k = M1 - 2; k >= 0; --k) p = p * x + L.a(k);
+  const vf u = FB ? x : vabs(x);
+  vf r = L.b(N - 1);
+  for (int k = N - 2; k >= 0; --k) r = r * u + L.b(k);
+  r = r * u;
+  q = splat(1.0f) + (FB ? vabs(r) : r);
+}
+
+// F(x) - F0(x) of the residual forward
+template <int M1T, int NT, bool FB>
+inline vf lane_forward_diff(const CoefRef<M1T, NT>& L, const CoefRef<M1T, NT>& L0, vf x) {
+  vf p1, q1, p0, q0;
+  lane_pq<M1T, NT, FB>(L, x, p1, q1);
+  lane_pq<M1T, NT, FB>(L0, x, p0, q0);
+  return p1 / q1 - p0 / q0;
 }
 
 // An item is walked in tiles of RT rows: for each tile, chunk by chunk along the item's channels, the chunk's
@@ -552,9 +606,9 @@ void channel_forward_impl(const T* __restrict x, T* __restrict y, const float* t
       constexpr int64_t NR = decltype(nr_tag)::value;  // rows, or 0: rn rows (< RT, the item's last tile)
       const int64_t nr = NR ? NR : rn;
       const float* blk = tab + (c / W) * (RES ? 2 : 1) * (m1 + n) * W;
-      const LaneCoefs<M1T, NT> L(blk, m1, n, false);
       vf res[RT];
       if constexpr (!RES) {
+        const LaneCoefs<M1T, NT> L(blk, m1, n, false);
 #pragma GCC unroll 16
         for (int64_t i = 0; i < nr; ++i) {
           const int64_t off = (rt + i) * D + c;
@@ -565,7 +619,7 @@ void channel_forward_impl(const T* __restrict x, T* __restrict y, const float* t
           res[i] = lane_forward<M1T, NT, FB>(L, m1, n, load_lanes<T>(xp + off, w));
         }
       } else {
-        const LaneCoefs<M1T, NT> L0(blk + (m1 + n) * W, m1, n, false);  // F0's
+        const CoefRef<M1T, NT> L(blk, m1, n), L0(blk + (m1 + n) * W, m1, n);  // F's, F0's
         vf xs[RT];
 #pragma GCC unroll 16
         for (int64_t i = 0; i < nr; ++i) {
@@ -575,7 +629,7 @@ void channel_forward_impl(const T* __restrict x, T* __restrict y, const float* t
             __builtin_prefetch(yp + off + RT * D, 1, 3);
           }
           xs[i] = load_lanes<T>(xp + off, w);
-          res[i] = lane_forward<M1T, NT, FB>(L, m1, n, xs[i]) - lane_forward<M1T, NT, FB>(L0, m1, n, xs[i]);
+          res[i] = lane_forward_diff<M1T, NT, FB>(L, L0, xs[i]);
         }
         add_phi(act, xs, res, nr);
       }
@@ -633,29 +687,45 @@ void channel_backward_impl(const T* __restrict x, const T* __restrict go, T* __r
       const int64_t nr = NR ? NR : rn;
       const int KD = 2 * K - 1;  // rows per coefficient set with the derivative rows
       const float* blk = tab + (c / W) * (RES ? 2 : 1) * KD * W;
-      const LaneCoefs<M1T, NT> L(blk, M1, N, true);
       vf res[RTB];
-      [[maybe_unused]] vf xs[RES ? RTB : 1], gs[RES ? RTB : 1];
+      if constexpr (RES) {
+        // F' and F0' row by row (coefficients read from the table, not copied per tile), then g phi'(x) + g (F' - F0')
+        const CoefRef<M1T, NT> L(blk, M1, N), L0(blk + KD * W, M1, N);  // F's, F0's
+        vf xs[RTB], gs[RTB];
 #pragma GCC unroll 16
-      for (int64_t i = 0; i < nr; ++i) {
-        const int64_t off = (rt + i) * D + c;
-        if (rt + i + RTB < r1) {
-          __builtin_prefetch(x_ + off + RTB * D, 0, 3);
-          __builtin_prefetch(go_ + off + RTB * D, 0, 3);
-          __builtin_prefetch(gx_ + off + RTB * D, 1, 3);
-        }
-        const vf xv = load_lanes<T>(x_ + off, w);
-        const vf g = load_lanes<T>(go_ + off, w);
-        if constexpr (RES) {  // F' now, - F0' in a second pass, then g phi'(x) + g (F' - F0')
-          const LaneGradRes o = lane_grad_res<M1T, NT, FB>(L, M1, N, xv);
+        for (int64_t i = 0; i < nr; ++i) {
+          const int64_t off = (rt + i) * D + c;
+          if (rt + i + RTB < r1) {
+            __builtin_prefetch(x_ + off + RTB * D, 0, 3);
+            __builtin_prefetch(go_ + off + RTB * D, 0, 3);
+            __builtin_prefetch(gx_ + off + RTB * D, 1, 3);
+          }
+          const vf xv = load_lanes<T>(x_ + off, w);
+          const vf g = load_lanes<T>(go_ + off, w);
+          const LaneGradRes o = lane_grad_res<M1T, NT, FB>(L, xv);
+          const vf d0 = lane_grad_res<M1T, NT, FB>(L0, xv).dfdx;
           xs[i] = xv;
           gs[i] = g;
-          res[i] = o.dfdx;
+          res[i] = o.dfdx - d0;
           // the plain kernel's terms bit for bit: the same coefficient gradients
           const vf gn = g * o.inv_q;
-          const vf gd = FB ? sign_times(o.sv, g * o.f_over_q) : g * o.f_over_q;
+          const vf f_over_q = o.f * o.inv_q;
+          const vf gd = FB ? sign_times(o.sv, g * f_over_q) : g * f_over_q;
           accumulate<M1T, NT>(acc, M1, N, gn, gd, xv, o.u);
-        } else {
+        }
+        add_grad_phi(act, xs, gs, res, nr);
+      } else {
+        const LaneCoefs<M1T, NT> L(blk, M1, N, true);
+#pragma GCC unroll 16
+        for (int64_t i = 0; i < nr; ++i) {
+          const int64_t off = (rt + i) * D + c;
+          if (rt + i + RTB < r1) {
+            __builtin_prefetch(x_ + off + RTB * D, 0, 3);
+            __builtin_prefetch(go_ + off + RTB * D, 0, 3);
+            __builtin_prefetch(gx_ + off + RTB * D, 1, 3);
+          }
+          const vf xv = load_lanes<T>(x_ + off, w);
+          const vf g = load_lanes<T>(go_ + off, w);
           const LaneGrad o = lane_grad<M1T, NT, FB>(L, M1, N, xv);
           res[i] = g * o.dfdx;
           if (NC) {
@@ -665,12 +735,6 @@ void channel_backward_impl(const T* __restrict x, const T* __restrict go, T* __r
           }
         }
       }
-      if constexpr (RES) {  // F0's pass: its coefficients replace F's and the accumulators in the registers
-        const LaneCoefs<M1T, NT> L0(blk + KD * W, M1, N, true);
-#pragma GCC unroll 16
-        for (int64_t i = 0; i < nr; ++i) res[i] = res[i] - lane_grad_res<M1T, NT, FB>(L0, M1, N, xs[i]).dfdx;
-      }
-      if constexpr (RES) add_grad_phi(act, xs, gs, res, nr);
 #pragma GCC unroll 16
       for (int64_t i = 0; i < nr; ++i) store_lanes<T>(gx_ + (rt + i) * D + c, res[i], w);
     };
