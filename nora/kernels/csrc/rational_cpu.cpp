@@ -16,10 +16,10 @@
 //   y = phi(x) + (F(x) - F0(x)),   grad_x = g phi'(x) + g (F'(x) - F0'(x)),   coefficient gradients: F's only.
 // F and F0 run through the same inline functions (the same instruction sequence, lane for lane) and are subtracted
 // before anything else touches them, so equal coefficients give F - F0 = 0.0 exactly and y, grad_x are exactly
-// phi(x), g phi'(x). phi and phi' are computed here, lane-wise (own exp; GELU's Phi through a fitted erfcx, see
-// gelu_cdf): within 2.1e-7 max(1, |x|) of the exact functions on [-60, 60] and in the tails (gelu 8, gelu_tanh 16,
-// silu 2 float32 ulps where |phi| > 1e-3; torch's own float32 GELU is up to 0.36e-6 max(1, |x|) off), finite for
-// every finite x; +-inf and NaN as torch. They run in the plain form's kernels, behind a compile-time flag (RES),
+// phi(x), g phi'(x). phi and phi' are computed here, lane-wise (own exp; GELU's Phi as exp(-x^2/2) t Q(t), t =
+// 1/(1 + 0.331|x|), Q of degree 4, see gelu_cdf): within 2.2e-7 max(1, |x|) of the exact functions on [-60, 60] and
+// in the tails (GELU: absolute accuracy, as torch's own float32 GELU, which is up to 0.36e-6 max(1, |x|) off;
+// gelu_tanh 16, silu 2 float32 ulps where |phi| > 1e-3), finite for every finite x; +-inf and NaN as torch. They run in the plain form's kernels, behind a compile-time flag (RES),
 // with the activation chosen at run time once per tile of rows (one non-inlined function serves every kernel).
 //
 // Layout: x is contiguous (rows, D) with D = G * C; group g owns channels [g*C, (g+1)*C) of every
@@ -205,25 +205,47 @@ inline vf vexp(vf a) {
 
 enum Act : int { kNone = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3, kRelu = 4 };
 
-// GELU (erf): Phi(-|x|) = erfcx(|x|/sqrt2) exp(-x^2/2) / 2, with erfcx(|x|/sqrt2) / 2 = t Q(t), t = 1/(1 + 0.34|x|),
-// Q of degree 8 (fitted for relative error: 1.1e-8 for |x| <= 8, 5e-7 beyond, in exact arithmetic), and
-// Phi(x) = 1 - Phi(-x) for x >= 0: relative accuracy in the left tail too, no cancellation. e = exp(-x^2/2) (for
-// phi'; its argument's rounding costs up to x^2/2 float32 ulps of relative error far in the tail, where the values
-// are below 1e-6). +-inf and NaN come out as in torch: gelu(inf) = inf, gelu(-inf) = NaN.
+// e^(-x^2/2) for GELU (absolute accuracy is what it needs: every use is multiplied by at most 0.5, or x / sqrt(2 pi)):
+// a = -x^2/2 clamped to [-104, 0] (0 below, as vexp; NaN stays NaN), one-constant Cody-Waite reduction a = k ln2 + r
+// (the reduction's error, k 1.9e-9 relative, is negligible where e^a is not), a degree-5 minimax polynomial for e^r
+// (1.8e-7 relative in float32), then y 2^k as vexp (every build gives the same bits).
+inline vf vexp_neg_half_sq(vf x) {
+  const vf a = vmax_nan(splat(-104.0f), (x * -0.5f) * x);
+  const vf magic = splat(12582912.0f);
+  const vf kf = a * 1.44269504088896341f + magic;
+  const vf k = kf - magic;
+  const vf r = a - k * 0.693147182f;
+  vf p = splat(8.311569e-3f);
+  p = p * r + 4.189893e-2f;
+  p = p * r + 1.6667153e-1f;
+  p = p * r + 4.9999171e-1f;
+  p = p * r + 1.0f;
+  const vf y = p * r + 1.0f;
+#if defined(__AVX512F__) && NORA_W == 16
+  return (vf)_mm512_scalef_ps((__m512)y, (__m512)k);
+#else
+  const vi ki = (vi)kf - (vi)magic;
+  const vi k1 = ki >> 1, k2 = ki - k1;
+  return y * (vf)((k1 + 127) << 23) * (vf)((k2 + 127) << 23);
+#endif
+}
+
+// GELU (erf): Phi(-|x|) = e t Q(t), e = exp(-x^2/2), t = 1/(1 + 0.331|x|), Q of degree 4 (in the manner of Abramowitz
+// and Stegun 7.1.26, which torch's own vectorised GELU uses; fitted here for the absolute error of Phi: 6.1e-8 in exact
+// arithmetic, under 2e-7 in float32 with e's error), and Phi(x) = 1 - Phi(-x) for x >= 0. Absolute accuracy, torch's
+// level: far in the left tail, where Phi is below 1e-7, the relative error grows (t Q(t) tends to 0.37/|x|, the exact
+// erfcx(|x|/sqrt2)/2 to 0.40/|x|), which changes gelu and gelu' by far less than 1e-7. +-inf and NaN come out as in
+// torch: gelu(inf) = inf, gelu(-inf) = NaN.
 inline vf gelu_cdf(vf x, vf& e) {
   const vf ax = vabs(x);
-  e = vexp<true>((x * x) * -0.5f);
-  const vf t = splat(1.0f) / (ax * 0.340000004f + 1.0f);
-  vf q = splat(-0.0274646692f);
-  q = q * t + 0.14571242f;
-  q = q * t + -0.285250366f;
-  q = q * t + 0.215150386f;
-  q = q * t + -0.0530016646f;
-  q = q * t + 0.118571155f;
-  q = q * t + 0.114465892f;
-  q = q * t + 0.136200577f;
-  q = q * t + 0.135616273f;
-  const vf c = (t * q) * e;  // Phi(-|x|)
+  e = vexp_neg_half_sq(x);
+  const vf t = splat(1.0f) / (ax * 0.331f + 1.0f);
+  vf q = splat(-0.110234775f);
+  q = q * t + 0.37412053f;
+  q = q * t + -0.09001601f;
+  q = q * t + 0.20386127f;
+  q = q * t + 0.122268915f;
+  const vf c = (t * e) * q;  // Phi(-|x|)
   return x < splat(0.0f) ? c : splat(1.0f) - c;
 }
 
