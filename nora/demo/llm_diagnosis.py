@@ -301,11 +301,11 @@ def diagnose(conf: dict, data: Path, out_root: Path, common: dict, n_procs: int,
     trained_nora = [load_trained_model(r.dir).model for r in nora]
     curves = [coefficient_stats(m) for m in trained_nora]
     far = outside_range(trained_nora)
-    fit_lo, fit_hi = fit
     lines += ["", "## Outside the fit range, after training", "",
-              f"NoRA's trained updates ({len(nora)} runs, lr {lrs['nora']['lr']:g}), evaluated at inputs beyond the "
-              f"range its base rationals were fitted on ([{fit_lo:.3g}, {fit_hi:.3g}], calibrated) up to the -40 / +14 "
-              "a real pretrained LLM's gate inputs reach. Largest over layers, groups and runs of: the paper's "
+              f"NoRA's trained updates ({len(nora)} runs, lr {lrs['nora']['lr']:g}; base rationals fitted over each "
+              "layer's inputs on the first training batches, `init=calibrated`), evaluated from inside the range the "
+              "layers' inputs reach (see the percentiles above) out to the -40 / +14 a real pretrained LLM's gate "
+              "inputs reach. Largest over layers, groups and runs of: the paper's "
               "form's distance to SiLU at step 0 |R_base − SiLU|, the residual form's after training |R − R_base| "
               "(the change the update made, added to SiLU itself), the paper's form's after training |R − SiLU|.", "",
               "| x | SiLU(x) | paper's form, step 0 | residual form, trained | paper's form, trained |",
