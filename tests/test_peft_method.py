@@ -162,8 +162,9 @@ def test_nora_pp_peft_round_trip(tmp_path, use_dora):
     assert made["trainable"] == lora + dora + 2 * 2 * 3 * (8 + 5)  # + NoRA: 2r(G + 5) per activation
     assert made["files"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     # step 0 is the pretrained model itself (the residual form: SiLU plus the change of its fitted rational, zero at
-    # step 0), training moved it, and disable_adapter() gives back step 0 without LoRA
-    assert made["init_vs_base"] == 0
+    # step 0; the fused kernel's own SiLU is float32 ulps from torch's), training moved it, and disable_adapter()
+    # gives back step 0 without LoRA
+    assert made["init_vs_base"] <= 1e-5
     assert made["trained_vs_init"] > 1e-2
     assert made["disabled_vs_init"] == 0.0
 
