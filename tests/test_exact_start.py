@@ -186,7 +186,7 @@ def test_merged_residual_model_equals_the_trained_adapter(llama, tmp_path):
     with torch.no_grad():
         assert torch.equal(plain(ids).logits, want)  # the same kernel on the same coefficients
     nora.save_merged(plain, tmp_path / "merged")
-    assert json.loads((tmp_path / "merged" / "nora_merged.json").read_text())["layers"][
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["nora_merged"]["layers"][
         "model.layers.0.mlp.act_fn"]["residual"] is True
     loaded = nora.from_pretrained(tmp_path / "merged")
     with torch.no_grad():

@@ -34,6 +34,7 @@ from nora.adapter.inject import (describe_targets, find_targets, freeze_batchnor
                                  mark_trainable, nora_modules, set_module, set_trainable, store_config,
                                  trainable_module_names)
 from nora.adapter.layer import GroupRational, NoraActivation
+from nora.adapter.merged import as_merged_model
 from nora.errors import MissingFileError
 from nora.files import atomic_write, read_json, write_json_atomic
 
@@ -306,11 +307,13 @@ def load_nora(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
 
 
 def merge_nora(model: nn.Module) -> nn.Module:
-    """Fold every NoRA update into plain per-group coefficients (frozen :class:`GroupRational`)."""
+    """Fold every NoRA update into plain per-group coefficients (frozen :class:`GroupRational`). A transformers model
+    (not a peft one) becomes its ``Nora<class>`` (:func:`nora.adapter.merged.merged_class`): ``save_pretrained`` then
+    writes a folder that loads with and without nora."""
     index = module_index(model)
     for name, mod in nora_modules(model).items():
         set_module(model, resolve_name(model, name, index), mod.merged())
-    return model
+    return as_merged_model(model)
 
 
 def save_nora_pp(model: nn.Module, directory: str | os.PathLike) -> Path:

@@ -1,34 +1,53 @@
-"""Save a merged NoRA model as a whole Hugging Face model and load it back with its rational activations.
+"""Save a merged NoRA model as a whole Hugging Face model that loads with or without nora.
 
-``model.save_pretrained(dir)`` alone writes the rational coefficients into the checkpoint, but
-``AutoModelForCausalLM.from_pretrained(dir)`` rebuilds the model's own activation (SiLU, GELU) and drops
-them as unexpected keys. The pair here keeps them::
+``model.save_pretrained(dir)`` of a plain transformers class writes the rational coefficients into the checkpoint,
+but ``AutoModelForCausalLM.from_pretrained(dir)`` would rebuild the model's own activation (SiLU, GELU) and drop them.
+So a merged NoRA model is saved the way the ecosystem ships a new architecture::
 
-    nora.merge_nora(model)                       # NoRA updates folded into plain rationals
-    nora.save_merged(model, "merged/")           # save_pretrained + nora_merged.{json,safetensors}
-    model = nora.from_pretrained("merged/")      # AutoModelForCausalLM + the rationals put back
+    merged = nora.merge_nora(model)              # or peft's model.merge_and_unload() of a NoraPeftConfig adapter
+    merged.save_pretrained("merged/")            # = nora.save_merged(merged, "merged/")
+    model = nora.from_pretrained("merged/")      # with nora: its fused kernels
+    model = AutoModelForCausalLM.from_pretrained("merged/", trust_remote_code=True)   # without nora
 
-``nora_merged.json`` names each rational activation (groups, form, degrees, original activation, fit range, whether
-it is in the residual form); ``nora_merged.safetensors`` holds its coefficients (in the residual form also the fit it
-adds the change of to the original activation), keyed by module name; the checkpoint itself holds
-everything else (no rational buffers, so the loader reports no unexpected keys).
+The folder (format 2) holds:
+
+* ``config.json``: the base config with ``model_type`` ``nora_<base>`` (a type transformers does not know, so loading
+  it without ``trust_remote_code`` fails with transformers' own error instead of silently building the original
+  activations), ``auto_map`` naming the classes of ``modeling_nora.py``, and ``nora_merged``: the format version, the
+  base model type and class, and per rational activation its groups, form, degrees, original activation, fit range,
+  layout, whether it is in the residual form, and the shapes of its coefficient tensors;
+* the checkpoint (``model.safetensors``), rational coefficients included (``<activation>.base_numerator`` ...; in the
+  residual form also ``fit_numerator``/``fit_denominator``, the fit whose change is added to the original activation);
+* ``modeling_nora.py``: the base class with those activations replaced by a plain-torch rational (the same math as
+  :mod:`nora.rational.functional`), from ``nora/resources/modeling_nora.py.tmpl``.
+
+Merging makes the model an instance of ``Nora<BaseClass>`` (a subclass of its own class made here: everything else is
+unchanged), whose ``save_pretrained`` is :func:`save_merged`. Folders of format 1 (``nora_merged.json`` and
+``nora_merged.safetensors`` beside a plain checkpoint) still load with :func:`from_pretrained`.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import string
+from importlib import resources
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from nora.adapter.config import AdapterError
 from nora.adapter.inject import is_peft_model, nora_modules, set_module
 from nora.adapter.layer import GroupRational
-from nora.files import atomic_write, read_json, write_json_atomic
+from nora.files import read_json, write_json_atomic, write_text_atomic
 
+MERGED_KEY = "nora_merged"  # the config.json entry (format 2)
+MERGED_FORMAT_VERSION = 2
+MODELING_FILE = "modeling_nora.py"
+# format 1: beside a plain checkpoint
 MERGED_CONFIG = "nora_merged.json"
 MERGED_WEIGHTS = "nora_merged.safetensors"
-MERGED_FORMAT_VERSION = 1
 
 
 def rational_modules(model: nn.Module) -> dict[str, GroupRational]:
@@ -36,43 +55,157 @@ def rational_modules(model: nn.Module) -> dict[str, GroupRational]:
     return {n: m for n, m in model.named_modules() if isinstance(m, GroupRational)}
 
 
+def layer_specs(model: nn.Module) -> dict[str, dict]:
+    """Module name -> what rebuilds that rational activation (``nora_merged["layers"]`` of a merged model's config)."""
+    specs = {}
+    for name, mod in rational_modules(model).items():
+        if mod.residual and "fit_numerator" not in mod._buffers:
+            raise AdapterError(f"{name} is in the residual form but holds no fit coefficients (fit_numerator, "
+                               "fit_denominator); merge it with nora.merge_nora")
+        specs[name] = {"groups": mod.groups, "form": mod.form, "degrees": list(mod.degrees), "original": mod.original,
+                       "fit_range": list(mod.fit_range) if mod.fit_range is not None else None,
+                       "channel_dim": mod.channel_dim, "width": mod.width, "residual": mod.residual,
+                       "shapes": {k: list(t.shape) for k, t in mod.state_dict().items()}}
+    return specs
+
+
+# ------------------------------------------------------------------------------- the merged model's class
+_CLASSES: dict[type, type] = {}
+
+
+def merged_class(base: type) -> type:
+    """``Nora<base>``: ``base`` (a transformers model class) whose ``__init__`` puts rational activations where its
+    ``config.nora_merged`` names them (empty coefficients, filled by the checkpoint) and whose ``save_pretrained``
+    is :func:`save_merged`. One class per base, reachable as an attribute of this module (so it pickles)."""
+    base = base_class(base)
+    if base not in _CLASSES:
+        name = f"Nora{base.__name__}"
+
+        def __init__(self, config, *args, **kwargs):
+            base.__init__(self, config, *args, **kwargs)
+            for layer, spec in (getattr(config, MERGED_KEY, None) or {}).get("layers", {}).items():
+                set_module(self, layer, _empty_rational(spec, self.get_submodule(layer)))
+
+        def save_pretrained(self, save_directory, **kwargs):
+            return save_merged(self, save_directory, **kwargs)
+
+        cls = type(name, (base,), {"__init__": __init__, "save_pretrained": save_pretrained, "__module__": __name__,
+                                   "__doc__": f"{base.__name__} with merged NoRA rational activations (nora)."})
+        cls.__qualname__ = name
+        globals()[name] = _CLASSES[base] = cls
+    return _CLASSES[base]
+
+
+def base_class(cls: type) -> type:
+    """The transformers class under a ``Nora<base>`` class (``cls`` itself otherwise)."""
+    return cls.__bases__[0] if cls in _CLASSES.values() else cls
+
+
+def as_merged_model(model: nn.Module) -> nn.Module:
+    """Make a merged transformers model (rational activations, no NoRA update left) an instance of its
+    :func:`merged_class`, in place, so that its ``save_pretrained`` writes the self-contained folder. Other models are
+    returned as they are."""
+    if (is_peft_model(model) or nora_modules(model) or not rational_modules(model)
+            or not hasattr(model, "save_pretrained") or not hasattr(model, "config")):
+        return model
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return model
+    if isinstance(model, PreTrainedModel):
+        model.__class__ = merged_class(type(model))
+    return model
+
+
+def _empty_rational(spec: dict, original: nn.Module) -> GroupRational:
+    shapes = spec["shapes"]
+    residual = bool(spec["residual"])
+    return GroupRational(torch.zeros(shapes["base_numerator"]), torch.zeros(shapes["base_denominator"]),
+                         form=spec["form"], original=spec["original"], fit_range=spec["fit_range"],
+                         channel_dim=spec["channel_dim"], width=spec["width"], residual=residual,
+                         fit_numerator=torch.zeros(shapes["fit_numerator"]) if residual else None,
+                         fit_denominator=torch.zeros(shapes["fit_denominator"]) if residual else None,
+                         original_module=original)
+
+
+# ------------------------------------------------------------------------------- saving
+def _auto_classes(model_type: str, architecture: str) -> list[str]:
+    """The transformers Auto classes that build ``architecture`` for ``model_type`` (AutoModelForCausalLM, ...)."""
+    import transformers
+
+    names = []
+    for name in dir(transformers):
+        mapping = getattr(getattr(transformers, name, None), "_model_mapping", None) if name.startswith("AutoModel") \
+            else None
+        got = getattr(mapping, "_model_mapping", {}).get(model_type) if mapping is not None else None
+        if got == architecture or (isinstance(got, (tuple, list)) and architecture in got):
+            names.append(name)
+    return sorted(names)
+
+
+def modeling_source(base: type, config_class: type, model_type: str) -> str:
+    """``modeling_nora.py`` for ``base`` (:mod:`nora.resources`' template with the class names filled in)."""
+    try:
+        version = importlib.metadata.version("nora")
+    except importlib.metadata.PackageNotFoundError:
+        version = "(version unknown)"
+    template = resources.files("nora.resources").joinpath("modeling_nora.py.tmpl").read_text()
+    return string.Template(template).substitute(
+        base_model=base.__name__, base_config=config_class.__name__, model_type=model_type,
+        config_class=f"Nora{config_class.__name__}", model_class=f"Nora{base.__name__}", nora_version=version)
+
+
 def save_merged(model: nn.Module, directory: str | os.PathLike, **save_pretrained_kwargs) -> Path:
-    """``model.save_pretrained(directory)`` plus the rational activations :func:`from_pretrained` needs."""
+    """Save a merged NoRA transformers model as a folder that loads with nora (:func:`from_pretrained`) and without
+    it (``AutoModel*.from_pretrained(directory, trust_remote_code=True)``); the module docstring has the layout."""
     if is_peft_model(model):
         raise AdapterError("save_merged expects a plain model: fold peft's adapters in first "
                            "(model = model.merge_and_unload()) and NoRA's with nora.merge_nora(model)")
     if nora_modules(model):
         raise AdapterError("this model still holds trainable NoRA activations; call nora.merge_nora(model) first")
-    rationals = rational_modules(model)
-    if not rationals:
+    if not rational_modules(model):
         raise AdapterError("this model holds no rational activations; save it with model.save_pretrained")
-    if not hasattr(model, "save_pretrained"):
+    if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
         raise AdapterError(f"{type(model).__name__} has no save_pretrained (a Hugging Face model is expected); "
                            "save its state_dict and the NoRA adapter (nora.save_nora before merging) instead")
+    import transformers
+
+    base = base_class(type(model))
+    if getattr(transformers, base.__name__, None) is not base:
+        raise AdapterError(f"{base.__name__} is not a class transformers exports: a merged model is saved with its "
+                           "transformers class, which modeling_nora.py imports")
+    specs = layer_specs(model)
     directory = Path(directory)
-    # the checkpoint without the rational buffers (they go to nora_merged.safetensors), so that loading it reports
-    # no unexpected keys
-    state = save_pretrained_kwargs.pop("state_dict", None) or model.state_dict()
-    prefixes = tuple(f"{name}." for name in rationals)
-    state = {k: v for k, v in state.items() if not k.startswith(prefixes)}
-    model.save_pretrained(str(directory), state_dict=state, **save_pretrained_kwargs)
-    tensors, layers = {}, {}
-    for name, mod in rationals.items():
-        for key, t in mod.state_dict().items():  # base_* (and, in the residual form, fit_*) coefficients
-            tensors[f"{name}.{key}"] = t.detach().cpu().contiguous()
-        layers[name] = {"groups": mod.groups, "form": mod.form, "degrees": list(mod.degrees),
-                        "original": mod.original, "fit_range": mod.fit_range, "channel_dim": mod.channel_dim,
-                        "width": mod.width, "residual": mod.residual}
-    atomic_write(directory / MERGED_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    write_json_atomic(directory / MERGED_CONFIG, {"format_version": MERGED_FORMAT_VERSION, "layers": layers})
+    base_type = model.config.model_type
+    if base_type.startswith("nora_"):  # a config read back from a merged folder keeps its base's type
+        base_type = base_type[len("nora_"):]
+    base.save_pretrained(model, str(directory), **save_pretrained_kwargs)
+    for stale in (MERGED_CONFIG, MERGED_WEIGHTS):  # format 1 files of an earlier save to this folder
+        (directory / stale).unlink(missing_ok=True)
+    config_class = type(model.config)
+    model_type = f"nora_{base_type}"
+    auto = _auto_classes(base_type, base.__name__)
+    if not auto:
+        raise AdapterError(f"no transformers Auto class builds {base.__name__} for model type {base_type!r}")
+    cfg = read_json(directory / "config.json")
+    cfg.update({
+        "model_type": model_type, "architectures": [f"Nora{base.__name__}"],
+        "auto_map": {"AutoConfig": f"modeling_nora.Nora{config_class.__name__}",
+                     **{a: f"modeling_nora.Nora{base.__name__}" for a in auto}},
+        MERGED_KEY: {"format_version": MERGED_FORMAT_VERSION, "base_model_type": base_type,
+                     "base_architecture": base.__name__, "base_config_class": config_class.__name__,
+                     "layers": specs}})
+    write_text_atomic(directory / MODELING_FILE, modeling_source(base, config_class, model_type))
+    write_json_atomic(directory / "config.json", cfg)
     return directory
 
 
+# ------------------------------------------------------------------------------- loading
 def put_back_rationals(model: nn.Module, directory: str | os.PathLike, backend: str = "auto") -> nn.Module:
-    """Replace the activations named in ``directory/nora_merged.json`` by the saved rationals, in place."""
+    """Format 1: replace the activations named in ``directory/nora_merged.json`` by the saved rationals, in place."""
     directory = Path(directory)
     meta = read_json(directory / MERGED_CONFIG)
-    if not isinstance(meta, dict) or meta.get("format_version") != MERGED_FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("format_version") != 1:
         raise AdapterError(f"{directory}: no readable {MERGED_CONFIG} (write it with nora.save_merged)")
     tensors = load_file(str(directory / MERGED_WEIGHTS))
     missing = []
@@ -101,13 +234,54 @@ def put_back_rationals(model: nn.Module, directory: str | os.PathLike, backend: 
     return model
 
 
-def from_pretrained(directory: str | os.PathLike, model_class=None, **kwargs) -> nn.Module:
-    """Load a model written by :func:`save_merged`: ``model_class.from_pretrained(directory, **kwargs)``
-    (default ``transformers.AutoModelForCausalLM``) with its rational activations put back."""
+def _concrete_class(model_class, config) -> type:
+    """``model_class`` itself, or the class a transformers Auto class builds for ``config``."""
+    mapping = getattr(model_class, "_model_mapping", None)
+    if mapping is None:
+        return model_class
+    try:
+        return mapping[type(config)]
+    except KeyError:
+        raise AdapterError(f"{model_class.__name__} builds no model for {type(config).__name__}") from None
+
+
+def from_pretrained(directory: str | os.PathLike, model_class=None, backend: str = "auto", **kwargs) -> nn.Module:
+    """Load a merged model written by :func:`save_merged` with nora's rational activations (fused kernels):
+    ``directory`` is a local folder; ``model_class`` is the class (or transformers Auto class) to build (default:
+    the saved base class, format 1: ``AutoModelForCausalLM``); ``kwargs`` go to ``from_pretrained``."""
+    directory = Path(directory)
+    cfg = read_json(directory / "config.json") if (directory / "config.json").is_file() else None
+    meta = cfg.get(MERGED_KEY) if isinstance(cfg, dict) else None
+    if meta is None:
+        if not (directory / MERGED_CONFIG).exists():
+            raise AdapterError(f"{directory}: no merged NoRA model here (config.json has no {MERGED_KEY!r} and "
+                               f"there is no {MERGED_CONFIG}); nora.from_pretrained loads what nora.save_merged wrote "
+                               "(a plain model loads with its own from_pretrained)")
+        if model_class is None:
+            from transformers import AutoModelForCausalLM as model_class
+        model = model_class.from_pretrained(str(directory), **kwargs)
+        return as_merged_model(put_back_rationals(model, directory, backend))
+    if not isinstance(meta, dict) or meta.get("format_version") != MERGED_FORMAT_VERSION:
+        raise AdapterError(f"{directory / 'config.json'}: {MERGED_KEY} is not format {MERGED_FORMAT_VERSION} "
+                           f"(got {meta.get('format_version') if isinstance(meta, dict) else meta!r}); this nora reads "
+                           "formats 1 and 2")
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    base_type = meta["base_model_type"]
+    if base_type not in CONFIG_MAPPING:
+        raise AdapterError(f"{directory}: the base model type {base_type!r} is unknown to this transformers "
+                           f"{transformers.__version__}")
+    config = CONFIG_MAPPING[base_type].from_dict(
+        {k: v for k, v in cfg.items() if k not in ("model_type", "auto_map", "architectures")}
+        | {"architectures": [meta["base_architecture"]]})
     if model_class is None:
-        from transformers import AutoModelForCausalLM as model_class
-    if not (Path(directory) / MERGED_CONFIG).exists():
-        raise AdapterError(f"{directory}: no {MERGED_CONFIG}; nora.from_pretrained loads what nora.save_merged "
-                           "wrote (a plain model loads with its own from_pretrained)")
-    model = model_class.from_pretrained(str(directory), **kwargs)
-    return put_back_rationals(model, directory)
+        model_class = getattr(transformers, meta["base_architecture"], None)
+        if model_class is None:
+            raise AdapterError(f"{directory}: transformers {transformers.__version__} has no class "
+                               f"{meta['base_architecture']!r} (the saved base class)")
+    model = merged_class(_concrete_class(model_class, config)).from_pretrained(str(directory), config=config,
+                                                                               **kwargs)
+    for mod in rational_modules(model).values():
+        mod.backend = backend
+    return model

@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from nora.kernels.autograd import rational_op, residual_op
+from nora.kernels.autograd import REFERENCE_MATH, rational_op, residual_op
 from nora.rational.functional import (check_residual_inputs, rational_backward, rational_forward, rational_reference,
                                       residual_backward, residual_forward, residual_reference)
 
@@ -121,9 +121,27 @@ def resolved_backend_name(name: str | None, device_type: str) -> str:
     return resolve_backend(name, device_type).name
 
 
+def exporting_to_onnx() -> bool:
+    """True while ``torch.onnx.export`` traces (either exporter): the backends then give way to the ``reference`` math,
+    plain torch ops that every ONNX exporter translates (the custom ops have no ONNX translation)."""
+    return torch.onnx.is_in_onnx_export()
+
+
+def reference_decompositions() -> dict:
+    """Every nora custom op (each backend's forward) -> the plain-torch math it computes, to pass to
+    ``ExportedProgram.run_decompositions``: ``torch.export.export`` keeps the ops (the program then gives the eager
+    model's outputs bit for bit and runs where nora is imported); decomposed with this table it holds only aten ops
+    (and runs without nora: AOTInductor, ExecuTorch, ``torch.export.load`` anywhere)."""
+    _load_optional_backends()
+    return dict(REFERENCE_MATH)
+
+
 def rational(x: Tensor, numerator: Tensor, denominator: Tensor, form: str = "A",
              backend: str | None = None) -> Tensor:
-    """Evaluate the group-wise rational ``P(x)/Q(x)`` with the chosen backend."""
+    """Evaluate the group-wise rational ``P(x)/Q(x)`` with the chosen backend (the ``reference`` math while
+    exporting to ONNX: :func:`exporting_to_onnx`)."""
+    if exporting_to_onnx():
+        return rational_reference(x, numerator, denominator, form)
     if torch.compiler.is_compiling():
         return _REGISTRY[resolved_backend_name(backend, x.device.type)].fn(x, numerator, denominator, form)
     return resolve_backend(backend, x.device).fn(x, numerator, denominator, form)
@@ -134,7 +152,10 @@ def residual_rational(x: Tensor, numerator: Tensor, denominator: Tensor, fit_num
                       backend: str | None = None) -> Tensor:
     """The residual form ``phi(x) + (R(x) - R_fit(x))`` (:mod:`nora.rational.functional`) with the chosen backend:
     ``phi`` one of ``KERNEL_ACTIVATIONS`` (``"none"``: the difference alone), ``R`` the rational of the trained
-    coefficients, ``R_fit`` that of the frozen fit (same shapes). Exactly ``phi(x)`` while the two are equal."""
+    coefficients, ``R_fit`` that of the frozen fit (same shapes). Exactly ``phi(x)`` while the two are equal. While
+    exporting to ONNX: the ``reference`` math (:func:`exporting_to_onnx`)."""
+    if exporting_to_onnx():
+        return residual_reference(x, numerator, denominator, fit_numerator, fit_denominator, form, activation)
     if torch.compiler.is_compiling():
         b = _REGISTRY[resolved_backend_name(backend, x.device.type)]
     else:

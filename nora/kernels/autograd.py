@@ -20,10 +20,15 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from nora.rational.functional import rational_reference, residual_reference
+
 ForwardFn = Callable[[Tensor, Tensor, Tensor, str], Tensor]
 BackwardFn = Callable[[Tensor, Tensor, Tensor, Tensor, str, bool], tuple[Tensor, "Tensor | None", "Tensor | None"]]
 
 NAMESPACE = "nora"
+# each forward op registered here -> the plain-torch math it computes (nora.rational.functional's reference), for
+# torch.export's run_decompositions (nora.kernels.reference_decompositions)
+REFERENCE_MATH: dict = {}
 
 
 def _coefficient_grad(g: Tensor | None, like: Tensor) -> Tensor:
@@ -92,6 +97,7 @@ def rational_op(name: str, forward: ForwardFn, backward: BackwardFn, device_type
 
     fwd_op.register_autograd(backward_formula, setup_context=setup_context)
     fwd_op.backward_op = bwd_op
+    REFERENCE_MATH[getattr(torch.ops, NAMESPACE).__getattr__(name).default] = rational_reference
     return fwd_op
 
 
@@ -140,4 +146,5 @@ def residual_op(name: str, forward: ResidualForwardFn, backward: ResidualBackwar
 
     fwd_op.register_autograd(backward_formula, setup_context=setup_context)
     fwd_op.backward_op = bwd_op
+    REFERENCE_MATH[getattr(torch.ops, NAMESPACE).__getattr__(name).default] = residual_reference
     return fwd_op

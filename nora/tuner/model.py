@@ -25,6 +25,7 @@ from torch import nn
 from nora.adapter import AdapterError, find_targets
 from nora.adapter.discover import activation_layout
 from nora.adapter.inject import activation_target, set_module
+from nora.adapter.merged import as_merged_model
 from nora.rational.calibration import fit_to_inputs, record_inputs
 from nora.rational.fit import RationalFit, fit_rational
 from nora.tuner.config import NoraPeftConfig
@@ -76,7 +77,7 @@ class NoraModel(BaseTuner):
         state = self._state()
         with bare_activations(model):
             try:
-                state["targets"][adapter_name] = set(find_targets(model, config.nora_config()))
+                state["targets"][adapter_name] = set(find_targets(model, config.nora_config(), "NoraPeftConfig"))
             except ValueError as e:
                 raise AdapterError(str(e)) from e
             layouts = state["layouts"][adapter_name] = {n: activation_layout(model, n)
@@ -139,6 +140,11 @@ class NoraModel(BaseTuner):
                            channel_dim=layout.channel_dim, width=layout.width)
         if adapter_name not in self.active_adapters:
             layer.nora_activation[adapter_name].requires_grad_(False)
+
+    def merge_and_unload(self, *args, **kwargs) -> nn.Module:
+        """peft's merge_and_unload; a transformers model then becomes its ``Nora<class>`` (``save_pretrained`` writes a
+        folder that loads with and without nora: :mod:`nora.adapter.merged`)."""
+        return as_merged_model(super().merge_and_unload(*args, **kwargs))
 
     def _replace_module(self, parent, child_name, new_module, child) -> None:
         if isinstance(child, NoraLayer):  # unloading an activation: no weight to carry over
