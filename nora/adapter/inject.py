@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from nora.adapter.config import AdapterError, NoraConfig
-from nora.adapter.discover import (KNOWN_ACTIVATIONS, Layout, activation_layout, canonical_name, coverage,
-                                   default_targets, is_activation, is_identity, is_peft_model, is_rational,
-                                   module_index, resolve_name)
+from nora.adapter.discover import (KNOWN_ACTIVATIONS, Layout, activation_census, activation_layout, canonical_name,
+                                   coverage, default_targets, inline_blocks, is_activation, is_identity,
+                                   is_peft_model, is_rational, module_index, resolve_name)
 from nora.adapter.layer import NoraActivation
 from nora.adapter.ranges import watch_fit_range
 from nora.rational.calibration import fit_to_inputs, record_inputs
@@ -84,6 +84,25 @@ def describe_targets(config: NoraConfig) -> str:
     return f"the targets {config.target_modules}"
 
 
+def _not_an_activation(model: nn.Module, cname: str, mod: nn.Module) -> str | None:
+    """Why the module ``cname`` cannot be an explicit target (a container, a placeholder, a layer with weights), or
+    None."""
+    cls = type(mod).__name__
+    if len(list(mod.children())) > 0:
+        return (f"target {cname!r} ({cls}) is not an activation: it has submodules; point target_modules at the "
+                "activation itself")
+    if is_identity(mod):
+        return (f"target {cname!r} is an nn.Identity placeholder, not an activation; narrow the pattern to real "
+                "activations")
+    params = [f"{n} {tuple(p.shape)}" for n, p in mod.named_parameters(recurse=False)]
+    if params:
+        inline = cname in {n for names in inline_blocks(model).values() for n in names}
+        why = (f"; {cls} computes its activation inline in forward, so NoRA cannot reach it" if inline else
+               "; point target_modules at an activation module")
+        return f"target {cname!r} ({cls}) is not an activation: it holds parameters ({', '.join(params[:4])}){why}"
+    return None
+
+
 def _pattern_targets(model: nn.Module, patterns: list[str]) -> tuple[dict[str, nn.Module], list[str]]:
     compiled = [(p, re.compile(p)) for p in patterns]
     hits: dict[str, nn.Module] = {}
@@ -94,38 +113,55 @@ def _pattern_targets(model: nn.Module, patterns: list[str]) -> tuple[dict[str, n
             continue
         for p, rx in compiled:
             if rx.fullmatch(cname):
-                if len(list(mod.children())) > 0:
-                    raise ValueError(f"target {cname!r} ({type(mod).__name__}) is not an activation: it has "
-                                     "submodules; point target_modules at the activation itself")
-                if is_identity(mod):
-                    raise ValueError(f"target {cname!r} is an nn.Identity placeholder, not an activation; "
-                                     "narrow the pattern to real activations")
+                refused = _not_an_activation(model, cname, mod)
+                if refused:
+                    raise AdapterError(refused)
                 hits[cname] = mod
                 matched[p] += 1
                 break
     return hits, [p for p, c in matched.items() if c == 0]
 
 
-def find_targets(model: nn.Module, config: NoraConfig) -> dict[str, nn.Module]:
+def describe_activations(model: nn.Module, config_name: str = "NoraConfig") -> str:
+    """What an error says is there: the activation modules by type and count and the line that targets them, and
+    the feed-forward blocks whose activation is computed inline (nothing to target)."""
+    found, patterns = activation_census(model)
+    inline = inline_blocks(model)
+    parts = []
+    if inline:
+        blocks = ", ".join(f"{cls} x{len(names)} ({names[0]}{', ...' if len(names) > 1 else ''})"
+                           for cls, names in inline.items())
+        parts.append(f"NoRA cannot reach the feed-forward activations of {type(model).__name__}: {blocks} compute "
+                     "them inline in forward, with no activation module to replace")
+    if found:
+        kinds = ", ".join(f"{cls} x{len(names)}" for cls, names in found.items())
+        shown = ", ".join(f'r"{p}"' for p in patterns[:4]) + (", ..." if len(patterns) > 4 else "")
+        parts.append(f"activation modules found: {kinds}; target them with {config_name}(target_modules=[{shown}])")
+    elif not inline:
+        parts.append("activation modules found: none")
+    return "; ".join(parts)
+
+
+def find_targets(model: nn.Module, config: NoraConfig, config_name: str = "NoraConfig") -> dict[str, nn.Module]:
     """Canonical name -> module for every target of ``config``.
 
     ``target_modules=None``: the default targets, every activation of a known kind inside a feed-forward
     block (see :mod:`nora.adapter.discover`); otherwise the modules whose canonical names match one of the
-    regexes in full (never ``nn.Identity``). Raises if a pattern given explicitly matches nothing, or if
-    nothing matches at all.
+    regexes in full (never ``nn.Identity``, a container or a module with parameters). Raises
+    :class:`AdapterError` if a pattern given explicitly matches nothing, or if nothing matches at all: the message
+    lists the activation modules that are there, by type and count, with the ``config_name(target_modules=...)``
+    line that names them, or says that the model computes its activation inline.
     """
-    candidates = find_activations(model)
-    hint = ", ".join(candidates[:8]) + (" ..." if len(candidates) > 8 else "") if candidates else "none"
     if config.target_modules is None:
         hits = default_targets(model)
     else:
         hits, missing = _pattern_targets(model, config.target_modules)
         if missing:
-            raise ValueError(f"target pattern(s) {missing} match no module of {type(model).__name__}; "
-                             f"activation modules found: {hint}")
+            raise AdapterError(f"target pattern(s) {missing} match no module of {type(model).__name__}; "
+                               + describe_activations(model, config_name))
     if not hits:
-        raise ValueError(f"no activation of {type(model).__name__} matches {describe_targets(config)}; "
-                         f"activation modules found: {hint} (name them with NoraConfig(target_modules=[...]))")
+        raise AdapterError(f"no activation of {type(model).__name__} matches {describe_targets(config)}; "
+                           + describe_activations(model, config_name))
     return hits
 
 

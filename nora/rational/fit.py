@@ -36,6 +36,8 @@ ACTIVATIONS: dict[str, ActivationFn] = {
     "relu": F.relu,
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
     "mish": F.mish,
+    "relu2": lambda x: F.relu(x).square(),  # ReLU² (Primer, Nemotron)
+    "hardswish": F.hardswish,  # x * relu6(x + 3) / 6: on [-3, 3] the polynomial x (x + 3) / 6
     "identity": lambda x: x,
     "tanh": torch.tanh,
     "sigmoid": torch.sigmoid,
