@@ -134,7 +134,8 @@ def describe_activations(model: nn.Module, config_name: str = "NoraConfig") -> s
         parts.append(f"NoRA cannot reach the feed-forward activations of {type(model).__name__}: {blocks} compute "
                      "them inline in forward, with no activation module to replace")
     if found:
-        kinds = ", ".join(f"{cls} x{len(names)}" for cls, names in found.items())
+        kinds = ", ".join(f"{cls} x{len(names)} ({names[0]}{', ...' if len(names) > 1 else ''})"
+                          for cls, names in found.items())
         shown = ", ".join(f'r"{p}"' for p in patterns[:4]) + (", ..." if len(patterns) > 4 else "")
         parts.append(f"activation modules found: {kinds}; target them with {config_name}(target_modules=[{shown}])")
     elif not inline:
