@@ -174,7 +174,8 @@ def test_nora_pp_peft_round_trip(tmp_path, use_dora):
     assert got["same"], got["diff"]
     assert got["trainable"] == 0  # PeftModel.from_pretrained: inference mode
     assert got["disabled_vs_init"] == 0.0
-    assert got["merged_type"] == "LlamaForCausalLM" and got["acts"] == ["GroupRational"]
+    # a LlamaForCausalLM whose save_pretrained writes the self-contained merged folder (tests/test_deploy.py)
+    assert got["merged_type"] == "NoraLlamaForCausalLM" and got["acts"] == ["GroupRational"]
     assert got["merged_diff"] < 1e-5 and got["merge_adapter"] < 1e-5
     assert got["unmerged"][0] < 1e-5 and got["unmerged"][1] == "SiLUActivation"
     act = "base_model.model.model.layers.0.mlp.act_fn.nora_activation."
