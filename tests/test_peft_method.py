@@ -186,7 +186,7 @@ def test_nora_pp_peft_round_trip(tmp_path, use_dora):
     assert not any(".default" in k or "base_layer" in k for k in got["keys"])
 
     merged = run(f"DIR = {d}\n" + textwrap.dedent(MERGED_RELOAD), tmp_path)
-    assert merged["type"] == "LlamaForCausalLM" and merged["acts"] == ["GroupRational"]
+    assert merged["type"] == "NoraLlamaForCausalLM" and merged["acts"] == ["GroupRational"]
     assert merged["diff"] < 1e-5
 
 
