@@ -285,3 +285,15 @@ def test_merged_vision_model_is_refused_by_save_merged_with_the_alternative(vit,
     with pytest.raises(nora.AdapterError, match="no save_pretrained"):
         nora.save_merged(merged, tmp_path)
 
+
+
+def test_legacy_torchscript_onnx_exporter_too(vit, tmp_path):
+    """torch.onnx.export(dynamo=False), the TorchScript-based exporter, also gets the plain math (a trained NoRA ViT in
+    the default form)."""
+    model, merged, x = trained("vit", "nora", True, None, vit)
+    with torch.no_grad():
+        want = model(x).numpy()
+    path = tmp_path / "legacy.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert rel_diff(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], want) <= ONNX_REL
