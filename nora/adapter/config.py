@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+import re
 
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -24,6 +26,58 @@ DEFAULT_TARGETS = (r"(.*\.)?mlp\.act", r"(.*\.)?mlp\.act_fn")
 class AdapterError(UserError, ValueError):
     """An adapter that does not fit the model or directory it is used with (a ValueError for library callers,
     a one-line UserError for the command-line tools)."""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _pair(v, item) -> bool:
+    return isinstance(v, (list, tuple)) and len(v) == 2 and all(item(x) for x in v)
+
+
+# field -> (test, what it must be): types are checked before ranges, so that groups="8" or r=2.5 is a one-line error
+# naming the field (not a TypeError deep inside, nor "54" read as the degrees [5, 4])
+FIELD_TYPES = {
+    "r": (_is_int, "must be an integer"),
+    "alpha": (_is_number, "must be a number"),
+    "groups": (_is_int, "must be an integer"),
+    "degrees": (lambda v: _pair(v, _is_int), "must be a list of two integers [m, n]"),
+    "fit_range": (lambda v: _pair(v, _is_number), "must be a list of two numbers [low, high]"),
+    "calibration_range_weight": (_is_number, "must be a number"),
+    "per_group_calibration": (lambda v: isinstance(v, bool), "must be true or false"),
+    "variant": (lambda v: isinstance(v, str), "must be a string"),
+    "form": (lambda v: isinstance(v, str), "must be a string"),
+    "numerator": (lambda v: isinstance(v, str), "must be a string"),
+    "init": (lambda v: isinstance(v, str), "must be a string"),
+    "backend": (lambda v: isinstance(v, str), "must be a string"),
+    "target_modules": (lambda v: v is None or isinstance(v, str) or (isinstance(v, (list, tuple)) and all(
+        isinstance(p, str) for p in v)), "must be null, a regex or a list of regexes"),
+    "trainable_modules": (lambda v: v is None or (isinstance(v, (list, tuple)) and all(isinstance(p, str) for p in v)),
+                          "must be a list of regexes"),
+}
+
+
+def check_types(config) -> None:
+    """The types of ``config``'s NoRA fields (:data:`FIELD_TYPES`): a ``ConfigValueError`` naming the first wrong
+    one. Shared with :class:`nora.tuner.NoraPeftConfig`, which has the same fields."""
+    for key, (ok, rule) in FIELD_TYPES.items():
+        if hasattr(config, key):
+            value = getattr(config, key)
+            require(ok(value), key, value, rule)
+
+
+def check_patterns(key: str, patterns) -> None:
+    """Each of ``patterns`` compiles as a regex (``re.error`` becomes a ``ConfigValueError`` naming ``key``)."""
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as exc:
+            require(False, key, p, f"not a valid regex ({exc})")
 
 
 @dataclass
@@ -77,11 +131,16 @@ class NoraConfig:
     backend: str = "auto"
 
     def __post_init__(self) -> None:
+        check_types(self)
         self.degrees = tuple(int(d) for d in self.degrees)  # type: ignore[assignment]
         self.fit_range = tuple(float(v) for v in self.fit_range)  # type: ignore[assignment]
         self.trainable_modules = list(self.trainable_modules or [])
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
         if self.target_modules is not None:
             self.target_modules = list(self.target_modules)
+        check_patterns("target_modules", self.target_modules or [])
+        check_patterns("trainable_modules", self.trainable_modules)
         one_of("variant", self.variant, VARIANTS)
         one_of("form", self.form, FORMS)
         one_of("numerator", self.numerator, NUMERATOR_MODES)

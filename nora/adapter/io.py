@@ -35,6 +35,7 @@ from nora.adapter.inject import (describe_targets, find_targets, freeze_batchnor
                                  trainable_module_names)
 from nora.adapter.layer import GroupRational, NoraActivation
 from nora.adapter.merged import as_merged_model
+from nora.adapter.validate import check_finite, saved_layer_problems
 from nora.errors import MissingFileError
 from nora.files import atomic_write, read_json, write_json_atomic
 
@@ -170,10 +171,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # noqa: BLE001  safetensors raises its own SafetensorError (and OSError, ValueError)
         raise AdapterError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); the file is "
                            "truncated or damaged: copy the adapter again or retrain it") from None
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise AdapterError(f"{path}: {len(bad)} tensor(s) hold NaN or inf values ({', '.join(bad[:3])}); not "
-                           "loading an adapter that computes NaN")
+    check_finite(tensors, path)
     return tensors
 
 
@@ -188,16 +186,9 @@ def _shape_mismatches(model: nn.Module, module: nn.Module, name: str, tensors: d
 
 
 def _check_targets(model: nn.Module, directory: Path, meta: dict, config: NoraConfig) -> list[str]:
-    """Every saved layer exists with its saved width, and every target the config names is in the adapter."""
-    problems = []
-    index = module_index(model)
-    for name, info in meta["layers"].items():
-        try:
-            model.get_submodule(resolve_name(model, name, index))
-        except AttributeError:
-            problems.append(f"{name}: not a module of this {type(model).__name__}")
-            continue
-        problems += _layout_problems(activation_layout(model, name, index), name, info)
+    """Every saved layer exists, is an activation, is the one the adapter was fitted to and has its saved width
+    (:func:`nora.adapter.validate.saved_layer_problems`), and every target the config names is in the adapter."""
+    problems = saved_layer_problems(model, meta["layers"], module_index(model))
     try:
         targets = find_targets(model, config)
     except ValueError as e:
@@ -208,18 +199,6 @@ def _check_targets(model: nn.Module, directory: Path, meta: dict, config: NoraCo
                         f"{len(meta['layers'])}; no adapter for {', '.join(left_out[:4])}"
                         + (" ..." if len(left_out) > 4 else ""))
     return problems
-
-
-def _layout_problems(layout, name: str, info: dict) -> list[str]:
-    width, saved = layout.width, info.get("width")
-    if width is not None and saved is not None and width != saved:
-        return [f"{name}: width {width}, the adapter was saved for width {saved}"]
-    if width is not None and width % info["groups"]:
-        return [f"{name}: width {width} is not divisible by the adapter's {info['groups']} groups"]
-    saved_dim = info.get("channel_dim", -1)  # adapters written before layouts were saved: channels last
-    if width is not None and layout.channel_dim != saved_dim:
-        return [f"{name}: channels on dim {layout.channel_dim}, the adapter was saved for dim {saved_dim}"]
-    return []
 
 
 def _validate(model: nn.Module, directory: Path, meta: dict, tensors: dict[str, torch.Tensor],

@@ -40,6 +40,7 @@ from torch import nn
 from nora.adapter.config import AdapterError
 from nora.adapter.inject import is_peft_model, nora_modules, set_module
 from nora.adapter.layer import GroupRational
+from nora.adapter.validate import check_finite, listed, nonfinite, not_an_activation, original_problem
 from nora.files import read_json, write_json_atomic, write_text_atomic
 
 MERGED_KEY = "nora_merged"  # the config.json entry (format 2)
@@ -83,7 +84,12 @@ def merged_class(base: type) -> type:
 
         def __init__(self, config, *args, **kwargs):
             base.__init__(self, config, *args, **kwargs)
-            for layer, spec in (getattr(config, MERGED_KEY, None) or {}).get("layers", {}).items():
+            specs = (getattr(config, MERGED_KEY, None) or {}).get("layers", {})
+            problems = spec_problems(self, specs)
+            if problems:
+                raise AdapterError(f"config.json: {MERGED_KEY} does not fit this {base.__name__} (nothing was loaded): "
+                                   + "; ".join(problems[:4]))
+            for layer, spec in specs.items():
                 set_module(self, layer, _empty_rational(spec, self.get_submodule(layer)))
 
         def save_pretrained(self, save_directory, **kwargs):
@@ -115,6 +121,44 @@ def as_merged_model(model: nn.Module) -> nn.Module:
     if isinstance(model, PreTrainedModel):
         model.__class__ = merged_class(type(model))
     return model
+
+
+_SPEC_KEYS = ("groups", "form", "degrees", "original", "fit_range", "channel_dim", "width", "residual", "shapes")
+
+
+def spec_problems(model: nn.Module, specs) -> list[str]:
+    """The layers of a merged folder's ``nora_merged`` against the freshly built base ``model``: each names an
+    activation module of the model (not a Linear, an MLP, a missing name), the activation it was fitted to, and
+    coefficient shapes that agree with its groups and degrees."""
+    if not isinstance(specs, dict):
+        return [f"layers is a {type(specs).__name__}, not a dict of layer -> spec"]
+    problems = []
+    for name, spec in specs.items():
+        missing = [k for k in _SPEC_KEYS if not isinstance(spec, dict) or k not in spec]
+        if missing:
+            problems.append(f"{name}: its spec lacks {', '.join(missing)}")
+            continue
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            problems.append(f"{name}: not a module of this {type(model).__name__}")
+            continue
+        why = not_an_activation(module) or original_problem(name, module, spec["original"])
+        if why:
+            problems.append(why if why.startswith(name) else f"{name} {why}")
+            continue
+        problems += _shape_problems(name, spec)
+    return problems
+
+
+def _shape_problems(name: str, spec: dict) -> list[str]:
+    shapes, (m, n), g = spec["shapes"], spec["degrees"], spec["groups"]
+    want = {"base_numerator": [[g, m + 1], [1, m + 1]], "base_denominator": [[g, n]]}
+    if spec["residual"]:
+        want |= {"fit_numerator": [[g, m + 1]], "fit_denominator": [[g, n]]}
+    bad = [f"{k} {shapes.get(k) if isinstance(shapes, dict) else None}" for k, ok in want.items()
+           if not isinstance(shapes, dict) or list(shapes.get(k) or []) not in ok]
+    return [f"{name}: shapes {', '.join(bad)} disagree with groups={g}, degrees=[{m}, {n}]"] if bad else []
 
 
 def _empty_rational(spec: dict, original: nn.Module) -> GroupRational:
@@ -205,24 +249,22 @@ def put_back_rationals(model: nn.Module, directory: str | os.PathLike, backend: 
     """Format 1: replace the activations named in ``directory/nora_merged.json`` by the saved rationals, in place."""
     directory = Path(directory)
     meta = read_json(directory / MERGED_CONFIG)
-    if not isinstance(meta, dict) or meta.get("format_version") != 1:
+    if not isinstance(meta, dict) or meta.get("format_version") != 1 or not isinstance(meta.get("layers"), dict):
         raise AdapterError(f"{directory}: no readable {MERGED_CONFIG} (write it with nora.save_merged)")
-    tensors = load_file(str(directory / MERGED_WEIGHTS))
-    missing = []
-    for name in meta["layers"]:
-        try:
-            model.get_submodule(name)
-        except AttributeError:
-            missing.append(name)
-    if missing:
-        raise AdapterError(f"{directory}: the saved rationals {missing[:4]} are not modules of this "
-                           f"{type(model).__name__}")
+    path = directory / MERGED_WEIGHTS
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001  safetensors raises its own SafetensorError (and OSError, ValueError)
+        raise AdapterError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); the file is "
+                           "missing, truncated or damaged") from None
+    problems = _format1_problems(model, meta["layers"], tensors)
+    if problems:
+        raise AdapterError(f"{directory / MERGED_CONFIG} does not fit this {type(model).__name__} (nothing was "
+                           "changed): " + "; ".join(problems[:4]))
+    check_finite(tensors, path)
     device = next(iter(model.parameters())).device
     for name, info in meta["layers"].items():
         residual = bool(info.get("residual", False))  # saved before the residual form: the paper's
-        if residual and not {f"{name}.fit_numerator", f"{name}.fit_denominator"} <= set(tensors):
-            raise AdapterError(f"{directory / MERGED_WEIGHTS}: {name} is in the residual form but its fit "
-                               "coefficients (fit_numerator, fit_denominator) are missing")
         mod = GroupRational(tensors[f"{name}.base_numerator"], tensors[f"{name}.base_denominator"],
                             form=info["form"], backend=backend, original=info["original"],
                             fit_range=info["fit_range"], channel_dim=info.get("channel_dim", -1),
@@ -234,6 +276,31 @@ def put_back_rationals(model: nn.Module, directory: str | os.PathLike, backend: 
     return model
 
 
+def _format1_problems(model: nn.Module, layers: dict, tensors: dict) -> list[str]:
+    """Format 1's layers against the model and the weights file, all before the model changes."""
+    problems = []
+    for name, info in layers.items():
+        missing = [k for k in ("form", "original", "fit_range") if not isinstance(info, dict) or k not in info]
+        if missing:
+            problems.append(f"{name}: its entry lacks {', '.join(missing)}")
+            continue
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            problems.append(f"{name}: not a module of this {type(model).__name__}")
+            continue
+        why = not_an_activation(module) or original_problem(name, module, info["original"])
+        if why:
+            problems.append(why if why.startswith(name) else f"{name} {why}")
+            continue
+        keys = ["base_numerator", "base_denominator"] + (["fit_numerator", "fit_denominator"]
+                                                         if info.get("residual") else [])
+        absent = [k for k in keys if f"{name}.{k}" not in tensors]
+        if absent:
+            problems.append(f"{name}: {', '.join(absent)} missing from {MERGED_WEIGHTS}")
+    return problems
+
+
 def _concrete_class(model_class, config) -> type:
     """``model_class`` itself, or the class a transformers Auto class builds for ``config``."""
     mapping = getattr(model_class, "_model_mapping", None)
@@ -243,6 +310,13 @@ def _concrete_class(model_class, config) -> type:
         return mapping[type(config)]
     except KeyError:
         raise AdapterError(f"{model_class.__name__} builds no model for {type(config).__name__}") from None
+
+
+def _check_parameters_finite(model: nn.Module, directory: Path, extra: dict | None = None) -> None:
+    bad = nonfinite(extra or {}) + nonfinite(dict(model.named_parameters()))
+    if bad:
+        raise AdapterError(f"{directory}: {len(bad)} tensor(s) of the checkpoint hold NaN or inf values "
+                           f"({listed(bad)}); not loading a model that computes NaN")
 
 
 def from_pretrained(directory: str | os.PathLike, model_class=None, backend: str = "auto", **kwargs) -> nn.Module:
@@ -260,6 +334,7 @@ def from_pretrained(directory: str | os.PathLike, model_class=None, backend: str
         if model_class is None:
             from transformers import AutoModelForCausalLM as model_class
         model = model_class.from_pretrained(str(directory), **kwargs)
+        _check_parameters_finite(model, directory)
         return as_merged_model(put_back_rationals(model, directory, backend))
     if not isinstance(meta, dict) or meta.get("format_version") != MERGED_FORMAT_VERSION:
         raise AdapterError(f"{directory / 'config.json'}: {MERGED_KEY} is not format {MERGED_FORMAT_VERSION} "
@@ -280,8 +355,20 @@ def from_pretrained(directory: str | os.PathLike, model_class=None, backend: str
         if model_class is None:
             raise AdapterError(f"{directory}: transformers {transformers.__version__} has no class "
                                f"{meta['base_architecture']!r} (the saved base class)")
-    model = merged_class(_concrete_class(model_class, config)).from_pretrained(str(directory), config=config,
-                                                                               **kwargs)
-    for mod in rational_modules(model).values():
+    want_info = kwargs.pop("output_loading_info", False)
+    try:
+        model, info = merged_class(_concrete_class(model_class, config)).from_pretrained(
+            str(directory), config=config, output_loading_info=True, **kwargs)
+    except AdapterError as exc:  # the layer specs, checked before the weights load
+        raise AdapterError(str(exc).replace("config.json:", f"{directory / 'config.json'}:", 1)) from None
+    rationals = rational_modules(model)
+    missing = [k for k in info.get("missing_keys", ()) if k.rpartition(".")[0] in rationals]
+    if missing:  # transformers would leave them at the empty (zero) coefficients with a warning
+        raise AdapterError(f"{directory}: the checkpoint lacks {len(missing)} rational coefficient tensor(s) "
+                           f"({listed(missing)}) that config.json's {MERGED_KEY} names; copy the folder again or "
+                           "save it again with nora.save_merged")
+    _check_parameters_finite(model, directory, {f"{n}.{k}": t for n, mod in rationals.items()
+                                                for k, t in mod.state_dict().items()})
+    for mod in rationals.values():
         mod.backend = backend
-    return model
+    return (model, info) if want_info else model

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from nora.adapter.config import AdapterError
+
 PEFT_TYPE = "NORA"               # peft's PeftType member nora.tuner adds
 LAYER_ATTR = "nora_activation"   # the NoraLayer attribute holding one NoraActivation per adapter
 PEFT_PREFIX = "base_model.model."
@@ -21,15 +23,37 @@ ORIGINALS_KEY = "nora_originals"  # safetensors metadata: activation name -> the
 
 
 def read_peft_nora_config(directory: str | os.PathLike) -> dict | None:
-    """The ``adapter_config.json`` of ``directory`` if it is a NoRA peft adapter, else None."""
+    """The ``adapter_config.json`` of ``directory`` if it is a NoRA peft adapter, None if there is none or it is
+    another peft method's. :class:`AdapterError` naming the file when it is truncated or not JSON, has no
+    ``peft_type``, or names another method (``LORA``) while ``adapter_model.safetensors`` holds NoRA tensors (peft
+    would build that method and leave NoRA out)."""
     path = Path(directory) / CONFIG_FILE
     if not path.exists():
         return None
     try:
         cfg = json.loads(path.read_text())
-    except ValueError:
-        return None
-    return cfg if isinstance(cfg, dict) and cfg.get("peft_type") == PEFT_TYPE else None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{path}: not readable JSON ({type(exc).__name__}: {exc}); the file is truncated or "
+                           "damaged: copy the adapter again or retrain it") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("peft_type"), str):
+        raise AdapterError(f"{path}: no peft_type (a peft adapter config names its method; a NoRA adapter says "
+                           f"\"peft_type\": \"{PEFT_TYPE}\"); the file is damaged or was edited")
+    if cfg["peft_type"] == PEFT_TYPE:
+        return cfg
+    weights = Path(directory) / WEIGHTS_FILE
+    if "nora_peft_type" not in cfg and weights.is_file() and _holds_nora_tensors(weights):
+        raise AdapterError(f"{path} says peft_type {cfg['peft_type']!r}, but {weights} holds NoRA tensors (keys "
+                           f"*.{LAYER_ATTR}.*): loaded as {cfg['peft_type']}, NoRA would be left out; the adapter "
+                           f"config was edited: restore \"peft_type\": \"{PEFT_TYPE}\"")
+    return None
+
+
+def _holds_nora_tensors(path: Path) -> bool:
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return any(f".{LAYER_ATTR}." in k for k in fh.keys())
+    except Exception:  # noqa: BLE001  an unreadable file: its reader says so
+        return False
 
 
 def read_nora_layers(directory: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
