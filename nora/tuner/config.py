@@ -7,12 +7,14 @@ LoRA layers, configured by the ``lora_*`` fields). ``lora_r=0`` is NoRA, ``lora_
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from nora.adapter.config import NoraConfig
+from nora.adapter.config import NoraConfig, check_patterns, check_types
+from nora.schema import require
 
 NORA = "NORA"
 
@@ -36,6 +38,26 @@ def extend_peft_type(name: str = NORA) -> PeftType:
 
 
 extend_peft_type()
+
+
+def _names(v) -> bool:
+    return isinstance(v, (list, tuple, set)) and all(isinstance(x, str) for x in v)
+
+
+_LORA_TYPES = (
+    ("lora_r", lambda v: isinstance(v, int) and not isinstance(v, bool), "must be an integer (0: NoRA alone)"),
+    ("lora_alpha", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "must be a number"),
+    ("lora_dropout", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
+     "must be a number in [0, 1)"),
+    ("use_dora", lambda v: isinstance(v, bool), "must be true or false"),
+    ("residual", lambda v: isinstance(v, bool), "must be true or false"),
+    ("lora_target_modules", lambda v: v is None or isinstance(v, str) or _names(v),
+     "must be null, a regex, \"all-linear\" or a list of module names"),
+    ("lora_extra", lambda v: v is None or isinstance(v, dict), "must be null or a dict of LoraConfig fields"),
+    ("modules_to_save", lambda v: v is None or _names(v), "must be null or a list of module names"),
+    ("layer_specs", lambda v: v is None or (isinstance(v, dict) and all(isinstance(s, dict) for s in v.values())),
+     "must be null or a dict of module name -> its recorded width, layout and original activation"),
+)
 
 
 @dataclass
@@ -86,11 +108,23 @@ class NoraPeftConfig(PeftConfig):
         default=None, metadata={"help": "any other peft.LoraConfig field of the LoRA part (target_parameters, "
                                         "rank_pattern, alpha_pattern, exclude_modules, bias, ...)"})
     modules_to_save: Optional[list[str]] = None
+    layer_specs: Optional[dict] = field(
+        default=None, metadata={"help": "written by nora when the adapter is built: per activation (module name) its "
+                                        "width, channel_dim, the original activation and how its base rational was "
+                                        "initialised (fit | calibrated); checked against the model at load time"})
 
     def __post_init__(self) -> None:
+        # peft_type arrives set only from a saved adapter_config.json (PeftConfig.from_peft_type)
+        self.__dict__["_loaded"] = self.peft_type is not None
         if self.residual is None:
-            # peft_type arrives set only from a saved adapter_config.json: one without `residual` predates the form
+            # one without `residual` predates the form
             self.residual = self.peft_type is None
+        check_types(self)
+        for key, ok, rule in _LORA_TYPES:
+            value = getattr(self, key)
+            require(ok(value), key, value, rule)
+        if isinstance(self.lora_target_modules, str) and self.lora_target_modules != "all-linear":
+            check_patterns("lora_target_modules", [self.lora_target_modules])
         super().__post_init__()
         self.peft_type = PeftType.NORA
         self.degrees = [int(d) for d in self.degrees]
@@ -104,6 +138,26 @@ class NoraPeftConfig(PeftConfig):
         if self.lora_r < 0:
             raise ValueError(f"lora_r={self.lora_r}: must be >= 0 (0: NoRA alone, > 0: NoRA++)")
         self.nora_config()  # NoraConfig's checks: one set of fields and ranges
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """peft's ``PeftConfig.from_pretrained``; a config read from a local folder remembers it (:attr:`source`), so
+        that the tuner checks the folder's weights against the model before it changes the model."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        path = Path(pretrained_model_name_or_path) / (subfolder or "")
+        if isinstance(config, NoraPeftConfig) and path.is_dir():
+            config.__dict__["_source"] = path
+        return config
+
+    @property
+    def source(self) -> Optional[Path]:
+        """The local folder this config was read from (by ``from_pretrained``), else None."""
+        return self.__dict__.get("_source")
+
+    @property
+    def loaded(self) -> bool:
+        """Read from a saved ``adapter_config.json`` (not built in this process)."""
+        return bool(self.__dict__.get("_loaded"))
 
     @property
     def target_parameters(self) -> list[str]:

@@ -35,6 +35,8 @@ def peft_config_of(model: nn.Module) -> NoraPeftConfig:
         raise AdapterError("this model holds no NoRA activations; call nora.apply_nora first")
     kw = {k: v for k, v in nora_cfg.to_dict().items() if k not in ("trainable_modules",)}
     kw["modules_to_save"] = list(trainable_modules(model)) or None  # NoRA's trainable_modules: peft's modules_to_save
+    kw["layer_specs"] = {name: {"width": mod.width, "channel_dim": mod.channel_dim, "original": mod.original,
+                                "init": nora_cfg.init} for name, mod in nora_modules(model).items()}
     if is_peft_model(model):
         lora = model.peft_config[model.active_adapter]
         if type(lora).__name__ != "LoraConfig":

@@ -21,7 +21,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import Tensor, nn
 
-from nora.adapter import GroupRational, NoraActivation, NoraConfig
+from nora.adapter import AdapterError, GroupRational, NoraActivation, NoraConfig
 from nora.rational.fit import RationalFit
 
 
@@ -48,12 +48,15 @@ class NoraLayer(nn.Module, BaseTunerLayer):
         self._unmerged = []  # while merged: the activation merge() replaced (a list: no submodule, no state)
         self._disable_adapters = False
         self.merged_adapters = []
+        self._uncalibrated: set[str] = set()  # adapters of init="calibrated" whose base is still the range fit
 
     def update_layer(self, adapter_name: str, config: NoraConfig, fit: RationalFit,
-                     device: torch.device | None = None, channel_dim: int = -1, width: int | None = None) -> None:
+                     device: torch.device | None = None, channel_dim: int = -1, width: int | None = None,
+                     uncalibrated: bool = False) -> None:
         """Add adapter ``adapter_name``: a NoraActivation whose base rational is ``fit`` (channels on
         ``channel_dim``: -1, or 1 for a conv-layout MLP, as :func:`nora.adapter.discover.activation_layout` reads
-        them)."""
+        them). ``uncalibrated``: its config says init="calibrated" and ``fit`` is the range fit it starts from until
+        :func:`nora.calibrate` re-fits it; a forward in train mode before that raises."""
         num, den = fit_tensors(fit, config.groups)
         act = NoraActivation(num, den, form=config.form, backend=config.backend, original=self.original,
                              variant=config.variant, r=config.r, alpha=config.alpha,
@@ -61,6 +64,10 @@ class NoraLayer(nn.Module, BaseTunerLayer):
                              fit_range=(fit.x_min, fit.x_max), channel_dim=channel_dim, width=width,
                              residual=config.residual, original_module=self.original_activation())
         self.nora_activation[adapter_name] = act.to(device) if device is not None else act
+        if uncalibrated:
+            self._uncalibrated.add(adapter_name)
+        else:
+            self._uncalibrated.discard(adapter_name)
         self.set_adapter(self.active_adapters)
 
     def set_base(self, adapter_name: str, fit: RationalFit) -> None:
@@ -76,6 +83,7 @@ class NoraLayer(nn.Module, BaseTunerLayer):
                 act.nora_num.copy_(num[: act.nora_num.shape[0]])
                 act.nora_den.copy_(den)
         act.fit_range = (fit.x_min, fit.x_max)
+        self._uncalibrated.discard(adapter_name)
 
     # ------------------------------------------------------------------ the activation
     def original_activation(self) -> nn.Module:
@@ -109,6 +117,12 @@ class NoraLayer(nn.Module, BaseTunerLayer):
         active = self._active()
         if not active:
             return self.base_layer(x)
+        if self.training and self._uncalibrated.intersection(active):
+            raise AdapterError(
+                f"NoraPeftConfig(init='calibrated'): adapter {sorted(self._uncalibrated.intersection(active))[0]!r} "
+                "was never calibrated, so training would start from the range fit; call "
+                "nora.calibrate(peft_model, batches) after peft.get_peft_model (a few input batches), or use "
+                "init='fit'")
         if len(active) == 1:
             return self.nora_activation[active[0]](x)
         return self.nora_activation[active[0]].evaluate(x, *self.coefficients(active))

@@ -14,9 +14,11 @@ Keys in ``adapter_model.safetensors`` (peft's: module name, peft's attribute, ad
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
+from safetensors.torch import load_file
 from peft.tuners.lora import LoraModel
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
 from peft.tuners.tuners_utils import check_target_module_exists as peft_target_exists
@@ -26,6 +28,9 @@ from nora.adapter import AdapterError, find_targets
 from nora.adapter.discover import activation_layout
 from nora.adapter.inject import activation_target, set_module
 from nora.adapter.merged import as_merged_model
+from nora.adapter.peft_format import CONFIG_FILE, LAYER_ATTR, PEFT_PREFIX, PEFT_SEGMENT, WEIGHTS_FILE, read_originals
+from nora.adapter.validate import (check_finite, coefficient_problems, coverage_problems, layout_problems, listed,
+                                   lora_target_problems, nonfinite)
 from nora.rational.calibration import fit_to_inputs, record_inputs
 from nora.rational.fit import RationalFit, fit_rational
 from nora.tuner.config import NoraPeftConfig
@@ -82,15 +87,30 @@ class NoraModel(BaseTuner):
                 raise AdapterError(str(e)) from e
             layouts = state["layouts"][adapter_name] = {n: activation_layout(model, n)
                                                         for n in state["targets"][adapter_name]}
+            originals = {n: activation_target(model.get_submodule(n))[0] for n in layouts}
         for name, layout in layouts.items():
             if layout.width is not None and layout.width % config.groups:
                 raise AdapterError(f"groups={config.groups} does not divide the width {layout.width} of {name}; "
                                    f"choose a divisor of {layout.width}")
         lora = config.lora_config()
-        if lora is not None:
+        lora_problems = _lora_target_problems(model, config) if lora is not None else []
+        if lora_problems and not config.loaded:
+            raise AdapterError(lora_problems[0])
+        if lora is not None and not lora_problems:
             if lora.target_modules is None:
                 lora = LoraModel._prepare_adapter_config(LoraModel, lora, self.get_model_config(model))
             lora = _maybe_include_all_linear_layers(lora, model)
+        specs = {n: {"width": lay.width, "channel_dim": lay.channel_dim, "original": originals[n]}
+                 for n, lay in layouts.items()}
+        if config.loaded:  # peft's loader: the saved adapter against this model, before the model changes
+            problems = lora_problems + _saved_problems(model, config, layouts, originals)
+            problems += [] if lora_problems else _file_problems(model, config, originals, lora)
+            if problems:
+                where = config.source or "the saved NoRA adapter"
+                raise AdapterError(f"{where} does not fit this {type(model).__name__} (nothing was changed): "
+                                   + "; ".join(problems[:6]))
+        if config.layer_specs is None or not config.loaded:
+            config.layer_specs = {n: {**spec, "init": "fit"} for n, spec in specs.items()}
         state["lora"][adapter_name] = lora
         state["fits"] = {}
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
@@ -137,7 +157,8 @@ class NoraModel(BaseTuner):
             layer = NoraLayer(target, original)
             setattr(parent, target_name, layer)
         layer.update_layer(adapter_name, config.nora_config(), fit, device=_device(self.model),
-                           channel_dim=layout.channel_dim, width=layout.width)
+                           channel_dim=layout.channel_dim, width=layout.width,
+                           uncalibrated=config.init == "calibrated" and not config.loaded)
         if adapter_name not in self.active_adapters:
             layer.nora_activation[adapter_name].requires_grad_(False)
 
@@ -163,8 +184,138 @@ class NoraModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """peft's key remapping, then every adapter tensor the model expects must be in the file and finite (peft
+        itself only warns about missing keys and leaves those layers at their initialisation)."""
         state_dict = {(k + ".weight" if k.endswith("lora_magnitude_vector") else k): v for k, v in state_dict.items()}
-        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        out = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        where = (config.source / WEIGHTS_FILE) if getattr(config, "source", None) else WEIGHTS_FILE
+        own = {k for k in model.state_dict() if _adapter_key(k, adapter_name)}
+        prefix = "base_model.model."
+        given = {k if k.startswith(prefix) or not any(o.startswith(prefix) for o in own) else prefix + k
+                 for k in out}
+        missing = own - given
+        if missing:
+            raise AdapterError(f"{where}: {len(missing)} adapter tensor(s) this model needs are missing "
+                               f"({listed(missing)}); the file is incomplete or belongs to another model")
+        check_finite(out, where)
+        return out
+
+
+def _adapter_key(key: str, adapter_name: str) -> bool:
+    return (f".{LAYER_ATTR}.{adapter_name}." in key or
+            (".lora_" in key and (f".{adapter_name}." in key or key.endswith(f".{adapter_name}"))))
+
+
+def _canonical(key: str) -> str:
+    return ".".join(p for p in key.removeprefix(PEFT_PREFIX).split(".") if p != PEFT_SEGMENT)
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    """The distinct last name segments of the layers LoRA can wrap (for a message)."""
+    names = {n.rpartition(".")[2] for n, m in model.named_modules()
+             if n and not list(m.children()) and isinstance(getattr(m, "weight", None), torch.Tensor)
+             and m.weight.dim() >= 2}
+    return sorted(names)
+
+
+def _lora_target_problems(model: nn.Module, config: NoraPeftConfig) -> list[str]:
+    """Each name of ``lora_target_modules`` (peft's rule: the full name or a suffix; a string: a regex in full) must
+    match a module: peft's LoraConfig refuses a list none of whose names match; NoRA's activations always match
+    something, so without this a typo would build NoRA alone."""
+    targets = config.lora_target_modules
+    try:
+        missing = lora_target_problems((n for n, _ in model.named_modules()), targets)
+    except ValueError as e:
+        raise AdapterError(str(e)) from None
+    if missing:
+        return [f"lora_target_modules {missing} match no module of {type(model).__name__} (a name matches a module's "
+                "full name or its last segments; a string is a regex matched in full); its weight layers are named "
+                f"{', '.join(_linear_names(model)[:12])}"]
+    return []
+
+
+def _saved_problems(model: nn.Module, config: NoraPeftConfig, layouts: dict, originals: dict[str, str]) -> list[str]:
+    """The layers an adapter_config.json recorded (``layer_specs``) against this model's targets."""
+    saved = config.layer_specs
+    if saved is None:  # written before nora recorded them: the weights file is checked instead
+        return []
+    problems = coverage_problems(saved, layouts, type(model).__name__)
+    for name in sorted(set(saved) & set(layouts)):
+        spec = saved[name]
+        if spec.get("original") is not None and spec["original"] != originals[name]:
+            problems.append(f"{name}: this model's activation is {originals[name]}, the adapter was fitted to "
+                            f"{spec['original']}")
+            continue
+        problems += layout_problems(layouts[name], name, {**spec, "groups": config.groups})
+    return problems
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor] | None:
+    if not path.is_file():
+        return None  # peft says where it looked
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001  safetensors raises its own SafetensorError (and OSError, ValueError)
+        raise AdapterError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); the file is "
+                           "truncated or damaged (nothing was changed)") from None
+
+
+def _file_problems(model: nn.Module, config: NoraPeftConfig, originals: dict[str, str], lora) -> list[str]:
+    """The weights of the folder a loaded config came from (when local) against this model: finite, the NoRA layers
+    the model's targets (for files without ``layer_specs``), their coefficient shapes, the LoRA modules."""
+    if config.source is None:
+        return []
+    path, targets = config.source / WEIGHTS_FILE, set(originals)
+    tensors = _read_weights(path)
+    if tensors is None:
+        return []
+    bad = nonfinite(tensors)
+    if bad:
+        return [f"{path}: {len(bad)} tensor(s) hold NaN or inf values ({listed(bad)})"]
+    marker = f".{LAYER_ATTR}."
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    lora_modules = set()
+    for key, t in tensors.items():
+        if marker in key:
+            name, _, tensor = key.partition(marker)
+            layers.setdefault(_canonical(name), {})[tensor] = t
+        elif ".lora_" in key:
+            lora_modules.add(key.removeprefix(PEFT_PREFIX).partition(".lora_")[0])
+    if config.layer_specs is not None:
+        differ = set(layers) ^ set(config.layer_specs)
+        problems = [f"{path}: its NoRA layers differ from the layer_specs of {CONFIG_FILE} ({listed(differ)})"
+                    ] if differ else []
+    else:
+        problems = [f"{path}: {p}" for p in coverage_problems(layers, targets, type(model).__name__)]
+    if config.layer_specs is None:
+        saved = read_originals(config.source)
+        problems += [f"{n}: this model's activation is {originals[n]}, the adapter was fitted to {o}"
+                     for n, o in sorted(saved.items()) if n in targets and originals[n] != o]
+    for name in sorted(set(layers) & targets):
+        problems += [f"{path}: {p}" for p in coefficient_problems(
+            name, layers[name].get("base_numerator"), layers[name].get("base_denominator"), config.groups,
+            config.degrees)]
+    return problems + _lora_file_problems(model, config, lora, lora_modules, path)
+
+
+def _lora_file_problems(model: nn.Module, config: NoraPeftConfig, lora, lora_modules: set[str], path: Path
+                        ) -> list[str]:
+    if lora is None:
+        return [f"{path} holds LoRA tensors ({listed(lora_modules)}) but the config has lora_r=0"] if lora_modules \
+            else []
+    modules = dict(model.named_modules())
+    unknown = sorted(m for m in lora_modules if _canonical(m) not in modules and m not in modules)
+    if unknown:
+        return [f"{path} holds LoRA tensors of {listed(unknown)}, which are not modules of this "
+                f"{type(model).__name__}"]
+    if config.target_parameters:  # fused expert tensors: peft's keys name parameters, not modules
+        return []
+    targeted = {n for n, m in modules.items() if n and not list(m.children()) and peft_target_exists(lora, n)}
+    left = targeted - {_canonical(m) for m in lora_modules}
+    if left:
+        return [f"{path} holds no LoRA tensors for {listed(left)} ({len(targeted)} LoRA targets in this "
+                f"{type(model).__name__}, {len(lora_modules)} in the file)"]
+    return []
 
 
 def nora_layers(model: nn.Module, adapter_name: str | None = None) -> dict[str, NoraLayer]:
@@ -205,4 +356,7 @@ def calibrate(model: nn.Module, batches: Iterable, forward: Callable | None = No
                                  "denominator": [f.denominator for f in per]}})
         layers[name].set_base(adapter_name, fit)
         fits[name] = fit
+        spec = (config.layer_specs or {}).get(_canonical(name))
+        if spec is not None:  # what the saved adapter_config.json says was done
+            spec["init"] = "calibrated"
     return fits
