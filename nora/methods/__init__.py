@@ -25,6 +25,7 @@ from torch import nn
 
 from nora.adapter import InjectionReport, ParameterReport, apply_nora, parameter_report
 from nora.adapter.inject import activation_width, find_targets
+from nora.adapter.validate import lora_target_problems
 from nora.errors import UserError
 from nora.methods.baselines import apply_baseline
 from nora.methods.config import MethodConfig, nora_groups_message
@@ -83,6 +84,7 @@ def apply_method(model: nn.Module, method_cfg: MethodConfig, model_cfg: ModelCon
         model.requires_grad_(False)
         if method_cfg.lora:
             import peft
+            _check_lora_targets(model, method_cfg)
             model = peft.get_peft_model(model, lora_config_from(method_cfg, head, family))
         if method_cfg.nora:
             injection = _inject_nora(model, method_cfg, None if method_cfg.lora else head, calibration_batches,
@@ -97,6 +99,19 @@ def apply_method(model: nn.Module, method_cfg: MethodConfig, model_cfg: ModelCon
     if report.trainable == 0:
         raise UserError(f"method {name} left no trainable parameter")
     return MethodResult(model, report, injection)
+
+
+def _check_lora_targets(model: nn.Module, method_cfg: MethodConfig) -> None:
+    """Each name in ``method.lora.targets`` matches a module (peft's rule); peft itself refuses a list only when none
+    matches, as a traceback."""
+    targets = method_cfg.lora.targets
+    try:
+        missing = lora_target_problems((n for n, _ in model.named_modules()), targets)
+    except ValueError as exc:
+        raise UserError(f"method.lora.targets={targets!r}: {exc}") from None
+    if missing:
+        raise UserError(f"method.lora.targets: {missing} match no module of {type(model).__name__} (a name matches a "
+                        "module's full name or its last segments; a string is a regex matched in full)")
 
 
 def _inject_nora(model: nn.Module, method_cfg: MethodConfig, head: str | None, calibration_batches,
