@@ -5,11 +5,21 @@
 """
 import sys
 
-import hydra
-from omegaconf import DictConfig
 
-from nora.app.evaluation import run_eval
-from nora.errors import user_errors
+def _interrupted_while_starting():
+    """Ctrl-C while torch & co. load or Hydra composes: one line, no traceback."""
+    print("interrupted while starting; nothing was written", file=sys.stderr, flush=True)
+    sys.exit(130)
+
+
+try:
+    import hydra
+    from omegaconf import DictConfig
+
+    from nora.app.evaluation import run_eval
+    from nora.errors import user_errors
+except KeyboardInterrupt:
+    _interrupted_while_starting()
 
 
 @hydra.main(config_path="configs", config_name="eval", version_base="1.3")
@@ -19,4 +29,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        _interrupted_while_starting()

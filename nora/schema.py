@@ -72,9 +72,26 @@ def _plain(node) -> Any:
     return node
 
 
+_INTERPOLATION = re.compile(r"(\\*)\$\{")
+
+
+def escape_interpolations(value):
+    """``value`` (resolved config values: dicts, lists, scalars) with every string escaped for OmegaConf, so that it
+    reads back as written: a literal ``${oc.env:V}`` (typed ``\\${oc.env:V}`` on the command line) becomes
+    ``\\${oc.env:V}``, and backslashes right before it are doubled. Without it, OmegaConf would take the literal for
+    an interpolation again and fill it from whatever the environment holds then."""
+    if isinstance(value, str):
+        return _INTERPOLATION.sub(lambda m: m.group(1) * 2 + "\\${", value)
+    if isinstance(value, Mapping):
+        return {k: escape_interpolations(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [escape_interpolations(v) for v in value]
+    return value
+
+
 def load(schema: type[T], node, section: str) -> T:
-    """``node`` (a DictConfig, a dict or already a ``schema``) as a checked ``schema`` instance; errors name
-    ``section.<key>``."""
+    """``node`` (a DictConfig, resolved here; a dict of resolved values; or already a ``schema``) as a checked
+    ``schema`` instance; errors name ``section.<key>``. A value holding interpolation syntax is taken as written."""
     if isinstance(node, schema):
         return node
     # omegaconf only here: the checks above serve the library's own configs on a core install (no omegaconf)
@@ -84,12 +101,12 @@ def load(schema: type[T], node, section: str) -> T:
     plain = _plain(node) or {}
     _check_finite(plain, section)
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), plain)
+        merged = OmegaConf.merge(OmegaConf.structured(schema), escape_interpolations(plain))
         return OmegaConf.to_object(merged)
     except ConfigValueError as e:
         raise e.under(section) from None
-    except ConfigKeyError as e:
-        valid = ", ".join(f.name for f in dataclasses.fields(schema))
+    except ConfigKeyError as e:  # the keys of the (nested) schema the unknown key is in: method.nora.foo lists nora's
+        valid = ", ".join(f.name for f in dataclasses.fields(_schema_at(schema, str(e.full_key or e.key or ""))))
         raise UserError(f"{_key(section, e)}: no such key; valid: {valid}") from None
     except ValidationError as e:
         # OmegaConf says "Value 'abc' of type 'str' could not be converted to Float": the key already shows the value
@@ -97,6 +114,19 @@ def load(schema: type[T], node, section: str) -> T:
         raise UserError(f"{_key(section, e)}={e.value!r}: {why}") from None
     except OmegaConfBaseException as e:
         raise UserError(f"{section}: {_first_line(e.msg)}") from None
+
+
+def _schema_at(schema: type, key: str) -> type:
+    """The dataclass that holds the last part of the dotted ``key`` (``nora.foo`` in MethodConfig: NoraSettings)."""
+    import typing
+
+    for part in key.split(".")[:-1]:
+        hint = typing.get_type_hints(schema).get(part)
+        inner = [a for a in (typing.get_args(hint) or (hint,)) if dataclasses.is_dataclass(a)]
+        if not inner:
+            break
+        schema = inner[0]
+    return schema
 
 
 def _check_finite(node, key: str) -> None:

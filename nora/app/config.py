@@ -8,12 +8,14 @@ only to write the run directory's ``config.yaml`` and to identify the run (:mod:
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from nora.data.config import check_dataset
@@ -22,7 +24,7 @@ from nora.methods import METHODS, methods_for
 from nora.methods.config import MethodConfig, nora_groups_message
 from nora.models.config import FAMILIES, ModelConfig, as_model_config
 from nora.runs.layout import run_name_problem
-from nora.runs.logger import LoggerConfig
+from nora.runs.logger import LoggerConfig, credentials_problem
 from nora.schema import load, one_of, per_family, require
 from nora.train.config import TrainerConfig
 from nora.runs import naming  # noqa: F401  registers ${run_overrides:}, which configs/train.yaml's run_name uses
@@ -97,6 +99,9 @@ def validate(cfg: DictConfig) -> RunConfig:
     wd = trainer.weight_decay if trainer.weight_decay is not None else method.weight_decay
     trainer = dataclasses.replace(trainer, lr=lr, head_lr=head_lr, nora_lr=nora_lr, weight_decay=float(wd))
     logger = load(LoggerConfig, _resolved(c, "logger") if "logger" in c else {}, "logger")
+    why = credentials_problem(logger)
+    if why is not None:
+        raise UserError(why)
     limit = getattr(dataset, "limit_train", None)
     if limit is not None and limit < trainer.batch_size:
         raise UserError(f"dataset.limit_train={limit} is fewer than one batch (trainer.batch_size="
@@ -107,6 +112,22 @@ def validate(cfg: DictConfig) -> RunConfig:
     return RunConfig(model=model, dataset=dataset, method=method, trainer=trainer, logger=logger, seed=top.seed,
                      run_name=str(c.run_name), resume=top.resume, force=top.force,
                      on_config_change=top.on_config_change, composed=cfg)
+
+
+class ValidatedBeforeWriting(Callback):
+    """A Hydra callback (``hydra.callbacks`` in configs/train.yaml): the composed config is checked (:func:`validate`)
+    before Hydra creates the run directory and opens its ``train.log`` there, so a bad value (``trainer.lr=abc``)
+    is one line, exit status 2, and nothing is touched. Other failures are left to ``run_training``, which
+    validates again and reports them as before."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        try:
+            validate(config)
+        except UserError as exc:  # SystemExit, not an exception: Hydra prints those with a stack trace
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            sys.exit(exc.exit_code)
+        except Exception:  # noqa: BLE001  reported by run_training's own validate, with its usual handling
+            pass
 
 
 def _learning_rate(trainer: TrainerConfig, method: MethodConfig, key: str, family: str) -> Optional[float]:

@@ -73,7 +73,8 @@ def eval_config(cfg) -> tuple[EvalConfig, Any]:
     d = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     d.pop("hydra", None)
     model = d.pop("model", None)
-    typed = load(EvalConfig, d, "")
+    mmlu = load(MMLUSettings, d.pop("mmlu", None) or {}, "mmlu")  # its own schema: a bad key lists mmlu's keys
+    typed = dataclasses.replace(load(EvalConfig, d, ""), mmlu=mmlu)
     return typed, (as_model_config(model) if model is not None and typed.run_dir is None else None)
 
 

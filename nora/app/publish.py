@@ -11,8 +11,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from nora.app.adapters import adapter_identity, find_adapter_dir
+from nora.app.adapters import adapter_identity, adapter_mismatch, find_adapter_dir
 from nora.app.reload import read_run_config
+from nora.errors import UserError
 from nora.files import read_json
 from nora.runs.layout import RunDir, read_summary
 
@@ -100,6 +101,23 @@ def model_card(run_dir: str | os.PathLike, repo_id: str) -> str:
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)).content
 
 
+def _refuse_symlink(path: Path, where: Path) -> None:
+    if path.is_symlink():
+        raise UserError(f"{path} is a symbolic link (to {os.readlink(path)}); push_to_hub uploads only regular files "
+                        f"inside {where}: replace the link by the file itself, or remove it")
+
+
+def publishable_files(adapter_dir: Path) -> list[Path]:
+    """The regular files directly in ``adapter_dir`` that :func:`push_to_hub` uploads (not its own README.md).
+    A symbolic link anywhere inside (it could point anywhere: another run's adapter, a private file) is a
+    :class:`UserError` naming it; nothing outside the folder is ever read."""
+    _refuse_symlink(adapter_dir, adapter_dir.parent)
+    for root, dirs, names in os.walk(adapter_dir, followlinks=False):
+        for name in sorted(dirs + names):
+            _refuse_symlink(Path(root) / name, adapter_dir)
+    return [p for p in sorted(adapter_dir.iterdir()) if p.is_file() and p.name != "README.md"]
+
+
 def push_to_hub(run_dir: str | os.PathLike, repo_id: str, *, private: bool | None = None, token: str | None = None,
                 revision: str | None = None, commit_message: str | None = None) -> str:
     """Upload ``<run_dir>/adapter/`` and a generated model card to the Hub repository ``repo_id`` (created if
@@ -109,10 +127,15 @@ def push_to_hub(run_dir: str | os.PathLike, repo_id: str, *, private: bool | Non
 
     run_dir = Path(run_dir)
     adir = find_adapter_dir(run_dir)
-    files = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p))
-             for p in sorted(adir.iterdir()) if p.is_file() and p.name != "README.md"]
-    files.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=model_card(run_dir, repo_id).encode()))
+    uploads = publishable_files(adir)  # before anything reads a file: a link inside is refused
     config = RunDir(run_dir).config
+    _refuse_symlink(config, run_dir)
+    cfg = read_run_config(run_dir)  # its config_hash checked against summary.json (nora.app.reload)
+    why = adapter_mismatch(adapter_identity(adir), cfg.method, (read_summary(run_dir) or {}).get("adapter"))
+    if why is not None:  # another kind than the method saves, or files other than summary.json's sha256s
+        raise UserError(f"{why}; not publishing it: restore the run's own adapter, or retrain the run (force=true)")
+    files = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in uploads]
+    files.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=model_card(run_dir, repo_id).encode()))
     if config.exists():  # the run's full configuration, to rebuild the base model exactly
         files.append(CommitOperationAdd(path_in_repo="run_config.yaml", path_or_fileobj=str(config)))
     api = HfApi(token=token)

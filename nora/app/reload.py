@@ -28,6 +28,7 @@ from nora.hardware import seed_everything
 from nora.models import build_model
 from nora.models.causal_lm import build_causal_lm, resolve_dtype
 from nora.models.config import as_model_config
+from nora.runs.identity import edited_config
 from nora.runs.layout import RunDir, read_summary
 
 
@@ -41,9 +42,16 @@ class TrainedModel:
 
 
 def read_run_config(run_dir: str | os.PathLike) -> DictConfig:
+    """The run's ``config.yaml``, after checking it is the config the run trained with (its ``config_hash``
+    against ``summary.json``'s): an edited file is a :class:`UserError` naming it and the keys that differ."""
     path = RunDir(run_dir).config
     if not path.exists():
         raise UserError(f"{run_dir}: no config.yaml; pass the directory of a training run (runs/<run_name>)")
+    why = edited_config(run_dir)
+    if why is not None:
+        where = RunDir(run_dir).hydra_config
+        hint = f" ({where} holds the config train.py started it with)" if where.is_file() else ""
+        raise UserError(f"{why}; restore the file{hint} or retrain the run (force=true)")
     return OmegaConf.load(path)
 
 

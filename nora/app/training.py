@@ -33,14 +33,15 @@ from nora.eval.agreement import init_agreement, nora_target_modules
 from nora.hardware import resolve_device, seed_everything
 from nora.hub import go_offline_if_unreachable
 from nora.methods import MethodResult, apply_method
-from nora.runs.identity import changed_config, config_hash, kept_config
-from nora.runs.layout import RunDir, checkpoint_path, is_complete, read_summary, write_config, write_summary
+from nora.runs.identity import changed_config, config_hash, kept_config, result_config
+from nora.runs.layout import (RunDir, checkpoint_path, escape_interpolations, is_complete, read_stored_config,
+                              read_summary, write_config, write_summary)
 from nora.runs.lock import RunLock
 from nora.runs.writable import write_hydra_record
-from nora.runs.logger import RunLogger
+from nora.runs.logger import RunLogger, recorded_run_id
 from nora.train import distributed as dist
 from nora.train.loop import Trainer
-from nora.train.signals import stop_on_signals
+from nora.train.signals import SetupGuard, stop_on_signals
 
 log = logging.getLogger("nora")
 
@@ -94,19 +95,20 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
     A run directory that already holds a complete ``summary.json`` is skipped (unless ``force``);
     one that holds a checkpoint is resumed (``resume=auto``).
     """
-    run = validate(cfg)  # every value checked before anything is loaded
-    go_offline_if_unreachable()
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-    with RunLock(run_dir):  # one process per run directory, for the whole run (nora.runs.lock)
-        write_hydra_record(cfg, run_dir)  # .hydra/ only now: a process the lock refuses must not rewrite it
-        stale = RunDir(run_dir).remove_stale_temps()
-        if stale:
-            print(f"removed {len(stale)} temp file(s) left in {run_dir} by an interrupted write: "
-                  f"{', '.join(str(p.relative_to(run_dir)) for p in stale)}")
-        return _train(run, run_dir)
+    with SetupGuard() as guard:  # SIGTERM before training starts: one line (nora.train.signals)
+        run = validate(cfg)  # every value checked before anything is loaded
+        go_offline_if_unreachable()
+        run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+        with RunLock(run_dir):  # one process per run directory, for the whole run (nora.runs.lock)
+            write_hydra_record(cfg, run_dir)  # .hydra/ only now: a process the lock refuses must not rewrite it
+            stale = RunDir(run_dir).remove_stale_temps()
+            if stale:
+                print(f"removed {len(stale)} temp file(s) left in {run_dir} by an interrupted write: "
+                      f"{', '.join(str(p.relative_to(run_dir)) for p in stale)}")
+            return _train(run, run_dir, guard)
 
 
-def _train(run: RunConfig, run_dir: Path) -> dict:
+def _train(run: RunConfig, run_dir: Path, guard: SetupGuard) -> dict:
     """:func:`run_training` once it holds ``run_dir``."""
     done, resume_from = _skip_or_resume(run, run_dir)
     if done is not None:
@@ -135,7 +137,7 @@ def _train(run: RunConfig, run_dir: Path) -> dict:
 
     if rk == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(run_dir, OmegaConf.to_yaml(run.composed, resolve=True))
+        write_config(run_dir, run.composed)  # resolved; a literal ${...} value escaped, so it reads back as written
     logger = RunLogger(run_dir, run.logger, config=OmegaConf.to_container(run.composed, resolve=True),
                        run_name=run.run_name, enabled=rk == 0, resume=resume_from is not None)
     trainer = Trainer(run.trainer, model, setup.task, setup.data, checkpoint_path(run_dir), logger, head=setup.head,
@@ -147,6 +149,7 @@ def _train(run: RunConfig, run_dir: Path) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     memory_before_mb = (torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda"
                         else hardware.current_rss_mb())
+    guard.release()  # from here on a stop signal checkpoints and stops (stop_on_signals)
     with logger.failing_on_error():  # W&B: a crash closes the run as failed; success finishes it below
         with stop_on_signals(trainer):  # SIGTERM: checkpoint and stop; Ctrl-C: one line (nora.train.signals)
             state = trainer.fit()
@@ -159,7 +162,8 @@ def _train(run: RunConfig, run_dir: Path) -> dict:
     summary = _summary(run, setup, result, trainer, device, memory_before_mb)
     if rk == 0:
         _write_outputs(run, model, result, run_dir, summary)
-    logger.finish(0, summary=summary, images={"activations": RunDir(run_dir).activations})  # W&B: summary first
+    shown = {k: v for k, v in summary.items() if k != "result_config"}  # config.yaml is W&B's config already
+    logger.finish(0, summary=shown, images={"activations": RunDir(run_dir).activations})  # W&B: summary first
     dist.barrier()
     return summary
 
@@ -182,7 +186,27 @@ def _skip_or_resume(run: RunConfig, run_dir: Path) -> tuple[dict | None, Path | 
         again = " from its last checkpoint" if auto and checkpoint_path(run_dir).exists() else ""
         print(f"warning: {run_dir}: summary.json says complete but {why}; training the run again{again}")
     resume_from = resume_path(run.resume, run_dir)
+    if resume_from is not None and not (afresh and auto):
+        _check_foreign_checkpoint(run, run_dir, resume_from)
+        if run.logger.wandb_enabled:
+            recorded_run_id(run_dir)  # the W&B run it continues: a damaged wandb/run_id is one line, now
     return None, (None if afresh and auto else resume_from)
+
+
+def _check_foreign_checkpoint(run: RunConfig, run_dir: Path, checkpoint: Path) -> None:
+    """``resume=<another run>``: a checkpoint of another method or model cannot be loaded into this run's model;
+    refused by the config that run recorded, before anything is built (the load refuses what this misses)."""
+    other = checkpoint.resolve().parent.parent  # <run>/checkpoints/last.pt
+    if other == run_dir.resolve():
+        return
+    stored = read_stored_config(other) or {}
+    then = {k: (stored.get(k) or {}).get("name") for k in ("method", "model")}
+    now = {"method": run.method.name, "model": run.model.name}
+    differ = [f"{k}={then[k]}" for k in then if then[k] is not None and then[k] != now[k]]
+    if differ:
+        raise UserError(f"resume={run.resume}: {checkpoint} was written by a run of {', '.join(differ)} "
+                        f"({RunDir(other).config}), this run is {', '.join(f'{k}={now[k]}' for k in now)}: its "
+                        "tensors do not fit this model; resume from a run of this method and model, or resume=null")
 
 
 def _adapter_problem(run: RunConfig, run_dir: Path) -> str | None:
@@ -205,6 +229,7 @@ def _summary(run: RunConfig, setup: TrainSetup, result: MethodResult, trainer: T
         "status": "complete",
         "run_name": run.run_name, "method": run.method.name, "model": run.model.name, "dataset": run.dataset.name,
         "family": run.family, "seed": run.seed, "config_hash": config_hash(run.composed),
+        "result_config": escape_interpolations(result_config(run.composed)),  # what eval checks config.yaml against
         "parameters": result.parameters.to_dict(),
         "metric": task.metric, "final": state.last_eval, "best": {"value": state.best, "step": state.best_step},
         "steps": state.step, "epochs": state.epoch, f"{task.unit}_seen": state.units,

@@ -76,6 +76,7 @@ import datetime as _dt
 import inspect
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -527,6 +528,7 @@ def evaluate_mmlu(model, tokenizer, data: str | os.PathLike | Mapping[str, Subje
         if was_training and hasattr(model, "train"):
             model.train()
     wall = time.perf_counter() - t0
+    _warn_truncated(results, max_len, max_length)
     letters = protocol == "letters"
     protocol = {"name": protocol,
                 "prompt": "lm_eval mmlu (default)" if letters else "lm_eval mmlu_continuation",
@@ -539,6 +541,17 @@ def evaluate_mmlu(model, tokenizer, data: str | os.PathLike | Mapping[str, Subje
     return MMLUResult(results, k=k, grouping=grouping, split=split, wall_time_s=round(wall, 3),
                       date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                       protocol=protocol, data=data_info, category_order=order)
+
+
+def _warn_truncated(results: Mapping[str, "SubjectResult"], max_len: int, max_length: int | None) -> None:
+    """A warning when questions did not fit ``max_len`` even zero-shot: they were cut from the left (as lm_eval
+    does), so their scores read a cut question; the count is in ``mmlu.json`` too."""
+    cut, n = sum(r.truncated for r in results.values()), sum(r.n for r in results.values())
+    if cut:
+        where = "max_length" if max_length else "the model's context length"
+        warnings.warn(f"MMLU: {cut} of {n} questions do not fit {where} ({max_len} tokens) even zero-shot and were "
+                      "cut from the left: their scores read a truncated question and the accuracy is not comparable; "
+                      "raise mmlu.max_length (null: the model's context length)", stacklevel=3)
 
 
 def _evaluate_subject(model, tokenizer, subject, data: SubjectData, category, k, max_len, batch_size, pad_id,

@@ -10,7 +10,7 @@ import os
 
 from omegaconf import DictConfig, OmegaConf
 
-from nora.runs.layout import read_stored_config
+from nora.runs.layout import RunDir, escape_interpolations, read_stored_config, read_summary
 
 # What decides where a run is written, how it is logged or shown, or whether it is skipped or resumed: not
 # its result. Changing these never makes a run directory "another configuration".
@@ -71,7 +71,7 @@ def kept_config(cfg, run_dir: str | os.PathLike):
     stored = read_stored_config(run_dir)
     if stored is None:
         return cfg
-    now = OmegaConf.to_container(cfg, resolve=True)
+    now = escape_interpolations(OmegaConf.to_container(cfg, resolve=True))  # stored is escaped: so must these be
     for key in NOT_RESULT_KEYS:
         if key in now:
             stored[key] = now[key]
@@ -79,3 +79,45 @@ def kept_config(cfg, run_dir: str | os.PathLike):
         if key in now.get("trainer", {}):
             stored.setdefault("trainer", {})[key] = now["trainer"][key]
     return OmegaConf.create(stored)
+
+
+def edited_config(run_dir: str | os.PathLike) -> str | None:
+    """Why ``<run_dir>/config.yaml`` is not the config the run trained with, or None: its :func:`config_hash`
+    differs from the one ``summary.json`` records (the file was edited after training, e.g. ``model.init_seed``:
+    every reader would rebuild another base model). The message names the keys that differ when ``summary.json``'s
+    ``result_config`` or the run's ``.hydra/config.yaml`` (written when train.py started it) still hashes to the
+    recorded value, else the two hashes. None when nothing was recorded (a run from before ``config_hash``, or an
+    incomplete one)."""
+    rd = RunDir(run_dir)
+    recorded = (read_summary(run_dir) or {}).get("config_hash")
+    stored = read_stored_config(run_dir)
+    if not recorded or stored is None:
+        return None
+    try:
+        now = config_hash(stored)
+    except Exception as exc:  # noqa: BLE001  an interpolation an edit put there that does not resolve
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"{rd.config} is not the config this run trained with (it does not resolve: {first})"
+    if now == recorded:
+        return None
+    diff = _differences_from_start(rd, recorded, stored)
+    shown = "; ".join(diff[:6]) + (f"; ... and {len(diff) - 6} more" if len(diff) > 6 else "")
+    what = (f"edited after training: {shown}" if diff else
+            f"its config_hash is {now}, summary.json records {recorded}")
+    return f"{rd.config} is not the config this run trained with ({what})"
+
+
+def _differences_from_start(rd: RunDir, recorded: str, stored: dict) -> list[str]:
+    """``key: then -> now`` between the config the run trained with and ``stored``: ``summary.json``'s
+    ``result_config`` (runs since it is recorded), else ``.hydra/config.yaml`` (written when train.py started the
+    run) when it still hashes to ``recorded``; empty when neither tells."""
+    started = (read_summary(rd.root) or {}).get("result_config")
+    try:
+        if not isinstance(started, dict) and rd.hydra_config.is_file():
+            started = OmegaConf.to_container(OmegaConf.load(rd.hydra_config), resolve=False)
+            started.pop("run_name", None)  # ${run_overrides:} resolves only where nora.runs.naming registered it
+        if not isinstance(started, dict) or config_hash(started) != recorded:
+            return []
+        return config_differences(started, stored)
+    except Exception:  # noqa: BLE001  unreadable or unresolvable here: the hashes alone are reported
+        return []

@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 
 from nora.eval.mmlu import MMLU_FILE
 from nora.files import read_json, remove_stale_temps, write_json_atomic, write_text_atomic
+from nora.schema import escape_interpolations
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -37,6 +38,7 @@ CHECKPOINTS = "checkpoints"
 CHECKPOINT = "last.pt"
 WANDB = "wandb"
 LOCK = ".lock"
+HYDRA_CONFIG = ".hydra/config.yaml"  # the config as composed (unresolved), written when train.py starts the run
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,10 @@ class RunDir:
     @property
     def lock(self) -> Path:
         return self.root / LOCK
+
+    @property
+    def hydra_config(self) -> Path:
+        return self.root / HYDRA_CONFIG
 
     def outputs(self) -> list[Path]:
         """Everything a run produces (what a fresh start in this directory must remove first)."""
@@ -140,13 +146,25 @@ def write_summary(run_dir: str | os.PathLike, summary: dict) -> None:
 
 
 def read_stored_config(run_dir: str | os.PathLike) -> dict | None:
-    """The resolved config a run directory was last started with (its ``config.yaml``) as a dict, or None."""
+    """The config a run directory was last started with (its ``config.yaml``) as a dict, or None. Values are
+    resolved, as stored: a value that holds interpolation syntax keeps its escape (``\\${oc.env:V}``), so that
+    ``OmegaConf.create`` of the dict reads it back as written (:func:`escape_interpolations`)."""
     path = RunDir(run_dir).config
     return OmegaConf.to_container(OmegaConf.load(path)) if path.exists() else None
 
 
-def write_config(run_dir: str | os.PathLike, config_yaml: str) -> None:
-    write_text_atomic(RunDir(run_dir).config, config_yaml)
+def config_yaml(cfg) -> str:
+    """``cfg`` (a DictConfig or dict) resolved, as ``config.yaml`` stores it: values escaped
+    (:func:`escape_interpolations`), without the ``hydra`` node."""
+    d = OmegaConf.to_container(cfg, resolve=False) if not isinstance(cfg, dict) else dict(cfg)
+    d.pop("hydra", None)  # resolves only inside a Hydra run
+    resolved = OmegaConf.to_container(OmegaConf.create(d), resolve=True)
+    return OmegaConf.to_yaml(OmegaConf.create(escape_interpolations(resolved)))
+
+
+def write_config(run_dir: str | os.PathLike, cfg) -> None:
+    """Write ``config.yaml``: ``cfg`` resolved and escaped (:func:`config_yaml`)."""
+    write_text_atomic(RunDir(run_dir).config, config_yaml(cfg))
 
 
 def checkpoint_path(run_dir: str | os.PathLike) -> Path:

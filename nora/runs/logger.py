@@ -6,12 +6,15 @@ import hashlib
 import json
 import math
 import os
+import re
 import uuid
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
+
+from omegaconf import OmegaConf
 
 from nora.errors import UserError
 from nora.files import write_text_atomic
@@ -50,12 +53,24 @@ def wandb_run_id_path(run_dir: str | os.PathLike) -> Path:
     return RunDir(run_dir).wandb / WANDB_RUN_ID
 
 
+# what W&B accepts as a run id (wandb.Settings refuses whitespace and :;,#?/' with a pydantic traceback); nora writes
+# 16 hex digits
+_RUN_ID = re.compile(r"[!-~]{1,128}")
+_RESERVED = set(":;,#?/'")
+
+
 def recorded_run_id(run_dir: str | os.PathLike) -> str | None:
     """The id of the W&B run a run directory logged to; None if it never logged to W&B. A run directory from
-    before ids were kept in ``wandb/run_id`` used an id derived from its path."""
+    before ids were kept in ``wandb/run_id`` used an id derived from its path. A file that holds no W&B run id
+    (edited, overwritten, binary) is a :class:`UserError` naming it."""
     id_path = wandb_run_id_path(run_dir)
     if id_path.exists():
-        return id_path.read_text().strip()
+        text = id_path.read_bytes().decode("utf-8", errors="replace").strip()
+        if not _RUN_ID.fullmatch(text) or _RESERVED & set(text):
+            raise UserError(f"{id_path} holds {text[:40]!r}, not a W&B run id (printable characters without spaces "
+                            "or :;,#?/'); write back the id of this run's W&B run, or delete the file to log to a "
+                            "new W&B run")
+        return text
     if RunDir(run_dir).wandb.is_dir():
         return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
     return None
@@ -73,6 +88,28 @@ def sweep_group() -> str | None:
     except Exception:  # noqa: BLE001  (no Hydra job: no group)
         pass
     return None
+
+
+def credentials_problem(cfg: LoggerConfig) -> str | None:
+    """Why ``logger.mode=online`` cannot log (no W&B API key: not in WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE or a
+    .netrc entry for the W&B host, as ``wandb login`` writes it), or None; checked before anything is built (W&B
+    itself would fail only at ``wandb.init``, after the model and data)."""
+    if not cfg.wandb_enabled or cfg.mode != "online" or os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+        return None
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return None
+    host = os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+    try:
+        from wandb.sdk.lib.wbauth import read_netrc_auth
+
+        if read_netrc_auth(host=host):
+            return None
+    except ImportError:  # another wandb version: W&B decides at wandb.init
+        return None
+    except Exception as exc:  # noqa: BLE001  wandb's AuthenticationError: a key that is there but malformed
+        return f"logger.mode=online: the W&B API key for {host} in your .netrc is not valid ({exc})"
+    return (f"logger.mode=online needs a W&B API key for {host} and none is set: export WANDB_API_KEY=<key> (or run "
+            "`wandb login`), or log offline with logger=wandb (upload later with `wandb sync`)")
 
 
 def logger_config(node) -> LoggerConfig:
@@ -181,8 +218,13 @@ def log_mmlu_to_wandb(run_dir: str | os.PathLike, result: dict) -> bool:
     """Add an MMLU result (``eval.py run_dir=...``) to the summary of the training run's W&B run (the id in
     ``<run dir>/wandb/run_id``), as ``mmlu/accuracy``, ``mmlu/categories/<name>/accuracy``, ... Does nothing
     (returns False) when the run did not log to W&B."""
-    logger_cfg = logger_config((read_stored_config(run_dir) or {}).get("logger"))
-    run_id = recorded_run_id(run_dir)
+    stored = OmegaConf.create(read_stored_config(run_dir) or {})  # as stored: escaped values read back as written
+    logger_cfg = logger_config(stored.get("logger"))
+    try:
+        run_id = recorded_run_id(run_dir)
+    except UserError as exc:  # mmlu.json is written: a damaged id file must not fail the eval
+        warnings.warn(f"MMLU not added to W&B: {exc}", stacklevel=2)
+        return False
     if not logger_cfg.wandb_enabled or run_id is None:
         return False
     try:

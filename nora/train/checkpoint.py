@@ -112,16 +112,28 @@ def training_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_training_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_training_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike = "checkpoint"
+                             ) -> None:
+    """Copy a checkpoint's training state (:func:`training_state_dict`) into ``model``. A checkpoint of another
+    method or model (other tensor names, other shapes) is a :class:`UserError` naming ``source`` and what differs,
+    raised before any tensor is copied (the model is left as it was)."""
     own = dict(model.named_parameters())
     own.update(dict(model.named_buffers()))
+    way_out = ("was it written by another method or model? resume from a checkpoint of this configuration, or "
+               "resume=null")
     missing = [k for k in state if k not in own]
     if missing:
-        raise RuntimeError(f"checkpoint holds tensors this model does not have: {missing[:5]}")
+        raise UserError(f"{source} holds tensors this model does not have ({', '.join(missing[:3])}"
+                        f"{' ...' if len(missing) > 3 else ''}): {way_out}")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     absent = sorted(trainable - set(state))
     if absent:
-        raise RuntimeError(f"checkpoint lacks trainable tensors {absent[:5]}: was it written by another method?")
+        raise UserError(f"{source} lacks trainable tensors of this model ({', '.join(absent[:3])}"
+                        f"{' ...' if len(absent) > 3 else ''}): {way_out}")
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+              if tuple(v.shape) != tuple(own[k].shape)]  # a DTensor's shape is the full one
+    if shapes:
+        raise UserError(f"{source}: tensors of other shapes than this model's ({'; '.join(shapes[:2])}): {way_out}")
 
     if is_sharded(model):  # FSDP: torch's state-dict API cuts each full tensor into this rank's shard
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict

@@ -62,6 +62,17 @@ def setup(device_type: str) -> bool:
     return True
 
 
+# what gloo and NCCL say when the rank at the other end of a collective is gone (killed, crashed, out of memory)
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker", "Broken pipe",
+              "NCCL communicator was aborted", "ProcessGroupNCCL", "Connection refused")
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether ``exc``, raised in a collective of a multi-rank run, means another rank is gone (not a bug here)."""
+    dist_error = getattr(tdist, "DistError", ())
+    return world_size() > 1 and (isinstance(exc, dist_error) or any(s in str(exc) for s in _PEER_GONE))
+
+
 def teardown() -> None:
     if is_initialized():
         tdist.destroy_process_group()

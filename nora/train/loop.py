@@ -113,6 +113,22 @@ class TrainData:
     loader_factory: Callable | None = None
 
 
+def unused_batches_note(sampler, accum: int) -> str | None:
+    """A note when ``trainer.grad_accum`` does not divide an epoch's batches: the batches left over after the
+    last full optimizer step (and the partial last batch) are not trained on in that epoch; None when it divides."""
+    batches = getattr(sampler, "num_batches", None) or len(sampler)
+    left = batches % accum
+    if not left:
+        return None
+    n = getattr(sampler, "n", None) or getattr(getattr(sampler, "lengths", None), "size", None)
+    size = getattr(sampler, "batch_size", 0) * getattr(sampler, "num_replicas", 1)
+    used = (batches - left) * size
+    examples = f": {n - used} of the {n} examples are not used each epoch" if n and size and n > used else ""
+    return (f"note: an epoch is {batches} batches and trainer.grad_accum={accum} makes {batches // accum} optimizer "
+            f"step(s) of {accum} batches; the last {left} batch(es) are skipped{examples} (a different set each epoch "
+            f"when shuffled); a grad_accum that divides {batches}, or another trainer.batch_size, uses them all")
+
+
 class Trainer:
     """Trains ``model`` on ``data`` with ``task``; see :meth:`fit`. ``cfg``: a :class:`TrainerConfig` (or the
     ``trainer`` section it is loaded from) whose ``lr`` is set (the run config resolves the method's defaults);
@@ -140,6 +156,10 @@ class Trainer:
             raise UserError(f"an epoch has {len(data.train_sampler)} batches, fewer than "
                             f"trainer.grad_accum={self.accum}")
         self.micro_per_epoch = self.steps_per_epoch * self.accum
+        if dist.rank() == 0:
+            note = unused_batches_note(data.train_sampler, self.accum)
+            if note:
+                print(note)
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         # the module that runs forward (DDP/FSDP wrapper or compiled); self.model stays the plain one
@@ -216,7 +236,7 @@ class Trainer:
         # mmap: the ranks of a node share one page-cached copy; each tensor reaches the device only as this rank's
         # shard (FSDP) or as the parameter it replaces
         ckpt = read_checkpoint(path)
-        load_training_state_dict(self.model, ckpt["model"])
+        load_training_state_dict(self.model, ckpt["model"], path)
         load_optimizer_state_dict(self.optimizer, ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])

@@ -7,6 +7,11 @@
   exits with one line and status 128 + the signal's number.
 - Ctrl-C (SIGINT) stops at once, as Python does by default, and is reported as one line saying at which step
   it stopped and at which step the last checkpoint was written.
+- A rank that dies (``kill -9``, out of memory) under torchrun: each surviving rank ends with one line saying so
+  and where the last checkpoint is (the collective it was in fails; it never hangs).
+- SIGTERM while the run sets up (data, model, method: :class:`SetupGuard`) stops it with one line and status 143
+  (nothing was trained yet; the lock and any checkpoint are left as they were), where the process would otherwise
+  die silently with -15. Only where nobody else handles SIGTERM (submitit's handler is kept).
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from typing import Iterator
 
 import torch
 
-from nora.errors import Interrupted
+from nora.errors import Interrupted, UserError
 from nora.train import distributed as dist
 
 STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR2", None)) if s)
@@ -55,6 +60,15 @@ def stop_on_signals(trainer) -> Iterator[None]:
         raise Interrupted(f"interrupted at step {trainer.state.step}; last checkpoint at step "
                           f"{last if last is not None else '(none written)'}; run the same command to resume",
                           exit_code=128 + signal.SIGINT) from None
+    except RuntimeError as exc:  # a collective whose other end is gone: one line per surviving rank, no traceback
+        if not dist.peer_lost(exc):
+            raise
+        last = trainer.checkpoint_step
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        why = why.split("] ", 1)[-1].split(". ")[0][:160]  # gloo: "[<source>:<line>] <what>. This is typically..."
+        raise UserError(f"rank {dist.rank()}: another rank of this run stopped (killed, crashed or out of memory) "
+                        f"at step {trainer.state.step}: {why}; last checkpoint at step "
+                        f"{last if last is not None else '(none written)'}; run the same command to resume") from None
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -77,6 +91,35 @@ def ctrl_c_deferred() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
     if pending:
         raise KeyboardInterrupt
+
+
+class SetupGuard:
+    """``with SetupGuard() as guard:`` around a run's setup; ``guard.release()`` just before training starts
+    (:func:`stop_on_signals` takes over). SIGTERM in between raises :class:`Interrupted` (one line, exit status
+    143), unwinding the setup (the run directory's lock is released)."""
+
+    def __init__(self):
+        self._previous = None
+
+    def __enter__(self) -> "SetupGuard":
+        term = getattr(signal, "SIGTERM", None)
+        if term and threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(term) in (signal.SIG_DFL, None):
+            self._previous = signal.signal(term, self._stop)
+        return self
+
+    @staticmethod
+    def _stop(signum, frame) -> None:
+        raise Interrupted(f"stopped by {signal.Signals(signum).name} during setup, before training (re)started; "
+                          "run the same command to start it", exit_code=128 + signum)
+
+    def release(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def _stopped_by(signum: int, trainer, previous_handler) -> None:
