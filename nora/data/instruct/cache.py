@@ -21,7 +21,7 @@ from nora.files import read_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the tokenised format or the tokenisation rules change
+CACHE_VERSION = 2  # bump when the tokenised format or the tokenisation rules change (2: non-string fields refused)
 
 
 def build_instruct_datasets(cfg: InstructDataConfig | Mapping[str, Any], tokenizer):

@@ -87,13 +87,52 @@ def check_columns(ds, where: str, cfg: InstructDataConfig):
         logger.debug("%s: ignoring field(s) %s", where, extra)
     ds = ds.select_columns(list(cfg.spec.required))
     reject_nulls(ds, where, cfg)
-    if all(getattr(ds.features[c], "dtype", None) in ("string", "large_string") for c in cfg.spec.required):
+    reject_non_strings(ds, where, cfg)
+    if all(getattr(ds.features[c], "dtype", None) in TEXT_DTYPES for c in cfg.spec.required):
         return ds  # nothing to convert (casting would rewrite every row)
-    try:
-        return ds.cast(datasets.Features({c: datasets.Value("string") for c in cfg.spec.required}))
-    except Exception as e:  # noqa: BLE001
-        kinds = {c: str(ds.features[c]) for c in cfg.spec.required}
-        raise DataError(f"{where}: fields must be strings; found types {kinds} ({type(e).__name__})") from None
+    # only all-null columns are left (a field that may be null, e.g. every Alpaca input null): null -> string
+    return ds.cast(datasets.Features({c: datasets.Value("string") for c in cfg.spec.required}))
+
+
+TEXT_DTYPES = ("string", "large_string")
+
+
+def first_non_string(ds, field: str) -> tuple[int, object, int, str] | None:
+    """``(record, value, count, column)`` of the first record whose ``field`` holds something other than text or null
+    (a number, bool, list or object), as it stands in the file; None when every value is text or null.
+
+    ``datasets`` reads a JSON field that mixes strings with other values as its ``Json`` feature (each value
+    JSON-encoded: a string keeps its quotes) and a field of numbers as int64/float64: cast to text, either
+    would train on ``"Paris ..."`` or ``5``. A parquet column of another type is the same."""
+    import json
+
+    feature = ds.features[field]
+    if getattr(feature, "dtype", None) in TEXT_DTYPES + ("null",):
+        return None
+    table = ds.flatten_indices().data if getattr(ds, "_indices", None) is not None else ds.data
+    values = table.column(field).to_pylist()
+    column = f"the field was read as {getattr(feature, 'dtype', type(feature).__name__)}"
+    if type(feature).__name__ == "Json":  # the stored JSON text of each value
+        values = [None if v is None else json.loads(v) for v in values]
+        column = "the field mixes text with other values"
+    bad = [i for i, v in enumerate(values) if v is not None and not isinstance(v, str)]
+    return (bad[0], values[bad[0]], len(bad), column) if bad else None
+
+
+def reject_non_strings(ds, where: str, cfg: InstructDataConfig) -> None:
+    """Every required field must hold text: raise naming the source, the first record (0-based) and field whose
+    value is a number, bool, list or object, before ``datasets`` casts (JSON-encodes) the whole field."""
+    for field in cfg.spec.required:
+        found = first_non_string(ds, field)
+        if found is None:
+            continue
+        record, value, count, column = found
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise DataError(f"{where}: record {record} (counting from 0) has {field}={shown} "
+                        f"({type(value).__name__}), not text; dataset={cfg.name} needs strings in "
+                        f"{list(cfg.spec.required)} ({count} record(s) with a non-string {field}; {column}); write it "
+                        "as a string in the file")
 
 
 def reject_nulls(ds, where: str, cfg: InstructDataConfig) -> None:
