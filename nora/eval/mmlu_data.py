@@ -92,7 +92,7 @@ def custom_subjects(path: str | os.PathLike | None) -> dict[str, dict[str, str]]
         f = cand / SUBJECTS_FILE
         if f.is_file():
             try:
-                table = json.loads(f.read_text(encoding="utf-8"))
+                table = json.loads(f.read_text(encoding="utf-8-sig"))
             except (OSError, ValueError) as exc:
                 raise ValueError(f"{f}: not a readable JSON file ({exc})") from None
             if not isinstance(table, dict) or not table or not all(
@@ -194,8 +194,8 @@ def detect_source(path: str | os.PathLike) -> str:
 
 def _read_csv(path: Path, subject: str) -> list[MMLUQuestion]:
     data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
+    try:  # utf-8-sig: a byte-order mark written by a spreadsheet program is not part of the first question
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         # the original release is UTF-8; a file re-saved by a spreadsheet program is often latin-1 / cp1252
         line = data.count(b"\n", 0, exc.start) + 1
