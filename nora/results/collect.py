@@ -6,10 +6,13 @@ are counted as incomplete. A base-model MMLU evaluation is a directory holding `
 (``python eval.py model=<name>`` writes ``runs/eval/<model.name>/mmlu.json``). A file that is there but cannot be
 read (truncated JSON, not UTF-8, YAML that does not parse) leaves its run out of every table and is listed in
 :attr:`Collection.unreadable`, so a table never shows n=4 for five seeds without saying why (a run's unreadable
-``mmlu.json`` is listed too; that run counts as not evaluated).
+``mmlu.json`` is listed too; that run counts as not evaluated). A value that no run writes is treated the same: an
+accuracy that is not a finite number in range (``final_accuracy`` NaN, Infinity, 1e9 or ``"abc"``; an ``mmlu.json``
+accuracy outside [0, 1]) or a seed that is no integer.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +48,8 @@ class Run:
     summary: dict
     mmlu: dict | None = None
     config: dict = field(default_factory=dict, repr=False)  # the resolved config.yaml ({} when the run has none)
+    # a newer run of the same seed that took this one's place in a table cell (nora.results.tables.by_seed)
+    shadowed_by: "Run | None" = field(default=None, repr=False, compare=False)
 
     # --- summary fields
     @property
@@ -206,6 +211,38 @@ def _read_dict(path: Path) -> dict:
     return d
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_summary(path: Path, summary: dict) -> None:
+    """:class:`Unreadable` when a complete run's ``summary.json`` holds a value no run writes: an accuracy that is
+    not a finite number of percent in [0, 100], a seed that is not an integer (a table would show nan, inf or
+    > 100%, or stop on a traceback)."""
+    acc = {"final_accuracy": summary.get("final_accuracy"),
+           "final.accuracy": (summary.get("final") or {}).get("accuracy")
+           if isinstance(summary.get("final"), dict) else None}
+    for key, v in acc.items():
+        if v is not None and not (_is_number(v) and 0 <= v <= 100):
+            raise Unreadable(path, f"{key}={v!r} is not an accuracy (a finite number of percent in [0, 100]); the "
+                                   "run is left out")
+    seed = summary.get("seed")
+    if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool)):
+        raise Unreadable(path, f"seed={seed!r} is not an integer; the run is left out")
+
+
+def check_mmlu(path: Path, mmlu: dict) -> None:
+    """:class:`Unreadable` when an ``mmlu.json`` holds an accuracy that is not a finite fraction in [0, 1]."""
+    nodes = {"overall": mmlu.get("overall")}
+    cats = mmlu.get("categories")
+    if isinstance(cats, dict):
+        nodes.update({f"categories.{k}": v for k, v in cats.items()})
+    for key, node in nodes.items():
+        v = node.get("accuracy") if isinstance(node, dict) else None
+        if v is not None and not (_is_number(v) and 0 <= v <= 1):
+            raise Unreadable(path, f"{key}.accuracy={v!r} is not an accuracy (a finite fraction in [0, 1])")
+
+
 def _read_config(run: RunDir) -> dict:
     try:
         return read_stored_config(run) or {}
@@ -240,16 +277,21 @@ def _collect_dir(col: Collection, d: Path, files: set[str]) -> None:
     MMLU-evaluated yet (``mmlu-jobs`` lists it again)."""
     run = RunDir(d)
     if SUMMARY not in files:
-        col.base_evals.append(BaseEval(d, _read_dict(run.mmlu)))
+        mmlu = _read_dict(run.mmlu)
+        check_mmlu(run.mmlu, mmlu)
+        col.base_evals.append(BaseEval(d, mmlu))
         return
     summary = _read_dict(run.summary)
     if summary.get("status") != "complete":
         col.incomplete.append(d)
         return
+    check_summary(run.summary, summary)
     mmlu = None
     if MMLU in files:
         try:
-            mmlu = _read_dict(run.mmlu)
+            read = _read_dict(run.mmlu)
+            check_mmlu(run.mmlu, read)
+            mmlu = read
         except Unreadable as exc:
             col.unreadable[exc.path] = f"{exc.why}; the run counts as not evaluated on MMLU"
     col.runs.append(Run(d, summary, mmlu, _read_config(run)))

@@ -25,8 +25,8 @@ from nora.results.stats import summarize
 from nora.results.subspace import METRICS, MethodAnalysis, analyse_method, identical_methods, summary_rows
 from nora.results.tables import (ABLATION_DATASET, ABLATION_DEFAULTS, ABLATION_MODEL, DATASET_LABEL, METHOD_LABEL,
                                  Report, Section, TABLE1_DATASETS, TABLE2_DATASETS, ablation_report, at_setting,
-                                 by_seed, matched_report, ordered_methods, table1_low_budget_report, table1_report,
-                                 table2_report)
+                                 by_seed, duplicate_notes, matched_report, ordered_methods, table1_low_budget_report,
+                                 table1_report, table2_report)
 from nora.runs.layout import RunDir
 
 RATIONAL_METHODS = ("nora", "nora_pp", "rational_ft", "zero_init_ft")
@@ -319,8 +319,10 @@ def render_all(runs: str | Path = "runs", out: str | Path = "results",
     add(render_table1(t1, out, str(runs / "table1")))
     made["tables"] += table1_low_budget_report(t1, source=str(runs / "table1")).write(out)
     add(render_table2(t2, out, str(runs / "table2"), str(runs / "eval")))
-    add(render_ablations(collect(runs / "ablations"), t1, out, str(runs / "ablations"), str(runs / "table1")))
+    ablations = collect(runs / "ablations")
+    add(render_ablations(ablations, t1, out, str(runs / "ablations"), str(runs / "table1")))
     rep = matched_report(t1, t2, sources=(str(runs / "table1"), str(runs / "table2")))
     made["tables"] += rep.write(out)
     made["index"] = write_index(out, made)
+    made["duplicates"] = duplicate_notes([r for c in (demo, llm, t1, t2, ablations) for r in c.runs])
     return made

@@ -64,6 +64,11 @@ class Report:
     footnotes: list[str] = field(default_factory=list)
 
     # -- provenance
+    def duplicates(self) -> list[str]:
+        """Runs of this report that a newer run of the same seed replaced in a cell (:func:`duplicate_notes`)."""
+        mine = {id(r) for r in self.runs}
+        return duplicate_notes([r for r in self.runs if id(r.shadowed_by) in mine])
+
     @property
     def where(self) -> str:
         srcs = [self.sources] if isinstance(self.sources, str) else list(self.sources)
@@ -101,6 +106,11 @@ class Report:
                 out += [note, ""]
         for note in self.footnotes:
             out += [note, ""]
+        dups = self.duplicates()
+        if dups:
+            out += [f"**{len(dups)} run folder(s) repeat a seed of the same setting**; each cell counts one run per "
+                    "seed, the newest (move or delete the folder you do not want counted):", "",
+                    *[f"- {d}" for d in dups], ""]
         out += ["## Runs", ""]
         if self.runs or self.base_evals:
             out += ["| run | method | dataset | seed | config hash | date | hardware |",
@@ -120,6 +130,8 @@ class Report:
             buf.write(f"# run {r.dir.name}: config_hash={r.config_hash} date={r.date} hardware={r.hardware}\n")
         for b in self.base_evals:
             buf.write(f"# base-model evaluation {b.dir.name}: date={b.date}\n")
+        for d in self.duplicates():
+            buf.write(f"# same seed twice: {d.replace('`', '')}\n")
         fields: list[str] = []
         rows = [row for s in self.sections for row in s.csv_rows]
         for row in sorted(rows, key=len, reverse=True):  # the fullest row sets the column order
@@ -142,12 +154,30 @@ class Report:
 
 # ----------------------------------------------------------------------------- helpers
 def by_seed(runs: Sequence[Run], value: Callable[[Run], float | None]) -> dict:
-    """{seed: value}; if two runs share a seed the newest wins."""
-    out = {}
-    for r in sorted(runs, key=lambda r: str(r.summary.get("date", ""))):
+    """{seed: value}. Two runs of one seed in one cell (a run repeated into another folder, a copy): the newest
+    (by its summary's date, then folder) is used and the other is marked ``shadowed_by`` it, so that the report
+    names both folders (:func:`duplicate_notes`) instead of silently taking one."""
+    out: dict = {}
+    used: dict = {}
+    for r in sorted(runs, key=lambda r: (str(r.summary.get("date", "")), str(r.dir))):
         v = value(r)
         if v is not None:
+            if r.seed in used and used[r.seed] is not r:
+                used[r.seed].shadowed_by = r
             out[r.seed] = v
+            used[r.seed] = r
+    return out
+
+
+def duplicate_notes(runs: Sequence[Run]) -> list[str]:
+    """One line per run that a newer run of the same seed replaced in a cell of this report (:func:`by_seed`),
+    naming both folders."""
+    out = []
+    for r in sorted((r for r in runs if r.shadowed_by is not None), key=lambda r: str(r.dir)):
+        newer = r.shadowed_by
+        while newer.shadowed_by is not None:  # three or more copies: the one in the table
+            newer = newer.shadowed_by
+        out.append(f"{r.method} seed {r.seed}: `{newer.dir}` ({newer.date}) is counted, `{r.dir}` ({r.date}) is not")
     return out
 
 
