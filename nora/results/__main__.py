@@ -16,10 +16,12 @@ import shlex
 import sys
 from pathlib import Path
 
+from nora.errors import MissingFileError, user_errors
 from nora.results.budget import budget_table
 from nora.results.collect import collect
 from nora.results.render import render_all, render_demo, write_index
-from nora.results.sweep import SWEEPS, format_plan, plan
+from nora.results.sweep import compose_sweep, format_plan, override_error, plan, sweep_names
+from nora.results.tables import duplicate_notes
 
 
 def _list_unreadable(col, runs) -> int:
@@ -30,6 +32,12 @@ def _list_unreadable(col, runs) -> int:
         print(f"{len(col.unreadable)} run file(s) under {runs} could not be read; their runs are left out of "
               "every table (fix or remove them, or rerun those runs)", file=sys.stderr)
     return 1 if col.unreadable else 0
+
+
+def _list_duplicates(notes: list[str]) -> None:
+    """Say on stderr which run folders repeat a seed (the tables count the newest and say so in a note)."""
+    for note in notes:
+        print(f"same seed twice: {note.replace('`', '')}", file=sys.stderr)
 
 
 def _tables(args) -> int:
@@ -49,6 +57,7 @@ def _tables(args) -> int:
     for p in made["figures"]:
         print(f"wrote {p}")
     print(f"wrote {made['index']}")
+    _list_duplicates(made["duplicates"])
     return status
 
 
@@ -66,14 +75,21 @@ def _demo_table(args) -> int:
         print(f"wrote {p}")
     write_index(Path(args.out), made)
     print((Path(args.out) / "demo.md").read_text())
+    _list_duplicates(duplicate_notes(col.runs))
     return status
 
 
 def _plan(args) -> int:
-    names = SWEEPS.get(args.sweep, [args.sweep])
+    names = sweep_names(args.sweep)
     total = 0
     for name in names:
-        jobs = plan(name, args.overrides)
+        try:
+            jobs = plan(name, args.overrides)
+        except Exception as exc:  # a Hydra error for a bad override: one line naming it and what is valid
+            err = override_error(exc, args.overrides, lambda ov, name=name: compose_sweep(name, ov))
+            if err is None:
+                raise
+            raise err from None
         total += len(jobs)
         print(format_plan(name, jobs, verbose=not args.quiet))
     if len(names) > 1:
@@ -95,6 +111,9 @@ def mmlu_jobs(runs: str | Path, base: str | None, eval_root: str | Path) -> list
     """``eval.py`` arguments for every complete LLM run without a readable ``mmlu.json`` and for the base model
     (unless ``eval_root`` holds a readable evaluation of it), one job per line, each argument quoted for the shell
     and for Hydra (``eval "python eval.py $line"`` runs it; the Makefile's table2 does)."""
+    if not Path(runs).is_dir():
+        raise MissingFileError(f"--runs {runs}: no such directory (the training runs to evaluate; `make table2` "
+                               "writes them to runs/table2)")
     col = collect(runs)
     out = [f"run_dir={hydra_value(str(r.dir))}" for r in col.runs
            if r.summary.get("family") == "causal_lm" and not r.mmlu]
@@ -143,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="vit_tiny,llama3_8b")
     p.set_defaults(fn=_budget)
     args = ap.parse_args(argv)
-    return args.fn(args)
+    with user_errors():  # a bad sweep name or override, a missing --runs, an --out that cannot be written: one line
+        return args.fn(args)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
+
 from nora.app.config import CONFIG_DIR
+from nora.errors import UserError
 from nora.runs.identity import changed_config
 from nora.runs.layout import checkpoint_path, is_complete
 
@@ -43,6 +46,77 @@ SWEEPS = {
 
 def all_sweeps() -> list[str]:
     return [s for group in SWEEPS.values() for s in group]
+
+
+def sweep_names(name: str) -> list[str]:
+    """The sweep files of ``name`` (a group of :data:`SWEEPS`, or one ``sweeps/<name>.yaml``); a name that is
+    neither is a :class:`UserError` listing the valid ones."""
+    if name in SWEEPS:
+        return SWEEPS[name]
+    if (SWEEP_DIR / f"{name}.yaml").is_file():
+        return [name]
+    files = sorted(p.stem for p in SWEEP_DIR.glob("*.yaml"))
+    raise UserError(f"unknown sweep {name!r}; valid: {', '.join(SWEEPS)} (groups) or {', '.join(files)} "
+                    f"(sweeps/*.yaml)")
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def override_error(exc: BaseException, overrides: Sequence[str],
+                   compose_fn: Callable[[list[str]], object] | None = None) -> UserError | None:
+    """Hydra's error for a bad command-line override as one line naming the override and what is valid (None
+    when ``exc`` is not such an error): an unknown config-group option lists the group's options, an unknown key
+    the keys of its section (``compose_fn(overrides)`` composes the config without the bad override), a line that
+    does not parse says so."""
+    from hydra.errors import HydraException
+
+    if not isinstance(exc, HydraException):
+        return None
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.startswith("See https://")]
+    first = lines[0] if lines else type(exc).__name__
+    if "Available options in" in str(exc):  # MissingConfigException: an unknown option of a config group
+        options = [ln.strip() for ln in str(exc).split("Available options in", 1)[1].splitlines()[1:]]
+        options = [o for o in options[:next((i for i, o in enumerate(options) if not o or ":" in o), None)]]
+        missing = re.search(r"Could not find '(.+)/([^/']+)'", first)
+        what = (f"{missing[1].replace('/', '.')}={missing[2]}: no such option of {missing[1]}" if missing
+                else first.split(": ", 1)[-1])
+        return UserError(f"{what}; valid: {', '.join(options)}")
+    if first.startswith("Could not override '"):
+        key = first.split("'")[1]
+        bad = next((o for o in overrides if _override_key(o) == key), key)
+        where = valid_keys(key, [o for o in overrides if _override_key(o) != key], compose_fn)
+        return UserError(f"{bad}: no such key{where}")
+    if type(exc).__name__ == "OverrideParseException":
+        return UserError(f"cannot parse the override(s) {' '.join(overrides)}: {'; '.join(lines[:2])} (the form is "
+                         "key=value, e.g. trainer.lr=0.01)")
+    return UserError("; ".join(lines[:2]))
+
+
+def valid_keys(key: str, overrides: Sequence[str], compose_fn) -> str:
+    """``; valid keys of <section>: a, b, ...`` for the deepest section of ``key`` that exists in
+    ``compose_fn(overrides)`` (empty when it cannot be composed)."""
+    from omegaconf import DictConfig
+
+    if compose_fn is None:
+        return ""
+    try:
+        node = compose_fn(list(overrides))
+        seen: list[str] = []
+        for part in key.split(".")[:-1]:
+            if not isinstance(node, DictConfig) or part not in node:
+                break
+            node, seen = node._get_node(part), seen + [part]
+    except Exception:  # noqa: BLE001  what the other overrides do wrong is reported when they are used
+        return ""
+    section = ".".join(seen) or "the top level"
+    if hasattr(node, "_is_none") and node._is_none():
+        return f" ({section} is null in this config)"
+    if not isinstance(node, DictConfig):
+        return f" ({section} is a value, not a section)"
+    keys = [k for k in node.keys() if k != "hydra"]
+    return f"; valid keys of {section}: {', '.join(map(str, keys))}"
 
 
 @dataclass
@@ -280,6 +354,12 @@ def sweep_params(config_name: str, overrides: Sequence[str] = ()) -> dict:
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     cfg = compose_job(config_name, fixed)
     return OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=False) or {}
+
+
+def compose_sweep(config_name: str, overrides: Sequence[str] = ()):
+    """One job's config of ``sweeps/<config_name>.yaml`` with ``overrides`` (compose only)."""
+    with sweep_hydra():
+        return compose_job(config_name, list(overrides))
 
 
 def plan(config_name: str, overrides: Sequence[str] = ()) -> list[Job]:
