@@ -39,6 +39,7 @@ from nora.app.reload import build_base_model, load_trained_model
 from nora.data.batched import BatchedAugment, as_uint8_tensors
 from nora.data.vision import load_vision_dataset
 from nora.demo.runner import digits_overrides, learning_rates, next_value, one_thread_worker, pretrain_source, run_jobs
+from nora.errors import UserError, user_errors
 from nora.models.vision import input_size, pretrained_cfg
 from nora.rational.functional import rational_reference
 from nora.results.demo_report import demo_settings
@@ -179,7 +180,21 @@ def split_section(sizes: dict[str, int], p: float = 0.7) -> list[str]:
 
 # ----------------------------------------------------------------------------- learning curves
 def learning_curve(run_dir: Path) -> list[float]:
-    recs = [json.loads(x) for x in RunDir(run_dir).metrics.read_text().splitlines()]
+    """The test accuracy after each epoch, from the run's ``metrics.jsonl``; a line that is not a JSON record (a
+    torn last line of a copy, an edit) is a :class:`UserError` naming the file and the line."""
+    path = RunDir(run_dir).metrics
+    recs = []
+    for i, line in enumerate(path.read_text(errors="replace").splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            rec = None
+        if not isinstance(rec, dict):
+            raise UserError(f"{path}, line {i + 1}: not a JSON record ({line[:60]!r}; cut short?); the learning "
+                            "curve of this complete run cannot be read: remove that line or rerun the run")
+        recs.append(rec)
     return [r["eval/accuracy"] for r in recs if "eval/accuracy" in r]
 
 
@@ -469,7 +484,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experiments", action="store_true", help="also run the head-lr, LP-FT and NoRA-lr experiments")
     ap.add_argument("--jobs", type=int, default=2)
     args = ap.parse_args(argv)
+    with user_errors():
+        return diagnosis(args)
 
+
+def diagnosis(args) -> int:
+    """``main`` after its arguments: measure, write ``args.out``, print it."""
     one_thread_worker()
     conf = demo_settings()
     task = next(iter(conf["tasks"]))

@@ -34,7 +34,7 @@ from nora.app.config import CONFIG_DIR, compose
 from nora.app.evaluation import run_eval
 from nora.app.training import run_training
 from nora.demo.llm_backbone import pretrain_backbone, world_data
-from nora.demo.llm_diagnosis import diagnose
+from nora.demo.llm_diagnosis import diagnose, diagnosis_runs
 from nora.demo.runner import build_kernels_in_background, one_thread_worker, run_jobs, sweep_method, sweep_rows
 from nora.errors import UserError, user_errors
 from nora.files import write_text_atomic
@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [m for m in methods if m not in conf["tune"]["grids"]]
         if unknown:
             raise UserError(f"--methods: unknown method {unknown[0]!r}; valid: {', '.join(conf['tune']['grids'])}")
+        if args.diagnose:
+            diagnosis_runs(conf, out_root)  # the runs it measures are there, before the backbone is built
         build_kernels_in_background()  # compiles (first time only) while the backbone pretrains
         data = world_data(conf)
         backbone = pretrain_backbone(conf, data)

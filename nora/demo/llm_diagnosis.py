@@ -40,6 +40,7 @@ from nora.rational.fit import ACTIVATIONS
 from nora.rational.functional import rational_reference
 from nora.demo.diagnosis import coefficient_stats, range_stats, without_update
 from nora.eval.mmlu import build_prompt, evaluate_mmlu
+from nora.errors import UserError
 from nora.eval.mmlu_data import load_mmlu
 from nora.results.collect import collect
 from nora.results.demo_llm_report import demo_llm_runs
@@ -166,15 +167,27 @@ def accuracy(model, tokenizer, data: Path, eval_conf: dict) -> float:
     return 100 * r.accuracy
 
 
-def diagnose(conf: dict, data: Path, out_root: Path, common: dict, n_procs: int, run_jobs, job, lrs: dict) -> str:
-    """Measure and return the markdown report; the runs it adds are ``job(dict(common, method=..., ...))`` run by
-    ``run_jobs`` (the demo's own runner and job, :mod:`nora.demo.llm`); ``lrs``: the demo's learning rates per
-    method (configs/demo/learning_rates_llm.yaml's ``methods``)."""
+def diagnosis_runs(conf: dict, out_root: Path) -> tuple[list, list, list]:
+    """The demo's scored runs under ``out_root``, its NoRA runs and its NoRA++ runs (by seed); a
+    :class:`UserError` saying which of the two is missing (nothing is measured or written then)."""
     runs = demo_llm_runs(collect(out_root), conf["seeds"])
     pp = sorted((r for r in runs if r.method == "nora_pp"), key=lambda r: r.seed)
     nora = sorted((r for r in runs if r.method == "nora"), key=lambda r: r.seed)
     if not pp or not nora:
-        return "No NoRA / NoRA++ runs under " + str(out_root) + " yet: run `python -m nora.demo.llm` first.\n"
+        found = sorted({r.method for r in runs})
+        missing = [label for label, rs in (("NoRA (nora)", nora), ("NoRA++ (nora_pp)", pp)) if not rs]
+        raise UserError(f"the diagnosis needs scored NoRA and NoRA++ runs under {out_root}; there are no "
+                        f"{' and no '.join(missing)} runs (found: {', '.join(found) or 'none'}): run `python -m "
+                        f"nora.demo.llm` (its default methods include both) first; the diagnosis file was not "
+                        "written")
+    return runs, nora, pp
+
+
+def diagnose(conf: dict, data: Path, out_root: Path, common: dict, n_procs: int, run_jobs, job, lrs: dict) -> str:
+    """Measure and return the markdown report; the runs it adds are ``job(dict(common, method=..., ...))`` run by
+    ``run_jobs`` (the demo's own runner and job, :mod:`nora.demo.llm`); ``lrs``: the demo's learning rates per
+    method (configs/demo/learning_rates_llm.yaml's ``methods``)."""
+    runs, nora, pp = diagnosis_runs(conf, out_root)
     ev = conf["eval"]
     lines = ["# LLM demo diagnosis: what the numbers do and do not show", "",
              "Written by `python -m nora.demo.llm --diagnose` from the runs of `make demo` (`runs/demo_llm`) and the "

@@ -42,6 +42,7 @@ from nora.kernels import cpu as cpu_kernels
 from nora.results.collect import collect
 from nora.results.demo_report import demo_settings
 from nora.results.render import render_demo
+from nora.results.sweep import override_error
 from nora.runs.layout import RunDir
 
 LEARNING_RATES = CONFIG_DIR / "demo" / "learning_rates.yaml"
@@ -300,6 +301,29 @@ def write_learning_rates(chosen: dict, task: str, seeds: list) -> None:
     write_text_atomic(LEARNING_RATES, header + OmegaConf.to_yaml(OmegaConf.create(chosen)))
 
 
+def check_arguments(methods: list[str], tasks: list[str], overrides: list[str], conf: dict) -> None:
+    """``--methods``, ``--tasks`` and the extra Hydra overrides, before anything is pretrained: an unknown name,
+    an override Hydra refuses (a typo'd key, an unknown option) or one that gives the fine-tuning runs an invalid
+    value is one :class:`UserError` line naming it and what is valid."""
+    from nora.app.config import validate
+
+    for what, given, valid in (("--methods", methods, list(conf["tune"]["grids"])), ("--tasks", tasks,
+                                                                                      list(conf["tasks"]))):
+        unknown = [x for x in given if x not in valid]
+        if unknown:
+            raise UserError(f"{what}: unknown {what[2:-1]} {unknown[0]!r}; valid: {', '.join(valid)}")
+    for method in methods if overrides else ():  # each method's runs get the overrides
+        base = ["experiment=demo", f"method={method}"]
+        try:
+            cfg = compose(base + list(overrides))
+        except Exception as exc:  # Hydra's errors for a bad override, as one line
+            err = override_error(exc, overrides, lambda ov, base=base: compose(base + ov))
+            if err is None:
+                raise
+            raise UserError(f"{err} (the fine-tuning runs of method={method})") from None
+        validate(cfg)  # a value the schemas refuse (trainer.lr=abc): their one-line UserError
+
+
 def demo_jobs(methods: list[str], tasks: list[str], seeds: dict, epochs: dict, weights: Path, out_root: Path,
               extra: list[str]) -> list[dict]:
     """Every (task, method, seed) run of the demo, seed by seed across the tasks (seed 0 of every task, then seed
@@ -328,13 +352,11 @@ def main(argv: list[str] | None = None) -> int:
 
     out_root, t0 = Path(args.out), time.time()
     args.results = args.results or ("results/demo_full" if args.full else "results")
-    one_thread_worker()  # the pretraining too: one thread, so the cached backbone is the same on every machine
-    build_kernels_in_background()  # on the other core, while the backbone pretrains
     methods, tasks = args.methods.split(","), args.tasks.split(",")
     with user_errors():
-        unknown = [t for t in tasks if t not in conf["tasks"]]
-        if unknown:
-            raise UserError(f"--tasks: unknown task {unknown[0]!r}; valid: {', '.join(conf['tasks'])}")
+        check_arguments(methods, tasks, args.overrides, conf)  # before anything starts
+        one_thread_worker()  # the pretraining too: one thread, so the cached backbone is the same on every machine
+        build_kernels_in_background()  # on the other core, while the backbone pretrains
         weights = pretrain_source(out_root)
         if args.tune:
             print(tune(weights, Path(str(out_root) + "_tune"), Path(args.results) / "demo_lr_sweep.md",
