@@ -34,7 +34,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from nora.adapter.io import FULL_FT_NAME
-from nora.app.config import CONFIG_DIR, compose
+from nora.app.config import CONFIG_DIR, compose, validate
 from nora.app.training import run_training
 from nora.errors import UserError, user_errors
 from nora.files import atomic_path, cache_dir as nora_cache_dir, write_text_atomic
@@ -305,8 +305,6 @@ def check_arguments(methods: list[str], tasks: list[str], overrides: list[str], 
     """``--methods``, ``--tasks`` and the extra Hydra overrides, before anything is pretrained: an unknown name,
     an override Hydra refuses (a typo'd key, an unknown option) or one that gives the fine-tuning runs an invalid
     value is one :class:`UserError` line naming it and what is valid."""
-    from nora.app.config import validate
-
     for what, given, valid in (("--methods", methods, list(conf["tune"]["grids"])), ("--tasks", tasks,
                                                                                       list(conf["tasks"]))):
         unknown = [x for x in given if x not in valid]
