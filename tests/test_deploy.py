@@ -297,3 +297,20 @@ def test_legacy_torchscript_onnx_exporter_too(vit, tmp_path):
     torch.onnx.export(model, (x,), str(path), dynamo=False)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert rel_diff(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], want) <= ONNX_REL
+
+
+def test_a_pickled_merged_model_loads_in_a_fresh_process(llama, tmp_path):
+    """torch.save of a merged model (its class made by nora.merge_nora) and torch.load in a process that merged
+    nothing: the class is made again on first access, the logits are the same."""
+    model, merged, ids = trained("llama", "nora", True, llama, None)
+    torch.save({"model": merged, "ids": ids}, tmp_path / "m.pt")
+    with torch.no_grad():
+        want = merged(ids).logits
+    torch.save(want, tmp_path / "want.pt")
+    code = ("import sys, torch\nd = torch.load(sys.argv[1], weights_only=False)\n"
+            "with torch.no_grad():\n    got = d['model'](d['ids']).logits\n"
+            "print(type(d['model']).__name__, torch.equal(got, torch.load(sys.argv[2])))")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.pt"), str(tmp_path / "want.pt")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-2:] == ["NoraLlamaForCausalLM", "True"]

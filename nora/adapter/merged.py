@@ -102,6 +102,21 @@ def merged_class(base: type) -> type:
     return _CLASSES[base]
 
 
+def __getattr__(name: str):
+    """``Nora<X>`` for a transformers class ``X`` made on first access, so that a pickled merged model (``torch.save``)
+    loads in a process that has not merged one."""
+    if name.startswith("Nora") and len(name) > 4:
+        try:
+            import transformers
+
+            base = getattr(transformers, name[4:], None)
+        except ImportError:
+            base = None
+        if isinstance(base, type) and hasattr(base, "save_pretrained"):
+            return merged_class(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def base_class(cls: type) -> type:
     """The transformers class under a ``Nora<base>`` class (``cls`` itself otherwise)."""
     return cls.__bases__[0] if cls in _CLASSES.values() else cls
