@@ -50,10 +50,10 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow --durations=10
 
 # Benchmarks (JSON under results/, quoted in README.md): rational kernels vs GELU, and a training step per method.
 bench: bench-kernels bench-train
