@@ -108,3 +108,20 @@ def write_openorca_parquet(path: str | Path, records: list[dict] | None = None, 
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, str(path), row_group_size=row_group_size)
     return path
+
+
+def tiny_nora_pp_run(root: Path, max_steps: int = 3) -> Path:
+    """A complete NoRA++ training run of the tiny LLaMA on 12 Alpaca records under ``root`` (the run is
+    ``root / "run"``): what eval.py, publishing and reload tests read."""
+    from nora.app.config import compose
+    from nora.app.training import run_training
+
+    data = write_alpaca_json(root / "alpaca_data.json", alpaca_records(12))
+    cfg = compose([
+        "method=nora_pp", "model=llama_tiny", "dataset=alpaca", f"data.path={data}", f"output_root={root}",
+        "logger=disabled", "trainer.device=cpu", "trainer.batch_size=4", "trainer.num_workers=0",
+        f"trainer.max_steps={max_steps}", "trainer.eval_every=0", "trainer.checkpoint_every=0",
+        "trainer.progress=false", "dataset.val_size=4", "dataset.max_length=128", f"dataset.cache_dir={root / 'cache'}",
+        "method.nora.calibration_batches=1"])
+    run_training(cfg, run_dir=root / "run")
+    return root / "run"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from instruct_fixtures import alpaca_records, write_alpaca_json
+from instruct_fixtures import alpaca_records, tiny_nora_pp_run, write_alpaca_json
 from mmlu_fixtures import make_fixture, write_csv
 from nora.errors import MissingFileError, UserError
 from nora.eval import evaluate_mmlu
@@ -33,15 +33,7 @@ def mmlu_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("llmrun")
-    data = write_alpaca_json(root / "alpaca_data.json", alpaca_records(12))
-    cfg = compose_cfg("train", [
-        "method=nora_pp", "model=llama_tiny", "dataset=alpaca", f"data.path={data}", f"output_root={root}",
-        "logger=disabled", "trainer.device=cpu", "trainer.batch_size=4", "trainer.num_workers=0", "trainer.max_steps=3",
-        "trainer.eval_every=0", "trainer.checkpoint_every=0", "trainer.progress=false", "dataset.val_size=4",
-        "dataset.max_length=128", f"dataset.cache_dir={root / 'cache'}", "method.nora.calibration_batches=1"])
-    run_training(cfg, run_dir=root / "run")
-    return root / "run"
+    return tiny_nora_pp_run(tmp_path_factory.mktemp("llmrun"), max_steps=3)
 
 
 def test_eval_py_base_model_writes_mmlu_json(mmlu_dir, tmp_path):

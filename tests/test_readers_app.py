@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from fake_hub import FakeHub
 from fixtures import write_cifar
-from instruct_fixtures import alpaca_records, write_alpaca_json
+from instruct_fixtures import tiny_nora_pp_run
 from mmlu_fixtures import make_fixture, write_csv
 from nora.app.adapters import adapter_identity, adapter_record
 from nora.app.config import compose, validate
@@ -264,15 +264,7 @@ def test_a_literal_interpolation_value_is_stored_escaped_and_the_same_command_re
 # --------------------------------------------------------------------------------------- eval and publish
 @pytest.fixture(scope="module")
 def llm_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("llmrun")
-    data = write_alpaca_json(root / "alpaca_data.json", alpaca_records(12))
-    cfg = compose([
-        "method=nora_pp", "model=llama_tiny", "dataset=alpaca", f"data.path={data}", f"output_root={root}",
-        "logger=disabled", "trainer.device=cpu", "trainer.batch_size=4", "trainer.num_workers=0", "trainer.max_steps=2",
-        "trainer.eval_every=0", "trainer.checkpoint_every=0", "trainer.progress=false", "dataset.val_size=4",
-        "dataset.max_length=128", f"dataset.cache_dir={root / 'cache'}", "method.nora.calibration_batches=1"])
-    run_training(cfg, run_dir=root / "run")
-    return root / "run"
+    return tiny_nora_pp_run(tmp_path_factory.mktemp("llmrun"), max_steps=2)
 
 
 def test_eval_and_publish_refuse_an_edited_config_yaml(llm_run, tmp_path):

@@ -149,21 +149,25 @@ def spec_problems(model: nn.Module, specs) -> list[str]:
         return [f"layers is a {type(specs).__name__}, not a dict of layer -> spec"]
     problems = []
     for name, spec in specs.items():
-        missing = [k for k in _SPEC_KEYS if not isinstance(spec, dict) or k not in spec]
-        if missing:
-            problems.append(f"{name}: its spec lacks {', '.join(missing)}")
-            continue
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            problems.append(f"{name}: not a module of this {type(model).__name__}")
-            continue
-        why = not_an_activation(module) or original_problem(name, module, spec["original"])
-        if why:
-            problems.append(why if why.startswith(name) else f"{name} {why}")
-            continue
-        problems += _shape_problems(name, spec)
+        why = _layer_problem(model, name, spec, _SPEC_KEYS, "spec")
+        problems += [why] if why else _shape_problems(name, spec)
     return problems
+
+
+def _layer_problem(model: nn.Module, name: str, entry, required, what: str) -> str | None:
+    """What is wrong with one saved layer entry before anything else is read: a required key it lacks, a name that is
+    no module of ``model``, a module that is no activation, an activation other than the one it was fitted to."""
+    missing = [k for k in required if not isinstance(entry, dict) or k not in entry]
+    if missing:
+        return f"{name}: its {what} lacks {', '.join(missing)}"
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return f"{name}: not a module of this {type(model).__name__}"
+    why = not_an_activation(module) or original_problem(name, module, entry["original"])
+    if why:
+        return why if why.startswith(name) else f"{name} {why}"
+    return None
 
 
 def _shape_problems(name: str, spec: dict) -> list[str]:
@@ -295,18 +299,9 @@ def _format1_problems(model: nn.Module, layers: dict, tensors: dict) -> list[str
     """Format 1's layers against the model and the weights file, all before the model changes."""
     problems = []
     for name, info in layers.items():
-        missing = [k for k in ("form", "original", "fit_range") if not isinstance(info, dict) or k not in info]
-        if missing:
-            problems.append(f"{name}: its entry lacks {', '.join(missing)}")
-            continue
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            problems.append(f"{name}: not a module of this {type(model).__name__}")
-            continue
-        why = not_an_activation(module) or original_problem(name, module, info["original"])
+        why = _layer_problem(model, name, info, ("form", "original", "fit_range"), "entry")
         if why:
-            problems.append(why if why.startswith(name) else f"{name} {why}")
+            problems.append(why)
             continue
         keys = ["base_numerator", "base_denominator"] + (["fit_numerator", "fit_denominator"]
                                                          if info.get("residual") else [])
