@@ -79,6 +79,7 @@ def test_bitfit_on_llama_is_refused_with_the_valid_methods():
 
 
 @pytest.mark.parametrize("method", BASELINES)
+@pytest.mark.slow  # 61 s here: end to end (make test-slow, CI)
 def test_config_composes_for_both_families(method):
     import subprocess
 

@@ -1,6 +1,7 @@
 """Benchmarks run end to end (tiny shapes) and write the JSON the README and the sweep plans quote."""
 import json
 
+import pytest
 from hydra import compose, initialize_config_dir
 
 from nora.bench import mlp_block, train_step
@@ -16,6 +17,7 @@ def test_mlp_block_benchmark_writes_ratios(tmp_path):
     assert rows["silu"]["vs_silu"] == 1.0 and all(r["step_ms"] > 0 for r in rows.values())
 
 
+@pytest.mark.slow  # 34 s here: end to end (make test-slow, CI)
 def test_train_step_benchmark_through_the_real_loop(tmp_path):
     out = tmp_path / "train.json"
     assert train_step.main(["--model", "vit_test", "--methods", "lora,nora", "--steps", "2", "--warmup", "1",

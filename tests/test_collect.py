@@ -88,6 +88,7 @@ def _tree_hashes(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow  # 14 s here: end to end (make test-slow, CI)
 def test_tables_on_a_checkout_without_runs_leaves_results_byte_identical(tmp_path):
     shutil.copytree(ROOT / "results", tmp_path / "results")  # the committed tables, figures and index
     before = _tree_hashes(tmp_path / "results")
@@ -117,6 +118,7 @@ def test_demo_table_lists_unreadable_runs_too(tmp_path, capsys):
     assert "| full FT | 2 | 92.00 ± 2.83 |" in out  # seeds 0 and 2 (90.0, 94.0)
 
 
+@pytest.mark.slow  # 10 s here: end to end (make test-slow, CI)
 def test_symlinked_run_folders_are_collected_once_and_a_link_loop_ends(tmp_path):
     """runs/demo -> /scratch/...: a symlinked folder's runs enter the tables; a link back up the tree (or a second
     link to the same folder) neither loops nor counts a run twice."""

@@ -99,6 +99,7 @@ def _grads(model):
 @pytest.mark.parametrize("kind,backend,compiler,residual", [
     ("vit", "cpu", "inductor", True), ("vit", "torch", "aot_eager", True), ("llama", "cpu", "inductor", True),
     ("llama", "torch", "aot_eager", True), ("llama", "cpu", "aot_eager", False), ("vit", "torch", "aot_eager", False)])
+@pytest.mark.slow  # 22 s here: end to end (make test-slow, CI)
 def test_fullgraph_compile_no_graph_breaks_same_gradients(kind, backend, compiler, residual):
     """The training step's forward + loss, compiled with fullgraph=True (a graph break would raise), its backward
     through the compiled graph: loss and every trainable gradient equal eager's, in both forms (residual: the

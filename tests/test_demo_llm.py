@@ -147,6 +147,7 @@ tune: {seeds: [0], grids: {nora: {lr: [1.0e-3, 1.0e-2, 1.0e-1]}, nora_pp: {nora_
 """
 
 
+@pytest.mark.slow  # 86 s here: end to end (make test-slow, CI)
 def test_one_step_pipeline_writes_the_report_with_train_and_eval_outputs(tmp_path):
     settings = tmp_path / "demo_llm.yaml"
     settings.write_text(TINY)

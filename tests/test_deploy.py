@@ -110,6 +110,7 @@ ONNX_CASES = [pytest.param(*c, id=i, marks=() if c[2] else pytest.mark.slow) for
 
 
 @pytest.mark.parametrize("kind, method, residual", ONNX_CASES)
+@pytest.mark.slow  # 32 s here: end to end (make test-slow, CI)
 def test_onnx_export_runs_in_onnxruntime(kind, method, residual, llama, vit, tmp_path):
     """torch.onnx.export (dynamo, the default backend in place): onnxruntime's outputs within 1e-5 relative of
     PyTorch's, unmerged and merged; the graph computes the rationals with plain ONNX operators."""
@@ -133,6 +134,7 @@ def test_onnx_export_runs_in_onnxruntime(kind, method, residual, llama, vit, tmp
 
 
 @pytest.mark.parametrize("kind, method, residual", CASES[::2], ids=IDS[::2])
+@pytest.mark.slow  # 14 s here: end to end (make test-slow, CI)
 def test_torch_export_equals_eager(kind, method, residual, llama, vit):
     """torch.export.export keeps nora's custom ops: the program's outputs equal eager bit for bit; decomposed with
     nora.kernels.reference_decompositions() it holds only aten ops, within float32 rounding of eager."""

@@ -56,6 +56,7 @@ def keep_final_state(monkeypatch) -> dict:
     return box
 
 
+@pytest.mark.slow  # 15 s here: end to end (make test-slow, CI)
 def test_two_processes_match_one(tmp_path, monkeypatch):
     data = write_alpaca_json(tmp_path / "alpaca_data.json", alpaca_records(20))
     cache = tmp_path / "cache"
@@ -214,6 +215,7 @@ def test_slurm_launcher_config():
     assert launcher.nodes == 2 and launcher.tasks_per_node == launcher.gpus_per_node == 8
 
 
+@pytest.mark.slow  # 10 s here: end to end (make test-slow, CI)
 def test_fsdp_full_fine_tuning_checkpoints_on_rank0_cpu_and_resumes_exactly(tmp_path, monkeypatch):
     """Full fine-tuning under FSDP checkpoints through torch's distributed state-dict API: rank 0 receives every
     trainable tensor full-size on the CPU (with its optimizer state, keyed as an unsharded optimizer keys it), the

@@ -42,6 +42,7 @@ PROBE = """
 """
 
 
+@pytest.mark.slow  # 20 s here: end to end (make test-slow, CI)
 def test_reachability_goes_through_the_proxy_and_hf_endpoint(tmp_path):
     with FakeHub(tmp_path / "hub") as proxy:  # any HTTP server answers as a proxy would
         # the endpoint's host does not resolve: only a client that uses HTTP_PROXY reaches it

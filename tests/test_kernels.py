@@ -332,6 +332,7 @@ def test_integer_tensors_are_rejected(backend, bad):
         fn(args["input"], args["numerator"], args["denominator"], "A")
 
 
+@pytest.mark.slow  # 14 s here: end to end (make test-slow, CI)
 def test_ci_fails_instead_of_skipping_when_the_extension_cannot_build():
     """Under CI=true a failed build of the fused CPU extension fails its tests (a real failed build:
     NORA_NO_BUILD=1 in a fresh process); without CI they skip."""
@@ -428,6 +429,7 @@ def test_concurrent_builds_share_one_cache(tmp_path):
     assert len(list(tmp_path.glob("ext/*/BUILD_OK"))) == 1
 
 
+@pytest.mark.slow  # 24 s here: end to end (make test-slow, CI)
 def test_bench_kernels_smoke(tmp_path):
     """python -m nora.bench kernels on a tiny shape: table, JSON with ratios, saved bytes, floors."""
     import json

@@ -34,6 +34,7 @@ interpreted = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTER
 
 
 @pytest.mark.skipif(INTERPRET, reason="already in interpreter mode")
+@pytest.mark.slow  # 16 s here: end to end (make test-slow, CI)
 def test_triton_interpreter_suite():
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -279,6 +280,7 @@ def test_triton_backend_registration_without_cuda():
 
 
 @pytest.mark.skipif(INTERPRET, reason="runs the script, which starts its own interpreter process")
+@pytest.mark.slow  # 15 s here: end to end (make test-slow, CI)
 def test_gpu_check_script_cpu_path(tmp_path):
     """scripts/gpu_check.sh without a GPU (or with NORA_GPU_CHECK_CPU_ONLY=1): interpreter checks, exit 0."""
     env = dict(os.environ, NORA_GPU_CHECK_OUT=str(tmp_path), NORA_GPU_CHECK_CPU_ONLY="1", PYTHON=sys.executable)

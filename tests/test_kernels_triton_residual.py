@@ -44,6 +44,7 @@ _ids = {"ids": lambda d: str(d).split(".")[-1]}
 
 
 @pytest.mark.skipif(INTERPRET, reason="already in interpreter mode")
+@pytest.mark.slow  # 22 s here: end to end (make test-slow, CI)
 def test_triton_residual_interpreter_suite():
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

@@ -142,6 +142,7 @@ def test_overfit_loss_decreases(data, tmp_path):
     assert s["final"]["loss"] < 6.0
 
 
+@pytest.mark.slow  # 10 s here: end to end (make test-slow, CI)
 def test_train_py_command(data, tmp_path):
     """The documented command: train.py with a tiny LLaMA, Alpaca from a local file, NoRA++, offline. The
     trainer's default batch (64) exceeds the 16 examples (one smaller batch per epoch), and the default

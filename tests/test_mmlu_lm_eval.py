@@ -82,6 +82,7 @@ def test_template_and_descriptions_match_lm_eval():
 
 
 @pytest.mark.parametrize("protocol", ["letters", "continuation"])
+@pytest.mark.slow  # 21 s here: end to end (make test-slow, CI)
 def test_predictions_and_accuracies_equal_lm_eval_5_shot(tmp_path, protocol):
     """letters against lm_eval's ``mmlu`` tasks, continuation against its ``mmlu_continuation`` tasks."""
     mod = _agreement_module()
@@ -115,6 +116,7 @@ def nora_pp_run(tmp_path_factory):
     return root / "run"
 
 
+@pytest.mark.slow  # 17 s here: end to end (make test-slow, CI)
 def test_lm_eval_cli_nora_model_scores_a_nora_pp_run_as_eval_py(tmp_path, nora_pp_run):
     """The README command (lm_eval's own CLI, model ``nora``) on a NoRA++ training run, offline, gives eval.py's
     MMLU accuracy on every subject of the fixture."""
@@ -139,6 +141,7 @@ def test_lm_eval_cli_nora_model_scores_a_nora_pp_run_as_eval_py(tmp_path, nora_p
         assert [max(range(4), key=lambda j, v=v: (v[j], -j)) for v in lls] == ours["predictions"][s], s
 
 
+@pytest.mark.slow  # 14 s here: end to end (make test-slow, CI)
 def test_lm_eval_cli_nora_model_needs_a_run_or_a_model(tmp_path):
     import os
     import subprocess
@@ -176,6 +179,7 @@ def test_nora_lm_eval_model_from_a_base_model_and_an_adapter_dir(tmp_path):
         assert not torch.allclose(base(ids).logits, model(ids).logits, atol=1e-4)
 
 
+@pytest.mark.slow  # 22 s here: end to end (make test-slow, CI)
 def test_lm_eval_hf_model_with_peft_scores_a_nora_pp_run_as_eval_py(tmp_path, nora_pp_run):
     """lm_eval's own ``hf`` model with ``peft=<run>/adapter``: a NoRA++ run is one peft adapter (peft type NORA) that
     peft loads once nora is imported, so lm_eval's CLI (through ``python -m nora.integrations.lm_eval``) and

@@ -153,6 +153,7 @@ MERGED_RELOAD = """
 
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.slow  # 38 s here: end to end (make test-slow, CI)
 def test_nora_pp_peft_round_trip(tmp_path, use_dora):
     d = repr(str(tmp_path))
     made = run(f"DIR = {d}\nUSE_DORA = {use_dora}\n" + textwrap.dedent(BUILD_TRAIN_SAVE), tmp_path)
@@ -230,6 +231,7 @@ SEVERAL_RELOAD = """
 """
 
 
+@pytest.mark.slow  # 13 s here: end to end (make test-slow, CI)
 def test_nora_alone_and_several_named_adapters(tmp_path):
     d = repr(str(tmp_path))
     made = run(f"DIR = {d}\n" + textwrap.dedent(SEVERAL), tmp_path)

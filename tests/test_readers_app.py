@@ -64,6 +64,7 @@ def _train_py(args, cwd, env=None, timeout=300):
 
 
 # ------------------------------------------------------------------------------ nothing touched on bad input
+@pytest.mark.slow  # 15 s here: end to end (make test-slow, CI)
 def test_a_bad_value_and_a_missing_wandb_key_touch_nothing(cifar10, tmp_path):
     out = tmp_path / "runs"
     proc = _train_py(tiny_overrides(cifar10, out, "nora", ["trainer.lr=abc"]), tmp_path)
@@ -129,6 +130,7 @@ def test_a_signal_while_train_py_imports_is_one_line(cifar10, tmp_path, sig, lin
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow  # 17 s here: end to end (make test-slow, CI)
 def test_sigterm_during_setup_is_one_line_and_the_next_run_starts(cifar10, tmp_path):
     args = tiny_overrides(cifar10, tmp_path / "runs", "nora", ["run_name=r"])
     proc = _start(args, tmp_path)
@@ -148,6 +150,7 @@ def test_sigterm_during_setup_is_one_line_and_the_next_run_starts(cifar10, tmp_p
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+@pytest.mark.slow  # 11 s here: end to end (make test-slow, CI)
 def test_a_rank_killed_under_torchrun_leaves_the_survivor_one_line(cifar10, tmp_path):
     out = tmp_path / "runs"
     env = _env(OMP_NUM_THREADS="1")
@@ -267,6 +270,7 @@ def llm_run(tmp_path_factory):
     return tiny_nora_pp_run(tmp_path_factory.mktemp("llmrun"), max_steps=2)
 
 
+@pytest.mark.slow  # 9 s here: end to end (make test-slow, CI)
 def test_eval_and_publish_refuse_an_edited_config_yaml(llm_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(llm_run, run)
@@ -306,6 +310,7 @@ def _push(run, tmp_path):
         return json.loads(proc.stdout.splitlines()[-1]), list(hub.requests)
 
 
+@pytest.mark.slow  # 22 s here: end to end (make test-slow, CI)
 def test_push_to_hub_uploads_only_the_runs_own_regular_files(nora_pp_run, tmp_path):  # noqa: F811
     adir = nora_pp_run / "adapter"
     summary = json.loads((nora_pp_run / "summary.json").read_text())

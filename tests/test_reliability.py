@@ -90,6 +90,7 @@ LONG = ["trainer.epochs=50", "trainer.batch_size=4", "trainer.log_every=1", "tra
 
 
 # ------------------------------------------------------------------------- a run directory has one owner
+@pytest.mark.slow  # 15 s here: end to end (make test-slow, CI)
 def test_a_second_process_is_refused_and_a_dead_holders_lock_is_taken_over(cifar10, tmp_path, capsys):
     overrides = tiny_overrides(cifar10, tmp_path, "nora", LONG + ["trainer.checkpoint_every=2"])
     run_dir = tmp_path / RUN_NAME
@@ -426,6 +427,7 @@ def test_slurm_launchers_requeue_on_timeout():
 # ------------------------------------------------------------------- what nora reads back is checked (issue 23)
 @pytest.mark.parametrize("damage", ["numerator cut to 3", "coefficient edited", "recorded error edited",
                                     "other degrees", "NaN coefficient"])
+@pytest.mark.slow  # 10 s here: end to end (make test-slow, CI)
 def test_a_fit_cache_entry_that_is_not_what_it_claims_is_refitted(tmp_path, monkeypatch, damage):
     from nora.rational.fit import fit_rational
 
@@ -454,6 +456,7 @@ def test_a_fit_cache_entry_that_is_not_what_it_claims_is_refitted(tmp_path, monk
         assert fit_rational("gelu", form="A", degrees=(5, 4)).numerator == good.numerator  # and trusted again
 
 
+@pytest.mark.slow  # 17 s here: end to end (make test-slow, CI)
 def test_a_refused_second_process_leaves_the_live_runs_hydra_record_alone(cifar10, tmp_path):
     """Two configurations raced into one run_name: the second is refused by the lock, and `.hydra/` still records
     the configuration and overrides the live run trains with (Hydra would have rewritten it before the job)."""
@@ -536,6 +539,7 @@ def test_an_adapter_that_is_not_the_runs_own_is_refused_by_name(cifar10, tmp_pat
     assert load_trained_model(lora1).adapter["kind"] == "lora"  # the run whose file it is loads it
 
 
+@pytest.mark.slow  # 21 s here: end to end (make test-slow, CI)
 def test_temp_files_of_interrupted_writes_are_removed_by_the_next_run(cifar10, tmp_path, capsys):
     """Writers killed between writing a temp file and renaming it (kill -9 inside nora.files.atomic_path) leave
     `.last.pt.*.tmp` and `.metrics.jsonl.*.tmp`; the next process to hold the run removes them, and says so. A fresh
@@ -709,6 +713,7 @@ def test_a_damaged_nora_adapter_is_an_adapter_error_and_the_model_untouched(tmp_
     assert len(nora.nora_modules(model)) == 3
 
 
+@pytest.mark.slow  # 65 s here: end to end (make test-slow, CI)
 def test_a_truncated_compiled_kernel_is_rebuilt_not_a_sigbus(tmp_path):
     """A `.so` cut short under its BUILD_OK (a full disk, a killed copy of the cache) killed every run with SIGBUS:
     the library is checked against the size and sha256 its build recorded, and rebuilt with a warning."""

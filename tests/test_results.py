@@ -316,6 +316,7 @@ def test_mmlu_jobs(tmp_path):
     assert mmlu_jobs(root / "table2", "qwen2_7b", root / "eval")[-1] == "model=qwen2_7b"
 
 
+@pytest.mark.slow  # 14 s here: end to end (make test-slow, CI)
 def test_mmlu_jobs_lines_reach_eval_py_intact(tmp_path):
     """Every printed line, run as the Makefile runs it (`eval "python eval.py $line"`), gives eval.py exactly the
     run directory: run names carrying overrides (`=`, `,`), output roots with spaces, quotes, `$` and unicode."""

@@ -58,6 +58,7 @@ def test_every_sweep_file_is_registered():
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
+@pytest.mark.slow  # 54 s here: end to end (make test-slow, CI)
 def test_job_count_and_unique_run_dirs(composed, name):
     n, root = EXPECTED[name]
     jobs = composed[name]
@@ -95,6 +96,7 @@ def test_table1_and_table2_settings(composed):
     assert {c.trainer.batch_size * c.trainer.grad_accum for _ov, c in t2} == {128}
 
 
+@pytest.mark.slow  # 12 s here: end to end (make test-slow, CI)
 def test_matched_budget_arms_reuse_table_runs(composed):
     """Arms at the default rank are the same directory *and* the same config as Table 1/2's jobs, so a matched
     sweep after Table 1/2 skips them; the other ranks get their own directories."""
@@ -113,6 +115,7 @@ def test_matched_budget_arms_reuse_table_runs(composed):
         assert {c.method.lora.use_dora for _ov, c in composed[matched] if c.method.name == "dora"} == {True}
 
 
+@pytest.mark.slow  # 20 s here: end to end (make test-slow, CI)
 def test_ablation_sweeps_match_the_table_and_share_the_default(composed):
     default_dirs = {}
     for sweep, _heading, key, values in ABLATIONS:
@@ -177,6 +180,7 @@ def test_slurm_launcher_composes():
         assert job_run_dir(cfg) == Path("runs/table2/llama3_8b_openorca_nora_pp_s0")
 
 
+@pytest.mark.slow  # 10 s here: end to end (make test-slow, CI)
 def test_train_py_dry_run_lists_the_jobs(tmp_path):
     """The real entry point: `python train.py -m --config-dir sweeps --config-name <sweep>` with the dry-run
     switch prints the plan and launches nothing."""

@@ -178,6 +178,7 @@ def test_lora_settings_are_checked():
     ("method.nora.groups=7", "error: method.nora.groups=7 does not divide the MLP width 128 of model=vit_test"),
     ("trainer.scheduler=cosin", "error: trainer.scheduler='cosin'; valid: cosine, linear, constant"),
 ])
+@pytest.mark.slow  # 25 s here: end to end (make test-slow, CI)
 def test_bad_value_is_one_line_from_train_py(tmp_path, override, message):
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "model=vit_test", "dataset=cifar10",
@@ -201,6 +202,7 @@ def test_family_mismatch_is_rejected():
 
 # ----------------------------------------------------------------------------- end-to-end runs
 @pytest.mark.parametrize("method", VISION_METHODS)
+@pytest.mark.slow  # 10 s here: end to end (make test-slow, CI)
 def test_tiny_run_writes_outputs(cifar10, tmp_path, method):
     cfg = make_cfg(tiny_overrides(cifar10, tmp_path, method))
     run_dir = tmp_path / "run"
