@@ -359,3 +359,27 @@ def test_mmlu_says_when_max_length_cuts_questions(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a length that fits: no warning
         evaluate_mmlu(RiggedLM(tok, prefer="B"), tok, path, subjects=["abstract_algebra"], k=0, progress=False)
+
+
+def test_sigterm_inside_an_omegaconf_call_during_setup_keeps_its_status_and_one_line(capsys):
+    """A signal handler runs wherever the main thread is; inside an OmegaConf call, OmegaConf re-raises the handler's
+    exception as type(exc)(message + key context): still exit status 143 and one line (seen once in CI as 130)."""
+    from omegaconf import OmegaConf
+
+    from nora.errors import user_errors
+    from nora.train.signals import SetupGuard
+
+    OmegaConf.register_new_resolver("nora_test_sigterm", lambda: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(1),
+                                    replace=True)
+    cfg = OmegaConf.create({"a": {"b": "${nora_test_sigterm:}"}})
+    with pytest.raises(SystemExit) as stop, user_errors(), SetupGuard():
+        _ = cfg.a.b
+    assert stop.value.code == 143
+    line = "stopped by SIGTERM during setup, before training (re)started; run the same command to start it"
+    assert capsys.readouterr().err.splitlines() == [line]
+    # OmegaConf's other way (a node access): the same type re-made from the message and its key context
+    from nora.errors import Terminated
+
+    with pytest.raises(SystemExit) as stop, user_errors():
+        raise Terminated(line + "\n    full_key: hydra\n    object_type=dict")
+    assert stop.value.code == 143 and capsys.readouterr().err.splitlines() == [line]

@@ -22,7 +22,7 @@ from typing import Iterator
 
 import torch
 
-from nora.errors import Interrupted, UserError
+from nora.errors import Interrupted, Terminated, UserError
 from nora.train import distributed as dist
 
 STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR2", None)) if s)
@@ -110,8 +110,9 @@ class SetupGuard:
 
     @staticmethod
     def _stop(signum, frame) -> None:
-        raise Interrupted(f"stopped by {signal.Signals(signum).name} during setup, before training (re)started; "
-                          "run the same command to start it", exit_code=128 + signum)
+        kind = Terminated if signum == getattr(signal, "SIGTERM", None) else Interrupted
+        raise kind(f"stopped by {signal.Signals(signum).name} during setup, before training (re)started; "
+                   "run the same command to start it", exit_code=128 + signum)
 
     def release(self) -> None:
         if self._previous is not None:
