@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from contextlib import contextmanager
 from typing import Any, Iterable, Mapping, TypeVar
@@ -39,6 +40,16 @@ def nested(section: str):
         yield
     except ConfigValueError as e:
         raise e.under(section) from None
+
+
+def is_int(v: Any) -> bool:
+    """An integer that is not a bool (``True`` is an ``int`` to Python, never a count to a config)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_number(v: Any) -> bool:
+    """A real number that is not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def require(ok: bool, key: str, value: Any, rule: str) -> None:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 import re
 
 from dataclasses import asdict, dataclass, field, fields
@@ -11,7 +10,7 @@ from typing import Any
 from nora.errors import UserError
 from nora.kernels import backend_names
 from nora.rational.functional import FORMS
-from nora.schema import at_least, one_of, positive, require
+from nora.schema import at_least, is_int, is_number, one_of, positive, require
 
 VARIANTS = ("nora", "rational_ft", "zero_init_ft", "frozen")
 INITS = ("fit", "calibrated")
@@ -28,14 +27,6 @@ class AdapterError(UserError, ValueError):
     a one-line UserError for the command-line tools)."""
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
 def _pair(v, item) -> bool:
     return isinstance(v, (list, tuple)) and len(v) == 2 and all(item(x) for x in v)
 
@@ -43,12 +34,12 @@ def _pair(v, item) -> bool:
 # field -> (test, what it must be): types are checked before ranges, so that groups="8" or r=2.5 is a one-line error
 # naming the field (not a TypeError deep inside, nor "54" read as the degrees [5, 4])
 FIELD_TYPES = {
-    "r": (_is_int, "must be an integer"),
-    "alpha": (_is_number, "must be a number"),
-    "groups": (_is_int, "must be an integer"),
-    "degrees": (lambda v: _pair(v, _is_int), "must be a list of two integers [m, n]"),
-    "fit_range": (lambda v: _pair(v, _is_number), "must be a list of two numbers [low, high]"),
-    "calibration_range_weight": (_is_number, "must be a number"),
+    "r": (is_int, "must be an integer"),
+    "alpha": (is_number, "must be a number"),
+    "groups": (is_int, "must be an integer"),
+    "degrees": (lambda v: _pair(v, is_int), "must be a list of two integers [m, n]"),
+    "fit_range": (lambda v: _pair(v, is_number), "must be a list of two numbers [low, high]"),
+    "calibration_range_weight": (is_number, "must be a number"),
     "per_group_calibration": (lambda v: isinstance(v, bool), "must be true or false"),
     "variant": (lambda v: isinstance(v, str), "must be a string"),
     "form": (lambda v: isinstance(v, str), "must be a string"),

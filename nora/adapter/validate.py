@@ -16,7 +16,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from nora.adapter.config import AdapterError
+from nora.adapter.config import AdapterError, check_patterns
 from nora.adapter.discover import Layout, activation_layout, is_rational, module_index, resolve_name
 from nora.adapter.inject import activation_target
 
@@ -134,19 +134,6 @@ def coefficient_problems(name: str, numerator: torch.Tensor | None, denominator:
     return problems
 
 
-def compile_patterns(key: str, patterns: Iterable[str]) -> list[re.Pattern]:
-    """``patterns`` compiled; a ``ValueError`` naming ``key`` and the pattern when one is not a valid regex."""
-    out = []
-    for p in patterns:
-        if not isinstance(p, str):
-            raise ValueError(f"{key}: {p!r} is not a string (a regex matched in full against module names)")
-        try:
-            out.append(re.compile(p))
-        except re.error as exc:
-            raise ValueError(f"{key}: {p!r} is not a valid regex ({exc})") from None
-    return out
-
-
 def lora_target_problems(module_names: Iterable[str], targets) -> list[str]:
     """peft's LoRA target rule (a list of names matched as the full name or a ``.``-separated suffix; a string: a
     regex matched in full; ``"all-linear"``) applied to ``module_names``: each listed name, or the regex, that matches
@@ -155,10 +142,11 @@ def lora_target_problems(module_names: Iterable[str], targets) -> list[str]:
     if targets is None or targets == "all-linear":
         return []
     if isinstance(targets, str):
-        rx = compile_patterns("lora target_modules", [targets])[0]
+        check_patterns("lora target_modules", [targets])
+        rx = re.compile(targets)
         return [] if any(rx.fullmatch(n) for n in names) else [targets]
     return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
 
 
 __all__ = ["check_finite", "nonfinite", "not_an_activation", "saved_layer_problems", "coverage_problems",
-           "coefficient_problems", "compile_patterns", "lora_target_problems", "layout_problems", "original_problem"]
+           "coefficient_problems", "lora_target_problems", "layout_problems", "original_problem"]

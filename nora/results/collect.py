@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from nora.files import read_json
+from nora.schema import is_number
 from nora.runs.layout import ADAPTER, CHECKPOINTS, MMLU, RunDir, SUMMARY, WANDB, read_stored_config
 
 SKIP_DIRS = {CHECKPOINTS, ADAPTER, WANDB, ".hydra", ".submitit", "__pycache__"}
@@ -211,8 +212,8 @@ def _read_dict(path: Path) -> dict:
     return d
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def _is_finite_number(v) -> bool:
+    return is_number(v) and math.isfinite(v)
 
 
 def check_summary(path: Path, summary: dict) -> None:
@@ -223,7 +224,7 @@ def check_summary(path: Path, summary: dict) -> None:
            "final.accuracy": (summary.get("final") or {}).get("accuracy")
            if isinstance(summary.get("final"), dict) else None}
     for key, v in acc.items():
-        if v is not None and not (_is_number(v) and 0 <= v <= 100):
+        if v is not None and not (_is_finite_number(v) and 0 <= v <= 100):
             raise Unreadable(path, f"{key}={v!r} is not an accuracy (a finite number of percent in [0, 100]); the "
                                    "run is left out")
     seed = summary.get("seed")
@@ -239,7 +240,7 @@ def check_mmlu(path: Path, mmlu: dict) -> None:
         nodes.update({f"categories.{k}": v for k, v in cats.items()})
     for key, node in nodes.items():
         v = node.get("accuracy") if isinstance(node, dict) else None
-        if v is not None and not (_is_number(v) and 0 <= v <= 1):
+        if v is not None and not (_is_finite_number(v) and 0 <= v <= 1):
             raise Unreadable(path, f"{key}.accuracy={v!r} is not an accuracy (a finite fraction in [0, 1])")
 
 

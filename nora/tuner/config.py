@@ -14,7 +14,7 @@ from peft.config import PeftConfig
 from peft.utils import PeftType
 
 from nora.adapter.config import NoraConfig, check_patterns, check_types
-from nora.schema import require
+from nora.schema import is_int, is_number, require
 
 NORA = "NORA"
 
@@ -45,10 +45,9 @@ def _names(v) -> bool:
 
 
 _LORA_TYPES = (
-    ("lora_r", lambda v: isinstance(v, int) and not isinstance(v, bool), "must be an integer (0: NoRA alone)"),
-    ("lora_alpha", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "must be a number"),
-    ("lora_dropout", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
-     "must be a number in [0, 1)"),
+    ("lora_r", is_int, "must be an integer (0: NoRA alone)"),
+    ("lora_alpha", is_number, "must be a number"),
+    ("lora_dropout", lambda v: is_number(v) and 0 <= v < 1, "must be a number in [0, 1)"),
     ("use_dora", lambda v: isinstance(v, bool), "must be true or false"),
     ("residual", lambda v: isinstance(v, bool), "must be true or false"),
     ("lora_target_modules", lambda v: v is None or isinstance(v, str) or _names(v),
