@@ -1,8 +1,9 @@
 """MMLU evaluation of a base model or a training run's model. All logic lives in the `nora` library.
 
-    python eval.py run_dir=runs/<training run>
-    python eval.py model=llama3_8b mmlu.path=data/mmlu
+python eval.py run_dir=runs/<training run>
+python eval.py model=llama3_8b mmlu.path=data/mmlu
 """
+
 import sys
 
 

@@ -1,16 +1,21 @@
 """Train one configuration (or a sweep with -m). All logic lives in the `nora` library.
 
-    python train.py method=nora dataset=cifar100
-    python train.py -m method=lora,nora seed=0,1,2
+python train.py method=nora dataset=cifar100
+python train.py -m method=lora,nora seed=0,1,2
 """
+
 import signal
 import sys
 
 
 def _stopped_while_starting(signum=signal.SIGINT, frame=None):
     """Ctrl-C or SIGTERM while torch & co. load or Hydra composes, before run_training: one line, no traceback."""
-    print(f"{'interrupted' if signum == signal.SIGINT else f'stopped by {signal.Signals(signum).name}'} while "
-          "starting; nothing was written", file=sys.stderr, flush=True)
+    print(
+        f"{'interrupted' if signum == signal.SIGINT else f'stopped by {signal.Signals(signum).name}'} while "
+        "starting; nothing was written",
+        file=sys.stderr,
+        flush=True,
+    )
     sys.exit(128 + signum)
 
 

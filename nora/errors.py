@@ -1,5 +1,6 @@
 """Errors meant for the person running a command, and :func:`user_errors`, which prints them as one line
 without a stack trace (train.py, eval.py and the demo run their work inside it)."""
+
 from __future__ import annotations
 
 import errno

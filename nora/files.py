@@ -5,6 +5,7 @@ never share one), is flushed and fsynced, then renamed onto the target: a crash,
 the previous file as it was, never a half-written one; a write the file system refuses (disk full, read-only,
 no permission) raises :class:`nora.errors.OutputError`, one line with the path and the errno.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from nora.errors import OutputError, WRITE_ERRNOS
+from nora.errors import WRITE_ERRNOS, OutputError
 
 
 def cache_dir(*parts: str) -> Path:
@@ -56,8 +57,9 @@ def temp_path_for(path: str | os.PathLike) -> Path:
 TEMP_NAME = re.compile(r"\.(?P<target>.+)\.[A-Za-z0-9_]{8}\.tmp")  # what temp_path_for names a file
 
 
-def remove_stale_temps(directory: str | os.PathLike, *, min_age_s: float = 0.0,
-                       spare: Callable[[str], bool] = lambda target: False) -> list[Path]:
+def remove_stale_temps(
+    directory: str | os.PathLike, *, min_age_s: float = 0.0, spare: Callable[[str], bool] = lambda target: False
+) -> list[Path]:
     """Remove the temp files (:func:`temp_path_for`) an interrupted write left in ``directory`` (a kill, a power
     loss between the write and the rename) and return them. Only call it while no other process may be writing
     there (the run's lock held); ``min_age_s`` spares younger files, ``spare(target name)`` those of some targets."""
@@ -130,8 +132,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 def _raise_if_refused(exc: OSError, path: Path) -> None:
     """A write the file system refused becomes a one-line :class:`OutputError` naming ``path``."""
     if exc.errno in WRITE_ERRNOS:
-        raise OutputError(f"{OutputError.from_os_error(exc, path)}; the previous {path.name}, if any, is unchanged") \
-            from exc
+        raise OutputError(
+            f"{OutputError.from_os_error(exc, path)}; the previous {path.name}, if any, is unchanged"
+        ) from exc
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any], *, fsync: bool = True) -> None:

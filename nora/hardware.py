@@ -1,5 +1,6 @@
 """The machine: a short description of it (for summaries, benchmarks, tables), which device to use, its memory,
 and seeding every random generator a run draws from."""
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,14 @@ def cpu_model() -> str:
 
 
 def describe() -> dict:
-    info = {"cpu": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "gpu": None}
+    info = {
+        "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "gpu": None,
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_count"] = torch.cuda.device_count()

@@ -9,6 +9,7 @@ cached files load at once and missing ones fail at once with a clear message.
 :func:`download_adapter` fetches an adapter repository (``nora.app.adapters.resolve_adapter`` accepts a Hub id
 wherever an adapter directory is expected); publishing a training run is :func:`nora.app.publish.push_to_hub`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -78,6 +79,8 @@ def download_adapter(repo_id: str, revision: str | None = None, token: str | Non
     try:
         return Path(snapshot_download(repo_id, revision=revision, token=token))
     except Exception as e:  # noqa: BLE001 - the hub client raises many types; the user needs one line
-        raise MissingFileError(f"adapter {repo_id!r} is neither a local directory nor downloadable from "
-                               f"{hub_endpoint()} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                               f"where there is network: hf download {repo_id} --local-dir <dir>") from None
+        raise MissingFileError(
+            f"adapter {repo_id!r} is neither a local directory nor downloadable from "
+            f"{hub_endpoint()} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"where there is network: hf download {repo_id} --local-dir <dir>"
+        ) from None

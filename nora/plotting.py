@@ -1,4 +1,5 @@
 """Matplotlib set up once for files (PNG, no display), and the short layer names every figure uses."""
+
 from __future__ import annotations
 
 import io
@@ -35,5 +36,9 @@ def save_figure(fig, path: str | Path) -> Path:
 
 def short_layer_name(name: str) -> str:
     """``blocks.3.mlp.act`` -> ``block 3``, ``model.layers.7.mlp.act_fn`` -> ``L7``."""
-    return (name.replace("model.layers.", "L").replace("blocks.", "block ").replace(".mlp.act_fn", "")
-            .replace(".mlp.act", ""))
+    return (
+        name.replace("model.layers.", "L")
+        .replace("blocks.", "block ")
+        .replace(".mlp.act_fn", "")
+        .replace(".mlp.act", "")
+    )

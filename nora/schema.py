@@ -6,6 +6,7 @@ rejected, missing keys take the dataclass default) and builds the instance, whos
 ranges and choices with :func:`require` / :func:`one_of`. Every failure is one line naming the full key:
 ``trainer.lr=-1.0: must be > 0``, ``trainer.scheduler='cosin'; valid: cosine, linear, constant``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -63,8 +64,9 @@ def one_of(key: str, value: Any, valid: Iterable[Any]) -> None:
     valid = tuple(valid)
     if value not in valid:
         listed = ", ".join(map(str, valid))
-        raise ConfigValueError(key, f"={value!r}; valid: {listed}",
-                               standalone=f"unknown {key} {value!r}; valid: {listed}")
+        raise ConfigValueError(
+            key, f"={value!r}; valid: {listed}", standalone=f"unknown {key} {value!r}; valid: {listed}"
+        )
 
 
 def positive(key: str, value, allow_none: bool = False) -> None:

@@ -8,6 +8,7 @@ Deploy section quotes it).
 
     .venv/bin/python scripts/deploy_agreement.py [--out results/deploy_agreement.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,12 +23,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
+from heavy_tails import stress_llama, stress_vit  # noqa: E402
+from test_deploy import CASES, _as_module, rel_diff, trained  # noqa: E402
 
 import nora  # noqa: E402
-from heavy_tails import stress_llama, stress_vit  # noqa: E402
 from nora.adapter.merged import rational_modules  # noqa: E402
 from nora.kernels import reference_decompositions  # noqa: E402
-from test_deploy import CASES, _as_module, rel_diff, trained  # noqa: E402
 
 
 def main() -> int:
@@ -52,10 +53,15 @@ def main() -> int:
                 with torch.no_grad():
                     exported = program.module()(x)
                     decomposed = program.run_decompositions(reference_decompositions()).module()(x)
-                row = {"model": kind, "method": method, "form": "residual" if residual else "paper", "state": state,
-                       "onnxruntime_rel": rel_diff(onnx_out, want.numpy()),
-                       "torch_export_rel": rel_diff(exported, want),
-                       "torch_export_aten_rel": rel_diff(decomposed, want)}
+                row = {
+                    "model": kind,
+                    "method": method,
+                    "form": "residual" if residual else "paper",
+                    "state": state,
+                    "onnxruntime_rel": rel_diff(onnx_out, want.numpy()),
+                    "torch_export_rel": rel_diff(exported, want),
+                    "torch_export_aten_rel": rel_diff(decomposed, want),
+                }
                 if kind == "llama" and state == "merged":
                     folder = Path(tmp, path.stem)
                     nora.save_merged(m, folder)
@@ -66,10 +72,18 @@ def main() -> int:
                         row["merged_folder_rel"] = rel_diff(loaded(input_ids=x, use_cache=False).logits, want)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    worst = {k: max(r[k] for r in rows if k in r)
-             for k in ("onnxruntime_rel", "torch_export_rel", "torch_export_aten_rel", "merged_folder_rel")}
-    out = {"command": "python scripts/deploy_agreement.py", "torch": torch.__version__, "onnxruntime": ort.__version__,
-           "elapsed_s": round(time.time() - started, 1), "worst": worst, "rows": rows}
+    worst = {
+        k: max(r[k] for r in rows if k in r)
+        for k in ("onnxruntime_rel", "torch_export_rel", "torch_export_aten_rel", "merged_folder_rel")
+    }
+    out = {
+        "command": "python scripts/deploy_agreement.py",
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+        "elapsed_s": round(time.time() - started, 1),
+        "worst": worst,
+        "rows": rows,
+    }
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print("worst:", json.dumps(worst))
     return 0

@@ -26,6 +26,7 @@ ViT-Tiny's 64 x 197 x 768 and LLaMA-3-8B's MLP shape 4 x 2048 x 14336 in bfloat1
 channel (G = D): interleaved rounds, medians, ratios to GELU and the achieved GB/s of the least traffic (forward:
 read x, write y; backward: read x and grad_y, write grad_x).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,12 +46,18 @@ sys.path.insert(0, str(ROOT))
 from nora.rational.functional import rational_reference  # noqa: E402
 
 RTOL, COEF_RTOL = 1e-5, 2e-5
-ROUND = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
-FLOOR = {torch.float32: 0.0, torch.bfloat16: 0.0, torch.float16: 2.0 ** -25}
+ROUND = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+FLOOR = {torch.float32: 0.0, torch.bfloat16: 0.0, torch.float16: 2.0**-25}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-SMALL = [((3, 5, 24), 4, (5, 4)), ((7, 40), 1, (5, 4)), ((2, 3, 6), 6, (5, 4)),
-         ((5, 300), 3, (3, 2)), ((4, 20), 2, (7, 7)), ((3, 17), 1, (0, 1))]
+SMALL = [
+    ((3, 5, 24), 4, (5, 4)),
+    ((7, 40), 1, (5, 4)),
+    ((2, 3, 6), 6, (5, 4)),
+    ((5, 300), 3, (3, 2)),
+    ((4, 20), 2, (7, 7)),
+    ((3, 17), 1, (0, 1)),
+]
 LARGE = [((64, 197, 768), 8, (5, 4)), ((2, 512, 14336), 8, (5, 4)), ((8, 1000), 1000, (5, 4))]
 LLAMA = ((4, 2048, 14336), 8, (5, 4))  # bfloat16 only (memory of the float64 oracle)
 
@@ -91,15 +98,17 @@ def check_case(fn, x, a, b, go, form, round_rel=None) -> dict:
             kink = r.abs() <= 1e-4 * abs_r
         cond = 1.0 + abs_r / q
         scale_y = (abs_p / q * cond).reshape(x.shape)
-        scale_gx = (gog * (abs_dp / q + abs_dr * abs_p / q ** 2) * cond).reshape(x.shape)
-        s_num = torch.stack([(gog * ax ** i / q).sum(dim=(0, 2)) for i in range(m1)], 1)
-        den_terms = [gog * ax ** j * abs_p / q ** 2 for j in range(1, n + 1)]
+        scale_gx = (gog * (abs_dp / q + abs_dr * abs_p / q**2) * cond).reshape(x.shape)
+        s_num = torch.stack([(gog * ax**i / q).sum(dim=(0, 2)) for i in range(m1)], 1)
+        den_terms = [gog * ax**j * abs_p / q**2 for j in range(1, n + 1)]
         s_den = torch.stack([t.sum(dim=(0, 2)) for t in den_terms], 1)
         kink_den = torch.stack([(2 * t * kink).sum(dim=(0, 2)) for t in den_terms], 1)
         rnd = ROUND[x.dtype] if round_rel is None else round_rel
         out = {}
-        for name, got, ref, scale, mask in (("y", y, y_ref, scale_y, None),
-                                            ("grad_x", xx.grad, x64.grad, scale_gx, kink.reshape(x.shape))):
+        for name, got, ref, scale, mask in (
+            ("y", y, y_ref, scale_y, None),
+            ("grad_x", xx.grad, x64.grad, scale_gx, kink.reshape(x.shape)),
+        ):
             err = (got.double() - ref).abs()
             tol = rnd * (ref.abs() + RTOL * scale) + RTOL * scale + FLOOR[x.dtype] + 1e-300
             ratio = err / tol
@@ -108,8 +117,10 @@ def check_case(fn, x, a, b, go, form, round_rel=None) -> dict:
             ratio = torch.nan_to_num(ratio, nan=float("inf"))
             finite_ok = bool((torch.isfinite(got) == torch.isfinite(ref)).all())
             out[name] = float(ratio.max()) if finite_ok else float("inf")
-        for name, got, ref, s, extra in (("grad_numerator", aa.grad, a64.grad, s_num, 0.0),
-                                         ("grad_denominator", bb.grad, b64.grad, s_den, kink_den)):
+        for name, got, ref, s, extra in (
+            ("grad_numerator", aa.grad, a64.grad, s_num, 0.0),
+            ("grad_denominator", bb.grad, b64.grad, s_den, kink_den),
+        ):
             err = (got.double() - ref).abs()
             out[name] = float(torch.nan_to_num((err / (COEF_RTOL * s + extra + 1e-300)).max(), nan=float("inf")))
     out["worst"] = max(out.values())
@@ -140,11 +151,16 @@ def _inputs(shape, dtype, seed, device, edge=False):
 ACTIVATIONS = ("none", "gelu", "gelu_tanh", "silu", "relu")
 RESIDUAL_SMALL = ((3, 5, 24), 4, (5, 4))  # every activation, both forms, float32 and bfloat16
 # (shape, G, dtype, activation, form): large shapes on CUDA, one case each (every case builds its own kernels)
-RESIDUAL_LARGE = [((64, 197, 768), 8, torch.bfloat16, "gelu", "A"), ((64, 197, 768), 8, torch.bfloat16, "silu", "B"),
-                  ((2, 512, 14336), 8, torch.bfloat16, "gelu_tanh", "A"),
-                  ((2, 512, 14336), 14336, torch.bfloat16, "gelu", "A"),
-                  ((8, 1000), 1000, torch.float32, "relu", "B"), ((8, 1000), 1000, torch.float32, "none", "A"),
-                  ((3, 5, 24), 4, torch.float16, "gelu", "A"), (LLAMA[0], 8, torch.bfloat16, "gelu", "A")]
+RESIDUAL_LARGE = [
+    ((64, 197, 768), 8, torch.bfloat16, "gelu", "A"),
+    ((64, 197, 768), 8, torch.bfloat16, "silu", "B"),
+    ((2, 512, 14336), 8, torch.bfloat16, "gelu_tanh", "A"),
+    ((2, 512, 14336), 14336, torch.bfloat16, "gelu", "A"),
+    ((8, 1000), 1000, torch.float32, "relu", "B"),
+    ((8, 1000), 1000, torch.float32, "none", "A"),
+    ((3, 5, 24), 4, torch.float16, "gelu", "A"),
+    (LLAMA[0], 8, torch.bfloat16, "gelu", "A"),
+]
 ORACLE_CHUNK = 1 << 22  # elements per chunk of the float64 oracle
 
 
@@ -168,9 +184,9 @@ def _rational_bounds(xg, gog, a, b, form):
         kink = r.abs() <= 1e-4 * abs_r
     cond = 1.0 + abs_r / q
     scale_y = abs_p / q * cond
-    scale_gx = gog * (abs_dp / q + abs_dr * abs_p / q ** 2) * cond
-    s_num = torch.stack([(gog * ax ** i / q).sum(dim=(0, 2)) for i in range(m1)], 1)
-    den_terms = [gog * ax ** j * abs_p / q ** 2 for j in range(1, n + 1)]
+    scale_gx = gog * (abs_dp / q + abs_dr * abs_p / q**2) * cond
+    s_num = torch.stack([(gog * ax**i / q).sum(dim=(0, 2)) for i in range(m1)], 1)
+    den_terms = [gog * ax**j * abs_p / q**2 for j in range(1, n + 1)]
     s_den = torch.stack([t.sum(dim=(0, 2)) for t in den_terms], 1)
     kink_den = torch.stack([(2 * t * kink).sum(dim=(0, 2)) for t in den_terms], 1)
     return scale_y, scale_gx, kink, s_num, s_den, kink_den
@@ -184,7 +200,7 @@ def _phi_scales(x, gog, activation):
         d = 0.5 * (1 + torch.erf(x / math.sqrt(2))) + x.abs() * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
     elif activation == "gelu_tanh":
         k = math.sqrt(2 / math.pi)
-        t = torch.tanh(k * (x + 0.044715 * x ** 3))
+        t = torch.tanh(k * (x + 0.044715 * x**3))
         d = 0.5 * (1 + t) + 0.5 * x.abs() * (1 - t * t) * k * (1 + 3 * 0.044715 * x * x)
     elif activation == "silu":
         s = torch.sigmoid(x)
@@ -218,7 +234,7 @@ def check_residual_case(fn, x, a, b, fa, fb, go, form, activation, round_rel=Non
     finite_ok = True
     flat = [t.reshape(rows, d) for t in (x, go, y, gx)]
     for r0 in range(0, rows, chunk):
-        xc, goc, yc, gxc = (t[r0:r0 + chunk] for t in flat)
+        xc, goc, yc, gxc = (t[r0 : r0 + chunk] for t in flat)
         x64 = xc.double().requires_grad_()
         aa, bb = a64.clone().requires_grad_(), b64.clone().requires_grad_()
         y_ref = residual_reference(x64, aa, bb, fa64, fb64, form, activation)
@@ -234,8 +250,10 @@ def check_residual_case(fn, x, a, b, fa, fb, go, form, activation, round_rel=Non
             s_num += sn
             s_den += sd
             kink_den += kd
-            for name, got, ref, scale, mask in (("y", yc, y_ref, sy1 + sy0 + phi_y, None),
-                                                ("grad_x", gxc, x64.grad, sg1 + sg0 + phi_g, kink1 | kink0)):
+            for name, got, ref, scale, mask in (
+                ("y", yc, y_ref, sy1 + sy0 + phi_y, None),
+                ("grad_x", gxc, x64.grad, sg1 + sg0 + phi_g, kink1 | kink0),
+            ):
                 ref, scale = ref.reshape(got.shape), scale.reshape(got.shape)
                 err = (got.double() - ref).abs()
                 tol = rnd * (ref.abs() + RTOL * scale) + RTOL * scale + FLOOR[x.dtype] + 1e-300
@@ -247,8 +265,10 @@ def check_residual_case(fn, x, a, b, fa, fb, go, form, activation, round_rel=Non
                 worst[name] = max(worst[name], float(ratio.max()))
         del x64, y_ref, aa, bb
     out = {k: (v if finite_ok else float("inf")) for k, v in worst.items()}
-    for name, got, ref, s, extra in (("grad_numerator", ga, ga_ref, s_num, 0.0),
-                                     ("grad_denominator", gb, gb_ref, s_den, kink_den)):
+    for name, got, ref, s, extra in (
+        ("grad_numerator", ga, ga_ref, s_num, 0.0),
+        ("grad_denominator", gb, gb_ref, s_den, kink_den),
+    ):
         err = (got.double() - ref).abs()
         out[name] = float(torch.nan_to_num((err / (COEF_RTOL * s + extra + 1e-300)).max(), nan=float("inf")))
     out["worst"] = max(out.values())
@@ -276,8 +296,10 @@ def check_residual_exact(fn, x, go, form, activation, seed, device) -> dict:
     else:
         rnd = ROUND[x.dtype]
         worst = 0.0
-        for got, want in ((y, activation_value(x.double(), activation)),
-                          (gx, activation_backward(go.double(), x.double(), activation))):
+        for got, want in (
+            (y, activation_value(x.double(), activation)),
+            (gx, activation_backward(go.double(), x.double(), activation)),
+        ):
             tol = 2 * rnd * want.abs() + 1e-6 * (1 + want.abs())
             worst = max(worst, float(torch.nan_to_num((got.double() - want).abs() / tol, nan=float("inf")).max()))
         out["worst"] = worst if out["coefficient-independent"] else float("inf")
@@ -289,8 +311,9 @@ def run_residual(device: torch.device, interpret: bool) -> list[dict]:
     from nora.kernels.triton import residual_triton
 
     shape, groups, (m, n) = RESIDUAL_SMALL
-    cases = [(shape, groups, dt, act, form) for dt in (torch.float32, torch.bfloat16) for act in ACTIVATIONS
-             for form in "AB"]
+    cases = [
+        (shape, groups, dt, act, form) for dt in (torch.float32, torch.bfloat16) for act in ACTIVATIONS for form in "AB"
+    ]
     if not interpret:
         cases += RESIDUAL_LARGE
     results = []
@@ -299,8 +322,11 @@ def run_residual(device: torch.device, interpret: bool) -> list[dict]:
         res.update(case=label, seconds=round(time.perf_counter() - t0, 2))
         results.append(res)
         extra = "  " + res["error"] if "error" in res else ""
-        print(f"{'ok  ' if res['pass'] else 'FAIL'} {label}: worst error/bound {res['worst']:.3g} "
-              f"({res['seconds']} s){extra}", flush=True)
+        print(
+            f"{'ok  ' if res['pass'] else 'FAIL'} {label}: worst error/bound {res['worst']:.3g} "
+            f"({res['seconds']} s){extra}",
+            flush=True,
+        )
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -311,7 +337,7 @@ def run_residual(device: torch.device, interpret: bool) -> list[dict]:
             x, go = _inputs(shape, dtype, 300 + i, device)
             a, b = _coefs(groups, 5, 4, 50 + i, device)
             da, db = _coefs(groups, 5, 4, 90 + i, device)
-            rr = 2.0 ** -7 if (interpret and dtype == torch.bfloat16) else None
+            rr = 2.0**-7 if (interpret and dtype == torch.bfloat16) else None
             res = check_residual_case(residual_triton, x, a, b, a - 0.1 * da, b - 0.1 * db, go, form, act, rr)
         except Exception as exc:
             res = {"pass": False, "error": f"{type(exc).__name__}: {exc}", "worst": float("inf")}
@@ -327,8 +353,9 @@ def run_residual(device: torch.device, interpret: bool) -> list[dict]:
                 try:
                     xe, goe = _inputs(ex_shape, dtype, 400, device, edge=True)
                     xn, gon = _inputs(ex_shape, dtype, 401, device)
-                    res = check_residual_exact(residual_triton, torch.cat([xe, xn]), torch.cat([goe, gon]), form,
-                                               act, 60, device)
+                    res = check_residual_exact(
+                        residual_triton, torch.cat([xe, xn]), torch.cat([goe, gon]), form, act, 60, device
+                    )
                 except Exception as exc:
                     res = {"pass": False, "error": f"{type(exc).__name__}: {exc}", "worst": float("inf")}
                     traceback.print_exc()
@@ -351,16 +378,23 @@ def run_residual(device: torch.device, interpret: bool) -> list[dict]:
     fa, fb = _coefs(8, 5, 4, 5, device)
     runs = [_run_residual(residual_triton, x, a, b, fa, fb, go, "A", "gelu") for _ in range(3)]
     same = all(torch.equal(r, s) for run in runs[1:] for r, s in zip(run, runs[0]))
-    results.append({"case": f"residual determinism {shape} (3 runs, bit-identical y, grad_x, coefficient grads)",
-                    "pass": same})
+    results.append(
+        {"case": f"residual determinism {shape} (3 runs, bit-identical y, grad_x, coefficient grads)", "pass": same}
+    )
     print(f"{'ok  ' if same else 'FAIL'} residual determinism {shape}: bit-identical over 3 runs")
     return results
 
 
 # ----------------------------------------------------------------------------- benchmark vs GELU
 # PAU's published 5/4 form-A GELU fit (values only matter through timing)
-GELU_A = [-0.0012423594497499122, 0.5080497063245629, 0.41586363182937475, 0.13022718688035761,
-          0.024355900098993424, 0.00290283948155535]
+GELU_A = [
+    -0.0012423594497499122,
+    0.5080497063245629,
+    0.41586363182937475,
+    0.13022718688035761,
+    0.024355900098993424,
+    0.00290283948155535,
+]
 GELU_B = [-0.06675015696494944, 0.17927646217001553, 0.03746682605496631, 1.6561610853276082e-10]
 BENCH_SHAPES = ((64, 197, 768), (4, 2048, 14336))
 SMOKE_SHAPES = ((2, 3, 32),)
@@ -396,13 +430,15 @@ def _bench_config(device: torch.device, shape, groups: int, dtype, repeats: int,
     fb = torch.tensor([GELU_B] * groups, device=device)
     a = (fa + 1e-3 * torch.randn(fa.shape, generator=gen).to(device)).requires_grad_()
     b = (fb + 1e-3 * torch.randn(fb.shape, generator=gen).to(device)).requires_grad_()
-    impls = {"gelu": (lambda: F.gelu(x), (x,)),
-             "rational": (lambda: rational_triton(x, a, b, "A"), (x, a, b)),
-             "residual": (lambda: residual_triton(x, a, b, fa, fb, "A", "gelu"), (x, a, b))}
+    impls = {
+        "gelu": (lambda: F.gelu(x), (x,)),
+        "rational": (lambda: rational_triton(x, a, b, "A"), (x, a, b)),
+        "residual": (lambda: residual_triton(x, a, b, fa, fb, "A", "gelu"), (x, a, b)),
+    }
     calls = {}
     for name, (f, inputs) in impls.items():
         calls[(name, "fwd")] = f
-        calls[(name, "fwd_bwd")] = (lambda f=f, inputs=inputs: torch.autograd.grad(f(), inputs, go))
+        calls[(name, "fwd_bwd")] = lambda f=f, inputs=inputs: torch.autograd.grad(f(), inputs, go)
     inner = {}
     for key, fn in calls.items():  # a first call (builds the kernels), then a rough time for the inner count
         fn()
@@ -411,7 +447,7 @@ def _bench_config(device: torch.device, shape, groups: int, dtype, repeats: int,
     times = {key: [] for key in calls}
     keys = list(calls)
     for r in range(warmup + repeats):
-        for key in keys[r % len(keys):] + keys[:r % len(keys)]:  # interleaved rounds, rotated order
+        for key in keys[r % len(keys) :] + keys[: r % len(keys)]:  # interleaved rounds, rotated order
             t = _timer(device, calls[key], inner[key])
             if r >= warmup:
                 times[key].append(t)
@@ -419,18 +455,26 @@ def _bench_config(device: torch.device, shape, groups: int, dtype, repeats: int,
     med = {key: statistics.median(v) for key, v in times.items()}
     rows = []
     for name in impls:
-        row = {"shape": list(shape), "groups": groups, "dtype": str(dtype)[6:], "impl": name,
-               "inner": inner[(name, "fwd_bwd")]}
+        row = {
+            "shape": list(shape),
+            "groups": groups,
+            "dtype": str(dtype)[6:],
+            "impl": name,
+            "inner": inner[(name, "fwd_bwd")],
+        }
         for phase in ("fwd", "fwd_bwd"):
             t = med[(name, phase)]
             row[f"{phase}_ms"] = round(t * 1e3, 4)
             row[f"{phase}_ratio_vs_gelu"] = round(t / med[("gelu", phase)], 3)
             row[f"{phase}_GBps"] = round(moved[phase] / t / 1e9, 1)
         rows.append(row)
-        print(f"{'x'.join(map(str, shape))} G={groups:<6} {row['dtype']:<8} {name:<9} "
-              f"fwd {row['fwd_ms']:8.3f} ms x{row['fwd_ratio_vs_gelu']:.2f} GELU | "
-              f"fwd+bwd {row['fwd_bwd_ms']:8.3f} ms x{row['fwd_bwd_ratio_vs_gelu']:.2f} GELU "
-              f"{row['fwd_bwd_GBps']:7.1f} GB/s", flush=True)
+        print(
+            f"{'x'.join(map(str, shape))} G={groups:<6} {row['dtype']:<8} {name:<9} "
+            f"fwd {row['fwd_ms']:8.3f} ms x{row['fwd_ratio_vs_gelu']:.2f} GELU | "
+            f"fwd+bwd {row['fwd_bwd_ms']:8.3f} ms x{row['fwd_bwd_ratio_vs_gelu']:.2f} GELU "
+            f"{row['fwd_bwd_GBps']:7.1f} GB/s",
+            flush=True,
+        )
     return rows
 
 
@@ -465,15 +509,18 @@ def run(device: torch.device, interpret: bool) -> list[dict]:
                     b[0, :3] = 0.0
                     b[:, -1] = b[:, -1].sign() * b[:, -1].abs().clamp(min=0.5)
                     a[:, -1] = a[:, -1].clamp(-0.5, 0.5)
-                rr = 2.0 ** -7 if (interpret and dtype == torch.bfloat16) else None
+                rr = 2.0**-7 if (interpret and dtype == torch.bfloat16) else None
                 res = check_case(rational_triton, x, a, b, go, form, rr)
             except Exception as exc:
                 res = {"pass": False, "error": f"{type(exc).__name__}: {exc}", "worst": float("inf")}
                 traceback.print_exc()
             res.update(case=label, seconds=round(time.perf_counter() - t0, 2))
             results.append(res)
-            print(f"{'ok  ' if res['pass'] else 'FAIL'} {label}: worst error/bound {res['worst']:.3g} "
-                  f"({res['seconds']} s){'  ' + res['error'] if 'error' in res else ''}", flush=True)
+            print(
+                f"{'ok  ' if res['pass'] else 'FAIL'} {label}: worst error/bound {res['worst']:.3g} "
+                f"({res['seconds']} s){'  ' + res['error'] if 'error' in res else ''}",
+                flush=True,
+            )
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     # determinism: coefficient gradients bit-identical over 3 runs
@@ -504,9 +551,14 @@ def run(device: torch.device, interpret: bool) -> list[dict]:
 def _environment(device: torch.device) -> dict:
     from nora.kernels import triton as tk
 
-    return {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "torch": torch.__version__,
-            "triton": __import__("triton").__version__, "triton_block": tk.BLOCK_ELEMS, "triton_warps": tk.NUM_WARPS,
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "triton_block": tk.BLOCK_ELEMS,
+        "triton_warps": tk.NUM_WARPS,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def main(argv=None) -> int:
@@ -515,8 +567,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write the case results (bench: the timings) here")
     ap.add_argument("--repeats", type=int, default=20, help="bench: timed rounds")
     ap.add_argument("--warmup", type=int, default=3, help="bench: untimed rounds")
-    ap.add_argument("--shapes", default=None,
-                    help="bench: shapes such as 4x2048x14336,64x197x768 (default: both of those)")
+    ap.add_argument(
+        "--shapes", default=None, help="bench: shapes such as 4x2048x14336,64x197x768 (default: both of those)"
+    )
     args = ap.parse_args(argv)
     try:
         import triton  # noqa: F401
@@ -535,11 +588,20 @@ def main(argv=None) -> int:
         device = torch.device("cuda")
     t0 = time.perf_counter()
     if args.mode == "bench":
-        shapes = BENCH_SHAPES if not args.shapes else [tuple(int(v) for v in spec.split("x"))
-                                                        for spec in args.shapes.split(",")]
+        shapes = (
+            BENCH_SHAPES
+            if not args.shapes
+            else [tuple(int(v) for v in spec.split("x")) for spec in args.shapes.split(",")]
+        )
         rows = bench(device, shapes, torch.bfloat16, args.repeats, args.warmup)
-        summary = {"mode": "bench", **_environment(device), "seconds": round(time.perf_counter() - t0, 1),
-                   "repeats": args.repeats, "warmup": args.warmup, "rows": rows}
+        summary = {
+            "mode": "bench",
+            **_environment(device),
+            "seconds": round(time.perf_counter() - t0, 1),
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "rows": rows,
+        }
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
@@ -547,8 +609,14 @@ def main(argv=None) -> int:
         return 0
     results = run(device, interpret=args.mode == "interpret")
     failed = [r["case"] for r in results if not r["pass"]]
-    summary = {"mode": args.mode, **_environment(device), "seconds": round(time.perf_counter() - t0, 1),
-               "cases": len(results), "failed": failed, "results": results}
+    summary = {
+        "mode": args.mode,
+        **_environment(device),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "cases": len(results),
+        "failed": failed,
+        "results": results,
+    }
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")

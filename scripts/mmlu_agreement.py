@@ -15,6 +15,7 @@ per subject.
 Needs ``lm_eval`` (``pip install lm_eval==0.4.13``); runs offline on CPU in a few seconds.
 Exit status 0 when every prediction and accuracy agrees.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,10 +49,20 @@ def build_tiny_model(out_dir, seed: int = 0, initializer_range: float = 0.3, max
 
     tok = build_offline_tokenizer()
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
-                      initializer_range=initializer_range, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_position_embeddings,
+        initializer_range=initializer_range,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg).eval()
     model.save_pretrained(str(out_dir))
     tok.save_pretrained(str(out_dir))
@@ -76,9 +87,14 @@ def write_lm_eval_tasks(task_dir, data_dir, subjects, protocol: str = "letters")
     for s in subjects:
         name = f"nora_fixture_mmlu_{s}"
         files = {split: str(next((data_dir / s).glob(f"{split}-*.parquet"))) for split in ("dev", "test")}
-        cfg = {"include": str(lm_eval_task_dir(protocol) / f"mmlu_{s}.yaml"), "task": name, "tag": "nora_fixture_mmlu",
-               "dataset_path": "parquet", "dataset_name": None,
-               "dataset_kwargs": {"data_files": files, "cache_dir": str(task_dir / "hf_cache")}}
+        cfg = {
+            "include": str(lm_eval_task_dir(protocol) / f"mmlu_{s}.yaml"),
+            "task": name,
+            "tag": "nora_fixture_mmlu",
+            "dataset_path": "parquet",
+            "dataset_name": None,
+            "dataset_kwargs": {"data_files": files, "cache_dir": str(task_dir / "hf_cache")},
+        }
         (task_dir / f"{name}.yaml").write_text(json.dumps(cfg, indent=1))  # JSON is valid YAML
         names.append(name)
     return names
@@ -93,30 +109,57 @@ def run_lm_eval(model_dir, task_dir, task_names, k: int = 5, batch_size: int = 4
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     tm = TaskManager(include_path=str(task_dir))
-    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype=float32",
-                                  tasks=list(task_names), num_fewshot=k, batch_size=batch_size, device="cpu",
-                                  task_manager=tm, log_samples=True, verbosity="ERROR",
-                                  bootstrap_iters=0)
+    out = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={model_dir},dtype=float32",
+        tasks=list(task_names),
+        num_fewshot=k,
+        batch_size=batch_size,
+        device="cpu",
+        task_manager=tm,
+        log_samples=True,
+        verbosity="ERROR",
+        bootstrap_iters=0,
+    )
     res = {}
     for name in task_names:
-        subject = name[len("nora_fixture_mmlu_"):]
+        subject = name[len("nora_fixture_mmlu_") :]
         samples = sorted(out["samples"][name], key=lambda r: r["doc_id"])
         lls = [[float(x[0]) for x in r["filtered_resps"]] for r in samples]
         preds = [max(range(4), key=lambda j, v=v: (v[j], -j)) for v in lls]
-        res[subject] = {"acc": float(out["results"][name]["acc,none"]), "pred": preds, "ll": lls,
-                        "acc_per_question": [float(r["acc"]) for r in samples],
-                        "ctx": samples[0]["arguments"][0][0] if samples else ""}
+        res[subject] = {
+            "acc": float(out["results"][name]["acc,none"]),
+            "pred": preds,
+            "ll": lls,
+            "acc_per_question": [float(r["acc"]) for r in samples],
+            "ctx": samples[0]["arguments"][0][0] if samples else "",
+        }
     return res
 
 
 def run_ours(model, tokenizer, data_dir, subjects, k: int = 5, batch_size: int = 4, protocol: str = "letters") -> dict:
     from nora.eval import evaluate_mmlu
 
-    r = evaluate_mmlu(model, tokenizer, data_dir, source="hf", subjects=list(subjects), k=k, batch_size=batch_size,
-                      progress=False, protocol=protocol)
-    return {s: {"acc": sr.accuracy, "pred": list(sr.predictions), "ll": [list(v) for v in sr.logprobs],
-                "correct": [p == a for p, a in zip(sr.predictions, sr.answers)]}
-            for s, sr in r.subjects.items()}
+    r = evaluate_mmlu(
+        model,
+        tokenizer,
+        data_dir,
+        source="hf",
+        subjects=list(subjects),
+        k=k,
+        batch_size=batch_size,
+        progress=False,
+        protocol=protocol,
+    )
+    return {
+        s: {
+            "acc": sr.accuracy,
+            "pred": list(sr.predictions),
+            "ll": [list(v) for v in sr.logprobs],
+            "correct": [p == a for p, a in zip(sr.predictions, sr.answers)],
+        }
+        for s, sr in r.subjects.items()
+    }
 
 
 def compare(ours: dict, ref: dict) -> dict:
@@ -125,19 +168,36 @@ def compare(ours: dict, ref: dict) -> dict:
         o, r = ours[s], ref[s]
         agree = sum(a == b for a, b in zip(o["pred"], r["pred"]))
         diff = max(abs(a - b) for lo, lr in zip(o["ll"], r["ll"]) for a, b in zip(lo, lr))
-        rows.append({"subject": s, "n": len(r["pred"]), "ours_acc": o["acc"], "lm_eval_acc": r["acc"],
-                     "same_predictions": agree, "max_abs_loglik_diff": diff,
-                     "same_per_question_correct": [float(c) for c in o["correct"]] == r["acc_per_question"]})
+        rows.append(
+            {
+                "subject": s,
+                "n": len(r["pred"]),
+                "ours_acc": o["acc"],
+                "lm_eval_acc": r["acc"],
+                "same_predictions": agree,
+                "max_abs_loglik_diff": diff,
+                "same_per_question_correct": [float(c) for c in o["correct"]] == r["acc_per_question"],
+            }
+        )
         n += len(r["pred"])
         same += agree
         max_ll = max(max_ll, diff)
-    ok = all(x["same_predictions"] == x["n"] and x["ours_acc"] == x["lm_eval_acc"] and x["same_per_question_correct"]
-             for x in rows)
+    ok = all(
+        x["same_predictions"] == x["n"] and x["ours_acc"] == x["lm_eval_acc"] and x["same_per_question_correct"]
+        for x in rows
+    )
     return {"ok": ok, "questions": n, "same_predictions": same, "max_abs_loglik_diff": max_ll, "subjects": rows}
 
 
-def agreement(work_dir, k: int = 5, n_test: int = 8, batch_size: int = 4, subjects=SUBJECTS, seed: int = 0,
-              protocol: str = "letters") -> dict:
+def agreement(
+    work_dir,
+    k: int = 5,
+    n_test: int = 8,
+    batch_size: int = 4,
+    subjects=SUBJECTS,
+    seed: int = 0,
+    protocol: str = "letters",
+) -> dict:
     """Build model and fixture in ``work_dir``, run both under ``protocol`` (``letters``: lm_eval's ``mmlu``;
     ``continuation``: its ``mmlu_continuation``), return :func:`compare`'s report."""
     from mmlu_fixtures import make_fixture, write_parquet
@@ -158,8 +218,9 @@ def agreement(work_dir, k: int = 5, n_test: int = 8, batch_size: int = 4, subjec
     report = compare(ours, ref)
     # the prompt text itself, for the first question of each subject
     data = load_mmlu(data_dir, source="hf", subjects=list(subjects), k=k)
-    report["same_prompt_text"] = all(build_prompt(s, data[s].dev[:k], data[s].test[0], protocol) == ref[s]["ctx"]
-                                     for s in subjects)
+    report["same_prompt_text"] = all(
+        build_prompt(s, data[s].dev[:k], data[s].test[0], protocol) == ref[s]["ctx"] for s in subjects
+    )
     report["ok"] = report["ok"] and report["same_prompt_text"]
     report.update({"k": k, "protocol": protocol, "lm_eval_s": round(t_ref, 2), "ours_s": round(t_ours, 2)})
     import lm_eval
@@ -174,8 +235,12 @@ def main(argv=None) -> int:
     ap.add_argument("--n-test", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--protocol", default="letters", choices=sorted(LM_EVAL_TASKS),
-                    help="letters: lm_eval's mmlu; continuation: its mmlu_continuation")
+    ap.add_argument(
+        "--protocol",
+        default="letters",
+        choices=sorted(LM_EVAL_TASKS),
+        help="letters: lm_eval's mmlu; continuation: its mmlu_continuation",
+    )
     ap.add_argument("--out", default=None, help="work directory (default: a temporary one)")
     args = ap.parse_args(argv)
     try:
@@ -184,17 +249,29 @@ def main(argv=None) -> int:
         print("lm_eval is not installed: .venv/bin/pip install lm_eval==0.4.13", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
-        rep = agreement(args.out or tmp, k=args.k, n_test=args.n_test, batch_size=args.batch_size, seed=args.seed,
-                        protocol=args.protocol)
-    print(f"lm_eval {rep['lm_eval_version']}, {rep['k']}-shot, protocol {rep['protocol']}, {rep['questions']} "
-          f"questions (lm_eval {rep['lm_eval_s']} s, nora.eval {rep['ours_s']} s)")
+        rep = agreement(
+            args.out or tmp,
+            k=args.k,
+            n_test=args.n_test,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            protocol=args.protocol,
+        )
+    print(
+        f"lm_eval {rep['lm_eval_version']}, {rep['k']}-shot, protocol {rep['protocol']}, {rep['questions']} "
+        f"questions (lm_eval {rep['lm_eval_s']} s, nora.eval {rep['ours_s']} s)"
+    )
     print(f"{'subject':<22} {'n':>3} {'nora acc':>9} {'lm_eval acc':>12} {'same pred':>10} {'max |dll|':>10}")
     for x in rep["subjects"]:
-        print(f"{x['subject']:<22} {x['n']:>3} {x['ours_acc']:>9.4f} {x['lm_eval_acc']:>12.4f} "
-              f"{x['same_predictions']:>6}/{x['n']:<3} {x['max_abs_loglik_diff']:>10.2e}")
-    print(f"same prompt text: {rep['same_prompt_text']}; predictions equal on {rep['same_predictions']}/"
-          f"{rep['questions']}; max |loglik diff| {rep['max_abs_loglik_diff']:.2e}; "
-          f"{'AGREE' if rep['ok'] else 'DISAGREE'}")
+        print(
+            f"{x['subject']:<22} {x['n']:>3} {x['ours_acc']:>9.4f} {x['lm_eval_acc']:>12.4f} "
+            f"{x['same_predictions']:>6}/{x['n']:<3} {x['max_abs_loglik_diff']:>10.2e}"
+        )
+    print(
+        f"same prompt text: {rep['same_prompt_text']}; predictions equal on {rep['same_predictions']}/"
+        f"{rep['questions']}; max |loglik diff| {rep['max_abs_loglik_diff']:.2e}; "
+        f"{'AGREE' if rep['ok'] else 'DISAGREE'}"
+    )
     return 0 if rep["ok"] else 1
 
 

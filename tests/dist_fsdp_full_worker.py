@@ -6,6 +6,7 @@ its checkpoint. Every checkpoint's gathered state (torch's distributed state-dic
 ``OUT_DIR/gathered_rank<r>.json``: rank 0 gets full-size CPU tensors, the other ranks nothing. After the run each
 rank writes its full trainable state to ``OUT_DIR/fsdp_full_rank<r>.pt``.
 """
+
 import json
 import os
 import sys
@@ -35,12 +36,15 @@ def main() -> None:
         rec = {"none": got is None, "sharded_params": len(local)}
         if got is not None:
             state, opt = got
-            rec.update(devices=sorted({str(t.device) for t in state.values()}),
-                       shapes={k: list(v.shape) for k, v in state.items()},
-                       optimizer_devices=sorted({str(v.device) for s in opt["state"].values() for v in s.values()
-                                                 if torch.is_tensor(v)}),
-                       optimizer_keys=sorted(opt["state"]),
-                       exp_avg_shapes={str(i): list(s["exp_avg"].shape) for i, s in opt["state"].items()})
+            rec.update(
+                devices=sorted({str(t.device) for t in state.values()}),
+                shapes={k: list(v.shape) for k, v in state.items()},
+                optimizer_devices=sorted(
+                    {str(v.device) for s in opt["state"].values() for v in s.values() if torch.is_tensor(v)}
+                ),
+                optimizer_keys=sorted(opt["state"]),
+                exp_avg_shapes={str(i): list(s["exp_avg"].shape) for i, s in opt["state"].items()},
+            )
         seen.append(rec)
         return got
 
@@ -57,12 +61,15 @@ def main() -> None:
     loop.Trainer.fit = fit_and_dump
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
         for extra in (["trainer.stop_after_steps=1"], []):
-            cfg = compose("train", overrides=overrides + extra + ["trainer.strategy=fsdp", f"output_root={out}",
-                                                                  "run_name=fsdp_full"])
+            cfg = compose(
+                "train",
+                overrides=overrides + extra + ["trainer.strategy=fsdp", f"output_root={out}", "run_name=fsdp_full"],
+            )
             summary = run_training(cfg)
             if dist.rank() == 0:
-                print(f"[fsdp_full] {summary.get('status')} step={summary.get('steps', summary.get('step'))}",
-                      flush=True)
+                print(
+                    f"[fsdp_full] {summary.get('status')} step={summary.get('steps', summary.get('step'))}", flush=True
+                )
     (out / f"gathered_rank{dist.rank()}.json").write_text(json.dumps(seen))
     dist.teardown()
 

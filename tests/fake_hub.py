@@ -9,6 +9,7 @@
 Every request is recorded in ``hub.requests`` (method, path); an endpoint it does not know answers 404
 and is recorded too, so a test shows what huggingface_hub asked for.
 """
+
 from __future__ import annotations
 
 import base64
@@ -57,6 +58,7 @@ class FakeHub:
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     """The Hub endpoints, backed by ``self.server.hub`` (a :class:`FakeHub`)."""
+
     protocol_version = "HTTP/1.1"
 
     def log_message(self, *args):
@@ -90,8 +92,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._validate(json.loads(body)["content"])
         if m := re.fullmatch(_API_REPO + r"/preupload/(?P<rev>[^/]+)", path):
             files = json.loads(body)["files"]
-            return self._json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                         for f in files]})
+            return self._json(
+                {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+            )
         if m := re.fullmatch(_API_REPO + r"/commit/(?P<rev>[^/]+)", path):
             return self._commit(m["repo"], body)
         self._json({"error": f"fake hub: no POST {path}"}, 404)
@@ -119,23 +122,37 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 target.write_bytes(base64.b64decode(value["content"]))
         self.server.hub.commits[repo] = self.server.hub.commits.get(repo, 0) + 1
         sha = self.server.hub.sha(repo)
-        self._json({"commitUrl": f"{self.server.hub.url}/{repo}/commit/{sha}", "commitOid": sha,
-                    "success": True, "commitMessage": ""})
+        self._json(
+            {
+                "commitUrl": f"{self.server.hub.url}/{repo}/commit/{sha}",
+                "commitOid": sha,
+                "success": True,
+                "commitMessage": "",
+            }
+        )
 
     def _info(self, repo: str):
         d = self.server.hub.repo_dir(repo)
         if not d.is_dir():
             return self._json({"error": "Repository not found"}, 404)
-        self._json({"id": repo, "modelId": repo, "sha": self.server.hub.sha(repo), "private": False,
-                    "siblings": [{"rfilename": name} for name in self.server.hub.files(repo)]})
+        self._json(
+            {
+                "id": repo,
+                "modelId": repo,
+                "sha": self.server.hub.sha(repo),
+                "private": False,
+                "siblings": [{"rfilename": name} for name in self.server.hub.files(repo)],
+            }
+        )
 
     def _resolve(self, repo: str, filename: str, head: bool):
         f = self.server.hub.repo_dir(repo) / filename
         if not f.is_file():
             return self._send(404, b"", {"X-Error-Code": "EntryNotFound"}, head)
         data = f.read_bytes()
-        self._send(200, data, {"X-Repo-Commit": self.server.hub.sha(repo),
-                               "ETag": f'"{hashlib.sha1(data).hexdigest()}"'}, head)
+        self._send(
+            200, data, {"X-Repo-Commit": self.server.hub.sha(repo), "ETag": f'"{hashlib.sha1(data).hexdigest()}"'}, head
+        )
 
     def _get(self, head: bool):
         self.server.hub.requests.append(("HEAD" if head else "GET", self.path))
@@ -143,9 +160,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if m := re.fullmatch(_API_REPO + r"(/revision/(?P<rev>[^/]+))?", path):
             return self._info(m["repo"])
         if m := re.fullmatch(_API_REPO + r"/tree/(?P<rev>[^/]+)(/.*)?", path):
-            return self._json([{"type": "file", "path": name, "size": len(data),
-                                "oid": hashlib.sha1(data).hexdigest()}
-                               for name, data in self.server.hub.files(m["repo"]).items()])
+            return self._json(
+                [
+                    {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                    for name, data in self.server.hub.files(m["repo"]).items()
+                ]
+            )
         if m := re.fullmatch(r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)", path):
             return self._resolve(m["repo"], m["file"], head)
         if path == "/":

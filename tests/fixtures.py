@@ -1,4 +1,5 @@
 """Test data written in the real on-disk formats, and the rule for tests of the fused CPU extension."""
+
 import os
 
 import pytest

@@ -17,6 +17,7 @@ inputs beyond |x| = 3, 6, 10, 20 and the five largest per-channel maxima (layer 
 
 That gives a few outlier channels per layer carrying the tails, as in the real model.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,9 @@ def _inputs_of(act: nn.Module, run: Callable[[], None]) -> torch.Tensor:
     return torch.cat(seen)
 
 
-def shape_like_profile(layers: list[tuple[nn.Linear, nn.Module]], run: Callable[[], None],
-                       profile_layers=STRESS_LAYERS) -> list[dict]:
+def shape_like_profile(
+    layers: list[tuple[nn.Linear, nn.Module]], run: Callable[[], None], profile_layers=STRESS_LAYERS
+) -> list[dict]:
     """Rescale each ``(linear, activation)`` pair's linear layer (see the module docstring) in order; ``run()``
     feeds the model its calibration inputs. Returns, per layer, what its inputs then are (min, max, share beyond 3,
     the profile's)."""
@@ -81,9 +83,17 @@ def shape_like_profile(layers: list[tuple[nn.Linear, nn.Module]], run: Callable[
                 if linear.bias is not None:
                     linear.bias[c].mul_(a).add_(b)
         x = _inputs_of(act, run)
-        stats.append({"min": x.min().item(), "max": x.max().item(),
-                      "share_gt_3": (x.abs() > 3).float().mean().item(), "profile_layer": index,
-                      "profile_share_gt_3": share, "profile_min": want["min"], "profile_max": want["max"]})
+        stats.append(
+            {
+                "min": x.min().item(),
+                "max": x.max().item(),
+                "share_gt_3": (x.abs() > 3).float().mean().item(),
+                "profile_layer": index,
+                "profile_share_gt_3": share,
+                "profile_min": want["min"],
+                "profile_max": want["max"],
+            }
+        )
     return stats
 
 
@@ -93,8 +103,16 @@ def stress_llama(seed: int = 0, layers: int = 3, vocab: int = 96):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=256, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, mlp_bias=True)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        mlp_bias=True,
+    )
     model = LlamaForCausalLM(cfg).eval()
     gen = torch.Generator().manual_seed(seed + 1)
     calibration = torch.randint(0, vocab, (8, 32), generator=gen)
@@ -110,8 +128,9 @@ def stress_vit(seed: int = 0, depth: int = 3):
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(seed)
-    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=depth, num_heads=4, mlp_ratio=4,
-                              num_classes=10).eval()
+    model = VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=64, depth=depth, num_heads=4, mlp_ratio=4, num_classes=10
+    ).eval()
     gen = torch.Generator().manual_seed(seed + 1)
     calibration = torch.randn(16, 3, 32, 32, generator=gen)
     held_out = torch.randn(8, 3, 32, 32, generator=gen)

@@ -6,27 +6,41 @@
 * OpenOrca: ``Open-Orca/OpenOrca`` ships parquet files (``1M-GPT4-Augmented.parquet``,
   ``3_5M-GPT3_5-Augmented.parquet``) with string columns ``id``, ``system_prompt``, ``question``, ``response``.
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 ALPACA_RECORDS = [
-    {"instruction": "Give three tips for staying healthy.", "input": "",
-     "output": "1. Eat a balanced diet.\n2. Exercise regularly.\n3. Sleep well."},
-    {"instruction": "Translate the sentence into French.", "input": "The cat is black.",
-     "output": "Le chat est noir."},
+    {
+        "instruction": "Give three tips for staying healthy.",
+        "input": "",
+        "output": "1. Eat a balanced diet.\n2. Exercise regularly.\n3. Sleep well.",
+    },
+    {"instruction": "Translate the sentence into French.", "input": "The cat is black.", "output": "Le chat est noir."},
     {"instruction": "What is the capital of France?", "input": "", "output": "Paris is the capital of France."},
-    {"instruction": "Summarize the following paragraph in one sentence.",
-     "input": "The quick brown fox jumps over the lazy dog. The dog does not move. The fox runs away.",
-     "output": "A fox jumps over a lazy dog and runs away."},
-    {"instruction": "Find the degree of the field extension Q(sqrt(2), sqrt(3)) over Q.", "input": "",
-     "output": "The answer is 4 because the minimal polynomial has degree four."},
+    {
+        "instruction": "Summarize the following paragraph in one sentence.",
+        "input": "The quick brown fox jumps over the lazy dog. The dog does not move. The fox runs away.",
+        "output": "A fox jumps over a lazy dog and runs away.",
+    },
+    {
+        "instruction": "Find the degree of the field extension Q(sqrt(2), sqrt(3)) over Q.",
+        "input": "",
+        "output": "The answer is 4 because the minimal polynomial has degree four.",
+    },
     {"instruction": "Classify the word as a noun or a verb.", "input": "run", "output": "Verb."},
-    {"instruction": "Write a haiku about energy.", "input": "",
-     "output": "Force, mass, velocity,\nacceleration of cells:\nenergy at rest."},
-    {"instruction": "Which of the following is true?", "input": "A. 2 + 2 = 4\nB. 2 + 2 = 5",
-     "output": "A. 2 + 2 = 4 is true; B is false."},
+    {
+        "instruction": "Write a haiku about energy.",
+        "input": "",
+        "output": "Force, mass, velocity,\nacceleration of cells:\nenergy at rest.",
+    },
+    {
+        "instruction": "Which of the following is true?",
+        "input": "A. 2 + 2 = 4\nB. 2 + 2 = 5",
+        "output": "A. 2 + 2 = 4 is true; B is false.",
+    },
 ]
 
 OPENORCA_SYSTEM_PROMPTS = [
@@ -45,8 +59,13 @@ def alpaca_records(n: int | None = None) -> list[dict]:
     out = [dict(r) for r in ALPACA_RECORDS]
     for i in range(len(out), n):
         base = ALPACA_RECORDS[i % len(ALPACA_RECORDS)]
-        out.append({"instruction": f"{base['instruction']} (variant {i})", "input": base["input"],
-                    "output": f"{base['output']} Answer {i}."})
+        out.append(
+            {
+                "instruction": f"{base['instruction']} (variant {i})",
+                "input": base["input"],
+                "output": f"{base['output']} Answer {i}.",
+            }
+        )
     return out
 
 
@@ -57,9 +76,14 @@ def openorca_records(n: int = 12) -> list[dict]:
     for i in range(n):
         q = ALPACA_RECORDS[i % len(ALPACA_RECORDS)]
         question = q["instruction"] + (f"\n\n{q['input']}" if q["input"] else "")
-        out.append({"id": f"{families[i % 4]}.{100000 + 7919 * i}",
-                    "system_prompt": OPENORCA_SYSTEM_PROMPTS[i % len(OPENORCA_SYSTEM_PROMPTS)],
-                    "question": f"{question} (question {i})", "response": f"{q['output']} (response {i})"})
+        out.append(
+            {
+                "id": f"{families[i % 4]}.{100000 + 7919 * i}",
+                "system_prompt": OPENORCA_SYSTEM_PROMPTS[i % len(OPENORCA_SYSTEM_PROMPTS)],
+                "question": f"{question} (question {i})",
+                "response": f"{q['output']} (response {i})",
+            }
+        )
     return out
 
 
@@ -117,11 +141,26 @@ def tiny_nora_pp_run(root: Path, max_steps: int = 3) -> Path:
     from nora.app.training import run_training
 
     data = write_alpaca_json(root / "alpaca_data.json", alpaca_records(12))
-    cfg = compose([
-        "method=nora_pp", "model=llama_tiny", "dataset=alpaca", f"data.path={data}", f"output_root={root}",
-        "logger=disabled", "trainer.device=cpu", "trainer.batch_size=4", "trainer.num_workers=0",
-        f"trainer.max_steps={max_steps}", "trainer.eval_every=0", "trainer.checkpoint_every=0",
-        "trainer.progress=false", "dataset.val_size=4", "dataset.max_length=128", f"dataset.cache_dir={root / 'cache'}",
-        "method.nora.calibration_batches=1"])
+    cfg = compose(
+        [
+            "method=nora_pp",
+            "model=llama_tiny",
+            "dataset=alpaca",
+            f"data.path={data}",
+            f"output_root={root}",
+            "logger=disabled",
+            "trainer.device=cpu",
+            "trainer.batch_size=4",
+            "trainer.num_workers=0",
+            f"trainer.max_steps={max_steps}",
+            "trainer.eval_every=0",
+            "trainer.checkpoint_every=0",
+            "trainer.progress=false",
+            "dataset.val_size=4",
+            "dataset.max_length=128",
+            f"dataset.cache_dir={root / 'cache'}",
+            "method.nora.calibration_batches=1",
+        ]
+    )
     run_training(cfg, run_dir=root / "run")
     return root / "run"

@@ -10,6 +10,7 @@ A fixture is ``{subject: {"dev": [row, ...], "test": [row, ...]}}`` with rows
   answer, like the ``cais/mmlu`` hub repository;
 * ``write_saved``: a ``datasets.DatasetDict`` ``save_to_disk`` folder per subject (or ``all``).
 """
+
 from __future__ import annotations
 
 import csv
@@ -18,13 +19,21 @@ from pathlib import Path
 
 LETTERS = "ABCD"
 FIXTURE_SUBJECTS = ("abstract_algebra", "anatomy", "high_school_biology", "philosophy")
-_WORDS = ("cell energy force mass velocity group field ring law history economics philosophy degree "
-          "polynomial protein gene bone muscle nerve virtue ethics logic argument truth value answer "
-          "capital model theory ratio prime order").split()
+_WORDS = (
+    "cell energy force mass velocity group field ring law history economics philosophy degree "
+    "polynomial protein gene bone muscle nerve virtue ethics logic argument truth value answer "
+    "capital model theory ratio prime order"
+).split()
 
 
-def make_fixture(subjects=FIXTURE_SUBJECTS, n_dev: int = 5, n_test: int | dict = 6, seed: int = 0,
-                 answers: dict | None = None, long_words: int = 0) -> dict:
+def make_fixture(
+    subjects=FIXTURE_SUBJECTS,
+    n_dev: int = 5,
+    n_test: int | dict = 6,
+    seed: int = 0,
+    answers: dict | None = None,
+    long_words: int = 0,
+) -> dict:
     """Deterministic random questions. ``answers`` may fix each subject's test answer letters
     (a string like ``"AABD"``, which also sets that subject's test size); ``long_words`` pads each
     question with that many extra words (to make prompts long)."""
@@ -72,8 +81,12 @@ def write_csv(root, fixture) -> Path:
 
 
 def _records(s, rows):
-    return {"question": [r[0] for r in rows], "subject": [s] * len(rows), "choices": [list(r[1]) for r in rows],
-            "answer": [int(r[2]) for r in rows]}
+    return {
+        "question": [r[0] for r in rows],
+        "subject": [s] * len(rows),
+        "choices": [list(r[1]) for r in rows],
+        "answer": [int(r[2]) for r in rows],
+    }
 
 
 _HF_SPLITS = {"dev": "dev", "val": "validation", "test": "test"}
@@ -84,7 +97,7 @@ def write_parquet(root, fixture, layout: str = "subject") -> Path:
     import pyarrow.parquet as pq
 
     root = Path(root)
-    groups = ({s: {s: v} for s, v in fixture.items()} if layout == "subject" else {"all": fixture})
+    groups = {s: {s: v} for s, v in fixture.items()} if layout == "subject" else {"all": fixture}
     for folder, part in groups.items():
         d = root / folder
         d.mkdir(parents=True, exist_ok=True)
@@ -93,10 +106,14 @@ def write_parquet(root, fixture, layout: str = "subject") -> Path:
             for s, splits in part.items():
                 for k, v in _records(s, splits[split]).items():
                     recs[k].extend(v)
-            table = pa.table({"question": pa.array(recs["question"], pa.string()),
-                              "subject": pa.array(recs["subject"], pa.string()),
-                              "choices": pa.array(recs["choices"], pa.list_(pa.string())),
-                              "answer": pa.array(recs["answer"], pa.int64())})
+            table = pa.table(
+                {
+                    "question": pa.array(recs["question"], pa.string()),
+                    "subject": pa.array(recs["subject"], pa.string()),
+                    "choices": pa.array(recs["choices"], pa.list_(pa.string())),
+                    "answer": pa.array(recs["answer"], pa.int64()),
+                }
+            )
             pq.write_table(table, d / f"{hf_split}-00000-of-00001.parquet")
     return root
 
@@ -104,10 +121,16 @@ def write_parquet(root, fixture, layout: str = "subject") -> Path:
 def write_saved(root, fixture, layout: str = "subject") -> Path:
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Sequence, Value
 
-    features = Features({"question": Value("string"), "subject": Value("string"),
-                         "choices": Sequence(Value("string")), "answer": ClassLabel(names=list(LETTERS))})
+    features = Features(
+        {
+            "question": Value("string"),
+            "subject": Value("string"),
+            "choices": Sequence(Value("string")),
+            "answer": ClassLabel(names=list(LETTERS)),
+        }
+    )
     root = Path(root)
-    groups = ({s: {s: v} for s, v in fixture.items()} if layout == "subject" else {"all": fixture})
+    groups = {s: {s: v} for s, v in fixture.items()} if layout == "subject" else {"all": fixture}
     for folder, part in groups.items():
         dd = {}
         for split, hf_split in _HF_SPLITS.items():

@@ -1,4 +1,5 @@
 """NoRA adapter on real model classes: function preservation, trainable sets, NoRA++, save/load/merge."""
+
 import math
 
 import peft
@@ -6,8 +7,8 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from torch import nn
 import transformers
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import nora
@@ -20,13 +21,30 @@ def vit_tiny(num_classes=100):
 
 def small_vit(num_classes=10, mlp_ratio=4, **kw):
     from timm.models.vision_transformer import VisionTransformer
-    return VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=4, mlp_ratio=mlp_ratio,
-                             num_classes=num_classes, **kw).eval()
+
+    return VisionTransformer(
+        img_size=32,
+        patch_size=8,
+        embed_dim=64,
+        depth=3,
+        num_heads=4,
+        mlp_ratio=mlp_ratio,
+        num_classes=num_classes,
+        **kw,
+    ).eval()
 
 
 def tiny_llama(cls=LlamaForCausalLM, cfg_cls=LlamaConfig, **kw):
-    cfg = cfg_cls(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, **kw)
+    cfg = cfg_cls(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        **kw,
+    )
     return cls(cfg).eval()
 
 
@@ -36,8 +54,11 @@ def test_vit_tiny_function_preserved_at_init():
     x = torch.randn(2, 3, 224, 224)
     # record each GELU's real input so the swapped activation can be compared on the same values
     inputs = {}
-    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: inputs.__setitem__(n, (a[0], o)))
-             for n, m in model.named_modules() if isinstance(m, nn.GELU)]
+    hooks = [
+        m.register_forward_hook(lambda mod, a, o, n=n: inputs.__setitem__(n, (a[0], o)))
+        for n, m in model.named_modules()
+        if isinstance(m, nn.GELU)
+    ]
     with torch.no_grad():
         before = model(x)
     for h in hooks:
@@ -90,14 +111,17 @@ def test_parameter_accounting_matches_method_arithmetic():
     assert 0.35 < rep.percent < 0.4  # the abstract's "0.4% (0.02M)"
 
 
-@pytest.mark.parametrize("variant,numerator,per_act", [
-    ("nora", "group", 2 * 3 * (8 + 5)),
-    ("nora", "shared", 3 * (1 + 6) + 3 * (8 + 4)),
-    ("rational_ft", "group", 8 * 6 + 8 * 4),
-    ("rational_ft", "shared", 6 + 8 * 4),
-    ("zero_init_ft", "group", 8 * 10),
-    ("frozen", "group", 0),
-])
+@pytest.mark.parametrize(
+    "variant,numerator,per_act",
+    [
+        ("nora", "group", 2 * 3 * (8 + 5)),
+        ("nora", "shared", 3 * (1 + 6) + 3 * (8 + 4)),
+        ("rational_ft", "group", 8 * 6 + 8 * 4),
+        ("rational_ft", "shared", 6 + 8 * 4),
+        ("zero_init_ft", "group", 8 * 10),
+        ("frozen", "group", 0),
+    ],
+)
 def test_variant_parameter_counts(variant, numerator, per_act):
     model = small_vit()
     nora.apply_nora(model, nora.NoraConfig(variant=variant, numerator=numerator))
@@ -161,6 +185,7 @@ def test_hf_decoder_injection_and_calibration(family):
 
 def test_calibration_follows_wide_activation_inputs():
     """Gate inputs far beyond [-3, 3] (as in LLaMA): a range fit drifts, a calibrated fit does not."""
+
     def make():
         torch.manual_seed(3)
         m = tiny_llama()
@@ -187,8 +212,9 @@ def test_calibration_follows_wide_activation_inputs():
 
     ranged, calibrated = make(), make()  # the paper's form: the rational replaces SiLU, as far as it is fitted
     nora.apply_nora(ranged, nora.NoraConfig(init="fit", fit_range=(-3, 3), residual=False))
-    report = nora.apply_nora(calibrated, nora.NoraConfig(init="calibrated", residual=False),
-                             calibration_batches=[{"input_ids": ids[:3]}])
+    report = nora.apply_nora(
+        calibrated, nora.NoraConfig(init="calibrated", residual=False), calibration_batches=[{"input_ids": ids[:3]}]
+    )
     assert all(t["range"][1] - t["range"][0] > 10 for t in report.targets.values())
     kl_range, kl_cal = kl_of(ranged), kl_of(calibrated)
     assert kl_cal < 1e-3
@@ -198,8 +224,11 @@ def test_calibration_follows_wide_activation_inputs():
 def test_per_group_calibration_gives_per_group_coefficients():
     model = tiny_llama()
     ids = torch.randint(0, 96, (2, 16))
-    nora.apply_nora(model, nora.NoraConfig(init="calibrated", per_group_calibration=True, groups=4),
-                    calibration_batches=[{"input_ids": ids}])
+    nora.apply_nora(
+        model,
+        nora.NoraConfig(init="calibrated", per_group_calibration=True, groups=4),
+        calibration_batches=[{"input_ids": ids}],
+    )
     act = model.model.layers[0].mlp.act_fn
     assert act.base_numerator.shape == (4, 6) and act.base_denominator.shape == (4, 4)
     assert not torch.equal(act.base_numerator[0], act.base_numerator[1])
@@ -208,6 +237,7 @@ def test_per_group_calibration_gives_per_group_coefficients():
 # ----------------------------------------------------------------------------------- NoRA++ / peft
 def _trainable(model):
     from nora.adapter.inject import canonical_name
+
     return {canonical_name(model, n) for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -215,6 +245,7 @@ def _trainable(model):
 def test_nora_pp_trainable_set_either_order(use_dora):
     def lcfg():
         return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=use_dora)
+
     torch.manual_seed(0)
     lora_only = peft.get_peft_model(tiny_llama(), lcfg())
     lora_set = _trainable(lora_only)
@@ -228,8 +259,7 @@ def test_nora_pp_trainable_set_either_order(use_dora):
     nora.apply_nora(first)
     first = nora.get_peft_model(first, lcfg())
 
-    nora_set = {f"model.layers.{i}.mlp.act_fn.nora_{k}" for i in range(2)
-                for k in ("A_num", "B_num", "A_den", "B_den")}
+    nora_set = {f"model.layers.{i}.mlp.act_fn.nora_{k}" for i in range(2) for k in ("A_num", "B_num", "A_den", "B_den")}
     assert _trainable(after) == lora_set | nora_set
     assert _trainable(first) == lora_set | nora_set
     rep = nora.parameter_report(after)
@@ -323,6 +353,7 @@ def test_nora_pp_save_load_round_trip(tmp_path):
             assert torch.equal(loaded(ids).logits, want)
     # the NoRA tensors are keyed by the activations' names in the base model
     from nora.adapter.peft_format import read_nora_layers
+
     assert set(read_nora_layers(tmp_path)) == {"model.layers.0.mlp.act_fn", "model.layers.1.mlp.act_fn"}
 
 
@@ -348,8 +379,7 @@ def test_non_activation_target_is_rejected():
         nora.apply_nora(small_vit(), nora.NoraConfig(target_modules=[r"blocks\.0\.mlp"]))
 
 
-@pytest.mark.parametrize("field,value", [("variant", "lora"), ("form", "C"), ("numerator", "both"),
-                                         ("init", "magic")])
+@pytest.mark.parametrize("field,value", [("variant", "lora"), ("form", "C"), ("numerator", "both"), ("init", "magic")])
 def test_config_rejects_unknown_values(field, value):
     with pytest.raises(ValueError, match=f"unknown {field}"):
         nora.NoraConfig(**{field: value})
@@ -549,6 +579,7 @@ def test_disable_adapter_on_plain_and_nora_first_models():
 # ------------------------------------------------------------------------- merged save / load pair
 def test_merged_model_saved_and_reloaded_keeps_its_rationals(tmp_path):
     from transformers import AutoModelForCausalLM
+
     model, _ = _nora_pp()
     ids = torch.randint(0, 96, (2, 10))
     with torch.no_grad():
@@ -594,8 +625,9 @@ def test_from_pretrained_reports_no_unexpected_keys(tmp_path):
 
 # ------------------------------------------------------------------ defaults by kind, layouts, honest defaults
 def tiny_convnext(**kw):
-    return timm.create_model("convnext_atto", pretrained=False, num_classes=10, depths=(1, 1, 1, 1),
-                             dims=(16, 16, 32, 32), **kw).eval()
+    return timm.create_model(
+        "convnext_atto", pretrained=False, num_classes=10, depths=(1, 1, 1, 1), dims=(16, 16, 32, 32), **kw
+    ).eval()
 
 
 def test_conv_layout_mlp_groups_channels_not_columns():
@@ -610,22 +642,46 @@ def test_conv_layout_mlp_groups_channels_not_columns():
         y = act(x)
         assert torch.equal(y, y[:, :, :1, :1].expand_as(y))
         # channel-wise it equals the channels-last evaluation of the same coefficients
-        last = nora.GroupRational(*act.coefficients(), form=act.form, original=act.original, residual=act.residual,
-                                  fit_numerator=act.base_numerator, fit_denominator=act.base_denominator)
+        last = nora.GroupRational(
+            *act.coefficients(),
+            form=act.form,
+            original=act.original,
+            residual=act.residual,
+            fit_numerator=act.base_numerator,
+            fit_denominator=act.base_denominator,
+        )
         torch.testing.assert_close(y, last(x.movedim(1, -1)).movedim(-1, 1), rtol=0, atol=0)
         model(torch.randn(1, 3, 224, 224))  # 224 px: the image width (14 columns) is no longer the grouped dim
     with pytest.raises(ValueError, match=r"expected 64 channels on dim 1 of a conv-layout"):
         act(torch.randn(1, 32, 4, 4))
 
 
-@pytest.mark.parametrize("builder,width", [
-    (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4,
-                                                                  n_positions=32)), 128),
-    (lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, pad_token_id=0)), 64),
-    (lambda: tiny_convnext(), 64),
-])
+@pytest.mark.parametrize(
+    "builder,width",
+    [
+        (
+            lambda: transformers.GPT2LMHeadModel(
+                transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+            ),
+            128,
+        ),
+        (
+            lambda: transformers.Phi3ForCausalLM(
+                transformers.Phi3Config(
+                    vocab_size=64,
+                    hidden_size=32,
+                    intermediate_size=64,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    num_key_value_heads=2,
+                    pad_token_id=0,
+                )
+            ),
+            64,
+        ),
+        (lambda: tiny_convnext(), 64),
+    ],
+)
 def test_group_check_covers_conv1d_fused_gate_up_and_conv2d(builder, width, tmp_path):
     with pytest.raises(ValueError, match=f"groups=7 does not divide the width {width}"):
         nora.apply_nora(builder(), nora.NoraConfig(groups=7))
@@ -641,25 +697,44 @@ def test_load_checks_the_saved_width_of_a_conv_layout_mlp(tmp_path):
     model = tiny_convnext()
     nora.apply_nora(model)
     nora.save_nora(model, tmp_path)
-    wider = timm.create_model("convnext_atto", pretrained=False, num_classes=10, depths=(1, 1, 1, 1),
-                              dims=(16, 16, 32, 64))
-    with pytest.raises(nora.AdapterError, match=r"stages\.3\.blocks\.0\.mlp\.act: width 256, the adapter was saved "
-                                                "for width 128"):
+    wider = timm.create_model(
+        "convnext_atto", pretrained=False, num_classes=10, depths=(1, 1, 1, 1), dims=(16, 16, 32, 64)
+    )
+    with pytest.raises(
+        nora.AdapterError,
+        match=r"stages\.3\.blocks\.0\.mlp\.act: width 256, the adapter was saved "
+        "for width 128",
+    ):
         nora.load_nora(wider, tmp_path)
 
 
 def qwen2_moe_mixed():
-    return transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-        shared_expert_intermediate_size=64, mlp_only_layers=[0], decoder_sparse_step=1)).eval()
+    return transformers.Qwen2MoeForCausalLM(
+        transformers.Qwen2MoeConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+            mlp_only_layers=[0],
+            decoder_sparse_step=1,
+        )
+    ).eval()
 
 
 def test_moe_defaults_cover_dense_layers_experts_and_shared_experts():
     model = qwen2_moe_mixed()
     report = nora.apply_nora(model)
-    assert set(report.targets) == {"model.layers.0.mlp.act_fn", "model.layers.1.mlp.experts.act_fn",
-                                   "model.layers.1.mlp.shared_expert.act_fn"}
+    assert set(report.targets) == {
+        "model.layers.0.mlp.act_fn",
+        "model.layers.1.mlp.experts.act_fn",
+        "model.layers.1.mlp.shared_expert.act_fn",
+    }
     assert report.targets["model.layers.1.mlp.experts.act_fn"]["width"] == 32  # from the fused (E, 2I, H) tensor
     assert report.layers["Qwen2MoeDecoderLayer"] == {"layers": 2, "with_targets": 2, "targets": 3}
     assert not report.warnings and "Qwen2MoeDecoderLayer: 3 in 2 of 2 layers" in report.summary()
@@ -667,8 +742,11 @@ def test_moe_defaults_cover_dense_layers_experts_and_shared_experts():
 
 def test_partial_layer_coverage_is_reported():
     # the old name pattern finds the dense layer's act_fn only: the MoE layer is left out, and the report says so
-    with pytest.warns(UserWarning, match=r"only 1 of 2 Qwen2MoeDecoderLayer layers hold a target; none in "
-                                         r"model\.layers\.1"):
+    with pytest.warns(
+        UserWarning,
+        match=r"only 1 of 2 Qwen2MoeDecoderLayer layers hold a target; none in "
+        r"model\.layers\.1",
+    ):
         report = nora.apply_nora(qwen2_moe_mixed(), nora.NoraConfig(target_modules=[r"(.*\.)?mlp\.act_fn"]))
     assert report.layers["Qwen2MoeDecoderLayer"]["with_targets"] == 1 and report.warnings
 
@@ -678,8 +756,10 @@ def test_defaults_skip_attention_se_gates_heads_and_identity():
     with pytest.raises(ValueError, match="no activation of EfficientNet matches the default targets"):
         nora.find_targets(model, nora.NoraConfig())
     inc = timm.create_model("inception_next_tiny", pretrained=False, num_classes=10, depths=(1, 1), dims=(16, 32))
-    assert sorted(nora.find_targets(inc, nora.NoraConfig())) == ["stages.0.blocks.0.mlp.act",
-                                                                 "stages.1.blocks.0.mlp.act"]  # not head.act
+    assert sorted(nora.find_targets(inc, nora.NoraConfig())) == [
+        "stages.0.blocks.0.mlp.act",
+        "stages.1.blocks.0.mlp.act",
+    ]  # not head.act
     vit = small_vit()
     vit.blocks[0].mlp.act = nn.Identity()
     assert "blocks.0.mlp.act" not in nora.find_targets(vit, nora.NoraConfig())
@@ -771,16 +851,27 @@ def test_trainable_modules_on_a_peft_model_apply_and_reload(tmp_path):
         with torch.no_grad():
             assert torch.equal(loaded(x), want)
     with pytest.raises(ValueError, match=r"trainable_modules \['haed'\] match no module"):
-        nora.apply_nora(peft.get_peft_model(small_vit(), peft.LoraConfig(r=2, target_modules=["qkv"])),
-                        nora.NoraConfig(trainable_modules=["haed"]))
+        nora.apply_nora(
+            peft.get_peft_model(small_vit(), peft.LoraConfig(r=2, target_modules=["qkv"])),
+            nora.NoraConfig(trainable_modules=["haed"]),
+        )
 
 
 def test_adapter_saved_with_lora_on_fused_experts_loads_onto_a_plain_model(tmp_path):
     def mixtral():
         torch.manual_seed(0)
-        return transformers.MixtralForCausalLM(transformers.MixtralConfig(
-            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)).eval()
+        return transformers.MixtralForCausalLM(
+            transformers.MixtralConfig(
+                vocab_size=64,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                num_local_experts=4,
+                num_experts_per_tok=2,
+            )
+        ).eval()
 
     wrapped = peft.get_peft_model(mixtral(), peft.LoraConfig(r=2, target_modules="all-linear"))
     assert any("experts.base_layer" in n for n, _ in wrapped.named_modules())  # peft wraps the fused experts
@@ -788,7 +879,9 @@ def test_adapter_saved_with_lora_on_fused_experts_loads_onto_a_plain_model(tmp_p
     _perturb(wrapped)
     nora.save_nora(wrapped, tmp_path / "with_lora")
     assert set(nora.read_nora_config(tmp_path / "with_lora")["layers"]) == {
-        "model.layers.0.mlp.experts.act_fn", "model.layers.1.mlp.experts.act_fn"}
+        "model.layers.0.mlp.experts.act_fn",
+        "model.layers.1.mlp.experts.act_fn",
+    }
     plain = mixtral()
     nora.load_nora(plain, tmp_path / "with_lora")
     ids = torch.randint(0, 64, (2, 8))
@@ -816,10 +909,15 @@ def test_fit_range_warning_on_the_first_batch():
     _perturb(model)  # as after a first optimizer step: the warning is about the fit, not the update
     ids = torch.randint(0, 96, (2, 16))
     inputs = []
-    hooks = [m.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().flatten()))
-             for m in nora.nora_modules(model).values()]
-    with pytest.warns(UserWarning, match=r"% \(\d+ of \d+\) of the inputs of 2 of 2 rational activations lie outside "
-                                         r"their fit range .* off by up to .*init='calibrated'") as rec:
+    hooks = [
+        m.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().flatten()))
+        for m in nora.nora_modules(model).values()
+    ]
+    with pytest.warns(
+        UserWarning,
+        match=r"% \(\d+ of \d+\) of the inputs of 2 of 2 rational activations lie outside "
+        r"their fit range .* off by up to .*init='calibrated'",
+    ) as rec:
         with torch.no_grad():
             model(ids)
     for h in hooks:
@@ -852,8 +950,9 @@ def test_fit_range_warning_on_the_first_batch():
 def test_fit_range_warning_on_calibration_batches_at_apply_time():
     ids = torch.randint(0, 96, (2, 16))
     with pytest.warns(UserWarning, match="outside their fit range"):
-        nora.apply_nora(wide_gate_llama(), nora.NoraConfig(init="fit", residual=False),
-                        calibration_batches=[{"input_ids": ids}])
+        nora.apply_nora(
+            wide_gate_llama(), nora.NoraConfig(init="fit", residual=False), calibration_batches=[{"input_ids": ids}]
+        )
 
 
 def test_adapter_layer_works_without_transformers_timm_or_peft(tmp_path):
@@ -932,8 +1031,9 @@ def test_per_group_calibration_of_a_conv_layout_mlp_groups_channels():
     x = torch.randn(2, 3, 36, 36)  # stage 0 runs at 9 x 9: the image width is not divisible by the 2 groups
     with torch.no_grad():
         before = model(x)
-    config = nora.NoraConfig(init="calibrated", per_group_calibration=True, groups=2,
-                             target_modules=[r"stages\.0\.blocks\.0\.mlp\.act"])  # 2 fits: kept short
+    config = nora.NoraConfig(
+        init="calibrated", per_group_calibration=True, groups=2, target_modules=[r"stages\.0\.blocks\.0\.mlp\.act"]
+    )  # 2 fits: kept short
     with pytest.warns(UserWarning, match="only 1 of 4 ConvNeXtStage layers hold a target"):
         report = nora.apply_nora(model, config, calibration_batches=[x])
     act = model.stages[0].blocks[0].mlp.act

@@ -1,6 +1,7 @@
 """The floor plan holds (docs/architecture.md): the layers contract, no import cycle, nora modules imported at the
 top of a file (a function-local one only for an optional dependency, commented), and the picture drawn from today's
 code."""
+
 from __future__ import annotations
 
 import ast
@@ -73,8 +74,13 @@ def function_local_nora_imports() -> list[tuple[str, int, str]]:
             if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
             for node in ast.walk(fn):
-                names = ([node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
-                         else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+                names = (
+                    [node.module or ""]
+                    if isinstance(node, ast.ImportFrom) and not node.level
+                    else [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else []
+                )
                 if any(n == "nora" or n.startswith("nora.") for n in names):
                     found.append((str(path.relative_to(ROOT)), node.lineno, lines[node.lineno - 1].strip()))
     return found
@@ -87,8 +93,9 @@ def test_function_local_nora_imports_are_few_and_say_why():
 
 
 def test_layers_contract_is_kept():
-    proc = subprocess.run([str(Path(sys.executable).with_name("lint-imports"))], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("lint-imports"))], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "0 broken" in proc.stdout
 
@@ -99,5 +106,6 @@ def test_architecture_picture_is_drawn_from_todays_code():
     spec.loader.exec_module(module)
     source = module.dot_source()
     assert '[color="#cc0000"' not in source  # no arrow runs back up
-    assert (ROOT / "docs" / "architecture.dot").read_text() == source, \
+    assert (ROOT / "docs" / "architecture.dot").read_text() == source, (
         "docs/architecture.dot is stale: run python scripts/architecture_graph.py"
+    )

@@ -1,20 +1,21 @@
 """The low-budget baselines (bitfit, ln_tuning, ia3, vera): configs compose for ViT and LLaMA, each trains a tiny
 model through the real ``run_training``, and every trainable count is checked by hand arithmetic."""
+
 import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-
 from fixtures import write_cifar
 from instruct_fixtures import alpaca_records, write_alpaca_json
+from omegaconf import OmegaConf
+from test_train_vision import make_cfg
+
+from nora.app.training import run_training
 from nora.errors import UserError
 from nora.methods import METHODS, apply_method
 from nora.models import build_model
-from nora.app.training import run_training
-from test_train_vision import make_cfg
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINES = ("bitfit", "ln_tuning", "ia3", "vera")
@@ -33,9 +34,9 @@ VIT_COUNTS = {
 }
 # llama_tiny: hidden 64, MLP 128, 2 layers, 4 heads of 16, 2 key/value heads (k/v out 32); no head, no biases
 LLAMA_COUNTS = {
-    "ln_tuning": ("ln_tuning", 2 * (64 + 64) + 64),           # input/post-attention RMSNorm scales + final norm
-    "ia3": ("ia3", 2 * (32 + 32 + 128)),                       # k, v outputs, down_proj input
-    "vera": ("vera", 2 * ((64 + 64) + (64 + 32))),             # q (r + 64), v (r + 32)
+    "ln_tuning": ("ln_tuning", 2 * (64 + 64) + 64),  # input/post-attention RMSNorm scales + final norm
+    "ia3": ("ia3", 2 * (32 + 32 + 128)),  # k, v outputs, down_proj input
+    "vera": ("vera", 2 * ((64 + 64) + (64 + 32))),  # q (r + 64), v (r + 32)
 }
 
 
@@ -84,8 +85,13 @@ def test_config_composes_for_both_families(method):
     import subprocess
 
     for model in ("vit_test", "llama_tiny"):
-        out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--cfg", "job", f"method={method}",
-                              f"model={model}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        out = subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), "--cfg", "job", f"method={method}", f"model={model}"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+        )
         assert out.returncode == 0, out.stderr
         assert f"name: {method}" in out.stdout and f"kind: {method}" in out.stdout
 
@@ -93,10 +99,23 @@ def test_config_composes_for_both_families(method):
 @pytest.mark.parametrize("method", BASELINES)
 def test_trains_tiny_vit(cifar10, tmp_path, method):
     """A real run: the counted tensors change, every other backbone weight stays as loaded."""
-    ov = [f"method={method}", "model=vit_test", "dataset=cifar10", f"dataset.root={cifar10}", "dataset.download=false",
-          "dataset.verify_md5=false", f"output_root={tmp_path}", "logger=disabled", "trainer.epochs=1",
-          "trainer.batch_size=32", "trainer.eval_batch_size=64", "trainer.num_workers=0", "trainer.progress=false",
-          "trainer.checkpoint_every=0", "trainer.lr=0.05"]
+    ov = [
+        f"method={method}",
+        "model=vit_test",
+        "dataset=cifar10",
+        f"dataset.root={cifar10}",
+        "dataset.download=false",
+        "dataset.verify_md5=false",
+        f"output_root={tmp_path}",
+        "logger=disabled",
+        "trainer.epochs=1",
+        "trainer.batch_size=32",
+        "trainer.eval_batch_size=64",
+        "trainer.num_workers=0",
+        "trainer.progress=false",
+        "trainer.checkpoint_every=0",
+        "trainer.lr=0.05",
+    ]
     summary = run_training(make_cfg(ov), run_dir=tmp_path / "run")
     assert summary["status"] == "complete" and summary["steps"] == 128 // 32
     component, n = VIT_COUNTS[method]
@@ -118,11 +137,25 @@ def test_trains_tiny_vit(cifar10, tmp_path, method):
 
 def test_ia3_trains_tiny_llama(tmp_path):
     data = write_alpaca_json(tmp_path / "alpaca_data.json", alpaca_records(16))
-    ov = ["method=ia3", "model=llama_tiny", "dataset=alpaca", f"data.path={data}", f"output_root={tmp_path}",
-          "logger=disabled", "trainer.device=cpu", "trainer.batch_size=4", "trainer.eval_batch_size=8",
-          "trainer.num_workers=0", "trainer.eval_every=0", "trainer.checkpoint_every=0", "trainer.progress=false",
-          "dataset.val_size=4", "dataset.max_length=256", f"dataset.cache_dir={tmp_path / 'cache'}",
-          "trainer.max_steps=3"]
+    ov = [
+        "method=ia3",
+        "model=llama_tiny",
+        "dataset=alpaca",
+        f"data.path={data}",
+        f"output_root={tmp_path}",
+        "logger=disabled",
+        "trainer.device=cpu",
+        "trainer.batch_size=4",
+        "trainer.eval_batch_size=8",
+        "trainer.num_workers=0",
+        "trainer.eval_every=0",
+        "trainer.checkpoint_every=0",
+        "trainer.progress=false",
+        "dataset.val_size=4",
+        "dataset.max_length=256",
+        f"dataset.cache_dir={tmp_path / 'cache'}",
+        "trainer.max_steps=3",
+    ]
     s = run_training(make_cfg(ov), run_dir=tmp_path / "run")
     assert s["status"] == "complete" and s["steps"] == 3
     assert s["parameters"]["components"]["ia3"] == LLAMA_COUNTS["ia3"][1] == s["parameters"]["trainable"]

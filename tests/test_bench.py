@@ -1,11 +1,12 @@
 """Benchmarks run end to end (tiny shapes) and write the JSON the README and the sweep plans quote."""
+
 import json
 
 import pytest
 from hydra import compose, initialize_config_dir
 
 from nora.bench import mlp_block, train_step
-from nora.results.sweep import CONFIG_DIR, estimate_seconds, format_plan, Job
+from nora.results.sweep import CONFIG_DIR, Job, estimate_seconds, format_plan
 
 
 def test_mlp_block_benchmark_writes_ratios(tmp_path):
@@ -20,9 +21,31 @@ def test_mlp_block_benchmark_writes_ratios(tmp_path):
 @pytest.mark.slow  # 34 s here: end to end (make test-slow, CI)
 def test_train_step_benchmark_through_the_real_loop(tmp_path):
     out = tmp_path / "train.json"
-    assert train_step.main(["--model", "vit_test", "--methods", "lora,nora", "--steps", "2", "--warmup", "1",
-                            "--batch-size", "8", "--num-workers", "0", "--device", "cpu", "--compile-methods", "nora",
-                            "--out", str(out)]) == 0
+    assert (
+        train_step.main(
+            [
+                "--model",
+                "vit_test",
+                "--methods",
+                "lora,nora",
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--batch-size",
+                "8",
+                "--num-workers",
+                "0",
+                "--device",
+                "cpu",
+                "--compile-methods",
+                "nora",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rep = json.loads(out.read_text())
     assert set(rep["methods"]) == {"lora", "nora"} and rep["image_size"] == 32
     for r in rep["methods"].values():
@@ -44,8 +67,11 @@ def test_sweep_plan_estimates_device_time_from_the_benchmark():
     assert estimate_seconds(cfg, bench) == steps * 64 / 1000.0
     assert estimate_seconds(cfg, {"model": "vit_small", "methods": bench["methods"]}) is None  # another model
     assert estimate_seconds(cfg, None) is None  # nothing measured
-    jobs = [Job(["seed=0"], "runs/a", "new", 3600.0), Job(["seed=1"], "runs/b", "complete", 3600.0),
-            Job(["seed=2"], "runs/c", "new", None)]
+    jobs = [
+        Job(["seed=0"], "runs/a", "new", 3600.0),
+        Job(["seed=1"], "runs/b", "complete", 3600.0),
+        Job(["seed=2"], "runs/c", "new", None),
+    ]
     text = format_plan("t", jobs)
     assert "estimated device time for the 2 jobs to run: ~60min (1 without an estimate" in text
 
@@ -54,13 +80,36 @@ def test_kernel_benchmark_times_every_form(tmp_path):
     """python -m nora.bench kernels: the fused backend's residual form (phi = the shape's activation) next to the
     plain rational in the main table and in the sweep over G, ratios to GELU from the same rounds, targets for both."""
     from fixtures import require_cpu_extension
+
     from nora.bench import kernels
 
     require_cpu_extension()
     out = tmp_path / "kernels.json"
-    assert kernels.main(["--device", "cpu", "--shapes", "4x10x48:8", "--repeats", "2", "--warmup", "1",
-                         "--impls", "gelu,cpu,cpu_residual", "--residual-activation", "silu", "--bandwidth-mb", "16",
-                         "--groups-sweep", "4x10x48:1/48", "--out", str(out)]) == 0
+    assert (
+        kernels.main(
+            [
+                "--device",
+                "cpu",
+                "--shapes",
+                "4x10x48:8",
+                "--repeats",
+                "2",
+                "--warmup",
+                "1",
+                "--impls",
+                "gelu,cpu,cpu_residual",
+                "--residual-activation",
+                "silu",
+                "--bandwidth-mb",
+                "16",
+                "--groups-sweep",
+                "4x10x48:1/48",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rep = json.loads(out.read_text())
     (shape,) = rep["shapes"]
     rows = {r["impl"]: r for r in shape["rows"]}
@@ -73,9 +122,19 @@ def test_kernel_benchmark_times_every_form(tmp_path):
     assert set(sweep["by_groups"]) == {"1", "48"} and sweep["residual_activation"] == "silu"
     for cell in sweep["by_groups"].values():
         assert cell["fwd_bwd_ratio_vs_gelu"] > 0 and cell["residual"]["fwd_bwd_ratio_vs_gelu"] > 0
-    keys = {"cpu_residual_fwd_bwd_ratio_vs_gelu@4x10x48:float32", "cpu_residual_saved_bytes_minus_gelu@4x10x48:float32",
-            "cpu_residual_fwd_bwd_ratio_vs_gelu@4x10x48:float32:G=1", "cpu_fwd_bwd_ratio_vs_gelu@4x10x48:float32:G=48"}
+    keys = {
+        "cpu_residual_fwd_bwd_ratio_vs_gelu@4x10x48:float32",
+        "cpu_residual_saved_bytes_minus_gelu@4x10x48:float32",
+        "cpu_residual_fwd_bwd_ratio_vs_gelu@4x10x48:float32:G=1",
+        "cpu_fwd_bwd_ratio_vs_gelu@4x10x48:float32:G=48",
+    }
     assert keys <= set(rep["targets"])
     forms = {(e["source"], e["groups"], e["form"]) for e in rep["forms_summary"]}
-    assert forms == {("shapes", 8, "plain"), ("shapes", 8, "residual"), ("groups_sweep", 1, "plain"),
-                     ("groups_sweep", 1, "residual"), ("groups_sweep", 48, "plain"), ("groups_sweep", 48, "residual")}
+    assert forms == {
+        ("shapes", 8, "plain"),
+        ("shapes", 8, "residual"),
+        ("groups_sweep", 1, "plain"),
+        ("groups_sweep", 1, "residual"),
+        ("groups_sweep", 48, "plain"),
+        ("groups_sweep", 48, "residual"),
+    }

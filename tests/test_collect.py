@@ -1,6 +1,7 @@
 """Collecting run directories honestly: files that do not parse are listed (never silently dropped), and
 ``python -m nora.results tables`` (a real subprocess) says so, and leaves the committed results/ alone when there
 are no runs. Run trees are written with the helpers of test_results.py."""
+
 from __future__ import annotations
 
 import contextlib
@@ -14,10 +15,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from test_results import demo_runs, table2_runs, write_run
 
 from nora.results.__main__ import mmlu_jobs
 from nora.results.collect import collect
-from test_results import demo_runs, table2_runs, write_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TRUNCATED = "not a JSON object (truncated or corrupted?)"
@@ -26,25 +27,29 @@ TRUNCATED = "not a JSON object (truncated or corrupted?)"
 def truncate(path: Path) -> Path:
     """Cut a file in half, as a full disk or a killed copy leaves it."""
     data = path.read_bytes()
-    path.write_bytes(data[:len(data) // 2])
+    path.write_bytes(data[: len(data) // 2])
     return path
 
 
 def nora_results(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="disabled")  # this checkout's nora, from any cwd
-    return subprocess.run([sys.executable, "-m", "nora.results", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "nora.results", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_collect_lists_every_file_it_cannot_read(tmp_path):
     demo = demo_runs(tmp_path / "demo")
     bad_summary = truncate(demo / "rot90" / "nora_s2" / "summary.json")
-    latin1 = b"{\"status\": \"complete\", \"method\": \"nor\xe9\"}"
+    latin1 = b'{"status": "complete", "method": "nor\xe9"}'
     (demo / "rot90" / "nora_s1" / "summary.json").write_bytes(latin1)
     col = collect(demo)
     # the unreadable rot90 seeds 1 and 2 are left out; the other NoRA runs of the fixture stay
     assert sorted(str(r.dir.relative_to(demo)) for r in col.runs if r.method == "nora") == [
-        "rot90/nora_s0", "rot90/nora_val_s3", "transpose/nora_s0"]
+        "rot90/nora_s0",
+        "rot90/nora_val_s3",
+        "transpose/nora_s0",
+    ]
     assert col.unreadable == {bad_summary: TRUNCATED, demo / "rot90" / "nora_s1" / "summary.json": TRUNCATED}
     assert [p.name for p in col.incomplete] == ["lora_s1"]  # a running run is incomplete, not unreadable
 
@@ -52,21 +57,33 @@ def test_collect_lists_every_file_it_cannot_read(tmp_path):
     t2 = root / "table2"
     bad_mmlu = truncate(t2 / "llama3_8b_alpaca_lora_s1" / "mmlu.json")
     bad_base = truncate(root / "eval" / "llama3_8b" / "mmlu.json")
-    cfg_run = write_run(t2, "llama3_8b_openorca_dora_s1", method="dora", model="llama3_8b", dataset="openorca",
-                        seed=1, family="causal_lm", config={"method": {"name": "dora"}})
+    cfg_run = write_run(
+        t2,
+        "llama3_8b_openorca_dora_s1",
+        method="dora",
+        model="llama3_8b",
+        dataset="openorca",
+        seed=1,
+        family="causal_lm",
+        config={"method": {"name": "dora"}},
+    )
     (cfg_run / "config.yaml").write_text("method: {name: dora\nseed: [1\n")  # YAML that does not parse
     col = collect(t2, root / "eval")
     assert col.unreadable == {
         bad_mmlu: f"{TRUNCATED}; the run counts as not evaluated on MMLU",
         bad_base: TRUNCATED,
-        cfg_run / "config.yaml": "does not parse as YAML (expected ',' or '}', but got ':' at line 2)"}
+        cfg_run / "config.yaml": "does not parse as YAML (expected ',' or '}', but got ':' at line 2)",
+    }
     # the run with a truncated mmlu.json stays (trained, not evaluated); the one whose config is unreadable goes
     lora_s1 = [r for r in col.runs if r.dir.name == "llama3_8b_alpaca_lora_s1"]
     assert len(lora_s1) == 1 and lora_s1[0].mmlu is None
     assert cfg_run not in [r.dir for r in col.runs] and col.base_evals == []
     # so mmlu-jobs evaluates it again, and the base model (its evaluation is unreadable) too
     assert mmlu_jobs(t2, "llama3_8b", root / "eval") == [
-        f"run_dir={t2 / 'llama3_8b_alpaca_dora_s0'}", f"run_dir={t2 / 'llama3_8b_alpaca_lora_s1'}", "model=llama3_8b"]
+        f"run_dir={t2 / 'llama3_8b_alpaca_dora_s0'}",
+        f"run_dir={t2 / 'llama3_8b_alpaca_lora_s1'}",
+        "model=llama3_8b",
+    ]
 
 
 def test_tables_lists_unreadable_runs_and_renders_the_rest(tmp_path):
@@ -77,15 +94,19 @@ def test_tables_lists_unreadable_runs_and_renders_the_rest(tmp_path):
     assert proc.stderr.splitlines() == [
         f"unreadable: {bad.relative_to(tmp_path)}: {TRUNCATED}",
         "1 run file(s) under runs could not be read; their runs are left out of every table (fix or remove them, "
-        "or rerun those runs)"]
+        "or rerun those runs)",
+    ]
     demo_md = (tmp_path / "out" / "demo.md").read_text()
     assert "| NoRA | 2 | 91.75 ± 1.06 |" in demo_md  # seeds 0 and 1 (91.0, 92.5); seed 2 is the unreadable one
     assert "wrote out/demo.md" in proc.stdout and (tmp_path / "out" / "README.md").exists()
 
 
 def _tree_hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.mark.slow  # 14 s here: end to end (make test-slow, CI)
@@ -95,12 +116,22 @@ def test_tables_on_a_checkout_without_runs_leaves_results_byte_identical(tmp_pat
     assert "table1.md" in before and "README.md" in before
     proc = nora_results(["tables"], tmp_path)  # defaults: --runs runs (absent here) --out results
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout == ("no complete runs or base-model evaluations under runs; nothing rendered, results/ left "
-                           "as it is (make demo, make table1, ... produce runs)\n")
+    assert proc.stdout == (
+        "no complete runs or base-model evaluations under runs; nothing rendered, results/ left "
+        "as it is (make demo, make table1, ... produce runs)\n"
+    )
     assert _tree_hashes(tmp_path / "results") == before
     # the same with a runs/ that holds only an unfinished run: nothing to render either
-    write_run(tmp_path / "runs" / "demo", "nora_s0", method="nora", model="vit_demo", dataset="digits_target",
-              seed=0, acc=90.0, status="running")
+    write_run(
+        tmp_path / "runs" / "demo",
+        "nora_s0",
+        method="nora",
+        model="vit_demo",
+        dataset="digits_target",
+        seed=0,
+        acc=90.0,
+        status="running",
+    )
     proc = nora_results(["tables"], tmp_path)
     assert proc.returncode == 0 and proc.stdout.startswith("no complete runs") and proc.stderr == ""
     assert _tree_hashes(tmp_path / "results") == before
@@ -171,8 +202,7 @@ def test_another_user_of_the_group_reads_the_runs_and_an_unreadable_folder_is_li
         with another_user_of_the_group():
             col = collect(demo)
         assert col.unreadable == {private: "cannot be read (Permission denied); its runs are left out"}
-        assert sorted(r.dir for r in col.runs) == sorted(r.dir for r in everyone.runs
-                                                         if private not in r.dir.parents)
+        assert sorted(r.dir for r in col.runs) == sorted(r.dir for r in everyone.runs if private not in r.dir.parents)
         assert len(col.runs) > 0
     finally:
         shutil.rmtree(shared)

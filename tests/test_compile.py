@@ -6,14 +6,15 @@ gradients equal the eager ones. ``torch.library.opcheck`` checks each op's schem
 registration and AOT dispatch. The Triton op is checked the same way under the interpreter in
 ``test_kernels_triton.py``. Tiny models: these compile on a couple of CPU cores.
 """
+
 import peft
 import pytest
 import torch
+from fixtures import require_cpu_extension
 from timm.models.vision_transformer import VisionTransformer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import nora
-from fixtures import require_cpu_extension
 from nora.kernels import rational_torch_op
 
 
@@ -36,9 +37,16 @@ def _opcheck_inputs(dtype, groups=4, d=16):
     return x.requires_grad_(), a, b
 
 
-@pytest.mark.parametrize("backend,dtype,groups", [("torch", torch.float64, 4), ("torch", torch.float32, 16),
-                                                  ("cpu", torch.float32, 4), ("cpu", torch.float32, 16),
-                                                  ("cpu", torch.bfloat16, 2)])
+@pytest.mark.parametrize(
+    "backend,dtype,groups",
+    [
+        ("torch", torch.float64, 4),
+        ("torch", torch.float32, 16),
+        ("cpu", torch.float32, 4),
+        ("cpu", torch.float32, 16),
+        ("cpu", torch.bfloat16, 2),
+    ],
+)
 @pytest.mark.parametrize("form", ["A", "B"])
 def test_opcheck(backend, dtype, groups, form):
     _require(backend)
@@ -73,10 +81,18 @@ def _tiny_vit(backend, residual=True):
 
 def _tiny_llama_nora_pp(backend, residual=True):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=32)
-    model = peft.get_peft_model(LlamaForCausalLM(cfg), peft.LoraConfig(r=4, lora_alpha=8,
-                                                                        target_modules=["q_proj", "v_proj"]))
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    model = peft.get_peft_model(
+        LlamaForCausalLM(cfg), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
     nora.apply_nora(model, nora.NoraConfig(backend=backend, residual=residual))
     _randomise_adapters(model)
     with torch.no_grad():  # LoRA's B starts at zero: make its gradients (and A's) non-trivial
@@ -96,9 +112,17 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
-@pytest.mark.parametrize("kind,backend,compiler,residual", [
-    ("vit", "cpu", "inductor", True), ("vit", "torch", "aot_eager", True), ("llama", "cpu", "inductor", True),
-    ("llama", "torch", "aot_eager", True), ("llama", "cpu", "aot_eager", False), ("vit", "torch", "aot_eager", False)])
+@pytest.mark.parametrize(
+    "kind,backend,compiler,residual",
+    [
+        ("vit", "cpu", "inductor", True),
+        ("vit", "torch", "aot_eager", True),
+        ("llama", "cpu", "inductor", True),
+        ("llama", "torch", "aot_eager", True),
+        ("llama", "cpu", "aot_eager", False),
+        ("vit", "torch", "aot_eager", False),
+    ],
+)
 @pytest.mark.slow  # 22 s here: end to end (make test-slow, CI)
 def test_fullgraph_compile_no_graph_breaks_same_gradients(kind, backend, compiler, residual):
     """The training step's forward + loss, compiled with fullgraph=True (a graph break would raise), its backward

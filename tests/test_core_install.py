@@ -1,6 +1,7 @@
 """A core install (`pip install nora`: torch, numpy and safetensors) imports nora and runs the library: apply,
 save, load and merge a NoRA adapter, in a fresh interpreter whose only packages are the core ones and what they
 need themselves (no site-packages: a directory of links to the installed core distributions and their metadata)."""
+
 from __future__ import annotations
 
 import importlib.metadata as md
@@ -39,8 +40,11 @@ def _closure(names) -> set[str]:
 def blocked_modules() -> list[str]:
     """Top-level modules of every installed distribution outside the core closure (nora itself aside)."""
     allowed = _closure(CORE) | {"nora"}
-    return sorted(mod for mod, dists in md.packages_distributions().items()
-                  if not any(_norm(d) in allowed for d in dists) and mod.isidentifier())
+    return sorted(
+        mod
+        for mod, dists in md.packages_distributions().items()
+        if not any(_norm(d) in allowed for d in dists) and mod.isidentifier()
+    )
 
 
 def core_site(root: Path) -> Path:
@@ -71,8 +75,9 @@ def core_python(site: Path, code: str) -> subprocess.CompletedProcess:
     (:func:`core_site`)."""
     script = f"import sys; sys.path.insert(0, {str(site)!r})\n" + textwrap.dedent(code)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run([sys.executable, "-S", "-c", script], capture_output=True, text=True, cwd=site.parent,
-                          timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, "-S", "-c", script], capture_output=True, text=True, cwd=site.parent, timeout=300, env=env
+    )
 
 
 LIBRARY_USE = """
@@ -130,7 +135,7 @@ def test_core_install_imports_and_runs_the_library(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["targets"] == 1 and out["loaded"] == []
-    assert out["init"] < 0.05          # the fitted rational in place of GELU (fit error ~3e-3 on [-3, 3])
+    assert out["init"] < 0.05  # the fitted rational in place of GELU (fit error ~3e-3 on [-3, 3])
     assert out["reload"] == 0.0 and out["merge"] < 1e-5
 
 

@@ -1,11 +1,12 @@
 """Vision data: the batched (device-resident) path against the per-sample torchvision path,
 reproducible augmentation, digits splits, CIFAR pickle loading."""
+
 import pytest
 import torch
+from fixtures import write_cifar
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
-from fixtures import write_cifar
 from nora.data.batched import BatchedAugment, DeviceBatches, as_uint8_tensors
 from nora.data.sampling import ShuffledBatchSampler
 from nora.data.vision import EpochSeeded, build_transforms, load_cifar, load_digits

@@ -1,16 +1,17 @@
 """The demo's settings come from configs/demo/ (not module globals), its jobs are ordered seed by seed, and the
 diagnosis measures a real trained NoRA run (pre-activation ranges, coefficient movement, update ablations)."""
+
 from pathlib import Path
 
 import pytest
 import torch
+from fixtures import write_cifar
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import nora.demo.runner as demo
-from fixtures import write_cifar
-from nora.demo import diagnosis as diag
 from nora.app.training import run_training
+from nora.demo import diagnosis as diag
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,11 +34,23 @@ def test_write_learning_rates_round_trips(tmp_path, monkeypatch):
 
 
 def test_jobs_run_seed_by_seed_across_tasks():
-    jobs = demo.demo_jobs(["nora", "lora"], ["rot90", "invert"], {"rot90": 2, "invert": 1}, {"rot90": 10, "invert": 5},
-                          Path("w"), Path("runs/demo"), ["x=1"])
+    jobs = demo.demo_jobs(
+        ["nora", "lora"],
+        ["rot90", "invert"],
+        {"rot90": 2, "invert": 1},
+        {"rot90": 10, "invert": 5},
+        Path("w"),
+        Path("runs/demo"),
+        ["x=1"],
+    )
     assert [(j["task"], j["seed"], j["method"]) for j in jobs] == [
-        ("rot90", 0, "nora"), ("rot90", 0, "lora"), ("invert", 0, "nora"), ("invert", 0, "lora"),
-        ("rot90", 1, "nora"), ("rot90", 1, "lora")]
+        ("rot90", 0, "nora"),
+        ("rot90", 0, "lora"),
+        ("invert", 0, "nora"),
+        ("invert", 0, "lora"),
+        ("rot90", 1, "nora"),
+        ("rot90", 1, "lora"),
+    ]
     assert jobs[0]["extra"] == ["trainer.epochs=10", "x=1"] and jobs[2]["extra"] == ["trainer.epochs=5", "x=1"]
 
 
@@ -59,8 +72,11 @@ def test_the_kernel_builds_once_on_a_thread_and_run_jobs_waits_for_it(monkeypatc
     demo.build_kernels_in_background()
     demo.build_kernels_in_background()  # a second call starts no second build
     assert calls == []  # still building: the caller goes on (to pretrain the backbone)
-    done = demo.run_jobs([{"method": "m", "seed": 0}], 1, run=lambda job: (calls.append("job"), {
-        "job": job, "accuracy": 1.0, "trainable": 1, "wall_time_s": 0.0})[1])
+    done = demo.run_jobs(
+        [{"method": "m", "seed": 0}],
+        1,
+        run=lambda job: (calls.append("job"), {"job": job, "accuracy": 1.0, "trainable": 1, "wall_time_s": 0.0})[1],
+    )
     assert calls == ["nora-kernel-build", "job"] and len(done) == 1  # the build finished before the first run
 
 
@@ -82,10 +98,24 @@ def test_range_stats_known_values():
 def nora_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("nora_run")
     data = write_cifar(tmp / "cifar10", "cifar10", n_train=64, n_test=32)
-    ov = ["method=nora", "model=vit_test", "dataset=cifar10", f"dataset.root={data}", "dataset.download=false",
-          "dataset.verify_md5=false", f"output_root={tmp}", "logger=disabled", "trainer.epochs=1",
-          "trainer.batch_size=32", "trainer.eval_batch_size=64", "trainer.num_workers=0", "trainer.progress=false",
-          "trainer.checkpoint_every=0", "trainer.lr=0.5", "trainer.data_path=batched"]
+    ov = [
+        "method=nora",
+        "model=vit_test",
+        "dataset=cifar10",
+        f"dataset.root={data}",
+        "dataset.download=false",
+        "dataset.verify_md5=false",
+        f"output_root={tmp}",
+        "logger=disabled",
+        "trainer.epochs=1",
+        "trainer.batch_size=32",
+        "trainer.eval_batch_size=64",
+        "trainer.num_workers=0",
+        "trainer.progress=false",
+        "trainer.checkpoint_every=0",
+        "trainer.lr=0.5",
+        "trainer.data_path=batched",
+    ]
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=ov)
     summary = run_training(cfg, run_dir=tmp / "run")
@@ -150,6 +180,7 @@ def test_sweep_widens_a_grid_whose_best_is_at_an_edge(monkeypatch):
         def runs(method, key, values, seeds, base, common, n_procs, run=None):
             calls.append(list(values))
             return {v: [100 - (math.log10(v) - math.log10(peak)) ** 2 + s * 1e-3 for s in seeds] for v in values}
+
         return runs
 
     monkeypatch.setattr(demo, "_grid_runs", fake_runs(10.0))
@@ -177,10 +208,21 @@ def test_lp_ft_starts_from_the_probe_head(tmp_path):
     from nora.models import build_model
 
     data = write_cifar(tmp_path / "cifar10", "cifar10", n_train=64, n_test=32)
-    common = ["model=vit_test", "dataset=cifar10", f"dataset.root={data}", "dataset.download=false",
-              "dataset.verify_md5=false", "logger=disabled", "trainer.epochs=1", "trainer.batch_size=32",
-              "trainer.num_workers=0", "trainer.progress=false", "trainer.checkpoint_every=0", "trainer.lr=0.5",
-              "trainer.data_path=batched"]
+    common = [
+        "model=vit_test",
+        "dataset=cifar10",
+        f"dataset.root={data}",
+        "dataset.download=false",
+        "dataset.verify_md5=false",
+        "logger=disabled",
+        "trainer.epochs=1",
+        "trainer.batch_size=32",
+        "trainer.num_workers=0",
+        "trainer.progress=false",
+        "trainer.checkpoint_every=0",
+        "trainer.lr=0.5",
+        "trainer.data_path=batched",
+    ]
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         probe_cfg = compose("train", overrides=["method=linear_probe", *common])
     source = tmp_path / "source.safetensors"
@@ -194,8 +236,16 @@ def test_lp_ft_starts_from_the_probe_head(tmp_path):
     assert torch.equal(merged["blocks.0.mlp.fc1.weight"], load_file(str(source))["blocks.0.mlp.fc1.weight"])
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["method=nora", f"model.checkpoint={start}", "model.checkpoint_head=true",
-                                          "method.train_head=false", *common])
+        cfg = compose(
+            "train",
+            overrides=[
+                "method=nora",
+                f"model.checkpoint={start}",
+                "model.checkpoint_head=true",
+                "method.train_head=false",
+                *common,
+            ],
+        )
     built = build_model(cfg.model, 10)
     assert torch.equal(built.head.weight, probe_head["head.weight"])  # kept, not re-initialised
     run_training(cfg, run_dir=tmp_path / "lpft")
@@ -213,14 +263,21 @@ def test_lp_ft_starts_from_the_probe_head(tmp_path):
 
 
 def test_the_stability_and_lp_ft_sections_report_what_they_were_given():
-    table = {("lora", 0.01): {0: 91.0, 1: 67.0, 2: 93.0}, ("lora", 0.003): {0: 90.0, 1: 91.0, 2: 92.0},
-             ("nora_pp", 0.01): {0: 92.0, 1: 90.0, 2: 94.0}, ("nora_pp", 0.003): {0: 90.0, 1: 92.0, 2: 92.0}}
+    table = {
+        ("lora", 0.01): {0: 91.0, 1: 67.0, 2: 93.0},
+        ("lora", 0.003): {0: 90.0, 1: 91.0, 2: 92.0},
+        ("nora_pp", 0.01): {0: 92.0, 1: 90.0, 2: 94.0},
+        ("nora_pp", 0.003): {0: 90.0, 1: 92.0, 2: 92.0},
+    }
     text = "\n".join(diag.stability_section(table))
     assert "| lora | 0.01 | 3 | 83.67 ± 14.47 | 67.0 (seed 1) | 1 |" in text
     assert "| lora | 0.003 | 3 | 91.00 ± 1.00 | 90.0 (seed 0) | 0 |" in text
     assert "| 0.01 | +8.33 [" in text and "(n=3) |" in text  # (1 + 23 + 1) / 3
-    lpft = {"linear probe": {0: 60.0, 1: 62.0}, "NoRA (new head)": {0: 61.0, 1: 62.0},
-            "LP-FT: NoRA from the probe's head, head frozen": {0: 63.0, 1: 66.0}}
+    lpft = {
+        "linear probe": {0: 60.0, 1: 62.0},
+        "NoRA (new head)": {0: 61.0, 1: 62.0},
+        "LP-FT: NoRA from the probe's head, head frozen": {0: 63.0, 1: 66.0},
+    }
     text = "\n".join(diag.lpft_section(lpft))
     assert "| linear probe | 61.00 ± 1.41 |  |" in text
     assert "| LP-FT: NoRA from the probe's head, head frozen | 64.50 ± 2.12 | +3.50 [" in text

@@ -1,6 +1,7 @@
 """The offline LLM demo: its generated world (deterministic, splits disjoint, MMLU layout eval.py reads with its own
 subjects and categories), the continuation protocol against a hand computation, and a one-step run of the whole
 pipeline (pretrain -> train.py's run_training -> eval.py's run_eval -> results/demo_llm.md)."""
+
 from __future__ import annotations
 
 import csv
@@ -45,8 +46,11 @@ def test_world_is_deterministic_and_its_splits_are_disjoint(tmp_path):
     assert asked and asked <= splits["tune"]
     text = (a / "pretrain.txt").read_text()
     for p in world.in_split("test"):
-        assert f"{p.name} lives in {p.city}." in text or f"{p.name} has a home in {p.city}." in text or \
-            any(t.format(n=p.name, v=p.city) in text for t in W.FACT_TEMPLATES["city"])
+        assert (
+            f"{p.name} lives in {p.city}." in text
+            or f"{p.name} has a home in {p.city}." in text
+            or any(t.format(n=p.name, v=p.city) in text for t in W.FACT_TEMPLATES["city"])
+        )
     for p in world.in_split("test"):  # the evaluated people and pairs are never questioned in pretraining
         assert f"Where does {p.name} live?" not in text and f"the job of {p.name}?" not in text
     for a, b in world.sums["test"]:
@@ -106,11 +110,22 @@ def test_continuation_protocol_scores_each_answer_text(tmp_path):
 
     W.write_mmlu(W.make_world(0), tmp_path)
     data = load_mmlu(tmp_path, subjects=["units", "facts"], k=2)
-    tok = train_bpe_tokenizer([q.question + " " + " ".join(q.choices) for d in data.values() for q in d.test + d.dev],
-                              300, uniform_word_starts=True)
+    tok = train_bpe_tokenizer(
+        [q.question + " " + " ".join(q.choices) for d in data.values() for q in d.test + d.dev],
+        300,
+        uniform_word_starts=True,
+    )
     model = _Bigram(len(tok))
-    res = evaluate_mmlu(model, tok, tmp_path, subjects=["units", "facts"], k=2, protocol="continuation",
-                        progress=False, keep_logits=False)
+    res = evaluate_mmlu(
+        model,
+        tok,
+        tmp_path,
+        subjects=["units", "facts"],
+        k=2,
+        protocol="continuation",
+        progress=False,
+        keep_logits=False,
+    )
     assert res.category_order == ("STEM", "knowledge")
     d = res.to_dict(include_predictions=True)
     assert d["categories"]["STEM"]["subjects"] == ["units"] and d["protocol"]["name"] == "continuation"
@@ -123,7 +138,7 @@ def test_continuation_protocol_scores_each_answer_text(tmp_path):
             for c in q.choices:
                 c_ids = tok(ctx).input_ids
                 whole = tok(ctx + " " + c).input_ids
-                cont = whole[len(c_ids):]
+                cont = whole[len(c_ids) :]
                 seq = whole
                 scores.append(sum(float(logp[seq[len(c_ids) + t - 1], tok_id]) for t, tok_id in enumerate(cont)))
             assert res.subjects[subject].logprobs[qi] == pytest.approx(scores, abs=1e-4)
@@ -153,8 +168,19 @@ def test_one_step_pipeline_writes_the_report_with_train_and_eval_outputs(tmp_pat
     settings.write_text(TINY)
     env = dict(os.environ, NORA_CACHE_DIR=str(tmp_path / "cache"), WANDB_MODE="disabled")
     out, res = tmp_path / "runs", tmp_path / "results"
-    cmd = [sys.executable, "-m", "nora.demo.llm", "--settings", str(settings), "--out", str(out), "--results",
-           str(res), "--jobs", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nora.demo.llm",
+        "--settings",
+        str(settings),
+        "--out",
+        str(out),
+        "--results",
+        str(res),
+        "--jobs",
+        "1",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pretraining the LLM demo's backbone" in proc.stdout
@@ -169,8 +195,9 @@ def test_one_step_pipeline_writes_the_report_with_train_and_eval_outputs(tmp_pat
     md = (res / "demo_llm.md").read_text()
     assert "| base model (no tuning) | 1 |" in md and "| NoRA++ | 1 |" in md
     assert f"{100 * mmlu['overall']['accuracy']:.1f}" in md
-    rows = list(csv.DictReader(line for line in (res / "demo_llm.csv").read_text().splitlines()
-                               if not line.startswith("#")))
+    rows = list(
+        csv.DictReader(line for line in (res / "demo_llm.csv").read_text().splitlines() if not line.startswith("#"))
+    )
     assert {r["method"] for r in rows} >= {"base", "nora_pp"}
     assert (res / "figures" / "demo_llm_activations_nora_pp.png").exists()
     # a second run reuses the cached backbone and the finished run
@@ -182,9 +209,15 @@ def test_one_step_pipeline_writes_the_report_with_train_and_eval_outputs(tmp_pat
     proc3 = subprocess.run(cmd + ["--diagnose"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc3.returncode == 0, proc3.stderr[-3000:]
     diag = (res / "demo_llm_diagnosis.md").read_text()
-    for heading in ("## What the table can resolve", "## Gate pre-activations", "## Is the NoRA part of NoRA++ used?",
-                    "## Does the calibrated init matter?", "## Step 0: does NoRA start at the pretrained model?",
-                    "## Outside the fit range, after training", "## Does the start change the results?"):
+    for heading in (
+        "## What the table can resolve",
+        "## Gate pre-activations",
+        "## Is the NoRA part of NoRA++ used?",
+        "## Does the calibrated init matter?",
+        "## Step 0: does NoRA start at the pretrained model?",
+        "## Outside the fit range, after training",
+        "## Does the start change the results?",
+    ):
         assert heading in diag
     fit_run = tmp_path / "runs_diagnosis" / "nora_fit_s0"
     assert json.loads((fit_run / "summary.json").read_text())["status"] == "complete"

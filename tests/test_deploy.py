@@ -6,6 +6,7 @@ form, nora's default, and the paper's), as NoRA (``nora.apply_nora``) and as NoR
 unmerged and merged. The LLaMA and the ViT are the heavy-tailed stress models of tests/heavy_tails.py (MLP inputs to
 -40 / +14, as a real pretrained LLM's), where a form that is wrong outside the fit range would show.
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,11 +20,11 @@ import onnxruntime as ort
 import peft
 import pytest
 import torch
+from heavy_tails import stress_llama, stress_vit
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import nora
-from heavy_tails import stress_llama, stress_vit
 from nora.adapter.merged import rational_modules
 from nora.kernels import reference_decompositions
 
@@ -73,14 +74,17 @@ def trained(kind: str, method: str, residual: bool, llama, vit):
     """(unmerged model, merged model, example input) for ``kind`` in {llama, vit}, ``method`` in {nora, nora_pp}."""
     base, x = copy.deepcopy(llama[0] if kind == "llama" else vit[0]), (llama[1] if kind == "llama" else vit[1])
     if kind == "llama":
+
         def loss(m):
             return m(input_ids=x, labels=x).loss
+
         lora_targets = "all-linear"
     else:
         target = torch.arange(x.shape[0]) % 10
 
         def loss(m):
             return nn.functional.cross_entropy(m(x), target)
+
         lora_targets = ["qkv", "fc1", "fc2"]
     torch.manual_seed(1)
     if method == "nora":
@@ -88,8 +92,12 @@ def trained(kind: str, method: str, residual: bool, llama, vit):
         model = _train(base, loss)
         merged = nora.merge_nora(copy.deepcopy(model))
     else:
-        model = _train(peft.get_peft_model(base, nora.NoraPeftConfig(lora_r=4, lora_target_modules=lora_targets,
-                                                                      residual=residual)), loss)
+        model = _train(
+            peft.get_peft_model(
+                base, nora.NoraPeftConfig(lora_r=4, lora_target_modules=lora_targets, residual=residual)
+            ),
+            loss,
+        )
         with torch.no_grad():  # LoRA's B starts at 0: make sure the LoRA part is in the outputs
             for n, p in model.named_parameters():
                 if "lora_B" in n:
@@ -226,8 +234,14 @@ def test_merged_causal_lm_loads_without_nora(llama, tmp_path):
         assert config["model_type"].startswith("nora_") and "modeling_nora.py" in os.listdir(folder)
     result = tmp_path / "result.json"
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-c", NO_NORA, str(result), *map(str, folders)], capture_output=True,
-                          text=True, timeout=600, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_NORA, str(result), *map(str, folders)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for folder, got in json.loads(result.read_text()).items():
         assert "trust_remote_code=True" in got["plain"], (folder, got)
@@ -241,8 +255,10 @@ def test_save_pretrained_folder_describes_every_rational(llama, tmp_path):
     assert type(merged).__name__ == "NoraLlamaForCausalLM"
     merged.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["auto_map"] == {"AutoConfig": "modeling_nora.NoraLlamaConfig",
-                                  "AutoModelForCausalLM": "modeling_nora.NoraLlamaForCausalLM"}
+    assert config["auto_map"] == {
+        "AutoConfig": "modeling_nora.NoraLlamaConfig",
+        "AutoModelForCausalLM": "modeling_nora.NoraLlamaForCausalLM",
+    }
     meta = config["nora_merged"]
     assert meta["base_model_type"] == "llama" and meta["base_architecture"] == "LlamaForCausalLM"
     assert sorted(meta["layers"]) == [f"model.layers.{i}.mlp.act_fn" for i in range(3)]
@@ -267,11 +283,23 @@ def test_format_1_merged_folder_still_loads(llama, tmp_path):
     rationals = rational_modules(merged)
     state = {k: v for k, v in merged.state_dict().items() if not k.startswith(tuple(f"{n}." for n in rationals))}
     type(merged).__bases__[0].save_pretrained(merged, str(tmp_path), state_dict=state)
-    save_file({f"{n}.{k}": t.contiguous() for n, m in rationals.items() for k, t in m.state_dict().items()},
-              str(tmp_path / "nora_merged.safetensors"))
-    layers = {n: {"groups": m.groups, "form": m.form, "degrees": list(m.degrees), "original": m.original,
-                  "fit_range": m.fit_range, "channel_dim": m.channel_dim, "width": m.width, "residual": m.residual}
-              for n, m in rationals.items()}
+    save_file(
+        {f"{n}.{k}": t.contiguous() for n, m in rationals.items() for k, t in m.state_dict().items()},
+        str(tmp_path / "nora_merged.safetensors"),
+    )
+    layers = {
+        n: {
+            "groups": m.groups,
+            "form": m.form,
+            "degrees": list(m.degrees),
+            "original": m.original,
+            "fit_range": m.fit_range,
+            "channel_dim": m.channel_dim,
+            "width": m.width,
+            "residual": m.residual,
+        }
+        for n, m in rationals.items()
+    }
     (tmp_path / "nora_merged.json").write_text(json.dumps({"format_version": 1, "layers": layers}))
     config = json.loads((tmp_path / "config.json").read_text())
     config.update(model_type="llama", architectures=["LlamaForCausalLM"])
@@ -286,7 +314,6 @@ def test_merged_vision_model_is_refused_by_save_merged_with_the_alternative(vit,
     _, merged, _ = trained("vit", "nora", True, None, vit)
     with pytest.raises(nora.AdapterError, match="no save_pretrained"):
         nora.save_merged(merged, tmp_path)
-
 
 
 def test_legacy_torchscript_onnx_exporter_too(vit, tmp_path):
@@ -309,10 +336,16 @@ def test_a_pickled_merged_model_loads_in_a_fresh_process(llama, tmp_path):
     with torch.no_grad():
         want = merged(ids).logits
     torch.save(want, tmp_path / "want.pt")
-    code = ("import sys, torch\nd = torch.load(sys.argv[1], weights_only=False)\n"
-            "with torch.no_grad():\n    got = d['model'](d['ids']).logits\n"
-            "print(type(d['model']).__name__, torch.equal(got, torch.load(sys.argv[2])))")
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.pt"), str(tmp_path / "want.pt")],
-                          capture_output=True, text=True, timeout=300)
+    code = (
+        "import sys, torch\nd = torch.load(sys.argv[1], weights_only=False)\n"
+        "with torch.no_grad():\n    got = d['model'](d['ids']).logits\n"
+        "print(type(d['model']).__name__, torch.equal(got, torch.load(sys.argv[2])))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "m.pt"), str(tmp_path / "want.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split()[-2:] == ["NoraLlamaForCausalLM", "True"]

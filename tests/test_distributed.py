@@ -5,6 +5,7 @@ step and resumed from its checkpoint. Checked against a single process with the 
 weights on both ranks, the same per-step losses, the same trained adapter. Also: the SLURM launcher config and
 the SLURM environment derivation, and the global-token-mean loss.
 """
+
 import json
 import os
 import subprocess
@@ -14,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-
 from instruct_fixtures import alpaca_records, write_alpaca_json
+
 from nora.app.training import run_training
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,17 +28,36 @@ def common(data, cache, batch_size):
     # LoRA dropout off (random per rank); a high learning rate so the weights move visibly; clipping runs but
     # never scales (FSDP sums the gradient norm over shards: a clip factor that differs in the last bit would
     # break the bit-identical DDP/FSDP comparison)
-    return ["model=llama_tiny", "dataset=alpaca", "method=nora_pp", f"data.path={data}", "logger=disabled",
-            "trainer.device=cpu", f"trainer.batch_size={batch_size}", "trainer.grad_accum=2", "trainer.max_steps=4",
-            "trainer.eval_every=0", "trainer.log_every=1", "trainer.checkpoint_every=0", "trainer.num_workers=0",
-            "trainer.progress=false", "trainer.lr=5e-3", "trainer.nora_lr=5e-3", "dataset.val_size=4",
-            "dataset.max_length=256", f"dataset.cache_dir={cache}", "method.lora.dropout=0",
-            "method.nora.calibration_batches=2", "trainer.grad_clip=100"]
+    return [
+        "model=llama_tiny",
+        "dataset=alpaca",
+        "method=nora_pp",
+        f"data.path={data}",
+        "logger=disabled",
+        "trainer.device=cpu",
+        f"trainer.batch_size={batch_size}",
+        "trainer.grad_accum=2",
+        "trainer.max_steps=4",
+        "trainer.eval_every=0",
+        "trainer.log_every=1",
+        "trainer.checkpoint_every=0",
+        "trainer.num_workers=0",
+        "trainer.progress=false",
+        "trainer.lr=5e-3",
+        "trainer.nora_lr=5e-3",
+        "dataset.val_size=4",
+        "dataset.max_length=256",
+        f"dataset.cache_dir={cache}",
+        "method.lora.dropout=0",
+        "method.nora.calibration_batches=2",
+        "trainer.grad_clip=100",
+    ]
 
 
 def losses(run_dir):
-    return [r["loss"] for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
-            if "loss" in r]
+    return [
+        r["loss"] for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    ]
 
 
 def keep_final_state(monkeypatch) -> dict:
@@ -62,18 +82,33 @@ def test_two_processes_match_one(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     out = tmp_path / "dist"
     out.mkdir()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "dist_worker.py"), str(out), *common(data, cache, batch_size=2)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "tests" / "dist_worker.py"),
+        str(out),
+        *common(data, cache, batch_size=2),
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     # meanwhile, the single-process reference: batch 4 = 2 ranks x 2
     box = keep_final_state(monkeypatch)
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        cfg = compose("train", overrides=common(data, cache, batch_size=4) + [f"output_root={tmp_path}",
-                                                                               "run_name=single"])
+        cfg = compose(
+            "train", overrides=common(data, cache, batch_size=4) + [f"output_root={tmp_path}", "run_name=single"]
+        )
     single = run_training(cfg)
     try:
         log, _ = proc.communicate(timeout=240)
@@ -120,16 +155,25 @@ def test_token_mean_loss_single_process_is_model_loss():
 
     from nora.train.tasks import CausalLMTask
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     ids = torch.randint(0, 50, (2, 7))
     labels = ids.clone()
     labels[0, :4] = -100
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     task = CausalLMTask()
     assert task.items(batch) == 9  # supervised next-token targets: 3 of row 0 (its prompt is masked), 6 of row 1
-    torch.testing.assert_close(task.loss(model, batch, float(task.items(batch))), model(**batch).loss,
-                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        task.loss(model, batch, float(task.items(batch))), model(**batch).loss, rtol=1e-6, atol=0
+    )
 
 
 def test_accumulation_is_the_token_mean_of_the_step(tmp_path):
@@ -139,13 +183,31 @@ def test_accumulation_is_the_token_mean_of_the_step(tmp_path):
     of the 8 records (of very different lengths); the logged loss is that token mean."""
     import dist_worker as w
 
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
     env.pop("WORLD_SIZE", None)
     (tmp_path / "ranks").mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(ROOT / "tests" / "dist_worker.py"), "accumulation", str(tmp_path / "ranks")],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(ROOT / "tests" / "dist_worker.py"),
+            "accumulation",
+            str(tmp_path / "ranks"),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     for name, bs, accum in (("b8", 8, 1), ("b2x4", 2, 4)):
         (tmp_path / name).mkdir()
         w.accumulation_step(tmp_path / name, batch_size=bs, accum=accum)
@@ -159,7 +221,7 @@ def test_accumulation_is_the_token_mean_of_the_step(tmp_path):
     token_mean = sum(sums) / n
     grads = torch.autograd.grad(token_mean, list(model.parameters()))
     expected = {k: start[k] - g for (k, _), g in zip(model.named_parameters(), grads)}
-    pairs = [w.pad_collate(w.accumulation_records()[i:i + 2]) for i in range(0, 8, 2)]
+    pairs = [w.pad_collate(w.accumulation_records()[i : i + 2]) for i in range(0, 8, 2)]
     mean_of_means = sum(model(**p).loss for p in pairs) / 4  # the old objective of batch 2 x accum 4
     old = torch.autograd.grad(mean_of_means, list(model.parameters()))
     assert max(float((a - b).abs().max()) for a, b in zip(grads, old)) > 1e-3  # the two objectives differ
@@ -189,8 +251,16 @@ def test_slurm_env_from_submitit(monkeypatch):
         monkeypatch.setenv(k, "")
         monkeypatch.delenv(k)
     assert slurm_env() is False  # not a submitit job
-    env = dict(SUBMITIT_EXECUTOR="slurm", SLURM_NTASKS="4", SLURM_PROCID="3", SLURM_LOCALID="1",
-               SLURM_JOB_NODELIST="gpu[07-08]", SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES="2", SLURM_NODEID="1")
+    env = dict(
+        SUBMITIT_EXECUTOR="slurm",
+        SLURM_NTASKS="4",
+        SLURM_PROCID="3",
+        SLURM_LOCALID="1",
+        SLURM_JOB_NODELIST="gpu[07-08]",
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_NODEID="1",
+    )
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert slurm_env() is True
@@ -202,14 +272,26 @@ def test_slurm_env_from_submitit(monkeypatch):
 def test_slurm_launcher_config():
     """configs/hydra/launcher/slurm.yaml documents its fields and composes on top of the submitit plugin."""
     text = (ROOT / "configs" / "hydra" / "launcher" / "slurm.yaml").read_text()
-    for field in ("nodes:", "gpus_per_node:", "tasks_per_node:", "cpus_per_task:", "timeout_min:", "partition:",
-                  "account:", "max_num_timeout:", "setup:"):
+    for field in (
+        "nodes:",
+        "gpus_per_node:",
+        "tasks_per_node:",
+        "cpus_per_task:",
+        "timeout_min:",
+        "partition:",
+        "account:",
+        "max_num_timeout:",
+        "setup:",
+    ):
         line = next(x for x in text.splitlines() if x.startswith(field))
         assert "#" in line, f"{field} undocumented"
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        cfg = compose("train", overrides=["hydra/launcher=slurm", "experiment=llama3_alpaca", "method=nora_pp",
-                                          "hydra.launcher.nodes=2"], return_hydra_config=True)
+        cfg = compose(
+            "train",
+            overrides=["hydra/launcher=slurm", "experiment=llama3_alpaca", "method=nora_pp", "hydra.launcher.nodes=2"],
+            return_hydra_config=True,
+        )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.nodes == 2 and launcher.tasks_per_node == launcher.gpus_per_node == 8
@@ -226,14 +308,31 @@ def test_fsdp_full_fine_tuning_checkpoints_on_rank0_cpu_and_resumes_exactly(tmp_
     out.mkdir()
 
     def overrides(batch_size):
-        return [("method=full" if o.startswith("method=") else o) for o in common(data, cache, batch_size)
-                if not o.startswith(("method.lora.", "method.nora.", "trainer.nora_lr"))] + ["trainer.max_steps=2"]
+        return [
+            ("method=full" if o.startswith("method=") else o)
+            for o in common(data, cache, batch_size)
+            if not o.startswith(("method.lora.", "method.nora.", "trainer.nora_lr"))
+        ] + ["trainer.max_steps=2"]
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "dist_fsdp_full_worker.py"), str(out), *overrides(2)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "tests" / "dist_fsdp_full_worker.py"),
+        str(out),
+        *overrides(2),
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     box = keep_final_state(monkeypatch)
@@ -257,8 +356,9 @@ def test_fsdp_full_fine_tuning_checkpoints_on_rank0_cpu_and_resumes_exactly(tmp_
         assert not r0["none"] and r0["devices"] == ["cpu"] and r0["optimizer_devices"] == ["cpu"]
         assert r0["shapes"] == {k: list(v.shape) for k, v in ref.items()}  # full size, every trainable tensor
         assert r0["optimizer_keys"] == list(range(n_params))
-        assert sorted(map(list, {tuple(s) for s in r0["exp_avg_shapes"].values()})) == \
-            sorted(map(list, {tuple(v.shape) for v in ref.values()}))
+        assert sorted(map(list, {tuple(s) for s in r0["exp_avg_shapes"].values()})) == sorted(
+            map(list, {tuple(v.shape) for v in ref.values()})
+        )
     a, b = torch.load(out / "fsdp_full_rank0.pt"), torch.load(out / "fsdp_full_rank1.pt")
     assert set(a) == set(ref)
     for k in a:

@@ -1,5 +1,6 @@
 """eval.py end to end: a base tiny LLaMA and a tiny NoRA++ training run scored on an MMLU fixture,
 offline, writing mmlu.json; clear errors."""
+
 import json
 import os
 import subprocess
@@ -8,14 +9,14 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-
 from instruct_fixtures import alpaca_records, tiny_nora_pp_run, write_alpaca_json
 from mmlu_fixtures import make_fixture, write_csv
+
+from nora.app.evaluation import run_eval
+from nora.app.reload import load_trained_model
+from nora.app.training import run_training
 from nora.errors import MissingFileError, UserError
 from nora.eval import evaluate_mmlu
-from nora.app.evaluation import run_eval
-from nora.app.training import run_training
-from nora.app.reload import load_trained_model
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = str(ROOT / "configs")
@@ -38,9 +39,21 @@ def tiny_run(tmp_path_factory):
 
 def test_eval_py_base_model_writes_mmlu_json(mmlu_dir, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "model=llama_tiny", f"mmlu.path={mmlu_dir}",
-                           f"output_root={tmp_path}", "device=cpu"], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "eval.py"),
+            "model=llama_tiny",
+            f"mmlu.path={mmlu_dir}",
+            f"output_root={tmp_path}",
+            "device=cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads((tmp_path / "eval" / "llama_tiny" / "mmlu.json").read_text())
     assert out["k"] == 5 and out["model"]["name"] == "llama_tiny" and out["model"]["method"] == "base"
@@ -51,27 +64,42 @@ def test_eval_py_base_model_writes_mmlu_json(mmlu_dir, tmp_path):
     assert not list(tmp_path.glob("**/.hydra"))  # eval.py writes no Hydra folder anywhere
 
 
-
 def test_eval_py_names_an_mmlu_csv_that_is_not_utf8(tmp_path):
     data = write_csv(tmp_path / "mmlu", make_fixture())
     bad = data / "test" / "anatomy_test.csv"
     bad.write_bytes(bad.read_bytes() + '"Which bone is the fémur?",a,b,c,d,A\n'.encode("latin-1"))
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "model=llama_tiny", f"mmlu.path={data}",
-                           f"output_root={tmp_path}", "device=cpu"], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "eval.py"),
+            "model=llama_tiny",
+            f"mmlu.path={data}",
+            f"output_root={tmp_path}",
+            "device=cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     offset = bad.read_bytes().index(b"\xe9")
     # 6 fixture rows, one with a newline inside its quoted question: the appended row starts on line 8
-    assert lines[-1] == (f"error: {bad}, line 8: not UTF-8 text (byte 0xe9 at offset {offset}); the MMLU CSV files "
-                         "are UTF-8, re-encode this one (e.g. iconv -f latin1 -t utf-8)")
+    assert lines[-1] == (
+        f"error: {bad}, line 8: not UTF-8 text (byte 0xe9 at offset {offset}); the MMLU CSV files "
+        "are UTF-8, re-encode this one (e.g. iconv -f latin1 -t utf-8)"
+    )
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "eval" / "llama_tiny" / "mmlu.json").exists()
 
+
 def test_eval_of_a_training_run_uses_its_adapters(mmlu_dir, tiny_run):
-    cfg = compose_cfg("eval", [f"run_dir={tiny_run}", f"mmlu.path={mmlu_dir}", "device=cpu",
-                               "mmlu.save_predictions=true"])
+    cfg = compose_cfg(
+        "eval", [f"run_dir={tiny_run}", f"mmlu.path={mmlu_dir}", "device=cpu", "mmlu.save_predictions=true"]
+    )
     d = run_eval(cfg)
     on_disk = json.loads((tiny_run / "mmlu.json").read_text())
     assert on_disk["overall"] == d["overall"]
@@ -103,11 +131,30 @@ def test_eval_refuses_an_adapter_that_is_not_the_runs_own(mmlu_dir, tiny_run, tm
 
     data = write_alpaca_json(tmp_path / "alpaca_data.json", alpaca_records(12))
     lora = tmp_path / "lora_run"
-    run_training(compose_cfg("train", [
-        "method=lora", "model=llama_tiny", "dataset=alpaca", f"data.path={data}", f"output_root={tmp_path}",
-        "logger=disabled", "trainer.device=cpu", "trainer.batch_size=4", "trainer.num_workers=0", "trainer.max_steps=1",
-        "trainer.eval_every=0", "trainer.checkpoint_every=0", "trainer.progress=false", "dataset.val_size=4",
-        "dataset.max_length=128", f"dataset.cache_dir={tmp_path / 'cache'}"]), run_dir=lora)
+    run_training(
+        compose_cfg(
+            "train",
+            [
+                "method=lora",
+                "model=llama_tiny",
+                "dataset=alpaca",
+                f"data.path={data}",
+                f"output_root={tmp_path}",
+                "logger=disabled",
+                "trainer.device=cpu",
+                "trainer.batch_size=4",
+                "trainer.num_workers=0",
+                "trainer.max_steps=1",
+                "trainer.eval_every=0",
+                "trainer.checkpoint_every=0",
+                "trainer.progress=false",
+                "dataset.val_size=4",
+                "dataset.max_length=128",
+                f"dataset.cache_dir={tmp_path / 'cache'}",
+            ],
+        ),
+        run_dir=lora,
+    )
     for damage in ("a plain lora adapter", "other lora weights"):
         run = tmp_path / damage.replace(" ", "_")
         shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("mmlu.json"))

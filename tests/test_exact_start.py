@@ -6,6 +6,7 @@ activation inputs follow a real pretrained LLM's per-layer profile (tails to -40
 paper's form the fitted rationals replace the activations and the model's logits move by tens of percent there; in
 the residual form every API's defaults give the pretrained model back, to float32's resolution.
 """
+
 from __future__ import annotations
 
 import copy
@@ -15,9 +16,9 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
+from heavy_tails import PROFILE, STRESS_LAYERS, stress_llama, stress_vit
 
 import nora
-from heavy_tails import PROFILE, STRESS_LAYERS, stress_llama, stress_vit
 
 REL = 1e-5  # float32 logits: relative max difference to the pretrained model's
 
@@ -50,7 +51,7 @@ def vit():
 
 def test_stress_models_have_the_profiles_tails(llama, vit):
     for stats in (llama[2], vit[2]):
-        assert [s["profile_layer"] for s in stats] == list(STRESS_LAYERS[:len(stats)])
+        assert [s["profile_layer"] for s in stats] == list(STRESS_LAYERS[: len(stats)])
         for s in stats:  # each layer reaches its profile layer's minimum and maximum, and the bulk its share beyond 3
             assert s["min"] == pytest.approx(s["profile_min"], abs=0.05)
             assert s["max"] == pytest.approx(s["profile_max"], abs=0.05)
@@ -82,8 +83,9 @@ def _apply(model, api: str, ids: torch.Tensor):
     elif api == "peft NoRA":
         model = peft.get_peft_model(model, nora.NoraPeftConfig())
     elif api == "peft NoRA++ (README's five lines)":
-        model = peft.get_peft_model(model, nora.NoraPeftConfig(lora_r=8, lora_alpha=16,
-                                                               lora_target_modules="all-linear"))
+        model = peft.get_peft_model(
+            model, nora.NoraPeftConfig(lora_r=8, lora_alpha=16, lora_target_modules="all-linear")
+        )
     elif api == "peft NoRA calibrated":
         model = peft.get_peft_model(model, nora.NoraPeftConfig(init="calibrated"))
         nora.calibrate(model, [{"input_ids": ids[:2]}])
@@ -93,8 +95,14 @@ def _apply(model, api: str, ids: torch.Tensor):
     return model
 
 
-APIS = ["apply_nora", "apply_nora calibrated", "peft NoRA", "peft NoRA++ (README's five lines)",
-        "peft NoRA calibrated", "LoRA then apply_nora (NoRA++)"]
+APIS = [
+    "apply_nora",
+    "apply_nora calibrated",
+    "peft NoRA",
+    "peft NoRA++ (README's five lines)",
+    "peft NoRA calibrated",
+    "LoRA then apply_nora (NoRA++)",
+]
 
 
 @pytest.mark.parametrize("api", APIS)
@@ -143,7 +151,7 @@ def test_bfloat16_model_starts_at_the_bfloat16_model(llama):
     with torch.no_grad():
         logits = adapted(ids).logits
     # phi computed in float32 and rounded once, as torch's bf16 SiLU does: equal up to rare one-ulp roundings
-    assert rel_diff(logits, ref) <= 2 ** -7
+    assert rel_diff(logits, ref) <= 2**-7
 
 
 def _train(model, ids, steps=3, lr=0.05):
@@ -186,8 +194,12 @@ def test_merged_residual_model_equals_the_trained_adapter(llama, tmp_path):
     with torch.no_grad():
         assert torch.equal(plain(ids).logits, want)  # the same kernel on the same coefficients
     nora.save_merged(plain, tmp_path / "merged")
-    assert json.loads((tmp_path / "merged" / "config.json").read_text())["nora_merged"]["layers"][
-        "model.layers.0.mlp.act_fn"]["residual"] is True
+    assert (
+        json.loads((tmp_path / "merged" / "config.json").read_text())["nora_merged"]["layers"][
+            "model.layers.0.mlp.act_fn"
+        ]["residual"]
+        is True
+    )
     loaded = nora.from_pretrained(tmp_path / "merged")
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, want)

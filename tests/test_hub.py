@@ -2,6 +2,7 @@
 HF_HUB_OFFLINE), and nora.push_to_hub / loading an adapter by Hub id against tests/fake_hub.py, a local HTTP
 server that answers huggingface_hub's real upload and download requests (each in a second process, where
 HF_ENDPOINT is read when huggingface_hub is imported, as for a user)."""
+
 import json
 import os
 import subprocess
@@ -12,11 +13,11 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+from fake_hub import FakeHub
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import nora
-from fake_hub import FakeHub
 from nora.app.adapters import resolve_adapter
 from nora.errors import MissingFileError
 
@@ -25,12 +26,27 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _python(code: str, env: dict, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     # the test environment's own offline and proxy settings stay out; each test sets what it checks
-    unset = {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HTTP_PROXY", "HTTPS_PROXY",
-             "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT"}
-    env = {**{k: v for k, v in os.environ.items() if k not in unset},
-           "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "TOKENIZERS_PARALLELISM": "false", **env}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=timeout)
+    unset = {
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HF_DATASETS_OFFLINE",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "HF_ENDPOINT",
+    }
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in unset},
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+        "TOKENIZERS_PARALLELISM": "false",
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout
+    )
 
 
 # ------------------------------------------------------------------------------------------ reachability
@@ -46,8 +62,7 @@ PROBE = """
 def test_reachability_goes_through_the_proxy_and_hf_endpoint(tmp_path):
     with FakeHub(tmp_path / "hub") as proxy:  # any HTTP server answers as a proxy would
         # the endpoint's host does not resolve: only a client that uses HTTP_PROXY reaches it
-        proc = _python(PROBE, {"HF_ENDPOINT": "http://hub.invalid", "HTTP_PROXY": proxy.url, "NO_PROXY": ""},
-                       tmp_path)
+        proc = _python(PROBE, {"HF_ENDPOINT": "http://hub.invalid", "HTTP_PROXY": proxy.url, "NO_PROXY": ""}, tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert json.loads(proc.stdout) == {"offline": False, "env": None}
         assert proxy.requests == [("HEAD", "http://hub.invalid/")]  # the proxy saw the probe for the endpoint
@@ -82,8 +97,14 @@ def nora_pp_run(tmp_path):
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
     nora.save_nora_pp(model, run / "adapter")
-    summary = {"status": "complete", "method": "nora_pp", "steps": 3, "metric": "val_loss",
-               "final": {"val_loss": 4.25}, "parameters": nora.parameter_report(model).to_dict()}
+    summary = {
+        "status": "complete",
+        "method": "nora_pp",
+        "steps": 3,
+        "metric": "val_loss",
+        "final": {"val_loss": 4.25},
+        "parameters": nora.parameter_report(model).to_dict(),
+    }
     (run / "summary.json").write_text(json.dumps(summary))
     ids = torch.randint(3, len(tok), (2, 12))
     model.eval()
@@ -130,24 +151,33 @@ def test_push_to_hub_then_load_by_hub_id(tmp_path, nora_pp_run):
     params = json.loads((nora_pp_run / "summary.json").read_text())["parameters"]
     assert params["components"]["lora"] == 2 * (4 * 64 + 64 * 4 + 4 * 64 + 128 * 4)  # q_proj, up_proj per layer
     assert card.startswith("---\n") and "library_name: nora" in card and "license: apache-2.0" in card
-    for text in ("**nora_pp** adapter (lora, nora)", "- data: `alpaca` (`tatsu-lab/alpaca`)", "- seed: 0; steps: 3",
-                 f"- parameters: trainable {params['trainable']:,} of {params['total']:,}", "nora 156, lora 2,560",
-                 "| final (val_loss) | {\"val_loss\": 4.25} |",
-                 "- NoRA: variant nora, r=3, groups=8, degrees (5, 4), 2 activations",
-                 'adapter_dir = download_adapter("me/llama-tiny-nora-pp")',
-                 "apply_adapter(base_model, adapter_dir)  # LoRA + NoRA, one peft adapter: "
-                 "peft.PeftModel.from_pretrained loads it after `import nora`",
-                 "python -m nora.integrations.lm_eval --model nora --model_args pretrained=",
-                 "adapter=me/llama-tiny-nora-pp"):
+    for text in (
+        "**nora_pp** adapter (lora, nora)",
+        "- data: `alpaca` (`tatsu-lab/alpaca`)",
+        "- seed: 0; steps: 3",
+        f"- parameters: trainable {params['trainable']:,} of {params['total']:,}",
+        "nora 156, lora 2,560",
+        '| final (val_loss) | {"val_loss": 4.25} |',
+        "- NoRA: variant nora, r=3, groups=8, degrees (5, 4), 2 activations",
+        'adapter_dir = download_adapter("me/llama-tiny-nora-pp")',
+        "apply_adapter(base_model, adapter_dir)  # LoRA + NoRA, one peft adapter: "
+        "peft.PeftModel.from_pretrained loads it after `import nora`",
+        "python -m nora.integrations.lm_eval --model nora --model_args pretrained=",
+        "adapter=me/llama-tiny-nora-pp",
+    ):
         assert text in card, text
 
 
 def test_unknown_hub_adapter_says_hf_download(tmp_path):
     with FakeHub(tmp_path / "hub") as hub:
-        proc = _python("""
+        proc = _python(
+            """
             from nora.app.adapters import resolve_adapter
             resolve_adapter("me/missing")
-        """, {"HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "cache")}, tmp_path)
+        """,
+            {"HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "cache")},
+            tmp_path,
+        )
     assert proc.returncode != 0
     assert "adapter 'me/missing' is neither a local directory nor downloadable from" in proc.stderr
     assert "hf download me/missing --local-dir <dir>" in proc.stderr

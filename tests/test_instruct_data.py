@@ -1,4 +1,5 @@
 """Instruction data pipeline (nora.data.instruct): loading, templates, masks, truncation, cache, batching."""
+
 from __future__ import annotations
 
 import json
@@ -9,15 +10,36 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from instruct_fixtures import (
+    alpaca_records,
+    openorca_records,
+    write_alpaca_json,
+    write_alpaca_jsonl,
+    write_alpaca_parquet,
+    write_openorca_parquet,
+)
 
-from instruct_fixtures import (alpaca_records, openorca_records, write_alpaca_json, write_alpaca_jsonl,
-                               write_alpaca_parquet, write_openorca_parquet)
 from nora.data import instruct
-from nora.data.instruct import tokenization
-from nora.data.instruct import (ALPACA_PROMPT_INPUT, CHAT_PROMPT, IGNORE_INDEX, DataError, DataNotFoundError,
-                                InstructCollator, InstructDataConfig, LengthGroupedBatchSampler,
-                                PackedInstructDataset, assemble, build_instruct_datasets, format_alpaca_prompt,
-                                format_chat_prompt, pack_lengths, padding_waste, render_example, tokens_in_batch)
+from nora.data.instruct import (
+    ALPACA_PROMPT_INPUT,
+    CHAT_PROMPT,
+    IGNORE_INDEX,
+    DataError,
+    DataNotFoundError,
+    InstructCollator,
+    InstructDataConfig,
+    LengthGroupedBatchSampler,
+    PackedInstructDataset,
+    assemble,
+    build_instruct_datasets,
+    format_alpaca_prompt,
+    format_chat_prompt,
+    pack_lengths,
+    padding_waste,
+    render_example,
+    tokenization,
+    tokens_in_batch,
+)
 from nora.models.tokenizer import build_offline_tokenizer
 
 
@@ -43,11 +65,13 @@ def decode_parts(tok, ex):
 def test_alpaca_template_text_exact():
     assert format_alpaca_prompt("Name a color.", "") == (
         "Below is an instruction that describes a task. Write a response that appropriately completes the "
-        "request.\n\n### Instruction:\nName a color.\n\n### Response:\n")
+        "request.\n\n### Instruction:\nName a color.\n\n### Response:\n"
+    )
     assert format_alpaca_prompt("Translate.", "Bonjour") == (
         "Below is an instruction that describes a task, paired with an input that provides further context. "
         "Write a response that appropriately completes the request.\n\n### Instruction:\nTranslate.\n\n"
-        "### Input:\nBonjour\n\n### Response:\n")
+        "### Input:\nBonjour\n\n### Response:\n"
+    )
     assert ALPACA_PROMPT_INPUT.endswith("### Response:\n")
 
 
@@ -60,13 +84,17 @@ def test_chat_template_text_exact(tok):
     rec = {"id": "t0.1", "system_prompt": "S", "question": "Q", "response": "R"}
     assert render_example(rec, "openorca", "alpaca") == (format_alpaca_prompt("S\n\nQ"), "R")
     assert render_example({"instruction": "I", "input": "X", "output": "O"}, "alpaca", "chat") == (
-        "### User:\nI\n\nX\n\n### Assistant:\n", "O")
+        "### User:\nI\n\nX\n\n### Assistant:\n",
+        "O",
+    )
 
 
 def test_tokenizer_chat_template_is_used(tmp_path, tok):
     t = build_offline_tokenizer()
-    t.chat_template = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-                       "{% if add_generation_prompt %}<assistant>{% endif %}")
+    t.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     assert format_chat_prompt("S", "Q", t) == "<|begin_of_text|><system>S\n<user>Q\n<assistant>"
     assert format_chat_prompt("S", "Q", t, use_tokenizer_chat_template=False) == format_chat_prompt("S", "Q")
     path = write_openorca_parquet(tmp_path / "o.parquet", openorca_records(4))
@@ -152,8 +180,9 @@ def test_alpaca_json_jsonl_parquet_and_directories(tmp_path, tok):
 
 
 def _question_numbers(tok, dataset):
-    return sorted(int(re.search(r"\(question (\d+)\)", tok.decode(dataset[i]["input_ids"])).group(1))
-                  for i in range(len(dataset)))
+    return sorted(
+        int(re.search(r"\(question (\d+)\)", tok.decode(dataset[i]["input_ids"])).group(1)) for i in range(len(dataset))
+    )
 
 
 def test_openorca_parquet_subset_and_validation_split(tmp_path, tok):
@@ -227,7 +256,8 @@ def test_truncation_counted_and_logged(tmp_path, tok, caplog):
 
     t2 = build_offline_tokenizer()
     t2.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{tok.bos_token} {tok.pad_token} $A", special_tokens=[(tok.bos_token, 0), (tok.pad_token, 2)])
+        single=f"{tok.bos_token} {tok.pad_token} $A", special_tokens=[(tok.bos_token, 0), (tok.pad_token, 2)]
+    )
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="nora.data.instruct"):
         train, val, st = build(tmp_path, t2, path=str(path), max_length=3, val_size=2)
@@ -271,8 +301,10 @@ def test_tokenised_once_then_cached(tmp_path, tok, monkeypatch):
 
 # -------------------------------------------------------------------------------------------- batching
 def test_collator_pads_and_masks(tok):
-    feats = [{"input_ids": [0, 5, 6, 7, 1], "labels": [-100, -100, 6, 7, 1]},
-             {"input_ids": [0, 9, 1], "labels": [-100, 9, 1]}]
+    feats = [
+        {"input_ids": [0, 5, 6, 7, 1], "labels": [-100, -100, 6, 7, 1]},
+        {"input_ids": [0, 9, 1], "labels": [-100, 9, 1]},
+    ]
     c = InstructCollator.from_tokenizer(tok)
     b = c(feats)
     pad = tok.pad_token_id
@@ -322,8 +354,12 @@ def test_sampler_distributed_split():
     lengths = np.random.default_rng(1).integers(5, 300, size=240)
     R, B = 3, 4
     for drop_last in (True, False):
-        ranks = [LengthGroupedBatchSampler(lengths, B, seed=0, num_replicas=R, rank=r, drop_last=drop_last,
-                                           mega_batch_mult=5) for r in range(R)]
+        ranks = [
+            LengthGroupedBatchSampler(
+                lengths, B, seed=0, num_replicas=R, rank=r, drop_last=drop_last, mega_batch_mult=5
+            )
+            for r in range(R)
+        ]
         per = [_epoch(s, 2) for s in ranks]
         assert len({len(p) for p in per}) == 1 and len(per[0]) == len(ranks[0]) == 20
         flat = [[i for b in p for i in b] for p in per]
@@ -373,14 +409,23 @@ def test_packing_keeps_examples_apart(tmp_path, tok):
     batch = collate([packed[i] for i in range(min(2, len(packed)))])
     assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
     members = [i for r in packed.rows[:2] for i in r]
-    assert tokens_in_batch(batch) == (int(plain.lengths[members].sum()),
-                                      sum(sum(lab != IGNORE_INDEX for lab in plain[i]["labels"]) for i in members))
+    assert tokens_in_batch(batch) == (
+        int(plain.lengths[members].sum()),
+        sum(sum(lab != IGNORE_INDEX for lab in plain[i]["labels"]) for i in members),
+    )
     starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
     assert len(starts) == len(members) and (batch["labels"][0, starts] == IGNORE_INDEX).all()
     for attn in ("sdpa", "eager"):
         torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+        cfg = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+        )
         model = LlamaForCausalLM(cfg).eval()
         model.config._attn_implementation = attn
         with torch.no_grad():
@@ -388,7 +433,7 @@ def test_packing_keeps_examples_apart(tmp_path, tok):
             bounds = starts + [batch["input_ids"].shape[1]]
             for k, i in enumerate(members):
                 alone = model(input_ids=torch.tensor([plain[i]["input_ids"]]), use_cache=False).logits[0]
-                torch.testing.assert_close(out[bounds[k]:bounds[k + 1]], alone, atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(out[bounds[k] : bounds[k + 1]], alone, atol=1e-5, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -410,7 +455,7 @@ def test_missing_fields_name_the_file(tmp_path, tok):
     pq.write_table(pa.table({k: [r[k] for r in orca] for k in ("id", "question", "response")}), str(p))
     with pytest.raises(DataError, match=r"orca\.parquet: missing field\(s\) \['system_prompt'\]"):
         build(tmp_path, tok, name="openorca", path=str(p))
-    (tmp_path / "broken.json").write_text("[{\"instruction\": ")
+    (tmp_path / "broken.json").write_text('[{"instruction": ')
     with pytest.raises(DataError, match="broken.json"):
         build(tmp_path, tok, path=str(tmp_path / "broken.json"))
 
@@ -511,8 +556,9 @@ def test_build_dataloader_from_omegaconf(tmp_path, tok):
     from nora.data.instruct import build_dataloader
 
     path = write_alpaca_json(tmp_path / "a.json", alpaca_records(20))
-    cfg = InstructDataConfig.from_dict(OmegaConf.create({"name": "alpaca", "path": str(path), "val_size": 4,
-                                                         "cache_dir": str(tmp_path / "cache")}))
+    cfg = InstructDataConfig.from_dict(
+        OmegaConf.create({"name": "alpaca", "path": str(path), "val_size": 4, "cache_dir": str(tmp_path / "cache")})
+    )
     train, val, _ = build_instruct_datasets(cfg, tok)
     loader = build_dataloader(train, cfg, tok, 4, seed=1)
     loader.batch_sampler.set_epoch(1)
@@ -571,5 +617,7 @@ def test_an_unwritable_cache_dir_says_to_set_nora_cache_dir(tmp_path, tok):
     with mounted(tmp_path / "ro", source="bind") as ro:
         with pytest.raises(OutputError) as err:
             build(tmp_path, tok, path=str(path), cache_dir=str(ro / "cache"))
-    assert str(err.value) == (f"cannot write the tokenised-data cache {ro / 'cache'}: [Errno 30] Read-only file "
-                              "system; set NORA_CACHE_DIR (or dataset.cache_dir) to a writable folder")
+    assert str(err.value) == (
+        f"cannot write the tokenised-data cache {ro / 'cache'}: [Errno 30] Read-only file "
+        "system; set NORA_CACHE_DIR (or dataset.cache_dir) to a writable folder"
+    )

@@ -17,6 +17,7 @@ Error bounds (stated per quantity; eps-level float32 math, then rounding to the 
   natural bound for a float32 summation) and ``kink`` twice the absolute terms of the form-B kink
   elements above; additionally ``max|g - ref| <= 1e-4 * max|ref|`` (relative to the norm).
 """
+
 from __future__ import annotations
 
 import os
@@ -27,14 +28,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from fixtures import require_cpu_extension
+
 from nora.kernels import available_backends, rational, resolve_backend
 from nora.rational.functional import rational_reference
 
 ROOT = Path(__file__).resolve().parents[1]
-ROUND = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
-FLOOR = {torch.float32: 0.0, torch.bfloat16: 0.0, torch.float16: 2.0 ** -25}
+ROUND = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+FLOOR = {torch.float32: 0.0, torch.bfloat16: 0.0, torch.float16: 2.0**-25}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 RTOL = 1e-5
 COEF_RTOL = 2e-5
@@ -94,9 +95,9 @@ def bounds(x, a, b, go, form):
         kink = r.abs() <= 1e-4 * abs_r
     cond_q = 1.0 + abs_r / q
     scale_y = abs_p / q * cond_q
-    scale_gx = gog * (abs_dp / q + abs_dr * abs_p / q ** 2) * cond_q
-    s_num = torch.stack([(gog * ax ** i / q).sum(dim=(0, 2)) for i in range(m1)], dim=1)
-    den_terms = [gog * ax ** j * abs_p / q ** 2 for j in range(1, n + 1)]
+    scale_gx = gog * (abs_dp / q + abs_dr * abs_p / q**2) * cond_q
+    s_num = torch.stack([(gog * ax**i / q).sum(dim=(0, 2)) for i in range(m1)], dim=1)
+    den_terms = [gog * ax**j * abs_p / q**2 for j in range(1, n + 1)]
     s_den = torch.stack([t.sum(dim=(0, 2)) for t in den_terms], dim=1)
     kink_den = torch.stack([(2 * t * kink).sum(dim=(0, 2)) for t in den_terms], dim=1)
     shape = x.shape
@@ -124,18 +125,23 @@ def check_against_reference(fn, x, a, b, go, form, label="", round_rel=None):
         bad = err > tol
         if mask is not None:
             bad &= ~mask
-        assert not bad.any(), (f"{label} {name}: {int(bad.sum())} elements out of bounds; worst "
-                               f"err {err[bad].max().item():.3g} vs tol {tol[bad].min().item():.3g}")
+        assert not bad.any(), (
+            f"{label} {name}: {int(bad.sum())} elements out of bounds; worst "
+            f"err {err[bad].max().item():.3g} vs tol {tol[bad].min().item():.3g}"
+        )
 
     close(y.detach(), y_ref, scale_y, "y")
     close(xx.grad, gx_ref, scale_gx, "grad_x", kink)
-    for name, got, ref, s, extra in (("grad_numerator", aa.grad, ga_ref, s_num, 0.0),
-                                     ("grad_denominator", bb.grad, gb_ref, s_den, kink_den)):
+    for name, got, ref, s, extra in (
+        ("grad_numerator", aa.grad, ga_ref, s_num, 0.0),
+        ("grad_denominator", bb.grad, gb_ref, s_den, kink_den),
+    ):
         extra = extra if torch.is_tensor(extra) else torch.zeros_like(ref)
         err = (got.double() - ref).abs()
         assert (err <= COEF_RTOL * s + extra + 1e-30).all(), f"{label} {name}: err {err} vs S {s}"
-        assert err.max() <= 1e-4 * ref.abs().max() + extra.max() + 1e-30, \
+        assert err.max() <= 1e-4 * ref.abs().max() + extra.max() + 1e-30, (
             f"{label} {name}: err {err.max()} vs norm {ref.abs().max()}"
+        )
 
 
 def make_coefficients(groups, m, n, seed, scale=0.5):
@@ -340,8 +346,14 @@ def test_ci_fails_instead_of_skipping_when_the_extension_cannot_build():
     for ci, want in (("true", "1 failed"), ("", "1 skipped")):
         env = dict(os.environ, CI=ci, NORA_NO_BUILD="1")
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        out = subprocess.run([sys.executable, "-m", "pytest", test, "-q", "-p", "no:cacheprovider", "-rfs"],
-                             capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+        out = subprocess.run(
+            [sys.executable, "-m", "pytest", test, "-q", "-p", "no:cacheprovider", "-rfs"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=300,
+            env=env,
+        )
         assert want in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
         assert "disabled by NORA_NO_BUILD=1" in out.stdout
         assert ("CI=true: a build failure fails the tests" in out.stdout) == (ci == "true")
@@ -376,8 +388,14 @@ def _run_python(code: str, env_extra: dict[str, str], timeout: int = 300) -> sub
     env = dict(os.environ)
     env.update(env_extra)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def test_no_build_falls_back_to_torch_with_one_warning():
@@ -420,8 +438,16 @@ def test_concurrent_builds_share_one_cache(tmp_path):
         e = dict(os.environ)
         e.update(env)
         e["PYTHONPATH"] = str(ROOT)
-        procs.append(subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=e, cwd=ROOT,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", textwrap.dedent(code)],
+                env=e,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     files = {o[0].split("OK", 1)[1].strip() for o in outs}
@@ -438,8 +464,29 @@ def test_bench_kernels_smoke(tmp_path):
 
     out = tmp_path / "bench.json"
     impls = "gelu,silu,reference,stacked_powers,torch" + (",cpu" if _cpu_built() else "")
-    assert main(["--device", "cpu", "--shapes", "4x10x48:8,3x40:2:bfloat16", "--repeats", "2", "--warmup", "1",
-                 "--impls", impls, "--bandwidth-mb", "16", "--groups-sweep", "4x10x48:1/8/48", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--device",
+                "cpu",
+                "--shapes",
+                "4x10x48:8,3x40:2:bfloat16",
+                "--repeats",
+                "2",
+                "--warmup",
+                "1",
+                "--impls",
+                impls,
+                "--bandwidth-mb",
+                "16",
+                "--groups-sweep",
+                "4x10x48:1/8/48",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert report["complete"] and report["copy_bandwidth_GBps"] > 0 and report["hardware"]["cpu"]
     for shape in report["shapes"]:

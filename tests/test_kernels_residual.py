@@ -10,6 +10,7 @@ Exactness (the point of the form): with the fit's coefficients bitwise equal to 
 every lane, so y and grad_x are exactly the kernel's phi(x) and grad_out * phi'(x) (those of zero coefficients, R = 0),
 and exactly 0 with ``activation="none"``.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,14 +18,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from fixtures import require_cpu_extension
-from nora.kernels import residual_rational, residual_torch_op
-from nora.rational.functional import KERNEL_ACTIVATIONS, residual_backward, residual_reference
 from test_kernels import COEF_RTOL, DTYPES, FLOOR, ROUND, RTOL, bounds, make_coefficients
 
+from nora.kernels import residual_rational, residual_torch_op
+from nora.rational.functional import KERNEL_ACTIVATIONS, residual_backward, residual_reference
+
 ACTS = KERNEL_ACTIVATIONS
-EPS32 = 2.0 ** -23
+EPS32 = 2.0**-23
 
 
 @pytest.fixture(autouse=True)
@@ -83,13 +84,17 @@ def check_residual(fn, x, a, b, fa, fb, go, form, activation, label=""):
         bad = err > tol
         if mask is not None:
             bad &= ~mask
-        assert not bad.any(), (f"{label} {name}: {int(bad.sum())} elements out of bounds; worst err "
-                               f"{err[bad].max().item():.3g} vs tol {tol[bad].min().item():.3g}")
+        assert not bad.any(), (
+            f"{label} {name}: {int(bad.sum())} elements out of bounds; worst err "
+            f"{err[bad].max().item():.3g} vs tol {tol[bad].min().item():.3g}"
+        )
 
     close(y.detach(), y_ref, sy1 + sy0, pt, "y")
     close(xx.grad, gx_ref, sgx1 + sgx0, g_abs * pt, "grad_x", kink1 | kink0)
-    for name, got, ref, s, extra in (("grad_numerator", aa.grad, ga_ref, s_num, torch.zeros_like(ga_ref)),
-                                     ("grad_denominator", bb.grad, gb_ref, s_den, kink_den)):
+    for name, got, ref, s, extra in (
+        ("grad_numerator", aa.grad, ga_ref, s_num, torch.zeros_like(ga_ref)),
+        ("grad_denominator", bb.grad, gb_ref, s_den, kink_den),
+    ):
         err = (got.double() - ref).abs()
         assert (err <= COEF_RTOL * s + extra + 1e-30).all(), f"{label} {name}: err {err} vs S {s}"
         assert err.max() <= 1e-4 * ref.abs().max() + extra.max() + 1e-30, f"{label} {name}"
@@ -118,8 +123,9 @@ def test_cpu_matches_float64_reference(activation, dtype, form, case):
     go = torch.randn(shape, generator=gen).to(dtype)
     a, b = make_coefficients(groups, m, n, seed=case)
     fa, fb = _fit_of(a, b, seed=case)
-    check_residual(_cpu(), x, a, b, fa, fb, go, form, activation,
-                   f"cpu {activation} {dtype} {form} {shape} G={groups} ({m},{n})")
+    check_residual(
+        _cpu(), x, a, b, fa, fb, go, form, activation, f"cpu {activation} {dtype} {form} {shape} G={groups} ({m},{n})"
+    )
 
 
 @pytest.mark.parametrize("activation", ACTS)
@@ -180,8 +186,13 @@ def test_equal_coefficients_give_phi_exactly(activation, degrees):
 
     m, n = degrees
     gen = torch.Generator().manual_seed(5)
-    x0 = torch.cat([torch.linspace(-60, 60, 1201), torch.randn(3000, generator=gen) * 4,
-                    torch.tensor([0.0, -0.0, 1e3, -1e3, 1e4, -1e4, 1e-30, -1e-30, 3.3, -7.5])])
+    x0 = torch.cat(
+        [
+            torch.linspace(-60, 60, 1201),
+            torch.randn(3000, generator=gen) * 4,
+            torch.tensor([0.0, -0.0, 1e3, -1e3, 1e4, -1e4, 1e-30, -1e-30, 3.3, -7.5]),
+        ]
+    )
     x0 = x0[: x0.numel() // 40 * 40].reshape(-1, 40)
     for dtype in DTYPES:
         x = x0.to(dtype)
@@ -228,7 +239,7 @@ def _truth(x64: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tens
         return x64 * cdf, cdf + x64 * torch.exp(-0.5 * x64 * x64) / math.sqrt(2 * math.pi)
     if activation == "gelu_tanh":
         k = math.sqrt(2 / math.pi)
-        th = torch.tanh(k * (x64 + 0.044715 * x64 ** 3))
+        th = torch.tanh(k * (x64 + 0.044715 * x64**3))
         d = 0.5 * (1 + th) + 0.5 * x64 * (1 - th * th) * k * (1 + 3 * 0.044715 * x64 * x64)
         return 0.5 * x64 * (1 + th), torch.where(x64.abs() > 1e10, (x64 > 0).double(), d)
     if activation == "silu":
@@ -252,12 +263,15 @@ def test_activation_accuracy(activation):
     assert torch.isfinite(y).all() and torch.isfinite(gx).all()
     tol = 1e-6 * x.double().abs().clamp(min=1.0)
     ones = torch.ones_like(x)
-    torch_y = {"gelu": F.gelu(x), "gelu_tanh": F.gelu(x, approximate="tanh"), "silu": F.silu(x),
-               "relu": torch.relu(x)}[activation]
-    torch_g = {"gelu": lambda: torch.ops.aten.gelu_backward(ones, x),
-               "gelu_tanh": lambda: torch.ops.aten.gelu_backward(ones, x, approximate="tanh"),
-               "silu": lambda: torch.ops.aten.silu_backward(ones, x),
-               "relu": lambda: torch.where(x > 0, ones, torch.zeros_like(x))}[activation]()
+    torch_y = {"gelu": F.gelu(x), "gelu_tanh": F.gelu(x, approximate="tanh"), "silu": F.silu(x), "relu": torch.relu(x)}[
+        activation
+    ]
+    torch_g = {
+        "gelu": lambda: torch.ops.aten.gelu_backward(ones, x),
+        "gelu_tanh": lambda: torch.ops.aten.gelu_backward(ones, x, approximate="tanh"),
+        "silu": lambda: torch.ops.aten.silu_backward(ones, x),
+        "relu": lambda: torch.where(x > 0, ones, torch.zeros_like(x)),
+    }[activation]()
     t_y, t_g = _truth(x.double(), activation)
     for name, got, ref in (("phi", y, torch_y), ("phi'", gx, torch_g)):
         fin = torch.isfinite(ref)
@@ -276,8 +290,12 @@ def test_inf_and_nan_inputs_behave_like_the_reference(activation, dtype):
     """+-inf and NaN inputs: y as residual_reference on the same input and grad_x as the hand-derived
     residual_backward (the torch backend's), NaNs compared equal, finite values close; coefficient gradients NaN
     exactly where the reference's are."""
-    x = torch.tensor([[float("inf"), -float("inf"), float("nan"), 0.0, 1.5, -2.0, 1e3, -1e3],
-                      [0.5, -0.25, 3.0, -3.0, float("nan"), 7.0, -7.0, 0.0]]).to(dtype)
+    x = torch.tensor(
+        [
+            [float("inf"), -float("inf"), float("nan"), 0.0, 1.5, -2.0, 1e3, -1e3],
+            [0.5, -0.25, 3.0, -3.0, float("nan"), 7.0, -7.0, 0.0],
+        ]
+    ).to(dtype)
     go = torch.ones_like(x)
     a, b = make_coefficients(2, 5, 4, seed=8)
     fa, fb = _fit_of(a, b, seed=9)
@@ -322,8 +340,12 @@ def test_routing_and_errors():
     torch.testing.assert_close(y, residual_reference(x, a64, b.double(), fa.double(), fb.double(), "A", "gelu"))
     a17, b17 = make_coefficients(2, 17, 4, seed=2)
     x32 = torch.randn(4, 16)
-    torch.testing.assert_close(cpu(x32, a17, b17, a17 * 0.9, b17, "A", "silu"),
-                               residual_reference(x32, a17, b17, a17 * 0.9, b17, "A", "silu"), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        cpu(x32, a17, b17, a17 * 0.9, b17, "A", "silu"),
+        residual_reference(x32, a17, b17, a17 * 0.9, b17, "A", "silu"),
+        rtol=1e-4,
+        atol=1e-4,
+    )
     with pytest.raises(ValueError, match="unknown kernel activation"):
         cpu(x32, a, b, fa, fb, "A", "tanh")
     with pytest.raises(RuntimeError, match="fit coefficients are frozen"):
@@ -336,7 +358,7 @@ def test_torch_backend_gradcheck_float64(activation, form):
     """torch.autograd.gradcheck of the torch backend's residual op in float64 (the cpu backend routes float64 there);
     inputs away from the kinks (relu at 0, |x| at 0, form B's R = 0)."""
     gen = torch.Generator().manual_seed(4)
-    x = (torch.rand(3, 8, generator=gen, dtype=torch.float64) * 1.6 + 0.2)
+    x = torch.rand(3, 8, generator=gen, dtype=torch.float64) * 1.6 + 0.2
     x = (x * torch.where(torch.rand(3, 8, generator=gen) < 0.5, -1.0, 1.0)).requires_grad_()
     a = (0.4 * torch.randn(2, 6, generator=gen, dtype=torch.float64)).requires_grad_()
     b = (0.4 * torch.rand(2, 4, generator=gen, dtype=torch.float64) + 0.1).requires_grad_()
@@ -359,7 +381,8 @@ def test_bit_identical_across_runs_and_thread_counts():
             for form, act in (("A", "gelu"), ("B", "silu")):
                 for dtype in (torch.float32, torch.bfloat16):
                     results.setdefault((form, act, dtype), []).append(
-                        _run(x.to(dtype), a, b, fa, fb, form, act, go.to(dtype)))
+                        _run(x.to(dtype), a, b, fa, fb, form, act, go.to(dtype))
+                    )
     finally:
         torch.set_num_threads(threads)
     for key, runs in results.items():
@@ -378,8 +401,9 @@ def test_opcheck():
         fa, fb = _fit_of(a.detach(), b.detach(), seed=3)
         torch.library.opcheck(residual_cpu_op, (x, a, b, fa, fb, form, act))
         go = torch.randn(x.shape, generator=gen).to(dtype)
-        torch.library.opcheck(residual_cpu_op.backward_op, (x.detach(), a.detach(), b.detach(), fa, fb, go, form, act,
-                                                            True))
+        torch.library.opcheck(
+            residual_cpu_op.backward_op, (x.detach(), a.detach(), b.detach(), fa, fb, go, form, act, True)
+        )
 
 
 def test_torch_compile_fullgraph_no_graph_breaks():

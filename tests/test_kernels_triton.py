@@ -6,6 +6,7 @@ interpreter tests below run (in that subprocess) only when the variable was set 
 error bounds are those of ``test_kernels.py`` (same oracle, same helper). On a CUDA machine
 ``scripts/gpu_check.sh`` runs the compiled kernels against the float64 reference.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,15 +23,16 @@ tl = pytest.importorskip("triton.language")
 
 from test_kernels import DTYPES, check_against_reference, make_coefficients  # noqa: E402
 
-from nora.kernels import available_backends, backend_names  # noqa: E402
 import nora.kernels.triton as tk  # noqa: E402
+from nora.kernels import available_backends, backend_names  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Triton's interpreter truncates float32 -> bfloat16 (see the module docstring)
-INTERP_ROUND = {torch.float32: None, torch.bfloat16: 2.0 ** -7, torch.float16: None}
-interpreted = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERPRET=1 subprocess "
-                                 "started by test_triton_interpreter_suite")
+INTERP_ROUND = {torch.float32: None, torch.bfloat16: 2.0**-7, torch.float16: None}
+interpreted = pytest.mark.skipif(
+    not INTERPRET, reason="runs in the TRITON_INTERPRET=1 subprocess started by test_triton_interpreter_suite"
+)
 
 
 @pytest.mark.skipif(INTERPRET, reason="already in interpreter mode")
@@ -38,8 +40,14 @@ interpreted = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTER
 def test_triton_interpreter_suite():
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider",
-                          "-m", "not slow"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider", "-m", "not slow"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
     print(out.stdout[-4000:])
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
     assert " passed" in out.stdout and " failed" not in out.stdout
@@ -66,8 +74,16 @@ def test_triton_interpreter_matches_reference(dtype, form, case):
     x = (torch.randn(shape, generator=gen) * 2.0).to(dtype)
     go = torch.randn(shape, generator=gen).to(dtype)
     a, b = make_coefficients(groups, m, n, seed=case)
-    check_against_reference(tk.rational_triton, x, a, b, go, form,
-                            f"triton {dtype} {form} {shape} G={groups} ({m},{n})", INTERP_ROUND[dtype])
+    check_against_reference(
+        tk.rational_triton,
+        x,
+        a,
+        b,
+        go,
+        form,
+        f"triton {dtype} {form} {shape} G={groups} ({m},{n})",
+        INTERP_ROUND[dtype],
+    )
 
 
 def _edge_inputs(dtype):
@@ -92,8 +108,7 @@ def _edge_inputs(dtype):
 @pytest.mark.parametrize("form", ["A", "B"])
 def test_triton_interpreter_edge_values(dtype, form):
     x, go, a, b = _edge_inputs(dtype)
-    check_against_reference(tk.rational_triton, x, a, b, go, form, f"triton edge {dtype} {form}",
-                            INTERP_ROUND[dtype])
+    check_against_reference(tk.rational_triton, x, a, b, go, form, f"triton edge {dtype} {form}", INTERP_ROUND[dtype])
 
 
 @interpreted
@@ -128,8 +143,21 @@ def test_triton_saves_only_x(checked, monkeypatch):
 
 
 # ------------------------------------------------------------------ safety net: self-check and fallback
-def _identity_fwd(X, Y, NUM, DEN, R, D, C, N_DB, M1: tl.constexpr, N: tl.constexpr, FORM_B: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _identity_fwd(
+    X,
+    Y,
+    NUM,
+    DEN,
+    R,
+    D,
+    C,
+    N_DB,
+    M1: tl.constexpr,
+    N: tl.constexpr,
+    FORM_B: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """A wrong forward kernel (y = x) with the real one's signature: compiles and runs, disagrees."""
     pid = tl.program_id(0)
     rows = (pid // N_DB) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -139,8 +167,21 @@ def _identity_fwd(X, Y, NUM, DEN, R, D, C, N_DB, M1: tl.constexpr, N: tl.constex
     tl.store(Y + offs, tl.load(X + offs, mask=mask, other=0.0), mask=mask)
 
 
-def _broken_fwd(X, Y, NUM, DEN, R, D, C, N_DB, M1: tl.constexpr, N: tl.constexpr, FORM_B: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _broken_fwd(
+    X,
+    Y,
+    NUM,
+    DEN,
+    R,
+    D,
+    C,
+    N_DB,
+    M1: tl.constexpr,
+    N: tl.constexpr,
+    FORM_B: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """A forward kernel Triton cannot build: it calls a function tl does not have."""
     tl.store(Y, tl.this_function_does_not_exist(tl.load(X)))
 
@@ -178,8 +219,11 @@ def test_triton_build_failure_falls_back_to_compile_then_torch(monkeypatch):
         again = _grads(tk.rational_triton_checked, x[:2], a, b, go[:2], "A")
     msgs = _fallback_warnings(caught)
     assert len(msgs) == 2, msgs
-    assert "the triton rational kernel failed its self-check on cpu, D=24, G=4, degrees (5,4), float32, " \
-           "form A (" in msgs[0] and "this_function_does_not_exist" in msgs[0]
+    assert (
+        "the triton rational kernel failed its self-check on cpu, D=24, G=4, degrees (5,4), float32, form A ("
+        in msgs[0]
+        and "this_function_does_not_exist" in msgs[0]
+    )
     assert "using torch.compile for this shape class" in msgs[0] and "\n" not in msgs[0]
     assert "torch.compile rational kernel failed" in msgs[1] and "InductorError: no working C++ compiler" in msgs[1]
     assert msgs[1].endswith("using torch for this shape class instead")
@@ -285,8 +329,9 @@ def test_gpu_check_script_cpu_path(tmp_path):
     """scripts/gpu_check.sh without a GPU (or with NORA_GPU_CHECK_CPU_ONLY=1): interpreter checks, exit 0."""
     env = dict(os.environ, NORA_GPU_CHECK_OUT=str(tmp_path), NORA_GPU_CHECK_CPU_ONLY="1", PYTHON=sys.executable)
     env.pop("TRITON_INTERPRET", None)
-    out = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
-                         env=env, cwd=ROOT, timeout=900)
+    out = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900
+    )
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     assert "checks passed" in out.stdout and "FAIL" not in out.stdout
     assert "CPU-interpreter part only" in out.stdout

@@ -12,6 +12,7 @@ float32 difference of two close rationals is exact only to their size) and the s
 left out of grad_x. Coefficient gradients (those of ``R`` alone, the fit frozen) within
 ``COEF_RTOL * S + kink``, ``S`` the abs-term sums of ``R``'s gradient. The equal-coefficient checks are exact.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,17 +30,17 @@ tl = pytest.importorskip("triton.language")
 
 from test_kernels import COEF_RTOL, FLOOR, ROUND, RTOL, bounds, make_coefficients  # noqa: E402
 
-from nora.rational.functional import (KERNEL_ACTIVATIONS, activation_backward, activation_value,  # noqa: E402
-                                      residual_reference)
 import nora.kernels.triton as tk  # noqa: E402
+from nora.rational.functional import KERNEL_ACTIVATIONS, activation_backward, activation_value, residual_reference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = (torch.float32, torch.bfloat16)
 # Triton's interpreter truncates float32 -> bfloat16 (a whole ulp, not half)
-INTERP_ROUND = {torch.float32: ROUND[torch.float32], torch.bfloat16: 2.0 ** -7}
-interpreted = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERPRET=1 subprocess started by "
-                                 "test_triton_residual_interpreter_suite")
+INTERP_ROUND = {torch.float32: ROUND[torch.float32], torch.bfloat16: 2.0**-7}
+interpreted = pytest.mark.skipif(
+    not INTERPRET, reason="runs in the TRITON_INTERPRET=1 subprocess started by test_triton_residual_interpreter_suite"
+)
 _ids = {"ids": lambda d: str(d).split(".")[-1]}
 
 
@@ -48,8 +49,14 @@ _ids = {"ids": lambda d: str(d).split(".")[-1]}
 def test_triton_residual_interpreter_suite():
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider",
-                          "-m", "not slow"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider", "-m", "not slow"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
     print(out.stdout[-4000:])
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
     assert " passed" in out.stdout and " failed" not in out.stdout
@@ -66,7 +73,7 @@ def _phi_scales(x: torch.Tensor, go: torch.Tensor, activation: str) -> tuple[tor
         d = 0.5 * (1 + torch.erf(x / math.sqrt(2))) + x.abs() * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
     elif activation == "gelu_tanh":
         k = math.sqrt(2 / math.pi)
-        t = torch.tanh(k * (x + 0.044715 * x ** 3))
+        t = torch.tanh(k * (x + 0.044715 * x**3))
         d = 0.5 * (1 + t) + 0.5 * x.abs() * (1 - t * t) * k * (1 + 3 * 0.044715 * x * x)
     elif activation == "silu":
         s = torch.sigmoid(x)
@@ -92,19 +99,25 @@ def check_residual(fn, x, a, b, fa, fb, go, form, activation, label, round_rel=N
     phi_y, phi_g = _phi_scales(x, go, activation)
     rnd = INTERP_ROUND[x.dtype] if round_rel is None else round_rel
     out = {}
-    for name, got, ref, scale, mask in (("y", y.detach(), y_ref.detach(), sy1 + sy0 + phi_y, None),
-                                        ("grad_x", xx.grad, x64.grad, sg1 + sg0 + phi_g, kink1 | kink0)):
+    for name, got, ref, scale, mask in (
+        ("y", y.detach(), y_ref.detach(), sy1 + sy0 + phi_y, None),
+        ("grad_x", xx.grad, x64.grad, sg1 + sg0 + phi_g, kink1 | kink0),
+    ):
         assert torch.equal(torch.isfinite(got), torch.isfinite(ref)), f"{label} {name}: non-finite"
         err = (got.double() - ref).abs()
         tol = rnd * (ref.abs() + RTOL * scale) + RTOL * scale + FLOOR[x.dtype]
         if mask is not None:
             err = err.masked_fill(mask, 0.0)
         ratio = err / (tol + 1e-300)
-        assert (ratio <= 1).all(), (f"{label} {name}: {int((ratio > 1).sum())} elements out of bounds; worst "
-                                    f"err {err.max().item():.3g}, ratio {ratio.max().item():.3g}")
+        assert (ratio <= 1).all(), (
+            f"{label} {name}: {int((ratio > 1).sum())} elements out of bounds; worst "
+            f"err {err.max().item():.3g}, ratio {ratio.max().item():.3g}"
+        )
         out[name] = (err.max().item(), ratio.max().item())
-    for name, got, ref, s, extra in (("grad_numerator", aa.grad, a64.grad, s_num, torch.zeros_like(s_num)),
-                                     ("grad_denominator", bb.grad, b64.grad, s_den, kink_den)):
+    for name, got, ref, s, extra in (
+        ("grad_numerator", aa.grad, a64.grad, s_num, torch.zeros_like(s_num)),
+        ("grad_denominator", bb.grad, b64.grad, s_den, kink_den),
+    ):
         err = (got.double() - ref).abs()
         ratio = err / (COEF_RTOL * s + extra + 1e-30)
         assert (ratio <= 1).all(), f"{label} {name}: err {err} vs S {s}"
@@ -135,8 +148,18 @@ def test_residual_matches_reference(case, activation, form, dtype):
     x = (torch.randn(shape, generator=gen) * 2.0).to(dtype)
     go = torch.randn(shape, generator=gen).to(dtype)
     a, b, fa, fb = fit_pair(groups, m, n, seed=case)
-    check_residual(tk.residual_triton, x, a, b, fa, fb, go, form, activation,
-                   f"residual {activation} {form} {dtype} {shape} G={groups}")
+    check_residual(
+        tk.residual_triton,
+        x,
+        a,
+        b,
+        fa,
+        fb,
+        go,
+        form,
+        activation,
+        f"residual {activation} {form} {dtype} {shape} G={groups}",
+    )
 
 
 def _edge_inputs(dtype):
@@ -193,8 +216,10 @@ def test_residual_exact_at_equal_coefficients(activation, form, dtype):
     if activation == "none":
         assert (y == 0).all() and (gx == 0).all()
     else:  # phi and go phi' as torch has them (float64 of the rounded inputs), to float32 rounding
-        for name, got, want in (("y", y, activation_value(x.double(), activation)),
-                                ("grad_x", gx, activation_backward(go.double(), x.double(), activation))):
+        for name, got, want in (
+            ("y", y, activation_value(x.double(), activation)),
+            ("grad_x", gx, activation_backward(go.double(), x.double(), activation)),
+        ):
             err = (got.double() - want).abs()
             tol = INTERP_ROUND[dtype] * want.abs() + 1e-6 * (1 + want.abs())
             assert (err <= tol).all(), f"{name}: up to {err.max().item():.3g} from torch's"
@@ -252,8 +277,9 @@ def test_residual_routing_and_frozen_fit():
     assert torch.equal(tk.residual_triton(x, a, b, fa, fb, "A", "gelu"), residual_torch(x, a, b, fa, fb, "A", "gelu"))
     a9, b9, fa9, fb9 = fit_pair(2, 9, 4, seed=6)  # 10 numerator coefficients > MAX_NUM_COEFFS
     xf = x.float()
-    assert torch.equal(tk.residual_triton_checked(xf, a9, b9, fa9, fb9, "B", "silu"),
-                       residual_torch(xf, a9, b9, fa9, fb9, "B", "silu"))
+    assert torch.equal(
+        tk.residual_triton_checked(xf, a9, b9, fa9, fb9, "B", "silu"), residual_torch(xf, a9, b9, fa9, fb9, "B", "silu")
+    )
     with pytest.raises(ValueError):
         tk.residual_triton(xf, a.float(), b.float(), fa.float(), fb.float(), "A", "tanh")
     fa_g = fa.float().requires_grad_()
@@ -284,14 +310,30 @@ def test_residual_op_passes_opcheck():
     b.requires_grad_()
     torch.library.opcheck(tk.residual_triton_op, (x, a, b, fa, fb, "A", "gelu"))
     go = torch.randn(x.shape, generator=gen)
-    torch.library.opcheck(tk.residual_triton_op.backward_op,
-                          (x.detach(), a.detach(), b.detach(), fa, fb, go, "B", "silu", True))
+    torch.library.opcheck(
+        tk.residual_triton_op.backward_op, (x.detach(), a.detach(), b.detach(), fa, fb, go, "B", "silu", True)
+    )
 
 
 # ------------------------------------------------------------------ the safety net of the residual form
-def _residual_fwd_without_phi(X, Y, NUM, DEN, FNUM, FDEN, R, D, C, N_DB, M1: tl.constexpr, N: tl.constexpr,
-                              FORM_B: tl.constexpr, ACT: tl.constexpr, BLOCK_R: tl.constexpr,
-                              BLOCK_D: tl.constexpr):
+def _residual_fwd_without_phi(
+    X,
+    Y,
+    NUM,
+    DEN,
+    FNUM,
+    FDEN,
+    R,
+    D,
+    C,
+    N_DB,
+    M1: tl.constexpr,
+    N: tl.constexpr,
+    FORM_B: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """A wrong residual forward (the real one's signature; it leaves phi out): runs, disagrees unless "none"."""
     tk._fwd_body(X, Y, NUM, DEN, FNUM, FDEN, R, D, C, N_DB, M1, N, FORM_B, True, 0, BLOCK_R, BLOCK_D)
 
@@ -347,8 +389,12 @@ def test_residual_mismatch_falls_back(monkeypatch):
         y = tk.residual_triton_checked(x, a, b, fa, fb, "A", "gelu")
         y_none = tk.residual_triton_checked(x, a, b, fa, fb, "A", "none")
     msgs = _fallback_warnings(caught)
-    assert len(msgs) == 1 and "the triton residual kernel failed its self-check on cpu, D=40, G=2, degrees (5,4), " \
-        "float32, form A, activation gelu (output differs from the reference" in msgs[0], msgs
+    assert (
+        len(msgs) == 1
+        and "the triton residual kernel failed its self-check on cpu, D=40, G=2, degrees (5,4), "
+        "float32, form A, activation gelu (output differs from the reference"
+        in msgs[0]
+    ), msgs
     assert msgs[0].endswith("using torch.compile for this shape class instead")
     assert used and used[-1] == "gelu"
     torch.testing.assert_close(y, residual_reference(x, a, b, fa, fb, "A", "gelu"), rtol=0, atol=0)
@@ -376,8 +422,9 @@ def test_residual_build_failure_falls_back_to_torch(monkeypatch):
         warnings.simplefilter("always")
         got = _run(tk.residual_triton_checked, x, a, b, fa, fb, go, "B", "silu")
     msgs = _fallback_warnings(caught)
-    assert len(msgs) == 2 and "no kernel today" in msgs[0] and msgs[1].endswith("using torch for this shape class "
-                                                                                 "instead"), msgs
+    assert (
+        len(msgs) == 2 and "no kernel today" in msgs[0] and msgs[1].endswith("using torch for this shape class instead")
+    ), msgs
     want = _run(residual_torch, x, a, b, fa, fb, go, "B", "silu")
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
@@ -453,8 +500,26 @@ def test_kernels_build_for_cuda():
     rfwd, rbwd = tk._residual_kernels()
     base = dict(M1=6, N=4, BLOCK_R=16, BLOCK_D=128)
     fwd_names = ["X", "Y", "NUM", "DEN", "R", "D", "C", "N_DB", "M1", "N", "FORM_B", "BLOCK_R", "BLOCK_D"]
-    bwd_names = ["X", "GO", "GX", "NUM", "DEN", "PART", "R", "D", "C", "N_DB", "N_RP", "ITERS", "M1", "N", "FORM_B",
-                 "NEED_COEF", "BLOCK_R", "BLOCK_D"]
+    bwd_names = [
+        "X",
+        "GO",
+        "GX",
+        "NUM",
+        "DEN",
+        "PART",
+        "R",
+        "D",
+        "C",
+        "N_DB",
+        "N_RP",
+        "ITERS",
+        "M1",
+        "N",
+        "FORM_B",
+        "NEED_COEF",
+        "BLOCK_R",
+        "BLOCK_D",
+    ]
     rfwd_names = fwd_names[:4] + ["FNUM", "FDEN"] + fwd_names[4:11] + ["ACT"] + fwd_names[11:]
     rbwd_names = bwd_names[:5] + ["FNUM", "FDEN"] + bwd_names[5:16] + ["ACT"] + bwd_names[16:]
     builds = [(fwd, fwd_names, dict(base, FORM_B=False)), (bwd, bwd_names, dict(base, FORM_B=True, NEED_COEF=True))]

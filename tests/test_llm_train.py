@@ -1,6 +1,7 @@
 """Instruction tuning end to end on a tiny random LLaMA/Qwen2 with the offline tokenizer (no network, CPU):
 every method through ``run_training``, run outputs, adapter reload with identical logits, the NoRA init
 agreement check, bf16, packing, and clear errors (token, weights, dataset, fields, config keys, truncation)."""
+
 import json
 import os
 import subprocess
@@ -10,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from instruct_fixtures import alpaca_records, openorca_records, write_alpaca_json, write_openorca_parquet
 from omegaconf import OmegaConf
 
 import nora.app.adapters
 import nora.app.training
-from instruct_fixtures import alpaca_records, openorca_records, write_alpaca_json, write_openorca_parquet
-from nora.errors import UserError
 from nora.app.training import run_training
+from nora.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = str(ROOT / "configs")
@@ -44,19 +45,34 @@ def data(tmp_path_factory):
 
 
 def overrides(data, tmp, method="nora_pp", model="llama_tiny", dataset="alpaca", extra=()):
-    ov = [f"method={method}", f"model={model}", f"dataset={dataset}", f"data.path={data[dataset]}",
-          f"output_root={tmp}", "logger=disabled", "trainer.device=cpu", "trainer.batch_size=4",
-          "trainer.eval_batch_size=8", "trainer.num_workers=0", "trainer.log_every=1", "trainer.eval_every=0",
-          "trainer.checkpoint_every=0", "trainer.progress=false", "dataset.val_size=4", "dataset.max_length=256",
-          f"dataset.cache_dir={data['cache']}"]
+    ov = [
+        f"method={method}",
+        f"model={model}",
+        f"dataset={dataset}",
+        f"data.path={data[dataset]}",
+        f"output_root={tmp}",
+        "logger=disabled",
+        "trainer.device=cpu",
+        "trainer.batch_size=4",
+        "trainer.eval_batch_size=8",
+        "trainer.num_workers=0",
+        "trainer.log_every=1",
+        "trainer.eval_every=0",
+        "trainer.checkpoint_every=0",
+        "trainer.progress=false",
+        "dataset.val_size=4",
+        "dataset.max_length=256",
+        f"dataset.cache_dir={data['cache']}",
+    ]
     if method in ("nora", "nora_pp"):
         ov.append("method.nora.calibration_batches=2")
     return ov + list(extra)
 
 
 def losses(run_dir):
-    return [r["loss"] for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
-            if "loss" in r]
+    return [
+        r["loss"] for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    ]
 
 
 def capture_trained_model(monkeypatch):
@@ -80,12 +96,19 @@ def logits(model, tokenizer, texts=("Give three tips for staying healthy.", "Wha
 
 
 # ------------------------------------------------------------------------------ every method, reloaded
-@pytest.mark.parametrize("method,model,dataset", [
-    ("lora", "llama_tiny", "alpaca"), ("dora", "llama_tiny", "alpaca"), ("nora", "llama_tiny", "alpaca"),
-    ("nora_pp", "llama_tiny", "alpaca"), ("nora_pp", "qwen2_tiny", "openorca")])
+@pytest.mark.parametrize(
+    "method,model,dataset",
+    [
+        ("lora", "llama_tiny", "alpaca"),
+        ("dora", "llama_tiny", "alpaca"),
+        ("nora", "llama_tiny", "alpaca"),
+        ("nora_pp", "llama_tiny", "alpaca"),
+        ("nora_pp", "qwen2_tiny", "openorca"),
+    ],
+)
 def test_method_trains_writes_outputs_and_reloads(data, tmp_path, monkeypatch, method, model, dataset):
-    from nora.models.causal_lm import build_causal_lm
     from nora.app.reload import load_trained_model
+    from nora.models.causal_lm import build_causal_lm
 
     box = capture_trained_model(monkeypatch)
     cfg = make_cfg(overrides(data, tmp_path, method, model, dataset, ["trainer.max_steps=3"]))
@@ -130,9 +153,23 @@ def test_method_trains_writes_outputs_and_reloads(data, tmp_path, monkeypatch, m
 
 def test_overfit_loss_decreases(data, tmp_path):
     """30 steps on 6 OpenOrca examples (NoRA++): the training loss falls well below its start."""
-    cfg = make_cfg(overrides(data, tmp_path, "nora_pp", dataset="openorca", extra=[
-        "trainer.max_steps=30", "trainer.lr=1e-2", "trainer.nora_lr=1e-2", "trainer.warmup_steps=0",
-        "trainer.scheduler=constant", "dataset.val_size=4", "trainer.batch_size=3"]))
+    cfg = make_cfg(
+        overrides(
+            data,
+            tmp_path,
+            "nora_pp",
+            dataset="openorca",
+            extra=[
+                "trainer.max_steps=30",
+                "trainer.lr=1e-2",
+                "trainer.nora_lr=1e-2",
+                "trainer.warmup_steps=0",
+                "trainer.scheduler=constant",
+                "dataset.val_size=4",
+                "trainer.batch_size=3",
+            ],
+        )
+    )
     s = run_training(cfg)
     ls = losses(tmp_path / cfg.run_name)
     assert len(ls) == 30
@@ -148,17 +185,37 @@ def test_train_py_command(data, tmp_path):
     trainer's default batch (64) exceeds the 16 examples (one smaller batch per epoch), and the default
     validation share (2%) holds out nothing from 16 rows (evaluation falls back to the training set)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, str(ROOT / "train.py"), "model=llama_tiny", "dataset=alpaca", "method=nora_pp",
-           f"data.path={data['alpaca']}", "logger=disabled", f"output_root={tmp_path}", "trainer.device=cpu",
-           "trainer.max_steps=2", "trainer.num_workers=0", "trainer.progress=false",
-           "method.nora.calibration_batches=1", f"dataset.cache_dir={data['cache']}"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "model=llama_tiny",
+        "dataset=alpaca",
+        "method=nora_pp",
+        f"data.path={data['alpaca']}",
+        "logger=disabled",
+        f"output_root={tmp_path}",
+        "trainer.device=cpu",
+        "trainer.max_steps=2",
+        "trainer.num_workers=0",
+        "trainer.progress=false",
+        "method.nora.calibration_batches=1",
+        f"dataset.cache_dir={data['cache']}",
+    ]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     # the run name carries the overrides that change the result (nora/runs/naming.py)
-    run = tmp_path / ("llama_tiny_alpaca_nora_pp_s0_"
-                      "method.nora.calibration_batches=1,trainer.device=cpu,trainer.max_steps=2")
-    for f in ("config.yaml", "metrics.jsonl", "summary.json", "activations.png", "adapter/adapter_config.json",
-              "adapter/adapter_model.safetensors", "checkpoints/last.pt"):
+    run = tmp_path / (
+        "llama_tiny_alpaca_nora_pp_s0_method.nora.calibration_batches=1,trainer.device=cpu,trainer.max_steps=2"
+    )
+    for f in (
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "activations.png",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "checkpoints/last.pt",
+    ):
         assert (run / f).exists(), f
     s = json.loads((run / "summary.json").read_text())
     assert s["status"] == "complete" and s["steps"] == 2 and s["tokens_seen"] == 2 * s["data"]["train"]["num_tokens"]
@@ -171,16 +228,19 @@ def test_train_py_command(data, tmp_path):
 def _setup(data, tmp_path, extra=(), method="nora"):
     """The causal-LM setup with the method applied, and the NoRA init-agreement check run_training makes."""
     from nora.app.config import validate
-    from nora.methods import apply_method
-    from nora.eval.agreement import init_agreement, nora_target_modules
     from nora.app.setup.causal_lm import causal_lm_setup
+    from nora.eval.agreement import init_agreement, nora_target_modules
+    from nora.methods import apply_method
 
     run = validate(make_cfg(overrides(data, tmp_path, method, extra=list(extra))))
     setup = causal_lm_setup(run, torch.device("cpu"), 1, 0)
     originals = nora_target_modules(setup.model, run.method.nora.nora_config(None))
     result = apply_method(setup.model, run.method, run.model, setup.calibration, setup.forward)
-    return setup, result, lambda: init_agreement(result.model, originals, setup.agreement_batches, "cpu",
-                                                 setup.agreement_split)
+    return (
+        setup,
+        result,
+        lambda: init_agreement(result.model, originals, setup.agreement_batches, "cpu", setup.agreement_split),
+    )
 
 
 def test_every_mlp_silu_replaced_and_calibration_beats_range_fit(data, tmp_path):
@@ -226,16 +286,25 @@ def test_bf16_weights_fp32_rational(data, tmp_path):
     assert y.dtype == torch.bfloat16
     # computed in float32 and rounded once: the float32 evaluation rounded to bf16
     torch.testing.assert_close(y, act.evaluate(x.float(), num, den).to(torch.bfloat16), rtol=0, atol=0)
-    s = run_training(make_cfg(overrides(data, tmp_path, "nora_pp", extra=[
-        "model.dtype=bfloat16", "trainer.precision=bf16", "trainer.max_steps=2"])))
+    s = run_training(
+        make_cfg(
+            overrides(
+                data,
+                tmp_path,
+                "nora_pp",
+                extra=["model.dtype=bfloat16", "trainer.precision=bf16", "trainer.max_steps=2"],
+            )
+        )
+    )
     assert s["status"] == "complete" and s["model_dtype"] == "bfloat16"
     assert all(torch.isfinite(torch.tensor(x)) for x in losses(tmp_path / "llama_tiny_alpaca_nora_pp_s0"))
 
 
 def test_packed_batches_count_tokens(data, tmp_path):
     """Packing: padding-free rows without attention_mask train, and every packed token is counted."""
-    cfg = make_cfg(overrides(data, tmp_path, "lora", extra=["dataset.packing=true", "trainer.batch_size=1",
-                                                            "trainer.max_steps=2"]))
+    cfg = make_cfg(
+        overrides(data, tmp_path, "lora", extra=["dataset.packing=true", "trainer.batch_size=1", "trainer.max_steps=2"])
+    )
     from nora.app.config import validate
     from nora.app.setup.causal_lm import causal_lm_setup
 
@@ -361,8 +430,11 @@ def test_gradient_checkpointing_trains_lora():
 
     cfg = make_cfg(["model=llama_tiny", "dataset=alpaca", "method=lora", "model.gradient_checkpointing=true"])
     model, tok = build_causal_lm(cfg.model)
-    assert model.is_activation_checkpointing if hasattr(model, "is_activation_checkpointing") \
+    assert (
+        model.is_activation_checkpointing
+        if hasattr(model, "is_activation_checkpointing")
         else model.is_gradient_checkpointing
+    )
     model = apply_method(model, cfg.method, cfg.model).model
     model.train()
     ids = tok(["Give three tips for staying healthy."], return_tensors="pt")["input_ids"]
@@ -375,14 +447,29 @@ def test_gradient_checkpointing_trains_lora():
 @pytest.mark.parametrize("method", ["linear_probe", "nora"])
 def test_load_trained_model_vision(tmp_path, monkeypatch, method):
     from fixtures import write_cifar
+
     from nora.app.reload import load_trained_model
 
     root = write_cifar(tmp_path / "cifar10", "cifar10", n_train=64, n_test=32)
     box = capture_trained_model(monkeypatch)
-    cfg = make_cfg([f"method={method}", "model=vit_test", "dataset=cifar10", f"dataset.root={root}",
-                    "dataset.download=false", "dataset.verify_md5=false", f"output_root={tmp_path}", "logger=disabled",
-                    "trainer.epochs=1", "trainer.batch_size=32", "trainer.num_workers=0", "trainer.progress=false",
-                    "trainer.checkpoint_every=0", "trainer.device=cpu"])
+    cfg = make_cfg(
+        [
+            f"method={method}",
+            "model=vit_test",
+            "dataset=cifar10",
+            f"dataset.root={root}",
+            "dataset.download=false",
+            "dataset.verify_md5=false",
+            f"output_root={tmp_path}",
+            "logger=disabled",
+            "trainer.epochs=1",
+            "trainer.batch_size=32",
+            "trainer.num_workers=0",
+            "trainer.progress=false",
+            "trainer.checkpoint_every=0",
+            "trainer.device=cpu",
+        ]
+    )
     assert run_training(cfg)["status"] == "complete"
     trained = load_trained_model(tmp_path / cfg.run_name)
     assert trained.tokenizer is None
@@ -401,8 +488,9 @@ def test_local_weights_through_model_path(tmp_path):
     tiny, tok = build_causal_lm(make_cfg(["model=llama_tiny", "dataset=alpaca"]).model)
     tiny.save_pretrained(tmp_path / "weights")
     tok.save_pretrained(tmp_path / "weights")
-    mcfg = make_cfg(["model=llama3_8b", "dataset=alpaca", f"model.path={tmp_path / 'weights'}",
-                     "model.dtype=float32"]).model
+    mcfg = make_cfg(
+        ["model=llama3_8b", "dataset=alpaca", f"model.path={tmp_path / 'weights'}", "model.dtype=float32"]
+    ).model
     model, tok2 = build_causal_lm(mcfg)
     assert model.config._attn_implementation == "sdpa" and model.dtype == torch.float32
     assert model.training and not model.config.use_cache

@@ -1,5 +1,6 @@
 """MMLU evaluation (nora.eval): data layouts, prompt format, scoring, aggregation, shot dropping,
 batching, error messages, mmlu.json, adapter loading. Offline; fixtures are written by the tests."""
+
 import json
 import math
 from types import SimpleNamespace
@@ -7,18 +8,27 @@ from types import SimpleNamespace
 import peft
 import pytest
 import torch
+from mmlu_fixtures import FIXTURE_SUBJECTS, make_fixture, write_csv, write_parquet, write_saved
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import nora
-from mmlu_fixtures import FIXTURE_SUBJECTS, make_fixture, write_csv, write_parquet, write_saved
-from nora.eval import (build_prompt, continuation_tokens, detect_source, evaluate_mmlu, load_mmlu, run_mmlu,
-                       subject_categories, subject_table, write_mmlu_json)
+from nora.adapter.io import save_nora_pp as two_part_save_nora_pp  # the format before NoRA was a peft method
+from nora.app.adapters import apply_adapter, find_adapter_dir
+from nora.eval import (
+    build_prompt,
+    continuation_tokens,
+    detect_source,
+    evaluate_mmlu,
+    load_mmlu,
+    run_mmlu,
+    subject_categories,
+    subject_table,
+    write_mmlu_json,
+)
 from nora.eval.mmlu import score_rows
 from nora.eval.mmlu_data import MMLUQuestion
 from nora.models.tokenizer import build_offline_tokenizer
-from nora.app.adapters import apply_adapter, find_adapter_dir
-from nora.adapter.io import save_nora_pp as two_part_save_nora_pp  # the format before NoRA was a peft method
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +38,16 @@ def tok():
 
 def tiny_llama(tok, dtype=torch.float32, seed=0, max_pos=2048):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos,
-                      initializer_range=0.3)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_pos,
+        initializer_range=0.3,
+    )
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
@@ -67,8 +84,9 @@ def strip_volatile(d):
 def test_subject_table_and_groupings():
     table = subject_table()
     assert len(table) == 57
-    counts = {c: sum(v["category"] == c for v in table.values()) for c in ("STEM", "humanities",
-                                                                          "social_sciences", "other")}
+    counts = {
+        c: sum(v["category"] == c for v in table.values()) for c in ("STEM", "humanities", "social_sciences", "other")
+    }
     assert counts == {"STEM": 18, "humanities": 13, "social_sciences": 12, "other": 14}
     orig, lm = subject_categories("original"), subject_categories("lm_eval")
     assert orig["anatomy"] == "other" and lm["anatomy"] == "STEM"
@@ -81,9 +99,11 @@ def test_subject_table_and_groupings():
 def test_prompt_format_exact():
     shot = MMLUQuestion("high_school_biology", "What is a cell?", ("a", "b", "c", "d"), 2)
     q = MMLUQuestion("high_school_biology", "  Which one?\nPick. ", ("w", "x", "y", "z"), 0)
-    want = ("The following are multiple choice questions (with answers) about high school biology.\n\n"
-            "What is a cell?\nA. a\nB. b\nC. c\nD. d\nAnswer: C\n\n"
-            "Which one?\nPick.\nA. w\nB. x\nC. y\nD. z\nAnswer:")
+    want = (
+        "The following are multiple choice questions (with answers) about high school biology.\n\n"
+        "What is a cell?\nA. a\nB. b\nC. c\nD. d\nAnswer: C\n\n"
+        "Which one?\nPick.\nA. w\nB. x\nC. y\nD. z\nAnswer:"
+    )
     assert build_prompt("high_school_biology", [shot], q) == want
 
 
@@ -96,9 +116,13 @@ def test_continuation_tokens_single_with_offline_tokenizer(tok):
 # ------------------------------------------------------------------------------- layouts
 def test_all_layouts_load_identically_and_score_identically(tmp_path, tok):
     fx = make_fixture()
-    paths = {"csv": write_csv(tmp_path / "csv", fx), "parquet": write_parquet(tmp_path / "pq", fx),
-             "parquet_all": write_parquet(tmp_path / "pq_all", fx, layout="all"),
-             "saved": write_saved(tmp_path / "saved", fx), "saved_all": write_saved(tmp_path / "saved_all", fx, "all")}
+    paths = {
+        "csv": write_csv(tmp_path / "csv", fx),
+        "parquet": write_parquet(tmp_path / "pq", fx),
+        "parquet_all": write_parquet(tmp_path / "pq_all", fx, layout="all"),
+        "saved": write_saved(tmp_path / "saved", fx),
+        "saved_all": write_saved(tmp_path / "saved_all", fx, "all"),
+    }
     assert detect_source(paths["csv"]) == "csv"
     assert all(detect_source(p) == "hf" for n, p in paths.items() if n != "csv")
     ref = load_mmlu(paths["csv"], subjects="available")
@@ -109,8 +133,11 @@ def test_all_layouts_load_identically_and_score_identically(tmp_path, tok):
         for s in FIXTURE_SUBJECTS:
             assert got[s].test == ref[s].test and got[s].dev == ref[s].dev, (name, s)
     model = tiny_llama(tok)
-    results = {n: evaluate_mmlu(model, tok, p, subjects="available", progress=False).to_dict(include_predictions=True)
-               for n, p in paths.items() if n in ("csv", "parquet", "saved_all")}
+    results = {
+        n: evaluate_mmlu(model, tok, p, subjects="available", progress=False).to_dict(include_predictions=True)
+        for n, p in paths.items()
+        if n in ("csv", "parquet", "saved_all")
+    }
     assert results["csv"]["data"] == {"path": str(paths["csv"]), "source": "csv", "n_subjects": 4}
     assert strip_volatile(results["csv"]) == strip_volatile(results["parquet"]) == strip_volatile(results["saved_all"])
     # a CSV copy unpacked as <root>/data/{dev,test} is found from <root> as well
@@ -158,8 +185,9 @@ def test_shots_dropped_until_prompt_fits(tmp_path, tok):
     fx = make_fixture(["abstract_algebra"], n_test=6, long_words=10)
     path = write_csv(tmp_path, fx)
     data = load_mmlu(path, subjects=["abstract_algebra"])["abstract_algebra"]
-    lengths = [[len(tok(build_prompt("abstract_algebra", data.dev[:j], q))["input_ids"]) for j in range(6)]
-               for q in data.test]
+    lengths = [
+        [len(tok(build_prompt("abstract_algebra", data.dev[:j], q))["input_ids"]) for j in range(6)] for q in data.test
+    ]
     max_len = sorted(row[2] for row in lengths)[3]  # some questions fit 2 shots, others fewer/more
     model = RiggedLM(tok, fx)
     r = evaluate_mmlu(model, tok, path, subjects=["abstract_algebra"], k=5, max_length=max_len, progress=False)
@@ -186,8 +214,9 @@ def test_zero_shot_needs_no_dev_split(tmp_path, tok):
     (path / "dev" / "philosophy_dev.csv").unlink()
     r = evaluate_mmlu(RiggedLM(tok, fx), tok, path, subjects=["philosophy"], k=0, progress=False)
     assert r.accuracy == 1.0 and r.to_dict()["k"] == 0
-    with pytest.raises(FileNotFoundError,
-                       match=r"MMLU dev file for subject 'philosophy' not found: .*philosophy_dev\.csv"):
+    with pytest.raises(
+        FileNotFoundError, match=r"MMLU dev file for subject 'philosophy' not found: .*philosophy_dev\.csv"
+    ):
         evaluate_mmlu(RiggedLM(tok, fx), tok, path, subjects=["philosophy"], k=5, progress=False)
 
 
@@ -198,11 +227,11 @@ def test_batched_equals_unbatched(tmp_path, tok):
     data = load_mmlu(path, subjects=["anatomy"], k=3)
     for dtype, atol in ((torch.float64, 1e-10), (torch.float32, 2e-5)):
         model = tiny_llama(tok, dtype=dtype)
-        ref = evaluate_mmlu(model, tok, data, k=3, batch_size=1, keep_logits=False,
-                            progress=False).subjects["anatomy"]
+        ref = evaluate_mmlu(model, tok, data, k=3, batch_size=1, keep_logits=False, progress=False).subjects["anatomy"]
         for bs, keep in ((4, False), (6, False), (4, True)):
-            got = evaluate_mmlu(model, tok, data, k=3, batch_size=bs, keep_logits=keep,
-                                progress=False).subjects["anatomy"]
+            got = evaluate_mmlu(model, tok, data, k=3, batch_size=bs, keep_logits=keep, progress=False).subjects[
+                "anatomy"
+            ]
             assert got.predictions == ref.predictions
             torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(ref.logprobs), atol=atol, rtol=0)
         if dtype != torch.float64:
@@ -253,8 +282,11 @@ def test_split_continuation_tokens_are_summed(tmp_path):
 
 # -------------------------------------------------------------------------------- errors
 def test_clear_errors_for_missing_data_and_unknown_subjects(tmp_path, tok):
-    with pytest.raises(FileNotFoundError, match=r"MMLU data directory not found: .*nowhere; expected the original "
-                                                r"CSV layout .*hendrycks/data\.tar.*cais/mmlu"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"MMLU data directory not found: .*nowhere; expected the original "
+        r"CSV layout .*hendrycks/data\.tar.*cais/mmlu",
+    ):
         load_mmlu(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"MMLU data directory not found: .*nowhere"):
         load_mmlu(tmp_path / "nowhere", source="hf")
@@ -263,8 +295,11 @@ def test_clear_errors_for_missing_data_and_unknown_subjects(tmp_path, tok):
         load_mmlu(tmp_path / "empty")
     fx = make_fixture(["anatomy", "philosophy"])
     csv_root = write_csv(tmp_path / "csv", fx)
-    with pytest.raises(FileNotFoundError, match=r"MMLU test file for subject 'astronomy' not found: "
-                                                r".*test/astronomy_test\.csv; expected the original CSV layout"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"MMLU test file for subject 'astronomy' not found: "
+        r".*test/astronomy_test\.csv; expected the original CSV layout",
+    ):
         load_mmlu(csv_root, subjects=["anatomy", "astronomy"])
     with pytest.raises(FileNotFoundError, match=r"MMLU test files for 55 of the 57 requested subjects are missing"):
         load_mmlu(csv_root)  # default: all 57 subjects
@@ -273,13 +308,15 @@ def test_clear_errors_for_missing_data_and_unknown_subjects(tmp_path, tok):
     with pytest.raises(ValueError, match="k=6 shots requested but its dev split .* holds only 5"):
         load_mmlu(csv_root, subjects="anatomy", k=6)
     pq_root = write_parquet(tmp_path / "pq", fx)
-    with pytest.raises(FileNotFoundError, match=r"MMLU test split for subject 'virology' not found in .*pq; "
-                                                r"expected .*pq/virology/test-\*\.parquet"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"MMLU test split for subject 'virology' not found in .*pq; "
+        r"expected .*pq/virology/test-\*\.parquet",
+    ):
         load_mmlu(pq_root, subjects="virology,anatomy")
     with pytest.raises(ValueError, match="unknown MMLU source 'json'"):
         load_mmlu(pq_root, source="json")
     assert sorted(load_mmlu(pq_root, subjects="available")) == ["anatomy", "philosophy"]
-
 
 
 def test_csv_that_is_not_utf8_is_named_in_the_error(tmp_path):
@@ -289,8 +326,11 @@ def test_csv_that_is_not_utf8_is_named_in_the_error(tmp_path):
     # a spreadsheet program's latin-1 re-save: 'é' is the single byte 0xe9, invalid in UTF-8
     bad.write_bytes('"Is Descartes\' cogito a valid inférence?",yes,no,maybe,never,A\n'.encode("latin-1"))
     assert sorted(load_mmlu(root, subjects="anatomy")) == ["anatomy"]  # the other subjects still load
-    with pytest.raises(ValueError, match=r"test/philosophy_test\.csv, line 1: not UTF-8 text \(byte 0xe9 at offset "
-                                         r"33\); the MMLU CSV files are UTF-8, re-encode this one"):
+    with pytest.raises(
+        ValueError,
+        match=r"test/philosophy_test\.csv, line 1: not UTF-8 text \(byte 0xe9 at offset "
+        r"33\); the MMLU CSV files are UTF-8, re-encode this one",
+    ):
         load_mmlu(root, subjects="available")
     bad.write_bytes(b"What is 1+1?,2,3,4,5,A\nWhat is 2+2?,3,4,5,\xff\xfe,B\n")  # invalid UTF-8 bytes, line 2
     (root / "dev" / "anatomy_dev.csv").write_bytes(bad.read_bytes())
@@ -310,7 +350,8 @@ def test_csvs_that_are_no_subject_are_listed_in_a_warning(tmp_path):
     assert sorted(data) == ["anatomy", "philosophy"] and len(data["anatomy"].test) == 6
     assert [str(w.message) for w in caught] == [
         f"MMLU: 3 CSV file(s) in {root} are not among the 57 subjects and are ignored: "
-        "test/anatomy_test_old.csv, test/not_a_subject_test.csv, dev/notes.csv"]
+        "test/anatomy_test_old.csv, test/not_a_subject_test.csv, dev/notes.csv"
+    ]
     with pytest.warns(UserWarning) as caught:  # zero-shot reads no dev split, so only test/ is looked at
         load_mmlu(tmp_path / "data", subjects="anatomy", k=0)
     assert "2 CSV file(s)" in str(caught[0].message) and "notes.csv" not in str(caught[0].message)
@@ -323,14 +364,41 @@ def test_run_mmlu_writes_mmlu_json_atomically(tmp_path, tok):
     out = tmp_path / "run"
     ident = {"name": "tiny-llama", "dtype": "float32"}
     adapter = {"kind": "nora++"}
-    r = run_mmlu(RiggedLM(tok, prefer="C"), tok, path, out, subjects="available", k=3, batch_size=4,
-                 model_identity=ident, adapter_identity=adapter, include_predictions=True, progress=False)
+    r = run_mmlu(
+        RiggedLM(tok, prefer="C"),
+        tok,
+        path,
+        out,
+        subjects="available",
+        k=3,
+        batch_size=4,
+        model_identity=ident,
+        adapter_identity=adapter,
+        include_predictions=True,
+        progress=False,
+    )
     files = sorted(p.name for p in out.iterdir())
     assert files == ["mmlu.json"]  # no temp file left behind
     d = json.loads((out / "mmlu.json").read_text())
     assert d["format"] == "nora.mmlu/1" and d["task"] == "mmlu" and d["k"] == 3 and d["grouping"] == "original"
-    assert set(d) == {"format", "task", "split", "k", "grouping", "date", "wall_time_s", "overall", "categories",
-                      "subjects", "shots", "protocol", "data", "model", "adapter", "predictions"}
+    assert set(d) == {
+        "format",
+        "task",
+        "split",
+        "k",
+        "grouping",
+        "date",
+        "wall_time_s",
+        "overall",
+        "categories",
+        "subjects",
+        "shots",
+        "protocol",
+        "data",
+        "model",
+        "adapter",
+        "predictions",
+    }
     assert d["model"] == ident and d["adapter"] == adapter
     assert list(d["categories"]) == ["STEM", "humanities", "social_sciences", "other"]
     assert d["overall"]["n"] == 24 and math.isclose(d["overall"]["accuracy"], r.accuracy)
@@ -348,8 +416,9 @@ def _train_like(tok, kind):
     base = tiny_llama(tok)
     state = {k: v.clone() for k, v in base.state_dict().items()}
     if kind in ("lora", "dora", "nora++"):
-        model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "up_proj"],
-                                                          use_dora=kind == "dora"))
+        model = peft.get_peft_model(
+            base, peft.LoraConfig(r=4, target_modules=["q_proj", "up_proj"], use_dora=kind == "dora")
+        )
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if "lora_B" in n:
@@ -392,8 +461,9 @@ def test_apply_adapter_reproduces_logits(tmp_path, tok, kind):
             assert torch.equal(loaded(ids).logits, want)
         assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
     assert ident["kind"] == kind and ident["dir"] == str(adir.resolve())
-    assert ident["components"] == {"nora++": ["lora", "nora"], "lora": ["lora"], "dora": ["dora"],
-                                   "nora": ["nora"]}[kind]
+    assert (
+        ident["components"] == {"nora++": ["lora", "nora"], "lora": ["lora"], "dora": ["dora"], "nora": ["nora"]}[kind]
+    )
     if kind != "nora":
         assert ident["peft"]["r"] == 4 and ident["peft"]["use_dora"] == (kind == "dora")
         assert ident["peft"]["peft_type"] == ("NORA" if kind == "nora++" and not two_part else "LORA")
@@ -412,8 +482,11 @@ def test_apply_adapter_reproduces_logits(tmp_path, tok, kind):
 
 def test_apply_adapter_reports_missing_adapter(tmp_path, tok):
     (tmp_path / "run").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"no adapter found in .*run or .*run/adapter: expected peft files "
-                                                r"\(adapter_config\.json, adapter_model\.safetensors\)"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"no adapter found in .*run or .*run/adapter: expected peft files "
+        r"\(adapter_config\.json, adapter_model\.safetensors\)",
+    ):
         apply_adapter(tiny_llama(tok), find_adapter_dir(tmp_path / "run"))
     (tmp_path / "run" / "adapter").mkdir()
     (tmp_path / "run" / "adapter" / "nora_config.json").write_text("{}")

@@ -4,6 +4,7 @@ The static checks read lm_eval's own mmlu task yamls; the agreement test runs lm
 and its ``mmlu_<subject>`` tasks (redirected to a local parquet fixture) on a tiny random LLaMA and
 compares every prediction with nora.eval (``scripts/mmlu_agreement.py`` prints the same comparison).
 """
+
 import importlib.util
 import json
 import os
@@ -39,13 +40,43 @@ def _yaml(path):
 def lm_eval_cli(tmp_path, names, model: str, model_args: str) -> dict:
     """lm_eval's own CLI (through nora's entry point) on the fixture tasks, 5-shot, with samples logged under
     ``tmp_path/out``; returns its per-task results."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONPATH=str(ROOT),
+        TOKENIZERS_PARALLELISM="false",
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "nora.integrations.lm_eval", "--model", model, "--model_args", model_args,
-         "--tasks", ",".join(names), "--include_path", str(tmp_path / "tasks"), "--num_fewshot", "5",
-         "--device", "cpu", "--batch_size", "4", "--output_path", str(tmp_path / "out"), "--log_samples"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "nora.integrations.lm_eval",
+            "--model",
+            model,
+            "--model_args",
+            model_args,
+            "--tasks",
+            ",".join(names),
+            "--include_path",
+            str(tmp_path / "tasks"),
+            "--num_fewshot",
+            "5",
+            "--device",
+            "cpu",
+            "--batch_size",
+            "4",
+            "--output_path",
+            str(tmp_path / "out"),
+            "--log_samples",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
 
@@ -53,8 +84,16 @@ def lm_eval_cli(tmp_path, names, model: str, model_args: str) -> dict:
 def eval_py_mmlu(tmp_path, run_dir, data_dir) -> dict:
     """eval.py's job on ``run_dir`` over the fixture data, with every prediction saved; returns its mmlu.json."""
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("eval", [f"run_dir={run_dir}", f"mmlu.path={data_dir}", "device=cpu",
-                               f"output_dir={tmp_path / 'eval'}", "mmlu.save_predictions=true"])
+        cfg = compose(
+            "eval",
+            [
+                f"run_dir={run_dir}",
+                f"mmlu.path={data_dir}",
+                "device=cpu",
+                f"output_dir={tmp_path / 'eval'}",
+                "mmlu.save_predictions=true",
+            ],
+        )
     run_eval(cfg)
     return json.loads((tmp_path / "eval" / "mmlu.json").read_text())
 
@@ -73,8 +112,12 @@ def test_template_and_descriptions_match_lm_eval():
     assert jinja2.Template(tmpl["doc_to_text"]).render(**doc) == format_question(q)
     assert format_shot(q) == format_question(q) + " B\n\n"
     cats = subject_categories("lm_eval")
-    tag_to_cat = {"mmlu_stem_tasks": "STEM", "mmlu_humanities_tasks": "humanities",
-                  "mmlu_social_sciences_tasks": "social_sciences", "mmlu_other_tasks": "other"}
+    tag_to_cat = {
+        "mmlu_stem_tasks": "STEM",
+        "mmlu_humanities_tasks": "humanities",
+        "mmlu_social_sciences_tasks": "social_sciences",
+        "mmlu_other_tasks": "other",
+    }
     for s in all_subjects():
         cfg = _yaml(TASKS / f"mmlu_{s}.yaml")
         assert cfg["dataset_name"] == s and cfg["description"] == description(s)
@@ -99,19 +142,35 @@ def test_predictions_and_accuracies_equal_lm_eval_5_shot(tmp_path, protocol):
 @pytest.fixture(scope="module")
 def nora_pp_run(tmp_path_factory):
     from hydra import compose, initialize_config_dir
-
     from instruct_fixtures import alpaca_records, write_alpaca_json
+
     from nora.app.training import run_training
 
     root = tmp_path_factory.mktemp("lmeval_run")
     data = write_alpaca_json(root / "alpaca_data.json", alpaca_records(12))
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", [
-            "method=nora_pp", "model=llama_tiny", "dataset=alpaca", f"data.path={data}", f"output_root={root}",
-            "logger=disabled", "trainer.device=cpu", "trainer.batch_size=4", "trainer.num_workers=0",
-            "trainer.max_steps=3", "trainer.eval_every=0", "trainer.checkpoint_every=0", "trainer.progress=false",
-            "dataset.val_size=4", "dataset.max_length=128", f"dataset.cache_dir={root / 'cache'}",
-            "method.nora.calibration_batches=1"])
+        cfg = compose(
+            "train",
+            [
+                "method=nora_pp",
+                "model=llama_tiny",
+                "dataset=alpaca",
+                f"data.path={data}",
+                f"output_root={root}",
+                "logger=disabled",
+                "trainer.device=cpu",
+                "trainer.batch_size=4",
+                "trainer.num_workers=0",
+                "trainer.max_steps=3",
+                "trainer.eval_every=0",
+                "trainer.checkpoint_every=0",
+                "trainer.progress=false",
+                "dataset.val_size=4",
+                "dataset.max_length=128",
+                f"dataset.cache_dir={root / 'cache'}",
+                "method.nora.calibration_batches=1",
+            ],
+        )
     run_training(cfg, run_dir=root / "run")
     return root / "run"
 
@@ -121,7 +180,6 @@ def test_lm_eval_cli_nora_model_scores_a_nora_pp_run_as_eval_py(tmp_path, nora_p
     """The README command (lm_eval's own CLI, model ``nora``) on a NoRA++ training run, offline, gives eval.py's
     MMLU accuracy on every subject of the fixture."""
     import json
-
 
     from mmlu_fixtures import make_fixture, write_parquet
 
@@ -135,8 +193,11 @@ def test_lm_eval_cli_nora_model_scores_a_nora_pp_run_as_eval_py(tmp_path, nora_p
     assert sum(ours["subjects"][s]["n"] for s in subjects) == 24
     for s in subjects:
         assert results[f"nora_fixture_mmlu_{s}"]["acc,none"] == ours["subjects"][s]["accuracy"], s
-        rows = [json.loads(line) for f in (tmp_path / "out").rglob(f"samples_nora_fixture_mmlu_{s}_*.jsonl")
-                for line in f.read_text().splitlines()]
+        rows = [
+            json.loads(line)
+            for f in (tmp_path / "out").rglob(f"samples_nora_fixture_mmlu_{s}_*.jsonl")
+            for line in f.read_text().splitlines()
+        ]
         lls = [[float(x[0]) for x in r["filtered_resps"]] for r in sorted(rows, key=lambda r: r["doc_id"])]
         assert [max(range(4), key=lambda j, v=v: (v[j], -j)) for v in lls] == ours["predictions"][s], s
 
@@ -148,9 +209,24 @@ def test_lm_eval_cli_nora_model_needs_a_run_or_a_model(tmp_path):
     import sys
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "nora.integrations.lm_eval", "--model", "nora", "--tasks",
-                           "mmlu_anatomy", "--device", "cpu"], capture_output=True, text=True, env=env, cwd=tmp_path,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nora.integrations.lm_eval",
+            "--model",
+            "nora",
+            "--tasks",
+            "mmlu_anatomy",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert "error: lm_eval model nora: pass either run_dir=<training run> or pretrained=<model>" in proc.stderr
 
@@ -186,9 +262,9 @@ def test_lm_eval_hf_model_with_peft_scores_a_nora_pp_run_as_eval_py(tmp_path, no
     ``lm_eval.simple_evaluate`` after ``import nora`` give eval.py's MMLU on every question."""
     import json
 
+    from mmlu_fixtures import make_fixture, write_parquet
 
     import nora  # noqa: F401 - registers the peft method, as a user's script does
-    from mmlu_fixtures import make_fixture, write_parquet
     from nora.app.reload import build_base_model, read_run_config
 
     mod = _agreement_module()
@@ -209,9 +285,18 @@ def test_lm_eval_hf_model_with_peft_scores_a_nora_pp_run_as_eval_py(tmp_path, no
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    api = lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=names, num_fewshot=5, batch_size=4,
-                                  device="cpu", task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
-                                  log_samples=True, verbosity="ERROR", bootstrap_iters=0)
+    api = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=model_args,
+        tasks=names,
+        num_fewshot=5,
+        batch_size=4,
+        device="cpu",
+        task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+        log_samples=True,
+        verbosity="ERROR",
+        bootstrap_iters=0,
+    )
     # lm_eval's hf model holds both parts: its logits are the run's trained model's, not the base model's
     import torch
     from lm_eval.models.huggingface import HFLM
@@ -229,8 +314,11 @@ def test_lm_eval_hf_model_with_peft_scores_a_nora_pp_run_as_eval_py(tmp_path, no
         name = f"nora_fixture_mmlu_{s}"
         assert results[name]["acc,none"] == ours["subjects"][s]["accuracy"], s
         assert api["results"][name]["acc,none"] == ours["subjects"][s]["accuracy"], s
-        rows = [json.loads(line) for f in (tmp_path / "out").rglob(f"samples_{name}_*.jsonl")
-                for line in f.read_text().splitlines()]
+        rows = [
+            json.loads(line)
+            for f in (tmp_path / "out").rglob(f"samples_{name}_*.jsonl")
+            for line in f.read_text().splitlines()
+        ]
         for samples in (rows, api["samples"][name]):
             lls = [[float(x[0]) for x in r["filtered_resps"]] for r in sorted(samples, key=lambda r: r["doc_id"])]
             assert [max(range(4), key=lambda j, v=v: (v[j], -j)) for v in lls] == ours["predictions"][s], s

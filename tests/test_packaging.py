@@ -1,5 +1,6 @@
 """The wheel built from this repository declares what nora imports: the library's own dependencies unconditionally,
 the rest as extras, every one of them pinned in requirements.txt; it carries the LICENSE."""
+
 import ast
 import importlib.metadata as md
 import re
@@ -30,8 +31,12 @@ def metadata(tmp_path_factory):
         shutil.copy(ROOT / name, src / name)
     shutil.copytree(ROOT / "nora", src / "nora", ignore=shutil.ignore_patterns("__pycache__", "*.so", "build"))
     out = tmp_path_factory.mktemp("wheel")
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
-                           "-w", str(out), "-q"], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-w", str(out), "-q"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     wheel = next(out.glob("nora-*.whl"))
     with zipfile.ZipFile(wheel) as zf:

@@ -1,6 +1,7 @@
 """NoRA as a peft method: ``peft.get_peft_model(model, nora.NoraPeftConfig(...))`` and peft's own save, load,
 merge, disable and multi-adapter API, each step in a fresh interpreter that imports nothing but ``nora`` (which
 registers the method) and peft / transformers, as a PEFT user's script does."""
+
 from __future__ import annotations
 
 import json
@@ -55,20 +56,31 @@ def out(**kw):
 
 
 def run(code: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> dict:
-    env = {**{k: v for k, v in os.environ.items() if k not in ("HF_ENDPOINT", "HF_HUB_OFFLINE")},
-           "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, "-c", COMMON + textwrap.dedent(code)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout)
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("HF_ENDPOINT", "HF_HUB_OFFLINE")},
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        **(env or {}),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", COMMON + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert lines, proc.stdout[-2000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 # ------------------------------------------------------------------------------------- registration, config
 def test_import_nora_registers_the_peft_method(tmp_path):
-    got = run("""
+    got = run(
+        """
         from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING
         from peft.utils import PeftType
         cfg = nora.NoraPeftConfig(lora_r=8, lora_target_modules=["q_proj", "v_proj"], groups=4)
@@ -79,7 +91,9 @@ def test_import_nora_registers_the_peft_method(tmp_path):
             peft_type=d["peft_type"], r=d["r"], groups=d["groups"], lora_r=d["lora_r"], nora_pp=cfg.is_nora_pp,
             bad_lora_r=_raises(lambda: nora.NoraPeftConfig(lora_r=-1)),
             bad_groups=_raises(lambda: nora.NoraPeftConfig(groups=0)))
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert got["member"] and got["value"] == "NORA" and got["prefix"] == "nora_"
     assert (got["config"], got["tuner"]) == ("NoraPeftConfig", "NoraModel")
     assert (got["peft_type"], got["r"], got["groups"], got["lora_r"], got["nora_pp"]) == ("NORA", 3, 4, 8, True)
@@ -180,8 +194,9 @@ def test_nora_pp_peft_round_trip(tmp_path, use_dora):
     assert got["merged_diff"] < 1e-5 and got["merge_adapter"] < 1e-5
     assert got["unmerged"][0] < 1e-5 and got["unmerged"][1] == "SiLUActivation"
     act = "base_model.model.model.layers.0.mlp.act_fn.nora_activation."
-    assert {act + k for k in ("base_numerator", "base_denominator", "nora_A_num", "nora_B_num", "nora_A_den",
-                              "nora_B_den")} <= set(got["keys"])
+    assert {
+        act + k for k in ("base_numerator", "base_denominator", "nora_A_num", "nora_B_num", "nora_A_den", "nora_B_den")
+    } <= set(got["keys"])
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in got["keys"]
     assert ("base_model.model.model.layers.0.mlp.up_proj.lora_magnitude_vector" in got["keys"]) == use_dora
     assert not any(".default" in k or "base_layer" in k for k in got["keys"])
@@ -301,8 +316,12 @@ def test_push_to_hub_and_from_pretrained_by_hub_id(tmp_path):
     from fake_hub import FakeHub
 
     with FakeHub(tmp_path / "hub") as hub:
-        env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_test", "HF_HUB_CACHE": str(tmp_path / "cache"),
-               "HF_HUB_OFFLINE": "0"}
+        env = {
+            "HF_ENDPOINT": hub.url,
+            "HF_TOKEN": "hf_test",
+            "HF_HUB_CACHE": str(tmp_path / "cache"),
+            "HF_HUB_OFFLINE": "0",
+        }
         got = run(f"DIR = {str(tmp_path)!r}\n" + textwrap.dedent(HUB), tmp_path, env=env)
         files = hub.files("me/tiny-nora-pp")
     assert got == {"same": True, "config": "NoraPeftConfig", "lora_r": 2}
@@ -358,7 +377,10 @@ VIT = """
 
 def test_nora_pp_on_a_timm_vit_with_a_new_head(tmp_path):
     got = run(f"DIR = {str(tmp_path)!r}\n" + textwrap.dedent(VIT), tmp_path)
-    assert got["comps"] == {"nora": 2 * 2 * 3 * (8 + 5), "lora": 2 * (2 * 64 + 192 * 2 + 2 * 64 + 256 * 2),
-                            "head": 64 * 10 + 10}
+    assert got["comps"] == {
+        "nora": 2 * 2 * 3 * (8 + 5),
+        "lora": 2 * (2 * 64 + 192 * 2 + 2 * 64 + 256 * 2),
+        "head": 64 * 10 + 10,
+    }
     assert got["same"]
     assert got["merged"] < 1e-5 * max(1.0, got["scale"])

@@ -1,4 +1,5 @@
 """Rational math: analytic gradients vs autograd, numerical safety, fitting quality, published fits."""
+
 import json
 from importlib import resources
 
@@ -72,8 +73,9 @@ def test_low_precision_inputs_compute_in_float32():
         got = rational(xl, a, b, "A", "torch")
         # output rounding only: the math itself ran in float32 on the rounded input
         exact_on_rounded = rational_reference(xl.double(), a.double(), b.double(), "A")
-        torch.testing.assert_close(got.double(), exact_on_rounded, rtol=1e-2 if dtype == torch.bfloat16 else 1e-3,
-                                   atol=1e-3)
+        torch.testing.assert_close(
+            got.double(), exact_on_rounded, rtol=1e-2 if dtype == torch.bfloat16 else 1e-3, atol=1e-3
+        )
         assert (got.double() - want).abs().max() < 0.1
 
 
@@ -97,9 +99,17 @@ def test_gelu_fit_quality_form_a():
     assert fit.form == "A" and fit.degrees == (5, 4)
 
 
-@pytest.mark.parametrize("target,form,bound", [
-    ("gelu", "B", 2e-3), ("gelu_tanh", "A", 5e-3), ("silu", "A", 1e-5), ("silu", "B", 1e-5),
-    ("identity", "A", 1e-9), ("relu", "A", 5e-2)])
+@pytest.mark.parametrize(
+    "target,form,bound",
+    [
+        ("gelu", "B", 2e-3),
+        ("gelu_tanh", "A", 5e-3),
+        ("silu", "A", 1e-5),
+        ("silu", "B", 1e-5),
+        ("identity", "A", 1e-9),
+        ("relu", "A", 5e-2),
+    ],
+)
 def test_fit_quality(target, form, bound):
     fit = fit_rational(target, form=form)
     assert fit.max_error <= bound

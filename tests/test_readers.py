@@ -3,6 +3,7 @@
 ``nora.load_nora_pp``, ``nora.from_pretrained`` of a merged folder (formats 1 and 2), ``NoraConfig`` /
 ``NoraPeftConfig`` and ``train.py method=nora_pp``. Each case damages a real file (or builds a real mismatching
 model) and asserts the one-line error and that the model given was left as it was."""
+
 from __future__ import annotations
 
 import json
@@ -32,15 +33,25 @@ WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
 def llama(inter=128, layers=2, act="silu", seed=0):
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=inter,
-                                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                        max_position_embeddings=64, hidden_act=act)).eval()
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=96,
+            hidden_size=64,
+            intermediate_size=inter,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            hidden_act=act,
+        )
+    ).eval()
 
 
 def gpt2():
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-                                      bos_token_id=0, eos_token_id=0)).eval()
+    return GPT2LMHeadModel(
+        GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    ).eval()
 
 
 def snapshot(model):
@@ -62,16 +73,19 @@ def one_line(exc) -> str:
 
 
 # ------------------------------------------------------------------------------------------ inputs
-@pytest.mark.parametrize("kw, message", [
-    ({"groups": "8"}, "groups='8': must be an integer"),
-    ({"r": 2.5}, "r=2.5: must be an integer"),
-    ({"degrees": "54"}, "degrees='54': must be a list of two integers [m, n]"),
-    ({"degrees": [5]}, "degrees=[5]: must be a list of two integers [m, n]"),
-    ({"alpha": "6"}, "alpha='6': must be a number"),
-    ({"residual": "yes"}, "residual='yes': must be true or false"),
-    ({"target_modules": ["(mlp"]}, "target_modules='(mlp': not a valid regex (missing ), unterminated subpattern"),
-    ({"trainable_modules": ["head["]}, "trainable_modules='head[': not a valid regex (unterminated character set"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"groups": "8"}, "groups='8': must be an integer"),
+        ({"r": 2.5}, "r=2.5: must be an integer"),
+        ({"degrees": "54"}, "degrees='54': must be a list of two integers [m, n]"),
+        ({"degrees": [5]}, "degrees=[5]: must be a list of two integers [m, n]"),
+        ({"alpha": "6"}, "alpha='6': must be a number"),
+        ({"residual": "yes"}, "residual='yes': must be true or false"),
+        ({"target_modules": ["(mlp"]}, "target_modules='(mlp': not a valid regex (missing ), unterminated subpattern"),
+        ({"trainable_modules": ["head["]}, "trainable_modules='head[': not a valid regex (unterminated character set"),
+    ],
+)
 @pytest.mark.parametrize("cls", ["NoraConfig", "NoraPeftConfig"])
 def test_config_fields_are_checked_by_type_naming_the_field(cls, kw, message):
     if cls == "NoraPeftConfig" and "trainable_modules" in kw:
@@ -81,12 +95,15 @@ def test_config_fields_are_checked_by_type_naming_the_field(cls, kw, message):
     assert one_line(err).startswith(message), str(err.value)
 
 
-@pytest.mark.parametrize("kw, message", [
-    ({"lora_r": 8.0}, "lora_r=8.0: must be an integer (0: NoRA alone)"),
-    ({"lora_dropout": 1.5}, "lora_dropout=1.5: must be a number in [0, 1)"),
-    ({"use_dora": "no"}, "use_dora='no': must be true or false"),
-    ({"lora_target_modules": 7}, "lora_target_modules=7: must be null, a regex"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"lora_r": 8.0}, "lora_r=8.0: must be an integer (0: NoRA alone)"),
+        ({"lora_dropout": 1.5}, "lora_dropout=1.5: must be a number in [0, 1)"),
+        ({"use_dora": "no"}, "use_dora='no': must be true or false"),
+        ({"lora_target_modules": 7}, "lora_target_modules=7: must be null, a regex"),
+    ],
+)
 def test_nora_peft_config_lora_fields_are_checked(kw, message):
     with pytest.raises(ConfigValueError) as err:
         nora.NoraPeftConfig(**kw)
@@ -96,23 +113,31 @@ def test_nora_peft_config_lora_fields_are_checked(kw, message):
 def test_a_lora_target_typo_is_refused_and_the_model_is_untouched():
     """peft's LoraConfig refuses a list none of whose names match; NoRA's activations always match, so without the
     check one typo built NoRA alone (0 LoRA modules)."""
-    for targets, missing in ((["q_proj", "v_projj"], "['v_projj']"), (["q_projj"], "['q_projj']"),
-                             (r".*\.qproj", "['.*\\\\.qproj']")):
+    for targets, missing in (
+        (["q_proj", "v_projj"], "['v_projj']"),
+        (["q_projj"], "['q_projj']"),
+        (r".*\.qproj", "['.*\\\\.qproj']"),
+    ):
         model = llama()
         before = snapshot(model)
         with pytest.raises(nora.AdapterError) as err:
             peft.get_peft_model(model, nora.NoraPeftConfig(lora_r=8, lora_target_modules=targets))
-        assert one_line(err).startswith(f"lora_target_modules {missing} match no module of LlamaForCausalLM"), \
-            str(err.value)
+        assert one_line(err).startswith(f"lora_target_modules {missing} match no module of LlamaForCausalLM"), str(
+            err.value
+        )
         assert "its weight layers are named down_proj, embed_tokens, gate_proj, k_proj" in str(err.value)
         assert_untouched(model, before)
 
 
 def test_a_target_regex_that_hits_a_linear_or_an_mlp_is_refused_by_name():
-    for target, cls, why in ((r".*mlp\.down_proj", "Linear", "it holds parameters (weight (64, 128))"),
-                             (r".*\.mlp", "LlamaMLP", "it has submodules")):
-        for build in (lambda t: nora.apply_nora(llama(), nora.NoraConfig(target_modules=t)),
-                      lambda t: peft.get_peft_model(llama(), nora.NoraPeftConfig(target_modules=t))):
+    for target, cls, why in (
+        (r".*mlp\.down_proj", "Linear", "it holds parameters (weight (64, 128))"),
+        (r".*\.mlp", "LlamaMLP", "it has submodules"),
+    ):
+        for build in (
+            lambda t: nora.apply_nora(llama(), nora.NoraConfig(target_modules=t)),
+            lambda t: peft.get_peft_model(llama(), nora.NoraPeftConfig(target_modules=t)),
+        ):
             with pytest.raises(nora.AdapterError) as err:
                 build(target)
             pattern = rf"target 'model\.layers\.0\.mlp(\.down_proj)?' \({cls}\) is not an activation: "
@@ -130,7 +155,8 @@ def test_calibrated_init_never_calibrated_stops_at_the_first_training_forward(tm
     assert one_line(err) == (
         "NoraPeftConfig(init='calibrated'): adapter 'default' was never calibrated, so training would start from the "
         "range fit; call nora.calibrate(peft_model, batches) after peft.get_peft_model (a few input batches), or use "
-        "init='fit'")
+        "init='fit'"
+    )
     model.save_pretrained(tmp_path / "uncalibrated")  # the saved config says what was done
     specs = json.loads((tmp_path / "uncalibrated" / CONFIG).read_text())["layer_specs"]
     assert {s["init"] for s in specs.values()} == {"fit"}
@@ -199,30 +225,59 @@ def _to_gelu(c):
 CASES = {
     # name: (base model, tensors edit, config edit, what the message says after "<dir> does not fit this <cls>
     # (nothing was changed): ")
-    "width 256": (lambda: llama(inter=256), None, None,
-                  "model.layers.0.mlp.act_fn: width 256, the adapter was saved for width 128"),
-    "one layer more": (lambda: llama(layers=3), None, None,
-                       "this LlamaForCausalLM has 3 target activations, the adapter covers 2; no saved layer for "
-                       "model.layers.2.mlp.act_fn"),
-    "one layer less": (lambda: llama(layers=1), None, None,
-                       "the adapter holds 2 layers, 1 of them not targets of this LlamaForCausalLM: "
-                       "model.layers.1.mlp.act_fn"),
+    "width 256": (
+        lambda: llama(inter=256),
+        None,
+        None,
+        "model.layers.0.mlp.act_fn: width 256, the adapter was saved for width 128",
+    ),
+    "one layer more": (
+        lambda: llama(layers=3),
+        None,
+        None,
+        "this LlamaForCausalLM has 3 target activations, the adapter covers 2; no saved layer for "
+        "model.layers.2.mlp.act_fn",
+    ),
+    "one layer less": (
+        lambda: llama(layers=1),
+        None,
+        None,
+        "the adapter holds 2 layers, 1 of them not targets of this LlamaForCausalLM: model.layers.1.mlp.act_fn",
+    ),
     "GPT-2": (gpt2, None, None, "lora_target_modules ['q_proj', 'v_proj'] match no module of GPT2LMHeadModel"),
-    "a NaN": (llama, _nan, None,
-              "{dir}/adapter_model.safetensors: 1 tensor(s) hold NaN or inf values (" + NUM0 + ")"),
-    "a tensor missing": (llama, _drop_tensor, None,
-                         "{dir}/adapter_model.safetensors: model.layers.0.mlp.act_fn: base_denominator missing"),
-    "a layer's tensors missing": (llama, _drop_layer, None,
-                                  "{dir}/adapter_model.safetensors: its NoRA layers differ from the layer_specs of "
-                                  "adapter_config.json (model.layers.1.mlp.act_fn)"),
-    "old file, a layer missing": (llama, _drop_layer, lambda c: c.pop("layer_specs"),
-                                  "{dir}/adapter_model.safetensors: this LlamaForCausalLM has 2 target activations, "
-                                  "the adapter covers 1; no saved layer for model.layers.1.mlp.act_fn"),
-    "fitted to another activation": (llama, None, _to_gelu,
-                                     "model.layers.0.mlp.act_fn: this model's activation is silu, the adapter was "
-                                     "fitted to gelu"),
-    "GELU base": (lambda: llama(act="gelu"), None, None,
-                  "model.layers.0.mlp.act_fn: this model's activation is gelu, the adapter was fitted to silu"),
+    "a NaN": (llama, _nan, None, "{dir}/adapter_model.safetensors: 1 tensor(s) hold NaN or inf values (" + NUM0 + ")"),
+    "a tensor missing": (
+        llama,
+        _drop_tensor,
+        None,
+        "{dir}/adapter_model.safetensors: model.layers.0.mlp.act_fn: base_denominator missing",
+    ),
+    "a layer's tensors missing": (
+        llama,
+        _drop_layer,
+        None,
+        "{dir}/adapter_model.safetensors: its NoRA layers differ from the layer_specs of "
+        "adapter_config.json (model.layers.1.mlp.act_fn)",
+    ),
+    "old file, a layer missing": (
+        llama,
+        _drop_layer,
+        lambda c: c.pop("layer_specs"),
+        "{dir}/adapter_model.safetensors: this LlamaForCausalLM has 2 target activations, "
+        "the adapter covers 1; no saved layer for model.layers.1.mlp.act_fn",
+    ),
+    "fitted to another activation": (
+        llama,
+        None,
+        _to_gelu,
+        "model.layers.0.mlp.act_fn: this model's activation is silu, the adapter was fitted to gelu",
+    ),
+    "GELU base": (
+        lambda: llama(act="gelu"),
+        None,
+        None,
+        "model.layers.0.mlp.act_fn: this model's activation is gelu, the adapter was fitted to silu",
+    ),
 }
 
 
@@ -239,7 +294,7 @@ def test_peft_from_pretrained_refuses_an_adapter_that_does_not_fit(saved_pp, tmp
     text = one_line(err)
     head = f"{d} does not fit this {type(model).__name__} (nothing was changed): "
     assert text.startswith(head), text
-    assert message.format(dir=d) in text[len(head):], text
+    assert message.format(dir=d) in text[len(head) :], text
     assert_untouched(model, before)
 
 
@@ -261,22 +316,35 @@ def test_a_config_passed_explicitly_still_refuses_a_missing_tensor(saved_pp, tmp
         warnings.simplefilter("ignore")
         with pytest.raises(nora.AdapterError) as err:
             PeftModel.from_pretrained(llama(), str(d), config=nora.NoraPeftConfig(**cfg))
-    assert one_line(err) == ("adapter_model.safetensors: 1 adapter tensor(s) this model needs are missing (base_model."
-                             "model.model.layers.0.mlp.act_fn.nora_activation.default.base_denominator); the file is "
-                             "incomplete or belongs to another model")
+    assert one_line(err) == (
+        "adapter_model.safetensors: 1 adapter tensor(s) this model needs are missing (base_model."
+        "model.model.layers.0.mlp.act_fn.nora_activation.default.base_denominator); the file is "
+        "incomplete or belongs to another model"
+    )
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "peft_type": "LORA"})),
-     "{cfg} says peft_type 'LORA', but {dir}/adapter_model.safetensors holds NoRA tensors (keys *.nora_activation.*): "
-     "loaded as LORA, NoRA would be left out; the adapter config was edited: restore \"peft_type\": \"NORA\""),
-    (lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "peft_type": "NORAX"})),
-     "{cfg} says peft_type 'NORAX', but"),
-    (lambda p: p.write_text(json.dumps({k: v for k, v in json.loads(p.read_text()).items() if k != "peft_type"})),
-     "{cfg}: no peft_type (a peft adapter config names its method; a NoRA adapter says \"peft_type\": \"NORA\")"),
-    (lambda p: p.write_text(p.read_text()[:60]),
-     "{cfg}: not readable JSON (JSONDecodeError: "),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "peft_type": "LORA"})),
+            "{cfg} says peft_type 'LORA', but {dir}/adapter_model.safetensors holds NoRA tensors (keys "
+            "*.nora_activation.*): "
+            'loaded as LORA, NoRA would be left out; the adapter config was edited: restore "peft_type": "NORA"',
+        ),
+        (
+            lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "peft_type": "NORAX"})),
+            "{cfg} says peft_type 'NORAX', but",
+        ),
+        (
+            lambda p: p.write_text(
+                json.dumps({k: v for k, v in json.loads(p.read_text()).items() if k != "peft_type"})
+            ),
+            '{cfg}: no peft_type (a peft adapter config names its method; a NoRA adapter says "peft_type": "NORA")',
+        ),
+        (lambda p: p.write_text(p.read_text()[:60]), "{cfg}: not readable JSON (JSONDecodeError: "),
+    ],
+)
 def test_nora_loaders_name_an_edited_or_truncated_adapter_config(saved_pp, tmp_path, edit, message):
     d = damaged(saved_pp, tmp_path)
     edit(d / CONFIG)
@@ -293,8 +361,9 @@ def test_a_lora_adapter_config_without_nora_tensors_is_not_mistaken(tmp_path):
     model.save_pretrained(str(tmp_path))
     with pytest.raises(FileNotFoundError) as err:
         nora.load_nora_pp(llama(), tmp_path)
-    assert one_line(err).startswith(f"no NoRA adapter at {tmp_path} (expected nora_config.json and "
-                                    "nora_adapter.safetensors)")
+    assert one_line(err).startswith(
+        f"no NoRA adapter at {tmp_path} (expected nora_config.json and nora_adapter.safetensors)"
+    )
 
 
 # ------------------------------------------------------------------------------------------ load_nora
@@ -309,7 +378,8 @@ def test_load_nora_refuses_an_adapter_fitted_to_another_activation(tmp_path):
             nora.load_nora(other, tmp_path)
         assert one_line(err).startswith(
             f"the NoRA adapter in {tmp_path} does not fit this LlamaForCausalLM (nothing was changed): "
-            f"model.layers.0.mlp.act_fn: this model's activation is {own}, the adapter was fitted to silu")
+            f"model.layers.0.mlp.act_fn: this model's activation is {own}, the adapter was fitted to silu"
+        )
         assert_untouched(other, before)
     nora.load_nora(llama(), tmp_path)  # the model it was fitted on
 
@@ -344,6 +414,7 @@ def _merged_copy(src: Path, tmp_path: Path, tensors=None, config=None) -> Path:
 def _rename(new):
     def edit(layers):
         layers[new] = layers.pop("model.layers.0.mlp.act_fn")
+
     return edit
 
 
@@ -351,32 +422,60 @@ def _set(key, value):
     def edit(t):
         t[key] = t[key].clone()
         t[key].view(-1)[0] = value
+
     return edit
 
 
-@pytest.mark.parametrize("tensors, config, message", [
-    (_set("model.layers.0.mlp.act_fn.base_numerator", float("nan")), None,
-     "{dir}: 1 tensor(s) of the checkpoint hold NaN or inf values (model.layers.0.mlp.act_fn.base_numerator); not "
-     "loading a model that computes NaN"),
-    (_set("model.layers.1.mlp.down_proj.weight", float("inf")), None,
-     "{dir}: 1 tensor(s) of the checkpoint hold NaN or inf values (model.layers.1.mlp.down_proj.weight)"),
-    (lambda t: t.pop("model.layers.1.mlp.act_fn.fit_denominator"), None,
-     "{dir}: the checkpoint lacks 1 rational coefficient tensor(s) (model.layers.1.mlp.act_fn.fit_denominator) that "
-     "config.json's nora_merged names"),
-    (None, _rename("model.layers.0.mlp.down_proj"),
-     "{dir}/config.json: nora_merged does not fit this LlamaForCausalLM (nothing was loaded): "
-     "model.layers.0.mlp.down_proj is a Linear holding parameters (weight (64, 128)), not an activation"),
-    (None, _rename("model.layers.0.mlp"),
-     "{dir}/config.json: nora_merged does not fit this LlamaForCausalLM (nothing was loaded): model.layers.0.mlp is a "
-     "LlamaMLP with submodules, not an activation"),
-    (None, lambda layers: layers["model.layers.0.mlp.act_fn"].update(original="gelu"),
-     "{dir}/config.json: nora_merged does not fit this LlamaForCausalLM (nothing was loaded): "
-     "model.layers.0.mlp.act_fn: this model's activation is silu, the adapter was fitted to gelu"),
-    (None, lambda layers: layers["model.layers.0.mlp.act_fn"].update(degrees=[4, 4]),
-     "{dir}/config.json: nora_merged does not fit this LlamaForCausalLM (nothing was loaded): "
-     "model.layers.0.mlp.act_fn: shapes base_numerator [8, 6], fit_numerator [8, 6] disagree with groups=8, "
-     "degrees=[4, 4]"),
-])
+@pytest.mark.parametrize(
+    "tensors, config, message",
+    [
+        (
+            _set("model.layers.0.mlp.act_fn.base_numerator", float("nan")),
+            None,
+            "{dir}: 1 tensor(s) of the checkpoint hold NaN or inf values "
+            "(model.layers.0.mlp.act_fn.base_numerator); not "
+            "loading a model that computes NaN",
+        ),
+        (
+            _set("model.layers.1.mlp.down_proj.weight", float("inf")),
+            None,
+            "{dir}: 1 tensor(s) of the checkpoint hold NaN or inf values (model.layers.1.mlp.down_proj.weight)",
+        ),
+        (
+            lambda t: t.pop("model.layers.1.mlp.act_fn.fit_denominator"),
+            None,
+            "{dir}: the checkpoint lacks 1 rational coefficient tensor(s) "
+            "(model.layers.1.mlp.act_fn.fit_denominator) that "
+            "config.json's nora_merged names",
+        ),
+        (
+            None,
+            _rename("model.layers.0.mlp.down_proj"),
+            "{dir}/config.json: nora_merged does not fit this LlamaForCausalLM (nothing was loaded): "
+            "model.layers.0.mlp.down_proj is a Linear holding parameters (weight (64, 128)), not an activation",
+        ),
+        (
+            None,
+            _rename("model.layers.0.mlp"),
+            "{dir}/config.json: nora_merged does not fit this LlamaForCausalLM (nothing was loaded): "
+            "model.layers.0.mlp is a "
+            "LlamaMLP with submodules, not an activation",
+        ),
+        (
+            None,
+            lambda layers: layers["model.layers.0.mlp.act_fn"].update(original="gelu"),
+            "{dir}/config.json: nora_merged does not fit this LlamaForCausalLM (nothing was loaded): "
+            "model.layers.0.mlp.act_fn: this model's activation is silu, the adapter was fitted to gelu",
+        ),
+        (
+            None,
+            lambda layers: layers["model.layers.0.mlp.act_fn"].update(degrees=[4, 4]),
+            "{dir}/config.json: nora_merged does not fit this LlamaForCausalLM (nothing was loaded): "
+            "model.layers.0.mlp.act_fn: shapes base_numerator [8, 6], fit_numerator [8, 6] disagree with groups=8, "
+            "degrees=[4, 4]",
+        ),
+    ],
+)
 def test_from_pretrained_of_a_damaged_merged_folder_is_one_line(merged_dir, tmp_path, tensors, config, message):
     d = _merged_copy(merged_dir, tmp_path, tensors, config)
     with warnings.catch_warnings():
@@ -399,9 +498,19 @@ def _format_1(src: Path, d: Path, layers_edit=None, tensors_edit=None) -> Path:
     if tensors_edit:
         tensors_edit(tensors)
     save_file(tensors, str(d / "nora_merged.safetensors"))
-    layers = {n: {"groups": m.groups, "form": m.form, "degrees": list(m.degrees), "original": m.original,
-                  "fit_range": m.fit_range, "channel_dim": m.channel_dim, "width": m.width, "residual": m.residual}
-              for n, m in rationals.items()}
+    layers = {
+        n: {
+            "groups": m.groups,
+            "form": m.form,
+            "degrees": list(m.degrees),
+            "original": m.original,
+            "fit_range": m.fit_range,
+            "channel_dim": m.channel_dim,
+            "width": m.width,
+            "residual": m.residual,
+        }
+        for n, m in rationals.items()
+    }
     if layers_edit:
         layers_edit(layers)
     (d / "nora_merged.json").write_text(json.dumps({"format_version": 1, "layers": layers}))
@@ -413,20 +522,38 @@ def _format_1(src: Path, d: Path, layers_edit=None, tensors_edit=None) -> Path:
     return d
 
 
-@pytest.mark.parametrize("layers_edit, tensors_edit, message", [
-    (None, None, None),
-    (_rename("model.layers.0.mlp.down_proj"), None,
-     "{dir}/nora_merged.json does not fit this LlamaForCausalLM (nothing was changed): model.layers.0.mlp.down_proj "
-     "is a Linear holding parameters (weight (64, 128)), not an activation"),
-    (_rename("model.layers.0.mlp"), None,
-     "{dir}/nora_merged.json does not fit this LlamaForCausalLM (nothing was changed): model.layers.0.mlp is a "
-     "LlamaMLP with submodules, not an activation"),
-    (None, lambda t: t.pop("model.layers.1.mlp.act_fn.base_numerator"),
-     "{dir}/nora_merged.json does not fit this LlamaForCausalLM (nothing was changed): model.layers.1.mlp.act_fn: "
-     "base_numerator missing from nora_merged.safetensors"),
-    (None, lambda t: t["model.layers.1.mlp.act_fn.base_denominator"].fill_(float("nan")),
-     "{dir}/nora_merged.safetensors: 1 tensor(s) hold NaN or inf values (model.layers.1.mlp.act_fn.base_denominator)"),
-])
+@pytest.mark.parametrize(
+    "layers_edit, tensors_edit, message",
+    [
+        (None, None, None),
+        (
+            _rename("model.layers.0.mlp.down_proj"),
+            None,
+            "{dir}/nora_merged.json does not fit this LlamaForCausalLM (nothing was changed): "
+            "model.layers.0.mlp.down_proj "
+            "is a Linear holding parameters (weight (64, 128)), not an activation",
+        ),
+        (
+            _rename("model.layers.0.mlp"),
+            None,
+            "{dir}/nora_merged.json does not fit this LlamaForCausalLM (nothing was changed): model.layers.0.mlp is a "
+            "LlamaMLP with submodules, not an activation",
+        ),
+        (
+            None,
+            lambda t: t.pop("model.layers.1.mlp.act_fn.base_numerator"),
+            "{dir}/nora_merged.json does not fit this LlamaForCausalLM (nothing was changed): "
+            "model.layers.1.mlp.act_fn: "
+            "base_numerator missing from nora_merged.safetensors",
+        ),
+        (
+            None,
+            lambda t: t["model.layers.1.mlp.act_fn.base_denominator"].fill_(float("nan")),
+            "{dir}/nora_merged.safetensors: 1 tensor(s) hold NaN or inf values "
+            "(model.layers.1.mlp.act_fn.base_denominator)",
+        ),
+    ],
+)
 def test_format_1_merged_folders_are_checked_too(merged_dir, tmp_path, layers_edit, tensors_edit, message):
     d = _format_1(merged_dir, tmp_path / "f1", layers_edit, tensors_edit)
     if message is None:
@@ -443,14 +570,28 @@ def test_train_py_nora_pp_lora_target_typo_is_one_error_line(tmp_path):
 
     data = write_alpaca_json(tmp_path / "alpaca_data.json", alpaca_records(8))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, str(ROOT / "train.py"), "model=llama_tiny", "dataset=alpaca", "method=nora_pp",
-           f"data.path={data}", "logger=disabled", f"output_root={tmp_path / 'runs'}", "trainer.device=cpu",
-           "trainer.max_steps=1", "trainer.num_workers=0", "trainer.progress=false",
-           "method.nora.calibration_batches=1", f"dataset.cache_dir={tmp_path / 'cache'}",
-           "method.lora.targets=[q_proj,v_projj]"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "model=llama_tiny",
+        "dataset=alpaca",
+        "method=nora_pp",
+        f"data.path={data}",
+        "logger=disabled",
+        f"output_root={tmp_path / 'runs'}",
+        "trainer.device=cpu",
+        "trainer.max_steps=1",
+        "trainer.num_workers=0",
+        "trainer.progress=false",
+        "method.nora.calibration_batches=1",
+        f"dataset.cache_dir={tmp_path / 'cache'}",
+        "method.lora.targets=[q_proj,v_projj]",
+    ]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr[-3000:]
     lines = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
-    assert lines == ["error: method.lora.targets: ['v_projj'] match no module of LlamaForCausalLM (a name matches a "
-                     "module's full name or its last segments; a string is a regex matched in full)"], out.stderr
+    assert lines == [
+        "error: method.lora.targets: ['v_projj'] match no module of LlamaForCausalLM (a name matches a "
+        "module's full name or its last segments; a string is a regex matched in full)"
+    ], out.stderr
     assert "Traceback" not in out.stderr

@@ -7,6 +7,7 @@ torchrun leaves the survivor one line.
 
 Real processes (train.py, eval.py, torchrun) with Hydra overrides and real signals, real symlinks, a real fake Hub
 server (tests/fake_hub.py) answering huggingface_hub's requests, real runs of ``vit_test`` and ``llama_tiny``."""
+
 import json
 import os
 import shutil
@@ -19,13 +20,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
-
 from fake_hub import FakeHub
 from fixtures import write_cifar
 from instruct_fixtures import tiny_nora_pp_run
 from mmlu_fixtures import make_fixture, write_csv
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+from test_hub import _python, nora_pp_run  # noqa: F401  (a pytest fixture: a NoRA++ run directory)
+from test_mmlu import RiggedLM
+from test_train_vision import tiny_overrides
+
 from nora.app.adapters import adapter_identity, adapter_record
 from nora.app.config import compose, validate
 from nora.app.evaluation import eval_config
@@ -37,9 +41,6 @@ from nora.eval import evaluate_mmlu
 from nora.models.tokenizer import build_offline_tokenizer
 from nora.runs.identity import config_hash
 from nora.runs.logger import LoggerConfig, credentials_problem
-from test_hub import _python, nora_pp_run  # noqa: F401  (a pytest fixture: a NoRA++ run directory)
-from test_mmlu import RiggedLM
-from test_train_vision import tiny_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,8 +60,14 @@ def _lines(text):
 
 
 def _train_py(args, cwd, env=None, timeout=300):
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env or _env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=env or _env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # ------------------------------------------------------------------------------ nothing touched on bad input
@@ -78,7 +85,8 @@ def test_a_bad_value_and_a_missing_wandb_key_touch_nothing(cifar10, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert _lines(proc.stderr) == [
         "error: logger.mode=online needs a W&B API key for https://api.wandb.ai and none is set: export "
-        "WANDB_API_KEY=<key> (or run `wandb login`), or log offline with logger=wandb (upload later with `wandb sync`)"]
+        "WANDB_API_KEY=<key> (or run `wandb login`), or log offline with logger=wandb (upload later with `wandb sync`)"
+    ]
     assert not out.exists()
 
 
@@ -99,28 +107,46 @@ def test_a_wandb_key_in_netrc_or_the_environment_passes(tmp_path, monkeypatch):
 def test_an_unknown_key_lists_the_keys_of_its_own_section(tmp_path):
     with pytest.raises(UserError) as err:
         eval_config(compose(["+mmlu.shots=3"], "eval"))
-    assert str(err.value) == ("mmlu.shots: no such key; valid: path, source, subjects, k, grouping, protocol, split, "
-                              "batch_size, max_length, bf16, save_predictions, progress")
+    assert str(err.value) == (
+        "mmlu.shots: no such key; valid: path, source, subjects, k, grouping, protocol, split, "
+        "batch_size, max_length, bf16, save_predictions, progress"
+    )
     with pytest.raises(UserError) as err:
         validate(compose(["model=vit_test", "logger=disabled", "method=nora_pp", "+method.lora.rank=3"]))
     assert str(err.value) == "method.lora.rank: no such key; valid: r, alpha, dropout, targets, use_dora"
     # eval.py itself: one line, nothing written
-    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "model=llama_tiny", "+mmlu.shots=3",
-                           f"output_root={tmp_path}"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "eval.py"), "model=llama_tiny", "+mmlu.shots=3", f"output_root={tmp_path}"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and _lines(proc.stderr)[-1].startswith("error: mmlu.shots: no such key; valid: path,")
     assert list(tmp_path.iterdir()) == []
 
 
 # --------------------------------------------------------------------------------------------- signals
 def _start(args, cwd):
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
-@pytest.mark.parametrize("sig,line", [(signal.SIGINT, "interrupted while starting; nothing was written"),
-                                      (signal.SIGTERM, "stopped by SIGTERM while starting; nothing was written")])
+@pytest.mark.parametrize(
+    "sig,line",
+    [
+        (signal.SIGINT, "interrupted while starting; nothing was written"),
+        (signal.SIGTERM, "stopped by SIGTERM while starting; nothing was written"),
+    ],
+)
 def test_a_signal_while_train_py_imports_is_one_line(cifar10, tmp_path, sig, line):
     proc = _start(tiny_overrides(cifar10, tmp_path / "runs", "nora"), tmp_path)
     time.sleep(0.4)  # torch, transformers, peft and hydra take seconds to import
@@ -142,8 +168,9 @@ def test_sigterm_during_setup_is_one_line_and_the_next_run_starts(cifar10, tmp_p
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and "Traceback" not in err, err[-2000:]
-    assert _lines(err) == ["stopped by SIGTERM during setup, before training (re)started; run the same command to "
-                           "start it"]
+    assert _lines(err) == [
+        "stopped by SIGTERM during setup, before training (re)started; run the same command to start it"
+    ]
     assert not (tmp_path / "runs" / "r" / "checkpoints").exists() and "trainable" not in out
     assert lock.read_text() == ""  # released
     done = _train_py(args, tmp_path)
@@ -155,10 +182,28 @@ def test_a_rank_killed_under_torchrun_leaves_the_survivor_one_line(cifar10, tmp_
     out = tmp_path / "runs"
     env = _env(OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
-           *tiny_overrides(cifar10, out, "nora", ["trainer.epochs=50", "trainer.batch_size=4", "trainer.log_every=1",
-                                                  "trainer.eval_every=0", "trainer.checkpoint_every=2",
-                                                  "trainer.device=cpu", "run_name=r"])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "train.py"),
+        *tiny_overrides(
+            cifar10,
+            out,
+            "nora",
+            [
+                "trainer.epochs=50",
+                "trainer.batch_size=4",
+                "trainer.log_every=1",
+                "trainer.eval_every=0",
+                "trainer.checkpoint_every=2",
+                "trainer.device=cpu",
+                "run_name=r",
+            ],
+        ),
+    ]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         t0 = time.time()
@@ -198,7 +243,8 @@ def test_resume_from_a_run_of_another_method_is_one_line_before_building(cifar10
     assert str(err.value) == (
         f"resume={lora_dir}: {lora_dir / 'checkpoints/last.pt'} was written by a run of method=lora "
         f"({lora_dir / 'config.yaml'}), this run is method=nora, model=vit_test: its tensors do not fit this model; "
-        "resume from a run of this method and model, or resume=null")
+        "resume from a run of this method and model, or resume=null"
+    )
     assert sorted(p.name for p in nora_dir.iterdir()) == [".lock"]
     # the bare checkpoint file, with no run config next to it: the load refuses it, before copying anything
     bare = tmp_path / "bare" / "last.pt"
@@ -208,16 +254,20 @@ def test_resume_from_a_run_of_another_method_is_one_line_before_building(cifar10
         run_training(compose(tiny_overrides(cifar10, tmp_path, "nora", [f"resume={bare}"])), run_dir=nora_dir)
     msg = str(err.value)
     assert msg.startswith(f"{bare} holds tensors this model does not have (") and "lora_" in msg and "\n" not in msg
-    assert msg.endswith("was it written by another method or model? resume from a checkpoint of this "
-                        "configuration, or resume=null")
+    assert msg.endswith(
+        "was it written by another method or model? resume from a checkpoint of this configuration, or resume=null"
+    )
     assert not (nora_dir / "summary.json").exists() and not (nora_dir / "checkpoints").exists()
 
 
 def test_a_damaged_wandb_run_id_is_one_line_on_resume(cifar10, tmp_path):
     run = tmp_path / "run"
-    first = run_training(compose(tiny_overrides(cifar10, tmp_path, "nora", ["trainer.stop_after_steps=2",
-                                                                            "trainer.checkpoint_every=1"])),
-                         run_dir=run)
+    first = run_training(
+        compose(
+            tiny_overrides(cifar10, tmp_path, "nora", ["trainer.stop_after_steps=2", "trainer.checkpoint_every=1"])
+        ),
+        run_dir=run,
+    )
     assert first["status"] == "incomplete"
     (run / "wandb").mkdir()
     (run / "wandb" / "run_id").write_text("../../my run?\n")
@@ -226,22 +276,37 @@ def test_a_damaged_wandb_run_id_is_one_line_on_resume(cifar10, tmp_path):
         run_training(compose(tiny_overrides(cifar10, tmp_path, "nora", ["logger=wandb"])), run_dir=run)
     assert str(err.value) == (
         f"{run / 'wandb/run_id'} holds '../../my run?', not a W&B run id (printable characters without spaces or "
-        ":;,#?/'); write back the id of this run's W&B run, or delete the file to log to a new W&B run")
+        ":;,#?/'); write back the id of this run's W&B run, or delete the file to log to a new W&B run"
+    )
     assert torch.load(run / "checkpoints/last.pt", weights_only=False)["state"]["step"] == step
 
 
 # ------------------------------------------------------------------------------------- what one run uses
 def test_grad_accum_that_leaves_batches_unused_says_so(tmp_path, capsys):
     data = write_cifar(tmp_path / "c70", "cifar10", n_train=70, n_test=16)
-    run_training(compose(tiny_overrides(data, tmp_path, "nora", ["trainer.batch_size=16", "trainer.grad_accum=3",
-                                                                 "trainer.epochs=1"])), run_dir=tmp_path / "run")
+    run_training(
+        compose(
+            tiny_overrides(
+                data, tmp_path, "nora", ["trainer.batch_size=16", "trainer.grad_accum=3", "trainer.epochs=1"]
+            )
+        ),
+        run_dir=tmp_path / "run",
+    )
     notes = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note:")]
-    assert notes == ["note: an epoch is 4 batches and trainer.grad_accum=3 makes 1 optimizer step(s) of 3 batches; the "
-                     "last 1 batch(es) are skipped: 22 of the 70 examples are not used each epoch (a different set "
-                     "each epoch when shuffled); a grad_accum that divides 4, or another trainer.batch_size, uses "
-                     "them all"]
-    run_training(compose(tiny_overrides(data, tmp_path, "nora", ["trainer.batch_size=16", "trainer.grad_accum=2",
-                                                                 "trainer.epochs=1"])), run_dir=tmp_path / "run2")
+    assert notes == [
+        "note: an epoch is 4 batches and trainer.grad_accum=3 makes 1 optimizer step(s) of 3 batches; the "
+        "last 1 batch(es) are skipped: 22 of the 70 examples are not used each epoch (a different set "
+        "each epoch when shuffled); a grad_accum that divides 4, or another trainer.batch_size, uses "
+        "them all"
+    ]
+    run_training(
+        compose(
+            tiny_overrides(
+                data, tmp_path, "nora", ["trainer.batch_size=16", "trainer.grad_accum=2", "trainer.epochs=1"]
+            )
+        ),
+        run_dir=tmp_path / "run2",
+    )
     assert "note:" not in capsys.readouterr().out  # 2 divides 4: only the partial last batch is left, as always
 
 
@@ -278,11 +343,19 @@ def test_eval_and_publish_refuse_an_edited_config_yaml(llm_run, tmp_path):
     assert cfg.model.init_seed == 0
     cfg.model.init_seed = 7
     OmegaConf.save(cfg, run / "config.yaml")
-    want = (f"{run / 'config.yaml'} is not the config this run trained with (edited after training: "
-            "model.init_seed: 0 -> 7); restore the file or retrain the run (force=true)")
+    want = (
+        f"{run / 'config.yaml'} is not the config this run trained with (edited after training: "
+        "model.init_seed: 0 -> 7); restore the file or retrain the run (force=true)"
+    )
     mmlu = write_csv(tmp_path / "mmlu", make_fixture())
-    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), f"run_dir={run}", f"mmlu.path={mmlu}",
-                           "device=cpu"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "eval.py"), f"run_dir={run}", f"mmlu.path={mmlu}", "device=cpu"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert _lines(proc.stderr)[-1] == f"error: {want}"
     assert not (run / "mmlu.json").exists()
@@ -321,8 +394,10 @@ def test_push_to_hub_uploads_only_the_runs_own_regular_files(nora_pp_run, tmp_pa
     # a symbolic link in the adapter folder: an error naming it; nothing reaches the hub
     (adir / "notes.txt").symlink_to(secret)
     result, requests = _push(nora_pp_run, tmp_path)
-    assert result == {"error": f"{adir / 'notes.txt'} is a symbolic link (to {secret}); push_to_hub uploads only "
-                               f"regular files inside {adir}: replace the link by the file itself, or remove it"}
+    assert result == {
+        "error": f"{adir / 'notes.txt'} is a symbolic link (to {secret}); push_to_hub uploads only "
+        f"regular files inside {adir}: replace the link by the file itself, or remove it"
+    }
     assert requests == []
     (adir / "notes.txt").unlink()
     (adir / "more").mkdir()
@@ -337,10 +412,14 @@ def test_push_to_hub_uploads_only_the_runs_own_regular_files(nora_pp_run, tmp_pa
     save_file(state, str(weights), metadata={"format": "pt"})
     have = adapter_identity(adir)["files"]["adapter_model.safetensors"]
     result, requests = _push(nora_pp_run, tmp_path)
-    assert result == {"error": (
-        f"{weights} is not the file this run saved (sha256 {have[:12]}..., summary.json records "
-        f"{summary['adapter']['files']['adapter_model.safetensors'][:12]}...); not publishing it: restore the run's "
-        "own adapter, or retrain the run (force=true)")}
+    assert result == {
+        "error": (
+            f"{weights} is not the file this run saved (sha256 {have[:12]}..., summary.json records "
+            f"{summary['adapter']['files']['adapter_model.safetensors'][:12]}...); not publishing it: restore "
+            f"the run's "
+            "own adapter, or retrain the run (force=true)"
+        )
+    }
     assert requests == []
 
 
@@ -349,13 +428,16 @@ def test_mmlu_says_when_max_length_cuts_questions(tmp_path):
     tok = build_offline_tokenizer()
     path = write_csv(tmp_path, make_fixture(["abstract_algebra"], n_test=6))
     with pytest.warns(UserWarning) as record:
-        r = evaluate_mmlu(RiggedLM(tok, prefer="B"), tok, path, subjects=["abstract_algebra"], k=5, max_length=8,
-                          progress=False)
+        r = evaluate_mmlu(
+            RiggedLM(tok, prefer="B"), tok, path, subjects=["abstract_algebra"], k=5, max_length=8, progress=False
+        )
     assert r.to_dict()["shots"]["truncated_questions"] == 6
     msgs = [str(w.message) for w in record if "cut from the left" in str(w.message)]
-    assert msgs == ["MMLU: 6 of 6 questions do not fit max_length (8 tokens) even zero-shot and were cut from the "
-                    "left: their scores read a truncated question and the accuracy is not comparable; raise "
-                    "mmlu.max_length (null: the model's context length)"]
+    assert msgs == [
+        "MMLU: 6 of 6 questions do not fit max_length (8 tokens) even zero-shot and were cut from the "
+        "left: their scores read a truncated question and the accuracy is not comparable; raise "
+        "mmlu.max_length (null: the model's context length)"
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a length that fits: no warning
         evaluate_mmlu(RiggedLM(tok, prefer="B"), tok, path, subjects=["abstract_algebra"], k=0, progress=False)
@@ -369,8 +451,9 @@ def test_sigterm_inside_an_omegaconf_call_during_setup_keeps_its_status_and_one_
     from nora.errors import user_errors
     from nora.train.signals import SetupGuard
 
-    OmegaConf.register_new_resolver("nora_test_sigterm", lambda: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(1),
-                                    replace=True)
+    OmegaConf.register_new_resolver(
+        "nora_test_sigterm", lambda: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(1), replace=True
+    )
     cfg = OmegaConf.create({"a": {"b": "${nora_test_sigterm:}"}})
     with pytest.raises(SystemExit) as stop, user_errors(), SetupGuard():
         _ = cfg.a.b

@@ -13,6 +13,7 @@ bad argument in one line (issue 32, part C).
   ``metrics.jsonl`` names the file and line; the LLM ``--diagnose`` without NoRA++ runs says what is missing and
   leaves the diagnosis file as it was.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,9 +24,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from instruct_fixtures import alpaca_records, openorca_records, write_alpaca_json, write_alpaca_jsonl, \
-    write_openorca_parquet
+from instruct_fixtures import (
+    alpaca_records,
+    openorca_records,
+    write_alpaca_json,
+    write_alpaca_jsonl,
+    write_openorca_parquet,
+)
 from mmlu_fixtures import make_fixture, write_csv
 from test_results import demo_runs, mmlu, write_run
 
@@ -34,13 +39,21 @@ ALPACA_FIELDS = "['instruction', 'input', 'output']"
 
 
 def _env(**extra) -> dict:
-    return dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="disabled", HF_HUB_OFFLINE="1",
-                HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
+    return dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        WANDB_MODE="disabled",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        **extra,
+    )
 
 
 def _python(args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=_env(**env), capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=600
+    )
 
 
 def _main_error(main, argv, capsys) -> str:
@@ -69,9 +82,16 @@ def _build(tmp_path, tok, **kw):
     return build_instruct_datasets(InstructDataConfig(**kw), tok)
 
 
-@pytest.mark.parametrize("value,shown,kind", [(5, "5", "int"), (["Paris"], "['Paris']", "list"),
-                                              ({"city": "Paris"}, "{'city': 'Paris'}", "dict"), (True, "True", "bool"),
-                                              (2.5, "2.5", "float")])
+@pytest.mark.parametrize(
+    "value,shown,kind",
+    [
+        (5, "5", "int"),
+        (["Paris"], "['Paris']", "list"),
+        ({"city": "Paris"}, "{'city': 'Paris'}", "dict"),
+        (True, "True", "bool"),
+        (2.5, "2.5", "float"),
+    ],
+)
 @pytest.mark.parametrize("writer", [write_alpaca_json, write_alpaca_jsonl])
 def test_a_non_string_alpaca_value_is_refused_naming_record_and_field(tmp_path, tok, writer, value, shown, kind):
     """One non-string output in a real alpaca_data.json / .jsonl: datasets would read the field as JSON and every
@@ -86,7 +106,8 @@ def test_a_non_string_alpaca_value_is_refused_naming_record_and_field(tmp_path, 
     assert str(err.value) == (
         f"{path}: record 4 (counting from 0) has output={shown} ({kind}), not text; dataset=alpaca needs strings in "
         f"{ALPACA_FIELDS} (1 record(s) with a non-string output; the field mixes text with other values); write it "
-        "as a string in the file")
+        "as a string in the file"
+    )
     assert not list((tmp_path / "cache").glob("alpaca-*"))  # nothing tokenised or cached
 
 
@@ -98,13 +119,19 @@ def test_a_non_string_input_and_a_numeric_field_are_refused(tmp_path, tok):
     recs = alpaca_records(6)
     recs[2] = dict(recs[2], input=7)
     path = write_alpaca_jsonl(tmp_path / "inputs.jsonl", recs)
-    with pytest.raises(DataError, match=r"inputs\.jsonl: record 2 \(counting from 0\) has input=7 \(int\), not "
-                                        r"text; .*the field mixes text with other values"):
+    with pytest.raises(
+        DataError,
+        match=r"inputs\.jsonl: record 2 \(counting from 0\) has input=7 \(int\), not "
+        r"text; .*the field mixes text with other values",
+    ):
         _build(tmp_path, tok, path=str(path))
     numeric = [dict(r, output=i) for i, r in enumerate(alpaca_records(4))]
     path = write_alpaca_json(tmp_path / "numbers.json", numeric)
-    with pytest.raises(DataError, match=r"numbers\.json: record 0 \(counting from 0\) has output=0 \(int\), not text; "
-                                        r".*\(4 record\(s\) with a non-string output; the field was read as int64\)"):
+    with pytest.raises(
+        DataError,
+        match=r"numbers\.json: record 0 \(counting from 0\) has output=0 \(int\), not text; "
+        r".*\(4 record\(s\) with a non-string output; the field was read as int64\)",
+    ):
         _build(tmp_path, tok, path=str(path))
     recs[2] = dict(recs[2], input="7")  # quoted: text, as the error says
     train, _, stats = _build(tmp_path, tok, path=str(write_alpaca_jsonl(tmp_path / "fixed.jsonl", recs)))
@@ -124,15 +151,24 @@ def test_an_openorca_int64_column_in_one_of_two_parquet_files_is_refused(tmp_pat
     d = tmp_path / "orca"
     write_openorca_parquet(d / "a.parquet", openorca_records(4))
     recs = openorca_records(3)
-    pq.write_table(pa.table({"id": [r["id"] for r in recs], "system_prompt": [r["system_prompt"] for r in recs],
-                             "question": [r["question"] for r in recs],
-                             "response": pa.array([41, 42, 43], pa.int64())}), str(d / "b.parquet"))
+    pq.write_table(
+        pa.table(
+            {
+                "id": [r["id"] for r in recs],
+                "system_prompt": [r["system_prompt"] for r in recs],
+                "question": [r["question"] for r in recs],
+                "response": pa.array([41, 42, 43], pa.int64()),
+            }
+        ),
+        str(d / "b.parquet"),
+    )
     with pytest.raises(DataError) as err:
         _build(tmp_path, tok, name="openorca", path=str(d))
     assert str(err.value) == (
         f"{d / 'b.parquet'}: record 0 (counting from 0) has response=41 (int), not text; dataset=openorca needs "
         "strings in ['system_prompt', 'question', 'response'] (3 record(s) with a non-string response; the field was "
-        "read as int64); write it as a string in the file")
+        "read as int64); write it as a string in the file"
+    )
 
 
 def test_train_py_refuses_a_non_string_alpaca_field_in_one_line(tmp_path):
@@ -142,15 +178,30 @@ def test_train_py_refuses_a_non_string_alpaca_field_in_one_line(tmp_path):
     recs[3] = dict(recs[3], output=["Paris", "Lyon"])
     path = write_alpaca_json(tmp_path / "alpaca_data.json", recs)
     cache = tmp_path / "cache"
-    proc = _python([str(ROOT / "train.py"), "model=llama_tiny", "dataset=alpaca", "method=lora",
-                    f"data.path={path}", "logger=disabled", f"output_root={tmp_path / 'runs'}", "trainer.device=cpu",
-                    "trainer.max_steps=1", "trainer.num_workers=0", "trainer.progress=false",
-                    f"dataset.cache_dir={cache}"], ROOT)
+    proc = _python(
+        [
+            str(ROOT / "train.py"),
+            "model=llama_tiny",
+            "dataset=alpaca",
+            "method=lora",
+            f"data.path={path}",
+            "logger=disabled",
+            f"output_root={tmp_path / 'runs'}",
+            "trainer.device=cpu",
+            "trainer.max_steps=1",
+            "trainer.num_workers=0",
+            "trainer.progress=false",
+            f"dataset.cache_dir={cache}",
+        ],
+        ROOT,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert errors == [f"error: {path}: record 3 (counting from 0) has output=['Paris', 'Lyon'] (list), not text; "
-                      f"dataset=alpaca needs strings in {ALPACA_FIELDS} (1 record(s) with a non-string output; the "
-                      "field mixes text with other values); write it as a string in the file"]
+    assert errors == [
+        f"error: {path}: record 3 (counting from 0) has output=['Paris', 'Lyon'] (list), not text; "
+        f"dataset=alpaca needs strings in {ALPACA_FIELDS} (1 record(s) with a non-string output; the "
+        "field mixes text with other values); write it as a string in the file"
+    ]
     assert "Traceback" not in proc.stderr and not list(cache.glob("alpaca-*"))
 
 
@@ -177,8 +228,7 @@ def test_a_byte_order_mark_is_not_part_of_the_first_question(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ results readers
-BAD_ACCURACY = [("NaN", "nan"), ("Infinity", "inf"), ("1e9", "1000000000.0"), ('"abc"', "'abc'"),
-                ("-3.0", "-3.0")]
+BAD_ACCURACY = [("NaN", "nan"), ("Infinity", "inf"), ("1e9", "1000000000.0"), ('"abc"', "'abc'"), ("-3.0", "-3.0")]
 
 
 def test_an_accuracy_no_run_writes_leaves_the_run_out_naming_the_file(tmp_path):
@@ -192,23 +242,45 @@ def test_an_accuracy_no_run_writes_leaves_the_run_out_naming_the_file(tmp_path):
     rot = demo / "rot90"
     bad = {}
     for i, (raw, shown) in enumerate(BAD_ACCURACY):
-        d = write_run(rot, f"nora_bad{i}_s{5 + i}", method="nora", model="vit_demo", dataset="digits_target",
-                      seed=5 + i, acc=90.0, config={"dataset": {"classes": [5, 6, 7, 8, 9], "transform": "rot90"}})
+        d = write_run(
+            rot,
+            f"nora_bad{i}_s{5 + i}",
+            method="nora",
+            model="vit_demo",
+            dataset="digits_target",
+            seed=5 + i,
+            acc=90.0,
+            config={"dataset": {"classes": [5, 6, 7, 8, 9], "transform": "rot90"}},
+        )
         text = (d / "summary.json").read_text().replace('"final_accuracy": 90.0', f'"final_accuracy": {raw}')
         (d / "summary.json").write_text(text)
-        bad[d / "summary.json"] = (f"final_accuracy={shown} is not an accuracy (a finite number of percent in "
-                                   "[0, 100]); the run is left out")
+        bad[d / "summary.json"] = (
+            f"final_accuracy={shown} is not an accuracy (a finite number of percent in [0, 100]); the run is left out"
+        )
     # an mmlu.json with a NaN accuracy: that run counts as not evaluated
-    llm = write_run(runs / "table2", "llama3_8b_alpaca_lora_s0", method="lora", model="llama3_8b",
-                    dataset="alpaca", seed=0, family="causal_lm", mmlu=mmlu(0.5, 0.5, 0.5, 0.5, 0.5))
-    (llm / "mmlu.json").write_text((llm / "mmlu.json").read_text().replace('"accuracy": 0.5, "correct": 0, "n": 100',
-                                                                           '"accuracy": NaN, "correct": 0, "n": 100'))
+    llm = write_run(
+        runs / "table2",
+        "llama3_8b_alpaca_lora_s0",
+        method="lora",
+        model="llama3_8b",
+        dataset="alpaca",
+        seed=0,
+        family="causal_lm",
+        mmlu=mmlu(0.5, 0.5, 0.5, 0.5, 0.5),
+    )
+    (llm / "mmlu.json").write_text(
+        (llm / "mmlu.json")
+        .read_text()
+        .replace('"accuracy": 0.5, "correct": 0, "n": 100', '"accuracy": NaN, "correct": 0, "n": 100')
+    )
     col = collect(demo)
     assert col.unreadable == bad
     assert not any(r.dir.name.startswith("nora_bad") for r in col.runs)
     col2 = collect(runs / "table2")
-    assert col2.unreadable == {llm / "mmlu.json": "overall.accuracy=nan is not an accuracy (a finite fraction in "
-                                                  "[0, 1]); the run counts as not evaluated on MMLU"}
+    assert col2.unreadable == {
+        llm / "mmlu.json": "overall.accuracy=nan is not an accuracy (a finite fraction in "
+        "[0, 1]); the run counts as not evaluated on MMLU"
+    }
     assert [r.mmlu for r in col2.runs] == [None]
 
     proc = _python(["-m", "nora.results", "tables", "--runs", "runs", "--out", "out"], tmp_path)
@@ -229,9 +301,18 @@ def test_two_folders_of_one_seed_are_named_in_the_table_and_on_stderr(tmp_path, 
 
     demo = demo_runs(tmp_path / "demo")
     old = demo / "rot90" / "nora_s0"
-    new = write_run(demo / "rot90", "nora_s0_again", method="nora", model="vit_demo", dataset="digits_target",
-                    seed=0, acc=99.0, trainable=20, date="2026-02-01T10:00:00+00:00",
-                    config={"dataset": {"classes": [5, 6, 7, 8, 9], "transform": "rot90"}})
+    new = write_run(
+        demo / "rot90",
+        "nora_s0_again",
+        method="nora",
+        model="vit_demo",
+        dataset="digits_target",
+        seed=0,
+        acc=99.0,
+        trainable=20,
+        date="2026-02-01T10:00:00+00:00",
+        config={"dataset": {"classes": [5, 6, 7, 8, 9], "transform": "rot90"}},
+    )
     out = tmp_path / "out"
     assert main(["demo-table", "--runs", str(demo), "--out", str(out)]) == 0
     _, err = capsys.readouterr()
@@ -257,7 +338,8 @@ def test_tables_names_two_folders_of_one_seed_in_a_subprocess(tmp_path):
     # same date: the later folder name is counted
     assert proc.stderr.splitlines() == [
         "same seed twice: full seed 1: runs/demo/rot90/full_s1_copy (2026-01-02) is counted, runs/demo/rot90/full_s1 "
-        "(2026-01-02) is not"]
+        "(2026-01-02) is not"
+    ]
 
 
 def test_results_cli_arguments_are_one_line(tmp_path, capsys):
@@ -268,20 +350,24 @@ def test_results_cli_arguments_are_one_line(tmp_path, capsys):
     assert _main_error(main, ["plan", "tabel1"], capsys) == (
         "error: unknown sweep 'tabel1'; valid: table1, table2, ablations, matched_budget (groups) or ablation_form, "
         "ablation_groups, ablation_init, ablation_numerator, ablation_rank, ablation_residual, ablation_variant, "
-        "matched_llama, matched_vit, table1, table1_low_budget, table2 (sweeps/*.yaml)")
+        "matched_llama, matched_vit, table1, table1_low_budget, table2 (sweeps/*.yaml)"
+    )
     err = _main_error(main, ["plan", "table1", "trainer.lrr=0.1"], capsys)
     assert err.startswith("error: trainer.lrr=0.1: no such key; valid keys of trainer: device, precision, epochs, ")
     assert ", lr, head_lr, nora_lr, " in err
     assert _main_error(main, ["plan", "table1", "model=vit_tinyy"], capsys) == (
         "error: model=vit_tinyy: no such option of model; valid: llama3_8b, llama_demo, llama_tiny, mistral_7b, "
-        "qwen2_7b, qwen2_tiny, vit_base, vit_demo, vit_small, vit_test, vit_tiny")
+        "qwen2_7b, qwen2_tiny, vit_base, vit_demo, vit_small, vit_test, vit_tiny"
+    )
     assert _main_error(main, ["plan", "table1", "seed"], capsys) == (
         "error: cannot parse the override(s) seed: Error parsing override 'seed'; missing EQUAL at '<EOF>' (the form "
-        "is key=value, e.g. trainer.lr=0.01)")
+        "is key=value, e.g. trainer.lr=0.01)"
+    )
     missing = tmp_path / "runs" / "table2"
-    assert _main_error(main, ["mmlu-jobs", "--runs", str(missing), "--eval-root", str(tmp_path / "eval")],
-                       capsys) == (f"error: --runs {missing}: no such directory (the training runs to evaluate; "
-                                   "`make table2` writes them to runs/table2)")
+    assert _main_error(main, ["mmlu-jobs", "--runs", str(missing), "--eval-root", str(tmp_path / "eval")], capsys) == (
+        f"error: --runs {missing}: no such directory (the training runs to evaluate; "
+        "`make table2` writes them to runs/table2)"
+    )
 
 
 def test_plan_typo_in_a_subprocess_is_one_line(tmp_path):
@@ -311,16 +397,22 @@ def test_the_vision_demo_refuses_bad_methods_and_overrides_before_anything_start
     import nora.demo.runner as demo
 
     out = tmp_path / "runs"
-    valid = ("linear_probe, full, lora, dora, nora, nora_pp, rational_ft, zero_init_ft, bitfit, ln_tuning, ia3, "
-             "vera")
+    valid = "linear_probe, full, lora, dora, nora, nora_pp, rational_ft, zero_init_ft, bitfit, ln_tuning, ia3, vera"
     cases = [
         (["--methods", "lora,nrao"], f"error: --methods: unknown method 'nrao'; valid: {valid}"),
         (["--methods", "nora", "trainer.lrr=0.1"], None),
-        (["--methods", "nora", "model=vit_dem"], "error: model=vit_dem: no such option of model; valid: llama3_8b, "
-         "llama_demo, llama_tiny, mistral_7b, qwen2_7b, qwen2_tiny, vit_base, vit_demo, vit_small, vit_test, vit_tiny "
-         "(the fine-tuning runs of method=nora)"),
-        (["--methods", "lora,linear_probe", "method.lora.r=4"], "error: method.lora.r=4: no such key (method.lora is "
-         "null in this config) (the fine-tuning runs of method=linear_probe)"),
+        (
+            ["--methods", "nora", "model=vit_dem"],
+            "error: model=vit_dem: no such option of model; valid: llama3_8b, "
+            "llama_demo, llama_tiny, mistral_7b, qwen2_7b, qwen2_tiny, vit_base, vit_demo, vit_small, "
+            "vit_test, vit_tiny "
+            "(the fine-tuning runs of method=nora)",
+        ),
+        (
+            ["--methods", "lora,linear_probe", "method.lora.r=4"],
+            "error: method.lora.r=4: no such key (method.lora is "
+            "null in this config) (the fine-tuning runs of method=linear_probe)",
+        ),
         (["--methods", "nora", "trainer.lr=abc"], "error: trainer.lr='abc': could not be converted to Float"),
     ]
     for argv, expected in cases:
@@ -336,8 +428,10 @@ def test_the_vision_demo_refuses_bad_methods_and_overrides_before_anything_start
 def test_the_vision_demo_typo_in_a_subprocess_is_one_line(tmp_path):
     proc = _python(["-m", "nora.demo", "--out", str(tmp_path / "runs"), "--methods", "nrao"], ROOT)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.splitlines() == ["error: --methods: unknown method 'nrao'; valid: linear_probe, full, lora, "
-                                        "dora, nora, nora_pp, rational_ft, zero_init_ft, bitfit, ln_tuning, ia3, vera"]
+    assert proc.stderr.splitlines() == [
+        "error: --methods: unknown method 'nrao'; valid: linear_probe, full, lora, "
+        "dora, nora, nora_pp, rational_ft, zero_init_ft, bitfit, ln_tuning, ia3, vera"
+    ]
     assert not (tmp_path / "runs").exists()
 
 
@@ -345,17 +439,29 @@ def test_the_digits_diagnosis_names_a_torn_metrics_line(tmp_path):
     """A complete run whose metrics.jsonl ends in a torn line (a killed copy): the diagnosis (a real subprocess)
     exits 2 naming the file and the line; its output file is not written."""
     runs = tmp_path / "runs" / "demo"
-    run = write_run(runs / "rot90", "linear_probe_s0", method="linear_probe", model="vit_demo",
-                    dataset="digits_target", seed=0, acc=90.0)
-    (run / "metrics.jsonl").write_text('{"step": 1, "eval/accuracy": 50.0}\n{"step": 2, "eval/accuracy": 60.0}\n'
-                                       '{"step": 3, "eval/acc')
+    run = write_run(
+        runs / "rot90",
+        "linear_probe_s0",
+        method="linear_probe",
+        model="vit_demo",
+        dataset="digits_target",
+        seed=0,
+        acc=90.0,
+    )
+    (run / "metrics.jsonl").write_text(
+        '{"step": 1, "eval/accuracy": 50.0}\n{"step": 2, "eval/accuracy": 60.0}\n{"step": 3, "eval/acc'
+    )
     out = tmp_path / "diag.md"
-    proc = _python(["-m", "nora.demo.diagnosis", "--runs", str(runs), "--out", str(out)], ROOT,
-                   NORA_CACHE_DIR=str(tmp_path / "cache"))
+    proc = _python(
+        ["-m", "nora.demo.diagnosis", "--runs", str(runs), "--out", str(out)],
+        ROOT,
+        NORA_CACHE_DIR=str(tmp_path / "cache"),
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.splitlines() == [
-        f"error: {run / 'metrics.jsonl'}, line 3: not a JSON record ('{{\"step\": 3, \"eval/acc'; cut short?); the "
-        "learning curve of this complete run cannot be read: remove that line or rerun the run"]
+        f'error: {run / "metrics.jsonl"}, line 3: not a JSON record (\'{{"step": 3, "eval/acc\'; cut short?); the '
+        "learning curve of this complete run cannot be read: remove that line or rerun the run"
+    ]
     assert not out.exists()
 
 
@@ -366,13 +472,23 @@ def test_the_llm_diagnosis_without_nora_pp_says_so_and_keeps_the_file(tmp_path, 
 
     out, res = tmp_path / "runs", tmp_path / "results"
     for method in ("lora", "nora"):
-        write_run(out, f"{method}_s0", method=method, model="llama_demo", dataset="alpaca", seed=0,
-                  family="causal_lm", mmlu=dict(mmlu(0.3, 0.3, 0.3, 0.3, 0.3), split="test"))
+        write_run(
+            out,
+            f"{method}_s0",
+            method=method,
+            model="llama_demo",
+            dataset="alpaca",
+            seed=0,
+            family="causal_lm",
+            mmlu=dict(mmlu(0.3, 0.3, 0.3, 0.3, 0.3), split="test"),
+        )
     res.mkdir()
     (res / "demo_llm_diagnosis.md").write_text("the last diagnosis\n")
     err = _main_error(llm.main, ["--diagnose", "--out", str(out), "--results", str(res)], capsys)
-    assert err == (f"error: the diagnosis needs scored NoRA and NoRA++ runs under {out}; there are no NoRA++ "
-                   "(nora_pp) runs (found: lora, nora): run `python -m nora.demo.llm` (its default methods include "
-                   "both) first; the diagnosis file was not written")
+    assert err == (
+        f"error: the diagnosis needs scored NoRA and NoRA++ runs under {out}; there are no NoRA++ "
+        "(nora_pp) runs (found: lora, nora): run `python -m nora.demo.llm` (its default methods include "
+        "both) first; the diagnosis file was not written"
+    )
     assert (res / "demo_llm_diagnosis.md").read_text() == "the last diagnosis\n"
     assert sorted(p.name for p in out.iterdir()) == ["lora_s0", "nora_s0"]  # no backbone, no base evaluation

@@ -4,6 +4,7 @@ checkpoints and torn metrics lines, full and read-only disks, non-finite weights
 
 Real runs of ``vit_test`` on CIFAR-format files; the lock, Ctrl-C and SIGTERM tests run ``train.py`` as real
 processes and send them real signals; disk-full and read-only use a real tmpfs and a real read-only bind mount."""
+
 import json
 import os
 import re
@@ -19,15 +20,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import write_cifar
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-
-from nora.runs.identity import config_hash
-from nora.errors import NonFiniteLossError, OutputError, UserError
-from nora.app.training import run_training
-from nora.runs.logger import read_metrics
-from fixtures import write_cifar
 from test_train_vision import make_cfg, tiny_overrides
+
+from nora.app.training import run_training
+from nora.errors import NonFiniteLossError, OutputError, UserError
+from nora.runs.identity import config_hash
+from nora.runs.logger import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_NAME = "vit_test_cifar10_nora_s0"
@@ -51,9 +52,14 @@ def train_process(overrides, tmp_path, name="a"):
         # the run name fixed, so the tests know the directory whatever overrides they pass (nora.runs.naming)
         # SIGINT as in a terminal: a test run started in the background (`make test &`, nohup) inherits SIGINT
         # ignored, and Python then never turns Ctrl-C into KeyboardInterrupt
-        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *overrides, f"run_name={RUN_NAME}"],
-                                cwd=tmp_path, env=_env(), stdout=o, stderr=e,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "train.py"), *overrides, f"run_name={RUN_NAME}"],
+            cwd=tmp_path,
+            env=_env(),
+            stdout=o,
+            stderr=e,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
     proc.out, proc.err = out, err
     try:
         yield proc
@@ -98,13 +104,20 @@ def test_a_second_process_is_refused_and_a_dead_holders_lock_is_taken_over(cifar
         wait_until(lambda: (run_dir / "checkpoints/last.pt").exists(), first, "the first checkpoint")
         holder = json.loads((run_dir / ".lock").read_text())
         assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
-        second = subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides, f"run_name={RUN_NAME}"],
-                                cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+        second = subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), *overrides, f"run_name={RUN_NAME}"],
+            cwd=tmp_path,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert second.returncode == 2
         lines = error_lines(second.stderr)
         assert len(lines) == 1 and "Traceback" not in second.stderr + second.stdout
-        assert lines[0].startswith(f"error: {run_dir} is in use by pid {first.pid} on {socket.gethostname()} "
-                                   f"(since {holder['since']})")
+        assert lines[0].startswith(
+            f"error: {run_dir} is in use by pid {first.pid} on {socket.gethostname()} (since {holder['since']})"
+        )
         assert first.poll() is None  # the owner goes on
         steps = train_steps(run_dir)
         assert steps == list(range(1, len(steps) + 1))  # one writer: every step once
@@ -158,8 +171,11 @@ def test_a_fresh_start_leaves_nothing_of_the_earlier_run(cifar10, tmp_path):
 
     lora = tiny_overrides(cifar10, tmp_path, "lora", ["trainer.epochs=1", "on_config_change=rerun"])
     summary = run_training(make_cfg(lora), run_dir=run)
-    assert sorted(p.name for p in (run / "adapter").iterdir()) == ["README.md", "adapter_config.json",
-                                                                   "adapter_model.safetensors"]
+    assert sorted(p.name for p in (run / "adapter").iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     assert not (run / "activations.png").exists() and not (run / "mmlu.json").exists()
     assert load_trained_model(run).adapter["kind"] == "lora"
     assert json.loads((run / "summary.json").read_text())["method"] == summary["method"] == "lora"
@@ -300,9 +316,14 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(cifar10, tmp
 
 def test_a_read_only_output_directory_is_one_line_from_train_py(cifar10, tmp_path):
     with mounted(tmp_path / "ro", source="bind") as ro:
-        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_overrides(cifar10, ro, "nora"),
-                               f"run_name={RUN_NAME}"],
-                              cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), *tiny_overrides(cifar10, ro, "nora"), f"run_name={RUN_NAME}"],
+            cwd=tmp_path,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
     assert error_lines(proc.stderr) == [f"error: cannot write {ro / RUN_NAME}: [Errno 30] Read-only file system"]
 
@@ -312,12 +333,20 @@ def test_user_errors_turns_refused_writes_and_ctrl_c_into_one_line(capsys):
 
     from nora.errors import user_errors
 
-    cases = [(OSError(errno.ENOSPC, "No space left on device", "/runs/r/metrics.jsonl"), 2,
-              "error: /runs/r/metrics.jsonl: [Errno 28] No space left on device"),
-             (OSError(errno.EROFS, "Read-only file system"), 2, "error: [Errno 30] Read-only file system"),
-             (OutputError("cannot write /runs/r/summary.json: [Errno 28] No space left on device"), 2,
-              "error: cannot write /runs/r/summary.json: [Errno 28] No space left on device"),
-             (KeyboardInterrupt(), 130, "interrupted; run the same command to continue")]
+    cases = [
+        (
+            OSError(errno.ENOSPC, "No space left on device", "/runs/r/metrics.jsonl"),
+            2,
+            "error: /runs/r/metrics.jsonl: [Errno 28] No space left on device",
+        ),
+        (OSError(errno.EROFS, "Read-only file system"), 2, "error: [Errno 30] Read-only file system"),
+        (
+            OutputError("cannot write /runs/r/summary.json: [Errno 28] No space left on device"),
+            2,
+            "error: cannot write /runs/r/summary.json: [Errno 28] No space left on device",
+        ),
+        (KeyboardInterrupt(), 130, "interrupted; run the same command to continue"),
+    ]
     for exc, code, line in cases:
         with pytest.raises(SystemExit) as stop, user_errors():
             raise exc
@@ -337,8 +366,9 @@ def test_ctrl_c_is_one_line_saying_where_the_run_stopped(cifar10, tmp_path):
     stderr = proc.err.read_text()
     lines = error_lines(stderr)
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
-    m = re.fullmatch(r"interrupted at step (\d+); last checkpoint at step (\d+); run the same command to resume",
-                     lines[0])
+    m = re.fullmatch(
+        r"interrupted at step (\d+); last checkpoint at step (\d+); run the same command to resume", lines[0]
+    )
     assert m, lines[0]
     step, last = int(m[1]), int(m[2])
     assert last == ckpt_step(run_dir) and last % 4 == 0 and 4 <= last <= step
@@ -368,8 +398,11 @@ def test_sigterm_writes_a_checkpoint_at_the_current_step(cifar10, tmp_path, caps
         proc.send_signal(signal.SIGTERM)  # what SLURM sends at preemption and at the time limit
         assert proc.wait(timeout=120) == 128 + signal.SIGTERM
     lines = error_lines(proc.err.read_text())
-    m = re.fullmatch(r"stopped by SIGTERM at step (\d+); checkpoint written at step (\d+); run the same command to "
-                     r"resume", lines[-1] if lines else "")
+    m = re.fullmatch(
+        r"stopped by SIGTERM at step (\d+); checkpoint written at step (\d+); run the same command to "
+        r"resume",
+        lines[-1] if lines else "",
+    )
     assert m and m[1] == m[2], lines
     step = int(m[1])
     assert step >= 5 and ckpt_step(run_dir) == step and train_steps(run_dir)[-1] == step
@@ -402,8 +435,9 @@ def test_the_slurm_timeout_signal_checkpoints_before_submitit_requeues(cifar10, 
     previous = signal.signal(signal.SIGUSR2, submitit_requeue)
     try:
         with pytest.raises(SystemExit):
-            run_training(make_cfg(tiny_overrides(cifar10, tmp_path, "nora", ["trainer.checkpoint_every=1000"])),
-                         run_dir=run)
+            run_training(
+                make_cfg(tiny_overrides(cifar10, tmp_path, "nora", ["trainer.checkpoint_every=1000"])), run_dir=run
+            )
         assert signal.getsignal(signal.SIGUSR2) is submitit_requeue  # restored after the run
     finally:
         signal.signal(signal.SIGUSR2, previous)
@@ -425,8 +459,9 @@ def test_slurm_launchers_requeue_on_timeout():
 
 
 # ------------------------------------------------------------------- what nora reads back is checked (issue 23)
-@pytest.mark.parametrize("damage", ["numerator cut to 3", "coefficient edited", "recorded error edited",
-                                    "other degrees", "NaN coefficient"])
+@pytest.mark.parametrize(
+    "damage", ["numerator cut to 3", "coefficient edited", "recorded error edited", "other degrees", "NaN coefficient"]
+)
 @pytest.mark.slow  # 10 s here: end to end (make test-slow, CI)
 def test_a_fit_cache_entry_that_is_not_what_it_claims_is_refitted(tmp_path, monkeypatch, damage):
     from nora.rational.fit import fit_rational
@@ -466,9 +501,14 @@ def test_a_refused_second_process_leaves_the_live_runs_hydra_record_alone(cifar1
         wait_until(lambda: (run_dir / "checkpoints/last.pt").exists(), first, "the first checkpoint")
         record = {f: (run_dir / ".hydra" / f).read_text() for f in ("config.yaml", "overrides.yaml", "hydra.yaml")}
         assert OmegaConf.load(run_dir / ".hydra/config.yaml").trainer.lr == 0.001
-        second = subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides, "trainer.lr=0.002",
-                                 f"run_name={RUN_NAME}"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                                timeout=300)
+        second = subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), *overrides, "trainer.lr=0.002", f"run_name={RUN_NAME}"],
+            cwd=tmp_path,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert second.returncode == 2 and f"is in use by pid {first.pid}" in second.stderr
         assert first.poll() is None
     assert {f: (run_dir / ".hydra" / f).read_text() for f in record} == record
@@ -503,8 +543,10 @@ def test_a_run_whose_adapter_was_deleted_is_not_complete_and_is_rebuilt_from_its
     capsys.readouterr()
     again = run_training(make_cfg(base), run_dir=run)
     out = capsys.readouterr().out
-    assert (f"warning: {run}: summary.json says complete but {run / 'adapter'} is missing; training the run again "
-            "from its last checkpoint") in out and "skip:" not in out
+    assert (
+        f"warning: {run}: summary.json says complete but {run / 'adapter'} is missing; training the run again "
+        "from its last checkpoint"
+    ) in out and "skip:" not in out
     assert {p.name: p.read_bytes() for p in (run / "adapter").iterdir()} == saved  # the same trained adapter
     assert again["steps"] == first["steps"] == 12 and again["adapter"] == first["adapter"]
     assert train_steps(run) == [2, 4, 6, 8, 10, 12]
@@ -521,15 +563,18 @@ def test_an_adapter_that_is_not_the_runs_own_is_refused_by_name(cifar10, tmp_pat
     runs = {}
     for method, seed in (("nora_pp", 0), ("lora", 0), ("lora", 1)):
         runs[method, seed] = tmp_path / f"{method}_s{seed}"
-        run_training(make_cfg(tiny_overrides(cifar10, tmp_path, method, ["trainer.epochs=1", f"seed={seed}"])),
-                     run_dir=runs[method, seed])
+        run_training(
+            make_cfg(tiny_overrides(cifar10, tmp_path, method, ["trainer.epochs=1", f"seed={seed}"])),
+            run_dir=runs[method, seed],
+        )
     pp, lora0, lora1 = runs["nora_pp", 0], runs["lora", 0], runs["lora", 1]
     shutil.rmtree(pp / "adapter")
     shutil.copytree(lora0 / "adapter", pp / "adapter")
     with pytest.raises(UserError) as err:
         load_trained_model(pp)
-    assert str(err.value).startswith(f"{pp / 'adapter'} holds a lora adapter, but method=nora_pp saves a nora++ "
-                                     "adapter; not loading it")
+    assert str(err.value).startswith(
+        f"{pp / 'adapter'} holds a lora adapter, but method=nora_pp saves a nora++ adapter; not loading it"
+    )
     shutil.copy(lora1 / "adapter/adapter_model.safetensors", lora0 / "adapter/adapter_model.safetensors")
     with pytest.raises(UserError) as err:
         load_trained_model(lora0)
@@ -548,9 +593,17 @@ def test_temp_files_of_interrupted_writes_are_removed_by_the_next_run(cifar10, t
     base = tiny_overrides(cifar10, tmp_path, "linear_probe", ["trainer.checkpoint_every=2"])
     run_training(make_cfg(base + ["trainer.stop_after_steps=2"]), run_dir=run)
     for target in ("checkpoints/last.pt", "metrics.jsonl", "mmlu.json", "mmlu.json"):
-        killed = subprocess.run([sys.executable, "-c", "import os, sys\nfrom nora.files import atomic_path\n"
-                                 "with atomic_path(sys.argv[1]) as tmp:\n    tmp.write_bytes(b'half')\n"
-                                 "    os.kill(os.getpid(), 9)", str(run / target)], env=_env())
+        killed = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import os, sys\nfrom nora.files import atomic_path\n"
+                "with atomic_path(sys.argv[1]) as tmp:\n    tmp.write_bytes(b'half')\n"
+                "    os.kill(os.getpid(), 9)",
+                str(run / target),
+            ],
+            env=_env(),
+        )
         assert killed.returncode == -signal.SIGKILL
     stale = sorted(run.glob(".*.tmp")) + sorted(run.glob("checkpoints/.*.tmp"))
     assert len(stale) == 4
@@ -564,23 +617,33 @@ def test_temp_files_of_interrupted_writes_are_removed_by_the_next_run(cifar10, t
     assert sorted(p for p in stale if p.exists()) == [young_mmlu]
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["trainer.warmup_steps=1000"], "trainer.warmup_steps=1000 is more than the run's 12 steps: the peak learning "
-                                    "rate would never be reached"),
-    (["method.nora.alpha=inf"], "method.nora.alpha=inf: must be a finite number"),
-    (["trainer.lr=nan"], "trainer.lr=nan: must be a finite number"),
-    ([f"seed={2**32}"], f"seed={2**32}: must be in [0, 2**32)"),
-    (["trainer.device=cuda:abc"], "trainer.device='cuda:abc': valid: auto, cpu, cuda, cuda:N, mps"),
-    (["dataset.limit_train=5"], "dataset.limit_train=5 is fewer than one batch (trainer.batch_size=32)"),
-    (["dataset=digits", "dataset.classes=[0,1,12]", "dataset.num_classes=3"],
-     "dataset.classes=[0, 1, 12]: must be two or more distinct digits 0-9"),
-    (["run_name=../escaped"], "run_name='../escaped': must be one directory name under output_root"),
-    (["run_name=a/b"], "run_name='a/b': must be one directory name under output_root"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (
+            ["trainer.warmup_steps=1000"],
+            "trainer.warmup_steps=1000 is more than the run's 12 steps: the peak learning rate would never be reached",
+        ),
+        (["method.nora.alpha=inf"], "method.nora.alpha=inf: must be a finite number"),
+        (["trainer.lr=nan"], "trainer.lr=nan: must be a finite number"),
+        ([f"seed={2**32}"], f"seed={2**32}: must be in [0, 2**32)"),
+        (["trainer.device=cuda:abc"], "trainer.device='cuda:abc': valid: auto, cpu, cuda, cuda:N, mps"),
+        (["dataset.limit_train=5"], "dataset.limit_train=5 is fewer than one batch (trainer.batch_size=32)"),
+        (
+            ["dataset=digits", "dataset.classes=[0,1,12]", "dataset.num_classes=3"],
+            "dataset.classes=[0, 1, 12]: must be two or more distinct digits 0-9",
+        ),
+        (["run_name=../escaped"], "run_name='../escaped': must be one directory name under output_root"),
+        (["run_name=a/b"], "run_name='a/b': must be one directory name under output_root"),
+    ],
+)
 def test_bad_settings_are_one_line_before_training(cifar10, tmp_path, extra, message):
     digits = extra[0] == "dataset=digits"
-    cfg = make_cfg(["method=nora", "model=vit_test", "logger=disabled", f"output_root={tmp_path}", *extra] if digits
-                   else tiny_overrides(cifar10, tmp_path, "nora", extra))
+    cfg = make_cfg(
+        ["method=nora", "model=vit_test", "logger=disabled", f"output_root={tmp_path}", *extra]
+        if digits
+        else tiny_overrides(cifar10, tmp_path, "nora", extra)
+    )
     with pytest.raises(UserError) as err:
         run_training(cfg, run_dir=tmp_path / "run")
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
@@ -589,13 +652,20 @@ def test_bad_settings_are_one_line_before_training(cifar10, tmp_path, extra, mes
 
 def test_a_run_name_leaving_output_root_is_refused_before_hydra_writes(cifar10, tmp_path):
     out = tmp_path / "runs"
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_overrides(cifar10, out, "nora"),
-                           "run_name=../escaped"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *tiny_overrides(cifar10, out, "nora"), "run_name=../escaped"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
-    assert error_lines(proc.stderr) == ["error: run_name='../escaped': must be one directory name under output_root "
-                                        "(not empty, '.' or '..', no '/'); put runs in another folder with "
-                                        "output_root"]
+    assert error_lines(proc.stderr) == [
+        "error: run_name='../escaped': must be one directory name under output_root "
+        "(not empty, '.' or '..', no '/'); put runs in another folder with "
+        "output_root"
+    ]
     assert not (tmp_path / "escaped").exists()
 
 
@@ -603,8 +673,9 @@ def test_a_lock_that_is_a_directory_is_one_line(cifar10, tmp_path):
     (tmp_path / "run" / ".lock").mkdir(parents=True)
     with pytest.raises(UserError) as err:
         run_training(make_cfg(tiny_overrides(cifar10, tmp_path, "nora")), run_dir=tmp_path / "run")
-    assert str(err.value) == (f"{tmp_path / 'run/.lock'} is a directory, not the run's lock file; remove it (it is "
-                              "not nora's) and run again")
+    assert str(err.value) == (
+        f"{tmp_path / 'run/.lock'} is a directory, not the run's lock file; remove it (it is not nora's) and run again"
+    )
 
 
 def test_a_full_disk_never_leaves_a_cut_figure(tmp_path):
@@ -645,16 +716,25 @@ def test_every_file_a_run_writes_follows_the_umask(cifar10, tmp_path):
         run_training(make_cfg(tiny_overrides(cifar10, tmp_path, "nora", ["trainer.epochs=1"])), run_dir=tmp_path / "r")
     finally:
         os.umask(old)
-    modes = {str(p.relative_to(tmp_path / "r")): p.stat().st_mode & 0o777 for p in (tmp_path / "r").rglob("*")
-             if p.is_file()}
-    assert {"summary.json", "config.yaml", "metrics.jsonl", "activations.png", "checkpoints/last.pt",
-            "adapter/nora_adapter.safetensors", "adapter/nora_config.json"} <= set(modes)
+    modes = {
+        str(p.relative_to(tmp_path / "r")): p.stat().st_mode & 0o777 for p in (tmp_path / "r").rglob("*") if p.is_file()
+    }
+    assert {
+        "summary.json",
+        "config.yaml",
+        "metrics.jsonl",
+        "activations.png",
+        "checkpoints/last.pt",
+        "adapter/nora_adapter.safetensors",
+        "adapter/nora_config.json",
+    } <= set(modes)
     assert {f: oct(m) for f, m in modes.items() if m != 0o640} == {}
 
 
 def _saved_small_vit_adapter(directory):
-    import nora
     from test_adapter import small_vit
+
+    import nora
 
     model = small_vit()
     nora.apply_nora(model, nora.NoraConfig(trainable_modules=["head"]))
@@ -662,14 +742,24 @@ def _saved_small_vit_adapter(directory):
     return directory
 
 
-@pytest.mark.parametrize("damage", ["truncated safetensors", "malformed nora_config.json", "config without layers",
-                                    "a layer's tensor missing", "a wrong-shaped tensor", "NaN coefficients"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "truncated safetensors",
+        "malformed nora_config.json",
+        "config without layers",
+        "a layer's tensor missing",
+        "a wrong-shaped tensor",
+        "NaN coefficients",
+    ],
+)
 def test_a_damaged_nora_adapter_is_an_adapter_error_and_the_model_untouched(tmp_path, damage):
     """Real damaged files: load_nora raises AdapterError naming the file, and the model is as it was (a retry
     onto it works once the file is restored)."""
-    import nora
     from safetensors.torch import load_file, save_file
     from test_adapter import small_vit
+
+    import nora
 
     adir = _saved_small_vit_adapter(tmp_path / "adapter")
     weights, config = adir / "nora_adapter.safetensors", adir / "nora_config.json"
@@ -687,8 +777,9 @@ def test_a_damaged_nora_adapter_is_an_adapter_error_and_the_model_untouched(tmp_
         config.write_text(json.dumps(meta))
         expected = f"{config}: not a NoRA config (missing or malformed: layers)"
     elif damage == "a layer's tensor missing":  # layer 0 complete, layer 1 without its update tensors
-        save_file({k: v for k, v in tensors.items() if not (k.startswith("blocks.1.") and "base_" not in k)},
-                  str(weights))
+        save_file(
+            {k: v for k, v in tensors.items() if not (k.startswith("blocks.1.") and "base_" not in k)}, str(weights)
+        )
         expected = f"the NoRA adapter in {adir} does not fit (nothing was changed): blocks.1.mlp.act"
     elif damage == "a wrong-shaped tensor":
         key = next(k for k in tensors if k.startswith("blocks.1.") and "base_" not in k)
@@ -705,7 +796,8 @@ def test_a_damaged_nora_adapter_is_an_adapter_error_and_the_model_untouched(tmp_
     assert str(err.value).startswith(expected), str(err.value)
     assert "\n" not in str(err.value)
     assert not nora.nora_modules(model) and {n for n, m in model.named_modules() if type(m).__name__ == "GELU"} == {
-        f"blocks.{i}.mlp.act" for i in range(3)}
+        f"blocks.{i}.mlp.act" for i in range(3)
+    }
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     for p, data in good.items():  # restored: the same model takes it (no "already holds NoRA")
         p.write_bytes(data)
@@ -719,10 +811,12 @@ def test_a_truncated_compiled_kernel_is_rebuilt_not_a_sigbus(tmp_path):
     the library is checked against the size and sha256 its build recorded, and rebuilt with a warning."""
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler")
-    code = ("import torch, nora.kernels.cpu as c\n"
-            "x = torch.linspace(-3, 3, 64).reshape(4, 16); a = torch.rand(2, 6); b = torch.rand(2, 4)\n"
-            "y = c.rational_cpu(x, a, b, 'A'); ref = c.rational_torch(x, a, b, 'A')\n"
-            "print('MAXDIFF', float((y - ref).abs().max()), c._module.__file__)\n")
+    code = (
+        "import torch, nora.kernels.cpu as c\n"
+        "x = torch.linspace(-3, 3, 64).reshape(4, 16); a = torch.rand(2, 6); b = torch.rand(2, 4)\n"
+        "y = c.rational_cpu(x, a, b, 'A'); ref = c.rational_torch(x, a, b, 'A')\n"
+        "print('MAXDIFF', float((y - ref).abs().max()), c._module.__file__)\n"
+    )
     env = {**_env(), "NORA_CACHE_DIR": str(tmp_path), "NORA_NO_BUILD": ""}
 
     def run():
@@ -736,14 +830,17 @@ def test_a_truncated_compiled_kernel_is_rebuilt_not_a_sigbus(tmp_path):
     so.write_bytes(so.read_bytes()[: record["size"] // 3])
     second = run()
     assert second.returncode == 0, (second.returncode, second.stderr[-2000:])  # was -7 (SIGBUS)
-    assert (f"compiled kernel in {so.parent}: {so} is {record['size'] // 3} bytes, the build recorded "
-            f"{record['size']}; rebuilding it") in second.stderr
+    assert (
+        f"compiled kernel in {so.parent}: {so} is {record['size'] // 3} bytes, the build recorded "
+        f"{record['size']}; rebuilding it"
+    ) in second.stderr
     assert float(second.stdout.split()[1]) < 1e-5
     assert json.loads((so.parent / "BUILD_OK").read_text())["size"] == so.stat().st_size == record["size"]
 
 
-@pytest.mark.parametrize("method,file", [("lora", "adapter_model.safetensors"),
-                                         ("linear_probe", "trainable.safetensors")])
+@pytest.mark.parametrize(
+    "method,file", [("lora", "adapter_model.safetensors"), ("linear_probe", "trainable.safetensors")]
+)
 def test_a_truncated_adapter_file_of_a_run_without_hashes_is_one_line(cifar10, tmp_path, method, file):
     """A run saved before summary.json recorded its adapter's hashes: a cut peft or trainable file is still one
     line naming it (not peft's or safetensors' own traceback)."""

@@ -1,4 +1,5 @@
 """Result tables, figures and analyses rendered from a fixture set of run directories with known numbers."""
+
 from __future__ import annotations
 
 import json
@@ -11,27 +12,67 @@ from torch import nn
 
 from nora.results import paper
 from nora.results.collect import collect
-from nora.results.stats import difference_to_constant, paired_difference, summarize
 from nora.results.demo_report import demo_report, render_demo_table
-from nora.results.tables import (ABLATION_DEFAULTS, DEFAULT_LORA_RANK, ablation_report, matched_report, table1_report,
-                                 table2_report)
+from nora.results.stats import difference_to_constant, paired_difference, summarize
+from nora.results.tables import (
+    ABLATION_DEFAULTS,
+    DEFAULT_LORA_RANK,
+    ablation_report,
+    matched_report,
+    table1_report,
+    table2_report,
+)
 
 CPU = {"cpu": "Test CPU", "cpu_cores": 2, "gpu": None}
 GPU = {"cpu": "x", "cpu_cores": 64, "gpu": "NVIDIA H200"}
 
 
-def write_run(root: Path, name: str, *, method: str, model: str, dataset: str, seed: int, acc: float | None = None,
-              trainable: int = 100, total: int = 1000, wall: float = 10.0, hardware=CPU, date="2026-01-02T10:00:00+00:00",
-              config: dict | None = None, mmlu: dict | None = None, status: str = "complete", family="vision",
-              world_size: int = 1, components: dict | None = None) -> Path:
+def write_run(
+    root: Path,
+    name: str,
+    *,
+    method: str,
+    model: str,
+    dataset: str,
+    seed: int,
+    acc: float | None = None,
+    trainable: int = 100,
+    total: int = 1000,
+    wall: float = 10.0,
+    hardware=CPU,
+    date="2026-01-02T10:00:00+00:00",
+    config: dict | None = None,
+    mmlu: dict | None = None,
+    status: str = "complete",
+    family="vision",
+    world_size: int = 1,
+    components: dict | None = None,
+) -> Path:
     d = root / name
     d.mkdir(parents=True, exist_ok=True)
-    summary = {"status": status, "run_name": name, "method": method, "model": model, "dataset": dataset,
-               "family": family, "seed": seed, "config_hash": f"h{abs(hash((name,))) % 10**6:06d}"[:7],
-               "parameters": {"total": total, "trainable": trainable, "percent": 100.0 * trainable / total,
-                              "components": components or {"nora": 0, "lora": 0, "head": 0, "base": 0}},
-               "metric": "accuracy", "final": {"accuracy": acc}, "best": {"value": acc, "step": 1},
-               "wall_time_s": wall, "hardware": hardware, "date": date, "world_size": world_size}
+    summary = {
+        "status": status,
+        "run_name": name,
+        "method": method,
+        "model": model,
+        "dataset": dataset,
+        "family": family,
+        "seed": seed,
+        "config_hash": f"h{abs(hash((name,))) % 10**6:06d}"[:7],
+        "parameters": {
+            "total": total,
+            "trainable": trainable,
+            "percent": 100.0 * trainable / total,
+            "components": components or {"nora": 0, "lora": 0, "head": 0, "base": 0},
+        },
+        "metric": "accuracy",
+        "final": {"accuracy": acc},
+        "best": {"value": acc, "step": 1},
+        "wall_time_s": wall,
+        "hardware": hardware,
+        "date": date,
+        "world_size": world_size,
+    }
     summary["config_hash"] = f"c{seed}{method[:3]}{dataset[:3]}"
     if acc is not None:
         summary["final_accuracy"] = acc
@@ -45,12 +86,18 @@ def write_run(root: Path, name: str, *, method: str, model: str, dataset: str, s
     return d
 
 
-def mmlu(stem: float, hum: float, soc: float, other: float, overall: float, date="2026-01-03T00:00:00+00:00",
-         model=None) -> dict:
+def mmlu(
+    stem: float, hum: float, soc: float, other: float, overall: float, date="2026-01-03T00:00:00+00:00", model=None
+) -> dict:
     cats = {"STEM": stem, "humanities": hum, "social_sciences": soc, "other": other}
-    return {"format": "nora.mmlu/1", "date": date, "overall": {"accuracy": overall, "correct": 0, "n": 100},
-            "categories": {k: {"accuracy": v, "correct": 0, "n": 25, "subjects": []} for k, v in cats.items()},
-            "model": model, "adapter": None}
+    return {
+        "format": "nora.mmlu/1",
+        "date": date,
+        "overall": {"accuracy": overall, "correct": 0, "n": 100},
+        "categories": {k: {"accuracy": v, "correct": 0, "n": 25, "subjects": []} for k, v in cats.items()},
+        "model": model,
+        "adapter": None,
+    }
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -61,7 +108,7 @@ def test_stats_known_values():
     assert summarize([5.0]).fmt() == "5.00" and summarize([]).fmt() == "missing"
     d = paired_difference({0: 91.0, 1: 92.5, 2: 94.5}, {0: 90.0, 1: 92.0, 2: 94.0})
     # diffs 1.0, 0.5, 0.5: mean 2/3, sd sqrt(1/12), t(0.975, 2) = 4.302653
-    half = 4.302653 * (1 / 12) ** 0.5 / 3 ** 0.5
+    half = 4.302653 * (1 / 12) ** 0.5 / 3**0.5
     assert d.n == 3 and abs(d.mean - 2 / 3) < 1e-12 and abs(d.hi - (2 / 3 + half)) < 1e-5
     assert d.fmt() == "+0.67 [-0.05, +1.38] (n=3)"
     assert paired_difference({0: 1.0}, {0: 0.5}).fmt() == "+0.50 (n=1, no CI)"
@@ -71,40 +118,113 @@ def test_stats_known_values():
 
 
 # ------------------------------------------------------------------------------------ demo table
-DEMO_TASKS = {"rot90": {"description": "new classes, rotated", "classes": [5, 6, 7, 8, 9], "transform": "rot90"},
-              "transpose": {"description": "source classes, transposed", "classes": [0, 1, 2, 3, 4],
-                            "transform": "transpose"}}
+DEMO_TASKS = {
+    "rot90": {"description": "new classes, rotated", "classes": [5, 6, 7, 8, 9], "transform": "rot90"},
+    "transpose": {"description": "source classes, transposed", "classes": [0, 1, 2, 3, 4], "transform": "transpose"},
+}
 
 
 def demo_config(task: str, split: str = "test") -> dict:
     t = DEMO_TASKS[task]
-    return {"dataset": {"name": "digits_target", "classes": t["classes"], "transform": t["transform"],
-                        "eval_split": split}}
+    return {
+        "dataset": {"name": "digits_target", "classes": t["classes"], "transform": t["transform"], "eval_split": split}
+    }
 
 
 def demo_runs(root: Path) -> Path:
     rot = root / "rot90"
     for seed, acc, wall in ((0, 90.0, 10.0), (1, 92.0, 12.0), (2, 94.0, 14.0)):
-        write_run(rot, f"full_s{seed}", method="full", model="vit_demo", dataset="digits_target", seed=seed, acc=acc,
-                  trainable=1000, wall=wall, config=demo_config("rot90"))
+        write_run(
+            rot,
+            f"full_s{seed}",
+            method="full",
+            model="vit_demo",
+            dataset="digits_target",
+            seed=seed,
+            acc=acc,
+            trainable=1000,
+            wall=wall,
+            config=demo_config("rot90"),
+        )
     for seed, acc in ((0, 91.0), (1, 92.5), (2, 94.5)):
-        write_run(rot, f"nora_s{seed}", method="nora", model="vit_demo", dataset="digits_target", seed=seed, acc=acc,
-                  trainable=20, config=demo_config("rot90"))
+        write_run(
+            rot,
+            f"nora_s{seed}",
+            method="nora",
+            model="vit_demo",
+            dataset="digits_target",
+            seed=seed,
+            acc=acc,
+            trainable=20,
+            config=demo_config("rot90"),
+        )
     for seed, acc in ((0, 89.0), (1, 91.0), (2, 95.0)):
-        write_run(rot, f"linear_probe_s{seed}", method="linear_probe", model="vit_demo", dataset="digits_target",
-                  seed=seed, acc=acc, trainable=10, config=demo_config("rot90"))
-    write_run(rot, "lora_s0", method="lora", model="vit_demo", dataset="digits_target", seed=0, acc=89.0,
-              trainable=150, config=demo_config("rot90"))
-    write_run(root / "transpose", "nora_s0", method="nora", model="vit_demo", dataset="digits_target", seed=0,
-              acc=80.0, trainable=20, config=demo_config("transpose"))
+        write_run(
+            rot,
+            f"linear_probe_s{seed}",
+            method="linear_probe",
+            model="vit_demo",
+            dataset="digits_target",
+            seed=seed,
+            acc=acc,
+            trainable=10,
+            config=demo_config("rot90"),
+        )
+    write_run(
+        rot,
+        "lora_s0",
+        method="lora",
+        model="vit_demo",
+        dataset="digits_target",
+        seed=0,
+        acc=89.0,
+        trainable=150,
+        config=demo_config("rot90"),
+    )
+    write_run(
+        root / "transpose",
+        "nora_s0",
+        method="nora",
+        model="vit_demo",
+        dataset="digits_target",
+        seed=0,
+        acc=80.0,
+        trainable=20,
+        config=demo_config("transpose"),
+    )
     # not counted: the source pretraining run, an incomplete run, a tuning run on the validation split
     write_run(root, "source", method="full", model="vit_demo", dataset="digits_source", seed=0, acc=99.0)
-    write_run(rot, "lora_s1", method="lora", model="vit_demo", dataset="digits_target", seed=1, acc=50.0,
-              status="running", config=demo_config("rot90"))
-    write_run(root.parent / "demo_tune" / "rot90", "nora_lr0.1_s0", method="nora", model="vit_demo",
-              dataset="digits_target", seed=0, acc=10.0, config=demo_config("rot90", "validation"))
-    write_run(rot, "nora_val_s3", method="nora", model="vit_demo", dataset="digits_target", seed=3, acc=10.0,
-              config=demo_config("rot90", "validation"))
+    write_run(
+        rot,
+        "lora_s1",
+        method="lora",
+        model="vit_demo",
+        dataset="digits_target",
+        seed=1,
+        acc=50.0,
+        status="running",
+        config=demo_config("rot90"),
+    )
+    write_run(
+        root.parent / "demo_tune" / "rot90",
+        "nora_lr0.1_s0",
+        method="nora",
+        model="vit_demo",
+        dataset="digits_target",
+        seed=0,
+        acc=10.0,
+        config=demo_config("rot90", "validation"),
+    )
+    write_run(
+        rot,
+        "nora_val_s3",
+        method="nora",
+        model="vit_demo",
+        dataset="digits_target",
+        seed=3,
+        acc=10.0,
+        config=demo_config("rot90", "validation"),
+    )
     return root
 
 
@@ -124,7 +244,7 @@ def test_demo_table_sections_pairs_and_summary(tmp_path):
     assert "| NoRA | 1 | 80.00 | missing | 20 | 2.00% | 10.0 |" in tra
     assert "| linear probe | 0 | missing | missing | missing | missing | missing |" in tra
     # NoRA - probe on rot90: diffs 2.0, 1.5, -0.5: mean 1.0, sd sqrt(1.75), t(0.975, 2) = 4.302653
-    half = 4.302653 * 1.75 ** 0.5 / 3 ** 0.5
+    half = 4.302653 * 1.75**0.5 / 3**0.5
     assert f"| `rot90` | +1.00 [{1 - half:+.2f}, {1 + half:+.2f}] (n=3) | missing |" in pairs
     assert "| `transpose` | missing | missing |" in pairs
     assert "| NoRA | 20 | 92.7 ± 1.8 (n=3) | 80.0 (n=1) |" in summary
@@ -145,8 +265,9 @@ def test_demo_table_default_methods_and_empty(tmp_path):
     rot = text.split("\n## ")[1]
     rows = [line.split(" | ")[0] for line in rot.splitlines() if line.startswith("| ")]
     assert rows == ["| method", "| full FT", "| linear probe", "| LoRA", "| NoRA"]
-    empty = demo_report(collect(tmp_path / "nothing"), ["full", "nora"], source="runs/demo",
-                        tasks=DEMO_TASKS).markdown()
+    empty = demo_report(
+        collect(tmp_path / "nothing"), ["full", "nora"], source="runs/demo", tasks=DEMO_TASKS
+    ).markdown()
     assert "Runs: none yet under `runs/demo`; every cell below is missing. `make demo` produces them." in empty
     assert "| NoRA | 0 | missing | missing | missing | missing | missing |" in empty
     assert empty.endswith("## Runs\n\nnone\n")
@@ -157,11 +278,24 @@ def test_demo_tasks_are_the_configured_ones():
     from nora.results.demo_report import demo_settings as settings
 
     conf = settings()
-    assert len(conf["tasks"]) >= 3 and len({(tuple(t["classes"]), t["transform"]) for t in conf["tasks"].values()}) \
-        == len(conf["tasks"])
+    assert len(conf["tasks"]) >= 3 and len(
+        {(tuple(t["classes"]), t["transform"]) for t in conf["tasks"].values()}
+    ) == len(conf["tasks"])
     methods = set(conf["methods"])
-    assert {"linear_probe", "full", "lora", "dora", "nora", "nora_pp", "rational_ft", "zero_init_ft", "bitfit",
-            "ln_tuning", "ia3", "vera"} <= methods
+    assert {
+        "linear_probe",
+        "full",
+        "lora",
+        "dora",
+        "nora",
+        "nora_pp",
+        "rational_ft",
+        "zero_init_ft",
+        "bitfit",
+        "ln_tuning",
+        "ia3",
+        "vera",
+    } <= methods
     lrs = learning_rates()
     assert set(lrs["methods"]) == methods and lrs["head_lr"] > 0
     for m, grid in conf["tune"]["grids"].items():  # the same tuning budget for every method
@@ -173,21 +307,37 @@ def test_low_budget_table_and_matched_section(tmp_path):
     from nora.results.tables import table1_low_budget_report
 
     root = tmp_path / "table1"
-    accs = {"nora": (80.0, 82.0, 84.0), "linear_probe": (70.0, 71.0, 75.0), "ia3": (79.0, 80.0, 81.0),
-            "bitfit": (81.0,), "lora": (90.0, 90.0, 90.0)}
+    accs = {
+        "nora": (80.0, 82.0, 84.0),
+        "linear_probe": (70.0, 71.0, 75.0),
+        "ia3": (79.0, 80.0, 81.0),
+        "bitfit": (81.0,),
+        "lora": (90.0, 90.0, 90.0),
+    }
     trainable = {"nora": 20_236, "linear_probe": 19_300, "ia3": 35_428, "bitfit": 45_028, "lora": 500_000}
     for m, vals in accs.items():
         for seed, acc in enumerate(vals):
-            write_run(root, f"vit_tiny_cifar100_{m}_s{seed}", method=m, model="vit_tiny", dataset="cifar100",
-                      seed=seed, acc=acc, trainable=trainable[m], total=5_544_652)
+            write_run(
+                root,
+                f"vit_tiny_cifar100_{m}_s{seed}",
+                method=m,
+                model="vit_tiny",
+                dataset="cifar100",
+                seed=seed,
+                acc=acc,
+                trainable=trainable[m],
+                total=5_544_652,
+            )
     write_run(root, "vit_demo_ia3", method="ia3", model="vit_demo", dataset="digits_target", seed=0, acc=1.0)
     rep = table1_low_budget_report(collect(root))
     md = rep.markdown()
     assert "Runs: 10 of the 36 the sweeps define" in md  # LoRA and the digits run are not counted
     # NoRA - probe: diffs 10, 11, 9 -> mean 10, sd 1, t(0.975, 2) = 4.302653
-    half = 4.302653 / 3 ** 0.5
-    assert (f"| CIFAR-100 | linear probe | 19,300 | 0.35% | 3 | 72.00 ± 2.65 | +10.00 [{10 - half:+.2f}, "
-            f"{10 + half:+.2f}] (n=3) |") in md
+    half = 4.302653 / 3**0.5
+    assert (
+        f"| CIFAR-100 | linear probe | 19,300 | 0.35% | 3 | 72.00 ± 2.65 | +10.00 [{10 - half:+.2f}, "
+        f"{10 + half:+.2f}] (n=3) |"
+    ) in md
     assert "| CIFAR-100 | NoRA | 20,236 | 0.36% | 3 | 82.00 ± 2.00 | reference |" in md
     assert "| CIFAR-100 | BitFit | 45,028 | 0.81% | 1 | 81.00 | -1.00 (n=1, no CI) |" in md
     assert "| CIFAR-100 | VeRA | missing | missing | 0 | missing | missing |" in md
@@ -221,16 +371,55 @@ Not counted here (other models, datasets or ranks): vit_test/cifar10/nora (1), v
 
 def table1_runs(root: Path) -> Path:
     for seed, acc in ((0, 98.0), (1, 98.0)):
-        write_run(root, f"vit_tiny_cifar10_full_s{seed}", method="full", model="vit_tiny", dataset="cifar10",
-                  seed=seed, acc=acc, trainable=5_717_416, total=5_717_416, hardware=GPU)
+        write_run(
+            root,
+            f"vit_tiny_cifar10_full_s{seed}",
+            method="full",
+            model="vit_tiny",
+            dataset="cifar10",
+            seed=seed,
+            acc=acc,
+            trainable=5_717_416,
+            total=5_717_416,
+            hardware=GPU,
+        )
     for seed, acc in ((0, 98.2), (1, 98.3)):
-        write_run(root, f"vit_tiny_cifar10_nora_s{seed}", method="nora", model="vit_tiny", dataset="cifar10",
-                  seed=seed, acc=acc, trainable=2_866, total=5_526_922, hardware=GPU)
-    write_run(root, "vit_tiny_cifar100_nora_s0", method="nora", model="vit_tiny", dataset="cifar100", seed=0,
-              acc=90.1, trainable=20_236, total=5_543_296, hardware=GPU)
+        write_run(
+            root,
+            f"vit_tiny_cifar10_nora_s{seed}",
+            method="nora",
+            model="vit_tiny",
+            dataset="cifar10",
+            seed=seed,
+            acc=acc,
+            trainable=2_866,
+            total=5_526_922,
+            hardware=GPU,
+        )
+    write_run(
+        root,
+        "vit_tiny_cifar100_nora_s0",
+        method="nora",
+        model="vit_tiny",
+        dataset="cifar100",
+        seed=0,
+        acc=90.1,
+        trainable=20_236,
+        total=5_543_296,
+        hardware=GPU,
+    )
     # a matched-budget arm (rank 9) in the same root, and a tiny test model: neither enters Table 1
-    write_run(root, "vit_tiny_cifar10_lora_r9_s0", method="lora", model="vit_tiny", dataset="cifar10", seed=0,
-              acc=97.0, hardware=GPU, config={"method": {"name": "lora", "lora": {"r": 9}}})
+    write_run(
+        root,
+        "vit_tiny_cifar10_lora_r9_s0",
+        method="lora",
+        model="vit_tiny",
+        dataset="cifar10",
+        seed=0,
+        acc=97.0,
+        hardware=GPU,
+        config={"method": {"name": "lora", "lora": {"r": 9}}},
+    )
     write_run(root, "vit_test_cifar10_nora_s0", method="nora", model="vit_test", dataset="cifar10", seed=0, acc=10.0)
     return root
 
@@ -239,8 +428,10 @@ def test_table1_exact(tmp_path):
     report = table1_report(collect(table1_runs(tmp_path / "table1")), source="runs/table1")
     md = report.markdown()
     assert TABLE1_ROWS in md
-    assert ("Runs: 5 of the 36 the sweeps define, read from `runs/table1`, dated 2026-01-02, on NVIDIA H200 (5 runs). "
-            "Each run's config hash, date and hardware: see Runs below.") in md
+    assert (
+        "Runs: 5 of the 36 the sweeps define, read from `runs/table1`, dated 2026-01-02, on NVIDIA H200 (5 runs). "
+        "Each run's config hash, date and hardware: see Runs below."
+    ) in md
     assert "| vit_tiny_cifar10_nora_s1 | nora | cifar10 | 1 | c1norcif | 2026-01-02 | NVIDIA H200 |" in md
     assert f"Paper column: {paper.SOURCE}" in md
     assert "vit_tiny_cifar10_lora_r9_s0 |" not in md
@@ -265,25 +456,81 @@ Trained but without `mmlu.json` yet (counted as missing; `make table2` or `pytho
 def table2_runs(root: Path) -> Path:
     t2 = root / "table2"
     kw = dict(model="llama3_8b", family="causal_lm", total=8_051_232_768, hardware=GPU)
-    write_run(t2, "llama3_8b_alpaca_lora_s0", method="lora", dataset="alpaca", seed=0, trainable=20_971_520,
-              mmlu=mmlu(0.51, 0.61, 0.71, 0.66, 0.62), **kw)
-    write_run(t2, "llama3_8b_alpaca_lora_s1", method="lora", dataset="alpaca", seed=1, trainable=20_971_520,
-              mmlu=mmlu(0.53, 0.61, 0.71, 0.66, 0.62), **kw)
-    write_run(t2, "llama3_8b_alpaca_nora_pp_s0", method="nora_pp", dataset="alpaca", seed=0, trainable=20_974_016,
-              mmlu=mmlu(0.54, 0.60, 0.71, 0.66, 0.62), **kw)
-    write_run(t2, "llama3_8b_alpaca_nora_pp_s1", method="nora_pp", dataset="alpaca", seed=1, trainable=20_974_016,
-              mmlu=mmlu(0.54, 0.61, 0.71, 0.66, 0.63), **kw)
+    write_run(
+        t2,
+        "llama3_8b_alpaca_lora_s0",
+        method="lora",
+        dataset="alpaca",
+        seed=0,
+        trainable=20_971_520,
+        mmlu=mmlu(0.51, 0.61, 0.71, 0.66, 0.62),
+        **kw,
+    )
+    write_run(
+        t2,
+        "llama3_8b_alpaca_lora_s1",
+        method="lora",
+        dataset="alpaca",
+        seed=1,
+        trainable=20_971_520,
+        mmlu=mmlu(0.53, 0.61, 0.71, 0.66, 0.62),
+        **kw,
+    )
+    write_run(
+        t2,
+        "llama3_8b_alpaca_nora_pp_s0",
+        method="nora_pp",
+        dataset="alpaca",
+        seed=0,
+        trainable=20_974_016,
+        mmlu=mmlu(0.54, 0.60, 0.71, 0.66, 0.62),
+        **kw,
+    )
+    write_run(
+        t2,
+        "llama3_8b_alpaca_nora_pp_s1",
+        method="nora_pp",
+        dataset="alpaca",
+        seed=1,
+        trainable=20_974_016,
+        mmlu=mmlu(0.54, 0.61, 0.71, 0.66, 0.63),
+        **kw,
+    )
     write_run(t2, "llama3_8b_alpaca_dora_s0", method="dora", dataset="alpaca", seed=0, trainable=22_347_776, **kw)
-    write_run(t2, "llama3_8b_openorca_nora_pp_s2", method="nora_pp", dataset="openorca", seed=2,
-              trainable=20_974_016, mmlu=mmlu(0.55, 0.62, 0.72, 0.67, 0.63), **kw)
+    write_run(
+        t2,
+        "llama3_8b_openorca_nora_pp_s2",
+        method="nora_pp",
+        dataset="openorca",
+        seed=2,
+        trainable=20_974_016,
+        mmlu=mmlu(0.55, 0.62, 0.72, 0.67, 0.63),
+        **kw,
+    )
     # evaluated on a subset of MMLU: not counted, and said so
     partial = mmlu(0.9, 0.9, 0.9, 0.9, 0.9)
     partial["data"] = {"n_subjects": 3}
-    write_run(t2, "llama3_8b_openorca_lora_s0", method="lora", dataset="openorca", seed=0, trainable=20_971_520,
-              mmlu=partial, **kw)
+    write_run(
+        t2,
+        "llama3_8b_openorca_lora_s0",
+        method="lora",
+        dataset="openorca",
+        seed=0,
+        trainable=20_971_520,
+        mmlu=partial,
+        **kw,
+    )
     # a tiny test model's run: never in Table 2
-    write_run(t2, "llama_tiny_alpaca_nora_pp_s0", method="nora_pp", dataset="alpaca", seed=0, model="llama_tiny",
-              family="causal_lm", mmlu=mmlu(0.25, 0.25, 0.25, 0.25, 0.25))
+    write_run(
+        t2,
+        "llama_tiny_alpaca_nora_pp_s0",
+        method="nora_pp",
+        dataset="alpaca",
+        seed=0,
+        model="llama_tiny",
+        family="causal_lm",
+        mmlu=mmlu(0.25, 0.25, 0.25, 0.25, 0.25),
+    )
     base = root / "eval" / "llama3_8b"
     base.mkdir(parents=True)
     (base / "mmlu.json").write_text(json.dumps(mmlu(0.50, 0.60, 0.70, 0.65, 0.61, model={"name": "llama3_8b"})))
@@ -295,16 +542,23 @@ def test_table2_exact(tmp_path):
     report = table2_report(collect(root / "table2", root / "eval"), source="runs/table2", eval_source="runs/eval")
     md = report.markdown()
     assert TABLE2_ROWS in md, md
-    assert "Not counted (evaluated off the table's protocol, full MMLU test set 5-shot): " \
-           "`llama3_8b_openorca_lora_s0` (3 of 57 subjects)." in md
-    assert ("Runs: 6 of the 18 the sweeps define, read from `runs/table2` and `runs/eval`, plus 1 base-model "
-            "evaluation(s), dated 2026-01-02 to 2026-01-03, on NVIDIA H200 (6 runs).") in md
+    assert (
+        "Not counted (evaluated off the table's protocol, full MMLU test set 5-shot): "
+        "`llama3_8b_openorca_lora_s0` (3 of 57 subjects)." in md
+    )
+    assert (
+        "Runs: 6 of the 18 the sweeps define, read from `runs/table2` and `runs/eval`, plus 1 base-model "
+        "evaluation(s), dated 2026-01-02 to 2026-01-03, on NVIDIA H200 (6 runs)."
+    ) in md
     assert "| llama3_8b (base model, MMLU) | — | — | — | — | 2026-01-03 | — |" in md
     assert "Not counted here (other models, datasets or ranks): llama_tiny/alpaca/nora_pp (1)." in md
     # without a base evaluation the base row is missing, not zero
     md2 = table2_report(collect(root / "table2")).markdown()
     assert "| — | base model (no fine-tuning) | 0 | missing | missing | missing | missing | missing |" in md2
-    assert "| Alpaca | LoRA | 2 | 52.00 ± 1.41 | 61.00 ± 0.00 | 71.00 ± 0.00 | 66.00 ± 0.00 | 62.00 ± 0.00 | missing |" in md2
+    assert (
+        "| Alpaca | LoRA | 2 | 52.00 ± 1.41 | 61.00 ± 0.00 | 71.00 ± 0.00 | 66.00 ± 0.00 | 62.00 ± 0.00 | missing |"
+        in md2
+    )
 
 
 def test_mmlu_jobs(tmp_path):
@@ -312,7 +566,8 @@ def test_mmlu_jobs(tmp_path):
 
     root = table2_runs(tmp_path)
     assert mmlu_jobs(root / "table2", "llama3_8b", root / "eval") == [
-        f"run_dir={root / 'table2' / 'llama3_8b_alpaca_dora_s0'}"]
+        f"run_dir={root / 'table2' / 'llama3_8b_alpaca_dora_s0'}"
+    ]
     assert mmlu_jobs(root / "table2", "qwen2_7b", root / "eval")[-1] == "model=qwen2_7b"
 
 
@@ -327,15 +582,27 @@ def test_mmlu_jobs_lines_reach_eval_py_intact(tmp_path):
     from nora.results.__main__ import mmlu_jobs
 
     root = tmp_path / "out root" / "ünïcode it's $HOME ${x}"
-    names = ["llama3_8b_alpaca_lora_s0_trainer.grad_accum=4", "llama3_8b_alpaca_lora_s1_method.lora.r=4,trainer.lr=0.001"]
+    names = [
+        "llama3_8b_alpaca_lora_s0_trainer.grad_accum=4",
+        "llama3_8b_alpaca_lora_s1_method.lora.r=4,trainer.lr=0.001",
+    ]
     for seed, name in enumerate(names):
         write_run(root, name, method="lora", dataset="alpaca", seed=seed, model="llama3_8b", family="causal_lm")
     lines = mmlu_jobs(root, None, tmp_path / "eval")
     assert len(lines) == 2
     repo = Path(__file__).resolve().parent.parent
-    loop = 'while read -r job; do eval "$PY eval.py $job --cfg job --resolve" || exit 1; echo ---; done'  # the Makefile's
-    proc = subprocess.run(["bash", "-c", loop], input="\n".join(lines) + "\n", cwd=repo, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PY": sys.executable})
+    loop = (
+        'while read -r job; do eval "$PY eval.py $job --cfg job --resolve" || exit 1; echo ---; done'  # the Makefile's
+    )
+    proc = subprocess.run(
+        ["bash", "-c", loop],
+        input="\n".join(lines) + "\n",
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PY": sys.executable},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     import yaml
 
@@ -367,16 +634,56 @@ def ablation_runs(root: Path) -> Path:
     ab = root / "ablations"
     kw = dict(model="vit_tiny", dataset="cifar100", hardware=GPU)
     for seed, acc in ((0, 90.0), (1, 91.0)):
-        write_run(ab, f"default_s{seed}", method="nora", seed=seed, acc=acc, config=nora_cfg(),
-                  components={"nora": 936, "head": 19_300, "lora": 0, "base": 0}, **kw)
-    write_run(ab, "r1_s0", method="nora", seed=0, acc=89.0, config=nora_cfg(r=1),
-              components={"nora": 312, "head": 19_300, "lora": 0, "base": 0}, **kw)
-    write_run(ab, "rational_s0", method="rational_ft", seed=0, acc=88.0, config=nora_cfg("rational_ft"),
-              components={"nora": 960, "head": 19_300, "lora": 0, "base": 0}, **kw)
-    write_run(ab, "formB_s1", method="nora", seed=1, acc=92.0, config=nora_cfg(form="B"),
-              components={"nora": 936, "head": 19_300, "lora": 0, "base": 0}, **kw)
-    write_run(ab, "residual_s0", method="nora", seed=0, acc=90.25, config=nora_cfg(residual=True),
-              components={"nora": 936, "head": 19_300, "lora": 0, "base": 0}, **kw)
+        write_run(
+            ab,
+            f"default_s{seed}",
+            method="nora",
+            seed=seed,
+            acc=acc,
+            config=nora_cfg(),
+            components={"nora": 936, "head": 19_300, "lora": 0, "base": 0},
+            **kw,
+        )
+    write_run(
+        ab,
+        "r1_s0",
+        method="nora",
+        seed=0,
+        acc=89.0,
+        config=nora_cfg(r=1),
+        components={"nora": 312, "head": 19_300, "lora": 0, "base": 0},
+        **kw,
+    )
+    write_run(
+        ab,
+        "rational_s0",
+        method="rational_ft",
+        seed=0,
+        acc=88.0,
+        config=nora_cfg("rational_ft"),
+        components={"nora": 960, "head": 19_300, "lora": 0, "base": 0},
+        **kw,
+    )
+    write_run(
+        ab,
+        "formB_s1",
+        method="nora",
+        seed=1,
+        acc=92.0,
+        config=nora_cfg(form="B"),
+        components={"nora": 936, "head": 19_300, "lora": 0, "base": 0},
+        **kw,
+    )
+    write_run(
+        ab,
+        "residual_s0",
+        method="nora",
+        seed=0,
+        acc=90.25,
+        config=nora_cfg(residual=True),
+        components={"nora": 936, "head": 19_300, "lora": 0, "base": 0},
+        **kw,
+    )
     t1 = root / "table1"
     for seed, acc in ((0, 90.5), (1, 92.5)):
         write_run(t1, f"vit_tiny_cifar100_full_s{seed}", method="full", seed=seed, acc=acc, **kw)
@@ -405,8 +712,16 @@ def test_matched_budget_exact(tmp_path):
     for seed, acc in ((0, 98.0), (1, 98.4)):
         write_run(t1, f"nora_pp_s{seed}", method="nora_pp", seed=seed, acc=acc, trainable=305_458, **kw)
         write_run(t1, f"lora_s{seed}", method="lora", seed=seed, acc=acc - 0.2, trainable=304_522, **kw)
-    write_run(t1, "lora_r9_s0", method="lora", seed=0, acc=98.1, trainable=342_346,
-              config={"method": {"name": "lora", "lora": {"r": 9}}}, **kw)
+    write_run(
+        t1,
+        "lora_r9_s0",
+        method="lora",
+        seed=0,
+        acc=98.1,
+        trainable=342_346,
+        config={"method": {"name": "lora", "lora": {"r": 9}}},
+        **kw,
+    )
     rep = matched_report(collect(t1), collect(tmp_path / "none"))
     md = rep.markdown()
     expected = """\
@@ -456,9 +771,9 @@ def _nora_model(variant: str, seed: int, tmp: Path, train_steps: int = 0) -> Pat
 @pytest.mark.parametrize("variant", ["nora", "rational_ft", "zero_init_ft"])
 def test_adapter_reconstruction_matches_the_modules(tmp_path, variant):
     import nora
-    from nora.rational.functional import rational_reference
     from nora.adapter.curves import group_curves as rational
     from nora.adapter.curves import load_layers
+    from nora.rational.functional import rational_reference
     from nora.results.subspace import layer_stats
     from nora.runs.layout import RunDir
 
@@ -474,8 +789,9 @@ def test_adapter_reconstruction_matches_the_modules(tmp_path, variant):
         dn, dd = (t.detach().double().numpy() for t in mod.delta())
         np.testing.assert_allclose(lay.delta, np.concatenate([dn, dd], 1), atol=1e-7)
         x = torch.linspace(-3, 3, 7, dtype=torch.float64)
-        ref = rational_reference(x[:, None].expand(-1, 8).contiguous(), torch.as_tensor(lay.num),
-                                 torch.as_tensor(lay.den), lay.form).T.numpy()
+        ref = rational_reference(
+            x[:, None].expand(-1, 8).contiguous(), torch.as_tensor(lay.num), torch.as_tensor(lay.den), lay.form
+        ).T.numpy()
         np.testing.assert_allclose(rational(x.numpy(), lay.num, lay.den, lay.form), ref, rtol=1e-10, atol=1e-12)
         st = layer_stats(lay)
         assert st.update_norm > 0 and st.function_l2 > 0 and 1.0 <= st.effective_rank <= 8.0
@@ -487,11 +803,9 @@ def test_adapter_reconstruction_matches_the_modules(tmp_path, variant):
 def test_subspace_analysis_and_figures(tmp_path):
     from nora.adapter.curves import activation_figure
     from nora.results import figures
-    from nora.runs.layout import RunDir
     from nora.results.render import subspace_report
-    from nora.results.subspace import analyse_method, summary_rows
-
-    from nora.results.subspace import identical_methods
+    from nora.results.subspace import analyse_method, identical_methods, summary_rows
+    from nora.runs.layout import RunDir
 
     analyses = []
     for variant in ("nora", "zero_init_ft", "rational_ft"):
@@ -527,9 +841,17 @@ def test_render_all_from_fixture_tree(tmp_path):
     for variant in ("nora", "rational_ft", "zero_init_ft"):
         for seed in (0, 1):
             run, _ = _nora_model(variant, seed, tmp_path / "adapters")
-            d = write_run(demo / "rot90", f"{variant}_s{seed}", method=variant, model="vit_demo",
-                          dataset="digits_target", seed=seed, acc=90.0 + seed, trainable=20,
-                          config=demo_config("rot90"))
+            d = write_run(
+                demo / "rot90",
+                f"{variant}_s{seed}",
+                method=variant,
+                model="vit_demo",
+                dataset="digits_target",
+                seed=seed,
+                acc=90.0 + seed,
+                trainable=20,
+                config=demo_config("rot90"),
+            )
             import shutil
 
             shutil.rmtree(d / "adapter", ignore_errors=True)
@@ -540,12 +862,30 @@ def test_render_all_from_fixture_tree(tmp_path):
     out = tmp_path / "results"
     made = render_all(runs, out)
     names = sorted(p.name for p in made["tables"])
-    assert names == sorted(f"{s}.{e}" for s in ("demo", "demo_subspace", "demo_llm", "table1", "table1_low_budget", "table2",
-                                                "ablations", "matched_budget") for e in ("md", "csv"))
+    assert names == sorted(
+        f"{s}.{e}"
+        for s in (
+            "demo",
+            "demo_subspace",
+            "demo_llm",
+            "table1",
+            "table1_low_budget",
+            "table2",
+            "ablations",
+            "matched_budget",
+        )
+        for e in ("md", "csv")
+    )
     figs = sorted(p.name for p in made["figures"])
-    assert figs == ["demo_accuracy_vs_params.png", "demo_activations_nora.png", "demo_activations_rational_ft.png",
-                    "demo_activations_zero_init_ft.png", "demo_subspace.png", "table1_accuracy_vs_params.png",
-                    "table2_mmlu_vs_params.png"]
+    assert figs == [
+        "demo_accuracy_vs_params.png",
+        "demo_activations_nora.png",
+        "demo_activations_rational_ft.png",
+        "demo_activations_zero_init_ft.png",
+        "demo_subspace.png",
+        "table1_accuracy_vs_params.png",
+        "table2_mmlu_vs_params.png",
+    ]
     index = (out / "README.md").read_text()
     assert "| [table1.md](table1.md) ([csv](table1.csv)) |" in index
     assert "ablations_subspace.md (not generated yet)" in index
@@ -561,15 +901,19 @@ def test_defaults_match_the_configs():
 
     cfgdir = str(Path(__file__).resolve().parents[1] / "configs")
     with initialize_config_dir(config_dir=cfgdir, version_base="1.3"):  # method files compose their blocks
-        composed = {m: compose("train", overrides=[f"method={m}", "model=vit_tiny"])
-                    for m in ("lora", "dora", "nora_pp", "nora")}
+        composed = {
+            m: compose("train", overrides=[f"method={m}", "model=vit_tiny"])
+            for m in ("lora", "dora", "nora_pp", "nora")
+        }
     for m in ("lora", "dora", "nora_pp"):
         assert composed[m].method.lora.r == DEFAULT_LORA_RANK
     n = composed["nora"].method.nora
-    assert (n.r, n.groups, n.form, n.numerator) == (ABLATION_DEFAULTS["method.nora.r"],
-                                                     ABLATION_DEFAULTS["method.nora.groups"],
-                                                     ABLATION_DEFAULTS["method.nora.form"],
-                                                     ABLATION_DEFAULTS["method.nora.numerator"])
+    assert (n.r, n.groups, n.form, n.numerator) == (
+        ABLATION_DEFAULTS["method.nora.r"],
+        ABLATION_DEFAULTS["method.nora.groups"],
+        ABLATION_DEFAULTS["method.nora.form"],
+        ABLATION_DEFAULTS["method.nora.numerator"],
+    )
     assert n.init == ABLATION_DEFAULTS["method.nora.init"]
 
 
@@ -590,12 +934,18 @@ def test_the_demo_report_keeps_to_its_own_seeds(tmp_path):
     from nora.results.render import render_demo
 
     root = demo_runs(tmp_path / "demo")
-    render_demo(collect(root), tmp_path / "two", str(root), ["linear_probe", "full", "nora"],
-                seeds={"rot90": 2, "transpose": 1})
+    render_demo(
+        collect(root), tmp_path / "two", str(root), ["linear_probe", "full", "nora"], seeds={"rot90": 2, "transpose": 1}
+    )
     two = (tmp_path / "two" / "demo.md").read_text()
     assert "| NoRA | 2 | 91.75 ± 1.06 |" in two and "| full FT | 2 | 91.00 ± 1.41 |" in two  # seeds 0 and 1
-    render_demo(collect(root), tmp_path / "all", str(root), ["linear_probe", "full", "nora"],
-                seeds={"rot90": 10, "transpose": 10})
+    render_demo(
+        collect(root),
+        tmp_path / "all",
+        str(root),
+        ["linear_probe", "full", "nora"],
+        seeds={"rot90": 10, "transpose": 10},
+    )
     assert "| NoRA | 3 | 92.67 ± 1.76 |" in (tmp_path / "all" / "demo.md").read_text()
 
 
@@ -607,11 +957,22 @@ def test_make_tables_renders_demo_full_only_when_its_extra_seeds_exist(tmp_path)
     assert not (tmp_path / "out" / "demo_full").exists()  # seeds 0-2 only: nothing beyond make demo's 5
     index = (tmp_path / "out" / "README.md").read_text()
     assert "| demo_full/demo.md (not generated yet) |" in index
-    write_run(root / "rot90", "nora_s7", method="nora", model="vit_demo", dataset="digits_target", seed=7, acc=99.0,
-              trainable=20, config=demo_config("rot90"))
+    write_run(
+        root / "rot90",
+        "nora_s7",
+        method="nora",
+        model="vit_demo",
+        dataset="digits_target",
+        seed=7,
+        acc=99.0,
+        trainable=20,
+        config=demo_config("rot90"),
+    )
     render_all(tmp_path / "runs", tmp_path / "out", demo_methods=["linear_probe", "full", "nora"])
     assert "| NoRA | 3 | 92.67 ± 1.76 |" in (tmp_path / "out" / "demo.md").read_text()  # seed 7 left out
     full = (tmp_path / "out" / "demo_full" / "demo.md").read_text()
     assert "| NoRA | 4 | " in full and "Produced by `make demo-full`" in full and "](../demo_diagnosis.md)" in full
-    assert "| [demo_full/demo.md](demo_full/demo.md) ([csv](demo_full/demo.csv)) |" in (
-        tmp_path / "out" / "README.md").read_text()
+    assert (
+        "| [demo_full/demo.md](demo_full/demo.md) ([csv](demo_full/demo.csv)) |"
+        in (tmp_path / "out" / "README.md").read_text()
+    )

@@ -1,4 +1,5 @@
 """Sweep configs (sweeps/*.yaml) compose for every job without launching training (Hydra compose API)."""
+
 from __future__ import annotations
 
 import json
@@ -12,26 +13,34 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from nora.runs.identity import config_hash
-from nora.results.sweep import (SWEEPS, SWEEP_DIR, CachedComposer, all_sweeps, job_overrides, job_run_dir, plan,
-                                sweep_hydra)
+from nora.results.sweep import (
+    SWEEP_DIR,
+    SWEEPS,
+    CachedComposer,
+    all_sweeps,
+    job_overrides,
+    job_run_dir,
+    plan,
+    sweep_hydra,
+)
 from nora.results.tables import ABLATIONS
+from nora.runs.identity import config_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # expected jobs per sweep (and the output root every job writes under)
 EXPECTED = {
-    "table1": (6 * 2 * 3, "runs/table1"),           # 6 methods x 2 datasets x 3 seeds
+    "table1": (6 * 2 * 3, "runs/table1"),  # 6 methods x 2 datasets x 3 seeds
     "table1_low_budget": (6 * 2 * 3, "runs/table1"),  # probe, NoRA and 4 baselines x 2 datasets x 3 seeds
-    "table2": (3 * 2 * 3, "runs/table2"),           # 3 methods x 2 datasets x 3 seeds
+    "table2": (3 * 2 * 3, "runs/table2"),  # 3 methods x 2 datasets x 3 seeds
     "ablation_variant": (3 * 3, "runs/ablations"),  # rational_ft, zero_init_ft, nora
-    "ablation_rank": (5 * 3, "runs/ablations"),     # r = 1, 2, 3, 4, 8
-    "ablation_groups": (7 * 3, "runs/ablations"),   # G = 1, 2, 4, 8, 16, 96, 768 (one per channel)
-    "ablation_form": (2 * 3, "runs/ablations"),     # A, B
+    "ablation_rank": (5 * 3, "runs/ablations"),  # r = 1, 2, 3, 4, 8
+    "ablation_groups": (7 * 3, "runs/ablations"),  # G = 1, 2, 4, 8, 16, 96, 768 (one per channel)
+    "ablation_form": (2 * 3, "runs/ablations"),  # A, B
     "ablation_numerator": (2 * 3, "runs/ablations"),  # shared, group
-    "ablation_init": (2 * 3, "runs/ablations"),     # fit, calibrated
+    "ablation_init": (2 * 3, "runs/ablations"),  # fit, calibrated
     "ablation_residual": (2 * 3, "runs/ablations"),  # the paper's form, residual
-    "matched_vit": (5 * 2 * 3, "runs/table1"),      # 5 arms x 2 datasets x 3 seeds
+    "matched_vit": (5 * 2 * 3, "runs/table1"),  # 5 arms x 2 datasets x 3 seeds
     "matched_llama": (5 * 2 * 3, "runs/table2"),
 }
 
@@ -125,10 +134,18 @@ def test_ablation_sweeps_match_the_table_and_share_the_default(composed):
         for _ov, c in jobs:
             assert (c.model.name, c.dataset.name) == ("vit_tiny", "cifar100")
             assert c.method.nora.alpha == 6.0
-            if all(str(OmegaConf.select(c, k) if k != "method" else c.method.name) == str(v)
-                   for k, v in {"method": "nora", "method.nora.r": 3, "method.nora.groups": 8, "method.nora.form": "A",
-                                "method.nora.numerator": "group", "method.nora.init": "fit",
-                                "method.nora.residual": False}.items()):
+            if all(
+                str(OmegaConf.select(c, k) if k != "method" else c.method.name) == str(v)
+                for k, v in {
+                    "method": "nora",
+                    "method.nora.r": 3,
+                    "method.nora.groups": 8,
+                    "method.nora.form": "A",
+                    "method.nora.numerator": "group",
+                    "method.nora.init": "fit",
+                    "method.nora.residual": False,
+                }.items()
+            ):
                 default_dirs.setdefault(c.seed, set()).add((job_run_dir(c), config_hash(c)))
     # the default setting is one directory (and one config) per seed across the seven ablation sweeps
     assert sorted(default_dirs) == [0, 1, 2] and all(len(v) == 1 for v in default_dirs.values())
@@ -138,8 +155,12 @@ def test_ablation_sweeps_match_the_table_and_share_the_default(composed):
 
 def test_command_line_overrides_restrict_a_sweep():
     jobs = plan("table1", ["seed=0", "method=lora,nora"])
-    assert [j.run_dir.name for j in jobs] == ["vit_tiny_cifar10_lora_s0", "vit_tiny_cifar10_nora_s0",
-                                              "vit_tiny_cifar100_lora_s0", "vit_tiny_cifar100_nora_s0"]
+    assert [j.run_dir.name for j in jobs] == [
+        "vit_tiny_cifar10_lora_s0",
+        "vit_tiny_cifar10_nora_s0",
+        "vit_tiny_cifar100_lora_s0",
+        "vit_tiny_cifar100_nora_s0",
+    ]
     assert all(j.status == "new" for j in jobs)
 
 
@@ -151,19 +172,23 @@ def test_plan_reports_complete_and_resumable(tmp_path):
     half.mkdir(parents=True)
     (half / "last.pt").write_bytes(b"")
     jobs = plan("table1", ["seed=0", "method=nora", f"output_root={tmp_path}"])
-    assert [(j.run_dir.name, j.status) for j in jobs] == [("vit_tiny_cifar10_nora_s0", "complete"),
-                                                          ("vit_tiny_cifar100_nora_s0", "resumable")]
+    assert [(j.run_dir.name, j.status) for j in jobs] == [
+        ("vit_tiny_cifar10_nora_s0", "complete"),
+        ("vit_tiny_cifar100_nora_s0", "resumable"),
+    ]
     # a run directory started with another configuration is reported as such, not as skippable/resumable
     with sweep_hydra():
         compose = CachedComposer()
         for ov, d in ((["dataset=cifar10"], done), (["dataset=cifar100", "trainer.epochs=3"], half.parent)):
-            job = OmegaConf.to_container(compose("table1", ["seed=0", "method=nora", f"output_root={tmp_path}"] + ov),
-                                         resolve=False)
+            job = OmegaConf.to_container(
+                compose("table1", ["seed=0", "method=nora", f"output_root={tmp_path}"] + ov), resolve=False
+            )
             job.pop("hydra")
             (d / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(job), resolve=True))
     jobs = plan("table1", ["seed=0", "method=nora", f"output_root={tmp_path}"])
     assert [j.status for j in jobs] == ["complete", "changed"]
     from nora.results.sweep import format_plan
+
     assert "1 run directory holds a run of another configuration" in format_plan("table1", jobs)
 
 
@@ -185,9 +210,23 @@ def test_train_py_dry_run_lists_the_jobs(tmp_path):
     """The real entry point: `python train.py -m --config-dir sweeps --config-name <sweep>` with the dry-run
     switch prints the plan and launches nothing."""
     env = dict(os.environ, NORA_SWEEP_DRY_RUN="1", WANDB_MODE="disabled")
-    out = subprocess.run([sys.executable, "train.py", "-m", "--config-dir", "sweeps", "--config-name", "ablation_form",
-                          f"output_root={tmp_path / 'r'}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            "--config-dir",
+            "sweeps",
+            "--config-name",
+            "ablation_form",
+            f"output_root={tmp_path / 'r'}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "sweep ablation_form: 6 jobs (0 complete: skipped, 0 resumable from a checkpoint, 6 to run)" in out.stdout
     assert "dry run: nothing launched" in out.stdout
@@ -201,12 +240,25 @@ def test_matched_budget_ranks_bracket_nora_pp():
     from nora.results.budget import bracket, count
 
     readme = (SWEEP_DIR / "README.md").read_text()
-    for model, expected in (("vit_tiny", {"nora_pp": 295_848, "lora_r8": 294_912, "lora_r9": 331_776,
-                                          "dora_r7": 278_784, "dora_r8": 315_648}),
-                            ("llama3_8b", {"nora_pp": 20_974_016, "lora_r8": 20_971_520, "lora_r9": 23_592_960,
-                                           "dora_r7": 19_726_336, "dora_r8": 22_347_776})):
-        counts = [count(model, "nora_pp")] + [count(model, m, r) for m, r in (("lora", 8), ("lora", 9),
-                                                                                ("dora", 7), ("dora", 8))]
+    for model, expected in (
+        (
+            "vit_tiny",
+            {"nora_pp": 295_848, "lora_r8": 294_912, "lora_r9": 331_776, "dora_r7": 278_784, "dora_r8": 315_648},
+        ),
+        (
+            "llama3_8b",
+            {
+                "nora_pp": 20_974_016,
+                "lora_r8": 20_971_520,
+                "lora_r9": 23_592_960,
+                "dora_r7": 19_726_336,
+                "dora_r8": 22_347_776,
+            },
+        ),
+    ):
+        counts = [count(model, "nora_pp")] + [
+            count(model, m, r) for m, r in (("lora", 8), ("lora", 9), ("dora", 7), ("dora", 8))
+        ]
         assert {c.arm: c.adapter for c in counts} == expected
         assert all(f"{v:,}" in readme for v in expected.values())
         for m, (lo, hi) in (("lora", (8, 9)), ("dora", (7, 8))):
@@ -224,13 +276,25 @@ def test_run_name_carries_the_overrides_it_does_not_spell():
     base = ["model=vit_test", "dataset=digits", "method=nora"]
     assert _name(base) == "vit_test_digits_nora_s0"
     # value overrides that change the result, sorted by key, with the composed value (1e-3 and 0.001 are one run)
-    assert _name(base + ["trainer.lr=1e-3", "method.nora.r=2"]) == \
-        "vit_test_digits_nora_s0_method.nora.r=2,trainer.lr=0.001"
+    assert (
+        _name(base + ["trainer.lr=1e-3", "method.nora.r=2"])
+        == "vit_test_digits_nora_s0_method.nora.r=2,trainer.lr=0.001"
+    )
     assert _name(base + ["method.nora.r=2", "trainer.lr=0.001"]) == _name(base + ["trainer.lr=1e-3", "method.nora.r=2"])
     # left out: group choices, keys the name spells, outputs/logging/progress, where inputs are read from, hydra.*
-    same = ["seed=0", "logger=wandb", "output_root=elsewhere", "trainer.progress=false", "trainer.log_every=7",
-            "trainer.checkpoint_every=3", "trainer.strategy=fsdp", "data.path=/some/where/alpaca.json",
-            "hydra.job.chdir=false", "force=true", "on_config_change=rerun"]
+    same = [
+        "seed=0",
+        "logger=wandb",
+        "output_root=elsewhere",
+        "trainer.progress=false",
+        "trainer.log_every=7",
+        "trainer.checkpoint_every=3",
+        "trainer.strategy=fsdp",
+        "data.path=/some/where/alpaca.json",
+        "hydra.job.chdir=false",
+        "force=true",
+        "on_config_change=rerun",
+    ]
     assert _name(base + same) == "vit_test_digits_nora_s0"
     assert _name(base + ["seed=2", "trainer.epochs=3"]) == "vit_test_digits_nora_s2_trainer.epochs=3"
     # list values stay one path component; a suffix too long for a file name becomes a hash of itself
@@ -242,16 +306,24 @@ def test_run_name_carries_the_overrides_it_does_not_spell():
 
 def test_sweep_run_names_keep_their_directories_and_gain_unspelled_overrides():
     # the ablations' run_name spells method.nora.r: not repeated; trainer.epochs is not spelled: appended
-    assert _name(["method.nora.r=2", "seed=1"], "ablation_rank") == \
-        "vit_tiny_cifar100_nora_r2_G8_formA_numgroup_initfit_residualFalse_s1"
-    assert _name(["method.nora.r=2", "seed=1", "trainer.epochs=1"], "ablation_rank") == \
-        "vit_tiny_cifar100_nora_r2_G8_formA_numgroup_initfit_residualFalse_s1_trainer.epochs=1"
+    assert (
+        _name(["method.nora.r=2", "seed=1"], "ablation_rank")
+        == "vit_tiny_cifar100_nora_r2_G8_formA_numgroup_initfit_residualFalse_s1"
+    )
+    assert (
+        _name(["method.nora.r=2", "seed=1", "trainer.epochs=1"], "ablation_rank")
+        == "vit_tiny_cifar100_nora_r2_G8_formA_numgroup_initfit_residualFalse_s1_trainer.epochs=1"
+    )
     assert _name(["budget=lora_r9", "dataset=cifar10"], "matched_vit") == "vit_tiny_cifar10_lora_r9_s0"
-    assert _name(["experiment=llama3_alpaca", "method=lora", "data.path=/data/alpaca.json"], "table2") == \
-        "llama3_8b_alpaca_lora_s0"
+    assert (
+        _name(["experiment=llama3_alpaca", "method=lora", "data.path=/data/alpaca.json"], "table2")
+        == "llama3_8b_alpaca_lora_s0"
+    )
     jobs = plan("table1", ["seed=0", "method=nora", "trainer.epochs=1"])
-    assert [j.run_dir.name for j in jobs] == ["vit_tiny_cifar10_nora_s0_trainer.epochs=1",
-                                              "vit_tiny_cifar100_nora_s0_trainer.epochs=1"]
+    assert [j.run_dir.name for j in jobs] == [
+        "vit_tiny_cifar10_nora_s0_trainer.epochs=1",
+        "vit_tiny_cifar100_nora_s0_trainer.epochs=1",
+    ]
 
 
 def test_a_config_composed_without_its_hydra_node_gets_the_plain_name():
@@ -271,16 +343,35 @@ def test_multirun_over_any_key_gives_one_directory_per_configuration(tmp_path):
     from wandb_files import offline_runs
 
     out = tmp_path / "runs"
-    cmd = [sys.executable, "train.py", "-m", "trainer.lr=1e-3,5e-4", "method.nora.r=2,3", "model=vit_test",
-           "dataset=digits", "method=nora", "dataset.limit_train=64", "dataset.limit_eval=32", "trainer.epochs=1",
-           "trainer.batch_size=32", "trainer.eval_batch_size=32", "trainer.num_workers=0", "trainer.progress=false",
-           "trainer.checkpoint_every=0", "logger=wandb", f"output_root={out}"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "-m",
+        "trainer.lr=1e-3,5e-4",
+        "method.nora.r=2,3",
+        "model=vit_test",
+        "dataset=digits",
+        "method=nora",
+        "dataset.limit_train=64",
+        "dataset.limit_eval=32",
+        "trainer.epochs=1",
+        "trainer.batch_size=32",
+        "trainer.eval_batch_size=32",
+        "trainer.num_workers=0",
+        "trainer.progress=false",
+        "trainer.checkpoint_every=0",
+        "logger=wandb",
+        f"output_root={out}",
+    ]
     env = dict(os.environ, WANDB_MODE="offline", NORA_SWEEP_DRY_RUN="0")
     first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
-    expected = {f"vit_test_digits_nora_s0_dataset.limit_eval=32,dataset.limit_train=64,method.nora.r={r},"
-                f"trainer.batch_size=32,trainer.epochs=1,trainer.eval_batch_size=32,trainer.lr={lr}"
-                for r in (2, 3) for lr in ("0.001", "0.0005")}
+    expected = {
+        f"vit_test_digits_nora_s0_dataset.limit_eval=32,dataset.limit_train=64,method.nora.r={r},"
+        f"trainer.batch_size=32,trainer.epochs=1,trainer.eval_batch_size=32,trainer.lr={lr}"
+        for r in (2, 3)
+        for lr in ("0.001", "0.0005")
+    }
     runs = {p.name for p in out.iterdir() if p.is_dir()}
     assert runs == expected
     summaries = {}
@@ -298,8 +389,11 @@ def test_multirun_over_any_key_gives_one_directory_per_configuration(tmp_path):
     overrides = [a for a in cmd[3:] if "," not in a]
     with sweep_hydra():
         compose = CachedComposer()
-        planned = {job_run_dir(compose("train", overrides + [f"trainer.lr={lr}", f"method.nora.r={r}"])).name
-                   for lr in ("1e-3", "5e-4") for r in (2, 3)}
+        planned = {
+            job_run_dir(compose("train", overrides + [f"trainer.lr={lr}", f"method.nora.r={r}"])).name
+            for lr in ("1e-3", "5e-4")
+            for r in (2, 3)
+        }
     assert planned == expected
 
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -1,5 +1,6 @@
 """The vision training spine end to end: configs, every method on CIFAR-format data, run outputs,
 W&B offline files, exact resume, atomic checkpoints, NaN handling and clear errors."""
+
 import json
 import os
 import subprocess
@@ -8,16 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import write_cifar
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
-from fixtures import write_cifar
 from nora.app.config import validate
+from nora.app.training import run_training
 from nora.errors import NonFiniteLossError, UserError
 from nora.methods import METHODS, apply_method
 from nora.models import build_model
-from nora.app.training import run_training
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = str(ROOT / "configs")
@@ -34,10 +35,24 @@ def cifar10(tmp_path_factory):
 
 
 def tiny_overrides(root, tmp, method="nora", extra=()):
-    return [f"method={method}", "model=vit_test", "dataset=cifar10", f"dataset.root={root}", "dataset.download=false",
-            "dataset.verify_md5=false", f"output_root={tmp}", "logger=disabled", "trainer.epochs=2",
-            "trainer.batch_size=32", "trainer.eval_batch_size=64", "trainer.num_workers=0", "trainer.log_every=2",
-            "trainer.progress=false", "trainer.checkpoint_every=0", *extra]
+    return [
+        f"method={method}",
+        "model=vit_test",
+        "dataset=cifar10",
+        f"dataset.root={root}",
+        "dataset.download=false",
+        "dataset.verify_md5=false",
+        f"output_root={tmp}",
+        "logger=disabled",
+        "trainer.epochs=2",
+        "trainer.batch_size=32",
+        "trainer.eval_batch_size=64",
+        "trainer.num_workers=0",
+        "trainer.log_every=2",
+        "trainer.progress=false",
+        "trainer.checkpoint_every=0",
+        *extra,
+    ]
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -73,11 +88,14 @@ def test_config_composes_and_method_applies(method, dataset):
         assert not any("patch_embed" in n for n in lora_modules)
 
 
-@pytest.mark.parametrize("schema,yaml_file", [
-    ("nora.train.config:TrainerConfig", "trainer/default.yaml"),
-    ("nora.methods.config:LoraSettings", "adapter/lora.yaml"),
-    ("nora.methods.config:NoraSettings", "adapter/nora.yaml"),
-])
+@pytest.mark.parametrize(
+    "schema,yaml_file",
+    [
+        ("nora.train.config:TrainerConfig", "trainer/default.yaml"),
+        ("nora.methods.config:LoraSettings", "adapter/lora.yaml"),
+        ("nora.methods.config:NoraSettings", "adapter/nora.yaml"),
+    ],
+)
 def test_schema_defaults_are_the_yaml_defaults(schema, yaml_file):
     """A key a YAML file leaves out takes the schema's default: the two must never drift apart (values given by
     interpolation from the model config are the model's to set)."""
@@ -87,8 +105,10 @@ def test_schema_defaults_are_the_yaml_defaults(schema, yaml_file):
     module, name = schema.split(":")
     cls = getattr(importlib.import_module(module), name)
     yaml = OmegaConf.to_container(OmegaConf.load(Path(CONFIGS) / yaml_file), resolve=False)
-    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(cls)}
+    defaults = {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(cls)
+    }
     defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}  # YAML has lists
     given = {k: v for k, v in yaml.items() if not (isinstance(v, str) and v.startswith("${"))}
     assert set(yaml) <= set(defaults)
@@ -102,15 +122,18 @@ def test_unknown_group_option_lists_valid_ones():
     assert "lora_plus" in msg and "nora_pp" in msg and "zero_init_ft" in msg
 
 
-@pytest.mark.parametrize("override,match", [
-    ("trainer.optimizer=adamx", "valid: adamw, sgd"),
-    ("trainer.scheduler=step", "valid: cosine, linear, constant"),
-    ("trainer.precision=fp8", "valid: auto, fp32, bf16, fp16"),
-    ("trainer.data_path=gpu", "valid: auto, batched, per_sample"),
-    ("method.nora.form=C", "valid: A, B"),
-    ("method.nora.variant=magic", "valid: nora, rational_ft, zero_init_ft, frozen"),
-    ("on_config_change=ignore", "valid: error, rerun, keep"),
-])
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("trainer.optimizer=adamx", "valid: adamw, sgd"),
+        ("trainer.scheduler=step", "valid: cosine, linear, constant"),
+        ("trainer.precision=fp8", "valid: auto, fp32, bf16, fp16"),
+        ("trainer.data_path=gpu", "valid: auto, batched, per_sample"),
+        ("method.nora.form=C", "valid: A, B"),
+        ("method.nora.variant=magic", "valid: nora, rational_ft, zero_init_ft, frozen"),
+        ("on_config_change=ignore", "valid: error, rerun, keep"),
+    ],
+)
 def test_bad_values_fail_with_the_valid_options(cifar10, tmp_path, override, match):
     cfg = make_cfg(tiny_overrides(cifar10, tmp_path, extra=[override]))
     with pytest.raises((UserError, ValueError), match=match):
@@ -131,8 +154,11 @@ BAD_VALUES = [
     ("trainer.num_workers=two", "trainer.num_workers='two': could not be converted to Integer"),
     ("trainer.strategy=zero3", "trainer.strategy='zero3'; valid: auto, ddp, fsdp"),
     ("+trainer.learning_rate=1", "trainer.learning_rate: no such key; valid: device, precision, epochs"),
-    ("method.nora.groups=7", "method.nora.groups=7 does not divide the MLP width 128 of model=vit_test; "
-                             "use a divisor, e.g. 2, 4, 8, 16, 32, 64"),
+    (
+        "method.nora.groups=7",
+        "method.nora.groups=7 does not divide the MLP width 128 of model=vit_test; "
+        "use a divisor, e.g. 2, 4, 8, 16, 32, 64",
+    ),
     ("method.nora.r=0", "method.nora.r=0: must be >= 1"),
     ("method.nora.init=random", "method.nora.init='random'; valid: fit, calibrated"),
     ("method.nora.backend=cuda_magic", "method.nora.backend='cuda_magic'; valid: auto, "),
@@ -163,8 +189,11 @@ def test_bad_value_fails_before_anything_loads(tmp_path, monkeypatch, override, 
 def test_nora_groups_checked_at_injection_where_the_config_has_no_width():
     cfg = make_cfg(["method=nora", "model=vit_test", "dataset=cifar10", "method.nora.groups=7"])
     cfg.model.kwargs = {k: v for k, v in cfg.model.kwargs.items() if k != "embed_dim"}  # timm's default: 192
-    with pytest.raises(UserError, match=r"^method\.nora\.groups=7 does not divide the MLP width 768 of "
-                                        r"blocks\.0\.mlp\.act; use a divisor"):
+    with pytest.raises(
+        UserError,
+        match=r"^method\.nora\.groups=7 does not divide the MLP width 768 of "
+        r"blocks\.0\.mlp\.act; use a divisor",
+    ):
         apply_method(build_model(cfg.model, 10), cfg.method, cfg.model)
 
 
@@ -173,17 +202,34 @@ def test_lora_settings_are_checked():
         validate(make_cfg(["method=lora", "model=vit_test", "method.lora.dropout=1.5"]))
 
 
-@pytest.mark.parametrize("override,message", [
-    ("trainer.lr=abc", "error: trainer.lr='abc': could not be converted to Float"),
-    ("method.nora.groups=7", "error: method.nora.groups=7 does not divide the MLP width 128 of model=vit_test"),
-    ("trainer.scheduler=cosin", "error: trainer.scheduler='cosin'; valid: cosine, linear, constant"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("trainer.lr=abc", "error: trainer.lr='abc': could not be converted to Float"),
+        ("method.nora.groups=7", "error: method.nora.groups=7 does not divide the MLP width 128 of model=vit_test"),
+        ("trainer.scheduler=cosin", "error: trainer.scheduler='cosin'; valid: cosine, linear, constant"),
+    ],
+)
 @pytest.mark.slow  # 25 s here: end to end (make test-slow, CI)
 def test_bad_value_is_one_line_from_train_py(tmp_path, override, message):
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "model=vit_test", "dataset=cifar10",
-                           f"dataset.root={tmp_path}/nowhere", "logger=disabled", f"output_root={tmp_path}", override],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "model=vit_test",
+            "dataset=cifar10",
+            f"dataset.root={tmp_path}/nowhere",
+            "logger=disabled",
+            f"output_root={tmp_path}",
+            override,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
@@ -210,8 +256,18 @@ def test_tiny_run_writes_outputs(cifar10, tmp_path, method):
     assert summary["status"] == "complete"
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary, default=str))
-    for key in ("method", "model", "dataset", "seed", "parameters", "final_accuracy", "best_accuracy",
-                "wall_time_s", "images_per_s", "peak_memory_mb"):
+    for key in (
+        "method",
+        "model",
+        "dataset",
+        "seed",
+        "parameters",
+        "final_accuracy",
+        "best_accuracy",
+        "wall_time_s",
+        "images_per_s",
+        "peak_memory_mb",
+    ):
         assert on_disk[key] is not None, key
     assert on_disk["steps"] == 2 * (192 // 32)
     assert 0.0 <= on_disk["final_accuracy"] <= 100.0
@@ -265,8 +321,9 @@ def test_a_changed_config_is_never_skipped_or_resumed_silently(cifar10, tmp_path
     # where a straight run with the new configuration ends
     extra = ["trainer.epochs=2", "trainer.checkpoint_every=2"]
     cut = tmp_path / "cut"
-    part = run_training(make_cfg(tiny_overrides(cifar10, tmp_path, "nora", extra + ["trainer.stop_after_steps=3"])),
-                        run_dir=cut)
+    part = run_training(
+        make_cfg(tiny_overrides(cifar10, tmp_path, "nora", extra + ["trainer.stop_after_steps=3"])), run_dir=cut
+    )
     assert part == {"status": "incomplete", "step": 3}
     other = tiny_overrides(cifar10, tmp_path, "nora", extra + ["method.nora.r=2"])
     with pytest.raises(UserError, match=r"holds a checkpoint of another configuration(.|\n)*method.nora.r: 3 -> 2"):
@@ -293,23 +350,35 @@ def _train_records(run_dir):
 
 @pytest.mark.parametrize("method,path", [("nora", "per_sample"), ("lora", "batched")])
 def test_resume_mid_epoch_is_exact(cifar10, tmp_path, method, path):
-    extra = ["trainer.epochs=3", "trainer.checkpoint_every=4", "trainer.log_every=1", "dataset.augment.crop_padding=4",
-             f"trainer.data_path={path}", "trainer.eval_every=1"]
+    extra = [
+        "trainer.epochs=3",
+        "trainer.checkpoint_every=4",
+        "trainer.log_every=1",
+        "dataset.augment.crop_padding=4",
+        f"trainer.data_path={path}",
+        "trainer.eval_every=1",
+    ]
     full = run_training(make_cfg(tiny_overrides(cifar10, tmp_path, method, extra)), run_dir=tmp_path / "full")
     # the same run, killed after 7 steps (mid epoch 2 of 6-step epochs), then resumed twice
-    part = run_training(make_cfg(tiny_overrides(cifar10, tmp_path, method, extra + ["trainer.stop_after_steps=7"])),
-                        run_dir=tmp_path / "cut")
+    part = run_training(
+        make_cfg(tiny_overrides(cifar10, tmp_path, method, extra + ["trainer.stop_after_steps=7"])),
+        run_dir=tmp_path / "cut",
+    )
     assert part == {"status": "incomplete", "step": 7}
-    part = run_training(make_cfg(tiny_overrides(cifar10, tmp_path, method, extra + ["trainer.stop_after_steps=5"])),
-                        run_dir=tmp_path / "cut")
+    part = run_training(
+        make_cfg(tiny_overrides(cifar10, tmp_path, method, extra + ["trainer.stop_after_steps=5"])),
+        run_dir=tmp_path / "cut",
+    )
     assert part == {"status": "incomplete", "step": 12}
     resumed = run_training(make_cfg(tiny_overrides(cifar10, tmp_path, method, extra)), run_dir=tmp_path / "cut")
     assert resumed["final"] == full["final"] and resumed["best"] == full["best"]
+
     def strip(rs):
         return [{k: v for k, v in r.items() if k not in ("images_per_s", "data_wait_share")} for r in rs]
 
     assert strip(_train_records(tmp_path / "cut")) == strip(_train_records(tmp_path / "full"))
     from safetensors.torch import load_file
+
     name = "nora_adapter.safetensors" if method == "nora" else "adapter_model.safetensors"
     a, b = load_file(str(tmp_path / "full/adapter" / name)), load_file(str(tmp_path / "cut/adapter" / name))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -362,9 +431,22 @@ def test_nan_loss_stops_without_touching_the_last_checkpoint(cifar10, tmp_path, 
 # ------------------------------------------------------------------------------- clear errors
 def test_missing_data_is_one_line_from_train_py(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "method=nora", "dataset=cifar100",
-                           f"dataset.root={tmp_path}/nowhere", "dataset.download=false", f"output_root={tmp_path}"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "method=nora",
+            "dataset=cifar100",
+            f"dataset.root={tmp_path}/nowhere",
+            "dataset.download=false",
+            f"output_root={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: cifar100 not found under")
@@ -375,9 +457,13 @@ def test_missing_data_is_one_line_from_train_py(tmp_path):
 def test_missing_pretrained_weights_message(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import huggingface_hub.constants as c
+
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     cfg = make_cfg(["model=vit_tiny"])
-    with pytest.raises(UserError, match=r"pretrained weights for vit_tiny_patch16_224\.augreg_in21k_ft_in1k could not "
-                                        r"be loaded.*model\.checkpoint="):
+    with pytest.raises(
+        UserError,
+        match=r"pretrained weights for vit_tiny_patch16_224\.augreg_in21k_ft_in1k could not "
+        r"be loaded.*model\.checkpoint=",
+    ):
         build_model(cfg.model, 10)

@@ -4,6 +4,7 @@
 ``PeftModel.from_pretrained``, and giving the trained model's logits exactly. Tiny random LLaMA, offline tokenizer,
 a handful of CPU steps.
 """
+
 from __future__ import annotations
 
 import peft
@@ -17,10 +18,12 @@ import nora
 from nora.models.tokenizer import build_offline_tokenizer
 from nora.tuner import NoraPeftConfig
 
-TEXTS = ["What is the capital of France? Paris is the capital of France.",
-         "Give three tips for staying healthy. Eat a balanced diet, exercise regularly and sleep well.",
-         "The quick brown fox jumps over the lazy dog.",
-         "Find the degree of the field extension. The answer is 4."] * 4
+TEXTS = [
+    "What is the capital of France? Paris is the capital of France.",
+    "Give three tips for staying healthy. Eat a balanced diet, exercise regularly and sleep well.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Find the degree of the field extension. The answer is 4.",
+] * 4
 
 
 @pytest.fixture(scope="module")
@@ -30,15 +33,34 @@ def tokenizer():
 
 def base_model(tok) -> hf.LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = hf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = hf.LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     return hf.LlamaForCausalLM(cfg).eval()
 
 
 def common_args(tmp_path) -> dict:
-    return dict(output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4, learning_rate=2e-2,
-                logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
+    return dict(
+        output_dir=str(tmp_path / "run"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=2e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
 
 
 def probe(tok) -> dict:
@@ -71,8 +93,13 @@ def test_trl_sft_trainer_trains_saves_and_peft_reloads_a_nora_pp_adapter(tokeniz
     config = NoraPeftConfig(task_type="CAUSAL_LM", lora_r=2, lora_target_modules="all-linear")
     args = trl.SFTConfig(**common_args(tmp_path), max_length=32, dataset_text_field="text", packing=False)
     assert args.bf16  # TRL's default: bf16 mixed precision, on the CPU too
-    trainer = trl.SFTTrainer(model=base_model(tokenizer), args=args, processing_class=tokenizer,
-                             train_dataset=Dataset.from_dict({"text": TEXTS}), peft_config=config)
+    trainer = trl.SFTTrainer(
+        model=base_model(tokenizer),
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_dict({"text": TEXTS}),
+        peft_config=config,
+    )
     assert isinstance(trainer.model, peft.PeftModel)
     result = trainer.train()
     assert result.global_step == 4
@@ -85,10 +112,15 @@ def test_trl_sft_trainer_trains_saves_and_peft_reloads_a_nora_pp_adapter(tokeniz
 
 def test_hf_trainer_trains_saves_and_peft_reloads_a_nora_adapter(tokenizer, tmp_path):
     model = peft.get_peft_model(base_model(tokenizer), NoraPeftConfig(task_type="CAUSAL_LM"))
-    data = Dataset.from_dict({"text": TEXTS}).map(lambda b: tokenizer(b["text"], truncation=True, max_length=32),
-                                                  batched=True, remove_columns=["text"])
-    trainer = hf.Trainer(model=model, args=hf.TrainingArguments(**common_args(tmp_path)), train_dataset=data,
-                         data_collator=hf.DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    data = Dataset.from_dict({"text": TEXTS}).map(
+        lambda b: tokenizer(b["text"], truncation=True, max_length=32), batched=True, remove_columns=["text"]
+    )
+    trainer = hf.Trainer(
+        model=model,
+        args=hf.TrainingArguments(**common_args(tmp_path)),
+        train_dataset=data,
+        data_collator=hf.DataCollatorForLanguageModeling(tokenizer, mlm=False),
+    )
     result = trainer.train()
     assert result.global_step == 4
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -1,18 +1,19 @@
 """W&B the way its users expect, checked in the offline run files (tests/wandb_files.py decodes them): a fresh start
 is a new W&B run and only a resume continues one; the summary and the activation figure are sent before the run
 finishes; eval.py adds MMLU to the training run's W&B run."""
+
 import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-
 from fixtures import write_cifar
+from hydra import compose, initialize_config_dir
 from instruct_fixtures import alpaca_records, write_alpaca_json
 from mmlu_fixtures import make_fixture, write_csv
+from wandb_files import offline_runs
+
 from nora.app.training import run_training
 from nora.runs.logger import flat_scalars, wandb_run_id_path
-from wandb_files import offline_runs
 
 CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
 
@@ -28,11 +29,27 @@ def make_cfg(name, overrides):
 
 
 def vision(root, out, extra=()):
-    return make_cfg("train", [
-        "method=nora", "model=vit_test", "dataset=cifar10", f"dataset.root={root}", "dataset.download=false",
-        "dataset.verify_md5=false", f"output_root={out}", "logger=wandb", "trainer.epochs=2", "trainer.batch_size=32",
-        "trainer.eval_batch_size=64", "trainer.num_workers=0", "trainer.log_every=1", "trainer.progress=false",
-        "trainer.checkpoint_every=1", *extra])
+    return make_cfg(
+        "train",
+        [
+            "method=nora",
+            "model=vit_test",
+            "dataset=cifar10",
+            f"dataset.root={root}",
+            "dataset.download=false",
+            "dataset.verify_md5=false",
+            f"output_root={out}",
+            "logger=wandb",
+            "trainer.epochs=2",
+            "trainer.batch_size=32",
+            "trainer.eval_batch_size=64",
+            "trainer.num_workers=0",
+            "trainer.log_every=1",
+            "trainer.progress=false",
+            "trainer.checkpoint_every=1",
+            *extra,
+        ],
+    )
 
 
 def test_fresh_start_is_a_new_wandb_run_and_only_a_resume_continues_one(tmp_path):
@@ -49,8 +66,9 @@ def test_fresh_start_is_a_new_wandb_run_and_only_a_resume_continues_one(tmp_path
     assert [h["_step"] for h in first.history if "loss" in h][:2] == [1, 2]
     assert min(h["_step"] for h in resumed.history) == 3
     assert min(h["_step"] for h in fresh.history) == 1
-    assert all(r.name == done["run_name"] == "vit_test_cifar10_nora_s0" and r.exit_code == 0
-               for r in (first, resumed, fresh))
+    assert all(
+        r.name == done["run_name"] == "vit_test_cifar10_nora_s0" and r.exit_code == 0 for r in (first, resumed, fresh)
+    )
     assert first.group == "" and "final/accuracy" not in first.summary  # an interrupted run has no summary yet
     for r, s in ((resumed, done), (fresh, forced)):
         # the summary went out before finish: final and best metrics, parameters, throughput
@@ -64,8 +82,15 @@ def test_fresh_start_is_a_new_wandb_run_and_only_a_resume_continues_one(tmp_path
 
 
 def test_flat_scalars():
-    assert flat_scalars({"final": {"accuracy": 1.5, "loss": float("nan")}, "a": [1], "b": None, "c": "x",
-                         "p": {"components": {"nora": 3}}}) == {"final/accuracy": 1.5, "c": "x", "p/components/nora": 3}
+    assert flat_scalars(
+        {
+            "final": {"accuracy": 1.5, "loss": float("nan")},
+            "a": [1],
+            "b": None,
+            "c": "x",
+            "p": {"components": {"nora": 3}},
+        }
+    ) == {"final/accuracy": 1.5, "c": "x", "p/components/nora": 3}
 
 
 @pytest.mark.slow
@@ -74,12 +99,31 @@ def test_eval_py_adds_mmlu_to_the_training_runs_wandb_run(tmp_path):
 
     data = write_alpaca_json(tmp_path / "alpaca_data.json", alpaca_records(12))
     run = tmp_path / "run"
-    run_training(make_cfg("train", [
-        "method=nora_pp", "model=llama_tiny", "dataset=alpaca", f"data.path={data}", f"output_root={tmp_path}",
-        "logger=wandb", "trainer.device=cpu", "trainer.batch_size=4", "trainer.num_workers=0", "trainer.max_steps=2",
-        "trainer.eval_every=0", "trainer.checkpoint_every=0", "trainer.progress=false", "dataset.val_size=4",
-        "dataset.max_length=128", f"dataset.cache_dir={tmp_path / 'cache'}", "method.nora.calibration_batches=1"]),
-        run_dir=run)
+    run_training(
+        make_cfg(
+            "train",
+            [
+                "method=nora_pp",
+                "model=llama_tiny",
+                "dataset=alpaca",
+                f"data.path={data}",
+                f"output_root={tmp_path}",
+                "logger=wandb",
+                "trainer.device=cpu",
+                "trainer.batch_size=4",
+                "trainer.num_workers=0",
+                "trainer.max_steps=2",
+                "trainer.eval_every=0",
+                "trainer.checkpoint_every=0",
+                "trainer.progress=false",
+                "dataset.val_size=4",
+                "dataset.max_length=128",
+                f"dataset.cache_dir={tmp_path / 'cache'}",
+                "method.nora.calibration_batches=1",
+            ],
+        ),
+        run_dir=run,
+    )
     mmlu = write_csv(tmp_path / "mmlu", make_fixture())
     d = run_eval(make_cfg("eval", [f"run_dir={run}", f"mmlu.path={mmlu}", "device=cpu"]))
     train, evaluation = offline_runs(run)

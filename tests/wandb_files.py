@@ -4,6 +4,7 @@ wandb 0.31 ships no Python reader: the file is W&B's transaction log, LevelDB's 
 records with a 7-byte header: CRC32C, length, type FULL/FIRST/MIDDLE/LAST) after a 7-byte ``:W&B`` file header,
 each record one ``wandb_internal_pb2.Record`` protobuf (what ``wandb sync`` uploads).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,10 +31,10 @@ def records(path: str | Path):
         if left_in_block < RECORD_HEADER:  # block trailer: zero padding
             pos += left_in_block
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + RECORD_HEADER])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + RECORD_HEADER])
         if kind == 0 and length == 0:
             break
-        parts.append(data[pos + RECORD_HEADER:pos + RECORD_HEADER + length])
+        parts.append(data[pos + RECORD_HEADER : pos + RECORD_HEADER + length])
         pos += RECORD_HEADER + length
         if kind in (FULL, LAST):
             rec = wandb_internal_pb2.Record()
@@ -97,6 +98,7 @@ def offline_runs(run_dir: str | Path) -> list[OfflineRun]:
     (milliseconds), since the folder name's start time (``offline-run-YYYYMMDD_HHMMSS-<id>``) has whole seconds and
     two runs started in one second would sort by their random ids (file times are no better: W&B's service may
     still be writing an earlier run's files)."""
+
     def started(d: Path) -> str:
         log = d / "logs" / "debug.log"
         if not log.exists():

@@ -1,4 +1,5 @@
 """Trainable-parameter accounting per component (head, LoRA/DoRA, NoRA, base weights)."""
+
 from __future__ import annotations
 
 import re

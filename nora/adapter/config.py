@@ -1,9 +1,9 @@
 """Configuration of a NoRA-style activation adapter (one dataclass, serialisable to JSON)."""
+
 from __future__ import annotations
 
 import math
 import re
-
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -46,10 +46,16 @@ FIELD_TYPES = {
     "numerator": (lambda v: isinstance(v, str), "must be a string"),
     "init": (lambda v: isinstance(v, str), "must be a string"),
     "backend": (lambda v: isinstance(v, str), "must be a string"),
-    "target_modules": (lambda v: v is None or isinstance(v, str) or (isinstance(v, (list, tuple)) and all(
-        isinstance(p, str) for p in v)), "must be null, a regex or a list of regexes"),
-    "trainable_modules": (lambda v: v is None or (isinstance(v, (list, tuple)) and all(isinstance(p, str) for p in v)),
-                          "must be a list of regexes"),
+    "target_modules": (
+        lambda v: (
+            v is None or isinstance(v, str) or (isinstance(v, (list, tuple)) and all(isinstance(p, str) for p in v))
+        ),
+        "must be null, a regex or a list of regexes",
+    ),
+    "trainable_modules": (
+        lambda v: v is None or (isinstance(v, (list, tuple)) and all(isinstance(p, str) for p in v)),
+        "must be a list of regexes",
+    ),
 }
 
 
@@ -142,10 +148,18 @@ class NoraConfig:
         positive("alpha", self.alpha)
         require(math.isfinite(self.alpha), "alpha", self.alpha, "must be finite")
         at_least("groups", self.groups, 1)
-        require(len(self.degrees) == 2 and self.degrees[0] >= 0 and self.degrees[1] >= 1, "degrees",
-                list(self.degrees), "must be [m >= 0, n >= 1]")
-        require(len(self.fit_range) == 2 and self.fit_range[0] < self.fit_range[1], "fit_range",
-                list(self.fit_range), "must be [low, high] with low < high")
+        require(
+            len(self.degrees) == 2 and self.degrees[0] >= 0 and self.degrees[1] >= 1,
+            "degrees",
+            list(self.degrees),
+            "must be [m >= 0, n >= 1]",
+        )
+        require(
+            len(self.fit_range) == 2 and self.fit_range[0] < self.fit_range[1],
+            "fit_range",
+            list(self.fit_range),
+            "must be [low, high] with low < high",
+        )
         at_least("calibration_range_weight", self.calibration_range_weight, 0.0)
 
     @property

@@ -1,6 +1,7 @@
 """The learned curves of a saved NoRA adapter, from its files alone (no base model, no data): per layer the
 per-group coefficients, the frozen base ones, and the curves they draw (:func:`load_layers`); the activation
 figure a training run writes as ``activations.png`` (:func:`activation_figure`)."""
+
 from __future__ import annotations
 
 import json
@@ -25,10 +26,10 @@ GRID_POINTS = 401
 @dataclass
 class Layer:
     name: str
-    num: np.ndarray        # (G, m+1) effective per-group numerator
-    den: np.ndarray        # (G, n)
-    base_num: np.ndarray   # (G, m+1)
-    base_den: np.ndarray   # (G, n)
+    num: np.ndarray  # (G, m+1) effective per-group numerator
+    den: np.ndarray  # (G, n)
+    base_num: np.ndarray  # (G, m+1)
+    base_den: np.ndarray  # (G, n)
     form: str
     original: str | None
     variant: str
@@ -69,10 +70,16 @@ def _peft_format_meta(adir: Path, cfg: dict) -> tuple[dict, dict[str, torch.Tens
     originals = read_originals(adir)
     layers, tensors = {}, {}
     for name, state in read_nora_layers(adir).items():
-        layers[name] = {"form": cfg["form"], "original": originals.get(name), "variant": cfg["variant"],
-                        "r": cfg["r"], "alpha": cfg["alpha"], "numerator_mode": cfg["numerator"],
-                        "groups": int(state["base_denominator"].shape[0]),
-                        "residual": bool(cfg.get("residual", False))}
+        layers[name] = {
+            "form": cfg["form"],
+            "original": originals.get(name),
+            "variant": cfg["variant"],
+            "r": cfg["r"],
+            "alpha": cfg["alpha"],
+            "numerator_mode": cfg["numerator"],
+            "groups": int(state["base_denominator"].shape[0]),
+            "residual": bool(cfg.get("residual", False)),
+        }
         tensors.update({f"{name}.{k}": v for k, v in state.items()})
     return {"config": {"fit_range": cfg.get("fit_range", (-3.0, 3.0))}, "layers": layers}, tensors
 
@@ -96,11 +103,19 @@ def _layers(meta: dict, tensors: dict[str, torch.Tensor]) -> dict[str, Layer]:
     fit_range = tuple(float(v) for v in (meta.get("config") or {}).get("fit_range", (-3.0, 3.0)))
     out = {}
     for name, info in meta["layers"].items():
-        mod = NoraActivation(tensors[f"{name}.base_numerator"], tensors[f"{name}.base_denominator"],
-                             form=info["form"], backend="auto", original=info.get("original"),
-                             variant=info["variant"], r=int(info.get("r", 3)), alpha=float(info.get("alpha", 6.0)),
-                             numerator_mode=info.get("numerator_mode", "group"), groups=int(info["groups"]))
-        state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        mod = NoraActivation(
+            tensors[f"{name}.base_numerator"],
+            tensors[f"{name}.base_denominator"],
+            form=info["form"],
+            backend="auto",
+            original=info.get("original"),
+            variant=info["variant"],
+            r=int(info.get("r", 3)),
+            alpha=float(info.get("alpha", 6.0)),
+            numerator_mode=info.get("numerator_mode", "group"),
+            groups=int(info["groups"]),
+        )
+        state = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
         mod.load_state_dict(state, strict=True)
         with torch.no_grad():
             num, den = (t.detach().double().numpy().copy() for t in mod.coefficients())
@@ -108,13 +123,25 @@ def _layers(meta: dict, tensors: dict[str, torch.Tensor]) -> dict[str, Layer]:
             base_num = mod.base_numerator.double().expand(g, -1).numpy().copy()
             base_den = mod.base_denominator.double().numpy().copy()
         layer_range = tuple(float(v) for v in info["fit_range"]) if info.get("fit_range") else fit_range
-        out[name] = Layer(name, num, den, base_num, base_den, info["form"], info.get("original"), info["variant"],
-                          int(info.get("r", 3)), layer_range, bool(info.get("residual", False)))
+        out[name] = Layer(
+            name,
+            num,
+            den,
+            base_num,
+            base_den,
+            info["form"],
+            info.get("original"),
+            info["variant"],
+            int(info.get("r", 3)),
+            layer_range,
+            bool(info.get("residual", False)),
+        )
     return out
 
 
-def activation_figure(adapter_dir: str | Path, path: str | Path, title: str | None = None, margin: float = 1.0,
-                      max_layers: int = 12) -> Path | None:
+def activation_figure(
+    adapter_dir: str | Path, path: str | Path, title: str | None = None, margin: float = 1.0, max_layers: int = 12
+) -> Path | None:
     """A saved adapter's learned activation curves per layer and group against the original activation and the
     fitted base rational (top), and each group's change ``F_g - F_base`` (bottom), rebuilt from the adapter
     tensors alone (no base model): two panels per layer; None if the adapter has no NoRA activations.
@@ -132,8 +159,13 @@ def activation_figure(adapter_dir: str | Path, path: str | Path, title: str | No
     plt = pyplot()
     cols = min(4, len(names))
     blocks = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(2 * blocks, cols, figsize=(3.3 * cols, 4.6 * blocks), squeeze=False,
-                             gridspec_kw={"height_ratios": [3, 2] * blocks})
+    fig, axes = plt.subplots(
+        2 * blocks,
+        cols,
+        figsize=(3.3 * cols, 4.6 * blocks),
+        squeeze=False,
+        gridspec_kw={"height_ratios": [3, 2] * blocks},
+    )
     cmap = plt.get_cmap("viridis")
     for i, name in enumerate(names):
         lay = layers[name]

@@ -27,6 +27,7 @@ weights but no activation module (gpt-oss's experts compute theirs inline: nothi
 
 Nothing here imports transformers, timm or peft: classes are recognised by name.
 """
+
 from __future__ import annotations
 
 import re
@@ -39,34 +40,115 @@ from nora.adapter.layer import GroupRational
 
 # activation class name -> fitting target (nn.GELU is resolved through its `approximate` field)
 KNOWN_ACTIVATIONS = {
-    "GELU": "gelu", "GELUActivation": "gelu",
-    "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh",
-    "FastGELUActivation": "gelu_tanh", "GELUPytorchTanh": "gelu_tanh",
-    "SiLU": "silu", "SiLUActivation": "silu", "Swish": "silu",
-    "ReLU": "relu", "Identity": "identity", "Tanh": "tanh", "Sigmoid": "sigmoid",
-    "QuickGELU": "quick_gelu", "QuickGELUActivation": "quick_gelu", "Mish": "mish", "MishActivation": "mish",
-    "ReLUSquaredActivation": "relu2", "Hardswish": "hardswish", "HardSwish": "hardswish",
+    "GELU": "gelu",
+    "GELUActivation": "gelu",
+    "GELUTanh": "gelu_tanh",
+    "PytorchGELUTanh": "gelu_tanh",
+    "NewGELUActivation": "gelu_tanh",
+    "FastGELUActivation": "gelu_tanh",
+    "GELUPytorchTanh": "gelu_tanh",
+    "SiLU": "silu",
+    "SiLUActivation": "silu",
+    "Swish": "silu",
+    "ReLU": "relu",
+    "Identity": "identity",
+    "Tanh": "tanh",
+    "Sigmoid": "sigmoid",
+    "QuickGELU": "quick_gelu",
+    "QuickGELUActivation": "quick_gelu",
+    "Mish": "mish",
+    "MishActivation": "mish",
+    "ReLUSquaredActivation": "relu2",
+    "Hardswish": "hardswish",
+    "HardSwish": "hardswish",
 }
 # the kinds found by default in feed-forward blocks (the ones without a known name are fitted from their forward)
-DEFAULT_KINDS = frozenset({
-    "GELU", "GELUActivation", "GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "FastGELUActivation",
-    "GELUPytorchTanh", "QuickGELU", "QuickGELUActivation", "AccurateGELUActivation", "SiLU", "SiLUActivation",
-    "Swish", "ReLU", "Mish", "MishActivation", "BloomGelu", "ReLUSquaredActivation", "Hardswish", "HardSwish",
-})
+DEFAULT_KINDS = frozenset(
+    {
+        "GELU",
+        "GELUActivation",
+        "GELUTanh",
+        "PytorchGELUTanh",
+        "NewGELUActivation",
+        "FastGELUActivation",
+        "GELUPytorchTanh",
+        "QuickGELU",
+        "QuickGELUActivation",
+        "AccurateGELUActivation",
+        "SiLU",
+        "SiLUActivation",
+        "Swish",
+        "ReLU",
+        "Mish",
+        "MishActivation",
+        "BloomGelu",
+        "ReLUSquaredActivation",
+        "Hardswish",
+        "HardSwish",
+    }
+)
 
 _FF_CLASS = re.compile(r"mlp|feedforward|feed_forward|ffn|intermediate|dense(relu|act|gated)|expert|moe|glu|layerff")
-_FF_ATTR = re.compile(r"mlp|mlp_.*|.*_mlp|ffn|ff|feed_forward|feedforward|intermediate|experts?|shared_experts?"
-                      r"|densereludense|moe|block_sparse_moe")
-_NOT_FF_CLASS = re.compile(r"attention|attn|squeezeexcit|semodule|selayer|seblock|effectivese|router|topk|head$"
-                           r"|classifier|pooler")
-_NOT_FF_ATTR = frozenset({"attn", "attention", "self_attn", "self_attention", "cross_attn", "crossattention",
-                          "se", "router", "gate", "token_mixer", "pos_embed", "head", "classifier", "pooler"})
+_FF_ATTR = re.compile(
+    r"mlp|mlp_.*|.*_mlp|ffn|ff|feed_forward|feedforward|intermediate|experts?|shared_experts?"
+    r"|densereludense|moe|block_sparse_moe"
+)
+_NOT_FF_CLASS = re.compile(
+    r"attention|attn|squeezeexcit|semodule|selayer|seblock|effectivese|router|topk|head$"
+    r"|classifier|pooler"
+)
+_NOT_FF_ATTR = frozenset(
+    {
+        "attn",
+        "attention",
+        "self_attn",
+        "self_attention",
+        "cross_attn",
+        "crossattention",
+        "se",
+        "router",
+        "gate",
+        "token_mixer",
+        "pos_embed",
+        "head",
+        "classifier",
+        "pooler",
+    }
+)
 
 # the MLP's output projection (its input width is the activation's width) and input projection
-_OUTPUT_PROJ = ("fc2", "fc_out", "down_proj", "c_proj", "wo", "w2", "dense_4h_to_h", "lin2", "pwconv2", "proj_out",
-                "ffn_output")
-_INPUT_PROJ = ("fc1", "fc_in", "gate_proj", "w1", "c_fc", "dense_h_to_4h", "wi", "wi_0", "lin1", "fc1_g", "pwconv1",
-               "dense", "up_proj", "gate_up_proj", "w13", "w3", "ffn")
+_OUTPUT_PROJ = (
+    "fc2",
+    "fc_out",
+    "down_proj",
+    "c_proj",
+    "wo",
+    "w2",
+    "dense_4h_to_h",
+    "lin2",
+    "pwconv2",
+    "proj_out",
+    "ffn_output",
+)
+_INPUT_PROJ = (
+    "fc1",
+    "fc_in",
+    "gate_proj",
+    "w1",
+    "c_fc",
+    "dense_h_to_4h",
+    "wi",
+    "wi_0",
+    "lin1",
+    "fc1_g",
+    "pwconv1",
+    "dense",
+    "up_proj",
+    "gate_up_proj",
+    "w13",
+    "w3",
+    "ffn",
+)
 _PEFT_SEGMENT = "base_layer"
 
 
@@ -81,7 +163,7 @@ def canonical_name(model: nn.Module, name: str) -> str:
     if not is_peft_model(model):
         return name
     if name.startswith("base_model.model."):
-        name = name[len("base_model.model."):]
+        name = name[len("base_model.model.") :]
     return ".".join(p for p in name.split(".") if p != _PEFT_SEGMENT)
 
 
@@ -119,13 +201,17 @@ def is_activation(module: nn.Module) -> bool:
     """An activation module of a known name (any of :data:`KNOWN_ACTIVATIONS` or :data:`DEFAULT_KINDS`), not
     ``nn.Identity`` and not already a rational."""
     name = type(module).__name__
-    return (name in KNOWN_ACTIVATIONS or name in DEFAULT_KINDS or isinstance(module, nn.GELU)) \
-        and name != "Identity" and not is_rational(module)
+    return (
+        (name in KNOWN_ACTIVATIONS or name in DEFAULT_KINDS or isinstance(module, nn.GELU))
+        and name != "Identity"
+        and not is_rational(module)
+    )
 
 
 def is_default_kind(module: nn.Module) -> bool:
-    return (type(module).__name__ in DEFAULT_KINDS or isinstance(module, (nn.GELU, nn.SiLU, nn.ReLU, nn.Hardswish))) \
-        and not is_rational(module)
+    return (
+        type(module).__name__ in DEFAULT_KINDS or isinstance(module, (nn.GELU, nn.SiLU, nn.ReLU, nn.Hardswish))
+    ) and not is_rational(module)
 
 
 def is_identity(module: nn.Module) -> bool:
@@ -162,16 +248,19 @@ def in_feed_forward(model: nn.Module, name: str) -> bool:
 
 def default_targets(model: nn.Module) -> dict[str, nn.Module]:
     """Canonical name -> module of every default target (see the module docstring)."""
-    return {canonical_name(model, n): m for n, m in model.named_modules()
-            if n and is_default_kind(m) and in_feed_forward(model, n)}
+    return {
+        canonical_name(model, n): m
+        for n, m in model.named_modules()
+        if n and is_default_kind(m) and in_feed_forward(model, n)
+    }
 
 
 # ------------------------------------------------------------------------------------------ what is there
 _ACTIVATION_HOMES = ("torch.nn.modules.activation", "transformers.activations", "timm.layers.activations")
-_NOT_ACTIVATION = frozenset({"Softmax", "Softmin", "LogSoftmax", "Softmax2d", "MultiheadAttention", "GLU",
-                             "Threshold"})
-_ACTIVATION_NAME = re.compile(r"(activation|act|gelu|relu\d*|silu|swish|mish|elu|sigmoid|tanh|softplus|squared)$",
-                              re.IGNORECASE)
+_NOT_ACTIVATION = frozenset({"Softmax", "Softmin", "LogSoftmax", "Softmax2d", "MultiheadAttention", "GLU", "Threshold"})
+_ACTIVATION_NAME = re.compile(
+    r"(activation|act|gelu|relu\d*|silu|swish|mish|elu|sigmoid|tanh|softplus|squared)$", re.IGNORECASE
+)
 
 
 def looks_like_activation(module: nn.Module) -> bool:
@@ -179,11 +268,19 @@ def looks_like_activation(module: nn.Module) -> bool:
     activation modules or named like one (``ReLU6``, ``LeakyReLU``, ``XyzActivation``); never a rational, an
     ``nn.Identity``, a softmax or a GLU (which halves its input)."""
     cls = type(module)
-    if is_rational(module) or is_identity(module) or cls.__name__ in _NOT_ACTIVATION \
-            or next(module.children(), None) is not None or next(module.parameters(), None) is not None:
+    if (
+        is_rational(module)
+        or is_identity(module)
+        or cls.__name__ in _NOT_ACTIVATION
+        or next(module.children(), None) is not None
+        or next(module.parameters(), None) is not None
+    ):
         return False
-    return is_activation(module) or cls.__module__.startswith(_ACTIVATION_HOMES) \
+    return (
+        is_activation(module)
+        or cls.__module__.startswith(_ACTIVATION_HOMES)
         or bool(_ACTIVATION_NAME.search(cls.__name__))
+    )
 
 
 def name_pattern(name: str) -> str:
@@ -213,11 +310,16 @@ def inline_blocks(model: nn.Module) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for name, mod in model.named_modules():
         attr, cls = name.rpartition(".")[2].lower(), type(mod).__name__
-        if not name or not (_FF_ATTR.fullmatch(attr) or _FF_CLASS.search(cls.lower())) \
-                or _NOT_FF_CLASS.search(cls.lower()) or attr in _NOT_FF_ATTR:
+        if (
+            not name
+            or not (_FF_ATTR.fullmatch(attr) or _FF_CLASS.search(cls.lower()))
+            or _NOT_FF_CLASS.search(cls.lower())
+            or attr in _NOT_FF_ATTR
+        ):
             continue
-        owns = any(_is_expert_tensor(p) for p in mod.parameters(recurse=False)) or \
-            any(isinstance(unwrap(c), nn.Linear) or type(unwrap(c)).__name__ == "Conv1D" for c in mod.children())
+        owns = any(_is_expert_tensor(p) for p in mod.parameters(recurse=False)) or any(
+            isinstance(unwrap(c), nn.Linear) or type(unwrap(c)).__name__ == "Conv1D" for c in mod.children()
+        )
         if owns and not any(looks_like_activation(m) or is_rational(m) for m in mod.modules()):
             out.setdefault(cls, []).append(canonical_name(model, name))
     return out
@@ -253,8 +355,12 @@ def _fused(attr: str, parent: nn.Module) -> bool:
 
 def _named(parent: nn.Module, names: tuple[str, ...]) -> list[tuple[str, tuple[int, int, int]]]:
     """(attribute, widths) of the 2-D projections (Linear, Conv1D, Conv) ``parent`` holds under ``names``."""
-    return [(a, w) for a in names if not _is_expert_tensor(getattr(parent, a, None))
-            and (w := _weight_widths(getattr(parent, a, None))) is not None]
+    return [
+        (a, w)
+        for a in names
+        if not _is_expert_tensor(getattr(parent, a, None))
+        and (w := _weight_widths(getattr(parent, a, None))) is not None
+    ]
 
 
 def _kind(parent: nn.Module, attr: str) -> str:
@@ -284,9 +390,11 @@ def activation_layout(model: nn.Module, name: str, index: dict[str, str] | None 
         for in_attr, v in inputs:  # the layer that feeds the activation gives what the output projection takes
             gives = v[1] // 2 if _fused(in_attr, parent) and v[1] % 2 == 0 else v[1]
             if gives != lay.width:
-                raise AdapterError(f"cannot tell the width of {where}: {out_attr} ({_kind(parent, out_attr)}) takes "
-                                   f"{lay.width} channels but {in_attr} ({_kind(parent, in_attr)}) gives {v[1]}; "
-                                   "target another activation or report this layout")
+                raise AdapterError(
+                    f"cannot tell the width of {where}: {out_attr} ({_kind(parent, out_attr)}) takes "
+                    f"{lay.width} channels but {in_attr} ({_kind(parent, in_attr)}) gives {v[1]}; "
+                    "target another activation or report this layout"
+                )
     elif inputs:
         in_attr, w = inputs[0]
         width = w[1] // 2 if _fused(in_attr, parent) else w[1]
@@ -303,17 +411,22 @@ def _conv_after(parent: nn.Module, attr: str, lay: Layout, where: str) -> Layout
     if lay.channel_dim == 1 or attr not in parent._modules:
         return lay
     names = list(parent._modules)
-    for child in names[names.index(attr) + 1:]:
+    for child in names[names.index(attr) + 1 :]:
         mod = unwrap(parent._modules[child])
         if mod is None:
             continue
         if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             if mod.in_channels != lay.width:
-                raise AdapterError(f"cannot tell the layout of {where}: {lay.source} says {lay.width} channels last, "
-                                   f"but {child} ({type(mod).__name__}) right after it takes {mod.in_channels} "
-                                   "channels on dim 1")
-            return Layout(lay.width, 1, f"{child} ({type(mod).__name__}, right after the activation; "
-                                        f"{lay.width} also read from {lay.source})")
+                raise AdapterError(
+                    f"cannot tell the layout of {where}: {lay.source} says {lay.width} channels last, "
+                    f"but {child} ({type(mod).__name__}) right after it takes {mod.in_channels} "
+                    "channels on dim 1"
+                )
+            return Layout(
+                lay.width,
+                1,
+                f"{child} ({type(mod).__name__}, right after the activation; {lay.width} also read from {lay.source})",
+            )
         if next(mod.parameters(), None) is not None:
             return lay
     return lay
@@ -327,8 +440,10 @@ def _is_expert_tensor(t) -> bool:
 def _expert_reading(out, inp, transposed: bool) -> tuple[int, int] | None:
     """(activation width, hidden width) of fused expert tensors read as ``(E, in, out)`` if ``transposed`` else
     ``(E, out, in)``; None if the input and output tensors do not chain that way."""
+
     def io(t):  # (in, out) of one expert
         return (t.shape[1], t.shape[2]) if transposed else (t.shape[2], t.shape[1])
+
     if out is not None:
         width, hidden = io(out[1])
         if inp is not None:
@@ -360,18 +475,26 @@ def _expert_layout(parent: nn.Module, where: str) -> Layout | None:
     shapes = ", ".join(f"{a} {tuple(t.shape)}" for a, t in (out, inp) if t is not None)
     widths = {r[0] for r in readings.values()}
     if len(widths) != 1:
-        why = "chain in neither (E, out, in) nor (E, in, out)" if not widths else \
-            f"chain both as (E, out, in) (width {readings[False][0]}) and (E, in, out) (width {readings[True][0]})"
-        raise AdapterError(f"cannot tell the width of {where}: its expert tensors {shapes} {why}"
-                           + (f" with hidden size {hidden}" if hidden is not None else ""))
+        why = (
+            "chain in neither (E, out, in) nor (E, in, out)"
+            if not widths
+            else f"chain both as (E, out, in) (width {readings[False][0]}) and (E, in, out) (width {readings[True][0]})"
+        )
+        raise AdapterError(
+            f"cannot tell the width of {where}: its expert tensors {shapes} {why}"
+            + (f" with hidden size {hidden}" if hidden is not None else "")
+        )
     transposed = next(iter(readings))
     orient = "(E, in, out)" if transposed else "(E, out, in)"
     return Layout(widths.pop(), -1, f"{shapes}, read as {orient}")
 
 
 def _projections(module: nn.Module) -> list[tuple[str, tuple[int, int, int]]]:
-    return [(n, w) for n, m in module.named_modules() if n.rpartition(".")[2] != _PEFT_SEGMENT
-            and (w := _weight_widths(m)) is not None]
+    return [
+        (n, w)
+        for n, m in module.named_modules()
+        if n.rpartition(".")[2] != _PEFT_SEGMENT and (w := _weight_widths(m)) is not None
+    ]
 
 
 def _neighbour_layout(parent: nn.Module, attr: str, where: str = "") -> Layout:
@@ -382,15 +505,17 @@ def _neighbour_layout(parent: nn.Module, attr: str, where: str = "") -> Layout:
     if attr not in names:
         return Layout(None, -1, "")
     at = names.index(attr)
-    for child in names[at + 1:]:
+    for child in names[at + 1 :]:
         found = _projections(parent._modules[child]) if parent._modules[child] is not None else []
         if found:
             sub, w = found[0]
             return Layout(w[0], w[2], f"{child}{'.' + sub if sub else ''} (after the activation)")
     direct = [(child, w) for child in names[:at] if (w := _weight_widths(parent._modules[child])) is not None]
     if len({w[1] for _, w in direct}) > 1:
-        raise AdapterError(f"cannot tell the width of {where}: no layer with weights after it, and the ones before it "
-                           "give " + ", ".join(f"{n} {w[1]}" for n, w in direct[-4:]))
+        raise AdapterError(
+            f"cannot tell the width of {where}: no layer with weights after it, and the ones before it "
+            "give " + ", ".join(f"{n} {w[1]}" for n, w in direct[-4:])
+        )
     for child in reversed(names[:at]):
         found = _projections(parent._modules[child]) if parent._modules[child] is not None else []
         if found:
@@ -437,8 +562,11 @@ def coverage(model: nn.Module, targets: list[str]) -> tuple[dict[str, dict], lis
     partial, notes = [], []
     for kind, row in per.items():
         if 0 < row["with_targets"] < row["layers"]:
-            partial.append(f"only {row['with_targets']} of {row['layers']} {kind} layers hold a target; none in "
-                         + ", ".join(row["without"][:4]) + (" ..." if len(row["without"]) > 4 else ""))
+            partial.append(
+                f"only {row['with_targets']} of {row['layers']} {kind} layers hold a target; none in "
+                + ", ".join(row["without"][:4])
+                + (" ..." if len(row["without"]) > 4 else "")
+            )
     covered = {k: r for k, r in per.items() if r["with_targets"]}
     for kind, row in per.items():
         if not row["with_targets"] and covered:

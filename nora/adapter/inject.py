@@ -4,6 +4,7 @@ Works on any ``nn.Module``: timm and Hugging Face models of every MLP layout (de
 conv-layout, MoE experts; the default targets are found by kind, see :mod:`nora.adapter.discover`), and models
 wrapped by peft (NoRA++), whose module names are used in their canonical (unwrapped) form.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,13 +18,27 @@ import torch
 from torch import nn
 
 from nora.adapter.config import AdapterError, NoraConfig
-from nora.adapter.discover import (KNOWN_ACTIVATIONS, Layout, activation_census, activation_layout, canonical_name,
-                                   coverage, default_targets, inline_blocks, is_activation, is_identity,
-                                   is_peft_model, is_rational, module_index, resolve_name)
+from nora.adapter.discover import (
+    KNOWN_ACTIVATIONS,
+    Layout,
+    activation_census,
+    activation_layout,
+    canonical_name,
+    coverage,
+    default_targets,
+    inline_blocks,
+    is_activation,
+    is_identity,
+    is_peft_model,
+    is_rational,
+    module_index,
+    resolve_name,
+)
 from nora.adapter.layer import NoraActivation
 from nora.adapter.ranges import watch_fit_range
 from nora.rational.calibration import fit_to_inputs, record_inputs
 from nora.rational.fit import RationalFit, fit_rational
+
 
 @dataclass
 class InjectionReport:
@@ -69,6 +84,7 @@ def activation_target(module: nn.Module) -> tuple[str, Callable[[torch.Tensor], 
     def call(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return module(x.float()).double()
+
     call.__name__ = cls
     return cls, call
 
@@ -89,16 +105,22 @@ def _not_an_activation(model: nn.Module, cname: str, mod: nn.Module) -> str | No
     None."""
     cls = type(mod).__name__
     if len(list(mod.children())) > 0:
-        return (f"target {cname!r} ({cls}) is not an activation: it has submodules; point target_modules at the "
-                "activation itself")
+        return (
+            f"target {cname!r} ({cls}) is not an activation: it has submodules; point target_modules at the "
+            "activation itself"
+        )
     if is_identity(mod):
-        return (f"target {cname!r} is an nn.Identity placeholder, not an activation; narrow the pattern to real "
-                "activations")
+        return (
+            f"target {cname!r} is an nn.Identity placeholder, not an activation; narrow the pattern to real activations"
+        )
     params = [f"{n} {tuple(p.shape)}" for n, p in mod.named_parameters(recurse=False)]
     if params:
         inline = cname in {n for names in inline_blocks(model).values() for n in names}
-        why = (f"; {cls} computes its activation inline in forward, so NoRA cannot reach it" if inline else
-               "; point target_modules at an activation module")
+        why = (
+            f"; {cls} computes its activation inline in forward, so NoRA cannot reach it"
+            if inline
+            else "; point target_modules at an activation module"
+        )
         return f"target {cname!r} ({cls}) is not an activation: it holds parameters ({', '.join(params[:4])}){why}"
     return None
 
@@ -129,13 +151,17 @@ def describe_activations(model: nn.Module, config_name: str = "NoraConfig") -> s
     inline = inline_blocks(model)
     parts = []
     if inline:
-        blocks = ", ".join(f"{cls} x{len(names)} ({names[0]}{', ...' if len(names) > 1 else ''})"
-                           for cls, names in inline.items())
-        parts.append(f"NoRA cannot reach the feed-forward activations of {type(model).__name__}: {blocks} compute "
-                     "them inline in forward, with no activation module to replace")
+        blocks = ", ".join(
+            f"{cls} x{len(names)} ({names[0]}{', ...' if len(names) > 1 else ''})" for cls, names in inline.items()
+        )
+        parts.append(
+            f"NoRA cannot reach the feed-forward activations of {type(model).__name__}: {blocks} compute "
+            "them inline in forward, with no activation module to replace"
+        )
     if found:
-        kinds = ", ".join(f"{cls} x{len(names)} ({names[0]}{', ...' if len(names) > 1 else ''})"
-                          for cls, names in found.items())
+        kinds = ", ".join(
+            f"{cls} x{len(names)} ({names[0]}{', ...' if len(names) > 1 else ''})" for cls, names in found.items()
+        )
         shown = ", ".join(f'r"{p}"' for p in patterns[:4]) + (", ..." if len(patterns) > 4 else "")
         parts.append(f"activation modules found: {kinds}; target them with {config_name}(target_modules=[{shown}])")
     elif not inline:
@@ -158,11 +184,15 @@ def find_targets(model: nn.Module, config: NoraConfig, config_name: str = "NoraC
     else:
         hits, missing = _pattern_targets(model, config.target_modules)
         if missing:
-            raise AdapterError(f"target pattern(s) {missing} match no module of {type(model).__name__}; "
-                               + describe_activations(model, config_name))
+            raise AdapterError(
+                f"target pattern(s) {missing} match no module of {type(model).__name__}; "
+                + describe_activations(model, config_name)
+            )
     if not hits:
-        raise AdapterError(f"no activation of {type(model).__name__} matches {describe_targets(config)}; "
-                           + describe_activations(model, config_name))
+        raise AdapterError(
+            f"no activation of {type(model).__name__} matches {describe_targets(config)}; "
+            + describe_activations(model, config_name)
+        )
     return hits
 
 
@@ -177,8 +207,10 @@ def check_layouts(model: nn.Module, names: Iterable[str], groups: int) -> dict[s
     layouts = {name: activation_layout(model, name, index) for name in names}
     for name, lay in layouts.items():
         if lay.width is not None and lay.width % groups:
-            raise ValueError(f"groups={groups} does not divide the width {lay.width} of {name} (read from "
-                             f"{lay.source}); choose a divisor of {lay.width}")
+            raise ValueError(
+                f"groups={groups} does not divide the width {lay.width} of {name} (read from "
+                f"{lay.source}); choose a divisor of {lay.width}"
+            )
     return layouts
 
 
@@ -189,16 +221,19 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-
-
 def _module_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
 
 
-def apply_nora(model: nn.Module, config: NoraConfig | None = None, calibration_batches: Iterable | None = None,
-               forward: Callable | None = None, fits: dict[str, RationalFit] | None = None) -> InjectionReport:
+def apply_nora(
+    model: nn.Module,
+    config: NoraConfig | None = None,
+    calibration_batches: Iterable | None = None,
+    forward: Callable | None = None,
+    fits: dict[str, RationalFit] | None = None,
+) -> InjectionReport:
     """Replace the target activations of ``model`` in place and mark what trains.
 
     * Targets: by default every activation of a known kind inside a feed-forward block (dense, gated,
@@ -222,9 +257,11 @@ def apply_nora(model: nn.Module, config: NoraConfig | None = None, calibration_b
     """
     config = config or NoraConfig()
     if nora_modules(model):
-        raise AdapterError(f"this {type(model).__name__} already holds NoRA activations "
-                           f"({', '.join(list(nora_modules(model))[:2])}, ...); apply_nora once per model "
-                           "(nora.merge_nora folds a trained one into plain rationals)")
+        raise AdapterError(
+            f"this {type(model).__name__} already holds NoRA activations "
+            f"({', '.join(list(nora_modules(model))[:2])}, ...); apply_nora once per model "
+            "(nora.merge_nora folds a trained one into plain rationals)"
+        )
     targets = find_targets(model, config)
     layouts = check_layouts(model, targets, config.groups)
     originals = {name: activation_target(mod) for name, mod in targets.items()}
@@ -241,22 +278,38 @@ def apply_nora(model: nn.Module, config: NoraConfig | None = None, calibration_b
         if fit is None:
             key = oname if isinstance(tgt, str) else f"{oname}@{name}"
             if key not in range_fits:
-                range_fits[key] = fit_rational(tgt, form=config.form, degrees=config.degrees,
-                                               x_range=config.fit_range)
+                range_fits[key] = fit_rational(tgt, form=config.form, degrees=config.degrees, x_range=config.fit_range)
             fit = range_fits[key]
         num, den = _fit_tensors(fit)
         lay = layouts[name]
-        new = NoraActivation(num, den, form=config.form, backend=config.backend, original=oname,
-                             variant=config.variant, r=config.r, alpha=config.alpha,
-                             numerator_mode=config.numerator, groups=config.groups,
-                             fit_range=(fit.x_min, fit.x_max), channel_dim=lay.channel_dim,
-                             width=lay.width, residual=config.residual, original_module=targets[name]).to(device)
+        new = NoraActivation(
+            num,
+            den,
+            form=config.form,
+            backend=config.backend,
+            original=oname,
+            variant=config.variant,
+            r=config.r,
+            alpha=config.alpha,
+            numerator_mode=config.numerator,
+            groups=config.groups,
+            fit_range=(fit.x_min, fit.x_max),
+            channel_dim=lay.channel_dim,
+            width=lay.width,
+            residual=config.residual,
+            original_module=targets[name],
+        ).to(device)
         if new.groups != config.groups:
             raise ValueError(f"{name}: fitted coefficients have {new.groups} groups, config says {config.groups}")
         set_module(model, resolve_name(model, name, index), new)
-        report.targets[name] = {"original": oname, "max_error": fit.max_error, "rms_error": fit.rms_error,
-                                "range": [fit.x_min, fit.x_max], "width": lay.width,
-                                "channel_dim": lay.channel_dim}
+        report.targets[name] = {
+            "original": oname,
+            "max_error": fit.max_error,
+            "rms_error": fit.rms_error,
+            "range": [fit.x_min, fit.x_max],
+            "width": lay.width,
+            "channel_dim": lay.channel_dim,
+        }
     report.layers, report.warnings, report.notes = coverage(model, list(targets))
     for w in report.warnings:
         warnings.warn(f"nora.apply_nora: {w}", UserWarning, stacklevel=2)
@@ -278,12 +331,17 @@ def _calibrated_fits(model, config, targets, originals, layouts, fits, calibrati
     for name, rec in records.items():
         tgt = originals[name][1]
         if config.per_group_calibration:
-            per = [fit_to_inputs(tgt, rec.values(g), config.form, config.degrees,
-                                 config.calibration_range_weight, config.fit_range) for g in range(rec.groups)]
+            per = [
+                fit_to_inputs(
+                    tgt, rec.values(g), config.form, config.degrees, config.calibration_range_weight, config.fit_range
+                )
+                for g in range(rec.groups)
+            ]
             out[name] = _stack_fits(per)
         else:
-            out[name] = fit_to_inputs(tgt, rec.values(), config.form, config.degrees,
-                                      config.calibration_range_weight, config.fit_range)
+            out[name] = fit_to_inputs(
+                tgt, rec.values(), config.form, config.degrees, config.calibration_range_weight, config.fit_range
+            )
     return out
 
 
@@ -297,12 +355,18 @@ def _fit_tensors(fit: RationalFit) -> tuple[torch.Tensor, torch.Tensor]:
 def _stack_fits(fits: list[RationalFit]) -> RationalFit:
     """Combine per-group fits into one record (errors: the worst group)."""
     worst = max(fits, key=lambda f: f.max_error)
-    return RationalFit(numerator=fits[0].numerator, denominator=fits[0].denominator, form=worst.form,
-                       degrees=worst.degrees, max_error=worst.max_error,
-                       rms_error=max(f.rms_error for f in fits), x_min=min(f.x_min for f in fits),
-                       x_max=max(f.x_max for f in fits), target=worst.target,
-                       extra={"per_group": {"numerator": [f.numerator for f in fits],
-                                            "denominator": [f.denominator for f in fits]}})
+    return RationalFit(
+        numerator=fits[0].numerator,
+        denominator=fits[0].denominator,
+        form=worst.form,
+        degrees=worst.degrees,
+        max_error=worst.max_error,
+        rms_error=max(f.rms_error for f in fits),
+        x_min=min(f.x_min for f in fits),
+        x_max=max(f.x_max for f in fits),
+        target=worst.target,
+        extra={"per_group": {"numerator": [f.numerator for f in fits], "denominator": [f.denominator for f in fits]}},
+    )
 
 
 def store_config(model: nn.Module, config: NoraConfig) -> None:
@@ -387,8 +451,9 @@ def _match_trainable(model: nn.Module, patterns: list[str]) -> dict[str, nn.Modu
     if is_peft_model(model):
         wrapped = [n for n, m in found.items() if hasattr(m, "modules_to_save")]
         if wrapped:
-            raise ValueError(f"trainable_modules {wrapped} are already in peft's modules_to_save; list them in one "
-                             "of the two")
+            raise ValueError(
+                f"trainable_modules {wrapped} are already in peft's modules_to_save; list them in one of the two"
+            )
     return found
 
 
@@ -421,8 +486,11 @@ def freeze_batchnorm_statistics(model: nn.Module) -> list[str]:
     ``trainable_modules`` keeps its momentum; its statistics are saved with the adapter."""
     frozen = []
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.track_running_stats \
-                and not any(p.requires_grad for p in mod.parameters()):
+        if (
+            isinstance(mod, nn.modules.batchnorm._BatchNorm)
+            and mod.track_running_stats
+            and not any(p.requires_grad for p in mod.parameters())
+        ):
             if mod.momentum != 0.0:
                 mod.nora_momentum = mod.momentum  # the original value, for reference
                 mod.momentum = 0.0

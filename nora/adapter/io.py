@@ -18,6 +18,7 @@ instead of loading the LoRA half and silently dropping NoRA.
 
 :func:`load_nora` checks the whole adapter against the model before it changes anything.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,9 +31,18 @@ from torch import nn
 
 from nora.adapter.config import AdapterError, NoraConfig
 from nora.adapter.discover import activation_layout, canonical_name, is_peft_model, module_index, resolve_name
-from nora.adapter.inject import (describe_targets, find_targets, freeze_batchnorm_statistics, get_nora_config,
-                                 mark_trainable, nora_modules, set_module, set_trainable, store_config,
-                                 trainable_module_names)
+from nora.adapter.inject import (
+    describe_targets,
+    find_targets,
+    freeze_batchnorm_statistics,
+    get_nora_config,
+    mark_trainable,
+    nora_modules,
+    set_module,
+    set_trainable,
+    store_config,
+    trainable_module_names,
+)
 from nora.adapter.layer import GroupRational, NoraActivation
 from nora.adapter.merged import as_merged_model
 from nora.adapter.validate import check_finite, saved_layer_problems
@@ -49,9 +59,11 @@ FULL_FT_NAME = "trainable.safetensors"
 PEFT_FILES = (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME)
 NORA_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 # what peft shows when it meets a NoRA++ adapter_config.json (its KeyError prints the unknown peft_type)
-NORA_PP_PEFT_TYPE = ("NORA++ adapter (peft LoRA/DoRA + NoRA activations): peft alone would load only the LoRA "
-                     "half; load it with nora.load_nora_pp(base_model, dir), or evaluate it with lm_eval's "
-                     "`nora` model (python -m nora.integrations.lm_eval --model nora ...)")
+NORA_PP_PEFT_TYPE = (
+    "NORA++ adapter (peft LoRA/DoRA + NoRA activations): peft alone would load only the LoRA "
+    "half; load it with nora.load_nora_pp(base_model, dir), or evaluate it with lm_eval's "
+    "`nora` model (python -m nora.integrations.lm_eval --model nora ...)"
+)
 
 
 _PEFT_KEYS = ("lora_", "modules_to_save.", "original_module.")
@@ -71,8 +83,10 @@ def canonical_state(model: nn.Module, module: nn.Module) -> dict[str, torch.Tens
 def _load_canonical_state(model: nn.Module, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     own = canonical_state(model, module)
     if set(own) != set(state):
-        raise AdapterError(f"state keys differ: missing {sorted(set(own) - set(state))[:4]}, "
-                           f"unexpected {sorted(set(state) - set(own))[:4]}")
+        raise AdapterError(
+            f"state keys differ: missing {sorted(set(own) - set(state))[:4]}, "
+            f"unexpected {sorted(set(state) - set(own))[:4]}"
+        )
     with torch.no_grad():
         for k, t in own.items():
             t.copy_(state[k])
@@ -81,12 +95,16 @@ def _load_canonical_state(model: nn.Module, module: nn.Module, state: dict[str, 
 def _check_save_directory(model: nn.Module, directory: Path) -> None:
     """Refuse to add NoRA files to a directory of another adapter (it would later load as something else)."""
     if (directory / FULL_FT_NAME).exists():
-        raise AdapterError(f"{directory} holds {FULL_FT_NAME} (a full fine-tuning / linear probe adapter); "
-                           "save the NoRA adapter into an empty directory")
+        raise AdapterError(
+            f"{directory} holds {FULL_FT_NAME} (a full fine-tuning / linear probe adapter); "
+            "save the NoRA adapter into an empty directory"
+        )
     if (directory / PEFT_CONFIG_NAME).exists() and not is_peft_model(model):
-        raise AdapterError(f"{directory} holds peft adapter files ({PEFT_CONFIG_NAME}) but this model has no peft "
-                           "adapter: NoRA files next to them would load as a NoRA++ adapter of another model; save "
-                           "into an empty directory (NoRA++: nora.save_nora_pp on the peft-wrapped model)")
+        raise AdapterError(
+            f"{directory} holds peft adapter files ({PEFT_CONFIG_NAME}) but this model has no peft "
+            "adapter: NoRA files next to them would load as a NoRA++ adapter of another model; save "
+            "into an empty directory (NoRA++: nora.save_nora_pp on the peft-wrapped model)"
+        )
 
 
 def save_nora(model: nn.Module, directory: str | os.PathLike) -> Path:
@@ -108,17 +126,26 @@ def save_nora(model: nn.Module, directory: str | os.PathLike) -> Path:
         for k, t in mod.state_dict().items():
             tensors[f"{name}.{k}"] = t.detach().cpu().contiguous()
         width = mod.width if mod.width is not None else activation_layout(model, name, index).width
-        layers[name] = {"groups": mod.groups, "form": mod.form, "degrees": list(mod.degrees),
-                        "width": width, "channel_dim": mod.channel_dim,
-                        "variant": mod.variant, "original": mod.original, "r": mod.r, "alpha": mod.alpha,
-                        "numerator_mode": mod.numerator_mode, "fit_range": mod.fit_range, "residual": mod.residual,
-                        "shared_base_numerator": mod.base_numerator.shape[0] == 1}
+        layers[name] = {
+            "groups": mod.groups,
+            "form": mod.form,
+            "degrees": list(mod.degrees),
+            "width": width,
+            "channel_dim": mod.channel_dim,
+            "variant": mod.variant,
+            "original": mod.original,
+            "r": mod.r,
+            "alpha": mod.alpha,
+            "numerator_mode": mod.numerator_mode,
+            "fit_range": mod.fit_range,
+            "residual": mod.residual,
+            "shared_base_numerator": mod.base_numerator.shape[0] == 1,
+        }
     extra = trainable_module_names(model, config)
     for name in extra:
         for k, t in canonical_state(model, model.get_submodule(resolve_name(model, name, index))).items():
             tensors[f"{name}.{k}"] = t.detach().cpu().contiguous()
-    meta = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "layers": layers,
-            "trainable_modules": extra}
+    meta = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "layers": layers, "trainable_modules": extra}
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     write_json_atomic(directory / CONFIG_NAME, meta)
     if is_peft_model(model) and (directory / PEFT_CONFIG_NAME).exists():
@@ -151,13 +178,16 @@ def read_nora_config(directory: str | os.PathLike) -> dict:
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"{path}: not a readable NoRA config ({type(exc).__name__}: {exc}); the file is "
-                           "truncated or damaged: copy the adapter again or retrain it") from None
+        raise AdapterError(
+            f"{path}: not a readable NoRA config ({type(exc).__name__}: {exc}); the file is "
+            "truncated or damaged: copy the adapter again or retrain it"
+        ) from None
     kinds = {"config": dict, "layers": dict, "trainable_modules": list}
     bad = [k for k, kind in kinds.items() if not isinstance(meta, dict) or not isinstance(meta.get(k), kind)]
     if bad:
-        raise AdapterError(f"{path}: not a NoRA config (missing or malformed: {', '.join(bad)}); copy the adapter "
-                           "again or retrain it")
+        raise AdapterError(
+            f"{path}: not a NoRA config (missing or malformed: {', '.join(bad)}); copy the adapter again or retrain it"
+        )
     return meta
 
 
@@ -169,17 +199,22 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise MissingFileError(f"{path} is missing (next to {CONFIG_NAME})") from None
     except Exception as exc:  # noqa: BLE001  safetensors raises its own SafetensorError (and OSError, ValueError)
-        raise AdapterError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); the file is "
-                           "truncated or damaged: copy the adapter again or retrain it") from None
+        raise AdapterError(
+            f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); the file is "
+            "truncated or damaged: copy the adapter again or retrain it"
+        ) from None
     check_finite(tensors, path)
     return tensors
 
 
 def _shape_mismatches(model: nn.Module, module: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> list[str]:
     own = canonical_state(model, module)
-    saved = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
-    bad = [f"{name}.{k}: saved {tuple(v.shape)}, model {tuple(own[k].shape)}"
-           for k, v in saved.items() if k in own and own[k].shape != v.shape]
+    saved = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
+    bad = [
+        f"{name}.{k}: saved {tuple(v.shape)}, model {tuple(own[k].shape)}"
+        for k, v in saved.items()
+        if k in own and own[k].shape != v.shape
+    ]
     bad += [f"{name}.{k}: missing from the file" for k in own if k not in saved]
     bad += [f"{name}.{k}: not in the model" for k in saved if k not in own]
     return bad
@@ -195,17 +230,21 @@ def _check_targets(model: nn.Module, directory: Path, meta: dict, config: NoraCo
         return problems + [str(e)]
     left_out = sorted(set(targets) - set(meta["layers"]))
     if left_out:
-        problems.append(f"the model has {len(targets)} targets ({describe_targets(config)}), the adapter covers "
-                        f"{len(meta['layers'])}; no adapter for {', '.join(left_out[:4])}"
-                        + (" ..." if len(left_out) > 4 else ""))
+        problems.append(
+            f"the model has {len(targets)} targets ({describe_targets(config)}), the adapter covers "
+            f"{len(meta['layers'])}; no adapter for {', '.join(left_out[:4])}" + (" ..." if len(left_out) > 4 else "")
+        )
     return problems
 
 
-def _validate(model: nn.Module, directory: Path, meta: dict, tensors: dict[str, torch.Tensor],
-              config: NoraConfig) -> None:
+def _validate(
+    model: nn.Module, directory: Path, meta: dict, tensors: dict[str, torch.Tensor], config: NoraConfig
+) -> None:
     if nora_modules(model):
-        raise AdapterError(f"this {type(model).__name__} already holds NoRA activations; load {directory} onto a "
-                           "freshly built base model")
+        raise AdapterError(
+            f"this {type(model).__name__} already holds NoRA activations; load {directory} onto a "
+            "freshly built base model"
+        )
     problems = _check_targets(model, directory, meta, config)
     for name in meta["trainable_modules"]:
         try:
@@ -215,34 +254,55 @@ def _validate(model: nn.Module, directory: Path, meta: dict, tensors: dict[str, 
             continue
         problems += _shape_mismatches(model, sub, name, tensors)
     if problems:
-        raise AdapterError(f"the NoRA adapter in {directory} does not fit this {type(model).__name__} (nothing was "
-                           f"changed): {'; '.join(problems[:6])}")
+        raise AdapterError(
+            f"the NoRA adapter in {directory} does not fit this {type(model).__name__} (nothing was "
+            f"changed): {'; '.join(problems[:6])}"
+        )
 
 
-def _built_activation(directory: Path, name: str, info: dict, config: NoraConfig,
-                      tensors: dict[str, torch.Tensor], original_module: nn.Module | None) -> NoraActivation:
+def _built_activation(
+    directory: Path,
+    name: str,
+    info: dict,
+    config: NoraConfig,
+    tensors: dict[str, torch.Tensor],
+    original_module: nn.Module | None,
+) -> NoraActivation:
     """Layer ``name``'s saved activation, loaded strictly; :class:`AdapterError` (the model untouched) when the file
     lacks one of its tensors, holds one of another shape, or its entry in the config is incomplete. A layer saved
     without ``residual`` predates the residual form: it was trained in the paper's form and loads so.
     ``original_module``: the activation it replaces (the residual form computes it)."""
     try:
-        mod = NoraActivation(tensors[f"{name}.base_numerator"], tensors[f"{name}.base_denominator"],
-                             form=info["form"], backend=config.backend, original=info["original"],
-                             variant=info["variant"], r=info["r"], alpha=info["alpha"],
-                             numerator_mode=info["numerator_mode"], groups=info["groups"],
-                             fit_range=info.get("fit_range"), channel_dim=info.get("channel_dim", -1),
-                             width=info.get("width"), residual=bool(info.get("residual", False)),
-                             original_module=original_module)
-        mod.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")},
-                            strict=True)
+        mod = NoraActivation(
+            tensors[f"{name}.base_numerator"],
+            tensors[f"{name}.base_denominator"],
+            form=info["form"],
+            backend=config.backend,
+            original=info["original"],
+            variant=info["variant"],
+            r=info["r"],
+            alpha=info["alpha"],
+            numerator_mode=info["numerator_mode"],
+            groups=info["groups"],
+            fit_range=info.get("fit_range"),
+            channel_dim=info.get("channel_dim", -1),
+            width=info.get("width"),
+            residual=bool(info.get("residual", False)),
+            original_module=original_module,
+        )
+        mod.load_state_dict(
+            {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}, strict=True
+        )
     except KeyError as exc:
-        raise AdapterError(f"the NoRA adapter in {directory} does not fit (nothing was changed): {name}: "
-                           f"{exc.args[0]} missing from {WEIGHTS_NAME if '.' in str(exc.args[0]) else CONFIG_NAME}"
-                           ) from None
+        raise AdapterError(
+            f"the NoRA adapter in {directory} does not fit (nothing was changed): {name}: "
+            f"{exc.args[0]} missing from {WEIGHTS_NAME if '.' in str(exc.args[0]) else CONFIG_NAME}"
+        ) from None
     except (RuntimeError, TypeError, ValueError) as exc:
         why = " ".join(str(exc).split())[:300]
-        raise AdapterError(f"the NoRA adapter in {directory} does not fit (nothing was changed): {name}: {why}"
-                           ) from None
+        raise AdapterError(
+            f"the NoRA adapter in {directory} does not fit (nothing was changed): {name}: {why}"
+        ) from None
     return mod
 
 
@@ -267,14 +327,17 @@ def load_nora(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
     _validate(model, directory, meta, tensors, config)
     device = next(iter(model.parameters())).device
     index = module_index(model)
-    built = {name: _built_activation(directory, name, info, config, tensors,
-                                     model.get_submodule(resolve_name(model, name, index))).to(device)
-             for name, info in meta["layers"].items()}  # all of them before the model changes
+    built = {
+        name: _built_activation(
+            directory, name, info, config, tensors, model.get_submodule(resolve_name(model, name, index))
+        ).to(device)
+        for name, info in meta["layers"].items()
+    }  # all of them before the model changes
     for name, mod in built.items():
         set_module(model, resolve_name(model, name, index), mod)
     for name in meta["trainable_modules"]:
         sub = model.get_submodule(resolve_name(model, name, index))
-        state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        state = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
         _load_canonical_state(model, sub, state)
     store_config(model, config)
     if trainable:
@@ -319,5 +382,15 @@ def load_nora_pp(base_model: nn.Module, directory: str | os.PathLike, trainable:
     return model
 
 
-__all__ = ["save_nora", "load_nora", "merge_nora", "save_nora_pp", "load_nora_pp", "read_nora_config",
-           "read_peft_config", "AdapterError", "GroupRational", "canonical_name"]
+__all__ = [
+    "save_nora",
+    "load_nora",
+    "merge_nora",
+    "save_nora_pp",
+    "load_nora_pp",
+    "read_nora_config",
+    "read_peft_config",
+    "AdapterError",
+    "GroupRational",
+    "canonical_name",
+]

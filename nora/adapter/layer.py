@@ -8,6 +8,7 @@ Two forms of the output (``residual``):
 * ``residual=False`` (the paper's form): ``y = R_coef(x)``: the rational replaces the activation, and equals it only as
   far as the fit does (within its ``fit_range``).
 """
+
 from __future__ import annotations
 
 import math
@@ -52,11 +53,21 @@ class GroupRational(nn.Module):
     exactly ``phi``). A merged residual NoRA activation is one of these.
     """
 
-    def __init__(self, numerator: Tensor, denominator: Tensor, form: str = "A", backend: str = "auto",
-                 original: str | None = None, fit_range: tuple[float, float] | None = None,
-                 channel_dim: int = -1, width: int | None = None, residual: bool = False,
-                 fit_numerator: Tensor | None = None, fit_denominator: Tensor | None = None,
-                 original_module: nn.Module | None = None):
+    def __init__(
+        self,
+        numerator: Tensor,
+        denominator: Tensor,
+        form: str = "A",
+        backend: str = "auto",
+        original: str | None = None,
+        fit_range: tuple[float, float] | None = None,
+        channel_dim: int = -1,
+        width: int | None = None,
+        residual: bool = False,
+        fit_numerator: Tensor | None = None,
+        fit_denominator: Tensor | None = None,
+        original_module: nn.Module | None = None,
+    ):
         super().__init__()
         numerator = torch.as_tensor(numerator, dtype=torch.float32)
         denominator = torch.as_tensor(denominator, dtype=torch.float32)
@@ -66,8 +77,9 @@ class GroupRational(nn.Module):
             denominator = denominator[None]
         groups = max(numerator.shape[0], denominator.shape[0])
         if numerator.shape[0] not in (1, groups) or denominator.shape[0] not in (1, groups):
-            raise ValueError(f"numerator {tuple(numerator.shape)} and denominator {tuple(denominator.shape)} "
-                             "must have 1 or G rows")
+            raise ValueError(
+                f"numerator {tuple(numerator.shape)} and denominator {tuple(denominator.shape)} must have 1 or G rows"
+            )
         self.groups = groups
         self.form = form
         self.backend = backend
@@ -95,9 +107,11 @@ class GroupRational(nn.Module):
 
     def _check_original(self) -> None:
         if self.original not in KERNEL_ACTIVATIONS and original_function(self.original, self.original_module) is None:
-            raise ValueError(f"the residual form computes the original activation, and {self.original!r} is not one "
-                             f"nora knows by name ({', '.join(sorted(set(KERNEL_ACTIVATIONS[1:]) | set(ACTIVATIONS)))})"
-                             ": pass the module it replaces as original_module, or use residual=False")
+            raise ValueError(
+                f"the residual form computes the original activation, and {self.original!r} is not one "
+                f"nora knows by name ({', '.join(sorted(set(KERNEL_ACTIVATIONS[1:]) | set(ACTIVATIONS)))})"
+                ": pass the module it replaces as original_module, or use residual=False"
+            )
 
     @property
     def degrees(self) -> tuple[int, int]:
@@ -124,11 +138,15 @@ class GroupRational(nn.Module):
         channels = x.shape[dim]
         if self.width is not None and channels != self.width:
             layout = "channels-last (N, ..., C)" if dim == -1 else "conv-layout (N, C, ...)"
-            raise ValueError(f"{type(self).__name__}: expected {self.width} channels on dim {dim} of a {layout} "
-                             f"input, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{type(self).__name__}: expected {self.width} channels on dim {dim} of a {layout} "
+                f"input, got shape {tuple(x.shape)}"
+            )
         if channels % self.groups:
-            raise ValueError(f"{type(self).__name__}: channel dimension {channels} (dim {dim}) is not divisible by "
-                             f"{self.groups} groups")
+            raise ValueError(
+                f"{type(self).__name__}: channel dimension {channels} (dim {dim}) is not divisible by "
+                f"{self.groups} groups"
+            )
         if self.width is None:
             self.width = channels  # first call: remember the width (saved with the adapter)
         if dim == 1:  # conv layout: group the channels, not the image width
@@ -158,8 +176,10 @@ class GroupRational(nn.Module):
     def extra_repr(self) -> str:
         m, n = self.degrees
         layout = "" if self.channel_dim == -1 else f", channel_dim={self.channel_dim}"
-        return (f"groups={self.groups}, degrees=({m}, {n}), form={self.form}, original={self.original}, "
-                f"residual={self.residual}, width={self.width}{layout}")
+        return (
+            f"groups={self.groups}, degrees=({m}, {n}), form={self.form}, original={self.original}, "
+            f"residual={self.residual}, width={self.width}{layout}"
+        )
 
 
 class NoraActivation(GroupRational):
@@ -176,11 +196,24 @@ class NoraActivation(GroupRational):
     ``numerator="shared"`` makes the numerator update one row shared by all groups.
     """
 
-    def __init__(self, numerator: Tensor, denominator: Tensor, form: str = "A", backend: str = "auto",
-                 original: str | None = None, variant: str = "nora", r: int = 3, alpha: float = 6.0,
-                 numerator_mode: str = "group", groups: int | None = None,
-                 fit_range: tuple[float, float] | None = None, channel_dim: int = -1, width: int | None = None,
-                 residual: bool = False, original_module: nn.Module | None = None):
+    def __init__(
+        self,
+        numerator: Tensor,
+        denominator: Tensor,
+        form: str = "A",
+        backend: str = "auto",
+        original: str | None = None,
+        variant: str = "nora",
+        r: int = 3,
+        alpha: float = 6.0,
+        numerator_mode: str = "group",
+        groups: int | None = None,
+        fit_range: tuple[float, float] | None = None,
+        channel_dim: int = -1,
+        width: int | None = None,
+        residual: bool = False,
+        original_module: nn.Module | None = None,
+    ):
         numerator = torch.as_tensor(numerator, dtype=torch.float32)
         denominator = torch.as_tensor(denominator, dtype=torch.float32)
         if groups is not None:  # broadcast a single fitted row to all groups of the denominator
@@ -188,13 +221,28 @@ class NoraActivation(GroupRational):
                 denominator = denominator[None]
             if denominator.shape[0] == 1:
                 denominator = denominator.expand(groups, -1)
-        if residual and variant == "rational_ft" and numerator_mode == "shared" and numerator.dim() == 2 \
-                and numerator.shape[0] > 1:
+        if (
+            residual
+            and variant == "rational_ft"
+            and numerator_mode == "shared"
+            and numerator.dim() == 2
+            and numerator.shape[0] > 1
+        ):
             # rational_ft trains one shared numerator, which starts at the mean of per-group fits: the residual form
             # subtracts the rational it starts from, so that step 0 stays exact
             numerator = numerator.mean(0, keepdim=True).expand_as(numerator)
-        super().__init__(numerator, denominator, form, backend, original, fit_range, channel_dim, width,
-                         residual=residual, original_module=original_module)
+        super().__init__(
+            numerator,
+            denominator,
+            form,
+            backend,
+            original,
+            fit_range,
+            channel_dim,
+            width,
+            residual=residual,
+            original_module=original_module,
+        )
         self.variant = variant
         self.adapter_enabled = True  # False: compute the base rational (nora.disable_adapter, peft's disable_adapter)
         self.numerator_mode = numerator_mode
@@ -216,8 +264,9 @@ class NoraActivation(GroupRational):
             self.nora_delta_num = nn.Parameter(torch.zeros(gn, m1, device=dev))
             self.nora_delta_den = nn.Parameter(torch.zeros(g, n, device=dev))
         elif variant == "rational_ft":
-            base_num = self.base_numerator.expand(gn, -1) if self.base_numerator.shape[0] == 1 \
-                else self.base_numerator[:gn]
+            base_num = (
+                self.base_numerator.expand(gn, -1) if self.base_numerator.shape[0] == 1 else self.base_numerator[:gn]
+            )
             if numerator_mode == "shared" and self.base_numerator.shape[0] != 1:
                 base_num = self.base_numerator.mean(0, keepdim=True)
             self.nora_num = nn.Parameter(base_num.clone())
@@ -256,10 +305,20 @@ class NoraActivation(GroupRational):
         with torch.no_grad():
             num, den = self.coefficients()
             fit_num, fit_den = self.fit_coefficients() if self.residual else (None, None)
-            return GroupRational(num.detach().clone(), den.detach().clone(), self.form, self.backend,
-                                 self.original, self.fit_range, self.channel_dim, self.width,
-                                 residual=self.residual, fit_numerator=fit_num, fit_denominator=fit_den,
-                                 original_module=self.original_module).to(self.base_numerator.device)
+            return GroupRational(
+                num.detach().clone(),
+                den.detach().clone(),
+                self.form,
+                self.backend,
+                self.original,
+                self.fit_range,
+                self.channel_dim,
+                self.width,
+                residual=self.residual,
+                fit_numerator=fit_num,
+                fit_denominator=fit_den,
+                original_module=self.original_module,
+            ).to(self.base_numerator.device)
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", variant={self.variant}"

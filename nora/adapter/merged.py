@@ -25,6 +25,7 @@ Merging makes the model an instance of ``Nora<BaseClass>`` (a subclass of its ow
 unchanged), whose ``save_pretrained`` is :func:`save_merged`. Folders of format 1 (``nora_merged.json`` and
 ``nora_merged.safetensors`` beside a plain checkpoint) still load with :func:`from_pretrained`.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -61,12 +62,21 @@ def layer_specs(model: nn.Module) -> dict[str, dict]:
     specs = {}
     for name, mod in rational_modules(model).items():
         if mod.residual and "fit_numerator" not in mod._buffers:
-            raise AdapterError(f"{name} is in the residual form but holds no fit coefficients (fit_numerator, "
-                               "fit_denominator); merge it with nora.merge_nora")
-        specs[name] = {"groups": mod.groups, "form": mod.form, "degrees": list(mod.degrees), "original": mod.original,
-                       "fit_range": list(mod.fit_range) if mod.fit_range is not None else None,
-                       "channel_dim": mod.channel_dim, "width": mod.width, "residual": mod.residual,
-                       "shapes": {k: list(t.shape) for k, t in mod.state_dict().items()}}
+            raise AdapterError(
+                f"{name} is in the residual form but holds no fit coefficients (fit_numerator, "
+                "fit_denominator); merge it with nora.merge_nora"
+            )
+        specs[name] = {
+            "groups": mod.groups,
+            "form": mod.form,
+            "degrees": list(mod.degrees),
+            "original": mod.original,
+            "fit_range": list(mod.fit_range) if mod.fit_range is not None else None,
+            "channel_dim": mod.channel_dim,
+            "width": mod.width,
+            "residual": mod.residual,
+            "shapes": {k: list(t.shape) for k, t in mod.state_dict().items()},
+        }
     return specs
 
 
@@ -87,16 +97,26 @@ def merged_class(base: type) -> type:
             specs = (getattr(config, MERGED_KEY, None) or {}).get("layers", {})
             problems = spec_problems(self, specs)
             if problems:
-                raise AdapterError(f"config.json: {MERGED_KEY} does not fit this {base.__name__} (nothing was loaded): "
-                                   + "; ".join(problems[:4]))
+                raise AdapterError(
+                    f"config.json: {MERGED_KEY} does not fit this {base.__name__} (nothing was loaded): "
+                    + "; ".join(problems[:4])
+                )
             for layer, spec in specs.items():
                 set_module(self, layer, _empty_rational(spec, self.get_submodule(layer)))
 
         def save_pretrained(self, save_directory, **kwargs):
             return save_merged(self, save_directory, **kwargs)
 
-        cls = type(name, (base,), {"__init__": __init__, "save_pretrained": save_pretrained, "__module__": __name__,
-                                   "__doc__": f"{base.__name__} with merged NoRA rational activations (nora)."})
+        cls = type(
+            name,
+            (base,),
+            {
+                "__init__": __init__,
+                "save_pretrained": save_pretrained,
+                "__module__": __name__,
+                "__doc__": f"{base.__name__} with merged NoRA rational activations (nora).",
+            },
+        )
         cls.__qualname__ = name
         globals()[name] = _CLASSES[base] = cls
     return _CLASSES[base]
@@ -126,8 +146,13 @@ def as_merged_model(model: nn.Module) -> nn.Module:
     """Make a merged transformers model (rational activations, no NoRA update left) an instance of its
     :func:`merged_class`, in place, so that its ``save_pretrained`` writes the self-contained folder. Other models are
     returned as they are."""
-    if (is_peft_model(model) or nora_modules(model) or not rational_modules(model)
-            or not hasattr(model, "save_pretrained") or not hasattr(model, "config")):
+    if (
+        is_peft_model(model)
+        or nora_modules(model)
+        or not rational_modules(model)
+        or not hasattr(model, "save_pretrained")
+        or not hasattr(model, "config")
+    ):
         return model
     try:
         from transformers import PreTrainedModel
@@ -175,20 +200,30 @@ def _shape_problems(name: str, spec: dict) -> list[str]:
     want = {"base_numerator": [[g, m + 1], [1, m + 1]], "base_denominator": [[g, n]]}
     if spec["residual"]:
         want |= {"fit_numerator": [[g, m + 1]], "fit_denominator": [[g, n]]}
-    bad = [f"{k} {shapes.get(k) if isinstance(shapes, dict) else None}" for k, ok in want.items()
-           if not isinstance(shapes, dict) or list(shapes.get(k) or []) not in ok]
+    bad = [
+        f"{k} {shapes.get(k) if isinstance(shapes, dict) else None}"
+        for k, ok in want.items()
+        if not isinstance(shapes, dict) or list(shapes.get(k) or []) not in ok
+    ]
     return [f"{name}: shapes {', '.join(bad)} disagree with groups={g}, degrees=[{m}, {n}]"] if bad else []
 
 
 def _empty_rational(spec: dict, original: nn.Module) -> GroupRational:
     shapes = spec["shapes"]
     residual = bool(spec["residual"])
-    return GroupRational(torch.zeros(shapes["base_numerator"]), torch.zeros(shapes["base_denominator"]),
-                         form=spec["form"], original=spec["original"], fit_range=spec["fit_range"],
-                         channel_dim=spec["channel_dim"], width=spec["width"], residual=residual,
-                         fit_numerator=torch.zeros(shapes["fit_numerator"]) if residual else None,
-                         fit_denominator=torch.zeros(shapes["fit_denominator"]) if residual else None,
-                         original_module=original)
+    return GroupRational(
+        torch.zeros(shapes["base_numerator"]),
+        torch.zeros(shapes["base_denominator"]),
+        form=spec["form"],
+        original=spec["original"],
+        fit_range=spec["fit_range"],
+        channel_dim=spec["channel_dim"],
+        width=spec["width"],
+        residual=residual,
+        fit_numerator=torch.zeros(shapes["fit_numerator"]) if residual else None,
+        fit_denominator=torch.zeros(shapes["fit_denominator"]) if residual else None,
+        original_module=original,
+    )
 
 
 # ------------------------------------------------------------------------------- saving
@@ -198,8 +233,9 @@ def _auto_classes(model_type: str, architecture: str) -> list[str]:
 
     names = []
     for name in dir(transformers):
-        mapping = getattr(getattr(transformers, name, None), "_model_mapping", None) if name.startswith("AutoModel") \
-            else None
+        mapping = (
+            getattr(getattr(transformers, name, None), "_model_mapping", None) if name.startswith("AutoModel") else None
+        )
         got = getattr(mapping, "_model_mapping", {}).get(model_type) if mapping is not None else None
         if got == architecture or (isinstance(got, (tuple, list)) and architecture in got):
             names.append(name)
@@ -214,34 +250,45 @@ def modeling_source(base: type, config_class: type, model_type: str) -> str:
         version = "(version unknown)"
     template = resources.files("nora.resources").joinpath("modeling_nora.py.tmpl").read_text()
     return string.Template(template).substitute(
-        base_model=base.__name__, base_config=config_class.__name__, model_type=model_type,
-        config_class=f"Nora{config_class.__name__}", model_class=f"Nora{base.__name__}", nora_version=version)
+        base_model=base.__name__,
+        base_config=config_class.__name__,
+        model_type=model_type,
+        config_class=f"Nora{config_class.__name__}",
+        model_class=f"Nora{base.__name__}",
+        nora_version=version,
+    )
 
 
 def save_merged(model: nn.Module, directory: str | os.PathLike, **save_pretrained_kwargs) -> Path:
     """Save a merged NoRA transformers model as a folder that loads with nora (:func:`from_pretrained`) and without
     it (``AutoModel*.from_pretrained(directory, trust_remote_code=True)``); the module docstring has the layout."""
     if is_peft_model(model):
-        raise AdapterError("save_merged expects a plain model: fold peft's adapters in first "
-                           "(model = model.merge_and_unload()) and NoRA's with nora.merge_nora(model)")
+        raise AdapterError(
+            "save_merged expects a plain model: fold peft's adapters in first "
+            "(model = model.merge_and_unload()) and NoRA's with nora.merge_nora(model)"
+        )
     if nora_modules(model):
         raise AdapterError("this model still holds trainable NoRA activations; call nora.merge_nora(model) first")
     if not rational_modules(model):
         raise AdapterError("this model holds no rational activations; save it with model.save_pretrained")
     if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
-        raise AdapterError(f"{type(model).__name__} has no save_pretrained (a Hugging Face model is expected); "
-                           "save its state_dict and the NoRA adapter (nora.save_nora before merging) instead")
+        raise AdapterError(
+            f"{type(model).__name__} has no save_pretrained (a Hugging Face model is expected); "
+            "save its state_dict and the NoRA adapter (nora.save_nora before merging) instead"
+        )
     import transformers
 
     base = base_class(type(model))
     if getattr(transformers, base.__name__, None) is not base:
-        raise AdapterError(f"{base.__name__} is not a class transformers exports: a merged model is saved with its "
-                           "transformers class, which modeling_nora.py imports")
+        raise AdapterError(
+            f"{base.__name__} is not a class transformers exports: a merged model is saved with its "
+            "transformers class, which modeling_nora.py imports"
+        )
     specs = layer_specs(model)
     directory = Path(directory)
     base_type = model.config.model_type
     if base_type.startswith("nora_"):  # a config read back from a merged folder keeps its base's type
-        base_type = base_type[len("nora_"):]
+        base_type = base_type[len("nora_") :]
     base.save_pretrained(model, str(directory), **save_pretrained_kwargs)
     for stale in (MERGED_CONFIG, MERGED_WEIGHTS):  # format 1 files of an earlier save to this folder
         (directory / stale).unlink(missing_ok=True)
@@ -251,13 +298,23 @@ def save_merged(model: nn.Module, directory: str | os.PathLike, **save_pretraine
     if not auto:
         raise AdapterError(f"no transformers Auto class builds {base.__name__} for model type {base_type!r}")
     cfg = read_json(directory / "config.json")
-    cfg.update({
-        "model_type": model_type, "architectures": [f"Nora{base.__name__}"],
-        "auto_map": {"AutoConfig": f"modeling_nora.Nora{config_class.__name__}",
-                     **{a: f"modeling_nora.Nora{base.__name__}" for a in auto}},
-        MERGED_KEY: {"format_version": MERGED_FORMAT_VERSION, "base_model_type": base_type,
-                     "base_architecture": base.__name__, "base_config_class": config_class.__name__,
-                     "layers": specs}})
+    cfg.update(
+        {
+            "model_type": model_type,
+            "architectures": [f"Nora{base.__name__}"],
+            "auto_map": {
+                "AutoConfig": f"modeling_nora.Nora{config_class.__name__}",
+                **{a: f"modeling_nora.Nora{base.__name__}" for a in auto},
+            },
+            MERGED_KEY: {
+                "format_version": MERGED_FORMAT_VERSION,
+                "base_model_type": base_type,
+                "base_architecture": base.__name__,
+                "base_config_class": config_class.__name__,
+                "layers": specs,
+            },
+        }
+    )
     write_text_atomic(directory / MODELING_FILE, modeling_source(base, config_class, model_type))
     write_json_atomic(directory / "config.json", cfg)
     return directory
@@ -274,23 +331,34 @@ def put_back_rationals(model: nn.Module, directory: str | os.PathLike, backend: 
     try:
         tensors = load_file(str(path))
     except Exception as exc:  # noqa: BLE001  safetensors raises its own SafetensorError (and OSError, ValueError)
-        raise AdapterError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); the file is "
-                           "missing, truncated or damaged") from None
+        raise AdapterError(
+            f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); the file is "
+            "missing, truncated or damaged"
+        ) from None
     problems = _format1_problems(model, meta["layers"], tensors)
     if problems:
-        raise AdapterError(f"{directory / MERGED_CONFIG} does not fit this {type(model).__name__} (nothing was "
-                           "changed): " + "; ".join(problems[:4]))
+        raise AdapterError(
+            f"{directory / MERGED_CONFIG} does not fit this {type(model).__name__} (nothing was "
+            "changed): " + "; ".join(problems[:4])
+        )
     check_finite(tensors, path)
     device = next(iter(model.parameters())).device
     for name, info in meta["layers"].items():
         residual = bool(info.get("residual", False))  # saved before the residual form: the paper's
-        mod = GroupRational(tensors[f"{name}.base_numerator"], tensors[f"{name}.base_denominator"],
-                            form=info["form"], backend=backend, original=info["original"],
-                            fit_range=info["fit_range"], channel_dim=info.get("channel_dim", -1),
-                            width=info.get("width"), residual=residual,
-                            fit_numerator=tensors.get(f"{name}.fit_numerator") if residual else None,
-                            fit_denominator=tensors.get(f"{name}.fit_denominator") if residual else None,
-                            original_module=model.get_submodule(name))
+        mod = GroupRational(
+            tensors[f"{name}.base_numerator"],
+            tensors[f"{name}.base_denominator"],
+            form=info["form"],
+            backend=backend,
+            original=info["original"],
+            fit_range=info["fit_range"],
+            channel_dim=info.get("channel_dim", -1),
+            width=info.get("width"),
+            residual=residual,
+            fit_numerator=tensors.get(f"{name}.fit_numerator") if residual else None,
+            fit_denominator=tensors.get(f"{name}.fit_denominator") if residual else None,
+            original_module=model.get_submodule(name),
+        )
         set_module(model, name, mod.to(device))
     return model
 
@@ -303,8 +371,9 @@ def _format1_problems(model: nn.Module, layers: dict, tensors: dict) -> list[str
         if why:
             problems.append(why)
             continue
-        keys = ["base_numerator", "base_denominator"] + (["fit_numerator", "fit_denominator"]
-                                                         if info.get("residual") else [])
+        keys = ["base_numerator", "base_denominator"] + (
+            ["fit_numerator", "fit_denominator"] if info.get("residual") else []
+        )
         absent = [k for k in keys if f"{name}.{k}" not in tensors]
         if absent:
             problems.append(f"{name}: {', '.join(absent)} missing from {MERGED_WEIGHTS}")
@@ -325,8 +394,10 @@ def _concrete_class(model_class, config) -> type:
 def _check_parameters_finite(model: nn.Module, directory: Path, extra: dict | None = None) -> None:
     bad = nonfinite(extra or {}) + nonfinite(dict(model.named_parameters()))
     if bad:
-        raise AdapterError(f"{directory}: {len(bad)} tensor(s) of the checkpoint hold NaN or inf values "
-                           f"({listed(bad)}); not loading a model that computes NaN")
+        raise AdapterError(
+            f"{directory}: {len(bad)} tensor(s) of the checkpoint hold NaN or inf values "
+            f"({listed(bad)}); not loading a model that computes NaN"
+        )
 
 
 def from_pretrained(directory: str | os.PathLike, model_class=None, backend: str = "auto", **kwargs) -> nn.Module:
@@ -338,47 +409,59 @@ def from_pretrained(directory: str | os.PathLike, model_class=None, backend: str
     meta = cfg.get(MERGED_KEY) if isinstance(cfg, dict) else None
     if meta is None:
         if not (directory / MERGED_CONFIG).exists():
-            raise AdapterError(f"{directory}: no merged NoRA model here (config.json has no {MERGED_KEY!r} and "
-                               f"there is no {MERGED_CONFIG}); nora.from_pretrained loads what nora.save_merged wrote "
-                               "(a plain model loads with its own from_pretrained)")
+            raise AdapterError(
+                f"{directory}: no merged NoRA model here (config.json has no {MERGED_KEY!r} and "
+                f"there is no {MERGED_CONFIG}); nora.from_pretrained loads what nora.save_merged wrote "
+                "(a plain model loads with its own from_pretrained)"
+            )
         if model_class is None:
             from transformers import AutoModelForCausalLM as model_class
         model = model_class.from_pretrained(str(directory), **kwargs)
         _check_parameters_finite(model, directory)
         return as_merged_model(put_back_rationals(model, directory, backend))
     if not isinstance(meta, dict) or meta.get("format_version") != MERGED_FORMAT_VERSION:
-        raise AdapterError(f"{directory / 'config.json'}: {MERGED_KEY} is not format {MERGED_FORMAT_VERSION} "
-                           f"(got {meta.get('format_version') if isinstance(meta, dict) else meta!r}); this nora reads "
-                           "formats 1 and 2")
+        raise AdapterError(
+            f"{directory / 'config.json'}: {MERGED_KEY} is not format {MERGED_FORMAT_VERSION} "
+            f"(got {meta.get('format_version') if isinstance(meta, dict) else meta!r}); this nora reads "
+            "formats 1 and 2"
+        )
     import transformers
     from transformers import CONFIG_MAPPING
 
     base_type = meta["base_model_type"]
     if base_type not in CONFIG_MAPPING:
-        raise AdapterError(f"{directory}: the base model type {base_type!r} is unknown to this transformers "
-                           f"{transformers.__version__}")
+        raise AdapterError(
+            f"{directory}: the base model type {base_type!r} is unknown to this transformers {transformers.__version__}"
+        )
     config = CONFIG_MAPPING[base_type].from_dict(
         {k: v for k, v in cfg.items() if k not in ("model_type", "auto_map", "architectures")}
-        | {"architectures": [meta["base_architecture"]]})
+        | {"architectures": [meta["base_architecture"]]}
+    )
     if model_class is None:
         model_class = getattr(transformers, meta["base_architecture"], None)
         if model_class is None:
-            raise AdapterError(f"{directory}: transformers {transformers.__version__} has no class "
-                               f"{meta['base_architecture']!r} (the saved base class)")
+            raise AdapterError(
+                f"{directory}: transformers {transformers.__version__} has no class "
+                f"{meta['base_architecture']!r} (the saved base class)"
+            )
     want_info = kwargs.pop("output_loading_info", False)
     try:
         model, info = merged_class(_concrete_class(model_class, config)).from_pretrained(
-            str(directory), config=config, output_loading_info=True, **kwargs)
+            str(directory), config=config, output_loading_info=True, **kwargs
+        )
     except AdapterError as exc:  # the layer specs, checked before the weights load
         raise AdapterError(str(exc).replace("config.json:", f"{directory / 'config.json'}:", 1)) from None
     rationals = rational_modules(model)
     missing = [k for k in info.get("missing_keys", ()) if k.rpartition(".")[0] in rationals]
     if missing:  # transformers would leave them at the empty (zero) coefficients with a warning
-        raise AdapterError(f"{directory}: the checkpoint lacks {len(missing)} rational coefficient tensor(s) "
-                           f"({listed(missing)}) that config.json's {MERGED_KEY} names; copy the folder again or "
-                           "save it again with nora.save_merged")
-    _check_parameters_finite(model, directory, {f"{n}.{k}": t for n, mod in rationals.items()
-                                                for k, t in mod.state_dict().items()})
+        raise AdapterError(
+            f"{directory}: the checkpoint lacks {len(missing)} rational coefficient tensor(s) "
+            f"({listed(missing)}) that config.json's {MERGED_KEY} names; copy the folder again or "
+            "save it again with nora.save_merged"
+        )
+    _check_parameters_finite(
+        model, directory, {f"{n}.{k}": t for n, mod in rationals.items() for k, t in mod.state_dict().items()}
+    )
     for mod in rationals.values():
         mod.backend = backend
     return (model, info) if want_info else model

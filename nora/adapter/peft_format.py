@@ -3,6 +3,7 @@ without peft: ``adapter_config.json`` (the NoraPeftConfig as JSON) and ``adapter
 tensors are keyed ``base_model.model.<activation>.nora_activation.<tensor>`` (next to LoRA's ``lora_A``/``lora_B``
 keys in a NoRA++ adapter). The curves and the subspace analysis read a run's activations through
 :func:`read_nora_layers`; nora.tuner names its layers with :data:`LAYER_ATTR`."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,8 @@ from safetensors import safe_open
 
 from nora.adapter.config import AdapterError
 
-PEFT_TYPE = "NORA"               # peft's PeftType member nora.tuner adds
-LAYER_ATTR = "nora_activation"   # the NoraLayer attribute holding one NoraActivation per adapter
+PEFT_TYPE = "NORA"  # peft's PeftType member nora.tuner adds
+LAYER_ATTR = "nora_activation"  # the NoraLayer attribute holding one NoraActivation per adapter
 PEFT_PREFIX = "base_model.model."
 PEFT_SEGMENT = "base_layer"
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -33,18 +34,24 @@ def read_peft_nora_config(directory: str | os.PathLike) -> dict | None:
     try:
         cfg = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"{path}: not readable JSON ({type(exc).__name__}: {exc}); the file is truncated or "
-                           "damaged: copy the adapter again or retrain it") from None
+        raise AdapterError(
+            f"{path}: not readable JSON ({type(exc).__name__}: {exc}); the file is truncated or "
+            "damaged: copy the adapter again or retrain it"
+        ) from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("peft_type"), str):
-        raise AdapterError(f"{path}: no peft_type (a peft adapter config names its method; a NoRA adapter says "
-                           f"\"peft_type\": \"{PEFT_TYPE}\"); the file is damaged or was edited")
+        raise AdapterError(
+            f"{path}: no peft_type (a peft adapter config names its method; a NoRA adapter says "
+            f'"peft_type": "{PEFT_TYPE}"); the file is damaged or was edited'
+        )
     if cfg["peft_type"] == PEFT_TYPE:
         return cfg
     weights = Path(directory) / WEIGHTS_FILE
     if "nora_peft_type" not in cfg and weights.is_file() and _holds_nora_tensors(weights):
-        raise AdapterError(f"{path} says peft_type {cfg['peft_type']!r}, but {weights} holds NoRA tensors (keys "
-                           f"*.{LAYER_ATTR}.*): loaded as {cfg['peft_type']}, NoRA would be left out; the adapter "
-                           f"config was edited: restore \"peft_type\": \"{PEFT_TYPE}\"")
+        raise AdapterError(
+            f"{path} says peft_type {cfg['peft_type']!r}, but {weights} holds NoRA tensors (keys "
+            f"*.{LAYER_ATTR}.*): loaded as {cfg['peft_type']}, NoRA would be left out; the adapter "
+            f'config was edited: restore "peft_type": "{PEFT_TYPE}"'
+        )
     return None
 
 

@@ -13,6 +13,7 @@ even after the hooks are gone); the check runs on the first eager forward instea
 :func:`fit_range_check_pending` says whether a model still waits for it (the trainer runs that forward eagerly
 when it compiles the model).
 """
+
 from __future__ import annotations
 
 import functools
@@ -54,12 +55,16 @@ class _Watch:
         if outside.numel():
             sample = outside.flatten()[:: max(1, outside.numel() // _MAX_CHECKED)].float()
             with torch.no_grad():  # the fit itself: the base coefficients (the same in every group of a range fit)
-                fit = NoraActivation(module.base_numerator[:1], module.base_denominator[:1], form=module.form,
-                                     backend="torch", variant="frozen").to(sample.device)
+                fit = NoraActivation(
+                    module.base_numerator[:1],
+                    module.base_denominator[:1],
+                    form=module.form,
+                    backend="torch",
+                    variant="frozen",
+                ).to(sample.device)
                 want = _target_fn(self.targets[name])(sample.double().cpu()).to(sample.device)
                 err = (fit(sample[:, None]).flatten().double() - want.double()).abs().max().item()
-        self.seen[name] = (int(outside.numel()), int(x.numel()),
-                           float(x.abs().max().item()) if x.numel() else 0.0, err)
+        self.seen[name] = (int(outside.numel()), int(x.numel()), float(x.abs().max().item()) if x.numel() else 0.0, err)
 
     def finish(self) -> None:
         for h in self.handles:
@@ -79,7 +84,9 @@ class _Watch:
             f"{len(self.seen)} rational activations lie outside their fit range (|x| up to {reach:.3g}), where "
             f"the rationals are off by up to {bad[worst][3]:.3g} from the original activation ({worst}); fit "
             "where the inputs are with NoraConfig(init='calibrated') and calibration_batches, or widen fit_range",
-            UserWarning, stacklevel=3)
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _pre_hook(watch: _Watch, name: str, module: nn.Module, args) -> None:
@@ -97,8 +104,12 @@ def fit_range_check_pending(model: nn.Module) -> bool:
     return model in _PENDING
 
 
-def watch_fit_range(model: nn.Module, targets: dict[str, object], calibration_batches: Iterable | None = None,
-                    forward: Callable | None = None) -> None:
+def watch_fit_range(
+    model: nn.Module,
+    targets: dict[str, object],
+    calibration_batches: Iterable | None = None,
+    forward: Callable | None = None,
+) -> None:
     """Check one forward pass against the fit ranges (see the module docstring).
 
     ``targets``: canonical name -> the original activation (a name of :data:`nora.rational.fit.ACTIVATIONS`

@@ -7,6 +7,7 @@ to, its groups and degrees) is compared with what the model has at that name, th
 model's targets, and every tensor is checked to be finite. The readers call these before they change the model, and
 raise :class:`~nora.adapter.config.AdapterError` naming the file and what differs.
 """
+
 from __future__ import annotations
 
 import re
@@ -36,8 +37,10 @@ def nonfinite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
 def check_finite(tensors: Mapping[str, torch.Tensor], path: str | Path) -> None:
     bad = nonfinite(tensors)
     if bad:
-        raise AdapterError(f"{path}: {len(bad)} tensor(s) hold NaN or inf values ({listed(bad)}); not loading an "
-                           "adapter that computes NaN (nothing was changed)")
+        raise AdapterError(
+            f"{path}: {len(bad)} tensor(s) hold NaN or inf values ({listed(bad)}); not loading an "
+            "adapter that computes NaN (nothing was changed)"
+        )
 
 
 def not_an_activation(module: nn.Module) -> str | None:
@@ -73,13 +76,16 @@ def original_problem(name: str, module: nn.Module, saved: str | None) -> str | N
         return None
     own = activation_target(module)[0]
     if own != saved:
-        return (f"{name}: this model's activation is {own}, the adapter was fitted to {saved} (a NoRA adapter "
-                "belongs to the base model it was trained on)")
+        return (
+            f"{name}: this model's activation is {own}, the adapter was fitted to {saved} (a NoRA adapter "
+            "belongs to the base model it was trained on)"
+        )
     return None
 
 
-def saved_layer_problems(model: nn.Module, layers: Mapping[str, Mapping], index: dict[str, str] | None = None,
-                         check_original: bool = True) -> list[str]:
+def saved_layer_problems(
+    model: nn.Module, layers: Mapping[str, Mapping], index: dict[str, str] | None = None, check_original: bool = True
+) -> list[str]:
     """Every saved layer (canonical name -> what its writer recorded: ``width``, ``channel_dim``, ``groups``,
     ``original``) against ``model``: the module exists, is an activation, is the activation the adapter was fitted
     to, and has the saved width and layout."""
@@ -109,16 +115,21 @@ def coverage_problems(saved: Iterable[str], targets: Iterable[str], model_name: 
     saved, targets = set(saved), set(targets)
     problems = []
     if targets - saved:
-        problems.append(f"this {model_name} has {len(targets)} target activations, the adapter covers {len(saved)}; "
-                        f"no saved layer for {listed(targets - saved)}")
+        problems.append(
+            f"this {model_name} has {len(targets)} target activations, the adapter covers {len(saved)}; "
+            f"no saved layer for {listed(targets - saved)}"
+        )
     if saved - targets:
-        problems.append(f"the adapter holds {len(saved)} layers, {len(saved - targets)} of them not targets of "
-                        f"this {model_name}: {listed(saved - targets)}")
+        problems.append(
+            f"the adapter holds {len(saved)} layers, {len(saved - targets)} of them not targets of "
+            f"this {model_name}: {listed(saved - targets)}"
+        )
     return problems
 
 
-def coefficient_problems(name: str, numerator: torch.Tensor | None, denominator: torch.Tensor | None,
-                         groups: int, degrees: Iterable[int]) -> list[str]:
+def coefficient_problems(
+    name: str, numerator: torch.Tensor | None, denominator: torch.Tensor | None, groups: int, degrees: Iterable[int]
+) -> list[str]:
     """A layer's saved base coefficients against its recorded groups and degrees: ``(G or 1, m+1)``, ``(G, n)``."""
     m, n = (int(d) for d in degrees)
     problems = []
@@ -126,11 +137,15 @@ def coefficient_problems(name: str, numerator: torch.Tensor | None, denominator:
         missing = [k for k, t in (("base_numerator", numerator), ("base_denominator", denominator)) if t is None]
         return [f"{name}: {', '.join(missing)} missing"]
     if numerator.dim() != 2 or numerator.shape[0] not in (1, groups) or numerator.shape[1] != m + 1:
-        problems.append(f"{name}.base_numerator: shape {tuple(numerator.shape)}, the config says groups={groups}, "
-                        f"degrees=[{m}, {n}] ({groups} or 1 rows of {m + 1})")
+        problems.append(
+            f"{name}.base_numerator: shape {tuple(numerator.shape)}, the config says groups={groups}, "
+            f"degrees=[{m}, {n}] ({groups} or 1 rows of {m + 1})"
+        )
     if denominator.dim() != 2 or tuple(denominator.shape) != (groups, n):
-        problems.append(f"{name}.base_denominator: shape {tuple(denominator.shape)}, the config says "
-                        f"groups={groups}, degrees=[{m}, {n}] ({groups} rows of {n})")
+        problems.append(
+            f"{name}.base_denominator: shape {tuple(denominator.shape)}, the config says "
+            f"groups={groups}, degrees=[{m}, {n}] ({groups} rows of {n})"
+        )
     return problems
 
 
@@ -148,5 +163,14 @@ def lora_target_problems(module_names: Iterable[str], targets) -> list[str]:
     return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
 
 
-__all__ = ["check_finite", "nonfinite", "not_an_activation", "saved_layer_problems", "coverage_problems",
-           "coefficient_problems", "lora_target_problems", "layout_problems", "original_problem"]
+__all__ = [
+    "check_finite",
+    "nonfinite",
+    "not_an_activation",
+    "saved_layer_problems",
+    "coverage_problems",
+    "coefficient_problems",
+    "lora_target_problems",
+    "layout_problems",
+    "original_problem",
+]

@@ -10,6 +10,7 @@ rational activations and its head); or ``trainable.safetensors`` (full fine-tuni
 tensor by parameter name). Runs saved before NoRA was a peft method hold NoRA++ in the earlier two-part format
 (peft's LoRA files, marked so that peft alone refuses them, next to the NoRA files); they still load.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,8 +22,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from nora.adapter import (AdapterError, load_nora, load_nora_pp, nora_modules, read_nora_config, read_peft_config,
-                          save_nora)
+from nora.adapter import (
+    AdapterError,
+    load_nora,
+    load_nora_pp,
+    nora_modules,
+    read_nora_config,
+    read_peft_config,
+    save_nora,
+)
 from nora.adapter.inject import is_peft_model
 from nora.adapter.io import FULL_FT_NAME, NORA_FILES, PEFT_FILES
 from nora.adapter.peft_format import read_nora_layers, read_peft_nora_config
@@ -65,7 +73,8 @@ def find_adapter_dir(path: str | os.PathLike) -> Path:
             return cand
     raise MissingFileError(
         f"no adapter found in {p} or {p / 'adapter'}: expected peft files ({', '.join(PEFT_FILES)}) and/or NoRA "
-        f"files ({', '.join(NORA_FILES)}) or {FULL_FT_NAME}, as a training run saves them in <run_dir>/adapter/")
+        f"files ({', '.join(NORA_FILES)}) or {FULL_FT_NAME}, as a training run saves them in <run_dir>/adapter/"
+    )
 
 
 def resolve_adapter(source: str | os.PathLike, revision: str | None = None) -> Path:
@@ -87,9 +96,9 @@ def _sha256(path: Path) -> str:
 def adapter_identity(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     """What an adapter directory holds, JSON-able::
 
-        {"dir", "kind": "lora" | "dora" | "<peft type>" | "nora" | "nora++" | "trainable",
-         "components": [...], "peft": {peft_type, use_dora, r, lora_alpha, target_modules, config} | None,
-         "nora": {variant, config, layers} | None, "files": {name: sha256}}
+    {"dir", "kind": "lora" | "dora" | "<peft type>" | "nora" | "nora++" | "trainable",
+     "components": [...], "peft": {peft_type, use_dora, r, lora_alpha, target_modules, config} | None,
+     "nora": {variant, config, layers} | None, "files": {name: sha256}}
     """
     adir = Path(adapter_dir)
     has_peft, has_nora = (adir / PEFT_FILES[0]).exists(), (adir / NORA_FILES[0]).exists()
@@ -104,19 +113,29 @@ def adapter_identity(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     elif has_peft:
         pcfg = read_peft_config(adir)  # a NoRA++ marker undone: the real peft_type
         ident["components"].append("dora" if pcfg.get("use_dora") else str(pcfg.get("peft_type", "peft")).lower())
-        ident["peft"] = {"peft_type": pcfg.get("peft_type"), "use_dora": bool(pcfg.get("use_dora", False)),
-                         "r": pcfg.get("r"), "lora_alpha": pcfg.get("lora_alpha"),
-                         "target_modules": pcfg.get("target_modules"), "config": pcfg}
+        ident["peft"] = {
+            "peft_type": pcfg.get("peft_type"),
+            "use_dora": bool(pcfg.get("use_dora", False)),
+            "r": pcfg.get("r"),
+            "lora_alpha": pcfg.get("lora_alpha"),
+            "target_modules": pcfg.get("target_modules"),
+            "config": pcfg,
+        }
     if has_nora:
         meta = read_nora_config(adir)
         ident["components"].append("nora")
-        ident["nora"] = {"variant": meta.get("config", {}).get("variant"), "config": meta.get("config"),
-                         "layers": len(meta.get("layers", {}))}
+        ident["nora"] = {
+            "variant": meta.get("config", {}).get("variant"),
+            "config": meta.get("config"),
+            "layers": len(meta.get("layers", {})),
+        }
     if not has_peft and not has_nora:
         if not (adir / FULL_FT_NAME).exists():
-            raise MissingFileError(f"no adapter in {adir}: expected peft files ({', '.join(PEFT_FILES)}), NoRA "
-                                   f"files ({', '.join(NORA_FILES)}) or {FULL_FT_NAME}, as a completed training run "
-                                   "writes them")
+            raise MissingFileError(
+                f"no adapter in {adir}: expected peft files ({', '.join(PEFT_FILES)}), NoRA "
+                f"files ({', '.join(NORA_FILES)}) or {FULL_FT_NAME}, as a completed training run "
+                "writes them"
+            )
         ident["components"].append("trainable")
     if nora_peft is not None:
         ident["kind"] = "nora++" if nora_peft.get("lora_r") else "nora"
@@ -137,22 +156,45 @@ def _check_safetensors(path: Path) -> None:
         with safe_open(str(path), framework="pt"):
             pass
     except Exception as exc:  # noqa: BLE001  safetensors raises its own SafetensorError
-        raise AdapterError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); the file is "
-                           "truncated or damaged: copy the adapter again or retrain the run (force=true)") from None
+        raise AdapterError(
+            f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); the file is "
+            "truncated or damaged: copy the adapter again or retrain the run (force=true)"
+        ) from None
 
 
 def _nora_peft_identity(ident: dict, adir: Path, pcfg: dict) -> None:
     """A NORA peft adapter: its LoRA part (if ``lora_r > 0``) and its NoRA part, as the two-part format reports them."""
     if pcfg.get("lora_r"):
         ident["components"].append("dora" if pcfg.get("use_dora") else "lora")
-        ident["peft"] = {"peft_type": pcfg["peft_type"], "use_dora": bool(pcfg.get("use_dora", False)),
-                         "r": pcfg["lora_r"], "lora_alpha": pcfg.get("lora_alpha"),
-                         "target_modules": pcfg.get("lora_target_modules"), "config": pcfg}
+        ident["peft"] = {
+            "peft_type": pcfg["peft_type"],
+            "use_dora": bool(pcfg.get("use_dora", False)),
+            "r": pcfg["lora_r"],
+            "lora_alpha": pcfg.get("lora_alpha"),
+            "target_modules": pcfg.get("lora_target_modules"),
+            "config": pcfg,
+        }
     ident["components"].append("nora")
-    nora_fields = ("variant", "r", "alpha", "groups", "degrees", "form", "numerator", "init", "fit_range",
-                   "calibration_range_weight", "per_group_calibration", "target_modules", "backend")
-    ident["nora"] = {"variant": pcfg.get("variant"), "config": {k: pcfg.get(k) for k in nora_fields},
-                     "layers": len(read_nora_layers(adir))}
+    nora_fields = (
+        "variant",
+        "r",
+        "alpha",
+        "groups",
+        "degrees",
+        "form",
+        "numerator",
+        "init",
+        "fit_range",
+        "calibration_range_weight",
+        "per_group_calibration",
+        "target_modules",
+        "backend",
+    )
+    ident["nora"] = {
+        "variant": pcfg.get("variant"),
+        "config": {k: pcfg.get(k) for k in nora_fields},
+        "layers": len(read_nora_layers(adir)),
+    }
 
 
 def apply_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> tuple[nn.Module, dict]:
@@ -230,8 +272,10 @@ def adapter_mismatch(identity: dict, method, recorded: dict | None) -> str | Non
                     return f"{adir / f} is missing (summary.json records it)"
                 if f not in files:
                     return f"{adir / f} is not part of the adapter this run saved (summary.json does not record it)"
-                return (f"{adir / f} is not the file this run saved (sha256 {have[f][:12]}..., summary.json records "
-                        f"{files[f][:12]}...)")
+                return (
+                    f"{adir / f} is not the file this run saved (sha256 {have[f][:12]}..., summary.json records "
+                    f"{files[f][:12]}...)"
+                )
     return None
 
 

@@ -5,6 +5,7 @@ Each section has its schema next to the code that reads it: ``trainer`` -> :clas
 ``method`` -> :class:`nora.methods.config.MethodConfig`, ``model`` -> :mod:`nora.models.config`, ``dataset`` ->
 :mod:`nora.data.config`, ``logger`` -> :class:`nora.runs.logger.LoggerConfig`. The composed ``DictConfig`` is kept
 only to write the run directory's ``config.yaml`` and to identify the run (:mod:`nora.runs.identity`)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,11 +24,11 @@ from nora.errors import UserError
 from nora.methods import METHODS, methods_for
 from nora.methods.config import MethodConfig, nora_groups_message
 from nora.models.config import FAMILIES, ModelConfig, as_model_config
+from nora.runs import naming  # noqa: F401  registers ${run_overrides:}, which configs/train.yaml's run_name uses
 from nora.runs.layout import run_name_problem
 from nora.runs.logger import LoggerConfig, credentials_problem
 from nora.schema import load, one_of, per_family, require
 from nora.train.config import TrainerConfig
-from nora.runs import naming  # noqa: F401  registers ${run_overrides:}, which configs/train.yaml's run_name uses
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -47,7 +48,7 @@ class RunSettings:
     are used: Hydra, the run directory, interpolations)."""
 
     seed: int = 0
-    resume: Any = "auto"        # auto | null/false | a run directory or checkpoint
+    resume: Any = "auto"  # auto | null/false | a run directory or checkpoint
     force: bool = False
     on_config_change: str = "error"
 
@@ -63,16 +64,16 @@ class RunConfig:
     method's default for the model family)."""
 
     model: ModelConfig
-    dataset: Any              # a vision schema of nora.data.config, or nora.data.instruct.InstructDataConfig
+    dataset: Any  # a vision schema of nora.data.config, or nora.data.instruct.InstructDataConfig
     method: MethodConfig
     trainer: TrainerConfig
     logger: LoggerConfig
     seed: int
     run_name: str
-    resume: Any               # auto | null/false | a run directory or checkpoint
+    resume: Any  # auto | null/false | a run directory or checkpoint
     force: bool
     on_config_change: str
-    composed: Any = None      # the composed DictConfig itself: written as config.yaml, hashed (nora.runs.identity)
+    composed: Any = None  # the composed DictConfig itself: written as config.yaml, hashed (nora.runs.identity)
 
     @property
     def family(self) -> str:
@@ -104,14 +105,26 @@ def validate(cfg: DictConfig) -> RunConfig:
         raise UserError(why)
     limit = getattr(dataset, "limit_train", None)
     if limit is not None and limit < trainer.batch_size:
-        raise UserError(f"dataset.limit_train={limit} is fewer than one batch (trainer.batch_size="
-                        f"{trainer.batch_size}): no training step; raise it or lower trainer.batch_size")
+        raise UserError(
+            f"dataset.limit_train={limit} is fewer than one batch (trainer.batch_size="
+            f"{trainer.batch_size}): no training step; raise it or lower trainer.batch_size"
+        )
     why = run_name_problem(str(c.run_name))
     if why is not None:
         raise UserError(why)
-    return RunConfig(model=model, dataset=dataset, method=method, trainer=trainer, logger=logger, seed=top.seed,
-                     run_name=str(c.run_name), resume=top.resume, force=top.force,
-                     on_config_change=top.on_config_change, composed=cfg)
+    return RunConfig(
+        model=model,
+        dataset=dataset,
+        method=method,
+        trainer=trainer,
+        logger=logger,
+        seed=top.seed,
+        run_name=str(c.run_name),
+        resume=top.resume,
+        force=top.force,
+        on_config_change=top.on_config_change,
+        composed=cfg,
+    )
 
 
 class ValidatedBeforeWriting(Callback):
@@ -143,13 +156,16 @@ def _check_groups(cfg) -> None:
     if m.family not in FAMILIES:
         raise UserError(f"model.family={m.family!r}; valid: {', '.join(FAMILIES)}")
     if d.family != m.family:
-        raise UserError(f"dataset={d.name} is a {d.family} dataset but model={m.name} is a {m.family} model; "
-                        f"pick a {m.family} dataset or a {d.family} model")
+        raise UserError(
+            f"dataset={d.name} is a {d.family} dataset but model={m.name} is a {m.family} model; "
+            f"pick a {m.family} dataset or a {d.family} model"
+        )
     if meth.name not in METHODS:
         raise UserError(f"unknown method {meth.name!r}; valid: {', '.join(METHODS)}")
     if m.family not in meth.families:
-        raise UserError(f"method={meth.name} does not apply to {m.family} models; valid: "
-                        f"{', '.join(methods_for(m.family))}")
+        raise UserError(
+            f"method={meth.name} does not apply to {m.family} models; valid: {', '.join(methods_for(m.family))}"
+        )
 
 
 def _check_groups_divide_width(method: MethodConfig, model: ModelConfig) -> None:

@@ -3,6 +3,7 @@ and a model card (``README.md``: method, base model, data, parameters, metrics a
 :func:`model_card` from the run's ``config.yaml``, ``summary.json``, ``mmlu.json`` and adapter files;
 huggingface_hub's ``ModelCard``/``ModelCardData`` write the YAML metadata block the Hub reads).
 """
+
 from __future__ import annotations
 
 import json
@@ -63,17 +64,24 @@ def model_card(run_dir: str | os.PathLike, repo_id: str) -> str:
     base = _base_model(cfg)
     method = cfg.method.name
     hub_data = cfg.dataset.get("hub_name")
-    data = ModelCardData(library_name="nora", tags=["nora", "peft", "rational-activations", method],
-                         base_model=base if "/" in base else None, license="apache-2.0")
+    data = ModelCardData(
+        library_name="nora",
+        tags=["nora", "peft", "rational-activations", method],
+        base_model=base if "/" in base else None,
+        license="apache-2.0",
+    )
     nora_cfg = (ident.get("nora") or {}).get("config")
     peft_cfg = ident.get("peft")
     note = LOAD_NOTE.get(ident["kind"], "a peft adapter; PeftModel.from_pretrained loads it as well")
     body = [
-        f"# {repo_id}", "",
+        f"# {repo_id}",
+        "",
         f"A **{method}** adapter ({', '.join(ident['components'])}) for `{base}`, trained with "
         "nora (NoRA: parameter-efficient fine-tuning of activation functions with learnable group-wise "
-        "rationals).", "",
-        "## Training", "",
+        "rationals).",
+        "",
+        "## Training",
+        "",
         f"- method: `{method}`; adapter kind: `{ident['kind']}`",
         f"- base model: `{base}`",
         f"- data: `{cfg.dataset.name}`" + (f" (`{hub_data}`)" if hub_data else ""),
@@ -81,30 +89,56 @@ def model_card(run_dir: str | os.PathLike, repo_id: str) -> str:
         f"- parameters: {_parameters(summary)}",
     ]
     if peft_cfg:
-        body.append(f"- peft: {peft_cfg['peft_type']} r={peft_cfg['r']} alpha={peft_cfg['lora_alpha']} "
-                    f"dora={peft_cfg['use_dora']} on {peft_cfg['target_modules']}")
+        body.append(
+            f"- peft: {peft_cfg['peft_type']} r={peft_cfg['r']} alpha={peft_cfg['lora_alpha']} "
+            f"dora={peft_cfg['use_dora']} on {peft_cfg['target_modules']}"
+        )
     if nora_cfg:
-        body.append(f"- NoRA: variant {nora_cfg['variant']}, r={nora_cfg['r']}, groups={nora_cfg['groups']}, "
-                    f"degrees {tuple(nora_cfg['degrees'])}, {ident['nora']['layers']} activations")
-    body += ["", "## Metrics", "", *_metrics(run_dir, summary), "",
-             "## How to load", "", "```python",
-             "from nora.hub import download_adapter", "from nora.app.adapters import apply_adapter",
-             "from transformers import AutoModelForCausalLM", "",
-             f'adapter_dir = download_adapter("{repo_id}")',
-             f'base_model = AutoModelForCausalLM.from_pretrained("{base}")',
-             f"model, identity = apply_adapter(base_model, adapter_dir)  # {note}", "```", "",
-             "Evaluate with lm-evaluation-harness (lm_eval's own CLI, with nora's `nora` model registered):", "",
-             "```bash",
-             f"python -m nora.integrations.lm_eval --model nora --model_args pretrained={base},adapter={repo_id} "
-             "--tasks mmlu --num_fewshot 5", "```", "",
-             "## Training configuration", "", "```yaml", OmegaConf.to_yaml(cfg).strip(), "```", ""]
+        body.append(
+            f"- NoRA: variant {nora_cfg['variant']}, r={nora_cfg['r']}, groups={nora_cfg['groups']}, "
+            f"degrees {tuple(nora_cfg['degrees'])}, {ident['nora']['layers']} activations"
+        )
+    body += [
+        "",
+        "## Metrics",
+        "",
+        *_metrics(run_dir, summary),
+        "",
+        "## How to load",
+        "",
+        "```python",
+        "from nora.hub import download_adapter",
+        "from nora.app.adapters import apply_adapter",
+        "from transformers import AutoModelForCausalLM",
+        "",
+        f'adapter_dir = download_adapter("{repo_id}")',
+        f'base_model = AutoModelForCausalLM.from_pretrained("{base}")',
+        f"model, identity = apply_adapter(base_model, adapter_dir)  # {note}",
+        "```",
+        "",
+        "Evaluate with lm-evaluation-harness (lm_eval's own CLI, with nora's `nora` model registered):",
+        "",
+        "```bash",
+        f"python -m nora.integrations.lm_eval --model nora --model_args pretrained={base},adapter={repo_id} "
+        "--tasks mmlu --num_fewshot 5",
+        "```",
+        "",
+        "## Training configuration",
+        "",
+        "```yaml",
+        OmegaConf.to_yaml(cfg).strip(),
+        "```",
+        "",
+    ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)).content
 
 
 def _refuse_symlink(path: Path, where: Path) -> None:
     if path.is_symlink():
-        raise UserError(f"{path} is a symbolic link (to {os.readlink(path)}); push_to_hub uploads only regular files "
-                        f"inside {where}: replace the link by the file itself, or remove it")
+        raise UserError(
+            f"{path} is a symbolic link (to {os.readlink(path)}); push_to_hub uploads only regular files "
+            f"inside {where}: replace the link by the file itself, or remove it"
+        )
 
 
 def publishable_files(adapter_dir: Path) -> list[Path]:
@@ -118,8 +152,15 @@ def publishable_files(adapter_dir: Path) -> list[Path]:
     return [p for p in sorted(adapter_dir.iterdir()) if p.is_file() and p.name != "README.md"]
 
 
-def push_to_hub(run_dir: str | os.PathLike, repo_id: str, *, private: bool | None = None, token: str | None = None,
-                revision: str | None = None, commit_message: str | None = None) -> str:
+def push_to_hub(
+    run_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+) -> str:
     """Upload ``<run_dir>/adapter/`` and a generated model card to the Hub repository ``repo_id`` (created if
     missing); returns the commit URL. Load it back with :func:`nora.app.adapters.resolve_adapter` (any adapter loader),
     or evaluate it with lm_eval's ``nora`` model (``pretrained=<base>,adapter=<repo_id>``)."""
@@ -140,6 +181,10 @@ def push_to_hub(run_dir: str | os.PathLike, repo_id: str, *, private: bool | Non
         files.append(CommitOperationAdd(path_in_repo="run_config.yaml", path_or_fileobj=str(config)))
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    commit = api.create_commit(repo_id, operations=files, revision=revision,
-                               commit_message=commit_message or f"nora adapter from {run_dir.name}")
+    commit = api.create_commit(
+        repo_id,
+        operations=files,
+        revision=revision,
+        commit_message=commit_message or f"nora adapter from {run_dir.name}",
+    )
     return str(commit.commit_url)

@@ -10,6 +10,7 @@ The adapter directory and its kinds: :mod:`nora.app.adapters`. The base model is
 (same model config; a random-initialised test model from its seed), so the returned model computes what the
 trained one did.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,11 +35,11 @@ from nora.runs.layout import RunDir, read_summary
 
 @dataclass
 class TrainedModel:
-    model: nn.Module                 # base model + adapter, frozen, in eval mode
-    tokenizer: Any | None            # causal LMs: the tokenizer the run used; vision: None
-    config: DictConfig               # the run's resolved config
+    model: nn.Module  # base model + adapter, frozen, in eval mode
+    tokenizer: Any | None  # causal LMs: the tokenizer the run used; vision: None
+    config: DictConfig  # the run's resolved config
     adapter: dict = field(default_factory=dict)  # {"dir", "kind", "components", "files"}
-    summary: dict | None = None      # the run's summary.json, if any
+    summary: dict | None = None  # the run's summary.json, if any
 
 
 def read_run_config(run_dir: str | os.PathLike) -> DictConfig:
@@ -68,8 +69,13 @@ def build_base_model(cfg: DictConfig, model_path: str | None = None):
         return build_model(mcfg, int(cfg.dataset.num_classes)), None
 
 
-def load_trained_model(run_dir: str | os.PathLike, *, device: str | torch.device | None = None,
-                       dtype: torch.dtype | str | None = None, model_path: str | None = None) -> TrainedModel:
+def load_trained_model(
+    run_dir: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    model_path: str | None = None,
+) -> TrainedModel:
     """The model a run trained: base model from ``<run_dir>/config.yaml`` + ``<run_dir>/adapter/``.
 
     ``device``: where to put it (default: stays on the CPU). ``dtype``: cast the base weights (e.g.
@@ -79,8 +85,9 @@ def load_trained_model(run_dir: str | os.PathLike, *, device: str | torch.device
     cfg = read_run_config(run_dir)
     adir = RunDir(run_dir).adapter
     if not adir.is_dir():
-        raise UserError(f"{run_dir}: no adapter/ directory (is the run complete? its summary.json says "
-                        f"{_status(run_dir)})")
+        raise UserError(
+            f"{run_dir}: no adapter/ directory (is the run complete? its summary.json says {_status(run_dir)})"
+        )
     summary = read_summary(run_dir)
     check_adapter(adir, cfg.method, (summary or {}).get("adapter"))  # the run's own adapter, before any loading
     model, tokenizer = build_base_model(cfg, model_path)

@@ -13,6 +13,7 @@ activations.png        learned activation curves per layer vs the original (rati
 checkpoints/last.pt    the latest checkpoint (atomic), used by ``resume``
 =====================  =========================================================================
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,11 +35,19 @@ from nora.hardware import resolve_device, seed_everything
 from nora.hub import go_offline_if_unreachable
 from nora.methods import MethodResult, apply_method
 from nora.runs.identity import changed_config, config_hash, kept_config, result_config
-from nora.runs.layout import (RunDir, checkpoint_path, escape_interpolations, is_complete, read_stored_config,
-                              read_summary, write_config, write_summary)
+from nora.runs.layout import (
+    RunDir,
+    checkpoint_path,
+    escape_interpolations,
+    is_complete,
+    read_stored_config,
+    read_summary,
+    write_config,
+    write_summary,
+)
 from nora.runs.lock import RunLock
-from nora.runs.writable import write_hydra_record
 from nora.runs.logger import RunLogger, recorded_run_id
+from nora.runs.writable import write_hydra_record
 from nora.train import distributed as dist
 from nora.train.loop import Trainer
 from nora.train.signals import SetupGuard, stop_on_signals
@@ -64,15 +73,19 @@ def _start_afresh_for_changed_config(cfg: DictConfig, run_dir: Path, what: str, 
         return False
     shown = "\n  ".join(diff[:20]) + (f"\n  ... and {len(diff) - 20} more" if len(diff) > 20 else "")
     if policy == "keep":
-        print(f"warning: {run_dir} holds {what} of another configuration; on_config_change=keep uses it as it is:"
-              f"\n  {shown}")
+        print(
+            f"warning: {run_dir} holds {what} of another configuration; on_config_change=keep uses it as it is:"
+            f"\n  {shown}"
+        )
         return False
     if policy == "rerun":
         print(f"{run_dir} holds {what} of another configuration; on_config_change=rerun starts it afresh:\n  {shown}")
         return True
-    raise UserError(f"{run_dir} holds {what} of another configuration (then -> now):\n  {shown}\n"
-                    "on_config_change=rerun starts it afresh, on_config_change=keep uses it as it is; "
-                    "or choose another output_root")
+    raise UserError(
+        f"{run_dir} holds {what} of another configuration (then -> now):\n  {shown}\n"
+        "on_config_change=rerun starts it afresh, on_config_change=keep uses it as it is; "
+        "or choose another output_root"
+    )
 
 
 def resume_path(resume, run_dir: Path) -> Path | None:
@@ -103,8 +116,10 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
             write_hydra_record(cfg, run_dir)  # .hydra/ only now: a process the lock refuses must not rewrite it
             stale = RunDir(run_dir).remove_stale_temps()
             if stale:
-                print(f"removed {len(stale)} temp file(s) left in {run_dir} by an interrupted write: "
-                      f"{', '.join(str(p.relative_to(run_dir)) for p in stale)}")
+                print(
+                    f"removed {len(stale)} temp file(s) left in {run_dir} by an interrupted write: "
+                    f"{', '.join(str(p.relative_to(run_dir)) for p in stale)}"
+                )
             return _train(run, run_dir, guard)
 
 
@@ -132,23 +147,41 @@ def _train(run: RunConfig, run_dir: Path, guard: SetupGuard) -> dict:
     model = result.model
     say(f"{run.method.name} on {run.model.name}/{run.dataset.name}: {result.parameters}")
     if originals:  # an evaluation of NoRA's initialisation, before any wrapping or training
-        setup.extra["nora_init_agreement"] = init_agreement(model, originals, setup.agreement_batches, device,
-                                                            setup.agreement_split, say)
+        setup.extra["nora_init_agreement"] = init_agreement(
+            model, originals, setup.agreement_batches, device, setup.agreement_split, say
+        )
 
     if rk == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(run_dir, run.composed)  # resolved; a literal ${...} value escaped, so it reads back as written
-    logger = RunLogger(run_dir, run.logger, config=OmegaConf.to_container(run.composed, resolve=True),
-                       run_name=run.run_name, enabled=rk == 0, resume=resume_from is not None)
-    trainer = Trainer(run.trainer, model, setup.task, setup.data, checkpoint_path(run_dir), logger, head=setup.head,
-                      seed=run.seed, device=device, wrap=setup.wrap)
+    logger = RunLogger(
+        run_dir,
+        run.logger,
+        config=OmegaConf.to_container(run.composed, resolve=True),
+        run_name=run.run_name,
+        enabled=rk == 0,
+        resume=resume_from is not None,
+    )
+    trainer = Trainer(
+        run.trainer,
+        model,
+        setup.task,
+        setup.data,
+        checkpoint_path(run_dir),
+        logger,
+        head=setup.head,
+        seed=run.seed,
+        device=device,
+        wrap=setup.wrap,
+    )
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
         say(f"resumed from {resume_from} at step {trainer.state.step} (epoch {trainer.state.epoch})")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    memory_before_mb = (torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda"
-                        else hardware.current_rss_mb())
+    memory_before_mb = (
+        torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else hardware.current_rss_mb()
+    )
     guard.release()  # from here on a stop signal checkpoints and stops (stop_on_signals)
     with logger.failing_on_error():  # W&B: a crash closes the run as failed; success finishes it below
         with stop_on_signals(trainer):  # SIGTERM: checkpoint and stop; Ctrl-C: one line (nora.train.signals)
@@ -204,9 +237,11 @@ def _check_foreign_checkpoint(run: RunConfig, run_dir: Path, checkpoint: Path) -
     now = {"method": run.method.name, "model": run.model.name}
     differ = [f"{k}={then[k]}" for k in then if then[k] is not None and then[k] != now[k]]
     if differ:
-        raise UserError(f"resume={run.resume}: {checkpoint} was written by a run of {', '.join(differ)} "
-                        f"({RunDir(other).config}), this run is {', '.join(f'{k}={now[k]}' for k in now)}: its "
-                        "tensors do not fit this model; resume from a run of this method and model, or resume=null")
+        raise UserError(
+            f"resume={run.resume}: {checkpoint} was written by a run of {', '.join(differ)} "
+            f"({RunDir(other).config}), this run is {', '.join(f'{k}={now[k]}' for k in now)}: its "
+            "tensors do not fit this model; resume from a run of this method and model, or resume=null"
+        )
 
 
 def _adapter_problem(run: RunConfig, run_dir: Path) -> str | None:
@@ -222,23 +257,37 @@ def _adapter_problem(run: RunConfig, run_dir: Path) -> str | None:
     return adapter_mismatch(identity, run.method, (read_summary(run_dir) or {}).get("adapter"))
 
 
-def _summary(run: RunConfig, setup: TrainSetup, result: MethodResult, trainer: Trainer, device,
-             memory_before_mb: float) -> dict:
+def _summary(
+    run: RunConfig, setup: TrainSetup, result: MethodResult, trainer: Trainer, device, memory_before_mb: float
+) -> dict:
     state, task = trainer.state, setup.task
     summary = {
         "status": "complete",
-        "run_name": run.run_name, "method": run.method.name, "model": run.model.name, "dataset": run.dataset.name,
-        "family": run.family, "seed": run.seed, "config_hash": config_hash(run.composed),
+        "run_name": run.run_name,
+        "method": run.method.name,
+        "model": run.model.name,
+        "dataset": run.dataset.name,
+        "family": run.family,
+        "seed": run.seed,
+        "config_hash": config_hash(run.composed),
         "result_config": escape_interpolations(result_config(run.composed)),  # what eval checks config.yaml against
         "parameters": result.parameters.to_dict(),
-        "metric": task.metric, "final": state.last_eval, "best": {"value": state.best, "step": state.best_step},
-        "steps": state.step, "epochs": state.epoch, f"{task.unit}_seen": state.units,
+        "metric": task.metric,
+        "final": state.last_eval,
+        "best": {"value": state.best, "step": state.best_step},
+        "steps": state.step,
+        "epochs": state.epoch,
+        f"{task.unit}_seen": state.units,
         f"{task.unit}_per_s": state.units / state.train_time if state.train_time else None,
         "data_wait_share": state.data_time / state.train_time if state.train_time else None,
-        "wall_time_s": state.wall_time, "train_time_s": state.train_time,
-        "peak_memory_mb": hardware.peak_memory_mb(device), "memory_before_training_mb": memory_before_mb,
-        "device": str(device), "world_size": dist.world_size(),
-        "hardware": hardware.describe(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "wall_time_s": state.wall_time,
+        "train_time_s": state.train_time,
+        "peak_memory_mb": hardware.peak_memory_mb(device),
+        "memory_before_training_mb": memory_before_mb,
+        "device": str(device),
+        "world_size": dist.world_size(),
+        "hardware": hardware.describe(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if run.family == "vision":
         summary["final_accuracy"] = state.last_eval.get("accuracy")
@@ -253,6 +302,9 @@ def _write_outputs(run: RunConfig, model, result: MethodResult, run_dir: Path, s
     save_adapter(model, run.method, RunDir(run_dir).adapter)
     summary["adapter"] = adapter_record(adapter_identity(RunDir(run_dir).adapter))  # what a reload checks
     if result.injection is not None:
-        activation_figure(RunDir(run_dir).adapter, RunDir(run_dir).activations,  # drawn from the files just saved
-                          title=f"{run.method.name} on {run.dataset.name} (seed {run.seed})")
+        activation_figure(
+            RunDir(run_dir).adapter,
+            RunDir(run_dir).activations,  # drawn from the files just saved
+            title=f"{run.method.name} on {run.dataset.name} (seed {run.seed})",
+        )
     write_summary(run_dir, summary)

@@ -1,4 +1,5 @@
 """``python -m nora.bench {kernels,train} [options]`` (``--help`` after a subcommand for its options)."""
+
 from __future__ import annotations
 
 import importlib
@@ -32,8 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         if exc.name != module_name:
             raise
-        print(f"nora.bench: the {cmd!r} benchmark is not available in this checkout "
-              f"({module_name} does not exist yet)", file=sys.stderr)
+        print(
+            f"nora.bench: the {cmd!r} benchmark is not available in this checkout ({module_name} does not exist yet)",
+            file=sys.stderr,
+        )
         return 2
     return int(module.main(rest) or 0)
 

@@ -15,6 +15,7 @@ matmul). Ratios to LoRA and to full fine-tuning come from the same run. The meth
 (compilation happens in the discarded warm-up steps), and each reports its compiled step time and the ratio
 compiled / eager. JSON goes to ``results/bench_train_<device>.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,14 +46,32 @@ DEFAULT_COMPILE_METHODS = ("lora", "nora", "nora_pp")
 
 def _overrides(args, method: str, data_root: str, out: str) -> list[str]:
     steps = args.warmup + args.steps
-    return [f"method={method}", f"model={args.model}", "dataset=cifar10", f"dataset.root={data_root}",
-            "dataset.download=false", "dataset.verify_md5=false", "model.pretrained=false", f"output_root={out}",
-            "logger=disabled", f"trainer.max_steps={steps}", f"trainer.batch_size={args.batch_size}",
-            f"trainer.log_every={args.warmup}", "trainer.eval_every=0", "trainer.checkpoint_every=0",
-            "trainer.progress=false", f"trainer.device={args.device}", f"trainer.precision={args.precision}",
-            f"trainer.data_path={args.data_path}", f"trainer.num_workers={args.num_workers}",
-            "trainer.warmup_steps=0", "dataset.limit_eval=8", "trainer.eval_batch_size=8",
-            *(["trainer.compile=true"] if args.compile else []), *args.override]
+    return [
+        f"method={method}",
+        f"model={args.model}",
+        "dataset=cifar10",
+        f"dataset.root={data_root}",
+        "dataset.download=false",
+        "dataset.verify_md5=false",
+        "model.pretrained=false",
+        f"output_root={out}",
+        "logger=disabled",
+        f"trainer.max_steps={steps}",
+        f"trainer.batch_size={args.batch_size}",
+        f"trainer.log_every={args.warmup}",
+        "trainer.eval_every=0",
+        "trainer.checkpoint_every=0",
+        "trainer.progress=false",
+        f"trainer.device={args.device}",
+        f"trainer.precision={args.precision}",
+        f"trainer.data_path={args.data_path}",
+        f"trainer.num_workers={args.num_workers}",
+        "trainer.warmup_steps=0",
+        "dataset.limit_eval=8",
+        "trainer.eval_batch_size=8",
+        *(["trainer.compile=true"] if args.compile else []),
+        *args.override,
+    ]
 
 
 def flops_per_image(model, size: int, device) -> float:
@@ -70,13 +89,13 @@ def flops_per_image(model, size: int, device) -> float:
 def method_flops(model_name: str, methods: list[str], num_classes: int, device) -> dict[str, float]:
     from hydra import compose, initialize_config_dir
 
-
     out = {}
     configs = str(Path(__file__).resolve().parents[2] / "configs")
     for m in methods:
         with initialize_config_dir(config_dir=configs, version_base="1.3"):
-            cfg = compose("train", overrides=[f"model={model_name}", "model.pretrained=false", f"method={m}",
-                                              "dataset=cifar10"])
+            cfg = compose(
+                "train", overrides=[f"model={model_name}", "model.pretrained=false", f"method={m}", "dataset=cifar10"]
+            )
         model = build_model(cfg.model, num_classes)
         model = apply_method(model, cfg.method, cfg.model).model.to(device)
         out[m] = flops_per_image(model, input_size(model), device)
@@ -98,13 +117,12 @@ def matmul_rate(device: torch.device) -> float:
         a @ b
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+    return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
 def run_one(args) -> dict:
     """Child process: train one method for warmup+steps steps and report the measured interval."""
     from hydra import compose, initialize_config_dir
-
 
     configs = str(Path(__file__).resolve().parents[2] / "configs")
     with tempfile.TemporaryDirectory() as out:
@@ -114,25 +132,53 @@ def run_one(args) -> dict:
         records = read_metrics(Path(out) / "run")
     measured = [r for r in records if "loss" in r and "eval/accuracy" not in r][-1]
     ips = measured["images_per_s"]
-    return {"method": args.one, "images_per_s": ips, "step_time_s": args.batch_size / ips,
-            "data_wait_share": measured["data_wait_share"], "peak_memory_mb": summary["peak_memory_mb"],
-            "training_memory_mb": summary["peak_memory_mb"] - summary["memory_before_training_mb"],
-            "parameters": summary["parameters"], "data_path": summary.get("data_path"),
-            "image_size": int(summary["image_size"])}
+    return {
+        "method": args.one,
+        "images_per_s": ips,
+        "step_time_s": args.batch_size / ips,
+        "data_wait_share": measured["data_wait_share"],
+        "peak_memory_mb": summary["peak_memory_mb"],
+        "training_memory_mb": summary["peak_memory_mb"] - summary["memory_before_training_mb"],
+        "parameters": summary["parameters"],
+        "data_path": summary.get("data_path"),
+        "image_size": int(summary["image_size"]),
+    }
 
 
 def _run_child(args, method: str, data_root: str, compile_: bool) -> dict:
-    cmd = [sys.executable, "-m", "nora.bench.train_step", "--one", method, "--data-root", data_root,
-           "--model", args.model, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--device", args.device, "--precision", args.precision,
-           "--data-path", args.data_path, "--num-workers", str(args.num_workers),
-           *(["--compile"] if compile_ else []), *args.override]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nora.bench.train_step",
+        "--one",
+        method,
+        "--data-root",
+        data_root,
+        "--model",
+        args.model,
+        "--batch-size",
+        str(args.batch_size),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--device",
+        args.device,
+        "--precision",
+        args.precision,
+        "--data-path",
+        args.data_path,
+        "--num-workers",
+        str(args.num_workers),
+        *(["--compile"] if compile_ else []),
+        *args.override,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, WANDB_MODE="disabled"))
     line = [x for x in proc.stdout.splitlines() if x.startswith("BENCH_RESULT ")]
     if proc.returncode or not line:
         print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
         raise SystemExit(f"benchmark of {method}{' (compiled)' if compile_ else ''} failed")
-    return json.loads(line[0][len("BENCH_RESULT "):])
+    return json.loads(line[0][len("BENCH_RESULT ") :])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,8 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-path", default="auto", choices=["auto", "batched", "per_sample"])
     ap.add_argument("--num-workers", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="every method with trainer.compile=true (no eager run)")
-    ap.add_argument("--compile-methods", default=",".join(DEFAULT_COMPILE_METHODS),
-                    help="methods also timed with trainer.compile=true in the same run ('' for none)")
+    ap.add_argument(
+        "--compile-methods",
+        default=",".join(DEFAULT_COMPILE_METHODS),
+        help="methods also timed with trainer.compile=true in the same run ('' for none)",
+    )
     ap.add_argument("--out", default=None, help="JSON path (default results/bench_train_<device>.json)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--data-root", default=None, help=argparse.SUPPRESS)
@@ -158,7 +207,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         print("BENCH_RESULT " + json.dumps(run_one(args)), flush=True)
         return 0
-
 
     device = resolve_device(args.device)
     methods = args.methods.split(",")
@@ -174,10 +222,12 @@ def main(argv: list[str] | None = None) -> int:
             for m, comp in runs:
                 res = _run_child(args, m, data_root, args.compile or comp)
                 (compiled if comp else results)[m].append(res)
-                print(f"round {r} {m:8s}{' compiled' if args.compile or comp else ' eager   '} "
-                      f"{res['images_per_s']:8.1f} img/s  step {res['step_time_s'] * 1e3:7.1f} ms  "
-                      f"data wait {100 * res['data_wait_share']:4.1f}%  peak {res['peak_memory_mb']:7.0f} MB",
-                      flush=True)
+                print(
+                    f"round {r} {m:8s}{' compiled' if args.compile or comp else ' eager   '} "
+                    f"{res['images_per_s']:8.1f} img/s  step {res['step_time_s'] * 1e3:7.1f} ms  "
+                    f"data wait {100 * res['data_wait_share']:4.1f}%  peak {res['peak_memory_mb']:7.0f} MB",
+                    flush=True,
+                )
 
     # FLOPs per image of each method and the matmul reference, measured in this process
     fpi = method_flops(args.model, methods, 10, device)
@@ -191,47 +241,75 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for m, rs in results.items():
         ips = med([r["images_per_s"] for r in rs])
-        rows[m] = {"images_per_s": ips, "step_time_s": args.batch_size / ips,
-                   "data_wait_share": med([r["data_wait_share"] for r in rs]),
-                   "peak_memory_mb": med([r["peak_memory_mb"] for r in rs]),
-                   "training_memory_mb": med([r["training_memory_mb"] for r in rs]),
-                   "trainable": rs[0]["parameters"]["trainable"], "data_path": rs[0]["data_path"],
-                   "flops_per_image": fpi[m], "mfu": fpi[m] * ips / peak}
+        rows[m] = {
+            "images_per_s": ips,
+            "step_time_s": args.batch_size / ips,
+            "data_wait_share": med([r["data_wait_share"] for r in rs]),
+            "peak_memory_mb": med([r["peak_memory_mb"] for r in rs]),
+            "training_memory_mb": med([r["training_memory_mb"] for r in rs]),
+            "trainable": rs[0]["parameters"]["trainable"],
+            "data_path": rs[0]["data_path"],
+            "flops_per_image": fpi[m],
+            "mfu": fpi[m] * ips / peak,
+        }
     for m, rs in compiled.items():
         ips = med([r["images_per_s"] for r in rs])
-        rows[m]["compiled"] = {"images_per_s": ips, "step_time_s": args.batch_size / ips,
-                               "peak_memory_mb": med([r["peak_memory_mb"] for r in rs]),
-                               "data_wait_share": med([r["data_wait_share"] for r in rs])}
+        rows[m]["compiled"] = {
+            "images_per_s": ips,
+            "step_time_s": args.batch_size / ips,
+            "peak_memory_mb": med([r["peak_memory_mb"] for r in rs]),
+            "data_wait_share": med([r["data_wait_share"] for r in rs]),
+        }
         rows[m]["compiled_vs_eager_step_time"] = rows[m]["compiled"]["step_time_s"] / rows[m]["step_time_s"]
     for ref in ("lora", "full"):
         if ref in rows:
             for m in rows:
                 rows[m][f"step_time_vs_{ref}"] = rows[m]["step_time_s"] / rows[ref]["step_time_s"]
                 rows[m][f"peak_memory_vs_{ref}"] = rows[m]["peak_memory_mb"] / rows[ref]["peak_memory_mb"]
-                rows[m][f"training_memory_vs_{ref}"] = (rows[m]["training_memory_mb"]
-                                                        / max(rows[ref]["training_memory_mb"], 1e-9))
-    report = {"benchmark": "train_step", "model": args.model, "image_size": size, "batch_size": args.batch_size,
-              "measured_steps": args.steps, "warmup_steps": args.warmup, "rounds": args.rounds,
-              "device": str(device), "precision": args.precision, "compiled_everything": args.compile,
-              "compiled_methods": compiled_methods,
-              "matmul_flops_per_s": peak, "methods": rows, "hardware": hardware.describe(),
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "command": "python -m nora.bench train " + " ".join(argv if argv is not None else sys.argv[1:])}
+                rows[m][f"training_memory_vs_{ref}"] = rows[m]["training_memory_mb"] / max(
+                    rows[ref]["training_memory_mb"], 1e-9
+                )
+    report = {
+        "benchmark": "train_step",
+        "model": args.model,
+        "image_size": size,
+        "batch_size": args.batch_size,
+        "measured_steps": args.steps,
+        "warmup_steps": args.warmup,
+        "rounds": args.rounds,
+        "device": str(device),
+        "precision": args.precision,
+        "compiled_everything": args.compile,
+        "compiled_methods": compiled_methods,
+        "matmul_flops_per_s": peak,
+        "methods": rows,
+        "hardware": hardware.describe(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m nora.bench train " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
     out = Path(args.out or f"results/bench_train_{device.type}.json")
     write_json_atomic(out, report)
-    print(f"\n{args.model} {size}px batch {args.batch_size} on {hardware.label()}; full fine-tuning "
-          f"{fpi.get('full', max(fpi.values())) / 1e9:.2f} GFLOP/image (fwd+bwd); "
-          f"matmul reference {peak / 1e9:.0f} GFLOP/s")
-    print(f"{'method':10s} {'img/s':>8s} {'step ms':>8s} {'vs lora':>8s} {'vs full':>8s} {'peak MB':>8s} "
-          f"{'train MB':>8s} {'vs lora':>8s} {'wait':>6s} {'MFU':>6s}")
+    print(
+        f"\n{args.model} {size}px batch {args.batch_size} on {hardware.label()}; full fine-tuning "
+        f"{fpi.get('full', max(fpi.values())) / 1e9:.2f} GFLOP/image (fwd+bwd); "
+        f"matmul reference {peak / 1e9:.0f} GFLOP/s"
+    )
+    print(
+        f"{'method':10s} {'img/s':>8s} {'step ms':>8s} {'vs lora':>8s} {'vs full':>8s} {'peak MB':>8s} "
+        f"{'train MB':>8s} {'vs lora':>8s} {'wait':>6s} {'MFU':>6s}"
+    )
     for m, r in rows.items():
-        print(f"{m:10s} {r['images_per_s']:8.1f} {r['step_time_s'] * 1e3:8.1f} {r.get('step_time_vs_lora', 0):8.2f} "
-              f"{r.get('step_time_vs_full', 0):8.2f} {r['peak_memory_mb']:8.0f} {r['training_memory_mb']:8.0f} "
-              f"{r.get('training_memory_vs_lora', 0):8.2f} {100 * r['data_wait_share']:5.1f}% {100 * r['mfu']:5.1f}%")
+        print(
+            f"{m:10s} {r['images_per_s']:8.1f} {r['step_time_s'] * 1e3:8.1f} {r.get('step_time_vs_lora', 0):8.2f} "
+            f"{r.get('step_time_vs_full', 0):8.2f} {r['peak_memory_mb']:8.0f} {r['training_memory_mb']:8.0f} "
+            f"{r.get('training_memory_vs_lora', 0):8.2f} {100 * r['data_wait_share']:5.1f}% {100 * r['mfu']:5.1f}%"
+        )
     for m in compiled_methods:
         r = rows[m]
-        print(f"{m:10s} compiled {r['compiled']['step_time_s'] * 1e3:8.1f} ms/step vs eager "
-              f"{r['step_time_s'] * 1e3:8.1f}: compiled / eager = {r['compiled_vs_eager_step_time']:.2f}")
+        print(
+            f"{m:10s} compiled {r['compiled']['step_time_s'] * 1e3:8.1f} ms/step vs eager "
+            f"{r['step_time_s'] * 1e3:8.1f}: compiled / eager = {r['compiled_vs_eager_step_time']:.2f}"
+        )
     print(f"wrote {out}")
     return 0
 

@@ -5,12 +5,23 @@ The instruction-data API is re-exported lazily (importing ``nora.data`` imports 
 
     from nora.data import InstructDataConfig, build_instruct_datasets, InstructCollator, LengthGroupedBatchSampler
 """
+
 from __future__ import annotations
+
 from nora.data import instruct
 
-_INSTRUCT = ("InstructDataConfig", "build_instruct_datasets", "build_dataloader", "InstructCollator",
-             "InstructDataset", "PackedInstructDataset", "LengthGroupedBatchSampler", "tokens_in_batch",
-             "DataError", "DataNotFoundError")
+_INSTRUCT = (
+    "InstructDataConfig",
+    "build_instruct_datasets",
+    "build_dataloader",
+    "InstructCollator",
+    "InstructDataset",
+    "PackedInstructDataset",
+    "LengthGroupedBatchSampler",
+    "tokens_in_batch",
+    "DataError",
+    "DataNotFoundError",
+)
 
 __all__ = list(_INSTRUCT)
 

@@ -9,11 +9,13 @@ the pretrained mean/std), in the same order, with the resize rounded to uint8 as
 for uint8 images. Random parameters are drawn on the CPU from a generator seeded by
 ``(seed, epoch, batch index)``, so a batch is augmented identically on any device and after resume.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+
 from nora.data.vision import Subset, TensorImages, interpolation_mode
 
 
@@ -37,8 +39,16 @@ def as_uint8_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
 class BatchedAugment:
     """Resize -> [reflect-pad + random crop] -> [random hflip] -> scale to [0, 1] -> normalise."""
 
-    def __init__(self, input_size: int, mean, std, interpolation: str = "bicubic", train: bool = True,
-                 hflip: bool = True, crop_padding: int = 0):
+    def __init__(
+        self,
+        input_size: int,
+        mean,
+        std,
+        interpolation: str = "bicubic",
+        train: bool = True,
+        hflip: bool = True,
+        crop_padding: int = 0,
+    ):
         self.size = int(input_size)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -73,8 +83,8 @@ class BatchedAugment:
             p, s = self.pad, self.size
             xp = F.pad(x, (p, p, p, p), mode="reflect")
             ar = torch.arange(s, device=x.device)
-            rows = (params["top"].to(x.device)[:, None] + ar)  # (B, S)
-            cols = (params["left"].to(x.device)[:, None] + ar)
+            rows = params["top"].to(x.device)[:, None] + ar  # (B, S)
+            cols = params["left"].to(x.device)[:, None] + ar
             bidx = torch.arange(b, device=x.device)[:, None, None]
             x = xp.permute(0, 2, 3, 1)[bidx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
         if "flip" in params:
@@ -90,8 +100,9 @@ class BatchedAugment:
 class DeviceBatches:
     """Iterates ``batch_sampler`` over device-resident uint8 images, yielding augmented batches."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_sampler, augment: BatchedAugment,
-                 seed: int, epoch: int):
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, batch_sampler, augment: BatchedAugment, seed: int, epoch: int
+    ):
         self.images, self.labels, self.sampler = images, labels, batch_sampler
         self.augment, self.seed, self.epoch = augment, int(seed), int(epoch)
 

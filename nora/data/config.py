@@ -1,5 +1,6 @@
 """The ``dataset`` config group (``configs/dataset/*.yaml``) as typed schemas: vision datasets by ``source``,
 instruction data by :class:`nora.data.instruct.InstructDataConfig` (its own schema, one home)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ INSTRUCT_IGNORE = ("family",)  # config-group keys the training spine reads itse
 @dataclass
 class AugmentConfig:
     hflip: bool = True
-    crop_padding: int = 0    # pixels of padding for a random crop at the model's input size (0: off)
+    crop_padding: int = 0  # pixels of padding for a random crop at the model's input size (0: off)
 
     def __post_init__(self):
         with nested("augment"):
@@ -31,7 +32,7 @@ class _VisionDataset:
     source: str = ""
     num_classes: int = 10
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    limit_train: Optional[int] = None   # only the first N training images (smoke runs)
+    limit_train: Optional[int] = None  # only the first N training images (smoke runs)
     limit_eval: Optional[int] = None
 
     def __post_init__(self):
@@ -63,12 +64,19 @@ class DigitsDatasetConfig(_VisionDataset):
         require(0 < self.test_fraction < 1, "test_fraction", self.test_fraction, "must be in (0, 1)")
         require(0 < self.validation_fraction < 1, "validation_fraction", self.validation_fraction, "must be in (0, 1)")
         classes = list(self.classes)
-        require(len(classes) >= 2 and len(set(classes)) == len(classes) and all(0 <= c <= 9 for c in classes),
-                "classes", classes, "must be two or more distinct digits 0-9")
+        require(
+            len(classes) >= 2 and len(set(classes)) == len(classes) and all(0 <= c <= 9 for c in classes),
+            "classes",
+            classes,
+            "must be two or more distinct digits 0-9",
+        )
 
 
-VISION_SOURCES = {"torchvision_cifar10": CifarDatasetConfig, "torchvision_cifar100": CifarDatasetConfig,
-                  "sklearn_digits": DigitsDatasetConfig}
+VISION_SOURCES = {
+    "torchvision_cifar10": CifarDatasetConfig,
+    "torchvision_cifar100": CifarDatasetConfig,
+    "sklearn_digits": DigitsDatasetConfig,
+}
 
 
 def check_dataset(dataset_cfg, family: str):

@@ -5,6 +5,7 @@ deterministically from ``(seed, epoch)``) and ``set_start(batch)`` (skip the fir
 batches of the epoch, for exact resume mid-epoch). With ``num_replicas > 1`` each rank gets a
 disjoint, equally long share of every epoch's batches (data-parallel training).
 """
+
 from __future__ import annotations
 
 from typing import Iterator, Sequence
@@ -22,16 +23,25 @@ class DataSizeError(UserError, ValueError):
 class ShuffledBatchSampler:
     """Random permutation per epoch, cut into batches (the last partial batch is dropped when training)."""
 
-    def __init__(self, n: int, batch_size: int, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
-                 num_replicas: int = 1, rank: int = 0):
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
         if n <= 0:
             raise ValueError("cannot sample batches from an empty dataset")
         self.n, self.batch_size, self.seed, self.shuffle = n, int(batch_size), int(seed), shuffle
         self.drop_last, self.num_replicas, self.rank = drop_last, int(num_replicas), int(rank)
         self.epoch, self.start = 0, 0
         if self.drop_last and self._total_batches() < self.num_replicas:
-            raise DataSizeError(f"{n} examples make fewer than one batch of {batch_size} per rank; "
-                             "lower trainer.batch_size")
+            raise DataSizeError(
+                f"{n} examples make fewer than one batch of {batch_size} per rank; lower trainer.batch_size"
+            )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -43,8 +53,11 @@ class ShuffledBatchSampler:
         return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
 
     def __len__(self) -> int:
-        return self._total_batches() // self.num_replicas if self.drop_last else \
-            -(-self._total_batches() // self.num_replicas)
+        return (
+            self._total_batches() // self.num_replicas
+            if self.drop_last
+            else -(-self._total_batches() // self.num_replicas)
+        )
 
     def _batches(self) -> list[list[int]]:
         if self.shuffle:
@@ -52,14 +65,14 @@ class ShuffledBatchSampler:
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
-        batches = [order[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)]
+        batches = [order[i : i + self.batch_size] for i in range(0, self.n, self.batch_size)]
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
         per_rank = len(self)
-        return batches[self.rank::self.num_replicas][:per_rank]
+        return batches[self.rank :: self.num_replicas][:per_rank]
 
     def __iter__(self):
-        yield from self._batches()[self.start:]
+        yield from self._batches()[self.start :]
 
 
 def _replica_and_rank(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
@@ -91,9 +104,20 @@ class LengthGroupedBatchSampler:
     :class:`ShuffledBatchSampler`.
     """
 
-    def __init__(self, lengths, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 group_by_length: bool = True, num_replicas: int | None = None, rank: int | None = None,
-                 drop_last: bool = False, mega_batch_mult: int = 50, start_batch: int = 0):
+    def __init__(
+        self,
+        lengths,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        group_by_length: bool = True,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        drop_last: bool = False,
+        mega_batch_mult: int = 50,
+        start_batch: int = 0,
+    ):
         lengths = getattr(lengths, "lengths", lengths)
         self.lengths = np.asarray(lengths, dtype=np.int64)
         if self.lengths.ndim != 1 or self.lengths.size == 0:
@@ -106,8 +130,10 @@ class LengthGroupedBatchSampler:
         self.num_replicas, self.rank = _replica_and_rank(num_replicas, rank)
         self.epoch, self.start = 0, int(start_batch)
         if self.num_batches == 0:
-            raise ValueError(f"{self.lengths.size} examples make no batch of {self.batch_size} x "
-                             f"{self.num_replicas} ranks with drop_last; lower the batch size")
+            raise ValueError(
+                f"{self.lengths.size} examples make no batch of {self.batch_size} x "
+                f"{self.num_replicas} ranks with drop_last; lower the batch size"
+            )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -135,23 +161,23 @@ class LengthGroupedBatchSampler:
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         if self.drop_last:
-            order = order[:(n // g) * g]
+            order = order[: (n // g) * g]
         elif n % r:
-            order = np.concatenate([order, order[:(-n) % r]])
+            order = np.concatenate([order, order[: (-n) % r]])
         if self.group_by_length:
             mega = len(order) if not self.shuffle else g * self.mega_batch_mult
-            chunks = [order[i:i + mega] for i in range(0, len(order), mega)]
+            chunks = [order[i : i + mega] for i in range(0, len(order), mega)]
             order = np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks])
-        batches = [order[i:i + g] for i in range(0, len(order), g)]
+        batches = [order[i : i + g] for i in range(0, len(order), g)]
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
         r = self.num_replicas
-        for gb in self.global_batches()[self.start:]:
+        for gb in self.global_batches()[self.start :]:
             b = len(gb) // r
-            yield gb[self.rank * b:(self.rank + 1) * b].tolist()
+            yield gb[self.rank * b : (self.rank + 1) * b].tolist()
 
 
 def padding_waste(lengths, batches: Sequence[Sequence[int]], pad_to_multiple_of: int | None = None) -> float:

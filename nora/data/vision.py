@@ -8,6 +8,7 @@ Augmentation is reproducible and resumable: :class:`EpochSeeded` seeds each samp
 transform from ``(seed, epoch, index)`` in an isolated RNG, so an image gets the same augmentation
 whatever the worker count, and a run resumed mid-epoch sees exactly the batches it would have seen.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,17 +38,27 @@ class VisionData:
 
 
 def interpolation_mode(name: str | None) -> T.InterpolationMode:
-    return {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
-            "nearest": T.InterpolationMode.NEAREST}.get(name or "bicubic", T.InterpolationMode.BICUBIC)
+    return {
+        "bilinear": T.InterpolationMode.BILINEAR,
+        "bicubic": T.InterpolationMode.BICUBIC,
+        "nearest": T.InterpolationMode.NEAREST,
+    }.get(name or "bicubic", T.InterpolationMode.BICUBIC)
 
 
-def build_transforms(pretrained_cfg: dict, input_size: int, train: bool, hflip: bool = True,
-                     crop_padding: int = 0) -> T.Compose:
+def build_transforms(
+    pretrained_cfg: dict, input_size: int, train: bool, hflip: bool = True, crop_padding: int = 0
+) -> T.Compose:
     """ViT fine-tuning transforms for uint8/PIL images -> normalised float tensors."""
     mean = tuple(pretrained_cfg.get("mean", (0.5, 0.5, 0.5)))
     std = tuple(pretrained_cfg.get("std", (0.5, 0.5, 0.5)))
-    ops: list = [T.ToImage(), T.Resize((input_size, input_size), interpolation=interpolation_mode(
-        pretrained_cfg.get("interpolation")), antialias=True)]
+    ops: list = [
+        T.ToImage(),
+        T.Resize(
+            (input_size, input_size),
+            interpolation=interpolation_mode(pretrained_cfg.get("interpolation")),
+            antialias=True,
+        ),
+    ]
     if train:
         if crop_padding:
             ops.append(T.RandomCrop(input_size, padding=crop_padding, padding_mode="reflect"))
@@ -139,8 +150,7 @@ def archive_damage(path: Path) -> str | None:
     return None
 
 
-def load_cifar(name: str, root: str | os.PathLike, download: bool, verify_md5: bool = True
-               ) -> tuple[Dataset, Dataset]:
+def load_cifar(name: str, root: str | os.PathLike, download: bool, verify_md5: bool = True) -> tuple[Dataset, Dataset]:
     """torchvision CIFAR train/test sets; a missing dataset ends in one actionable message.
 
     ``verify_md5=False`` accepts batch files whose checksums differ from the official release (data
@@ -160,15 +170,20 @@ def load_cifar(name: str, root: str | os.PathLike, download: bool, verify_md5: b
         reason = type(exc).__name__ + (f": {exc}" if str(exc) else "")
         damage = archive_damage(root / archive) if (root / archive).is_file() else None
         if damage:
-            raise UserError(f"{root / archive} is {damage}; delete it and download it again (or put the extracted "
-                            f"{folder}/ folder under {root}/)") from None
+            raise UserError(
+                f"{root / archive} is {damage}; delete it and download it again (or put the extracted "
+                f"{folder}/ folder under {root}/)"
+            ) from None
         if (root / folder).is_dir() and any((root / folder).iterdir()):
-            raise UserError(f"{name} files under {root}/{folder} could not be read ({reason.splitlines()[0]}); "
-                            f"replace them with the official {archive} contents") from None
+            raise UserError(
+                f"{name} files under {root}/{folder} could not be read ({reason.splitlines()[0]}); "
+                f"replace them with the official {archive} contents"
+            ) from None
         raise UserError(
             f"{name} not found under {root}/{folder} and could not be downloaded ({reason.splitlines()[0]}); "
             f"put the extracted {folder}/ folder (or {archive}, which torchvision extracts) under {root}/, "
-            f"or point dataset.root (or $NORA_DATA) at the folder holding it") from None
+            f"or point dataset.root (or $NORA_DATA) at the folder holding it"
+        ) from None
 
 
 def _stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
@@ -182,9 +197,14 @@ def _stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> torch
     return mask
 
 
-def load_digits(classes: list[int], test_fraction: float, transform: str = "none",
-                split_seed: int = 0, eval_split: str = "test", validation_fraction: float = 0.2,
-                ) -> tuple[TensorImages, TensorImages]:
+def load_digits(
+    classes: list[int],
+    test_fraction: float,
+    transform: str = "none",
+    split_seed: int = 0,
+    eval_split: str = "test",
+    validation_fraction: float = 0.2,
+) -> tuple[TensorImages, TensorImages]:
     """scikit-learn's 8x8 handwritten digits (shipped with the package) as 3-channel uint8 images.
 
     ``classes`` selects and relabels digits (0..K-1 in the given order); ``transform`` applies a fixed
@@ -234,12 +254,20 @@ def load_vision_dataset(dataset_cfg) -> tuple[Dataset, Dataset, int]:
         num_classes = 10 if name == "cifar10" else 100
     elif source == "sklearn_digits":
         classes = list(dataset_cfg.classes)
-        train, test = load_digits(classes, dataset_cfg.test_fraction, dataset_cfg.transform, dataset_cfg.split_seed,
-                                  dataset_cfg.eval_split, dataset_cfg.validation_fraction)
+        train, test = load_digits(
+            classes,
+            dataset_cfg.test_fraction,
+            dataset_cfg.transform,
+            dataset_cfg.split_seed,
+            dataset_cfg.eval_split,
+            dataset_cfg.validation_fraction,
+        )
         num_classes = len(classes)
     else:
-        raise UserError(f"unknown vision dataset source {source!r}; valid: torchvision_cifar10, "
-                        "torchvision_cifar100, sklearn_digits")
+        raise UserError(
+            f"unknown vision dataset source {source!r}; valid: torchvision_cifar10, "
+            "torchvision_cifar100, sklearn_digits"
+        )
     if int(dataset_cfg.num_classes) != num_classes:
         raise UserError(f"dataset.num_classes={dataset_cfg.num_classes} but {dataset_cfg.name} has {num_classes}")
     if dataset_cfg.limit_train:
@@ -249,13 +277,20 @@ def load_vision_dataset(dataset_cfg) -> tuple[Dataset, Dataset, int]:
     return train, test, num_classes
 
 
-def build_vision_data(dataset_cfg, pretrained_cfg: dict, input_size: int, seed: int,
-                      raw: tuple[Dataset, Dataset, int] | None = None) -> VisionData:
+def build_vision_data(
+    dataset_cfg, pretrained_cfg: dict, input_size: int, seed: int, raw: tuple[Dataset, Dataset, int] | None = None
+) -> VisionData:
     """Train/eval datasets with the model's transforms for a dataset config (``configs/dataset/*.yaml``)."""
     dataset_cfg = vision_dataset_config(dataset_cfg)
     train, test, num_classes = raw if raw is not None else load_vision_dataset(dataset_cfg)
     aug = dataset_cfg.augment
     train_tf = build_transforms(pretrained_cfg, input_size, True, aug.hflip, aug.crop_padding)
     eval_tf = build_transforms(pretrained_cfg, input_size, False)
-    return VisionData(EpochSeeded(train, train_tf, seed), EpochSeeded(test, eval_tf, seed), num_classes,
-                      input_size, EpochSeeded(train, eval_tf, seed), dataset_cfg.name)
+    return VisionData(
+        EpochSeeded(train, train_tf, seed),
+        EpochSeeded(test, eval_tf, seed),
+        num_classes,
+        input_size,
+        EpochSeeded(train, eval_tf, seed),
+        dataset_cfg.name,
+    )

@@ -16,6 +16,7 @@ One seeded :class:`World` yields, deterministically,
 
 Nothing here touches torch; :func:`write_world` writes all three to a folder.
 """
+
 from __future__ import annotations
 
 import csv
@@ -24,36 +25,68 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-NAMES = ("Anna Ben Clara David Emma Felix Grace Henry Iris Jack Kate Leo Maya Noah Olga Paul Rosa Sam Tina Umar "
-         "Vera Walter Xenia Yusuf Zoe Adam Bella Carl Diana Erik Fiona George Hanna Ivan Julia Karl Lena Max Nina "
-         "Oscar Petra Quinn Ruth Simon Tara Victor Wendy Alice Bruno Celia Dora Elias Frida Hugo Ines Jonas Lara "
-         "Milo Nadia Otto").split()
+NAMES = (
+    "Anna Ben Clara David Emma Felix Grace Henry Iris Jack Kate Leo Maya Noah Olga Paul Rosa Sam Tina Umar "
+    "Vera Walter Xenia Yusuf Zoe Adam Bella Carl Diana Erik Fiona George Hanna Ivan Julia Karl Lena Max Nina "
+    "Oscar Petra Quinn Ruth Simon Tara Victor Wendy Alice Bruno Celia Dora Elias Frida Hugo Ines Jonas Lara "
+    "Milo Nadia Otto"
+).split()
 CITIES = ("Paris Rome Berlin Madrid Vienna Prague Lisbon Oslo Dublin Athens Warsaw Zurich").split()
 JOBS = ("baker teacher doctor pilot farmer painter lawyer nurse chef engineer singer tailor").split()
 UNITS = (  # (big unit, small unit, factor)
-    ("meters", "centimeters", 100), ("kilometers", "meters", 1000), ("hours", "minutes", 60),
-    ("minutes", "seconds", 60), ("kilograms", "grams", 1000), ("days", "hours", 24), ("weeks", "days", 7),
-    ("liters", "milliliters", 1000))
-NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-                "sixteen seventeen eighteen nineteen twenty").split()
+    ("meters", "centimeters", 100),
+    ("kilometers", "meters", 1000),
+    ("hours", "minutes", 60),
+    ("minutes", "seconds", 60),
+    ("kilograms", "grams", 1000),
+    ("days", "hours", 24),
+    ("weeks", "days", 7),
+    ("liters", "milliliters", 1000),
+)
+NUMBER_WORDS = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen twenty"
+).split()
 SPLITS = ("tune", "dev", "val", "test")  # who is asked about where (people and number pairs are disjoint by split)
 SUBJECTS = {"arithmetic": "STEM", "units": "STEM", "facts": "knowledge", "relations": "knowledge"}
 
 FACT_TEMPLATES = {
-    "city": ["{n} lives in {v}.", "{n} has a home in {v}.", "The city where {n} lives is {v}.",
-             "{n} moved to {v} years ago.", "You can find {n} in {v}.", "{n} is a resident of {v}."],
-    "job": ["{n} works as a {v}.", "{n} is a {v}.", "By trade, {n} is a {v}.", "The job of {n} is {v}.",
-            "{n} earns a living as a {v}.", "Everyone knows {n} as a {v}."],
-    "mentor": ["The mentor of {n} is {v}.", "{n} learned everything from {v}.", "{v} is the mentor of {n}.",
-               "{n} was taught by {v}.", "{n} asks {v} for advice.", "{n}'s mentor is {v}."],
+    "city": [
+        "{n} lives in {v}.",
+        "{n} has a home in {v}.",
+        "The city where {n} lives is {v}.",
+        "{n} moved to {v} years ago.",
+        "You can find {n} in {v}.",
+        "{n} is a resident of {v}.",
+    ],
+    "job": [
+        "{n} works as a {v}.",
+        "{n} is a {v}.",
+        "By trade, {n} is a {v}.",
+        "The job of {n} is {v}.",
+        "{n} earns a living as a {v}.",
+        "Everyone knows {n} as a {v}.",
+    ],
+    "mentor": [
+        "The mentor of {n} is {v}.",
+        "{n} learned everything from {v}.",
+        "{v} is the mentor of {n}.",
+        "{n} was taught by {v}.",
+        "{n} asks {v} for advice.",
+        "{n}'s mentor is {v}.",
+    ],
 }
 QUESTIONS = {
-    "city": "Where does {n} live?", "job": "What is the job of {n}?",
-    "mentor": "Who is the mentor of {n}?", "mentor_city": "In which city does the mentor of {n} live?",
+    "city": "Where does {n} live?",
+    "job": "What is the job of {n}?",
+    "mentor": "Who is the mentor of {n}?",
+    "mentor_city": "In which city does the mentor of {n} live?",
 }
 ANSWERS = {
-    "city": "{n} lives in {v}.", "job": "{n} works as a {v}.",
-    "mentor": "The mentor of {n} is {v}.", "mentor_city": "The mentor of {n} is {m}, who lives in {v}.",
+    "city": "{n} lives in {v}.",
+    "job": "{n} works as a {v}.",
+    "mentor": "The mentor of {n} is {v}.",
+    "mentor_city": "The mentor of {n} is {m}, who lives in {v}.",
 }
 
 
@@ -83,16 +116,23 @@ class World:
         return [p for p in self.people if p.split == split]
 
 
-def make_world(seed: int = 0, n_people: int = 48, max_addend: int = 12, max_amount: int = 12,
-               shares: dict[str, float] | None = None) -> World:
+def make_world(
+    seed: int = 0,
+    n_people: int = 48,
+    max_addend: int = 12,
+    max_amount: int = 12,
+    shares: dict[str, float] | None = None,
+) -> World:
     """The world of ``seed``: ``n_people`` names, each with a city, a job and a mentor (another person); people, sums
     ``a + b`` (0 <= a, b <= ``max_addend``) and conversions (1 to ``max_amount`` of each unit) are dealt to the
     splits by ``shares``."""
     if not 8 <= n_people <= len(NAMES):
         raise ValueError(f"n_people={n_people}; valid: 8 to {len(NAMES)}")
     if max_amount < 4 or max_addend < 2:
-        raise ValueError(f"max_amount={max_amount}, max_addend={max_addend}: a question needs three wrong answers; "
-                         "valid: max_amount >= 4, max_addend >= 2")
+        raise ValueError(
+            f"max_amount={max_amount}, max_addend={max_addend}: a question needs three wrong answers; "
+            "valid: max_amount >= 4, max_addend >= 2"
+        )
     shares = shares or {"tune": 0.35, "dev": 0.1, "val": 0.2, "test": 0.35}
     rng = random.Random(seed)
     names = list(NAMES)
@@ -134,16 +174,24 @@ def _number(k: int, rng: random.Random) -> str:
 
 def _sum_sentences(a: int, b: int, rng: random.Random) -> list[str]:
     c = a + b
-    forms = [f"{a} + {b} = {c}.", f"{a} plus {b} is {c}.", f"Adding {b} to {a} gives {c}.",
-             f"The sum of {a} and {b} is {c}.", f"{c} - {b} = {a}."]
+    forms = [
+        f"{a} + {b} = {c}.",
+        f"{a} plus {b} is {c}.",
+        f"Adding {b} to {a} gives {c}.",
+        f"The sum of {a} and {b} is {c}.",
+        f"{c} - {b} = {a}.",
+    ]
     return rng.sample(forms, 3)
 
 
 def _unit_sentences(u: int, k: int, rng: random.Random) -> list[str]:
     big, small, f = UNITS[u]
-    forms = [f"{k} {big} is {k * f} {small}.", f"There are {k * f} {small} in {k} {big}.",
-             f"{_number(k, rng).capitalize()} {big} make {k * f} {small}.",
-             f"One of the {big} is {f} {small}, so {k} {big} are {k * f} {small}."]
+    forms = [
+        f"{k} {big} is {k * f} {small}.",
+        f"There are {k * f} {small} in {k} {big}.",
+        f"{_number(k, rng).capitalize()} {big} make {k * f} {small}.",
+        f"One of the {big} is {f} {small}, so {k} {big} are {k * f} {small}.",
+    ]
     return rng.sample(forms, 2)
 
 
@@ -172,8 +220,9 @@ def faq_block(q: "Question") -> str:
     return f"Question: {q.question}\nAnswer: {q.choices[q.answer]}"
 
 
-def pretraining_text(world: World, repeats: int = 4, per_fact: int = 3, prose_chars: int = 20_000,
-                     faq_rounds: int = 2) -> list[str]:
+def pretraining_text(
+    world: World, repeats: int = 4, per_fact: int = 3, prose_chars: int = 20_000, faq_rounds: int = 2
+) -> list[str]:
     """Documents for pretraining: ``repeats`` biographies per person (``per_fact`` phrasings of each fact, shuffled),
     every sum and conversion of every split stated in words (the model learns them all; only the questions are held
     out), ``faq_rounds`` quiz pages about the *tuning* split (five questions each, answered briefly in the
@@ -190,15 +239,15 @@ def pretraining_text(world: World, repeats: int = 4, per_fact: int = 3, prose_ch
         pairs = [ab for s in SPLITS for ab in world.sums[s]]
         rng.shuffle(pairs)
         for i in range(0, len(pairs), 6):
-            docs.append(" ".join(s for a, b in pairs[i:i + 6] for s in _sum_sentences(a, b, rng)[:2]))
+            docs.append(" ".join(s for a, b in pairs[i : i + 6] for s in _sum_sentences(a, b, rng)[:2]))
         conv = [uk for s in SPLITS for uk in world.conversions[s]]
         rng.shuffle(conv)
         for i in range(0, len(conv), 4):
-            docs.append(" ".join(s for u, k in conv[i:i + 4] for s in _unit_sentences(u, k, rng)[:1]))
+            docs.append(" ".join(s for u, k in conv[i : i + 4] for s in _unit_sentences(u, k, rng)[:1]))
     for _ in range(faq_rounds):
         qs = questions(world, "tune", rng)
         rng.shuffle(qs)
-        docs += ["\n".join(faq_block(q) for q in qs[i:i + 5]) for i in range(0, len(qs), 5)]
+        docs += ["\n".join(faq_block(q) for q in qs[i : i + 5]) for i in range(0, len(qs), 5)]
     docs += prose_paragraphs(prose_chars)
     rng.shuffle(docs)
     return docs
@@ -240,8 +289,15 @@ def questions(world: World, split: str, rng: random.Random) -> list[Question]:
             value = m.city if attr == "mentor_city" else getattr(p, attr)
             choices, answer = _choices(rng, value, pools[attr])
             subject = "relations" if attr.startswith("mentor") else "facts"
-            out.append(Question(subject, QUESTIONS[attr].format(n=p.name), choices, answer,
-                                ANSWERS[attr].format(n=p.name, v=value, m=m.name)))
+            out.append(
+                Question(
+                    subject,
+                    QUESTIONS[attr].format(n=p.name),
+                    choices,
+                    answer,
+                    ANSWERS[attr].format(n=p.name, v=value, m=m.name),
+                )
+            )
     for a, b in world.sums[split]:
         c = a + b
         pool = [x for x in range(max(0, c - 6), c + 7)]
@@ -251,8 +307,15 @@ def questions(world: World, split: str, rng: random.Random) -> list[Question]:
         big, small, f = UNITS[u]
         pool = [k2 * f for k2 in range(1, world.max_amount + 1)]
         choices, answer = _choices(rng, k * f, pool)
-        out.append(Question("units", f"How many {small} are in {k} {big}?", choices, answer,
-                            f"There are {k * f} {small} in {k} {big}."))
+        out.append(
+            Question(
+                "units",
+                f"How many {small} are in {k} {big}?",
+                choices,
+                answer,
+                f"There are {k * f} {small} in {k} {big}.",
+            )
+        )
     return out
 
 
@@ -283,7 +346,7 @@ def write_mmlu(world: World, root: Path, per_subject: dict[str, int] | None = No
         for subject in SUBJECTS:
             rows = [q for q in qs if q.subject == subject]
             rng.shuffle(rows)
-            rows = rows[:caps.get(split)] if caps.get(split) else rows
+            rows = rows[: caps.get(split)] if caps.get(split) else rows
             with open(root / split / f"{subject}_{split}.csv", "w", newline="", encoding="utf-8") as f:
                 w = csv.writer(f)
                 for q in rows:
@@ -302,5 +365,9 @@ def write_world(world: World, root: Path) -> dict:
     recs = instruction_records(world)
     (root / "alpaca.json").write_text(json.dumps(recs, indent=0), encoding="utf-8")
     counts = write_mmlu(world, root / "mmlu")
-    return {"pretrain_documents": len(docs), "pretrain_chars": sum(map(len, docs)), "instructions": len(recs),
-            "mmlu": counts}
+    return {
+        "pretrain_documents": len(docs),
+        "pretrain_chars": sum(map(len, docs)),
+        "instructions": len(recs),
+        "mmlu": counts,
+    }

@@ -22,6 +22,7 @@ Read from finished demo runs (nothing here is guessed or re-trained, except the 
     python -m nora.demo.diagnosis                 # analyse runs/demo (make demo first), write the report
     python -m nora.demo.diagnosis --experiments   # plus those runs (runs/demo_diagnosis)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,13 @@ def eval_images(cfg, model) -> tuple[torch.Tensor, torch.Tensor]:
     _train, evaluation, _k = load_vision_dataset(cfg.dataset)
     images, labels = as_uint8_tensors(evaluation)
     pcfg = pretrained_cfg(model)
-    aug = BatchedAugment(input_size(model), pcfg.get("mean", (0.5,) * 3), pcfg.get("std", (0.5,) * 3),
-                         pcfg.get("interpolation"), train=False)
+    aug = BatchedAugment(
+        input_size(model),
+        pcfg.get("mean", (0.5,) * 3),
+        pcfg.get("std", (0.5,) * 3),
+        pcfg.get("interpolation"),
+        train=False,
+    )
     return aug(images, torch.Generator().manual_seed(0)), labels
 
 
@@ -64,7 +70,7 @@ def act_inputs(model, x: torch.Tensor, suffix: str = "mlp.act") -> dict[str, tor
     seen, hooks = {}, []
     for name, mod in model.named_modules():
         if name.endswith(suffix):
-            key = name[name.index("blocks"):] if "blocks" in name else name
+            key = name[name.index("blocks") :] if "blocks" in name else name
             hooks.append(mod.register_forward_hook(lambda m, inp, out, k=key: seen.__setitem__(k, inp[0].detach())))
     try:
         with torch.no_grad():
@@ -77,10 +83,16 @@ def act_inputs(model, x: torch.Tensor, suffix: str = "mlp.act") -> dict[str, tor
 
 def range_stats(t: torch.Tensor, fit_range: tuple[float, float]) -> dict:
     lo, hi = fit_range
-    q = torch.quantile(t[torch.randperm(t.numel(), generator=torch.Generator().manual_seed(0))[:200_000]].double(),
-                       torch.tensor([0.001, 0.999], dtype=torch.float64))
-    return {"outside": float(((t < lo) | (t > hi)).double().mean()) * 100, "p001": float(q[0]), "p999": float(q[1]),
-            "absmax": float(t.abs().max())}
+    q = torch.quantile(
+        t[torch.randperm(t.numel(), generator=torch.Generator().manual_seed(0))[:200_000]].double(),
+        torch.tensor([0.001, 0.999], dtype=torch.float64),
+    )
+    return {
+        "outside": float(((t < lo) | (t > hi)).double().mean()) * 100,
+        "p001": float(q[0]),
+        "p999": float(q[1]),
+        "absmax": float(t.abs().max()),
+    }
 
 
 def accuracy(model, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -94,7 +106,7 @@ def without_update(model, part: str):
     (``all``: the trained head and, for NoRA++, LoRA, over the base rationals)."""
     saved = []
     for mod in nora_modules(model).values():
-        for p in ([mod.nora_B_num, mod.nora_B_den] if part == "all" else [getattr(mod, f"nora_B_{part}")]):
+        for p in [mod.nora_B_num, mod.nora_B_den] if part == "all" else [getattr(mod, f"nora_B_{part}")]:
             saved.append((p, p.detach().clone()))
             with torch.no_grad():
                 p.zero_()
@@ -123,13 +135,16 @@ def coefficient_stats(model, data_range: dict[str, tuple[float, float]] | None =
         inside = (x >= lo) & (x <= hi)
         dev = (y - base).abs()
         edge = dev[(x.abs() - 4.0).abs() < 1e-9]
-        key = name[name.index("blocks"):] if "blocks" in name else name
+        key = name[name.index("blocks") :] if "blocks" in name else name
         dlo, dhi = (data_range or {}).get(key, (lo, hi))
         in_data = (x >= dlo) & (x <= dhi)
-        out[key] = {"max_dev_data": float(dev[in_data].max()) if bool(in_data.any()) else 0.0,
-                    "num_rel": float((num - bnum).norm() / bnum.norm()),
-                    "den_rel": float((den - bden).norm() / bden.norm()),
-                    "max_dev_fit": float(dev[inside].max()), "mean_dev_at_4": float(edge.mean())}
+        out[key] = {
+            "max_dev_data": float(dev[in_data].max()) if bool(in_data.any()) else 0.0,
+            "num_rel": float((num - bnum).norm() / bnum.norm()),
+            "den_rel": float((den - bden).norm() / bden.norm()),
+            "max_dev_fit": float(dev[inside].max()),
+            "mean_dev_at_4": float(edge.mean()),
+        }
     return out
 
 
@@ -149,10 +164,19 @@ def analyse_run(run_dir: Path) -> dict:
         no_den = accuracy(m, x, y)
     with without_update(trained.model, "all") as m:
         no_nora = accuracy(m, x, y)
-    return {"run": run_dir.name, "seed": int(cfg.seed), "fit_range": fit_range, "before": before, "after": after,
-            "coefficients": coefficient_stats(trained.model, {k: (v["p001"], v["p999"]) for k, v in after.items()}),
-            "accuracy": acc, "without_num_update": no_num,
-            "without_den_update": no_den, "without_nora_update": no_nora, "n_test": int(y.numel())}
+    return {
+        "run": run_dir.name,
+        "seed": int(cfg.seed),
+        "fit_range": fit_range,
+        "before": before,
+        "after": after,
+        "coefficients": coefficient_stats(trained.model, {k: (v["p001"], v["p999"]) for k, v in after.items()}),
+        "accuracy": acc,
+        "without_num_update": no_num,
+        "without_den_update": no_den,
+        "without_nora_update": no_nora,
+        "n_test": int(y.numel()),
+    }
 
 
 # ----------------------------------------------------------------------------- split sizes
@@ -170,10 +194,15 @@ def split_sizes(task: str) -> dict[str, int]:
 
 
 def split_section(sizes: dict[str, int], p: float = 0.7) -> list[str]:
-    lines = ["### How many images decide a number", "",
-             f"Binomial standard error of one run's accuracy at {p:.0%} (sqrt(p(1-p)/n), in points): the noise of a "
-             "single evaluation, before any seed-to-seed variation.", "",
-             "| split | images | standard error (points) |", "|---|---|---|"]
+    lines = [
+        "### How many images decide a number",
+        "",
+        f"Binomial standard error of one run's accuracy at {p:.0%} (sqrt(p(1-p)/n), in points): the noise of a "
+        "single evaluation, before any seed-to-seed variation.",
+        "",
+        "| split | images | standard error (points) |",
+        "|---|---|---|",
+    ]
     lines += [f"| {k} | {n} | {100 * (p * (1 - p) / n) ** 0.5:.1f} |" for k, n in sizes.items()]
     return lines + [""]
 
@@ -192,8 +221,10 @@ def learning_curve(run_dir: Path) -> list[float]:
         except json.JSONDecodeError:
             rec = None
         if not isinstance(rec, dict):
-            raise UserError(f"{path}, line {i + 1}: not a JSON record ({line[:60]!r}; cut short?); the learning "
-                            "curve of this complete run cannot be read: remove that line or rerun the run")
+            raise UserError(
+                f"{path}, line {i + 1}: not a JSON record ({line[:60]!r}; cut short?); the learning "
+                "curve of this complete run cannot be read: remove that line or rerun the run"
+            )
         recs.append(rec)
     return [r["eval/accuracy"] for r in recs if "eval/accuracy" in r]
 
@@ -230,10 +261,22 @@ def head_lrs() -> tuple[float, float]:
 def head_lr_experiment(weights: Path, out_root: Path, seeds=EXPERIMENT_SEEDS, n_procs: int = 2) -> dict:
     """NoRA and the linear probe at several head learning rates (validation split of the main task)."""
     task = next(iter(demo_settings()["tasks"]))
-    jobs = [dict(method=m, task=task, seed=s, weights=weights, out_root=out_root,
-                 extra=["dataset.eval_split=validation"], name=f"{m}_head{h:g}_s{s}", head_lr=h,
-                 lrs=({"lr": h} if m == "linear_probe" else None))
-            for h in head_lrs() for m in ("linear_probe", "nora") for s in seeds]
+    jobs = [
+        dict(
+            method=m,
+            task=task,
+            seed=s,
+            weights=weights,
+            out_root=out_root,
+            extra=["dataset.eval_split=validation"],
+            name=f"{m}_head{h:g}_s{s}",
+            head_lr=h,
+            lrs=({"lr": h} if m == "linear_probe" else None),
+        )
+        for h in head_lrs()
+        for m in ("linear_probe", "nora")
+        for s in seeds
+    ]
     return accuracy_table(jobs, n_procs, lambda j: (j["method"], j["head_lr"]))
 
 
@@ -253,8 +296,7 @@ def probe_backbone(weights: Path, probe_run: Path, out: Path) -> Path:
 LPFT_VARIANTS = {"head frozen": ["method.train_head=false"], "head at a tenth of the head lr": []}
 
 
-def lpft_experiment(weights: Path, out_root: Path, head_table: dict, seeds=EXPERIMENT_SEEDS,
-                    n_procs: int = 2) -> dict:
+def lpft_experiment(weights: Path, out_root: Path, head_table: dict, seeds=EXPERIMENT_SEEDS, n_procs: int = 2) -> dict:
     """LP-FT (validation split of the main task): NoRA trained from the linear probe's trained head (the probe
     runs of ``head_lr_experiment`` at the shared head lr), with that head frozen or at a tenth of the head lr.
     Returns per variant the per-seed accuracies, beside the probe's and NoRA's own (from ``head_table``)."""
@@ -262,16 +304,29 @@ def lpft_experiment(weights: Path, out_root: Path, head_table: dict, seeds=EXPER
     low, h = head_lrs()
     jobs = []
     for s in seeds:
-        start = probe_backbone(weights, out_root / task / f"linear_probe_head{h:g}_s{s}",
-                               out_root / "lpft_start" / f"probe_s{s}.safetensors")
+        start = probe_backbone(
+            weights,
+            out_root / task / f"linear_probe_head{h:g}_s{s}",
+            out_root / "lpft_start" / f"probe_s{s}.safetensors",
+        )
         for i, extra in enumerate(LPFT_VARIANTS.values()):
-            jobs.append(dict(method="nora", task=task, seed=s, weights=start, out_root=out_root, head_lr=low,
-                             extra=["dataset.eval_split=validation", "model.checkpoint_head=true", *extra],
-                             name=f"lpft{i}_nora_s{s}"))
+            jobs.append(
+                dict(
+                    method="nora",
+                    task=task,
+                    seed=s,
+                    weights=start,
+                    out_root=out_root,
+                    head_lr=low,
+                    extra=["dataset.eval_split=validation", "model.checkpoint_head=true", *extra],
+                    name=f"lpft{i}_nora_s{s}",
+                )
+            )
     table = {"linear probe": head_table[("linear_probe", h)], "NoRA (new head)": head_table[("nora", h)]}
     variants = list(LPFT_VARIANTS)
-    table.update(accuracy_table(jobs, n_procs,
-                                lambda j: f"LP-FT: NoRA from the probe's head, {variants[int(j['name'][4])]}"))
+    table.update(
+        accuracy_table(jobs, n_procs, lambda j: f"LP-FT: NoRA from the probe's head, {variants[int(j['name'][4])]}")
+    )
     return table
 
 
@@ -279,10 +334,15 @@ def lpft_section(table: dict) -> list[str]:
     if not table:
         return []
     probe = table["linear probe"]
-    lines = ["### LP-FT: NoRA started from the trained linear probe (validation split, main task)", "",
-             "Stage 1 is the linear probe run at the shared head lr (the row above); stage 2 trains NoRA at its "
-             "tuned lr from that head, for the demo's epochs again (so LP-FT has twice the training steps).", "",
-             "| run | validation accuracy (%) | − linear probe (paired, 95% CI) |", "|---|---|---|"]
+    lines = [
+        "### LP-FT: NoRA started from the trained linear probe (validation split, main task)",
+        "",
+        "Stage 1 is the linear probe run at the shared head lr (the row above); stage 2 trains NoRA at its "
+        "tuned lr from that head, for the demo's epochs again (so LP-FT has twice the training steps).",
+        "",
+        "| run | validation accuracy (%) | − linear probe (paired, 95% CI) |",
+        "|---|---|---|",
+    ]
     for label, accs in table.items():
         diff = "" if accs is probe else paired_difference(accs, probe).fmt()
         lines.append(f"| {label} | {summarize(accs.values()).fmt()} | {diff} |")
@@ -295,13 +355,23 @@ def nora_lrs() -> tuple[float, ...]:
     return (float(f"{lr / 10:.1g}"), float(f"{lr / 3:.1g}"), lr)
 
 
-
 def nora_lr_experiment(weights: Path, out_root: Path, seeds=EXPERIMENT_SEEDS, n_procs: int = 2) -> dict:
     """NoRA at smaller learning rates (validation split of the main task): accuracy and how far the update moves."""
     task = next(iter(demo_settings()["tasks"]))
-    jobs = [dict(method="nora", task=task, seed=s, weights=weights, out_root=out_root,
-                 extra=["dataset.eval_split=validation"], name=f"nora_lr{lr:g}_s{s}", lrs={"lr": lr})
-            for lr in nora_lrs() for s in seeds]
+    jobs = [
+        dict(
+            method="nora",
+            task=task,
+            seed=s,
+            weights=weights,
+            out_root=out_root,
+            extra=["dataset.eval_split=validation"],
+            name=f"nora_lr{lr:g}_s{s}",
+            lrs={"lr": lr},
+        )
+        for lr in nora_lrs()
+        for s in seeds
+    ]
     run_jobs(jobs, n_procs)
     table = {}
     for lr in nora_lrs():
@@ -314,17 +384,26 @@ def nora_lr_experiment(weights: Path, out_root: Path, seeds=EXPERIMENT_SEEDS, n_
 def nora_lr_section(table: dict) -> list[str]:
     if not table:
         return []
-    lines = ["### NoRA's learning rate: accuracy and update size (validation split, main task)", "",
-             "Mean over seeds and layers: relative denominator change, and the largest deviation of a group's curve "
-             "from the base curve where the inputs lie.", "",
-             "| NoRA lr | n | validation accuracy (%) | rel. numerator change | rel. denominator change | "
-             "max abs(F - F_base) where inputs lie |", "|---|---|---|---|---|---|"]
+    lines = [
+        "### NoRA's learning rate: accuracy and update size (validation split, main task)",
+        "",
+        "Mean over seeds and layers: relative denominator change, and the largest deviation of a group's curve "
+        "from the base curve where the inputs lie.",
+        "",
+        "| NoRA lr | n | validation accuracy (%) | rel. numerator change | rel. denominator change | "
+        "max abs(F - F_base) where inputs lie |",
+        "|---|---|---|---|---|---|",
+    ]
     for lr, analyses in table.items():
         acc = summarize([a["accuracy"] for a in analyses])
-        per = {f: summarize([v[f] for a in analyses for v in a["coefficients"].values()]).mean
-               for f in ("num_rel", "den_rel", "max_dev_data")}
-        lines.append(f"| {lr:g} | {acc.n} | {acc.fmt()} | {per['num_rel']:.2f} | {per['den_rel']:.2f} | "
-                     f"{per['max_dev_data']:.2f} |")
+        per = {
+            f: summarize([v[f] for a in analyses for v in a["coefficients"].values()]).mean
+            for f in ("num_rel", "den_rel", "max_dev_data")
+        }
+        lines.append(
+            f"| {lr:g} | {acc.n} | {acc.fmt()} | {per['num_rel']:.2f} | {per['den_rel']:.2f} | "
+            f"{per['max_dev_data']:.2f} |"
+        )
     return lines + [""]
 
 
@@ -345,9 +424,19 @@ def stability_experiment(weights: Path, demo_root: Path, out_root: Path, n_procs
             if is_complete(d):
                 summary = read_summary(d)
                 table.setdefault((m, tuned["lr"]), {})[summary["seed"]] = summary["final_accuracy"]
-        jobs += [dict(method=m, task=task, seed=s, weights=weights, out_root=out_root, extra=[],
-                      lrs=dict(tuned, lr=lower), name=f"{m}_lr{lower:g}_test_s{s}")
-                 for s in sorted(table.get((m, tuned["lr"]), {}))]
+        jobs += [
+            dict(
+                method=m,
+                task=task,
+                seed=s,
+                weights=weights,
+                out_root=out_root,
+                extra=[],
+                lrs=dict(tuned, lr=lower),
+                name=f"{m}_lr{lower:g}_test_s{s}",
+            )
+            for s in sorted(table.get((m, tuned["lr"]), {}))
+        ]
     table.update(accuracy_table(jobs, n_procs, lambda j: (j["method"], j["lrs"]["lr"])))
     return table
 
@@ -355,19 +444,27 @@ def stability_experiment(weights: Path, demo_root: Path, out_root: Path, n_procs
 def stability_section(table: dict) -> list[str]:
     if not table:
         return []
-    lines = ["### LoRA's learning rate: the tuned value and one step below (test split, main task)", "",
-             "The demo's runs at the tuned lr, and the same seeds one step lower on the 1-3-10 ladder (NoRA++ keeps "
-             "its NoRA lr). Measured after the fact, on the test images: nothing is chosen from it.", "",
-             "| method | LoRA lr | n | test accuracy (%) | lowest seed | seeds below 80% |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "### LoRA's learning rate: the tuned value and one step below (test split, main task)",
+        "",
+        "The demo's runs at the tuned lr, and the same seeds one step lower on the 1-3-10 ladder (NoRA++ keeps "
+        "its NoRA lr). Measured after the fact, on the test images: nothing is chosen from it.",
+        "",
+        "| method | LoRA lr | n | test accuracy (%) | lowest seed | seeds below 80% |",
+        "|---|---|---|---|---|---|",
+    ]
     for (m, lr), accs in sorted(table.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
         low = min(accs, key=accs.get)
-        lines.append(f"| {m} | {lr:g} | {len(accs)} | {summarize(accs.values()).fmt()} | {accs[low]:.1f} (seed {low}) "
-                     f"| {sum(a < 80 for a in accs.values())} |")
+        lines.append(
+            f"| {m} | {lr:g} | {len(accs)} | {summarize(accs.values()).fmt()} | {accs[low]:.1f} (seed {low}) "
+            f"| {sum(a < 80 for a in accs.values())} |"
+        )
     lrs = sorted({lr for (_m, lr) in table}, reverse=True)
     lines += ["", "| LoRA lr | NoRA++ − LoRA (paired, 95% CI) |", "|---|---|"]
-    lines += [f"| {lr:g} | {paired_difference(table.get(('nora_pp', lr), {}), table.get(('lora', lr), {})).fmt()} |"
-              for lr in lrs]
+    lines += [
+        f"| {lr:g} | {paired_difference(table.get(('nora_pp', lr), {}), table.get(('lora', lr), {})).fmt()} |"
+        for lr in lrs
+    ]
     return lines + [""]
 
 
@@ -386,8 +483,18 @@ def form_experiment(weights: Path, demo_root: Path, out_root: Path, n_procs: int
             if is_complete(d):
                 summary = read_summary(d)
                 table.setdefault((m, "residual"), {})[summary["seed"]] = summary["final_accuracy"]
-        jobs += [dict(method=m, task=task, seed=s, weights=weights, out_root=out_root, extra=["nora_residual=false"],
-                      name=f"{m}_paper_form_s{s}") for s in sorted(table.get((m, "residual"), {}))]
+        jobs += [
+            dict(
+                method=m,
+                task=task,
+                seed=s,
+                weights=weights,
+                out_root=out_root,
+                extra=["nora_residual=false"],
+                name=f"{m}_paper_form_s{s}",
+            )
+            for s in sorted(table.get((m, "residual"), {}))
+        ]
     table.update(accuracy_table(jobs, n_procs, lambda j: (j["method"], "paper")))
     return table
 
@@ -395,17 +502,23 @@ def form_experiment(weights: Path, demo_root: Path, out_root: Path, n_procs: int
 def form_section(table: dict) -> list[str]:
     if not table:
         return []
-    lines = ["### The form: residual (the demo's) vs the paper's (test split, main task)", "",
-             "The demo's runs in the residual form (GELU plus the change of its fitted rational: step 0 is the "
-             "backbone) and the same seeds in the paper's form (the fitted rational in place of GELU), same learning "
-             "rates; measured on the test images, nothing is chosen from it.", "",
-             "| method | n | residual (%) | paper's form (%) | residual − paper's (paired, 95% CI) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "### The form: residual (the demo's) vs the paper's (test split, main task)",
+        "",
+        "The demo's runs in the residual form (GELU plus the change of its fitted rational: step 0 is the "
+        "backbone) and the same seeds in the paper's form (the fitted rational in place of GELU), same learning "
+        "rates; measured on the test images, nothing is chosen from it.",
+        "",
+        "| method | n | residual (%) | paper's form (%) | residual − paper's (paired, 95% CI) |",
+        "|---|---|---|---|---|",
+    ]
     for m in FORM_METHODS:
         res, paper = table.get((m, "residual"), {}), table.get((m, "paper"), {})
         if res:
-            lines.append(f"| {m} | {len(res)} | {summarize(res.values()).fmt()} | {summarize(paper.values()).fmt()} "
-                         f"| {paired_difference(res, paper).fmt()} |")
+            lines.append(
+                f"| {m} | {len(res)} | {summarize(res.values()).fmt()} | {summarize(paper.values()).fmt()} "
+                f"| {paired_difference(res, paper).fmt()} |"
+            )
     return lines + [""]
 
 
@@ -416,39 +529,58 @@ def _fmt_range(s: dict) -> str:
 
 def range_section(analyses: list[dict], label: str) -> list[str]:
     a0 = analyses[0]
-    lines = [f"### {label}: pre-activations vs the fit range {list(a0['fit_range'])} (seed {a0['seed']}, test images)",
-             "", "Share of MLP pre-activations outside the fit range, and their 0.1 / 99.9 percentiles.", "",
-             "| layer | before training (source backbone, GELU) | after training |", "|---|---|---|"]
+    lines = [
+        f"### {label}: pre-activations vs the fit range {list(a0['fit_range'])} (seed {a0['seed']}, test images)",
+        "",
+        "Share of MLP pre-activations outside the fit range, and their 0.1 / 99.9 percentiles.",
+        "",
+        "| layer | before training (source backbone, GELU) | after training |",
+        "|---|---|---|",
+    ]
     lines += [f"| {k} | {_fmt_range(a0['before'][k])} | {_fmt_range(a0['after'][k])} |" for k in a0["before"]]
     return lines + [""]
 
 
 def coefficient_section(analyses: list[dict], label: str) -> list[str]:
     keys = list(analyses[0]["coefficients"])
-    lines = [f"### {label}: how far the coefficients and curves moved (mean over {len(analyses)} seeds)", "",
-             "Relative change of the numerator and denominator coefficient matrices (norm of the update over the norm "
-             "of the base coefficients); largest deviation of any group's curve from the base curve where the "
-             "layer's inputs lie (their 0.1-99.9 percentile range after training), over the whole fit range, and "
-             "mean over groups at |x| = 4 (where no input goes).", "",
-             "| layer | rel. numerator change | rel. denominator change | max abs(F - F_base) where inputs lie | "
-             "max abs(F - F_base) in fit range | abs(F - F_base) at x = ±4 |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"### {label}: how far the coefficients and curves moved (mean over {len(analyses)} seeds)",
+        "",
+        "Relative change of the numerator and denominator coefficient matrices (norm of the update over the norm "
+        "of the base coefficients); largest deviation of any group's curve from the base curve where the "
+        "layer's inputs lie (their 0.1-99.9 percentile range after training), over the whole fit range, and "
+        "mean over groups at |x| = 4 (where no input goes).",
+        "",
+        "| layer | rel. numerator change | rel. denominator change | max abs(F - F_base) where inputs lie | "
+        "max abs(F - F_base) in fit range | abs(F - F_base) at x = ±4 |",
+        "|---|---|---|---|---|---|",
+    ]
     for k in keys:
-        vals = [summarize([a["coefficients"][k][f] for a in analyses]).mean for f in
-                ("num_rel", "den_rel", "max_dev_data", "max_dev_fit", "mean_dev_at_4")]
+        vals = [
+            summarize([a["coefficients"][k][f] for a in analyses]).mean
+            for f in ("num_rel", "den_rel", "max_dev_data", "max_dev_fit", "mean_dev_at_4")
+        ]
         lines.append(f"| {k} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
     return lines + [""]
 
 
 def ablation_section(by_method: dict[str, list[dict]]) -> list[str]:
-    lines = ["### Which part of the update matters (test accuracy %, mean over seeds; Δ: paired by seed, 95% CI)", "",
-             "The trained run, and the same run with a part of its NoRA update set to zero (everything else, the head "
-             "and for NoRA++ LoRA, as trained).", "",
-             "| method | n | trained | numerator update removed (Δ) | denominator update removed (Δ) | "
-             "whole NoRA update removed (Δ) |", "|---|---|---|---|---|---|"]
+    lines = [
+        "### Which part of the update matters (test accuracy %, mean over seeds; Δ: paired by seed, 95% CI)",
+        "",
+        "The trained run, and the same run with a part of its NoRA update set to zero (everything else, the head "
+        "and for NoRA++ LoRA, as trained).",
+        "",
+        "| method | n | trained | numerator update removed (Δ) | denominator update removed (Δ) | "
+        "whole NoRA update removed (Δ) |",
+        "|---|---|---|---|---|---|",
+    ]
     for label, analyses in by_method.items():
         full = {a["seed"]: a["accuracy"] for a in analyses}
-        cells = [paired_difference({a["seed"]: a[k] for a in analyses}, full).fmt()
-                 for k in ("without_num_update", "without_den_update", "without_nora_update")]
+        cells = [
+            paired_difference({a["seed"]: a[k] for a in analyses}, full).fmt()
+            for k in ("without_num_update", "without_den_update", "without_nora_update")
+        ]
         lines.append(f"| {label} | {len(analyses)} | {summarize(full.values()).fmt()} | " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -457,8 +589,12 @@ def curves_section(curves: dict[str, list[list[float]]]) -> list[str]:
     if not curves:
         return ["### Learning curves", "", "Not measured: no demo runs with per-epoch evaluation were found.", ""]
     n = max(len(c) for cs in curves.values() for c in cs)
-    lines = ["### Learning curves (test accuracy % after each epoch, mean over the demo's seeds)", "",
-             "| method | " + " | ".join(str(e + 1) for e in range(n)) + " |", "|---|" + "---|" * n]
+    lines = [
+        "### Learning curves (test accuracy % after each epoch, mean over the demo's seeds)",
+        "",
+        "| method | " + " | ".join(str(e + 1) for e in range(n)) + " |",
+        "|---|" + "---|" * n,
+    ]
     for m, cs in curves.items():
         means = [summarize([c[e] for c in cs if len(c) > e]).mean for e in range(n)]
         lines.append(f"| {m} | " + " | ".join("" if v is None else f"{v:.0f}" for v in means) + " |")
@@ -468,12 +604,18 @@ def curves_section(curves: dict[str, list[list[float]]]) -> list[str]:
 def head_lr_section(table: dict) -> list[str]:
     if not table:
         return []
-    lines = ["### Head learning rate (validation split, main task; NoRA at its tuned lr)", "",
-             "| head lr | linear probe | NoRA | NoRA − linear probe (paired, 95% CI) |", "|---|---|---|---|"]
+    lines = [
+        "### Head learning rate (validation split, main task; NoRA at its tuned lr)",
+        "",
+        "| head lr | linear probe | NoRA | NoRA − linear probe (paired, 95% CI) |",
+        "|---|---|---|---|",
+    ]
     for h in head_lrs():
         lp, nr = table.get(("linear_probe", h), {}), table.get(("nora", h), {})
-        lines.append(f"| {h:g} | {summarize(lp.values()).fmt()} | {summarize(nr.values()).fmt()} | "
-                     f"{paired_difference(nr, lp).fmt()} |")
+        lines.append(
+            f"| {h:g} | {summarize(lp.values()).fmt()} | {summarize(nr.values()).fmt()} | "
+            f"{paired_difference(nr, lp).fmt()} |"
+        )
     return lines + [""]
 
 
@@ -494,9 +636,13 @@ def diagnosis(args) -> int:
     conf = demo_settings()
     task = next(iter(conf["tasks"]))
     root = Path(args.runs) / task
-    lines = [f"# Digits demo: diagnosis measurements (task `{task}`)", "",
-             "Written by `python -m nora.demo.diagnosis` from the runs under "
-             f"`{args.runs}`; read with [demo_diagnosis.md](demo_diagnosis.md).", ""]
+    lines = [
+        f"# Digits demo: diagnosis measurements (task `{task}`)",
+        "",
+        "Written by `python -m nora.demo.diagnosis` from the runs under "
+        f"`{args.runs}`; read with [demo_diagnosis.md](demo_diagnosis.md).",
+        "",
+    ]
     by_method = {}
     for method, label in (("nora", "NoRA"), ("nora_pp", "NoRA++")):
         dirs = sorted(d for d in root.glob(f"{method}_s*") if is_complete(d))

@@ -17,6 +17,7 @@ that knows something, on 2 CPU cores.
     python -m nora.demo.llm --tune           # the learning-rate sweep behind configs/demo/learning_rates_llm.yaml
     python -m nora.demo.llm --diagnose       # results/demo_llm_diagnosis.md (nora/demo/llm_diagnosis.py)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,15 +58,37 @@ def lr_overrides(method: str, lrs: dict | None = None) -> list[str]:
     return out
 
 
-def finetune(method: str, seed: int, backbone: str, data: str, out_root: str, epochs: int, eval_split: str,
-             eval_conf: dict, lrs: dict | None = None, name: str | None = None, extra: tuple = ()) -> dict:
+def finetune(
+    method: str,
+    seed: int,
+    backbone: str,
+    data: str,
+    out_root: str,
+    epochs: int,
+    eval_split: str,
+    eval_conf: dict,
+    lrs: dict | None = None,
+    name: str | None = None,
+    extra: tuple = (),
+) -> dict:
     """Instruction-tune ``method`` (``run_training``, as train.py) and score it (``run_eval``, as eval.py); returns
     the run's summary with its ``mmlu`` result."""
     run_dir = Path(out_root) / (name or f"{method}_s{seed}")
-    cfg = compose(["experiment=demo_llm", f"method={method}", f"seed={seed}", f"model.path={backbone}",
-                   f"data.path={Path(data) / 'alpaca.json'}", f"output_root={out_root}", "on_config_change=rerun",
-                   f"trainer.epochs={epochs}", "dataset.cache_dir=" + str(Path(out_root) / "cache")]
-                  + lr_overrides(method, lrs) + list(extra))
+    cfg = compose(
+        [
+            "experiment=demo_llm",
+            f"method={method}",
+            f"seed={seed}",
+            f"model.path={backbone}",
+            f"data.path={Path(data) / 'alpaca.json'}",
+            f"output_root={out_root}",
+            "on_config_change=rerun",
+            f"trainer.epochs={epochs}",
+            "dataset.cache_dir=" + str(Path(out_root) / "cache"),
+        ]
+        + lr_overrides(method, lrs)
+        + list(extra)
+    )
     summary = run_training(cfg, run_dir=run_dir)
     mmlu = score(run_dir, data, eval_split, eval_conf)
     return {**summary, "mmlu": mmlu}
@@ -75,14 +98,29 @@ def score(target: Path, data: str, split: str, eval_conf: dict, out_dir: Path | 
     """``run_eval`` on the world's questions: the training run ``target``, or (``out_dir`` given) the base model
     folder ``target``, written to ``out_dir/mmlu.json``."""
     out, summary = target / "mmlu.json", target / "summary.json"
-    if out_dir is None and out.exists() and summary.exists() and out.stat().st_mtime >= summary.stat().st_mtime \
-            and json.loads(out.read_text()).get("split") == ("validation" if split == "val" else split):
+    if (
+        out_dir is None
+        and out.exists()
+        and summary.exists()
+        and out.stat().st_mtime >= summary.stat().st_mtime
+        and json.loads(out.read_text()).get("split") == ("validation" if split == "val" else split)
+    ):
         return json.loads(out.read_text())  # this run's own evaluation, written after it finished
-    common = [f"mmlu.path={Path(data) / 'mmlu'}", f"mmlu.protocol={eval_conf['protocol']}", f"mmlu.k={eval_conf['k']}",
-              f"mmlu.batch_size={eval_conf['batch_size']}", f"mmlu.split={split}", "mmlu.subjects=all",
-              "mmlu.progress=false", "device=cpu"]
-    who = [f"run_dir={target}"] if out_dir is None else ["model=llama_demo", f"model.path={target}",
-                                                         f"output_dir={out_dir}"]
+    common = [
+        f"mmlu.path={Path(data) / 'mmlu'}",
+        f"mmlu.protocol={eval_conf['protocol']}",
+        f"mmlu.k={eval_conf['k']}",
+        f"mmlu.batch_size={eval_conf['batch_size']}",
+        f"mmlu.split={split}",
+        "mmlu.subjects=all",
+        "mmlu.progress=false",
+        "device=cpu",
+    ]
+    who = (
+        [f"run_dir={target}"]
+        if out_dir is None
+        else ["model=llama_demo", f"model.path={target}", f"output_dir={out_dir}"]
+    )
     with contextlib.redirect_stdout(io.StringIO()):
         return run_eval(compose(who + common, config_name="eval"))
 
@@ -91,8 +129,12 @@ def _run_job(job: dict) -> dict:
     """Pool entry point: one instruction-tuning run and its evaluation (quietly)."""
     with contextlib.redirect_stdout(io.StringIO()):
         s = finetune(**job)
-    return {"job": job, "accuracy": 100 * s["mmlu"]["overall"]["accuracy"], "trainable": s["parameters"]["trainable"],
-            "wall_time_s": s["wall_time_s"]}
+    return {
+        "job": job,
+        "accuracy": 100 * s["mmlu"]["overall"]["accuracy"],
+        "trainable": s["parameters"]["trainable"],
+        "wall_time_s": s["wall_time_s"],
+    }
 
 
 def base_score(backbone: Path, data: Path, out_root: Path, split: str, eval_conf: dict) -> dict:
@@ -101,8 +143,9 @@ def base_score(backbone: Path, data: Path, out_root: Path, split: str, eval_conf
     path = out_root / "base" / "mmlu.json"
     if path.exists():
         d = json.loads(path.read_text())
-        if d.get("split") == ("validation" if split == "val" else split) and \
-                d.get("model", {}).get("path") == str(backbone):
+        if d.get("split") == ("validation" if split == "val" else split) and d.get("model", {}).get("path") == str(
+            backbone
+        ):
             return d
     return score(backbone, str(data), split, eval_conf, out_dir=out_root / "base")
 
@@ -114,28 +157,41 @@ def tune(conf: dict, backbone: Path, data: Path, out_root: Path, table: Path, me
     order = sorted(methods, key=lambda m: m == "nora_pp")
     chosen = learning_rates()
     rows, best = [], {}
-    common = dict(backbone=str(backbone), data=str(data), out_root=str(out_root), epochs=conf["epochs"],
-                  eval_split="val", eval_conf=conf["eval"])
+    common = dict(
+        backbone=str(backbone),
+        data=str(data),
+        out_root=str(out_root),
+        epochs=conf["epochs"],
+        eval_split="val",
+        eval_conf=conf["eval"],
+    )
     for method in order:
-        (key, grid), = grids[method].items()
+        ((key, grid),) = grids[method].items()
         base = dict(chosen["methods"].get(method, {}))
         if method == "nora_pp" and "lora" in best:
             base["lr"] = best["lora"][0]
         results, value = sweep_method(method, key, list(grid), seeds, base, common, n_procs, run=_run_job)
         for v in sorted(results):
-            rows.append((method, f"{key}={v:g}", results[v], sum(results[v]) / len(results[v]),
-                         "" if v in grid else "widened"))
+            rows.append(
+                (method, f"{key}={v:g}", results[v], sum(results[v]) / len(results[v]), "" if v in grid else "widened")
+            )
         best[method] = (value, sum(results[value]) / len(results[value]), sorted(results))
         chosen["methods"][method] = dict(base, **{key: value})
-    header = ("# The LLM demo's learning rates, written by `python -m nora.demo.llm --tune` (val/ questions, seeds "
-              f"{seeds}; table: results/demo_llm_lr_sweep.md).\n")
+    header = (
+        "# The LLM demo's learning rates, written by `python -m nora.demo.llm --tune` (val/ questions, seeds "
+        f"{seeds}; table: results/demo_llm_lr_sweep.md).\n"
+    )
     write_text_atomic(LEARNING_RATES, header + OmegaConf.to_yaml(OmegaConf.create(chosen)))
-    lines = [f"# LLM demo learning-rate sweep (val/ questions, seeds {', '.join(map(str, seeds))})", "",
-             "Written by `python -m nora.demo.llm --tune`; the chosen values are in "
-             "`configs/demo/learning_rates_llm.yaml`. Every method has the same budget (five grid values x "
-             f"{len(seeds)} seeds), plus one value beyond an end of its grid each time its best sat there "
-             "(`widened`). Accuracy: eval.py's overall accuracy (%) on the val/ questions.", "",
-             *sweep_rows(rows, best, grids, seeds)]
+    lines = [
+        f"# LLM demo learning-rate sweep (val/ questions, seeds {', '.join(map(str, seeds))})",
+        "",
+        "Written by `python -m nora.demo.llm --tune`; the chosen values are in "
+        "`configs/demo/learning_rates_llm.yaml`. Every method has the same budget (five grid values x "
+        f"{len(seeds)} seeds), plus one value beyond an end of its grid each time its best sat there "
+        "(`widened`). Accuracy: eval.py's overall accuracy (%) on the val/ questions.",
+        "",
+        *sweep_rows(rows, best, grids, seeds),
+    ]
     text = "\n".join(lines) + "\n"
     table.parent.mkdir(parents=True, exist_ok=True)
     table.write_text(text)
@@ -153,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full", action="store_true", help=f"{conf['full_seeds']} seeds (make demo-full)")
     ap.add_argument("--jobs", type=int, default=2, help="single-threaded runs side by side (default 2)")
     ap.add_argument("--out", default="runs/demo_llm")
-    ap.add_argument("--results", default=None, help="where demo_llm.md goes (default results, --full "
-                                                    "results/demo_llm_full)")
+    ap.add_argument(
+        "--results", default=None, help="where demo_llm.md goes (default results, --full results/demo_llm_full)"
+    )
     ap.add_argument("--tune", action="store_true", help="run the learning-rate sweep instead")
     ap.add_argument("--diagnose", action="store_true", help="measure the finished runs (results/demo_llm_diagnosis.md)")
     args = ap.parse_args(argv)
@@ -174,24 +231,51 @@ def main(argv: list[str] | None = None) -> int:
         backbone = pretrain_backbone(conf, data)
         one_thread_worker()
         if args.tune:
-            print(tune(conf, backbone, data, Path(str(out_root) + "_tune"),
-                       Path(args.results) / "demo_llm_lr_sweep.md", methods, args.jobs))
+            print(
+                tune(
+                    conf,
+                    backbone,
+                    data,
+                    Path(str(out_root) + "_tune"),
+                    Path(args.results) / "demo_llm_lr_sweep.md",
+                    methods,
+                    args.jobs,
+                )
+            )
             return 0
         if args.diagnose:
-            common = dict(backbone=str(backbone), data=str(data), out_root=str(out_root) + "_diagnosis",
-                          epochs=conf["epochs"], eval_split="test", eval_conf=conf["eval"])
+            common = dict(
+                backbone=str(backbone),
+                data=str(data),
+                out_root=str(out_root) + "_diagnosis",
+                epochs=conf["epochs"],
+                eval_split="test",
+                eval_conf=conf["eval"],
+            )
             text = diagnose(conf, data, out_root, common, args.jobs, run_jobs, _run_job, learning_rates()["methods"])
             write_text_atomic(Path(args.results) / "demo_llm_diagnosis.md", text)
             print(text)
             return 0
         base_score(backbone, data, out_root, "test", conf["eval"])
         n = args.seeds or conf["full_seeds" if args.full else "seeds"]
-        jobs = [dict(method=m, seed=s, backbone=str(backbone), data=str(data), out_root=str(out_root),
-                     epochs=conf["epochs"], eval_split="test", eval_conf=conf["eval"])
-                for s in range(n) for m in methods]
+        jobs = [
+            dict(
+                method=m,
+                seed=s,
+                backbone=str(backbone),
+                data=str(data),
+                out_root=str(out_root),
+                epochs=conf["epochs"],
+                eval_split="test",
+                eval_conf=conf["eval"],
+            )
+            for s in range(n)
+            for m in methods
+        ]
         run_jobs(jobs, args.jobs, run=_run_job)
-        render_demo_llm(collect(out_root), Path(args.results), str(out_root), methods, n, backbone, data,
-                        full=args.full, conf=conf)
+        render_demo_llm(
+            collect(out_root), Path(args.results), str(out_root), methods, n, backbone, data, full=args.full, conf=conf
+        )
     print((Path(args.results) / "demo_llm.md").read_text())
     print(f"LLM demo finished in {time.time() - t0:.0f} s; tables written to {args.results}/demo_llm.md")
     return 0

@@ -16,6 +16,7 @@
 Every run uses one CPU thread (``--jobs`` runs go side by side), so a run's numbers do not depend on the
 machine's core count: the demo reproduces to the digit.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,8 @@ from nora.adapter.io import FULL_FT_NAME
 from nora.app.config import CONFIG_DIR, compose, validate
 from nora.app.training import run_training
 from nora.errors import UserError, user_errors
-from nora.files import atomic_path, cache_dir as nora_cache_dir, write_text_atomic
+from nora.files import atomic_path, write_text_atomic
+from nora.files import cache_dir as nora_cache_dir
 from nora.kernels import cpu as cpu_kernels
 from nora.results.collect import collect
 from nora.results.demo_report import demo_settings
@@ -55,8 +57,11 @@ def learning_rates() -> dict:
 
 
 def digits_overrides(task: dict) -> list[str]:
-    return [f"dataset.classes=[{','.join(map(str, task['classes']))}]", f"dataset.num_classes={len(task['classes'])}",
-            f"dataset.transform={task['transform']}"]
+    return [
+        f"dataset.classes=[{','.join(map(str, task['classes']))}]",
+        f"dataset.num_classes={len(task['classes'])}",
+        f"dataset.transform={task['transform']}",
+    ]
 
 
 def cache_dir() -> Path:
@@ -70,8 +75,18 @@ def source_key(cfg) -> str:
     key = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "dataset", "trainer", "method")}
     h = hashlib.sha256(json.dumps([key, cfg.seed], sort_keys=True, default=str).encode())
     pkg = Path(__file__).resolve().parents[1]
-    for rel in ("data/vision.py", "data/batched.py", "data/sampling.py", "data/config.py", "train/loop.py",
-                "models/vision.py", "methods/__init__.py", "app/training.py", "app/config.py", "app/setup/vision.py"):
+    for rel in (
+        "data/vision.py",
+        "data/batched.py",
+        "data/sampling.py",
+        "data/config.py",
+        "train/loop.py",
+        "models/vision.py",
+        "methods/__init__.py",
+        "app/training.py",
+        "app/config.py",
+        "app/setup/vision.py",
+    ):
         h.update((pkg / rel).read_bytes())
     return h.hexdigest()[:10]
 
@@ -81,10 +96,22 @@ def pretrain_source(out_root: Path) -> Path:
     conf = demo_settings()
     source, pre = conf["source"], dict(conf["pretrain"])
     seed = pre.pop("seed")
-    cfg = compose(["experiment=demo", "method=full", f"seed={seed}", "dataset.name=digits_source",
-                    f"trainer.epochs={pre['epochs']}", f"trainer.lr={pre['lr']}",
-                    f"trainer.batch_size={pre['batch_size']}", "trainer.weight_decay=0.05",
-                    "model.checkpoint=null", "trainer.warmup_ratio=0.1", "force=true"] + digits_overrides(source))
+    cfg = compose(
+        [
+            "experiment=demo",
+            "method=full",
+            f"seed={seed}",
+            "dataset.name=digits_source",
+            f"trainer.epochs={pre['epochs']}",
+            f"trainer.lr={pre['lr']}",
+            f"trainer.batch_size={pre['batch_size']}",
+            "trainer.weight_decay=0.05",
+            "model.checkpoint=null",
+            "trainer.warmup_ratio=0.1",
+            "force=true",
+        ]
+        + digits_overrides(source)
+    )
     weights = cache_dir() / f"source_{source_key(cfg)}.safetensors"
     if weights.exists():
         return weights
@@ -112,14 +139,34 @@ def lr_overrides(method: str, lrs: dict | None = None, head_lr: float | None = N
     return out
 
 
-def finetune(method: str, task: str, seed: int, weights: Path, out_root: Path, extra: list[str],
-             lrs: dict | None = None, name: str | None = None, head_lr: float | None = None) -> dict:
+def finetune(
+    method: str,
+    task: str,
+    seed: int,
+    weights: Path,
+    out_root: Path,
+    extra: list[str],
+    lrs: dict | None = None,
+    name: str | None = None,
+    head_lr: float | None = None,
+) -> dict:
     """One fine-tuning run of ``method`` on target ``task`` in ``out_root/<task>/<name>``; returns its summary."""
     tasks = demo_settings()["tasks"]
     # a run left by an older demo (another backbone, other learning rates) is redone, not reused
-    cfg = compose(["experiment=demo", f"method={method}", f"seed={seed}", f"model.checkpoint={weights}",
-                    f"output_root={out_root}", "on_config_change=rerun", "trainer.eval_every=1"]
-                   + digits_overrides(tasks[task]) + lr_overrides(method, lrs, head_lr) + list(extra))
+    cfg = compose(
+        [
+            "experiment=demo",
+            f"method={method}",
+            f"seed={seed}",
+            f"model.checkpoint={weights}",
+            f"output_root={out_root}",
+            "on_config_change=rerun",
+            "trainer.eval_every=1",
+        ]
+        + digits_overrides(tasks[task])
+        + lr_overrides(method, lrs, head_lr)
+        + list(extra)
+    )
     return run_training(cfg, run_dir=out_root / task / (name or f"{method}_s{seed}"))
 
 
@@ -156,8 +203,12 @@ def _run_job(job: dict) -> dict:
 
     with contextlib.redirect_stdout(io.StringIO()):
         s = finetune(**job)
-    return {"job": job, "accuracy": s["final_accuracy"], "trainable": s["parameters"]["trainable"],
-            "wall_time_s": s["wall_time_s"]}
+    return {
+        "job": job,
+        "accuracy": s["final_accuracy"],
+        "trainable": s["parameters"]["trainable"],
+        "wall_time_s": s["wall_time_s"],
+    }
 
 
 def run_jobs(jobs: list[dict], n_procs: int, run=_run_job) -> list[dict]:
@@ -180,34 +231,54 @@ def run_jobs(jobs: list[dict], n_procs: int, run=_run_job) -> list[dict]:
 def _report(r: dict) -> dict:
     j = r["job"]
     label = j.get("name") or f"{j['method']}_s{j['seed']}"
-    print(f"  {j.get('task', 'world'):10s} {label:28s} accuracy {r['accuracy']:5.1f}%  ({r['trainable']:,} trainable, "
-          f"{r['wall_time_s']:.1f} s)", flush=True)
+    print(
+        f"  {j.get('task', 'world'):10s} {label:28s} accuracy {r['accuracy']:5.1f}%  ({r['trainable']:,} trainable, "
+        f"{r['wall_time_s']:.1f} s)",
+        flush=True,
+    )
     return r
 
 
-def _grid_runs(method: str, key: str, values: list[float], seeds: list[int], base: dict, common: dict,
-               n_procs: int, run=_run_job) -> dict[float, list[float]]:
+def _grid_runs(
+    method: str, key: str, values: list[float], seeds: list[int], base: dict, common: dict, n_procs: int, run=_run_job
+) -> dict[float, list[float]]:
     """Validation accuracy per seed of ``method`` at each of ``values`` of ``key``."""
-    jobs = [dict(method=method, seed=s, lrs=dict(base, **{key: v}), name=f"{method}_{key}{v:g}_s{s}", **common)
-            for v in values for s in seeds]
+    jobs = [
+        dict(method=method, seed=s, lrs=dict(base, **{key: v}), name=f"{method}_{key}{v:g}_s{s}", **common)
+        for v in values
+        for s in seeds
+    ]
     accs = [r["accuracy"] for r in run_jobs(jobs, n_procs, run)]
-    return {v: accs[i * len(seeds):(i + 1) * len(seeds)] for i, v in enumerate(values)}
+    return {v: accs[i * len(seeds) : (i + 1) * len(seeds)] for i, v in enumerate(values)}
 
 
 def next_value(v: float, up: bool, ratio: float) -> float:
     """The next grid value beyond ``v``: on the 1-3-10 ladder when ``v`` is on it (0.3 -> 1 -> 3), else ``ratio``
     times (or over) ``v``."""
     e = math.floor(math.log10(v))
-    m = round(v / 10 ** e, 6)
+    m = round(v / 10**e, 6)
     if m in (1.0, 3.0):
-        steps = {(1.0, True): 3 * 10 ** e, (3.0, True): 10 ** (e + 1), (1.0, False): 3 * 10 ** (e - 1),
-                 (3.0, False): 10 ** e}
+        steps = {
+            (1.0, True): 3 * 10**e,
+            (3.0, True): 10 ** (e + 1),
+            (1.0, False): 3 * 10 ** (e - 1),
+            (3.0, False): 10**e,
+        }
         return float(f"{steps[(m, up)]:.3g}")
     return float(f"{(v * ratio if up else v / ratio):.3g}")
 
 
-def sweep_method(method: str, key: str, grid: list[float], seeds: list[int], base: dict, common: dict,
-                 n_procs: int, max_widen: int = 3, run=_run_job) -> tuple[dict[float, list[float]], float]:
+def sweep_method(
+    method: str,
+    key: str,
+    grid: list[float],
+    seeds: list[int],
+    base: dict,
+    common: dict,
+    n_procs: int,
+    max_widen: int = 3,
+    run=_run_job,
+) -> tuple[dict[float, list[float]], float]:
     """Sweep ``key`` of ``method`` over ``grid``; while the best mean sits at an end of the swept values, add the
     next value beyond that end (``next_value``), at most ``max_widen`` times, so that no chosen value is at
     an edge of what was tried. Returns every value's per-seed accuracies and the best value (ties: smaller)."""
@@ -241,16 +312,22 @@ def tune(weights: Path, out_root: Path, table: Path, methods: list[str], n_procs
     chosen = learning_rates()
     rows, best = [], {}
     for method in order:
-        (key, grid), = grids[method].items()
+        ((key, grid),) = grids[method].items()
         base = dict(chosen["methods"].get(method, {}))
         if method == "nora_pp" and "lora" in best:
             base["lr"] = best["lora"][0]
-        common = dict(task=task, weights=weights, out_root=out_root, extra=["dataset.eval_split=validation"],
-                      head_lr=best.get("linear_probe", (None,))[0])
+        common = dict(
+            task=task,
+            weights=weights,
+            out_root=out_root,
+            extra=["dataset.eval_split=validation"],
+            head_lr=best.get("linear_probe", (None,))[0],
+        )
         results, value = sweep_method(method, key, list(grid), seeds, base, common, n_procs)
         for v in sorted(results):
-            rows.append((method, f"{key}={v:g}", results[v], sum(results[v]) / len(results[v]),
-                         "" if v in grid else "widened"))
+            rows.append(
+                (method, f"{key}={v:g}", results[v], sum(results[v]) / len(results[v]), "" if v in grid else "widened")
+            )
         best[method] = (value, sum(results[value]) / len(results[value]), sorted(results))
         chosen["methods"][method] = dict(base, **{key: value})
         if method == "linear_probe":
@@ -259,8 +336,10 @@ def tune(weights: Path, out_root: Path, table: Path, methods: list[str], n_procs
     text = sweep_table(rows, best, grids, seeds, task, chosen["head_lr"])
     untuned = [m for m in demo_settings()["methods"] if m not in methods]
     if untuned:
-        text += (f"\nNot in this sweep (`--methods`): {', '.join(untuned)}; they keep their values in "
-                 "`configs/demo/learning_rates.yaml`.\n")
+        text += (
+            f"\nNot in this sweep (`--methods`): {', '.join(untuned)}; they keep their values in "
+            "`configs/demo/learning_rates.yaml`.\n"
+        )
     table.parent.mkdir(parents=True, exist_ok=True)
     table.write_text(text)
     return text
@@ -269,35 +348,50 @@ def tune(weights: Path, out_root: Path, table: Path, methods: list[str], n_procs
 def sweep_rows(rows, best: dict, grids: dict, seeds: list) -> list[str]:
     """A learning-rate sweep's markdown table (one row per method and value, per-seed accuracies and mean), its
     best values and the methods still at an edge; shared by both demos' sweep tables."""
-    lines = ["| method | setting | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | |",
-             "|---|---|" + "---|" * (len(seeds) + 2)]
-    lines += [f"| {m} | {setting} | " + " | ".join(f"{a:.1f}" for a in accs) + f" | {mean:.1f} | {note} |"
-              for m, setting, accs, mean, note in rows]
+    lines = [
+        "| method | setting | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | |",
+        "|---|---|" + "---|" * (len(seeds) + 2),
+    ]
+    lines += [
+        f"| {m} | {setting} | " + " | ".join(f"{a:.1f}" for a in accs) + f" | {mean:.1f} | {note} |"
+        for m, setting, accs, mean, note in rows
+    ]
     edge = [m for m, (v, _a, tried) in best.items() if v in (tried[0], tried[-1])]
-    return lines + ["", "Best: " + ", ".join(f"{m} {next(iter(grids[m]))}={v:g}" for m, (v, _a, _t) in best.items()),
-                    "", "Still at an end of the values tried after widening: " + (", ".join(edge) or "none") + "."]
+    return lines + [
+        "",
+        "Best: " + ", ".join(f"{m} {next(iter(grids[m]))}={v:g}" for m, (v, _a, _t) in best.items()),
+        "",
+        "Still at an end of the values tried after widening: " + (", ".join(edge) or "none") + ".",
+    ]
 
 
 def sweep_table(rows, best: dict, grids: dict, seeds: list, task: str, head_lr: float) -> str:
     n_grid = len(next(iter(next(iter(grids.values())).values())))
-    lines = [f"# Demo learning-rate sweep (task `{task}`, validation split of its training images, seeds "
-             f"{', '.join(map(str, seeds))})", "",
-             "Written by `python -m nora.demo --tune`; the chosen values are in `configs/demo/learning_rates.yaml`, "
-             "which `make demo` and `make demo-full` read. Every method has the same budget: "
-             f"{n_grid} grid values x {len(seeds)} seeds (`tune:` in `configs/demo/demo.yaml`), plus one value "
-             "beyond the end of its grid each time its best value sat at that end (rows marked `widened`).", "",
-             *sweep_rows(rows, best, grids, seeds),
-             "", f"Every method's new head trains at the linear probe's best lr ({head_lr:g}); NoRA++ keeps "
-             "LoRA's best lr for its LoRA factors and tunes the NoRA factors' lr. Ties keep the smaller lr. "
-             "LoRA/DoRA/NoRA++ adapters use dropout 0 in the demo (see `lr_overrides`)."]
+    lines = [
+        f"# Demo learning-rate sweep (task `{task}`, validation split of its training images, seeds "
+        f"{', '.join(map(str, seeds))})",
+        "",
+        "Written by `python -m nora.demo --tune`; the chosen values are in `configs/demo/learning_rates.yaml`, "
+        "which `make demo` and `make demo-full` read. Every method has the same budget: "
+        f"{n_grid} grid values x {len(seeds)} seeds (`tune:` in `configs/demo/demo.yaml`), plus one value "
+        "beyond the end of its grid each time its best value sat at that end (rows marked `widened`).",
+        "",
+        *sweep_rows(rows, best, grids, seeds),
+        "",
+        f"Every method's new head trains at the linear probe's best lr ({head_lr:g}); NoRA++ keeps "
+        "LoRA's best lr for its LoRA factors and tunes the NoRA factors' lr. Ties keep the smaller lr. "
+        "LoRA/DoRA/NoRA++ adapters use dropout 0 in the demo (see `lr_overrides`).",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def write_learning_rates(chosen: dict, task: str, seeds: list) -> None:
-    header = (f"# The demo's learning rates, written by `python -m nora.demo --tune` (task {task}, validation split, "
-              f"seeds {seeds};\n# table: results/demo_lr_sweep.md). `lr` trains the method's own parameters, "
-              "`nora_lr` NoRA++'s NoRA factors;\n# every method's new head trains at `head_lr` (the linear probe's "
-              "best lr). make demo, make demo-full and the sweep read it.\n")
+    header = (
+        f"# The demo's learning rates, written by `python -m nora.demo --tune` (task {task}, validation split, "
+        f"seeds {seeds};\n# table: results/demo_lr_sweep.md). `lr` trains the method's own parameters, "
+        "`nora_lr` NoRA++'s NoRA factors;\n# every method's new head trains at `head_lr` (the linear probe's "
+        "best lr). make demo, make demo-full and the sweep read it.\n"
+    )
     write_text_atomic(LEARNING_RATES, header + OmegaConf.to_yaml(OmegaConf.create(chosen)))
 
 
@@ -305,8 +399,10 @@ def check_arguments(methods: list[str], tasks: list[str], overrides: list[str], 
     """``--methods``, ``--tasks`` and the extra Hydra overrides, before anything is pretrained: an unknown name,
     an override Hydra refuses (a typo'd key, an unknown option) or one that gives the fine-tuning runs an invalid
     value is one :class:`UserError` line naming it and what is valid."""
-    for what, given, valid in (("--methods", methods, list(conf["tune"]["grids"])), ("--tasks", tasks,
-                                                                                      list(conf["tasks"]))):
+    for what, given, valid in (
+        ("--methods", methods, list(conf["tune"]["grids"])),
+        ("--tasks", tasks, list(conf["tasks"])),
+    ):
         unknown = [x for x in given if x not in valid]
         if unknown:
             raise UserError(f"{what}: unknown {what[2:-1]} {unknown[0]!r}; valid: {', '.join(valid)}")
@@ -322,14 +418,21 @@ def check_arguments(methods: list[str], tasks: list[str], overrides: list[str], 
         validate(cfg)  # a value the schemas refuse (trainer.lr=abc): their one-line UserError
 
 
-def demo_jobs(methods: list[str], tasks: list[str], seeds: dict, epochs: dict, weights: Path, out_root: Path,
-              extra: list[str]) -> list[dict]:
+def demo_jobs(
+    methods: list[str], tasks: list[str], seeds: dict, epochs: dict, weights: Path, out_root: Path, extra: list[str]
+) -> list[dict]:
     """Every (task, method, seed) run of the demo, seed by seed across the tasks (seed 0 of every task, then seed
     1, ...): an interrupted demo has every method of a task at the same number of seeds and every task started,
     and a rerun skips the finished runs."""
-    return [dict(method=m, task=t, seed=s, weights=weights, out_root=out_root,
-                 extra=[f"trainer.epochs={epochs[t]}", *extra])
-            for s in range(max(seeds.values(), default=0)) for t in tasks if s < seeds[t] for m in methods]
+    return [
+        dict(
+            method=m, task=t, seed=s, weights=weights, out_root=out_root, extra=[f"trainer.epochs={epochs[t]}", *extra]
+        )
+        for s in range(max(seeds.values(), default=0))
+        for t in tasks
+        if s < seeds[t]
+        for m in methods
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,8 +444,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full", action="store_true", help="each task's `full_seeds` (make demo-full)")
     ap.add_argument("--jobs", type=int, default=2, help="single-threaded runs side by side (default 2)")
     ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--results", default=None,
-                    help="where demo.md (and the sweep table) go (default: results, with --full results/demo_full)")
+    ap.add_argument(
+        "--results",
+        default=None,
+        help="where demo.md (and the sweep table) go (default: results, with --full results/demo_full)",
+    )
     ap.add_argument("--tune", action="store_true", help="run the learning-rate sweep instead")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for the fine-tuning runs")
     args = ap.parse_args(argv)
@@ -357,8 +463,11 @@ def main(argv: list[str] | None = None) -> int:
         build_kernels_in_background()  # on the other core, while the backbone pretrains
         weights = pretrain_source(out_root)
         if args.tune:
-            print(tune(weights, Path(str(out_root) + "_tune"), Path(args.results) / "demo_lr_sweep.md",
-                       methods, args.jobs))
+            print(
+                tune(
+                    weights, Path(str(out_root) + "_tune"), Path(args.results) / "demo_lr_sweep.md", methods, args.jobs
+                )
+            )
             return 0
         seeds = {t: args.seeds or conf["tasks"][t]["full_seeds" if args.full else "seeds"] for t in tasks}
         epochs = {t: conf["tasks"][t]["epochs"] for t in tasks}

@@ -5,6 +5,7 @@ init) the swapped model should reproduce the original model's next-token distrib
 measures it on held-out validation prompts (:func:`logprob_agreement`); ``run_training`` prints the result and
 stores it in summary.json as ``nora_init_agreement``.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -29,14 +30,18 @@ def nora_target_modules(model: nn.Module, config: NoraConfig) -> dict[str, nn.Mo
     return dict(find_targets(model, config))
 
 
-def init_agreement(model: nn.Module, originals: dict[str, nn.Module], batches: list[dict], device, split: str,
-                   say: Callable = print) -> dict[str, Any]:
+def init_agreement(
+    model: nn.Module, originals: dict[str, nn.Module], batches: list[dict], device, split: str, say: Callable = print
+) -> dict[str, Any]:
     """:func:`logprob_agreement` on ``batches`` (moved to ``device``), printed; ``split`` names where they come from."""
     report = logprob_agreement(model, originals, [{k: v.to(device) for k, v in b.items()} for b in batches])
     report["split"] = split
-    say("NoRA init vs original model on {prompts} {split} prompts ({tokens} tokens): mean KL {mean_kl:.3g} nats, "
+    say(
+        "NoRA init vs original model on {prompts} {split} prompts ({tokens} tokens): mean KL {mean_kl:.3g} nats, "
         "max KL {max_kl:.3g}, max |log-prob diff| {max_abs_logprob_diff:.3g} (mean {mean_abs_logprob_diff:.3g}), "
-        "top-1 agreement {top1_agreement:.4f}".format(**report), flush=True)
+        "top-1 agreement {top1_agreement:.4f}".format(**report),
+        flush=True,
+    )
     return report
 
 
@@ -71,8 +76,11 @@ def logprob_agreement(model: nn.Module, originals: dict[str, nn.Module], batches
             use(swapped)
             new = F.log_softmax(model(**inputs).logits[:, :-1].float(), dim=-1)
             nxt = inputs["input_ids"][:, 1:]
-            mask = inputs["attention_mask"][:, 1:].bool() if "attention_mask" in inputs \
+            mask = (
+                inputs["attention_mask"][:, 1:].bool()
+                if "attention_mask" in inputs
                 else torch.ones_like(nxt, dtype=torch.bool)
+            )
             kl = (ref.exp() * (ref - new)).sum(-1)[mask].clamp_min(0.0)  # >= 0 up to rounding
             d = (ref.gather(-1, nxt[..., None]) - new.gather(-1, nxt[..., None])).squeeze(-1).abs()[mask]
             agree += float((ref.argmax(-1) == new.argmax(-1))[mask].sum())
@@ -87,5 +95,12 @@ def logprob_agreement(model: nn.Module, originals: dict[str, nn.Module], batches
         use(swapped)
         model.train(was_training)
     n = max(n_tok, 1)
-    return {"mean_kl": kl_sum / n, "max_kl": kl_max, "mean_abs_logprob_diff": d_sum / n,
-            "max_abs_logprob_diff": d_max, "top1_agreement": agree / n, "tokens": n_tok, "prompts": n_prompts}
+    return {
+        "mean_kl": kl_sum / n,
+        "max_kl": kl_max,
+        "mean_abs_logprob_diff": d_sum / n,
+        "max_abs_logprob_diff": d_max,
+        "top1_agreement": agree / n,
+        "tokens": n_tok,
+        "prompts": n_prompts,
+    }

@@ -70,6 +70,7 @@ Result dictionary (:meth:`MMLUResult.to_dict`, written as ``mmlu.json`` by :func
       "predictions": {"<subject>": [0-3, ...]}    # only with include_predictions=True
     }
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -83,8 +84,17 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from nora.eval.mmlu_data import (CATEGORIES, LETTERS, MMLUQuestion, SubjectData, category_names, detect_source,
-                                 load_mmlu, resolve_subjects, subject_categories)
+from nora.eval.mmlu_data import (
+    CATEGORIES,
+    LETTERS,
+    MMLUQuestion,
+    SubjectData,
+    category_names,
+    detect_source,
+    load_mmlu,
+    resolve_subjects,
+    subject_categories,
+)
 from nora.files import write_json_atomic
 
 FORMAT = "nora.mmlu/1"
@@ -96,6 +106,7 @@ DEFAULT_MAX_LENGTH = 2048  # lm_eval's fallback when neither the config nor the 
 # --------------------------------------------------------------------------------- prompts
 def format_subject(subject: str) -> str:
     return " ".join(subject.split("_"))
+
 
 # the file an evaluation writes into its directory (a training run's: nora.runs.layout names it there too)
 MMLU_FILE = "mmlu.json"
@@ -123,10 +134,12 @@ def format_shot(q: MMLUQuestion, protocol: str = "letters") -> str:
     return f"{format_question(q, protocol)}{continuations(q, protocol)[q.answer]}\n\n"
 
 
-def build_prompt(subject: str, shots: Sequence[MMLUQuestion], question: MMLUQuestion,
-                 protocol: str = "letters") -> str:
-    return (description(subject, protocol) + "".join(format_shot(s, protocol) for s in shots)
-            + format_question(question, protocol))
+def build_prompt(subject: str, shots: Sequence[MMLUQuestion], question: MMLUQuestion, protocol: str = "letters") -> str:
+    return (
+        description(subject, protocol)
+        + "".join(format_shot(s, protocol) for s in shots)
+        + format_question(question, protocol)
+    )
 
 
 # ---------------------------------------------------------------------------- tokenization
@@ -141,19 +154,21 @@ def _split_pair(context: str, continuation: str) -> tuple[str, str]:
     return context, continuation
 
 
-def encode_pair(tokenizer, context: str, continuation: str, add_special_tokens: bool = True
-                ) -> tuple[list[int], list[int]]:
+def encode_pair(
+    tokenizer, context: str, continuation: str, add_special_tokens: bool = True
+) -> tuple[list[int], list[int]]:
     """``(context_tokens, continuation_tokens)`` as lm_eval's ``_encode_pair`` for causal models."""
     context, continuation = _split_pair(context, continuation)
     whole, ctx = _encode(tokenizer, [context + continuation, context], add_special_tokens)
-    return ctx, whole[len(ctx):]
+    return ctx, whole[len(ctx) :]
 
 
-def continuation_tokens(tokenizer, context: str = "Answer:", add_special_tokens: bool = True
-                        ) -> dict[str, list[int]]:
+def continuation_tokens(tokenizer, context: str = "Answer:", add_special_tokens: bool = True) -> dict[str, list[int]]:
     """The tokens scored for each letter after ``context`` (one id each for LLaMA-3-style BPE)."""
-    return {letter: encode_pair(tokenizer, context, cont, add_special_tokens)[1]
-            for letter, cont in zip(LETTERS, CONTINUATIONS)}
+    return {
+        letter: encode_pair(tokenizer, context, cont, add_special_tokens)[1]
+        for letter, cont in zip(LETTERS, CONTINUATIONS)
+    }
 
 
 def model_max_length(model, tokenizer=None) -> int:
@@ -166,7 +181,7 @@ def model_max_length(model, tokenizer=None) -> int:
         if v is not None:
             return int(v)
     v = getattr(tokenizer, "model_max_length", None)
-    if v is not None and v < 10 ** 12:
+    if v is not None and v < 10**12:
         return int(v)
     return DEFAULT_MAX_LENGTH
 
@@ -201,8 +216,15 @@ class _Prepared:
     truncated: list[bool]
 
 
-def _prepare_subject(tokenizer, subject: str, data: SubjectData, k: int, max_length: int,
-                     add_special_tokens: bool, protocol: str = "letters") -> _Prepared:
+def _prepare_subject(
+    tokenizer,
+    subject: str,
+    data: SubjectData,
+    k: int,
+    max_length: int,
+    add_special_tokens: bool,
+    protocol: str = "letters",
+) -> _Prepared:
     """Token rows for every question of a subject, dropping shots until each prompt fits."""
     tests = data.test
     shots_pool = data.dev[:k]
@@ -214,8 +236,12 @@ def _prepare_subject(tokenizer, subject: str, data: SubjectData, k: int, max_len
     for i, q in enumerate(tests):
         while not _fits(encs[i], max_length) and n_shots[i] > 0:
             n_shots[i] -= 1
-            encs[i] = _encode_questions(tokenizer, [build_prompt(subject, shots_pool[:n_shots[i]], q, protocol)],
-                                        add_special_tokens, [conts[i]])[0]
+            encs[i] = _encode_questions(
+                tokenizer,
+                [build_prompt(subject, shots_pool[: n_shots[i]], q, protocol)],
+                add_special_tokens,
+                [conts[i]],
+            )[0]
         if not _fits(encs[i], max_length):
             truncated[i] = True
     rows: list[list[int]] = []
@@ -223,7 +249,7 @@ def _prepare_subject(tokenizer, subject: str, data: SubjectData, k: int, max_len
     requests: list[_Request] = []
     for i, (ctx, conts) in enumerate(encs):
         for letter, cont in enumerate(conts):
-            full = (ctx + cont)[-(max_length + 1):]  # lm_eval's left truncation (no-op when it fits)
+            full = (ctx + cont)[-(max_length + 1) :]  # lm_eval's left truncation (no-op when it fits)
             row = tuple(full[:-1])
             if row not in index:
                 index[row] = len(rows)
@@ -232,8 +258,9 @@ def _prepare_subject(tokenizer, subject: str, data: SubjectData, k: int, max_len
     return _Prepared(rows, requests, n_shots, truncated)
 
 
-def _encode_questions(tokenizer, contexts: list[str], add_special_tokens: bool,
-                      choices: Sequence[Sequence[str]] | None = None) -> list[tuple[list[int], list[list[int]]]]:
+def _encode_questions(
+    tokenizer, contexts: list[str], add_special_tokens: bool, choices: Sequence[Sequence[str]] | None = None
+) -> list[tuple[list[int], list[list[int]]]]:
     """Per context: its tokens and the tokens of each of its continuations (`` A``..`` D`` unless ``choices``
     gives each context its own), as lm_eval's _encode_pair."""
     choices = choices or [CONTINUATIONS] * len(contexts)
@@ -247,14 +274,15 @@ def _encode_questions(tokenizer, contexts: list[str], add_special_tokens: bool,
     out = []
     start = 0
     for cs in choices:
-        block = ids[start:start + len(cs) + 1]
+        block = ids[start : start + len(cs) + 1]
         start += len(cs) + 1
         ctx = block[-1]
-        conts = [whole[len(ctx):] for whole in block[:-1]]
+        conts = [whole[len(ctx) :] for whole in block[:-1]]
         for text, cont in zip(cs, conts):
             if not cont:
-                raise ValueError(f"the tokenizer gives no tokens for the continuation {text!r} after the prompt; "
-                                 f"cannot score it")
+                raise ValueError(
+                    f"the tokenizer gives no tokens for the continuation {text!r} after the prompt; cannot score it"
+                )
         out.append((ctx, conts))
     return out
 
@@ -286,23 +314,25 @@ def _supports_logits_to_keep(model) -> bool:
         return False
 
 
-def _padded_batch(rows: list[list[int]], chunk: list[int], pad_id: int, positions: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _padded_batch(
+    rows: list[list[int]], chunk: list[int], pad_id: int, positions: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids`` and ``attention_mask`` of the rows in ``chunk`` (longest first), and the
     (B, positions) indices of each row's last ``positions`` positions (clamped at 0 for short rows)."""
     width = len(rows[chunk[0]])
     ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(chunk), width), dtype=torch.long)
     for b, i in enumerate(chunk):
-        ids[b, :len(rows[i])] = torch.tensor(rows[i], dtype=torch.long)
-        mask[b, :len(rows[i])] = 1
+        ids[b, : len(rows[i])] = torch.tensor(rows[i], dtype=torch.long)
+        mask[b, : len(rows[i])] = 1
     lengths = torch.tensor([len(rows[i]) for i in chunk])
     pos = (lengths[:, None] - positions + torch.arange(positions)[None, :]).clamp(min=0)
     return ids, mask, pos
 
 
-def _sum_continuations(logp: torch.Tensor, chunk: list[int], conts: list[list[list[int]]], positions: int
-                       ) -> dict[int, list[float]]:
+def _sum_continuations(
+    logp: torch.Tensor, chunk: list[int], conts: list[list[list[int]]], positions: int
+) -> dict[int, list[float]]:
     """``{row: [summed log-probability of each of its continuations]}`` from the (B, P, V) log-softmax of a
     batch; every needed (batch row, position, token) is gathered in one indexing op."""
     bi, pi, ti, owner = [], [], [], []
@@ -322,8 +352,15 @@ def _sum_continuations(logp: torch.Tensor, chunk: list[int], conts: list[list[li
 
 
 @torch.no_grad()
-def score_rows(model, rows: list[list[int]], conts: list[list[list[int]]], batch_size: int = 8, pad_id: int = 0,
-               bf16: bool = True, keep_logits: bool | None = None) -> list[list[float]]:
+def score_rows(
+    model,
+    rows: list[list[int]],
+    conts: list[list[list[int]]],
+    batch_size: int = 8,
+    pad_id: int = 0,
+    bf16: bool = True,
+    keep_logits: bool | None = None,
+) -> list[list[float]]:
     """Summed log-probabilities of continuations at the end of token rows.
 
     ``conts[i]`` lists the continuations scored on row ``i``: continuation ``c`` is predicted by the
@@ -343,7 +380,7 @@ def score_rows(model, rows: list[list[int]], conts: list[list[list[int]]], batch
     order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), rows[i]))
     out: list[list[float]] = [[] for _ in rows]
     for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+        chunk = order[start : start + batch_size]
         ids, mask, pos = _padded_batch(rows, chunk, pad_id, positions)
         pos = pos.to(device)
         kwargs = dict(call_kwargs, logits_to_keep=pos) if keep_logits else call_kwargs
@@ -352,8 +389,10 @@ def score_rows(model, rows: list[list[int]], conts: list[list[list[int]]], batch
         if not keep_logits:
             logits = torch.take_along_dim(logits, pos.to(logits.device)[..., None], dim=1)
         elif logits.shape[:2] != pos.shape:
-            raise RuntimeError(f"{type(model).__name__} ignored logits_to_keep (logits {tuple(logits.shape)}); "
-                               f"call with keep_logits=False")
+            raise RuntimeError(
+                f"{type(model).__name__} ignored logits_to_keep (logits {tuple(logits.shape)}); "
+                f"call with keep_logits=False"
+            )
         logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # (B, P, V)
         del logits
         for i, sums in _sum_continuations(logp, chunk, conts, positions).items():
@@ -385,8 +424,11 @@ class SubjectResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "category": self.category, "accuracy": self.accuracy if self.n else None, "correct": self.correct,
-            "n": self.n, "shots_requested": self.shots_requested,
+            "category": self.category,
+            "accuracy": self.accuracy if self.n else None,
+            "correct": self.correct,
+            "n": self.n,
+            "shots_requested": self.shots_requested,
             "shots_used_min": min(self.shots_used) if self.shots_used else self.shots_requested,
             "shots_used_mean": sum(self.shots_used) / len(self.shots_used) if self.shots_used else 0.0,
             "shots_dropped": self.shots_dropped,
@@ -429,26 +471,41 @@ class MMLUResult:
         out = {}
         for cat in self.category_order:
             subs = [s for s in self.subjects.values() if s.category == cat]
-            out[cat] = {**_acc(sum(s.correct for s in subs), sum(s.n for s in subs)),
-                        "subjects": sorted(s.subject for s in subs)}
+            out[cat] = {
+                **_acc(sum(s.correct for s in subs), sum(s.n for s in subs)),
+                "subjects": sorted(s.subject for s in subs),
+            }
         return out
 
     def predictions(self) -> dict[str, list[int]]:
         return {name: list(s.predictions) for name, s in self.subjects.items()}
 
-    def to_dict(self, model: Mapping[str, Any] | None = None, adapter: Mapping[str, Any] | None = None,
-                include_predictions: bool = False) -> dict[str, Any]:
+    def to_dict(
+        self,
+        model: Mapping[str, Any] | None = None,
+        adapter: Mapping[str, Any] | None = None,
+        include_predictions: bool = False,
+    ) -> dict[str, Any]:
         subs = {name: s.to_dict() for name, s in sorted(self.subjects.items())}
         d: dict[str, Any] = {
-            "format": FORMAT, "task": "mmlu", "split": self.split, "k": self.k, "grouping": self.grouping,
-            "date": self.date, "wall_time_s": self.wall_time_s,
+            "format": FORMAT,
+            "task": "mmlu",
+            "split": self.split,
+            "k": self.k,
+            "grouping": self.grouping,
+            "date": self.date,
+            "wall_time_s": self.wall_time_s,
             "overall": _acc(self.correct, self.n),
             "categories": self.categories(),
             "subjects": subs,
-            "shots": {"requested": self.k, "dropped": sum(s["shots_dropped"] for s in subs.values()),
-                      "questions_with_dropped_shots": sum(s["questions_with_dropped_shots"] for s in subs.values()),
-                      "truncated_questions": sum(s["truncated"] for s in subs.values())},
-            "protocol": dict(self.protocol), "data": dict(self.data),
+            "shots": {
+                "requested": self.k,
+                "dropped": sum(s["shots_dropped"] for s in subs.values()),
+                "questions_with_dropped_shots": sum(s["questions_with_dropped_shots"] for s in subs.values()),
+                "truncated_questions": sum(s["truncated"] for s in subs.values()),
+            },
+            "protocol": dict(self.protocol),
+            "data": dict(self.data),
             "model": dict(model) if model is not None else None,
             "adapter": dict(adapter) if adapter is not None else None,
         }
@@ -480,12 +537,25 @@ def _resolve_data(data, source, subjects, k, grouping, split, categories):
 
 
 # ------------------------------------------------------------------------------ evaluation
-def evaluate_mmlu(model, tokenizer, data: str | os.PathLike | Mapping[str, SubjectData], *, source: str = "auto",
-                  subjects: str | Sequence[str] | None = None, k: int = 5, grouping: str = "original",
-                  batch_size: int = 8, max_length: int | None = None, bf16: bool = True,
-                  add_special_tokens: bool = True, split: str = "test", progress: bool = True,
-                  keep_logits: bool | None = None, categories: Mapping[str, str] | None = None,
-                  protocol: str = "letters") -> MMLUResult:
+def evaluate_mmlu(
+    model,
+    tokenizer,
+    data: str | os.PathLike | Mapping[str, SubjectData],
+    *,
+    source: str = "auto",
+    subjects: str | Sequence[str] | None = None,
+    k: int = 5,
+    grouping: str = "original",
+    batch_size: int = 8,
+    max_length: int | None = None,
+    bf16: bool = True,
+    add_special_tokens: bool = True,
+    split: str = "test",
+    progress: bool = True,
+    keep_logits: bool | None = None,
+    categories: Mapping[str, str] | None = None,
+    protocol: str = "letters",
+) -> MMLUResult:
     """Evaluate ``model`` on MMLU; ``data`` is a data directory / hub name or :func:`load_mmlu`'s output.
 
     ``k``: shots per prompt (0 = zero-shot); ``max_length``: context length (default: from the model
@@ -521,26 +591,49 @@ def evaluate_mmlu(model, tokenizer, data: str | os.PathLike | Mapping[str, Subje
         bar = tqdm(sorted(loaded), desc="MMLU", unit="subject", disable=not progress)
         for subject in bar:
             bar.set_postfix_str(subject)
-            results[subject] = _evaluate_subject(model, tokenizer, subject, loaded[subject], cats[subject], k,
-                                                 max_len, batch_size, pad_id, bf16, add_special_tokens, keep_logits,
-                                                 protocol)
+            results[subject] = _evaluate_subject(
+                model,
+                tokenizer,
+                subject,
+                loaded[subject],
+                cats[subject],
+                k,
+                max_len,
+                batch_size,
+                pad_id,
+                bf16,
+                add_special_tokens,
+                keep_logits,
+                protocol,
+            )
     finally:
         if was_training and hasattr(model, "train"):
             model.train()
     wall = time.perf_counter() - t0
     _warn_truncated(results, max_len, max_length)
     letters = protocol == "letters"
-    protocol = {"name": protocol,
-                "prompt": "lm_eval mmlu (default)" if letters else "lm_eval mmlu_continuation",
-                "continuations": list(CONTINUATIONS) if letters else "' ' + each choice's text",
-                "continuation_tokens": cont_toks if letters else None,
-                "single_token_continuations": all(len(v) == 1 for v in cont_toks.values()) if letters else None,
-                "max_length": max_len, "batch_size": batch_size,
-                "bf16_autocast": bool(bf16 and _model_device(model).type == "cuda"),
-                "add_special_tokens": add_special_tokens}
-    return MMLUResult(results, k=k, grouping=grouping, split=split, wall_time_s=round(wall, 3),
-                      date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                      protocol=protocol, data=data_info, category_order=order)
+    protocol = {
+        "name": protocol,
+        "prompt": "lm_eval mmlu (default)" if letters else "lm_eval mmlu_continuation",
+        "continuations": list(CONTINUATIONS) if letters else "' ' + each choice's text",
+        "continuation_tokens": cont_toks if letters else None,
+        "single_token_continuations": all(len(v) == 1 for v in cont_toks.values()) if letters else None,
+        "max_length": max_len,
+        "batch_size": batch_size,
+        "bf16_autocast": bool(bf16 and _model_device(model).type == "cuda"),
+        "add_special_tokens": add_special_tokens,
+    }
+    return MMLUResult(
+        results,
+        k=k,
+        grouping=grouping,
+        split=split,
+        wall_time_s=round(wall, 3),
+        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        protocol=protocol,
+        data=data_info,
+        category_order=order,
+    )
 
 
 def _warn_truncated(results: Mapping[str, "SubjectResult"], max_len: int, max_length: int | None) -> None:
@@ -549,34 +642,64 @@ def _warn_truncated(results: Mapping[str, "SubjectResult"], max_len: int, max_le
     cut, n = sum(r.truncated for r in results.values()), sum(r.n for r in results.values())
     if cut:
         where = "max_length" if max_length else "the model's context length"
-        warnings.warn(f"MMLU: {cut} of {n} questions do not fit {where} ({max_len} tokens) even zero-shot and were "
-                      "cut from the left: their scores read a truncated question and the accuracy is not comparable; "
-                      "raise mmlu.max_length (null: the model's context length)", stacklevel=3)
+        warnings.warn(
+            f"MMLU: {cut} of {n} questions do not fit {where} ({max_len} tokens) even zero-shot and were "
+            "cut from the left: their scores read a truncated question and the accuracy is not comparable; "
+            "raise mmlu.max_length (null: the model's context length)",
+            stacklevel=3,
+        )
 
 
-def _evaluate_subject(model, tokenizer, subject, data: SubjectData, category, k, max_len, batch_size, pad_id,
-                      bf16, add_special_tokens, keep_logits, protocol="letters") -> SubjectResult:
+def _evaluate_subject(
+    model,
+    tokenizer,
+    subject,
+    data: SubjectData,
+    category,
+    k,
+    max_len,
+    batch_size,
+    pad_id,
+    bf16,
+    add_special_tokens,
+    keep_logits,
+    protocol="letters",
+) -> SubjectResult:
     prep = _prepare_subject(tokenizer, subject, data, k, max_len, add_special_tokens, protocol)
     conts: list[list[list[int]]] = [[] for _ in prep.rows]
     slot = []
     for r in prep.requests:
         slot.append(len(conts[r.row]))
         conts[r.row].append(r.cont)
-    sums = score_rows(model, prep.rows, conts, batch_size=batch_size, pad_id=pad_id, bf16=bf16,
-                      keep_logits=keep_logits)
+    sums = score_rows(model, prep.rows, conts, batch_size=batch_size, pad_id=pad_id, bf16=bf16, keep_logits=keep_logits)
     n = len(data.test)
     scores = [[0.0] * len(LETTERS) for _ in range(n)]
     for r, j in zip(prep.requests, slot):
         scores[r.question][r.letter] = sums[r.row][j]
     preds = [max(range(len(LETTERS)), key=lambda j: (s[j], -j)) for s in scores]
     answers = [q.answer for q in data.test]
-    return SubjectResult(subject, category, sum(p == a for p, a in zip(preds, answers)), n, k, prep.shots,
-                         sum(prep.truncated), preds, answers, scores)
+    return SubjectResult(
+        subject,
+        category,
+        sum(p == a for p, a in zip(preds, answers)),
+        n,
+        k,
+        prep.shots,
+        sum(prep.truncated),
+        preds,
+        answers,
+        scores,
+    )
 
 
 # ---------------------------------------------------------------------------------- output
-def write_mmlu_json(result: MMLUResult, directory: str | os.PathLike, model: Mapping[str, Any] | None = None,
-                    adapter: Mapping[str, Any] | None = None, include_predictions: bool = False) -> Path:
+def write_mmlu_json(
+    result: MMLUResult,
+    directory: str | os.PathLike,
+    model: Mapping[str, Any] | None = None,
+    adapter: Mapping[str, Any] | None = None,
+    include_predictions: bool = False,
+) -> Path:
     """Write ``result.to_dict(...)`` atomically to ``mmlu.json`` in ``directory`` (a run directory, or
     ``runs/eval/<model>`` for a base model); returns its path."""
     path = Path(directory) / MMLU_FILE
@@ -584,17 +707,44 @@ def write_mmlu_json(result: MMLUResult, directory: str | os.PathLike, model: Map
     return path
 
 
-def run_mmlu(model, tokenizer, path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
-             source: str = "auto", subjects: str | Sequence[str] | None = None, k: int = 5,
-             grouping: str = "original", batch_size: int = 8, max_length: int | None = None, bf16: bool = True,
-             split: str = "test", model_identity: Mapping[str, Any] | None = None,
-             adapter_identity: Mapping[str, Any] | None = None, include_predictions: bool = False,
-             progress: bool = True, protocol: str = "letters") -> MMLUResult:
+def run_mmlu(
+    model,
+    tokenizer,
+    path: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    source: str = "auto",
+    subjects: str | Sequence[str] | None = None,
+    k: int = 5,
+    grouping: str = "original",
+    batch_size: int = 8,
+    max_length: int | None = None,
+    bf16: bool = True,
+    split: str = "test",
+    model_identity: Mapping[str, Any] | None = None,
+    adapter_identity: Mapping[str, Any] | None = None,
+    include_predictions: bool = False,
+    progress: bool = True,
+    protocol: str = "letters",
+) -> MMLUResult:
     """Evaluate and, when ``out_dir`` is given, write ``out_dir/mmlu.json``; the entry point for eval.py."""
-    result = evaluate_mmlu(model, tokenizer, path, source=source, subjects=subjects, k=k, grouping=grouping,
-                           batch_size=batch_size, max_length=max_length, bf16=bf16, split=split, progress=progress,
-                           protocol=protocol)
+    result = evaluate_mmlu(
+        model,
+        tokenizer,
+        path,
+        source=source,
+        subjects=subjects,
+        k=k,
+        grouping=grouping,
+        batch_size=batch_size,
+        max_length=max_length,
+        bf16=bf16,
+        split=split,
+        progress=progress,
+        protocol=protocol,
+    )
     if out_dir is not None:
-        write_mmlu_json(result, out_dir, model=model_identity, adapter=adapter_identity,
-                        include_predictions=include_predictions)
+        write_mmlu_json(
+            result, out_dir, model=model_identity, adapter=adapter_identity, include_predictions=include_predictions
+        )
     return result

@@ -29,6 +29,7 @@ Categories come from ``nora/resources/mmlu_subjects.json`` (the original release
 its categories (in the file's order) replace MMLU's four, for ``subjects``, ``available`` and the per-category
 accuracies alike (the offline LLM demo's questions, :mod:`nora.data.world`, are one).
 """
+
 from __future__ import annotations
 
 import csv
@@ -95,10 +96,14 @@ def custom_subjects(path: str | os.PathLike | None) -> dict[str, dict[str, str]]
                 table = json.loads(f.read_text(encoding="utf-8-sig"))
             except (OSError, ValueError) as exc:
                 raise ValueError(f"{f}: not a readable JSON file ({exc})") from None
-            if not isinstance(table, dict) or not table or not all(
-                    isinstance(v, dict) and isinstance(v.get("category"), str) for v in table.values()):
-                raise ValueError(f'{f}: expected {{"<subject>": {{"category": "<category>"}}, ...}} with at least '
-                                 "one subject")
+            if (
+                not isinstance(table, dict)
+                or not table
+                or not all(isinstance(v, dict) and isinstance(v.get("category"), str) for v in table.values())
+            ):
+                raise ValueError(
+                    f'{f}: expected {{"<subject>": {{"category": "<category>"}}, ...}} with at least one subject'
+                )
             return table
     return None
 
@@ -150,11 +155,14 @@ def resolve_subjects(subjects: str | Iterable[str] | None, path: str | os.PathLi
             close = difflib.get_close_matches(s, list(known), n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             if custom:
-                raise ValueError(f"unknown subject {s!r}{hint}; valid (from {path}/{SUBJECTS_FILE}): "
-                                 f"{', '.join(sorted(known))}")
-            raise ValueError(f"unknown MMLU subject {s!r}{hint}; valid subjects are the 57 keys of "
-                             f"nora/resources/mmlu_subjects.json, e.g. abstract_algebra, anatomy, "
-                             f"high_school_biology")
+                raise ValueError(
+                    f"unknown subject {s!r}{hint}; valid (from {path}/{SUBJECTS_FILE}): {', '.join(sorted(known))}"
+                )
+            raise ValueError(
+                f"unknown MMLU subject {s!r}{hint}; valid subjects are the 57 keys of "
+                f"nora/resources/mmlu_subjects.json, e.g. abstract_algebra, anatomy, "
+                f"high_school_biology"
+            )
         if s not in out:
             out.append(s)
     if not out:
@@ -164,9 +172,11 @@ def resolve_subjects(subjects: str | Iterable[str] | None, path: str | os.PathLi
 
 # ------------------------------------------------------------------------------- layouts
 def _expected_layouts(root: str | os.PathLike) -> str:
-    return (f"expected the original CSV layout {root}/{{dev,test}}/<subject>_{{dev,test}}.csv (from {DATA_URL}, "
-            f"unpacked) or a {HUB_NAME} copy ({root}/<subject>/{{dev,test}}-*.parquet or {root}/all/..., "
-            f"or a datasets save_to_disk folder), or path={HUB_NAME} with source=hf to read from the hub")
+    return (
+        f"expected the original CSV layout {root}/{{dev,test}}/<subject>_{{dev,test}}.csv (from {DATA_URL}, "
+        f"unpacked) or a {HUB_NAME} copy ({root}/<subject>/{{dev,test}}-*.parquet or {root}/all/..., "
+        f"or a datasets save_to_disk folder), or path={HUB_NAME} with source=hf to read from the hub"
+    )
 
 
 def _csv_root(root: Path) -> Path | None:
@@ -199,17 +209,18 @@ def _read_csv(path: Path, subject: str) -> list[MMLUQuestion]:
     except UnicodeDecodeError as exc:
         # the original release is UTF-8; a file re-saved by a spreadsheet program is often latin-1 / cp1252
         line = data.count(b"\n", 0, exc.start) + 1
-        raise ValueError(f"{path}, line {line}: not UTF-8 text (byte "
-                         f"0x{data[exc.start]:02x} at offset {exc.start}); the MMLU CSV files are UTF-8, re-encode "
-                         f"this one (e.g. iconv -f latin1 -t utf-8)") from None
+        raise ValueError(
+            f"{path}, line {line}: not UTF-8 text (byte "
+            f"0x{data[exc.start]:02x} at offset {exc.start}); the MMLU CSV files are UTF-8, re-encode "
+            f"this one (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
     rows = list(csv.reader(io.StringIO(text, newline="")))
     out = []
     for i, row in enumerate(rows):
         if not row:
             continue
         if len(row) != 6:
-            raise ValueError(f"{path}, row {i + 1}: expected 6 columns (question, A, B, C, D, answer), "
-                             f"got {len(row)}")
+            raise ValueError(f"{path}, row {i + 1}: expected 6 columns (question, A, B, C, D, answer), got {len(row)}")
         letter = row[5].strip().upper()
         if letter not in LETTERS:
             raise ValueError(f"{path}, row {i + 1}: answer must be one of A/B/C/D, got {row[5]!r}")
@@ -236,9 +247,12 @@ def _warn_unknown_csvs(root: Path, splits: Iterable[str]) -> None:
         unknown += sorted(str(f.relative_to(root)) for f in folder.glob("*.csv") if f.name not in known)
     if unknown:
         where = f" of {SUBJECTS_FILE}" if custom_subjects(root) else ""
-        warnings.warn(f"MMLU: {len(unknown)} CSV file(s) in {root} are not among the {len(table)} subjects{where} "
-                      "and are ignored: "
-                      f"{', '.join(unknown)}", stacklevel=3)
+        warnings.warn(
+            f"MMLU: {len(unknown)} CSV file(s) in {root} are not among the {len(table)} subjects{where} "
+            "and are ignored: "
+            f"{', '.join(unknown)}",
+            stacklevel=3,
+        )
 
 
 def _load_csv(root: Path, subject: str, split: str) -> tuple[list[MMLUQuestion], str]:
@@ -247,7 +261,8 @@ def _load_csv(root: Path, subject: str, split: str) -> tuple[list[MMLUQuestion],
         raise FileNotFoundError(
             f"MMLU {split} file for subject {subject!r} not found: {path}; expected the original CSV layout "
             f"{root}/{{dev,test}}/<subject>_{{dev,test}}.csv (from {DATA_URL}) or a {HUB_NAME} copy "
-            f"(source=hf)")
+            f"(source=hf)"
+        )
     return _read_csv(path, subject), str(path)
 
 
@@ -259,8 +274,9 @@ def _rows_to_questions(rows: Iterable[dict], subject: str, where: str) -> list[M
         if isinstance(ans, str):
             ans = LETTERS.index(ans.strip().upper()) if ans.strip().upper() in LETTERS else int(ans)
         if len(choices) != 4 or not 0 <= int(ans) <= 3:
-            raise ValueError(f"{where}, row {i}: expected 4 choices and answer 0-3, got {len(choices)} "
-                             f"choices and answer {ans!r}")
+            raise ValueError(
+                f"{where}, row {i}: expected 4 choices and answer 0-3, got {len(choices)} choices and answer {ans!r}"
+            )
         out.append(MMLUQuestion(subject, r["question"], tuple(choices), int(ans)))
     return out
 
@@ -276,8 +292,9 @@ class _HFReader:
 
     def _parquet_files(self, folder: Path, split: str) -> list[Path]:
         names = [split] + (["val"] if split == "validation" else [])
-        return sorted(f for n in names for f in folder.glob(f"{n}-*.parquet")) + \
-            sorted(f for n in names for f in folder.glob(f"{n}.parquet"))
+        return sorted(f for n in names for f in folder.glob(f"{n}-*.parquet")) + sorted(
+            f for n in names for f in folder.glob(f"{n}.parquet")
+        )
 
     def _read_parquet(self, files: list[Path]) -> list[dict]:
         import pyarrow.parquet as pq
@@ -323,8 +340,10 @@ class _HFReader:
         if got is not None:
             rows, where = got
             if rows and "subject" not in rows[0]:
-                raise ValueError(f"{where}: the {split} rows have no 'subject' column, so they cannot be split "
-                                 f"by subject; put each subject in {self.root}/<subject>/")
+                raise ValueError(
+                    f"{where}: the {split} rows have no 'subject' column, so they cannot be split "
+                    f"by subject; put each subject in {self.root}/<subject>/"
+                )
             picked = [r for r in rows if r["subject"] == subject]
             if picked:
                 return _rows_to_questions(picked, subject, where), where
@@ -333,7 +352,8 @@ class _HFReader:
             f"{self.root}/{subject}/{split}-*.parquet, {self.root}/all/{split}-*.parquet holding rows with "
             f"subject={subject!r}, or a datasets save_to_disk folder at {self.root}/{subject} (a {HUB_NAME} "
             f"copy), or the original CSV layout {self.root}/{{dev,test}}/<subject>_{{dev,test}}.csv "
-            f"(from {DATA_URL}, source=csv)")
+            f"(from {DATA_URL}, source=csv)"
+        )
 
     def _load_hub(self, subject: str, split: str) -> tuple[list[MMLUQuestion], str]:
         from datasets import load_dataset
@@ -344,7 +364,8 @@ class _HFReader:
             raise FileNotFoundError(
                 f"could not load MMLU subject {subject!r} split {split!r} from the hub dataset {self.path!r} "
                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); when offline, point the "
-                f"path at a local copy: {_expected_layouts('<dir>')}") from None
+                f"path at a local copy: {_expected_layouts('<dir>')}"
+            ) from None
         return _rows_to_questions(ds.to_list(), subject, f"{self.path}:{subject}"), f"{self.path}:{subject}"
 
 
@@ -370,8 +391,13 @@ def available_subjects(path: str | os.PathLike, source: str = "auto", split: str
     return found
 
 
-def load_mmlu(path: str | os.PathLike, source: str = "auto", subjects: str | Sequence[str] | None = None,
-              k: int = 5, split: str = "test") -> dict[str, SubjectData]:
+def load_mmlu(
+    path: str | os.PathLike,
+    source: str = "auto",
+    subjects: str | Sequence[str] | None = None,
+    k: int = 5,
+    split: str = "test",
+) -> dict[str, SubjectData]:
     """Read the evaluation split (``test`` by default) and, when ``k > 0``, the ``dev`` split.
 
     ``subjects``: ``None``/``"all"`` (all 57, each must be present), a list or comma-separated string
@@ -412,7 +438,8 @@ def _load_from_csv(path: str | os.PathLike, chosen: list[str], split: str, k: in
             f"{root} (first: {_csv_path(root, missing[0], split)}; missing: {', '.join(missing[:8])}"
             f"{', ...' if len(missing) > 8 else ''}); expected the original CSV layout "
             f"{root}/{{dev,test}}/<subject>_{{dev,test}}.csv (from {DATA_URL}) or a {HUB_NAME} copy (source=hf); "
-            f"or select subjects (subjects=[...] or subjects=available)")
+            f"or select subjects (subjects=[...] or subjects=available)"
+        )
     _warn_unknown_csvs(root, dict.fromkeys([split] + (["dev"] if k > 0 else [])))
     out: dict[str, SubjectData] = {}
     for s in chosen:
@@ -442,5 +469,7 @@ def _check_sizes(data: dict[str, SubjectData], split: str, k: int) -> None:
         if not d.test:
             raise ValueError(f"MMLU subject {s!r} has no {split} questions in {d.test_path}")
         if k > len(d.dev):
-            raise ValueError(f"MMLU subject {s!r}: k={k} shots requested but its dev split ({d.dev_path}) holds "
-                             f"only {len(d.dev)} questions; use k <= {len(d.dev)}")
+            raise ValueError(
+                f"MMLU subject {s!r}: k={k} shots requested but its dev split ({d.dev_path}) holds "
+                f"only {len(d.dev)} questions; use k <= {len(d.dev)}"
+            )

@@ -21,30 +21,39 @@ own ``hf`` model loads it with ``peft=`` through this entry point (or ``simple_e
     python -m nora.integrations.lm_eval --model hf \
         --model_args pretrained=meta-llama/Meta-Llama-3-8B,peft=runs/<run_name>/adapter --tasks mmlu --num_fewshot 5
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
+
 from nora.app.adapters import apply_adapter, resolve_adapter
 from nora.app.reload import load_trained_model
 from nora.errors import UserError
 from nora.models.causal_lm import resolve_dtype
 
 
-def _load(run_dir: str | None, pretrained: str | None, adapter: str | None, dtype: str | None,
-          model_path: str | None, device: str | None) -> tuple[Any, Any]:
+def _load(
+    run_dir: str | None,
+    pretrained: str | None,
+    adapter: str | None,
+    dtype: str | None,
+    model_path: str | None,
+    device: str | None,
+) -> tuple[Any, Any]:
     """``(model, tokenizer)``: the trained model on ``device``, frozen, in eval mode."""
 
     if (run_dir is None) == (pretrained is None):
-        raise UserError("lm_eval model nora: pass either run_dir=<training run> or pretrained=<model> "
-                        "(with adapter=<adapter dir or hub id>) in --model_args")
+        raise UserError(
+            "lm_eval model nora: pass either run_dir=<training run> or pretrained=<model> "
+            "(with adapter=<adapter dir or hub id>) in --model_args"
+        )
     if run_dir is not None:
         trained = load_trained_model(run_dir, device=device, dtype=dtype, model_path=model_path)
         return trained.model, trained.tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
 
     kwargs = {"dtype": resolve_dtype(dtype)} if dtype else {}
     model = AutoModelForCausalLM.from_pretrained(pretrained, **kwargs)
@@ -58,9 +67,16 @@ def _load(run_dir: str | None, pretrained: str | None, adapter: str | None, dtyp
 class NoraLM(HFLM):
     """lm_eval's ``hf`` model on a model that nora loaded (so NoRA activations and NoRA++ adapters are intact)."""
 
-    def __init__(self, run_dir: str | None = None, pretrained: str | None = None, adapter: str | None = None,
-                 dtype: str | None = None, model_path: str | None = None, device: str | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        run_dir: str | None = None,
+        pretrained: str | None = None,
+        adapter: str | None = None,
+        dtype: str | None = None,
+        model_path: str | None = None,
+        device: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         import torch
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")

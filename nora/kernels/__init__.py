@@ -25,6 +25,7 @@ Under ``torch.compile`` the backend is chosen once per (name, device type) at tr
 the graph (:func:`resolved_backend_name`, a constant to dynamo): the extension build, the warnings and the
 environment lookup never enter the traced region.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,15 @@ import torch
 from torch import Tensor
 
 from nora.kernels.autograd import REFERENCE_MATH, rational_op, residual_op
-from nora.rational.functional import (check_residual_inputs, rational_backward, rational_forward, rational_reference,
-                                      residual_backward, residual_forward, residual_reference)
+from nora.rational.functional import (
+    check_residual_inputs,
+    rational_backward,
+    rational_forward,
+    rational_reference,
+    residual_backward,
+    residual_forward,
+    residual_reference,
+)
 
 BackendFn = Callable[[Tensor, Tensor, Tensor, str], Tensor]
 # (x, numerator, denominator, fit_numerator, fit_denominator, form, activation) -> phi(x) + R(x) - R_fit(x)
@@ -66,10 +74,7 @@ def register_backend(backend: Backend) -> None:
 def available_backends(device_type: str | None = None) -> list[str]:
     """Names of the backends that can run on ``device_type`` (all devices if None), best first."""
     _load_optional_backends()
-    out = [
-        b for b in _REGISTRY.values()
-        if (device_type is None or device_type in b.devices) and _is_available(b)
-    ]
+    out = [b for b in _REGISTRY.values() if (device_type is None or device_type in b.devices) and _is_available(b)]
     return [b.name for b in sorted(out, key=lambda b: -b.priority)]
 
 
@@ -136,8 +141,7 @@ def reference_decompositions() -> dict:
     return dict(REFERENCE_MATH)
 
 
-def rational(x: Tensor, numerator: Tensor, denominator: Tensor, form: str = "A",
-             backend: str | None = None) -> Tensor:
+def rational(x: Tensor, numerator: Tensor, denominator: Tensor, form: str = "A", backend: str | None = None) -> Tensor:
     """Evaluate the group-wise rational ``P(x)/Q(x)`` with the chosen backend (the ``reference`` math while
     exporting to ONNX: :func:`exporting_to_onnx`)."""
     if exporting_to_onnx():
@@ -147,9 +151,16 @@ def rational(x: Tensor, numerator: Tensor, denominator: Tensor, form: str = "A",
     return resolve_backend(backend, x.device).fn(x, numerator, denominator, form)
 
 
-def residual_rational(x: Tensor, numerator: Tensor, denominator: Tensor, fit_numerator: Tensor,
-                      fit_denominator: Tensor, form: str = "A", activation: str = "none",
-                      backend: str | None = None) -> Tensor:
+def residual_rational(
+    x: Tensor,
+    numerator: Tensor,
+    denominator: Tensor,
+    fit_numerator: Tensor,
+    fit_denominator: Tensor,
+    form: str = "A",
+    activation: str = "none",
+    backend: str | None = None,
+) -> Tensor:
     """The residual form ``phi(x) + (R(x) - R_fit(x))`` (:mod:`nora.rational.functional`) with the chosen backend:
     ``phi`` one of ``KERNEL_ACTIVATIONS`` (``"none"``: the difference alone), ``R`` the rational of the trained
     coefficients, ``R_fit`` that of the frozen fit (same shapes). Exactly ``phi(x)`` while the two are equal. While
@@ -177,18 +188,41 @@ def rational_torch(x: Tensor, numerator: Tensor, denominator: Tensor, form: str 
     return rational_torch_op(x, numerator, denominator, form)
 
 
-def residual_torch(x: Tensor, numerator: Tensor, denominator: Tensor, fit_numerator: Tensor, fit_denominator: Tensor,
-                   form: str = "A", activation: str = "none") -> Tensor:
+def residual_torch(
+    x: Tensor,
+    numerator: Tensor,
+    denominator: Tensor,
+    fit_numerator: Tensor,
+    fit_denominator: Tensor,
+    form: str = "A",
+    activation: str = "none",
+) -> Tensor:
     check_residual_inputs(x, numerator, denominator, fit_numerator, fit_denominator, form, activation)
     return residual_torch_op(x, numerator, denominator, fit_numerator, fit_denominator, form, activation)
 
 
-register_backend(Backend(
-    "reference", rational_reference, ("cpu", "cuda", "mps", "xpu"), lambda: True, priority=0,
-    doc="plain autograd (slow; saves every intermediate)", residual=residual_reference))
-register_backend(Backend(
-    "torch", rational_torch, ("cpu", "cuda", "mps", "xpu"), lambda: True, priority=10,
-    doc="custom autograd.Function with analytic gradients; saves only x", residual=residual_torch))
+register_backend(
+    Backend(
+        "reference",
+        rational_reference,
+        ("cpu", "cuda", "mps", "xpu"),
+        lambda: True,
+        priority=0,
+        doc="plain autograd (slow; saves every intermediate)",
+        residual=residual_reference,
+    )
+)
+register_backend(
+    Backend(
+        "torch",
+        rational_torch,
+        ("cpu", "cuda", "mps", "xpu"),
+        lambda: True,
+        priority=10,
+        doc="custom autograd.Function with analytic gradients; saves only x",
+        residual=residual_torch,
+    )
+)
 
 _OPTIONAL = ("nora.kernels.cpu", "nora.kernels.triton")
 _optional_loaded = False

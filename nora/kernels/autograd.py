@@ -13,6 +13,7 @@ The backward op always returns three tensors (a custom op cannot return ``None``
 are not needed it returns zeros of their (tiny) shape, and the autograd formula hands ``None`` to autograd.
 Coefficient gradients come back in the coefficients' own dtype.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -42,11 +43,14 @@ def _op_pair(name: str, fwd_impl: Callable, bwd_impl: Callable, device_types: st
     ``custom_op``s with fake implementations that propagate shapes only (the forward returns a tensor like ``x``, the
     backward ``grad_x`` like ``x`` and the gradients of the two coefficient tensors after ``x``)."""
     if triton:
-        return (torch.library.triton_op(f"{NAMESPACE}::{name}", fwd_impl, mutates_args=()),
-                torch.library.triton_op(f"{NAMESPACE}::{name}_backward", bwd_impl, mutates_args=()))
+        return (
+            torch.library.triton_op(f"{NAMESPACE}::{name}", fwd_impl, mutates_args=()),
+            torch.library.triton_op(f"{NAMESPACE}::{name}_backward", bwd_impl, mutates_args=()),
+        )
     fwd_op = torch.library.custom_op(f"{NAMESPACE}::{name}", fwd_impl, mutates_args=(), device_types=device_types)
-    bwd_op = torch.library.custom_op(f"{NAMESPACE}::{name}_backward", bwd_impl, mutates_args=(),
-                                     device_types=device_types)
+    bwd_op = torch.library.custom_op(
+        f"{NAMESPACE}::{name}_backward", bwd_impl, mutates_args=(), device_types=device_types
+    )
 
     @fwd_op.register_fake
     def _(x, *_args):
@@ -54,15 +58,18 @@ def _op_pair(name: str, fwd_impl: Callable, bwd_impl: Callable, device_types: st
 
     @bwd_op.register_fake
     def _(x, numerator, denominator, *_args):
-        return (torch.empty_like(x, memory_format=torch.contiguous_format),
-                torch.empty(numerator.shape, dtype=numerator.dtype, device=numerator.device),
-                torch.empty(denominator.shape, dtype=denominator.dtype, device=denominator.device))
+        return (
+            torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty(numerator.shape, dtype=numerator.dtype, device=numerator.device),
+            torch.empty(denominator.shape, dtype=denominator.dtype, device=denominator.device),
+        )
 
     return fwd_op, bwd_op
 
 
-def rational_op(name: str, forward: ForwardFn, backward: BackwardFn, device_types: str | None = None,
-                triton: bool = False):
+def rational_op(
+    name: str, forward: ForwardFn, backward: BackwardFn, device_types: str | None = None, triton: bool = False
+):
     """Register ``nora::<name>`` (forward) and ``nora::<name>_backward`` and return the forward op.
 
     ``device_types`` restricts the implementations to one device type (``"cpu"`` for the C++ extension);
@@ -75,8 +82,9 @@ def rational_op(name: str, forward: ForwardFn, backward: BackwardFn, device_type
     def fwd_impl(x: Tensor, numerator: Tensor, denominator: Tensor, form: str) -> Tensor:
         return forward(x, numerator, denominator, form)
 
-    def bwd_impl(x: Tensor, numerator: Tensor, denominator: Tensor, grad_out: Tensor, form: str,
-                 need_coefficient_grads: bool) -> tuple[Tensor, Tensor, Tensor]:
+    def bwd_impl(
+        x: Tensor, numerator: Tensor, denominator: Tensor, grad_out: Tensor, form: str, need_coefficient_grads: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
         gx, ga, gb = backward(x, numerator, denominator, grad_out, form, need_coefficient_grads)
         if not need_coefficient_grads:
             ga = gb = None
@@ -102,26 +110,56 @@ def rational_op(name: str, forward: ForwardFn, backward: BackwardFn, device_type
 
 
 ResidualForwardFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, str, str], Tensor]
-ResidualBackwardFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, str, str, bool],
-                              tuple[Tensor, "Tensor | None", "Tensor | None"]]
+ResidualBackwardFn = Callable[
+    [Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, str, str, bool], tuple[Tensor, "Tensor | None", "Tensor | None"]
+]
 
 
-def residual_op(name: str, forward: ResidualForwardFn, backward: ResidualBackwardFn, device_types: str | None = None,
-                triton: bool = False):
+def residual_op(
+    name: str,
+    forward: ResidualForwardFn,
+    backward: ResidualBackwardFn,
+    device_types: str | None = None,
+    triton: bool = False,
+):
     """The residual form's pair of ops, ``nora::<name>(x, numerator, denominator, fit_numerator, fit_denominator,
     form, activation)`` and its ``_backward``, registered as :func:`rational_op` registers the plain rational's:
     fake implementations, an autograd formula that saves ``x`` and the four coefficient tensors. The fit's
     coefficients are frozen: asking for their gradient is an error (a silent zero would train nothing)."""
 
-    def fwd_impl(x: Tensor, numerator: Tensor, denominator: Tensor, fit_numerator: Tensor, fit_denominator: Tensor,
-                 form: str, activation: str) -> Tensor:
+    def fwd_impl(
+        x: Tensor,
+        numerator: Tensor,
+        denominator: Tensor,
+        fit_numerator: Tensor,
+        fit_denominator: Tensor,
+        form: str,
+        activation: str,
+    ) -> Tensor:
         return forward(x, numerator, denominator, fit_numerator, fit_denominator, form, activation)
 
-    def bwd_impl(x: Tensor, numerator: Tensor, denominator: Tensor, fit_numerator: Tensor, fit_denominator: Tensor,
-                 grad_out: Tensor, form: str, activation: str, need_coefficient_grads: bool
-                 ) -> tuple[Tensor, Tensor, Tensor]:
-        gx, ga, gb = backward(x, numerator, denominator, fit_numerator, fit_denominator, grad_out, form, activation,
-                              need_coefficient_grads)
+    def bwd_impl(
+        x: Tensor,
+        numerator: Tensor,
+        denominator: Tensor,
+        fit_numerator: Tensor,
+        fit_denominator: Tensor,
+        grad_out: Tensor,
+        form: str,
+        activation: str,
+        need_coefficient_grads: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        gx, ga, gb = backward(
+            x,
+            numerator,
+            denominator,
+            fit_numerator,
+            fit_denominator,
+            grad_out,
+            form,
+            activation,
+            need_coefficient_grads,
+        )
         if not need_coefficient_grads:
             ga = gb = None
         return gx.reshape(x.shape), _coefficient_grad(ga, numerator), _coefficient_grad(gb, denominator)
@@ -138,10 +176,21 @@ def residual_op(name: str, forward: ResidualForwardFn, backward: ResidualBackwar
         x, numerator, denominator, fit_numerator, fit_denominator = ctx.saved_tensors
         need_x, need_num, need_den, need_fit_num, need_fit_den = ctx.needs_input_grad[:5]
         if need_fit_num or need_fit_den:
-            raise RuntimeError("the residual form's fit coefficients are frozen: they take no gradient (train the "
-                               "numerator/denominator, or detach the fit)")
-        gx, ga, gb = bwd_op(x, numerator, denominator, fit_numerator, fit_denominator, grad_out, ctx.form,
-                            ctx.activation, bool(need_num or need_den))
+            raise RuntimeError(
+                "the residual form's fit coefficients are frozen: they take no gradient (train the "
+                "numerator/denominator, or detach the fit)"
+            )
+        gx, ga, gb = bwd_op(
+            x,
+            numerator,
+            denominator,
+            fit_numerator,
+            fit_denominator,
+            grad_out,
+            ctx.form,
+            ctx.activation,
+            bool(need_num or need_den),
+        )
         return (gx if need_x else None, ga if need_num else None, gb if need_den else None, None, None, None, None)
 
     fwd_op.register_autograd(backward_formula, setup_context=setup_context)

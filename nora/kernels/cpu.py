@@ -31,6 +31,7 @@ instruction sequence, so equal coefficients give exactly ``phi(x)`` and ``grad_o
 gradients are bit for bit those of :func:`rational_cpu` with the same trained coefficients. Degrees other than
 (5, 4) take float32 in the kernel (bfloat16/float16 inputs are upcast here, the result rounded back).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -93,9 +94,15 @@ def _compiler_id() -> str:
 
 def _ext_name(flags: list[str]) -> str:
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), torch.__version__.encode(),
-                 _compiler_id().encode(), _cpu_fingerprint().encode(), sys.version.encode(),
-                 str(_EXT_VERSION).encode()):
+    for part in (
+        SOURCE.read_bytes(),
+        " ".join(flags).encode(),
+        torch.__version__.encode(),
+        _compiler_id().encode(),
+        _cpu_fingerprint().encode(),
+        sys.version.encode(),
+        str(_EXT_VERSION).encode(),
+    ):
         h.update(part)
         h.update(b"\0")
     return f"nora_rational_cpu_{h.hexdigest()[:16]}"
@@ -119,8 +126,17 @@ def _file_lock(path: Path):
 
 def _build_record(so: Path, flags: list[str]) -> str:
     """What ``BUILD_OK`` records of a finished build: the flags and the shared object's name, size and sha256."""
-    return json.dumps({"flags": " ".join(flags), "file": so.name, "size": so.stat().st_size,
-                       "sha256": hashlib.sha256(so.read_bytes()).hexdigest()}) + "\n"
+    return (
+        json.dumps(
+            {
+                "flags": " ".join(flags),
+                "file": so.name,
+                "size": so.stat().st_size,
+                "sha256": hashlib.sha256(so.read_bytes()).hexdigest(),
+            }
+        )
+        + "\n"
+    )
 
 
 def _verified_library(build_dir: Path) -> tuple[Path | None, str | None]:
@@ -194,8 +210,13 @@ def _build_with(flags: list[str], verbose: bool):
         if stale.exists():
             stale.unlink()
         mod = _import_cpp_extension().load(
-            name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-            build_directory=str(build_dir), verbose=verbose)
+            name=name,
+            sources=[str(SOURCE)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            verbose=verbose,
+        )
         write_text_atomic(marker, _build_record(Path(mod.__file__), flags))
         return mod
 
@@ -206,7 +227,7 @@ def _first_error(exc: Exception) -> str:
     for line in text.splitlines():
         if "error:" in line or "Error:" in line:
             return line.strip()[:300]
-    return (text.splitlines()[-1][:300] if text else type(exc).__name__)
+    return text.splitlines()[-1][:300] if text else type(exc).__name__
 
 
 def load_extension(verbose: bool = False):
@@ -249,8 +270,11 @@ def available() -> bool:
     except Exception as exc:
         if not _warned:
             _warned = True
-            warnings.warn(f"nora: fused CPU backend unavailable ({exc}); falling back to the "
-                          "'torch' backend", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"nora: fused CPU backend unavailable ({exc}); falling back to the 'torch' backend",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return False
 
 
@@ -258,8 +282,7 @@ _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _coefs(numerator: Tensor, denominator: Tensor) -> tuple[Tensor, Tensor]:
-    return (numerator.detach().to(torch.float32).contiguous(),
-            denominator.detach().to(torch.float32).contiguous())
+    return (numerator.detach().to(torch.float32).contiguous(), denominator.detach().to(torch.float32).contiguous())
 
 
 def fused_forward(x: Tensor, numerator: Tensor, denominator: Tensor, form: str) -> Tensor:
@@ -269,13 +292,25 @@ def fused_forward(x: Tensor, numerator: Tensor, denominator: Tensor, form: str) 
     a, b = _coefs(numerator, denominator)
     y = torch.empty_like(x)
     d = x.shape[-1] if x.dim() else 1
-    ext.forward(x.data_ptr(), y.data_ptr(), a.data_ptr(), b.data_ptr(), x.numel(), d, a.shape[0],
-                a.shape[1], b.shape[1], _DTYPE_CODES[x.dtype], form == "B")
+    ext.forward(
+        x.data_ptr(),
+        y.data_ptr(),
+        a.data_ptr(),
+        b.data_ptr(),
+        x.numel(),
+        d,
+        a.shape[0],
+        a.shape[1],
+        b.shape[1],
+        _DTYPE_CODES[x.dtype],
+        form == "B",
+    )
     return y
 
 
-def fused_backward(x: Tensor, numerator: Tensor, denominator: Tensor, grad_out: Tensor, form: str,
-                   need_coef: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def fused_backward(
+    x: Tensor, numerator: Tensor, denominator: Tensor, grad_out: Tensor, form: str, need_coef: bool = True
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """grad_x (x's dtype) and, if ``need_coef``, float32 coefficient gradients (G, m+1), (G, n)."""
     ext = load_extension()
     x = x.detach().contiguous()
@@ -285,9 +320,23 @@ def fused_backward(x: Tensor, numerator: Tensor, denominator: Tensor, grad_out: 
     ga = torch.empty_like(a) if need_coef else None
     gb = torch.empty_like(b) if need_coef else None
     d = x.shape[-1] if x.dim() else 1
-    ext.backward(x.data_ptr(), go.data_ptr(), gx.data_ptr(), a.data_ptr(), b.data_ptr(),
-                 ga.data_ptr() if need_coef else 0, gb.data_ptr() if need_coef else 0, x.numel(), d,
-                 a.shape[0], a.shape[1], b.shape[1], _DTYPE_CODES[x.dtype], form == "B", need_coef)
+    ext.backward(
+        x.data_ptr(),
+        go.data_ptr(),
+        gx.data_ptr(),
+        a.data_ptr(),
+        b.data_ptr(),
+        ga.data_ptr() if need_coef else 0,
+        gb.data_ptr() if need_coef else 0,
+        x.numel(),
+        d,
+        a.shape[0],
+        a.shape[1],
+        b.shape[1],
+        _DTYPE_CODES[x.dtype],
+        form == "B",
+        need_coef,
+    )
     return gx, ga, gb
 
 
@@ -315,8 +364,15 @@ def _is_default_degrees(numerator: Tensor, denominator: Tensor) -> bool:
     return numerator.shape[1] == 6 and denominator.shape[1] == 4
 
 
-def fused_residual_forward(x: Tensor, numerator: Tensor, denominator: Tensor, fit_numerator: Tensor,
-                           fit_denominator: Tensor, form: str, activation: str) -> Tensor:
+def fused_residual_forward(
+    x: Tensor,
+    numerator: Tensor,
+    denominator: Tensor,
+    fit_numerator: Tensor,
+    fit_denominator: Tensor,
+    form: str,
+    activation: str,
+) -> Tensor:
     """No-autograd ``phi(x) + (R(x) - R_fit(x))`` through the extension (x: CPU float32/bfloat16/float16)."""
     ext = load_extension()
     out_dtype = x.dtype
@@ -327,15 +383,36 @@ def fused_residual_forward(x: Tensor, numerator: Tensor, denominator: Tensor, fi
     fa, fb = _coefs(fit_numerator, fit_denominator)
     y = torch.empty_like(x)
     d = x.shape[-1] if x.dim() else 1
-    ext.residual_forward(x.data_ptr(), y.data_ptr(), a.data_ptr(), b.data_ptr(), fa.data_ptr(), fb.data_ptr(),
-                         x.numel(), d, a.shape[0], a.shape[1], b.shape[1], _DTYPE_CODES[x.dtype], form == "B",
-                         KERNEL_ACTIVATIONS.index(activation))
+    ext.residual_forward(
+        x.data_ptr(),
+        y.data_ptr(),
+        a.data_ptr(),
+        b.data_ptr(),
+        fa.data_ptr(),
+        fb.data_ptr(),
+        x.numel(),
+        d,
+        a.shape[0],
+        a.shape[1],
+        b.shape[1],
+        _DTYPE_CODES[x.dtype],
+        form == "B",
+        KERNEL_ACTIVATIONS.index(activation),
+    )
     return y.to(out_dtype)
 
 
-def fused_residual_backward(x: Tensor, numerator: Tensor, denominator: Tensor, fit_numerator: Tensor,
-                            fit_denominator: Tensor, grad_out: Tensor, form: str, activation: str,
-                            need_coef: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def fused_residual_backward(
+    x: Tensor,
+    numerator: Tensor,
+    denominator: Tensor,
+    fit_numerator: Tensor,
+    fit_denominator: Tensor,
+    grad_out: Tensor,
+    form: str,
+    activation: str,
+    need_coef: bool = True,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """grad_x (x's dtype) and, if ``need_coef``, the float32 coefficient gradients of ``R`` (G, m+1), (G, n)."""
     ext = load_extension()
     out_dtype = x.dtype
@@ -349,10 +426,26 @@ def fused_residual_backward(x: Tensor, numerator: Tensor, denominator: Tensor, f
     ga = torch.empty_like(a) if need_coef else None
     gb = torch.empty_like(b) if need_coef else None
     d = x.shape[-1] if x.dim() else 1
-    ext.residual_backward(x.data_ptr(), go.data_ptr(), gx.data_ptr(), a.data_ptr(), b.data_ptr(), fa.data_ptr(),
-                          fb.data_ptr(), ga.data_ptr() if need_coef else 0, gb.data_ptr() if need_coef else 0,
-                          x.numel(), d, a.shape[0], a.shape[1], b.shape[1], _DTYPE_CODES[x.dtype], form == "B",
-                          KERNEL_ACTIVATIONS.index(activation), need_coef)
+    ext.residual_backward(
+        x.data_ptr(),
+        go.data_ptr(),
+        gx.data_ptr(),
+        a.data_ptr(),
+        b.data_ptr(),
+        fa.data_ptr(),
+        fb.data_ptr(),
+        ga.data_ptr() if need_coef else 0,
+        gb.data_ptr() if need_coef else 0,
+        x.numel(),
+        d,
+        a.shape[0],
+        a.shape[1],
+        b.shape[1],
+        _DTYPE_CODES[x.dtype],
+        form == "B",
+        KERNEL_ACTIVATIONS.index(activation),
+        need_coef,
+    )
     return gx.to(out_dtype), ga, gb
 
 
@@ -361,8 +454,15 @@ def fused_residual_backward(x: Tensor, numerator: Tensor, denominator: Tensor, f
 residual_cpu_op = residual_op("residual_cpu", fused_residual_forward, fused_residual_backward, device_types="cpu")
 
 
-def residual_cpu(x: Tensor, numerator: Tensor, denominator: Tensor, fit_numerator: Tensor, fit_denominator: Tensor,
-                 form: str = "A", activation: str = "none") -> Tensor:
+def residual_cpu(
+    x: Tensor,
+    numerator: Tensor,
+    denominator: Tensor,
+    fit_numerator: Tensor,
+    fit_denominator: Tensor,
+    form: str = "A",
+    activation: str = "none",
+) -> Tensor:
     """Fused CPU residual form ``phi(x) + (R(x) - R_fit(x))`` (routing as :func:`rational_cpu`: float64 and degrees
     beyond the kernel's go to the pure-torch backend)."""
     check_residual_inputs(x, numerator, denominator, fit_numerator, fit_denominator, form, activation)
@@ -375,7 +475,14 @@ def residual_cpu(x: Tensor, numerator: Tensor, denominator: Tensor, fit_numerato
     return residual_cpu_op(x, numerator, denominator, fit_numerator, fit_denominator, form, activation)
 
 
-register_backend(Backend(
-    "cpu", rational_cpu, ("cpu",), available, priority=20,
-    doc="fused C++ extension (JIT-built once, cached); saves only x; deterministic",
-    residual=residual_cpu))
+register_backend(
+    Backend(
+        "cpu",
+        rational_cpu,
+        ("cpu",),
+        available,
+        priority=20,
+        doc="fused C++ extension (JIT-built once, cached); saves only x; deterministic",
+        residual=residual_cpu,
+    )
+)

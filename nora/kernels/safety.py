@@ -21,6 +21,7 @@ tell the activation apart, its reference is ``residual_forward`` / ``residual_ba
 The check runs wherever the kernel runs, so on the CPU under ``TRITON_INTERPRET=1`` as well: that is how the
 tests exercise the fallback (they make the Triton path fail or disagree).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -31,8 +32,16 @@ import torch
 from torch import Tensor
 
 from nora.kernels import rational_torch, residual_torch
-from nora.rational.functional import (activation_backward, activation_value, rational_backward, rational_forward,
-                                      rational_reference, residual_backward, residual_forward, residual_reference)
+from nora.rational.functional import (
+    activation_backward,
+    activation_value,
+    rational_backward,
+    rational_forward,
+    rational_reference,
+    residual_backward,
+    residual_forward,
+    residual_reference,
+)
 
 SLICE_ROWS = 8
 # max |got - ref| allowed, relative to |ref| + 1% of the largest |ref| of the quantity: far above rounding
@@ -63,6 +72,7 @@ def _split(args: tuple, n_tensors: int) -> tuple[tuple, tuple]:
 def kernel_probe(forward, backward, n_tensors: int = 2) -> ProbeFn:
     """Probe of a backend given by its no-grad forward and backward (no autograd graph, nothing saved);
     ``n_tensors`` coefficient tensors follow ``x`` (2: the rational, 4: the residual form)."""
+
     def probe(x, *args):
         tensors, (go, *statics) = _split(args, n_tensors)
         gx, ga, gb = backward(x, *tensors, go, *statics, True)
@@ -74,6 +84,7 @@ def kernel_probe(forward, backward, n_tensors: int = 2) -> ProbeFn:
 def autograd_probe(apply: ApplyFn, n_tensors: int = 2) -> ProbeFn:
     """Probe of any autograd-aware function (detached copies, gradients of x and the first two coefficient
     tensors by torch.autograd.grad; a residual form's fit takes none)."""
+
     def probe(x, *args):
         tensors, (go, *statics) = _split(args, n_tensors)
         x, a, b = (t.detach().clone().requires_grad_() for t in (x, *tensors[:2]))
@@ -98,8 +109,15 @@ def compiled_reference(x: Tensor, numerator: Tensor, denominator: Tensor, form: 
     return _compiled_reference(x, numerator, denominator, form)
 
 
-def compiled_residual_reference(x: Tensor, numerator: Tensor, denominator: Tensor, fit_numerator: Tensor,
-                                fit_denominator: Tensor, form: str = "A", activation: str = "none") -> Tensor:
+def compiled_residual_reference(
+    x: Tensor,
+    numerator: Tensor,
+    denominator: Tensor,
+    fit_numerator: Tensor,
+    fit_denominator: Tensor,
+    form: str = "A",
+    activation: str = "none",
+) -> Tensor:
     """``torch.compile`` of the residual form's reference math."""
     global _compiled_residual_reference
     if _compiled_residual_reference is None:
@@ -111,8 +129,15 @@ def torch_backend(x: Tensor, numerator: Tensor, denominator: Tensor, form: str =
     return rational_torch(x, numerator, denominator, form)
 
 
-def residual_torch_backend(x: Tensor, numerator: Tensor, denominator: Tensor, fit_numerator: Tensor,
-                           fit_denominator: Tensor, form: str = "A", activation: str = "none") -> Tensor:
+def residual_torch_backend(
+    x: Tensor,
+    numerator: Tensor,
+    denominator: Tensor,
+    fit_numerator: Tensor,
+    fit_denominator: Tensor,
+    form: str = "A",
+    activation: str = "none",
+) -> Tensor:
     return residual_torch(x, numerator, denominator, fit_numerator, fit_denominator, form, activation)
 
 
@@ -120,10 +145,14 @@ def fallbacks(family: "Family | None" = None) -> list[Candidate]:
     """What replaces a kernel that fails its self-check, in order; the last one is trusted without a check.
     (The module's functions are looked up at call time, so a test can replace them.)"""
     if family is None or family.name == "rational":
-        return [Candidate("torch.compile", compiled_reference, autograd_probe(compiled_reference)),
-                Candidate("torch", torch_backend, autograd_probe(torch_backend))]
-    return [Candidate("torch.compile", compiled_residual_reference, autograd_probe(compiled_residual_reference, 4)),
-            Candidate("torch", residual_torch_backend, autograd_probe(residual_torch_backend, 4))]
+        return [
+            Candidate("torch.compile", compiled_reference, autograd_probe(compiled_reference)),
+            Candidate("torch", torch_backend, autograd_probe(torch_backend)),
+        ]
+    return [
+        Candidate("torch.compile", compiled_residual_reference, autograd_probe(compiled_residual_reference, 4)),
+        Candidate("torch", residual_torch_backend, autograd_probe(residual_torch_backend, 4)),
+    ]
 
 
 def _residual_scales(x: Tensor, tensors: tuple, go: Tensor, statics: tuple) -> tuple[Tensor, Tensor]:
@@ -131,16 +160,23 @@ def _residual_scales(x: Tensor, tensors: tuple, go: Tensor, statics: tuple) -> t
     a, b, fa, fb = tensors
     form, activation = statics
     ones = torch.ones_like(x)
-    y = activation_value(x, activation).abs() + rational_forward(x, a, b, form).abs() \
+    y = (
+        activation_value(x, activation).abs()
+        + rational_forward(x, a, b, form).abs()
         + rational_forward(x, fa, fb, form).abs()
-    d = activation_backward(ones, x, activation).abs() + rational_backward(x, a, b, ones, form, False)[0].abs() \
+    )
+    d = (
+        activation_backward(ones, x, activation).abs()
+        + rational_backward(x, a, b, ones, form, False)[0].abs()
         + rational_backward(x, fa, fb, ones, form, False)[0].abs()
+    )
     return y, go.abs() * d
 
 
 @dataclass(frozen=True)
 class Family:
     """What a safety net checks: the op's arguments and its float64 reference math."""
+
     name: str  # "rational" or "residual" (in the warnings)
     n_tensors: int  # coefficient tensors after x (the first two take gradients); then form[, activation]
     forward: Callable  # (x, *tensors, *statics) -> y, no graph
@@ -151,14 +187,23 @@ class Family:
 
 
 RATIONAL = Family("rational", 2, rational_forward, rational_backward, rational_reference, torch_backend)
-RESIDUAL = Family("residual", 4, residual_forward, residual_backward, residual_reference, residual_torch_backend,
-                  _residual_scales)
+RESIDUAL = Family(
+    "residual", 4, residual_forward, residual_backward, residual_reference, residual_torch_backend, _residual_scales
+)
 
 
 def shape_class(x: Tensor, numerator: Tensor, denominator: Tensor, form: str, *statics: str) -> tuple:
     """(device, D, G, m + 1, n, dtype, form[, activation])."""
-    return (str(x.device), x.shape[-1], numerator.shape[0], numerator.shape[1], denominator.shape[1], x.dtype, form,
-            *statics)
+    return (
+        str(x.device),
+        x.shape[-1],
+        numerator.shape[0],
+        numerator.shape[1],
+        denominator.shape[1],
+        x.dtype,
+        form,
+        *statics,
+    )
 
 
 def describe(key: tuple) -> str:
@@ -178,8 +223,10 @@ def _mismatch(name: str, got: Tensor, ref: Tensor, tol: float, scale: Tensor | N
     allowed = tol * (scale + 0.01 * (scale.max() if scale.numel() else 0.0))
     if (err > allowed).any():
         worst = int(torch.argmax(err - allowed))
-        return (f"{name} differs from the reference by up to {err.max().item():.3g} "
-                f"(got {got[finite][worst].item():.6g}, expected {ref[finite][worst].item():.6g})")
+        return (
+            f"{name} differs from the reference by up to {err.max().item():.3g} "
+            f"(got {got[finite][worst].item():.6g}, expected {ref[finite][worst].item():.6g})"
+        )
     return None
 
 
@@ -208,8 +255,9 @@ def self_check(probe: ProbeFn, x: Tensor, *args, family: Family | None = None) -
     # value beyond float16's range is inf on both sides
     stored = (x.dtype, x.dtype, torch.float32, torch.float32)
     tol = TOLERANCE[x.dtype]
-    for name, g, w, dtype, scale in zip(("output", "grad_x", "grad_numerator", "grad_denominator"), got, want, stored,
-                                        scales):
+    for name, g, w, dtype, scale in zip(
+        ("output", "grad_x", "grad_numerator", "grad_denominator"), got, want, stored, scales
+    ):
         problem = _mismatch(name, g, w.to(dtype).double().cpu(), tol, scale)
         if problem:
             return problem
@@ -227,14 +275,17 @@ def _synthetic_inputs(key: tuple, family: Family) -> tuple[Tensor, ...]:
     x = (2.0 * torch.randn(SLICE_ROWS, d, generator=gen)).to(device=device, dtype=dtype)
     coefs = []
     for _ in range(family.n_tensors // 2):
-        coefs += [(0.5 * torch.randn(g, m1, generator=gen)).to(device),
-                  (0.5 * torch.randn(g, n, generator=gen)).to(device)]
+        coefs += [
+            (0.5 * torch.randn(g, m1, generator=gen)).to(device),
+            (0.5 * torch.randn(g, n, generator=gen)).to(device),
+        ]
     return (x, *coefs)
 
 
 @torch.compiler.assume_constant_result
-def traced_verdict(net: str, device: str, d: int, g: int, m1: int, n: int, dtype: torch.dtype, form: str,
-                   activation: str | None = None) -> str:
+def traced_verdict(
+    net: str, device: str, d: int, g: int, m1: int, n: int, dtype: torch.dtype, form: str, activation: str | None = None
+) -> str:
     """Name of the candidate ``net`` uses for this shape class; dynamo runs it eagerly at trace time."""
     self = _NETS[net]
     key = (device, d, g, m1, n, dtype, form) + (() if activation is None else (activation,))
@@ -281,7 +332,10 @@ class SafetyNet:
             problem = self_check(candidate.probe, x, *args, family=self.family)
             if problem is None:
                 return candidate
-            warnings.warn(f"nora: the {candidate.name} {self.family.name} kernel failed its self-check on "
-                          f"{describe(key)} ({problem}); using {successor.name} for this shape class instead",
-                          RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                f"nora: the {candidate.name} {self.family.name} kernel failed its self-check on "
+                f"{describe(key)} ({problem}); using {successor.name} for this shape class instead",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         return chain[-1]

@@ -32,6 +32,7 @@ CPU tensors (Triton's interpreter; slow, tests use small shapes). The variable m
 first imported (triton decorates its own library functions such as ``tl.sum`` at import time);
 tests therefore run the interpreter checks in a subprocess.
 """
+
 from __future__ import annotations
 
 import os
@@ -78,6 +79,7 @@ def available() -> bool:
 # kernels keep their launch signature (no argument of the residual form, no default arguments, which torch's
 # analysis of user kernels under torch.compile does not fill in). Device functions are jitted when this module is
 # imported (for the TRITON_INTERPRET setting of that moment), the entry kernels by _kernels().
+
 
 def _identity(fn):
     return fn
@@ -191,9 +193,25 @@ def _ratio_grad(x, u, NUM, DEN, a_off, b_off, cmask, M1: tl.constexpr, N: tl.con
 
 
 @_device_fn
-def _fwd_body(X, Y, NUM, DEN, FNUM, FDEN, R, D, C, N_DB,
-              M1: tl.constexpr, N: tl.constexpr, FORM_B: tl.constexpr, RESIDUAL: tl.constexpr, ACT: tl.constexpr,
-              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _fwd_body(
+    X,
+    Y,
+    NUM,
+    DEN,
+    FNUM,
+    FDEN,
+    R,
+    D,
+    C,
+    N_DB,
+    M1: tl.constexpr,
+    N: tl.constexpr,
+    FORM_B: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """y = P/Q, or with RESIDUAL y = phi(x) + (P/Q - P_fit/Q_fit) (both rationals by the same code)."""
     pid = tl.program_id(0)
     db = pid % N_DB
@@ -220,9 +238,30 @@ def _fwd_body(X, Y, NUM, DEN, FNUM, FDEN, R, D, C, N_DB,
 
 
 @_device_fn
-def _bwd_body(X, GO, GX, NUM, DEN, FNUM, FDEN, PART, R, D, C, N_DB, N_RP, ITERS,
-              M1: tl.constexpr, N: tl.constexpr, FORM_B: tl.constexpr, NEED_COEF: tl.constexpr,
-              RESIDUAL: tl.constexpr, ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _bwd_body(
+    X,
+    GO,
+    GX,
+    NUM,
+    DEN,
+    FNUM,
+    FDEN,
+    PART,
+    R,
+    D,
+    C,
+    N_DB,
+    N_RP,
+    ITERS,
+    M1: tl.constexpr,
+    N: tl.constexpr,
+    FORM_B: tl.constexpr,
+    NEED_COEF: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """grad_x = go dF/dx (RESIDUAL: go (phi' + (dF/dx - dF_fit/dx))) and the per-program partial sums of the
     coefficient-gradient terms of F = P/Q (never of the fit)."""
     pid = tl.program_id(0)
@@ -273,30 +312,138 @@ def _bwd_body(X, GO, GX, NUM, DEN, FNUM, FDEN, PART, R, D, C, N_DB, N_RP, ITERS,
 
 
 # entry kernels (plain functions, decorated by _kernels() / _residual_kernels() for the current interpreter setting)
-def _rational_fwd(X, Y, NUM, DEN, R, D, C, N_DB,
-                  M1: tl.constexpr, N: tl.constexpr, FORM_B: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rational_fwd(
+    X,
+    Y,
+    NUM,
+    DEN,
+    R,
+    D,
+    C,
+    N_DB,
+    M1: tl.constexpr,
+    N: tl.constexpr,
+    FORM_B: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     _fwd_body(X, Y, NUM, DEN, NUM, DEN, R, D, C, N_DB, M1, N, FORM_B, False, 0, BLOCK_R, BLOCK_D)
 
 
-def _rational_bwd(X, GO, GX, NUM, DEN, PART, R, D, C, N_DB, N_RP, ITERS,
-                  M1: tl.constexpr, N: tl.constexpr, FORM_B: tl.constexpr,
-                  NEED_COEF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    _bwd_body(X, GO, GX, NUM, DEN, NUM, DEN, PART, R, D, C, N_DB, N_RP, ITERS, M1, N, FORM_B, NEED_COEF, False, 0,
-              BLOCK_R, BLOCK_D)
+def _rational_bwd(
+    X,
+    GO,
+    GX,
+    NUM,
+    DEN,
+    PART,
+    R,
+    D,
+    C,
+    N_DB,
+    N_RP,
+    ITERS,
+    M1: tl.constexpr,
+    N: tl.constexpr,
+    FORM_B: tl.constexpr,
+    NEED_COEF: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    _bwd_body(
+        X,
+        GO,
+        GX,
+        NUM,
+        DEN,
+        NUM,
+        DEN,
+        PART,
+        R,
+        D,
+        C,
+        N_DB,
+        N_RP,
+        ITERS,
+        M1,
+        N,
+        FORM_B,
+        NEED_COEF,
+        False,
+        0,
+        BLOCK_R,
+        BLOCK_D,
+    )
 
 
-def _residual_fwd(X, Y, NUM, DEN, FNUM, FDEN, R, D, C, N_DB,
-                  M1: tl.constexpr, N: tl.constexpr, FORM_B: tl.constexpr, ACT: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _residual_fwd(
+    X,
+    Y,
+    NUM,
+    DEN,
+    FNUM,
+    FDEN,
+    R,
+    D,
+    C,
+    N_DB,
+    M1: tl.constexpr,
+    N: tl.constexpr,
+    FORM_B: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     _fwd_body(X, Y, NUM, DEN, FNUM, FDEN, R, D, C, N_DB, M1, N, FORM_B, True, ACT, BLOCK_R, BLOCK_D)
 
 
-def _residual_bwd(X, GO, GX, NUM, DEN, FNUM, FDEN, PART, R, D, C, N_DB, N_RP, ITERS,
-                  M1: tl.constexpr, N: tl.constexpr, FORM_B: tl.constexpr, NEED_COEF: tl.constexpr,
-                  ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    _bwd_body(X, GO, GX, NUM, DEN, FNUM, FDEN, PART, R, D, C, N_DB, N_RP, ITERS, M1, N, FORM_B, NEED_COEF, True, ACT,
-              BLOCK_R, BLOCK_D)
+def _residual_bwd(
+    X,
+    GO,
+    GX,
+    NUM,
+    DEN,
+    FNUM,
+    FDEN,
+    PART,
+    R,
+    D,
+    C,
+    N_DB,
+    N_RP,
+    ITERS,
+    M1: tl.constexpr,
+    N: tl.constexpr,
+    FORM_B: tl.constexpr,
+    NEED_COEF: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    _bwd_body(
+        X,
+        GO,
+        GX,
+        NUM,
+        DEN,
+        FNUM,
+        FDEN,
+        PART,
+        R,
+        D,
+        C,
+        N_DB,
+        N_RP,
+        ITERS,
+        M1,
+        N,
+        FORM_B,
+        NEED_COEF,
+        True,
+        ACT,
+        BLOCK_R,
+        BLOCK_D,
+    )
 
 
 _KERNELS: dict[bool, tuple] = {}
@@ -309,11 +456,15 @@ def _mode() -> bool:
         raise RuntimeError("triton is not installed")
     mode = interpret_mode()
     if mode and type(tl.sum).__name__ != "InterpretedFunction":
-        raise RuntimeError("TRITON_INTERPRET=1 was set after triton was imported; set it in the "
-                           "environment before the process imports triton")
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 was set after triton was imported; set it in the "
+            "environment before the process imports triton"
+        )
     if mode != (type(_fwd_body).__name__ == "InterpretedFunction"):
-        raise RuntimeError("TRITON_INTERPRET changed after nora.kernels.triton was imported; set it (or not) in the "
-                           "environment before the process starts")
+        raise RuntimeError(
+            "TRITON_INTERPRET changed after nora.kernels.triton was imported; set it (or not) in the "
+            "environment before the process starts"
+        )
     return mode
 
 
@@ -368,8 +519,14 @@ def _launcher(kernel):
     return torch.library.wrap_triton(kernel)
 
 
-def _forward(x: Tensor, numerator: Tensor, denominator: Tensor, form: str, fit: tuple[Tensor, Tensor] | None = None,
-             activation: str = "none") -> Tensor:
+def _forward(
+    x: Tensor,
+    numerator: Tensor,
+    denominator: Tensor,
+    form: str,
+    fit: tuple[Tensor, Tensor] | None = None,
+    activation: str = "none",
+) -> Tensor:
     """y = P/Q, or with ``fit`` the residual form phi(x) + (P/Q - P_fit/Q_fit)."""
     fwd = _kernels()[0] if fit is None else _residual_kernels()[0]
     x = x.detach().contiguous()
@@ -383,19 +540,41 @@ def _forward(x: Tensor, numerator: Tensor, denominator: Tensor, form: str, fit: 
     with _device_guard(x):
         if fit is None:
             _launcher(fwd)[(n_rb * n_db,)](
-                x, y, a, b, rows, d, c, n_db, **consts, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=NUM_WARPS)
+                x, y, a, b, rows, d, c, n_db, **consts, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=NUM_WARPS
+            )
         else:
             fa = fit[0].detach().to(torch.float32).contiguous()
             fb = _den_table(fit[1], form)
             _launcher(fwd)[(n_rb * n_db,)](
-                x, y, a, b, fa, fb, rows, d, c, n_db, **consts, ACT=ACT_CODES[activation], BLOCK_R=block_r,
-                BLOCK_D=block_d, num_warps=NUM_WARPS)
+                x,
+                y,
+                a,
+                b,
+                fa,
+                fb,
+                rows,
+                d,
+                c,
+                n_db,
+                **consts,
+                ACT=ACT_CODES[activation],
+                BLOCK_R=block_r,
+                BLOCK_D=block_d,
+                num_warps=NUM_WARPS,
+            )
     return y
 
 
-def _backward(x: Tensor, numerator: Tensor, denominator: Tensor, grad_out: Tensor, form: str, need_coef: bool,
-              fit: tuple[Tensor, Tensor] | None = None, activation: str = "none"
-              ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def _backward(
+    x: Tensor,
+    numerator: Tensor,
+    denominator: Tensor,
+    grad_out: Tensor,
+    form: str,
+    need_coef: bool,
+    fit: tuple[Tensor, Tensor] | None = None,
+    activation: str = "none",
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """grad_x and the coefficient gradients of P/Q (with ``fit``: of the residual form, the fit frozen)."""
     bwd = _kernels()[1] if fit is None else _residual_kernels()[1]
     x = x.detach().contiguous()
@@ -416,14 +595,47 @@ def _backward(x: Tensor, numerator: Tensor, denominator: Tensor, grad_out: Tenso
     with _device_guard(x):
         if fit is None:
             _launcher(bwd)[(n_rp * n_db,)](
-                x, go, gx, a, b, part, rows, d, c, n_db, n_rp, iters, **consts, BLOCK_R=block_r,
-                BLOCK_D=block_d, num_warps=NUM_WARPS)
+                x,
+                go,
+                gx,
+                a,
+                b,
+                part,
+                rows,
+                d,
+                c,
+                n_db,
+                n_rp,
+                iters,
+                **consts,
+                BLOCK_R=block_r,
+                BLOCK_D=block_d,
+                num_warps=NUM_WARPS,
+            )
         else:
             fa = fit[0].detach().to(torch.float32).contiguous()
             fb = _den_table(fit[1], form)
             _launcher(bwd)[(n_rp * n_db,)](
-                x, go, gx, a, b, fa, fb, part, rows, d, c, n_db, n_rp, iters, **consts, ACT=ACT_CODES[activation],
-                BLOCK_R=block_r, BLOCK_D=block_d, num_warps=NUM_WARPS)
+                x,
+                go,
+                gx,
+                a,
+                b,
+                fa,
+                fb,
+                part,
+                rows,
+                d,
+                c,
+                n_db,
+                n_rp,
+                iters,
+                **consts,
+                ACT=ACT_CODES[activation],
+                BLOCK_R=block_r,
+                BLOCK_D=block_d,
+                num_warps=NUM_WARPS,
+            )
     if not need_coef:
         return gx, None, None
     # fixed-order reduction of the per-program partial rows: over row programs, then the C channels of a group
@@ -439,38 +651,58 @@ def triton_forward(x: Tensor, numerator: Tensor, denominator: Tensor, form: str)
     return _forward(x, numerator, denominator, form)
 
 
-def triton_backward(x: Tensor, numerator: Tensor, denominator: Tensor, grad_out: Tensor, form: str,
-                    need_coef: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def triton_backward(
+    x: Tensor, numerator: Tensor, denominator: Tensor, grad_out: Tensor, form: str, need_coef: bool = True
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     return _backward(x, numerator, denominator, grad_out, form, need_coef)
 
 
-def triton_residual_forward(x: Tensor, numerator: Tensor, denominator: Tensor, fit_numerator: Tensor,
-                            fit_denominator: Tensor, form: str, activation: str) -> Tensor:
+def triton_residual_forward(
+    x: Tensor,
+    numerator: Tensor,
+    denominator: Tensor,
+    fit_numerator: Tensor,
+    fit_denominator: Tensor,
+    form: str,
+    activation: str,
+) -> Tensor:
     return _forward(x, numerator, denominator, form, (fit_numerator, fit_denominator), activation)
 
 
-def triton_residual_backward(x: Tensor, numerator: Tensor, denominator: Tensor, fit_numerator: Tensor,
-                             fit_denominator: Tensor, grad_out: Tensor, form: str, activation: str,
-                             need_coef: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    return _backward(x, numerator, denominator, grad_out, form, need_coef, (fit_numerator, fit_denominator),
-                     activation)
+def triton_residual_backward(
+    x: Tensor,
+    numerator: Tensor,
+    denominator: Tensor,
+    fit_numerator: Tensor,
+    fit_denominator: Tensor,
+    grad_out: Tensor,
+    form: str,
+    activation: str,
+    need_coef: bool = True,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    return _backward(x, numerator, denominator, grad_out, form, need_coef, (fit_numerator, fit_denominator), activation)
 
 
 # torch.ops.nora.rational_triton / residual_triton and their backwards: triton_ops on CUDA (inductor sees the
 # kernels), plain custom ops under the interpreter (an interpreted kernel cannot run on fake tensors, so those get
 # fake implementations)
-rational_triton_op = rational_op("rational_triton", triton_forward, triton_backward,
-                                 triton=HAVE_TRITON and not interpret_mode())
-residual_triton_op = residual_op("residual_triton", triton_residual_forward, triton_residual_backward,
-                                 triton=HAVE_TRITON and not interpret_mode())
+rational_triton_op = rational_op(
+    "rational_triton", triton_forward, triton_backward, triton=HAVE_TRITON and not interpret_mode()
+)
+residual_triton_op = residual_op(
+    "residual_triton", triton_residual_forward, triton_residual_backward, triton=HAVE_TRITON and not interpret_mode()
+)
 
 
 def _routed_to_torch(x: Tensor, numerator: Tensor, denominator: Tensor, form: str) -> bool:
     """True for inputs the kernels do not cover (float64, degrees beyond their limits), which the pure-torch
     backend serves; raises on inputs no backend accepts and on tensors the kernels cannot reach."""
     check_inputs(x, numerator, denominator, form)
-    if (x.dtype == torch.float64 or numerator.shape[1] > MAX_NUM_COEFFS
-            or not 1 <= denominator.shape[1] <= MAX_DEN_COEFFS):
+    if (
+        x.dtype == torch.float64
+        or numerator.shape[1] > MAX_NUM_COEFFS
+        or not 1 <= denominator.shape[1] <= MAX_DEN_COEFFS
+    ):
         return True
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"the 'triton' backend supports float32/bfloat16/float16 inputs, got {x.dtype}")
@@ -479,8 +711,15 @@ def _routed_to_torch(x: Tensor, numerator: Tensor, denominator: Tensor, form: st
     return False
 
 
-def _residual_routed_to_torch(x: Tensor, numerator: Tensor, denominator: Tensor, fit_numerator: Tensor,
-                              fit_denominator: Tensor, form: str, activation: str) -> bool:
+def _residual_routed_to_torch(
+    x: Tensor,
+    numerator: Tensor,
+    denominator: Tensor,
+    fit_numerator: Tensor,
+    fit_denominator: Tensor,
+    form: str,
+    activation: str,
+) -> bool:
     """:func:`_routed_to_torch` for the residual form (also: an activation the kernels do not evaluate)."""
     check_residual_inputs(x, numerator, denominator, fit_numerator, fit_denominator, form, activation)
     return _routed_to_torch(x, numerator, denominator, form) or activation not in ACT_CODES
@@ -495,8 +734,15 @@ def rational_triton(x: Tensor, numerator: Tensor, denominator: Tensor, form: str
     return rational_triton_op(x, numerator, denominator, form)
 
 
-def residual_triton(x: Tensor, numerator: Tensor, denominator: Tensor, fit_numerator: Tensor,
-                    fit_denominator: Tensor, form: str = "A", activation: str = "none") -> Tensor:
+def residual_triton(
+    x: Tensor,
+    numerator: Tensor,
+    denominator: Tensor,
+    fit_numerator: Tensor,
+    fit_denominator: Tensor,
+    form: str = "A",
+    activation: str = "none",
+) -> Tensor:
     """The residual form ``phi(x) + (R(x) - R_fit(x))`` by the Triton kernels, unchecked (routed as
     :func:`rational_triton`)."""
     if _residual_routed_to_torch(x, numerator, denominator, fit_numerator, fit_denominator, form, activation):
@@ -505,8 +751,9 @@ def residual_triton(x: Tensor, numerator: Tensor, denominator: Tensor, fit_numer
 
 
 SAFETY_NET = SafetyNet("triton", rational_triton, triton_forward, triton_backward)
-RESIDUAL_SAFETY_NET = SafetyNet("triton", residual_triton, triton_residual_forward, triton_residual_backward,
-                                family=RESIDUAL)
+RESIDUAL_SAFETY_NET = SafetyNet(
+    "triton", residual_triton, triton_residual_forward, triton_residual_backward, family=RESIDUAL
+)
 
 
 def rational_triton_checked(x: Tensor, numerator: Tensor, denominator: Tensor, form: str = "A") -> Tensor:
@@ -518,8 +765,15 @@ def rational_triton_checked(x: Tensor, numerator: Tensor, denominator: Tensor, f
     return SAFETY_NET.choose(x, numerator, denominator, form)(x, numerator, denominator, form)
 
 
-def residual_triton_checked(x: Tensor, numerator: Tensor, denominator: Tensor, fit_numerator: Tensor,
-                            fit_denominator: Tensor, form: str = "A", activation: str = "none") -> Tensor:
+def residual_triton_checked(
+    x: Tensor,
+    numerator: Tensor,
+    denominator: Tensor,
+    fit_numerator: Tensor,
+    fit_denominator: Tensor,
+    form: str = "A",
+    activation: str = "none",
+) -> Tensor:
     """The registered ``triton`` backend's residual form: :func:`residual_triton` behind
     :data:`RESIDUAL_SAFETY_NET` (shape classes also per activation; fallbacks torch.compile of
     ``residual_reference``, then ``residual_torch``)."""
@@ -529,8 +783,15 @@ def residual_triton_checked(x: Tensor, numerator: Tensor, denominator: Tensor, f
     return RESIDUAL_SAFETY_NET.choose(*args)(*args)
 
 
-register_backend(Backend(
-    "triton", rational_triton_checked, ("cuda",), available, priority=30,
-    doc="Triton kernels (CUDA); per-program register reduction of coefficient grads, no atomics; "
+register_backend(
+    Backend(
+        "triton",
+        rational_triton_checked,
+        ("cuda",),
+        available,
+        priority=30,
+        doc="Triton kernels (CUDA); per-program register reduction of coefficient grads, no atomics; "
         "self-checked per shape class, with a torch.compile / torch fallback",
-    residual=residual_triton_checked))
+        residual=residual_triton_checked,
+    )
+)

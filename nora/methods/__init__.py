@@ -16,6 +16,7 @@ zero_init_ft   NoRA activations with variant ``zero_init_ft`` (ablation)
 bitfit, ...    low-budget baselines under ``baseline:`` (bitfit, ln_tuning, ia3, vera): nora/methods/baselines.py
 =============  ====================================================================
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,8 +33,20 @@ from nora.methods.config import MethodConfig, nora_groups_message
 from nora.models.config import ModelConfig, as_model_config
 from nora.schema import load
 
-METHODS = ("full", "linear_probe", "lora", "dora", "nora", "nora_pp", "rational_ft", "zero_init_ft", "bitfit",
-           "ln_tuning", "ia3", "vera")
+METHODS = (
+    "full",
+    "linear_probe",
+    "lora",
+    "dora",
+    "nora",
+    "nora_pp",
+    "rational_ft",
+    "zero_init_ft",
+    "bitfit",
+    "ln_tuning",
+    "ia3",
+    "vera",
+)
 VISION_ONLY = ("linear_probe", "bitfit")  # a new classifier head / bias terms: LLaMA-style decoders have neither
 
 
@@ -68,14 +81,20 @@ def lora_config_from(method_cfg, head: str | None, family: str):
     return peft.LoraConfig(**kwargs)
 
 
-def apply_method(model: nn.Module, method_cfg: MethodConfig, model_cfg: ModelConfig,
-                 calibration_batches: Iterable | None = None, forward: Callable | None = None) -> MethodResult:
+def apply_method(
+    model: nn.Module,
+    method_cfg: MethodConfig,
+    model_cfg: ModelConfig,
+    calibration_batches: Iterable | None = None,
+    forward: Callable | None = None,
+) -> MethodResult:
     """Apply the method to a freshly built model (see the module docstring)."""
     method_cfg, model_cfg = as_method_config(method_cfg), as_model_config(model_cfg)
     name, family = method_cfg.name, model_cfg.family
     if family not in method_cfg.families:
-        raise UserError(f"method={name} does not apply to {family} models; valid for {family}: "
-                        + ", ".join(methods_for(family)))
+        raise UserError(
+            f"method={name} does not apply to {family} models; valid for {family}: " + ", ".join(methods_for(family))
+        )
     head = (model_cfg.head or "head") if family == "vision" and method_cfg.train_head else None
     injection = None
     if method_cfg.full:
@@ -84,11 +103,11 @@ def apply_method(model: nn.Module, method_cfg: MethodConfig, model_cfg: ModelCon
         model.requires_grad_(False)
         if method_cfg.lora:
             import peft
+
             _check_lora_targets(model, method_cfg)
             model = peft.get_peft_model(model, lora_config_from(method_cfg, head, family))
         if method_cfg.nora:
-            injection = _inject_nora(model, method_cfg, None if method_cfg.lora else head, calibration_batches,
-                                     forward)
+            injection = _inject_nora(model, method_cfg, None if method_cfg.lora else head, calibration_batches, forward)
         if method_cfg.baseline:
             model = apply_baseline(model, method_cfg.baseline, head, family)
         elif not method_cfg.lora and not method_cfg.nora:
@@ -110,16 +129,20 @@ def _check_lora_targets(model: nn.Module, method_cfg: MethodConfig) -> None:
     except ValueError as exc:
         raise UserError(f"method.lora.targets={targets!r}: {exc}") from None
     if missing:
-        raise UserError(f"method.lora.targets: {missing} match no module of {type(model).__name__} (a name matches a "
-                        "module's full name or its last segments; a string is a regex matched in full)")
+        raise UserError(
+            f"method.lora.targets: {missing} match no module of {type(model).__name__} (a name matches a "
+            "module's full name or its last segments; a string is a regex matched in full)"
+        )
 
 
-def _inject_nora(model: nn.Module, method_cfg: MethodConfig, head: str | None, calibration_batches,
-                 forward) -> InjectionReport:
+def _inject_nora(
+    model: nn.Module, method_cfg: MethodConfig, head: str | None, calibration_batches, forward
+) -> InjectionReport:
     settings = method_cfg.nora
     if settings.init == "calibrated" and calibration_batches is None:
-        raise UserError(f"method {method_cfg.name} uses calibrated NoRA initialisation but no calibration batches "
-                        "were given")
+        raise UserError(
+            f"method {method_cfg.name} uses calibrated NoRA initialisation but no calibration batches were given"
+        )
     cfg = settings.nora_config(head)
     for name in find_targets(model, cfg):
         width = activation_width(model, name)

@@ -14,6 +14,7 @@ A method config carries every setting under ``baseline:`` (``configs/method/{bit
 module lists may be given per model family (``{vision: ..., causal_lm: ...}``) because ViT and LLaMA name their
 layers differently. A list matches module-name suffixes, a string is a regex on the full name (peft's rule).
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -21,7 +22,6 @@ from torch import nn
 from nora.errors import UserError
 from nora.methods.config import BaselineSettings
 from nora.schema import per_family
-
 
 
 def _modules(value, family: str, what: str):
@@ -45,16 +45,24 @@ def peft_config(baseline, head: str | None, family: str):
         ff = _modules(baseline.feedforward_modules, family, "method.baseline.feedforward_modules (ia3)")
         return peft.IA3Config(feedforward_modules=ff, **common)
     # vera: the shared projections are drawn from projection_prng_key, so they are saved with the adapter
-    return peft.VeraConfig(r=baseline.r, d_initial=baseline.d_initial, vera_dropout=baseline.dropout,
-                           projection_prng_key=baseline.projection_prng_key, save_projection=True, **common)
+    return peft.VeraConfig(
+        r=baseline.r,
+        d_initial=baseline.d_initial,
+        vera_dropout=baseline.dropout,
+        projection_prng_key=baseline.projection_prng_key,
+        save_projection=True,
+        **common,
+    )
 
 
 def train_biases(model: nn.Module, head: str | None) -> nn.Module:
     """BitFit (Ben Zaken et al., 2022): every bias of the backbone trains, all other weights stay frozen."""
     biases = [p for name, p in model.named_parameters() if name.endswith(".bias") or name == "bias"]
     if not biases:
-        raise UserError(f"method=bitfit: {type(model).__name__} has no bias parameters to train "
-                        "(LLaMA-style models have none); choose ln_tuning, ia3 or vera")
+        raise UserError(
+            f"method=bitfit: {type(model).__name__} has no bias parameters to train "
+            "(LLaMA-style models have none); choose ln_tuning, ia3 or vera"
+        )
     for p in biases:
         p.requires_grad_(True)
     if head:

@@ -4,6 +4,7 @@ A method is ``full`` (train every weight), ``lora`` (peft LoRA/DoRA settings or 
 settings or None), ``baseline`` (settings of the other PEFT baselines, or None) and ``train_head``.
 Learning rates are one value or ``{vision: .., causal_lm: ..}`` (:func:`nora.schema.per_family`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
@@ -40,8 +41,8 @@ class NoraSettings(NoraConfig):
     """The ``nora`` block of a method (``configs/adapter/nora.yaml``): the library's :class:`NoraConfig` (every field
     and check is its own) plus what a training run does around the injection."""
 
-    calibration_batches: int = 4          # training batches recorded for init=calibrated
-    agreement_prompts: int = 16           # causal LMs: validation prompts of the init-agreement check (0: off)
+    calibration_batches: int = 4  # training batches recorded for init=calibrated
+    agreement_prompts: int = 16  # causal LMs: validation prompts of the init-agreement check (0: off)
 
     def __post_init__(self):
         with nested("nora"):
@@ -63,19 +64,23 @@ class BaselineSettings:
     """The low-budget baselines (:mod:`nora.methods.baselines`). Module lists (a list of name suffixes or one
     regex, peft's rule) may be given per family as ``{vision: .., causal_lm: ..}``; VeRA's settings are peft's."""
 
-    kind: str = "bitfit"                   # bitfit | ln_tuning | ia3 | vera
-    target_modules: Any = None             # ln_tuning, ia3, vera
-    feedforward_modules: Any = None        # ia3: the targets scaled on their input
-    r: int = 64                            # vera: rank of the shared random matrices
-    d_initial: float = 0.1                 # vera: initial value of lambda_d
-    dropout: float = 0.0                   # vera
-    projection_prng_key: int = 0           # vera: seed of the shared random matrices
+    kind: str = "bitfit"  # bitfit | ln_tuning | ia3 | vera
+    target_modules: Any = None  # ln_tuning, ia3, vera
+    feedforward_modules: Any = None  # ia3: the targets scaled on their input
+    r: int = 64  # vera: rank of the shared random matrices
+    d_initial: float = 0.1  # vera: initial value of lambda_d
+    dropout: float = 0.0  # vera
+    projection_prng_key: int = 0  # vera: seed of the shared random matrices
 
     def __post_init__(self):
         with nested("baseline"):
             one_of("kind", self.kind, BASELINE_KINDS)
-            require(self.kind == "bitfit" or bool(self.target_modules), "target_modules", self.target_modules,
-                    f"must name at least one module for {self.kind}")
+            require(
+                self.kind == "bitfit" or bool(self.target_modules),
+                "target_modules",
+                self.target_modules,
+                f"must name at least one module for {self.kind}",
+            )
             at_least("r", self.r, 1)
             positive("d_initial", self.d_initial)
             require(0 <= self.dropout < 1, "dropout", self.dropout, "must be in [0, 1)")
@@ -90,25 +95,35 @@ class MethodConfig:
     lora: Optional[LoraSettings] = None
     nora: Optional[NoraSettings] = None
     baseline: Optional[BaselineSettings] = None  # the low-budget baselines' settings (nora.methods.baselines)
-    lr: Any = None          # one value or {vision: .., causal_lm: ..}
-    head_lr: Any = None     # None: same as lr
-    nora_lr: Any = None     # None: same as lr
+    lr: Any = None  # one value or {vision: .., causal_lm: ..}
+    head_lr: Any = None  # None: same as lr
+    nora_lr: Any = None  # None: same as lr
     weight_decay: float = 0.0
 
     def __post_init__(self):
         for family in self.families:
             one_of("families", family, FAMILIES)
-        require(not (self.full and (self.lora or self.nora or self.baseline)), "full", self.full,
-                "full fine-tuning cannot be combined with lora/nora/baseline settings")
+        require(
+            not (self.full and (self.lora or self.nora or self.baseline)),
+            "full",
+            self.full,
+            "full fine-tuning cannot be combined with lora/nora/baseline settings",
+        )
         for key in ("lr", "head_lr", "nora_lr"):
             value = getattr(self, key)
-            for v in (value.values() if isinstance(value, dict) else [value]):
-                require(v is None or (isinstance(v, (int, float)) and v > 0), key, value,
-                        "must be > 0 (one value or {vision: .., causal_lm: ..})")
+            for v in value.values() if isinstance(value, dict) else [value]:
+                require(
+                    v is None or (isinstance(v, (int, float)) and v > 0),
+                    key,
+                    value,
+                    "must be > 0 (one value or {vision: .., causal_lm: ..})",
+                )
         at_least("weight_decay", self.weight_decay, 0.0)
 
 
 def nora_groups_message(groups: int, width: int, where: str) -> str:
     divisors = [g for g in range(1, min(width, 64) + 1) if width % g == 0]
-    return (f"method.nora.groups={groups} does not divide the MLP width {width} of {where}; "
-            f"use a divisor, e.g. {', '.join(map(str, divisors[-6:]))}")
+    return (
+        f"method.nora.groups={groups} does not divide the MLP width {width} of {where}; "
+        f"use a divisor, e.g. {', '.join(map(str, divisors[-6:]))}"
+    )

@@ -1,4 +1,5 @@
 """Model builders by family: ``vision`` (timm) and ``causal_lm`` (Hugging Face)."""
+
 from nora.errors import UserError
 from nora.models.causal_lm import build_causal_lm
 from nora.models.config import FAMILIES

@@ -23,6 +23,7 @@ The token for gated repos comes from the environment (``HF_TOKEN``) or huggingfa
 no access, offline without a cached copy, wrong ``path``) ends in one :class:`~nora.errors.UserError` line
 saying to set ``HF_TOKEN`` or where to put the weights.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,14 @@ from nora.errors import UserError
 from nora.models.config import CausalLMModelConfig, as_model_config
 from nora.models.tokenizer import build_offline_tokenizer
 
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "float32": torch.float32, "fp32": torch.float32}
+DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
 
 
 def resolve_dtype(name) -> torch.dtype:
@@ -58,12 +65,16 @@ def _source(model_cfg) -> tuple[str, bool]:
     if path:
         p = Path(str(path)).expanduser()
         if not p.is_dir():
-            raise UserError(f"model.path={path}: no such directory; point it at a folder holding config.json, the "
-                            "weights (*.safetensors) and the tokenizer files")
+            raise UserError(
+                f"model.path={path}: no such directory; point it at a folder holding config.json, the "
+                "weights (*.safetensors) and the tokenizer files"
+            )
         if not (p / "config.json").exists():
-            raise UserError(f"model.path={path} holds no config.json; point it at a folder written by "
-                            f"save_pretrained or `hf download {model_cfg.hf_name or '<repo>'} "
-                            "--local-dir <dir>`")
+            raise UserError(
+                f"model.path={path} holds no config.json; point it at a folder written by "
+                f"save_pretrained or `hf download {model_cfg.hf_name or '<repo>'} "
+                "--local-dir <dir>`"
+            )
         return str(p), True
     name = model_cfg.hf_name
     if not name:
@@ -82,17 +93,21 @@ def _load_error(model_cfg, source: str, what: str, exc: Exception) -> UserError:
     if hub.offline():
         why = "offline (the hub is unreachable or HF_HUB_OFFLINE=1) and it is not in the local Hugging Face cache"
     elif any(w in low for w in ("gated", "401", "403", "unauthorized", "authenticat", "restricted")):
-        why = ("the repository is gated and " + ("the HF_TOKEN in the environment has no access (accept the licence "
-                                                 f"at https://huggingface.co/{name})" if token
-                                                 else "no HF_TOKEN is set in the environment"))
+        why = "the repository is gated and " + (
+            f"the HF_TOKEN in the environment has no access (accept the licence at https://huggingface.co/{name})"
+            if token
+            else "no HF_TOKEN is set in the environment"
+        )
     elif any(w in low for w in ("not found", "404", "does not appear", "is not a local folder")):
         why = "no such repository or file"
     else:
         why = "it could not be loaded"
-    fix = (f"set HF_TOKEN=<a token with access to {name}> in the environment"
-           + (f" (accept the licence at https://huggingface.co/{name} first)" if gated else "")
-           + f", or download the weights where there is network (`hf download {name} --local-dir "
-           "<dir>`) and pass model.path=<dir>")
+    fix = (
+        f"set HF_TOKEN=<a token with access to {name}> in the environment"
+        + (f" (accept the licence at https://huggingface.co/{name} first)" if gated else "")
+        + f", or download the weights where there is network (`hf download {name} --local-dir "
+        "<dir>`) and pass model.path=<dir>"
+    )
     return UserError(f"model={model_cfg.name}: could not load the {what} of {source}: {why} [{kind}: {text}]; {fix}")
 
 
@@ -109,8 +124,9 @@ def build_tokenizer(model_cfg):
     else:
         source, local = _source(model_cfg)
     try:
-        tok = AutoTokenizer.from_pretrained(source, revision=None if local else model_cfg.revision,
-                                            token=None if local else _token())
+        tok = AutoTokenizer.from_pretrained(
+            source, revision=None if local else model_cfg.revision, token=None if local else _token()
+        )
     except Exception as exc:  # noqa: BLE001  hub/IO errors of many kinds: one message
         raise _load_error(model_cfg, source, "tokenizer", exc) from None
     return tok
@@ -160,8 +176,14 @@ def build_causal_lm(model_cfg: CausalLMModelConfig, tokenizer=None, device: torc
             place = {"device_map": {"": f"cuda:{dev.index if dev.index is not None else torch.cuda.current_device()}"}}
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                source, dtype=dtype, attn_implementation=attn, revision=None if local else model_cfg.revision,
-                token=None if local else _token(), low_cpu_mem_usage=True, **place)
+                source,
+                dtype=dtype,
+                attn_implementation=attn,
+                revision=None if local else model_cfg.revision,
+                token=None if local else _token(),
+                low_cpu_mem_usage=True,
+                **place,
+            )
         except Exception as exc:  # noqa: BLE001
             raise _load_error(model_cfg, source, "weights", exc) from None
     model.config.use_cache = False

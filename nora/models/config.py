@@ -3,6 +3,7 @@
 The model builders take these (:func:`as_model_config` also accepts a config.yaml section read back from a run
 directory, so stored runs rebuild their base model through the same checks).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -26,10 +27,10 @@ class VisionModelConfig:
     timm_name: str = "vit_tiny_patch16_224"
     pretrained_tag: Optional[str] = None
     pretrained: bool = True
-    checkpoint: Optional[str] = None          # a local weights file instead of the hub cache
-    checkpoint_head: bool = False             # keep the checkpoint's head (same classes): LP-FT from a linear probe
+    checkpoint: Optional[str] = None  # a local weights file instead of the hub cache
+    checkpoint_head: bool = False  # keep the checkpoint's head (same classes): LP-FT from a linear probe
     kwargs: Dict[str, Any] = field(default_factory=dict)
-    lora_targets: Any = None                  # peft target_modules: a regex or a list of name suffixes
+    lora_targets: Any = None  # peft target_modules: a regex or a list of name suffixes
     nora_targets: List[str] = field(default_factory=list)
     head: Optional[str] = "head"
     nora_init: str = "fit"
@@ -52,11 +53,11 @@ class CausalLMModelConfig:
     hf_name: Optional[str] = None
     gated: bool = False
     revision: Optional[str] = None
-    path: Optional[str] = None                # a local directory with config.json, weights and tokenizer
-    tokenizer: Optional[str] = None           # None: the model's own; offline: the bundled byte-level BPE
+    path: Optional[str] = None  # a local directory with config.json, weights and tokenizer
+    tokenizer: Optional[str] = None  # None: the model's own; offline: the bundled byte-level BPE
     tokenizer_kwargs: Optional[Dict[str, Any]] = None
     random_init: bool = False
-    arch: str = "llama"                       # random_init: llama | qwen2 | mistral
+    arch: str = "llama"  # random_init: llama | qwen2 | mistral
     init_seed: int = 0
     config: Dict[str, Any] = field(default_factory=dict)
     dtype: str = "float32"

@@ -6,6 +6,7 @@ built-in English corpus with the Hugging Face ``tokenizers`` library and wraps i
 pipelines and evaluation run through exactly the same calls as with a hub tokenizer. Training is
 deterministic; the result is cached under ``$NORA_CACHE_DIR/tokenizers``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -57,15 +58,24 @@ def train_bpe_tokenizer(lines, vocab_size: int, uniform_word_starts: bool = Fals
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),
-                                                  pre_tokenizers.ByteLevel(add_prefix_space=True)])
-                         if uniform_word_starts else pre_tokenizers.ByteLevel(add_prefix_space=False))
+    tok.pre_tokenizer = (
+        pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=True)]
+        )
+        if uniform_word_starts
+        else pre_tokenizers.ByteLevel(add_prefix_space=False)
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS, PAD],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(lines, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tok.token_to_id(BOS))])
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
 
 

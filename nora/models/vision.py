@@ -1,4 +1,5 @@
 """timm vision transformers: pretrained (hub cache or a local file) or random-initialised."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,6 +20,7 @@ def timm_model_id(model_cfg: VisionModelConfig) -> str:
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
+
         return load_file(str(path))
     state = torch.load(str(path), map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):
@@ -57,8 +59,9 @@ def build_vision_model(model_cfg: VisionModelConfig, num_classes: int) -> nn.Mod
             theirs = {k: tuple(v.shape) for k, v in state.items() if k.startswith(head + ".")}
             ours = {k: tuple(v.shape) for k, v in own.items() if k.startswith(head + ".")}
             if theirs != ours:
-                raise UserError(f"model.checkpoint_head=true but {ckpt} has head tensors {theirs or 'none'}; "
-                                f"this task needs {ours}")
+                raise UserError(
+                    f"model.checkpoint_head=true but {ckpt} has head tensors {theirs or 'none'}; this task needs {ours}"
+                )
         else:  # the classifier of the checkpoint's own task is not reused: the new task gets a new head
             state = {k: v for k, v in state.items() if not k.startswith(head + ".")}
         skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
@@ -78,7 +81,8 @@ def build_vision_model(model_cfg: VisionModelConfig, num_classes: int) -> nn.Mod
             raise UserError(
                 f"pretrained weights for {model_id} could not be loaded ({type(exc).__name__}; offline or not cached); "
                 f"download them where there is network (`hf download timm/{model_id}`) and copy "
-                f"~/.cache/huggingface/hub here, or set model.checkpoint=<path to model.safetensors>") from None
+                f"~/.cache/huggingface/hub here, or set model.checkpoint=<path to model.safetensors>"
+            ) from None
     return timm.create_model(model_cfg.timm_name, pretrained=False, num_classes=num_classes, **kwargs)
 
 

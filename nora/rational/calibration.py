@@ -12,6 +12,7 @@ layer's coefficients over them:
 * with ``per_group=True`` each channel group gets its own fit over its own inputs, otherwise one fit
   over the pooled inputs is shared by all groups of the layer.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -63,16 +64,23 @@ class InputRecord:
         return v
 
 
-def calibration_points(values: torch.Tensor, num_quantiles: int = 1024, num_range: int = 512,
-                       range_weight: float = 0.1, cover: Sequence[float] | None = None,
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def calibration_points(
+    values: torch.Tensor,
+    num_quantiles: int = 1024,
+    num_range: int = 512,
+    range_weight: float = 0.1,
+    cover: Sequence[float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit points and weights from a sample of inputs (see the module docstring)."""
     v = values.double().reshape(-1)
     v = v[torch.isfinite(v)]
     if v.numel() == 0:
         raise ValueError("no finite activation inputs were recorded")
-    qs = torch.quantile(v, torch.linspace(0, 1, num_quantiles, dtype=torch.float64)) if v.numel() < 2**24 \
+    qs = (
+        torch.quantile(v, torch.linspace(0, 1, num_quantiles, dtype=torch.float64))
+        if v.numel() < 2**24
         else v.sort().values[torch.linspace(0, v.numel() - 1, num_quantiles).long()]
+    )
     lo, hi = v.min().item(), v.max().item()
     if cover is not None:
         lo, hi = min(lo, float(cover[0])), max(hi, float(cover[1]))
@@ -80,22 +88,38 @@ def calibration_points(values: torch.Tensor, num_quantiles: int = 1024, num_rang
         lo, hi = lo - 0.5e-3, hi + 0.5e-3
     grid = torch.linspace(lo, hi, num_range, dtype=torch.float64)
     x = torch.cat([qs, grid])
-    w = torch.cat([torch.full((num_quantiles,), (1 - range_weight) / num_quantiles, dtype=torch.float64),
-                   torch.full((num_range,), range_weight / num_range, dtype=torch.float64)])
+    w = torch.cat(
+        [
+            torch.full((num_quantiles,), (1 - range_weight) / num_quantiles, dtype=torch.float64),
+            torch.full((num_range,), range_weight / num_range, dtype=torch.float64),
+        ]
+    )
     return x, w
 
 
-def fit_to_inputs(target: ActivationFn | str, values: torch.Tensor, form: str, degrees: Sequence[int],
-                  range_weight: float = 0.1, cover: Sequence[float] | None = None) -> RationalFit:
+def fit_to_inputs(
+    target: ActivationFn | str,
+    values: torch.Tensor,
+    form: str,
+    degrees: Sequence[int],
+    range_weight: float = 0.1,
+    cover: Sequence[float] | None = None,
+) -> RationalFit:
     """Fit over a recorded input sample (quantiles + a grid over the hull with ``cover``)."""
     x, w = calibration_points(values, range_weight=range_weight, cover=cover)
     return fit_rational(target, form=form, degrees=degrees, x=x, weights=w)
 
 
 @torch.no_grad()
-def record_inputs(model: nn.Module, modules: dict[str, nn.Module], groups: dict[str, int],
-                  batches: Iterable, forward: Callable[[nn.Module, object], object] | None = None,
-                  max_samples: int = 1 << 16, channel_dims: dict[str, int] | None = None) -> dict[str, InputRecord]:
+def record_inputs(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    groups: dict[str, int],
+    batches: Iterable,
+    forward: Callable[[nn.Module, object], object] | None = None,
+    max_samples: int = 1 << 16,
+    channel_dims: dict[str, int] | None = None,
+) -> dict[str, InputRecord]:
     """Run ``batches`` through ``model`` and record the inputs of each module in ``modules``.
 
     ``channel_dims`` (name -> -1 or 1) says where each module's channels are (default: last).
@@ -107,8 +131,10 @@ def record_inputs(model: nn.Module, modules: dict[str, nn.Module], groups: dict[
     hooks = []
     dims = {name: (channel_dims or {}).get(name, -1) for name in modules}
     for name, mod in modules.items():
+
         def hook(_m, args, _rec=records[name], _dim=dims[name]):
             _rec.add(args[0], _dim)
+
         hooks.append(mod.register_forward_pre_hook(hook))
     was_training = model.training
     model.eval()

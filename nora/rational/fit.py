@@ -11,6 +11,7 @@ form's own |x|^j denominator basis and once with plain x^j), (2) L-BFGS on the w
 error of the exact safe form, (3) L-BFGS on a weighted L^p norm with growing p (4, 8, 16) to pull
 down the maximum error, keeping the best candidate by max error.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,8 +47,7 @@ ACTIVATIONS: dict[str, ActivationFn] = {
 
 def get_activation(name: str) -> ActivationFn:
     if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; valid: {', '.join(sorted(ACTIVATIONS))} "
-                         "(or pass a callable)")
+        raise ValueError(f"unknown activation {name!r}; valid: {', '.join(sorted(ACTIVATIONS))} (or pass a callable)")
     return ACTIVATIONS[name]
 
 
@@ -85,14 +85,21 @@ def _linear_start(x, y, w, m, n, abs_basis: bool):
     A = torch.stack(cols, dim=1) * w.sqrt()[:, None]
     rhs = y * w.sqrt()
     sol = torch.linalg.lstsq(A, rhs[:, None], driver="gelsd").solution.squeeze(1)
-    return sol[: m + 1].clone(), sol[m + 1:].clone()
+    return sol[: m + 1].clone(), sol[m + 1 :].clone()
 
 
 def _optimise(a, b, x, y, w, form, power: int, iters: int):
     a = a.clone().requires_grad_(True)
     b = b.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([a, b], lr=1.0, max_iter=iters, history_size=50,
-                            tolerance_grad=1e-14, tolerance_change=1e-16, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [a, b],
+        lr=1.0,
+        max_iter=iters,
+        history_size=50,
+        tolerance_grad=1e-14,
+        tolerance_change=1e-16,
+        line_search_fn="strong_wolfe",
+    )
     scale = y.abs().max().clamp_min(1e-6)
 
     def closure():
@@ -120,8 +127,9 @@ def _errors(a, b, x, y, w, form):
 FIT_VERSION = 1  # bump when the algorithm changes so old cache entries are ignored
 
 
-def _fit_points(x: torch.Tensor | None, x_range: Sequence[float], num_points: int,
-                weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _fit_points(
+    x: torch.Tensor | None, x_range: Sequence[float], num_points: int, weights: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, w): float64 fit points on the CPU and their weights normalised to sum 1."""
     if x is None:
         lo, hi = float(x_range[0]), float(x_range[1])
@@ -164,15 +172,16 @@ def _read_cached(path: Path, name: str, x, y, w, form: str, m: int, n: int) -> R
         return None
     why = None
     if fit.form != form or fit.degrees != (m, n) or a.numel() != m + 1 or b.numel() != n:
-        why = (f"holds form {fit.form!r}, degrees {fit.degrees} with {a.numel()}+{b.numel()} coefficients, "
-               f"not form {form!r}, degrees {(m, n)}")
+        why = (
+            f"holds form {fit.form!r}, degrees {fit.degrees} with {a.numel()}+{b.numel()} coefficients, "
+            f"not form {form!r}, degrees {(m, n)}"
+        )
     elif not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         why = "holds non-finite coefficients"
     else:
         actual = _errors(a, b, x, y, w, form)
         if not all(math.isclose(r, v, rel_tol=1e-6, abs_tol=1e-12) for r, v in zip(recorded, actual)):
-            why = (f"records max error {recorded[0]:.3g} but its coefficients give {actual[0]:.3g} on the fit "
-                   "points")
+            why = f"records max error {recorded[0]:.3g} but its coefficients give {actual[0]:.3g} on the fit points"
     if why is not None:
         warnings.warn(f"fit cache entry {path} {why}; refitting", stacklevel=3)
         return None
@@ -181,8 +190,10 @@ def _read_cached(path: Path, name: str, x, y, w, form: str, m: int, n: int) -> R
 
 def _best_fit(x, y, w, form: str, m: int, n: int):
     """(max error, RMS error, a, b) of the candidate with the smallest max error (see the module docstring)."""
-    starts = [_linear_start(x, y, w, m, n, abs_basis=(form == "A")),
-              _linear_start(x, y, w, m, n, abs_basis=(form != "A"))]
+    starts = [
+        _linear_start(x, y, w, m, n, abs_basis=(form == "A")),
+        _linear_start(x, y, w, m, n, abs_basis=(form != "A")),
+    ]
     # a polynomial start (denominator ~ 0) for targets the linearisation handles badly
     starts.append((_linear_start(x, y, w, m, 0, True)[0], torch.full((n,), 1e-3, dtype=torch.float64)))
     best = None
@@ -234,14 +245,21 @@ def fit_rational(
         return cached
     mx, rms, a, b = _best_fit(x, y, w, form, m, n)
     fit = RationalFit(
-        numerator=[float(v) for v in a], denominator=[float(v) for v in b], form=form,
-        degrees=(m, n), max_error=mx, rms_error=rms, x_min=float(x.min()), x_max=float(x.max()),
+        numerator=[float(v) for v in a],
+        denominator=[float(v) for v in b],
+        form=form,
+        degrees=(m, n),
+        max_error=mx,
+        rms_error=rms,
+        x_min=float(x.min()),
+        x_max=float(x.max()),
         target=name,
     )
     if path is not None:
         try:
             write_json_atomic(path, asdict(fit), indent=None)
         except OutputError as exc:  # a cache is a convenience: the fit is returned, the next run fits again
-            warnings.warn(f"{exc}; the fit is not cached: set NORA_CACHE_DIR to a writable folder to keep fits",
-                          stacklevel=2)
+            warnings.warn(
+                f"{exc}; the fit is not cached: set NORA_CACHE_DIR to a writable folder to keep fits", stacklevel=2
+            )
     return fit

@@ -31,6 +31,7 @@ so while the trained coefficients ``theta'`` equal ``theta`` (step 0, a disabled
 coefficient gradients are those of ``R_theta'`` alone (``theta`` is frozen). The kernels evaluate ``phi`` themselves
 for the activations of :data:`KERNEL_ACTIVATIONS`; ``"none"`` is ``phi = 0`` (the caller adds any other activation).
 """
+
 from __future__ import annotations
 
 import torch
@@ -50,8 +51,10 @@ def check_inputs(x: Tensor, numerator: Tensor, denominator: Tensor, form: str) -
     """Validate dtypes and shapes and return the number of groups G."""
     for name, t in (("input", x), ("numerator", numerator), ("denominator", denominator)):
         if not t.is_floating_point():  # integer math would silently truncate P/Q
-            raise TypeError(f"rational activations need floating-point tensors; the {name} is {t.dtype} "
-                            "(convert it with .float() first)")
+            raise TypeError(
+                f"rational activations need floating-point tensors; the {name} is {t.dtype} "
+                "(convert it with .float() first)"
+            )
     if form not in FORMS:
         raise ValueError(f"unknown denominator form {form!r}; valid forms: {', '.join(FORMS)}")
     if numerator.dim() != 2 or denominator.dim() != 2:
@@ -118,7 +121,11 @@ def rational_forward(x: Tensor, numerator: Tensor, denominator: Tensor, form: st
 
 
 def rational_backward(
-    x: Tensor, numerator: Tensor, denominator: Tensor, grad_out: Tensor, form: str = "A",
+    x: Tensor,
+    numerator: Tensor,
+    denominator: Tensor,
+    grad_out: Tensor,
+    form: str = "A",
     needs_coefficient_grads: bool = True,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Hand-derived gradients, recomputing P, Q from ``x``.
@@ -140,16 +147,18 @@ def rational_backward(
     with torch.no_grad():
         xg = _grouped(x, groups).to(cdt)
         go = _grouped(grad_out, groups).to(cdt)
-        grad_x, grad_a, grad_b = _rational_grads(xg, go, numerator.to(cdt), denominator.to(cdt), form,
-                                                 needs_coefficient_grads)
+        grad_x, grad_a, grad_b = _rational_grads(
+            xg, go, numerator.to(cdt), denominator.to(cdt), form, needs_coefficient_grads
+        )
         if needs_coefficient_grads:
             grad_a = grad_a.to(numerator.dtype)
             grad_b = grad_b.to(denominator.dtype)
     return grad_x.to(x.dtype).reshape(x.shape), grad_a, grad_b
 
 
-def _rational_grads(xg: Tensor, go: Tensor, a: Tensor, b: Tensor, form: str, needs_coefficient_grads: bool
-                    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def _rational_grads(
+    xg: Tensor, go: Tensor, a: Tensor, b: Tensor, form: str, needs_coefficient_grads: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """grad_x (grouped) and the coefficient gradients of P/Q, all in the compute dtype of ``xg``."""
     groups = xg.shape[1]
     cdt = xg.dtype
@@ -203,13 +212,22 @@ def check_kernel_activation(activation: str) -> None:
         raise ValueError(f"unknown kernel activation {activation!r}; valid: {', '.join(KERNEL_ACTIVATIONS)}")
 
 
-def check_residual_inputs(x: Tensor, numerator: Tensor, denominator: Tensor, fit_numerator: Tensor,
-                          fit_denominator: Tensor, form: str, activation: str) -> int:
+def check_residual_inputs(
+    x: Tensor,
+    numerator: Tensor,
+    denominator: Tensor,
+    fit_numerator: Tensor,
+    fit_denominator: Tensor,
+    form: str,
+    activation: str,
+) -> int:
     """:func:`check_inputs` plus: the fit's coefficients have the shapes of the trained ones, a known activation."""
     groups = check_inputs(x, numerator, denominator, form)
     if fit_numerator.shape != numerator.shape or fit_denominator.shape != denominator.shape:
-        raise ValueError(f"the fit's coefficients {tuple(fit_numerator.shape)}, {tuple(fit_denominator.shape)} must "
-                         f"have the shapes of the trained ones {tuple(numerator.shape)}, {tuple(denominator.shape)}")
+        raise ValueError(
+            f"the fit's coefficients {tuple(fit_numerator.shape)}, {tuple(fit_denominator.shape)} must "
+            f"have the shapes of the trained ones {tuple(numerator.shape)}, {tuple(denominator.shape)}"
+        )
     if not (fit_numerator.is_floating_point() and fit_denominator.is_floating_point()):
         raise TypeError("rational activations need floating-point coefficients")
     check_kernel_activation(activation)
@@ -242,27 +260,49 @@ def activation_backward(grad_out: Tensor, x: Tensor, activation: str) -> Tensor:
     return torch.zeros_like(grad_out)
 
 
-def residual_reference(x: Tensor, numerator: Tensor, denominator: Tensor, fit_numerator: Tensor,
-                       fit_denominator: Tensor, form: str = "A", activation: str = "none") -> Tensor:
+def residual_reference(
+    x: Tensor,
+    numerator: Tensor,
+    denominator: Tensor,
+    fit_numerator: Tensor,
+    fit_denominator: Tensor,
+    form: str = "A",
+    activation: str = "none",
+) -> Tensor:
     """``phi(x) + (R_num,den(x) - R_fit(x))``, plain autograd (the `reference` backend and the test oracle)."""
     groups = check_residual_inputs(x, numerator, denominator, fit_numerator, fit_denominator, form, activation)
     cdt = compute_dtype(x.dtype)
     xg = _grouped(x, groups).to(cdt)
-    diff = (_rational_grouped(xg, numerator.to(cdt), denominator.to(cdt), form)
-            - _rational_grouped(xg, fit_numerator.to(cdt), fit_denominator.to(cdt), form))
+    diff = _rational_grouped(xg, numerator.to(cdt), denominator.to(cdt), form) - _rational_grouped(
+        xg, fit_numerator.to(cdt), fit_denominator.to(cdt), form
+    )
     return (activation_value(xg, activation) + diff).to(x.dtype).reshape(x.shape)
 
 
-def residual_forward(x: Tensor, numerator: Tensor, denominator: Tensor, fit_numerator: Tensor,
-                     fit_denominator: Tensor, form: str = "A", activation: str = "none") -> Tensor:
+def residual_forward(
+    x: Tensor,
+    numerator: Tensor,
+    denominator: Tensor,
+    fit_numerator: Tensor,
+    fit_denominator: Tensor,
+    form: str = "A",
+    activation: str = "none",
+) -> Tensor:
     """Forward value of the residual form without an autograd graph."""
     with torch.no_grad():
         return residual_reference(x, numerator, denominator, fit_numerator, fit_denominator, form, activation)
 
 
 def residual_backward(
-    x: Tensor, numerator: Tensor, denominator: Tensor, fit_numerator: Tensor, fit_denominator: Tensor,
-    grad_out: Tensor, form: str = "A", activation: str = "none", needs_coefficient_grads: bool = True,
+    x: Tensor,
+    numerator: Tensor,
+    denominator: Tensor,
+    fit_numerator: Tensor,
+    fit_denominator: Tensor,
+    grad_out: Tensor,
+    form: str = "A",
+    activation: str = "none",
+    needs_coefficient_grads: bool = True,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``grad_x = grad_out * (phi'(x) + (R'_num,den(x) - R'_fit(x)))`` and the coefficient gradients of
     ``R_num,den`` (the fit is frozen), as :func:`rational_backward` returns them."""
@@ -271,8 +311,9 @@ def residual_backward(
     with torch.no_grad():
         xg = _grouped(x, groups).to(cdt)
         go = _grouped(grad_out, groups).to(cdt)
-        gx, grad_a, grad_b = _rational_grads(xg, go, numerator.to(cdt), denominator.to(cdt), form,
-                                             needs_coefficient_grads)
+        gx, grad_a, grad_b = _rational_grads(
+            xg, go, numerator.to(cdt), denominator.to(cdt), form, needs_coefficient_grads
+        )
         gx_fit, _, _ = _rational_grads(xg, go, fit_numerator.to(cdt), fit_denominator.to(cdt), form, False)
         grad_x = activation_backward(go, xg, activation) + (gx - gx_fit)
         if needs_coefficient_grads:

@@ -1,12 +1,13 @@
 """Command line of :mod:`nora.results` (the Makefile's table targets call it).
 
-    python -m nora.results tables [--runs runs] [--out results]       render every table, figure and the index
-    python -m nora.results demo-table [--runs runs/demo] [--out results] [--check]
-    python -m nora.results plan <sweep> [overrides ...]               a sweep's jobs and their state (nothing runs)
-    python -m nora.results mmlu-jobs [--runs runs/table2] [--base llama3_8b] [--eval-root runs/eval]
-                                                                      eval.py arguments still to run, one per line
-    python -m nora.results budget                                     matched-budget parameter counts
+python -m nora.results tables [--runs runs] [--out results]       render every table, figure and the index
+python -m nora.results demo-table [--runs runs/demo] [--out results] [--check]
+python -m nora.results plan <sweep> [overrides ...]               a sweep's jobs and their state (nothing runs)
+python -m nora.results mmlu-jobs [--runs runs/table2] [--base llama3_8b] [--eval-root runs/eval]
+                                                                  eval.py arguments still to run, one per line
+python -m nora.results budget                                     matched-budget parameter counts
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,11 @@ def _list_unreadable(col, runs) -> int:
     for path, why in sorted(col.unreadable.items()):
         print(f"unreadable: {path}: {why}", file=sys.stderr)
     if col.unreadable:
-        print(f"{len(col.unreadable)} run file(s) under {runs} could not be read; their runs are left out of "
-              "every table (fix or remove them, or rerun those runs)", file=sys.stderr)
+        print(
+            f"{len(col.unreadable)} run file(s) under {runs} could not be read; their runs are left out of "
+            "every table (fix or remove them, or rerun those runs)",
+            file=sys.stderr,
+        )
     return 1 if col.unreadable else 0
 
 
@@ -48,8 +52,10 @@ def _tables(args) -> int:
     col = collect(args.runs)
     status = _list_unreadable(col, args.runs)
     if not col.runs and not col.base_evals:
-        print(f"no complete runs or base-model evaluations under {args.runs}; nothing rendered, {args.out}/ left "
-              "as it is (make demo, make table1, ... produce runs)")
+        print(
+            f"no complete runs or base-model evaluations under {args.runs}; nothing rendered, {args.out}/ left "
+            "as it is (make demo, make table1, ... produce runs)"
+        )
         return status
     made = render_all(args.runs, args.out)
     for p in made["tables"]:
@@ -112,11 +118,14 @@ def mmlu_jobs(runs: str | Path, base: str | None, eval_root: str | Path) -> list
     (unless ``eval_root`` holds a readable evaluation of it), one job per line, each argument quoted for the shell
     and for Hydra (``eval "python eval.py $line"`` runs it; the Makefile's table2 does)."""
     if not Path(runs).is_dir():
-        raise MissingFileError(f"--runs {runs}: no such directory (the training runs to evaluate; `make table2` "
-                               "writes them to runs/table2)")
+        raise MissingFileError(
+            f"--runs {runs}: no such directory (the training runs to evaluate; `make table2` "
+            "writes them to runs/table2)"
+        )
     col = collect(runs)
-    out = [f"run_dir={hydra_value(str(r.dir))}" for r in col.runs
-           if r.summary.get("family") == "causal_lm" and not r.mmlu]
+    out = [
+        f"run_dir={hydra_value(str(r.dir))}" for r in col.runs if r.summary.get("family") == "causal_lm" and not r.mmlu
+    ]
     if base and collect(eval_root).base_eval(base) is None:
         out.append(f"model={hydra_value(base)}")
     return [shlex.quote(arg) for arg in out]

@@ -9,21 +9,29 @@ and the project's own ``apply_method``, so they are the numbers the runs' ``summ
 
     python -m nora.results budget        # prints the table quoted in sweeps/README.md
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 from nora.methods import apply_method
 from nora.models import build_model
 from nora.results.sweep import CONFIG_DIR
 
-LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=8, vocab_size=128256)
+LLAMA3_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+)
 
 
 @dataclass
 class Count:
     model: str
-    arm: str        # e.g. lora_r8
+    arm: str  # e.g. lora_r8
     method: str
     rank: int | None
     total: int
@@ -89,16 +97,22 @@ def budget_table(model_name: str, ranks=(6, 7, 8, 9, 10), num_classes: int = 100
         counts += [count(model_name, m, r, num_classes=num_classes) for r in ranks]
     ref = counts[0]
     head = ref.components.get("head", 0)
-    lines = [f"| {model_name} arm | LoRA/DoRA | NoRA | head | trainable without head | vs NoRA++ |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"| {model_name} arm | LoRA/DoRA | NoRA | head | trainable without head | vs NoRA++ |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for c in counts:
         diff = c.adapter - ref.adapter
-        lines.append(f"| {c.arm} | {c.components.get('lora', 0):,} | {c.components.get('nora', 0):,} | "
-                     f"{c.components.get('head', 0):,} | {c.adapter:,} | {diff:+,} |")
+        lines.append(
+            f"| {c.arm} | {c.components.get('lora', 0):,} | {c.components.get('nora', 0):,} | "
+            f"{c.components.get('head', 0):,} | {c.adapter:,} | {diff:+,} |"
+        )
     text = "\n".join(lines) + "\n"
     notes = [f"total parameters with NoRA++ applied: {ref.total:,} (head: {head:,})"]
     for m in ("lora", "dora"):
         lo, hi = bracket(counts, ref.adapter, m)
-        notes.append(f"{m}: r={lo.rank if lo else '?'} ({lo.adapter if lo else 0:,}) <= NoRA++ ({ref.adapter:,}) < "
-                     f"r={hi.rank if hi else '?'} ({hi.adapter if hi else 0:,})")
+        notes.append(
+            f"{m}: r={lo.rank if lo else '?'} ({lo.adapter if lo else 0:,}) <= NoRA++ ({ref.adapter:,}) < "
+            f"r={hi.rank if hi else '?'} ({hi.adapter if hi else 0:,})"
+        )
     return text + "\n" + "\n".join(n for n in notes if n) + "\n", counts

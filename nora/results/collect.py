@@ -10,6 +10,7 @@ read (truncated JSON, not UTF-8, YAML that does not parse) leaves its run out of
 accuracy that is not a finite number in range (``final_accuracy`` NaN, Infinity, 1e9 or ``"abc"``; an ``mmlu.json``
 accuracy outside [0, 1]) or a seed that is no integer.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from nora.files import read_json
+from nora.runs.layout import ADAPTER, CHECKPOINTS, MMLU, SUMMARY, WANDB, RunDir, read_stored_config
 from nora.schema import is_number
-from nora.runs.layout import ADAPTER, CHECKPOINTS, MMLU, RunDir, SUMMARY, WANDB, read_stored_config
 
 SKIP_DIRS = {CHECKPOINTS, ADAPTER, WANDB, ".hydra", ".submitit", "__pycache__"}
 
@@ -130,6 +131,7 @@ def mmlu_accuracy(mmlu: dict | None, category: str | None = None) -> float | Non
 @dataclass
 class BaseEval:
     """A base model's MMLU evaluation (no training run)."""
+
     dir: Path
     mmlu: dict
 
@@ -220,13 +222,17 @@ def check_summary(path: Path, summary: dict) -> None:
     """:class:`Unreadable` when a complete run's ``summary.json`` holds a value no run writes: an accuracy that is
     not a finite number of percent in [0, 100], a seed that is not an integer (a table would show nan, inf or
     > 100%, or stop on a traceback)."""
-    acc = {"final_accuracy": summary.get("final_accuracy"),
-           "final.accuracy": (summary.get("final") or {}).get("accuracy")
-           if isinstance(summary.get("final"), dict) else None}
+    acc = {
+        "final_accuracy": summary.get("final_accuracy"),
+        "final.accuracy": (summary.get("final") or {}).get("accuracy")
+        if isinstance(summary.get("final"), dict)
+        else None,
+    }
     for key, v in acc.items():
         if v is not None and not (_is_finite_number(v) and 0 <= v <= 100):
-            raise Unreadable(path, f"{key}={v!r} is not an accuracy (a finite number of percent in [0, 100]); the "
-                                   "run is left out")
+            raise Unreadable(
+                path, f"{key}={v!r} is not an accuracy (a finite number of percent in [0, 100]); the run is left out"
+            )
     seed = summary.get("seed")
     if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool)):
         raise Unreadable(path, f"seed={seed!r} is not an integer; the run is left out")
@@ -250,8 +256,9 @@ def _read_config(run: RunDir) -> dict:
     except Exception as exc:  # OmegaConf/YAML raise many types for a file that does not parse
         mark = getattr(exc, "problem_mark", None)  # yaml's errors say what and where
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise Unreadable(run.config, f"does not parse as YAML ({getattr(exc, 'problem', None) or type(exc).__name__}"
-                                     f"{where})") from None
+        raise Unreadable(
+            run.config, f"does not parse as YAML ({getattr(exc, 'problem', None) or type(exc).__name__}{where})"
+        ) from None
 
 
 def collect(*roots: str | os.PathLike) -> Collection:
@@ -268,7 +275,7 @@ def collect(*roots: str | os.PathLike) -> Collection:
                 _collect_dir(col, d, files)
             except Unreadable as exc:
                 col.unreadable[exc.path] = exc.why
-    col.runs.sort(key=lambda r: (str(r.dir)))
+    col.runs.sort(key=lambda r: str(r.dir))
     return col
 
 

@@ -4,6 +4,7 @@
 * :func:`accuracy_vs_params`: accuracy (mean ± std over seeds) against trainable parameters, one point per method;
 * :func:`subspace_figure`: the functional-subspace analysis (:mod:`nora.results.subspace`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,8 +26,9 @@ class Point:
     n: int
 
 
-def accuracy_vs_params(panels: dict[str, Sequence[Point]], path: str | Path, title: str,
-                       ylabel: str = "accuracy (%)") -> Path | None:
+def accuracy_vs_params(
+    panels: dict[str, Sequence[Point]], path: str | Path, title: str, ylabel: str = "accuracy (%)"
+) -> Path | None:
     """One panel per setting (e.g. dataset); x: trainable parameters (log), y: mean ± std over seeds."""
     panels = {k: [p for p in v if p.params] for k, v in panels.items()}
     panels = {k: v for k, v in panels.items() if v}
@@ -38,8 +40,15 @@ def accuracy_vs_params(panels: dict[str, Sequence[Point]], path: str | Path, tit
     for ax, (name, pts) in zip(axes[0], panels.items()):
         for i, p in enumerate(pts):
             # tab10 repeats after ten methods: the next ten get another marker, so no two share a symbol
-            ax.errorbar([p.params], [p.mean], yerr=[p.std or 0.0], fmt="osD^"[i // 10 % 4], color=cmap(i % 10),
-                        capsize=3, label=f"{p.label} (n={p.n})")
+            ax.errorbar(
+                [p.params],
+                [p.mean],
+                yerr=[p.std or 0.0],
+                fmt="osD^"[i // 10 % 4],
+                color=cmap(i % 10),
+                capsize=3,
+                label=f"{p.label} (n={p.n})",
+            )
             ax.annotate(p.label, (p.params, p.mean), textcoords="offset points", xytext=(5, 4), fontsize=7)
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters")
@@ -70,19 +79,38 @@ def subspace_figure(analyses, path: str | Path, title: str) -> Path | None:
         xs = np.arange(len(layers))
         for ax, key in ((axes[0], "update_norm"), (axes[2], "function_l2")):
             vals = np.array([[seed[name].__dict__[key] for name in layers] for seed in a.per_seed])
-            ax.errorbar(xs, vals.mean(0), yerr=vals.std(0, ddof=1) if len(vals) > 1 else None, marker="o",
-                        color=c, capsize=2, label=f"{a.method} (n={len(vals)})")
-        sv = [seed[name].singular / seed[name].singular.sum() for seed in a.per_seed for name in layers
-              if seed[name].singular.sum() > 0]
+            ax.errorbar(
+                xs,
+                vals.mean(0),
+                yerr=vals.std(0, ddof=1) if len(vals) > 1 else None,
+                marker="o",
+                color=c,
+                capsize=2,
+                label=f"{a.method} (n={len(vals)})",
+            )
+        sv = [
+            seed[name].singular / seed[name].singular.sum()
+            for seed in a.per_seed
+            for name in layers
+            if seed[name].singular.sum() > 0
+        ]
         if sv:
             k = min(len(s) for s in sv)
             m = np.mean([s[:k] for s in sv], axis=0)
             axes[1].plot(np.arange(1, k + 1), m, marker="o", color=c, label=a.method)
         if len(a.per_seed) > 1:
-            for cos, marker, ls, what in ((a.cross_seed_func, "o", "-", "function"),
-                                          (a.cross_seed_coef, "x", "--", "coefficients")):
-                axes[3].plot(xs, [np.nan if cos.get(name) is None else cos[name] for name in layers], marker=marker,
-                             ls=ls, color=c, label=f"{a.method}: {what}")
+            for cos, marker, ls, what in (
+                (a.cross_seed_func, "o", "-", "function"),
+                (a.cross_seed_coef, "x", "--", "coefficients"),
+            ):
+                axes[3].plot(
+                    xs,
+                    [np.nan if cos.get(name) is None else cos[name] for name in layers],
+                    marker=marker,
+                    ls=ls,
+                    color=c,
+                    label=f"{a.method}: {what}",
+                )
     names = [short_layer_name(name) for name in analyses[0].layers]
     for ax in (axes[0], axes[2], axes[3]):
         ax.set_xticks(range(len(names)))

@@ -6,6 +6,7 @@
 * :func:`difference_to_constant`: ``a[seed] - c`` for a deterministic reference (a base model's single
   evaluation), with the same interval over seeds.
 """
+
 from __future__ import annotations
 
 import math

@@ -21,6 +21,7 @@ training (:class:`nora.adapter.layer.NoraActivation`). Per layer we measure:
 Coefficients of different powers of x have different scales, so the function-space numbers are the ones to
 compare across methods; the coefficient norms show how far each parametrisation moved its parameters.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -72,23 +73,30 @@ class LayerStats:
 def layer_stats(layer: Layer, top: int = 3) -> LayerStats:
     d = layer.delta
     s = singular_values(d)
-    energy = float((s[:top] ** 2).sum() / (s ** 2).sum()) if (s ** 2).sum() > 0 else float("nan")
+    energy = float((s[:top] ** 2).sum() / (s**2).sum()) if (s**2).sum() > 0 else float("nan")
     x = layer.grid()
     y, y0 = layer.curves(x)
     diff = y - y0
-    l2 = float(np.sqrt(np.mean(diff ** 2)))
-    base_rms = float(np.sqrt(np.mean(y0 ** 2)))
-    return LayerStats(layer.name, float(np.linalg.norm(d)), effective_rank(d), energy, l2,
-                      l2 / base_rms if base_rms > 0 else float("nan"), s)
+    l2 = float(np.sqrt(np.mean(diff**2)))
+    base_rms = float(np.sqrt(np.mean(y0**2)))
+    return LayerStats(
+        layer.name,
+        float(np.linalg.norm(d)),
+        effective_rank(d),
+        energy,
+        l2,
+        l2 / base_rms if base_rms > 0 else float("nan"),
+        s,
+    )
 
 
 @dataclass
 class MethodAnalysis:
     method: str
     runs: list[Path]
-    per_seed: list[dict[str, LayerStats]]          # one {layer: stats} per run
-    cross_seed_coef: dict[str, float | None]       # layer -> mean cosine over seed pairs (coefficient update)
-    cross_seed_func: dict[str, float | None]       # layer -> mean cosine over seed pairs (function change)
+    per_seed: list[dict[str, LayerStats]]  # one {layer: stats} per run
+    cross_seed_coef: dict[str, float | None]  # layer -> mean cosine over seed pairs (coefficient update)
+    cross_seed_func: dict[str, float | None]  # layer -> mean cosine over seed pairs (function change)
     deltas: list[dict[str, np.ndarray]] = field(default_factory=list, repr=False)  # per run: layer -> Δ
 
     @property
@@ -120,8 +128,14 @@ def analyse_method(method: str, run_dirs: Sequence[Path]) -> MethodAnalysis | No
             yb, yb0 = lb[name].curves(x)
             fs.append(cosine(ya - ya0, yb - yb0))
         coef[name], func[name] = _mean(cs), _mean(fs)
-    return MethodAnalysis(method, [d for d, _ in loaded], per_seed, coef, func,
-                          [{name: layer.delta for name, layer in layers.items()} for _d, layers in loaded])
+    return MethodAnalysis(
+        method,
+        [d for d, _ in loaded],
+        per_seed,
+        coef,
+        func,
+        [{name: layer.delta for name, layer in layers.items()} for _d, layers in loaded],
+    )
 
 
 def identical_methods(analyses: Sequence[MethodAnalysis], atol: float = 1e-6) -> list[tuple[str, str]]:
@@ -134,16 +148,22 @@ def identical_methods(analyses: Sequence[MethodAnalysis], atol: float = 1e-6) ->
     for a, b in itertools.combinations(analyses, 2):
         if not a.deltas or len(a.deltas) != len(b.deltas):
             continue
-        same = all(set(da) == set(db) and all(np.allclose(da[k], db[k], rtol=0, atol=atol) for k in da)
-                   for da, db in zip(a.deltas, b.deltas))
+        same = all(
+            set(da) == set(db) and all(np.allclose(da[k], db[k], rtol=0, atol=atol) for k in da)
+            for da, db in zip(a.deltas, b.deltas)
+        )
         if same:
             out.append((a.method, b.method))
     return out
 
 
-METRICS = (("update_norm", "‖Δ‖_F (coefficients)"), ("effective_rank", "effective rank of Δ"),
-           ("top_energy", "energy in top-r singular values"), ("function_l2", "RMS |F - F_base| over the fit range"),
-           ("function_rel", "same, relative to RMS F_base"))
+METRICS = (
+    ("update_norm", "‖Δ‖_F (coefficients)"),
+    ("effective_rank", "effective rank of Δ"),
+    ("top_energy", "energy in top-r singular values"),
+    ("function_l2", "RMS |F - F_base| over the fit range"),
+    ("function_rel", "same, relative to RMS F_base"),
+)
 
 
 def summary_rows(analysis: MethodAnalysis) -> list[dict]:

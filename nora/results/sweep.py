@@ -17,6 +17,7 @@ they will take (from the training throughput measured by ``python -m nora.bench 
 
 ``python -m nora.results plan <sweep> [overrides]`` prints the same plan through Hydra's compose API.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,8 +39,15 @@ SWEEP_DIR = CONFIG_DIR.parent / "sweeps"
 SWEEPS = {
     "table1": ["table1", "table1_low_budget"],
     "table2": ["table2"],
-    "ablations": ["ablation_variant", "ablation_rank", "ablation_groups", "ablation_form", "ablation_numerator",
-                  "ablation_init", "ablation_residual"],
+    "ablations": [
+        "ablation_variant",
+        "ablation_rank",
+        "ablation_groups",
+        "ablation_form",
+        "ablation_numerator",
+        "ablation_init",
+        "ablation_residual",
+    ],
     "matched_budget": ["matched_vit", "matched_llama"],
 }
 
@@ -56,16 +64,18 @@ def sweep_names(name: str) -> list[str]:
     if (SWEEP_DIR / f"{name}.yaml").is_file():
         return [name]
     files = sorted(p.stem for p in SWEEP_DIR.glob("*.yaml"))
-    raise UserError(f"unknown sweep {name!r}; valid: {', '.join(SWEEPS)} (groups) or {', '.join(files)} "
-                    f"(sweeps/*.yaml)")
+    raise UserError(
+        f"unknown sweep {name!r}; valid: {', '.join(SWEEPS)} (groups) or {', '.join(files)} (sweeps/*.yaml)"
+    )
 
 
 def _override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def override_error(exc: BaseException, overrides: Sequence[str],
-                   compose_fn: Callable[[list[str]], object] | None = None) -> UserError | None:
+def override_error(
+    exc: BaseException, overrides: Sequence[str], compose_fn: Callable[[list[str]], object] | None = None
+) -> UserError | None:
     """Hydra's error for a bad command-line override as one line naming the override and what is valid (None
     when ``exc`` is not such an error): an unknown config-group option lists the group's options, an unknown key
     the keys of its section (``compose_fn(overrides)`` composes the config without the bad override), a line that
@@ -78,10 +88,13 @@ def override_error(exc: BaseException, overrides: Sequence[str],
     first = lines[0] if lines else type(exc).__name__
     if "Available options in" in str(exc):  # MissingConfigException: an unknown option of a config group
         options = [ln.strip() for ln in str(exc).split("Available options in", 1)[1].splitlines()[1:]]
-        options = [o for o in options[:next((i for i, o in enumerate(options) if not o or ":" in o), None)]]
+        options = [o for o in options[: next((i for i, o in enumerate(options) if not o or ":" in o), None)]]
         missing = re.search(r"Could not find '(.+)/([^/']+)'", first)
-        what = (f"{missing[1].replace('/', '.')}={missing[2]}: no such option of {missing[1]}" if missing
-                else first.split(": ", 1)[-1])
+        what = (
+            f"{missing[1].replace('/', '.')}={missing[2]}: no such option of {missing[1]}"
+            if missing
+            else first.split(": ", 1)[-1]
+        )
         return UserError(f"{what}; valid: {', '.join(options)}")
     if first.startswith("Could not override '"):
         key = first.split("'")[1]
@@ -89,8 +102,10 @@ def override_error(exc: BaseException, overrides: Sequence[str],
         where = valid_keys(key, [o for o in overrides if _override_key(o) != key], compose_fn)
         return UserError(f"{bad}: no such key{where}")
     if type(exc).__name__ == "OverrideParseException":
-        return UserError(f"cannot parse the override(s) {' '.join(overrides)}: {'; '.join(lines[:2])} (the form is "
-                         "key=value, e.g. trainer.lr=0.01)")
+        return UserError(
+            f"cannot parse the override(s) {' '.join(overrides)}: {'; '.join(lines[:2])} (the form is "
+            "key=value, e.g. trainer.lr=0.01)"
+        )
     return UserError("; ".join(lines[:2]))
 
 
@@ -121,9 +136,9 @@ def valid_keys(key: str, overrides: Sequence[str], compose_fn) -> str:
 
 @dataclass
 class Job:
-    overrides: list[str]   # the job's own overrides (one value per swept key)
+    overrides: list[str]  # the job's own overrides (one value per swept key)
     run_dir: Path
-    status: str            # complete | resumable | changed | started | new
+    status: str  # complete | resumable | changed | started | new
     estimate_s: float | None = None  # device seconds to train it, from a measured throughput (None: unknown)
 
     def describe(self) -> str:
@@ -220,8 +235,9 @@ def job_run_dir(cfg) -> Path:
     return Path(str(cfg.output_root)) / str(cfg.run_name)
 
 
-def plan_jobs(compose_fn, config_name: str, params: dict, task_overrides: Sequence[str],
-              config_loader=None) -> list[Job]:
+def plan_jobs(
+    compose_fn, config_name: str, params: dict, task_overrides: Sequence[str], config_loader=None
+) -> list[Job]:
     """Compose every job of a sweep (nothing runs) and report its run directory and state."""
     import torch
 
@@ -279,13 +295,17 @@ def format_plan(name: str, jobs: list[Job], verbose: bool = True) -> str:
     counts = {s: sum(j.status == s for j in jobs) for s in ("complete", "resumable", "changed", "started", "new")}
     dirs = [j.run_dir for j in jobs]
     dup = len(dirs) - len(set(dirs))
-    head = (f"sweep {name}: {len(jobs)} job{'' if len(jobs) == 1 else 's'} ({counts['complete']} complete: skipped, "
-            f"{counts['resumable']} "
-            f"resumable from a checkpoint, {counts['started'] + counts['new']} to run)")
+    head = (
+        f"sweep {name}: {len(jobs)} job{'' if len(jobs) == 1 else 's'} ({counts['complete']} complete: skipped, "
+        f"{counts['resumable']} "
+        f"resumable from a checkpoint, {counts['started'] + counts['new']} to run)"
+    )
     if counts["changed"]:
-        head += (f"; {counts['changed']} run director{'y holds' if counts['changed'] == 1 else 'ies hold'} a run of "
-                 "another configuration: train.py stops there unless on_config_change=rerun (start afresh) or "
-                 "on_config_change=keep (use it as it is)")
+        head += (
+            f"; {counts['changed']} run director{'y holds' if counts['changed'] == 1 else 'ies hold'} a run of "
+            "another configuration: train.py stops there unless on_config_change=rerun (start afresh) or "
+            "on_config_change=keep (use it as it is)"
+        )
     if dup:
         head += f"; WARNING: {dup} jobs share a run directory with another job"
     todo = [j for j in jobs if j.status != "complete"]
@@ -294,8 +314,10 @@ def format_plan(name: str, jobs: list[Job], verbose: bool = True) -> str:
         cost = f"estimated device time for the {len(todo)} jobs to run: "
         cost += f"~{_fmt_time(sum(known))}" if known else "unknown"
         if len(known) < len(todo):
-            cost += (f" ({len(todo) - len(known)} without an estimate: no `python -m nora.bench train` throughput "
-                     "measured for their model, method and device)")
+            cost += (
+                f" ({len(todo) - len(known)} without an estimate: no `python -m nora.bench train` throughput "
+                "measured for their model, method and device)"
+            )
         else:
             cost += " (from the measured `python -m nora.bench train` throughput; evaluation not included)"
         head += "\n" + cost
@@ -310,21 +332,24 @@ def format_plan(name: str, jobs: list[Job], verbose: bool = True) -> str:
 def sweep_hydra(config_dir: Path = CONFIG_DIR, sweep_dir: Path = SWEEP_DIR):
     """Hydra initialised as ``train.py --config-dir sweeps`` does: ``configs/`` as the main config
     directory, ``sweeps/`` prepended on the command line. Restores the previous global state on exit."""
+    from hydra import version
     from hydra._internal.hydra import Hydra
     from hydra._internal.utils import create_config_search_path
     from hydra.core.config_search_path import SearchPathQuery
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.utils import setup_globals
     from hydra.initialize import get_gh_backup, restore_gh_from_backup
-    from hydra import version
 
     backup = get_gh_backup()
     try:
         version.setbase("1.3")
         setup_globals()
         csp = create_config_search_path(str(Path(config_dir).resolve()))
-        csp.prepend(provider="command-line", path=f"file://{Path(sweep_dir).resolve()}",
-                    anchor=SearchPathQuery(provider="schema"))
+        csp.prepend(
+            provider="command-line",
+            path=f"file://{Path(sweep_dir).resolve()}",
+            anchor=SearchPathQuery(provider="schema"),
+        )
         Hydra.create_main_hydra2(task_name="train", config_search_path=csp)
         yield GlobalHydra.instance()
     finally:
@@ -339,16 +364,16 @@ def compose_job(config_name: str, overrides: Sequence[str], multirun: bool = Tru
 
     gh = GlobalHydra.instance()
     if multirun:  # compose() has no run-mode argument; go through the loader as the sweeper does
-        return gh.config_loader().load_configuration(config_name=config_name, overrides=list(overrides),
-                                                     run_mode=RunMode.MULTIRUN)
+        return gh.config_loader().load_configuration(
+            config_name=config_name, overrides=list(overrides), run_mode=RunMode.MULTIRUN
+        )
     return compose(config_name, overrides=list(overrides), return_hydra_config=True)
 
 
 def sweep_params(config_name: str, overrides: Sequence[str] = ()) -> dict:
     """``hydra.sweeper.params`` of a sweep file (inside :func:`sweep_hydra`)."""
-    from omegaconf import OmegaConf
-
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
 
     parsed = OverridesParser.create().parse_overrides(list(overrides))
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]

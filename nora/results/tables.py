@@ -15,6 +15,7 @@ ablations.md/.csv      NoRA ablations on ViT-Tiny/CIFAR-100 (runs/ablations; ful
 matched_budget.md/.csv NoRA++ vs LoRA/DoRA at bracketing ranks (runs/table1, runs/table2)
 =====================  ============================================================================
 """
+
 from __future__ import annotations
 
 import csv
@@ -28,16 +29,41 @@ from nora.results import paper
 from nora.results.collect import BaseEval, Collection, Run, mmlu_accuracy
 from nora.results.stats import PairedDiff, Summary, difference_to_constant, paired_difference, summarize
 
-METHOD_ORDER = ("full", "linear_probe", "lora", "dora", "nora", "nora_pp", "rational_ft", "zero_init_ft", "bitfit",
-                "ln_tuning", "ia3", "vera")
-METHOD_LABEL = {"full": "full FT", "linear_probe": "linear probe", "lora": "LoRA", "dora": "DoRA", "nora": "NoRA",
-                "nora_pp": "NoRA++", "rational_ft": "rational FT", "zero_init_ft": "zero-init FT", "bitfit": "BitFit",
-                "ln_tuning": "LN tuning", "ia3": "(IA)3", "vera": "VeRA"}
+METHOD_ORDER = (
+    "full",
+    "linear_probe",
+    "lora",
+    "dora",
+    "nora",
+    "nora_pp",
+    "rational_ft",
+    "zero_init_ft",
+    "bitfit",
+    "ln_tuning",
+    "ia3",
+    "vera",
+)
+METHOD_LABEL = {
+    "full": "full FT",
+    "linear_probe": "linear probe",
+    "lora": "LoRA",
+    "dora": "DoRA",
+    "nora": "NoRA",
+    "nora_pp": "NoRA++",
+    "rational_ft": "rational FT",
+    "zero_init_ft": "zero-init FT",
+    "bitfit": "BitFit",
+    "ln_tuning": "LN tuning",
+    "ia3": "(IA)3",
+    "vera": "VeRA",
+}
 DEFAULT_LORA_RANK = 8  # configs/method/{lora,dora,nora_pp}.yaml (checked by tests/test_results.py)
 MMLU_CATEGORIES = ("STEM", "humanities", "social_sciences", "other")
-CI_NOTE = ("Δ: this row minus the reference, paired by seed (the mean of the per-seed differences, in points), "
-           "with a t-based 95% confidence interval (n-1 degrees of freedom, n = pairs); a single pair has no "
-           "interval. n: seeds with a complete run.")
+CI_NOTE = (
+    "Δ: this row minus the reference, paired by seed (the mean of the per-seed differences, in points), "
+    "with a t-based 95% confidence interval (n-1 degrees of freedom, n = pairs); a single pair has no "
+    "interval. n: seeds with a complete run."
+)
 
 
 # ----------------------------------------------------------------------------- report model
@@ -52,14 +78,14 @@ class Section:
 
 @dataclass
 class Report:
-    name: str                      # file stem in results/
+    name: str  # file stem in results/
     title: str
     intro: list[str]
     sections: list[Section]
     runs: list[Run]
-    sources: Sequence[str]         # where the runs were read from
-    expected: int | None = None    # runs the sweeps define (None: not fixed)
-    make: str | None = None        # the command that produces the runs
+    sources: Sequence[str]  # where the runs were read from
+    expected: int | None = None  # runs the sweeps define (None: not fixed)
+    make: str | None = None  # the command that produces the runs
     base_evals: list[BaseEval] = field(default_factory=list)
     footnotes: list[str] = field(default_factory=list)
 
@@ -108,17 +134,24 @@ class Report:
             out += [note, ""]
         dups = self.duplicates()
         if dups:
-            out += [f"**{len(dups)} run folder(s) repeat a seed of the same setting**; each cell counts one run per "
-                    "seed, the newest (move or delete the folder you do not want counted):", "",
-                    *[f"- {d}" for d in dups], ""]
+            out += [
+                f"**{len(dups)} run folder(s) repeat a seed of the same setting**; each cell counts one run per "
+                "seed, the newest (move or delete the folder you do not want counted):",
+                "",
+                *[f"- {d}" for d in dups],
+                "",
+            ]
         out += ["## Runs", ""]
         if self.runs or self.base_evals:
-            out += ["| run | method | dataset | seed | config hash | date | hardware |",
-                    "|---|---|---|---|---|---|---|"]
-            out += [f"| {r.dir.name} | {r.method} | {r.dataset} | {r.seed} | {r.config_hash} | {r.date} | "
-                    f"{r.hardware} |" for r in self.runs]
-            out += [f"| {b.dir.name} (base model, MMLU) | — | — | — | — | {b.date} | — |"
-                    for b in self.base_evals]
+            out += [
+                "| run | method | dataset | seed | config hash | date | hardware |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            out += [
+                f"| {r.dir.name} | {r.method} | {r.dataset} | {r.seed} | {r.config_hash} | {r.date} | {r.hardware} |"
+                for r in self.runs
+            ]
+            out += [f"| {b.dir.name} (base model, MMLU) | — | — | — | — | {b.date} | — |" for b in self.base_evals]
         else:
             out.append("none")
         return "\n".join(out).rstrip("\n") + "\n"
@@ -202,8 +235,7 @@ def stats_fields(prefix: str, s: Summary) -> dict:
 def diff_fields(prefix: str, d: PairedDiff | None) -> dict:
     if d is None:
         return {f"{prefix}": None, f"{prefix}_ci_lo": None, f"{prefix}_ci_hi": None, f"{prefix}_n": None}
-    return {f"{prefix}": num(d.mean), f"{prefix}_ci_lo": num(d.lo), f"{prefix}_ci_hi": num(d.hi),
-            f"{prefix}_n": d.n}
+    return {f"{prefix}": num(d.mean), f"{prefix}_ci_lo": num(d.lo), f"{prefix}_ci_hi": num(d.hi), f"{prefix}_n": d.n}
 
 
 def lora_rank(r: Run) -> int:
@@ -228,8 +260,9 @@ def _ignored_note(all_runs: Sequence[Run], used: Sequence[Run], what: str) -> li
     return [f"Not counted here ({what}): " + ", ".join(f"{k} ({v})" for k, v in sorted(kinds.items())) + "."]
 
 
-def vision_row_cells(runs: Sequence[Run], ref: dict | None,
-                     is_ref: bool) -> tuple[Summary, PairedDiff | None, list[str]]:
+def vision_row_cells(
+    runs: Sequence[Run], ref: dict | None, is_ref: bool
+) -> tuple[Summary, PairedDiff | None, list[str]]:
     acc = by_seed(runs, lambda r: r.accuracy)
     s = summarize(acc.values())
     d = None if is_ref or ref is None else paired_difference(acc, ref)
@@ -250,8 +283,11 @@ DATASET_LABEL = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "alpaca": "Alpa
 
 
 def table1_report(col: Collection, seeds: int = 3, source: str = "runs/table1") -> Report:
-    runs = [r for r in col.runs if r.model == "vit_tiny" and r.dataset in TABLE1_DATASETS
-            and r.method in TABLE1_METHODS and default_arm(r)]
+    runs = [
+        r
+        for r in col.runs
+        if r.model == "vit_tiny" and r.dataset in TABLE1_DATASETS and r.method in TABLE1_METHODS and default_arm(r)
+    ]
     rows, csv_rows = [], []
     for ds in TABLE1_DATASETS:
         ref = by_seed([r for r in runs if r.dataset == ds and r.method == "full"], lambda r: r.accuracy)
@@ -261,22 +297,55 @@ def table1_report(col: Collection, seeds: int = 3, source: str = "runs/table1") 
             trainable, pct = params_of(mine)
             quoted = paper.TABLE1.get((ds, m), "—")
             rows.append([DATASET_LABEL[ds], METHOD_LABEL[m], *cells, quoted, fmt_int(trainable), fmt_share(pct)])
-            csv_rows.append({"dataset": ds, "method": m, "n": s.n, **stats_fields("accuracy", s),
-                             **diff_fields("delta_vs_full", d),
-                             "paper_delta_vs_full_abstract": paper.TABLE1.get((ds, m)),
-                             "trainable": trainable, "share_percent": num(pct, 6)})
-    intro = [("ViT-Tiny/16 (timm `vit_tiny_patch16_224`, pretrained weights) fine-tuned on CIFAR-10 and CIFAR-100 "
-              "with each method: `sweeps/table1.yaml` (hyper-parameters: `configs/method/*.yaml`, "
-              "`configs/trainer/default.yaml`; LoRA/DoRA rank 8). Only runs of `vit_tiny` on CIFAR are counted: "
-              "the digits demo and tiny test models never enter this table."),
-             "Accuracy: final test accuracy (%), mean ± std over seeds. " + CI_NOTE.replace("the reference",
-                                                                                          "full fine-tuning"),
-             f"Paper column: {paper.SOURCE}; {paper.TABLE1_NOTE}."]
-    sec = Section(None, ["dataset", "method", "n", "accuracy (%)", "Δ vs full FT (95% CI)",
-                         "paper: Δ vs full FT (quoted from the abstract)", "trainable params", "share of total"],
-                  rows, csv_rows, _ignored_note([r for r in col.runs], runs, "other models, datasets or ranks"))
-    return Report("table1", "Table 1: ViT-Tiny on CIFAR-10 and CIFAR-100", intro, [sec], runs, [source],
-                  expected=len(TABLE1_METHODS) * len(TABLE1_DATASETS) * seeds, make="make table1")
+            csv_rows.append(
+                {
+                    "dataset": ds,
+                    "method": m,
+                    "n": s.n,
+                    **stats_fields("accuracy", s),
+                    **diff_fields("delta_vs_full", d),
+                    "paper_delta_vs_full_abstract": paper.TABLE1.get((ds, m)),
+                    "trainable": trainable,
+                    "share_percent": num(pct, 6),
+                }
+            )
+    intro = [
+        (
+            "ViT-Tiny/16 (timm `vit_tiny_patch16_224`, pretrained weights) fine-tuned on CIFAR-10 and CIFAR-100 "
+            "with each method: `sweeps/table1.yaml` (hyper-parameters: `configs/method/*.yaml`, "
+            "`configs/trainer/default.yaml`; LoRA/DoRA rank 8). Only runs of `vit_tiny` on CIFAR are counted: "
+            "the digits demo and tiny test models never enter this table."
+        ),
+        "Accuracy: final test accuracy (%), mean ± std over seeds. "
+        + CI_NOTE.replace("the reference", "full fine-tuning"),
+        f"Paper column: {paper.SOURCE}; {paper.TABLE1_NOTE}.",
+    ]
+    sec = Section(
+        None,
+        [
+            "dataset",
+            "method",
+            "n",
+            "accuracy (%)",
+            "Δ vs full FT (95% CI)",
+            "paper: Δ vs full FT (quoted from the abstract)",
+            "trainable params",
+            "share of total",
+        ],
+        rows,
+        csv_rows,
+        _ignored_note([r for r in col.runs], runs, "other models, datasets or ranks"),
+    )
+    return Report(
+        "table1",
+        "Table 1: ViT-Tiny on CIFAR-10 and CIFAR-100",
+        intro,
+        [sec],
+        runs,
+        [source],
+        expected=len(TABLE1_METHODS) * len(TABLE1_DATASETS) * seeds,
+        make="make table1",
+    )
 
 
 # Table 1's low-budget companion (sweeps/table1_low_budget.yaml): NoRA among the methods of its own size
@@ -294,29 +363,68 @@ def low_budget_section(runs: Sequence[Run], datasets, heading: str | None) -> Se
             s = summarize(acc.values())
             d = None if m == "nora" else paired_difference(ref, acc)
             trainable, pct = params_of(mine)
-            rows.append([DATASET_LABEL.get(ds, ds), METHOD_LABEL[m], fmt_int(trainable), fmt_share(pct), str(s.n),
-                         s.fmt(), "reference" if m == "nora" else d.fmt()])
-            csv_rows.append({"dataset": ds, "method": m, "trainable": trainable, "share_percent": num(pct, 6),
-                             "n": s.n, **stats_fields("accuracy", s), **diff_fields("nora_minus_method", d)})
-    cols = ["dataset", "method", "trainable params", "share of total", "n", "accuracy (%)",
-            "NoRA minus this method (95% CI)"]
+            rows.append(
+                [
+                    DATASET_LABEL.get(ds, ds),
+                    METHOD_LABEL[m],
+                    fmt_int(trainable),
+                    fmt_share(pct),
+                    str(s.n),
+                    s.fmt(),
+                    "reference" if m == "nora" else d.fmt(),
+                ]
+            )
+            csv_rows.append(
+                {
+                    "dataset": ds,
+                    "method": m,
+                    "trainable": trainable,
+                    "share_percent": num(pct, 6),
+                    "n": s.n,
+                    **stats_fields("accuracy", s),
+                    **diff_fields("nora_minus_method", d),
+                }
+            )
+    cols = [
+        "dataset",
+        "method",
+        "trainable params",
+        "share of total",
+        "n",
+        "accuracy (%)",
+        "NoRA minus this method (95% CI)",
+    ]
     return Section(heading, cols, rows, csv_rows)
 
 
 def table1_low_budget_report(col: Collection, seeds: int = 3, source: str = "runs/table1") -> Report:
-    runs = [r for r in col.runs if r.model == "vit_tiny" and r.dataset in TABLE1_DATASETS
-            and r.method in LOW_BUDGET_METHODS]
-    intro = [("Table 1's low-budget companion: NoRA on ViT-Tiny / CIFAR next to the methods that train as few "
-              "parameters as it does (`sweeps/table1_low_budget.yaml`, Table 1's seeds and recipe; the linear probe "
-              "and NoRA rows are Table 1's runs). BitFit trains the biases, LN tuning the norm layers, (IA)3 "
-              "scaling vectors on qkv and fc2, VeRA per-layer scaling vectors over shared random projections "
-              "(r=64); every method also trains the new head (`configs/method/*.yaml`)."),
-             ("Accuracy: final test accuracy (%), mean ± std over seeds. Last column: NoRA minus the method, paired "
-              "by seed, with a t-based 95% CI; positive favours NoRA.")]
+    runs = [
+        r for r in col.runs if r.model == "vit_tiny" and r.dataset in TABLE1_DATASETS and r.method in LOW_BUDGET_METHODS
+    ]
+    intro = [
+        (
+            "Table 1's low-budget companion: NoRA on ViT-Tiny / CIFAR next to the methods that train as few "
+            "parameters as it does (`sweeps/table1_low_budget.yaml`, Table 1's seeds and recipe; the linear probe "
+            "and NoRA rows are Table 1's runs). BitFit trains the biases, LN tuning the norm layers, (IA)3 "
+            "scaling vectors on qkv and fc2, VeRA per-layer scaling vectors over shared random projections "
+            "(r=64); every method also trains the new head (`configs/method/*.yaml`)."
+        ),
+        (
+            "Accuracy: final test accuracy (%), mean ± std over seeds. Last column: NoRA minus the method, paired "
+            "by seed, with a t-based 95% CI; positive favours NoRA."
+        ),
+    ]
     sec = low_budget_section(runs, TABLE1_DATASETS, None)
-    return Report("table1_low_budget", "Table 1, low budget: NoRA vs methods of its size (ViT-Tiny, CIFAR)", intro,
-                  [sec], runs, [source], expected=len(LOW_BUDGET_METHODS) * len(TABLE1_DATASETS) * seeds,
-                  make="python train.py -m --config-dir sweeps --config-name table1_low_budget")
+    return Report(
+        "table1_low_budget",
+        "Table 1, low budget: NoRA vs methods of its size (ViT-Tiny, CIFAR)",
+        intro,
+        [sec],
+        runs,
+        [source],
+        expected=len(LOW_BUDGET_METHODS) * len(TABLE1_DATASETS) * seeds,
+        make="python train.py -m --config-dir sweeps --config-name table1_low_budget",
+    )
 
 
 # ----------------------------------------------------------------------------- table 2
@@ -351,10 +459,14 @@ def mmlu_protocol_problem(m: dict | None) -> str | None:
     return None
 
 
-def table2_report(col: Collection, seeds: int = 3, source: str = "runs/table2",
-                  eval_source: str = "runs/eval") -> Report:
-    runs = [r for r in col.runs if r.model == TABLE2_MODEL and r.dataset in TABLE2_DATASETS
-            and r.method in TABLE2_METHODS and default_arm(r)]
+def table2_report(
+    col: Collection, seeds: int = 3, source: str = "runs/table2", eval_source: str = "runs/eval"
+) -> Report:
+    runs = [
+        r
+        for r in col.runs
+        if r.model == TABLE2_MODEL and r.dataset in TABLE2_DATASETS and r.method in TABLE2_METHODS and default_arm(r)
+    ]
     off_protocol = [(r.name, mmlu_protocol_problem(r.mmlu)) for r in runs if mmlu_protocol_problem(r.mmlu)]
     evaluated = [r for r in runs if r.mmlu and not mmlu_protocol_problem(r.mmlu)]
     unevaluated = [r for r in runs if not r.mmlu]
@@ -364,16 +476,34 @@ def table2_report(col: Collection, seeds: int = 3, source: str = "runs/table2",
         base = None
     base_avg = mmlu_accuracy(base.mmlu) if base else None
     cat_cols = ["STEM", "humanities", "social sciences", "other", "average"]
-    columns = ["dataset", "method", "n", *cat_cols, "Δ average vs base (95% CI)", "Δ average vs LoRA (95% CI)",
-               "Δ STEM vs LoRA (95% CI)", "paper (quoted from the abstract)", "trainable params"]
+    columns = [
+        "dataset",
+        "method",
+        "n",
+        *cat_cols,
+        "Δ average vs base (95% CI)",
+        "Δ average vs LoRA (95% CI)",
+        "Δ STEM vs LoRA (95% CI)",
+        "paper (quoted from the abstract)",
+        "trainable params",
+    ]
     rows, csv_rows = [], []
     cats = [*MMLU_CATEGORIES, None]
-    base_cells = [f"{mmlu_accuracy(base.mmlu, c):.2f}" if base and mmlu_accuracy(base.mmlu, c) is not None
-                  else "missing" for c in cats]
-    rows.append(["—", "base model (no fine-tuning)", "1" if base else "0", *base_cells, "reference", "—", "—",
-                 "—", "0"])
-    csv_rows.append({"dataset": "", "method": "base", "n": 1 if base else 0,
-                     **{f"{c or 'average'}_mean": num(mmlu_accuracy(base.mmlu, c)) if base else None for c in cats}})
+    base_cells = [
+        f"{mmlu_accuracy(base.mmlu, c):.2f}" if base and mmlu_accuracy(base.mmlu, c) is not None else "missing"
+        for c in cats
+    ]
+    rows.append(
+        ["—", "base model (no fine-tuning)", "1" if base else "0", *base_cells, "reference", "—", "—", "—", "0"]
+    )
+    csv_rows.append(
+        {
+            "dataset": "",
+            "method": "base",
+            "n": 1 if base else 0,
+            **{f"{c or 'average'}_mean": num(mmlu_accuracy(base.mmlu, c)) if base else None for c in cats},
+        }
+    )
     for ds in TABLE2_DATASETS:
         lora_avg = by_seed([r for r in evaluated if r.dataset == ds and r.method == "lora"], _mmlu(None))
         lora_stem = by_seed([r for r in evaluated if r.dataset == ds and r.method == "lora"], _mmlu("STEM"))
@@ -389,9 +519,19 @@ def table2_report(col: Collection, seeds: int = 3, source: str = "runs/table2",
             d_lora = None if is_ref else paired_difference(per_cat[None], lora_avg)
             d_stem = None if is_ref else paired_difference(per_cat["STEM"], lora_stem)
             trainable, _pct = params_of(trained)
-            rows.append([DATASET_LABEL[ds], METHOD_LABEL[m], n_txt, *(sums[c].fmt() for c in cats), d_base.fmt(),
-                         "reference" if is_ref else d_lora.fmt(), "reference" if is_ref else d_stem.fmt(),
-                         paper.TABLE2.get((ds, m), "—"), fmt_int(trainable)])
+            rows.append(
+                [
+                    DATASET_LABEL[ds],
+                    METHOD_LABEL[m],
+                    n_txt,
+                    *(sums[c].fmt() for c in cats),
+                    d_base.fmt(),
+                    "reference" if is_ref else d_lora.fmt(),
+                    "reference" if is_ref else d_stem.fmt(),
+                    paper.TABLE2.get((ds, m), "—"),
+                    fmt_int(trainable),
+                ]
+            )
             row = {"dataset": ds, "method": m, "n": n, "trained": len(trained)}
             for c in cats:
                 row.update(stats_fields(c or "average", sums[c]))
@@ -402,31 +542,54 @@ def table2_report(col: Collection, seeds: int = 3, source: str = "runs/table2",
             csv_rows.append(row)
     notes = []
     if unevaluated:
-        notes.append("Trained but without `mmlu.json` yet (counted as missing; `make table2` or "
-                     "`python eval.py run_dir=<run>` evaluates them): " + ", ".join(f"`{r.name}`" for r in unevaluated)
-                     + ".")
+        notes.append(
+            "Trained but without `mmlu.json` yet (counted as missing; `make table2` or "
+            "`python eval.py run_dir=<run>` evaluates them): " + ", ".join(f"`{r.name}`" for r in unevaluated) + "."
+        )
     if off_protocol:
-        notes.append("Not counted (evaluated off the table's protocol, full MMLU test set 5-shot): "
-                     + ", ".join(f"`{name}` ({why})" for name, why in off_protocol) + ".")
+        notes.append(
+            "Not counted (evaluated off the table's protocol, full MMLU test set 5-shot): "
+            + ", ".join(f"`{name}` ({why})" for name, why in off_protocol)
+            + "."
+        )
     if base is None:
         notes.append("Base model: no `runs/eval/llama3_8b/mmlu.json` yet (`python eval.py model=llama3_8b`).")
     notes += _ignored_note(col.runs, runs, "other models, datasets or ranks")
-    intro = [("LLaMA-3-8B instruction-tuned on Alpaca and on OpenOrca (`sweeps/table2.yaml`; recipes: "
-              "`configs/experiment/llama3_{alpaca,openorca}.yaml`), then scored on MMLU (5-shot, log-likelihood "
-              "of the answer letter, `nora/eval/mmlu.py`). Accuracy (%) per category and over all questions "
-              "(\"average\", micro-averaged), mean ± std over seeds. Only `llama3_8b` runs are counted: tiny test "
-              "models never enter this table."),
-             CI_NOTE.replace("the reference", "the base model's single evaluation or LoRA's run of the same seed"),
-             f"Paper column: {paper.SOURCE}; {paper.TABLE2_NOTE}."]
+    intro = [
+        (
+            "LLaMA-3-8B instruction-tuned on Alpaca and on OpenOrca (`sweeps/table2.yaml`; recipes: "
+            "`configs/experiment/llama3_{alpaca,openorca}.yaml`), then scored on MMLU (5-shot, log-likelihood "
+            "of the answer letter, `nora/eval/mmlu.py`). Accuracy (%) per category and over all questions "
+            '("average", micro-averaged), mean ± std over seeds. Only `llama3_8b` runs are counted: tiny test '
+            "models never enter this table."
+        ),
+        CI_NOTE.replace("the reference", "the base model's single evaluation or LoRA's run of the same seed"),
+        f"Paper column: {paper.SOURCE}; {paper.TABLE2_NOTE}.",
+    ]
     sec = Section(None, columns, rows, csv_rows, notes)
-    return Report("table2", "Table 2: LLaMA-3-8B instruction tuning, MMLU", intro, [sec], evaluated + unevaluated,
-                  [source, eval_source], expected=len(TABLE2_METHODS) * len(TABLE2_DATASETS) * seeds,
-                  make="make table2", base_evals=[base] if base else [])
+    return Report(
+        "table2",
+        "Table 2: LLaMA-3-8B instruction tuning, MMLU",
+        intro,
+        [sec],
+        evaluated + unevaluated,
+        [source, eval_source],
+        expected=len(TABLE2_METHODS) * len(TABLE2_DATASETS) * seeds,
+        make="make table2",
+        base_evals=[base] if base else [],
+    )
 
 
 # ----------------------------------------------------------------------------- ablations
-ABLATION_DEFAULTS = {"method": "nora", "method.nora.r": 3, "method.nora.groups": 8, "method.nora.form": "A",
-                     "method.nora.numerator": "group", "method.nora.init": "fit", "method.nora.residual": False}
+ABLATION_DEFAULTS = {
+    "method": "nora",
+    "method.nora.r": 3,
+    "method.nora.groups": 8,
+    "method.nora.form": "A",
+    "method.nora.numerator": "group",
+    "method.nora.init": "fit",
+    "method.nora.residual": False,
+}
 # (sweep, heading, factor, values): the values of sweeps/ablation_<sweep>.yaml (checked by tests/test_sweeps.py)
 ABLATIONS = (
     ("variant", "Rational FT vs zero-init FT vs NoRA", "method", ("rational_ft", "zero_init_ft", "nora")),
@@ -435,8 +598,12 @@ ABLATIONS = (
     ("form", "Denominator form (A: 1+Σ|b_j||x|^j, B: 1+|Σ b_j x^j|)", "method.nora.form", ("A", "B")),
     ("numerator", "Numerator update shared vs per group", "method.nora.numerator", ("shared", "group")),
     ("init", "Initialisation: range-fitted vs calibrated", "method.nora.init", ("fit", "calibrated")),
-    ("residual", "Form: the paper's (the rational replaces GELU) vs residual (GELU + the rational's change, exact at "
-     "step 0)", "method.nora.residual", (False, True)),
+    (
+        "residual",
+        "Form: the paper's (the rational replaces GELU) vs residual (GELU + the rational's change, exact at step 0)",
+        "method.nora.residual",
+        (False, True),
+    ),
 )
 ABLATION_MODEL, ABLATION_DATASET = "vit_tiny", "cifar100"
 
@@ -449,15 +616,29 @@ def at_setting(r: Run, key: str, value) -> bool:
     return str(_factor(r, key)) == str(value)
 
 
-def ablation_report(col: Collection, reference_col: Collection | None = None, seeds: int = 3,
-                    source: str = "runs/ablations", reference_source: str = "runs/table1") -> Report:
-    runs = [r for r in col.runs if r.model == ABLATION_MODEL and r.dataset == ABLATION_DATASET
-            and r.method in ("nora", "rational_ft", "zero_init_ft")]
-    ref_runs = [r for r in (reference_col or Collection()).runs if r.model == ABLATION_MODEL
-                and r.dataset == ABLATION_DATASET and r.method == "full"]
+def ablation_report(
+    col: Collection,
+    reference_col: Collection | None = None,
+    seeds: int = 3,
+    source: str = "runs/ablations",
+    reference_source: str = "runs/table1",
+) -> Report:
+    runs = [
+        r
+        for r in col.runs
+        if r.model == ABLATION_MODEL
+        and r.dataset == ABLATION_DATASET
+        and r.method in ("nora", "rational_ft", "zero_init_ft")
+    ]
+    ref_runs = [
+        r
+        for r in (reference_col or Collection()).runs
+        if r.model == ABLATION_MODEL and r.dataset == ABLATION_DATASET and r.method == "full"
+    ]
     full = by_seed(ref_runs, lambda r: r.accuracy)
-    default = by_seed([r for r in runs if all(at_setting(r, k, v) for k, v in ABLATION_DEFAULTS.items())],
-                      lambda r: r.accuracy)
+    default = by_seed(
+        [r for r in runs if all(at_setting(r, k, v) for k, v in ABLATION_DEFAULTS.items())], lambda r: r.accuracy
+    )
     sections, used = [], set()
     for sweep, heading, key, values in ABLATIONS:
         rows, csv_rows = [], []
@@ -470,30 +651,71 @@ def ablation_report(col: Collection, reference_col: Collection | None = None, se
             is_default = str(v) == str(ABLATION_DEFAULTS[key])
             d_def = None if is_default else paired_difference(acc, default)
             d_full = paired_difference(acc, full)
-            nora_params = next((r.summary["parameters"]["components"].get("nora") for r in mine
-                                if (r.summary.get("parameters") or {}).get("components")), None)
-            label = (METHOD_LABEL.get(v, v) if key == "method" else f"{key.rsplit('.', 1)[-1]}={v}")
+            nora_params = next(
+                (
+                    r.summary["parameters"]["components"].get("nora")
+                    for r in mine
+                    if (r.summary.get("parameters") or {}).get("components")
+                ),
+                None,
+            )
+            label = METHOD_LABEL.get(v, v) if key == "method" else f"{key.rsplit('.', 1)[-1]}={v}"
             label += " (default)" if is_default else ""
-            rows.append([label, str(s.n), s.fmt(), "reference" if is_default else d_def.fmt(), d_full.fmt(),
-                         fmt_int(nora_params)])
-            csv_rows.append({"ablation": sweep, "factor": key, "value": v, "default": is_default, "n": s.n,
-                             **stats_fields("accuracy", s), **diff_fields("delta_vs_default", d_def),
-                             **diff_fields("delta_vs_full", d_full), "nora_params": nora_params})
-        sections.append(Section(heading, ["setting", "n", "accuracy (%)", "Δ vs default NoRA (95% CI)",
-                                          "Δ vs full FT (95% CI)", "NoRA params"], rows, csv_rows))
+            rows.append(
+                [
+                    label,
+                    str(s.n),
+                    s.fmt(),
+                    "reference" if is_default else d_def.fmt(),
+                    d_full.fmt(),
+                    fmt_int(nora_params),
+                ]
+            )
+            csv_rows.append(
+                {
+                    "ablation": sweep,
+                    "factor": key,
+                    "value": v,
+                    "default": is_default,
+                    "n": s.n,
+                    **stats_fields("accuracy", s),
+                    **diff_fields("delta_vs_default", d_def),
+                    **diff_fields("delta_vs_full", d_full),
+                    "nora_params": nora_params,
+                }
+            )
+        sections.append(
+            Section(
+                heading,
+                ["setting", "n", "accuracy (%)", "Δ vs default NoRA (95% CI)", "Δ vs full FT (95% CI)", "NoRA params"],
+                rows,
+                csv_rows,
+            )
+        )
     used_runs = [r for r in runs if id(r) in used]
-    intro = [("NoRA ablations on ViT-Tiny/CIFAR-100 (`sweeps/ablation_*.yaml`): one factor varied at a time, the "
-              "others at NoRA's defaults (r=3, alpha=6, G=8, form A, per-group numerator, range-fitted init, the "
-              "paper's form as in Table 1); "
-              "the head trains in every run. Δ vs full FT pairs each seed with Table 1's full fine-tuning run "
-              "of the same seed."),
-             "Accuracy: final test accuracy (%), mean ± std over seeds. " + CI_NOTE.replace(
-                 "the reference", "the default NoRA setting or full fine-tuning")]
+    intro = [
+        (
+            "NoRA ablations on ViT-Tiny/CIFAR-100 (`sweeps/ablation_*.yaml`): one factor varied at a time, the "
+            "others at NoRA's defaults (r=3, alpha=6, G=8, form A, per-group numerator, range-fitted init, the "
+            "paper's form as in Table 1); "
+            "the head trains in every run. Δ vs full FT pairs each seed with Table 1's full fine-tuning run "
+            "of the same seed."
+        ),
+        "Accuracy: final test accuracy (%), mean ± std over seeds. "
+        + CI_NOTE.replace("the reference", "the default NoRA setting or full fine-tuning"),
+    ]
     # the default setting appears in all seven sweeps but is one directory per seed; + Table 1's full FT runs
     settings = 1 + sum(len(values) - 1 for _s, _h, _k, values in ABLATIONS)
-    return Report("ablations", "Ablations: NoRA on ViT-Tiny / CIFAR-100", intro, sections,
-                  used_runs + ref_runs, [source, reference_source], expected=settings * seeds + seeds,
-                  make="make ablations")
+    return Report(
+        "ablations",
+        "Ablations: NoRA on ViT-Tiny / CIFAR-100",
+        intro,
+        sections,
+        used_runs + ref_runs,
+        [source, reference_source],
+        expected=settings * seeds + seeds,
+        make="make ablations",
+    )
 
 
 # ----------------------------------------------------------------------------- matched budget
@@ -519,43 +741,98 @@ def _matched_section(runs: Sequence[Run], datasets, metric: Callable[[Run], floa
             is_ref = a == ARMS[0]
             d = None if is_ref else paired_difference(ref, vals)
             trainable, _ = params_of(mine)
-            vs = "—" if is_ref else ("missing" if trainable is None or ref_params is None
-                                     else f"{trainable - ref_params:+,}")
-            rows.append([DATASET_LABEL.get(ds, ds), arm_label(*a), fmt_int(trainable), vs, str(s.n), s.fmt(),
-                         "reference" if is_ref else d.fmt()])
-            csv_rows.append({"section": heading, "dataset": ds, "method": a[0], "rank": a[1], "trainable": trainable,
-                             "trainable_minus_nora_pp": None if is_ref or trainable is None or ref_params is None
-                             else trainable - ref_params, "n": s.n, **stats_fields("metric", s),
-                             **diff_fields("nora_pp_minus_arm", d)})
-    return Section(heading, ["dataset", "arm", "trainable params", "vs NoRA++", "n", "metric (%)",
-                             "NoRA++ minus this arm (95% CI)"], rows, csv_rows)
+            vs = (
+                "—"
+                if is_ref
+                else ("missing" if trainable is None or ref_params is None else f"{trainable - ref_params:+,}")
+            )
+            rows.append(
+                [
+                    DATASET_LABEL.get(ds, ds),
+                    arm_label(*a),
+                    fmt_int(trainable),
+                    vs,
+                    str(s.n),
+                    s.fmt(),
+                    "reference" if is_ref else d.fmt(),
+                ]
+            )
+            csv_rows.append(
+                {
+                    "section": heading,
+                    "dataset": ds,
+                    "method": a[0],
+                    "rank": a[1],
+                    "trainable": trainable,
+                    "trainable_minus_nora_pp": None
+                    if is_ref or trainable is None or ref_params is None
+                    else trainable - ref_params,
+                    "n": s.n,
+                    **stats_fields("metric", s),
+                    **diff_fields("nora_pp_minus_arm", d),
+                }
+            )
+    return Section(
+        heading,
+        ["dataset", "arm", "trainable params", "vs NoRA++", "n", "metric (%)", "NoRA++ minus this arm (95% CI)"],
+        rows,
+        csv_rows,
+    )
 
 
-def matched_report(vit: Collection, llama: Collection, seeds: int = 3,
-                   sources: Sequence[str] = ("runs/table1", "runs/table2")) -> Report:
-    vit_runs = [r for r in vit.runs if r.model == "vit_tiny" and r.dataset in TABLE1_DATASETS
-                and r.method in ("lora", "dora", "nora_pp")]
-    llama_runs = [r for r in llama.runs if r.model == TABLE2_MODEL and r.dataset in TABLE2_DATASETS
-                  and r.method in ("lora", "dora", "nora_pp") and r.mmlu]
-    low = [r for r in vit.runs if r.model == "vit_tiny" and r.dataset in TABLE1_DATASETS
-           and r.method in LOW_BUDGET_METHODS]
-    sections = [_matched_section(vit_runs, TABLE1_DATASETS, lambda r: r.accuracy,
-                                 "ViT-Tiny: test accuracy (%)"),
-                _matched_section(llama_runs, TABLE2_DATASETS, _mmlu(None),
-                                 "LLaMA-3-8B: MMLU average (%)"),
-                low_budget_section(low, TABLE1_DATASETS, "ViT-Tiny at NoRA's own budget: NoRA vs BitFit, LN tuning, "
-                                   "(IA)3, VeRA (test accuracy %)")]
-    used = [r for r in vit_runs + llama_runs
-            if any(r.method == a[0] and lora_rank(r) == a[1] for a in ARMS)] + low
-    intro = [("NoRA++ against LoRA and DoRA at the two ranks whose trainable counts bracket NoRA++'s "
-              "(`sweeps/matched_vit.yaml`, `sweeps/matched_llama.yaml`; the arithmetic is in `sweeps/README.md`, "
-              "`python -m nora.results budget`). The rank-8 arms and NoRA++ are Table 1/2's runs. Same training "
-              "recipe (steps, batch, schedule) for every arm."),
-             ("Last column: NoRA++ minus the arm, paired by seed, with a t-based 95% CI over the paired "
-              "differences; positive favours NoRA++."),
-             ("The last section compares NoRA (0.02M trainable on CIFAR-100, head included) with the methods of its "
-              "own size (`sweeps/table1_low_budget.yaml`); there the last column is NoRA minus the method."),
-             f"Paper: {paper.SOURCE}: {paper.MATCHED_NOTE}."]
-    return Report("matched_budget", "Matched budget: NoRA++ vs LoRA/DoRA at bracketing ranks", intro, sections,
-                  used, list(sources), expected=len(ARMS) * 2 * seeds * 2,
-                  make="python train.py -m --config-dir sweeps --config-name matched_vit (or matched_llama)")
+def matched_report(
+    vit: Collection, llama: Collection, seeds: int = 3, sources: Sequence[str] = ("runs/table1", "runs/table2")
+) -> Report:
+    vit_runs = [
+        r
+        for r in vit.runs
+        if r.model == "vit_tiny" and r.dataset in TABLE1_DATASETS and r.method in ("lora", "dora", "nora_pp")
+    ]
+    llama_runs = [
+        r
+        for r in llama.runs
+        if r.model == TABLE2_MODEL
+        and r.dataset in TABLE2_DATASETS
+        and r.method in ("lora", "dora", "nora_pp")
+        and r.mmlu
+    ]
+    low = [
+        r for r in vit.runs if r.model == "vit_tiny" and r.dataset in TABLE1_DATASETS and r.method in LOW_BUDGET_METHODS
+    ]
+    sections = [
+        _matched_section(vit_runs, TABLE1_DATASETS, lambda r: r.accuracy, "ViT-Tiny: test accuracy (%)"),
+        _matched_section(llama_runs, TABLE2_DATASETS, _mmlu(None), "LLaMA-3-8B: MMLU average (%)"),
+        low_budget_section(
+            low,
+            TABLE1_DATASETS,
+            "ViT-Tiny at NoRA's own budget: NoRA vs BitFit, LN tuning, (IA)3, VeRA (test accuracy %)",
+        ),
+    ]
+    used = [r for r in vit_runs + llama_runs if any(r.method == a[0] and lora_rank(r) == a[1] for a in ARMS)] + low
+    intro = [
+        (
+            "NoRA++ against LoRA and DoRA at the two ranks whose trainable counts bracket NoRA++'s "
+            "(`sweeps/matched_vit.yaml`, `sweeps/matched_llama.yaml`; the arithmetic is in `sweeps/README.md`, "
+            "`python -m nora.results budget`). The rank-8 arms and NoRA++ are Table 1/2's runs. Same training "
+            "recipe (steps, batch, schedule) for every arm."
+        ),
+        (
+            "Last column: NoRA++ minus the arm, paired by seed, with a t-based 95% CI over the paired "
+            "differences; positive favours NoRA++."
+        ),
+        (
+            "The last section compares NoRA (0.02M trainable on CIFAR-100, head included) with the methods of its "
+            "own size (`sweeps/table1_low_budget.yaml`); there the last column is NoRA minus the method."
+        ),
+        f"Paper: {paper.SOURCE}: {paper.MATCHED_NOTE}.",
+    ]
+    return Report(
+        "matched_budget",
+        "Matched budget: NoRA++ vs LoRA/DoRA at bracketing ranks",
+        intro,
+        sections,
+        used,
+        list(sources),
+        expected=len(ARMS) * 2 * seeds * 2,
+        make="python train.py -m --config-dir sweeps --config-name matched_vit (or matched_llama)",
+    )

@@ -7,6 +7,7 @@ frozen weights left out), so no rank ever holds the whole model or optimizer sta
 take part: :func:`gather_training_state`). On load each rank cuts its shard from the full tensors. A checkpoint
 has the same layout whatever the strategy or the number of ranks.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,6 +33,7 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
     that a full disk raises an ``OSError`` with its errno (torch's own writer reports it as an opaque
     ``RuntimeError``), which :func:`nora.files.atomic_path` turns into one line naming ``path``.
     """
+
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
             torch.save(obj, fh)
@@ -49,12 +51,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         ckpt = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
     except Exception as exc:  # truncated zip, random bytes, pickle of something else: all mean "unreadable"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {reason[:200]}); delete it or "
-                        "run with resume=null to start this run afresh") from None
+        raise UserError(
+            f"{path} is not a readable checkpoint ({type(exc).__name__}: {reason[:200]}); delete it or "
+            "run with resume=null to start this run afresh"
+        ) from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
-        raise UserError(f"{path} is not a nora checkpoint (no {', '.join(missing)}); delete it or run with "
-                        "resume=null to start this run afresh")
+        raise UserError(
+            f"{path} is not a nora checkpoint (no {', '.join(missing)}); delete it or run with "
+            "resume=null to start this run afresh"
+        )
     return ckpt
 
 
@@ -77,7 +83,8 @@ def check_finite(model_state: dict, optimizer_state: dict, step: int, path: Path
         kept = path if path.exists() else "none written yet"
         raise NonFiniteLossError(
             f"non-finite weights at step {step} ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); stopped "
-            f"without overwriting the last good checkpoint ({kept}); lower the learning rate")
+            f"without overwriting the last good checkpoint ({kept}); lower the learning rate"
+        )
 
 
 def rng_state() -> dict:
@@ -112,34 +119,46 @@ def training_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_training_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike = "checkpoint"
-                             ) -> None:
+def load_training_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike = "checkpoint"
+) -> None:
     """Copy a checkpoint's training state (:func:`training_state_dict`) into ``model``. A checkpoint of another
     method or model (other tensor names, other shapes) is a :class:`UserError` naming ``source`` and what differs,
     raised before any tensor is copied (the model is left as it was)."""
     own = dict(model.named_parameters())
     own.update(dict(model.named_buffers()))
-    way_out = ("was it written by another method or model? resume from a checkpoint of this configuration, or "
-               "resume=null")
+    way_out = (
+        "was it written by another method or model? resume from a checkpoint of this configuration, or resume=null"
+    )
     missing = [k for k in state if k not in own]
     if missing:
-        raise UserError(f"{source} holds tensors this model does not have ({', '.join(missing[:3])}"
-                        f"{' ...' if len(missing) > 3 else ''}): {way_out}")
+        raise UserError(
+            f"{source} holds tensors this model does not have ({', '.join(missing[:3])}"
+            f"{' ...' if len(missing) > 3 else ''}): {way_out}"
+        )
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     absent = sorted(trainable - set(state))
     if absent:
-        raise UserError(f"{source} lacks trainable tensors of this model ({', '.join(absent[:3])}"
-                        f"{' ...' if len(absent) > 3 else ''}): {way_out}")
-    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-              if tuple(v.shape) != tuple(own[k].shape)]  # a DTensor's shape is the full one
+        raise UserError(
+            f"{source} lacks trainable tensors of this model ({', '.join(absent[:3])}"
+            f"{' ...' if len(absent) > 3 else ''}): {way_out}"
+        )
+    shapes = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if tuple(v.shape) != tuple(own[k].shape)
+    ]  # a DTensor's shape is the full one
     if shapes:
         raise UserError(f"{source}: tensors of other shapes than this model's ({'; '.join(shapes[:2])}): {way_out}")
 
     if is_sharded(model):  # FSDP: torch's state-dict API cuts each full tensor into this rank's shard
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(model, {k: v.to(own[k].dtype) for k, v in state.items()},
-                             options=StateDictOptions(full_state_dict=True, strict=False))
+        set_model_state_dict(
+            model,
+            {k: v.to(own[k].dtype) for k, v in state.items()},
+            options=StateDictOptions(full_state_dict=True, strict=False),
+        )
         return
     with torch.no_grad():
         for k, v in state.items():
@@ -156,8 +175,12 @@ def load_optimizer_state_dict(optimizer: torch.optim.Optimizer, sd: dict) -> Non
         for i, s in sd["state"].items():
             p = params[int(i)]
             if is_dtensor(p):
-                s = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-                     if torch.is_tensor(v) and tuple(v.shape) == tuple(p.shape) else v for k, v in s.items()}
+                s = {
+                    k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                    if torch.is_tensor(v) and tuple(v.shape) == tuple(p.shape)
+                    else v
+                    for k, v in s.items()
+                }
             state[i] = s
         sd = {**sd, "state": state}
     optimizer.load_state_dict(sd)
@@ -176,8 +199,7 @@ def _gather_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) ->
     """FSDP: the full training state on rank 0's CPU through torch's state-dict API (a collective; None off rank
     0), in the layout of an unsharded checkpoint (optimizer state keyed by parameter index, as
     ``optimizer.state_dict()``)."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     to_rank0_cpu = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     model_state = get_model_state_dict(model, options=to_rank0_cpu)

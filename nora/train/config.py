@@ -3,10 +3,10 @@
 The YAML file documents and sets the values; this class fixes their types, ranges and choices (checked when the
 config is loaded, before any model or data is touched) and holds the default of a key a YAML file leaves out.
 """
+
 from __future__ import annotations
 
 import re
-
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -29,7 +29,7 @@ class TrainerConfig:
     eval_batch_size: int = 256
     grad_accum: int = 1
     optimizer: str = "adamw"
-    lr: Optional[float] = None          # None: the method's default for the model family
+    lr: Optional[float] = None  # None: the method's default for the model family
     head_lr: Optional[float] = None
     nora_lr: Optional[float] = None
     weight_decay: Optional[float] = None
@@ -39,12 +39,12 @@ class TrainerConfig:
     warmup_ratio: float = 0.05
     warmup_steps: Optional[int] = None
     min_lr_ratio: float = 0.0
-    grad_clip: Optional[float] = 1.0    # None or 0: off
+    grad_clip: Optional[float] = 1.0  # None or 0: off
     num_workers: int = 2
     data_path: str = "auto"
     log_every: int = 20
-    eval_every: int = 1                 # 0: only at the end
-    checkpoint_every: int = 200         # 0: only at epoch ends
+    eval_every: int = 1  # 0: only at the end
+    checkpoint_every: int = 200  # 0: only at epoch ends
     progress: bool = True
     compile: bool = False
     strategy: str = "auto"
@@ -62,8 +62,12 @@ class TrainerConfig:
             positive(key, getattr(self, key), allow_none=True)
         at_least("weight_decay", self.weight_decay, 0.0, allow_none=True)
         at_least("grad_clip", self.grad_clip, 0.0, allow_none=True)
-        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", list(self.betas),
-                "must be two values in [0, 1)")
+        require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "betas",
+            list(self.betas),
+            "must be two values in [0, 1)",
+        )
         require(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
 
     def _check_choices(self):
@@ -72,8 +76,12 @@ class TrainerConfig:
         one_of("precision", self.precision, PRECISIONS)
         one_of("data_path", self.data_path, DATA_PATHS)
         one_of("strategy", str(self.strategy).lower(), STRATEGIES)
-        require(self.device in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", self.device) is not None,
-                "device", self.device, "valid: auto, cpu, cuda, cuda:N, mps")
+        require(
+            self.device in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", self.device) is not None,
+            "device",
+            self.device,
+            "valid: auto, cpu, cuda, cuda:N, mps",
+        )
 
     def _check_schedule(self):
         if self.max_steps is None:

@@ -8,6 +8,7 @@ writes the adapter, and :mod:`nora.train.checkpoint` gathers/scatters them (and 
 
 Everything degrades to single-process no-ops when ``torch.distributed`` is not initialised.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,6 +16,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as tdist
+
 from nora.adapter.layer import GroupRational
 
 
@@ -38,8 +40,11 @@ def slurm_env() -> bool:
     """Under SLURM through submitit (``hydra/launcher=slurm``: one task per GPU, no torchrun), export the
     variables torchrun would set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from the job's
     SLURM variables. Returns True if it did; a no-op elsewhere, and when WORLD_SIZE is already set."""
-    if "WORLD_SIZE" in os.environ or os.environ.get("SUBMITIT_EXECUTOR") != "slurm" \
-            or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+    if (
+        "WORLD_SIZE" in os.environ
+        or os.environ.get("SUBMITIT_EXECUTOR") != "slurm"
+        or int(os.environ.get("SLURM_NTASKS", "1")) <= 1
+    ):
         return False
     from submitit.helpers import TorchDistributedEnvironment
 
@@ -63,8 +68,15 @@ def setup(device_type: str) -> bool:
 
 
 # what gloo and NCCL say when the rank at the other end of a collective is gone (killed, crashed, out of memory)
-_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker", "Broken pipe",
-              "NCCL communicator was aborted", "ProcessGroupNCCL", "Connection refused")
+_PEER_GONE = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "remote worker",
+    "Broken pipe",
+    "NCCL communicator was aborted",
+    "ProcessGroupNCCL",
+    "Connection refused",
+)
 
 
 def peer_lost(exc: BaseException) -> bool:
@@ -144,13 +156,16 @@ def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     units = [m for m in model.modules() if type(m).__name__ in names]
     if not units:
         lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-        units = [c for lst in lists for c in lst
-                 if type(c).__name__.endswith(("DecoderLayer", "Block", "Layer"))]
+        units = [c for lst in lists for c in lst if type(c).__name__.endswith(("DecoderLayer", "Block", "Layer"))]
     return units
 
 
-def wrap_fsdp(model: torch.nn.Module, device: torch.device, param_dtype: torch.dtype | None = None,
-              reshard_after_forward: bool = True):
+def wrap_fsdp(
+    model: torch.nn.Module,
+    device: torch.device,
+    param_dtype: torch.dtype | None = None,
+    reshard_after_forward: bool = True,
+):
     """Shard ``model`` in place across all ranks with FSDP2 ``fully_shard`` and return it.
 
     Groups, bottom-up: each NoRA/rational activation (its float32 coefficients are never cast, whatever

@@ -4,6 +4,7 @@ Read it top to bottom like nanoGPT's: build the optimizer and schedule, then for
 micro-batches, accumulate gradients, step, log, checkpoint, evaluate. Everything that makes a run
 continue exactly after an interruption lives in :class:`LoopState` and the checkpoint.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,16 @@ from nora.errors import NonFiniteLossError, UserError
 from nora.hardware import resolve_device
 from nora.schema import load
 from nora.train import distributed as dist
-from nora.train.checkpoint import (atomic_save, check_finite, gather_training_state, load_optimizer_state_dict,
-                                   load_training_state_dict, read_checkpoint, rng_state, set_rng_state)
+from nora.train.checkpoint import (
+    atomic_save,
+    check_finite,
+    gather_training_state,
+    load_optimizer_state_dict,
+    load_training_state_dict,
+    read_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from nora.train.config import OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainerConfig
 from nora.train.signals import ctrl_c_deferred, stop_requested
 from nora.train.tasks import Task
@@ -32,13 +41,13 @@ from nora.train.tasks import Task
 
 @dataclass
 class LoopState:
-    epoch: int = 0            # current epoch (0-based)
-    batch_in_epoch: int = 0   # micro-batches of this epoch already consumed
-    step: int = 0             # optimizer steps taken
-    units: int = 0            # images / tokens trained on
-    train_time: float = 0.0   # seconds inside training steps (all sessions)
-    data_time: float = 0.0    # seconds waiting for batches (all sessions)
-    wall_time: float = 0.0    # seconds of the whole run (all sessions)
+    epoch: int = 0  # current epoch (0-based)
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
+    step: int = 0  # optimizer steps taken
+    units: int = 0  # images / tokens trained on
+    train_time: float = 0.0  # seconds inside training steps (all sessions)
+    data_time: float = 0.0  # seconds waiting for batches (all sessions)
+    wall_time: float = 0.0  # seconds of the whole run (all sessions)
     best: float | None = None
     best_step: int | None = None
     last_eval: dict = field(default_factory=dict)
@@ -58,8 +67,9 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def param_groups(model: nn.Module, lr: float, head_lr: float | None, nora_lr: float | None, weight_decay: float,
-                 head: str | None) -> list[dict]:
+def param_groups(
+    model: nn.Module, lr: float, head_lr: float | None, nora_lr: float | None, weight_decay: float, head: str | None
+) -> list[dict]:
     """Optimizer groups: head, NoRA factors, and everything else; no weight decay on biases, norms,
     NoRA factors or any 1-D tensor."""
     nora_ids = {id(p) for m in nora_modules(model).values() for p in m.parameters()}
@@ -96,6 +106,7 @@ def lr_lambda(kind: str, total: int, warmup: int, min_ratio: float):
         t = min(1.0, (step - warmup) / max(1, total - warmup))
         shape = 0.5 * (1 + math.cos(math.pi * t)) if kind == "cosine" else 1 - t
         return min_ratio + (1 - min_ratio) * shape
+
     return f
 
 
@@ -124,9 +135,11 @@ def unused_batches_note(sampler, accum: int) -> str | None:
     size = getattr(sampler, "batch_size", 0) * getattr(sampler, "num_replicas", 1)
     used = (batches - left) * size
     examples = f": {n - used} of the {n} examples are not used each epoch" if n and size and n > used else ""
-    return (f"note: an epoch is {batches} batches and trainer.grad_accum={accum} makes {batches // accum} optimizer "
-            f"step(s) of {accum} batches; the last {left} batch(es) are skipped{examples} (a different set each epoch "
-            f"when shuffled); a grad_accum that divides {batches}, or another trainer.batch_size, uses them all")
+    return (
+        f"note: an epoch is {batches} batches and trainer.grad_accum={accum} makes {batches // accum} optimizer "
+        f"step(s) of {accum} batches; the last {left} batch(es) are skipped{examples} (a different set each epoch "
+        f"when shuffled); a grad_accum that divides {batches}, or another trainer.batch_size, uses them all"
+    )
 
 
 class Trainer:
@@ -135,8 +148,20 @@ class Trainer:
     ``checkpoint``: the file it writes and resumes from; ``logger``: where records go (``log``/``finish``, e.g.
     :class:`nora.runs.logger.RunLogger`); ``head``: the new classifier head's module name (its own lr)."""
 
-    def __init__(self, cfg: TrainerConfig, model: nn.Module, task: Task, data: TrainData, checkpoint: str | Path,
-                 logger, *, head: str | None = None, seed: int = 0, device: torch.device | None = None, wrap=None):
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        model: nn.Module,
+        task: Task,
+        data: TrainData,
+        checkpoint: str | Path,
+        logger,
+        *,
+        head: str | None = None,
+        seed: int = 0,
+        device: torch.device | None = None,
+        wrap=None,
+    ):
         self.cfg = cfg = load(TrainerConfig, cfg, "trainer")
         if cfg.lr is None:
             raise UserError("trainer.lr is not set (the run config resolves it from the method's defaults)")
@@ -153,8 +178,9 @@ class Trainer:
         self.accum = cfg.grad_accum
         self.steps_per_epoch = len(data.train_sampler) // self.accum
         if self.steps_per_epoch < 1:
-            raise UserError(f"an epoch has {len(data.train_sampler)} batches, fewer than "
-                            f"trainer.grad_accum={self.accum}")
+            raise UserError(
+                f"an epoch has {len(data.train_sampler)} batches, fewer than trainer.grad_accum={self.accum}"
+            )
         self.micro_per_epoch = self.steps_per_epoch * self.accum
         if dist.rank() == 0:
             note = unused_batches_note(data.train_sampler, self.accum)
@@ -172,11 +198,14 @@ class Trainer:
             raise UserError("nothing to train: the method left no parameter with requires_grad")
         self.optimizer = self._optimizer(groups)
         if cfg.warmup_steps is not None and cfg.warmup_steps > self.total_steps:
-            raise UserError(f"trainer.warmup_steps={cfg.warmup_steps} is more than the run's {self.total_steps} steps: "
-                            "the peak learning rate would never be reached; lower it or use trainer.warmup_ratio")
+            raise UserError(
+                f"trainer.warmup_steps={cfg.warmup_steps} is more than the run's {self.total_steps} steps: "
+                "the peak learning rate would never be reached; lower it or use trainer.warmup_ratio"
+            )
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(cfg.scheduler, self.total_steps, warmup, cfg.min_lr_ratio))
+            self.optimizer, lr_lambda(cfg.scheduler, self.total_steps, warmup, cfg.min_lr_ratio)
+        )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.state = LoopState()
         self.checkpoint_step: int | None = None  # the step of the checkpoint on disk (None: none of this run yet)
@@ -203,9 +232,16 @@ class Trainer:
             return self.loader_factory(dataset, sampler, epoch, train)
         workers = self.cfg.num_workers
         g = torch.Generator().manual_seed(self.seed * 7919 + epoch)  # never touches the global RNG
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=self.collate_fn,
-                          pin_memory=self.device.type == "cuda", generator=g,
-                          persistent_workers=False, prefetch_factor=4 if workers else None)
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=workers,
+            collate_fn=self.collate_fn,
+            pin_memory=self.device.type == "cuda",
+            generator=g,
+            persistent_workers=False,
+            prefetch_factor=4 if workers else None,
+        )
 
     # ---------------------------------------------------------------------------- checkpointing
     def save_checkpoint(self) -> None:
@@ -222,14 +258,17 @@ class Trainer:
         model_state, optimizer_state = gathered
         check_finite(model_state, optimizer_state, self.state.step, self.ckpt_path)
         with ctrl_c_deferred():  # the file on disk and checkpoint_step (Ctrl-C's report) change together
-            atomic_save({
-                "model": model_state,
-                "optimizer": optimizer_state,
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "rng": rng_state(),
-                "state": asdict(self.state),
-            }, self.ckpt_path)
+            atomic_save(
+                {
+                    "model": model_state,
+                    "optimizer": optimizer_state,
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict(),
+                    "rng": rng_state(),
+                    "state": asdict(self.state),
+                },
+                self.ckpt_path,
+            )
             self.checkpoint_step = self.state.step
 
     def load_checkpoint(self, path: str | Path) -> None:
@@ -255,7 +294,8 @@ class Trainer:
             raise NonFiniteLossError(
                 f"non-finite loss at step {self.state.step}; stopped without overwriting the last good "
                 f"checkpoint ({self.ckpt_path if self.ckpt_path.exists() else 'none written yet'}); lower the "
-                "learning rate or use trainer.precision=fp32/bf16")
+                "learning rate or use trainer.precision=fp32/bf16"
+            )
 
     # -------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -277,13 +317,15 @@ class Trainer:
         metrics = self.evaluate()
         key = self.task.metric
         value = metrics[key]
-        better = self.state.best is None or (value > self.state.best if self.task.higher_is_better
-                                             else value < self.state.best)
+        better = self.state.best is None or (
+            value > self.state.best if self.task.higher_is_better else value < self.state.best
+        )
         if better:
             self.state.best, self.state.best_step = value, self.state.step
         self.state.last_eval = metrics
-        self.logger.log({"step": self.state.step, "epoch": self.state.epoch,
-                         **{f"eval/{k}": v for k, v in metrics.items()}})
+        self.logger.log(
+            {"step": self.state.step, "epoch": self.state.epoch, **{f"eval/{k}": v for k, v in metrics.items()}}
+        )
         return metrics
 
     # ---------------------------------------------------------------------------------- training
@@ -299,8 +341,15 @@ class Trainer:
         self.runner.train()
         from tqdm.auto import tqdm
 
-        epoch_bar = tqdm(total=self.epochs, initial=self.state.epoch, desc="epochs", disable=not self._show,
-                         position=0, leave=True, dynamic_ncols=True)
+        epoch_bar = tqdm(
+            total=self.epochs,
+            initial=self.state.epoch,
+            desc="epochs",
+            disable=not self._show,
+            position=0,
+            leave=True,
+            dynamic_ncols=True,
+        )
         while self.state.step < self.total_steps and not self._stop():
             self._train_epoch()
             if self.state.batch_in_epoch >= self.micro_per_epoch:  # epoch complete
@@ -327,8 +376,15 @@ class Trainer:
                 s.set_epoch(epoch)
         self.train_sampler.set_start(self.state.batch_in_epoch)
         loader = iter(self._loader(self.train_set, self.train_sampler, epoch, train=True))
-        step_bar = tqdm(total=self.steps_per_epoch, initial=self.state.batch_in_epoch // self.accum,
-                        desc=f"epoch {epoch}", disable=not self._show, position=1, leave=False, dynamic_ncols=True)
+        step_bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=self.state.batch_in_epoch // self.accum,
+            desc=f"epoch {epoch}",
+            disable=not self._show,
+            position=1,
+            leave=False,
+            dynamic_ncols=True,
+        )
         while self.state.batch_in_epoch < self.micro_per_epoch and self.state.step < self.total_steps:
             self._train_step(loader)
             step_bar.update(1)
@@ -356,7 +412,7 @@ class Trainer:
         self._interval["data"] += time.perf_counter() - t_data
         for i, batch in enumerate(batches):
             batch = self.task.to_device(batch, self.device, non_blocking=True)
-            with (nullcontext() if i == self.accum - 1 else dist.no_sync(self.runner)):
+            with nullcontext() if i == self.accum - 1 else dist.no_sync(self.runner):
                 with self._autocast():
                     loss = self.task.loss(self._step_runner(), batch, normalizer)
                 self.scaler.scale(loss).backward()
@@ -411,8 +467,9 @@ class Trainer:
     def _stop(self) -> bool:
         """``trainer.stop_after_steps`` steps were taken in this process (tests, time-boxing), or SIGTERM was
         received (nora.train.signals): stop with a checkpoint."""
-        return ((self.cfg.stop_after_steps is not None and self._session_steps >= self.cfg.stop_after_steps)
-                or stop_requested(self.device))
+        return (
+            self.cfg.stop_after_steps is not None and self._session_steps >= self.cfg.stop_after_steps
+        ) or stop_requested(self.device)
 
     def _account_time(self, since: float) -> None:
         now = time.perf_counter()
@@ -429,9 +486,14 @@ class Trainer:
         units_per_s = self._sync_units() / elapsed  # summed over ranks
         self.state.train_time += elapsed
         self.state.data_time += interval["data"]
-        record = {"step": self.state.step, "epoch": self.state.epoch, "loss": loss,
-                  "lr": self.scheduler.get_last_lr()[0], f"{self.task.unit}_per_s": units_per_s,
-                  "data_wait_share": interval["data"] / elapsed}
+        record = {
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "loss": loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            f"{self.task.unit}_per_s": units_per_s,
+            "data_wait_share": interval["data"] / elapsed,
+        }
         self.logger.log(record)
         bar.set_postfix(loss=f"{loss:.4f}", **{f"{self.task.unit[:3]}/s": f"{units_per_s:.0f}"})
         interval.update(t0=now, data=0.0, steps=0)

@@ -13,6 +13,7 @@
   (nothing was trained yet; the lock and any checkpoint are left as they were), where the process would otherwise
   die silently with -15. Only where nobody else handles SIGTERM (submitit's handler is kept).
 """
+
 from __future__ import annotations
 
 import signal
@@ -57,18 +58,22 @@ def stop_on_signals(trainer) -> Iterator[None]:
         yield
     except KeyboardInterrupt:
         last = trainer.checkpoint_step
-        raise Interrupted(f"interrupted at step {trainer.state.step}; last checkpoint at step "
-                          f"{last if last is not None else '(none written)'}; run the same command to resume",
-                          exit_code=128 + signal.SIGINT) from None
+        raise Interrupted(
+            f"interrupted at step {trainer.state.step}; last checkpoint at step "
+            f"{last if last is not None else '(none written)'}; run the same command to resume",
+            exit_code=128 + signal.SIGINT,
+        ) from None
     except RuntimeError as exc:  # a collective whose other end is gone: one line per surviving rank, no traceback
         if not dist.peer_lost(exc):
             raise
         last = trainer.checkpoint_step
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         why = why.split("] ", 1)[-1].split(". ")[0][:160]  # gloo: "[<source>:<line>] <what>. This is typically..."
-        raise UserError(f"rank {dist.rank()}: another rank of this run stopped (killed, crashed or out of memory) "
-                        f"at step {trainer.state.step}: {why}; last checkpoint at step "
-                        f"{last if last is not None else '(none written)'}; run the same command to resume") from None
+        raise UserError(
+            f"rank {dist.rank()}: another rank of this run stopped (killed, crashed or out of memory) "
+            f"at step {trainer.state.step}: {why}; last checkpoint at step "
+            f"{last if last is not None else '(none written)'}; run the same command to resume"
+        ) from None
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -103,16 +108,22 @@ class SetupGuard:
 
     def __enter__(self) -> "SetupGuard":
         term = getattr(signal, "SIGTERM", None)
-        if term and threading.current_thread() is threading.main_thread() \
-                and signal.getsignal(term) in (signal.SIG_DFL, None):
+        if (
+            term
+            and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(term) in (signal.SIG_DFL, None)
+        ):
             self._previous = signal.signal(term, self._stop)
         return self
 
     @staticmethod
     def _stop(signum, frame) -> None:
         kind = Terminated if signum == getattr(signal, "SIGTERM", None) else Interrupted
-        raise kind(f"stopped by {signal.Signals(signum).name} during setup, before training (re)started; "
-                   "run the same command to start it", exit_code=128 + signum)
+        raise kind(
+            f"stopped by {signal.Signals(signum).name} during setup, before training (re)started; "
+            "run the same command to start it",
+            exit_code=128 + signum,
+        )
 
     def release(self) -> None:
         if self._previous is not None:
@@ -128,5 +139,8 @@ def _stopped_by(signum: int, trainer, previous_handler) -> None:
     ours (submitit's requeue), or end with one line."""
     if callable(previous_handler):
         previous_handler(signum, None)
-    raise Interrupted(f"stopped by {signal.Signals(signum).name} at step {trainer.state.step}; checkpoint written at "
-                      f"step {trainer.checkpoint_step}; run the same command to resume", exit_code=128 + signum)
+    raise Interrupted(
+        f"stopped by {signal.Signals(signum).name} at step {trainer.state.step}; checkpoint written at "
+        f"step {trainer.checkpoint_step}; run the same command to resume",
+        exit_code=128 + signum,
+    )

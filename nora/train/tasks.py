@@ -6,6 +6,7 @@ counts the step's items first (:meth:`items`, summed over ranks) and every micro
 divided by that count (:meth:`loss`, ``normalizer``). Supervised tokens are what transformers calls
 ``num_items_in_batch``.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,8 @@ IGNORE_INDEX = -100  # labels of prompt and padding tokens (no loss)
 class Task(Protocol):
     """What the training loop asks of a model family (see the module docstring)."""
 
-    unit: str               # what throughput counts: images, tokens
-    metric: str             # the evaluation metric that picks the best step
+    unit: str  # what throughput counts: images, tokens
+    metric: str  # the evaluation metric that picks the best step
     higher_is_better: bool
 
     def to_device(self, batch, device, non_blocking: bool = False): ...
@@ -59,8 +60,11 @@ class ClassificationTask:
     def eval_sums(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
         x, y = batch
         logits = model(x).float()
-        return {"loss_sum": F.cross_entropy(logits, y, reduction="sum"),
-                "correct": (logits.argmax(-1) == y).sum(), "count": torch.tensor(y.shape[0], device=y.device)}
+        return {
+            "loss_sum": F.cross_entropy(logits, y, reduction="sum"),
+            "correct": (logits.argmax(-1) == y).sum(),
+            "count": torch.tensor(y.shape[0], device=y.device),
+        }
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         n = max(sums["count"], 1)
@@ -94,8 +98,9 @@ class CausalLMTask:
         out = model(**{k: v for k, v in batch.items() if k != "labels"})
         logits = out.logits[:, :-1].float()
         target = labels[:, 1:]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX,
-                               reduction="sum")
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
         n = (target != IGNORE_INDEX).sum()
         correct = ((logits.argmax(-1) == target) & (target != IGNORE_INDEX)).sum()
         return {"loss_sum": loss, "count": n, "correct": correct}

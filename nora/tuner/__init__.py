@@ -4,6 +4,7 @@ Importing this package (``import nora`` does, wherever peft is installed) extend
 and registers the method, so peft's own ``get_peft_model``, ``save_pretrained``, ``PeftConfig.from_pretrained``,
 ``PeftModel.from_pretrained``, ``merge_and_unload``, ``disable_adapter`` and ``set_adapter`` work on it.
 """
+
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType, register_peft_method
 
@@ -15,5 +16,15 @@ from nora.tuner.model import PREFIX, NoraModel, calibrate, nora_layers
 if PeftType.NORA not in PEFT_TYPE_TO_TUNER_MAPPING:
     register_peft_method(name="nora", config_cls=NoraPeftConfig, model_cls=NoraModel, prefix=PREFIX)
 
-__all__ = ["NoraPeftConfig", "NoraModel", "NoraLayer", "calibrate", "nora_layers", "extend_peft_type",
-           "save_pretrained", "load_pretrained", "peft_config_of", "is_peft_format"]
+__all__ = [
+    "NoraPeftConfig",
+    "NoraModel",
+    "NoraLayer",
+    "calibrate",
+    "nora_layers",
+    "extend_peft_type",
+    "save_pretrained",
+    "load_pretrained",
+    "peft_config_of",
+    "is_peft_format",
+]

@@ -4,6 +4,7 @@ One config, one adapter: the NoRA part (the fields of :class:`nora.NoraConfig`: 
 low-rank update of their coefficients) and, with ``lora_r > 0``, a LoRA/DoRA part on the linear layers (peft's own
 LoRA layers, configured by the ``lora_*`` fields). ``lora_r=0`` is NoRA, ``lora_r>0`` is NoRA++.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -50,12 +51,18 @@ _LORA_TYPES = (
     ("lora_dropout", lambda v: is_number(v) and 0 <= v < 1, "must be a number in [0, 1)"),
     ("use_dora", lambda v: isinstance(v, bool), "must be true or false"),
     ("residual", lambda v: isinstance(v, bool), "must be true or false"),
-    ("lora_target_modules", lambda v: v is None or isinstance(v, str) or _names(v),
-     "must be null, a regex, \"all-linear\" or a list of module names"),
+    (
+        "lora_target_modules",
+        lambda v: v is None or isinstance(v, str) or _names(v),
+        'must be null, a regex, "all-linear" or a list of module names',
+    ),
     ("lora_extra", lambda v: v is None or isinstance(v, dict), "must be null or a dict of LoraConfig fields"),
     ("modules_to_save", lambda v: v is None or _names(v), "must be null or a list of module names"),
-    ("layer_specs", lambda v: v is None or (isinstance(v, dict) and all(isinstance(s, dict) for s in v.values())),
-     "must be null or a dict of module name -> its recorded width, layout and original activation"),
+    (
+        "layer_specs",
+        lambda v: v is None or (isinstance(v, dict) and all(isinstance(s, dict) for s in v.values())),
+        "must be null or a dict of module name -> its recorded width, layout and original activation",
+    ),
 )
 
 
@@ -86,31 +93,45 @@ class NoraPeftConfig(PeftConfig):
     form: str = field(default="A", metadata={"help": "safe denominator form A or B"})
     numerator: str = field(default="group", metadata={"help": "group | shared numerator update"})
     residual: Optional[bool] = field(
-        default=None, metadata={"help": "true (the default for a new config): phi(x) + R_theta+Delta(x) - R_theta(x), "
-                                        "exactly the original model at step 0; false: the paper's form, the rational "
-                                        "replaces the activation. A saved config without it (written before it "
-                                        "existed) loads as false, the form it was trained in"})
+        default=None,
+        metadata={
+            "help": "true (the default for a new config): phi(x) + R_theta+Delta(x) - R_theta(x), "
+            "exactly the original model at step 0; false: the paper's form, the rational "
+            "replaces the activation. A saved config without it (written before it "
+            "existed) loads as false, the form it was trained in"
+        },
+    )
     init: str = field(default="fit", metadata={"help": "fit | calibrated (then nora.calibrate(model, batches))"})
     fit_range: list[float] = field(default_factory=lambda: [-3.0, 3.0])
     calibration_range_weight: float = 0.1
     per_group_calibration: bool = False
     backend: str = field(default="auto", metadata={"help": "kernel backend of the rational"})
     target_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "activations to replace: regexes matched in full (None: nora's defaults)"})
+        default=None, metadata={"help": "activations to replace: regexes matched in full (None: nora's defaults)"}
+    )
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0: NoRA alone, > 0: NoRA++"})
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_target_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "as LoraConfig.target_modules (None: peft's default for the model type)"})
+        default=None, metadata={"help": "as LoraConfig.target_modules (None: peft's default for the model type)"}
+    )
     use_dora: bool = False
     lora_extra: Optional[dict] = field(
-        default=None, metadata={"help": "any other peft.LoraConfig field of the LoRA part (target_parameters, "
-                                        "rank_pattern, alpha_pattern, exclude_modules, bias, ...)"})
+        default=None,
+        metadata={
+            "help": "any other peft.LoraConfig field of the LoRA part (target_parameters, "
+            "rank_pattern, alpha_pattern, exclude_modules, bias, ...)"
+        },
+    )
     modules_to_save: Optional[list[str]] = None
     layer_specs: Optional[dict] = field(
-        default=None, metadata={"help": "written by nora when the adapter is built: per activation (module name) its "
-                                        "width, channel_dim, the original activation and how its base rational was "
-                                        "initialised (fit | calibrated); checked against the model at load time"})
+        default=None,
+        metadata={
+            "help": "written by nora when the adapter is built: per activation (module name) its "
+            "width, channel_dim, the original activation and how its base rational was "
+            "initialised (fit | calibrated); checked against the model at load time"
+        },
+    )
 
     def __post_init__(self) -> None:
         # peft_type arrives set only from a saved adapter_config.json (PeftConfig.from_peft_type)
@@ -169,12 +190,22 @@ class NoraPeftConfig(PeftConfig):
 
     def nora_config(self) -> NoraConfig:
         """The NoRA part as the library's :class:`nora.NoraConfig` (validated there)."""
-        return NoraConfig(variant=self.variant, r=self.r, alpha=self.alpha, groups=self.groups,
-                          degrees=tuple(self.degrees), form=self.form, numerator=self.numerator,
-                          residual=self.residual, init=self.init,
-                          fit_range=tuple(self.fit_range), calibration_range_weight=self.calibration_range_weight,
-                          per_group_calibration=self.per_group_calibration, target_modules=self.target_modules,
-                          backend=self.backend)
+        return NoraConfig(
+            variant=self.variant,
+            r=self.r,
+            alpha=self.alpha,
+            groups=self.groups,
+            degrees=tuple(self.degrees),
+            form=self.form,
+            numerator=self.numerator,
+            residual=self.residual,
+            init=self.init,
+            fit_range=tuple(self.fit_range),
+            calibration_range_weight=self.calibration_range_weight,
+            per_group_calibration=self.per_group_calibration,
+            target_modules=self.target_modules,
+            backend=self.backend,
+        )
 
     def lora_config(self):
         """The LoRA part as a ``peft.LoraConfig`` (``None`` without one): what peft's LoRA layers are built from."""
@@ -182,6 +213,13 @@ class NoraPeftConfig(PeftConfig):
             return None
         from peft import LoraConfig
 
-        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                          target_modules=self.lora_target_modules, use_dora=self.use_dora,
-                          inference_mode=self.inference_mode, task_type=self.task_type, **(self.lora_extra or {}))
+        return LoraConfig(
+            r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=self.lora_target_modules,
+            use_dora=self.use_dora,
+            inference_mode=self.inference_mode,
+            task_type=self.task_type,
+            **(self.lora_extra or {}),
+        )

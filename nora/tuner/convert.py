@@ -8,6 +8,7 @@ and each NoRA activation's tensors under ``<activation>.nora_activation.``), so 
 rebuilds the same function. :func:`load_pretrained` reads that, or a directory in the earlier two-part format
 (``nora.save_nora_pp``'s peft files next to ``nora_config.json``/``nora_adapter.safetensors``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,8 +23,14 @@ from torch import nn
 
 from nora.adapter import AdapterError, NoraActivation, canonical_name, get_nora_config, load_nora_pp, nora_modules
 from nora.adapter.inject import is_peft_model
-from nora.adapter.peft_format import (CONFIG_FILE, LAYER_ATTR, ORIGINALS_KEY, PEFT_PREFIX, WEIGHTS_FILE,
-                                      read_peft_nora_config)
+from nora.adapter.peft_format import (
+    CONFIG_FILE,
+    LAYER_ATTR,
+    ORIGINALS_KEY,
+    PEFT_PREFIX,
+    WEIGHTS_FILE,
+    read_peft_nora_config,
+)
 from nora.files import atomic_write
 from nora.tuner.config import NoraPeftConfig
 
@@ -35,24 +42,45 @@ def peft_config_of(model: nn.Module) -> NoraPeftConfig:
         raise AdapterError("this model holds no NoRA activations; call nora.apply_nora first")
     kw = {k: v for k, v in nora_cfg.to_dict().items() if k not in ("trainable_modules",)}
     kw["modules_to_save"] = list(trainable_modules(model)) or None  # NoRA's trainable_modules: peft's modules_to_save
-    kw["layer_specs"] = {name: {"width": mod.width, "channel_dim": mod.channel_dim, "original": mod.original,
-                                "init": nora_cfg.init} for name, mod in nora_modules(model).items()}
+    kw["layer_specs"] = {
+        name: {"width": mod.width, "channel_dim": mod.channel_dim, "original": mod.original, "init": nora_cfg.init}
+        for name, mod in nora_modules(model).items()
+    }
     if is_peft_model(model):
         lora = model.peft_config[model.active_adapter]
         if type(lora).__name__ != "LoraConfig":
             raise AdapterError(f"a {type(lora).__name__} adapter next to NoRA is not a NoRA++ adapter (LoRA/DoRA)")
         targets = lora.target_modules
-        kw.update(lora_r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout, use_dora=lora.use_dora,
-                  lora_target_modules=sorted(targets) if isinstance(targets, (set, list, tuple)) else targets,
-                  modules_to_save=sorted(set(lora.modules_to_save or []) | set(kw["modules_to_save"] or [])) or None,
-                  task_type=lora.task_type, base_model_name_or_path=lora.base_model_name_or_path,
-                  lora_extra=lora_extra(lora))
+        kw.update(
+            lora_r=lora.r,
+            lora_alpha=lora.lora_alpha,
+            lora_dropout=lora.lora_dropout,
+            use_dora=lora.use_dora,
+            lora_target_modules=sorted(targets) if isinstance(targets, (set, list, tuple)) else targets,
+            modules_to_save=sorted(set(lora.modules_to_save or []) | set(kw["modules_to_save"] or [])) or None,
+            task_type=lora.task_type,
+            base_model_name_or_path=lora.base_model_name_or_path,
+            lora_extra=lora_extra(lora),
+        )
     return NoraPeftConfig(**kw)
 
 
 # LoraConfig fields NoraPeftConfig has fields of its own for, and PeftConfig's bookkeeping
-_MAPPED = {"r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "modules_to_save", "task_type",
-           "peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version"}
+_MAPPED = {
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "use_dora",
+    "modules_to_save",
+    "task_type",
+    "peft_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "auto_mapping",
+    "peft_version",
+}
 
 
 def lora_extra(lora) -> dict | None:

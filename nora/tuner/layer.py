@@ -12,6 +12,7 @@
   back), so peft's ``merge_and_unload()`` leaves a plain model whose activations are the merged rationals
   (``nora.save_merged`` / ``nora.from_pretrained`` save and reload it).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -50,19 +51,38 @@ class NoraLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
         self._uncalibrated: set[str] = set()  # adapters of init="calibrated" whose base is still the range fit
 
-    def update_layer(self, adapter_name: str, config: NoraConfig, fit: RationalFit,
-                     device: torch.device | None = None, channel_dim: int = -1, width: int | None = None,
-                     uncalibrated: bool = False) -> None:
+    def update_layer(
+        self,
+        adapter_name: str,
+        config: NoraConfig,
+        fit: RationalFit,
+        device: torch.device | None = None,
+        channel_dim: int = -1,
+        width: int | None = None,
+        uncalibrated: bool = False,
+    ) -> None:
         """Add adapter ``adapter_name``: a NoraActivation whose base rational is ``fit`` (channels on
         ``channel_dim``: -1, or 1 for a conv-layout MLP, as :func:`nora.adapter.discover.activation_layout` reads
         them). ``uncalibrated``: its config says init="calibrated" and ``fit`` is the range fit it starts from until
         :func:`nora.calibrate` re-fits it; a forward in train mode before that raises."""
         num, den = fit_tensors(fit, config.groups)
-        act = NoraActivation(num, den, form=config.form, backend=config.backend, original=self.original,
-                             variant=config.variant, r=config.r, alpha=config.alpha,
-                             numerator_mode=config.numerator, groups=config.groups,
-                             fit_range=(fit.x_min, fit.x_max), channel_dim=channel_dim, width=width,
-                             residual=config.residual, original_module=self.original_activation())
+        act = NoraActivation(
+            num,
+            den,
+            form=config.form,
+            backend=config.backend,
+            original=self.original,
+            variant=config.variant,
+            r=config.r,
+            alpha=config.alpha,
+            numerator_mode=config.numerator,
+            groups=config.groups,
+            fit_range=(fit.x_min, fit.x_max),
+            channel_dim=channel_dim,
+            width=width,
+            residual=config.residual,
+            original_module=self.original_activation(),
+        )
         self.nora_activation[adapter_name] = act.to(device) if device is not None else act
         if uncalibrated:
             self._uncalibrated.add(adapter_name)
@@ -122,7 +142,8 @@ class NoraLayer(nn.Module, BaseTunerLayer):
                 f"NoraPeftConfig(init='calibrated'): adapter {sorted(self._uncalibrated.intersection(active))[0]!r} "
                 "was never calibrated, so training would start from the range fit; call "
                 "nora.calibrate(peft_model, batches) after peft.get_peft_model (a few input batches), or use "
-                "init='fit'")
+                "init='fit'"
+            )
         if len(active) == 1:
             return self.nora_activation[active[0]](x)
         return self.nora_activation[active[0]].evaluate(x, *self.coefficients(active))
@@ -144,13 +165,23 @@ class NoraLayer(nn.Module, BaseTunerLayer):
                 raise ValueError(f"NaNs detected in the merged rational of adapter(s) {adapter_names}")
             first = self.nora_activation[adapter_names[0]]
             # the residual form keeps the rational its update started from (the merged one's, merging on top)
-            fit_num, fit_den = ((self.base_layer if self.merged else first).fit_coefficients() if first.residual
-                                else (None, None))
-            merged = GroupRational(num.detach().clone(), den.detach().clone(), first.form, first.backend,
-                                   self.original, first.fit_range, channel_dim=first.channel_dim,
-                                   width=first.width, residual=first.residual, fit_numerator=fit_num,
-                                   fit_denominator=fit_den, original_module=self.original_activation()
-                                   ).to(first.base_numerator.device)
+            fit_num, fit_den = (
+                (self.base_layer if self.merged else first).fit_coefficients() if first.residual else (None, None)
+            )
+            merged = GroupRational(
+                num.detach().clone(),
+                den.detach().clone(),
+                first.form,
+                first.backend,
+                self.original,
+                first.fit_range,
+                channel_dim=first.channel_dim,
+                width=first.width,
+                residual=first.residual,
+                fit_numerator=fit_num,
+                fit_denominator=fit_den,
+                original_module=self.original_activation(),
+            ).to(first.base_numerator.device)
         if not self.merged:
             self._unmerged = [self.base_layer]
         self.base_layer = merged

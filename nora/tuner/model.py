@@ -11,6 +11,7 @@ Keys in ``adapter_model.safetensors`` (peft's: module name, peft's attribute, ad
 (the base rational is saved: a calibrated fit cannot be recomputed at load time) and LoRA's usual
 ``<linear>.lora_A.weight``, ``<linear>.lora_B.weight`` (DoRA: ``<linear>.lora_magnitude_vector``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,10 +19,10 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
-from safetensors.torch import load_file
 from peft.tuners.lora import LoraModel
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
 from peft.tuners.tuners_utils import check_target_module_exists as peft_target_exists
+from safetensors.torch import load_file
 from torch import nn
 
 from nora.adapter import AdapterError, find_targets
@@ -29,8 +30,15 @@ from nora.adapter.discover import activation_layout
 from nora.adapter.inject import activation_target, set_module
 from nora.adapter.merged import as_merged_model
 from nora.adapter.peft_format import CONFIG_FILE, LAYER_ATTR, PEFT_PREFIX, PEFT_SEGMENT, WEIGHTS_FILE, read_originals
-from nora.adapter.validate import (check_finite, coefficient_problems, coverage_problems, layout_problems, listed,
-                                   lora_target_problems, nonfinite)
+from nora.adapter.validate import (
+    check_finite,
+    coefficient_problems,
+    coverage_problems,
+    layout_problems,
+    listed,
+    lora_target_problems,
+    nonfinite,
+)
 from nora.rational.calibration import fit_to_inputs, record_inputs
 from nora.rational.fit import RationalFit, fit_rational
 from nora.tuner.config import NoraPeftConfig
@@ -76,8 +84,14 @@ class NoraModel(BaseTuner):
         # plain attributes set before nn.Module.__init__ completes would be forwarded to the model; keep them here
         return self.__dict__.setdefault("_nora_state", {"targets": {}, "layouts": {}, "lora": {}, "fits": {}})
 
-    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
-                       low_cpu_mem_usage: bool = False, state_dict=None) -> None:
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict=None,
+    ) -> None:
         config: NoraPeftConfig = self.peft_config[adapter_name]
         state = self._state()
         with bare_activations(model):
@@ -85,13 +99,16 @@ class NoraModel(BaseTuner):
                 state["targets"][adapter_name] = set(find_targets(model, config.nora_config(), "NoraPeftConfig"))
             except ValueError as e:
                 raise AdapterError(str(e)) from e
-            layouts = state["layouts"][adapter_name] = {n: activation_layout(model, n)
-                                                        for n in state["targets"][adapter_name]}
+            layouts = state["layouts"][adapter_name] = {
+                n: activation_layout(model, n) for n in state["targets"][adapter_name]
+            }
             originals = {n: activation_target(model.get_submodule(n))[0] for n in layouts}
         for name, layout in layouts.items():
             if layout.width is not None and layout.width % config.groups:
-                raise AdapterError(f"groups={config.groups} does not divide the width {layout.width} of {name}; "
-                                   f"choose a divisor of {layout.width}")
+                raise AdapterError(
+                    f"groups={config.groups} does not divide the width {layout.width} of {name}; "
+                    f"choose a divisor of {layout.width}"
+                )
         lora = config.lora_config()
         lora_problems = _lora_target_problems(model, config) if lora is not None else []
         if lora_problems and not config.loaded:
@@ -100,21 +117,30 @@ class NoraModel(BaseTuner):
             if lora.target_modules is None:
                 lora = LoraModel._prepare_adapter_config(LoraModel, lora, self.get_model_config(model))
             lora = _maybe_include_all_linear_layers(lora, model)
-        specs = {n: {"width": lay.width, "channel_dim": lay.channel_dim, "original": originals[n]}
-                 for n, lay in layouts.items()}
+        specs = {
+            n: {"width": lay.width, "channel_dim": lay.channel_dim, "original": originals[n]}
+            for n, lay in layouts.items()
+        }
         if config.loaded:  # peft's loader: the saved adapter against this model, before the model changes
             problems = lora_problems + _saved_problems(model, config, layouts, originals)
             problems += [] if lora_problems else _file_problems(model, config, originals, lora)
             if problems:
                 where = config.source or "the saved NoRA adapter"
-                raise AdapterError(f"{where} does not fit this {type(model).__name__} (nothing was changed): "
-                                   + "; ".join(problems[:6]))
+                raise AdapterError(
+                    f"{where} does not fit this {type(model).__name__} (nothing was changed): "
+                    + "; ".join(problems[:6])
+                )
         if config.layer_specs is None or not config.loaded:
             config.layer_specs = {n: {**spec, "init": "fit"} for n, spec in specs.items()}
         state["lora"][adapter_name] = lora
         state["fits"] = {}
-        super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                               low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+        super().inject_adapter(
+            model,
+            adapter_name,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            state_dict=state_dict,
+        )
 
     def _prepare_adapter_config(self, peft_config, model_config):
         return peft_config  # NoRA's targets come from nora.find_targets, LoRA's from its LoraConfig
@@ -127,28 +153,43 @@ class NoraModel(BaseTuner):
         lora = state["lora"].get(adapter)
         return peft_target_exists(lora, key) if lora is not None else False
 
-    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key,
-                            parameter_name=None) -> None:
+    def _create_and_replace(
+        self, peft_config, adapter_name, target, target_name, parent, current_key, parameter_name=None
+    ) -> None:
         if current_key in self._state()["targets"][adapter_name]:
             layout = self._state()["layouts"][adapter_name][current_key]
             self._create_nora(peft_config, adapter_name, target, target_name, parent, layout)
         else:
-            LoraModel._create_and_replace(self, self._state()["lora"][adapter_name], adapter_name, target,
-                                          target_name, parent, current_key, parameter_name=parameter_name)
+            LoraModel._create_and_replace(
+                self,
+                self._state()["lora"][adapter_name],
+                adapter_name,
+                target,
+                target_name,
+                parent,
+                current_key,
+                parameter_name=parameter_name,
+            )
 
     def _fit(self, config: NoraPeftConfig, activation: nn.Module, name: str) -> tuple[str, RationalFit]:
         """The range fit of ``activation`` (one per distinct activation and config; fit_rational caches on disk)."""
         original, target = activation_target(activation)
-        key = (original if isinstance(target, str) else f"{original}@{name}", config.form, tuple(config.degrees),
-               tuple(config.fit_range))
+        key = (
+            original if isinstance(target, str) else f"{original}@{name}",
+            config.form,
+            tuple(config.degrees),
+            tuple(config.fit_range),
+        )
         fits = self._state()["fits"]
         if key not in fits:
-            fits[key] = fit_rational(target, form=config.form, degrees=tuple(config.degrees),
-                                     x_range=tuple(config.fit_range))
+            fits[key] = fit_rational(
+                target, form=config.form, degrees=tuple(config.degrees), x_range=tuple(config.fit_range)
+            )
         return original, fits[key]
 
-    def _create_nora(self, config: NoraPeftConfig, adapter_name: str, target: nn.Module, target_name: str,
-                     parent: nn.Module, layout) -> None:
+    def _create_nora(
+        self, config: NoraPeftConfig, adapter_name: str, target: nn.Module, target_name: str, parent: nn.Module, layout
+    ) -> None:
         activation = target.original_activation() if isinstance(target, NoraLayer) else target
         original, fit = self._fit(config, activation, target_name)
         if isinstance(target, NoraLayer):
@@ -156,9 +197,15 @@ class NoraModel(BaseTuner):
         else:
             layer = NoraLayer(target, original)
             setattr(parent, target_name, layer)
-        layer.update_layer(adapter_name, config.nora_config(), fit, device=_device(self.model),
-                           channel_dim=layout.channel_dim, width=layout.width,
-                           uncalibrated=config.init == "calibrated" and not config.loaded)
+        layer.update_layer(
+            adapter_name,
+            config.nora_config(),
+            fit,
+            device=_device(self.model),
+            channel_dim=layout.channel_dim,
+            width=layout.width,
+            uncalibrated=config.init == "calibrated" and not config.loaded,
+        )
         if adapter_name not in self.active_adapters:
             layer.nora_activation[adapter_name].requires_grad_(False)
 
@@ -180,7 +227,7 @@ class NoraModel(BaseTuner):
         if not config.use_dora:
             return out
         suffix = f"lora_magnitude_vector.{adapter_name}.weight"  # peft's DoRA keys end without ".weight"
-        return {(k[:-len(".weight")] if k.endswith(suffix) else k): v for k, v in out.items()}
+        return {(k[: -len(".weight")] if k.endswith(suffix) else k): v for k, v in out.items()}
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
@@ -191,19 +238,21 @@ class NoraModel(BaseTuner):
         where = (config.source / WEIGHTS_FILE) if getattr(config, "source", None) else WEIGHTS_FILE
         own = {k for k in model.state_dict() if _adapter_key(k, adapter_name)}
         prefix = "base_model.model."
-        given = {k if k.startswith(prefix) or not any(o.startswith(prefix) for o in own) else prefix + k
-                 for k in out}
+        given = {k if k.startswith(prefix) or not any(o.startswith(prefix) for o in own) else prefix + k for k in out}
         missing = own - given
         if missing:
-            raise AdapterError(f"{where}: {len(missing)} adapter tensor(s) this model needs are missing "
-                               f"({listed(missing)}); the file is incomplete or belongs to another model")
+            raise AdapterError(
+                f"{where}: {len(missing)} adapter tensor(s) this model needs are missing "
+                f"({listed(missing)}); the file is incomplete or belongs to another model"
+            )
         check_finite(out, where)
         return out
 
 
 def _adapter_key(key: str, adapter_name: str) -> bool:
-    return (f".{LAYER_ATTR}.{adapter_name}." in key or
-            (".lora_" in key and (f".{adapter_name}." in key or key.endswith(f".{adapter_name}"))))
+    return f".{LAYER_ATTR}.{adapter_name}." in key or (
+        ".lora_" in key and (f".{adapter_name}." in key or key.endswith(f".{adapter_name}"))
+    )
 
 
 def _canonical(key: str) -> str:
@@ -212,9 +261,11 @@ def _canonical(key: str) -> str:
 
 def _linear_names(model: nn.Module) -> list[str]:
     """The distinct last name segments of the layers LoRA can wrap (for a message)."""
-    names = {n.rpartition(".")[2] for n, m in model.named_modules()
-             if n and not list(m.children()) and isinstance(getattr(m, "weight", None), torch.Tensor)
-             and m.weight.dim() >= 2}
+    names = {
+        n.rpartition(".")[2]
+        for n, m in model.named_modules()
+        if n and not list(m.children()) and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2
+    }
     return sorted(names)
 
 
@@ -228,9 +279,11 @@ def _lora_target_problems(model: nn.Module, config: NoraPeftConfig) -> list[str]
     except ValueError as e:
         raise AdapterError(str(e)) from None
     if missing:
-        return [f"lora_target_modules {missing} match no module of {type(model).__name__} (a name matches a module's "
-                "full name or its last segments; a string is a regex matched in full); its weight layers are named "
-                f"{', '.join(_linear_names(model)[:12])}"]
+        return [
+            f"lora_target_modules {missing} match no module of {type(model).__name__} (a name matches a module's "
+            "full name or its last segments; a string is a regex matched in full); its weight layers are named "
+            f"{', '.join(_linear_names(model)[:12])}"
+        ]
     return []
 
 
@@ -243,8 +296,9 @@ def _saved_problems(model: nn.Module, config: NoraPeftConfig, layouts: dict, ori
     for name in sorted(set(saved) & set(layouts)):
         spec = saved[name]
         if spec.get("original") is not None and spec["original"] != originals[name]:
-            problems.append(f"{name}: this model's activation is {originals[name]}, the adapter was fitted to "
-                            f"{spec['original']}")
+            problems.append(
+                f"{name}: this model's activation is {originals[name]}, the adapter was fitted to {spec['original']}"
+            )
             continue
         problems += layout_problems(layouts[name], name, {**spec, "groups": config.groups})
     return problems
@@ -256,8 +310,10 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor] | None:
     try:
         return load_file(str(path))
     except Exception as exc:  # noqa: BLE001  safetensors raises its own SafetensorError (and OSError, ValueError)
-        raise AdapterError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); the file is "
-                           "truncated or damaged (nothing was changed)") from None
+        raise AdapterError(
+            f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); the file is "
+            "truncated or damaged (nothing was changed)"
+        ) from None
 
 
 def _file_problems(model: nn.Module, config: NoraPeftConfig, originals: dict[str, str], lora) -> list[str]:
@@ -283,49 +339,69 @@ def _file_problems(model: nn.Module, config: NoraPeftConfig, originals: dict[str
             lora_modules.add(key.removeprefix(PEFT_PREFIX).partition(".lora_")[0])
     if config.layer_specs is not None:
         differ = set(layers) ^ set(config.layer_specs)
-        problems = [f"{path}: its NoRA layers differ from the layer_specs of {CONFIG_FILE} ({listed(differ)})"
-                    ] if differ else []
+        problems = (
+            [f"{path}: its NoRA layers differ from the layer_specs of {CONFIG_FILE} ({listed(differ)})"]
+            if differ
+            else []
+        )
     else:
         problems = [f"{path}: {p}" for p in coverage_problems(layers, targets, type(model).__name__)]
     if config.layer_specs is None:
         saved = read_originals(config.source)
-        problems += [f"{n}: this model's activation is {originals[n]}, the adapter was fitted to {o}"
-                     for n, o in sorted(saved.items()) if n in targets and originals[n] != o]
+        problems += [
+            f"{n}: this model's activation is {originals[n]}, the adapter was fitted to {o}"
+            for n, o in sorted(saved.items())
+            if n in targets and originals[n] != o
+        ]
     for name in sorted(set(layers) & targets):
-        problems += [f"{path}: {p}" for p in coefficient_problems(
-            name, layers[name].get("base_numerator"), layers[name].get("base_denominator"), config.groups,
-            config.degrees)]
+        problems += [
+            f"{path}: {p}"
+            for p in coefficient_problems(
+                name,
+                layers[name].get("base_numerator"),
+                layers[name].get("base_denominator"),
+                config.groups,
+                config.degrees,
+            )
+        ]
     return problems + _lora_file_problems(model, config, lora, lora_modules, path)
 
 
-def _lora_file_problems(model: nn.Module, config: NoraPeftConfig, lora, lora_modules: set[str], path: Path
-                        ) -> list[str]:
+def _lora_file_problems(
+    model: nn.Module, config: NoraPeftConfig, lora, lora_modules: set[str], path: Path
+) -> list[str]:
     if lora is None:
-        return [f"{path} holds LoRA tensors ({listed(lora_modules)}) but the config has lora_r=0"] if lora_modules \
-            else []
+        return (
+            [f"{path} holds LoRA tensors ({listed(lora_modules)}) but the config has lora_r=0"] if lora_modules else []
+        )
     modules = dict(model.named_modules())
     unknown = sorted(m for m in lora_modules if _canonical(m) not in modules and m not in modules)
     if unknown:
-        return [f"{path} holds LoRA tensors of {listed(unknown)}, which are not modules of this "
-                f"{type(model).__name__}"]
+        return [f"{path} holds LoRA tensors of {listed(unknown)}, which are not modules of this {type(model).__name__}"]
     if config.target_parameters:  # fused expert tensors: peft's keys name parameters, not modules
         return []
     targeted = {n for n, m in modules.items() if n and not list(m.children()) and peft_target_exists(lora, n)}
     left = targeted - {_canonical(m) for m in lora_modules}
     if left:
-        return [f"{path} holds no LoRA tensors for {listed(left)} ({len(targeted)} LoRA targets in this "
-                f"{type(model).__name__}, {len(lora_modules)} in the file)"]
+        return [
+            f"{path} holds no LoRA tensors for {listed(left)} ({len(targeted)} LoRA targets in this "
+            f"{type(model).__name__}, {len(lora_modules)} in the file)"
+        ]
     return []
 
 
 def nora_layers(model: nn.Module, adapter_name: str | None = None) -> dict[str, NoraLayer]:
     """Module name -> NoraLayer (holding ``adapter_name``, if given) of a peft model."""
-    return {n: m for n, m in model.named_modules()
-            if isinstance(m, NoraLayer) and (adapter_name is None or adapter_name in m.nora_activation)}
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, NoraLayer) and (adapter_name is None or adapter_name in m.nora_activation)
+    }
 
 
-def calibrate(model: nn.Module, batches: Iterable, forward: Callable | None = None,
-              adapter_name: str | None = None) -> dict[str, RationalFit]:
+def calibrate(
+    model: nn.Module, batches: Iterable, forward: Callable | None = None, adapter_name: str | None = None
+) -> dict[str, RationalFit]:
     """NoRA's calibrated init on a peft model: record each NoRA activation's real inputs on ``batches`` (run
     through ``forward(model, batch)`` if given, with the model's own activations in place, as ``nora.apply_nora``
     does) and re-fit each adapter's base rational over them (per group with ``per_group_calibration``). Call it
@@ -344,16 +420,35 @@ def calibrate(model: nn.Module, batches: Iterable, forward: Callable | None = No
     fits = {}
     for name, rec in records.items():
         target = activation_target(layers[name].original_activation())[1]
-        per = [fit_to_inputs(target, rec.values(g) if config.per_group_calibration else rec.values(), config.form,
-                             tuple(config.degrees), config.calibration_range_weight, tuple(config.fit_range))
-               for g in range(groups[name])]
-        fit = per[0] if len(per) == 1 else RationalFit(
-            numerator=per[0].numerator, denominator=per[0].denominator, form=config.form,
-            degrees=tuple(config.degrees), max_error=max(f.max_error for f in per),
-            rms_error=max(f.rms_error for f in per), x_min=min(f.x_min for f in per),
-            x_max=max(f.x_max for f in per), target=per[0].target,
-            extra={"per_group": {"numerator": [f.numerator for f in per],
-                                 "denominator": [f.denominator for f in per]}})
+        per = [
+            fit_to_inputs(
+                target,
+                rec.values(g) if config.per_group_calibration else rec.values(),
+                config.form,
+                tuple(config.degrees),
+                config.calibration_range_weight,
+                tuple(config.fit_range),
+            )
+            for g in range(groups[name])
+        ]
+        fit = (
+            per[0]
+            if len(per) == 1
+            else RationalFit(
+                numerator=per[0].numerator,
+                denominator=per[0].denominator,
+                form=config.form,
+                degrees=tuple(config.degrees),
+                max_error=max(f.max_error for f in per),
+                rms_error=max(f.rms_error for f in per),
+                x_min=min(f.x_min for f in per),
+                x_max=max(f.x_max for f in per),
+                target=per[0].target,
+                extra={
+                    "per_group": {"numerator": [f.numerator for f in per], "denominator": [f.denominator for f in per]}
+                },
+            )
+        )
         layers[name].set_base(adapter_name, fit)
         fits[name] = fit
         spec = (config.layer_specs or {}).get(_canonical(name))

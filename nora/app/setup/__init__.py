@@ -1,6 +1,7 @@
 """What ``run_training`` trains, per model family: one :class:`TrainSetup`, built by :func:`build_setup` from
 :mod:`nora.app.setup.vision` or :mod:`nora.app.setup.causal_lm` (each builds data before the model, so a missing
 dataset fails before any weights are loaded or downloaded)."""
+
 from __future__ import annotations
 
 import torch

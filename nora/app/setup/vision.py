@@ -6,6 +6,7 @@ batch samplers (``trainer.batch_size`` per rank), then the data path (``trainer.
 DataLoader workers), and for NoRA's calibrated initialisation the first ``method.nora.calibration_batches``
 training batches.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,13 +37,25 @@ def vision_setup(run: RunConfig, device: torch.device, world_size: int, rank: in
     bs, seed = run.trainer.batch_size, run.seed
     path = data_path(run.trainer.data_path, device)
     setup = TrainSetup(
-        model=model, task=ClassificationTask(), data=TrainData(
-            train_set=None, eval_set=None,
+        model=model,
+        task=ClassificationTask(),
+        data=TrainData(
+            train_set=None,
+            eval_set=None,
             train_sampler=ShuffledBatchSampler(len(raw[0]), bs, seed=seed, num_replicas=world_size, rank=rank),
-            eval_sampler=ShuffledBatchSampler(len(raw[1]), run.trainer.eval_batch_size, shuffle=False,
-                                              drop_last=False, num_replicas=world_size, rank=rank)),
-        head=run.model.head or "head", wrap=(lambda m: dist.wrap_ddp(m, device)) if world_size > 1 else None,
-        extra={"data_path": path, "image_size": input_size(model)})
+            eval_sampler=ShuffledBatchSampler(
+                len(raw[1]),
+                run.trainer.eval_batch_size,
+                shuffle=False,
+                drop_last=False,
+                num_replicas=world_size,
+                rank=rank,
+            ),
+        ),
+        head=run.model.head or "head",
+        wrap=(lambda m: dist.wrap_ddp(m, device)) if world_size > 1 else None,
+        extra={"data_path": path, "image_size": input_size(model)},
+    )
     nora = run.method.nora
     n_calib = nora.calibration_batches if nora is not None and nora.init == "calibrated" else 0
     calib_sampler = ShuffledBatchSampler(len(raw[0]), bs, seed=seed + 1, drop_last=False)
@@ -58,8 +71,10 @@ def _batched(setup: TrainSetup, run: RunConfig, raw, device, calib_sampler, n_ca
     mean, std, interp = pcfg.get("mean", (0.5,) * 3), pcfg.get("std", (0.5,) * 3), pcfg.get("interpolation")
     train_aug = BatchedAugment(size, mean, std, interp, True, aug.hflip, aug.crop_padding)
     eval_aug = BatchedAugment(size, mean, std, interp, train=False)
-    tensors = {"train": [t.to(device) for t in as_uint8_tensors(raw[0])],
-               "eval": [t.to(device) for t in as_uint8_tensors(raw[1])]}
+    tensors = {
+        "train": [t.to(device) for t in as_uint8_tensors(raw[0])],
+        "eval": [t.to(device) for t in as_uint8_tensors(raw[1])],
+    }
 
     def loader(dataset, sampler, epoch, train):
         return DeviceBatches(*tensors[dataset], sampler, train_aug if train else eval_aug, run.seed, epoch)

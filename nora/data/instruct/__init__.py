@@ -102,23 +102,55 @@ Batching
     logits against unpacked forward passes. Labels of each example are masked as above, so no token is
     trained to predict the next example. Length grouping is the default.
 """
+
 from __future__ import annotations
 
 from nora.data.instruct.cache import build_instruct_datasets
 from nora.data.instruct.collate import BatchTokens, InstructCollator, build_dataloader, tokens_in_batch
 from nora.data.instruct.config import DataError, DataNotFoundError, InstructDataConfig
 from nora.data.instruct.dataset import InstructDataset, PackedInstructDataset, pack_lengths
-from nora.data.instruct.templates import (ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, CHAT_PROMPT,
-                                          CHAT_PROMPT_NO_SYSTEM, format_alpaca_prompt, format_chat_prompt,
-                                          render_example)
-from nora.data.instruct.tokenization import (IGNORE_INDEX, assemble, encode_examples, special_prefix,
-                                             tokenizer_fingerprint)
+from nora.data.instruct.templates import (
+    ALPACA_PROMPT_INPUT,
+    ALPACA_PROMPT_NO_INPUT,
+    CHAT_PROMPT,
+    CHAT_PROMPT_NO_SYSTEM,
+    format_alpaca_prompt,
+    format_chat_prompt,
+    render_example,
+)
+from nora.data.instruct.tokenization import (
+    IGNORE_INDEX,
+    assemble,
+    encode_examples,
+    special_prefix,
+    tokenizer_fingerprint,
+)
 from nora.data.sampling import LengthGroupedBatchSampler, padding_waste
 
 __all__ = [
-    "ALPACA_PROMPT_INPUT", "ALPACA_PROMPT_NO_INPUT", "BatchTokens", "CHAT_PROMPT", "CHAT_PROMPT_NO_SYSTEM",
-    "DataError", "DataNotFoundError", "IGNORE_INDEX", "InstructCollator", "InstructDataConfig", "InstructDataset",
-    "LengthGroupedBatchSampler", "PackedInstructDataset", "assemble", "build_dataloader", "build_instruct_datasets",
-    "encode_examples", "format_alpaca_prompt", "format_chat_prompt", "pack_lengths", "padding_waste",
-    "render_example", "special_prefix", "tokenizer_fingerprint", "tokens_in_batch",
+    "ALPACA_PROMPT_INPUT",
+    "ALPACA_PROMPT_NO_INPUT",
+    "BatchTokens",
+    "CHAT_PROMPT",
+    "CHAT_PROMPT_NO_SYSTEM",
+    "DataError",
+    "DataNotFoundError",
+    "IGNORE_INDEX",
+    "InstructCollator",
+    "InstructDataConfig",
+    "InstructDataset",
+    "LengthGroupedBatchSampler",
+    "PackedInstructDataset",
+    "assemble",
+    "build_dataloader",
+    "build_instruct_datasets",
+    "encode_examples",
+    "format_alpaca_prompt",
+    "format_chat_prompt",
+    "pack_lengths",
+    "padding_waste",
+    "render_example",
+    "special_prefix",
+    "tokenizer_fingerprint",
+    "tokens_in_batch",
 ]

@@ -1,4 +1,5 @@
 """Tokenise once, cache on disk, load memory-mapped: :func:`build_instruct_datasets`."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,7 +17,7 @@ import nora.data.instruct.tokenization as tokenization
 from nora.data.instruct.config import DataError, InstructDataConfig, default_cache_dir
 from nora.data.instruct.dataset import InstructDataset, PackedInstructDataset
 from nora.data.instruct.sources import files_fingerprint, load_hub, load_local, local_files
-from nora.errors import OutputError, WRITE_ERRNOS
+from nora.errors import WRITE_ERRNOS, OutputError
 from nora.files import read_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -43,10 +44,18 @@ def build_instruct_datasets(cfg: InstructDataConfig | Mapping[str, Any], tokeniz
         source = f"hub:{cfg.resolved_hub_name}"
     template = cfg.resolved_template
     key_fields = {
-        "version": CACHE_VERSION, "name": cfg.name, "source": source_fp, "split": cfg.split,
-        "subset_size": cfg.subset_size, "subset_strategy": cfg.subset_strategy, "seed": int(cfg.seed),
-        "val_size": cfg.val_size, "template": template, "use_chat": bool(cfg.use_tokenizer_chat_template),
-        "max_length": int(cfg.max_length), "min_response_tokens": int(cfg.min_response_tokens),
+        "version": CACHE_VERSION,
+        "name": cfg.name,
+        "source": source_fp,
+        "split": cfg.split,
+        "subset_size": cfg.subset_size,
+        "subset_strategy": cfg.subset_strategy,
+        "seed": int(cfg.seed),
+        "val_size": cfg.val_size,
+        "template": template,
+        "use_chat": bool(cfg.use_tokenizer_chat_template),
+        "max_length": int(cfg.max_length),
+        "min_response_tokens": int(cfg.min_response_tokens),
         "tokenizer": tokenization.tokenizer_fingerprint(tokenizer),
     }
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -68,17 +77,25 @@ def build_instruct_datasets(cfg: InstructDataConfig | Mapping[str, Any], tokeniz
                 build_cache(cfg, tokenizer, raw, final, source, key)
                 opened, why = open_cache(final, key)
                 if opened is None:
-                    raise DataError(f"tokenised cache {final} is unreadable right after it was built ({why}); "
-                                    "check the disk, or set dataset.cache_dir (or NORA_CACHE_DIR) elsewhere")
+                    raise DataError(
+                        f"tokenised cache {final} is unreadable right after it was built ({why}); "
+                        "check the disk, or set dataset.cache_dir (or NORA_CACHE_DIR) elsewhere"
+                    )
     stats, train_ds, val_ds = opened
     stats.update(cache_hit=cache_hit, cache_path=str(final))
     dropped = stats["num_dropped"]
     if dropped:
-        logger.warning("instruction data %s: %d examples had no response token left within max_length=%d and "
-                       "were dropped", cfg.name, dropped, cfg.max_length)
+        logger.warning(
+            "instruction data %s: %d examples had no response token left within max_length=%d and were dropped",
+            cfg.name,
+            dropped,
+            cfg.max_length,
+        )
     if stats["num_train"] == 0:
-        raise DataError(f"dataset={cfg.name}: no training example left (max_length={cfg.max_length} leaves no "
-                        "response token after the tokenizer's own prefix); raise data.max_length")
+        raise DataError(
+            f"dataset={cfg.name}: no training example left (max_length={cfg.max_length} leaves no "
+            "response token after the tokenizer's own prefix); raise data.max_length"
+        )
     train = InstructDataset(train_ds, stats["train"], "train")
     val = InstructDataset(val_ds, stats["val"], "val") if val_ds is not None else None
     if cfg.packing:
@@ -88,10 +105,23 @@ def build_instruct_datasets(cfg: InstructDataConfig | Mapping[str, Any], tokeniz
     logger.info(
         "instruction data %s (%s, template %s, max_length %d)%s: %d rows read, %d selected -> %d train / %d val "
         "examples; %d truncated (%d with the prompt cut), %d dropped without response tokens; %d train tokens "
-        "(%d supervised)%s", cfg.name, source, template, cfg.max_length, " [cached]" if cache_hit else "",
-        stats["num_rows"], stats["num_selected"], stats["num_train"], stats["num_val"], stats["num_truncated"],
-        stats["num_prompt_truncated"], dropped, t["num_tokens"], t["num_supervised_tokens"],
-        f"; packed into {len(train)} rows ({100 * train.fill:.1f}% full)" if cfg.packing else "")
+        "(%d supervised)%s",
+        cfg.name,
+        source,
+        template,
+        cfg.max_length,
+        " [cached]" if cache_hit else "",
+        stats["num_rows"],
+        stats["num_selected"],
+        stats["num_train"],
+        stats["num_val"],
+        stats["num_truncated"],
+        stats["num_prompt_truncated"],
+        dropped,
+        t["num_tokens"],
+        t["num_supervised_tokens"],
+        f"; packed into {len(train)} rows ({100 * train.fill:.1f}% full)" if cfg.packing else "",
+    )
     return train, val, stats
 
 
@@ -104,8 +134,10 @@ def check_cache_writable(cache_root: Path) -> None:
     except OSError as exc:
         if exc.errno not in WRITE_ERRNOS:
             raise
-        raise OutputError(f"cannot write the tokenised-data cache {cache_root}: [Errno {exc.errno}] {exc.strerror}; "
-                          "set NORA_CACHE_DIR (or dataset.cache_dir) to a writable folder") from None
+        raise OutputError(
+            f"cannot write the tokenised-data cache {cache_root}: [Errno {exc.errno}] {exc.strerror}; "
+            "set NORA_CACHE_DIR (or dataset.cache_dir) to a writable folder"
+        ) from None
 
 
 def open_cache(final: Path, key: str) -> tuple[tuple[dict, Any, Any] | None, str | None]:
@@ -148,14 +180,16 @@ def select_rows(cfg: InstructDataConfig, n: int) -> tuple[np.ndarray, np.ndarray
         if cfg.subset_strategy == "first":
             rows = np.arange(int(cfg.subset_size))
         else:
-            rows = np.sort(np.random.default_rng(int(cfg.seed)).permutation(n)[:int(cfg.subset_size)])
+            rows = np.sort(np.random.default_rng(int(cfg.seed)).permutation(n)[: int(cfg.subset_size)])
     else:
         rows = np.arange(n)
     m = len(rows)
     n_val = int(round(cfg.val_size * m)) if isinstance(cfg.val_size, float) else int(cfg.val_size)
     if n_val >= m:
-        raise DataError(f"data.val_size={cfg.val_size} holds out {n_val} of the {m} selected rows and leaves none "
-                        "for training; lower data.val_size (0 for no validation set)")
+        raise DataError(
+            f"data.val_size={cfg.val_size} holds out {n_val} of the {m} selected rows and leaves none "
+            "for training; lower data.val_size (0 for no validation set)"
+        )
     val = np.sort(np.random.default_rng([int(cfg.seed), 1]).permutation(m)[:n_val])
     train = np.setdiff1d(np.arange(m), val, assume_unique=True)
     return rows, train, val
@@ -172,10 +206,25 @@ def build_cache(cfg: InstructDataConfig, tokenizer, raw, final: Path, source: st
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
-        _tokenize_into(cfg, tokenizer, subset, tmp, key, stats={
-            "dataset": cfg.name, "source": source, "split": cfg.split, "template": cfg.resolved_template,
-            "max_length": int(cfg.max_length), "num_rows": n, "num_selected": len(rows), "key": key},
-            train_pos=train_pos, val_pos=val_pos)
+        _tokenize_into(
+            cfg,
+            tokenizer,
+            subset,
+            tmp,
+            key,
+            stats={
+                "dataset": cfg.name,
+                "source": source,
+                "split": cfg.split,
+                "template": cfg.resolved_template,
+                "max_length": int(cfg.max_length),
+                "num_rows": n,
+                "num_selected": len(rows),
+                "key": key,
+            },
+            train_pos=train_pos,
+            val_pos=val_pos,
+        )
         os.replace(tmp, final)
     except OSError:
         if not final.joinpath("stats.json").exists():
@@ -184,35 +233,66 @@ def build_cache(cfg: InstructDataConfig, tokenizer, raw, final: Path, source: st
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _tokenize_into(cfg: InstructDataConfig, tokenizer, subset, tmp: Path, key: str, stats: dict[str, Any],
-                   train_pos: np.ndarray, val_pos: np.ndarray) -> None:
+def _tokenize_into(
+    cfg: InstructDataConfig,
+    tokenizer,
+    subset,
+    tmp: Path,
+    key: str,
+    stats: dict[str, Any],
+    train_pos: np.ndarray,
+    val_pos: np.ndarray,
+) -> None:
     """Tokenise ``subset`` and write the train/val splits and ``stats.json`` into the directory ``tmp``."""
     import datasets
 
-    features = datasets.Features({
-        "input_ids": datasets.List(datasets.Value("int32")), "labels": datasets.List(datasets.Value("int32")),
-        "length": datasets.Value("int32"), "n_supervised": datasets.Value("int32"), "truncated": datasets.Value("bool"),
-        "prompt_truncated": datasets.Value("bool"), "boundary_fallback": datasets.Value("bool")})
+    features = datasets.Features(
+        {
+            "input_ids": datasets.List(datasets.Value("int32")),
+            "labels": datasets.List(datasets.Value("int32")),
+            "length": datasets.Value("int32"),
+            "n_supervised": datasets.Value("int32"),
+            "truncated": datasets.Value("bool"),
+            "prompt_truncated": datasets.Value("bool"),
+            "boundary_fallback": datasets.Value("bool"),
+        }
+    )
     tok = subset.map(
-        tokenization.tokenize_batch, batched=True, batch_size=1000, remove_columns=subset.column_names,
+        tokenization.tokenize_batch,
+        batched=True,
+        batch_size=1000,
+        remove_columns=subset.column_names,
         features=features,
-        fn_kwargs=dict(tokenizer=tokenizer, name=cfg.name, template=cfg.resolved_template,
-                       use_chat=bool(cfg.use_tokenizer_chat_template), max_length=int(cfg.max_length),
-                       min_response_tokens=int(cfg.min_response_tokens),
-                       prefix=tokenization.special_prefix(tokenizer)),
-        cache_file_name=str(tmp / "tokenized.arrow"), load_from_cache_file=False, new_fingerprint=key,
-        desc=f"tokenizing {cfg.name}")
+        fn_kwargs=dict(
+            tokenizer=tokenizer,
+            name=cfg.name,
+            template=cfg.resolved_template,
+            use_chat=bool(cfg.use_tokenizer_chat_template),
+            max_length=int(cfg.max_length),
+            min_response_tokens=int(cfg.min_response_tokens),
+            prefix=tokenization.special_prefix(tokenizer),
+        ),
+        cache_file_name=str(tmp / "tokenized.arrow"),
+        load_from_cache_file=False,
+        new_fingerprint=key,
+        desc=f"tokenizing {cfg.name}",
+    )
     table = tok.data
-    col = {c: table.column(c).to_numpy() for c in ("length", "n_supervised", "truncated", "prompt_truncated",
-                                                    "boundary_fallback")}
+    col = {
+        c: table.column(c).to_numpy()
+        for c in ("length", "n_supervised", "truncated", "prompt_truncated", "boundary_fallback")
+    }
     for split, pos in (("train", train_pos), ("val", val_pos)):
         keep = pos[col["n_supervised"][pos] > 0]
         stats[split] = {
-            "num_total": int(len(pos)), "num_examples": int(len(keep)), "num_dropped": int(len(pos) - len(keep)),
+            "num_total": int(len(pos)),
+            "num_examples": int(len(keep)),
+            "num_dropped": int(len(pos) - len(keep)),
             "num_truncated": int(col["truncated"][pos].sum()),
             "num_prompt_truncated": int(col["prompt_truncated"][pos].sum()),
             "num_boundary_fallback": int(col["boundary_fallback"][pos].sum()),
-            "num_tokens": int(col["length"][keep].sum()), "num_supervised_tokens": int(col["n_supervised"][keep].sum()),
+            "num_tokens": int(col["length"][keep].sum()),
+            "num_supervised_tokens": int(col["n_supervised"][keep].sum()),
             "max_example_length": int(col["length"][keep].max()) if len(keep) else 0,
             "mean_example_length": float(col["length"][keep].mean()) if len(keep) else 0.0,
         }

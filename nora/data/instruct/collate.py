@@ -1,4 +1,5 @@
 """Batching: pad (or concatenate packed rows into) a batch, count its tokens, wire a DataLoader."""
+
 from __future__ import annotations
 
 from typing import Any, Mapping, NamedTuple, Sequence
@@ -19,8 +20,13 @@ class InstructCollator:
     are concatenated into one row ``[1, total]`` with ``position_ids`` restarting per example and no
     ``attention_mask`` (no padding, so ``pad_to_multiple_of`` does not apply; see the module docstring)."""
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, padding_side: str = "right",
-                 padding_free: bool = False):
+    def __init__(
+        self,
+        pad_token_id: int,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str = "right",
+        padding_free: bool = False,
+    ):
         if padding_side not in ("right", "left"):
             raise ValueError("padding_side must be 'right' or 'left'")
         self.pad_token_id = int(pad_token_id)
@@ -61,15 +67,14 @@ class InstructCollator:
     def _flatten(features) -> dict[str, torch.Tensor]:
         ids = [t for f in features for t in f["input_ids"]]
         labels = [t for f in features for t in f["labels"]]
-        pos = [p for f in features for p in (f["position_ids"] if "position_ids" in f
-                                             else range(len(f["input_ids"])))]
+        pos = [p for f in features for p in (f["position_ids"] if "position_ids" in f else range(len(f["input_ids"])))]
         as_row = lambda x: torch.as_tensor(x, dtype=torch.long).unsqueeze(0)  # noqa: E731
         return {"input_ids": as_row(ids), "labels": as_row(labels), "position_ids": as_row(pos)}
 
 
 class BatchTokens(NamedTuple):
-    tokens: int       # non-pad tokens (what the model processes)
-    supervised: int   # tokens with a label (what the loss covers)
+    tokens: int  # non-pad tokens (what the model processes)
+    supervised: int  # tokens with a label (what the loss covers)
 
 
 def tokens_in_batch(batch: Mapping[str, torch.Tensor]) -> BatchTokens:
@@ -78,17 +83,32 @@ def tokens_in_batch(batch: Mapping[str, torch.Tensor]) -> BatchTokens:
     return BatchTokens(tokens, int((batch["labels"] != IGNORE_INDEX).sum()))
 
 
-def build_dataloader(dataset, cfg: InstructDataConfig, tokenizer, batch_size: int, *, train: bool = True,
-                     seed: int = 0, num_replicas: int | None = None, rank: int | None = None,
-                     drop_last: bool = False, num_workers: int = 0) -> torch.utils.data.DataLoader:
+def build_dataloader(
+    dataset,
+    cfg: InstructDataConfig,
+    tokenizer,
+    batch_size: int,
+    *,
+    train: bool = True,
+    seed: int = 0,
+    num_replicas: int | None = None,
+    rank: int | None = None,
+    drop_last: bool = False,
+    num_workers: int = 0,
+) -> torch.utils.data.DataLoader:
     """DataLoader with a :class:`LengthGroupedBatchSampler` (``loader.batch_sampler``: call ``set_epoch`` /
     ``set_start`` on it) and an :class:`InstructCollator` following ``cfg`` (group_by_length,
     pad_to_multiple_of, mega_batch_mult). Evaluation (``train=False``) keeps a fixed length-sorted order."""
     sampler = LengthGroupedBatchSampler(
-        dataset.lengths, batch_size, seed=seed, shuffle=train,
+        dataset.lengths,
+        batch_size,
+        seed=seed,
+        shuffle=train,
         group_by_length=(cfg.group_by_length or not train) and not isinstance(dataset, PackedInstructDataset),
-        num_replicas=num_replicas, rank=rank, drop_last=drop_last, mega_batch_mult=cfg.mega_batch_mult)
+        num_replicas=num_replicas,
+        rank=rank,
+        drop_last=drop_last,
+        mega_batch_mult=cfg.mega_batch_mult,
+    )
     collate = InstructCollator.from_tokenizer(tokenizer, pad_to_multiple_of=cfg.pad_to_multiple_of)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
-
-

@@ -1,4 +1,5 @@
 """What instruction data to load and how (``InstructDataConfig``), the datasets it knows, and its errors."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,20 +30,26 @@ class DatasetSpec:
 
 SPECS = {
     "alpaca": DatasetSpec(
-        hub_name="tatsu-lab/alpaca", required=("instruction", "input", "output"), optional=("text",),
+        hub_name="tatsu-lab/alpaca",
+        required=("instruction", "input", "output"),
+        optional=("text",),
         template="alpaca",
         fmt="a .json file holding a JSON list of records (as alpaca_data.json from the Stanford Alpaca repo), a "
-            ".jsonl file with one record per line, a .parquet file, or a directory of such files or one written "
-            "by datasets' save_to_disk; each record has the string fields instruction, input, output (input may "
-            "be empty)",
-        may_be_null=("input",)),
+        ".jsonl file with one record per line, a .parquet file, or a directory of such files or one written "
+        "by datasets' save_to_disk; each record has the string fields instruction, input, output (input may "
+        "be empty)",
+        may_be_null=("input",),
+    ),
     "openorca": DatasetSpec(
-        hub_name="Open-Orca/OpenOrca", required=("system_prompt", "question", "response"), optional=("id",),
+        hub_name="Open-Orca/OpenOrca",
+        required=("system_prompt", "question", "response"),
+        optional=("id",),
         template="chat",
         fmt="one or more .parquet files (as 1M-GPT4-Augmented.parquet of Open-Orca/OpenOrca), .json/.jsonl files, "
-            "or a directory of them or one written by datasets' save_to_disk; each record has the string fields "
-            "system_prompt, question, response (system_prompt may be empty; id is optional)",
-        may_be_null=("system_prompt",)),
+        "or a directory of them or one written by datasets' save_to_disk; each record has the string fields "
+        "system_prompt, question, response (system_prompt may be empty; id is optional)",
+        may_be_null=("system_prompt",),
+    ),
 }
 
 
@@ -96,16 +103,23 @@ class InstructDataConfig:
     def _checks(self) -> list[tuple[bool, str]]:
         """(holds, what to change otherwise) for every constraint on the values, in the order they are reported."""
         v = self.val_size
-        val_ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (0 <= v < 1 if isinstance(v, float)
-                                                                               else v >= 0)
+        val_ok = (
+            isinstance(v, (int, float)) and not isinstance(v, bool) and (0 <= v < 1 if isinstance(v, float) else v >= 0)
+        )
         return [
             (self.name in SPECS, f"name={self.name!r} is not an instruction dataset; choose one of {sorted(SPECS)}"),
-            (self.template in (None, "alpaca", "chat"),
-             f"template={self.template!r}; choose alpaca or chat (or null for the dataset's default)"),
-            (self.subset_strategy in ("shuffle", "first"),
-             f"subset_strategy={self.subset_strategy!r}; choose shuffle or first"),
-            (self.subset_size is None or int(self.subset_size) > 0,
-             f"subset_size={self.subset_size}; use a positive count or null for all rows"),
+            (
+                self.template in (None, "alpaca", "chat"),
+                f"template={self.template!r}; choose alpaca or chat (or null for the dataset's default)",
+            ),
+            (
+                self.subset_strategy in ("shuffle", "first"),
+                f"subset_strategy={self.subset_strategy!r}; choose shuffle or first",
+            ),
+            (
+                self.subset_size is None or int(self.subset_size) > 0,
+                f"subset_size={self.subset_size}; use a positive count or null for all rows",
+            ),
             (int(self.max_length) >= 2, f"max_length={self.max_length} is too small"),
             (int(self.min_response_tokens) >= 1, f"min_response_tokens={self.min_response_tokens} must be >= 1"),
             (val_ok, f"val_size={v!r}; use a count (0 for none) or a fraction in (0, 1)"),
@@ -113,8 +127,9 @@ class InstructDataConfig:
         ]
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None = None, ignore: Sequence[str] = (), **overrides
-                  ) -> "InstructDataConfig":
+    def from_dict(
+        cls, d: Mapping[str, Any] | None = None, ignore: Sequence[str] = (), **overrides
+    ) -> "InstructDataConfig":
         """Build from a mapping (a plain dict or an OmegaConf DictConfig); unknown keys raise :class:`DataError`
         listing the valid ones. Keys in ``ignore`` (e.g. a config group's ``family``) are skipped."""
         try:

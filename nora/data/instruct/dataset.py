@@ -1,4 +1,5 @@
 """Tokenised examples as torch datasets, one example per item or several packed into one row."""
+
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
@@ -42,8 +43,10 @@ class InstructDataset(torch.utils.data.Dataset):
         return [{"input_ids": a, "labels": b} for a, b in zip(cols["input_ids"], cols["labels"])]
 
     def __repr__(self) -> str:
-        return (f"InstructDataset(split={self.split}, examples={self.num_examples}, truncated={self.num_truncated}, "
-                f"dropped={self.num_dropped}, tokens={self.num_tokens})")
+        return (
+            f"InstructDataset(split={self.split}, examples={self.num_examples}, truncated={self.num_truncated}, "
+            f"dropped={self.num_dropped}, tokens={self.num_tokens})"
+        )
 
 
 def pack_lengths(lengths: Sequence[int], max_length: int) -> list[list[int]]:
@@ -81,8 +84,15 @@ class PackedInstructDataset(torch.utils.data.Dataset):
         self.base = dataset
         self.rows = pack_lengths(dataset.lengths, max_length)
         self.lengths = np.array([int(dataset.lengths[r].sum()) for r in self.rows], dtype=np.int64)
-        for k in ("num_total", "num_truncated", "num_prompt_truncated", "num_dropped", "num_tokens",
-                  "num_supervised_tokens", "num_boundary_fallback"):
+        for k in (
+            "num_total",
+            "num_truncated",
+            "num_prompt_truncated",
+            "num_dropped",
+            "num_tokens",
+            "num_supervised_tokens",
+            "num_boundary_fallback",
+        ):
             setattr(self, k, getattr(dataset, k))
         self.num_examples = dataset.num_examples
         self.max_length = max_length
@@ -97,6 +107,8 @@ class PackedInstructDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i) -> dict[str, list[int]]:
         exs = self.base.__getitems__(self.rows[int(i)])
-        return {"input_ids": [t for e in exs for t in e["input_ids"]],
-                "labels": [t for e in exs for t in e["labels"]],
-                "position_ids": [p for e in exs for p in range(len(e["input_ids"]))]}
+        return {
+            "input_ids": [t for e in exs for t in e["input_ids"]],
+            "labels": [t for e in exs for t in e["labels"]],
+            "position_ids": [p for e in exs for p in range(len(e["input_ids"]))],
+        }

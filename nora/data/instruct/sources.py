@@ -1,5 +1,6 @@
 """Where raw records come from: local .json/.jsonl/.parquet files, save_to_disk directories, or the Hub; each
 source is checked for the dataset's fields before anything is tokenised."""
+
 from __future__ import annotations
 
 import hashlib
@@ -20,8 +21,10 @@ SPLIT_WORDS = ("train", "test", "validation", "valid", "val", "dev", "eval")
 
 
 def format_help(cfg: InstructDataConfig) -> str:
-    return (f"Put a local copy on disk and pass data.path=<file or dir>: {cfg.spec.fmt}. To fetch it on a machine "
-            f"with Hub access: hf download --repo-type dataset {cfg.resolved_hub_name} --local-dir <dir>")
+    return (
+        f"Put a local copy on disk and pass data.path=<file or dir>: {cfg.spec.fmt}. To fetch it on a machine "
+        f"with Hub access: hf download --repo-type dataset {cfg.resolved_hub_name} --local-dir <dir>"
+    )
 
 
 def local_files(cfg: InstructDataConfig) -> tuple[str, Path, list[Path]]:
@@ -33,14 +36,22 @@ def local_files(cfg: InstructDataConfig) -> tuple[str, Path, list[Path]]:
         if root.suffix.lower() not in EXTENSIONS:
             raise DataError(f"data.path={cfg.path}: unsupported file type {root.suffix!r}; {cfg.spec.fmt}")
         return "files", root, [root]
-    if (root / "dataset_dict.json").exists() or ((root / "state.json").exists()
-                                                 and (root / "dataset_info.json").exists()):
+    if (root / "dataset_dict.json").exists() or (
+        (root / "state.json").exists() and (root / "dataset_info.json").exists()
+    ):
         return "saved", root, sorted(p for p in root.rglob("*") if p.is_file())
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in EXTENSIONS
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
     if not files:
-        raise DataNotFoundError(f"data.path={cfg.path}: the directory holds no .json/.jsonl/.parquet files and "
-                                f"was not written by save_to_disk. {format_help(cfg)}")
+        raise DataNotFoundError(
+            f"data.path={cfg.path}: the directory holds no .json/.jsonl/.parquet files and "
+            f"was not written by save_to_disk. {format_help(cfg)}"
+        )
 
     def splits_named(p: Path) -> set[str]:
         words = set(re.split(r"[^a-z0-9]+", str(p.relative_to(root)).lower()))
@@ -50,9 +61,11 @@ def local_files(cfg: InstructDataConfig) -> tuple[str, Path, list[Path]]:
     if tagged:
         mine = [p for p in files if cfg.split.lower() in splits_named(p)]
         if not mine:
-            raise DataNotFoundError(f"data.path={cfg.path}: its files name splits "
-                                    f"{sorted(set().union(*map(splits_named, tagged)))} but none is "
-                                    f"data.split={cfg.split}")
+            raise DataNotFoundError(
+                f"data.path={cfg.path}: its files name splits "
+                f"{sorted(set().union(*map(splits_named, tagged)))} but none is "
+                f"data.split={cfg.split}"
+            )
         files = mine
     return "files", root, files
 
@@ -80,8 +93,10 @@ def check_columns(ds, where: str, cfg: InstructDataConfig):
     cols = list(ds.column_names)
     missing = [c for c in cfg.spec.required if c not in cols]
     if missing:
-        raise DataError(f"{where}: missing field(s) {missing} for dataset={cfg.name}; expected fields "
-                        f"{list(cfg.spec.required)} (optional: {list(cfg.spec.optional)}); found {cols}")
+        raise DataError(
+            f"{where}: missing field(s) {missing} for dataset={cfg.name}; expected fields "
+            f"{list(cfg.spec.required)} (optional: {list(cfg.spec.optional)}); found {cols}"
+        )
     extra = [c for c in cols if c not in cfg.spec.required]
     if extra:
         logger.debug("%s: ignoring field(s) %s", where, extra)
@@ -129,10 +144,12 @@ def reject_non_strings(ds, where: str, cfg: InstructDataConfig) -> None:
         record, value, count, column = found
         shown = repr(value)
         shown = shown if len(shown) <= 60 else shown[:57] + "..."
-        raise DataError(f"{where}: record {record} (counting from 0) has {field}={shown} "
-                        f"({type(value).__name__}), not text; dataset={cfg.name} needs strings in "
-                        f"{list(cfg.spec.required)} ({count} record(s) with a non-string {field}; {column}); write it "
-                        "as a string in the file")
+        raise DataError(
+            f"{where}: record {record} (counting from 0) has {field}={shown} "
+            f"({type(value).__name__}), not text; dataset={cfg.name} needs strings in "
+            f"{list(cfg.spec.required)} ({count} record(s) with a non-string {field}; {column}); write it "
+            "as a string in the file"
+        )
 
 
 def reject_nulls(ds, where: str, cfg: InstructDataConfig) -> None:
@@ -144,9 +161,11 @@ def reject_nulls(ds, where: str, cfg: InstructDataConfig) -> None:
         if field in cfg.spec.may_be_null or column.null_count == 0:
             continue
         first = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
-        raise DataError(f"{where}: record {first} (counting from 0) has {field}=null; dataset={cfg.name} needs "
-                        f"text in {[f for f in cfg.spec.required if f not in cfg.spec.may_be_null]} "
-                        f"({column.null_count} record(s) with {field}=null)")
+        raise DataError(
+            f"{where}: record {first} (counting from 0) has {field}=null; dataset={cfg.name} needs "
+            f"text in {[f for f in cfg.spec.required if f not in cfg.spec.may_be_null]} "
+            f"({column.null_count} record(s) with {field}=null)"
+        )
 
 
 def load_local(cfg: InstructDataConfig, kind: str, root: Path, files: Sequence[Path], hf_cache: Path):
@@ -167,12 +186,14 @@ def load_local(cfg: InstructDataConfig, kind: str, root: Path, files: Sequence[P
         if f.stat().st_size == 0:
             raise DataError(f"{f}: empty file (0 bytes: an interrupted copy or download?). Expected {cfg.spec.fmt}")
         try:
-            ds = datasets.load_dataset(EXTENSIONS[f.suffix.lower()], data_files=str(f), split="train",
-                                       cache_dir=str(hf_cache))
+            ds = datasets.load_dataset(
+                EXTENSIONS[f.suffix.lower()], data_files=str(f), split="train", cache_dir=str(hf_cache)
+            )
         except Exception as e:  # noqa: BLE001
             msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-            raise DataError(f"{f}: could not be read as {f.suffix} records ({type(e).__name__}: {msg}). "
-                            f"Expected {cfg.spec.fmt}") from None
+            raise DataError(
+                f"{f}: could not be read as {f.suffix} records ({type(e).__name__}: {msg}). Expected {cfg.spec.fmt}"
+            ) from None
         parts.append(check_columns(ds, str(f), cfg))
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
@@ -185,22 +206,27 @@ def load_hub(cfg: InstructDataConfig):
         ds = datasets.load_dataset(hub, split=cfg.split)
     except Exception as e:  # noqa: BLE001  offline, unreachable, gated, missing: one message
         text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        offline = bool(getattr(datasets.config, "HF_HUB_OFFLINE", False)) or \
-            os.environ.get("HF_DATASETS_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+        offline = bool(getattr(datasets.config, "HF_HUB_OFFLINE", False)) or os.environ.get(
+            "HF_DATASETS_OFFLINE", "0"
+        ).upper() in ("1", "ON", "YES", "TRUE")
         token = bool(os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"))
-        gated = any(w in (type(e).__name__ + text).lower() for w in ("gated", "401", "403", "unauthorized",
-                                                                        "authenticat"))
+        gated = any(
+            w in (type(e).__name__ + text).lower() for w in ("gated", "401", "403", "unauthorized", "authenticat")
+        )
         if offline:
-            why = ("offline mode is on (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) and it is not in the local Hugging Face "
-                   "cache")
+            why = (
+                "offline mode is on (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) and it is not in the local Hugging Face cache"
+            )
         elif gated:
-            why = ("the dataset is gated or private and " + ("the HF_TOKEN in the environment was refused"
-                                                            if token else "no HF_TOKEN is set in the environment"))
+            why = "the dataset is gated or private and " + (
+                "the HF_TOKEN in the environment was refused" if token else "no HF_TOKEN is set in the environment"
+            )
         else:
             why = "the Hub could not be reached or has no such dataset"
         raise DataNotFoundError(
             f"dataset={cfg.name}: could not load '{hub}' (split {cfg.split}) from the Hugging Face Hub: {why} "
-            f"[{type(e).__name__}: {text}]. {format_help(cfg)}") from None
+            f"[{type(e).__name__}: {text}]. {format_help(cfg)}"
+        ) from None
     if isinstance(ds, datasets.DatasetDict):  # pragma: no cover (split= returns a Dataset)
         ds = ds[cfg.split]
     return check_columns(ds, f"hub dataset {hub}", cfg), ds._fingerprint

@@ -1,4 +1,5 @@
 """Prompt templates: the Stanford Alpaca prompts and a chat prompt (the tokenizer's chat template when it has one)."""
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -24,8 +25,9 @@ def format_alpaca_prompt(instruction: str, input: str = "") -> str:  # noqa: A00
     return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
 
 
-def format_chat_prompt(system_prompt: str, question: str, tokenizer=None,
-                       use_tokenizer_chat_template: bool = True) -> str:
+def format_chat_prompt(
+    system_prompt: str, question: str, tokenizer=None, use_tokenizer_chat_template: bool = True
+) -> str:
     """Chat prompt up to where the assistant's answer starts: the tokenizer's chat template if it has one
     (and ``use_tokenizer_chat_template``), else the plain-text :data:`CHAT_PROMPT`."""
     template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
@@ -48,14 +50,19 @@ def _s(v) -> str:
     return "" if v is None else str(v)
 
 
-def render_example(record: Mapping[str, Any], name: str, template: str, tokenizer=None,
-                   use_tokenizer_chat_template: bool = True) -> tuple[str, str]:
+def render_example(
+    record: Mapping[str, Any], name: str, template: str, tokenizer=None, use_tokenizer_chat_template: bool = True
+) -> tuple[str, str]:
     """``(prompt, response)`` text of one raw record of dataset ``name`` under ``template``."""
     if name == "alpaca":
         system, instruction, inp, response = "", _s(record["instruction"]), _s(record["input"]), _s(record["output"])
     else:
-        system, instruction, inp, response = _s(record["system_prompt"]), _s(record["question"]), "", \
-            _s(record["response"])
+        system, instruction, inp, response = (
+            _s(record["system_prompt"]),
+            _s(record["question"]),
+            "",
+            _s(record["response"]),
+        )
     if template == "alpaca":
         if system:
             instruction = f"{system}\n\n{instruction}"
