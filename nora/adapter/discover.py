@@ -157,14 +157,19 @@ def is_peft_model(model: nn.Module) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "base_model")
 
 
+PEFT_PREFIX = "base_model.model."
+
+
+def strip_peft(name: str) -> str:
+    """A module or tensor name in peft's terms as it is in the base model: peft's ``base_model.model.`` prefix and its
+    wrapper segments (``base_layer``) removed. The one place that knows how peft wraps a name."""
+    return ".".join(p for p in name.removeprefix(PEFT_PREFIX).split(".") if p != _PEFT_SEGMENT)
+
+
 def canonical_name(model: nn.Module, name: str) -> str:
-    """Name relative to the unwrapped base model: peft's ``base_model.model.`` prefix and its wrapper segments
-    (``base_layer``) removed, so a name is the same with or without LoRA."""
-    if not is_peft_model(model):
-        return name
-    if name.startswith("base_model.model."):
-        name = name[len("base_model.model.") :]
-    return ".".join(p for p in name.split(".") if p != _PEFT_SEGMENT)
+    """Name relative to the unwrapped base model (:func:`strip_peft` on a peft model), so a name is the same with or
+    without LoRA."""
+    return strip_peft(name) if is_peft_model(model) else name
 
 
 def module_index(model: nn.Module) -> dict[str, str]:

@@ -14,30 +14,50 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
-import torch
 from torch import nn
 
 from nora.adapter.config import AdapterError, NoraConfig
-from nora.adapter.discover import (
-    KNOWN_ACTIVATIONS,
-    Layout,
-    activation_census,
-    activation_layout,
-    canonical_name,
-    coverage,
-    default_targets,
-    inline_blocks,
-    is_activation,
-    is_identity,
-    is_peft_model,
-    is_rational,
-    module_index,
-    resolve_name,
+from nora.adapter.discover import canonical_name, coverage, is_peft_model, module_index, resolve_name
+from nora.adapter.engine import (  # the engine's steps, also importable from here
+    RangeFits,
+    activation_target,
+    activation_width,
+    build_activation,
+    calibrated_fits,
+    describe_targets,
+    find_activations,
+    find_targets,
+    module_device,
+    plan_targets,
+    set_module,
+    swap,
 )
 from nora.adapter.layer import NoraActivation
 from nora.adapter.ranges import watch_fit_range
-from nora.rational.calibration import fit_to_inputs, record_inputs
-from nora.rational.fit import RationalFit, fit_rational
+from nora.rational.fit import RationalFit
+
+__all__ = [
+    "InjectionReport",
+    "activation_target",
+    "activation_width",
+    "apply_nora",
+    "canonical_name",
+    "describe_targets",
+    "disable_adapter",
+    "find_activations",
+    "find_targets",
+    "freeze_batchnorm_statistics",
+    "get_nora_config",
+    "get_peft_model",
+    "is_peft_model",
+    "mark_trainable",
+    "nora_modules",
+    "resolve_name",
+    "set_module",
+    "set_trainable",
+    "store_config",
+    "trainable_module_names",
+]
 
 
 @dataclass
@@ -70,161 +90,6 @@ class InjectionReport:
             originals[t["original"]] = originals.get(t["original"], 0) + 1
         lines.append("  originals: " + ", ".join(f"{k} x{v}" for k, v in sorted(originals.items())))
         return "\n".join(lines + [f"  warning: {w}" for w in self.warnings] + [f"  note: {n}" for n in self.notes])
-
-
-def activation_target(module: nn.Module) -> tuple[str, Callable[[torch.Tensor], torch.Tensor] | str]:
-    """The fitting target for an activation module: a known name, or the module itself."""
-    cls = type(module).__name__
-    if isinstance(module, nn.GELU):
-        return ("gelu_tanh", "gelu_tanh") if module.approximate == "tanh" else ("gelu", "gelu")
-    if cls in KNOWN_ACTIVATIONS:
-        name = KNOWN_ACTIVATIONS[cls]
-        return name, name
-
-    def call(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return module(x.float()).double()
-
-    call.__name__ = cls
-    return cls, call
-
-
-def find_activations(model: nn.Module) -> list[str]:
-    """Canonical names of every activation-looking module (for error messages and discovery)."""
-    return [canonical_name(model, n) for n, m in model.named_modules() if is_activation(m)]
-
-
-def describe_targets(config: NoraConfig) -> str:
-    if config.target_modules is None:
-        return "the default targets (known activations in feed-forward blocks)"
-    return f"the targets {config.target_modules}"
-
-
-def _not_an_activation(model: nn.Module, cname: str, mod: nn.Module) -> str | None:
-    """Why the module ``cname`` cannot be an explicit target (a container, a placeholder, a layer with weights), or
-    None."""
-    cls = type(mod).__name__
-    if len(list(mod.children())) > 0:
-        return (
-            f"target {cname!r} ({cls}) is not an activation: it has submodules; point target_modules at the "
-            "activation itself"
-        )
-    if is_identity(mod):
-        return (
-            f"target {cname!r} is an nn.Identity placeholder, not an activation; narrow the pattern to real activations"
-        )
-    params = [f"{n} {tuple(p.shape)}" for n, p in mod.named_parameters(recurse=False)]
-    if params:
-        inline = cname in {n for names in inline_blocks(model).values() for n in names}
-        why = (
-            f"; {cls} computes its activation inline in forward, so NoRA cannot reach it"
-            if inline
-            else "; point target_modules at an activation module"
-        )
-        return f"target {cname!r} ({cls}) is not an activation: it holds parameters ({', '.join(params[:4])}){why}"
-    return None
-
-
-def _pattern_targets(model: nn.Module, patterns: list[str]) -> tuple[dict[str, nn.Module], list[str]]:
-    compiled = [(p, re.compile(p)) for p in patterns]
-    hits: dict[str, nn.Module] = {}
-    matched = {p: 0 for p in patterns}
-    for name, mod in model.named_modules():
-        cname = canonical_name(model, name)
-        if is_rational(mod) or not cname or cname in hits:
-            continue
-        for p, rx in compiled:
-            if rx.fullmatch(cname):
-                refused = _not_an_activation(model, cname, mod)
-                if refused:
-                    raise AdapterError(refused)
-                hits[cname] = mod
-                matched[p] += 1
-                break
-    return hits, [p for p, c in matched.items() if c == 0]
-
-
-def describe_activations(model: nn.Module, config_name: str = "NoraConfig") -> str:
-    """What an error says is there: the activation modules by type and count and the line that targets them, and
-    the feed-forward blocks whose activation is computed inline (nothing to target)."""
-    found, patterns = activation_census(model)
-    inline = inline_blocks(model)
-    parts = []
-    if inline:
-        blocks = ", ".join(
-            f"{cls} x{len(names)} ({names[0]}{', ...' if len(names) > 1 else ''})" for cls, names in inline.items()
-        )
-        parts.append(
-            f"NoRA cannot reach the feed-forward activations of {type(model).__name__}: {blocks} compute "
-            "them inline in forward, with no activation module to replace"
-        )
-    if found:
-        kinds = ", ".join(
-            f"{cls} x{len(names)} ({names[0]}{', ...' if len(names) > 1 else ''})" for cls, names in found.items()
-        )
-        shown = ", ".join(f'r"{p}"' for p in patterns[:4]) + (", ..." if len(patterns) > 4 else "")
-        parts.append(f"activation modules found: {kinds}; target them with {config_name}(target_modules=[{shown}])")
-    elif not inline:
-        parts.append("activation modules found: none")
-    return "; ".join(parts)
-
-
-def find_targets(model: nn.Module, config: NoraConfig, config_name: str = "NoraConfig") -> dict[str, nn.Module]:
-    """Canonical name -> module for every target of ``config``.
-
-    ``target_modules=None``: the default targets, every activation of a known kind inside a feed-forward
-    block (see :mod:`nora.adapter.discover`); otherwise the modules whose canonical names match one of the
-    regexes in full (never ``nn.Identity``, a container or a module with parameters). Raises
-    :class:`AdapterError` if a pattern given explicitly matches nothing, or if nothing matches at all: the message
-    lists the activation modules that are there, by type and count, with the ``config_name(target_modules=...)``
-    line that names them, or says that the model computes its activation inline.
-    """
-    if config.target_modules is None:
-        hits = default_targets(model)
-    else:
-        hits, missing = _pattern_targets(model, config.target_modules)
-        if missing:
-            raise AdapterError(
-                f"target pattern(s) {missing} match no module of {type(model).__name__}; "
-                + describe_activations(model, config_name)
-            )
-    if not hits:
-        raise AdapterError(
-            f"no activation of {type(model).__name__} matches {describe_targets(config)}; "
-            + describe_activations(model, config_name)
-        )
-    return hits
-
-
-def activation_width(model: nn.Module, name: str) -> int | None:
-    """Channel width of the activation ``name`` if the layers around it tell it (see :func:`activation_layout`)."""
-    return activation_layout(model, name).width
-
-
-def check_layouts(model: nn.Module, names: Iterable[str], groups: int) -> dict[str, Layout]:
-    """The layout of every target; raises if ``groups`` does not divide a width."""
-    index = module_index(model)
-    layouts = {name: activation_layout(model, name, index) for name in names}
-    for name, lay in layouts.items():
-        if lay.width is not None and lay.width % groups:
-            raise ValueError(
-                f"groups={groups} does not divide the width {lay.width} of {name} (read from "
-                f"{lay.source}); choose a divisor of {lay.width}"
-            )
-    return layouts
-
-
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at the full (dotted) ``name`` of ``model`` by ``new``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
-def _module_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def apply_nora(
@@ -262,53 +127,28 @@ def apply_nora(
             f"({', '.join(list(nora_modules(model))[:2])}, ...); apply_nora once per model "
             "(nora.merge_nora folds a trained one into plain rationals)"
         )
-    targets = find_targets(model, config)
-    layouts = check_layouts(model, targets, config.groups)
-    originals = {name: activation_target(mod) for name, mod in targets.items()}
+    targets = plan_targets(model, config)
     fits = dict(fits or {})
     if config.init == "calibrated" and len(fits) < len(targets):
-        fits.update(_calibrated_fits(model, config, targets, originals, layouts, fits, calibration_batches, forward))
+        todo = {n: t for n, t in targets.items() if n not in fits}
+        modules = {n: t.module for n, t in todo.items()}
+        dims = {n: t.layout.channel_dim for n, t in todo.items()}
+        fits.update(calibrated_fits(model, config, modules, dims, calibration_batches, forward))
+    range_fit = RangeFits(config)
     report = InjectionReport()
-    range_fits: dict[str, RationalFit] = {}
-    device = _module_device(model)
+    device = module_device(model)
     index = module_index(model)
-    for name in targets:
-        oname, tgt = originals[name]
-        fit = fits.get(name)
-        if fit is None:
-            key = oname if isinstance(tgt, str) else f"{oname}@{name}"
-            if key not in range_fits:
-                range_fits[key] = fit_rational(tgt, form=config.form, degrees=config.degrees, x_range=config.fit_range)
-            fit = range_fits[key]
-        num, den = _fit_tensors(fit)
-        lay = layouts[name]
-        new = NoraActivation(
-            num,
-            den,
-            form=config.form,
-            backend=config.backend,
-            original=oname,
-            variant=config.variant,
-            r=config.r,
-            alpha=config.alpha,
-            numerator_mode=config.numerator,
-            groups=config.groups,
-            fit_range=(fit.x_min, fit.x_max),
-            channel_dim=lay.channel_dim,
-            width=lay.width,
-            residual=config.residual,
-            original_module=targets[name],
-        ).to(device)
-        if new.groups != config.groups:
-            raise ValueError(f"{name}: fitted coefficients have {new.groups} groups, config says {config.groups}")
-        set_module(model, resolve_name(model, name, index), new)
+    for name, target in targets.items():
+        fit = fits.get(name) or range_fit(target)
+        new = build_activation(config, fit, target.original, target.module, target.layout, device)
+        swap(model, name, new, index)
         report.targets[name] = {
-            "original": oname,
+            "original": target.original,
             "max_error": fit.max_error,
             "rms_error": fit.rms_error,
             "range": [fit.x_min, fit.x_max],
-            "width": lay.width,
-            "channel_dim": lay.channel_dim,
+            "width": target.layout.width,
+            "channel_dim": target.layout.channel_dim,
         }
     report.layers, report.warnings, report.notes = coverage(model, list(targets))
     for w in report.warnings:
@@ -316,57 +156,8 @@ def apply_nora(
     store_config(model, config)
     set_trainable(model, config)
     if config.init == "fit" and not config.residual:  # the residual form is exact beyond the fit range too
-        watch_fit_range(model, {n: originals[n][1] for n in targets}, calibration_batches, forward)
+        watch_fit_range(model, {n: t.function for n, t in targets.items()}, calibration_batches, forward)
     return report
-
-
-def _calibrated_fits(model, config, targets, originals, layouts, fits, calibration_batches, forward):
-    if calibration_batches is None:
-        raise ValueError("init='calibrated' needs calibration_batches (a few real input batches)")
-    todo = {n: m for n, m in targets.items() if n not in fits}
-    groups = {n: (config.groups if config.per_group_calibration else 1) for n in todo}
-    dims = {n: layouts[n].channel_dim for n in todo}
-    records = record_inputs(model, todo, groups, calibration_batches, forward, channel_dims=dims)
-    out = {}
-    for name, rec in records.items():
-        tgt = originals[name][1]
-        if config.per_group_calibration:
-            per = [
-                fit_to_inputs(
-                    tgt, rec.values(g), config.form, config.degrees, config.calibration_range_weight, config.fit_range
-                )
-                for g in range(rec.groups)
-            ]
-            out[name] = _stack_fits(per)
-        else:
-            out[name] = fit_to_inputs(
-                tgt, rec.values(), config.form, config.degrees, config.calibration_range_weight, config.fit_range
-            )
-    return out
-
-
-def _fit_tensors(fit: RationalFit) -> tuple[torch.Tensor, torch.Tensor]:
-    if "per_group" in fit.extra:
-        return (torch.tensor(fit.extra["per_group"]["numerator"]), torch.tensor(fit.extra["per_group"]["denominator"]))
-    num, den = fit.tensors()
-    return num[None], den[None]
-
-
-def _stack_fits(fits: list[RationalFit]) -> RationalFit:
-    """Combine per-group fits into one record (errors: the worst group)."""
-    worst = max(fits, key=lambda f: f.max_error)
-    return RationalFit(
-        numerator=fits[0].numerator,
-        denominator=fits[0].denominator,
-        form=worst.form,
-        degrees=worst.degrees,
-        max_error=worst.max_error,
-        rms_error=max(f.rms_error for f in fits),
-        x_min=min(f.x_min for f in fits),
-        x_max=max(f.x_max for f in fits),
-        target=worst.target,
-        extra={"per_group": {"numerator": [f.numerator for f in fits], "denominator": [f.denominator for f in fits]}},
-    )
 
 
 def store_config(model: nn.Module, config: NoraConfig) -> None:

@@ -19,7 +19,7 @@ from torch import nn
 
 from nora.adapter.config import AdapterError, check_patterns
 from nora.adapter.discover import Layout, activation_layout, is_rational, module_index, resolve_name
-from nora.adapter.inject import activation_target
+from nora.adapter.engine import activation_target
 
 SHOWN = 4  # names listed in one message before "..."
 

@@ -2,12 +2,13 @@
 
 With NoRA at its init (rationals fitted in place of SiLU, low-rank updates zero; LoRA, if any, also at its zero
 init) the swapped model should reproduce the original model's next-token distribution. :func:`init_agreement`
-measures it on held-out validation prompts (:func:`logprob_agreement`); ``run_training`` prints the result and
+measures it on held-out validation prompts (:func:`logprob_agreement`); ``run_training`` reports the result and
 stores it in summary.json as ``nora_init_agreement``.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import torch
@@ -15,7 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from nora.adapter.config import NoraConfig
-from nora.adapter.inject import find_targets, nora_modules, resolve_name, set_module
+from nora.adapter.discover import resolve_name
+from nora.adapter.engine import find_targets, set_module
+from nora.adapter.inject import nora_modules
+
+log = logging.getLogger(__name__)
 
 AGREEMENT_BATCH = 2  # examples per forward pass in the comparison (full-vocabulary log-probs)
 
@@ -31,16 +36,16 @@ def nora_target_modules(model: nn.Module, config: NoraConfig) -> dict[str, nn.Mo
 
 
 def init_agreement(
-    model: nn.Module, originals: dict[str, nn.Module], batches: list[dict], device, split: str, say: Callable = print
+    model: nn.Module, originals: dict[str, nn.Module], batches: list[dict], device, split: str, say: Callable = log.info
 ) -> dict[str, Any]:
-    """:func:`logprob_agreement` on ``batches`` (moved to ``device``), printed; ``split`` names where they come from."""
+    """:func:`logprob_agreement` on ``batches`` (moved to ``device``), reported through ``say`` (this module's
+    logger; a no-op on the ranks other than 0); ``split`` names where they come from."""
     report = logprob_agreement(model, originals, [{k: v.to(device) for k, v in b.items()} for b in batches])
     report["split"] = split
     say(
         "NoRA init vs original model on {prompts} {split} prompts ({tokens} tokens): mean KL {mean_kl:.3g} nats, "
         "max KL {max_kl:.3g}, max |log-prob diff| {max_abs_logprob_diff:.3g} (mean {mean_abs_logprob_diff:.3g}), "
-        "top-1 agreement {top1_agreement:.4f}".format(**report),
-        flush=True,
+        "top-1 agreement {top1_agreement:.4f}".format(**report)
     )
     return report
 

@@ -22,19 +22,10 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import Tensor, nn
 
-from nora.adapter import AdapterError, GroupRational, NoraActivation, NoraConfig
+from nora.adapter import AdapterError, GroupRational, NoraConfig
+from nora.adapter.discover import Layout
+from nora.adapter.engine import build_activation, fit_tensors
 from nora.rational.fit import RationalFit
-
-
-def fit_tensors(fit: RationalFit, groups: int) -> tuple[Tensor, Tensor]:
-    """A fit's coefficients as ``(G, m+1)``, ``(G, n)`` (one row per group: every adapter has the same shapes,
-    whether its base was fitted once, calibrated, or calibrated per group)."""
-    if "per_group" in fit.extra:
-        num = torch.tensor(fit.extra["per_group"]["numerator"], dtype=torch.float32)
-        den = torch.tensor(fit.extra["per_group"]["denominator"], dtype=torch.float32)
-    else:
-        num, den = (t[None] for t in fit.tensors())
-    return num.expand(groups, -1).contiguous(), den.expand(groups, -1).contiguous()
 
 
 class NoraLayer(nn.Module, BaseTunerLayer):
@@ -56,34 +47,19 @@ class NoraLayer(nn.Module, BaseTunerLayer):
         adapter_name: str,
         config: NoraConfig,
         fit: RationalFit,
+        layout: Layout,
         device: torch.device | None = None,
-        channel_dim: int = -1,
-        width: int | None = None,
         uncalibrated: bool = False,
     ) -> None:
-        """Add adapter ``adapter_name``: a NoraActivation whose base rational is ``fit`` (channels on
-        ``channel_dim``: -1, or 1 for a conv-layout MLP, as :func:`nora.adapter.discover.activation_layout` reads
-        them). ``uncalibrated``: its config says init="calibrated" and ``fit`` is the range fit it starts from until
+        """Add adapter ``adapter_name``: the NoraActivation :func:`nora.adapter.engine.build_activation` makes of
+        base rational ``fit`` and the channels ``layout`` describes, one coefficient row per group (every adapter
+        has the same shapes, whether its base was fitted once, calibrated, or calibrated per group).
+        ``uncalibrated``: its config says init="calibrated" and ``fit`` is the range fit it starts from until
         :func:`nora.calibrate` re-fits it; a forward in train mode before that raises."""
-        num, den = fit_tensors(fit, config.groups)
-        act = NoraActivation(
-            num,
-            den,
-            form=config.form,
-            backend=config.backend,
-            original=self.original,
-            variant=config.variant,
-            r=config.r,
-            alpha=config.alpha,
-            numerator_mode=config.numerator,
-            groups=config.groups,
-            fit_range=(fit.x_min, fit.x_max),
-            channel_dim=channel_dim,
-            width=width,
-            residual=config.residual,
-            original_module=self.original_activation(),
+        act = build_activation(
+            config, fit, self.original, self.original_activation(), layout, device, rows=config.groups
         )
-        self.nora_activation[adapter_name] = act.to(device) if device is not None else act
+        self.nora_activation[adapter_name] = act
         if uncalibrated:
             self._uncalibrated.add(adapter_name)
         else:
@@ -93,7 +69,7 @@ class NoraLayer(nn.Module, BaseTunerLayer):
     def set_base(self, adapter_name: str, fit: RationalFit) -> None:
         """Re-base adapter ``adapter_name`` on ``fit`` (calibrated init); its update stays the zero update."""
         act = self.nora_activation[adapter_name]
-        num, den = fit_tensors(fit, act.groups)
+        num, den = fit_tensors(fit, rows=act.groups)
         if act.residual and act.variant == "rational_ft" and act.numerator_mode == "shared":
             num = num.mean(0, keepdim=True).expand_as(num)  # the shared numerator it starts from (NoraActivation)
         with torch.no_grad():

@@ -25,11 +25,11 @@ from peft.tuners.tuners_utils import check_target_module_exists as peft_target_e
 from safetensors.torch import load_file
 from torch import nn
 
-from nora.adapter import AdapterError, find_targets
-from nora.adapter.discover import activation_layout
-from nora.adapter.inject import activation_target, set_module
+from nora.adapter import AdapterError
+from nora.adapter.discover import strip_peft
+from nora.adapter.engine import RangeFits, calibrated_fits, module_device, plan_targets, set_module
 from nora.adapter.merged import as_merged_model
-from nora.adapter.peft_format import CONFIG_FILE, LAYER_ATTR, PEFT_PREFIX, PEFT_SEGMENT, WEIGHTS_FILE, read_originals
+from nora.adapter.peft_format import CONFIG_FILE, LAYER_ATTR, PEFT_PREFIX, WEIGHTS_FILE, read_originals
 from nora.adapter.validate import (
     check_finite,
     coefficient_problems,
@@ -39,8 +39,7 @@ from nora.adapter.validate import (
     lora_target_problems,
     nonfinite,
 )
-from nora.rational.calibration import fit_to_inputs, record_inputs
-from nora.rational.fit import RationalFit, fit_rational
+from nora.rational.fit import RationalFit
 from nora.tuner.config import NoraPeftConfig
 from nora.tuner.layer import NoraLayer
 
@@ -65,12 +64,6 @@ def bare_activations(model: nn.Module) -> Iterator[dict[str, nn.Module]]:
         model.__dict__.update(hidden)
 
 
-def _device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 class NoraModel(BaseTuner):
     """peft's tuner for ``NoraPeftConfig`` (see the module docstring). Built by ``peft.get_peft_model``."""
 
@@ -82,7 +75,7 @@ class NoraModel(BaseTuner):
     # ---------------------------------------------------------------- injection
     def _state(self) -> dict:
         # plain attributes set before nn.Module.__init__ completes would be forwarded to the model; keep them here
-        return self.__dict__.setdefault("_nora_state", {"targets": {}, "layouts": {}, "lora": {}, "fits": {}})
+        return self.__dict__.setdefault("_nora_state", {"targets": {}, "lora": {}, "fits": None})
 
     def inject_adapter(
         self,
@@ -95,20 +88,7 @@ class NoraModel(BaseTuner):
         config: NoraPeftConfig = self.peft_config[adapter_name]
         state = self._state()
         with bare_activations(model):
-            try:
-                state["targets"][adapter_name] = set(find_targets(model, config.nora_config(), "NoraPeftConfig"))
-            except ValueError as e:
-                raise AdapterError(str(e)) from e
-            layouts = state["layouts"][adapter_name] = {
-                n: activation_layout(model, n) for n in state["targets"][adapter_name]
-            }
-            originals = {n: activation_target(model.get_submodule(n))[0] for n in layouts}
-        for name, layout in layouts.items():
-            if layout.width is not None and layout.width % config.groups:
-                raise AdapterError(
-                    f"groups={config.groups} does not divide the width {layout.width} of {name}; "
-                    f"choose a divisor of {layout.width}"
-                )
+            targets = state["targets"][adapter_name] = plan_targets(model, config.nora_config(), "NoraPeftConfig")
         lora = config.lora_config()
         lora_problems = _lora_target_problems(model, config) if lora is not None else []
         if lora_problems and not config.loaded:
@@ -117,10 +97,8 @@ class NoraModel(BaseTuner):
             if lora.target_modules is None:
                 lora = LoraModel._prepare_adapter_config(LoraModel, lora, self.get_model_config(model))
             lora = _maybe_include_all_linear_layers(lora, model)
-        specs = {
-            n: {"width": lay.width, "channel_dim": lay.channel_dim, "original": originals[n]}
-            for n, lay in layouts.items()
-        }
+        layouts = {n: t.layout for n, t in targets.items()}
+        originals = {n: t.original for n, t in targets.items()}
         if config.loaded:  # peft's loader: the saved adapter against this model, before the model changes
             problems = lora_problems + _saved_problems(model, config, layouts, originals)
             problems += [] if lora_problems else _file_problems(model, config, originals, lora)
@@ -131,9 +109,9 @@ class NoraModel(BaseTuner):
                     + "; ".join(problems[:6])
                 )
         if config.layer_specs is None or not config.loaded:
-            config.layer_specs = {n: {**spec, "init": "fit"} for n, spec in specs.items()}
+            config.layer_specs = {n: {**t.spec(), "init": "fit"} for n, t in targets.items()}
         state["lora"][adapter_name] = lora
-        state["fits"] = {}
+        state["fits"] = RangeFits(config.nora_config())
         super().inject_adapter(
             model,
             adapter_name,
@@ -156,9 +134,9 @@ class NoraModel(BaseTuner):
     def _create_and_replace(
         self, peft_config, adapter_name, target, target_name, parent, current_key, parameter_name=None
     ) -> None:
-        if current_key in self._state()["targets"][adapter_name]:
-            layout = self._state()["layouts"][adapter_name][current_key]
-            self._create_nora(peft_config, adapter_name, target, target_name, parent, layout)
+        target_spec = self._state()["targets"][adapter_name].get(current_key)
+        if target_spec is not None:
+            self._create_nora(peft_config, adapter_name, target, target_name, parent, target_spec)
         else:
             LoraModel._create_and_replace(
                 self,
@@ -171,39 +149,20 @@ class NoraModel(BaseTuner):
                 parameter_name=parameter_name,
             )
 
-    def _fit(self, config: NoraPeftConfig, activation: nn.Module, name: str) -> tuple[str, RationalFit]:
-        """The range fit of ``activation`` (one per distinct activation and config; fit_rational caches on disk)."""
-        original, target = activation_target(activation)
-        key = (
-            original if isinstance(target, str) else f"{original}@{name}",
-            config.form,
-            tuple(config.degrees),
-            tuple(config.fit_range),
-        )
-        fits = self._state()["fits"]
-        if key not in fits:
-            fits[key] = fit_rational(
-                target, form=config.form, degrees=tuple(config.degrees), x_range=tuple(config.fit_range)
-            )
-        return original, fits[key]
-
     def _create_nora(
-        self, config: NoraPeftConfig, adapter_name: str, target: nn.Module, target_name: str, parent: nn.Module, layout
+        self, config: NoraPeftConfig, adapter_name: str, target: nn.Module, target_name: str, parent: nn.Module, spec
     ) -> None:
-        activation = target.original_activation() if isinstance(target, NoraLayer) else target
-        original, fit = self._fit(config, activation, target_name)
         if isinstance(target, NoraLayer):
             layer = target
         else:
-            layer = NoraLayer(target, original)
+            layer = NoraLayer(target, spec.original)
             setattr(parent, target_name, layer)
         layer.update_layer(
             adapter_name,
             config.nora_config(),
-            fit,
-            device=_device(self.model),
-            channel_dim=layout.channel_dim,
-            width=layout.width,
+            self._state()["fits"](spec),
+            spec.layout,
+            device=module_device(self.model),
             uncalibrated=config.init == "calibrated" and not config.loaded,
         )
         if adapter_name not in self.active_adapters:
@@ -253,10 +212,6 @@ def _adapter_key(key: str, adapter_name: str) -> bool:
     return f".{LAYER_ATTR}.{adapter_name}." in key or (
         ".lora_" in key and (f".{adapter_name}." in key or key.endswith(f".{adapter_name}"))
     )
-
-
-def _canonical(key: str) -> str:
-    return ".".join(p for p in key.removeprefix(PEFT_PREFIX).split(".") if p != PEFT_SEGMENT)
 
 
 def _linear_names(model: nn.Module) -> list[str]:
@@ -334,7 +289,7 @@ def _file_problems(model: nn.Module, config: NoraPeftConfig, originals: dict[str
     for key, t in tensors.items():
         if marker in key:
             name, _, tensor = key.partition(marker)
-            layers.setdefault(_canonical(name), {})[tensor] = t
+            layers.setdefault(strip_peft(name), {})[tensor] = t
         elif ".lora_" in key:
             lora_modules.add(key.removeprefix(PEFT_PREFIX).partition(".lora_")[0])
     if config.layer_specs is not None:
@@ -375,13 +330,13 @@ def _lora_file_problems(
             [f"{path} holds LoRA tensors ({listed(lora_modules)}) but the config has lora_r=0"] if lora_modules else []
         )
     modules = dict(model.named_modules())
-    unknown = sorted(m for m in lora_modules if _canonical(m) not in modules and m not in modules)
+    unknown = sorted(m for m in lora_modules if strip_peft(m) not in modules and m not in modules)
     if unknown:
         return [f"{path} holds LoRA tensors of {listed(unknown)}, which are not modules of this {type(model).__name__}"]
     if config.target_parameters:  # fused expert tensors: peft's keys name parameters, not modules
         return []
     targeted = {n for n, m in modules.items() if n and not list(m.children()) and peft_target_exists(lora, n)}
-    left = targeted - {_canonical(m) for m in lora_modules}
+    left = targeted - {strip_peft(m) for m in lora_modules}
     if left:
         return [
             f"{path} holds no LoRA tensors for {listed(left)} ({len(targeted)} LoRA targets in this "
@@ -413,45 +368,12 @@ def calibrate(
     layers = nora_layers(model, adapter_name)
     if not layers:
         raise AdapterError(f"adapter {adapter_name!r} holds no NoRA activation")
-    groups = {n: (config.groups if config.per_group_calibration else 1) for n in layers}
     dims = {n: layer.nora_activation[adapter_name].channel_dim for n, layer in layers.items()}
     with bare_activations(model) as originals:
-        records = record_inputs(model, {n: originals[n] for n in layers}, groups, batches, forward, channel_dims=dims)
-    fits = {}
-    for name, rec in records.items():
-        target = activation_target(layers[name].original_activation())[1]
-        per = [
-            fit_to_inputs(
-                target,
-                rec.values(g) if config.per_group_calibration else rec.values(),
-                config.form,
-                tuple(config.degrees),
-                config.calibration_range_weight,
-                tuple(config.fit_range),
-            )
-            for g in range(groups[name])
-        ]
-        fit = (
-            per[0]
-            if len(per) == 1
-            else RationalFit(
-                numerator=per[0].numerator,
-                denominator=per[0].denominator,
-                form=config.form,
-                degrees=tuple(config.degrees),
-                max_error=max(f.max_error for f in per),
-                rms_error=max(f.rms_error for f in per),
-                x_min=min(f.x_min for f in per),
-                x_max=max(f.x_max for f in per),
-                target=per[0].target,
-                extra={
-                    "per_group": {"numerator": [f.numerator for f in per], "denominator": [f.denominator for f in per]}
-                },
-            )
-        )
+        fits = calibrated_fits(model, config.nora_config(), {n: originals[n] for n in layers}, dims, batches, forward)
+    for name, fit in fits.items():
         layers[name].set_base(adapter_name, fit)
-        fits[name] = fit
-        spec = (config.layer_specs or {}).get(_canonical(name))
+        spec = (config.layer_specs or {}).get(strip_peft(name))
         if spec is not None:  # what the saved adapter_config.json says was done
             spec["init"] = "calibrated"
     return fits
