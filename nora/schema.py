@@ -77,6 +77,19 @@ def at_least(key: str, value, low, allow_none: bool = False) -> None:
     require((allow_none and value is None) or (value is not None and value >= low), key, value, f"must be >= {low}")
 
 
+def defaults(schema: type, exclude: Iterable[str] = ()) -> dict[str, Any]:
+    """A dataclass schema's field defaults as a config node (tuples as lists; ``exclude``: fields left out): what a
+    config group registers in Hydra's ConfigStore instead of restating the values in YAML."""
+    out = {}
+    for f in dataclasses.fields(schema):
+        if f.name in exclude:
+            continue
+        value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        value = "???" if value is dataclasses.MISSING else value  # OmegaConf's mandatory value
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
 def _plain(node) -> Any:
     from omegaconf import DictConfig, OmegaConf
 

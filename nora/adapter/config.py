@@ -111,21 +111,39 @@ class NoraConfig:
         refused). BatchNorm layers not listed here have their running statistics frozen.
     """
 
-    variant: str = "nora"
-    r: int = 3
-    alpha: float = 6.0
-    groups: int = 8
-    degrees: tuple[int, int] = (5, 4)
-    form: str = "A"
-    numerator: str = "group"
-    residual: bool = True
-    init: str = "fit"
-    fit_range: tuple[float, float] = (-3.0, 3.0)
-    calibration_range_weight: float = 0.1
-    per_group_calibration: bool = False
-    target_modules: list[str] | None = None
-    trainable_modules: list[str] = field(default_factory=list)
-    backend: str = "auto"
+    # every field of NoRA is declared here once: nora.tuner.NoraPeftConfig and the Hydra settings (NoraSettings,
+    # registered as configs' adapter/nora_defaults) take their defaults and help from these lines
+    variant: str = field(default="nora", metadata={"help": "nora | rational_ft | zero_init_ft | frozen"})
+    r: int = field(default=3, metadata={"help": "rank of the coefficient update"})
+    alpha: float = field(default=6.0, metadata={"help": "the update is scaled by alpha / r"})
+    groups: int = field(default=8, metadata={"help": "channel groups per activation"})
+    degrees: tuple[int, int] = field(default=(5, 4), metadata={"help": "[numerator m, denominator n]"})
+    form: str = field(default="A", metadata={"help": "safe denominator form A or B"})
+    numerator: str = field(default="group", metadata={"help": "group | shared numerator update"})
+    residual: bool = field(
+        default=True,
+        metadata={
+            "help": "true: phi(x) + R_theta+Delta(x) - R_theta(x), exactly the original model at step 0; false: the "
+            "paper's form, the rational replaces the activation"
+        },
+    )
+    init: str = field(default="fit", metadata={"help": "fit | calibrated (fit each layer over its recorded inputs)"})
+    fit_range: tuple[float, float] = field(
+        default=(-3.0, 3.0), metadata={"help": "[low, high]: the range the base rational is fitted over"}
+    )
+    calibration_range_weight: float = field(
+        default=0.1, metadata={"help": "calibrated init: weight of the fit range next to the recorded inputs"}
+    )
+    per_group_calibration: bool = field(
+        default=False, metadata={"help": "calibrated init: fit each channel group over its own inputs"}
+    )
+    target_modules: list[str] | None = field(
+        default=None, metadata={"help": "activations to replace: regexes matched in full (None: nora's defaults)"}
+    )
+    trainable_modules: list[str] = field(
+        default_factory=list, metadata={"help": "regexes of extra modules left trainable (e.g. a new head)"}
+    )
+    backend: str = field(default="auto", metadata={"help": "kernel backend of the rational"})
 
     def __post_init__(self) -> None:
         check_types(self)

@@ -7,6 +7,7 @@ LoRA layers, configured by the ``lora_*`` fields). ``lora_r=0`` is NoRA, ``lora_
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -39,6 +40,23 @@ def extend_peft_type(name: str = NORA) -> PeftType:
 
 
 extend_peft_type()
+
+
+NORA_DEFAULTS = {f.name: f for f in dataclasses.fields(NoraConfig)}
+
+
+def nora_field(name: str, help: str | None = None, **default):
+    """NoraPeftConfig's field for NoraConfig's field ``name``: its default (a tuple as a list, as JSON keeps it) and
+    help, unless given."""
+    f = NORA_DEFAULTS[name]
+    metadata = {"help": help or f.metadata.get("help", "")}
+    if default:
+        return field(default=default["default"], metadata=metadata)
+    if f.default_factory is not dataclasses.MISSING:
+        return field(default_factory=f.default_factory, metadata=metadata)
+    if isinstance(f.default, tuple):
+        return field(default_factory=lambda d=f.default: list(d), metadata=metadata)
+    return field(default=f.default, metadata=metadata)
 
 
 def _names(v) -> bool:
@@ -85,30 +103,23 @@ class NoraPeftConfig(PeftConfig):
     method.
     """
 
-    variant: str = field(default="nora", metadata={"help": "nora | rational_ft | zero_init_ft | frozen"})
-    r: int = field(default=3, metadata={"help": "rank of the coefficient update"})
-    alpha: float = field(default=6.0, metadata={"help": "the update is scaled by alpha / r"})
-    groups: int = field(default=8, metadata={"help": "channel groups per activation"})
-    degrees: list[int] = field(default_factory=lambda: [5, 4], metadata={"help": "[numerator m, denominator n]"})
-    form: str = field(default="A", metadata={"help": "safe denominator form A or B"})
-    numerator: str = field(default="group", metadata={"help": "group | shared numerator update"})
-    residual: Optional[bool] = field(
-        default=None,
-        metadata={
-            "help": "true (the default for a new config): phi(x) + R_theta+Delta(x) - R_theta(x), "
-            "exactly the original model at step 0; false: the paper's form, the rational "
-            "replaces the activation. A saved config without it (written before it "
-            "existed) loads as false, the form it was trained in"
-        },
-    )
-    init: str = field(default="fit", metadata={"help": "fit | calibrated (then nora.calibrate(model, batches))"})
-    fit_range: list[float] = field(default_factory=lambda: [-3.0, 3.0])
-    calibration_range_weight: float = 0.1
-    per_group_calibration: bool = False
-    backend: str = field(default="auto", metadata={"help": "kernel backend of the rational"})
-    target_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "activations to replace: regexes matched in full (None: nora's defaults)"}
-    )
+    # the NoRA part: NoraConfig's fields, defaults and help (nora_field); trainable_modules is peft's modules_to_save
+    variant: str = nora_field("variant")
+    r: int = nora_field("r")
+    alpha: float = nora_field("alpha")
+    groups: int = nora_field("groups")
+    degrees: list[int] = nora_field("degrees")
+    form: str = nora_field("form")
+    numerator: str = nora_field("numerator")
+    # None: NoraConfig's default for a new config; a saved config without the field predates the residual form and
+    # loads as false, the form it was trained in (__post_init__)
+    residual: Optional[bool] = nora_field("residual", default=None)
+    init: str = nora_field("init", help="fit | calibrated (then nora.calibrate(model, batches))")
+    fit_range: list[float] = nora_field("fit_range")
+    calibration_range_weight: float = nora_field("calibration_range_weight")
+    per_group_calibration: bool = nora_field("per_group_calibration")
+    backend: str = nora_field("backend")
+    target_modules: Optional[Union[list[str], str]] = nora_field("target_modules")
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0: NoRA alone, > 0: NoRA++"})
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -138,7 +149,7 @@ class NoraPeftConfig(PeftConfig):
         self.__dict__["_loaded"] = self.peft_type is not None
         if self.residual is None:
             # one without `residual` predates the form
-            self.residual = self.peft_type is None
+            self.residual = NORA_DEFAULTS["residual"].default if self.peft_type is None else False
         check_types(self)
         for key, ok, rule in _LORA_TYPES:
             value = getattr(self, key)
@@ -190,22 +201,7 @@ class NoraPeftConfig(PeftConfig):
 
     def nora_config(self) -> NoraConfig:
         """The NoRA part as the library's :class:`nora.NoraConfig` (validated there)."""
-        return NoraConfig(
-            variant=self.variant,
-            r=self.r,
-            alpha=self.alpha,
-            groups=self.groups,
-            degrees=tuple(self.degrees),
-            form=self.form,
-            numerator=self.numerator,
-            residual=self.residual,
-            init=self.init,
-            fit_range=tuple(self.fit_range),
-            calibration_range_weight=self.calibration_range_weight,
-            per_group_calibration=self.per_group_calibration,
-            target_modules=self.target_modules,
-            backend=self.backend,
-        )
+        return NoraConfig(**{name: getattr(self, name) for name in NORA_DEFAULTS if name != "trainable_modules"})
 
     def lora_config(self):
         """The LoRA part as a ``peft.LoraConfig`` (``None`` without one): what peft's LoRA layers are built from."""
