@@ -7,6 +7,7 @@ continue exactly after an interruption lives in :class:`LoopState` and the check
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from contextlib import nullcontext
@@ -34,9 +35,11 @@ from nora.train.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from nora.train.config import OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainerConfig
+from nora.train.config import TrainerConfig
 from nora.train.signals import ctrl_c_deferred, stop_requested
 from nora.train.tasks import Task
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,10 +61,24 @@ class LoopState:
     log_steps: int = 0
 
 
+@dataclass
+class Session:
+    """What this process accumulates next to the checkpointed :class:`LoopState` and never saves as it is: made
+    from the state (:meth:`Trainer._new_session`) when the trainer is built and again when a checkpoint replaces
+    the state, so the loop, its checkpoints and its log lines always find it."""
+
+    loss_sum: torch.Tensor  # the loss summed since the last metrics line (on the device: no host sync per step)
+    interval_steps: int  # the optimizer steps in that sum (a checkpoint stores both: LoopState.log_*)
+    nonfinite: torch.Tensor  # device flag, set once any loss was NaN/Inf
+    steps: int = 0  # optimizer steps taken in this process (trainer.stop_after_steps)
+    pending_units: int = 0  # this rank's images/tokens not yet added to state.units (see Trainer._sync_units)
+    interval_start: float = field(default_factory=time.perf_counter)  # when the current metrics interval began
+    data_wait: float = 0.0  # seconds of that interval spent waiting for batches
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None: plain fp32)."""
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown trainer.precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    """The autocast dtype (None: plain fp32) of ``precision``, one of :data:`~nora.train.config.PRECISIONS` (as
+    :class:`TrainerConfig` checked)."""
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -95,8 +112,8 @@ def param_groups(
 
 
 def lr_lambda(kind: str, total: int, warmup: int, min_ratio: float):
-    if kind not in SCHEDULERS:
-        raise UserError(f"unknown trainer.scheduler {kind!r}; valid: {', '.join(SCHEDULERS)}")
+    """The learning-rate factor of a step for ``kind``, one of :data:`~nora.train.config.SCHEDULERS` (as
+    :class:`TrainerConfig` checked)."""
 
     def f(step: int) -> float:
         if warmup and step < warmup:
@@ -185,7 +202,7 @@ class Trainer:
         if dist.rank() == 0:
             note = unused_batches_note(data.train_sampler, self.accum)
             if note:
-                print(note)
+                log.info(note)
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         # the module that runs forward (DDP/FSDP wrapper or compiled); self.model stays the plain one
@@ -207,20 +224,29 @@ class Trainer:
             self.optimizer, lr_lambda(cfg.scheduler, self.total_steps, warmup, cfg.min_lr_ratio)
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.show_progress = cfg.progress and dist.rank() == 0
+        # the run's state: what a checkpoint saves (load_checkpoint replaces it) and this process's share of it
         self.state = LoopState()
         self.checkpoint_step: int | None = None  # the step of the checkpoint on disk (None: none of this run yet)
-        self._nonfinite: torch.Tensor | None = None  # device flag, set once any loss was NaN/Inf
-        self._pending_units = 0  # this rank's images/tokens not yet added to state.units (see _sync_units)
+        self._session = self._new_session()
 
     # ------------------------------------------------------------------------------------ set-up
+    def _new_session(self) -> Session:
+        """This process's accumulators for :attr:`state`: a resumed run goes on with the loss its checkpoint had
+        not logged yet (``LoopState.log_loss_sum``/``log_steps``)."""
+        return Session(
+            loss_sum=torch.full((), self.state.log_loss_sum, device=self.device),
+            interval_steps=self.state.log_steps,
+            nonfinite=torch.zeros((), dtype=torch.bool, device=self.device),
+        )
+
     def _optimizer(self, groups):
-        kind = self.cfg.optimizer
+        """AdamW or SGD (``trainer.optimizer``, one of :data:`~nora.train.config.OPTIMIZERS`, as
+        :class:`TrainerConfig` checked)."""
         fused = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
-        if kind == "adamw":
-            return torch.optim.AdamW(groups, betas=tuple(self.cfg.betas), **fused)
-        if kind == "sgd":
+        if self.cfg.optimizer == "sgd":
             return torch.optim.SGD(groups, momentum=self.cfg.momentum, **fused)
-        raise UserError(f"unknown trainer.optimizer {kind!r}; valid: {', '.join(OPTIMIZERS)}")
+        return torch.optim.AdamW(groups, betas=tuple(self.cfg.betas), **fused)
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -248,9 +274,9 @@ class Trainer:
         """Write ``checkpoints/last.pt`` atomically (rank 0; other ranks write their RNG state)."""
         self._check_finite()
         self._sync_units()
-        if hasattr(self, "_loss_sum"):  # inside fit(): the loss not yet logged travels with the checkpoint
-            self.state.log_loss_sum = float(dist.all_reduce_mean(self._loss_sum.detach()))
-            self.state.log_steps = self._interval["steps"]
+        # the loss not yet logged travels with the checkpoint (a resumed run's next line averages the same steps)
+        self.state.log_loss_sum = float(dist.all_reduce_mean(self._session.loss_sum.detach()))
+        self.state.log_steps = self._session.interval_steps
         gathered = gather_training_state(self.model, self.optimizer)  # FSDP: all ranks gather; None off rank 0
         if dist.rank() != 0:
             atomic_save(rng_state(), self.ckpt_path.with_name(f"rng_rank{dist.rank()}.pt"))
@@ -285,12 +311,13 @@ class Trainer:
             rng = torch.load(str(own), weights_only=False)
         set_rng_state(rng)
         self.state = LoopState(**ckpt["state"])
+        self._session = self._new_session()
         self.checkpoint_step = self.state.step
         self.logger.truncate_after(self.state.step)
 
     # ---------------------------------------------------------------------------------- checks
     def _check_finite(self) -> None:
-        if self._nonfinite is not None and bool(self._nonfinite):
+        if bool(self._session.nonfinite):
             raise NonFiniteLossError(
                 f"non-finite loss at step {self.state.step}; stopped without overwriting the last good "
                 f"checkpoint ({self.ckpt_path if self.ckpt_path.exists() else 'none written yet'}); lower the "
@@ -332,12 +359,7 @@ class Trainer:
     def fit(self) -> LoopState:
         """Train until ``total_steps`` (or ``stop_after_steps`` in this process), evaluating every
         ``eval_every`` epochs and at the end. Returns the final :class:`LoopState`."""
-        session_start, self._session_steps = time.perf_counter(), 0
-        self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
-        # a resumed run goes on with the loss its checkpoint had not logged yet (LoopState.log_loss_sum)
-        self._loss_sum = torch.full((), self.state.log_loss_sum, device=self.device)
-        self._interval = {"t0": time.perf_counter(), "data": 0.0, "steps": self.state.log_steps}
-        self._show = self.cfg.progress and dist.rank() == 0
+        session_start = self._session.interval_start = time.perf_counter()  # the clock starts here, not at set-up
         self.runner.train()
         from tqdm.auto import tqdm
 
@@ -345,7 +367,7 @@ class Trainer:
             total=self.epochs,
             initial=self.state.epoch,
             desc="epochs",
-            disable=not self._show,
+            disable=not self.show_progress,
             position=0,
             leave=True,
             dynamic_ncols=True,
@@ -380,7 +402,7 @@ class Trainer:
             total=self.steps_per_epoch,
             initial=self.state.batch_in_epoch // self.accum,
             desc=f"epoch {epoch}",
-            disable=not self._show,
+            disable=not self.show_progress,
             position=1,
             leave=False,
             dynamic_ncols=True,
@@ -407,17 +429,18 @@ class Trainer:
         counted first, and each rank divides by count / world_size since DDP/FSDP average the ranks' gradients."""
         t_data = time.perf_counter()
         batches = [next(loader) for _ in range(self.accum)]
-        self._pending_units += sum(self.task.units(b) for b in batches)  # counted before the copy: no device sync
+        session = self._session
+        session.pending_units += sum(self.task.units(b) for b in batches)  # counted before the copy: no device sync
         normalizer = self._global_count(sum(self.task.items(b) for b in batches)) / dist.world_size()
-        self._interval["data"] += time.perf_counter() - t_data
+        session.data_wait += time.perf_counter() - t_data
         for i, batch in enumerate(batches):
             batch = self.task.to_device(batch, self.device, non_blocking=True)
             with nullcontext() if i == self.accum - 1 else dist.no_sync(self.runner):
                 with self._autocast():
                     loss = self.task.loss(self._step_runner(), batch, normalizer)
                 self.scaler.scale(loss).backward()
-            self._loss_sum += loss.detach().float()
-            self._nonfinite |= ~torch.isfinite(loss.detach())
+            session.loss_sum += loss.detach().float()
+            session.nonfinite |= ~torch.isfinite(loss.detach())
             self.state.batch_in_epoch += 1
         if self.cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
@@ -427,8 +450,8 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        self._session_steps += 1
-        self._interval["steps"] += 1
+        session.steps += 1
+        session.interval_steps += 1
 
     def _global_count(self, count: int):
         """``count`` summed over the ranks (at least 1: a step without any supervised token has loss 0)."""
@@ -441,8 +464,7 @@ class Trainer:
         if self.device.type == "cpu":
             self._check_finite()  # free on the CPU; on GPUs checked at log/checkpoint time
         if step % cfg.log_every == 0 or step == self.total_steps:
-            self._log_interval(self._interval, self._loss_sum, step_bar)
-            self._loss_sum.zero_()
+            self._log_interval(step_bar)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             self.save_checkpoint()
 
@@ -457,10 +479,10 @@ class Trainer:
     def _sync_units(self) -> int:
         """Add the units trained since the last call, summed over ranks, to ``state.units``. Called at
         log intervals, checkpoints and the end only: no per-step collective or host sync."""
-        units = self._pending_units
+        units = self._session.pending_units
         if dist.world_size() > 1:
             units = int(dist.all_reduce_sum(torch.tensor(units, device=self.device)))
-        self._pending_units = 0
+        self._session.pending_units = 0
         self.state.units += units
         return units
 
@@ -468,32 +490,34 @@ class Trainer:
         """``trainer.stop_after_steps`` steps were taken in this process (tests, time-boxing), or SIGTERM was
         received (nora.train.signals): stop with a checkpoint."""
         return (
-            self.cfg.stop_after_steps is not None and self._session_steps >= self.cfg.stop_after_steps
+            self.cfg.stop_after_steps is not None and self._session.steps >= self.cfg.stop_after_steps
         ) or stop_requested(self.device)
 
     def _account_time(self, since: float) -> None:
         now = time.perf_counter()
         self.state.wall_time += now - since
 
-    def _log_interval(self, interval: dict, loss_sum: torch.Tensor, bar) -> None:
+    def _log_interval(self, bar) -> None:
+        """A metrics line for the interval since the last one; starts the next interval."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._check_finite()
-        now = time.perf_counter()
-        elapsed = max(now - interval["t0"], 1e-9)
-        steps = max(interval["steps"], 1)
-        loss = float(dist.all_reduce_mean(loss_sum.detach())) / steps
+        session, now = self._session, time.perf_counter()
+        elapsed = max(now - session.interval_start, 1e-9)
+        steps = max(session.interval_steps, 1)
+        loss = float(dist.all_reduce_mean(session.loss_sum.detach())) / steps
         units_per_s = self._sync_units() / elapsed  # summed over ranks
         self.state.train_time += elapsed
-        self.state.data_time += interval["data"]
+        self.state.data_time += session.data_wait
         record = {
             "step": self.state.step,
             "epoch": self.state.epoch,
             "loss": loss,
             "lr": self.scheduler.get_last_lr()[0],
             f"{self.task.unit}_per_s": units_per_s,
-            "data_wait_share": interval["data"] / elapsed,
+            "data_wait_share": session.data_wait / elapsed,
         }
         self.logger.log(record)
         bar.set_postfix(loss=f"{loss:.4f}", **{f"{self.task.unit[:3]}/s": f"{units_per_s:.0f}"})
-        interval.update(t0=now, data=0.0, steps=0)
+        session.loss_sum.zero_()
+        session.interval_start, session.data_wait, session.interval_steps = now, 0.0, 0
