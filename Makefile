@@ -43,9 +43,11 @@ demo-tune: $(STAMP)
 	$(PY) -m nora.demo --tune
 	$(PY) -m nora.demo.llm --tune
 
-# The linter (pyproject.toml [tool.ruff]) and the layers contract (pyproject.toml [tool.importlinter]:
-# docs/architecture.md), then the test suite (offline, CPU). `slow` tests are left out; `make test-slow` runs them.
+# The formatter and the linter (pyproject.toml [tool.ruff]) and the layers contract (pyproject.toml
+# [tool.importlinter]: docs/architecture.md), then the test suite (offline, CPU). `slow` tests are left out;
+# `make test-slow` runs them. .pre-commit-config.yaml runs the same checks before each commit.
 lint: $(STAMP)
+	$(PY) -m ruff format --check .
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports
 
