@@ -8,6 +8,7 @@ contract forbids it, so there is none.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,10 @@ from pathlib import Path
 
 import grimp
 import tomllib
+
+from nora.logs import setup_logging
+
+log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 # what each package holds, in a few words (the table in docs/architecture.md says more)
@@ -95,15 +100,16 @@ def dot_source() -> str:
 def main() -> int:
     dot = ROOT / "docs" / "architecture.dot"
     dot.write_text(dot_source())
-    print(f"wrote {dot}")
+    log.info(f"wrote {dot}")
     if shutil.which("dot"):
         png = dot.with_suffix(".png")
         subprocess.run(["dot", "-Tpng", str(dot), "-o", str(png)], check=True)
-        print(f"wrote {png}")
+        log.info(f"wrote {png}")
     else:
-        print("graphviz's dot not found: the .png is left as it is (apt-get install graphviz)")
+        log.warning("graphviz's dot not found: the .png is left as it is (apt-get install graphviz)")
     return 0
 
 
 if __name__ == "__main__":
+    setup_logging()
     sys.exit(main())

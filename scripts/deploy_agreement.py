@@ -29,6 +29,7 @@ from test_deploy import CASES, _as_module, rel_diff, trained  # noqa: E402
 import nora  # noqa: E402
 from nora.adapter.merged import rational_modules  # noqa: E402
 from nora.kernels import reference_decompositions  # noqa: E402
+from nora.logs import setup_logging  # noqa: E402
 
 
 def main() -> int:
@@ -90,4 +91,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    setup_logging()
     sys.exit(main())

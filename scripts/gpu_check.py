@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -43,7 +44,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from nora.logs import setup_logging  # noqa: E402
 from nora.rational.functional import rational_reference  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 RTOL, COEF_RTOL = 1e-5, 2e-5
 ROUND = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -574,16 +578,16 @@ def main(argv=None) -> int:
     try:
         import triton  # noqa: F401
     except Exception as exc:
-        print(f"triton is not importable ({exc}); nothing to check")
+        log.error(f"triton is not importable ({exc}); nothing to check")
         return 1
     if args.mode == "interpret":
         if os.environ.get("TRITON_INTERPRET") != "1":
-            print("interpret mode needs TRITON_INTERPRET=1 in the environment (set before triton loads)")
+            log.error("interpret mode needs TRITON_INTERPRET=1 in the environment (set before triton loads)")
             return 2
         device = torch.device("cpu")
     else:
         if not torch.cuda.is_available():
-            print("no CUDA device; run the interpreter mode instead")
+            log.error("no CUDA device; run the interpreter mode instead")
             return 2
         device = torch.device("cuda")
     t0 = time.perf_counter()
@@ -625,4 +629,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    setup_logging()
     sys.exit(main())

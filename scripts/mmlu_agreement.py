@@ -20,11 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from nora.logs import setup_logging
+
+log = logging.getLogger(__name__)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -102,8 +107,6 @@ def write_lm_eval_tasks(task_dir, data_dir, subjects, protocol: str = "letters")
 
 def run_lm_eval(model_dir, task_dir, task_names, k: int = 5, batch_size: int = 4) -> dict:
     """``{subject: {"acc": float, "pred": [..], "ll": [[4 floats], ..], "ctx": [first prompt]}}`` from lm_eval."""
-    import logging
-
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -246,7 +249,7 @@ def main(argv=None) -> int:
     try:
         import lm_eval  # noqa: F401
     except ImportError:
-        print("lm_eval is not installed: .venv/bin/pip install lm_eval==0.4.13", file=sys.stderr)
+        log.error("lm_eval is not installed: .venv/bin/pip install lm_eval==0.4.13")
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         rep = agreement(
@@ -276,4 +279,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    setup_logging()
     sys.exit(main())

@@ -1,7 +1,10 @@
+import logging
 import os
 
 import pytest
 import torch
+
+from nora.logs import ConsoleFormatter
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,3 +36,18 @@ def _no_leaked_distributed_env():
         else:
             os.environ[k] = before[k]
     assert not leaked, f"test left distributed environment variables behind: {leaked}"
+
+
+@pytest.fixture
+def logged(caplog):
+    """nora's log messages as a command's console shows them (``nora.logs.ConsoleFormatter``: an INFO line as it is,
+    ``warning: ...``); each call returns what was logged since the last one, like ``capsys.readouterr()``."""
+    caplog.set_level(logging.INFO, logger="nora")
+    formatter = ConsoleFormatter()
+
+    def read() -> str:
+        text = "".join(formatter.format(r) + "\n" for r in caplog.records)
+        caplog.clear()
+        return text
+
+    return read

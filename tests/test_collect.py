@@ -92,9 +92,9 @@ def test_tables_lists_unreadable_runs_and_renders_the_rest(tmp_path):
     proc = nora_results(["tables", "--runs", "runs", "--out", "out"], tmp_path)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert proc.stderr.splitlines() == [
-        f"unreadable: {bad.relative_to(tmp_path)}: {TRUNCATED}",
-        "1 run file(s) under runs could not be read; their runs are left out of every table (fix or remove them, "
-        "or rerun those runs)",
+        f"warning: unreadable: {bad.relative_to(tmp_path)}: {TRUNCATED}",
+        "warning: 1 run file(s) under runs could not be read; their runs are left out of every table (fix or remove "
+        "them, or rerun those runs)",
     ]
     demo_md = (tmp_path / "out" / "demo.md").read_text()
     assert "| NoRA | 2 | 91.75 ± 1.06 |" in demo_md  # seeds 0 and 1 (91.0, 92.5); seed 2 is the unreadable one
@@ -137,16 +137,15 @@ def test_tables_on_a_checkout_without_runs_leaves_results_byte_identical(tmp_pat
     assert _tree_hashes(tmp_path / "results") == before
 
 
-def test_demo_table_lists_unreadable_runs_too(tmp_path, capsys):
+def test_demo_table_lists_unreadable_runs_too(tmp_path, capsys, logged):
     from nora.results.__main__ import main
 
     root = demo_runs(tmp_path / "demo")
     bad = truncate(root / "rot90" / "full_s1" / "summary.json")
     assert main(["demo-table", "--check", "--runs", str(root)]) == 0  # there are demo runs to render
     assert main(["demo-table", "--runs", str(root), "--out", str(tmp_path / "out")]) == 1
-    out, err = capsys.readouterr()
-    assert err.splitlines()[0] == f"unreadable: {bad}: {TRUNCATED}"
-    assert "| full FT | 2 | 92.00 ± 2.83 |" in out  # seeds 0 and 2 (90.0, 94.0)
+    assert logged().splitlines()[0] == f"warning: unreadable: {bad}: {TRUNCATED}"
+    assert "| full FT | 2 | 92.00 ± 2.83 |" in capsys.readouterr().out  # seeds 0 and 2 (90.0, 94.0)
 
 
 @pytest.mark.slow  # 10 s here: end to end (make test-slow, CI)

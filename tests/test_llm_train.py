@@ -380,13 +380,13 @@ def test_data_file_missing_field_and_unknown_key(data, tmp_path):
         run_training(make_cfg(overrides(data, tmp_path, "lora", extra=["+dataset.shuffle_buffer=10"])))
 
 
-def test_long_sequences_truncated_and_counted(data, tmp_path, capsys):
+def test_long_sequences_truncated_and_counted(data, tmp_path, logged):
     from nora.app.config import validate
     from nora.app.setup.causal_lm import causal_lm_setup
 
     cfg = make_cfg(overrides(data, tmp_path, "lora", extra=["dataset.max_length=48"]))
     setup = causal_lm_setup(validate(cfg), torch.device("cpu"), 1, 0)
-    out = capsys.readouterr().out
+    out = logged()
     n = setup.extra["num_truncated"]
     assert n == 16 and f"{n} truncated" in out  # every fixture example is longer than 48 tokens
     assert int(setup.data.train_set.lengths.max()) == 48 and len(setup.data.train_set) == 12  # none dropped

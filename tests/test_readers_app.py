@@ -282,7 +282,7 @@ def test_a_damaged_wandb_run_id_is_one_line_on_resume(cifar10, tmp_path):
 
 
 # ------------------------------------------------------------------------------------- what one run uses
-def test_grad_accum_that_leaves_batches_unused_says_so(tmp_path, capsys):
+def test_grad_accum_that_leaves_batches_unused_says_so(tmp_path, logged):
     data = write_cifar(tmp_path / "c70", "cifar10", n_train=70, n_test=16)
     run_training(
         compose(
@@ -292,7 +292,7 @@ def test_grad_accum_that_leaves_batches_unused_says_so(tmp_path, capsys):
         ),
         run_dir=tmp_path / "run",
     )
-    notes = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note:")]
+    notes = [ln for ln in logged().splitlines() if ln.startswith("note:")]
     assert notes == [
         "note: an epoch is 4 batches and trainer.grad_accum=3 makes 1 optimizer step(s) of 3 batches; the "
         "last 1 batch(es) are skipped: 22 of the 70 examples are not used each epoch (a different set "
@@ -307,10 +307,10 @@ def test_grad_accum_that_leaves_batches_unused_says_so(tmp_path, capsys):
         ),
         run_dir=tmp_path / "run2",
     )
-    assert "note:" not in capsys.readouterr().out  # 2 divides 4: only the partial last batch is left, as always
+    assert "note:" not in logged()  # 2 divides 4: only the partial last batch is left, as always
 
 
-def test_a_literal_interpolation_value_is_stored_escaped_and_the_same_command_resumes(tmp_path, monkeypatch, capsys):
+def test_a_literal_interpolation_value_is_stored_escaped_and_the_same_command_resumes(tmp_path, monkeypatch, logged):
     literal = "c10_${oc.env:NORA_T32_V}"  # a directory whose name holds interpolation syntax
     data = write_cifar(tmp_path / literal, "cifar10", n_train=192, n_test=64)
     overrides = tiny_overrides(tmp_path / "c10_\\${oc.env:NORA_T32_V}", tmp_path, "nora")  # as typed after the shell
@@ -322,9 +322,9 @@ def test_a_literal_interpolation_value_is_stored_escaped_and_the_same_command_re
     assert "c10_\\${oc.env:NORA_T32_V}" in text and "first" not in text
     assert read_run_config(run).dataset.root == str(data)  # read back as written, whatever the environment holds
     monkeypatch.setenv("NORA_T32_V", "second")
-    capsys.readouterr()
+    logged()
     done = run_training(compose(overrides), run_dir=run)  # the same command resumes
-    assert "resumed from" in capsys.readouterr().out and done["status"] == "complete"
+    assert "resumed from" in logged() and done["status"] == "complete"
     assert done["config_hash"] == config_hash(compose(overrides))
     assert read_run_config(run).dataset.root == str(data)  # the completed run's config passes the hash check
 

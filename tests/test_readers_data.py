@@ -288,13 +288,13 @@ def test_an_accuracy_no_run_writes_leaves_the_run_out_naming_the_file(tmp_path):
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.splitlines()
     for path, why in bad.items():
-        assert f"unreadable: {path.relative_to(tmp_path)}: {why}" in lines
+        assert f"warning: unreadable: {path.relative_to(tmp_path)}: {why}" in lines
     md = (tmp_path / "out" / "demo.md").read_text()
     assert "| NoRA | 3 | 92.67 ± 1.76 |" in md  # seeds 0-2 only (91.0, 92.5, 94.5)
     assert "nan" not in md.lower() and "inf" not in md.replace("info", "")
 
 
-def test_two_folders_of_one_seed_are_named_in_the_table_and_on_stderr(tmp_path, capsys):
+def test_two_folders_of_one_seed_are_named_in_the_table_and_on_stderr(tmp_path, logged):
     """A run repeated into a second folder (same method, task and seed, newer, another accuracy): the table counts
     the newer one, as before, but says so naming both folders (the table's note, the CSV header, stderr)."""
     from nora.results.__main__ import main
@@ -315,9 +315,8 @@ def test_two_folders_of_one_seed_are_named_in_the_table_and_on_stderr(tmp_path, 
     )
     out = tmp_path / "out"
     assert main(["demo-table", "--runs", str(demo), "--out", str(out)]) == 0
-    _, err = capsys.readouterr()
     line = f"nora seed 0: {new} (2026-02-01) is counted, {old} (2026-01-02) is not"
-    assert err.splitlines() == [f"same seed twice: {line}"]
+    assert [ln for ln in logged().splitlines() if ln.startswith("warning:")] == [f"warning: same seed twice: {line}"]
     md = (out / "demo.md").read_text()
     assert "| NoRA | 3 | 95.33 ± 3.33 |" in md  # 99.0 (the newer seed 0), 92.5, 94.5
     assert "**1 run folder(s) repeat a seed of the same setting**" in md
@@ -326,7 +325,7 @@ def test_two_folders_of_one_seed_are_named_in_the_table_and_on_stderr(tmp_path, 
     # without the copy: no note
     shutil.rmtree(new)
     assert main(["demo-table", "--runs", str(demo), "--out", str(out)]) == 0
-    assert capsys.readouterr().err == "" and "repeat a seed" not in (out / "demo.md").read_text()
+    assert "warning:" not in logged() and "repeat a seed" not in (out / "demo.md").read_text()
 
 
 def test_tables_names_two_folders_of_one_seed_in_a_subprocess(tmp_path):
@@ -337,8 +336,8 @@ def test_tables_names_two_folders_of_one_seed_in_a_subprocess(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     # same date: the later folder name is counted
     assert proc.stderr.splitlines() == [
-        "same seed twice: full seed 1: runs/demo/rot90/full_s1_copy (2026-01-02) is counted, runs/demo/rot90/full_s1 "
-        "(2026-01-02) is not"
+        "warning: same seed twice: full seed 1: runs/demo/rot90/full_s1_copy (2026-01-02) is counted, "
+        "runs/demo/rot90/full_s1 (2026-01-02) is not"
     ]
 
 

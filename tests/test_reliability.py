@@ -97,7 +97,7 @@ LONG = ["trainer.epochs=50", "trainer.batch_size=4", "trainer.log_every=1", "tra
 
 # ------------------------------------------------------------------------- a run directory has one owner
 @pytest.mark.slow  # 15 s here: end to end (make test-slow, CI)
-def test_a_second_process_is_refused_and_a_dead_holders_lock_is_taken_over(cifar10, tmp_path, capsys):
+def test_a_second_process_is_refused_and_a_dead_holders_lock_is_taken_over(cifar10, tmp_path, logged):
     overrides = tiny_overrides(cifar10, tmp_path, "nora", LONG + ["trainer.checkpoint_every=2"])
     run_dir = tmp_path / RUN_NAME
     with train_process(overrides, tmp_path) as first:
@@ -126,7 +126,7 @@ def test_a_second_process_is_refused_and_a_dead_holders_lock_is_taken_over(cifar
     assert json.loads((run_dir / ".lock").read_text())["pid"] == first.pid
     stopped_at = ckpt_step(run_dir)
     resumed = run_training(make_cfg(overrides + ["trainer.stop_after_steps=1"]), run_dir=run_dir)
-    out = capsys.readouterr().out
+    out = logged()
     assert f"taking over the lock left by pid {first.pid} on {socket.gethostname()}" in out
     assert resumed == {"status": "incomplete", "step": stopped_at + 1}
     assert (run_dir / ".lock").read_text() == ""  # released on exit
@@ -142,7 +142,7 @@ def test_the_lock_is_released_by_a_run_that_fails(cifar10, tmp_path):
         assert json.loads((tmp_path / "run/.lock").read_text())["pid"] == os.getpid()
 
 
-def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, capsys):
+def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, logged):
     import errno
 
     from nora.runs import lock as run_lock
@@ -153,7 +153,7 @@ def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, ca
     monkeypatch.setattr(run_lock.fcntl, "flock", no_locks)
     with run_lock.RunLock(tmp_path / "run"):
         pass
-    assert capsys.readouterr().out.startswith(f"warning: cannot lock {tmp_path / 'run/.lock'} ([Errno 37] No locks")
+    assert logged().startswith(f"warning: cannot lock {tmp_path / 'run/.lock'} ([Errno 37] No locks")
 
 
 # ------------------------------------------------------------------------------------ a fresh start
@@ -199,13 +199,13 @@ def test_a_fresh_start_leaves_nothing_of_the_earlier_run(cifar10, tmp_path):
 
 
 # ---------------------------------------------------------------------------- on_config_change=keep
-def test_keep_records_the_configuration_the_resumed_run_uses(cifar10, tmp_path, capsys):
+def test_keep_records_the_configuration_the_resumed_run_uses(cifar10, tmp_path, logged):
     run = tmp_path / "run"
     base = tiny_overrides(cifar10, tmp_path, "nora", ["trainer.checkpoint_every=2"])
     part = run_training(make_cfg(base + ["trainer.stop_after_steps=3"]), run_dir=run)
     assert part == {"status": "incomplete", "step": 3}
     kept = run_training(make_cfg(base + ["trainer.lr=1e6", "on_config_change=keep"]), run_dir=run)
-    assert "on_config_change=keep uses it as it is" in capsys.readouterr().out
+    assert "on_config_change=keep uses it as it is" in logged()
     stored = OmegaConf.load(run / "config.yaml")
     assert stored.trainer.lr is None and stored.on_config_change == "keep"
     assert kept["config_hash"] == config_hash(make_cfg(base)) != config_hash(make_cfg(base + ["trainer.lr=1e6"]))
@@ -232,7 +232,7 @@ def test_an_unreadable_checkpoint_is_one_line_with_the_way_out(cifar10, tmp_path
     assert fresh["status"] == "complete" and fresh["steps"] == 12
 
 
-def test_a_half_written_metrics_line_is_dropped_on_resume(cifar10, tmp_path, capsys):
+def test_a_half_written_metrics_line_is_dropped_on_resume(cifar10, tmp_path, logged):
     run = tmp_path / "run"
     base = tiny_overrides(cifar10, tmp_path, "linear_probe", ["trainer.checkpoint_every=2", "trainer.log_every=1"])
     run_training(make_cfg(base + ["trainer.stop_after_steps=4"]), run_dir=run)
@@ -240,7 +240,7 @@ def test_a_half_written_metrics_line_is_dropped_on_resume(cifar10, tmp_path, cap
         f.write('{"step": 5, "epoch": 0, "loss": 2.3')  # power lost mid-line
     assert train_steps(run) == [1, 2, 3, 4]  # readers skip it too
     summary = run_training(make_cfg(base), run_dir=run)
-    assert f"warning: {run / 'metrics.jsonl'}: dropped the half-written last line" in capsys.readouterr().out
+    assert f"warning: {run / 'metrics.jsonl'}: dropped the half-written last line" in logged()
     assert summary["steps"] == 12 and train_steps(run) == list(range(1, 13))
 
 
@@ -390,7 +390,7 @@ def test_ctrl_c_while_a_checkpoint_is_written_waits_for_it():
     assert signal.getsignal(signal.SIGINT) is before  # the handler is restored
 
 
-def test_sigterm_writes_a_checkpoint_at_the_current_step(cifar10, tmp_path, capsys):
+def test_sigterm_writes_a_checkpoint_at_the_current_step(cifar10, tmp_path, logged):
     overrides = tiny_overrides(cifar10, tmp_path, "nora", LONG + ["trainer.checkpoint_every=1000"])
     run_dir = tmp_path / RUN_NAME
     with train_process(overrides, tmp_path) as proc:
@@ -407,7 +407,7 @@ def test_sigterm_writes_a_checkpoint_at_the_current_step(cifar10, tmp_path, caps
     step = int(m[1])
     assert step >= 5 and ckpt_step(run_dir) == step and train_steps(run_dir)[-1] == step
     resumed = run_training(make_cfg(overrides + ["trainer.stop_after_steps=1"]), run_dir=run_dir)
-    assert f"at step {step} (epoch" in capsys.readouterr().out and resumed["step"] == step + 1
+    assert f"at step {step} (epoch" in logged() and resumed["step"] == step + 1
 
 
 def test_the_slurm_timeout_signal_checkpoints_before_submitit_requeues(cifar10, tmp_path, monkeypatch):
@@ -529,7 +529,7 @@ def test_the_loss_logged_after_a_resume_equals_the_uninterrupted_twins(cifar10, 
     assert list(losses[0]) == [4, 8, 12] and losses[1] == losses[0]  # bitwise equal
 
 
-def test_a_run_whose_adapter_was_deleted_is_not_complete_and_is_rebuilt_from_its_checkpoint(cifar10, tmp_path, capsys):
+def test_a_run_whose_adapter_was_deleted_is_not_complete_and_is_rebuilt_from_its_checkpoint(cifar10, tmp_path, logged):
     from nora.app.reload import load_trained_model
 
     run = tmp_path / "run"
@@ -540,9 +540,9 @@ def test_a_run_whose_adapter_was_deleted_is_not_complete_and_is_rebuilt_from_its
     shutil.rmtree(run / "adapter")
     with pytest.raises(UserError, match=f"{run}: no adapter/ directory"):
         load_trained_model(run)
-    capsys.readouterr()
+    logged()
     again = run_training(make_cfg(base), run_dir=run)
-    out = capsys.readouterr().out
+    out = logged()
     assert (
         f"warning: {run}: summary.json says complete but {run / 'adapter'} is missing; training the run again "
         "from its last checkpoint"
@@ -551,7 +551,7 @@ def test_a_run_whose_adapter_was_deleted_is_not_complete_and_is_rebuilt_from_its
     assert again["steps"] == first["steps"] == 12 and again["adapter"] == first["adapter"]
     assert train_steps(run) == [2, 4, 6, 8, 10, 12]
     assert load_trained_model(run).adapter["kind"] == "nora"
-    assert "skip:" in (run_training(make_cfg(base), run_dir=run) and capsys.readouterr().out)  # complete again
+    assert "skip:" in (run_training(make_cfg(base), run_dir=run) and logged())  # complete again
 
 
 def test_an_adapter_that_is_not_the_runs_own_is_refused_by_name(cifar10, tmp_path):
@@ -585,7 +585,7 @@ def test_an_adapter_that_is_not_the_runs_own_is_refused_by_name(cifar10, tmp_pat
 
 
 @pytest.mark.slow  # 21 s here: end to end (make test-slow, CI)
-def test_temp_files_of_interrupted_writes_are_removed_by_the_next_run(cifar10, tmp_path, capsys):
+def test_temp_files_of_interrupted_writes_are_removed_by_the_next_run(cifar10, tmp_path, logged):
     """Writers killed between writing a temp file and renaming it (kill -9 inside nora.files.atomic_path) leave
     `.last.pt.*.tmp` and `.metrics.jsonl.*.tmp`; the next process to hold the run removes them, and says so. A fresh
     temp file of mmlu.json (eval.py writes it without the lock) is spared, an hour-old one removed."""
@@ -609,10 +609,10 @@ def test_temp_files_of_interrupted_writes_are_removed_by_the_next_run(cifar10, t
     assert len(stale) == 4
     old_mmlu, young_mmlu = [p for p in stale if p.name.startswith(".mmlu.json.")]
     os.utime(old_mmlu, (time.time() - 7200, time.time() - 7200))
-    capsys.readouterr()
+    logged()
     summary = run_training(make_cfg(base), run_dir=run)
     assert summary["steps"] == 12 and summary["status"] == "complete"
-    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("removed"))
+    line = next(ln for ln in logged().splitlines() if ln.startswith("removed"))
     assert line.startswith(f"removed 3 temp file(s) left in {run} by an interrupted write: ")
     assert sorted(p for p in stale if p.exists()) == [young_mmlu]
 

@@ -291,17 +291,17 @@ def test_tiny_run_writes_outputs(cifar10, tmp_path, method):
     assert (run_dir / "checkpoints" / "last.pt").exists()
 
 
-def test_finished_run_is_skipped_and_force_reruns(cifar10, tmp_path, capsys):
+def test_finished_run_is_skipped_and_force_reruns(cifar10, tmp_path, logged):
     cfg = make_cfg(tiny_overrides(cifar10, tmp_path, "linear_probe", ["trainer.epochs=1"]))
     first = run_training(cfg, run_dir=tmp_path / "run")
     again = run_training(cfg, run_dir=tmp_path / "run")
-    assert "skip:" in capsys.readouterr().out and again == json.loads(json.dumps(first, default=str))
+    assert "skip:" in logged() and again == json.loads(json.dumps(first, default=str))
     cfg.force = True
     forced = run_training(cfg, run_dir=tmp_path / "run")
     assert forced["date"] >= first["date"] and forced["final_accuracy"] == first["final_accuracy"]
 
 
-def test_a_changed_config_is_never_skipped_or_resumed_silently(cifar10, tmp_path, capsys):
+def test_a_changed_config_is_never_skipped_or_resumed_silently(cifar10, tmp_path, logged):
     run = tmp_path / "run"
     base = tiny_overrides(cifar10, tmp_path, "linear_probe", ["trainer.epochs=1"])
     first = run_training(make_cfg(base), run_dir=run)
@@ -311,7 +311,7 @@ def test_a_changed_config_is_never_skipped_or_resumed_silently(cifar10, tmp_path
     with pytest.raises(UserError, match=r"holds a complete run of another configuration(.|\n)*trainer.epochs: 1 -> 2"):
         run_training(make_cfg(base + ["trainer.epochs=2"]), run_dir=run)
     kept = run_training(make_cfg(base + ["trainer.epochs=2", "on_config_change=keep"]), run_dir=run)
-    assert kept["epochs"] == 1 and "on_config_change=keep uses it as it is" in capsys.readouterr().out
+    assert kept["epochs"] == 1 and "on_config_change=keep uses it as it is" in logged()
     redone = run_training(make_cfg(base + ["trainer.epochs=2", "on_config_change=rerun"]), run_dir=run)
     assert redone["epochs"] == 2 and redone["config_hash"] != first["config_hash"]
     with pytest.raises(UserError, match="trainer.epochs: 2 -> 1"):

@@ -4,6 +4,7 @@ training run's model, written as ``mmlu.json`` into the run directory (or ``<out
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from nora.models.config import as_model_config
 from nora.runs.layout import RunDir
 from nora.runs.logger import log_mmlu_to_wandb
 from nora.schema import at_least, load, one_of
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -178,11 +181,11 @@ def run_eval(cfg: DictConfig) -> dict:
             stacklevel=1,
         )
     d = result.to_dict()
-    print(f"MMLU {m.k}-shot ({m.protocol}) on {n} subjects ({result.n} questions): {100 * result.accuracy:.2f}%")
+    log.info(f"MMLU {m.k}-shot ({m.protocol}) on {n} subjects ({result.n} questions): {100 * result.accuracy:.2f}%")
     for cat, v in d["categories"].items():
         acc = "n/a" if v["accuracy"] is None else f"{100 * v['accuracy']:.2f}%"
-        print(f"  {cat:16s} {acc:>8s}  ({v['n']} questions)")
-    print(f"wrote {RunDir(t.out_dir).mmlu}")
+        log.info(f"  {cat:16s} {acc:>8s}  ({v['n']} questions)")
+    log.info(f"wrote {RunDir(t.out_dir).mmlu}")
     if cfg.run_dir:  # into the training run's W&B run, when it logged to one
         log_mmlu_to_wandb(cfg.run_dir, d)
     return d

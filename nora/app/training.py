@@ -52,7 +52,7 @@ from nora.train import distributed as dist
 from nora.train.loop import Trainer
 from nora.train.signals import SetupGuard, stop_on_signals
 
-log = logging.getLogger("nora")
+log = logging.getLogger(__name__)
 
 
 def default_run_dir(cfg: DictConfig) -> Path:
@@ -73,13 +73,14 @@ def _start_afresh_for_changed_config(cfg: DictConfig, run_dir: Path, what: str, 
         return False
     shown = "\n  ".join(diff[:20]) + (f"\n  ... and {len(diff) - 20} more" if len(diff) > 20 else "")
     if policy == "keep":
-        print(
-            f"warning: {run_dir} holds {what} of another configuration; on_config_change=keep uses it as it is:"
-            f"\n  {shown}"
+        log.warning(
+            f"{run_dir} holds {what} of another configuration; on_config_change=keep uses it as it is:\n  {shown}"
         )
         return False
     if policy == "rerun":
-        print(f"{run_dir} holds {what} of another configuration; on_config_change=rerun starts it afresh:\n  {shown}")
+        log.info(
+            f"{run_dir} holds {what} of another configuration; on_config_change=rerun starts it afresh:\n  {shown}"
+        )
         return True
     raise UserError(
         f"{run_dir} holds {what} of another configuration (then -> now):\n  {shown}\n"
@@ -116,7 +117,7 @@ def run_training(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> d
             write_hydra_record(cfg, run_dir)  # .hydra/ only now: a process the lock refuses must not rewrite it
             stale = RunDir(run_dir).remove_stale_temps()
             if stale:
-                print(
+                log.info(
                     f"removed {len(stale)} temp file(s) left in {run_dir} by an interrupted write: "
                     f"{', '.join(str(p.relative_to(run_dir)) for p in stale)}"
                 )
@@ -135,7 +136,7 @@ def _train(run: RunConfig, run_dir: Path, guard: SetupGuard) -> dict:
     if dist.setup(device.type) and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank())
     ws, rk = dist.world_size(), dist.rank()
-    say = print if rk == 0 else (lambda *a, **k: None)
+    say = log.info if rk == 0 else (lambda *a, **k: None)
     continues_here = resume_from is not None and resume_from.resolve() == checkpoint_path(run_dir).resolve()
     if not continues_here and rk == 0:  # a fresh start (or one from another run's checkpoint): nothing of an
         RunDir(run_dir).clear_outputs()  # earlier attempt in this directory may leak into this run
@@ -213,11 +214,10 @@ def _skip_or_resume(run: RunConfig, run_dir: Path) -> tuple[dict | None, Path | 
     if complete and not afresh:
         why = _adapter_problem(run, run_dir)
         if why is None:
-            log.info("%s is complete (summary.json); skipping (force=true reruns it)", run_dir)
-            print(f"skip: {run_dir} already holds a complete summary.json (force=true reruns it)")
+            log.info(f"skip: {run_dir} already holds a complete summary.json (force=true reruns it)")
             return read_summary(run_dir), None
         again = " from its last checkpoint" if auto and checkpoint_path(run_dir).exists() else ""
-        print(f"warning: {run_dir}: summary.json says complete but {why}; training the run again{again}")
+        log.warning(f"{run_dir}: summary.json says complete but {why}; training the run again{again}")
     resume_from = resume_path(run.resume, run_dir)
     if resume_from is not None and not (afresh and auto):
         _check_foreign_checkpoint(run, run_dir, resume_from)

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
+
+from nora.logs import setup_logging
+
+log = logging.getLogger(__name__)
 
 SUBCOMMANDS = {
     "kernels": ("nora.bench.kernels", "rational kernels vs GELU/SiLU: time, saved bytes, bandwidth floor"),
@@ -25,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd not in SUBCOMMANDS:
-        print(f"unknown subcommand {cmd!r}\n\n{_usage()}", file=sys.stderr)
+        log.error(f"unknown subcommand {cmd!r}\n\n{_usage()}")
         return 2
     module_name = SUBCOMMANDS[cmd][0]
     try:
@@ -33,13 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         if exc.name != module_name:
             raise
-        print(
+        log.error(
             f"nora.bench: the {cmd!r} benchmark is not available in this checkout ({module_name} does not exist yet)",
-            file=sys.stderr,
         )
         return 2
     return int(module.main(rest) or 0)
 
 
 if __name__ == "__main__":
+    setup_logging()
     sys.exit(main())

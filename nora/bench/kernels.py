@@ -37,6 +37,7 @@ import argparse
 import datetime as _dt
 import gc
 import json
+import logging
 import math
 import os
 import platform
@@ -53,7 +54,10 @@ import torch.nn.functional as F
 from nora.files import write_json_atomic
 from nora.hardware import describe
 from nora.kernels import available_backends, resolve_backend
+from nora.logs import setup_logging
 from nora.rational.functional import KERNEL_ACTIVATIONS, rational_reference, residual_reference
+
+log = logging.getLogger(__name__)
 
 # PAU's published 5/4 form-A GELU fit (values only matter through timing; kept fixed for repeatability)
 GELU_A = [
@@ -731,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
         dev_name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(dev_name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device available", file=sys.stderr)
+        log.error("no CUDA device available")
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -741,19 +745,17 @@ def main(argv: list[str] | None = None) -> int:
     out_path = Path(args.out) if args.out else ROOT / "results" / f"bench_kernels_{device.type}.json"
 
     hw = hardware_info(device)
-    print(
+    log.info(
         f"nora kernel benchmark on {device.type}: {hw.get('gpu') or hw['cpu']} "
         f"({hw['torch_threads']} threads), torch {hw['torch']}; implementations: "
         f"{', '.join(i.name for i in impls)}",
-        flush=True,
     )
     largest = max(math.prod(s) * 4 for s, _, _ in shapes)
     bw_bytes = int(args.bandwidth_mb * 2**20) if args.bandwidth_mb else max(largest, 256 * 2**20)
     bw_runs = [copy_bandwidth(device, bw_bytes)]
-    print(
+    log.info(
         f"copy bandwidth: {bw_runs[0]['copy_GBps']:.1f} GB/s (copy_), "
         f"{bw_runs[0]['clone_GBps']:.1f} GB/s (clone, with allocation)",
-        flush=True,
     )
     results: list[dict] = []
     sweep_results: list[dict] = []
@@ -828,7 +830,7 @@ def main(argv: list[str] | None = None) -> int:
         bw_runs.append(copy_bandwidth(device, bw_bytes))
         write(final=False)
     if sweep:
-        print("group sweep (fused backend, both forms, vs GELU, fwd+bwd, coefficient gradients included):", flush=True)
+        log.info("group sweep (fused backend, both forms, vs GELU, fwd+bwd, coefficient gradients included):")
         sweep_results.extend(
             run_group_sweep(
                 sweep,
@@ -842,9 +844,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     targets = write(final=True)["targets"]
     print(f"targets: {json.dumps(targets, indent=1)}")
-    print(f"wrote {out_path}")
+    log.info(f"wrote {out_path}")
     return 0
 
 
 if __name__ == "__main__":
+    setup_logging()
     sys.exit(main())

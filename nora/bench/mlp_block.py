@@ -10,6 +10,7 @@ SiLU block from the same run; peak memory on CUDA.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from datetime import datetime, timezone
@@ -21,6 +22,9 @@ import nora
 from nora import hardware
 from nora.files import write_json_atomic
 from nora.hardware import resolve_device
+from nora.logs import setup_logging
+
+log = logging.getLogger(__name__)
 
 # name: (hidden, intermediate, batch, tokens)
 SHAPES = {"tiny": (64, 128, 8, 256), "mid": (512, 1792, 2, 512), "8b": (4096, 14336, 4, 2048)}
@@ -136,9 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         del models, fns, x
     out = Path(args.out or f"results/bench_mlp_{device.type}.json")
     write_json_atomic(out, report)
-    print(f"wrote {out}")
+    log.info(f"wrote {out}")
     return 0
 
 
 if __name__ == "__main__":
+    setup_logging()
     sys.exit(main())

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -35,10 +36,13 @@ from nora.app.training import run_training
 from nora.data.synthetic import write_cifar
 from nora.files import write_json_atomic
 from nora.hardware import resolve_device
+from nora.logs import setup_logging
 from nora.methods import apply_method
 from nora.models import build_model
 from nora.models.vision import input_size
 from nora.runs.logger import read_metrics
+
+log = logging.getLogger(__name__)
 
 DEFAULT_METHODS = ("full", "linear_probe", "lora", "dora", "nora", "nora_pp")
 DEFAULT_COMPILE_METHODS = ("lora", "nora", "nora_pp")
@@ -176,7 +180,7 @@ def _run_child(args, method: str, data_root: str, compile_: bool) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, WANDB_MODE="disabled"))
     line = [x for x in proc.stdout.splitlines() if x.startswith("BENCH_RESULT ")]
     if proc.returncode or not line:
-        print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+        log.error(f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
         raise SystemExit(f"benchmark of {method}{' (compiled)' if compile_ else ''} failed")
     return json.loads(line[0][len("BENCH_RESULT ") :])
 
@@ -222,11 +226,10 @@ def main(argv: list[str] | None = None) -> int:
             for m, comp in runs:
                 res = _run_child(args, m, data_root, args.compile or comp)
                 (compiled if comp else results)[m].append(res)
-                print(
+                log.info(
                     f"round {r} {m:8s}{' compiled' if args.compile or comp else ' eager   '} "
                     f"{res['images_per_s']:8.1f} img/s  step {res['step_time_s'] * 1e3:7.1f} ms  "
                     f"data wait {100 * res['data_wait_share']:4.1f}%  peak {res['peak_memory_mb']:7.0f} MB",
-                    flush=True,
                 )
 
     # FLOPs per image of each method and the matmul reference, measured in this process
@@ -310,9 +313,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{m:10s} compiled {r['compiled']['step_time_s'] * 1e3:8.1f} ms/step vs eager "
             f"{r['step_time_s'] * 1e3:8.1f}: compiled / eager = {r['compiled_vs_eager_step_time']:.2f}"
         )
-    print(f"wrote {out}")
+    log.info(f"wrote {out}")
     return 0
 
 
 if __name__ == "__main__":
+    setup_logging()
     sys.exit(main())

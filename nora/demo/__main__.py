@@ -3,5 +3,7 @@
 import sys
 
 from nora.demo.runner import main
+from nora.logs import setup_logging
 
+setup_logging()
 sys.exit(main())

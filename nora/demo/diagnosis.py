@@ -41,6 +41,7 @@ from nora.data.batched import BatchedAugment, as_uint8_tensors
 from nora.data.vision import load_vision_dataset
 from nora.demo.runner import digits_overrides, learning_rates, next_value, one_thread_worker, pretrain_source, run_jobs
 from nora.errors import UserError, user_errors
+from nora.logs import setup_logging
 from nora.models.vision import input_size, pretrained_cfg
 from nora.rational.functional import rational_reference
 from nora.results.demo_report import demo_settings
@@ -670,4 +671,5 @@ def diagnosis(args) -> int:
 
 
 if __name__ == "__main__":
+    setup_logging()
     sys.exit(main())

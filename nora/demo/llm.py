@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import io
 import json
+import logging
 import os
 import sys
 import time
@@ -39,8 +40,11 @@ from nora.demo.llm_diagnosis import diagnose, diagnosis_runs
 from nora.demo.runner import build_kernels_in_background, one_thread_worker, run_jobs, sweep_method, sweep_rows
 from nora.errors import UserError, user_errors
 from nora.files import write_text_atomic
+from nora.logs import setup_logging
 from nora.results.collect import collect
 from nora.results.demo_llm_report import demo_llm_settings, render_demo_llm
+
+log = logging.getLogger(__name__)
 
 LEARNING_RATES = CONFIG_DIR / "demo" / "learning_rates_llm.yaml"
 LORA_LIKE = ("lora", "dora", "nora_pp")
@@ -277,9 +281,10 @@ def main(argv: list[str] | None = None) -> int:
             collect(out_root), Path(args.results), str(out_root), methods, n, backbone, data, full=args.full, conf=conf
         )
     print((Path(args.results) / "demo_llm.md").read_text())
-    print(f"LLM demo finished in {time.time() - t0:.0f} s; tables written to {args.results}/demo_llm.md")
+    log.info(f"LLM demo finished in {time.time() - t0:.0f} s; tables written to {args.results}/demo_llm.md")
     return 0
 
 
 if __name__ == "__main__":
+    setup_logging()
     sys.exit(main())

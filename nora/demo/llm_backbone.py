@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -17,6 +18,8 @@ from nora.eval.mmlu import description
 from nora.files import atomic_dir, write_text_atomic
 from nora.files import cache_dir as nora_cache_dir
 from nora.models.tokenizer import train_bpe_tokenizer
+
+log = logging.getLogger(__name__)
 
 PKG = Path(__file__).resolve().parents[1]
 BACKBONE_CODE = ("data/world.py", "models/tokenizer.py", "demo/llm_backbone.py")
@@ -79,10 +82,9 @@ def pretrain_backbone(conf: dict, data: Path) -> Path:
         torch.manual_seed(pre["seed"])
         model = LlamaForCausalLM(cfg)
         n_params = sum(p.numel() for p in model.parameters())
-        print(
+        log.info(
             f"pretraining the LLM demo's backbone ({n_params:,} parameters, {len(ids):,} tokens of world text, "
             f"{pre['steps']} steps; cached in {out})",
-            flush=True,
         )
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
         rest = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -112,10 +114,9 @@ def pretrain_backbone(conf: dict, data: Path) -> Path:
             opt.step()
             losses.append(loss.item())
             if (step + 1) % 100 == 0 or step + 1 == steps:
-                print(
+                log.info(
                     f"  step {step + 1}/{steps}: loss {sum(losses[-50:]) / len(losses[-50:]):.3f} "
                     f"({time.time() - t0:.0f} s)",
-                    flush=True,
                 )
     finally:
         torch.set_num_threads(threads)

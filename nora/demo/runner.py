@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -41,11 +42,14 @@ from nora.errors import UserError, user_errors
 from nora.files import atomic_path, write_text_atomic
 from nora.files import cache_dir as nora_cache_dir
 from nora.kernels import cpu as cpu_kernels
+from nora.logs import setup_logging
 from nora.results.collect import collect
 from nora.results.demo_report import demo_settings
 from nora.results.render import render_demo
 from nora.results.sweep import override_error
 from nora.runs.layout import RunDir
+
+log = logging.getLogger(__name__)
 
 LEARNING_RATES = CONFIG_DIR / "demo" / "learning_rates.yaml"
 LORA_LIKE = ("lora", "dora", "nora_pp")
@@ -115,10 +119,10 @@ def pretrain_source(out_root: Path) -> Path:
     weights = cache_dir() / f"source_{source_key(cfg)}.safetensors"
     if weights.exists():
         return weights
-    print(f"pretraining the source backbone on digits {source['classes']} (cached in {weights})", flush=True)
+    log.info(f"pretraining the source backbone on digits {source['classes']} (cached in {weights})")
     run_dir = out_root / "source"
     summary = run_training(cfg, run_dir=run_dir)
-    print(f"  source accuracy {summary['final_accuracy']:.1f}% after {summary['wall_time_s']:.0f} s", flush=True)
+    log.info(f"  source accuracy {summary['final_accuracy']:.1f}% after {summary['wall_time_s']:.0f} s")
 
     weights.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(weights) as tmp:
@@ -231,10 +235,9 @@ def run_jobs(jobs: list[dict], n_procs: int, run=_run_job) -> list[dict]:
 def _report(r: dict) -> dict:
     j = r["job"]
     label = j.get("name") or f"{j['method']}_s{j['seed']}"
-    print(
+    log.info(
         f"  {j.get('task', 'world'):10s} {label:28s} accuracy {r['accuracy']:5.1f}%  ({r['trainable']:,} trainable, "
         f"{r['wall_time_s']:.1f} s)",
-        flush=True,
     )
     return r
 
@@ -475,9 +478,10 @@ def main(argv: list[str] | None = None) -> int:
 
         render_demo(collect(out_root), Path(args.results), str(out_root), methods, seeds, full=args.full)
     print((Path(args.results) / "demo.md").read_text())
-    print(f"demo finished in {time.time() - t0:.0f} s; tables written to {args.results}/demo.md")
+    log.info(f"demo finished in {time.time() - t0:.0f} s; tables written to {args.results}/demo.md")
     return 0
 
 
 if __name__ == "__main__":
+    setup_logging()
     sys.exit(main())

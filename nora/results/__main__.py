@@ -11,6 +11,7 @@ python -m nora.results budget                                     matched-budget
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import shlex
@@ -18,30 +19,32 @@ import sys
 from pathlib import Path
 
 from nora.errors import MissingFileError, user_errors
+from nora.logs import setup_logging
 from nora.results.budget import budget_table
 from nora.results.collect import collect
 from nora.results.render import render_all, render_demo, write_index
 from nora.results.sweep import compose_sweep, format_plan, override_error, plan, sweep_names
 from nora.results.tables import duplicate_notes
 
+log = logging.getLogger(__name__)
+
 
 def _list_unreadable(col, runs) -> int:
-    """Print the run files ``collect`` could not read to stderr; the exit status: 1 if there are any."""
+    """Name the run files ``collect`` could not read (warnings, on stderr); the exit status: 1 if there are any."""
     for path, why in sorted(col.unreadable.items()):
-        print(f"unreadable: {path}: {why}", file=sys.stderr)
+        log.warning(f"unreadable: {path}: {why}")
     if col.unreadable:
-        print(
+        log.warning(
             f"{len(col.unreadable)} run file(s) under {runs} could not be read; their runs are left out of "
             "every table (fix or remove them, or rerun those runs)",
-            file=sys.stderr,
         )
     return 1 if col.unreadable else 0
 
 
 def _list_duplicates(notes: list[str]) -> None:
-    """Say on stderr which run folders repeat a seed (the tables count the newest and say so in a note)."""
+    """Warn (on stderr) which run folders repeat a seed (the tables count the newest and say so in a note)."""
     for note in notes:
-        print(f"same seed twice: {note.replace('`', '')}", file=sys.stderr)
+        log.warning(f"same seed twice: {note.replace('`', '')}")
 
 
 def _tables(args) -> int:
@@ -52,17 +55,17 @@ def _tables(args) -> int:
     col = collect(args.runs)
     status = _list_unreadable(col, args.runs)
     if not col.runs and not col.base_evals:
-        print(
+        log.info(
             f"no complete runs or base-model evaluations under {args.runs}; nothing rendered, {args.out}/ left "
             "as it is (make demo, make table1, ... produce runs)"
         )
         return status
     made = render_all(args.runs, args.out)
     for p in made["tables"]:
-        print(f"wrote {p}")
+        log.info(f"wrote {p}")
     for p in made["figures"]:
-        print(f"wrote {p}")
-    print(f"wrote {made['index']}")
+        log.info(f"wrote {p}")
+    log.info(f"wrote {made['index']}")
     _list_duplicates(made["duplicates"])
     return status
 
@@ -74,11 +77,11 @@ def _demo_table(args) -> int:
         return 0 if found else 1
     status = _list_unreadable(col, args.runs)
     if not found:
-        print(f"no complete demo runs under {args.runs}; run `make demo` first", file=sys.stderr)
+        log.error(f"no complete demo runs under {args.runs}; run `make demo` first")
         return 1
     made = render_demo(col, Path(args.out), str(args.runs))
     for p in made["tables"] + made["figures"]:
-        print(f"wrote {p}")
+        log.info(f"wrote {p}")
     write_index(Path(args.out), made)
     print((Path(args.out) / "demo.md").read_text())
     _list_duplicates(duplicate_notes(col.runs))
@@ -176,4 +179,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    setup_logging()
     sys.exit(main())

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
 from datetime import datetime, timezone
 
 from nora.errors import UserError
 from nora.runs.layout import RunDir
+
+log = logging.getLogger(__name__)
 
 
 class RunDirInUse(UserError):
@@ -48,12 +51,13 @@ class RunLock:
                               "choose another run_name/output_root") from None
         except OSError as exc:  # ENOLCK, EOPNOTSUPP: a file system without locks (some NFS/Lustre mounts)
             os.close(fd)
-            print(f"warning: cannot lock {self.path} ([Errno {exc.errno}] {exc.strerror}): this file system has no "
-                  "file locks, so nothing stops a second process from using this run directory at the same time")
+            log.warning(f"cannot lock {self.path} ([Errno {exc.errno}] {exc.strerror}): this file system has no "
+                        "file locks, so nothing stops a second process from using this run directory at the same time")
             return self
         previous = _read_holder(fd)
         if previous and not _is_us(previous):
-            print(f"{self.path.parent}: taking over the lock left by {_describe(previous)}, which is no longer running")
+            log.info(f"{self.path.parent}: taking over the lock left by {_describe(previous)}, which is no longer "
+                     "running")
         me = {"pid": os.getpid(), "host": socket.gethostname(),
               "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         os.ftruncate(fd, 0)

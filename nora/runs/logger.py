@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -20,6 +21,8 @@ from nora.errors import UserError
 from nora.files import write_text_atomic
 from nora.runs.layout import RunDir, read_stored_config
 from nora.schema import load, one_of
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("wandb", "none")
 MODES = ("offline", "online", "disabled")
@@ -173,7 +176,7 @@ class RunLogger:
             return
         records, torn = _read_records(self.path)
         if torn is not None:
-            print(f"warning: {self.path}: dropped the half-written last line {torn[:80]!r}")
+            log.warning(f"{self.path}: dropped the half-written last line {torn[:80]!r}")
         keep = [r for r in records if r.get("step", 0) <= step]
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 

@@ -24,6 +24,8 @@ accumulation takes exactly the step a single process with the whole batch would 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -36,6 +38,8 @@ from nora.models.causal_lm import build_causal_lm, build_tokenizer, resolve_dtyp
 from nora.train import distributed as dist
 from nora.train.loop import TrainData, resolve_precision
 from nora.train.tasks import CausalLMTask
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -63,10 +67,9 @@ def causal_lm_setup(run: RunConfig, device: torch.device, world_size: int, rank:
         eval_split = "train"
         val = train.base if not isinstance(train, InstructDataset) else train
         if rank == 0:
-            print(
+            log.info(
                 f"data {dcfg.name}: no validation rows (dataset.val_size={dcfg.val_size} of "
                 f"{stats['num_selected']}); the evaluation and the NoRA agreement check use the training set",
-                flush=True,
             )
     if rank == 0:
         _print_data(dcfg, stats)
@@ -96,13 +99,12 @@ def causal_lm_setup(run: RunConfig, device: torch.device, world_size: int, rank:
 
 def _print_data(dcfg, stats: dict) -> None:
     t = stats["train"]
-    print(
+    log.info(
         f"data {dcfg.name}: {stats['num_train']} train / {stats['num_val']} val examples "
         f"(max_length {dcfg.max_length}): {stats['num_truncated']} truncated "
         f"({stats['num_prompt_truncated']} with the prompt cut), {stats['num_dropped']} dropped; "
         f"{t['num_tokens']} train tokens ({t['num_supervised_tokens']} supervised)"
         + (" [cached]" if stats.get("cache_hit") else ""),
-        flush=True,
     )
 
 
@@ -179,11 +181,10 @@ def _wrapper(run: RunConfig, strategy: str, device, world_size: int, rank: int, 
     tcfg = run.trainer
     amp = resolve_precision(tcfg.precision, device)
     if rank == 0:
-        print(
+        log.info(
             f"batch: {tcfg.batch_size} sequences x {world_size} rank(s) x {tcfg.grad_accum} accumulation "
             f"step(s) = {extra['global_batch_size']} per optimizer step ({strategy}, weights {extra['model_dtype']}, "
             f"autocast {str(amp).replace('torch.', '') if amp else 'off'})",
-            flush=True,
         )
     if strategy == "fsdp":
         return lambda model: dist.wrap_fsdp(
