@@ -70,17 +70,20 @@ def layout_problems(layout: Layout, name: str, info: Mapping) -> list[str]:
     return []
 
 
-def original_problem(name: str, module: nn.Module, saved: str | None) -> str | None:
-    """The model's activation at ``name`` against the one the adapter was fitted to (``saved``, if recorded)."""
-    if saved is None or is_rational(module):
+def original_mismatch(name: str, own: str, saved: str | None) -> str | None:
+    """The activation the model has at ``name`` (``own``) against the one the adapter was fitted to (``saved``, if
+    recorded)."""
+    if saved is None or own == saved:
         return None
-    own = activation_target(module)[0]
-    if own != saved:
-        return (
-            f"{name}: this model's activation is {own}, the adapter was fitted to {saved} (a NoRA adapter "
-            "belongs to the base model it was trained on)"
-        )
-    return None
+    return (
+        f"{name}: this model's activation is {own}, the adapter was fitted to {saved} (a NoRA adapter "
+        "belongs to the base model it was trained on)"
+    )
+
+
+def original_problem(name: str, module: nn.Module, saved: str | None) -> str | None:
+    """:func:`original_mismatch` for the module at ``name`` (none for a module that is already a rational)."""
+    return None if is_rational(module) else original_mismatch(name, activation_target(module)[0], saved)
 
 
 def saved_layer_problems(

@@ -38,6 +38,7 @@ from nora.adapter.validate import (
     listed,
     lora_target_problems,
     nonfinite,
+    original_mismatch,
 )
 from nora.rational.fit import RationalFit
 from nora.tuner.config import NoraPeftConfig
@@ -250,12 +251,8 @@ def _saved_problems(model: nn.Module, config: NoraPeftConfig, layouts: dict, ori
     problems = coverage_problems(saved, layouts, type(model).__name__)
     for name in sorted(set(saved) & set(layouts)):
         spec = saved[name]
-        if spec.get("original") is not None and spec["original"] != originals[name]:
-            problems.append(
-                f"{name}: this model's activation is {originals[name]}, the adapter was fitted to {spec['original']}"
-            )
-            continue
-        problems += layout_problems(layouts[name], name, {**spec, "groups": config.groups})
+        mismatch = original_mismatch(name, originals[name], spec.get("original"))
+        problems += [mismatch] if mismatch else layout_problems(layouts[name], name, {**spec, "groups": config.groups})
     return problems
 
 
@@ -304,9 +301,7 @@ def _file_problems(model: nn.Module, config: NoraPeftConfig, originals: dict[str
     if config.layer_specs is None:
         saved = read_originals(config.source)
         problems += [
-            f"{n}: this model's activation is {originals[n]}, the adapter was fitted to {o}"
-            for n, o in sorted(saved.items())
-            if n in targets and originals[n] != o
+            p for n, o in sorted(saved.items()) if n in targets and (p := original_mismatch(n, originals[n], o))
         ]
     for name in sorted(set(layers) & targets):
         problems += [
