@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
+from typing import Sequence
 
 from torch import nn
 
 from nora.adapter.inject import canonical_name, get_nora_config, nora_modules
 
-COMPONENTS = ("nora", "lora", "head", "base", "bias", "ln_tuning", "ia3", "vera")
-# the low-budget baselines' trainable tensors, by a name peft (or BitFit, for biases) gives them
-BASELINE_MARKS = (("ln_tuning", "ln_tuning_layers"), ("ia3", "ia3_l"), ("vera", "vera_lambda_"))
+COMPONENTS = ("nora", "lora", "head", "base")  # what the library tells apart itself; other methods name theirs
 
 
 @dataclass
@@ -46,18 +45,18 @@ def _head_patterns(model: nn.Module) -> list[re.Pattern]:
     return pats
 
 
-def parameter_report(model: nn.Module) -> ParameterReport:
+def parameter_report(model: nn.Module, marks: Sequence[tuple[str, str]] = ()) -> ParameterReport:
     """Count total and trainable parameters (buffers excluded) and split the trainable ones.
 
     Components: ``nora`` (parameters of NoRA activations), ``lora`` (peft tuner parameters:
-    ``lora_A``/``lora_B``/DoRA magnitudes), ``bias`` (BitFit), ``ln_tuning``/``ia3``/``vera`` (peft's tuners
-    of those names), ``head`` (the classifier / ``trainable_modules`` /
-    peft ``modules_to_save``), ``base`` (anything else, e.g. full fine-tuning).
+    ``lora_A``/``lora_B``/DoRA magnitudes), ``head`` (the classifier / ``trainable_modules`` /
+    peft ``modules_to_save``), then each ``(component, mark)`` of ``marks``: a trainable tensor whose name
+    contains ``mark`` (a fine-tuning method's own tensors, e.g. ``("ia3", "ia3_l")``: the methods' registry,
+    :mod:`nora.methods.registry`), ``base`` (anything else, e.g. full fine-tuning).
     """
     nora_ids = {id(p) for m in nora_modules(model).values() for p in m.parameters()}
     heads = _head_patterns(model)
-    comps = {c: 0 for c in COMPONENTS}
-    everything_trains = all(p.requires_grad for p in model.parameters())
+    comps = {c: 0 for c in (*COMPONENTS, *(c for c, _mark in marks))}
     total = trainable = 0
     for name, p in model.named_parameters():
         if ".original_module." in name:
@@ -74,10 +73,6 @@ def parameter_report(model: nn.Module) -> ParameterReport:
             comps["lora"] += n
         elif "modules_to_save" in cname or any(h.fullmatch(cname.rsplit(".", 1)[0]) for h in heads):
             comps["head"] += n
-        elif any(mark in cname for _c, mark in BASELINE_MARKS):
-            comps[next(c for c, mark in BASELINE_MARKS if mark in cname)] += n
-        elif cname.endswith(".bias") and not everything_trains:
-            comps["bias"] += n  # BitFit (under full fine-tuning a bias is a base weight like any other)
         else:
-            comps["base"] += n
+            comps[next((c for c, mark in marks if mark in cname), "base")] += n
     return ParameterReport(total=total, trainable=trainable, components=comps)

@@ -37,6 +37,7 @@ from nora.adapter.peft_format import read_nora_layers, read_peft_nora_config
 from nora.errors import MissingFileError, UserError
 from nora.files import atomic_write
 from nora.hub import HUB_ID, download_adapter
+from nora.methods import get_method
 from nora.methods.config import MethodConfig
 from nora.runs.layout import RunDir
 from nora.tuner import load_pretrained, save_pretrained
@@ -237,16 +238,13 @@ def adapter_record(identity: dict) -> dict:
 
 
 def _expected_kind(method) -> str | None:
-    """What a run's method (a ``method`` config section or :class:`MethodConfig`) saves, as a sentence, or None when
-    ``identity`` is of that kind (see :func:`adapter_mismatch`)."""
-    lora = method.lora
-    if method.nora and lora:
-        return "nora++"
-    if method.nora:
-        return "nora"
-    if lora:
-        return "dora" if lora.use_dora else "lora"
-    return None
+    """The adapter kind a run's method (a ``method`` config section or :class:`MethodConfig`) saves: its registry
+    entry's ``adapter`` (:mod:`nora.methods.registry`), or None where only the absence of LoRA, DoRA and NoRA is
+    checked (``trainable.safetensors``, peft tuners other than LoRA; see :func:`adapter_mismatch`)."""
+    kind = get_method(method.name).adapter
+    if kind in ("lora", "dora"):  # peft's LoRA files say DoRA whenever the config's use_dora does
+        return "dora" if method.lora.use_dora else "lora"
+    return None if kind in ("trainable", "peft") else kind
 
 
 def adapter_mismatch(identity: dict, method, recorded: dict | None) -> str | None:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nora.data.config import check_dataset
 from nora.errors import UserError
-from nora.methods import METHODS, methods_for
+from nora.methods import get_method, method_for, methods_for
 from nora.methods.config import MethodConfig, nora_groups_message
 from nora.models.config import FAMILIES, ModelConfig, as_model_config
 from nora.runs import naming  # noqa: F401  registers ${run_overrides:}, which configs/train.yaml's run_name uses
@@ -90,6 +90,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     c = OmegaConf.create(d)
     method = load(MethodConfig, _resolved(c, "method"), "method")
     model = as_model_config(_resolved(c, "model"))
+    method_for(method, model.family)  # the registered method: the blocks it reads and the settings it needs
     trainer = load(TrainerConfig, _resolved(c, "trainer"), "trainer")
     dataset = check_dataset(c.dataset, model.family)
     top = load(RunSettings, {f.name: c[f.name] for f in fields(RunSettings) if f.name in c}, "")
@@ -160,9 +161,8 @@ def _check_groups(cfg) -> None:
             f"dataset={d.name} is a {d.family} dataset but model={m.name} is a {m.family} model; "
             f"pick a {m.family} dataset or a {d.family} model"
         )
-    if meth.name not in METHODS:
-        raise UserError(f"unknown method {meth.name!r}; valid: {', '.join(METHODS)}")
-    if m.family not in meth.families:
+    method = get_method(meth.name)
+    if m.family not in method.families:
         raise UserError(
             f"method={meth.name} does not apply to {m.family} models; valid: {', '.join(methods_for(m.family))}"
         )

@@ -19,7 +19,7 @@ from nora.eval.mmlu_data import GROUPINGS, SOURCES, all_subjects
 from nora.hardware import resolve_device
 from nora.hub import go_offline_if_unreachable
 from nora.models.causal_lm import build_causal_lm
-from nora.models.config import as_model_config
+from nora.models.config import as_model_config, get_family
 from nora.runs.layout import RunDir
 from nora.runs.logger import log_mmlu_to_wandb
 from nora.schema import at_least, load, one_of
@@ -98,7 +98,7 @@ class _Target:
 def _trained_model(cfg: EvalConfig, device) -> _Target:
     """The model ``cfg.run_dir`` trained (base model + its adapter); ``mmlu.json`` goes into the run directory."""
     run_cfg = read_run_config(cfg.run_dir)
-    if run_cfg.model.family != "causal_lm":
+    if not get_family(run_cfg.model.family).language_model:
         raise UserError(
             f"run_dir={cfg.run_dir} trained a {run_cfg.model.family} model ({run_cfg.model.name}); "
             "MMLU needs a causal LM run"
@@ -116,7 +116,7 @@ def _trained_model(cfg: EvalConfig, device) -> _Target:
 
 def _base_model(cfg: EvalConfig, model_cfg, device) -> _Target:
     """The base model ``model_cfg``; ``mmlu.json`` goes into ``<output_root>/eval/<model.name>/``."""
-    if model_cfg.family != "causal_lm":
+    if not get_family(model_cfg.family).language_model:
         raise UserError(
             f"model={model_cfg.name} is a {model_cfg.family} model; MMLU needs a causal LM "
             "(e.g. model=llama3_8b, or run_dir=<a causal LM training run>)"

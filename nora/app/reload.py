@@ -28,7 +28,7 @@ from nora.errors import UserError
 from nora.hardware import seed_everything
 from nora.models import build_model
 from nora.models.causal_lm import build_causal_lm, resolve_dtype
-from nora.models.config import as_model_config
+from nora.models.config import as_model_config, get_family
 from nora.runs.identity import edited_config
 from nora.runs.layout import RunDir, read_summary
 
@@ -60,7 +60,7 @@ def build_base_model(cfg: DictConfig, model_path: str | None = None):
     """``(model, tokenizer)`` as the run built it before applying its method (tokenizer None for vision).
     ``model_path`` points a causal LM at a local copy of its weights (overrides ``model.path``)."""
     mcfg = as_model_config(cfg.model)  # the run's model section, through the same schema as at training time
-    if mcfg.family == "causal_lm":
+    if get_family(mcfg.family).language_model:
         path = str(model_path) if model_path is not None else mcfg.path
         return build_causal_lm(dataclasses.replace(mcfg, path=path, gradient_checkpointing=False))
     # as run_training: seeded, so a randomly initialised backbone (test models) is the one that was trained

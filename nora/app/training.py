@@ -34,6 +34,7 @@ from nora.eval.agreement import init_agreement, nora_target_modules
 from nora.hardware import resolve_device, seed_everything
 from nora.hub import go_offline_if_unreachable
 from nora.methods import MethodResult, apply_method
+from nora.models.config import get_family
 from nora.runs.identity import changed_config, config_hash, kept_config, result_config
 from nora.runs.layout import (
     RunDir,
@@ -289,7 +290,7 @@ def _summary(
         "hardware": hardware.describe(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    if run.family == "vision":
+    if get_family(run.family).classifier:
         summary["final_accuracy"] = state.last_eval.get("accuracy")
         summary["best_accuracy"] = state.best
     if result.injection is not None:

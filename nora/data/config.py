@@ -79,18 +79,29 @@ VISION_SOURCES = {
 }
 
 
-def check_dataset(dataset_cfg, family: str):
-    """The typed dataset config: a vision schema instance, or an ``InstructDataConfig`` for causal LMs."""
-    if family == "causal_lm":
-        return InstructDataConfig.from_dict(dataset_cfg, ignore=INSTRUCT_IGNORE)
+def _vision_dataset(dataset_cfg):
     source = dataset_cfg.get("source")
     if source not in VISION_SOURCES:
         raise UserError(f"dataset.source={source!r}; valid: {', '.join(VISION_SOURCES)}")
     return load(VISION_SOURCES[source], dataset_cfg, "dataset")
 
 
+def _instruct_dataset(dataset_cfg):
+    return InstructDataConfig.from_dict(dataset_cfg, ignore=INSTRUCT_IGNORE)
+
+
+# the dataset schema of each model family (nora.models.config.FAMILIES; tests/test_registry.py keeps them equal)
+DATASET_SCHEMAS = {"vision": _vision_dataset, "causal_lm": _instruct_dataset}
+
+
+def check_dataset(dataset_cfg, family: str):
+    """The typed dataset config of a ``family`` model: a vision schema instance, or an ``InstructDataConfig``."""
+    one_of("model.family", family, DATASET_SCHEMAS)
+    return DATASET_SCHEMAS[family](dataset_cfg)
+
+
 def vision_dataset_config(dataset_cfg):
     """The typed config of a vision ``dataset`` section (a DictConfig, a dict, or already typed)."""
     if isinstance(dataset_cfg, tuple(VISION_SOURCES.values())):
         return dataset_cfg
-    return check_dataset(dataset_cfg, "vision")
+    return _vision_dataset(dataset_cfg)

@@ -41,13 +41,13 @@ from nora.demo.runner import build_kernels_in_background, one_thread_worker, run
 from nora.errors import UserError, user_errors
 from nora.files import write_text_atomic
 from nora.logs import setup_logging
+from nora.methods import get_method
 from nora.results.collect import collect
 from nora.results.demo_llm_report import demo_llm_settings, render_demo_llm
 
 log = logging.getLogger(__name__)
 
 LEARNING_RATES = CONFIG_DIR / "demo" / "learning_rates_llm.yaml"
-LORA_LIKE = ("lora", "dora", "nora_pp")
 
 
 def learning_rates() -> dict:
@@ -57,7 +57,7 @@ def learning_rates() -> dict:
 def lr_overrides(method: str, lrs: dict | None = None) -> list[str]:
     lrs = learning_rates()["methods"].get(method, {}) if lrs is None else lrs
     out = [f"trainer.{k}={v}" for k, v in lrs.items()]
-    if method in LORA_LIKE:
+    if get_method(method).uses_lora:
         out.append("method.lora.dropout=0.0")  # as the vision demo: dropout masks cost more than they give here
     return out
 

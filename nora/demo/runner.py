@@ -43,6 +43,7 @@ from nora.files import atomic_path, write_text_atomic
 from nora.files import cache_dir as nora_cache_dir
 from nora.kernels import cpu as cpu_kernels
 from nora.logs import setup_logging
+from nora.methods import get_method
 from nora.results.collect import collect
 from nora.results.demo_report import demo_settings
 from nora.results.render import render_demo
@@ -52,7 +53,6 @@ from nora.runs.layout import RunDir
 log = logging.getLogger(__name__)
 
 LEARNING_RATES = CONFIG_DIR / "demo" / "learning_rates.yaml"
-LORA_LIKE = ("lora", "dora", "nora_pp")
 
 
 def learning_rates() -> dict:
@@ -137,7 +137,7 @@ def lr_overrides(method: str, lrs: dict | None = None, head_lr: float | None = N
     out = [f"trainer.{k}={v}" for k, v in lrs.items()]
     if method not in ("full", "linear_probe"):  # those train the head with their own lr
         out.append(f"trainer.head_lr={table['head_lr'] if head_lr is None else head_lr}")
-    if method in LORA_LIKE:
+    if get_method(method).uses_lora:
         # at this size, drawing LoRA's dropout masks costs as much as the rest of the training step on a CPU
         out.append("method.lora.dropout=0.0")
     return out

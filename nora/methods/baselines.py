@@ -17,11 +17,14 @@ layers differently. A list matches module-name suffixes, a string is a regex on 
 
 from __future__ import annotations
 
+from typing import Callable
+
 from torch import nn
 
 from nora.errors import UserError
-from nora.methods.config import BaselineSettings
-from nora.schema import per_family
+from nora.methods.config import BaselineSettings, MethodConfig
+from nora.methods.registry import ApplyContext, Method, register_method
+from nora.schema import per_family, require
 
 
 def _modules(value, family: str, what: str):
@@ -29,22 +32,38 @@ def _modules(value, family: str, what: str):
     return v if v is None or isinstance(v, str) else list(v)
 
 
-def peft_config(baseline, head: str | None, family: str):
-    """The peft config of a ``baseline:`` node (ln_tuning, ia3, vera)."""
+def train_biases(model: nn.Module, ctx: ApplyContext):
+    """BitFit (Ben Zaken et al., 2022): every bias of the backbone trains, all other weights stay frozen."""
+    biases = [p for name, p in model.named_parameters() if name.endswith(".bias") or name == "bias"]
+    if not biases:
+        raise UserError(
+            f"method=bitfit: {type(model).__name__} has no bias parameters to train "
+            "(LLaMA-style models have none); choose ln_tuning, ia3 or vera"
+        )
+    for p in biases:
+        p.requires_grad_(True)
+    if ctx.head:
+        model.get_submodule(ctx.head).requires_grad_(True)
+    return model, None
+
+
+def _ln_tuning(baseline: BaselineSettings, family: str, common: dict):
     import peft
 
-    kind = baseline.kind
-    common = {"target_modules": _modules(baseline.target_modules, family, f"method.baseline.target_modules ({kind})")}
-    if head:
-        common["modules_to_save"] = [head]
-    if family == "causal_lm":
-        common["task_type"] = "CAUSAL_LM"
-    if kind == "ln_tuning":
-        return peft.LNTuningConfig(**common)
-    if kind == "ia3":
-        ff = _modules(baseline.feedforward_modules, family, "method.baseline.feedforward_modules (ia3)")
-        return peft.IA3Config(feedforward_modules=ff, **common)
-    # vera: the shared projections are drawn from projection_prng_key, so they are saved with the adapter
+    return peft.LNTuningConfig(**common)
+
+
+def _ia3(baseline: BaselineSettings, family: str, common: dict):
+    import peft
+
+    ff = _modules(baseline.feedforward_modules, family, "method.baseline.feedforward_modules (ia3)")
+    return peft.IA3Config(feedforward_modules=ff, **common)
+
+
+def _vera(baseline: BaselineSettings, family: str, common: dict):
+    import peft
+
+    # the shared projections are drawn from projection_prng_key, so they are saved with the adapter
     return peft.VeraConfig(
         r=baseline.r,
         d_initial=baseline.d_initial,
@@ -55,26 +74,42 @@ def peft_config(baseline, head: str | None, family: str):
     )
 
 
-def train_biases(model: nn.Module, head: str | None) -> nn.Module:
-    """BitFit (Ben Zaken et al., 2022): every bias of the backbone trains, all other weights stay frozen."""
-    biases = [p for name, p in model.named_parameters() if name.endswith(".bias") or name == "bias"]
-    if not biases:
-        raise UserError(
-            f"method=bitfit: {type(model).__name__} has no bias parameters to train "
-            "(LLaMA-style models have none); choose ln_tuning, ia3 or vera"
-        )
-    for p in biases:
-        p.requires_grad_(True)
-    if head:
-        model.get_submodule(head).requires_grad_(True)
-    return model
+def peft_baseline(peft_config: Callable) -> Callable:
+    """The ``apply`` of a peft tuner configured by ``peft_config(baseline, family, common)`` (``common``: the
+    target and saved modules and the task type every peft config takes)."""
+
+    def apply(model: nn.Module, ctx: ApplyContext):
+        import peft
+
+        baseline, family = ctx.method.baseline, ctx.family
+        what = f"method.baseline.target_modules ({ctx.method.name})"
+        common = {"target_modules": _modules(baseline.target_modules, family.name, what)}
+        if ctx.head:
+            common["modules_to_save"] = [ctx.head]
+        if family.peft_task_type:
+            common["task_type"] = family.peft_task_type
+        return peft.get_peft_model(model, peft_config(baseline, family.name, common)), None
+
+    return apply
 
 
-def apply_baseline(model: nn.Module, baseline: BaselineSettings, head: str | None, family: str) -> nn.Module:
-    """Freeze-then-train for a ``baseline:`` node (checked by its schema, :class:`BaselineSettings`); ``model``
-    arrives with every parameter frozen."""
-    if baseline.kind == "bitfit":
-        return train_biases(model, head)
-    import peft
+def needs_target_modules(method_cfg: MethodConfig) -> None:
+    targets = method_cfg.baseline.target_modules
+    require(
+        bool(targets), "method.baseline.target_modules", targets, f"must name at least one module for {method_cfg.name}"
+    )
 
-    return peft.get_peft_model(model, peft_config(baseline, head, family))
+
+BASELINE = dict(adapter="peft", settings=("baseline",), check=needs_target_modules)
+register_method(
+    Method(
+        "bitfit", "BitFit", train_biases, families=("vision",), components=(("bias", ".bias"),), settings=("baseline",)
+    )
+)
+register_method(
+    Method(
+        "ln_tuning", "LN tuning", peft_baseline(_ln_tuning), components=(("ln_tuning", "ln_tuning_layers"),), **BASELINE
+    )
+)
+register_method(Method("ia3", "(IA)3", peft_baseline(_ia3), components=(("ia3", "ia3_l"),), **BASELINE))
+register_method(Method("vera", "VeRA", peft_baseline(_vera), components=(("vera", "vera_lambda_"),), **BASELINE))

@@ -56,15 +56,12 @@ class NoraSettings(NoraConfig):
         return NoraConfig(**{**own, "trainable_modules": [head] if head else []})
 
 
-BASELINE_KINDS = ("bitfit", "ln_tuning", "ia3", "vera")
-
-
 @dataclass
 class BaselineSettings:
     """The low-budget baselines (:mod:`nora.methods.baselines`). Module lists (a list of name suffixes or one
     regex, peft's rule) may be given per family as ``{vision: .., causal_lm: ..}``; VeRA's settings are peft's."""
 
-    kind: str = "bitfit"  # bitfit | ln_tuning | ia3 | vera
+    kind: Optional[str] = None  # the method's name (the registered method decides what is applied)
     target_modules: Any = None  # ln_tuning, ia3, vera
     feedforward_modules: Any = None  # ia3: the targets scaled on their input
     r: int = 64  # vera: rank of the shared random matrices
@@ -74,13 +71,6 @@ class BaselineSettings:
 
     def __post_init__(self):
         with nested("baseline"):
-            one_of("kind", self.kind, BASELINE_KINDS)
-            require(
-                self.kind == "bitfit" or bool(self.target_modules),
-                "target_modules",
-                self.target_modules,
-                f"must name at least one module for {self.kind}",
-            )
             at_least("r", self.r, 1)
             positive("d_initial", self.d_initial)
             require(0 <= self.dropout < 1, "dropout", self.dropout, "must be in [0, 1)")
@@ -103,6 +93,12 @@ class MethodConfig:
     def __post_init__(self):
         for family in self.families:
             one_of("families", family, FAMILIES)
+        require(
+            self.baseline is None or self.baseline.kind in (None, self.name),
+            "baseline.kind",
+            self.baseline and self.baseline.kind,
+            f"must be the method's name {self.name!r}",
+        )
         require(
             not (self.full and (self.lora or self.nora or self.baseline)),
             "full",

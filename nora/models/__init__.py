@@ -1,17 +1,14 @@
-"""Model builders by family: ``vision`` (timm) and ``causal_lm`` (Hugging Face)."""
+"""Model builders by family: ``vision`` (timm, :mod:`nora.models.vision`) and ``causal_lm`` (Hugging Face,
+:mod:`nora.models.causal_lm`); each module registers its :class:`nora.models.config.ModelFamily`."""
 
-from nora.errors import UserError
-from nora.models.causal_lm import build_causal_lm
-from nora.models.config import FAMILIES
-from nora.models.vision import build_vision_model
+# isort: off
+from nora.models import vision, causal_lm  # noqa: F401  each registers its family, in this order
+
+# isort: on
+from nora.models.config import get_family
 
 
 def build_model(model_cfg, num_classes: int | None = None):
     """Build the model a ``configs/model/*.yaml`` describes: a vision model with a new ``num_classes`` head, or
     for ``causal_lm`` the pair ``(model, tokenizer)`` (:func:`nora.models.causal_lm.build_causal_lm`)."""
-    family = model_cfg.family
-    if family == "vision":
-        return build_vision_model(model_cfg, num_classes)
-    if family == "causal_lm":
-        return build_causal_lm(model_cfg)
-    raise UserError(f"unknown model family {family!r}; valid: {', '.join(FAMILIES)}")
+    return get_family(model_cfg.family).build(model_cfg, num_classes)

@@ -33,7 +33,7 @@ import torch
 
 from nora import hub
 from nora.errors import UserError
-from nora.models.config import CausalLMModelConfig, as_model_config
+from nora.models.config import CausalLMModelConfig, ModelFamily, as_model_config, register_family
 from nora.models.tokenizer import build_offline_tokenizer
 
 DTYPES = {
@@ -195,3 +195,15 @@ def build_causal_lm(model_cfg: CausalLMModelConfig, tokenizer=None, device: torc
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model, tokenizer
+
+
+CAUSAL_LM = register_family(
+    ModelFamily(
+        "causal_lm",
+        CausalLMModelConfig,
+        lambda model_cfg, num_classes=None: build_causal_lm(model_cfg),
+        classifier=False,
+        language_model=True,
+        peft_task_type="CAUSAL_LM",
+    )
+)

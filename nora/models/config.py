@@ -1,18 +1,49 @@
-"""The ``model`` config group (``configs/model/*.yaml``) as typed schemas, one per family.
+"""The ``model`` config group (``configs/model/*.yaml``) as typed schemas, one per family, and the family registry.
 
-The model builders take these (:func:`as_model_config` also accepts a config.yaml section read back from a run
-directory, so stored runs rebuild their base model through the same checks).
+A model family (:class:`ModelFamily`) declares what the rest of the code asks of it: its schema, how its model is
+built, whether it gets a new classifier head, peft's ``task_type``, whether it is a language model (tokenizer,
+MMLU). Each family's builder module registers it (:func:`register_family` in :mod:`nora.models.vision` and
+:mod:`nora.models.causal_lm`); :data:`FAMILIES` maps names to families once :mod:`nora.models` is imported.
+
+The model builders take these schemas (:func:`as_model_config` also accepts a config.yaml section read back from a
+run directory, so stored runs rebuild their base model through the same checks).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 from nora.adapter.config import INITS
 from nora.schema import at_least, load, one_of
 
-FAMILIES = ("vision", "causal_lm")
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """What the code branches on per model family (``model.family`` in configs/model/*.yaml)."""
+
+    name: str
+    schema: type  # the typed config of its configs/model/*.yaml
+    build: Callable  # (model_cfg, num_classes) -> the model (language models: (model, tokenizer))
+    classifier: bool  # a new classification head trains (method.train_head) and runs report accuracy
+    language_model: bool  # a tokenizer next to the model; MMLU (eval.py) and lm-evaluation-harness apply
+    peft_task_type: Optional[str] = None  # peft's task_type for LoRA and the peft baselines
+
+
+FAMILIES: Dict[str, ModelFamily] = {}  # filled by register_family when nora.models is imported
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    FAMILIES[family.name] = family
+    return family
+
+
+def get_family(name: str, what: str = "model.family") -> ModelFamily:
+    """The registered family ``name``; a one-line :class:`UserError` listing the valid ones otherwise."""
+    one_of(what, name, tuple(FAMILIES))
+    return FAMILIES[name]
+
+
 DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 ARCHS = ("llama", "qwen2", "mistral")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
@@ -82,13 +113,11 @@ class CausalLMModelConfig:
 
 
 ModelConfig = Union[VisionModelConfig, CausalLMModelConfig]
-SCHEMAS = {"vision": VisionModelConfig, "causal_lm": CausalLMModelConfig}
 
 
 def as_model_config(model_cfg) -> ModelConfig:
     """The typed config of a ``model`` section (a DictConfig, a dict, or already typed)."""
-    if isinstance(model_cfg, (VisionModelConfig, CausalLMModelConfig)):
+    if isinstance(model_cfg, tuple(f.schema for f in FAMILIES.values())):
         return model_cfg
-    family = model_cfg.get("family") if hasattr(model_cfg, "get") else None
-    one_of("model.family", family, FAMILIES)
-    return load(SCHEMAS[family], model_cfg, "model")
+    family = get_family(model_cfg.get("family") if hasattr(model_cfg, "get") else None)
+    return load(family.schema, model_cfg, "model")

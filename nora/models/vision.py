@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from nora.errors import UserError
-from nora.models.config import VisionModelConfig, as_model_config
+from nora.models.config import ModelFamily, VisionModelConfig, as_model_config, register_family
 
 
 def timm_model_id(model_cfg: VisionModelConfig) -> str:
@@ -97,3 +97,8 @@ def input_size(model: nn.Module) -> int:
 
 def pretrained_cfg(model: nn.Module) -> dict:
     return dict(getattr(model, "pretrained_cfg", None) or {})
+
+
+VISION = register_family(
+    ModelFamily("vision", VisionModelConfig, build_vision_model, classifier=True, language_model=False)
+)

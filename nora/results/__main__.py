@@ -20,6 +20,7 @@ from pathlib import Path
 
 from nora.errors import MissingFileError, user_errors
 from nora.logs import setup_logging
+from nora.models.config import FAMILIES
 from nora.results.budget import budget_table
 from nora.results.collect import collect
 from nora.results.render import render_all, render_demo, write_index
@@ -126,8 +127,11 @@ def mmlu_jobs(runs: str | Path, base: str | None, eval_root: str | Path) -> list
             "writes them to runs/table2)"
         )
     col = collect(runs)
+    language_models = [name for name, family in FAMILIES.items() if family.language_model]
     out = [
-        f"run_dir={hydra_value(str(r.dir))}" for r in col.runs if r.summary.get("family") == "causal_lm" and not r.mmlu
+        f"run_dir={hydra_value(str(r.dir))}"
+        for r in col.runs
+        if r.summary.get("family") in language_models and not r.mmlu
     ]
     if base and collect(eval_root).base_eval(base) is None:
         out.append(f"model={hydra_value(base)}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nora.methods import apply_method
+from nora.methods import apply_method, get_method
 from nora.models import build_model
 from nora.results.sweep import CONFIG_DIR
 
@@ -72,7 +72,7 @@ def count(model_name: str, method: str, rank: int | None = None, num_classes: in
     over = [f"model={model_name}"]
     if rank is not None:
         over.append(f"method.lora.r={rank}")
-    if method in ("nora", "nora_pp", "rational_ft", "zero_init_ft"):
+    if get_method(method).uses_nora:
         over.append("method.nora.init=fit")  # the count does not depend on the initialisation
     cfg = _method_cfg(method, over)
     model = _vit_tiny(num_classes) if model_name == "vit_tiny" else _llama3_8b_meta()

@@ -16,13 +16,13 @@ from nora.results import figures
 from nora.results.collect import Collection, Run, mmlu_accuracy
 from nora.results.stats import difference_to_constant, paired_difference, summarize
 from nora.results.tables import (
-    METHOD_LABEL,
     Report,
     Section,
     by_seed,
     diff_fields,
     fmt_int,
     fmt_share,
+    method_label,
     num,
     params_of,
     stats_fields,
@@ -90,7 +90,7 @@ def demo_llm_report(
         t = summarize([r.summary.get("wall_time_s") for r in mine])
         rows.append(
             [
-                METHOD_LABEL.get(m, m),
+                method_label(m),
                 str(stats[None].n),
                 *(stats[c].fmt(1) for c in cats),
                 d.fmt(1),
@@ -144,7 +144,7 @@ def demo_llm_report(
             )
             cells.append(d.fmt(1))
             pair_csv.append({"method": a, "versus": b, "category": c or "overall", **diff_fields(f"delta_vs_{b}", d)})
-        pair_rows.append([f"{METHOD_LABEL[a]} − {METHOD_LABEL[b]}", *cells])
+        pair_rows.append([f"{method_label(a)} − {method_label(b)}", *cells])
     pairs = Section(
         "Paired differences (points; the paper's claim is NoRA++ > LoRA, most on STEM)",
         ["pair", "overall", "STEM", "knowledge"],
@@ -164,7 +164,7 @@ def demo_llm_report(
         for s in subjects:
             vals = [100 * r.mmlu["subjects"][s]["accuracy"] for r in mine if s in (r.mmlu.get("subjects") or {})]
             cells.append(summarize(vals).fmt(1))
-        sub_rows.append([METHOD_LABEL.get(m, m), *cells])
+        sub_rows.append([method_label(m), *cells])
     if base is not None and subjects:
         sub_rows.insert(
             0,
@@ -245,7 +245,7 @@ def render_demo_llm(
         s = summarize(by_seed(mine, _acc(None)).values())
         trainable, _ = params_of(mine)
         if s.n and trainable:
-            pts.append(figures.Point(METHOD_LABEL.get(m, m), int(trainable), s.mean, s.std, s.n))
+            pts.append(figures.Point(method_label(m), int(trainable), s.mean, s.std, s.n))
     f = figures.accuracy_vs_params(
         {"world questions (test/)": pts},
         out / "figures" / "demo_llm_accuracy_vs_params.png",
@@ -259,7 +259,7 @@ def render_demo_llm(
             f = activation_figure(
                 mine[0].dir / "adapter",
                 out / "figures" / f"demo_llm_activations_{m}.png",
-                f"{METHOD_LABEL[m]} on the LLM demo, seed {mine[0].seed}: learned SiLU rationals per "
+                f"{method_label(m)} on the LLM demo, seed {mine[0].seed}: learned SiLU rationals per "
                 "layer; shaded: fit range",
             )
             made["figures"] += [f] if f else []

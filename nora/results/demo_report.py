@@ -15,13 +15,13 @@ from nora.results.collect import Collection, Run, collect
 from nora.results.stats import paired_difference, summarize
 from nora.results.tables import (
     CI_NOTE,
-    METHOD_LABEL,
     Report,
     Section,
     by_seed,
     diff_fields,
     fmt_int,
     fmt_share,
+    method_label,
     num,
     ordered_methods,
     params_of,
@@ -67,7 +67,7 @@ def _demo_task_section(name: str, task: dict, runs: Sequence[Run], methods: Sequ
         t = summarize([r.summary.get("wall_time_s") for r in mine])
         rows.append(
             [
-                METHOD_LABEL.get(m, m),
+                method_label(m),
                 *cells,
                 fmt_int(trainable),
                 fmt_share(pct),
@@ -95,7 +95,7 @@ def _demo_task_section(name: str, task: dict, runs: Sequence[Run], methods: Sequ
         "method",
         "n",
         "accuracy (%)",
-        f"Δ vs {METHOD_LABEL.get(reference, reference)} (95% CI)",
+        f"Δ vs {method_label(reference)} (95% CI)",
         "trainable params",
         "share",
         "time / run (s)",
@@ -115,7 +115,7 @@ def _demo_pairs_section(by_task: dict[str, list[Run]]) -> Section:
             cells.append(d.fmt())
             csv_rows.append({"task": name, "method": a, **diff_fields(f"delta_vs_{b}", d)})
         rows.append([f"`{name}`", *cells])
-    cols = ["task"] + [f"{METHOD_LABEL[a]} − {METHOD_LABEL[b]} (95% CI)" for a, b in DEMO_PAIRS]
+    cols = ["task"] + [f"{method_label(a)} − {method_label(b)} (95% CI)" for a, b in DEMO_PAIRS]
     note = (
         "Each cell: the per-seed differences in test accuracy (points), paired by seed (same backbone, same data "
         "order, same head initialisation), their mean and t-based 95% interval. An interval that contains 0 "
@@ -132,7 +132,7 @@ def _demo_summary_section(by_task: dict[str, list[Run]], methods: Sequence[str])
             s = summarize(by_seed([r for r in runs if r.method == m], lambda r: r.accuracy).values())
             cells.append(s.fmt(1) + (f" (n={s.n})" if s.n else ""))
         trainable, _pct = params_of([r for runs in by_task.values() for r in runs if r.method == m])
-        rows.append([METHOD_LABEL.get(m, m), fmt_int(trainable), *cells])
+        rows.append([method_label(m), fmt_int(trainable), *cells])
     return Section(
         "Summary across tasks (test accuracy %, mean ± std over seeds)",
         ["method", "trainable params"] + [f"`{t}`" for t in by_task],
@@ -176,7 +176,7 @@ def demo_report(
         ),
         (
             "Accuracy: final test accuracy (%), mean ± std over seeds. "
-            + CI_NOTE.replace("the reference", f"{METHOD_LABEL.get(reference, reference)}")
+            + CI_NOTE.replace("the reference", f"{method_label(reference)}")
         ),
         (f"For scale only: the paper's CIFAR numbers ({paper.TABLE1_NOTE}) are not comparable to these tasks."),
     ]

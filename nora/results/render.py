@@ -29,7 +29,6 @@ from nora.results.tables import (
     ABLATION_DEFAULTS,
     ABLATION_MODEL,
     DATASET_LABEL,
-    METHOD_LABEL,
     TABLE1_DATASETS,
     TABLE2_DATASETS,
     Report,
@@ -39,6 +38,7 @@ from nora.results.tables import (
     by_seed,
     duplicate_notes,
     matched_report,
+    method_label,
     ordered_methods,
     table1_low_budget_report,
     table1_report,
@@ -67,7 +67,7 @@ def subspace_report(
     rows, csv_rows = [], []
     for a in analyses:
         for row in summary_rows(a):
-            cells = [METHOD_LABEL.get(a.method, a.method), row["layer"], str(row["n"])]
+            cells = [method_label(a.method), row["layer"], str(row["n"])]
             cells += [_ms(row[f"{k}_mean"], row[f"{k}_std"]) for k, _l in METRICS]
             cells += [_g(row["cross_seed_cos_coef"]), _g(row["cross_seed_cos_function"])]
             rows.append(cells)
@@ -99,10 +99,7 @@ def subspace_report(
         ),
         f"The claim under test ({paper.SOURCE}): {paper.SUBSPACE_NOTE}.",
     ]
-    notes = [
-        IDENTICAL_NOTE.format(a=METHOD_LABEL.get(x, x), b=METHOD_LABEL.get(y, y))
-        for x, y in identical_methods(analyses)
-    ]
+    notes = [IDENTICAL_NOTE.format(a=method_label(x), b=method_label(y)) for x, y in identical_methods(analyses)]
     sec = Section(None, columns, rows, csv_rows, notes)
     return Report(name, title, intro, [sec], runs, [source], make=None)
 
@@ -139,7 +136,7 @@ def _points(runs: Sequence[Run], methods: Sequence[str], metric) -> list[figures
         s = summarize(vals.values())
         params = next((r.trainable for r in mine if r.trainable), None)
         if s.n and params:
-            pts.append(figures.Point(METHOD_LABEL.get(m, m), int(params), s.mean, s.std, s.n))
+            pts.append(figures.Point(method_label(m), int(params), s.mean, s.std, s.n))
     return pts
 
 
@@ -185,7 +182,7 @@ def render_demo(
             [r for r in runs if r.method == m],
             out / "figures" / f"demo_activations_{m}.png",
             lambda run, m=m: (
-                f"{METHOD_LABEL[m]}: learned activations per layer and group, task {main_task}, seed "
+                f"{method_label(m)}: learned activations per layer and group, task {main_task}, seed "
                 f"{run.seed} ({label}); shaded: fit range"
             ),
         )
@@ -234,7 +231,7 @@ def render_table1(col: Collection, out: Path, source: str) -> dict:
                 [r for r in runs if r.dataset == ds and r.method == m],
                 out / "figures" / f"table1_activations_{m}_{ds}.png",
                 lambda run, m=m, ds=ds: (
-                    f"{METHOD_LABEL[m]} on ViT-Tiny / {DATASET_LABEL[ds]}, seed {run.seed}: "
+                    f"{method_label(m)} on ViT-Tiny / {DATASET_LABEL[ds]}, seed {run.seed}: "
                     "learned activations per layer and group; shaded: fit range"
                 ),
             )

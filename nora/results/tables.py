@@ -25,38 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from nora.methods import METHODS
+from nora.methods.registry import methods_using
 from nora.results import paper
 from nora.results.collect import BaseEval, Collection, Run, mmlu_accuracy
 from nora.results.stats import PairedDiff, Summary, difference_to_constant, paired_difference, summarize
 
-METHOD_ORDER = (
-    "full",
-    "linear_probe",
-    "lora",
-    "dora",
-    "nora",
-    "nora_pp",
-    "rational_ft",
-    "zero_init_ft",
-    "bitfit",
-    "ln_tuning",
-    "ia3",
-    "vera",
-)
-METHOD_LABEL = {
-    "full": "full FT",
-    "linear_probe": "linear probe",
-    "lora": "LoRA",
-    "dora": "DoRA",
-    "nora": "NoRA",
-    "nora_pp": "NoRA++",
-    "rational_ft": "rational FT",
-    "zero_init_ft": "zero-init FT",
-    "bitfit": "BitFit",
-    "ln_tuning": "LN tuning",
-    "ia3": "(IA)3",
-    "vera": "VeRA",
-}
 DEFAULT_LORA_RANK = 8  # configs/method/{lora,dora,nora_pp}.yaml (checked by tests/test_results.py)
 MMLU_CATEGORIES = ("STEM", "humanities", "social_sciences", "other")
 CI_NOTE = (
@@ -244,12 +218,18 @@ def lora_rank(r: Run) -> int:
 
 def default_arm(r: Run) -> bool:
     """LoRA-style methods at their default rank (the matched-budget sweeps add other ranks to the same roots)."""
-    return r.method not in ("lora", "dora", "nora_pp") or lora_rank(r) == DEFAULT_LORA_RANK
+    return r.method not in methods_using("uses_lora") or lora_rank(r) == DEFAULT_LORA_RANK
+
+
+def method_label(name: str) -> str:
+    """A method's label in tables and figures (its registry entry's; an unregistered name as it is)."""
+    return METHODS[name].label if name in METHODS else name
 
 
 def ordered_methods(names) -> list[str]:
+    """``names`` in the registry's order (the paper's methods first), unregistered names last."""
     names = list(dict.fromkeys(names))
-    return [m for m in METHOD_ORDER if m in names] + sorted(m for m in names if m not in METHOD_ORDER)
+    return [m for m in METHODS if m in names] + sorted(m for m in names if m not in METHODS)
 
 
 def _ignored_note(all_runs: Sequence[Run], used: Sequence[Run], what: str) -> list[str]:
@@ -296,7 +276,7 @@ def table1_report(col: Collection, seeds: int = 3, source: str = "runs/table1") 
             s, d, cells = vision_row_cells(mine, ref, m == "full")
             trainable, pct = params_of(mine)
             quoted = paper.TABLE1.get((ds, m), "—")
-            rows.append([DATASET_LABEL[ds], METHOD_LABEL[m], *cells, quoted, fmt_int(trainable), fmt_share(pct)])
+            rows.append([DATASET_LABEL[ds], method_label(m), *cells, quoted, fmt_int(trainable), fmt_share(pct)])
             csv_rows.append(
                 {
                     "dataset": ds,
@@ -366,7 +346,7 @@ def low_budget_section(runs: Sequence[Run], datasets, heading: str | None) -> Se
             rows.append(
                 [
                     DATASET_LABEL.get(ds, ds),
-                    METHOD_LABEL[m],
+                    method_label(m),
                     fmt_int(trainable),
                     fmt_share(pct),
                     str(s.n),
@@ -522,7 +502,7 @@ def table2_report(
             rows.append(
                 [
                     DATASET_LABEL[ds],
-                    METHOD_LABEL[m],
+                    method_label(m),
                     n_txt,
                     *(sums[c].fmt() for c in cats),
                     d_base.fmt(),
@@ -659,7 +639,7 @@ def ablation_report(
                 ),
                 None,
             )
-            label = METHOD_LABEL.get(v, v) if key == "method" else f"{key.rsplit('.', 1)[-1]}={v}"
+            label = method_label(v) if key == "method" else f"{key.rsplit('.', 1)[-1]}={v}"
             label += " (default)" if is_default else ""
             rows.append(
                 [
@@ -723,7 +703,7 @@ ARMS = (("nora_pp", DEFAULT_LORA_RANK), ("lora", 8), ("lora", 9), ("dora", 7), (
 
 
 def arm_label(method: str, rank: int) -> str:
-    return "NoRA++ (LoRA r=8 + NoRA)" if method == "nora_pp" else f"{METHOD_LABEL[method]} r={rank}"
+    return "NoRA++ (LoRA r=8 + NoRA)" if method == "nora_pp" else f"{method_label(method)} r={rank}"
 
 
 def _matched_section(runs: Sequence[Run], datasets, metric: Callable[[Run], float | None], heading: str) -> Section:
@@ -786,14 +766,14 @@ def matched_report(
     vit_runs = [
         r
         for r in vit.runs
-        if r.model == "vit_tiny" and r.dataset in TABLE1_DATASETS and r.method in ("lora", "dora", "nora_pp")
+        if r.model == "vit_tiny" and r.dataset in TABLE1_DATASETS and r.method in methods_using("uses_lora")
     ]
     llama_runs = [
         r
         for r in llama.runs
         if r.model == TABLE2_MODEL
         and r.dataset in TABLE2_DATASETS
-        and r.method in ("lora", "dora", "nora_pp")
+        and r.method in methods_using("uses_lora")
         and r.mmlu
     ]
     low = [

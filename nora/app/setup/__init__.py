@@ -11,10 +11,12 @@ from nora.app.setup.causal_lm import causal_lm_setup
 from nora.app.setup.train_setup import TrainSetup
 from nora.app.setup.vision import vision_setup
 
-__all__ = ["TrainSetup", "build_setup"]
+__all__ = ["SETUPS", "TrainSetup", "build_setup"]
+
+
+# the setup of each model family (nora.models.config.FAMILIES; tests/test_registry.py keeps them equal)
+SETUPS = {"vision": vision_setup, "causal_lm": causal_lm_setup}
 
 
 def build_setup(run: RunConfig, device: torch.device, world_size: int, rank: int) -> TrainSetup:
-    if run.family == "vision":
-        return vision_setup(run, device, world_size, rank)
-    return causal_lm_setup(run, device, world_size, rank)
+    return SETUPS[run.family](run, device, world_size, rank)
