@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # what each package holds, in a few words (the table in docs/architecture.md says more)
 ROLE = {
     "nora.errors": "one-line user errors",
+    "nora.logs": "how messages reach the console",
     "nora.files": "atomic writes, cache dir",
     "nora.schema": "config section -> checked dataclass",
     "nora.hardware": "devices, seeding, machine",
@@ -46,7 +47,7 @@ ROLE = {
     "nora.integrations": "lm_eval model",
 }
 LIBRARY = {"nora.rational", "nora.kernels", "nora.adapter", "nora.hub"}
-FOUNDATION = {"nora.errors", "nora.files", "nora.schema", "nora.hardware", "nora.plotting"}
+FOUNDATION = {"nora.errors", "nora.logs", "nora.files", "nora.schema", "nora.hardware", "nora.plotting"}
 
 
 def layers() -> list[list[str]]:
