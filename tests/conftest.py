@@ -51,3 +51,11 @@ def logged(caplog):
         return text
 
     return read
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The offline tokenizer (nora.models.tokenizer) the instruction-data tests build their datasets with."""
+    from nora.models.tokenizer import build_offline_tokenizer
+
+    return build_offline_tokenizer()

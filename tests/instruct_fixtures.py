@@ -164,3 +164,12 @@ def tiny_nora_pp_run(root: Path, max_steps: int = 3) -> Path:
     )
     run_training(cfg, run_dir=root / "run")
     return root / "run"
+
+
+def build_instruct(tmp_path: Path, tok, **kw):
+    """nora's instruction datasets of ``InstructDataConfig(**kw)`` (no validation split, a cache under ``tmp_path``)."""
+    from nora.data.instruct import InstructDataConfig, build_instruct_datasets
+
+    kw.setdefault("val_size", 0)
+    kw.setdefault("cache_dir", str(tmp_path / "cache"))
+    return build_instruct_datasets(InstructDataConfig(**kw), tok)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from instruct_fixtures import (
     alpaca_records,
+    build_instruct,
     openorca_records,
     write_alpaca_json,
     write_alpaca_jsonl,
@@ -41,17 +42,6 @@ from nora.data.instruct import (
     tokens_in_batch,
 )
 from nora.models.tokenizer import build_offline_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_offline_tokenizer()
-
-
-def build(tmp_path, tok, **kw):
-    kw.setdefault("val_size", 0)
-    kw.setdefault("cache_dir", str(tmp_path / "cache"))
-    return build_instruct_datasets(InstructDataConfig(**kw), tok)
 
 
 def decode_parts(tok, ex):
@@ -98,7 +88,7 @@ def test_tokenizer_chat_template_is_used(tmp_path, tok):
     assert format_chat_prompt("S", "Q", t) == "<|begin_of_text|><system>S\n<user>Q\n<assistant>"
     assert format_chat_prompt("S", "Q", t, use_tokenizer_chat_template=False) == format_chat_prompt("S", "Q")
     path = write_openorca_parquet(tmp_path / "o.parquet", openorca_records(4))
-    train, _, _ = build(tmp_path, t, name="openorca", path=str(path))
+    train, _, _ = build_instruct(tmp_path, t, name="openorca", path=str(path))
     ex = train[0]
     assert ex["input_ids"].count(t.bos_token_id) == 1 and ex["input_ids"][0] == t.bos_token_id  # BOS not doubled
     prompt, resp = decode_parts(t, ex)
@@ -114,7 +104,7 @@ def test_mask_token_by_token(tmp_path, tok, fmt):
     else:
         records = openorca_records(8)
         path = write_openorca_parquet(tmp_path / "orca.parquet", records)
-    train, val, stats = build(tmp_path, tok, name=fmt, path=str(path), max_length=4096)
+    train, val, stats = build_instruct(tmp_path, tok, name=fmt, path=str(path), max_length=4096)
     assert val is None and len(train) == len(records) and stats["num_truncated"] == 0
     template = "alpaca" if fmt == "alpaca" else "chat"
     for rec, i in zip(records, range(len(train))):
@@ -153,30 +143,30 @@ def test_alpaca_json_jsonl_parquet_and_directories(tmp_path, tok):
     j = write_alpaca_json(tmp_path / "a" / "alpaca_data.json", recs)
     jl = write_alpaca_jsonl(tmp_path / "b" / "alpaca.jsonl", recs)
     pq = write_alpaca_parquet(tmp_path / "c" / "data" / "train-00000-of-00001.parquet", recs)
-    ref = [build(tmp_path, tok, path=str(p))[0] for p in (j, jl, pq)]
+    ref = [build_instruct(tmp_path, tok, path=str(p))[0] for p in (j, jl, pq)]
     assert all(len(d) == 10 for d in ref)
     rows = [[d[i] for i in range(10)] for d in ref]
     assert rows[0] == rows[1] == rows[2]
     # a directory of jsonl files (read in name order) and a hub-style snapshot with split-named files
     write_alpaca_jsonl(tmp_path / "dir" / "part-0.jsonl", recs[:4])
     write_alpaca_jsonl(tmp_path / "dir" / "part-1.jsonl", recs[4:])
-    d, _, st = build(tmp_path, tok, path=str(tmp_path / "dir"))
+    d, _, st = build_instruct(tmp_path, tok, path=str(tmp_path / "dir"))
     assert st["num_rows"] == 10 and [d[i] for i in range(10)] == rows[0]
     write_alpaca_parquet(tmp_path / "c" / "data" / "test-00000-of-00001.parquet", recs[:3])
-    d, _, st = build(tmp_path, tok, path=str(tmp_path / "c"))
+    d, _, st = build_instruct(tmp_path, tok, path=str(tmp_path / "c"))
     assert st["num_rows"] == 10
-    d, _, st = build(tmp_path, tok, path=str(tmp_path / "c"), split="test")
+    d, _, st = build_instruct(tmp_path, tok, path=str(tmp_path / "c"), split="test")
     assert st["num_rows"] == 3
     # save_to_disk directories: a Dataset, and a DatasetDict whose split is picked by `split`
     ds = datasets.Dataset.from_list(recs)
     ds.save_to_disk(str(tmp_path / "saved"))
     datasets.DatasetDict({"train": ds, "test": ds.select(range(2))}).save_to_disk(str(tmp_path / "saved_dict"))
-    d, _, _ = build(tmp_path, tok, path=str(tmp_path / "saved"))
+    d, _, _ = build_instruct(tmp_path, tok, path=str(tmp_path / "saved"))
     assert [d[i] for i in range(10)] == rows[0]
-    d, _, st = build(tmp_path, tok, path=str(tmp_path / "saved_dict"), split="test")
+    d, _, st = build_instruct(tmp_path, tok, path=str(tmp_path / "saved_dict"), split="test")
     assert st["num_rows"] == 2
     with pytest.raises(DataError, match="no split 'dev'.*'train', 'test'"):
-        build(tmp_path, tok, path=str(tmp_path / "saved_dict"), split="dev")
+        build_instruct(tmp_path, tok, path=str(tmp_path / "saved_dict"), split="dev")
 
 
 def _question_numbers(tok, dataset):
@@ -190,7 +180,7 @@ def test_openorca_parquet_subset_and_validation_split(tmp_path, tok):
     recs = openorca_records(50)[30:]
     write_openorca_parquet(tmp_path / "orca" / "3_5M-GPT3_5-Augmented.parquet", recs)
     kw = dict(name="openorca", path=str(tmp_path / "orca"), subset_size=20, val_size=4)
-    train, val, st = build(tmp_path, tok, **kw)
+    train, val, st = build_instruct(tmp_path, tok, **kw)
     assert st["num_rows"] == 50 and st["num_selected"] == 20 and (len(train), len(val)) == (16, 4)
     # file order: 1M-GPT4 (questions 0..29) then 3_5M (30..49); a seeded sample draws from both
     tr, va = _question_numbers(tok, train), _question_numbers(tok, val)
@@ -198,15 +188,15 @@ def test_openorca_parquet_subset_and_validation_split(tmp_path, tok):
     chosen = sorted(tr + va)
     assert any(q < 30 for q in chosen) and any(q >= 30 for q in chosen)
     assert chosen == sorted(np.random.default_rng(0).permutation(50)[:20].tolist())
-    again = build(tmp_path, tok, **kw)  # deterministic (from the cache), and so is a rebuild elsewhere
+    again = build_instruct(tmp_path, tok, **kw)  # deterministic (from the cache), and so is a rebuild elsewhere
     assert _question_numbers(tok, again[0]) == tr
-    fresh = build(tmp_path / "other", tok, **kw)
+    fresh = build_instruct(tmp_path / "other", tok, **kw)
     assert _question_numbers(tok, fresh[0]) == tr and fresh[2]["cache_hit"] is False
-    other_seed = build(tmp_path, tok, **{**kw, "seed": 1})
+    other_seed = build_instruct(tmp_path, tok, **{**kw, "seed": 1})
     assert sorted(_question_numbers(tok, other_seed[0]) + _question_numbers(tok, other_seed[1])) != chosen
-    first, _, _ = build(tmp_path, tok, **{**kw, "subset_strategy": "first", "val_size": 0})
+    first, _, _ = build_instruct(tmp_path, tok, **{**kw, "subset_strategy": "first", "val_size": 0})
     assert _question_numbers(tok, first) == list(range(20))
-    frac = build(tmp_path, tok, **{**kw, "val_size": 0.25})
+    frac = build_instruct(tmp_path, tok, **{**kw, "val_size": 0.25})
     assert len(frac[1]) == 5
 
 
@@ -231,12 +221,14 @@ def test_truncation_policy_unit():
 def test_truncation_counted_and_logged(tmp_path, tok, caplog):
     recs = alpaca_records(12)
     path = write_alpaca_jsonl(tmp_path / "a.jsonl", recs)
-    full, _, _ = build(tmp_path, tok, path=str(path), max_length=4096)
+    full, _, _ = build_instruct(tmp_path, tok, path=str(path), max_length=4096)
     max_len = int(np.median(full.lengths))
     expected = int((full.lengths > max_len).sum())
     assert 0 < expected < len(recs)
     with caplog.at_level(logging.INFO, logger="nora.data.instruct"):
-        train, val, st = build(tmp_path, tok, path=str(path), max_length=max_len, min_response_tokens=8, val_size=2)
+        train, val, st = build_instruct(
+            tmp_path, tok, path=str(path), max_length=max_len, min_response_tokens=8, val_size=2
+        )
     assert train.num_truncated + val.num_truncated == st["num_truncated"] == expected
     assert train.num_total == len(train) == 10 and st["num_dropped"] == 0  # kept, not dropped
     assert max(train.lengths.max(), val.lengths.max()) == max_len
@@ -249,7 +241,7 @@ def test_truncation_counted_and_logged(tmp_path, tok, caplog):
     # the smallest max_length still keeps BOS + one response token
     with pytest.raises(DataError, match="max_length"):
         InstructDataConfig(max_length=1)
-    train, _, st = build(tmp_path, tok, path=str(path), max_length=2, min_response_tokens=1)
+    train, _, st = build_instruct(tmp_path, tok, path=str(path), max_length=2, min_response_tokens=1)
     assert st["num_dropped"] == 0 and all(train.lengths == 2) and st["num_prompt_truncated"] == 12
     # a tokenizer adding two tokens of its own leaves nothing to supervise in 2: dropped, counted, warned
     from tokenizers import processors
@@ -260,11 +252,11 @@ def test_truncation_counted_and_logged(tmp_path, tok, caplog):
     )
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="nora.data.instruct"):
-        train, val, st = build(tmp_path, t2, path=str(path), max_length=3, val_size=2)
+        train, val, st = build_instruct(tmp_path, t2, path=str(path), max_length=3, val_size=2)
     assert st["num_dropped"] == 0 and len(train) == 10
     with caplog.at_level(logging.INFO, logger="nora.data.instruct"):
         with pytest.raises(DataError, match="no training example left"):
-            build(tmp_path, t2, path=str(path), max_length=2, val_size=2)
+            build_instruct(tmp_path, t2, path=str(path), max_length=2, val_size=2)
     assert "12 examples had no response token left" in caplog.text
 
 
@@ -279,23 +271,23 @@ def test_tokenised_once_then_cached(tmp_path, tok, monkeypatch):
 
     monkeypatch.setattr(tokenization, "tokenize_batch", counting)
     path = write_alpaca_json(tmp_path / "a.json", alpaca_records(10))
-    train, val, st = build(tmp_path, tok, path=str(path), val_size=2)
+    train, val, st = build_instruct(tmp_path, tok, path=str(path), val_size=2)
     assert sum(calls) == 10 and st["cache_hit"] is False
     stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.arrow")}
-    train2, val2, st2 = build(tmp_path, tok, path=str(path), val_size=2)
+    train2, val2, st2 = build_instruct(tmp_path, tok, path=str(path), val_size=2)
     assert sum(calls) == 10 and st2["cache_hit"] is True and st2["cache_path"] == st["cache_path"]
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.arrow")} == stamp
     assert [train2[i] for i in range(len(train2))] == [train[i] for i in range(len(train))]
     assert [val2[i] for i in range(2)] == [val[i] for i in range(2)]
     # a different max length, template, tokenizer or file content is a different cache entry
-    build(tmp_path, tok, path=str(path), val_size=2, max_length=64)
+    build_instruct(tmp_path, tok, path=str(path), val_size=2, max_length=64)
     assert sum(calls) == 20
-    build(tmp_path, tok, path=str(path), val_size=2, template="chat")
+    build_instruct(tmp_path, tok, path=str(path), val_size=2, template="chat")
     assert sum(calls) == 30
-    build(tmp_path, build_offline_tokenizer(vocab_size=400), path=str(path), val_size=2)
+    build_instruct(tmp_path, build_offline_tokenizer(vocab_size=400), path=str(path), val_size=2)
     assert sum(calls) == 40
     write_alpaca_json(path, alpaca_records(11))
-    _, _, st3 = build(tmp_path, tok, path=str(path), val_size=2)
+    _, _, st3 = build_instruct(tmp_path, tok, path=str(path), val_size=2)
     assert sum(calls) == 51 and st3["cache_path"] != st["cache_path"]
 
 
@@ -401,8 +393,8 @@ def test_packing_keeps_examples_apart(tmp_path, tok):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path = write_alpaca_json(tmp_path / "a.json", alpaca_records(8))
-    plain, _, _ = build(tmp_path, tok, path=str(path), max_length=256)
-    packed, _, st = build(tmp_path, tok, path=str(path), max_length=256, packing=True)
+    plain, _, _ = build_instruct(tmp_path, tok, path=str(path), max_length=256)
+    packed, _, st = build_instruct(tmp_path, tok, path=str(path), max_length=256, packing=True)
     assert isinstance(packed, PackedInstructDataset) and len(packed) < len(plain)
     assert st["packing"]["rows"] == len(packed)
     collate = InstructCollator.from_tokenizer(tok)
@@ -442,7 +434,7 @@ def test_missing_fields_name_the_file(tmp_path, tok):
     path = write_alpaca_jsonl(tmp_path / "d" / "bad.jsonl", bad)
     write_alpaca_jsonl(tmp_path / "d" / "a_good.jsonl", alpaca_records(3))
     with pytest.raises(DataError) as e:
-        build(tmp_path, tok, path=str(tmp_path / "d"))
+        build_instruct(tmp_path, tok, path=str(tmp_path / "d"))
     msg = str(e.value)
     assert str(path) in msg and "['output']" in msg and "'instruction', 'input', 'output'" in msg and "answer" in msg
     orca = openorca_records(3)
@@ -454,20 +446,20 @@ def test_missing_fields_name_the_file(tmp_path, tok):
 
     pq.write_table(pa.table({k: [r[k] for r in orca] for k in ("id", "question", "response")}), str(p))
     with pytest.raises(DataError, match=r"orca\.parquet: missing field\(s\) \['system_prompt'\]"):
-        build(tmp_path, tok, name="openorca", path=str(p))
+        build_instruct(tmp_path, tok, name="openorca", path=str(p))
     (tmp_path / "broken.json").write_text('[{"instruction": ')
     with pytest.raises(DataError, match="broken.json"):
-        build(tmp_path, tok, path=str(tmp_path / "broken.json"))
+        build_instruct(tmp_path, tok, path=str(tmp_path / "broken.json"))
 
 
 def test_missing_path_and_config_errors(tmp_path, tok):
     with pytest.raises(FileNotFoundError) as e:
-        build(tmp_path, tok, path=str(tmp_path / "nope.json"))
+        build_instruct(tmp_path, tok, path=str(tmp_path / "nope.json"))
     assert isinstance(e.value, DataError) and "data.path=" in str(e.value)
     assert "instruction, input, output" in str(e.value)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataNotFoundError, match="no .json/.jsonl/.parquet"):
-        build(tmp_path, tok, path=str(tmp_path / "empty"))
+        build_instruct(tmp_path, tok, path=str(tmp_path / "empty"))
     with pytest.raises(DataError, match=r"unknown key\(s\) \['max_len'\]; valid keys: \['name', 'path'"):
         InstructDataConfig.from_dict({"name": "alpaca", "max_len": 128})
     cfg = InstructDataConfig.from_dict({"name": "openorca", "family": "text", "path": None}, ignore=["family"])
@@ -476,7 +468,7 @@ def test_missing_path_and_config_errors(tmp_path, tok):
         InstructDataConfig(name="imagenet")
     path = write_alpaca_json(tmp_path / "a.json", alpaca_records(5))
     with pytest.raises(DataError, match="val_size=5 .* leaves none"):
-        build(tmp_path, tok, path=str(path), val_size=5)
+        build_instruct(tmp_path, tok, path=str(path), val_size=5)
 
 
 def test_hub_offline_is_one_clear_error(tmp_path, tok, monkeypatch):
@@ -488,7 +480,7 @@ def test_hub_offline_is_one_clear_error(tmp_path, tok, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_empty")
     for name, hub in (("alpaca", "tatsu-lab/alpaca"), ("openorca", "Open-Orca/OpenOrca")):
         with pytest.raises(DataNotFoundError) as e:
-            build(tmp_path, tok, name=name, path=None)
+            build_instruct(tmp_path, tok, name=name, path=None)
         msg = str(e.value)
         assert hub in msg and "offline" in msg and "data.path=<file or dir>" in msg and "\n" not in msg
         assert e.value.__cause__ is None and e.value.__suppress_context__  # no chained connection errors
@@ -509,15 +501,15 @@ def test_hub_gated_without_token_says_so(tmp_path, tok, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     with pytest.raises(DataNotFoundError, match="gated or private and no HF_TOKEN is set.*data.path="):
-        build(tmp_path, tok, hub_name="someone/gated-set")
+        build_instruct(tmp_path, tok, hub_name="someone/gated-set")
     monkeypatch.setenv("HF_TOKEN", "hf_dummy")
     with pytest.raises(DataNotFoundError, match="HF_TOKEN in the environment was refused"):
-        build(tmp_path, tok, hub_name="someone/gated-set")
+        build_instruct(tmp_path, tok, hub_name="someone/gated-set")
 
 
 def test_stats_json_serialisable(tmp_path, tok):
     path = write_alpaca_json(tmp_path / "a.json", alpaca_records(6))
-    _, _, st = build(tmp_path, tok, path=str(path), val_size=1)
+    _, _, st = build_instruct(tmp_path, tok, path=str(path), val_size=1)
     json.dumps(st)
     assert st["num_train"] == 5 and st["num_val"] == 1 and st["train"]["num_supervised_tokens"] > 0
 
@@ -525,8 +517,8 @@ def test_stats_json_serialisable(tmp_path, tok):
 def test_null_fields_read_as_empty(tmp_path, tok):
     recs = alpaca_records(4)
     nulls = [dict(r, input=None) if not r["input"] else r for r in recs]
-    a, _, _ = build(tmp_path, tok, path=str(write_alpaca_jsonl(tmp_path / "a.jsonl", recs)))
-    b, _, _ = build(tmp_path, tok, path=str(write_alpaca_jsonl(tmp_path / "b.jsonl", nulls)))
+    a, _, _ = build_instruct(tmp_path, tok, path=str(write_alpaca_jsonl(tmp_path / "a.jsonl", recs)))
+    b, _, _ = build_instruct(tmp_path, tok, path=str(write_alpaca_jsonl(tmp_path / "b.jsonl", nulls)))
     assert [a[i] for i in range(4)] == [b[i] for i in range(4)]
 
 
@@ -538,7 +530,7 @@ def test_null_required_field_is_rejected_with_file_and_record(tmp_path, tok):
     path = write_alpaca_json(tmp_path / "nulls.json", recs)
     assert json.loads(path.read_text())[3]["output"] is None
     with pytest.raises(DataError) as e:
-        build(tmp_path, tok, path=str(path))
+        build_instruct(tmp_path, tok, path=str(path))
     msg = str(e.value)
     assert "\n" not in msg and str(path) in msg and "record 3 (counting from 0)" in msg and "output=null" in msg
     assert not list((tmp_path / "cache").glob("alpaca-*"))
@@ -547,7 +539,7 @@ def test_null_required_field_is_rejected_with_file_and_record(tmp_path, tok):
     orca[0] = dict(orca[0], question=None)
     opath = write_openorca_parquet(tmp_path / "o.parquet", orca)
     with pytest.raises(DataError, match=r"o\.parquet: record 0 \(counting from 0\) has question=null"):
-        build(tmp_path, tok, name="openorca", path=str(opath))
+        build_instruct(tmp_path, tok, name="openorca", path=str(opath))
 
 
 def test_build_dataloader_from_omegaconf(tmp_path, tok):
@@ -577,7 +569,7 @@ def test_a_damaged_tokenised_cache_is_rebuilt_with_a_line_saying_so(tmp_path, to
     import shutil
 
     path = write_alpaca_json(tmp_path / "a.json", alpaca_records(10))
-    train, val, st = build(tmp_path, tok, path=str(path), val_size=2)
+    train, val, st = build_instruct(tmp_path, tok, path=str(path), val_size=2)
     before = [train[i] for i in range(len(train))], [val[i] for i in range(len(val))]
     del train, val  # memory-mapped: cutting the file under a live map would be a bus error
     entry = Path(st["cache_path"])
@@ -592,19 +584,19 @@ def test_a_damaged_tokenised_cache_is_rebuilt_with_a_line_saying_so(tmp_path, to
     else:
         shutil.rmtree(entry / "train")
     with caplog.at_level(logging.WARNING, logger="nora.data.instruct.cache"):
-        train2, val2, st2 = build(tmp_path, tok, path=str(path), val_size=2)
+        train2, val2, st2 = build_instruct(tmp_path, tok, path=str(path), val_size=2)
     assert st2["cache_hit"] is False and st2["cache_path"] == str(entry)
     msg = next(r.getMessage() for r in caplog.records if "damaged" in r.getMessage())
     assert msg.startswith(f"tokenised cache {entry} is damaged (") and msg.endswith("); rebuilding it")
     assert ([train2[i] for i in range(len(train2))], [val2[i] for i in range(len(val2))]) == before
-    assert build(tmp_path, tok, path=str(path), val_size=2)[2]["cache_hit"] is True  # intact again
+    assert build_instruct(tmp_path, tok, path=str(path), val_size=2)[2]["cache_hit"] is True  # intact again
 
 
 def test_an_empty_alpaca_file_is_one_line(tmp_path, tok):
     empty = tmp_path / "alpaca_data.json"
     empty.write_bytes(b"")
     with pytest.raises(DataError) as err:
-        build(tmp_path, tok, path=str(empty))
+        build_instruct(tmp_path, tok, path=str(empty))
     assert str(err.value).startswith(f"{empty}: empty file (0 bytes: an interrupted copy or download?)")
 
 
@@ -616,7 +608,7 @@ def test_an_unwritable_cache_dir_says_to_set_nora_cache_dir(tmp_path, tok):
     path = write_alpaca_json(tmp_path / "a.json", alpaca_records(10))
     with mounted(tmp_path / "ro", source="bind") as ro:
         with pytest.raises(OutputError) as err:
-            build(tmp_path, tok, path=str(path), cache_dir=str(ro / "cache"))
+            build_instruct(tmp_path, tok, path=str(path), cache_dir=str(ro / "cache"))
     assert str(err.value) == (
         f"cannot write the tokenised-data cache {ro / 'cache'}: [Errno 30] Read-only file "
         "system; set NORA_CACHE_DIR (or dataset.cache_dir) to a writable folder"

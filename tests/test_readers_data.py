@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 from instruct_fixtures import (
     alpaca_records,
+    build_instruct,
     openorca_records,
     write_alpaca_json,
     write_alpaca_jsonl,
@@ -67,19 +68,6 @@ def _main_error(main, argv, capsys) -> str:
 
 
 # ------------------------------------------------------------------------------------------ instruction data
-@pytest.fixture(scope="module")
-def tok():
-    from nora.models.tokenizer import build_offline_tokenizer
-
-    return build_offline_tokenizer()
-
-
-def _build(tmp_path, tok, **kw):
-    from nora.data.instruct import InstructDataConfig, build_instruct_datasets
-
-    kw.setdefault("val_size", 0)
-    kw.setdefault("cache_dir", str(tmp_path / "cache"))
-    return build_instruct_datasets(InstructDataConfig(**kw), tok)
 
 
 @pytest.mark.parametrize(
@@ -102,7 +90,7 @@ def test_a_non_string_alpaca_value_is_refused_naming_record_and_field(tmp_path, 
     recs[4] = dict(recs[4], output=value)
     path = writer(tmp_path / f"alpaca{'.json' if writer is write_alpaca_json else '.jsonl'}", recs)
     with pytest.raises(DataError) as err:
-        _build(tmp_path, tok, path=str(path))
+        build_instruct(tmp_path, tok, path=str(path))
     assert str(err.value) == (
         f"{path}: record 4 (counting from 0) has output={shown} ({kind}), not text; dataset=alpaca needs strings in "
         f"{ALPACA_FIELDS} (1 record(s) with a non-string output; the field mixes text with other values); write it "
@@ -124,7 +112,7 @@ def test_a_non_string_input_and_a_numeric_field_are_refused(tmp_path, tok):
         match=r"inputs\.jsonl: record 2 \(counting from 0\) has input=7 \(int\), not "
         r"text; .*the field mixes text with other values",
     ):
-        _build(tmp_path, tok, path=str(path))
+        build_instruct(tmp_path, tok, path=str(path))
     numeric = [dict(r, output=i) for i, r in enumerate(alpaca_records(4))]
     path = write_alpaca_json(tmp_path / "numbers.json", numeric)
     with pytest.raises(
@@ -132,9 +120,9 @@ def test_a_non_string_input_and_a_numeric_field_are_refused(tmp_path, tok):
         match=r"numbers\.json: record 0 \(counting from 0\) has output=0 \(int\), not text; "
         r".*\(4 record\(s\) with a non-string output; the field was read as int64\)",
     ):
-        _build(tmp_path, tok, path=str(path))
+        build_instruct(tmp_path, tok, path=str(path))
     recs[2] = dict(recs[2], input="7")  # quoted: text, as the error says
-    train, _, stats = _build(tmp_path, tok, path=str(write_alpaca_jsonl(tmp_path / "fixed.jsonl", recs)))
+    train, _, stats = build_instruct(tmp_path, tok, path=str(write_alpaca_jsonl(tmp_path / "fixed.jsonl", recs)))
     assert stats["num_train"] == 6 and len(train) == 6
     ids = train[2]["input_ids"]
     assert '"' not in tok.decode(ids) and "\n7\n" in tok.decode(ids)
@@ -163,7 +151,7 @@ def test_an_openorca_int64_column_in_one_of_two_parquet_files_is_refused(tmp_pat
         str(d / "b.parquet"),
     )
     with pytest.raises(DataError) as err:
-        _build(tmp_path, tok, name="openorca", path=str(d))
+        build_instruct(tmp_path, tok, name="openorca", path=str(d))
     assert str(err.value) == (
         f"{d / 'b.parquet'}: record 0 (counting from 0) has response=41 (int), not text; dataset=openorca needs "
         "strings in ['system_prompt', 'question', 'response'] (3 record(s) with a non-string response; the field was "

@@ -93,7 +93,6 @@ def test_config_composes_and_method_applies(method, dataset):
     [
         ("nora.train.config:TrainerConfig", "trainer/default.yaml"),
         ("nora.methods.config:LoraSettings", "adapter/lora.yaml"),
-        ("nora.methods.config:NoraSettings", "adapter/nora.yaml"),
     ],
 )
 def test_schema_defaults_are_the_yaml_defaults(schema, yaml_file):
@@ -156,8 +155,7 @@ BAD_VALUES = [
     ("+trainer.learning_rate=1", "trainer.learning_rate: no such key; valid: device, precision, epochs"),
     (
         "method.nora.groups=7",
-        "method.nora.groups=7 does not divide the MLP width 128 of model=vit_test; "
-        "use a divisor, e.g. 2, 4, 8, 16, 32, 64",
+        "method.nora.groups=7 does not divide the width 128 of model=vit_test; use a divisor, e.g. 2, 4, 8, 16, 32, 64",
     ),
     ("method.nora.r=0", "method.nora.r=0: must be >= 1"),
     ("method.nora.init=random", "method.nora.init='random'; valid: fit, calibrated"),
@@ -191,8 +189,8 @@ def test_nora_groups_checked_at_injection_where_the_config_has_no_width():
     cfg.model.kwargs = {k: v for k, v in cfg.model.kwargs.items() if k != "embed_dim"}  # timm's default: 192
     with pytest.raises(
         UserError,
-        match=r"^method\.nora\.groups=7 does not divide the MLP width 768 of "
-        r"blocks\.0\.mlp\.act; use a divisor",
+        match=r"^method\.nora\.groups=7 does not divide the width 768 of "
+        r"blocks\.0\.mlp\.act \(read from fc2 \(Linear\)\); use a divisor",
     ):
         apply_method(build_model(cfg.model, 10), cfg.method, cfg.model)
 
@@ -206,7 +204,7 @@ def test_lora_settings_are_checked():
     "override,message",
     [
         ("trainer.lr=abc", "error: trainer.lr='abc': could not be converted to Float"),
-        ("method.nora.groups=7", "error: method.nora.groups=7 does not divide the MLP width 128 of model=vit_test"),
+        ("method.nora.groups=7", "error: method.nora.groups=7 does not divide the width 128 of model=vit_test"),
         ("trainer.scheduler=cosin", "error: trainer.scheduler='cosin'; valid: cosine, linear, constant"),
     ],
 )

@@ -16,21 +16,32 @@ from typing import Any, Optional
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from nora.adapter.engine import GroupsError, check_groups
 from nora.data.config import check_dataset
 from nora.errors import UserError
 from nora.methods import get_method, method_for, methods_for
-from nora.methods.config import MethodConfig, nora_groups_message
+from nora.methods.config import MethodConfig, NoraSettings
 from nora.models.config import FAMILIES, ModelConfig, as_model_config
 from nora.runs import naming  # noqa: F401  registers ${run_overrides:}, which configs/train.yaml's run_name uses
 from nora.runs.layout import run_name_problem
 from nora.runs.logger import LoggerConfig, credentials_problem
-from nora.schema import load, one_of, per_family, require
+from nora.schema import defaults, load, one_of, per_family, require
 from nora.train.config import TrainerConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+# NoRA's defaults live in nora.NoraConfig alone (NoraSettings adds two run fields): configs/adapter/nora.yaml starts
+# from this node (its defaults list) and sets only what other groups give by interpolation. Left out of the node:
+# trainable_modules (a run's new head comes from the model config) and agreement_prompts (its schema default
+# applies; a key added to every composed config would change the identity, config_hash, of every earlier run).
+NORA_NOT_IN_CONFIG = ("trainable_modules", "agreement_prompts")
+ConfigStore.instance().store(
+    group="adapter", name="nora_defaults", node=defaults(NoraSettings, exclude=NORA_NOT_IN_CONFIG)
+)
 
 
 def compose(overrides: list[str], config_name: str = "train", return_hydra_config: bool = False) -> DictConfig:
@@ -171,9 +182,11 @@ def _check_groups(cfg) -> None:
 def _check_groups_divide_width(method: MethodConfig, model: ModelConfig) -> None:
     """NoRA splits the activation's channels into ``groups``; where the model config tells the width, a groups
     value that does not divide it fails here (otherwise at injection, with the same message)."""
-    width = model.mlp_width()
-    if method.nora is not None and width is not None and width % method.nora.groups:
-        raise UserError(nora_groups_message(method.nora.groups, width, f"model={model.name}"))
+    if method.nora is not None:
+        try:
+            check_groups(method.nora.groups, model.mlp_width(), f"model={model.name}")
+        except GroupsError as exc:  # the injection engine's one check, named by its config key
+            raise UserError(f"method.nora.{exc}") from None
 
 
 def _resolved(c: DictConfig, key: str) -> dict:

@@ -115,11 +115,3 @@ class MethodConfig:
                     "must be > 0 (one value or {vision: .., causal_lm: ..})",
                 )
         at_least("weight_decay", self.weight_decay, 0.0)
-
-
-def nora_groups_message(groups: int, width: int, where: str) -> str:
-    divisors = [g for g in range(1, min(width, 64) + 1) if width % g == 0]
-    return (
-        f"method.nora.groups={groups} does not divide the MLP width {width} of {where}; "
-        f"use a divisor, e.g. {', '.join(map(str, divisors[-6:]))}"
-    )

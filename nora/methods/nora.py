@@ -6,9 +6,9 @@ from __future__ import annotations
 from torch import nn
 
 from nora.adapter import InjectionReport, apply_nora
-from nora.adapter.inject import activation_width, find_targets
+from nora.adapter.engine import GroupsError
 from nora.errors import UserError
-from nora.methods.config import MethodConfig, nora_groups_message
+from nora.methods.config import MethodConfig
 from nora.methods.lora import add_lora
 from nora.methods.registry import ApplyContext, Method, register_method
 
@@ -21,12 +21,10 @@ def _inject_nora(
         raise UserError(
             f"method {method_cfg.name} uses calibrated NoRA initialisation but no calibration batches were given"
         )
-    cfg = settings.nora_config(head)
-    for name in find_targets(model, cfg):
-        width = activation_width(model, name)
-        if width is not None and width % cfg.groups:
-            raise UserError(nora_groups_message(cfg.groups, width, name))
-    return apply_nora(model, cfg, calibration_batches=calibration_batches, forward=forward)
+    try:
+        return apply_nora(model, settings.nora_config(head), calibration_batches=calibration_batches, forward=forward)
+    except GroupsError as exc:  # the engine's one check, named by its config key
+        raise UserError(f"method.nora.{exc}") from None
 
 
 def apply_nora_method(model: nn.Module, ctx: ApplyContext):
