@@ -173,6 +173,22 @@ inline vf vmin_nan(vf hi, vf a) {
 #endif
 }
 
+// y 2^k, the last step of both exponentials (k = kf - magic, an integer as a float): the portable code multiplies by
+// two powers of two, each a normal float, so that a subnormal result or an overflow to inf is rounded once, as
+// AVX-512's scalef does.
+inline vf vscale_pow2(vf y, vf k, vf kf, vf magic) {
+#if defined(__AVX512F__) && NORA_W == 16
+  (void)kf;
+  (void)magic;
+  return (vf)_mm512_scalef_ps((__m512)y, (__m512)k);
+#else
+  (void)k;
+  const vi ki = (vi)kf - (vi)magic;
+  const vi k1 = ki >> 1, k2 = ki - k1;
+  return y * (vf)((k1 + 127) << 23) * (vf)((k2 + 127) << 23);
+#endif
+}
+
 // e^a, lane-wise: Cody-Waite reduction a = k ln2 + r, |r| <= ln2/2, Cephes' degree-6 polynomial for e^r (within
 // 1 ulp), then y 2^k with one rounding (subnormal results and overflow to inf included). a is clamped to
 // [-104, 88.8] first: 0 below, inf above; NaN stays NaN (NONPOS: the caller's a <= 0, no upper clamp). AVX-512's
@@ -194,13 +210,7 @@ inline vf vexp(vf a) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const vf y = p * (r * r) + r + 1.0f;
-#if defined(__AVX512F__) && NORA_W == 16
-  return (vf)_mm512_scalef_ps((__m512)y, (__m512)k);
-#else
-  const vi ki = (vi)kf - (vi)magic;
-  const vi k1 = ki >> 1, k2 = ki - k1;
-  return y * (vf)((k1 + 127) << 23) * (vf)((k2 + 127) << 23);
-#endif
+  return vscale_pow2(y, k, kf, magic);
 }
 
 enum Act : int { kNone = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3, kRelu = 4 };
@@ -221,13 +231,7 @@ inline vf vexp_neg_half_sq(vf x) {
   p = p * r + 4.9999171e-1f;
   p = p * r + 1.0f;
   const vf y = p * r + 1.0f;
-#if defined(__AVX512F__) && NORA_W == 16
-  return (vf)_mm512_scalef_ps((__m512)y, (__m512)k);
-#else
-  const vi ki = (vi)kf - (vi)magic;
-  const vi k1 = ki >> 1, k2 = ki - k1;
-  return y * (vf)((k1 + 127) << 23) * (vf)((k2 + 127) << 23);
-#endif
+  return vscale_pow2(y, k, kf, magic);
 }
 
 // GELU (erf): Phi(-|x|) = e t Q(t), e = exp(-x^2/2), t = 1/(1 + 0.331|x|), Q of degree 4 (in the manner of Abramowitz
