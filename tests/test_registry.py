@@ -2,6 +2,7 @@
 family has its dataset schema and setup, and a method added in one new file (plus its YAML) trains, is counted in
 the parameter report under its own name and appears in a rendered results table."""
 
+import importlib
 import importlib.util
 import re
 import subprocess
@@ -52,6 +53,80 @@ def test_no_family_comparisons_outside_the_registries():
     ).stdout.splitlines()
     assert [line.split(":")[0] for line in found] == ["nora/app/config.py"]  # the dataset's family vs the model's
     assert "d.family != m.family" in found[0]
+
+
+# the tables', reports', demos' and benches' definitions by method name: which methods, which reference, which pairs
+METHOD_CONSTANTS = {
+    "nora.results.tables": (
+        "TABLE1_METHODS",
+        "TABLE1_REFERENCE",
+        "LOW_BUDGET_METHODS",
+        "LOW_BUDGET_REFERENCE",
+        "TABLE2_METHODS",
+        "TABLE2_REFERENCE",
+        "ABLATION_VARIANTS",
+        "ABLATION_REFERENCE",
+        "ARMS",
+    ),
+    "nora.results.render": ("SUBSPACE_METHODS", "SUBSPACE_REFERENCE", "SUBSPACE_CONTRASTS"),
+    "nora.results.budget": ("BUDGET_REFERENCE", "UNRANKED_ARMS", "RANKED_METHODS"),
+    "nora.results.demo_report": ("DEMO_PAIRS", "DEMO_REFERENCE"),
+    "nora.results.demo_llm_report": ("PAIRS",),
+    "nora.demo.runner": ("HEAD_LR_METHOD",),
+    "nora.demo.diagnosis": ("HEAD_LR_METHODS", "STABILITY_METHODS", "FORM_METHODS", "MEASURED_METHODS"),
+    "nora.demo.llm_diagnosis": ("NORA", "NORA_PP", "DIAGNOSED_METHODS"),
+    "nora.bench.train_step": ("DEFAULT_METHODS", "DEFAULT_COMPILE_METHODS", "REFERENCE_METHODS"),
+    "nora.bench.mlp_block": ("LORA_VARIANTS", "NORA_VARIANTS"),
+}
+METHOD_NAMES = "full|linear_probe|lora|dora|nora|nora_pp|rational_ft|zero_init_ft|bitfit|ln_tuning|ia3|vera"
+METHOD_COMPARISON = re.compile(rf'(==|!=|\bin) *\(?"({METHOD_NAMES})"')
+METHOD_TUPLE = re.compile(rf'\("({METHOD_NAMES})", *"')
+CONSTANT_DECLARATION = re.compile(r"^[A-Z][A-Z0-9_]*(, *[A-Z][A-Z0-9_]*)* *(: *[^=]+)?= ")
+# other vocabularies sharing words with method names: NoraConfig.variant, adapter kinds, components, loggers
+OTHER_VOCABULARIES = {
+    "nora/adapter/layer.py",
+    "nora/adapter/config.py",
+    "nora/tuner/layer.py",
+    "nora/logs.py",
+    "nora/app/adapters.py",
+    "nora/adapter/accounting.py",
+}
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _strings(v)
+
+
+def test_every_method_a_table_report_or_demo_names_is_registered():
+    for module, names in METHOD_CONSTANTS.items():
+        mod = importlib.import_module(module)
+        for name in names:
+            used = list(_strings(getattr(mod, name)))
+            assert used, (module, name)
+            for method in used:
+                assert get_method(method).name == method, (module, name)
+    for m in METHODS.values():
+        assert m.lr_from is None or get_method(m.lr_from).uses_lora, m.name
+    assert [m.name for m in METHODS.values() if not m.head_lr] == ["full", "linear_probe"]
+
+
+def test_no_method_comparisons_outside_the_registries():
+    """What a method does is a property of its registry entry; which methods a table or report shows is a named
+    constant at module level (``TABLE1_METHODS``, ``TABLE1_REFERENCE``): no code compares to a method name inline."""
+    files = [p for p in sorted((ROOT / "nora").rglob("*.py")) if not p.relative_to(ROOT).parts[1] == "methods"]
+    files = [p for p in files if p.relative_to(ROOT).as_posix() not in OTHER_VOCABULARIES]
+    found = []
+    for path in [*files, ROOT / "train.py", ROOT / "eval.py"]:
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if CONSTANT_DECLARATION.match(line):
+                continue
+            if METHOD_COMPARISON.search(line) or METHOD_TUPLE.search(line):
+                found.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
+    assert found == []
 
 
 TOY_METHOD = '''

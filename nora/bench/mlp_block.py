@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 # name: (hidden, intermediate, batch, tokens)
 SHAPES = {"tiny": (64, 128, 8, 256), "mid": (512, 1792, 2, 512), "8b": (4096, 14336, 4, 2048)}
 VARIANTS = ("silu", "nora", "lora", "nora_pp")
+LORA_VARIANTS = ("lora", "nora_pp")  # LoRA on the projections
+NORA_VARIANTS = ("nora", "nora_pp")  # NoRA on the activation
 
 
 def build(variant: str, hidden: int, inter: int, dtype, device):
@@ -43,11 +45,11 @@ def build(variant: str, hidden: int, inter: int, dtype, device):
     mlp = mlp.to(device=device, dtype=dtype).requires_grad_(False)
     if variant == "silu":
         return mlp.requires_grad_(False)  # the frozen pretrained block: gradients flow to its input only
-    if variant in ("lora", "nora_pp"):
+    if variant in LORA_VARIANTS:
         mlp = peft.get_peft_model(
             mlp, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["gate_proj", "up_proj", "down_proj"])
         )
-    if variant in ("nora", "nora_pp"):
+    if variant in NORA_VARIANTS:
         nora.apply_nora(mlp, nora.NoraConfig(target_modules=[r"block\.act_fn"], fit_range=(-6.0, 6.0)))
     return mlp
 

@@ -42,11 +42,17 @@ from nora.data.vision import load_vision_dataset
 from nora.demo.runner import digits_overrides, learning_rates, next_value, one_thread_worker, pretrain_source, run_jobs
 from nora.errors import UserError, user_errors
 from nora.logs import setup_logging
+from nora.methods import get_method
 from nora.models.vision import input_size, pretrained_cfg
 from nora.rational.functional import rational_reference
 from nora.results.demo_report import demo_settings
 from nora.results.stats import paired_difference, summarize
 from nora.runs.layout import RunDir, is_complete, read_summary
+
+HEAD_LR_METHODS = ("linear_probe", "nora")  # the head-lr experiment
+STABILITY_METHODS = ("lora", "nora_pp")  # the lr-stability experiment
+FORM_METHODS = ("nora", "nora_pp", "rational_ft", "zero_init_ft")  # the form experiment
+MEASURED_METHODS = ("nora", "nora_pp")  # the demo runs whose ranges and coefficients the measurements analyse
 
 
 # ----------------------------------------------------------------------------- rebuilding a run
@@ -272,10 +278,10 @@ def head_lr_experiment(weights: Path, out_root: Path, seeds=EXPERIMENT_SEEDS, n_
             extra=["dataset.eval_split=validation"],
             name=f"{m}_head{h:g}_s{s}",
             head_lr=h,
-            lrs=({"lr": h} if m == "linear_probe" else None),
+            lrs=(None if get_method(m).head_lr else {"lr": h}),  # the probe: the head lr is its lr
         )
         for h in head_lrs()
-        for m in ("linear_probe", "nora")
+        for m in HEAD_LR_METHODS
         for s in seeds
     ]
     return accuracy_table(jobs, n_procs, lambda j: (j["method"], j["head_lr"]))
@@ -409,9 +415,6 @@ def nora_lr_section(table: dict) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- lr stability (test split)
-STABILITY_METHODS = ("lora", "nora_pp")
-
-
 def stability_experiment(weights: Path, demo_root: Path, out_root: Path, n_procs: int = 2) -> dict:
     """LoRA and NoRA++ at their tuned LoRA lr (the demo's own runs) and one step below it on the 1-3-10 ladder, on
     the demo seeds of the main task's *test* split: is a low outlier seed a property of the method or of an lr at
@@ -470,9 +473,6 @@ def stability_section(table: dict) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- the form (test split)
-FORM_METHODS = ("nora", "nora_pp", "rational_ft", "zero_init_ft")
-
-
 def form_experiment(weights: Path, demo_root: Path, out_root: Path, n_procs: int = 2) -> dict:
     """The demo's rational methods (residual form, nora's default) against the same runs in the paper's form (the
     rational in place of GELU), on the demo seeds of the main task's *test* split: does the exact start change the
@@ -645,7 +645,8 @@ def diagnosis(args) -> int:
         "",
     ]
     by_method = {}
-    for method, label in (("nora", "NoRA"), ("nora_pp", "NoRA++")):
+    for method in MEASURED_METHODS:
+        label = get_method(method).label
         dirs = sorted(d for d in root.glob(f"{method}_s*") if is_complete(d))
         if not dirs:
             continue

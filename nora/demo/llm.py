@@ -158,7 +158,7 @@ def tune(conf: dict, backbone: Path, data: Path, out_root: Path, table: Path, me
     """The learning-rate sweep (``tune:`` in configs/demo/demo_llm.yaml) on the ``val/`` questions, same budget
     per method; NoRA++ keeps LoRA's best lr for its LoRA factors and tunes its NoRA factors' lr."""
     grids, seeds = conf["tune"]["grids"], list(conf["tune"]["seeds"])
-    order = sorted(methods, key=lambda m: m == "nora_pp")
+    order = sorted(methods, key=lambda m: get_method(m).lr_from is not None)  # NoRA++ after LoRA
     chosen = learning_rates()
     rows, best = [], {}
     common = dict(
@@ -172,8 +172,8 @@ def tune(conf: dict, backbone: Path, data: Path, out_root: Path, table: Path, me
     for method in order:
         ((key, grid),) = grids[method].items()
         base = dict(chosen["methods"].get(method, {}))
-        if method == "nora_pp" and "lora" in best:
-            base["lr"] = best["lora"][0]
+        if get_method(method).lr_from in best:
+            base["lr"] = best[get_method(method).lr_from][0]
         results, value = sweep_method(method, key, list(grid), seeds, base, common, n_procs, run=_run_job)
         for v in sorted(results):
             rows.append(

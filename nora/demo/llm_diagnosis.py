@@ -47,6 +47,9 @@ from nora.results.collect import collect
 from nora.results.demo_llm_report import demo_llm_runs
 from nora.results.stats import paired_difference, summarize
 
+NORA, NORA_PP = "nora", "nora_pp"  # the methods the diagnosis measures: the demo's runs of each, and re-runs
+DIAGNOSED_METHODS = (NORA, NORA_PP)
+
 
 def gate_inputs(model, tokenizer, data: Path, k: int, protocol: str, limit: int = 64) -> dict[str, torch.Tensor]:
     """The input of every ``mlp.act_fn`` on up to ``limit`` test prompts per subject (one flat tensor per layer)."""
@@ -195,8 +198,8 @@ def diagnosis_runs(conf: dict, out_root: Path) -> tuple[list, list, list]:
     """The demo's scored runs under ``out_root``, its NoRA runs and its NoRA++ runs (by seed); a
     :class:`UserError` saying which of the two is missing (nothing is measured or written then)."""
     runs = demo_llm_runs(collect(out_root), conf["seeds"])
-    pp = sorted((r for r in runs if r.method == "nora_pp"), key=lambda r: r.seed)
-    nora = sorted((r for r in runs if r.method == "nora"), key=lambda r: r.seed)
+    pp = sorted((r for r in runs if r.method == NORA_PP), key=lambda r: r.seed)
+    nora = sorted((r for r in runs if r.method == NORA), key=lambda r: r.seed)
     if not pp or not nora:
         found = sorted({r.method for r in runs})
         missing = [label for label, rs in (("NoRA (nora)", nora), ("NoRA++ (nora_pp)", pp)) if not rs]
@@ -223,7 +226,7 @@ def diagnose(conf: dict, data: Path, out_root: Path, common: dict, n_procs: int,
         "",
     ]
     summary: list[str] = []  # one line per measurement below, inserted after this header
-    pp_lrs = dict(lrs["nora_pp"])
+    pp_lrs = dict(lrs[NORA_PP])
 
     # 0. what the table can resolve
     n = {c: int(v["n"]) for c, v in pp[0].mmlu["categories"].items()}
@@ -355,10 +358,10 @@ def diagnose(conf: dict, data: Path, out_root: Path, common: dict, n_procs: int,
     # at its LoRA factors' learning rate instead of the swept nora_lr
     shared = dict(pp_lrs, nora_lr=pp_lrs["lr"])
     jobs = [
-        dict(common, method="nora", seed=r.seed, name=f"nora_fit_s{r.seed}", extra=("method.nora.init=fit",))
+        dict(common, method=NORA, seed=r.seed, name=f"nora_fit_s{r.seed}", extra=("method.nora.init=fit",))
         for r in nora
     ]
-    jobs += [dict(common, method="nora_pp", seed=r.seed, name=f"nora_pp_shared_lr_s{r.seed}", lrs=shared) for r in pp]
+    jobs += [dict(common, method=NORA_PP, seed=r.seed, name=f"nora_pp_shared_lr_s{r.seed}", lrs=shared) for r in pp]
     # the paper's form: the same runs with the rational in place of SiLU
     jobs += [
         dict(
@@ -376,9 +379,9 @@ def diagnose(conf: dict, data: Path, out_root: Path, common: dict, n_procs: int,
     shared_acc = {r["job"]["seed"]: r["accuracy"] for r in done if kind[id(r)] == "nora_pp_shared_lr"}
     paper_acc = {
         m: {r["job"]["seed"]: r["accuracy"] for r in done if kind[id(r)] == f"{m}_paper_form"}
-        for m in ("nora", "nora_pp")
+        for m in DIAGNOSED_METHODS
     }
-    pp_acc = acc["nora_pp"]
+    pp_acc = acc[NORA_PP]
     d = paired_difference(shared_acc, pp_acc)
     lines += [
         "",
@@ -427,7 +430,7 @@ def diagnose(conf: dict, data: Path, out_root: Path, common: dict, n_procs: int,
         "curve near the edges of the range.",
     ]
 
-    cal_acc = acc["nora"]
+    cal_acc = acc[NORA]
     d = paired_difference(cal_acc, fit_acc)
     lines += [
         "",
@@ -457,9 +460,9 @@ def diagnose(conf: dict, data: Path, out_root: Path, common: dict, n_procs: int,
         "| method | seed | residual (the demo's) (%) | paper's form (%) |",
         "|---|---|---|---|",
     ]
-    for m in ("nora", "nora_pp"):
+    for m in DIAGNOSED_METHODS:
         lines += [f"| {m} | {s} | {acc[m][s]:.1f} | {paper_acc[m].get(s, float('nan')):.1f} |" for s in sorted(acc[m])]
-    diffs = {m: paired_difference(acc[m], paper_acc[m]) for m in ("nora", "nora_pp")}
+    diffs = {m: paired_difference(acc[m], paper_acc[m]) for m in DIAGNOSED_METHODS}
     lines += [
         "",
         "Residual − paper's form, paired by seed: "

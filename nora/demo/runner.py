@@ -53,6 +53,7 @@ from nora.runs.layout import RunDir
 log = logging.getLogger(__name__)
 
 LEARNING_RATES = CONFIG_DIR / "demo" / "learning_rates.yaml"
+HEAD_LR_METHOD = "linear_probe"  # the lr sweep tunes it first: its best lr becomes every method's head lr
 
 
 def learning_rates() -> dict:
@@ -135,7 +136,7 @@ def lr_overrides(method: str, lrs: dict | None = None, head_lr: float | None = N
     table = learning_rates()
     lrs = table["methods"].get(method, {}) if lrs is None else lrs
     out = [f"trainer.{k}={v}" for k, v in lrs.items()]
-    if method not in ("full", "linear_probe"):  # those train the head with their own lr
+    if get_method(method).head_lr:  # not full FT or the linear probe: their head trains at their own lr
         out.append(f"trainer.head_lr={table['head_lr'] if head_lr is None else head_lr}")
     if get_method(method).uses_lora:
         # at this size, drawing LoRA's dropout masks costs as much as the rest of the training step on a CPU
@@ -311,20 +312,21 @@ def tune(weights: Path, out_root: Path, table: Path, methods: list[str], n_procs
     Writes the sweep table and the learning-rate file."""
     conf = demo_settings()["tune"]
     grids, seeds, task = conf["grids"], list(conf["seeds"]), conf["task"]
-    order = sorted(methods, key=lambda m: (m != "linear_probe", m == "nora_pp"))  # probe first, NoRA++ after LoRA
+    # the probe first, a method that keeps another's lr (NoRA++: LoRA's) after the others
+    order = sorted(methods, key=lambda m: (m != HEAD_LR_METHOD, get_method(m).lr_from is not None))
     chosen = learning_rates()
     rows, best = [], {}
     for method in order:
         ((key, grid),) = grids[method].items()
         base = dict(chosen["methods"].get(method, {}))
-        if method == "nora_pp" and "lora" in best:
-            base["lr"] = best["lora"][0]
+        if get_method(method).lr_from in best:
+            base["lr"] = best[get_method(method).lr_from][0]
         common = dict(
             task=task,
             weights=weights,
             out_root=out_root,
             extra=["dataset.eval_split=validation"],
-            head_lr=best.get("linear_probe", (None,))[0],
+            head_lr=best.get(HEAD_LR_METHOD, (None,))[0],
         )
         results, value = sweep_method(method, key, list(grid), seeds, base, common, n_procs)
         for v in sorted(results):
@@ -333,7 +335,7 @@ def tune(weights: Path, out_root: Path, table: Path, methods: list[str], n_procs
             )
         best[method] = (value, sum(results[value]) / len(results[value]), sorted(results))
         chosen["methods"][method] = dict(base, **{key: value})
-        if method == "linear_probe":
+        if method == HEAD_LR_METHOD:
             chosen["head_lr"] = value
     write_learning_rates(chosen, task, seeds)
     text = sweep_table(rows, best, grids, seeds, task, chosen["head_lr"])

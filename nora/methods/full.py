@@ -20,5 +20,5 @@ def train_head(model: nn.Module, ctx: ApplyContext):
     return model, None
 
 
-register_method(Method("full", "full FT", train_everything))
-register_method(Method("linear_probe", "linear probe", train_head, families=("vision",)))
+register_method(Method("full", "full FT", train_everything, head_lr=False))
+register_method(Method("linear_probe", "linear probe", train_head, families=("vision",), head_lr=False))

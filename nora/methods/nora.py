@@ -38,6 +38,6 @@ def apply_nora_pp(model: nn.Module, ctx: ApplyContext):
 
 NORA = dict(adapter="nora", settings=("nora",))
 register_method(Method("nora", "NoRA", apply_nora_method, **NORA))
-register_method(Method("nora_pp", "NoRA++", apply_nora_pp, adapter="nora++", settings=("lora", "nora")))
+register_method(Method("nora_pp", "NoRA++", apply_nora_pp, adapter="nora++", settings=("lora", "nora"), lr_from="lora"))
 register_method(Method("rational_ft", "rational FT", apply_nora_method, **NORA))
 register_method(Method("zero_init_ft", "zero-init FT", apply_nora_method, **NORA))

@@ -44,7 +44,10 @@ class Method:
     ``adapter``: the kind of adapter its run saves, as :func:`nora.app.adapters.adapter_identity` reports it
     (``trainable``: trainable.safetensors, ``peft``: peft's files of a tuner without LoRA or NoRA, ``lora``/``dora``:
     peft's LoRA files, ``nora``/``nora++``: a NoRA peft adapter). ``settings``: the blocks of its config it reads
-    (a block it does not read must be null, one it reads must be set)."""
+    (a block it does not read must be null, one it reads must be set). ``head_lr``: whether its new head trains at
+    a learning rate of its own (``trainer.head_lr``; False: full FT, where everything trains at one lr, and the
+    linear probe, where the head is all that trains). ``lr_from``: the registered method whose tuned lr this one
+    keeps for the factors they share in the demos' lr sweeps (NoRA++: LoRA's), which tune that method first."""
 
     name: str
     label: str  # in result tables and figures
@@ -54,6 +57,8 @@ class Method:
     adapter: str = "trainable"
     settings: tuple[str, ...] = ()
     check: Callable[[MethodConfig], None] | None = None  # settings it needs beyond their schema (config time)
+    head_lr: bool = True
+    lr_from: str | None = None
 
     def __post_init__(self):
         for key, values, valid in (

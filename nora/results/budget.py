@@ -18,6 +18,10 @@ from nora.methods import apply_method, get_method
 from nora.models import build_model
 from nora.results.sweep import CONFIG_DIR
 
+BUDGET_REFERENCE = "nora_pp"  # the arm the others' trainable counts are compared to
+UNRANKED_ARMS = (BUDGET_REFERENCE, "nora")  # counted once, at their config's LoRA rank (if any)
+RANKED_METHODS = ("lora", "dora")  # counted at each rank: their arms are <method>_r<rank>
+
 LLAMA3_8B = dict(
     hidden_size=4096,
     intermediate_size=14336,
@@ -79,7 +83,7 @@ def count(model_name: str, method: str, rank: int | None = None, num_classes: in
     res = apply_method(model, cfg.method, cfg.model)
     p = res.parameters
     r = int(cfg.method.lora.r) if cfg.method.get("lora") else None
-    arm = f"{method}_r{r}" if method in ("lora", "dora") else method
+    arm = f"{method}_r{r}" if method in RANKED_METHODS else method
     return Count(model_name, arm, method, r, p.total, p.trainable, dict(p.components))
 
 
@@ -92,8 +96,8 @@ def bracket(counts: list[Count], target: int, method: str) -> tuple[Count | None
 
 
 def budget_table(model_name: str, ranks=(6, 7, 8, 9, 10), num_classes: int = 100) -> tuple[str, list[Count]]:
-    counts = [count(model_name, "nora_pp", num_classes=num_classes), count(model_name, "nora", num_classes=num_classes)]
-    for m in ("lora", "dora"):
+    counts = [count(model_name, m, num_classes=num_classes) for m in UNRANKED_ARMS]
+    for m in RANKED_METHODS:
         counts += [count(model_name, m, r, num_classes=num_classes) for r in ranks]
     ref = counts[0]
     head = ref.components.get("head", 0)
@@ -109,7 +113,7 @@ def budget_table(model_name: str, ranks=(6, 7, 8, 9, 10), num_classes: int = 100
         )
     text = "\n".join(lines) + "\n"
     notes = [f"total parameters with NoRA++ applied: {ref.total:,} (head: {head:,})"]
-    for m in ("lora", "dora"):
+    for m in RANKED_METHODS:
         lo, hi = bracket(counts, ref.adapter, m)
         notes.append(
             f"{m}: r={lo.rank if lo else '?'} ({lo.adapter if lo else 0:,}) <= NoRA++ ({ref.adapter:,}) < "

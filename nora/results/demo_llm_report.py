@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from nora.adapter.curves import activation_figure
 from nora.app.config import CONFIG_DIR
+from nora.methods.registry import methods_using
 from nora.results import figures
 from nora.results.collect import Collection, Run, mmlu_accuracy
 from nora.results.stats import difference_to_constant, paired_difference, summarize
@@ -253,7 +254,7 @@ def render_demo_llm(
         ylabel="accuracy (%)",
     )
     made["figures"] += [f] if f else []
-    for m in ("nora", "nora_pp"):
+    for m in (m for m in methods if m in methods_using("uses_nora")):  # the methods with rational activations
         mine = sorted((r for r in report.runs if r.method == m), key=lambda r: r.seed)
         if mine:
             f = activation_figure(

@@ -31,6 +31,7 @@ from nora.results.tables import (
 
 # the two questions the demo exists to answer: does NoRA add anything to the probe it sits on, and NoRA++ to LoRA
 DEMO_PAIRS = (("nora", "linear_probe"), ("nora_pp", "lora"))
+DEMO_REFERENCE = "full"  # each task's Δ column is to it
 
 
 DEMO_SETTINGS = CONFIG_DIR / "demo" / "demo.yaml"
@@ -144,7 +145,7 @@ def _demo_summary_section(by_task: dict[str, list[Run]], methods: Sequence[str])
 def demo_report(
     col: Collection,
     methods: Sequence[str] | None = None,
-    reference: str = "full",
+    reference: str = DEMO_REFERENCE,
     source: str = "runs/demo",
     tasks: dict | None = None,
     full: bool = False,
@@ -195,7 +196,7 @@ def render_demo_table(
     root: str | Path,
     out: str | Path | None = None,
     methods: list[str] | None = None,
-    reference: str = "full",
+    reference: str = DEMO_REFERENCE,
     tasks: dict | None = None,
 ) -> str:
     """Markdown tables of the digits demo; writes ``out`` and the CSV beside it."""

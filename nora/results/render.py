@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Sequence
 
 from nora.adapter.curves import activation_figure
+from nora.methods import get_method
+from nora.methods.registry import methods_using
 from nora.results import figures, paper
 from nora.results.collect import Collection, Run, collect
 from nora.results.demo_llm_report import demo_llm_runs, demo_llm_settings, render_demo_llm
@@ -28,9 +30,12 @@ from nora.results.tables import (
     ABLATION_DATASET,
     ABLATION_DEFAULTS,
     ABLATION_MODEL,
+    ABLATION_VARIANTS,
     DATASET_LABEL,
     TABLE1_DATASETS,
+    TABLE1_METHODS,
     TABLE2_DATASETS,
+    TABLE2_METHODS,
     Report,
     Section,
     ablation_report,
@@ -46,8 +51,9 @@ from nora.results.tables import (
 )
 from nora.runs.layout import RunDir
 
-RATIONAL_METHODS = ("nora", "nora_pp", "rational_ft", "zero_init_ft")
-SUBSPACE_METHODS = ("nora", "rational_ft", "zero_init_ft", "nora_pp")
+SUBSPACE_METHODS = ("nora", "rational_ft", "zero_init_ft", "nora_pp")  # the subspace analyses' methods, in order
+SUBSPACE_REFERENCE = "nora"  # the demo's subspace report needs it and one of the contrasts
+SUBSPACE_CONTRASTS = ("rational_ft", "zero_init_ft")
 
 
 # ----------------------------------------------------------------------------- subspace report
@@ -177,7 +183,7 @@ def render_demo(
     made["figures"] += [f] if f else []
     main_task = next(iter(tasks))  # the activation figures and the subspace analysis: the first (main) task
     runs = by_task[main_task]
-    for m in RATIONAL_METHODS:
+    for m in methods_using("uses_nora"):  # the methods with rational activations
         made["figures"] += _activation_figure(
             [r for r in runs if r.method == m],
             out / "figures" / f"demo_activations_{m}.png",
@@ -189,7 +195,7 @@ def render_demo(
     analyses = [analyse_method(m, _by_seed_dirs([r for r in runs if r.method == m])) for m in SUBSPACE_METHODS]
     analyses = [a for a in analyses if a is not None]
     have = {a.method for a in analyses}
-    if {"rational_ft", "zero_init_ft"} & have and "nora" in have:
+    if set(SUBSPACE_CONTRASTS) & have and SUBSPACE_REFERENCE in have:
         used = [r for r in runs if r.method in have]
         rep = subspace_report(
             "demo_subspace",
@@ -226,7 +232,7 @@ def render_table1(col: Collection, out: Path, source: str) -> dict:
     )
     made["figures"] += [f] if f else []
     for ds in TABLE1_DATASETS:
-        for m in ("nora", "nora_pp"):
+        for m in (m for m in TABLE1_METHODS if get_method(m).uses_nora):
             made["figures"] += _activation_figure(
                 [r for r in runs if r.dataset == ds and r.method == m],
                 out / "figures" / f"table1_activations_{m}_{ds}.png",
@@ -244,7 +250,7 @@ def render_table2(col: Collection, out: Path, source: str, eval_source: str = "r
     runs = [r for r in report.runs if r.mmlu]
     panels = {
         DATASET_LABEL[ds]: _points(
-            [r for r in runs if r.dataset == ds], ("lora", "dora", "nora_pp"), lambda r: r.mmlu_accuracy(None)
+            [r for r in runs if r.dataset == ds], TABLE2_METHODS, lambda r: r.mmlu_accuracy(None)
         )
         for ds in TABLE2_DATASETS
     }
@@ -256,14 +262,15 @@ def render_table2(col: Collection, out: Path, source: str, eval_source: str = "r
     )
     made["figures"] += [f] if f else []
     for ds in TABLE2_DATASETS:
-        made["figures"] += _activation_figure(
-            [r for r in report.runs if r.dataset == ds and r.method == "nora_pp"],
-            out / "figures" / f"table2_activations_nora_pp_{ds}.png",
-            lambda run, ds=ds: (
-                f"NoRA++ on LLaMA-3-8B / {DATASET_LABEL[ds]}, seed {run.seed}: learned SiLU rationals "
-                "(12 of 32 layers); shaded: fit range"
-            ),
-        )
+        for m in (m for m in TABLE2_METHODS if get_method(m).uses_nora):
+            made["figures"] += _activation_figure(
+                [r for r in report.runs if r.dataset == ds and r.method == m],
+                out / "figures" / f"table2_activations_{m}_{ds}.png",
+                lambda run, m=m, ds=ds: (
+                    f"{method_label(m)} on LLaMA-3-8B / {DATASET_LABEL[ds]}, seed {run.seed}: learned SiLU "
+                    "rationals (12 of 32 layers); shaded: fit range"
+                ),
+            )
     return made
 
 
@@ -278,12 +285,13 @@ def render_ablations(
         for r in col.runs
         if r.model == ABLATION_MODEL
         and r.dataset == ABLATION_DATASET
-        and r.method in ("nora", "rational_ft", "zero_init_ft")
+        and r.method in ABLATION_VARIANTS
         and all(at_setting(r, k, v) for k, v in others.items())
     ]
     analyses = [
         analyse_method(m, _by_seed_dirs([r for r in variant_runs if r.method == m]))
-        for m in ("nora", "rational_ft", "zero_init_ft")
+        for m in SUBSPACE_METHODS
+        if m in ABLATION_VARIANTS
     ]
     analyses = [a for a in analyses if a is not None]
     if len(analyses) >= 2:

@@ -258,6 +258,7 @@ def params_of(runs: Sequence[Run]) -> tuple[int | None, float | None]:
 
 # ----------------------------------------------------------------------------- table 1
 TABLE1_METHODS = ("full", "linear_probe", "lora", "dora", "nora", "nora_pp")
+TABLE1_REFERENCE = "full"  # every row's Δ is to it
 TABLE1_DATASETS = ("cifar10", "cifar100")
 DATASET_LABEL = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "alpaca": "Alpaca", "openorca": "OpenOrca"}
 
@@ -270,10 +271,10 @@ def table1_report(col: Collection, seeds: int = 3, source: str = "runs/table1") 
     ]
     rows, csv_rows = [], []
     for ds in TABLE1_DATASETS:
-        ref = by_seed([r for r in runs if r.dataset == ds and r.method == "full"], lambda r: r.accuracy)
+        ref = by_seed([r for r in runs if r.dataset == ds and r.method == TABLE1_REFERENCE], lambda r: r.accuracy)
         for m in TABLE1_METHODS:
             mine = [r for r in runs if r.dataset == ds and r.method == m]
-            s, d, cells = vision_row_cells(mine, ref, m == "full")
+            s, d, cells = vision_row_cells(mine, ref, m == TABLE1_REFERENCE)
             trainable, pct = params_of(mine)
             quoted = paper.TABLE1.get((ds, m), "—")
             rows.append([DATASET_LABEL[ds], method_label(m), *cells, quoted, fmt_int(trainable), fmt_share(pct)])
@@ -330,18 +331,19 @@ def table1_report(col: Collection, seeds: int = 3, source: str = "runs/table1") 
 
 # Table 1's low-budget companion (sweeps/table1_low_budget.yaml): NoRA among the methods of its own size
 LOW_BUDGET_METHODS = ("linear_probe", "nora", "bitfit", "ln_tuning", "ia3", "vera")
+LOW_BUDGET_REFERENCE = "nora"  # every row's Δ is NoRA minus it
 
 
 def low_budget_section(runs: Sequence[Run], datasets, heading: str | None) -> Section:
     """One row per (dataset, method): accuracy, NoRA minus the method paired by seed, trainable count."""
     rows, csv_rows = [], []
     for ds in datasets:
-        ref = by_seed([r for r in runs if r.dataset == ds and r.method == "nora"], lambda r: r.accuracy)
+        ref = by_seed([r for r in runs if r.dataset == ds and r.method == LOW_BUDGET_REFERENCE], lambda r: r.accuracy)
         for m in LOW_BUDGET_METHODS:
             mine = [r for r in runs if r.dataset == ds and r.method == m]
             acc = by_seed(mine, lambda r: r.accuracy)
             s = summarize(acc.values())
-            d = None if m == "nora" else paired_difference(ref, acc)
+            d = None if m == LOW_BUDGET_REFERENCE else paired_difference(ref, acc)
             trainable, pct = params_of(mine)
             rows.append(
                 [
@@ -351,7 +353,7 @@ def low_budget_section(runs: Sequence[Run], datasets, heading: str | None) -> Se
                     fmt_share(pct),
                     str(s.n),
                     s.fmt(),
-                    "reference" if m == "nora" else d.fmt(),
+                    "reference" if m == LOW_BUDGET_REFERENCE else d.fmt(),
                 ]
             )
             csv_rows.append(
@@ -409,6 +411,7 @@ def table1_low_budget_report(col: Collection, seeds: int = 3, source: str = "run
 
 # ----------------------------------------------------------------------------- table 2
 TABLE2_METHODS = ("lora", "dora", "nora_pp")
+TABLE2_REFERENCE = "lora"  # the methods' Δ columns are to it (and to the base model)
 TABLE2_DATASETS = ("alpaca", "openorca")
 TABLE2_MODEL = "llama3_8b"
 TABLE2_MODEL_NAMES = ("llama3_8b", "meta-llama/Meta-Llama-3-8B")
@@ -485,8 +488,8 @@ def table2_report(
         }
     )
     for ds in TABLE2_DATASETS:
-        lora_avg = by_seed([r for r in evaluated if r.dataset == ds and r.method == "lora"], _mmlu(None))
-        lora_stem = by_seed([r for r in evaluated if r.dataset == ds and r.method == "lora"], _mmlu("STEM"))
+        lora_runs = [r for r in evaluated if r.dataset == ds and r.method == TABLE2_REFERENCE]
+        lora_avg, lora_stem = by_seed(lora_runs, _mmlu(None)), by_seed(lora_runs, _mmlu("STEM"))
         for m in TABLE2_METHODS:
             mine = [r for r in evaluated if r.dataset == ds and r.method == m]
             trained = [r for r in runs if r.dataset == ds and r.method == m]
@@ -495,7 +498,7 @@ def table2_report(
             n = sums[None].n
             n_txt = f"{n} ({len(trained)} trained)" if len(trained) > n else str(n)
             d_base = difference_to_constant(per_cat[None], base_avg)
-            is_ref = m == "lora"
+            is_ref = m == TABLE2_REFERENCE
             d_lora = None if is_ref else paired_difference(per_cat[None], lora_avg)
             d_stem = None if is_ref else paired_difference(per_cat["STEM"], lora_stem)
             trainable, _pct = params_of(trained)
@@ -561,6 +564,8 @@ def table2_report(
 
 
 # ----------------------------------------------------------------------------- ablations
+ABLATION_VARIANTS = ("rational_ft", "zero_init_ft", "nora")  # the variant ablation's methods
+ABLATION_REFERENCE = "full"  # full FT (from runs/table1): the ablations' reference
 ABLATION_DEFAULTS = {
     "method": "nora",
     "method.nora.r": 3,
@@ -572,7 +577,7 @@ ABLATION_DEFAULTS = {
 }
 # (sweep, heading, factor, values): the values of sweeps/ablation_<sweep>.yaml (checked by tests/test_sweeps.py)
 ABLATIONS = (
-    ("variant", "Rational FT vs zero-init FT vs NoRA", "method", ("rational_ft", "zero_init_ft", "nora")),
+    ("variant", "Rational FT vs zero-init FT vs NoRA", "method", ABLATION_VARIANTS),
     ("rank", "Rank r of the coefficient update (alpha = 6)", "method.nora.r", (1, 2, 3, 4, 8)),
     ("groups", "Groups G", "method.nora.groups", (1, 2, 4, 8, 16, 96, 768)),
     ("form", "Denominator form (A: 1+Σ|b_j||x|^j, B: 1+|Σ b_j x^j|)", "method.nora.form", ("A", "B")),
@@ -606,14 +611,12 @@ def ablation_report(
     runs = [
         r
         for r in col.runs
-        if r.model == ABLATION_MODEL
-        and r.dataset == ABLATION_DATASET
-        and r.method in ("nora", "rational_ft", "zero_init_ft")
+        if r.model == ABLATION_MODEL and r.dataset == ABLATION_DATASET and r.method in ABLATION_VARIANTS
     ]
     ref_runs = [
         r
         for r in (reference_col or Collection()).runs
-        if r.model == ABLATION_MODEL and r.dataset == ABLATION_DATASET and r.method == "full"
+        if r.model == ABLATION_MODEL and r.dataset == ABLATION_DATASET and r.method == ABLATION_REFERENCE
     ]
     full = by_seed(ref_runs, lambda r: r.accuracy)
     default = by_seed(
@@ -703,7 +706,9 @@ ARMS = (("nora_pp", DEFAULT_LORA_RANK), ("lora", 8), ("lora", 9), ("dora", 7), (
 
 
 def arm_label(method: str, rank: int) -> str:
-    return "NoRA++ (LoRA r=8 + NoRA)" if method == "nora_pp" else f"{method_label(method)} r={rank}"
+    if method in METHODS and METHODS[method].uses_nora:  # NoRA++: LoRA at ``rank`` plus NoRA
+        return f"{method_label(method)} (LoRA r={rank} + NoRA)"
+    return f"{method_label(method)} r={rank}"
 
 
 def _matched_section(runs: Sequence[Run], datasets, metric: Callable[[Run], float | None], heading: str) -> Section:
