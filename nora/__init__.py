@@ -27,27 +27,20 @@ from nora.adapter import (
     get_nora_config,
     get_peft_model,
     load_nora,
-    load_nora_pp,
     mark_trainable,
     merge_nora,
     nora_modules,
     parameter_report,
-    read_nora_config,
-    read_peft_config,
     save_merged,
     save_nora,
-    save_nora_pp,
     set_trainable,
 )
 from nora.kernels import available_backends, rational
 from nora.rational.fit import RationalFit, fit_rational
 
 try:  # NoRA as a peft method wherever peft is installed (a core install has no peft, and no peft method)
+    # (it also lets nora.save_nora write NoRA++: the LoRA part of one NORA peft adapter)
     from nora.tuner import NoraPeftConfig, calibrate
-
-    # NoRA++ saved as one peft adapter (peft's own loaders read it); the loader reads the earlier two-part format too
-    from nora.tuner import load_pretrained as load_nora_pp
-    from nora.tuner import save_pretrained as save_nora_pp
 except ImportError as _missing:  # peft (or what it needs) is not installed or cannot be imported here
     if not any(p in f"{_missing.name} {_missing}" for p in ("peft", "transformers", "accelerate")):
         raise
@@ -73,17 +66,13 @@ __all__ = [
     "get_nora_config",
     "get_peft_model",
     "load_nora",
-    "load_nora_pp",
     "mark_trainable",
     "merge_nora",
     "nora_modules",
     "parameter_report",
     "rational",
-    "read_nora_config",
-    "read_peft_config",
     "save_merged",
     "save_nora",
-    "save_nora_pp",
     "set_trainable",
 ]
 if "NoraPeftConfig" in globals():

@@ -1,6 +1,10 @@
 """NoRA adapter on real model classes: function preservation, trainable sets, NoRA++, save/load/merge."""
 
+import json
 import math
+import subprocess
+import sys
+import textwrap
 
 import peft
 import pytest
@@ -8,11 +12,14 @@ import timm
 import torch
 import torch.nn.functional as F
 import transformers
+from legacy_formats import NORA_PP_PEFT_TYPE, write_nora_files, write_two_part
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import nora
 from nora.adapter.layer import NoraActivation
+
+PEFT_FILES = ["adapter_config.json", "adapter_model.safetensors"]
 
 
 def vit_tiny(num_classes=100):
@@ -299,7 +306,7 @@ def test_save_load_merge_round_trip_vit(tmp_path, variant):
     with torch.no_grad():
         want = model(x)
     nora.save_nora(model, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["nora_adapter.safetensors", "nora_config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == PEFT_FILES  # one NORA peft adapter
 
     fresh = small_vit()
     fresh.load_state_dict(base_state)  # the "pretrained" weights, without the adapter
@@ -342,10 +349,10 @@ def test_nora_pp_save_load_round_trip(tmp_path):
     ids = torch.randint(0, 96, (2, 12))
     with torch.no_grad():
         want = model(ids).logits
-    nora.save_nora_pp(model, tmp_path)  # one peft adapter, peft type NORA (nora.tuner)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    nora.save_nora(model, tmp_path)  # one peft adapter, peft type NORA, with its LoRA part (nora.tuner adds it)
+    assert sorted(p.name for p in tmp_path.iterdir()) == PEFT_FILES
 
-    for load in (nora.load_nora_pp, peft.PeftModel.from_pretrained):  # nora's loader is peft's for this format
+    for load in (nora.load_nora, peft.PeftModel.from_pretrained):  # nora's loader is peft's for NoRA++
         fresh = tiny_llama()
         fresh.load_state_dict(base_state)
         loaded = load(fresh, str(tmp_path))
@@ -462,9 +469,12 @@ def test_save_nora_refuses_a_directory_of_another_adapter(tmp_path):
     lora.save_pretrained(str(tmp_path))
     model = tiny_llama()
     nora.apply_nora(model)
-    with pytest.raises(nora.AdapterError, match="holds peft adapter files .* no peft adapter"):
+    with pytest.raises(nora.AdapterError, match="holds peft adapter files .* of another method"):
         nora.save_nora(model, tmp_path)
-    assert not (tmp_path / "nora_config.json").exists()
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    write_nora_files(model, tmp_path / "old")
+    with pytest.raises(nora.AdapterError, match="holds nora_config.json .* earlier format"):
+        nora.save_nora(model, tmp_path / "old")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "trainable.safetensors").write_bytes(b"")
     with pytest.raises(nora.AdapterError, match="holds trainable.safetensors"):
@@ -473,11 +483,9 @@ def test_save_nora_refuses_a_directory_of_another_adapter(tmp_path):
 
 # ------------------------------------------------------------- peft-only loaders: all of it or a clear error
 def test_peft_loads_a_nora_pp_adapter_and_its_config_is_not_marked(tmp_path):
-    """nora.save_nora_pp writes NoRA as a peft method: nothing for peft to refuse any more."""
-    import json
-
+    """nora.save_nora writes NoRA++ as a peft method: nothing for peft to refuse any more."""
     model, state = _nora_pp()
-    nora.save_nora_pp(model, tmp_path)
+    nora.save_nora(model, tmp_path)
     raw = json.loads((tmp_path / "adapter_config.json").read_text())
     assert raw["peft_type"] == "NORA" and "nora_peft_type" not in raw and raw["lora_r"] == 4
     assert isinstance(peft.PeftConfig.from_pretrained(str(tmp_path)), nora.NoraPeftConfig)
@@ -489,25 +497,16 @@ def test_peft_loads_a_nora_pp_adapter_and_its_config_is_not_marked(tmp_path):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
-# the earlier two-part format (peft's LoRA files next to NoRA's): peft alone would load only the LoRA half, so its
-# adapter_config.json stays marked; nora.load_nora_pp still reads it
-@pytest.mark.parametrize("writer", ["two_part_save_nora_pp", "save_pretrained_then_save_nora"])
-def test_peft_alone_refuses_a_nora_pp_adapter_in_the_earlier_two_part_format(tmp_path, writer):
-    import json
-
-    from nora.adapter.io import save_nora_pp as two_part_save_nora_pp
-
+# the earlier two-part format (peft's LoRA files next to NoRA's, tests/legacy_formats.py): peft alone would load only
+# the LoRA half, so its adapter_config.json stays marked; nora.load_nora still reads it
+def test_peft_alone_refuses_a_nora_pp_adapter_in_the_earlier_two_part_format(tmp_path):
     model, state = _nora_pp()
-    if writer == "two_part_save_nora_pp":
-        two_part_save_nora_pp(model, tmp_path)
-    else:  # what nora.app.adapters.save_adapter did before NoRA was a peft method
-        model.save_pretrained(str(tmp_path))
-        nora.save_nora(model, tmp_path)
+    write_two_part(model, tmp_path)
     raw = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert raw["nora_peft_type"] == "LORA" and "nora.load_nora_pp" in raw["peft_type"]
+    assert raw["nora_peft_type"] == "LORA" and raw["peft_type"] == NORA_PP_PEFT_TYPE
     fresh = tiny_llama()
     fresh.load_state_dict(state)
-    with pytest.raises(KeyError, match=r"peft alone would load only the LoRA half; load it with nora\.load_nora_pp"):
+    with pytest.raises(KeyError, match=r"peft alone would load only the LoRA half"):
         peft.PeftModel.from_pretrained(fresh, str(tmp_path))
     with pytest.raises(KeyError, match=r"nora\.load_nora_pp"):
         peft.PeftConfig.from_pretrained(str(tmp_path))
@@ -515,19 +514,24 @@ def test_peft_alone_refuses_a_nora_pp_adapter_in_the_earlier_two_part_format(tmp
     with pytest.raises(KeyError, match=r"nora\.load_nora_pp"):  # transformers' own peft integration
         fresh.load_adapter(str(tmp_path))
     ids = torch.randint(0, 96, (2, 10))
-    loaded = nora.load_nora_pp(fresh, tmp_path)
+    loaded = nora.load_nora(fresh, tmp_path)
+    assert isinstance(loaded, peft.PeftModel)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
-    assert nora.read_peft_config(tmp_path)["peft_type"] == "LORA"
+    assert nora.adapter.read_peft_config(tmp_path)["peft_type"] == "LORA"
 
 
-def test_load_nora_pp_needs_both_halves(tmp_path):
+def test_a_two_part_nora_pp_adapter_needs_both_halves(tmp_path):
     model, _ = _nora_pp()
-    model.save_pretrained(str(tmp_path))  # the peft half only
+    write_two_part(model, tmp_path)
+    (tmp_path / "nora_config.json").unlink()  # the peft half only
     fresh = tiny_llama()
     with pytest.raises(FileNotFoundError, match="no NoRA adapter at"):
-        nora.load_nora_pp(fresh, tmp_path)
+        nora.load_nora(fresh, tmp_path)
     assert not hasattr(fresh, "peft_config") and not nora.nora_modules(fresh)
+    model.save_pretrained(str(tmp_path / "lora"))  # a LoRA adapter is no NoRA adapter
+    with pytest.raises(FileNotFoundError, match="no NoRA adapter at"):
+        nora.load_nora(fresh, tmp_path / "lora")
 
 
 # -------------------------------------------------------------------------------- disable_adapter
@@ -688,7 +692,8 @@ def test_group_check_covers_conv1d_fused_gate_up_and_conv2d(builder, width, tmp_
     model = builder()
     nora.apply_nora(model)
     nora.save_nora(model, tmp_path)
-    widths = [info["width"] for info in nora.read_nora_config(tmp_path)["layers"].values()]
+    specs = json.loads((tmp_path / "adapter_config.json").read_text())["layer_specs"]
+    widths = [spec["width"] for spec in specs.values()]
     assert widths[0] == width and None not in widths
 
 
@@ -842,9 +847,9 @@ def test_trainable_modules_on_a_peft_model_apply_and_reload(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         want = model(x)
-    nora.save_nora_pp(model, tmp_path)  # one NORA peft adapter: NoRA's trainable_modules are its modules_to_save
+    nora.save_nora(model, tmp_path)  # one NORA peft adapter: NoRA's trainable_modules are its modules_to_save
     assert peft.PeftConfig.from_pretrained(str(tmp_path)).modules_to_save == ["head"]
-    for load in (nora.load_nora_pp, peft.PeftModel.from_pretrained):
+    for load in (nora.load_nora, peft.PeftModel.from_pretrained):
         fresh = small_vit()
         fresh.load_state_dict(state)
         loaded = load(fresh, str(tmp_path))
@@ -877,8 +882,8 @@ def test_adapter_saved_with_lora_on_fused_experts_loads_onto_a_plain_model(tmp_p
     assert any("experts.base_layer" in n for n, _ in wrapped.named_modules())  # peft wraps the fused experts
     nora.apply_nora(wrapped)
     _perturb(wrapped)
-    nora.save_nora(wrapped, tmp_path / "with_lora")
-    assert set(nora.read_nora_config(tmp_path / "with_lora")["layers"]) == {
+    write_nora_files(wrapped, tmp_path / "with_lora")  # the earlier format kept NoRA's half on its own
+    assert set(nora.adapter.read_nora_config(tmp_path / "with_lora")["layers"]) == {
         "model.layers.0.mlp.experts.act_fn",
         "model.layers.1.mlp.experts.act_fn",
     }
@@ -887,6 +892,11 @@ def test_adapter_saved_with_lora_on_fused_experts_loads_onto_a_plain_model(tmp_p
     ids = torch.randint(0, 64, (2, 8))
     with torch.no_grad():  # LoRA's B is still zero: the wrapped model computes what the plain one with the adapter does
         torch.testing.assert_close(wrapped(ids).logits, plain(ids).logits, rtol=1e-6, atol=1e-6)
+    nora.save_nora(wrapped, tmp_path / "nora_pp")  # today: both parts in one NORA peft adapter
+    loaded = nora.load_nora(mixtral(), tmp_path / "nora_pp")
+    assert set(nora.adapter.peft_format.read_nora_layers(tmp_path / "nora_pp")) == set(nora.nora_modules(plain))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, wrapped(ids).logits)
     nora.save_nora(plain, tmp_path / "plain")  # and the other way round
     rewrapped = peft.get_peft_model(mixtral(), peft.LoraConfig(r=2, target_modules="all-linear"))
     nora.load_nora(rewrapped, tmp_path / "plain")
@@ -1042,3 +1052,145 @@ def test_per_group_calibration_of_a_conv_layout_mlp_groups_channels():
     assert report.max_error() < 1e-2
     with torch.no_grad():
         assert (model(x) - before).abs().max() < 1e-2 * before.abs().max()
+
+
+# ------------------------------------------------------------------ one adapter format (issue 31)
+def _trained_vit(seed=0):
+    torch.manual_seed(seed)
+    base = small_vit()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    nora.apply_nora(base, nora.NoraConfig(trainable_modules=["head"]))
+    _perturb(base)
+    with torch.no_grad():
+        base.head.weight.add_(0.1)
+    return base, state
+
+
+def _fresh_vit(state):
+    fresh = small_vit()
+    fresh.load_state_dict(state)
+    return fresh
+
+
+def _assert_same_adapter(a, b):
+    """The same config text, tensors and metadata (safetensors orders its metadata as it likes)."""
+    from safetensors import safe_open
+
+    assert (a / "adapter_config.json").read_text() == (b / "adapter_config.json").read_text()
+    with safe_open(str(a / PEFT_FILES[1]), "pt") as fa, safe_open(str(b / PEFT_FILES[1]), "pt") as fb:
+        assert fa.metadata() == fb.metadata() and sorted(fa.keys()) == sorted(fb.keys())
+        assert all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in fa.keys())
+
+
+def test_a_vision_nora_adapter_is_one_peft_adapter_that_peft_and_nora_load(tmp_path):
+    """nora.save_nora writes a timm ViT's NoRA adapter (activations and head) in peft's layout: peft's own
+    PeftModel.from_pretrained and nora.load_nora (in place) both rebuild the trained model exactly."""
+    model, state = _trained_vit()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+    nora.save_nora(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == PEFT_FILES
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "NORA" and cfg["lora_r"] == 0 and cfg["modules_to_save"] == ["head"]
+    assert set(cfg["layer_specs"]) == {f"blocks.{i}.mlp.act" for i in range(3)}
+    spec = {"width": 256, "channel_dim": -1, "original": "gelu", "init": "fit", "fit_range": [-3.0, 3.0]}
+    assert cfg["layer_specs"]["blocks.0.mlp.act"] == spec
+
+    loaded = peft.PeftModel.from_pretrained(_fresh_vit(state), str(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), want)
+    fresh = _fresh_vit(state)
+    assert nora.load_nora(fresh, tmp_path) is fresh  # NoRA alone: in place, no peft wrapper
+    assert set(nora.nora_modules(fresh)) == set(cfg["layer_specs"])
+    with torch.no_grad():
+        assert torch.equal(fresh(x), want)
+    assert nora.parameter_report(fresh).trainable == 0
+    nora.save_nora(fresh, tmp_path / "again")  # the reloaded model writes the same adapter
+    _assert_same_adapter(tmp_path / "again", tmp_path)
+
+
+def test_a_vision_nora_adapter_loads_where_peft_cannot_be_imported(tmp_path):
+    """The writer of NoRA alone and the reader need no peft: in an interpreter where `import peft` fails, nora.save_nora
+    writes the same two files (the config text equal to NoraPeftConfig's own save) and nora.load_nora reads the
+    adapter peft wrote, with the trained model's outputs."""
+    model, state = _trained_vit()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+    torch.save({"state": state, "x": x, "want": want}, tmp_path / "case.pt")
+    nora.save_nora(model, tmp_path / "with_peft")
+    code = textwrap.dedent(f"""
+        import sys, importlib.abc
+
+        class NoPeft(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "peft" or name.startswith("peft."):
+                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+
+        sys.meta_path.insert(0, NoPeft())
+        import torch
+        from timm.models.vision_transformer import VisionTransformer
+        import nora
+
+        assert not hasattr(nora, "NoraPeftConfig")
+        case = torch.load({str(tmp_path / "case.pt")!r})
+        fresh = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=4, num_classes=10).eval()
+        fresh.load_state_dict(case["state"])
+        nora.load_nora(fresh, {str(tmp_path / "with_peft")!r})
+        with torch.no_grad():
+            assert torch.equal(fresh(case["x"]), case["want"])
+        nora.save_nora(fresh, {str(tmp_path / "without_peft")!r})
+        assert not any(m.split(".")[0] == "peft" for m in sys.modules)
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    _assert_same_adapter(tmp_path / "without_peft", tmp_path / "with_peft")  # as written with peft
+    loaded = peft.PeftModel.from_pretrained(_fresh_vit(state), str(tmp_path / "without_peft"))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), want)
+
+
+def test_the_config_nora_writes_without_peft_is_nora_peft_configs_own(tmp_path):
+    """adapter_config.json as nora.adapter writes it (no peft) is the text NoraPeftConfig.save_pretrained writes, for
+    NoRA alone and NoRA++; the defaults nora.adapter assumes are NoraPeftConfig's."""
+    import dataclasses
+
+    from nora.adapter.peft_format import PEFT_DEFAULTS
+    from nora.tuner import peft_config_of
+
+    own = {f.name for f in dataclasses.fields(nora.NoraConfig)}
+    defaults = {
+        f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+        for f in dataclasses.fields(nora.NoraPeftConfig)
+        if f.name not in own and f.name != "peft_type"
+    }
+    assert PEFT_DEFAULTS == defaults
+    vit, _ = _trained_vit()
+    llm, _ = _nora_pp()
+    for name, model in (("vit", vit), ("nora_pp", llm)):
+        nora.save_nora(model, tmp_path / name)
+        peft_config_of(model).save_pretrained(str(tmp_path / f"{name}_peft"))
+        written = (tmp_path / name / "adapter_config.json").read_text()
+        assert written == (tmp_path / f"{name}_peft" / "adapter_config.json").read_text()
+        peft.PeftConfig.from_pretrained(str(tmp_path / name)).save_pretrained(str(tmp_path / f"{name}_again"))
+        assert (tmp_path / f"{name}_again" / "adapter_config.json").read_text() == written
+
+
+def test_a_nora_adapter_in_the_earlier_format_still_loads(tmp_path):
+    """nora_config.json + nora_adapter.safetensors (tests/legacy_formats.py: what save_nora wrote before) loads with
+    nora.load_nora, checked as before (another width is refused, the model untouched)."""
+    model, state = _trained_vit()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+    write_nora_files(model, tmp_path)
+    fresh = _fresh_vit(state)
+    nora.load_nora(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), want)
+    wider = small_vit(mlp_ratio=2)
+    with pytest.raises(nora.AdapterError, match="width 128, the adapter was saved for width 256"):
+        nora.load_nora(wider, tmp_path)
+    assert set(_activations(wider).values()) == {"GELU"}

@@ -24,10 +24,11 @@ import pytest
 import timm
 import torch
 import transformers as hf
+from legacy_formats import write_two_part  # the format before NoRA was a peft method
 from torch import nn
 
 import nora
-from nora.adapter.io import save_nora_pp as two_part_save_nora_pp  # the format before NoRA was a peft method
+from nora.adapter.io import read_nora_config
 from nora.adapter.peft_format import read_nora_layers
 
 V = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
@@ -433,8 +434,8 @@ def check_family(fam: Family, tmp_path) -> dict:
     with torch.no_grad():
         want = run(fam, model, inputs)
     nora.save_nora(model, tmp_path / "nora")
-    meta = nora.read_nora_config(tmp_path / "nora")
-    assert {n: i["width"] for n, i in meta["layers"].items()} == {n: t["width"] for n, t in report.targets.items()}
+    specs = json.loads((tmp_path / "nora" / "adapter_config.json").read_text())["layer_specs"]
+    assert {n: i["width"] for n, i in specs.items()} == {n: t["width"] for n, t in report.targets.items()}
     fresh = build(fam, state)
     nora.load_nora(fresh, tmp_path / "nora")
     with torch.no_grad():
@@ -461,8 +462,8 @@ def check_family(fam: Family, tmp_path) -> dict:
 
 def check_nora_pp(fam: Family, state: dict, inputs: dict, targets: set, directory) -> None:
     """LoRA on every linear layer + NoRA: trained, saved as one NORA peft adapter, reloaded onto a fresh model by
-    nora.load_nora_pp (peft's PeftModel.from_pretrained); in the earlier two-part format the NoRA half also loads
-    onto a model without LoRA (adapter names are canonical)."""
+    nora.load_nora (peft's PeftModel.from_pretrained); the earlier two-part format (tests/legacy_formats.py) loads
+    too, its NoRA half keyed by canonical names."""
     model = peft.get_peft_model(
         build(fam, state), peft.LoraConfig(r=2, target_modules="all-linear", **(fam.lora_extra or {}))
     )
@@ -470,16 +471,17 @@ def check_nora_pp(fam: Family, state: dict, inputs: dict, targets: set, director
     train_steps(fam, model, inputs, steps=2)
     with torch.no_grad():
         want = run(fam, model, inputs)
-    nora.save_nora_pp(model, directory)
+    nora.save_nora(model, directory)
     assert set(read_nora_layers(directory)) == targets
-    loaded = nora.load_nora_pp(build(fam, state), directory)
+    loaded = nora.load_nora(build(fam, state), directory)
     with torch.no_grad():
         assert torch.equal(run(fam, loaded, inputs), want)
-    two_part_save_nora_pp(model, directory / "two_part")
-    assert set(nora.read_nora_config(directory / "two_part")["layers"]) == targets
-    plain = build(fam, state)
-    nora.load_nora(plain, directory / "two_part")
-    assert set(nora.nora_modules(plain)) == targets
+    write_two_part(model, directory / "two_part")
+    assert set(read_nora_config(directory / "two_part")["layers"]) == targets
+    loaded = nora.load_nora(build(fam, state), directory / "two_part")
+    assert set(nora.nora_modules(loaded)) == targets
+    with torch.no_grad():
+        assert torch.equal(run(fam, loaded, inputs), want)
 
 
 @pytest.mark.parametrize("fam", FAMILIES, ids=[f.name for f in FAMILIES])

@@ -96,7 +96,7 @@ def nora_pp_run(tmp_path):
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
-    nora.save_nora_pp(model, run / "adapter")
+    nora.save_nora(model, run / "adapter")
     summary = {
         "status": "complete",
         "method": "nora_pp",
@@ -140,7 +140,7 @@ def test_push_to_hub_then_load_by_hub_id(tmp_path, nora_pp_run):
         files = hub.files("me/llama-tiny-nora-pp")
     assert proc.stdout.splitlines()[0] == f"{hub.url}/me/llama-tiny-nora-pp/commit/{hub.sha('me/llama-tiny-nora-pp')}"
     assert proc.stdout.splitlines()[-1].startswith("loaded nora++ " + str(tmp_path / "cache"))
-    # NoRA++ is one peft adapter (peft type NORA): nora.save_nora_pp writes it, peft's loader reads it
+    # NoRA++ is one peft adapter (peft type NORA): nora.save_nora writes it, peft's loader reads it
     assert sorted(files) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "run_config.yaml"]
     assert json.loads(files["adapter_config.json"])["peft_type"] == "NORA"
     for name in ("adapter_model.safetensors", "adapter_config.json"):

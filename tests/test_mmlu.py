@@ -8,12 +8,12 @@ from types import SimpleNamespace
 import peft
 import pytest
 import torch
+from legacy_formats import write_two_part  # the format before NoRA was a peft method
 from mmlu_fixtures import FIXTURE_SUBJECTS, make_fixture, write_csv, write_parquet, write_saved
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import nora
-from nora.adapter.io import save_nora_pp as two_part_save_nora_pp  # the format before NoRA was a peft method
 from nora.app.adapters import apply_adapter, find_adapter_dir
 from nora.eval import (
     build_prompt,
@@ -442,10 +442,10 @@ def test_apply_adapter_reproduces_logits(tmp_path, tok, kind):
     run_dir = tmp_path / "run"
     adir = run_dir / "adapter"
     if kind == "nora++" and two_part:
-        two_part_save_nora_pp(model, adir)
+        write_two_part(model, adir)
         assert (adir / "nora_adapter.safetensors").exists()
     elif kind == "nora++":
-        nora.save_nora_pp(model, adir)  # one peft adapter, peft type NORA
+        nora.save_nora(model, adir)  # one peft adapter, peft type NORA
     elif kind == "nora":
         nora.save_nora(model, adir)
     else:

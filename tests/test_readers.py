@@ -1,6 +1,6 @@
 """Every reader of a saved NoRA artefact checks what its writer recorded, and every input is checked where it enters
 (issue 32, part A): peft's own ``PeftModel.from_pretrained`` (through the NORA tuner), ``nora.load_nora``,
-``nora.load_nora_pp``, ``nora.from_pretrained`` of a merged folder (formats 1 and 2), ``NoraConfig`` /
+``nora.from_pretrained`` of a merged folder (formats 1 and 2), ``NoraConfig`` /
 ``NoraPeftConfig`` and ``train.py method=nora_pp``. Each case damages a real file (or builds a real mismatching
 model) and asserts the one-line error and that the model given was left as it was."""
 
@@ -308,8 +308,8 @@ def test_peft_from_pretrained_loads_the_undamaged_adapter_with_its_outputs(saved
 
 
 def test_a_config_passed_explicitly_still_refuses_a_missing_tensor(saved_pp, tmp_path):
-    """Without the folder (config= given, as load_nora_pp of the earlier format does), the tuner's load hook checks
-    the state dict peft would load: a missing tensor is an error, not a layer left at its initialisation."""
+    """Without the folder (config= given, as load_nora does for the earlier two-part format), the tuner's load hook
+    checks the state dict peft would load: a missing tensor is an error, not a layer left at its initialisation."""
     d = damaged(saved_pp, tmp_path, _drop_tensor)
     cfg = {k: v for k, v in json.loads((d / CONFIG).read_text()).items() if k != "peft_type"}
     with warnings.catch_warnings():
@@ -351,7 +351,7 @@ def test_nora_loaders_name_an_edited_or_truncated_adapter_config(saved_pp, tmp_p
     model = llama()
     before = snapshot(model)
     with pytest.raises(nora.AdapterError) as err:
-        nora.load_nora_pp(model, d)
+        nora.load_nora(model, d)
     assert one_line(err).startswith(message.format(cfg=d / CONFIG, dir=d)), str(err.value)
     assert_untouched(model, before)
 
@@ -360,9 +360,10 @@ def test_a_lora_adapter_config_without_nora_tensors_is_not_mistaken(tmp_path):
     model = peft.get_peft_model(llama(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     model.save_pretrained(str(tmp_path))
     with pytest.raises(FileNotFoundError) as err:
-        nora.load_nora_pp(llama(), tmp_path)
+        nora.load_nora(llama(), tmp_path)
     assert one_line(err).startswith(
-        f"no NoRA adapter at {tmp_path} (expected nora_config.json and nora_adapter.safetensors)"
+        f"no NoRA adapter at {tmp_path} (expected adapter_config.json with peft_type NORA and "
+        "adapter_model.safetensors, or the earlier nora_config.json and nora_adapter.safetensors)"
     )
 
 

@@ -536,7 +536,7 @@ def test_a_run_whose_adapter_was_deleted_is_not_complete_and_is_rebuilt_from_its
     base = tiny_overrides(cifar10, tmp_path, "nora", [])
     first = run_training(make_cfg(base), run_dir=run)
     saved = {p.name: p.read_bytes() for p in (run / "adapter").iterdir()}
-    assert set(first["adapter"]["files"]) == {"nora_config.json", "nora_adapter.safetensors"}
+    assert set(first["adapter"]["files"]) == {"adapter_config.json", "adapter_model.safetensors"}
     shutil.rmtree(run / "adapter")
     with pytest.raises(UserError, match=f"{run}: no adapter/ directory"):
         load_trained_model(run)
@@ -725,20 +725,22 @@ def test_every_file_a_run_writes_follows_the_umask(cifar10, tmp_path):
         "metrics.jsonl",
         "activations.png",
         "checkpoints/last.pt",
-        "adapter/nora_adapter.safetensors",
-        "adapter/nora_config.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
     } <= set(modes)
     assert {f: oct(m) for f, m in modes.items() if m != 0o640} == {}
 
 
 def _saved_small_vit_adapter(directory):
+    """A NoRA adapter in the earlier nora_config.json format (nora still reads it; tests/legacy_formats.py)."""
+    from legacy_formats import write_nora_files
     from test_adapter import small_vit
 
     import nora
 
     model = small_vit()
     nora.apply_nora(model, nora.NoraConfig(trainable_modules=["head"]))
-    nora.save_nora(model, directory)
+    write_nora_files(model, directory)
     return directory
 
 

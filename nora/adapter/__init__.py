@@ -17,15 +17,7 @@ from nora.adapter.inject import (
     set_module,
     set_trainable,
 )
-from nora.adapter.io import (
-    load_nora,
-    load_nora_pp,
-    merge_nora,
-    read_nora_config,
-    read_peft_config,
-    save_nora,
-    save_nora_pp,
-)
+from nora.adapter.io import load_nora, merge_nora, read_nora_config, read_peft_config, save_nora
 from nora.adapter.layer import GroupRational, NoraActivation
 from nora.adapter.merged import from_pretrained, save_merged
 
@@ -50,8 +42,6 @@ __all__ = [
     "save_nora",
     "load_nora",
     "merge_nora",
-    "save_nora_pp",
-    "load_nora_pp",
     "read_nora_config",
     "read_peft_config",
     "save_merged",

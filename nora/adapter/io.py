@@ -1,28 +1,29 @@
 """Save only the adapter, load it onto a freshly built base model, merge it for inference.
 
-Files written by :func:`save_nora` into a directory:
+:func:`save_nora` writes every NoRA adapter, alone or with LoRA/DoRA (NoRA++), vision or LM, in peft's layout
+(:mod:`nora.adapter.peft_format`): ``adapter_config.json`` (``peft_type`` ``NORA``, the fields of
+``nora.NoraPeftConfig`` with each activation's ``layer_specs``) and ``adapter_model.safetensors`` (the keys peft's
+``NoraModel`` saves). NoRA alone needs no peft to write or read; ``peft.PeftModel.from_pretrained(base, dir)`` (after
+``import nora``) reads the same folder where peft is installed. The LoRA part of a NoRA++ adapter is added by
+:mod:`nora.tuner.convert` (registered with :func:`nora.adapter.peft_format.register_lora_part`).
 
-* ``nora_adapter.safetensors``: every NoRA activation's tensors (base coefficients and trainable
-  update) and the parameters of ``trainable_modules`` (e.g. a new classifier head), keyed by the
-  module's name in the unwrapped base model, so a file saved from a peft-wrapped model loads onto a
-  plain one and vice versa;
-* ``nora_config.json``: the :class:`NoraConfig` and, per replaced activation, its groups, form,
-  degrees, width, variant and original activation.
+:func:`load_nora` reads that layout and the two earlier ones, which nora no longer writes:
 
-NoRA++ (:func:`save_nora_pp`, or ``model.save_pretrained(dir)`` followed by :func:`save_nora` on the
-peft-wrapped model) puts peft's LoRA/DoRA files (``adapter_model.safetensors``, ``adapter_config.json``)
-in the same directory. Its ``adapter_config.json`` carries a ``peft_type`` no peft version knows (the real
-one is kept under ``nora_peft_type``), so peft-only loaders (``PeftModel.from_pretrained``, transformers'
-``load_adapter``, lm_eval's ``hf`` model with ``peft=``) stop with an error naming :func:`load_nora_pp`
-instead of loading the LoRA half and silently dropping NoRA.
+* ``nora_config.json`` + ``nora_adapter.safetensors``: NoRA alone (``format_version`` 1: the :class:`NoraConfig`, per
+  activation its groups, form, degrees, width, layout, variant and original; tensors keyed by canonical module name);
+* the two-part NoRA++: peft's LoRA/DoRA files next to those two, its ``adapter_config.json`` marked (the real
+  ``peft_type`` under ``nora_peft_type``) so that peft alone refuses it.
 
-:func:`load_nora` checks the whole adapter against the model before it changes anything.
+NoRA alone loads in place without peft, after the whole adapter is checked against the model
+(:mod:`nora.adapter.validate`); an adapter with a LoRA part loads through peft and returns the ``PeftModel``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
 import torch
@@ -45,9 +46,19 @@ from nora.adapter.inject import (
 )
 from nora.adapter.layer import GroupRational, NoraActivation
 from nora.adapter.merged import as_merged_model
+from nora.adapter.peft_format import (
+    LAYER_ATTR,
+    PEFT_PREFIX,
+    PEFT_TYPE,
+    base_name,
+    config_json,
+    lora_part,
+    read_originals,
+    read_peft_nora_config,
+)
 from nora.adapter.validate import check_finite, saved_layer_problems
 from nora.errors import MissingFileError
-from nora.files import atomic_write, read_json, write_json_atomic
+from nora.files import atomic_write, read_json, write_text_atomic
 
 WEIGHTS_NAME = "nora_adapter.safetensors"
 CONFIG_NAME = "nora_config.json"
@@ -58,14 +69,6 @@ FULL_FT_NAME = "trainable.safetensors"
 # an adapter directory's files, by kind: the first of each names the kind (nora.app.adapters reads them)
 PEFT_FILES = (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME)
 NORA_FILES = (CONFIG_NAME, WEIGHTS_NAME)
-# what peft shows when it meets a NoRA++ adapter_config.json (its KeyError prints the unknown peft_type)
-NORA_PP_PEFT_TYPE = (
-    "NORA++ adapter (peft LoRA/DoRA + NoRA activations): peft alone would load only the LoRA "
-    "half; load it with nora.load_nora_pp(base_model, dir), or evaluate it with lm_eval's "
-    "`nora` model (python -m nora.integrations.lm_eval --model nora ...)"
-)
-
-
 _PEFT_KEYS = ("lora_", "modules_to_save.", "original_module.")
 
 
@@ -92,72 +95,85 @@ def _load_canonical_state(model: nn.Module, module: nn.Module, state: dict[str, 
             t.copy_(state[k])
 
 
-def _check_save_directory(model: nn.Module, directory: Path) -> None:
-    """Refuse to add NoRA files to a directory of another adapter (it would later load as something else)."""
+def _check_save_directory(directory: Path) -> None:
+    """Refuse to write into a directory of another adapter (it would later load as something else, or as both)."""
     if (directory / FULL_FT_NAME).exists():
         raise AdapterError(
             f"{directory} holds {FULL_FT_NAME} (a full fine-tuning / linear probe adapter); "
             "save the NoRA adapter into an empty directory"
         )
-    if (directory / PEFT_CONFIG_NAME).exists() and not is_peft_model(model):
+    if (directory / CONFIG_NAME).exists():
         raise AdapterError(
-            f"{directory} holds peft adapter files ({PEFT_CONFIG_NAME}) but this model has no peft "
-            "adapter: NoRA files next to them would load as a NoRA++ adapter of another model; save "
-            "into an empty directory (NoRA++: nora.save_nora_pp on the peft-wrapped model)"
+            f"{directory} holds {CONFIG_NAME} (a NoRA adapter in the earlier format); save into an empty directory"
+        )
+    if (directory / PEFT_CONFIG_NAME).exists() and read_peft_nora_config(directory) is None:
+        raise AdapterError(
+            f"{directory} holds peft adapter files ({PEFT_CONFIG_NAME}) of another method: NoRA would replace "
+            "them; save into an empty directory (NoRA++: nora.save_nora on the peft-wrapped model writes both parts)"
         )
 
 
-def save_nora(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the NoRA adapter of ``model`` (and its ``trainable_modules``) to ``directory``.
-
-    On a peft-wrapped model whose ``save_pretrained`` already wrote ``directory/adapter_config.json``, that
-    file is marked as NoRA++ (see the module docstring)."""
-    directory = Path(directory)
+def _nora_part(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The NoraPeftConfig fields of ``model``'s NoRA part (its NoraConfig, ``modules_to_save``: the
+    ``trainable_modules``, ``layer_specs``) and its tensors under the keys peft's NoraModel saves."""
     config = get_nora_config(model)
     mods = nora_modules(model)
     if config is None or not mods:
         raise AdapterError("this model holds no NoRA activations; call nora.apply_nora first")
-    _check_save_directory(model, directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
-    layers = {}
+    peft_wrapped = is_peft_model(model)
     index = module_index(model)
-    for name, mod in mods.items():
+    tensors: dict[str, torch.Tensor] = {}
+    specs = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, NoraActivation):
+            continue
+        key = name if peft_wrapped else PEFT_PREFIX + name  # peft's keys: the real module paths
         for k, t in mod.state_dict().items():
-            tensors[f"{name}.{k}"] = t.detach().cpu().contiguous()
-        width = mod.width if mod.width is not None else activation_layout(model, name, index).width
-        layers[name] = {
-            "groups": mod.groups,
-            "form": mod.form,
-            "degrees": list(mod.degrees),
-            "width": width,
-            "channel_dim": mod.channel_dim,
-            "variant": mod.variant,
-            "original": mod.original,
-            "r": mod.r,
-            "alpha": mod.alpha,
-            "numerator_mode": mod.numerator_mode,
-            "fit_range": mod.fit_range,
-            "residual": mod.residual,
-            "shared_base_numerator": mod.base_numerator.shape[0] == 1,
-        }
+            if k == "base_numerator":  # NoraLayer keeps one row per group (every adapter has the same shapes)
+                t = t.expand(mod.groups, -1)
+            tensors[f"{key}.{LAYER_ATTR}.{k}"] = t.detach().cpu().contiguous()
+        cname = canonical_name(model, name)
+        width = mod.width if mod.width is not None else activation_layout(model, cname, index).width
+        specs[cname] = {"width": width, "channel_dim": mod.channel_dim, "original": mod.original, "init": config.init}
+        if mod.fit_range is not None:  # the inputs its base was fitted over (calibrated: their hull), for merge/curves
+            specs[cname]["fit_range"] = [float(v) for v in mod.fit_range]
     extra = trainable_module_names(model, config)
-    for name in extra:
+    for name in extra:  # saved as peft saves modules_to_save: by module name
         for k, t in canonical_state(model, model.get_submodule(resolve_name(model, name, index))).items():
-            tensors[f"{name}.{k}"] = t.detach().cpu().contiguous()
-    meta = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "layers": layers, "trainable_modules": extra}
-    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    write_json_atomic(directory / CONFIG_NAME, meta)
-    if is_peft_model(model) and (directory / PEFT_CONFIG_NAME).exists():
-        _mark_nora_pp(directory)
+            tensors[f"{PEFT_PREFIX}{name}.{k}"] = t.detach().cpu().contiguous()
+    fields = {k: v for k, v in config.to_dict().items() if k != "trainable_modules"}
+    fields.update(modules_to_save=extra or None, layer_specs=specs)
+    return fields, tensors
+
+
+def adapter_contents(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The NoraPeftConfig fields and the tensors of ``model``'s NoRA adapter, with its LoRA/DoRA part on a
+    peft-wrapped model (added by nora.tuner: :func:`nora.adapter.peft_format.register_lora_part`)."""
+    fields, tensors = _nora_part(model)
+    if is_peft_model(model):
+        lora_fields, lora_tensors = lora_part(model, fields)
+        fields, tensors = {**fields, **lora_fields}, {**lora_tensors, **tensors}
+    return fields, tensors
+
+
+def save_nora(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write ``model``'s NoRA adapter (with its ``trainable_modules``, and on a peft-wrapped model its LoRA/DoRA part:
+    NoRA++) to ``directory`` as one peft adapter of type ``NORA`` (see the module docstring); :func:`load_nora` and
+    ``peft.PeftModel.from_pretrained`` read it. A model built by ``peft.get_peft_model(model, NoraPeftConfig(...))``
+    is saved by peft itself."""
+    directory = Path(directory)
+    if is_peft_model(model) and str(getattr(model.peft_config.get(model.active_adapter), "peft_type", "")) == PEFT_TYPE:
+        _check_save_directory(directory)
+        model.save_pretrained(str(directory))
+        return directory
+    fields, tensors = adapter_contents(model)
+    _check_save_directory(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # peft's own metadata and no more: safetensors orders a metadata map as it likes, and a run's adapter must be the
+    # same bytes when it is written again (summary.json records its sha256); each layer's original is in layer_specs
+    atomic_write(directory / PEFT_WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    write_text_atomic(directory / PEFT_CONFIG_NAME, config_json(fields))
     return directory
-
-
-def _mark_nora_pp(directory: Path) -> None:
-    cfg = json.loads((directory / PEFT_CONFIG_NAME).read_text())
-    if cfg.get("peft_type") != NORA_PP_PEFT_TYPE:
-        cfg["nora_peft_type"], cfg["peft_type"] = cfg["peft_type"], NORA_PP_PEFT_TYPE
-        write_json_atomic(directory / PEFT_CONFIG_NAME, cfg)
 
 
 def read_peft_config(directory: str | os.PathLike) -> dict:
@@ -191,13 +207,14 @@ def read_nora_config(directory: str | os.PathLike) -> dict:
     return meta
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path, beside: str = CONFIG_NAME) -> dict[str, torch.Tensor]:
     """The tensors of an adapter file; :class:`AdapterError` naming it when it does not parse (truncated,
-    overwritten) or holds a NaN or inf (a diverged run saved by another tool)."""
+    overwritten) or holds a NaN or inf (a diverged run saved by another tool); :class:`MissingFileError` when it is
+    not there (next to ``beside``)."""
     try:
         tensors = load_file(str(path))
     except FileNotFoundError:
-        raise MissingFileError(f"{path} is missing (next to {CONFIG_NAME})") from None
+        raise MissingFileError(f"{path} is missing (next to {beside})") from None
     except Exception as exc:  # noqa: BLE001  safetensors raises its own SafetensorError (and OSError, ValueError)
         raise AdapterError(
             f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); the file is "
@@ -267,6 +284,7 @@ def _built_activation(
     config: NoraConfig,
     tensors: dict[str, torch.Tensor],
     original_module: nn.Module | None,
+    files: tuple[str, str] = NORA_FILES,
 ) -> NoraActivation:
     """Layer ``name``'s saved activation, loaded strictly; :class:`AdapterError` (the model untouched) when the file
     lacks one of its tensors, holds one of another shape, or its entry in the config is incomplete. A layer saved
@@ -296,7 +314,7 @@ def _built_activation(
     except KeyError as exc:
         raise AdapterError(
             f"the NoRA adapter in {directory} does not fit (nothing was changed): {name}: "
-            f"{exc.args[0]} missing from {WEIGHTS_NAME if '.' in str(exc.args[0]) else CONFIG_NAME}"
+            f"{exc.args[0]} missing from {files[1] if '.' in str(exc.args[0]) else files[0]}"
         ) from None
     except (RuntimeError, TypeError, ValueError) as exc:
         why = " ".join(str(exc).split())[:300]
@@ -306,16 +324,8 @@ def _built_activation(
     return mod
 
 
-def load_nora(model: nn.Module, directory: str | os.PathLike, trainable: bool = False) -> nn.Module:
-    """Load a saved NoRA adapter onto ``model`` (a fresh base model, peft-wrapped or not), in place.
-
-    The whole adapter is checked against the model first (every saved activation exists with its saved
-    width, every target of the saved config is covered, the ``trainable_modules`` tensors have the model's
-    shapes): a mismatch raises :class:`AdapterError` and leaves the model untouched. Then the activations
-    named in the file are replaced (no fitting: the saved coefficients are used) and every tensor is loaded
-    strictly. The model is left frozen unless ``trainable=True``.
-    """
-    directory = Path(directory)
+def _legacy_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor], NoraConfig]:
+    """``nora_config.json`` + ``nora_adapter.safetensors`` (the earlier format): what the loader needs."""
     meta = read_nora_config(directory)
     if meta.get("format_version") != FORMAT_VERSION:
         raise AdapterError(f"{directory}: unsupported NoRA adapter format {meta.get('format_version')}")
@@ -323,13 +333,135 @@ def load_nora(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
         config = NoraConfig.from_dict(meta["config"])
     except (TypeError, ValueError, KeyError) as exc:
         raise AdapterError(f"{directory / CONFIG_NAME}: its config does not load ({exc})") from None
-    tensors = _read_tensors(directory / WEIGHTS_NAME)
+    return meta, read_tensors(directory / WEIGHTS_NAME), config
+
+
+_SPEC_KEYS = ("width", "channel_dim", "original", "fit_range")  # what the loader reads of a layer_specs entry
+
+
+def _peft_layout_adapter(directory: Path, cfg: dict) -> tuple[dict, dict[str, torch.Tensor], NoraConfig]:
+    """A NoRA peft adapter without a LoRA part, read without peft, as the loader's ``meta`` (per layer what the
+    earlier format recorded) and tensors keyed by canonical names (``<activation>.<tensor>``, ``<module>.<tensor>``)."""
+    path = directory / PEFT_WEIGHTS_NAME
+    raw = read_tensors(path, beside=PEFT_CONFIG_NAME)
+    marker = f".{LAYER_ATTR}."
+    tensors: dict[str, torch.Tensor] = {}
+    layers: set[str] = set()
+    for key, t in raw.items():
+        if ".lora_" in key:
+            raise AdapterError(f"{path} holds LoRA tensors ({key}), but {PEFT_CONFIG_NAME} says lora_r=0")
+        name, _, tensor = key.partition(marker)
+        if tensor:
+            layers.add(base_name(name))
+            tensors[f"{base_name(name)}.{tensor}"] = t
+        else:
+            tensors[base_name(key)] = t
+    specs = cfg.get("layer_specs") if isinstance(cfg.get("layer_specs"), dict) else None
+    if specs is not None and set(specs) != layers:
+        raise AdapterError(
+            f"{path}: its NoRA layers differ from the layer_specs of {PEFT_CONFIG_NAME} "
+            f"({sorted(set(specs) ^ layers)[:4]}); the folder mixes two adapters: copy it again or retrain it"
+        )
+    names = {f.name for f in dataclass_fields(NoraConfig)} - {"trainable_modules"}
+    kept = cfg.get("modules_to_save") or []
+    try:
+        config = NoraConfig.from_dict(
+            {**{k: v for k, v in cfg.items() if k in names}, "trainable_modules": [re.escape(m) for m in kept]}
+        )
+    except (TypeError, ValueError) as exc:
+        raise AdapterError(f"{directory / PEFT_CONFIG_NAME}: its NoRA config does not load ({exc})") from None
+    originals = read_originals(directory)
+    recorded = {
+        name: {k: v for k, v in spec.items() if k in _SPEC_KEYS}
+        for name, spec in (specs or {}).items()
+        if isinstance(spec, dict)
+    }
+    layer_info = {
+        "groups": config.groups,
+        "form": config.form,
+        "variant": config.variant,
+        "r": config.r,
+        "alpha": config.alpha,
+        "numerator_mode": config.numerator,
+        "fit_range": list(config.fit_range),
+        "residual": config.residual,
+    }
+    meta = {
+        "layers": {
+            name: {**layer_info, "original": originals.get(name), **recorded.get(name, {})} for name in sorted(layers)
+        },
+        "trainable_modules": list(kept),
+    }
+    return meta, tensors, config
+
+
+def _load_with_peft(model: nn.Module, directory: Path, trainable: bool) -> nn.Module:
+    """A NoRA++ adapter (LoRA/DoRA + NoRA) through peft: one NORA peft adapter, or the earlier two-part format."""
+    try:
+        from peft import PeftConfig, PeftModel
+    except ImportError as exc:
+        raise AdapterError(
+            f"{directory} holds a NoRA++ adapter (a LoRA/DoRA part next to NoRA), which loads through peft: "
+            f"install peft (pip install peft) ({exc})"
+        ) from None
+    if read_peft_nora_config(directory) is not None:  # the tuner checks it against the model before any change
+        return PeftModel.from_pretrained(model, str(directory), is_trainable=trainable)
+    meta, tensors, config = _legacy_adapter(directory)  # both halves or nothing: fail before peft wraps the model
+    peft_config = PeftConfig.from_peft_type(**read_peft_config(directory))
+    wrapped = PeftModel.from_pretrained(model, str(directory), is_trainable=trainable, config=peft_config)
+    _load_in_place(wrapped, directory, meta, tensors, config, trainable, NORA_FILES)
+    if trainable:
+        mark_trainable(wrapped)
+    return wrapped
+
+
+def load_nora(model: nn.Module, directory: str | os.PathLike, trainable: bool = False) -> nn.Module:
+    """Load the NoRA adapter in ``directory`` onto ``model`` (a freshly built base model); returns the model.
+
+    NoRA alone (:func:`save_nora`'s peft layout, or the earlier ``nora_config.json`` format) loads in place, without
+    peft: the whole adapter is checked against the model first (every saved activation exists with its saved width,
+    layout and original activation, every target of the saved config is covered, every tensor is finite, the
+    ``trainable_modules`` tensors have the model's shapes): a mismatch raises :class:`AdapterError` and leaves the
+    model untouched. Then the activations named in the file are replaced (no fitting: the saved coefficients are used)
+    and every tensor is loaded strictly. An adapter with a LoRA/DoRA part (NoRA++, either format) loads through peft
+    (``peft.PeftModel.from_pretrained``, whose NORA tuner runs the same checks) and the ``PeftModel`` is returned.
+    The model is left frozen unless ``trainable=True``.
+    """
+    directory = Path(directory)
+    cfg = read_peft_nora_config(directory)
+    if cfg is not None:
+        if cfg.get("lora_r"):
+            return _load_with_peft(model, directory, trainable)
+        meta, tensors, config = _peft_layout_adapter(directory, cfg)
+        files = (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME)
+    elif "nora_peft_type" in (read_json(directory / PEFT_CONFIG_NAME) or {}):
+        return _load_with_peft(model, directory, trainable)  # the earlier two-part NoRA++
+    elif (directory / CONFIG_NAME).exists():
+        meta, tensors, config = _legacy_adapter(directory)
+        files = NORA_FILES
+    else:
+        raise MissingFileError(
+            f"no NoRA adapter at {directory} (expected {PEFT_CONFIG_NAME} with peft_type {PEFT_TYPE} and "
+            f"{PEFT_WEIGHTS_NAME}, or the earlier {CONFIG_NAME} and {WEIGHTS_NAME})"
+        )
+    return _load_in_place(model, directory, meta, tensors, config, trainable, files)
+
+
+def _load_in_place(
+    model: nn.Module,
+    directory: Path,
+    meta: dict,
+    tensors: dict[str, torch.Tensor],
+    config: NoraConfig,
+    trainable: bool,
+    files: tuple[str, str],
+) -> nn.Module:
     _validate(model, directory, meta, tensors, config)
     device = next(iter(model.parameters())).device
     index = module_index(model)
     built = {
         name: _built_activation(
-            directory, name, info, config, tensors, model.get_submodule(resolve_name(model, name, index))
+            directory, name, info, config, tensors, model.get_submodule(resolve_name(model, name, index)), files
         ).to(device)
         for name, info in meta["layers"].items()
     }  # all of them before the model changes
@@ -358,38 +490,14 @@ def merge_nora(model: nn.Module) -> nn.Module:
     return as_merged_model(model)
 
 
-def save_nora_pp(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """NoRA++: peft's LoRA/DoRA files and the NoRA adapter side by side in ``directory`` (peft's
-    ``adapter_config.json`` marked so that peft alone refuses it; see the module docstring)."""
-    if not is_peft_model(model):
-        raise AdapterError("save_nora_pp expects a peft-wrapped model (LoRA/DoRA + NoRA)")
-    model.save_pretrained(str(directory))
-    return save_nora(model, directory)
-
-
-def load_nora_pp(base_model: nn.Module, directory: str | os.PathLike, trainable: bool = False) -> nn.Module:
-    """Rebuild a NoRA++ model: peft adapter from ``directory`` onto ``base_model``, then NoRA on top."""
-    from peft import PeftConfig, PeftModel
-
-    directory = Path(directory)
-    read_nora_config(directory)  # both halves or nothing: fail before peft wraps the model
-    _read_tensors(directory / WEIGHTS_NAME)  # a truncated or non-finite NoRA file too
-    peft_config = PeftConfig.from_peft_type(**read_peft_config(directory))
-    model = PeftModel.from_pretrained(base_model, str(directory), is_trainable=trainable, config=peft_config)
-    load_nora(model, directory, trainable=trainable)
-    if trainable:
-        mark_trainable(model)
-    return model
-
-
 __all__ = [
     "save_nora",
     "load_nora",
     "merge_nora",
-    "save_nora_pp",
-    "load_nora_pp",
+    "adapter_contents",
     "read_nora_config",
     "read_peft_config",
+    "read_tensors",
     "AdapterError",
     "GroupRational",
     "canonical_name",

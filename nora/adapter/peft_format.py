@@ -1,17 +1,21 @@
-"""Reading a NoRA adapter saved in peft's format (``peft_type`` ``NORA``, :mod:`nora.tuner`) from its files alone,
-without peft: ``adapter_config.json`` (the NoraPeftConfig as JSON) and ``adapter_model.safetensors``, whose NoRA
+"""NoRA's adapter files in peft's layout (``peft_type`` ``NORA``, :mod:`nora.tuner`), read and written without peft:
+``adapter_config.json`` (the NoraPeftConfig as JSON, :func:`config_json`) and ``adapter_model.safetensors``, whose NoRA
 tensors are keyed ``base_model.model.<activation>.nora_activation.<tensor>`` (next to LoRA's ``lora_A``/``lora_B``
 keys in a NoRA++ adapter). The curves and the subspace analysis read a run's activations through
-:func:`read_nora_layers`; nora.tuner names its layers with :data:`LAYER_ATTR`."""
+:func:`read_nora_layers`; nora.tuner names its layers with :data:`LAYER_ATTR` and adds the LoRA part of a NoRA++
+adapter to :func:`nora.save_nora` through :func:`register_lora_part`."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from nora.adapter.config import AdapterError
 
@@ -21,6 +25,73 @@ PEFT_PREFIX = "base_model.model."
 PEFT_SEGMENT = "base_layer"
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 ORIGINALS_KEY = "nora_originals"  # safetensors metadata: activation name -> the activation it replaced
+
+# NoraPeftConfig's fields that are not NoraConfig's, at their defaults (peft's PeftConfig bookkeeping, then the LoRA
+# part, absent in NoRA alone); tests/test_adapter.py keeps them equal to NoraPeftConfig's own
+PEFT_DEFAULTS: dict[str, Any] = {
+    "auto_mapping": None,
+    "base_model_name_or_path": None,
+    "inference_mode": False,
+    "peft_version": None,
+    "revision": None,
+    "task_type": None,
+    "lora_r": 0,
+    "lora_alpha": 16.0,
+    "lora_dropout": 0.0,
+    "lora_target_modules": None,
+    "use_dora": False,
+    "lora_extra": None,
+    "modules_to_save": None,
+    "layer_specs": None,
+}
+
+# (fields, tensors) of a peft-wrapped model's LoRA/DoRA part; set by nora.tuner (NoRA++ needs peft)
+LoraPart = Callable[[nn.Module, dict], "tuple[dict[str, Any], dict[str, torch.Tensor]]"]
+_lora_part: list[LoraPart] = []
+
+
+def register_lora_part(fn: LoraPart) -> None:
+    """``fn(model, nora_fields)`` -> the LoRA fields of NoraPeftConfig (``lora_r``, ..., ``modules_to_save``) and
+    peft's LoRA tensors of a peft-wrapped ``model``: how :func:`nora.save_nora` writes NoRA++ (nora.tuner registers
+    it where peft is installed)."""
+    _lora_part[:] = [fn]
+
+
+def lora_part(model: nn.Module, fields: dict) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    if not _lora_part:
+        raise AdapterError(
+            "this model has a peft adapter (LoRA/DoRA) next to NoRA: writing NoRA++ needs nora.tuner, which "
+            "`import nora` loads where peft, transformers and accelerate import"
+        )
+    return _lora_part[0](model, fields)
+
+
+def _peft_version() -> str | None:
+    """The installed peft's version, as peft's PeftConfig records it (None without peft: peft fills it in on load)."""
+    try:
+        return importlib.metadata.version("peft")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def config_json(fields: dict[str, Any]) -> str:
+    """``adapter_config.json`` of a NoRA adapter whose NoraPeftConfig has ``fields`` (the others at their defaults):
+    exactly the text ``NoraPeftConfig(**fields).save_pretrained`` writes, without importing peft."""
+    out = {**PEFT_DEFAULTS, "peft_version": _peft_version(), **fields, "peft_type": PEFT_TYPE}
+    for key in ("degrees", "fit_range"):
+        out[key] = [(int if key == "degrees" else float)(v) for v in out[key]]
+    if isinstance(out.get("target_modules"), str):
+        out["target_modules"] = [out["target_modules"]]
+    for key, value in out.items():
+        if isinstance(value, (set, frozenset, tuple)):
+            out[key] = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+    return json.dumps(out, indent=2, sort_keys=True)
+
+
+def base_name(key: str) -> str:
+    """A module or tensor name in peft's terms (``base_model.model.`` prefix, ``base_layer`` segments) as it is in
+    the base model."""
+    return ".".join(p for p in key.removeprefix(PEFT_PREFIX).split(".") if p != PEFT_SEGMENT)
 
 
 def read_peft_nora_config(directory: str | os.PathLike) -> dict | None:
@@ -73,13 +144,19 @@ def read_nora_layers(directory: str | os.PathLike) -> dict[str, dict[str, torch.
         for key in fh.keys():
             if marker in key:
                 name, _, tensor = key.partition(marker)
-                name = ".".join(p for p in name.removeprefix(PEFT_PREFIX).split(".") if p != PEFT_SEGMENT)
-                layers.setdefault(name, {})[tensor] = fh.get_tensor(key)
+                layers.setdefault(base_name(name), {})[tensor] = fh.get_tensor(key)
     return layers
 
 
 def read_originals(directory: str | os.PathLike) -> dict[str, str]:
-    """Activation name -> the activation it replaced (``silu``), where the writer recorded it."""
+    """Activation name -> the activation it replaced (``silu``), where the writer recorded it: in ``layer_specs``
+    (every adapter nora.save_nora writes), or in the weights file's metadata (nora.tuner's writer before it)."""
+    try:
+        specs = (read_peft_nora_config(directory) or {}).get("layer_specs")
+    except AdapterError:
+        specs = None
+    if isinstance(specs, dict):
+        return {n: s["original"] for n, s in specs.items() if isinstance(s, dict) and s.get("original")}
     with safe_open(str(Path(directory) / WEIGHTS_FILE), framework="pt") as fh:
         meta = fh.metadata() or {}
     try:

@@ -3,12 +3,12 @@
 (:func:`adapter_identity`) and loading it onto a fresh base model (:func:`apply_adapter`).
 
 ``<run_dir>/adapter/`` holds peft files (``adapter_config.json``, ``adapter_model.safetensors``): LoRA, DoRA (and a
-vision head through ``modules_to_save``), or NoRA as a peft method (``peft_type`` ``NORA``, :mod:`nora.tuner`: NoRA++
-runs, and NoRA runs on Hugging Face causal LMs, both parts in one adapter that ``peft.PeftModel.from_pretrained``
-loads after ``import nora``); NoRA files (``nora_config.json``, ``nora_adapter.safetensors``: a vision NoRA run's
-rational activations and its head); or ``trainable.safetensors`` (full fine-tuning, linear probe: every trained
-tensor by parameter name). Runs saved before NoRA was a peft method hold NoRA++ in the earlier two-part format
-(peft's LoRA files, marked so that peft alone refuses them, next to the NoRA files); they still load.
+vision head through ``modules_to_save``), or a NoRA adapter (``peft_type`` ``NORA``: NoRA, and NoRA++ with its LoRA
+part, vision or LM, written by :func:`nora.save_nora`; ``peft.PeftModel.from_pretrained`` loads it after ``import
+nora``, :func:`nora.load_nora` without peft for NoRA alone); or ``trainable.safetensors`` (full fine-tuning, linear
+probe: every trained tensor by parameter name). Runs saved before every NoRA adapter was a peft adapter hold NoRA files
+(``nora_config.json``, ``nora_adapter.safetensors``), alone or, for NoRA++, next to peft's LoRA files (marked so that
+peft alone refuses them); they still load, through :func:`nora.load_nora`.
 """
 
 from __future__ import annotations
@@ -22,15 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from nora.adapter import (
-    AdapterError,
-    load_nora,
-    load_nora_pp,
-    nora_modules,
-    read_nora_config,
-    read_peft_config,
-    save_nora,
-)
+from nora.adapter import AdapterError, load_nora, read_nora_config, read_peft_config, save_nora
 from nora.adapter.inject import is_peft_model
 from nora.adapter.io import FULL_FT_NAME, NORA_FILES, PEFT_FILES
 from nora.adapter.peft_format import read_nora_layers, read_peft_nora_config
@@ -40,28 +32,20 @@ from nora.hub import HUB_ID, download_adapter
 from nora.methods import get_method
 from nora.methods.config import MethodConfig
 from nora.runs.layout import RunDir
-from nora.tuner import load_pretrained, save_pretrained
 
 
 def save_adapter(model, method_cfg: MethodConfig, directory: Path) -> None:
-    """Write what the method trained into ``directory``: peft files, NoRA files, or every trained tensor by
-    parameter name (full fine-tuning, linear probe)."""
+    """Write what the method trained into ``directory``: a method with NoRA (NoRA, NoRA++) through the one NoRA
+    writer (:func:`nora.save_nora`: one NORA peft adapter), LoRA/DoRA through peft's ``save_pretrained``, anything
+    else (full fine-tuning, linear probe) as every trained tensor by parameter name."""
     directory.mkdir(parents=True, exist_ok=True)
-    if method_cfg.nora and (method_cfg.lora or _is_transformers_model(model)):
-        save_pretrained(model, directory)  # NoRA++ / NoRA on a causal LM: one NORA peft adapter
-        return
-    if is_peft_model(model):
-        model.save_pretrained(str(directory))
-    if nora_modules(model):
+    if method_cfg.nora:
         save_nora(model, directory)
-    if not method_cfg.lora and not method_cfg.nora:
+    elif is_peft_model(model):
+        model.save_pretrained(str(directory))
+    else:
         state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         atomic_write(directory / FULL_FT_NAME, lambda tmp: save_file(state, str(tmp)))
-
-
-def _is_transformers_model(model) -> bool:
-    base = model.get_base_model() if is_peft_model(model) else model
-    return hasattr(getattr(base, "config", None), "model_type") and hasattr(base, "save_pretrained")
 
 
 def find_adapter_dir(path: str | os.PathLike) -> Path:
@@ -203,20 +187,15 @@ def apply_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> tuple[nn.
     with the model frozen and in eval mode (see :func:`adapter_identity`)."""
     adir = Path(adapter_dir)
     ident = adapter_identity(adir)
-    kind = ident["kind"]
     for name in ident["files"]:  # peft's and torch's loaders would raise their own errors on a cut file
         if name.endswith(".safetensors"):
             _check_safetensors(adir / name)
-    if read_peft_nora_config(adir) is not None:
-        model = load_pretrained(model, adir)  # peft's PeftModel.from_pretrained
-    elif kind == "nora++":
-        model = load_nora_pp(model, adir)  # the earlier two-part format
+    if "nora" in ident["components"]:  # NoRA alone in place, NoRA++ through peft; every layout nora wrote
+        model = load_nora(model, adir)
     elif ident["peft"] is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adir), is_trainable=False)
-    elif kind == "nora":
-        model = load_nora(model, adir)
     else:
         state = load_file(str(adir / FULL_FT_NAME))
         own = dict(model.named_parameters())

@@ -9,7 +9,7 @@ from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType, register_peft_method
 
 from nora.tuner.config import NoraPeftConfig, extend_peft_type
-from nora.tuner.convert import is_peft_format, load_pretrained, peft_config_of, save_pretrained
+from nora.tuner.convert import peft_config_of
 from nora.tuner.layer import NoraLayer
 from nora.tuner.model import PREFIX, NoraModel, calibrate, nora_layers
 
@@ -23,8 +23,5 @@ __all__ = [
     "calibrate",
     "nora_layers",
     "extend_peft_type",
-    "save_pretrained",
-    "load_pretrained",
     "peft_config_of",
-    "is_peft_format",
 ]
