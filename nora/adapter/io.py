@@ -31,7 +31,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nora.adapter.config import AdapterError, NoraConfig
-from nora.adapter.discover import activation_layout, canonical_name, is_peft_model, module_index, resolve_name
+from nora.adapter.discover import (
+    PEFT_PREFIX,
+    activation_layout,
+    canonical_name,
+    is_peft_model,
+    module_index,
+    resolve_name,
+    strip_peft,
+)
 from nora.adapter.inject import (
     describe_targets,
     find_targets,
@@ -48,9 +56,7 @@ from nora.adapter.layer import GroupRational, NoraActivation
 from nora.adapter.merged import as_merged_model
 from nora.adapter.peft_format import (
     LAYER_ATTR,
-    PEFT_PREFIX,
     PEFT_TYPE,
-    base_name,
     config_json,
     lora_part,
     read_originals,
@@ -79,7 +85,7 @@ def canonical_state(model: nn.Module, module: nn.Module) -> dict[str, torch.Tens
     for k, t in module.state_dict().items():
         if any(mark in k for mark in _PEFT_KEYS):
             continue
-        out[".".join(p for p in k.split(".") if p != "base_layer") if is_peft_model(model) else k] = t
+        out[strip_peft(k) if is_peft_model(model) else k] = t
     return out
 
 
@@ -207,12 +213,11 @@ def read_nora_config(directory: str | os.PathLike) -> dict:
     return meta
 
 
-def read_tensors(path: Path, beside: str = CONFIG_NAME) -> dict[str, torch.Tensor]:
+def parse_tensors(path: Path, beside: str = CONFIG_NAME) -> dict[str, torch.Tensor]:
     """The tensors of an adapter file; :class:`AdapterError` naming it when it does not parse (truncated,
-    overwritten) or holds a NaN or inf (a diverged run saved by another tool); :class:`MissingFileError` when it is
-    not there (next to ``beside``)."""
+    overwritten); :class:`MissingFileError` when it is not there (next to ``beside``)."""
     try:
-        tensors = load_file(str(path))
+        return load_file(str(path))
     except FileNotFoundError:
         raise MissingFileError(f"{path} is missing (next to {beside})") from None
     except Exception as exc:  # noqa: BLE001  safetensors raises its own SafetensorError (and OSError, ValueError)
@@ -220,6 +225,12 @@ def read_tensors(path: Path, beside: str = CONFIG_NAME) -> dict[str, torch.Tenso
             f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); the file is "
             "truncated or damaged: copy the adapter again or retrain it"
         ) from None
+
+
+def read_tensors(path: Path, beside: str = CONFIG_NAME) -> dict[str, torch.Tensor]:
+    """:func:`parse_tensors`, and an :class:`AdapterError` naming the file when a tensor holds a NaN or inf (a
+    diverged run saved by another tool)."""
+    tensors = parse_tensors(path, beside)
     check_finite(tensors, path)
     return tensors
 
@@ -352,10 +363,10 @@ def _peft_layout_adapter(directory: Path, cfg: dict) -> tuple[dict, dict[str, to
             raise AdapterError(f"{path} holds LoRA tensors ({key}), but {PEFT_CONFIG_NAME} says lora_r=0")
         name, _, tensor = key.partition(marker)
         if tensor:
-            layers.add(base_name(name))
-            tensors[f"{base_name(name)}.{tensor}"] = t
+            layers.add(strip_peft(name))
+            tensors[f"{strip_peft(name)}.{tensor}"] = t
         else:
-            tensors[base_name(key)] = t
+            tensors[strip_peft(key)] = t
     specs = cfg.get("layer_specs") if isinstance(cfg.get("layer_specs"), dict) else None
     if specs is not None and set(specs) != layers:
         raise AdapterError(

@@ -18,11 +18,10 @@ from safetensors import safe_open
 from torch import nn
 
 from nora.adapter.config import AdapterError
+from nora.adapter.discover import strip_peft
 
 PEFT_TYPE = "NORA"  # peft's PeftType member nora.tuner adds
 LAYER_ATTR = "nora_activation"  # the NoraLayer attribute holding one NoraActivation per adapter
-PEFT_PREFIX = "base_model.model."
-PEFT_SEGMENT = "base_layer"
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 ORIGINALS_KEY = "nora_originals"  # safetensors metadata: activation name -> the activation it replaced
 
@@ -88,12 +87,6 @@ def config_json(fields: dict[str, Any]) -> str:
     return json.dumps(out, indent=2, sort_keys=True)
 
 
-def base_name(key: str) -> str:
-    """A module or tensor name in peft's terms (``base_model.model.`` prefix, ``base_layer`` segments) as it is in
-    the base model."""
-    return ".".join(p for p in key.removeprefix(PEFT_PREFIX).split(".") if p != PEFT_SEGMENT)
-
-
 def read_peft_nora_config(directory: str | os.PathLike) -> dict | None:
     """The ``adapter_config.json`` of ``directory`` if it is a NoRA peft adapter, None if there is none or it is
     another peft method's. :class:`AdapterError` naming the file when it is truncated or not JSON, has no
@@ -144,7 +137,7 @@ def read_nora_layers(directory: str | os.PathLike) -> dict[str, dict[str, torch.
         for key in fh.keys():
             if marker in key:
                 name, _, tensor = key.partition(marker)
-                layers.setdefault(base_name(name), {})[tensor] = fh.get_tensor(key)
+                layers.setdefault(strip_peft(name), {})[tensor] = fh.get_tensor(key)
     return layers
 
 

@@ -21,7 +21,8 @@ from nora.runs.layout import RunDir, read_summary
 # the one loader of every adapter kind; the note says what peft's own loader does with it
 LOAD_NOTE = {
     "nora++": "LoRA + NoRA, one peft adapter: peft.PeftModel.from_pretrained loads it after `import nora`",
-    "nora": "NoRA activations (and a new head, if any)",
+    "nora": "NoRA activations (and a new head, if any), one peft adapter: peft.PeftModel.from_pretrained loads it "
+    "after `import nora`, nora.load_nora without peft",
     "trainable": "every trained tensor by parameter name",
 }
 

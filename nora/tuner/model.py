@@ -22,14 +22,14 @@ import torch
 from peft.tuners.lora import LoraModel
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
 from peft.tuners.tuners_utils import check_target_module_exists as peft_target_exists
-from safetensors.torch import load_file
 from torch import nn
 
 from nora.adapter import AdapterError
-from nora.adapter.discover import strip_peft
+from nora.adapter.discover import PEFT_PREFIX, strip_peft
 from nora.adapter.engine import RangeFits, calibrated_fits, module_device, plan_targets, set_module
+from nora.adapter.io import parse_tensors
 from nora.adapter.merged import as_merged_model
-from nora.adapter.peft_format import CONFIG_FILE, LAYER_ATTR, PEFT_PREFIX, WEIGHTS_FILE, read_originals
+from nora.adapter.peft_format import CONFIG_FILE, LAYER_ATTR, WEIGHTS_FILE, read_originals
 from nora.adapter.validate import (
     check_finite,
     coefficient_problems,
@@ -256,27 +256,15 @@ def _saved_problems(model: nn.Module, config: NoraPeftConfig, layouts: dict, ori
     return problems
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor] | None:
-    if not path.is_file():
-        return None  # peft says where it looked
-    try:
-        return load_file(str(path))
-    except Exception as exc:  # noqa: BLE001  safetensors raises its own SafetensorError (and OSError, ValueError)
-        raise AdapterError(
-            f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); the file is "
-            "truncated or damaged (nothing was changed)"
-        ) from None
-
-
 def _file_problems(model: nn.Module, config: NoraPeftConfig, originals: dict[str, str], lora) -> list[str]:
     """The weights of the folder a loaded config came from (when local) against this model: finite, the NoRA layers
     the model's targets (for files without ``layer_specs``), their coefficient shapes, the LoRA modules."""
     if config.source is None:
         return []
     path, targets = config.source / WEIGHTS_FILE, set(originals)
-    tensors = _read_weights(path)
-    if tensors is None:
-        return []
+    if not path.is_file():
+        return []  # peft says where it looked
+    tensors = parse_tensors(path, CONFIG_FILE)
     bad = nonfinite(tensors)
     if bad:
         return [f"{path}: {len(bad)} tensor(s) hold NaN or inf values ({listed(bad)})"]
