@@ -1157,7 +1157,7 @@ def test_the_config_nora_writes_without_peft_is_nora_peft_configs_own(tmp_path):
     NoRA alone and NoRA++; the defaults nora.adapter assumes are NoraPeftConfig's."""
     import dataclasses
 
-    from nora.adapter.peft_format import PEFT_DEFAULTS
+    from nora.adapter.peft_format import PEFT_BOOKKEEPING, PEFT_DEFAULTS
     from nora.tuner import peft_config_of
 
     own = {f.name for f in dataclasses.fields(nora.NoraConfig)}
@@ -1167,6 +1167,10 @@ def test_the_config_nora_writes_without_peft_is_nora_peft_configs_own(tmp_path):
         if f.name not in own and f.name != "peft_type"
     }
     assert PEFT_DEFAULTS == defaults
+    from peft.config import PeftConfig
+
+    peft_own = {f.name: f.default for f in dataclasses.fields(PeftConfig) if f.name in PEFT_BOOKKEEPING}
+    assert peft_own == PEFT_BOOKKEEPING  # peft's own bookkeeping defaults, copied for the core install
     vit, _ = _trained_vit()
     llm, _ = _nora_pp()
     for name, model in (("vit", vit), ("nora_pp", llm)):

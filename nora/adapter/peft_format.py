@@ -25,15 +25,19 @@ LAYER_ATTR = "nora_activation"  # the NoraLayer attribute holding one NoraActiva
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 ORIGINALS_KEY = "nora_originals"  # safetensors metadata: activation name -> the activation it replaced
 
-# NoraPeftConfig's fields that are not NoraConfig's, at their defaults (peft's PeftConfig bookkeeping, then the LoRA
-# part, absent in NoRA alone); tests/test_adapter.py keeps them equal to NoraPeftConfig's own
-PEFT_DEFAULTS: dict[str, Any] = {
+# peft's own PeftConfig bookkeeping at its defaults (peft's to declare; a core install cannot import it, so this copy
+# is checked against peft's in tests/test_adapter.py)
+PEFT_BOOKKEEPING: dict[str, Any] = {
     "auto_mapping": None,
     "base_model_name_or_path": None,
     "inference_mode": False,
     "peft_version": None,
     "revision": None,
     "task_type": None,
+}
+# NoraPeftConfig's fields beyond NoraConfig's, declared here (NoraPeftConfig takes its defaults from this table): the
+# LoRA part of NoRA++ (absent in NoRA alone), the modules saved whole, what nora records of each activation
+LORA_PART_DEFAULTS: dict[str, Any] = {
     "lora_r": 0,
     "lora_alpha": 16.0,
     "lora_dropout": 0.0,
@@ -43,6 +47,7 @@ PEFT_DEFAULTS: dict[str, Any] = {
     "modules_to_save": None,
     "layer_specs": None,
 }
+PEFT_DEFAULTS = {**PEFT_BOOKKEEPING, **LORA_PART_DEFAULTS}  # every NoraPeftConfig field that is not NoraConfig's
 
 # (fields, tensors) of a peft-wrapped model's LoRA/DoRA part; set by nora.tuner (NoRA++ needs peft)
 LoraPart = Callable[[nn.Module, dict], "tuple[dict[str, Any], dict[str, torch.Tensor]]"]

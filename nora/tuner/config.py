@@ -16,6 +16,7 @@ from peft.config import PeftConfig
 from peft.utils import PeftType
 
 from nora.adapter.config import NoraConfig, check_patterns, check_types
+from nora.adapter.peft_format import LORA_PART_DEFAULTS
 from nora.schema import is_int, is_number, require
 
 NORA = "NORA"
@@ -57,6 +58,12 @@ def nora_field(name: str, help: str | None = None, **default):
     if isinstance(f.default, tuple):
         return field(default_factory=lambda d=f.default: list(d), metadata=metadata)
     return field(default=f.default, metadata=metadata)
+
+
+def peft_field(name: str, help: str = ""):
+    """NoraPeftConfig's field ``name`` beyond NoraConfig's: its default from
+    :data:`nora.adapter.peft_format.LORA_PART_DEFAULTS` (immutable: None, numbers, booleans)."""
+    return field(default=LORA_PART_DEFAULTS[name], metadata={"help": help} if help else {})
 
 
 def _names(v) -> bool:
@@ -120,28 +127,25 @@ class NoraPeftConfig(PeftConfig):
     per_group_calibration: bool = nora_field("per_group_calibration")
     backend: str = nora_field("backend")
     target_modules: Optional[Union[list[str], str]] = nora_field("target_modules")
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0: NoRA alone, > 0: NoRA++"})
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_target_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "as LoraConfig.target_modules (None: peft's default for the model type)"}
+    # the LoRA part and nora's records: defaults declared in nora.adapter.peft_format (the core install writes them)
+    lora_r: int = peft_field("lora_r", help="LoRA rank; 0: NoRA alone, > 0: NoRA++")
+    lora_alpha: float = peft_field("lora_alpha")
+    lora_dropout: float = peft_field("lora_dropout")
+    lora_target_modules: Optional[Union[list[str], str]] = peft_field(
+        "lora_target_modules", help="as LoraConfig.target_modules (None: peft's default for the model type)"
     )
-    use_dora: bool = False
-    lora_extra: Optional[dict] = field(
-        default=None,
-        metadata={
-            "help": "any other peft.LoraConfig field of the LoRA part (target_parameters, "
-            "rank_pattern, alpha_pattern, exclude_modules, bias, ...)"
-        },
+    use_dora: bool = peft_field("use_dora")
+    lora_extra: Optional[dict] = peft_field(
+        "lora_extra",
+        help="any other peft.LoraConfig field of the LoRA part (target_parameters, rank_pattern, alpha_pattern, "
+        "exclude_modules, bias, ...)",
     )
-    modules_to_save: Optional[list[str]] = None
-    layer_specs: Optional[dict] = field(
-        default=None,
-        metadata={
-            "help": "written by nora when the adapter is built: per activation (module name) its "
-            "width, channel_dim, the original activation and how its base rational was "
-            "initialised (fit | calibrated); checked against the model at load time"
-        },
+    modules_to_save: Optional[list[str]] = peft_field("modules_to_save")
+    layer_specs: Optional[dict] = peft_field(
+        "layer_specs",
+        help="written by nora when the adapter is built: per activation (module name) its width, channel_dim, the "
+        "original activation and how its base rational was initialised (fit | calibrated); checked against the "
+        "model at load time",
     )
 
     def __post_init__(self) -> None:
