@@ -33,17 +33,25 @@ from nora.methods import get_method
 from nora.methods.config import MethodConfig
 from nora.runs.layout import RunDir
 
+NORA_KINDS = ("nora", "nora++")  # Method.adapter kinds saved by nora.save_nora
+LORA_KINDS = ("lora", "dora")  # peft's LoRA files
+TRAINABLE_KINDS = ("trainable", "peft")  # saved as trainable.safetensors (next to peft's files for "peft")
+
 
 def save_adapter(model, method_cfg: MethodConfig, directory: Path) -> None:
-    """Write what the method trained into ``directory``: a method with NoRA (NoRA, NoRA++) through the one NoRA
-    writer (:func:`nora.save_nora`: one NORA peft adapter), LoRA/DoRA through peft's ``save_pretrained``, anything
-    else (full fine-tuning, linear probe) as every trained tensor by parameter name."""
+    """Write what the method trained into ``directory``, as its registry entry says (``Method.adapter``): a NoRA
+    adapter (NoRA, NoRA++) through the one NoRA writer (:func:`nora.save_nora`: one NORA peft adapter), LoRA/DoRA
+    through peft's ``save_pretrained``, the other peft methods (IA3, VeRA, LN tuning) through it too and, like full
+    fine-tuning and the linear probe, every trained tensor by parameter name (``trainable.safetensors``, the head
+    included)."""
     directory.mkdir(parents=True, exist_ok=True)
-    if method_cfg.nora:
+    kind = get_method(method_cfg.name).adapter
+    if kind in NORA_KINDS:
         save_nora(model, directory)
-    elif is_peft_model(model):
+        return
+    if is_peft_model(model):
         model.save_pretrained(str(directory))
-    else:
+    if kind in TRAINABLE_KINDS:
         state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         atomic_write(directory / FULL_FT_NAME, lambda tmp: save_file(state, str(tmp)))
 
@@ -221,9 +229,9 @@ def _expected_kind(method) -> str | None:
     entry's ``adapter`` (:mod:`nora.methods.registry`), or None where only the absence of LoRA, DoRA and NoRA is
     checked (``trainable.safetensors``, peft tuners other than LoRA; see :func:`adapter_mismatch`)."""
     kind = get_method(method.name).adapter
-    if kind in ("lora", "dora"):  # peft's LoRA files say DoRA whenever the config's use_dora does
+    if kind in LORA_KINDS:  # peft's LoRA files say DoRA whenever the config's use_dora does
         return "dora" if method.lora.use_dora else "lora"
-    return None if kind in ("trainable", "peft") else kind
+    return None if kind in TRAINABLE_KINDS else kind
 
 
 def adapter_mismatch(identity: dict, method, recorded: dict | None) -> str | None:
