@@ -2,6 +2,7 @@
 a short hash of it (:func:`config_hash`), and how two configs differ in it (:func:`config_differences`,
 :func:`changed_config` against a run directory's ``config.yaml``). Everything else (where a run writes, how it is
 logged or shown, whether it is skipped or resumed) never makes a run directory "another configuration"."""
+
 from __future__ import annotations
 
 import hashlib
@@ -52,8 +53,11 @@ def config_differences(before, after) -> list[str]:
     """``key: before -> after`` for every result-determining value that differs between two configs."""
     a, b = _flatten(result_config(before)), _flatten(result_config(after))
     missing = "(not set)"
-    return [f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}".replace(f"'{missing}'", missing)
-            for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
+    return [
+        f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}".replace(f"'{missing}'", missing)
+        for k in sorted(set(a) | set(b))
+        if a.get(k, missing) != b.get(k, missing)
+    ]
 
 
 def changed_config(cfg, run_dir: str | os.PathLike) -> list[str]:
@@ -102,8 +106,7 @@ def edited_config(run_dir: str | os.PathLike) -> str | None:
         return None
     diff = _differences_from_start(rd, recorded, stored)
     shown = "; ".join(diff[:6]) + (f"; ... and {len(diff) - 6} more" if len(diff) > 6 else "")
-    what = (f"edited after training: {shown}" if diff else
-            f"its config_hash is {now}, summary.json records {recorded}")
+    what = f"edited after training: {shown}" if diff else f"its config_hash is {now}, summary.json records {recorded}"
     return f"{rd.config} is not the config this run trained with ({what})"
 
 

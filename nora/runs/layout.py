@@ -15,6 +15,7 @@ wandb/                 the W&B run files (offline by default)
 ``write_*`` functions write atomically (:mod:`nora.files`); ``read_*`` functions return None for a missing or
 unreadable file instead of raising.
 """
+
 from __future__ import annotations
 
 import os
@@ -125,8 +126,10 @@ def run_name_problem(name: str) -> str | None:
     """Why ``name`` cannot be a run directory's name under ``output_root`` (one directory name: no ``/``, not
     ``.`` or ``..``, not empty: ``run_name=../x`` would write outside ``output_root``), or None."""
     if not name.strip() or name in (".", "..") or "/" in name or "\0" in name:
-        return (f"run_name={name!r}: must be one directory name under output_root (not empty, '.' or '..', no '/'); "
-                "put runs in another folder with output_root")
+        return (
+            f"run_name={name!r}: must be one directory name under output_root (not empty, '.' or '..', no '/'); "
+            "put runs in another folder with output_root"
+        )
     return None
 
 

@@ -6,6 +6,7 @@ The file itself records who holds it (pid, host, start time), so a second proces
 directory (the same command twice, two configs with one ``run_name``, two SLURM array tasks) stops at once with
 one line naming the holder, before it reads or writes anything there.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -40,26 +41,35 @@ class RunLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except IsADirectoryError:  # made by hand or another tool: not ours to delete
-            raise UserError(f"{self.path} is a directory, not the run's lock file; remove it (it is not nora's) and "
-                            "run again") from None
+            raise UserError(
+                f"{self.path} is a directory, not the run's lock file; remove it (it is not nora's) and run again"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _describe(_read_holder(fd))
             os.close(fd)
-            raise RunDirInUse(f"{self.path.parent} is in use by {holder}; wait for it to finish, stop it, or "
-                              "choose another run_name/output_root") from None
+            raise RunDirInUse(
+                f"{self.path.parent} is in use by {holder}; wait for it to finish, stop it, or "
+                "choose another run_name/output_root"
+            ) from None
         except OSError as exc:  # ENOLCK, EOPNOTSUPP: a file system without locks (some NFS/Lustre mounts)
             os.close(fd)
-            log.warning(f"cannot lock {self.path} ([Errno {exc.errno}] {exc.strerror}): this file system has no "
-                        "file locks, so nothing stops a second process from using this run directory at the same time")
+            log.warning(
+                f"cannot lock {self.path} ([Errno {exc.errno}] {exc.strerror}): this file system has no "
+                "file locks, so nothing stops a second process from using this run directory at the same time"
+            )
             return self
         previous = _read_holder(fd)
         if previous and not _is_us(previous):
-            log.info(f"{self.path.parent}: taking over the lock left by {_describe(previous)}, which is no longer "
-                     "running")
-        me = {"pid": os.getpid(), "host": socket.gethostname(),
-              "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            log.info(
+                f"{self.path.parent}: taking over the lock left by {_describe(previous)}, which is no longer running"
+            )
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
         self._fd = fd

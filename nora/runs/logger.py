@@ -1,5 +1,6 @@
 """Metrics to ``metrics.jsonl`` in the run directory and, with the same keys, to Weights & Biases; the ``logger``
 config group's schema (:class:`LoggerConfig`)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -70,9 +71,11 @@ def recorded_run_id(run_dir: str | os.PathLike) -> str | None:
     if id_path.exists():
         text = id_path.read_bytes().decode("utf-8", errors="replace").strip()
         if not _RUN_ID.fullmatch(text) or _RESERVED & set(text):
-            raise UserError(f"{id_path} holds {text[:40]!r}, not a W&B run id (printable characters without spaces "
-                            "or :;,#?/'); write back the id of this run's W&B run, or delete the file to log to a "
-                            "new W&B run")
+            raise UserError(
+                f"{id_path} holds {text[:40]!r}, not a W&B run id (printable characters without spaces "
+                "or :;,#?/'); write back the id of this run's W&B run, or delete the file to log to a "
+                "new W&B run"
+            )
         return text
     if RunDir(run_dir).wandb.is_dir():
         return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
@@ -111,8 +114,10 @@ def credentials_problem(cfg: LoggerConfig) -> str | None:
         return None
     except Exception as exc:  # noqa: BLE001  wandb's AuthenticationError: a key that is there but malformed
         return f"logger.mode=online: the W&B API key for {host} in your .netrc is not valid ({exc})"
-    return (f"logger.mode=online needs a W&B API key for {host} and none is set: export WANDB_API_KEY=<key> (or run "
-            "`wandb login`), or log offline with logger=wandb (upload later with `wandb sync`)")
+    return (
+        f"logger.mode=online needs a W&B API key for {host} and none is set: export WANDB_API_KEY=<key> (or run "
+        "`wandb login`), or log offline with logger=wandb (upload later with `wandb sync`)"
+    )
 
 
 def logger_config(node) -> LoggerConfig:
@@ -124,9 +129,17 @@ def _init_wandb(run_dir: Path, logger_cfg: LoggerConfig, run_id: str, **kwargs):
     import wandb
 
     os.environ.setdefault("WANDB_SILENT", "true")
-    return wandb.init(project=logger_cfg.project, entity=logger_cfg.entity, tags=list(logger_cfg.tags),
-                      dir=str(run_dir), mode=logger_cfg.mode, id=run_id, resume="allow",
-                      settings=wandb.Settings(console="off", x_disable_stats=True), **kwargs)
+    return wandb.init(
+        project=logger_cfg.project,
+        entity=logger_cfg.entity,
+        tags=list(logger_cfg.tags),
+        dir=str(run_dir),
+        mode=logger_cfg.mode,
+        id=run_id,
+        resume="allow",
+        settings=wandb.Settings(console="off", x_disable_stats=True),
+        **kwargs,
+    )
 
 
 def flat_scalars(d: dict, prefix: str = "") -> dict:
@@ -150,8 +163,15 @@ class RunLogger:
     (:func:`sweep_group`). :meth:`finish` sends the summary and the images before closing the run.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, logger_cfg=None, config: dict | None = None,
-                 run_name: str | None = None, enabled: bool = True, resume: bool = False):
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        logger_cfg=None,
+        config: dict | None = None,
+        run_name: str | None = None,
+        enabled: bool = True,
+        resume: bool = False,
+    ):
         self.path = RunDir(run_dir).metrics
         self.enabled = enabled
         self.wandb = None
@@ -166,8 +186,9 @@ class RunLogger:
         id_path = wandb_run_id_path(run_dir)
         id_path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(id_path, run_id + "\n")
-        self.wandb = _init_wandb(Path(run_dir), logger_cfg, run_id, name=run_name, config=config,
-                                 group=logger_cfg.group or sweep_group())
+        self.wandb = _init_wandb(
+            Path(run_dir), logger_cfg, run_id, name=run_name, config=config, group=logger_cfg.group or sweep_group()
+        )
 
     def truncate_after(self, step: int) -> None:
         """Keep the records up to ``step`` (rewritten atomically). A last line cut short by a crash or power
@@ -188,8 +209,10 @@ class RunLogger:
             f.write(json.dumps(clean) + "\n")
         if self.wandb is not None:
             self.step = max(self.step, int(record.get("step", 0)))
-            self.wandb.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
-                           step=int(record.get("step", 0)))
+            self.wandb.log(
+                {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
+                step=int(record.get("step", 0)),
+            )
 
     @contextmanager
     def failing_on_error(self):
@@ -209,8 +232,9 @@ class RunLogger:
 
         # commit the last step's row first: W&B copies a committed row into the summary, which must not
         # overwrite the run's own values of the same keys (images_per_s, data_wait_share)
-        self.wandb.log({k: wandb.Image(str(p)) for k, p in (images or {}).items() if Path(p).exists()}, step=self.step,
-                       commit=True)
+        self.wandb.log(
+            {k: wandb.Image(str(p)) for k, p in (images or {}).items() if Path(p).exists()}, step=self.step, commit=True
+        )
         if summary:
             self.wandb.summary.update(flat_scalars(summary))
         self.wandb.finish(exit_code=exit_code)
@@ -239,6 +263,7 @@ def log_mmlu_to_wandb(run_dir: str | os.PathLike, result: dict) -> bool:
         return False
     return True
 
+
 def _read_records(path: Path) -> tuple[list[dict], str | None]:
     """The JSON records of a metrics file, and its last line if that one is cut short (else None)."""
     lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
@@ -249,8 +274,10 @@ def _read_records(path: Path) -> tuple[list[dict], str | None]:
         except json.JSONDecodeError:
             if i == len(lines) - 1:
                 return records, line
-            raise UserError(f"{path} line {i + 1} is not a JSON record ({line[:80]!r}); remove that line, or "
-                            "start the run afresh with resume=null") from None
+            raise UserError(
+                f"{path} line {i + 1} is not a JSON record ({line[:80]!r}); remove that line, or "
+                "start the run afresh with resume=null"
+            ) from None
     return records, None
 
 

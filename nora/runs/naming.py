@@ -1,10 +1,11 @@
 """A run's name carries every command-line override that changes its result and is not already spelled in it.
 
 ``configs/train.yaml`` names a run ``${model.name}_${dataset.name}_${method.name}_s${seed}${run_overrides:}``.
-The ``run_overrides`` resolver (registered when this module is imported, as :mod:`nora.app.config` does) appends the job's value overrides in
-Hydra's ``override_dirname`` style, sorted by key: ``python train.py -m trainer.lr=1e-3,5e-4 method.nora.r=2,3``
-writes ``runs/vit_tiny_cifar100_nora_s0_method.nora.r=2,trainer.lr=0.001`` and three siblings, so any sweep gets
-one directory per distinct configuration and re-running it finds them again. Left out, because the name already
+The ``run_overrides`` resolver (registered when this module is imported, as :mod:`nora.app.config` does) appends
+the job's value overrides in Hydra's ``override_dirname`` style, sorted by key:
+``python train.py -m trainer.lr=1e-3,5e-4 method.nora.r=2,3`` writes
+``runs/vit_tiny_cifar100_nora_s0_method.nora.r=2,trainer.lr=0.001`` and three siblings, so any sweep gets one
+directory per distinct configuration and re-running it finds them again. Left out, because the name already
 says them or they do not change the result:
 
 * config-group choices (``method=lora``, ``experiment=llama3_alpaca``, ``budget=lora_r9``): a group's
@@ -20,6 +21,7 @@ return_hydra_config=True)``. A config composed without its ``hydra`` node record
 plain name: pass ``run_name=`` or ``run_dir`` there. A suffix longer than :data:`MAX_SUFFIX` characters is replaced
 by a hash of itself (``_cfg-<12 hex>``), so a name always fits a file system's 255-byte limit.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +34,15 @@ from nora.runs.identity import NOT_RESULT_KEYS, NOT_RESULT_TRAINER_KEYS
 RESOLVER = "run_overrides"
 # Where a run reads its inputs from: a copy of the same data or weights elsewhere is the same run (and a path in a
 # directory name would nest directories).
-INPUT_LOCATION_KEYS = ("data.path", "dataset.root", "dataset.cache_dir", "dataset.download", "dataset.verify_md5",
-                       "model.path", "model.tokenizer")
+INPUT_LOCATION_KEYS = (
+    "data.path",
+    "dataset.root",
+    "dataset.cache_dir",
+    "dataset.download",
+    "dataset.verify_md5",
+    "model.path",
+    "model.tokenizer",
+)
 MAX_SUFFIX = 160
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")
 
@@ -62,9 +71,16 @@ def _named_keys(root: DictConfig) -> set[str]:
 
 def _left_out(key: str, named: set[str], groups: set[str]) -> bool:
     top, _, rest = key.partition(".")
-    return (key in groups or "@" in key or "/" in key or top == "hydra" or key in named
-            or top in NOT_RESULT_KEYS or key in INPUT_LOCATION_KEYS
-            or (top == "trainer" and rest in NOT_RESULT_TRAINER_KEYS))
+    return (
+        key in groups
+        or "@" in key
+        or "/" in key
+        or top == "hydra"
+        or key in named
+        or top in NOT_RESULT_KEYS
+        or key in INPUT_LOCATION_KEYS
+        or (top == "trainer" and rest in NOT_RESULT_TRAINER_KEYS)
+    )
 
 
 def _format(value) -> str:

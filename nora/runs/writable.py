@@ -5,6 +5,7 @@ it, writes ``.hydra/`` and opens its log file there (each of which would otherwi
 ``.hydra/`` itself is written by :func:`write_hydra_record` once the run's lock is held (``configs/train.yaml`` sets
 ``hydra.output_subdir: null``): Hydra would write it before the job starts, so a second process refused by the
 lock would already have replaced the live run's ``.hydra/config.yaml`` with its own configuration."""
+
 from __future__ import annotations
 
 import shutil
@@ -15,7 +16,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from nora.errors import OutputError, WRITE_ERRNOS
+from nora.errors import WRITE_ERRNOS, OutputError
 from nora.files import write_text_atomic
 from nora.runs.layout import run_name_problem
 
