@@ -76,4 +76,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from nora.logs import setup_logging
+
+    setup_logging()  # a command's console, as train.py's Hydra logging gives it (run_training's messages)
     main()
