@@ -768,6 +768,26 @@ def _nora_model(variant: str, seed: int, tmp: Path, train_steps: int = 0) -> Pat
     return run, model
 
 
+def test_curves_of_a_calibrated_adapter_span_each_layers_own_range(tmp_path):
+    """A calibrated base is fitted over its layer's recorded inputs: the saved adapter keeps that range per layer
+    (layer_specs) and the curves are drawn over it, not over the config's fit_range."""
+    import nora
+    from nora.adapter.curves import load_layers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16), nn.GELU(), nn.Linear(16, 8))
+    cfg = nora.NoraConfig(init="calibrated", groups=4, target_modules=[r"[13]"])
+    batches = [torch.randn(64, 16) * 4 for _ in range(2)]
+    nora.apply_nora(model, cfg, calibration_batches=batches)
+    nora.save_nora(model, tmp_path / "adapter")
+    layers = load_layers(tmp_path / "adapter")
+    mods = nora.nora_modules(model)
+    assert set(layers) == set(mods) == {"1", "3"}
+    for name, mod in mods.items():
+        assert layers[name].fit_range == pytest.approx(mod.fit_range, rel=1e-6)
+    assert layers["1"].fit_range != layers["3"].fit_range != tuple(cfg.fit_range)
+
+
 @pytest.mark.parametrize("variant", ["nora", "rational_ft", "zero_init_ft"])
 def test_adapter_reconstruction_matches_the_modules(tmp_path, variant):
     import nora

@@ -68,6 +68,7 @@ def group_curves(x: np.ndarray, num: np.ndarray, den: np.ndarray, form: str) -> 
 def _peft_format_meta(adir: Path, cfg: dict) -> tuple[dict, dict[str, torch.Tensor]]:
     """A NoRA peft adapter (nora.tuner) as the two-part format's meta and tensors: one config for every layer."""
     originals = read_originals(adir)
+    specs = cfg.get("layer_specs") or {}
     layers, tensors = {}, {}
     for name, state in read_nora_layers(adir).items():
         layers[name] = {
@@ -79,6 +80,8 @@ def _peft_format_meta(adir: Path, cfg: dict) -> tuple[dict, dict[str, torch.Tens
             "numerator_mode": cfg["numerator"],
             "groups": int(state["base_denominator"].shape[0]),
             "residual": bool(cfg.get("residual", False)),
+            # the inputs its base was fitted over, where recorded (a calibrated layer's own range)
+            "fit_range": (specs.get(name) or {}).get("fit_range"),
         }
         tensors.update({f"{name}.{k}": v for k, v in state.items()})
     return {"config": {"fit_range": cfg.get("fit_range", (-3.0, 3.0))}, "layers": layers}, tensors
