@@ -59,6 +59,7 @@ from nora.adapter.peft_format import (
     PEFT_TYPE,
     config_json,
     lora_part,
+    nora_tensor,
     read_originals,
     read_peft_nora_config,
 )
@@ -355,16 +356,15 @@ def _peft_layout_adapter(directory: Path, cfg: dict) -> tuple[dict, dict[str, to
     earlier format recorded) and tensors keyed by canonical names (``<activation>.<tensor>``, ``<module>.<tensor>``)."""
     path = directory / PEFT_WEIGHTS_NAME
     raw = read_tensors(path, beside=PEFT_CONFIG_NAME)
-    marker = f".{LAYER_ATTR}."
     tensors: dict[str, torch.Tensor] = {}
     layers: set[str] = set()
     for key, t in raw.items():
         if ".lora_" in key:
             raise AdapterError(f"{path} holds LoRA tensors ({key}), but {PEFT_CONFIG_NAME} says lora_r=0")
-        name, _, tensor = key.partition(marker)
-        if tensor:
-            layers.add(strip_peft(name))
-            tensors[f"{strip_peft(name)}.{tensor}"] = t
+        split = nora_tensor(key)
+        if split is not None:
+            layers.add(split[0])
+            tensors[".".join(split)] = t
         else:
             tensors[strip_peft(key)] = t
     specs = cfg.get("layer_specs") if isinstance(cfg.get("layer_specs"), dict) else None
@@ -381,7 +381,9 @@ def _peft_layout_adapter(directory: Path, cfg: dict) -> tuple[dict, dict[str, to
         )
     except (TypeError, ValueError) as exc:
         raise AdapterError(f"{directory / PEFT_CONFIG_NAME}: its NoRA config does not load ({exc})") from None
-    originals = read_originals(directory)
+    # each layer's original is in its layer_specs entry (recorded, below); only an adapter written before nora recorded
+    # them keeps it in the weights file's metadata
+    originals = read_originals(directory) if specs is None else {}
     recorded = {
         name: {k: v for k, v in spec.items() if k in _SPEC_KEYS}
         for name, spec in (specs or {}).items()

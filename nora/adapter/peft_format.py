@@ -23,6 +23,7 @@ from nora.adapter.discover import strip_peft
 PEFT_TYPE = "NORA"  # peft's PeftType member nora.tuner adds
 LAYER_ATTR = "nora_activation"  # the NoraLayer attribute holding one NoraActivation per adapter
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+NORA_MARKER = f".{LAYER_ATTR}."  # in a saved key: base_model.model.<activation>.nora_activation.<tensor>
 ORIGINALS_KEY = "nora_originals"  # safetensors metadata: activation name -> the activation it replaced
 
 # peft's own PeftConfig bookkeeping at its defaults (peft's to declare; a core install cannot import it, so this copy
@@ -118,31 +119,35 @@ def read_peft_nora_config(directory: str | os.PathLike) -> dict | None:
     if "nora_peft_type" not in cfg and weights.is_file() and _holds_nora_tensors(weights):
         raise AdapterError(
             f"{path} says peft_type {cfg['peft_type']!r}, but {weights} holds NoRA tensors (keys "
-            f"*.{LAYER_ATTR}.*): loaded as {cfg['peft_type']}, NoRA would be left out; the adapter "
+            f"*{NORA_MARKER}*): loaded as {cfg['peft_type']}, NoRA would be left out; the adapter "
             f'config was edited: restore "peft_type": "{PEFT_TYPE}"'
         )
     return None
 
 
+def nora_tensor(key: str) -> tuple[str, str] | None:
+    """``(activation, tensor)`` of a saved key holding a NoRA tensor (the activation's name in the base model, peft's
+    prefix and ``base_layer`` segments dropped, as :func:`nora.adapter.discover.canonical_name` does), else None."""
+    name, marker, tensor = key.partition(NORA_MARKER)
+    return (strip_peft(name), tensor) if marker else None
+
+
 def _holds_nora_tensors(path: Path) -> bool:
     try:
         with safe_open(str(path), framework="pt") as fh:
-            return any(f".{LAYER_ATTR}." in k for k in fh.keys())
+            return any(NORA_MARKER in k for k in fh.keys())
     except Exception:  # noqa: BLE001  an unreadable file: its reader says so
         return False
 
 
 def read_nora_layers(directory: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
-    """Activation name (in the base model: peft's ``base_layer`` segments dropped, as
-    :func:`nora.adapter.discover.canonical_name` does) -> its NoRA tensors (``base_numerator``, ``nora_A_num``,
+    """Activation name (as :func:`nora_tensor` gives it) -> its NoRA tensors (``base_numerator``, ``nora_A_num``,
     ...)."""
     layers: dict[str, dict[str, torch.Tensor]] = {}
-    marker = f".{LAYER_ATTR}."
     with safe_open(str(Path(directory) / WEIGHTS_FILE), framework="pt") as fh:
         for key in fh.keys():
-            if marker in key:
-                name, _, tensor = key.partition(marker)
-                layers.setdefault(strip_peft(name), {})[tensor] = fh.get_tensor(key)
+            if (split := nora_tensor(key)) is not None:
+                layers.setdefault(split[0], {})[split[1]] = fh.get_tensor(key)
     return layers
 
 

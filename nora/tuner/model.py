@@ -29,7 +29,7 @@ from nora.adapter.discover import PEFT_PREFIX, strip_peft
 from nora.adapter.engine import RangeFits, calibrated_fits, module_device, plan_targets, set_module
 from nora.adapter.io import parse_tensors
 from nora.adapter.merged import as_merged_model
-from nora.adapter.peft_format import CONFIG_FILE, LAYER_ATTR, WEIGHTS_FILE, read_originals
+from nora.adapter.peft_format import CONFIG_FILE, LAYER_ATTR, WEIGHTS_FILE, nora_tensor, read_originals
 from nora.adapter.validate import (
     check_finite,
     coefficient_problems,
@@ -268,13 +268,11 @@ def _file_problems(model: nn.Module, config: NoraPeftConfig, originals: dict[str
     bad = nonfinite(tensors)
     if bad:
         return [f"{path}: {len(bad)} tensor(s) hold NaN or inf values ({listed(bad)})"]
-    marker = f".{LAYER_ATTR}."
     layers: dict[str, dict[str, torch.Tensor]] = {}
     lora_modules = set()
     for key, t in tensors.items():
-        if marker in key:
-            name, _, tensor = key.partition(marker)
-            layers.setdefault(strip_peft(name), {})[tensor] = t
+        if (split := nora_tensor(key)) is not None:
+            layers.setdefault(split[0], {})[split[1]] = t
         elif ".lora_" in key:
             lora_modules.add(key.removeprefix(PEFT_PREFIX).partition(".lora_")[0])
     if config.layer_specs is not None:
