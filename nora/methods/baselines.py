@@ -23,7 +23,7 @@ from torch import nn
 
 from nora.errors import UserError
 from nora.methods.config import BaselineSettings, MethodConfig
-from nora.methods.registry import ApplyContext, Method, register_method
+from nora.methods.registry import ApplyContext, Method, peft_common, register_method
 from nora.schema import per_family, require
 
 
@@ -83,11 +83,7 @@ def peft_baseline(peft_config: Callable) -> Callable:
 
         baseline, family = ctx.method.baseline, ctx.family
         what = f"method.baseline.target_modules ({ctx.method.name})"
-        common = {"target_modules": _modules(baseline.target_modules, family.name, what)}
-        if ctx.head:
-            common["modules_to_save"] = [ctx.head]
-        if family.peft_task_type:
-            common["task_type"] = family.peft_task_type
+        common = {"target_modules": _modules(baseline.target_modules, family.name, what), **peft_common(ctx)}
         return peft.get_peft_model(model, peft_config(baseline, family.name, common)), None
 
     return apply

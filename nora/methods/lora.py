@@ -8,23 +8,24 @@ from torch import nn
 from nora.adapter.validate import lora_target_problems
 from nora.errors import UserError
 from nora.methods.config import MethodConfig
-from nora.methods.registry import ApplyContext, Method, register_method
-from nora.models.config import ModelFamily
+from nora.methods.registry import ApplyContext, Method, peft_common, register_method
 
 
-def lora_config_from(method_cfg: MethodConfig, head: str | None, family: ModelFamily):
-    """peft's ``LoraConfig`` of a method's ``lora`` block; ``head`` is saved with the adapter."""
+def lora_config_from(ctx: ApplyContext):
+    """peft's ``LoraConfig`` of the method's ``lora`` block."""
     import peft
 
-    lc = method_cfg.lora
+    lc = ctx.method.lora
     # a list matches module-name suffixes, a string is a regex matched against the full module name (peft)
     targets = lc.targets if isinstance(lc.targets, str) else list(lc.targets)
-    kwargs = dict(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=targets, use_dora=lc.use_dora)
-    if head:
-        kwargs["modules_to_save"] = [head]
-    if family.peft_task_type:
-        kwargs["task_type"] = family.peft_task_type
-    return peft.LoraConfig(**kwargs)
+    return peft.LoraConfig(
+        r=lc.r,
+        lora_alpha=lc.alpha,
+        lora_dropout=lc.dropout,
+        target_modules=targets,
+        use_dora=lc.use_dora,
+        **peft_common(ctx),
+    )
 
 
 def check_lora_targets(model: nn.Module, method_cfg: MethodConfig) -> None:
@@ -47,7 +48,7 @@ def add_lora(model: nn.Module, ctx: ApplyContext) -> nn.Module:
     import peft
 
     check_lora_targets(model, ctx.method)
-    return peft.get_peft_model(model, lora_config_from(ctx.method, ctx.head, ctx.family))
+    return peft.get_peft_model(model, lora_config_from(ctx))
 
 
 def apply_lora(model: nn.Module, ctx: ApplyContext):

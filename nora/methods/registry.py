@@ -34,6 +34,17 @@ class ApplyContext:
     forward: Callable | None = None
 
 
+def peft_common(ctx: ApplyContext) -> dict:
+    """What every peft config a method builds takes besides its own settings: the new head, trained and saved whole
+    (``modules_to_save``), and the model family's ``task_type``."""
+    common = {}
+    if ctx.head:
+        common["modules_to_save"] = [ctx.head]
+    if ctx.family.peft_task_type:
+        common["task_type"] = ctx.family.peft_task_type
+    return common
+
+
 @dataclass(frozen=True)
 class Method:
     """A fine-tuning method: its ``configs/method/<name>.yaml`` (same ``name``) holds its settings.
