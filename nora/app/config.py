@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from nora.adapter.engine import GroupsError, check_groups
 from nora.data.config import check_dataset
 from nora.errors import UserError
-from nora.methods import get_method, method_for, methods_for
+from nora.methods import method_for
 from nora.methods.config import MethodConfig, NoraSettings
 from nora.models.config import FAMILIES, ModelConfig, as_model_config
 from nora.runs import naming  # noqa: F401  registers ${run_overrides:}, which configs/train.yaml's run_name uses
@@ -101,7 +101,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     c = OmegaConf.create(d)
     method = load(MethodConfig, _resolved(c, "method"), "method")
     model = as_model_config(_resolved(c, "model"))
-    method_for(method, model.family)  # the registered method: the blocks it reads and the settings it needs
+    method_for(method, model.family)  # the registered method: its families, the blocks it reads, its settings
     trainer = load(TrainerConfig, _resolved(c, "trainer"), "trainer")
     dataset = check_dataset(c.dataset, model.family)
     top = load(RunSettings, {f.name: c[f.name] for f in fields(RunSettings) if f.name in c}, "")
@@ -164,18 +164,13 @@ def _learning_rate(trainer: TrainerConfig, method: MethodConfig, key: str, famil
 
 
 def _check_groups(cfg) -> None:
-    m, d, meth = cfg.model, cfg.dataset, cfg.method
+    m, d = cfg.model, cfg.dataset
     if m.family not in FAMILIES:
         raise UserError(f"model.family={m.family!r}; valid: {', '.join(FAMILIES)}")
     if d.family != m.family:
         raise UserError(
             f"dataset={d.name} is a {d.family} dataset but model={m.name} is a {m.family} model; "
             f"pick a {m.family} dataset or a {d.family} model"
-        )
-    method = get_method(meth.name)
-    if m.family not in method.families:
-        raise UserError(
-            f"method={meth.name} does not apply to {m.family} models; valid: {', '.join(methods_for(m.family))}"
         )
 
 

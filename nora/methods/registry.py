@@ -123,8 +123,7 @@ def method_for(method_cfg: MethodConfig, family: str) -> Method:
     method = get_method(method_cfg.name)
     if family not in method.families:
         raise UserError(
-            f"method={method.name} does not apply to {family} models; valid for {family}: "
-            + ", ".join(methods_for(family))
+            f"method={method.name} does not apply to {family} models; valid: " + ", ".join(methods_for(family))
         )
     for block in SETTINGS:
         if (getattr(method_cfg, block) is not None) != (block in method.settings):
