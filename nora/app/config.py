@@ -25,7 +25,7 @@ from nora.data.config import check_dataset
 from nora.errors import UserError
 from nora.methods import method_for
 from nora.methods.config import MethodConfig, NoraSettings
-from nora.models.config import FAMILIES, ModelConfig, as_model_config
+from nora.models.config import ModelConfig, as_model_config, get_family
 from nora.runs import naming  # noqa: F401  registers ${run_overrides:}, which configs/train.yaml's run_name uses
 from nora.runs.layout import run_name_problem
 from nora.runs.logger import LoggerConfig, credentials_problem
@@ -165,8 +165,7 @@ def _learning_rate(trainer: TrainerConfig, method: MethodConfig, key: str, famil
 
 def _check_groups(cfg) -> None:
     m, d = cfg.model, cfg.dataset
-    if m.family not in FAMILIES:
-        raise UserError(f"model.family={m.family!r}; valid: {', '.join(FAMILIES)}")
+    get_family(m.family)  # a registered family, or the one-line error listing them
     if d.family != m.family:
         raise UserError(
             f"dataset={d.name} is a {d.family} dataset but model={m.name} is a {m.family} model; "
