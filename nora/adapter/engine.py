@@ -211,11 +211,6 @@ class Target:
         return {"width": self.layout.width, "channel_dim": self.layout.channel_dim, "original": self.original}
 
 
-def activation_width(model: nn.Module, name: str) -> int | None:
-    """Channel width of the activation ``name`` if the layers around it tell it (see :func:`activation_layout`)."""
-    return activation_layout(model, name).width
-
-
 def plan_targets(model: nn.Module, config: NoraConfig, config_name: str = "NoraConfig") -> dict[str, Target]:
     """Canonical name -> :class:`Target` for every target of ``config`` (steps 1 and 2), ``groups`` checked."""
     index = module_index(model)

@@ -21,7 +21,6 @@ from nora.adapter.discover import canonical_name, coverage, is_peft_model, modul
 from nora.adapter.engine import (  # the engine's steps, also importable from here
     RangeFits,
     activation_target,
-    activation_width,
     build_activation,
     calibrated_fits,
     describe_targets,
@@ -39,7 +38,6 @@ from nora.rational.fit import RationalFit
 __all__ = [
     "InjectionReport",
     "activation_target",
-    "activation_width",
     "apply_nora",
     "canonical_name",
     "describe_targets",
